@@ -1,0 +1,7 @@
+"""``python -m pilot ...`` is ``pilotctl ...``."""
+
+import sys
+
+from pilot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+# -*- test-case-name: tests.test_persist -*-
+"""
+Files that hold state, written atomically.
+
+A write goes to a temporary file in the same folder, is flushed and fsynced,
+renamed over the target, and then the folder is fsynced, so that a crash or a
+``kill -9`` at any moment leaves either the old file or the new one, never a
+half-written one.  Readers get a clear :class:`StateFileError` for a file that
+is missing, unreadable or not the JSON they expect; nothing here ever
+overwrites a file it could not read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+class StateFileError(Exception):
+    """A state file that exists but cannot be used."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o600) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dirfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def dump_json(value: Any, pretty: bool = True) -> bytes:
+    if pretty:
+        return (json.dumps(value, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def atomic_write_json(path: str, value: Any, mode: int = 0o600, pretty: bool = True) -> None:
+    atomic_write_bytes(path, dump_json(value, pretty), mode)
+
+
+#: No state file of ours is anywhere near this; a bigger one is not ours.
+MAX_STATE_FILE = 512 * 1024 * 1024
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """
+    Read a JSON object from ``path``.
+
+    Raises ``FileNotFoundError`` if there is no file (callers decide whether
+    that is fine) and :class:`StateFileError` for anything else that is wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATE_FILE + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise StateFileError(path, f"cannot read: {e.strerror or e}") from e
+    if len(data) > MAX_STATE_FILE:
+        raise StateFileError(path, "file is too large to be a pilot state file")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StateFileError(path, f"not valid JSON ({e}); the file is left untouched") from e
+    if not isinstance(value, dict):
+        raise StateFileError(path, f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Remove temporaries a crashed writer of ``path`` left behind (never the file itself)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass

@@ -1,0 +1,1 @@
+"""Thin Twisted protocols: decode, feed the logic, write what it asks."""

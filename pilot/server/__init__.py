@@ -1,0 +1,1 @@
+"""Rendezvous server logic: registry and beacon, pure (time from an injected clock)."""

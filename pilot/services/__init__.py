@@ -1,0 +1,1 @@
+"""Services: lifecycle of ports, timers and files."""

@@ -1,0 +1,1 @@
+"""Wire codecs: bytes <-> values, no I/O, no reactor, no logging."""
