@@ -1,0 +1,102 @@
+# -*- test-case-name: tests.server.test_auth -*-
+"""
+Checking a request's signature: our replay-proof ``auth`` form, or the
+reference's fixed-challenge ``signature``.
+
+The rule (``docs/security.md``): a request carrying ``auth`` must verify, be
+timestamped within :data:`MAX_SKEW` of the registry's clock, and carry a
+nonce not seen within that window.  A key that has once verified this way is
+*proven*; from then on the reference's replayable ``signature`` alone is no
+longer enough for it.  Keys that never proved themselves (reference nodes)
+keep the reference's rules.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from pilot.errors import MalformedFrame
+from pilot.identity import b64decode, verify
+from pilot.wire.registry import NONCE_LEN, auth_message, legacy_challenge
+
+#: How far a request's timestamp may be from the registry's clock (seconds).
+MAX_SKEW = 120.0
+
+
+class AuthFailed(Exception):
+    """The request's signature is missing, wrong, stale or replayed."""
+
+
+class NonceCache:
+    """Nonces seen within the skew window; bounded, oldest expire first."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self._seen: dict[bytes, float] = {}
+        self._order: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.max_entries = max_entries
+
+    def add(self, nonce: bytes, expires: float, now: float) -> bool:
+        """Remember ``nonce`` until ``expires``; False if it was already there."""
+        order = self._order
+        while order and (order[0][0] <= now or len(order) >= self.max_entries):
+            exp, old = order.popleft()
+            if self._seen.get(old) == exp:
+                del self._seen[old]
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = expires
+        order.append((expires, nonce))
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class Authenticator:
+    def __init__(self, max_skew: float = MAX_SKEW) -> None:
+        self.max_skew = max_skew
+        self.nonces = NonceCache()
+
+    def check(self, msg: dict[str, Any], public_key: bytes, proven: bool, now: float) -> bool:
+        """
+        Verify ``msg`` as signed by ``public_key``; return True if it used the
+        replay-proof form.  Raise :class:`AuthFailed` with the reason otherwise.
+        """
+        auth = msg.get("auth")
+        if auth is not None:
+            self._check_auth(msg, auth, public_key, now)
+            return True
+        if proven:
+            raise AuthFailed("this node has proved its key; requests must carry a fresh 'auth' signature")
+        sig_text = msg.get("signature")
+        if sig_text is None or sig_text == "":
+            raise AuthFailed("missing signature")
+        try:
+            sig = b64decode(sig_text, 64, "signature")
+            challenge = legacy_challenge(msg)
+        except (ValueError, MalformedFrame) as e:
+            raise AuthFailed(str(e)) from None
+        if challenge is None or not verify(public_key, challenge, sig):
+            raise AuthFailed("signature does not verify for this node's key")
+        return False
+
+    def _check_auth(self, msg: dict[str, Any], auth: Any, public_key: bytes, now: float) -> None:
+        if not isinstance(auth, dict):
+            raise AuthFailed("'auth' must be an object")
+        ts = auth.get("ts")
+        if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 1 << 53:
+            raise AuthFailed("'auth.ts' must be Unix milliseconds")
+        try:
+            nonce = b64decode(auth.get("nonce"), NONCE_LEN, "auth.nonce")
+            sig = b64decode(auth.get("sig"), 64, "auth.sig")
+        except ValueError as e:
+            raise AuthFailed(str(e)) from None
+        when = ts / 1000.0
+        if abs(when - now) > self.max_skew:
+            raise AuthFailed(f"'auth.ts' is {when - now:+.0f} s from the registry's clock "
+                             f"(at most {self.max_skew:.0f} s allowed); check the node's clock")
+        if not verify(public_key, auth_message(msg, ts, nonce), sig):
+            raise AuthFailed("'auth' signature does not verify for this node's key")
+        if not self.nonces.add(public_key + nonce, when + self.max_skew, now):
+            raise AuthFailed("replayed request (nonce already used)")

@@ -1,0 +1,296 @@
+# -*- test-case-name: tests.server.test_state -*-
+"""
+The registry's state, and its JSON store format.
+
+The store file is the reference's (facts §2.9), so a reference store loads
+and a reference reader can read ours; what the reference has no place for is
+in extra keys it ignores:
+
+* ``trust_edges``: directed trust, ``"A>B"`` = node A trusts node B.  The
+  reference keeps undirected pairs, which lets either side alone open the
+  other's endpoint; ``trust_pairs`` is still written (the mutual pairs) and a
+  reference store's pairs load as trust both ways.
+* ``proven``: node ids whose key has signed a replay-proof request; their
+  endpoint can no longer be moved by an unsigned ``register``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Iterable
+
+import attr
+
+from pilot.address import Address
+from pilot.identity import b64decode, b64encode
+
+STORE_FORMAT = 1
+
+
+class StoreFormatError(ValueError):
+    """The store's JSON is not a registry store; the message says where."""
+
+
+@attr.s(slots=True, auto_attribs=True, eq=False)
+class Node:
+    id: int
+    public_key: bytes
+    real_addr: str = ""
+    last_seen: float = 0.0
+    hostname: str = ""
+    tags: list[str] = attr.Factory(list)
+    public: bool = False
+    owner: str = ""
+    polo_score: int = 0
+    task_exec: bool = False
+    networks: list[int] = attr.Factory(lambda: [0])
+
+    @property
+    def address(self) -> Address:
+        return Address(0, self.id)
+
+
+@attr.s(slots=True, auto_attribs=True, frozen=True)
+class HandshakeRequest:
+    from_node_id: int
+    justification: str
+    timestamp: float
+
+
+@attr.s(slots=True, auto_attribs=True, frozen=True)
+class HandshakeResponse:
+    from_node_id: int
+    accept: bool
+    timestamp: float
+
+
+@attr.s(slots=True, auto_attribs=True, eq=False)
+class RegistryState:
+    """Everything the registry persists.  Plain data; the logic is in ``registry.py``."""
+
+    nodes: dict[int, Node] = attr.Factory(dict)
+    key_index: dict[bytes, int] = attr.Factory(dict)
+    trust: set[tuple[int, int]] = attr.Factory(set)
+    proven: set[int] = attr.Factory(set)
+    inbox: dict[int, list[HandshakeRequest]] = attr.Factory(dict)
+    responses: dict[int, list[HandshakeResponse]] = attr.Factory(dict)
+    created: float = 0.0
+    hostnames: dict[str, int] = attr.Factory(dict)
+    id_keys: dict[int, bytes] = attr.Factory(dict)
+
+    def index_key(self, key: bytes, node_id: int) -> None:
+        old = self.id_keys.get(node_id)
+        if old is not None and old != key:
+            self.key_index.pop(old, None)
+        self.key_index[key] = node_id
+        self.id_keys[node_id] = key
+
+    def rebuild_indexes(self) -> None:
+        self.hostnames = {n.hostname: n.id for n in self.nodes.values() if n.hostname}
+        for node in self.nodes.values():
+            self.key_index.setdefault(node.public_key, node.id)
+        self.id_keys = {v: k for k, v in self.key_index.items()}
+        for node in self.nodes.values():
+            self.id_keys[node.id] = node.public_key
+
+    # --- JSON -----------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        nodes = {str(n.id): _node_json(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)}
+        out: dict[str, Any] = {
+            "next_node": max([0, *self.id_keys]) + 1,
+            "next_net": 1,
+            "nodes": nodes,
+            "networks": {"0": {"id": 0, "name": "backbone", "join_rule": "open",
+                               "members": sorted(self.nodes), "created": rfc3339(self.created)}},
+        }
+        pairs = sorted({(min(a, b), max(a, b)) for a, b in self.trust if (b, a) in self.trust})
+        if pairs:
+            out["trust_pairs"] = [f"{a}:{b}" for a, b in pairs]
+        if self.key_index:
+            out["pub_key_idx"] = {b64encode(k): v for k, v in sorted(self.key_index.items(), key=lambda kv: kv[1])}
+        inbox = {str(t): [{"from_node_id": r.from_node_id, "justification": r.justification,
+                           "timestamp": rfc3339(r.timestamp, nanos=True)} for r in reqs]
+                 for t, reqs in sorted(self.inbox.items()) if reqs}
+        if inbox:
+            out["handshake_inbox"] = inbox
+        responses = {str(t): [{"from_node_id": r.from_node_id, "accept": r.accept,
+                               "timestamp": rfc3339(r.timestamp, nanos=True)} for r in rs]
+                     for t, rs in sorted(self.responses.items()) if rs}
+        if responses:
+            out["handshake_responses"] = responses
+        if self.trust:
+            out["trust_edges"] = [f"{a}>{b}" for a, b in sorted(self.trust)]
+        if self.proven:
+            out["proven"] = sorted(self.proven)
+        out["pilot_store_format"] = STORE_FORMAT
+        return out
+
+    @classmethod
+    def from_json(cls, value: Any) -> "RegistryState":
+        if not isinstance(value, dict):
+            raise StoreFormatError("the store is not a JSON object")
+        state = cls()
+        nodes = _get(value, "nodes", dict, {})
+        for key, raw in nodes.items():
+            node = _node_from_json(raw, f"nodes[{key!r}]")
+            if str(node.id) != key:
+                raise StoreFormatError(f"nodes[{key!r}] has id {node.id}")
+            state.nodes[node.id] = node
+        for key_b64, node_id in _get(value, "pub_key_idx", dict, {}).items():
+            try:
+                key = b64decode(key_b64, 32, "key")
+            except ValueError as e:
+                raise StoreFormatError(f"pub_key_idx: {e}") from None
+            state.key_index[key] = _u32(node_id, f"pub_key_idx[{key_b64!r}]")
+        for pair in _get(value, "trust_pairs", list, []):
+            a, b = _split_ids(pair, ":", "trust_pairs")
+            state.trust.update({(a, b), (b, a)})
+        if "trust_edges" in value:
+            # ours: directed edges are the truth, the pairs were only derived from them
+            state.trust = {_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, [])}
+        state.proven = {_u32(i, "proven") for i in _get(value, "proven", list, [])}
+        for target, reqs in _get(value, "handshake_inbox", dict, {}).items():
+            tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")
+            state.inbox[tid] = [HandshakeRequest(_u32(_get(r, "from_node_id", int), "from_node_id"),
+                                                 _get(r, "justification", str, ""),
+                                                 parse_time(r.get("timestamp")))
+                                for r in _list_of_dicts(reqs, "handshake_inbox")]
+        for target, rs in _get(value, "handshake_responses", dict, {}).items():
+            tid = _u32(_int_text(target, "handshake_responses"), "handshake_responses")
+            state.responses[tid] = [HandshakeResponse(_u32(_get(r, "from_node_id", int), "from_node_id"),
+                                                      bool(_get(r, "accept", bool, False)),
+                                                      parse_time(r.get("timestamp")))
+                                    for r in _list_of_dicts(rs, "handshake_responses")]
+        backbone = _get(value, "networks", dict, {}).get("0")
+        if isinstance(backbone, dict):
+            state.created = parse_time(backbone.get("created"))
+        state.rebuild_indexes()
+        return state
+
+
+def _node_json(n: Node) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": n.id}
+    if n.owner:
+        out["owner"] = n.owner
+    out["public_key"] = b64encode(n.public_key)
+    if n.real_addr:
+        out["real_addr"] = n.real_addr
+    out["networks"] = list(n.networks)
+    if n.public:
+        out["public"] = True
+    out["last_seen"] = rfc3339(n.last_seen)
+    if n.hostname:
+        out["hostname"] = n.hostname
+    if n.tags:
+        out["tags"] = list(n.tags)
+    if n.polo_score:
+        out["polo_score"] = n.polo_score
+    if n.task_exec:
+        out["task_exec"] = True
+    return out
+
+
+def _node_from_json(raw: Any, where: str) -> Node:
+    if not isinstance(raw, dict):
+        raise StoreFormatError(f"{where} is not an object")
+    try:
+        key = b64decode(raw.get("public_key"), 32, "public_key")
+    except ValueError as e:
+        raise StoreFormatError(f"{where}: {e}") from None
+    tags = _get(raw, "tags", list, [])
+    if not all(isinstance(t, str) for t in tags):
+        raise StoreFormatError(f"{where}.tags must be strings")
+    networks = _get(raw, "networks", list, [0])
+    return Node(
+        id=_u32(_get(raw, "id", int), f"{where}.id"),
+        public_key=key,
+        real_addr=_get(raw, "real_addr", str, ""),
+        last_seen=parse_time(raw.get("last_seen")),
+        hostname=_get(raw, "hostname", str, ""),
+        tags=list(tags),
+        public=_get(raw, "public", bool, False),
+        owner=_get(raw, "owner", str, ""),
+        polo_score=_get(raw, "polo_score", int, 0),
+        task_exec=_get(raw, "task_exec", bool, False),
+        networks=[_u32(x, f"{where}.networks") for x in networks] or [0],
+    )
+
+
+def _get(obj: Any, key: str, typ: type, default: Any = None) -> Any:
+    if not isinstance(obj, dict):
+        raise StoreFormatError(f"expected an object holding {key!r}")
+    if key not in obj or obj[key] is None:
+        if default is None:
+            raise StoreFormatError(f"missing {key!r}")
+        return default
+    value = obj[key]
+    if typ is int and isinstance(value, float) and value == int(value):
+        value = int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise StoreFormatError(f"{key!r} must be {typ.__name__}, found {type(value).__name__}")
+    return value
+
+
+def _u32(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+        raise StoreFormatError(f"{where}: {value!r} is not a node id")
+    return value
+
+
+def _int_text(text: str, where: str) -> int:
+    if not text.isdigit():
+        raise StoreFormatError(f"{where}: key {text!r} is not a node id")
+    return int(text)
+
+
+def _split_ids(text: Any, sep: str, where: str) -> tuple[int, int]:
+    if not isinstance(text, str) or text.count(sep) != 1:
+        raise StoreFormatError(f"{where}: {text!r} is not 'A{sep}B'")
+    a, b = text.split(sep)
+    return _u32(_int_text(a, where), where), _u32(_int_text(b, where), where)
+
+
+def _list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise StoreFormatError(f"{where} must map ids to lists of objects")
+    return value
+
+
+def rfc3339(ts: float, nanos: bool = False) -> str:
+    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    if nanos:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(round((ts % 1) * 1e9)) % 1_000_000_000:09d}Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: Any) -> float:
+    """RFC 3339 (with up to nanoseconds) to Unix seconds; absent means 0."""
+    if text is None or text == "":
+        return 0.0
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str):
+        raise StoreFormatError(f"{text!r} is not a time")
+    s = text.strip()
+    frac = 0.0
+    if s.endswith("Z"):
+        s = s[:-1] + "+00:00"
+    if "." in s:
+        head, rest = s.split(".", 1)
+        digits = ""
+        while rest and rest[0].isdigit():
+            digits, rest = digits + rest[0], rest[1:]
+        frac = float("0." + digits) if digits else 0.0
+        s = head + rest
+    try:
+        dt = datetime.datetime.fromisoformat(s)
+    except ValueError:
+        raise StoreFormatError(f"{text!r} is not an RFC 3339 time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp() + frac
+
+
+def trusting(trust: Iterable[tuple[int, int]], node_id: int) -> set[int]:
+    return {a for a, b in trust if b == node_id}
