@@ -33,7 +33,9 @@ BROADCAST_NODE = 0xFFFFFFFF
 RESERVED_NODE_IDS = frozenset({0, 1, 2, 3, BROADCAST_NODE})
 
 ADDRESS_LEN = 6
-_TEXT = re.compile(r"(\d{1,5}):([0-9A-Fa-f]{4})\.([0-9A-Fa-f]{4})\.([0-9A-Fa-f]{4})")
+# ASCII digits only: ``\d`` would also match other scripts' digits, which int() accepts.
+_TEXT = re.compile(r"([0-9]{1,5}):([0-9A-Fa-f]{4})\.([0-9A-Fa-f]{4})\.([0-9A-Fa-f]{4})")
+_PORT = re.compile(r"[0-9]{1,5}")
 _NODE = struct.Struct(">HI")
 
 
@@ -64,7 +66,9 @@ class Address:
         return cls(network, (int(m.group(3), 16) << 16) | int(m.group(4), 16))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Address":
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Address":
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedFrame(f"binary address must be bytes, not {type(data).__name__}")
         if len(data) != ADDRESS_LEN:
             raise MalformedFrame(f"binary address is {ADDRESS_LEN} bytes, got {len(data)}")
         return cls(*_NODE.unpack(data))
@@ -99,8 +103,10 @@ class SocketAddress:
     @classmethod
     def parse(cls, text: str) -> "SocketAddress":
         """``N:NNNN.HHHH.LLLL:PORT``, split at the last colon."""
+        if not isinstance(text, str):
+            raise MalformedFrame(f"socket address must be text, not {type(text).__name__}")
         head, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or len(port) > 5 or int(port) > 0xFFFF:
+        if not sep or _PORT.fullmatch(port) is None or int(port) > 0xFFFF:
             raise MalformedFrame(f"not a socket address (want ADDRESS:PORT): {text[:64]!r}")
         return cls(Address.parse(head), int(port))
 

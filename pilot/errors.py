@@ -120,16 +120,29 @@ _BY_CODE: dict[ErrorCode, type[PilotError]] = {
 }
 
 
-def error_for(code: str | ErrorCode, message: str, hint: str | None = None) -> PilotError:
-    """The exception for a code received from elsewhere (an unknown code maps to ``internal``)."""
+def _resolve(code: object) -> ErrorCode | None:
     if isinstance(code, str):
+        return ErrorCode.__members__.get(code)
+    if isinstance(code, int) and not isinstance(code, bool):
         try:
-            code = ErrorCode[code]
-        except KeyError:
-            return Internal(f"{message} (unknown error code {code!r})", hint)
-    cls = _BY_CODE.get(code)
+            return ErrorCode(code)
+        except ValueError:
+            return None
+    return None
+
+
+def error_for(code: str | int, message: str, hint: str | None = None) -> PilotError:
+    """
+    The exception for a code received from elsewhere: a name (``"not_found"``)
+    or a number (an ``ErrorCode`` or a plain int).  An unknown code maps to
+    ``internal``.
+    """
+    resolved = _resolve(code)
+    if resolved is None:
+        return Internal(f"{message} (unknown error code {code!r})", hint)
+    cls = _BY_CODE.get(resolved)
     if cls is None:
-        return PilotError(message, hint, code=code)
+        return PilotError(message, hint, code=resolved)
     return cls(message, hint)
 
 

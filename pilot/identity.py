@@ -46,6 +46,10 @@ def b64decode(text: Any, length: int | None = None, what: str = "value") -> byte
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     """True if ``signature`` is ``public_key``'s Ed25519 signature of ``message``."""
+    buffers = (bytes, bytearray, memoryview)
+    if not (isinstance(public_key, buffers) and isinstance(message, buffers) and isinstance(signature, buffers)):
+        return False
+    public_key, message, signature = bytes(public_key), bytes(message), bytes(signature)
     if len(public_key) != PUBLIC_KEY_LEN or len(signature) != SIGNATURE_LEN:
         return False
     try:

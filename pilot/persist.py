@@ -32,8 +32,8 @@ def atomic_write_bytes(path: str, data: bytes, mode: int = 0o600) -> None:
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here, so it is closed on any failure
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,8 +83,8 @@ def read_json_object(path: str) -> dict[str, Any]:
         raise StateFileError(path, "file is too large to be a pilot state file")
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise StateFileError(path, f"not valid JSON ({e}); the file is left untouched") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StateFileError(path, f"not valid JSON ({str(e)[:200]}); the file is left untouched") from e
     if not isinstance(value, dict):
         raise StateFileError(path, f"expected a JSON object, found {type(value).__name__}")
     return value

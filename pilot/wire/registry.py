@@ -197,7 +197,8 @@ SIGNER_FIELD: dict[str, str] = {
 
 def legacy_challenge(msg: dict[str, Any]) -> bytes | None:
     """The reference's fixed challenge for this request, or None if it has none."""
-    spec = LEGACY_CHALLENGES.get(msg.get("type", ""))
+    kind = msg.get("type")
+    spec = LEGACY_CHALLENGES.get(kind) if isinstance(kind, str) else None
     if spec is None:
         return None
     prefix, keys = spec
