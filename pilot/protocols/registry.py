@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.protocols.test_registry -*-
+"""
+The registry's TCP protocol, server side (the client is in ``registry_client.py``).
+
+Thin by design: bytes go to a :class:`~pilot.wire.registry.FrameDecoder`, each
+message to :meth:`Registry.handle <pilot.server.registry.Registry.handle>`,
+and the reply comes back as one frame.  The connection is the registry's
+:class:`~pilot.server.registry.Session`, so events are pushed through
+:meth:`RegistryServerProtocol.push`.
+
+What the protocol adds to the logic:
+
+* a body that is not a JSON object gets ``{"type":"error","code":"malformed"}``
+  and the connection goes on; an oversized length prefix gets the same reply
+  and the connection is closed, because the stream cannot be resynchronised;
+* an exception inside the registry is logged and answered with an
+  ``internal`` error reply; nothing escapes into the reactor;
+* an idle timeout (the reference's 5 minutes), restarted by every message;
+* backpressure against a client that sends requests but never reads the
+  replies.  The protocol registers itself as the transport's streaming
+  producer.  When the transport's send buffer is full it calls
+  :meth:`~RegistryServerProtocol.pauseProducing`; the protocol then stops
+  reading from the socket and stops answering requests it has already
+  decoded, so requests cannot make the buffer grow.  Only pushed events can;
+  the bytes written while paused are counted, and past ``max_unsent`` (4 MiB)
+  the connection is aborted.  This is exact about what *we* queue after the
+  transport said "full"; it does not (and portably cannot) measure the
+  transport's own buffer, which is bounded by its high-water mark.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pilot.errors import ErrorCode, MalformedFrame
+from pilot.server.registry import Peer, Registry, error_reply, format_endpoint
+from pilot.wire.registry import FrameDecoder, encode_frame
+
+#: The reference drops a connection idle for 5 minutes.
+IDLE_TIMEOUT = 300.0
+#: Bytes we accept to queue after the transport reported a full send buffer.
+MAX_UNSENT = 4 * 1024 * 1024
+#: Concurrent connections one registry accepts; over it new ones are closed at once.
+MAX_CONNECTIONS = 20_000
+
+_INTERNAL = encode_frame(error_reply(ErrorCode.internal, "internal error"))
+
+
+def peer_of(address: IAddress) -> Peer:
+    """The :class:`Peer` for a transport address (a non-IP address gives ``Peer("", 0)``)."""
+    host = getattr(address, "host", "")
+    port = getattr(address, "port", 0)
+    return Peer(host if isinstance(host, str) else "", port if isinstance(port, int) else 0)
+
+
+@implementer(IPushProducer)
+class RegistryServerProtocol(Protocol):
+    """One client connection to the registry; also that client's event session."""
+
+    log = Logger()
+
+    def __init__(self, registry: Registry, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
+                 max_unsent: int = MAX_UNSENT,
+                 connections: set[RegistryServerProtocol] | None = None) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_unsent = max_unsent
+        self.connections: set[RegistryServerProtocol] = connections if connections is not None else set()
+        self.peer = Peer("", 0)
+        self._decoder = FrameDecoder()
+        self._pending: deque[dict[str, Any] | MalformedFrame] = deque()
+        self._idle: IDelayedCall | None = None
+        self._paused = False
+        self._unsent = 0
+        self._closing = False
+        self._open = False
+
+    # --- connection ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._open = True
+        self.peer = peer_of(self.transport.getPeer())
+        self.connections.add(self)
+        self.transport.registerProducer(self, True)
+        self._restart_idle_timer()
+        self.log.debug("registry connection from {peer}", peer=self._where())
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._open = False
+        self._closing = True
+        self._pending.clear()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self.connections.discard(self)
+        try:
+            self.registry.session_closed(self)
+        except Exception:
+            self.log.failure("registry.session_closed failed for {peer}", peer=self._where())
+        self.log.debug("registry connection from {peer} closed: {reason}", peer=self._where(),
+                       reason=reason.getErrorMessage())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._pending.extend(self._decoder.feed(data))
+        except MalformedFrame as e:
+            # The length prefix is garbage: answer, then close; no later byte can be trusted.
+            self.log.debug("closing registry connection from {peer}: {reason}", peer=self._where(),
+                          reason=e.reason)
+            self._pending.clear()
+            self._write(encode_frame(error_reply(ErrorCode.malformed, e.reason)))
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        while self._pending and not self._paused and not self._closing:
+            self._answer(self._pending.popleft())
+
+    def _answer(self, item: dict[str, Any] | MalformedFrame) -> None:
+        self._restart_idle_timer()
+        if isinstance(item, MalformedFrame):
+            self._write(encode_frame(error_reply(ErrorCode.malformed, item.reason)))
+            return
+        try:
+            frame = encode_frame(self.registry.handle(item, self.peer, self))
+        except Exception:
+            self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
+                             peer=self._where())
+            frame = _INTERNAL
+        self._write(frame)
+
+    # --- the Session interface ---------------------------------------------------------
+
+    def push(self, message: dict[str, Any]) -> None:
+        """Send an event; silently dropped once the connection is closing."""
+        if self._closing or not self._open:
+            return
+        try:
+            frame = encode_frame(message)
+        except Exception:
+            self.log.failure("cannot encode an event for {peer}", peer=self._where())
+            return
+        self._write(frame)
+
+    # --- writing and backpressure ---------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        if self._paused:
+            self._unsent += len(frame)
+            if self._unsent > self.max_unsent:
+                self.log.warn("registry client {peer} does not read its replies; "
+                              "{unsent} bytes queued, disconnecting", peer=self._where(), unsent=self._unsent)
+                self._abort()
+                return
+        self.transport.write(frame)
+
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full: stop reading and answering."""
+        if not self._paused:
+            self._paused = True
+            self._unsent = 0
+            if not self._closing:
+                self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The send buffer drained: read and answer again."""
+        if self._paused:
+            self._paused = False
+            self._unsent = 0
+            if not self._closing:
+                self.transport.resumeProducing()
+                self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; ``connectionLost`` does the cleaning up."""
+        self._closing = True
+
+    # --- idle timeout -------------------------------------------------------------------------
+
+    def _restart_idle_timer(self) -> None:
+        if self.idle_timeout <= 0:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.clock.callLater(self.idle_timeout, self._idle_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        self._idle = None
+        self.log.debug("closing registry connection from {peer}: idle for {seconds:.0f} s",
+                      peer=self._where(), seconds=self.idle_timeout)
+        self._abort()
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._pending.clear()
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
+
+    def _where(self) -> str:
+        return format_endpoint(self.peer.host, self.peer.port) if self.peer.host else "?"
+
+
+class RefusedConnection(Protocol):
+    """A connection over the limit: aborted as soon as it is made, nothing read."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class RegistryServerFactory(Factory):
+    """
+    Builds a :class:`RegistryServerProtocol` per connection, sharing one registry.
+
+    At most ``max_connections`` are open at once; a connection over the limit
+    is aborted as soon as it is accepted.  (``buildProtocol`` returns a
+    :class:`RefusedConnection` rather than ``None``: a TLS port wraps whatever
+    it gets and would fail on ``None``.)
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, registry: Registry, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, max_unsent: int = MAX_UNSENT) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_unsent = max_unsent
+        self.connections: set[RegistryServerProtocol] = set()
+        self.refused = 0
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                self.log.warn("registry is at its limit of {limit} connections; refused {count} so far",
+                              limit=self.max_connections, count=self.refused)
+            return RefusedConnection()
+        protocol = RegistryServerProtocol(self.registry, self.clock, self.idle_timeout, self.max_unsent,
+                                          self.connections)
+        protocol.factory = self
+        return protocol
+
+    def disconnect_all(self) -> None:
+        """Close every open connection (used when the service stops)."""
+        for protocol in list(self.connections):
+            protocol.transport.loseConnection()

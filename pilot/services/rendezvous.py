@@ -1,0 +1,263 @@
+# -*- test-case-name: tests.services.test_rendezvous -*-
+"""
+The rendezvous: the registry on TCP (9000) and the beacon on UDP (9001) in
+one :class:`~twisted.application.service.MultiService`, sharing one state.
+
+Built as ``RendezvousService(settings, reactor)``.  Construction loads the
+store (a store that exists but cannot be used raises :class:`StoreError`
+before anything listens); ports are bound in ``privilegedStartService`` (so
+twistd can bind low ports before dropping privileges) and closed on stop.
+Every ``reap_interval`` seconds stale nodes are reaped and the beacon pruned.
+``stopService`` flushes the store, so SIGTERM under twistd saves the state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any, Callable
+
+import attr
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+
+from pilot.errors import InvalidArgument
+from pilot.protocols.beacon import BeaconProtocol
+from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, RegistryServerFactory
+from pilot.server.beacon import Beacon, BeaconConfig
+from pilot.server.registry import Registry, RegistryConfig
+from pilot.services.store import StoreWriter, load_store
+from pilot.tls import ensure_self_signed, fingerprint, self_signed, server_context, server_context_from_pem
+
+REGISTRY_PORT = 9000
+BEACON_PORT = 9001
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """
+    A listen address to ``(interface, port)``: ``:9000`` and ``9000`` (all
+    IPv4 interfaces, ``""``), ``127.0.0.1:9000``, ``[::1]:9000``, ``[::]:9000``
+    (IPv6, and IPv4 too where the system is dual-stack), ``localhost:9000``.
+    Port 0 picks a free port.  Raises :class:`InvalidArgument` otherwise.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgument(f"a listen address is [host]:port, not {text!r}")
+    value = text.strip()
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise InvalidArgument(f"bad listen address {text!r}: write an IPv6 address as [::1]:9000")
+        port_text = rest[1:]
+        if not _is_ip(host, 6):
+            raise InvalidArgument(f"bad listen address {text!r}: {host!r} is not an IPv6 address")
+    elif ":" in value:
+        host, _, port_text = value.rpartition(":")
+        if ":" in host:
+            raise InvalidArgument(f"bad listen address {text!r}: put an IPv6 address in brackets, "
+                                  f"as in [::1]:9000")
+        if host == "localhost":
+            host = "127.0.0.1"
+        if host and not _is_ip(host, 4):
+            raise InvalidArgument(f"bad listen address {text!r}: {host!r} is not an IP address "
+                                  f"(leave it out to listen on every interface)")
+    else:
+        host, port_text = "", value
+    if not port_text.isdigit() or int(port_text) > 0xFFFF:
+        raise InvalidArgument(f"bad listen address {text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def describe(host: str, port: int) -> str:
+    """``:9000``, ``127.0.0.1:9000``, ``[::1]:9000``: as the product prints them."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class RendezvousSettings:
+    #: The registry's TCP listen address, ``[host]:port``.
+    listen: str = f":{REGISTRY_PORT}"
+    #: The beacon's UDP listen address, ``[host]:port``.
+    beacon_listen: str = f":{BEACON_PORT}"
+    #: The store file; None keeps the state in memory only.
+    store: str | None = None
+    tls: bool = False
+    #: Certificate (PEM, leaf first) and key; with TLS on and neither given, a
+    #: self-signed pair is made once and kept beside the store.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    registry: RegistryConfig = attr.Factory(RegistryConfig)
+    beacon: BeaconConfig = attr.Factory(BeaconConfig)
+    flush_delay: float = 0.25
+    reap_interval: float = 60.0
+    idle_timeout: float = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+
+
+class PortService(Service):
+    """Keeps one listening port open while running; :attr:`port` is the bound port."""
+
+    def __init__(self, listen: Callable[[], IListeningPort]) -> None:
+        self._listen = listen
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        self.port = self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.port = self._listen()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        return maybeDeferred(port.stopListening)
+
+
+class RendezvousService(MultiService):
+    log = Logger()
+
+    def __init__(self, settings: RendezvousSettings, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+            reactor = global_reactor
+        self.settings = settings
+        self.reactor = reactor
+        clock: IReactorTime = reactor
+        self.registry_host, self._registry_port = parse_listen(settings.listen)
+        self.beacon_host, self._beacon_port = parse_listen(settings.beacon_listen)
+
+        state = load_store(settings.store) if settings.store else None
+        self.fresh_store = settings.store is not None and state is None
+        self.store: StoreWriter | None = None
+        if settings.store:
+            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_json(), clock,
+                                     settings.flush_delay)
+        self.registry = Registry(clock, settings.registry, state, on_change=self._changed)
+        self.beacon = Beacon(self.registry, clock, settings.beacon)
+        self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
+                                             settings.max_connections)
+        self.tls_options: CertificateOptions | None = None
+        self.tls_fingerprint: str | None = None
+        if settings.tls:
+            self.tls_options, self.tls_fingerprint = self._tls()
+        elif settings.tls_cert or settings.tls_key:
+            raise InvalidArgument("a TLS certificate or key was given but TLS is off; turn TLS on or drop them")
+
+        self.registry_listener = PortService(self._listen_registry)
+        self.registry_listener.setServiceParent(self)
+        self.beacon_listener = PortService(self._listen_beacon)
+        self.beacon_listener.setServiceParent(self)
+        self.reaper = TimerService(settings.reap_interval, self._reap)
+        self.reaper.clock = clock
+        self.reaper.setServiceParent(self)
+
+    def _tls(self) -> tuple[CertificateOptions, str]:
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        if bool(cert) != bool(key):
+            raise InvalidArgument("TLS needs both a certificate file and its key file, or neither "
+                                  "(then a self-signed certificate is made)")
+        if cert and key:
+            return server_context(cert, key), fingerprint(cert)
+        if self.settings.store:
+            cert, key = ensure_self_signed(os.path.dirname(os.path.abspath(self.settings.store)))
+            return server_context(cert, key), fingerprint(cert)
+        # No store to keep it beside: a new certificate per start, as the reference does.
+        cert_pem, key_pem = self_signed()
+        return server_context_from_pem(cert_pem, key_pem), fingerprint(cert_pem)
+
+    def _changed(self) -> None:
+        if self.store is not None:
+            self.store.changed()
+
+    def _listen_registry(self) -> IListeningPort:
+        if self.tls_options is not None:
+            port: IListeningPort = self.reactor.listenSSL(self._registry_port, self.factory, self.tls_options,
+                                                          interface=self.registry_host)
+        else:
+            port = self.reactor.listenTCP(self._registry_port, self.factory, interface=self.registry_host)
+        return port
+
+    def _listen_beacon(self) -> IListeningPort:
+        port: IListeningPort = self.reactor.listenUDP(self._beacon_port, BeaconProtocol(self.beacon, self.reactor),
+                                                      interface=self.beacon_host)
+        return port
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        kind = "TLS" if self.tls_options is not None else "TCP"
+        self.log.info("Registry listening on {endpoint} ({kind})",
+                      endpoint=describe(self.registry_host, self.registry_port()), kind=kind)
+        if self.tls_fingerprint is not None:
+            self.log.info("TLS fingerprint (SHA-256): {fingerprint}", fingerprint=self.tls_fingerprint)
+        self.log.info("Beacon listening on {endpoint} (UDP)",
+                      endpoint=describe(self.beacon_host, self.beacon_port()))
+        if self.store is not None:
+            self.log.info("Persistence: {path}", path=self.store.path)
+            if self.fresh_store:
+                self.store.changed()  # write the empty store now: an unwritable path shows at once
+        else:
+            self.log.info("Persistence: none (state is kept in memory only)")
+
+    def stopService(self) -> Deferred[Any]:
+        stopped: Deferred[Any] = super().stopService()  # type: ignore[assignment]
+        self.factory.disconnect_all()
+        self._flush()
+
+        def flush_again(result: object) -> object:
+            self._flush()
+            return result
+
+        return stopped.addBoth(flush_again)
+
+    def _flush(self) -> None:
+        if self.store is None:
+            return
+        before = self.store.writes
+        if self.store.flush() and self.store.writes > before:
+            self.log.info("registry store saved to {path}", path=self.store.path)
+
+    def _reap(self) -> None:
+        try:
+            gone = self.registry.reap()
+            pruned = self.beacon.prune()
+        except Exception:
+            self.log.failure("reaping stale nodes failed")
+            return
+        if gone:
+            self.log.info("removed {count} stale nodes ({ids}); {pruned} beacon endpoints dropped",
+                          count=len(gone), ids=gone[:20], pruned=len(pruned))
+
+    # --- where it listens -------------------------------------------------------------------
+
+    def registry_port(self) -> int:
+        """The registry's bound TCP port (the real one when configured as 0)."""
+        return _bound(self.registry_listener, "registry")
+
+    def beacon_port(self) -> int:
+        """The beacon's bound UDP port."""
+        return _bound(self.beacon_listener, "beacon")
+
+
+def _bound(listener: PortService, what: str) -> int:
+    if listener.port is None:
+        raise RuntimeError(f"the {what} is not listening (the service is not running)")
+    port: int = listener.port.getHost().port  # type: ignore[attr-defined]
+    return port

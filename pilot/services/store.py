@@ -1,0 +1,155 @@
+# -*- test-case-name: tests.services.test_store -*-
+"""
+The registry's store file: loading it at start, and writing it after changes.
+
+Writes are coalesced: the first change schedules one write ``delay`` seconds
+later and changes until then ride along, so a burst of registrations costs
+one write (the reference flushes dirty state on a 1-second ticker).  Each
+write replaces the file atomically (:mod:`pilot.persist`).  A failed write is
+logged loudly and retried; it never takes the registry down.  On shutdown the
+service calls :meth:`StoreWriter.flush`.
+
+Loading refuses, with a :class:`StoreError`, a file that exists but cannot be
+used, and leaves it untouched: starting empty would overwrite it at the first
+change and lose every registration in it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from pilot.persist import StateFileError, atomic_write_json, read_json_object, remove_stale_temporaries
+from pilot.server.state import RegistryState, StoreFormatError
+
+SYSTEM_STORE_DIR = "/var/lib/pilot"
+STORE_NAME = "registry.json"
+
+#: After a failed write, the next attempt waits this long (doubling to RETRY_MAX).
+RETRY_DELAY = 5.0
+RETRY_MAX = 60.0
+
+
+class StoreError(StateFileError):
+    """A store file that exists but cannot be loaded; the registry must not start over it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        reason = reason.replace("; the file is left untouched", "")
+        super().__init__(path, f"{reason}; the file was left untouched, and the registry will not start "
+                               f"until it is repaired or moved away")
+
+
+def load_store(path: str) -> RegistryState | None:
+    """
+    The state saved in ``path``, or None if there is no such file.
+
+    Leftover temporaries of a crashed writer are removed first.  Raises
+    :class:`StoreError` (naming the file) for a file that is unreadable, not
+    JSON, or not a registry store.
+    """
+    remove_stale_temporaries(path)
+    try:
+        value = read_json_object(path)
+    except FileNotFoundError:
+        return None
+    except StateFileError as e:
+        raise StoreError(path, e.reason) from e
+    except RecursionError as e:  # JSON nested deeper than the parser's stack
+        raise StoreError(path, "not valid JSON (nested too deeply)") from e
+    try:
+        return RegistryState.from_json(value)
+    except StoreFormatError as e:
+        raise StoreError(path, f"not a registry store: {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError) as e:
+        raise StoreError(path, f"not a registry store: {type(e).__name__}: {e}") from e
+
+
+def default_store_path(system_dir: str = SYSTEM_STORE_DIR, home: str | None = None) -> str:
+    """
+    ``/var/lib/pilot/registry.json`` when that folder exists (or can be
+    created) and is writable, else ``~/.pilot/registry.json``.
+    """
+    try:
+        os.makedirs(system_dir, mode=0o755, exist_ok=True)
+    except OSError:
+        pass
+    if os.path.isdir(system_dir) and os.access(system_dir, os.W_OK | os.X_OK):
+        return os.path.join(system_dir, STORE_NAME)
+    home = home if home is not None else os.path.expanduser("~")
+    return os.path.join(home, ".pilot", STORE_NAME)
+
+
+class StoreWriter:
+    """Writes ``snapshot()`` to ``path`` ``delay`` seconds after the first unsaved change."""
+
+    log = Logger()
+
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], clock: IReactorTime,
+                 delay: float = 0.25) -> None:
+        self.path = path
+        self.snapshot = snapshot
+        self.clock = clock
+        self.delay = delay
+        self.dirty = False
+        self.writes = 0
+        self.failures = 0
+        self._call: IDelayedCall | None = None
+        self._retry = RETRY_DELAY
+
+    @property
+    def scheduled(self) -> bool:
+        return self._call is not None and self._call.active()
+
+    def changed(self) -> None:
+        """The state changed: make sure a write happens soon."""
+        self.dirty = True
+        if not self.scheduled:
+            self._call = self.clock.callLater(self.delay, self._timer_fired)
+
+    def flush(self) -> bool:
+        """Write now if anything is unsaved (shutdown); True if the file is up to date."""
+        self._cancel()
+        if not self.dirty:
+            return True
+        return self._write()
+
+    def stop(self) -> None:
+        """Cancel any scheduled write (without writing)."""
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _timer_fired(self) -> None:
+        self._call = None
+        if self.dirty:
+            self._write()
+
+    def _write(self) -> bool:
+        # Clear the flag first: a change made while writing (none today, the
+        # snapshot is synchronous) must cause another write.
+        self.dirty = False
+        try:
+            atomic_write_json(self.path, self.snapshot(), pretty=False)
+        except Exception:
+            self.dirty = True
+            self.failures += 1
+            self.log.failure("COULD NOT SAVE THE REGISTRY STORE to {path} (attempt {failures}); "
+                             "the registry keeps running and retries in {retry:.0f} s",
+                             path=self.path, failures=self.failures, retry=self._retry)
+            if not self.scheduled:
+                self._call = self.clock.callLater(self._retry, self._timer_fired)
+            self._retry = min(self._retry * 2, RETRY_MAX)
+            return False
+        self.writes += 1
+        if self.failures:
+            self.log.info("registry store saved to {path} again after {failures} failed attempts",
+                          path=self.path, failures=self.failures)
+        self.failures = 0
+        self._retry = RETRY_DELAY
+        return True

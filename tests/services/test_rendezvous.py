@@ -1,0 +1,276 @@
+"""
+Tests for pilot.services.rendezvous, on a memory reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.errors import InvalidArgument
+from pilot.protocols.beacon import BeaconProtocol
+from pilot.protocols.registry import RegistryServerFactory
+from pilot.server.registry import Peer
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings, describe, parse_listen
+from pilot.services.store import StoreError, load_store
+from pilot.tls import CERT_NAME, KEY_NAME, fingerprint
+
+
+class FakePort:
+    def __init__(self, address: IPv4Address | IPv6Address) -> None:
+        self.address = address
+        self.closed = False
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self.address
+
+    def stopListening(self) -> None:
+        self.closed = True
+
+
+class FakeReactor(MemoryReactorClock):
+    """A memory reactor that also takes UDP ports, picks a number for port 0, and records closing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udpServers: list[tuple[int, Any, str, int]] = []
+        self.ports: list[FakePort] = []
+        self._next = 40000
+
+    def _port(self, kind: str, port: int, interface: str) -> FakePort:
+        if port == 0:
+            self._next += 1
+            port = self._next
+        address = IPv6Address(kind, interface, port) if ":" in interface else \
+            IPv4Address(kind, interface or "0.0.0.0", port)
+        fake = FakePort(address)
+        self.ports.append(fake)
+        return fake
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> FakePort:  # type: ignore[override]
+        self.tcpServers.append((port, factory, backlog, interface))
+        return self._port("TCP", port, interface)
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50,  # type: ignore[override]
+                  interface: str = "") -> FakePort:
+        self.sslServers.append((port, factory, contextFactory, backlog, interface))
+        return self._port("TCP", port, interface)
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> FakePort:
+        self.udpServers.append((port, protocol, interface, maxPacketSize))
+        return self._port("UDP", port, interface)
+
+
+def messages(events: list[dict[str, Any]]) -> list[str]:
+    return [formatEvent(e) for e in events]
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.reactor.advance(1_800_000_000)
+        self.folder = self.mktemp()
+        os.makedirs(self.folder)
+        self.store = os.path.join(self.folder, "registry.json")
+
+    def service(self, **kw: Any) -> RendezvousService:
+        kw.setdefault("store", self.store)
+        return RendezvousService(RendezvousSettings(**kw), self.reactor)
+
+    def register(self, service: RendezvousService, seed: int = 1) -> int:
+        reply = service.registry.handle({"type": "register", "public_key": base64.b64encode(bytes([seed]) * 32).decode(),
+                                         "listen_addr": "198.51.100.4:4000"}, Peer("198.51.100.4", 4000))
+        self.assertEqual(reply["type"], "register_ok", reply)
+        node_id: int = reply["node_id"]
+        return node_id
+
+    def test_ports_opened_on_start(self) -> None:
+        service = self.service()
+        self.assertEqual((self.reactor.tcpServers, self.reactor.udpServers), ([], []))
+        with capturedLogs() as events:
+            service.startService()
+        [(port, factory, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (9000, ""))
+        self.assertIsInstance(factory, RegistryServerFactory)
+        self.assertIs(factory.registry, service.registry)
+        [(uport, protocol, uinterface, _)] = self.reactor.udpServers
+        self.assertEqual((uport, uinterface), (9001, ""))
+        self.assertIsInstance(protocol, BeaconProtocol)
+        self.assertIs(protocol.beacon, service.beacon)
+        self.assertEqual((service.registry_port(), service.beacon_port()), (9000, 9001))
+        text = messages(events)
+        self.assertIn("Registry listening on :9000 (TCP)", text)
+        self.assertIn("Beacon listening on :9001 (UDP)", text)
+        self.assertIn(f"Persistence: {self.store}", text)
+
+    def test_port_zero_and_interfaces(self) -> None:
+        service = self.service(listen="127.0.0.1:0", beacon_listen="[::1]:0")
+        with capturedLogs() as events:
+            service.startService()
+        self.assertEqual(self.reactor.tcpServers[0][3], "127.0.0.1")
+        self.assertEqual(self.reactor.udpServers[0][2], "::1")
+        tcp, udp = service.registry_port(), service.beacon_port()
+        self.assertNotEqual(tcp, 0)
+        self.assertNotEqual(udp, 0)
+        text = messages(events)
+        self.assertIn(f"Registry listening on 127.0.0.1:{tcp} (TCP)", text)
+        self.assertIn(f"Beacon listening on [::1]:{udp} (UDP)", text)
+
+    def test_privileged_start_binds_once(self) -> None:
+        service = self.service()
+        service.privilegedStartService()
+        self.assertEqual((len(self.reactor.tcpServers), len(self.reactor.udpServers)), (1, 1))
+        service.startService()
+        self.assertEqual((len(self.reactor.tcpServers), len(self.reactor.udpServers)), (1, 1))
+
+    def test_ports_closed_on_stop(self) -> None:
+        service = self.service()
+        service.startService()
+        self.assertEqual([p.closed for p in self.reactor.ports], [False, False])
+        self.successResultOf(service.stopService())
+        self.assertEqual([p.closed for p in self.reactor.ports], [True, True])
+        self.assertRaises(RuntimeError, service.registry_port)
+        self.assertRaises(RuntimeError, service.beacon_port)
+        self.assertFalse(service.reaper.running)
+
+    def test_store_flushed_on_stop(self) -> None:
+        """Stopping writes the pending change at once (not after the delay), and a new service loads it."""
+        service = self.service(flush_delay=30.0)
+        service.startService()
+        node_id = self.register(service)
+        self.assertFalse(os.path.exists(self.store))
+        with capturedLogs():
+            self.successResultOf(service.stopService())
+        with open(self.store) as f:
+            self.assertIn(str(node_id), json.load(f)["nodes"])
+        again = self.service()
+        self.assertIn(node_id, again.registry.state.nodes)
+
+    def test_empty_store_written_at_start(self) -> None:
+        service = self.service()
+        with capturedLogs():
+            service.startService()
+        self.reactor.advance(1)
+        state = load_store(self.store)
+        assert state is not None
+        self.assertEqual(state.nodes, {})
+
+    def test_no_store(self) -> None:
+        service = self.service(store=None)
+        with capturedLogs() as events:
+            service.startService()
+            self.register(service)
+            self.successResultOf(service.stopService())
+        self.assertIn("Persistence: none (state is kept in memory only)", messages(events))
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_corrupt_store_refuses_construction(self) -> None:
+        with open(self.store, "wb") as f:
+            f.write(b'{"nodes": 5}')
+        with self.assertRaises(StoreError) as raised:
+            self.service()
+        self.assertIn(self.store, str(raised.exception))
+        self.assertEqual((self.reactor.tcpServers, self.reactor.udpServers), ([], []))
+        with open(self.store, "rb") as f:
+            self.assertEqual(f.read(), b'{"nodes": 5}')
+
+    def test_reaper(self) -> None:
+        """Stale nodes are reaped every reap_interval, and the removal is saved."""
+        service = self.service(reap_interval=60.0)
+        with capturedLogs():
+            service.startService()
+            node_id = self.register(service)
+            self.reactor.advance(1)
+            self.reactor.advance(120)
+            self.assertIn(node_id, service.registry.state.nodes)
+            for _ in range(3):
+                self.reactor.advance(60)
+            self.assertNotIn(node_id, service.registry.state.nodes)
+            self.reactor.advance(1)
+        state = load_store(self.store)
+        assert state is not None
+        self.assertNotIn(node_id, state.nodes)
+
+    def test_reap_failure_contained(self) -> None:
+        service = self.service()
+        service.startService()
+
+        def broken() -> list[int]:
+            raise RuntimeError("bug")
+
+        service.registry.reap = broken  # type: ignore[method-assign]
+        with capturedLogs():
+            self.reactor.advance(60)
+            self.reactor.advance(60)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertTrue(service.reaper.running)
+
+    def test_tls_self_signed_beside_store(self) -> None:
+        service = self.service(tls=True)
+        with capturedLogs() as events:
+            service.startService()
+        self.assertEqual(self.reactor.tcpServers, [])
+        [(port, factory, context, _, _)] = self.reactor.sslServers
+        self.assertEqual(port, 9000)
+        self.assertIs(factory, service.factory)
+        self.assertIs(context, service.tls_options)
+        cert = os.path.join(self.folder, CERT_NAME)
+        self.assertTrue(os.path.exists(os.path.join(self.folder, KEY_NAME)))
+        self.assertEqual(service.tls_fingerprint, fingerprint(cert))
+        text = messages(events)
+        self.assertIn("Registry listening on :9000 (TLS)", text)
+        self.assertIn(f"TLS fingerprint (SHA-256): {fingerprint(cert)}", text)
+        self.assertEqual(self.service(tls=True).tls_fingerprint, service.tls_fingerprint)
+
+    def test_tls_without_store_is_ephemeral(self) -> None:
+        service = self.service(tls=True, store=None)
+        self.assertEqual(len(service.tls_fingerprint or ""), 64)
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_tls_given_files(self) -> None:
+        source = self.service(tls=True)
+        cert, key = os.path.join(self.folder, CERT_NAME), os.path.join(self.folder, KEY_NAME)
+        other = self.service(tls=True, store=None, tls_cert=cert, tls_key=key)
+        self.assertEqual(other.tls_fingerprint, source.tls_fingerprint)
+
+    def test_tls_settings_errors(self) -> None:
+        cert = os.path.join(self.folder, CERT_NAME)
+        self.assertRaises(InvalidArgument, self.service, tls=True, tls_cert=cert)
+        self.assertRaises(InvalidArgument, self.service, tls=False, tls_cert=cert, tls_key=cert)
+
+    def test_bad_listen_refuses_construction(self) -> None:
+        self.assertRaises(InvalidArgument, self.service, listen="nonsense")
+        self.assertRaises(InvalidArgument, self.service, beacon_listen=":99999")
+
+
+class ListenParsingTests(SynchronousTestCase):
+    def test_good(self) -> None:
+        for text, expected in [
+            (":9000", ("", 9000)), ("9000", ("", 9000)), ("127.0.0.1:9000", ("127.0.0.1", 9000)),
+            ("[::1]:9000", ("::1", 9000)), ("[::]:9001", ("::", 9001)), ("0.0.0.0:0", ("0.0.0.0", 0)),
+            ("localhost:9000", ("127.0.0.1", 9000)), (" :9000 ", ("", 9000)), (":0", ("", 0)),
+        ]:
+            self.assertEqual(parse_listen(text), expected, text)
+
+    def test_bad(self) -> None:
+        for text, words in [
+            ("", "[host]:port"), (":", "port"), ("9000x", "port"), (":65536", "0 to 65535"), (":-1", "port"),
+            ("::1:9000", "brackets"), ("[::1]9000", "[::1]:9000"), ("[::1:9000", "[::1]:9000"),
+            ("[127.0.0.1]:9000", "not an IPv6"), ("example.com:9000", "not an IP address"),
+            ("300.1.2.3:9000", "not an IP address"),
+        ]:
+            with self.assertRaises(InvalidArgument, msg=text) as raised:
+                parse_listen(text)
+            self.assertIn(words, raised.exception.message, text)
+            self.assertIn(repr(text), raised.exception.message)
+
+    def test_describe(self) -> None:
+        self.assertEqual([describe("", 9000), describe("10.0.0.1", 1), describe("::1", 2)],
+                         [":9000", "10.0.0.1:1", "[::1]:2"])

@@ -1,0 +1,222 @@
+"""
+Tests for pilot.services.store: coalesced writes and refusing bad store files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.server.state import RegistryState
+from pilot.services.store import RETRY_DELAY, StoreError, StoreWriter, default_store_path, load_store
+
+VECTORS = "/work/shared/vectors"
+
+
+class Snapshots:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.value: dict[str, Any] = {"n": 0}
+
+    def __call__(self) -> dict[str, Any]:
+        self.calls += 1
+        return dict(self.value)
+
+
+class StoreWriterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = self.mktemp()
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "registry.json")
+        self.clock = Clock()
+        self.snapshot = Snapshots()
+        self.writer = StoreWriter(self.path, self.snapshot, self.clock, delay=0.25)
+
+    def read(self) -> Any:
+        with open(self.path) as f:
+            return json.load(f)
+
+    def test_coalesces(self) -> None:
+        """A burst of changes costs one write, ``delay`` seconds after the first."""
+        for i in range(50):
+            self.snapshot.value = {"n": i}
+            self.writer.changed()
+            self.clock.advance(0.001)
+        self.assertFalse(os.path.exists(self.path))
+        self.clock.advance(0.25)
+        self.assertEqual((self.snapshot.calls, self.writer.writes), (1, 1))
+        self.assertEqual(self.read(), {"n": 49})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_compact_and_private(self) -> None:
+        self.writer.changed()
+        self.clock.advance(1)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b'{"n":0}')
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_next_burst_writes_again(self) -> None:
+        self.writer.changed()
+        self.clock.advance(1)
+        self.snapshot.value = {"n": 2}
+        self.writer.changed()
+        self.writer.changed()
+        self.clock.advance(1)
+        self.assertEqual(self.writer.writes, 2)
+        self.assertEqual(self.read(), {"n": 2})
+
+    def test_flush(self) -> None:
+        """flush writes now if dirty and cancels the scheduled write; clean, it does nothing."""
+        self.assertTrue(self.writer.flush())
+        self.assertEqual(self.snapshot.calls, 0)
+        self.writer.changed()
+        self.assertTrue(self.writer.flush())
+        self.assertEqual(self.read(), {"n": 0})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.writer.writes, 1)
+
+    def test_write_error_retried(self) -> None:
+        """A failed write is logged loudly and retried later; nothing raises."""
+        os.rmdir(self.folder)
+        with open(self.folder, "w") as f:  # the folder is now a file: every write fails
+            f.write("x")
+        with capturedLogs() as events:
+            self.writer.changed()
+            self.clock.advance(0.25)
+        self.assertEqual(self.writer.failures, 1)
+        self.assertTrue(self.writer.dirty)
+        self.assertIn("COULD NOT SAVE", events[0]["log_format"])
+        self.flushLoggedErrors()
+        self.assertFalse(self.writer.flush())
+        self.flushLoggedErrors()
+        os.unlink(self.folder)
+        os.makedirs(self.folder)
+        self.writer.changed()  # a retry is already scheduled; this rides along
+        self.clock.advance(RETRY_DELAY * 2)
+        self.assertEqual(self.read(), {"n": 0})
+        self.assertEqual((self.writer.failures, self.writer.dirty), (0, False))
+
+    def test_snapshot_error_contained(self) -> None:
+        def broken() -> dict[str, Any]:
+            raise RuntimeError("bug")
+
+        writer = StoreWriter(self.path, broken, self.clock)
+        with capturedLogs():
+            writer.changed()
+            self.clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(writer.dirty)
+
+    def test_stop(self) -> None:
+        self.writer.changed()
+        self.writer.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LoadStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = self.mktemp()
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "registry.json")
+
+    def write(self, data: bytes) -> None:
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+    def test_missing(self) -> None:
+        self.assertIsNone(load_store(self.path))
+
+    def test_round_trip(self) -> None:
+        state = RegistryState(created=1_800_000_000.0)
+        self.write(json.dumps(state.to_json()).encode())
+        loaded = load_store(self.path)
+        assert loaded is not None
+        self.assertEqual(loaded.to_json(), state.to_json())
+
+    def test_reference_stores(self) -> None:
+        for name in ("go-session-1", "go-session-2"):
+            path = os.path.join(VECTORS, name, "registry-store.json")
+            state = load_store(path)
+            self.assertIsInstance(state, RegistryState, path)
+        state = load_store(os.path.join(VECTORS, "go-session-2", "registry-store.json"))
+        assert state is not None
+        self.assertEqual(sorted(state.nodes), [1])
+        self.assertEqual(state.nodes[1].hostname, "agent-a")
+        self.assertIn((1, 2), state.trust)
+
+    def assertRefused(self, data: bytes, *words: str) -> None:
+        self.write(data)
+        with self.assertRaises(StoreError) as raised:
+            load_store(self.path)
+        message = str(raised.exception)
+        self.assertIn(self.path, message)
+        self.assertIn("left untouched", message)
+        for word in words:
+            self.assertIn(word, message)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_not_json(self) -> None:
+        self.assertRefused(b'{"nodes": {', "JSON")
+
+    def test_not_utf8(self) -> None:
+        self.assertRefused(b"\xff\xfe\x00garbage")
+
+    def test_empty_file(self) -> None:
+        self.assertRefused(b"")
+
+    def test_nested_too_deeply(self) -> None:
+        self.assertRefused(b"[" * 200_000 + b"]" * 200_000)
+        self.assertRefused(b'{"nodes": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+
+    def test_not_an_object(self) -> None:
+        self.assertRefused(b"[1, 2, 3]", "object")
+
+    def test_wrong_types(self) -> None:
+        self.assertRefused(b'{"nodes": []}', "not a registry store")
+        self.assertRefused(b'{"nodes": {"1": {"id": "one"}}}', "not a registry store")
+        self.assertRefused(b'{"nodes": {"1": {"id": 2, "public_key": "a9o8PZ7dms65UfJGt0uyAT6iWNqCteg3jd9Hojjm/7E=",'
+                           b' "networks": [0]}}}', "not a registry store")
+        self.assertRefused(b'{"trust_pairs": ["1-2"]}', "not a registry store")
+        self.assertRefused(b'{"pub_key_idx": {"!!": 1}}', "not a registry store")
+        self.assertRefused(b'{"handshake_inbox": {"x": []}}', "not a registry store")
+
+    def test_unreadable(self) -> None:
+        os.makedirs(self.path)  # a folder where the file should be
+        with self.assertRaises(StoreError) as raised:
+            load_store(self.path)
+        self.assertIn(self.path, str(raised.exception))
+
+    def test_stale_temporaries_removed(self) -> None:
+        stale = os.path.join(self.folder, ".registry.json.abc123.tmp")
+        other = os.path.join(self.folder, ".other.json.abc.tmp")
+        for p in (stale, other):
+            with open(p, "w") as f:
+                f.write("{")
+        self.assertIsNone(load_store(self.path))
+        self.assertFalse(os.path.exists(stale))
+        self.assertTrue(os.path.exists(other))
+
+
+class DefaultPathTests(SynchronousTestCase):
+    def test_system_folder_when_writable(self) -> None:
+        system = self.mktemp()
+        self.assertEqual(default_store_path(system, home="/nowhere"), os.path.join(system, "registry.json"))
+        self.assertTrue(os.path.isdir(system))
+
+    def test_home_when_not(self) -> None:
+        parent = self.mktemp()
+        os.makedirs(parent)
+        blocker = os.path.join(parent, "file")
+        with open(blocker, "w") as f:
+            f.write("")
+        # a folder under a regular file can neither exist nor be created
+        self.assertEqual(default_store_path(os.path.join(blocker, "pilot"), home="/home/u"),
+                         "/home/u/.pilot/registry.json")
