@@ -18,6 +18,7 @@ for peers it trusts; real error reasons.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, Callable, Protocol
 
 import attr
@@ -32,6 +33,7 @@ from pilot.server.ratelimit import KeyedLimiter
 from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
 
+_PORT = re.compile(r"[0-9]{1,5}")
 MAX_INBOX = 100
 MAX_RESPONSES = 100
 MAX_JUSTIFICATION = 1024
@@ -80,12 +82,20 @@ def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def listen_port(text: str) -> int | None:
+    """The port of a ``listen_addr`` (its host is ignored); None if there is none."""
+    _, sep, port = text.rpartition(":")
+    if not sep or _PORT.fullmatch(port) is None or not 0 < int(port) <= 0xFFFF:
+        return None
+    return int(port)
+
+
 def parse_endpoint(text: str) -> tuple[str, int] | None:
     """``ip:port`` / ``[ip6]:port`` to ``(ip, port)``, None if it is not one."""
     if not isinstance(text, str) or len(text) > 64:
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 0xFFFF:
+    if not sep or _PORT.fullmatch(port) is None or not 0 < int(port) <= 0xFFFF:
         return None
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
@@ -201,12 +211,12 @@ class Registry:
 
     def _remove(self, node_id: int) -> None:
         node = self.state.nodes.pop(node_id, None)
-        if node is not None and node.hostname:
-            self.state.hostnames.pop(node.hostname, None)
+        if node is not None and node.hostname and self.state.hostnames.get(node.hostname) == node_id:
+            del self.state.hostnames[node.hostname]
 
     def _set_hostname(self, node: Node, hostname: str) -> None:
-        if node.hostname:
-            self.state.hostnames.pop(node.hostname, None)
+        if node.hostname and self.state.hostnames.get(node.hostname) == node.id:
+            del self.state.hostnames[node.hostname]
         node.hostname = hostname
         if hostname:
             self.state.hostnames[hostname] = node.id
@@ -256,11 +266,12 @@ class Registry:
                 raise RequestError(ErrorCode.unauthorized, str(e)) from None
         node_id = known if known is not None else node_id_for_key(
             key, lambda nid: self.state.id_keys.get(nid, key) != key)
-        parsed = parse_endpoint(listen)
         # the host part is ignored (the reference's rule): the address the registry sees is the truth
-        real_addr = format_endpoint(peer.host, parsed[1] if parsed else peer.port)
+        port = listen_port(listen)
+        real_addr = format_endpoint(peer.host, port if port else peer.port)
         node = self.state.nodes.get(node_id)
-        changed = node is None or node.real_addr != real_addr
+        moved = node is not None and node.real_addr != real_addr
+        changed = node is None or moved
         if node is None:
             node = Node(id=node_id, public_key=key, real_addr=real_addr, last_seen=now, owner=owner)
             self.state.nodes[node_id] = node
@@ -287,6 +298,7 @@ class Registry:
         self._count("registered")
         if changed:
             self.on_change()
+        if moved:
             self._notify_endpoint(node)
         return reply
 

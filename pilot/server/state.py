@@ -17,6 +17,7 @@ in extra keys it ignores:
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Any, Iterable
 
 import attr
@@ -55,6 +56,12 @@ class HandshakeRequest:
     from_node_id: int
     justification: str
     timestamp: float
+    #: the RFC 3339 text a loaded store held, so that it is written back exactly
+    stamp: str = attr.ib(default="", eq=False)
+
+    @property
+    def stamp_text(self) -> str:
+        return self.stamp or rfc3339(self.timestamp, nanos=True)
 
 
 @attr.s(slots=True, auto_attribs=True, frozen=True)
@@ -62,6 +69,12 @@ class HandshakeResponse:
     from_node_id: int
     accept: bool
     timestamp: float
+    #: the RFC 3339 text a loaded store held, so that it is written back exactly
+    stamp: str = attr.ib(default="", eq=False)
+
+    @property
+    def stamp_text(self) -> str:
+        return self.stamp or rfc3339(self.timestamp, nanos=True)
 
 
 @attr.s(slots=True, auto_attribs=True, eq=False)
@@ -86,7 +99,13 @@ class RegistryState:
         self.id_keys[node_id] = key
 
     def rebuild_indexes(self) -> None:
-        self.hostnames = {n.hostname: n.id for n in self.nodes.values() if n.hostname}
+        self.hostnames = {}
+        for node in sorted(self.nodes.values(), key=lambda n: n.id):
+            if node.hostname:
+                if node.hostname in self.hostnames:
+                    node.hostname = ""  # a damaged store: the lowest id keeps the name
+                else:
+                    self.hostnames[node.hostname] = node.id
         for node in self.nodes.values():
             self.key_index.setdefault(node.public_key, node.id)
         self.id_keys = {v: k for k, v in self.key_index.items()}
@@ -110,12 +129,12 @@ class RegistryState:
         if self.key_index:
             out["pub_key_idx"] = {b64encode(k): v for k, v in sorted(self.key_index.items(), key=lambda kv: kv[1])}
         inbox = {str(t): [{"from_node_id": r.from_node_id, "justification": r.justification,
-                           "timestamp": rfc3339(r.timestamp, nanos=True)} for r in reqs]
+                           "timestamp": r.stamp_text} for r in reqs]
                  for t, reqs in sorted(self.inbox.items()) if reqs}
         if inbox:
             out["handshake_inbox"] = inbox
         responses = {str(t): [{"from_node_id": r.from_node_id, "accept": r.accept,
-                               "timestamp": rfc3339(r.timestamp, nanos=True)} for r in rs]
+                               "timestamp": r.stamp_text} for r in rs]
                      for t, rs in sorted(self.responses.items()) if rs}
         if responses:
             out["handshake_responses"] = responses
@@ -154,13 +173,13 @@ class RegistryState:
             tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")
             state.inbox[tid] = [HandshakeRequest(_u32(_get(r, "from_node_id", int), "from_node_id"),
                                                  _get(r, "justification", str, ""),
-                                                 parse_time(r.get("timestamp")))
+                                                 parse_time(r.get("timestamp")), _stamp(r))
                                 for r in _list_of_dicts(reqs, "handshake_inbox")]
         for target, rs in _get(value, "handshake_responses", dict, {}).items():
             tid = _u32(_int_text(target, "handshake_responses"), "handshake_responses")
             state.responses[tid] = [HandshakeResponse(_u32(_get(r, "from_node_id", int), "from_node_id"),
                                                       bool(_get(r, "accept", bool, False)),
-                                                      parse_time(r.get("timestamp")))
+                                                      parse_time(r.get("timestamp")), _stamp(r))
                                     for r in _list_of_dicts(rs, "handshake_responses")]
         backbone = _get(value, "networks", dict, {}).get("0")
         if isinstance(backbone, dict):
@@ -225,11 +244,16 @@ def _get(obj: Any, key: str, typ: type, default: Any = None) -> Any:
             raise StoreFormatError(f"missing {key!r}")
         return default
     value = obj[key]
-    if typ is int and isinstance(value, float) and value == int(value):
+    if typ is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise StoreFormatError(f"{key!r} must be {typ.__name__}, found {type(value).__name__}")
     return value
+
+
+def _stamp(r: dict[str, Any]) -> str:
+    value = r.get("timestamp")
+    return value if isinstance(value, str) else ""
 
 
 def _u32(value: Any, where: str) -> int:
@@ -239,7 +263,7 @@ def _u32(value: Any, where: str) -> int:
 
 
 def _int_text(text: str, where: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
         raise StoreFormatError(f"{where}: key {text!r} is not a node id")
     return int(text)
 
@@ -257,31 +281,50 @@ def _list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
     return value
 
 
+#: Times a store may hold: 1970 up to the end of year 9999.
+MAX_TIME = 253402300799
+
+
 def rfc3339(ts: float, nanos: bool = False) -> str:
-    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-    if nanos:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(round((ts % 1) * 1e9)) % 1_000_000_000:09d}Z"
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Unix seconds to RFC 3339 UTC, to the second or (``nanos``) to the nanosecond."""
+    whole = math.floor(ts)
+    return rfc3339_ns(whole * 1_000_000_000 + (round((ts - whole) * 1e9) if nanos else 0), nanos)
+
+
+def rfc3339_ns(ns: int, nanos: bool = True) -> str:
+    sec, frac = divmod(ns, 1_000_000_000)
+    text = datetime.datetime.fromtimestamp(sec, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{frac:09d}Z" if nanos else text + "Z"
 
 
 def parse_time(text: Any) -> float:
-    """RFC 3339 (with up to nanoseconds) to Unix seconds; absent means 0."""
+    """RFC 3339 (with up to nanoseconds) or a number to Unix seconds; absent means 0."""
+    sec, ns = divmod(parse_time_ns(text), 1_000_000_000)
+    return sec + ns / 1e9
+
+
+def parse_time_ns(text: Any) -> int:
+    """RFC 3339 (with up to nanoseconds) or a number of seconds to Unix nanoseconds; absent means 0."""
     if text is None or text == "":
-        return 0.0
+        return 0
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    if not isinstance(text, str):
-        raise StoreFormatError(f"{text!r} is not a time")
+        if not (0 <= text <= MAX_TIME):  # also refuses NaN
+            raise StoreFormatError(f"{text!r} is not a time")
+        return int(round(text * 1e9)) if isinstance(text, float) else text * 1_000_000_000
+    if not isinstance(text, str) or len(text) > 64 or not text.isascii():
+        raise StoreFormatError(f"{str(text)[:64]!r} is not a time")
     s = text.strip()
-    frac = 0.0
-    if s.endswith("Z"):
+    nanos = 0
+    if s.endswith(("Z", "z")):
         s = s[:-1] + "+00:00"
     if "." in s:
         head, rest = s.split(".", 1)
         digits = ""
-        while rest and rest[0].isdigit():
+        while rest and rest[0] in "0123456789":
             digits, rest = digits + rest[0], rest[1:]
-        frac = float("0." + digits) if digits else 0.0
+        if not digits or len(digits) > 9:
+            raise StoreFormatError(f"{text!r} is not an RFC 3339 time")
+        nanos = int(digits.ljust(9, "0"))
         s = head + rest
     try:
         dt = datetime.datetime.fromisoformat(s)
@@ -289,7 +332,10 @@ def parse_time(text: Any) -> float:
         raise StoreFormatError(f"{text!r} is not an RFC 3339 time") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=datetime.timezone.utc)
-    return dt.timestamp() + frac
+    seconds = int(dt.timestamp())
+    if not 0 <= seconds <= MAX_TIME:
+        raise StoreFormatError(f"{text!r} is out of range")
+    return seconds * 1_000_000_000 + nanos
 
 
 def trusting(trust: Iterable[tuple[int, int]], node_id: int) -> set[int]:

@@ -37,7 +37,8 @@ NONCE_LEN = 16
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII escapes: a lone surrogate a client sent us still encodes
+    body = json.dumps(message, separators=(",", ":")).encode("ascii")
     if len(body) > MAX_FRAME:
         raise ValueError(f"registry message of {len(body)} bytes exceeds {MAX_FRAME}")
     return _LEN.pack(len(body)) + body
