@@ -35,6 +35,7 @@ from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
 
 _PORT = re.compile(r"[0-9]{1,5}")
 MAX_INBOX = 100
+MAX_TRUSTED = 10_000
 MAX_RESPONSES = 100
 MAX_JUSTIFICATION = 1024
 BEACON_TTL = 60.0
@@ -252,9 +253,12 @@ class Registry:
         known = self.state.key_index.get(key)
         if not self.register_limit.allow(peer.host, now) and known is None:
             raise RequestError(ErrorCode.rate_limited, "too many registrations from this address")
-        listen = get_str(msg, "listen_addr", "", max_len=128)
+        # like the reference, a listen_addr or hostname it cannot use falls back instead of failing
+        listen = msg.get("listen_addr")
+        listen = listen if isinstance(listen, str) and len(listen) <= 128 else ""
         owner = get_str(msg, "owner", "", max_len=256)
-        hostname = get_str(msg, "hostname", "", max_len=256)
+        hostname = msg.get("hostname")
+        hostname = hostname[:256] if isinstance(hostname, str) else ""
         if known is not None and known in self.state.proven and "auth" not in msg:
             raise RequestError(ErrorCode.unauthorized,
                                "this key has proved itself; an unsigned register cannot move its endpoint")
@@ -411,7 +415,11 @@ class Registry:
         peer_id = get_int(msg, "peer_id")
         if peer_id == node.id:
             raise RequestError(ErrorCode.invalid_argument, "a node cannot trust itself")
+        if peer_id not in self.state.id_keys:
+            raise RequestError(ErrorCode.not_found, f"node {peer_id} is not known")
         if (node.id, peer_id) not in self.state.trust:
+            if sum(1 for a, _ in self.state.trust if a == node.id) >= MAX_TRUSTED:
+                raise RequestError(ErrorCode.rate_limited, f"a node may trust at most {MAX_TRUSTED} peers")
             self.state.trust.add((node.id, peer_id))
             self.on_change()
             self._push(peer_id, {"type": "event", "event": "trust_granted", "node_id": node.id})
@@ -441,6 +449,7 @@ class Registry:
             raise RequestError(ErrorCode.rate_limited, f"node {target_id} has {MAX_INBOX} pending requests")
         request = HandshakeRequest(sender.id, justification, self.clock.seconds())
         inbox.append(request)
+        self.state.asked.add((sender.id, target_id))
         self.on_change()
         self._push(target_id, {"type": "event", "event": "handshake_request", **_request_json(request)})
         return {"type": "request_handshake_ok", "status": "delivered"}
@@ -465,9 +474,11 @@ class Registry:
         if peer_id not in self.state.id_keys:
             raise RequestError(ErrorCode.not_found, f"node {peer_id} is not known")
         inbox = self.state.inbox.get(node.id, [])
-        asked = any(r.from_node_id == peer_id for r in inbox)
-        if asked:
+        if any(r.from_node_id == peer_id for r in inbox):
             self.state.inbox[node.id] = [r for r in inbox if r.from_node_id != peer_id]
+        # polled or not, the requester's signed request stays its consent until answered
+        asked = (peer_id, node.id) in self.state.asked
+        self.state.asked.discard((peer_id, node.id))
         if accept:
             self.state.trust.add((node.id, peer_id))
             if asked:
@@ -548,6 +559,9 @@ class Registry:
         if beacon_id == 0:
             raise RequestError(ErrorCode.invalid_argument, "beacon_id must not be 0")
         addr = get_str(msg, "addr", max_len=128)
+        now = self.clock.seconds()
+        for bid in [b for b, (_, t) in self.beacons.items() if now - t > BEACON_TTL]:
+            del self.beacons[bid]
         if len(self.beacons) >= 1024 and beacon_id not in self.beacons:
             raise RequestError(ErrorCode.rate_limited, "too many beacons")
         self.beacons[beacon_id] = (addr, self.clock.seconds())

@@ -85,6 +85,9 @@ class RegistryState:
     key_index: dict[bytes, int] = attr.Factory(dict)
     trust: set[tuple[int, int]] = attr.Factory(set)
     proven: set[int] = attr.Factory(set)
+    #: (requester, target) of signed handshake requests not answered yet: the
+    #: requester's consent to trust the target once it accepts
+    asked: set[tuple[int, int]] = attr.Factory(set)
     inbox: dict[int, list[HandshakeRequest]] = attr.Factory(dict)
     responses: dict[int, list[HandshakeResponse]] = attr.Factory(dict)
     created: float = 0.0
@@ -142,6 +145,8 @@ class RegistryState:
             out["trust_edges"] = [f"{a}>{b}" for a, b in sorted(self.trust)]
         if self.proven:
             out["proven"] = sorted(self.proven)
+        if self.asked:
+            out["handshake_asked"] = [f"{a}>{b}" for a, b in sorted(self.asked)]
         out["pilot_store_format"] = STORE_FORMAT
         return out
 
@@ -169,6 +174,7 @@ class RegistryState:
             # ours: directed edges are the truth, the pairs were only derived from them
             state.trust = {_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, [])}
         state.proven = {_u32(i, "proven") for i in _get(value, "proven", list, [])}
+        state.asked = {_split_ids(e, ">", "handshake_asked") for e in _get(value, "handshake_asked", list, [])}
         for target, reqs in _get(value, "handshake_inbox", dict, {}).items():
             tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")
             state.inbox[tid] = [HandshakeRequest(_u32(_get(r, "from_node_id", int), "from_node_id"),

@@ -15,10 +15,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pilot.identity import Identity, b64encode
 from pilot.server.state import (
-    HandshakeRequest, HandshakeResponse, Node, RegistryState, StoreFormatError, parse_time, rfc3339,
+    HandshakeRequest, HandshakeResponse, Node, RegistryState, StoreFormatError, parse_time, parse_time_ns,
+    rfc3339, rfc3339_ns,
 )
 
 T0 = 1.8e9
+T0_NS = 1_800_000_000 * 1_000_000_000
 KEYS = [Identity.from_seed(bytes([i]) * 32).public_key for i in range(1, 6)]
 
 
@@ -80,11 +82,11 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual([(r.from_node_id, r.justification) for r in back.inbox[7]],
                          [(99, "please"), (1 << 31, "")])
         for got, want in zip(back.inbox[7], state.inbox[7]):
-            self.assertAlmostEqual(got.timestamp, want.timestamp, delta=1e-6)
+            self.assertLessEqual(abs(got.timestamp - want.timestamp), 1e-6)
         self.assertEqual([(r.from_node_id, r.accept) for r in back.responses[99]],
                          [(7, True), (1 << 31, False)])
-        for got, want in zip(back.responses[99], state.responses[99]):
-            self.assertAlmostEqual(got.timestamp, want.timestamp, delta=1e-6)
+        for got_r, want_r in zip(back.responses[99], state.responses[99]):
+            self.assertLessEqual(abs(got_r.timestamp - want_r.timestamp), 1e-6)
         # and again: a stable fixed point
         self.assertEqual(RegistryState.from_json(back.to_json()).to_json(), back.to_json())
 
@@ -170,8 +172,7 @@ class VectorStoreTests(SynchronousTestCase):
         self.assertEqual(list(state.inbox), [1])
         (request,) = state.inbox[1]
         self.assertEqual((request.from_node_id, request.justification), (2, "vector capture"))
-        self.assertAlmostEqual(request.timestamp, parse_time("2026-11-21T22:42:31Z") + 0.583188798,
-                               delta=1e-6)
+        self.assertLessEqual(abs(request.timestamp - 1795300951.583188798), 1e-6)
         self.assertEqual(state.created, parse_time("2026-11-21T22:42:28Z"))
         self.assertEqual(state.trust, set())
 
@@ -353,11 +354,13 @@ class MalformedStoreTests(SynchronousTestCase):
 
     def test_bad_queues(self) -> None:
         for section in ("handshake_inbox", "handshake_responses"):
-            for value in ({"x": []}, {"-1": []}, {"1": "x"}, {"1": [1]}, {"1": {"from_node_id": 2}},
-                          {"1": [{"from_node_id": "2"}]}, {"1": [{"from_node_id": -2}]},
-                          {"1": [{}]}, {"1": [{"from_node_id": 2, "timestamp": "later"}]},
-                          {"1": [{"from_node_id": 2, "timestamp": True}]}, {"1": [None]},
-                          {str(1 << 32): []}):
+            bad_queues: list[Any] = [
+                {"x": []}, {"-1": []}, {"1": "x"}, {"1": [1]}, {"1": {"from_node_id": 2}},
+                {"1": [{"from_node_id": "2"}]}, {"1": [{"from_node_id": -2}]},
+                {"1": [{}]}, {"1": [{"from_node_id": 2, "timestamp": "later"}]},
+                {"1": [{"from_node_id": 2, "timestamp": True}]}, {"1": [None]},
+                {str(1 << 32): []}]
+            for value in bad_queues:
                 self.assertBad({section: value})
         self.assertBad({"handshake_inbox": {"1": [{"from_node_id": 2, "justification": 5}]}})
         self.assertBad({"handshake_responses": {"1": [{"from_node_id": 2, "accept": "yes"}]}})
@@ -426,50 +429,77 @@ def _mutate(rng: random.Random, value: Any, pool: list[Any]) -> None:
 
 
 class TimeTests(SynchronousTestCase):
+    def assertClose(self, got: float, want: float, delta: float, msg: str = "") -> None:
+        # trial's assertAlmostEqual ignores its delta argument
+        if not abs(got - want) <= delta:
+            self.fail(f"{got!r} != {want!r} within {delta} {msg}")
+
     def test_rfc3339_seconds(self) -> None:
         self.assertEqual(rfc3339(0), "1970-01-01T00:00:00Z")
         self.assertEqual(rfc3339(parse_time("2026-11-21T22:44:17Z")), "2026-11-21T22:44:17Z")
         self.assertEqual(rfc3339(1795301057.75), "2026-11-21T22:44:17Z")  # truncated, not rounded
+        self.assertEqual(rfc3339(1795301057.9999995), "2026-11-21T22:44:17Z")
 
     def test_parse_reference_times(self) -> None:
         self.assertEqual(parse_time("1970-01-01T00:00:00Z"), 0.0)
         base = parse_time("2026-11-21T22:42:31Z")
         self.assertEqual(base, 1795300951.0)
-        self.assertAlmostEqual(parse_time("2026-11-21T22:42:31.583188798Z") - base, 0.583188798, delta=1e-6)
-        self.assertAlmostEqual(parse_time("2026-11-21T22:42:31.5Z") - base, 0.5, delta=1e-9)
+        self.assertClose(parse_time("2026-11-21T22:42:31.583188798Z") - base, 0.583188798, 1e-6)
+        self.assertEqual(parse_time("2026-11-21T22:42:31.5Z") - base, 0.5)
         self.assertEqual(parse_time("2026-11-21T23:42:31+01:00"), base)
         self.assertEqual(parse_time("2026-11-21T22:42:31"), base)  # no zone: UTC
+
+    def test_parse_ns(self) -> None:
+        self.assertEqual(parse_time_ns("2026-11-21T22:42:31.583188798Z"), 1795300951_583188798)
+        self.assertEqual(parse_time_ns("2026-11-21T22:42:31.5Z"), 1795300951_500000000)
+        self.assertEqual(parse_time_ns("2026-11-21T22:42:31.000000001Z"), 1795300951_000000001)
+        self.assertEqual(parse_time_ns("2026-11-21T22:42:31Z"), 1795300951_000000000)
+        self.assertEqual(parse_time_ns("2026-11-21T23:42:31.25+01:00"), 1795300951_250000000)
 
     def test_absent(self) -> None:
         self.assertEqual(parse_time(None), 0.0)
         self.assertEqual(parse_time(""), 0.0)
+        self.assertEqual(parse_time_ns(None), 0)
 
     def test_nanos_format(self) -> None:
-        text = rfc3339(1795300951.5, nanos=True)
-        self.assertEqual(text, "2026-11-21T22:42:31.500000000Z")
+        self.assertEqual(rfc3339(1795300951.5, nanos=True), "2026-11-21T22:42:31.500000000Z")
+        self.assertEqual(rfc3339_ns(1795300951_000000001), "2026-11-21T22:42:31.000000001Z")
+        self.assertEqual(rfc3339_ns(1795300951_999999999), "2026-11-21T22:42:31.999999999Z")
+        self.assertEqual(rfc3339_ns(0), "1970-01-01T00:00:00.000000000Z")
         self.assertRegex(rfc3339(T0 + 0.123456789, nanos=True), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 
     def test_reference_nanos_round_trip(self) -> None:
-        text = "2026-11-21T22:42:31.583188798Z"
-        again = rfc3339(parse_time(text), nanos=True)
-        # a float holds ~0.24 us at this magnitude; everything down to the microsecond survives
-        self.assertEqual(again[:26], text[:26])
-        self.assertAlmostEqual(parse_time(again), parse_time(text), delta=1e-6)
+        for text in ("2026-11-21T22:42:31.583188798Z", "2026-11-21T22:42:31.000000000Z",
+                     "2026-11-21T22:42:31.999999999Z", "1970-01-01T00:00:00.000000001Z",
+                     "9999-12-31T23:59:59.999999999Z"):
+            self.assertEqual(rfc3339_ns(parse_time_ns(text)), text)
 
-    def test_nanos_round_trip(self) -> None:
+    def test_ns_round_trip(self) -> None:
         rng = random.Random(3339)
-        fractions = [0.0, 0.5, 0.000000001, 0.123456789, 0.999999, 0.9999994, 0.9999996, 0.9999999,
-                     0.99999999] + [rng.random() for _ in range(500)]
+        for ns in [0, 1, 999_999_999, 1795300951_999999999, T0_NS] + [rng.randrange(0, 253402300799 * 10 ** 9)
+                                                                        for _ in range(500)]:
+            self.assertEqual(parse_time_ns(rfc3339_ns(ns)), ns, ns)
+
+    def test_float_nanos_round_trip(self) -> None:
+        rng = random.Random(3339)
+        fractions = [0.0, 0.5, 0.000000001, 0.123456789, 0.999999, 0.9999994, 0.9999995, 0.9999996,
+                     0.9999999, 0.99999999] + [rng.random() for _ in range(500)]
         for whole in (1795300951, 0, 1234567890, 4102444800):
             for frac in fractions:
                 ts = whole + frac
-                back = parse_time(rfc3339(ts, nanos=True))
-                self.assertAlmostEqual(back, ts, delta=1e-6, msg=f"{ts!r} -> {rfc3339(ts, nanos=True)}")
+                text = rfc3339(ts, nanos=True)
+                # a float holds about 0.5 us at these magnitudes
+                self.assertClose(parse_time(text), ts, 1e-6, f"{ts!r} -> {text}")
 
     def test_seconds_round_trip(self) -> None:
         for ts in (0, 1795300951, 4102444800, 1234567890):
             self.assertEqual(parse_time(rfc3339(ts)), ts)
 
     def test_bad(self) -> None:
-        for value in ("yesterday", "2026-02-30T00:00:00Z", True, [], {}, b"2026-11-21T22:42:31Z"):
+        bad: list[Any] = ["yesterday", "2026-02-30T00:00:00Z", True, [], {}, b"2026-11-21T22:42:31Z",
+                          "2026-11-21T22:42:31.Z", "2026-11-21T22:42:31.1234567890Z", "x" * 10_000,
+                          "\u0662\u0660\u0662\u0666-11-21T22:42:31Z", float("nan"), float("inf"), -1, 1e300,
+                          "1969-12-31T23:59:59Z"]
+        for value in bad:
             self.assertRaises(StoreFormatError, parse_time, value)
+            self.assertRaises(StoreFormatError, parse_time_ns, value)
