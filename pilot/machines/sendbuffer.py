@@ -1,0 +1,460 @@
+# -*- test-case-name: tests.machines.test_datatransfer -*-
+"""
+The sending half of a stream: queue, segmentation, retransmission queue with
+a SACK scoreboard, loss recovery, flow control, and the congestion-control
+hook.
+
+Like :mod:`pilot.machines.recvbuffer` this is arithmetic on *absolute*
+sequence numbers with ``now`` passed in: no clock, no packets.  The
+connection asks :meth:`Sender.next_transmission` for segments to put on the
+wire, feeds ACKs to :meth:`Sender.on_ack` and retransmission-timer expiries
+to :meth:`Sender.on_timeout`.
+
+Rules (facts §4.7 unless stated):
+
+* Segments are at most 4096 bytes and keep their boundaries when
+  retransmitted: the reference's receiver only accepts a segment whose
+  sequence number is exactly the next expected one (or buffers it by exact
+  start), so re-cut retransmissions could stall it.
+* A segment must never read as a SACK option (facts §9 item 19: any ACK
+  packet whose payload parses as ``SACK`` + count 1-4 + blocks is taken as
+  SACK, never delivered).  Such a cut is shortened to one byte less than the
+  option it would spell, which no longer parses; the rest follows in the
+  next segment.
+* Flow control: new data may extend at most ``peer window x 4096`` bytes past
+  the oldest unacknowledged byte.  A window of 0 is read as *one* segment (a
+  probe), not as "no limit" like the reference does: the reference only
+  advertises 0 when its queue is full, and then blocks rather than drops.
+* Congestion control sits behind :class:`CongestionControl`;
+  :class:`RenoCongestion` is the first implementation.
+* Loss recovery: fast retransmit on the 3rd duplicate ACK, NewReno partial
+  ACKs, and SACK: an un-SACKed segment is lost once three segments sent after
+  it were SACKed (RFC 6675's DupThresh, counted in transmission order as
+  RACK does, which also finds lost retransmissions without a timeout).  A
+  retransmission timeout backs the RTO off, marks every un-SACKed segment
+  lost and resends them as the window allows.  SACK marks are kept until the
+  data is acknowledged (no receiver of ours or the reference's reneges).
+* Persist: when the only thing stopping us is the peer's window and the peer
+  answered since our last transmission, a timer expiry is a window probe, not
+  a failure: no give-up count, interval 0.5 s doubling to 30 s.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import enum
+from typing import Iterable, Protocol
+
+import attr
+
+from pilot.machines.rtt import RttEstimator
+from pilot.wire.packet import parse_sack
+
+MSS = 4096
+INITIAL_WINDOW = 10 * MSS
+MAX_WINDOW = 1 << 20
+INITIAL_SSTHRESH = 512 * 1024
+DUP_THRESH = 3
+MAX_RETRANSMITS = 8
+PROBE_INITIAL = 0.5
+PROBE_MAX = 30.0
+
+
+class CongestionControl(Protocol):
+    """
+    What the sender asks of a congestion controller.  Sizes are bytes.
+
+    A later implementation (pacing, delay-based, SACK-aware) plugs in here;
+    the sender only reads :attr:`cwnd` and reports events.
+    """
+
+    @property
+    def cwnd(self) -> int: ...
+
+    @property
+    def ssthresh(self) -> int: ...
+
+    def on_ack(self, acked: int, in_flight: int, now: float) -> None:
+        """``acked`` new bytes were cumulatively acknowledged outside recovery."""
+
+    def on_congestion(self, in_flight: int, now: float) -> None:
+        """Loss was detected from duplicate ACKs or SACK: once per recovery episode."""
+
+    def on_timeout(self, in_flight: int, now: float) -> None:
+        """The retransmission timer expired."""
+
+    def on_rtt_sample(self, rtt: float, now: float) -> None:
+        """A valid round-trip measurement (for delay-based controllers)."""
+
+
+@attr.s(auto_attribs=True, eq=False)
+class RenoCongestion:
+    """Slow start and congestion avoidance with byte counting; halve on loss."""
+
+    mss: int = MSS
+    initial_window: int = INITIAL_WINDOW
+    max_window: int = MAX_WINDOW
+    cwnd: int = attr.ib(default=None)
+    ssthresh: int = INITIAL_SSTHRESH
+
+    def __attrs_post_init__(self) -> None:
+        if self.cwnd is None:
+            self.cwnd = self.initial_window
+
+    def on_ack(self, acked: int, in_flight: int, now: float) -> None:
+        if self.cwnd < self.ssthresh:
+            self.cwnd += min(acked, 2 * self.mss)  # RFC 3465, L = 2
+        else:
+            self.cwnd += max(1, self.mss * acked // self.cwnd)
+        self.cwnd = min(self.cwnd, self.max_window)
+
+    def on_congestion(self, in_flight: int, now: float) -> None:
+        self.ssthresh = max(in_flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh
+
+    def on_timeout(self, in_flight: int, now: float) -> None:
+        # RFC 5681 restarts from one segment; the reference restarts from the
+        # initial window, which we keep (a timeout here is usually a lost
+        # tail, not a congested queue).
+        self.ssthresh = max(in_flight // 2, 2 * self.mss)
+        self.cwnd = self.initial_window
+
+    def on_rtt_sample(self, rtt: float, now: float) -> None:
+        pass
+
+
+@attr.s(auto_attribs=True, eq=False, slots=True)
+class Segment:
+    start: int
+    payload: bytes
+    sent_at: float
+    transmissions: int = 1
+    sacked: bool = False
+    #: Deemed lost and waiting to be retransmitted.
+    lost: bool = False
+    #: The recovery episode in which it was last retransmitted (0 = never).
+    episode: int = 0
+    #: Order of its latest transmission among all of this sender's transmissions.
+    tx: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.payload)
+
+
+class TimerOutcome(enum.Enum):
+    NOTHING = "nothing"
+    RETRANSMIT = "retransmit"
+    PROBE = "probe"
+    GIVE_UP = "give_up"
+
+
+@attr.s(auto_attribs=True, eq=False, frozen=True)
+class AckResult:
+    #: New bytes cumulatively acknowledged.
+    acked: int = 0
+    #: The ACK was ignored (acknowledges data never sent, or older than what we have).
+    ignored: bool = False
+
+
+def sack_safe(chunk: bytes) -> bytes:
+    """``chunk``, shortened if needed so that it does not parse as a SACK option."""
+    blocks = parse_sack(chunk)
+    if blocks is None:
+        return chunk
+    return chunk[:5 + 8 * len(blocks) - 1]
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Sender:
+    #: Oldest unacknowledged byte, and the next new byte to send.
+    snd_una: int
+    rtt: RttEstimator
+    cc: CongestionControl
+    mss: int = MSS
+    max_retransmits: int = MAX_RETRANSMITS
+    nagle: bool = True
+    probe_initial: float = PROBE_INITIAL
+    probe_max: float = PROBE_MAX
+    snd_nxt: int = attr.ib(default=None)
+    #: The peer's last accepted window field (segments).
+    peer_window: int = 512
+    dup_acks: int = 0
+    in_recovery: bool = False
+    recovery_point: int = 0
+    episode: int = 0
+    #: Timer expiries since the last new ACK.
+    timeouts: int = 0
+    persisting: bool = False
+    probe_interval: float = 0.0
+    last_ack_at: float = float("-inf")
+    #: Set when Nagle held back a partial segment; the connection arms a timer.
+    nagle_holding: bool = False
+    # counters (the reference's conn_list names)
+    bytes_sent: int = 0
+    segs_sent: int = 0
+    retransmits: int = 0
+    fast_retx: int = 0
+    dup_acks_total: int = 0
+    sack_recv: int = 0
+    segments: collections.deque[Segment] = attr.ib(factory=collections.deque)
+    _queue: collections.deque[bytes] = attr.ib(factory=collections.deque)
+    _queued: int = 0
+    _transmissions: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.snd_nxt is None:
+            self.snd_nxt = self.snd_una
+
+    # -- what the connection reads ------------------------------------------------
+
+    @property
+    def unsent(self) -> int:
+        return self._queued
+
+    @property
+    def outstanding(self) -> bool:
+        return bool(self.segments)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and everything sent was acknowledged."""
+        return not self._queued and not self.segments
+
+    def pipe(self) -> int:
+        """Bytes believed to be in the network (RFC 6675): not SACKed, not deemed lost."""
+        return sum(len(s.payload) for s in self.segments if not s.sacked and not s.lost)
+
+    def in_flight(self) -> int:
+        return self.snd_nxt - self.snd_una
+
+    def send_window(self) -> int:
+        """How far past ``snd_una`` the peer lets us send, in bytes."""
+        return max(1, self.peer_window) * self.mss
+
+    # -- application data ----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._queue.append(data)
+            self._queued += len(data)
+
+    def _peek(self, n: int) -> bytes:
+        out: list[bytes] = []
+        need = n
+        for chunk in self._queue:
+            out.append(chunk[:need])
+            need -= len(out[-1])
+            if not need:
+                break
+        return b"".join(out)
+
+    def _consume(self, n: int) -> None:
+        self._queued -= n
+        while n:
+            head = self._queue[0]
+            if len(head) <= n:
+                self._queue.popleft()
+                n -= len(head)
+            else:
+                self._queue[0] = head[n:]
+                n = 0
+
+    # -- transmission --------------------------------------------------------------
+
+    def next_transmission(self, now: float, flush: bool = False) -> tuple[Segment, bool] | None:
+        """
+        The next segment to put on the wire and whether it is a retransmission,
+        or ``None`` if the windows (or Nagle, unless ``flush``) say wait.
+        """
+        self.nagle_holding = False
+        first_hole = True
+        for seg in self.segments:
+            if seg.sacked:
+                continue
+            if seg.lost:
+                # The lowest hole always goes (fast retransmit, timeout, probe);
+                # later ones wait for room in the congestion window.
+                if not first_hole and self.pipe() + len(seg.payload) > self.cc.cwnd:
+                    return None
+                seg.lost = False
+                seg.transmissions += 1
+                seg.sent_at = now
+                seg.episode = self.episode
+                seg.tx = self._stamp()
+                self.retransmits += 1
+                return seg, True
+            first_hole = False
+        if not self._queued:
+            return None
+        flow_room = self.snd_una + self.send_window() - self.snd_nxt
+        cc_room = self.cc.cwnd - self.pipe()
+        want = min(self.mss, self._queued)
+        n = min(want, flow_room, cc_room)
+        if n <= 0:
+            return None
+        if n < want and self.segments:
+            return None  # wait for a full segment's room (silly-window avoidance)
+        if n < self.mss and self.segments and self.nagle and not flush:
+            self.nagle_holding = True
+            return None
+        payload = sack_safe(self._peek(n))
+        self._consume(len(payload))
+        seg = Segment(self.snd_nxt, payload, now, tx=self._stamp())
+        self.segments.append(seg)
+        self.snd_nxt += len(payload)
+        self.bytes_sent += len(payload)
+        self.segs_sent += 1
+        return seg, False
+
+    def _stamp(self) -> int:
+        self._transmissions += 1
+        return self._transmissions
+
+    # -- acknowledgements ----------------------------------------------------------
+
+    def on_ack(self, ack: int, window: int, sack: Iterable[tuple[int, int]], carries_data: bool,
+               now: float) -> AckResult:
+        """Process the acknowledgement fields of one ACK packet (absolute numbers)."""
+        if ack > self.snd_nxt or ack < self.snd_una:
+            return AckResult(ignored=True)
+        self.last_ack_at = now
+        advanced = ack > self.snd_una
+        believe_window = window > 0 or advanced or carries_data
+        window_grew = believe_window and window > self.peer_window
+        was_blocked = self.in_flight() >= self.send_window()
+        if believe_window:
+            self.peer_window = window
+        blocks = list(sack)
+        if blocks:
+            self.sack_recv += len(blocks)
+            self._apply_sack(blocks)
+        if advanced:
+            acked = self._advance(ack, now)
+        else:
+            acked = 0
+            if self.segments and not carries_data and believe_window and not window_grew:
+                self._duplicate(now)
+            elif window_grew and was_blocked and self.segments:
+                # A window update after we stalled on the window: the head may have
+                # been dropped by a full receiver, send it again now.
+                self.segments[0].lost = True
+                self.persisting = False
+        if blocks and self.segments:
+            self._detect_losses(now)
+        return AckResult(acked=acked)
+
+    def _advance(self, ack: int, now: float) -> int:
+        acked = ack - self.snd_una
+        self.snd_una = ack
+        sample: Segment | None = None
+        while self.segments and self.segments[0].end <= ack:
+            seg = self.segments.popleft()
+            if seg.transmissions == 1 and not seg.sacked:
+                sample = seg
+        if self.segments and self.segments[0].start < ack:
+            head = self.segments[0]  # partly acknowledged: keep the rest as its own segment
+            head.payload = head.payload[ack - head.start:]
+            head.start = ack
+        if sample is not None:
+            self.rtt.sample(now - sample.sent_at)
+            self.cc.on_rtt_sample(now - sample.sent_at, now)
+        self.dup_acks = 0
+        self.timeouts = 0
+        self.persisting = False
+        if self.in_recovery:
+            if ack >= self.recovery_point:
+                self.in_recovery = False
+            elif self.segments:
+                self._mark_lost(self._first_hole())  # NewReno partial ACK
+        else:
+            self.cc.on_ack(acked, self.pipe(), now)
+        return acked
+
+    def _duplicate(self, now: float) -> None:
+        self.dup_acks += 1
+        self.dup_acks_total += 1
+        if self.dup_acks == DUP_THRESH and not self.in_recovery:
+            self._enter_recovery(now)
+            self._mark_lost(self._first_hole())
+            self.fast_retx += 1
+
+    def _apply_sack(self, blocks: list[tuple[int, int]]) -> None:
+        for left, right in blocks:
+            if not self.snd_una <= left < right <= self.snd_nxt:
+                continue
+            for seg in self.segments:
+                if seg.start >= right:
+                    break
+                if seg.start >= left and seg.end <= right:
+                    seg.sacked = True
+                    seg.lost = False
+
+    def _detect_losses(self, now: float) -> None:
+        """
+        A segment is lost once DupThresh segments *transmitted after it* have
+        been SACKed (RFC 6675's rule, counted in transmission order as RACK
+        does, so that a lost retransmission is found without a timeout).
+        """
+        later_sacked = sorted(seg.tx for seg in self.segments if seg.sacked)
+        if len(later_sacked) < DUP_THRESH:
+            return
+        lost = [seg for seg in self.segments
+                if not seg.sacked and not seg.lost
+                and len(later_sacked) - bisect.bisect_right(later_sacked, seg.tx) >= DUP_THRESH]
+        if not lost:
+            return
+        if not self.in_recovery:
+            self._enter_recovery(now)
+            self.fast_retx += 1
+        for seg in lost:
+            seg.lost = True
+
+    def _first_hole(self) -> Segment | None:
+        for seg in self.segments:
+            if not seg.sacked:
+                return seg
+        return None
+
+    def _mark_lost(self, seg: Segment | None) -> None:
+        if seg is not None and seg.episode != self.episode:
+            seg.lost = True
+
+    def _enter_recovery(self, now: float) -> None:
+        self.cc.on_congestion(self.pipe(), now)
+        self.in_recovery = True
+        self.recovery_point = self.snd_nxt
+        self.episode += 1
+
+    # -- timers --------------------------------------------------------------------
+
+    def timer_interval(self) -> float:
+        return self.probe_interval if self.persisting else self.rtt.rto
+
+    def on_timeout(self, now: float) -> TimerOutcome:
+        """The retransmission timer expired: decide what it means."""
+        if not self.segments:
+            return TimerOutcome.NOTHING
+        head = self.segments[0]
+        if self.in_flight() >= self.send_window() and self.last_ack_at > head.sent_at:
+            # The peer is alive and its window is what holds us: probe, never give up.
+            self.probe_interval = (min(self.probe_max, self.probe_interval * 2)
+                                   if self.persisting else self.probe_initial)
+            self.persisting = True
+            head.lost = True
+            return TimerOutcome.PROBE
+        self.persisting = False
+        self.timeouts += 1
+        if self.timeouts > self.max_retransmits:
+            return TimerOutcome.GIVE_UP
+        self.rtt.back_off()
+        self.cc.on_timeout(self.pipe(), now)
+        self.in_recovery = True
+        self.recovery_point = self.snd_nxt
+        self.episode += 1
+        self.dup_acks = 0
+        for seg in self.segments:
+            if not seg.sacked:
+                seg.lost = True
+        return TimerOutcome.RETRANSMIT
