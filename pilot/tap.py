@@ -1,0 +1,387 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+``twistd pilot-rendezvous`` (and ``twist pilot-rendezvous``): command-line
+options and ``makeService``.
+
+The options are described once, in :data:`RENDEZVOUS_OPTIONS`, and parsed by
+the plain functions here; :class:`RendezvousOptions` (twistd) and
+``pilotctl rendezvous start`` (argparse, ``pilot.cli``) are both built from
+that table, so the two entry points take the same flags with the same
+defaults, meanings and error messages.  :func:`settings_from` turns the
+parsed values into a :class:`RendezvousSettings`.
+
+A store that cannot be loaded is a startup error, reported in one line by
+:func:`makeService` (``SystemExit`` with the message, as twistd does for its
+own startup failures), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import attr
+from twisted.python import usage
+
+from pilot import log
+from pilot.errors import ErrorCode, InvalidArgument, PilotError
+from pilot.persist import StateFileError
+from pilot.server.beacon import BeaconConfig
+from pilot.server.registry import RegistryConfig
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings, describe, parse_listen
+from pilot.services.store import StoreError, default_store_path
+
+TAPNAME = "pilot-rendezvous"
+DEFAULT_LISTEN = ":9000"
+DEFAULT_BEACON = ":9001"
+DEFAULT_FLUSH_DELAY = RendezvousSettings().flush_delay
+DEFAULT_REAP_INTERVAL = RendezvousSettings().reap_interval
+
+
+# --- value parsers: each returns the value or raises ValueError(reason) ---------
+
+def parse_address(text: str) -> str:
+    """
+    A listening address, as :func:`pilot.services.rendezvous.parse_listen`
+    takes it (``:9000``, ``9000``, ``127.0.0.1:9000``, ``[::1]:9000``; port 0
+    asks the system for a free port), in its normal form (``:9000``).
+    """
+    try:
+        host, port = parse_listen(text)
+    except InvalidArgument as e:
+        raise ValueError(e.message) from None
+    return describe(host, port)
+
+
+def parse_rate(text: str) -> float:
+    """A rate or count limit: a number >= 0, where 0 disables the limit."""
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"{text!r} is negative; use 0 to disable the limit")
+    return value
+
+
+def parse_amount(text: str) -> float:
+    """A burst size: a number > 0."""
+    value = _number(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """A number of seconds > 0."""
+    value = _number(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def parse_expiry(text: str) -> float:
+    """Seconds of silence before an entry is removed; 0 means never (returned as infinity)."""
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"{text!r} is negative; use 0 to never expire entries")
+    return math.inf if value == 0 else value
+
+
+def parse_delay(text: str) -> float:
+    """A delay in seconds >= 0."""
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    return value
+
+
+def parse_path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("an empty path")
+    if "\0" in text:
+        raise ValueError("a path cannot contain a NUL character")
+    return text
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+# --- the option table ------------------------------------------------------------
+
+@attr.s(frozen=True, auto_attribs=True)
+class Setting:
+    """One valued option: ``--name VALUE``, parsed by ``parse``; None default = computed later."""
+
+    name: str
+    default: str | None
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Switch:
+    """An on/off option: ``--name``."""
+
+    name: str
+    help: str
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
+_REG = RegistryConfig()
+_BEACON = BeaconConfig()
+
+
+def _fmt(value: float) -> str:
+    if value == math.inf:
+        return "0"
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
+    Setting("listen", DEFAULT_LISTEN, parse_address, "ADDR",
+           "registry TCP address, [HOST]:PORT (port 0: any free port)"),
+    Setting("beacon", DEFAULT_BEACON, parse_address, "ADDR",
+           "beacon UDP address, [HOST]:PORT (port 0: any free port)"),
+    Setting("store", None, parse_path, "PATH",
+           "registry store (JSON, written atomically); default: /var/lib/pilot/registry.json "
+           "if that folder is writable, else ~/.pilot/registry.json"),
+    Switch("no-store", "keep the registry in memory only (nothing is written)"),
+    Switch("tls", "serve the registry over TLS (a self-signed certificate unless --tls-cert/--tls-key)"),
+    Setting("tls-cert", None, parse_path, "PATH", "TLS certificate (PEM); implies --tls"),
+    Setting("tls-key", None, parse_path, "PATH", "TLS private key (PEM); implies --tls"),
+    Setting("log-format", None, log.check_format, "FORMAT",
+           f"log format: {' or '.join(log.FORMATS)} (default: {log.DEFAULT_FORMAT}; under twistd "
+           f"or twist, theirs unless this is given)"),
+    Setting("log-level", None, log.level_name, "LEVEL",
+           f"lowest level logged: {', '.join(log.LEVELS)} (default: {log.DEFAULT_LEVEL})"),
+    Setting("registrations-per-minute", _fmt(_REG.registrations_per_minute), parse_rate, "N",
+           "registrations per source IP per minute (0: no limit)"),
+    Setting("requests-per-second", _fmt(_REG.requests_per_second), parse_rate, "N",
+           "registry requests per source IP per second (0: no limit)"),
+    Setting("request-burst", _fmt(_REG.request_burst), parse_amount, "N",
+           "registry requests a source IP may send at once before --requests-per-second applies"),
+    Setting("stale-after", _fmt(_REG.stale_after), parse_expiry, "SECONDS",
+           "remove a node silent for this long (0: never)"),
+    Setting("beacon-datagrams-per-second", _fmt(_BEACON.datagrams_per_second), parse_rate, "N",
+           "beacon datagrams per source IP per second (0: no limit)"),
+    Setting("beacon-burst", _fmt(_BEACON.burst), parse_amount, "N",
+           "beacon datagrams a source IP may send at once before the rate applies"),
+    Setting("relay-bytes-per-second", _fmt(_BEACON.relay_bytes_per_second), parse_rate, "N",
+           "bytes the beacon relays per sending node per second (0: no limit)"),
+    Setting("relay-burst-bytes", _fmt(_BEACON.relay_burst_bytes), parse_amount, "N",
+           "bytes a node may have relayed at once before the rate applies"),
+    Setting("flush-delay", _fmt(DEFAULT_FLUSH_DELAY), parse_delay, "SECONDS",
+           "write the store at most this long after a change"),
+    Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",
+           "how often silent nodes are looked for"),
+)
+
+
+def flag_name(option: Setting | Switch) -> str:
+    return f"--{option.name}"
+
+
+def parse_values(raw: Mapping[str, Any],
+                 name: Callable[[Setting | Switch], str] = flag_name) -> dict[str, Any]:
+    """
+    Parse every option of :data:`RENDEZVOUS_OPTIONS` found in ``raw`` (keys
+    with underscores; flags as booleans; absent or None valued options take
+    their defaults) and check the combinations.  Raises ``ValueError`` whose
+    message starts with the option at fault, as ``name`` calls it.
+    """
+    out: dict[str, Any] = {}
+    for opt in RENDEZVOUS_OPTIONS:
+        value = raw.get(opt.key)
+        if isinstance(opt, Switch):
+            out[opt.key] = bool(value)
+            continue
+        text = opt.default if value is None else value
+        if text is None:
+            out[opt.key] = None
+            continue
+        try:
+            out[opt.key] = opt.parse(str(text))
+        except ValueError as e:
+            raise ValueError(f"{name(opt)}: {e}") from None
+    by_key = {o.key: o for o in RENDEZVOUS_OPTIONS}
+    if out["no_store"] and raw.get("store") is not None:
+        raise ValueError(f"{name(by_key['store'])} and {name(by_key['no_store'])}: choose one")
+    if bool(out["tls_cert"]) != bool(out["tls_key"]):
+        missing = by_key["tls_key" if out["tls_cert"] else "tls_cert"]
+        raise ValueError(f"{name(missing)} is missing: a certificate and its key go together")
+    if out["tls_cert"]:
+        out["tls"] = True
+    return out
+
+
+ENV_PREFIX = "PILOT_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def environment_name(option: Setting | Switch) -> str:
+    return ENV_PREFIX + option.key.upper()
+
+
+def values_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """
+    Raw option values from ``PILOT_<NAME>`` variables (``PILOT_LISTEN``,
+    ``PILOT_NO_STORE``...), for :func:`parse_values`.  ``PILOT_STORE=none``
+    means ``--no-store``.  A flag takes 1/true/yes/on or 0/false/no/off.
+    """
+    raw: dict[str, Any] = {}
+    for opt in RENDEZVOUS_OPTIONS:
+        text = environ.get(environment_name(opt))
+        if text is None:
+            continue
+        if isinstance(opt, Switch):
+            word = text.strip().lower()
+            if word not in _TRUE | _FALSE:
+                raise ValueError(f"{environment_name(opt)}: {text!r} is not one of 1, 0, true, false, yes, no")
+            raw[opt.key] = word in _TRUE
+        elif opt.key == "store" and text.strip().lower() == "none":
+            raw["no_store"] = True
+        elif text != "":
+            raw[opt.key] = text
+    return raw
+
+
+def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
+    """Settings from the output of :func:`parse_values`."""
+    store = None if values["no_store"] else (values["store"] or default_store_path())
+    registry = attr.evolve(
+        _REG,
+        stale_after=values["stale_after"],
+        registrations_per_minute=values["registrations_per_minute"],
+        requests_per_second=values["requests_per_second"],
+        request_burst=values["request_burst"],
+    )
+    beacon = attr.evolve(
+        _BEACON,
+        datagrams_per_second=values["beacon_datagrams_per_second"],
+        burst=values["beacon_burst"],
+        relay_bytes_per_second=values["relay_bytes_per_second"],
+        relay_burst_bytes=values["relay_burst_bytes"],
+    )
+    return RendezvousSettings(
+        listen=values["listen"],
+        beacon_listen=values["beacon"],
+        store=store,
+        tls=values["tls"],
+        tls_cert=values["tls_cert"],
+        tls_key=values["tls_key"],
+        registry=registry,
+        beacon=beacon,
+        flush_delay=values["flush_delay"],
+        reap_interval=values["reap_interval"],
+    )
+
+
+# --- twistd -------------------------------------------------------------------------
+
+class RendezvousOptions(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run a Pilot rendezvous: the registry on TCP (--listen, default :9000) and the "
+                "beacon on UDP (--beacon, default :9001), in one process, with the registry's "
+                "state kept in a JSON store.")
+
+    optFlags = [[o.name, None, o.help] for o in RENDEZVOUS_OPTIONS if isinstance(o, Switch)]
+    optParameters = [[o.name, None, o.default, o.help] for o in RENDEZVOUS_OPTIONS
+                     if isinstance(o, Setting)]
+
+    parsed: dict[str, Any]
+    settings: RendezvousSettings
+
+    compData = usage.Completions(optActions={
+        "store": usage.CompleteFiles("*.json"),
+        "tls-cert": usage.CompleteFiles("*.pem"),
+        "tls-key": usage.CompleteFiles("*.pem"),
+        "log-format": usage.CompleteList(list(log.FORMATS)),
+        "log-level": usage.CompleteList(list(log.LEVELS)),
+    })
+
+    def postOptions(self) -> None:
+        try:
+            self.parsed = parse_values({o.key: self[o.name] for o in RENDEZVOUS_OPTIONS})
+            self.settings = settings_from(self.parsed)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self._choose_twistd_logger()
+
+    def _choose_twistd_logger(self) -> None:
+        """
+        Under twistd or twist, ``--log-format`` / ``--log-level`` given here
+        choose the runner's log observer: twistd's ``logger`` option (unless
+        twistd was given ``--logger``, which wins), or twist's observer factory
+        and level.
+        """
+        parent = getattr(self, "parent", None)
+        fmt, level = self.parsed["log_format"], self.parsed["log_level"]
+        if parent is None or (fmt is None and level is None):
+            return
+        fmt, level = fmt or log.DEFAULT_FORMAT, level or log.DEFAULT_LEVEL
+        if "nodaemon" in parent:  # twistd
+            if not parent.get("logger"):
+                parent["logger"] = log.choose_for_twistd(fmt, level, parent.get("logfile"),
+                                                         bool(parent.get("nodaemon")))
+        elif "fileLogObserverFactory" in parent:  # twist
+            if self.parsed["log_format"] is not None:
+                parent["fileLogObserverFactory"] = log.file_observer_factory(fmt)
+                parent["logFormat"] = fmt
+            if self.parsed["log_level"] is not None:
+                parent["logLevel"] = log.parse_level(level)
+
+
+#: The plugin's ServiceMaker looks up ``Options`` and ``makeService`` in this module.
+Options = RendezvousOptions
+
+
+class StartupError(Exception):
+    """The service cannot be built from these settings: why, what to do, and the error code."""
+
+    def __init__(self, message: str, hint: str, code: ErrorCode = ErrorCode.invalid_argument) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+
+def build_service(settings: RendezvousSettings, reactor: Any = None) -> RendezvousService:
+    """
+    The service for ``settings``; :class:`StartupError` with one line for a
+    store, certificate or key that cannot be used.
+    """
+    try:
+        return RendezvousService(settings, reactor=reactor)
+    except StoreError as e:
+        raise StartupError(f"cannot load the registry store {e}",
+                           "move the file aside, or choose another with --store (or --no-store)",
+                           ErrorCode.malformed) from e
+    except StateFileError as e:
+        raise StartupError(f"cannot use {e}", "check --tls-cert and --tls-key") from e
+    except PilotError as e:
+        raise StartupError(e.message, e.hint, e.code) from e
+    except OSError as e:
+        where = f" {e.filename}:" if e.filename else ""
+        raise StartupError(f"cannot start:{where} {e.strerror or e}",
+                           "check the paths given and their permissions") from e
+
+
+def makeService(options: RendezvousOptions) -> RendezvousService:
+    try:
+        return build_service(options.settings)
+    except StartupError as e:
+        raise SystemExit(f"{TAPNAME}: error: {e}") from None
