@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from typing import Any, Callable
 
 import attr
@@ -195,13 +196,25 @@ class RendezvousService(MultiService):
 
     def _listen_beacon(self) -> IListeningPort:
         port: IListeningPort = self.reactor.listenUDP(self._beacon_port, BeaconProtocol(self.beacon, self.reactor),
-                                                      interface=self.beacon_host)
+                                                      interface=self.beacon_host, maxPacketSize=65535)
+        _grow_receive_buffer(port)
         return port
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except BaseException:
+            # a port that could not be bound: close what did start, then report
+            for child in reversed(list(self)):
+                if child.running:
+                    try:
+                        child.stopService()
+                    except Exception:
+                        self.log.failure("stopping {child} after a failed start", child=child)
+            self.running = 0
+            raise
         kind = "TLS" if self.tls_options is not None else "TCP"
         self.log.info("Registry listening on {endpoint} ({kind})",
                       endpoint=describe(self.registry_host, self.registry_port()), kind=kind)
@@ -254,6 +267,21 @@ class RendezvousService(MultiService):
     def beacon_port(self) -> int:
         """The beacon's bound UDP port."""
         return _bound(self.beacon_listener, "beacon")
+
+
+#: A burst of Discovers after a rendezvous restart (every node at once) must
+#: not overflow the kernel's default UDP buffer (~200 KB, a few hundred datagrams).
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def _grow_receive_buffer(port: Any) -> None:
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+    except OSError:
+        pass  # the kernel caps it at net.core.rmem_max; the default still works
 
 
 def _bound(listener: PortService, what: str) -> int:

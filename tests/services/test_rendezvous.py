@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
@@ -138,6 +139,17 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([p.closed for p in self.reactor.ports], [True, True])
         self.assertRaises(RuntimeError, service.registry_port)
         self.assertRaises(RuntimeError, service.beacon_port)
+        self.assertFalse(service.reaper.running)
+
+    def test_failed_start_closes_what_started(self) -> None:
+        """A beacon port that cannot be bound leaves no registry port open behind it."""
+        def refuse(*args: Any, **kw: Any) -> None:
+            raise CannotListenError("", 9001, OSError("in use"))
+        self.reactor.listenUDP = refuse  # type: ignore[method-assign]
+        service = self.service()
+        self.assertRaises(CannotListenError, service.startService)
+        self.assertEqual([p.closed for p in self.reactor.ports], [True])
+        self.assertFalse(service.running)
         self.assertFalse(service.reaper.running)
 
     def test_store_flushed_on_stop(self) -> None:
