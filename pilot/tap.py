@@ -17,18 +17,21 @@ own startup failures), never as a traceback.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import attr
 from twisted.python import usage
 
 from pilot import log
-from pilot.errors import ErrorCode, InvalidArgument, PilotError
+from pilot.options import (  # noqa: F401 - the option machinery, shared with the node's options
+    ENV_PREFIX, Setting, Switch, _fmt, environment_name, environment_values, flag_name, parse_address,
+    parse_amount, parse_delay, parse_duration, parse_expiry, parse_path, parse_rate, parse_table,
+)
+from pilot.errors import ErrorCode, PilotError
 from pilot.persist import StateFileError
 from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import RegistryConfig
-from pilot.services.rendezvous import RendezvousService, RendezvousSettings, describe, parse_listen
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import StoreError, default_store_path
 
 TAPNAME = "pilot-rendezvous"
@@ -38,116 +41,8 @@ DEFAULT_FLUSH_DELAY = RendezvousSettings().flush_delay
 DEFAULT_REAP_INTERVAL = RendezvousSettings().reap_interval
 
 
-# --- value parsers: each returns the value or raises ValueError(reason) ---------
-
-def parse_address(text: str) -> str:
-    """
-    A listening address, as :func:`pilot.services.rendezvous.parse_listen`
-    takes it (``:9000``, ``9000``, ``127.0.0.1:9000``, ``[::1]:9000``; port 0
-    asks the system for a free port), in its normal form (``:9000``).
-    """
-    try:
-        host, port = parse_listen(text)
-    except InvalidArgument as e:
-        raise ValueError(e.message) from None
-    return describe(host, port)
-
-
-def parse_rate(text: str) -> float:
-    """A rate or count limit: a number >= 0, where 0 disables the limit."""
-    value = _number(text)
-    if value < 0:
-        raise ValueError(f"{text!r} is negative; use 0 to disable the limit")
-    return value
-
-
-def parse_amount(text: str) -> float:
-    """A burst size: a number > 0."""
-    value = _number(text)
-    if value <= 0:
-        raise ValueError(f"{text!r} must be more than 0")
-    return value
-
-
-def parse_duration(text: str) -> float:
-    """A number of seconds > 0."""
-    value = _number(text)
-    if value <= 0:
-        raise ValueError(f"{text!r} must be more than 0 seconds")
-    return value
-
-
-def parse_expiry(text: str) -> float:
-    """Seconds of silence before an entry is removed; 0 means never (returned as infinity)."""
-    value = _number(text)
-    if value < 0:
-        raise ValueError(f"{text!r} is negative; use 0 to never expire entries")
-    return math.inf if value == 0 else value
-
-
-def parse_delay(text: str) -> float:
-    """A delay in seconds >= 0."""
-    value = _number(text)
-    if value < 0:
-        raise ValueError(f"{text!r} is negative")
-    return value
-
-
-def parse_path(text: str) -> str:
-    if not text.strip():
-        raise ValueError("an empty path")
-    if "\0" in text:
-        raise ValueError("a path cannot contain a NUL character")
-    return text
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
-# --- the option table ------------------------------------------------------------
-
-@attr.s(frozen=True, auto_attribs=True)
-class Setting:
-    """One valued option: ``--name VALUE``, parsed by ``parse``; None default = computed later."""
-
-    name: str
-    default: str | None
-    parse: Callable[[str], Any]
-    metavar: str
-    help: str
-
-    @property
-    def key(self) -> str:
-        return self.name.replace("-", "_")
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Switch:
-    """An on/off option: ``--name``."""
-
-    name: str
-    help: str
-
-    @property
-    def key(self) -> str:
-        return self.name.replace("-", "_")
-
-
 _REG = RegistryConfig()
 _BEACON = BeaconConfig()
-
-
-def _fmt(value: float) -> str:
-    if value == math.inf:
-        return "0"
-    return str(int(value)) if float(value).is_integer() else repr(value)
 
 
 RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
@@ -190,10 +85,6 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
 )
 
 
-def flag_name(option: Setting | Switch) -> str:
-    return f"--{option.name}"
-
-
 def parse_values(raw: Mapping[str, Any],
                  name: Callable[[Setting | Switch], str] = flag_name) -> dict[str, Any]:
     """
@@ -202,20 +93,7 @@ def parse_values(raw: Mapping[str, Any],
     their defaults) and check the combinations.  Raises ``ValueError`` whose
     message starts with the option at fault, as ``name`` calls it.
     """
-    out: dict[str, Any] = {}
-    for opt in RENDEZVOUS_OPTIONS:
-        value = raw.get(opt.key)
-        if isinstance(opt, Switch):
-            out[opt.key] = bool(value)
-            continue
-        text = opt.default if value is None else value
-        if text is None:
-            out[opt.key] = None
-            continue
-        try:
-            out[opt.key] = opt.parse(str(text))
-        except ValueError as e:
-            raise ValueError(f"{name(opt)}: {e}") from None
+    out = parse_table(RENDEZVOUS_OPTIONS, raw, name)
     by_key = {o.key: o for o in RENDEZVOUS_OPTIONS}
     if out["no_store"] and raw.get("store") is not None:
         raise ValueError(f"{name(by_key['store'])} and {name(by_key['no_store'])}: choose one")
@@ -227,36 +105,11 @@ def parse_values(raw: Mapping[str, Any],
     return out
 
 
-ENV_PREFIX = "PILOT_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
-
-
-def environment_name(option: Setting | Switch) -> str:
-    return ENV_PREFIX + option.key.upper()
-
-
 def values_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    """
-    Raw option values from ``PILOT_<NAME>`` variables (``PILOT_LISTEN``,
-    ``PILOT_NO_STORE``...), for :func:`parse_values`.  ``PILOT_STORE=none``
-    means ``--no-store``.  A flag takes 1/true/yes/on or 0/false/no/off.
-    """
-    raw: dict[str, Any] = {}
-    for opt in RENDEZVOUS_OPTIONS:
-        text = environ.get(environment_name(opt))
-        if text is None:
-            continue
-        if isinstance(opt, Switch):
-            word = text.strip().lower()
-            if word not in _TRUE | _FALSE:
-                raise ValueError(f"{environment_name(opt)}: {text!r} is not one of 1, 0, true, false, yes, no")
-            raw[opt.key] = word in _TRUE
-        elif opt.key == "store" and text.strip().lower() == "none":
-            raw["no_store"] = True
-        elif text != "":
-            raw[opt.key] = text
-    return raw
+    """Raw values from ``PILOT_<NAME>`` variables; ``PILOT_STORE=none`` means ``--no-store``."""
+    def store_none(key: str, text: str) -> dict[str, Any] | None:
+        return {"no_store": True} if key == "store" and text.strip().lower() == "none" else None
+    return environment_values(RENDEZVOUS_OPTIONS, environ, store_none)
 
 
 def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
