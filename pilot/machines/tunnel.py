@@ -262,6 +262,7 @@ def _accept(m: PeerTunnel, c: _Peer, frame: AuthKeyExchange, key: bytes, source:
 def _no_session(m: PeerTunnel, c: _Peer, frame: SealedFrame, source: Endpoint,
                 via_relay: bool) -> Optional[Packet]:
     c.tunnels._count("pils_no_session")
+    c.tunnels._answer_with_pila(frame.sender, source, via_relay)
     return None
 
 
@@ -367,7 +368,9 @@ class Tunnels:
         else:
             peer = self._peers.get(frame.sender)
             if peer is None:
+                # sealed with a session we do not have (we restarted): offer ours
                 self._count("pils_no_session")
+                self._answer_with_pila(frame.sender, source, via_relay)
                 return
             packet = peer.machine.sealed_frame_received(frame, source, via_relay)
             if packet is not None:
@@ -410,15 +413,24 @@ class Tunnels:
     def _refuse_unauthenticated(self, frame: KeyExchange, source: Endpoint, via_relay: bool) -> None:
         """Never accepted (#11); answered with our PILA, within a global per-second budget."""
         self._count("pilk_refused")
+        self._answer_with_pila(frame.sender, source, via_relay)
+
+    def _answer_with_pila(self, sender: int, source: Endpoint, via_relay: bool) -> None:
+        """
+        Send our PILA to a peer that needs it: one that offered an
+        unauthenticated exchange, or one still sealing with a session we no
+        longer have (we restarted).  Within a global per-second budget and at
+        most once per ``ANSWER_INTERVAL`` per peer.
+        """
         now, (second, used) = self._now(), self._answer_second
-        peer = self._peers.get(frame.sender)
+        peer = self._peers.get(sender)
         recent = peer is not None and peer.last_pila_sent is not None \
             and now - peer.last_pila_sent < ANSWER_INTERVAL
         if recent or (second == int(now) and used >= ANSWERS_PER_SECOND) or self._own_id() is None:
             self._count("answer_rate_limited")
             return
         self._answer_second = (int(now), used + 1 if second == int(now) else 1)
-        if self._emit(frame.sender, self.key_exchange_frame(), source, via_relay) and peer is not None:
+        if self._emit(sender, self.key_exchange_frame(), source, via_relay) and peer is not None:
             peer.last_pila_sent = now
 
     def _key_exchange(self, frame: AuthKeyExchange, source: Endpoint, via_relay: bool) -> None:

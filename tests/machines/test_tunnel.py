@@ -428,6 +428,27 @@ class RefusalTests(Base):
         self.assertEqual(self.a.tunnels.state(2), "established")
         self.assertNoCleartext()
 
+    def test_we_restarted_peer_gets_our_new_key(self) -> None:
+        """
+        A peer still sealing with a session we lost (we restarted, with a new
+        X25519 key) is answered with our PILA, so its next packets reach us
+        without anyone waiting for a timeout.
+        """
+        self.establish()
+        self.clock.advance(5)
+        Node(self.net, self.clock, 2, B_ADDR, self.keys, secret=x25519(22))  # b restarts
+        self.net.sent.clear()
+        self.a.tunnels.send(packet(1, 2, seq=2), 2)
+        self.net.run()
+        restarted = self.net.nodes[B_ADDR]
+        self.assertEqual(restarted.tunnels.counters["pils_no_session"], 1)
+        self.assertEqual(self.a.tunnels.state(2), "established")
+        self.assertEqual(restarted.tunnels.state(1), "established")
+        self.a.tunnels.send(packet(1, 2, seq=3), 2)
+        self.net.run()
+        self.assertIn(3, [p.seq for p, _ in restarted.delivered])
+        self.assertNoCleartext()
+
     def test_pilk_answers_are_budgeted(self) -> None:
         for sender in range(100, 200):
             self.b.tunnels.frame_received(KeyExchange(sender, bytes(32 * [9])).encode(), ATTACKER)
