@@ -47,8 +47,10 @@ class RegistryClientProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self, on_event: EventCallback | None = None) -> None:
+    def __init__(self, on_event: EventCallback | None = None,
+                 on_lost: Callable[["RegistryClientProtocol", str], None] | None = None) -> None:
         self.on_event = on_event
+        self.on_lost = on_lost
         self._decoder = FrameDecoder()
         self._waiting: deque[Deferred[dict[str, Any]]] = deque()
         self._connected = False
@@ -139,6 +141,9 @@ class RegistryClientProtocol(Protocol):
         for d in waiting:
             if not d.called:
                 d.errback(RegistryUnavailable(self._lost))
+        if self.on_lost is not None:
+            with self.log.failuresHandled("registry connection-lost handler failed"):
+                self.on_lost(self, self._lost)
 
 
 class RegistryClientFactory(Factory):
@@ -146,11 +151,13 @@ class RegistryClientFactory(Factory):
 
     noisy = False
 
-    def __init__(self, on_event: EventCallback | None = None) -> None:
+    def __init__(self, on_event: EventCallback | None = None,
+                 on_lost: Callable[[RegistryClientProtocol, str], None] | None = None) -> None:
         self.on_event = on_event
+        self.on_lost = on_lost
 
     def buildProtocol(self, addr: IAddress) -> RegistryClientProtocol:
-        protocol = RegistryClientProtocol(self.on_event)
+        protocol = RegistryClientProtocol(self.on_event, self.on_lost)
         protocol.factory = self
         return protocol
 

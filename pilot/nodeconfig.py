@@ -1,0 +1,196 @@
+# -*- test-case-name: tests.test_nodeconfig -*-
+"""
+The node daemon's settings, and where they come from.
+
+Precedence, highest first (``docs/config.md``):
+
+1. command-line flags (``pilotctl daemon start --registry ...``,
+   ``twistd pilot-node --registry ...``);
+2. environment variables ``PILOT_<NAME>`` (``PILOT_REGISTRY``,
+   ``PILOT_HOSTNAME``...);
+3. ``$PILOT_HOME/config.json``: a flat JSON object whose keys are the
+   option names (hyphens or underscores), plus ``auto_approve``;
+4. the defaults below.
+
+``PILOT_HOME`` (default ``~/.pilot``) holds the identity, the trust store,
+the config file, the control socket, the pid file and the log.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import attr
+
+from pilot import log
+from pilot.errors import InvalidArgument, PilotError
+from pilot.identity import default_home
+from pilot.machines.trust import AutoApprove
+from pilot.names import hostname_problem, normalise_tags
+from pilot.options import Setting, Switch, environment_values, parse_duration, parse_path, parse_table
+from pilot.persist import StateFileError, read_json_object
+
+DEFAULT_REGISTRY = "127.0.0.1:9000"
+BEACON_PORT = 9001
+#: Heartbeats every 25 s: the registry forgets a node after 180 s of silence.
+DEFAULT_HEARTBEAT = 25.0
+
+
+def parse_endpoint(text: str) -> str:
+    """``host:port`` of a server (a name or an IP; ``[v6]:port``)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return f"{host}:{int(port)}"
+
+
+def parse_listen_udp(text: str) -> str:
+    """Where the tunnel socket binds: ``[host]:port``, port 0 for any."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not [HOST]:PORT")
+    return f"{host}:{int(port)}"
+
+
+def parse_hostname(text: str) -> str:
+    problem = hostname_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+def parse_tags(text: str) -> list[str]:
+    tags = [t for t in text.replace(",", " ").split() if t]
+    try:
+        return normalise_tags(tags)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+
+
+def parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+NODE_OPTIONS: tuple[Setting | Switch, ...] = (
+    Setting("registry", None, parse_endpoint, "HOST:PORT",
+            f"the rendezvous registry (default: {DEFAULT_REGISTRY})"),
+    Setting("beacon", None, parse_endpoint, "HOST:PORT",
+            f"the rendezvous beacon (default: the registry's host, port {BEACON_PORT})"),
+    Setting("hostname", None, parse_hostname, "NAME", "this node's hostname"),
+    Setting("listen", ":0", parse_listen_udp, "ADDR",
+            "UDP address of the tunnel socket, [HOST]:PORT (port 0: any free port)"),
+    Switch("public", "make this node public (anyone may resolve its endpoint)"),
+    Setting("tags", None, parse_tags, "TAGS", "tags, separated by commas or spaces"),
+    Setting("identity", None, parse_path, "PATH", "identity file (default: $PILOT_HOME/identity.json)"),
+    Setting("socket", None, parse_path, "PATH", "control socket (default: $PILOT_HOME/pilot.sock)"),
+    Setting("registry-fingerprint", None, str, "SHA256",
+            "the registry serves TLS; accept only the certificate with this SHA-256 fingerprint"),
+    Setting("heartbeat", str(int(DEFAULT_HEARTBEAT)), parse_duration, "SECONDS",
+            "seconds between registry heartbeats"),
+    Setting("log-format", None, log.check_format, "FORMAT", f"log format: {' or '.join(log.FORMATS)}"),
+    Setting("log-level", None, log.level_name, "LEVEL", f"lowest level logged: {', '.join(log.LEVELS)}"),
+)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NodeSettings:
+    home: str
+    identity: str
+    socket: str
+    registry: str = DEFAULT_REGISTRY
+    beacon: str = ""
+    hostname: str | None = None
+    listen: str = ":0"
+    public: bool = False
+    tags: tuple[str, ...] = ()
+    registry_fingerprint: str | None = None
+    heartbeat: float = DEFAULT_HEARTBEAT
+    auto_approve: AutoApprove = attr.Factory(AutoApprove)
+    log_format: str | None = None
+    log_level: str | None = None
+
+    @property
+    def trust_path(self) -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(self.identity)), "trust.json")
+
+    @property
+    def pid_path(self) -> str:
+        return os.path.join(self.home, "pilot.pid")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.home, "pilot.log")
+
+
+def config_path(home: str) -> str:
+    return os.path.join(home, "config.json")
+
+
+def read_config(home: str) -> dict[str, Any]:
+    """``$PILOT_HOME/config.json`` as raw option values; missing = {}; broken = InvalidArgument."""
+    path = config_path(home)
+    try:
+        value = read_json_object(path)
+    except FileNotFoundError:
+        return {}
+    except StateFileError as e:
+        raise InvalidArgument(f"cannot use {e}", f"fix or remove {path}") from None
+    return {str(k).replace("-", "_"): v for k, v in value.items()}
+
+
+def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                  home: str | None = None) -> NodeSettings:
+    """Settings from flags, then ``PILOT_*`` variables, then config.json, then defaults."""
+    environ = os.environ if environ is None else environ
+    home = os.path.abspath(os.path.expanduser(home or environ.get("PILOT_HOME") or default_home()))
+    config = read_config(home)
+    raw: dict[str, Any] = {}
+    known = {o.key for o in NODE_OPTIONS}
+    for key, value in config.items():
+        if key == "auto_approve" or key not in known:
+            continue
+        if isinstance(value, bool):
+            raw[key] = value if key == "public" else str(value).lower()
+        elif isinstance(value, list):
+            raw[key] = ",".join(str(v) for v in value)
+        elif value is not None:
+            raw[key] = str(value)
+    for key, value in environment_values(NODE_OPTIONS, environ).items():
+        raw[key] = value
+    for key, value in flags.items():
+        if value is not None and value is not False and key in known:
+            raw[key] = value
+    if isinstance(raw.get("public"), str):
+        try:
+            raw["public"] = parse_bool(raw["public"])
+        except ValueError as e:
+            raise InvalidArgument(f"public: {e}") from None
+    try:
+        values = parse_table(NODE_OPTIONS, raw)
+        auto = AutoApprove.from_config(config.get("auto_approve"))
+    except (ValueError, PilotError) as e:
+        raise InvalidArgument(str(e), f"check the flags, PILOT_* variables and {config_path(home)}") from None
+    registry = values["registry"] or DEFAULT_REGISTRY
+    beacon = values["beacon"] or f"{registry.rpartition(':')[0]}:{BEACON_PORT}"
+    return NodeSettings(
+        home=home,
+        identity=values["identity"] or os.path.join(home, "identity.json"),
+        socket=values["socket"] or environ.get("PILOT_SOCKET") or os.path.join(home, "pilot.sock"),
+        registry=registry,
+        beacon=beacon,
+        hostname=values["hostname"],
+        listen=values["listen"],
+        public=bool(values["public"]),
+        tags=tuple(values["tags"] or ()),
+        registry_fingerprint=values["registry_fingerprint"],
+        heartbeat=values["heartbeat"],
+        auto_approve=auto,
+        log_format=values["log_format"],
+        log_level=values["log_level"],
+    )
