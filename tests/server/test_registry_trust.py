@@ -490,6 +490,11 @@ class HandshakeTests(Trio):
         self.assertOk(self.respond(self.bob, self.b, self.a, True), "respond_handshake")
         self.assertIn((self.b, self.a), self.world.registry.state.trust)
         self.assertOk(self.resolve(self.alice, self.a, self.b), "resolve")
+        # the polled request stays the requester's consent: trust is both ways at once,
+        # as the reference's undirected pair (a reference requester sends no report_trust)
+        self.assertIn((self.a, self.b), self.world.registry.state.trust)
+        self.assertOk(self.resolve(self.bob, self.b, self.a), "resolve")
+        self.assertEqual(self.world.registry.state.asked, set())
 
     def test_accept_without_request_is_one_way(self) -> None:
         self.assertOk(self.respond(self.bob, self.b, self.a, True), "respond_handshake")
