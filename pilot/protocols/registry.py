@@ -134,7 +134,11 @@ class RegistryServerProtocol(Protocol):
             self._write(encode_frame(error_reply(ErrorCode.malformed, item.reason)))
             return
         try:
-            frame = encode_frame(self.registry.handle(item, self.peer, self))
+            reply = self.registry.handle(item, self.peer, self)
+            if reply.get("type") == "error":
+                self.log.debug("{kind!r} from {peer} refused: {code}: {error}", kind=str(item.get("type"))[:40],
+                               peer=self._where(), code=reply.get("code"), error=reply.get("error"))
+            frame = encode_frame(reply)
         except Exception:
             self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
                              peer=self._where())
