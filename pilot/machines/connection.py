@@ -496,6 +496,9 @@ class _Core:
     def send_fin(self) -> None:
         self.nagle_timer.cancel()
         self.rexmit_timer.cancel()
+        # an ACK still owed goes first: the FIN carries none (the reference's FIN has no ACK
+        # flag), and a peer told of our close before our ACK would think its data was lost
+        self.delayed_ack()
         self.fin_seq = self.sender.snd_nxt
         self.emit(FIN, self.fin_seq)
         self.fin_timer.start(self.fin_interval())

@@ -1,0 +1,598 @@
+# -*- test-case-name: tests.test_stack -*-
+"""
+:class:`Stack`: the node's transport layer, between the tunnel layer
+(authenticated packets per peer) and the node service.  ``docs/stack.md``
+has the ports, limits and the trust gate.
+
+It demultiplexes stream packets to one
+:class:`~pilot.machines.connection.Connection` per (peer address, peer port,
+local port), answers SYNs on listening ports (and RSTs the rest), delivers
+datagrams to bound ports, answers the control-port ping, runs the echo
+service on port 7, and offers Twisted's shapes upward: ``connect`` fires with
+a :class:`~pilot.stack.transport.StreamTransport`, ``listen`` takes an
+``IProtocolFactory``.  It never touches a socket: packets leave through the
+injected ``send_packet`` and arrive through :meth:`Stack.packet_received`;
+time comes from the injected clock.
+
+The trust gate (facts §9 item 23, which the reference lacks): a packet from a
+node for which ``is_trusted(node)`` is false reaches only port 444 (the trust
+handshake).  Anything else it sends is refused (RST for a stream, dropped
+otherwise) and counted as ``refused.untrusted``.  Connections we open to an
+untrusted node work: the peer decides whether to accept them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Callable, Optional
+
+import attr
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pilot.address import Address
+from pilot.errors import (
+    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError, Timeout,
+)
+from pilot.machines.connection import Connection, ConnectionConfig
+from pilot.server.ratelimit import KeyedLimiter
+from pilot.stack import ports as limits
+from pilot.stack.ports import MAX_DATAGRAM, EphemeralPorts, Listening, check_port
+from pilot.stack.services import Ping, echo_factory
+from pilot.stack.transport import SEND_BUFFER_HIGH, SEND_BUFFER_LOW, PilotAddress, StreamTransport
+from pilot.wire.packet import (
+    ACK, CONTROL, DATAGRAM, ECHO, FIN, HANDSHAKE, PING, RST, STREAM, SYN, Packet,
+)
+
+SEQ_MASK = 0xFFFFFFFF
+
+#: ``conn_list`` fields of the reference's ``info`` (facts §7), in its order.
+CONN_LIST_FIELDS = (
+    "id", "local_port", "remote_addr", "remote_port", "state", "cong_win", "ssthresh", "in_flight",
+    "srtt_ms", "rttvar_ms", "unacked", "ooo_buf", "peer_recv_win", "recv_win", "in_recovery",
+    "bytes_sent", "bytes_recv", "segs_sent", "segs_recv", "retransmits", "fast_retx", "sack_recv",
+    "sack_sent", "dup_acks",
+)
+
+Key = tuple[Address, int, int]  # (peer address, peer port, local port)
+DatagramReceiver = Callable[[Address, int, bytes], None]
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _Stream:
+    """One entry of the connection table."""
+
+    id: int
+    key: Key
+    #: Inbound: the listening port that accepted it.  Outbound: None.
+    listening: Optional[Listening]
+    factory: Optional[IProtocolFactory] = None
+    #: Outbound: the dialler's protocol, Deferred and timeout.
+    protocol: Optional[IProtocol] = None
+    dialled: Optional[Deferred[StreamTransport]] = None
+    timeout: Optional[float] = None
+    timeout_call: Optional[IDelayedCall] = None
+    timed_out: bool = False
+    #: Inbound from a node we do not trust (so on port 444).
+    untrusted: bool = False
+    #: Not yet established: counts towards the accept queue while inbound.
+    pending: bool = True
+    connection: Connection = attr.ib(default=None)
+    transport: StreamTransport = attr.ib(default=None)
+
+    @property
+    def inbound(self) -> bool:
+        return self.listening is not None
+
+    @property
+    def node(self) -> int:
+        return self.key[0].node
+
+    @property
+    def target(self) -> str:
+        return f"{self.key[0]}:{self.key[1]}"
+
+
+class Stack:
+    """See the module docstring; the public methods are the API."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        local_address: Callable[[], Address],
+        send_packet: Callable[[Packet], None],
+        is_trusted: Callable[[int], bool],
+        log: Logger | None = None,
+        *,
+        config: ConnectionConfig | None = None,
+        echo: bool = True,
+        send_buffer_high: int = SEND_BUFFER_HIGH,
+        send_buffer_low: int = SEND_BUFFER_LOW,
+    ) -> None:
+        self.clock = clock
+        self.local_address = local_address
+        self._send_packet = send_packet
+        self._is_trusted = is_trusted
+        if log is not None:
+            self.log = log
+        #: Every connection's constants (defaults: the reference's).
+        self.config = config or ConnectionConfig()
+        self.send_buffer_high = send_buffer_high
+        self.send_buffer_low = send_buffer_low
+        #: What happened to packets, by name (``docs/stack.md`` lists them).
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.ephemeral = EphemeralPorts(self._port_taken)
+        self.stopped = False
+        self._streams: dict[Key, _Stream] = {}
+        self._by_id: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._port_use: collections.Counter[int] = collections.Counter()
+        self._pending: collections.Counter[int] = collections.Counter()
+        self._untrusted_by_node: collections.Counter[int] = collections.Counter()
+        self._listeners: dict[int, tuple[Listening, IProtocolFactory]] = {}
+        self._datagram_ports: dict[int, tuple[Listening, DatagramReceiver]] = {}
+        self._calls: set[IDelayedCall] = set()
+        self._syn_global = KeyedLimiter(limits.SYN_RATE, limits.SYN_RATE)
+        self._syn_per_node = KeyedLimiter(limits.SYN_RATE_PER_NODE, limits.SYN_RATE_PER_NODE,
+                                          max_keys=10_000)
+        if echo:
+            self.listen(ECHO, echo_factory())
+
+    # -- inbound packets ----------------------------------------------------------------
+
+    def packet_received(self, packet: Packet) -> None:
+        """An authenticated packet from the tunnel layer (``packet.src.node`` is the peer).  Never raises."""
+        self.counters["packets.received"] += 1
+        try:
+            self._receive(packet)
+        except Exception:
+            self.counters["errors"] += 1
+            self.log.failure("error handling {packet!r}", packet=packet)
+
+    def _receive(self, packet: Packet) -> None:
+        if self.stopped:
+            self._drop("dropped.stopped", packet)
+        elif not isinstance(packet, Packet):
+            self._drop("dropped.malformed", packet)
+        elif packet.dst.node != self.local_address().node:
+            self._drop("dropped.not_for_us", packet)
+        elif packet.protocol == STREAM:
+            self._stream_packet(packet)
+        elif packet.protocol == DATAGRAM:
+            self._datagram_packet(packet)
+        elif packet.protocol == CONTROL:
+            self._control_packet(packet)
+        else:
+            self._drop("dropped.protocol", packet)
+
+    def _drop(self, counter: str, packet: object) -> None:
+        self.counters[counter] += 1
+        self.log.debug("{counter}: {packet!r}", counter=counter, packet=packet)
+
+    def _trusted(self, node: int) -> bool:
+        if node == self.local_address().node:
+            return True
+        try:
+            return bool(self._is_trusted(node))
+        except Exception:
+            self.log.failure("is_trusted({node}) raised; treating the node as untrusted", node=node)
+            return False
+
+    def _allowed(self, packet: Packet) -> bool:
+        """The trust gate: port 444 is open to every node, every other port only to trusted ones."""
+        return packet.dst_port == HANDSHAKE or self._trusted(packet.src.node)
+
+    def _stream_packet(self, packet: Packet) -> None:
+        key = (packet.src, packet.src_port, packet.dst_port)
+        stream = self._streams.get(key)
+        opening = packet.flags & (SYN | ACK | RST) == SYN
+        if stream is not None:
+            if stream.inbound and not self._allowed(packet):
+                self.counters["refused.untrusted"] += 1
+                self.log.info("resetting {target}: node {node} is not trusted any more",
+                              target=stream.target, node=packet.src.node)
+                stream.connection.abort()
+                return
+            restart = opening and stream.connection.state == "time_wait"
+            stream.connection.packet_received(packet)  # a SYN ends a connection lingering in TIME_WAIT
+            stream.transport.check_send_buffer()
+            if not (restart and key not in self._streams):
+                return
+        if packet.flags & RST:
+            self._drop("dropped.no_connection", packet)
+        elif not opening:
+            self._refuse("reset.no_connection", packet)
+        else:
+            self._syn(packet, key)
+
+    def _syn(self, packet: Packet, key: Key) -> None:
+        """A SYN for no connection we have: the rate limits, the trust gate, then the port's limits."""
+        node = packet.src.node
+        now = self.clock.seconds()
+        if not self._syn_per_node.allow(node, now) or not self._syn_global.allow(None, now):
+            self._drop("dropped.syn_rate", packet)
+            return
+        if not self._allowed(packet):
+            self._refuse("refused.untrusted", packet)  # before the port lookup: nothing leaks
+            return
+        port = packet.dst_port
+        bound = self._listeners.get(port)
+        if bound is None:
+            self._refuse("refused.unbound", packet)
+            return
+        untrusted = not self._trusted(node)
+        if (self._port_use[port] >= limits.MAX_PER_PORT or len(self._streams) >= limits.MAX_CONNECTIONS
+                or (untrusted and self._untrusted_by_node[node] >= limits.UNTRUSTED_PER_NODE)):
+            self._refuse("refused.limit", packet)
+            return
+        if self._pending[port] >= limits.ACCEPT_QUEUE:
+            self._refuse("refused.backlog", packet)
+            return
+        stream = self._add(key, listening=bound[0], factory=bound[1])
+        if untrusted:
+            stream.untrusted = True
+            self._untrusted_by_node[node] += 1
+        stream.connection.packet_received(packet)
+
+    def _refuse(self, counter: str, packet: Packet) -> None:
+        """Answer a stream packet with an RST (flags 0x8 only, the reference's shape)."""
+        self._drop(counter, packet)
+        seq = packet.ack if packet.flags & ACK else 0
+        ack = packet.seq + len(packet.payload) + (1 if packet.flags & (SYN | FIN) else 0)
+        self._send(Packet(protocol=STREAM, flags=RST, src=self.local_address(), dst=packet.src,
+                          src_port=packet.dst_port, dst_port=packet.src_port, seq=seq,
+                          ack=ack & SEQ_MASK))
+
+    def _datagram_packet(self, packet: Packet) -> None:
+        if not self._allowed(packet):
+            self._drop("refused.untrusted", packet)
+            return
+        bound = self._datagram_ports.get(packet.dst_port)
+        if bound is None:
+            self._drop("dropped.datagram_unbound", packet)
+            return
+        self.counters["datagrams.received"] += 1
+        with self.log.failuresHandled("datagram receiver for port {port} raised", port=packet.dst_port):
+            bound[1](packet.src, packet.src_port, packet.payload)
+
+    def _control_packet(self, packet: Packet) -> None:
+        """Port 0: answer a ping (facts §4.6).  Answers (ACK set) are never answered."""
+        if packet.dst_port != PING or packet.flags & ACK:
+            self._drop("dropped.control", packet)
+            return
+        if not self._allowed(packet):
+            self._drop("refused.untrusted", packet)
+            return
+        self.counters["ping.answered"] += 1
+        self._send(Packet(protocol=CONTROL, flags=ACK, src=self.local_address(), dst=packet.src,
+                          src_port=PING, dst_port=packet.src_port, seq=packet.seq,
+                          ack=(packet.seq + 1) & SEQ_MASK, payload=packet.payload))
+
+    # -- outbound packets and timers -------------------------------------------------------
+
+    def _send(self, packet: Packet) -> None:
+        self.counters["packets.sent"] += 1
+        if packet.dst.node == self.local_address().node:
+            self._call_later(0, self.packet_received, packet)  # loopback, never through the tunnel
+            return
+        try:
+            self._send_packet(packet)
+        except Exception:
+            self.counters["errors.send"] += 1
+            self.log.failure("the tunnel layer raised sending {packet!r}", packet=packet)
+
+    def _call_later(self, delay: float, f: Callable[..., None], *args: Any) -> IDelayedCall:
+        def run() -> None:
+            self._calls.discard(call)
+            f(*args)
+
+        call = self.clock.callLater(delay, run)
+        self._calls.add(call)
+        return call
+
+    def _cancel(self, call: IDelayedCall | None) -> None:
+        if call is not None:
+            self._calls.discard(call)
+            if call.active():
+                call.cancel()
+
+    # -- the connection table ------------------------------------------------------------------
+
+    def _port_taken(self, port: int) -> bool:
+        return port in self._listeners or port in self._datagram_ports or self._port_use[port] > 0
+
+    def _add(self, key: Key, listening: Listening | None = None, factory: IProtocolFactory | None = None,
+             protocol: IProtocol | None = None) -> _Stream:
+        remote, remote_port, local_port = key
+        local = self.local_address()
+        stream = _Stream(next(self._ids), key, listening, factory=factory, protocol=protocol)
+        transport = StreamTransport(
+            clock=self.clock, host=PilotAddress(local, local_port), peer=PilotAddress(remote, remote_port),
+            on_made=lambda t: self._made(stream), on_connected=lambda t: self._connected(stream),
+            on_lost=lambda t, reason: self._lost(stream, reason),
+            high_water=self.send_buffer_high, low_water=self.send_buffer_low)
+        stream.transport = transport
+        stream.connection = Connection(
+            clock=self.clock, send=self._send, local=local, local_port=local_port, remote=remote,
+            remote_port=remote_port, data_received=transport.data_received,
+            connection_made=transport.connection_made, connection_lost=transport.connection_lost,
+            released=lambda: self._released(stream), config=self.config)
+        transport.attach(stream.connection)
+        self._streams[key] = stream
+        self._by_id[stream.id] = stream
+        self._port_use[local_port] += 1
+        if stream.inbound:
+            self._pending[local_port] += 1
+        return stream
+
+    def _settle(self, stream: _Stream) -> None:
+        """The handshake is over, one way or the other."""
+        if stream.pending:
+            stream.pending = False
+            if stream.inbound:
+                _decrement(self._pending, stream.key[2])
+        self._cancel(stream.timeout_call)
+        stream.timeout_call = None
+
+    def _made(self, stream: _Stream) -> IProtocol | None:
+        """Established: the protocol to connect (None refuses the connection)."""
+        self._settle(stream)
+        if stream.listening is None:
+            return stream.protocol
+        if stream.listening.closed:
+            return None  # the port was unbound during the handshake
+        assert stream.factory is not None
+        peer = stream.transport.getPeer()
+        with self.log.failuresHandled("{factory!r}.buildProtocol({peer}) raised",
+                                      factory=stream.factory, peer=peer):
+            protocol = stream.factory.buildProtocol(peer)
+            if protocol is None:
+                self.log.info("{factory!r} declined the connection from {peer}",
+                              factory=stream.factory, peer=peer)
+            return protocol
+        return None
+
+    def _connected(self, stream: _Stream) -> None:
+        """After ``makeConnection``: fire the dialler's Deferred."""
+        d, stream.dialled = stream.dialled, None
+        if d is not None:
+            d.callback(stream.transport)
+
+    def _lost(self, stream: _Stream, reason: Failure) -> None:
+        self._settle(stream)
+        d, stream.dialled = stream.dialled, None
+        if d is not None:
+            d.errback(self._dial_error(stream, reason))
+
+    def _released(self, stream: _Stream) -> None:
+        self._settle(stream)
+        if self._streams.get(stream.key) is stream:
+            del self._streams[stream.key]
+            _decrement(self._port_use, stream.key[2])
+            if stream.untrusted:
+                _decrement(self._untrusted_by_node, stream.node)
+        self._by_id.pop(stream.id, None)
+
+    def _dial_error(self, stream: _Stream, reason: Failure) -> PilotError:
+        target = stream.target
+        if stream.timed_out:
+            return Timeout(f"connecting to {target} timed out after {stream.timeout:g} s",
+                           hint="the peer did not answer; check that it is running (`pilotctl ping`) "
+                                "or raise --timeout")
+        if self.stopped:
+            return ConnectionFailed(f"connection to {target} abandoned: the node is stopping",
+                                    hint="start the node again and retry")
+        if reason.check(error.ConnectionRefusedError):
+            return ConnectionFailed(f"connection to {target} refused",
+                                    hint=f"nothing listens on port {stream.key[1]} there, or the peer "
+                                         "does not trust this node (`pilotctl handshake PEER`)")
+        if reason.check(error.TimeoutError):
+            return Timeout(f"no answer from {target}: the handshake was retried for 39 s",
+                           hint="check that the peer is running and reachable (`pilotctl peers`)")
+        return ConnectionFailed(f"connection to {target} failed: {reason.getErrorMessage()}")
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def connect(self, address: Address, port: int, protocol: IProtocol,
+                timeout: float | None = None) -> Deferred[StreamTransport]:
+        """
+        Open a stream to ``address:port`` driving ``protocol``.  Fires with the
+        transport once established (after ``protocol.makeConnection``); fails
+        with ``ConnectionFailed`` (refused, reset, stopping) or ``Timeout`` (no
+        answer within ``timeout`` seconds, or the handshake's own give-up after
+        39 s), and then ``protocol`` is never called.  Cancelling the Deferred
+        abandons the dial.
+        """
+        try:
+            self._check_running()
+            _check_address(address)
+            check_port(port)
+            if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+                raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
+            if len(self._streams) >= limits.MAX_CONNECTIONS:
+                raise ConnectionFailed(f"this node already has {limits.MAX_CONNECTIONS} connections",
+                                       hint="close some connections and retry")
+            local_port = self.ephemeral.allocate()
+        except PilotError as e:
+            return fail(e)
+
+        def cancel(d: Deferred[StreamTransport]) -> None:
+            stream.dialled = None  # the Deferred then fails with CancelledError
+            stream.connection.abort()
+
+        d: Deferred[StreamTransport] = Deferred(cancel)
+        stream = self._add((address, port, local_port), protocol=protocol)
+        stream.dialled = d
+        stream.timeout = timeout
+        if timeout is not None:
+            stream.timeout_call = self._call_later(timeout, self._dial_timed_out, stream)
+        stream.connection.open_active()
+        return d
+
+    def _dial_timed_out(self, stream: _Stream) -> None:
+        stream.timeout_call = None
+        if stream.pending:
+            stream.timed_out = True
+            stream.connection.abort()
+
+    def listen(self, port: int, factory: IProtocolFactory) -> Listening:
+        """Accept streams on ``port``: each gets ``factory.buildProtocol(PilotAddress of the peer)``."""
+        self._check_running()
+        check_port(port)
+        if port in self._listeners:
+            raise AlreadyExists(f"stream port {port} is already bound",
+                                hint="close the other listener or choose another port")
+        listening = Listening(port, "stream", self._unlisten, PilotAddress(self.local_address(), port))
+        factory.doStart()
+        self._listeners[port] = (listening, factory)
+        return listening
+
+    def _unlisten(self, listening: Listening) -> None:
+        bound = self._listeners.get(listening.port)
+        if bound is not None and bound[0] is listening:
+            del self._listeners[listening.port]
+            bound[1].doStop()
+
+    def ping(self, address: Address, seq: int = 1, timeout: float = 10.0) -> Deferred[float]:
+        """
+        The reference pilotctl's ping: a stream to port 7, ``ping-<seq>``
+        written, the echo read, closed.  Fires with the round trip in
+        milliseconds (from the write to the whole echo); ``Timeout`` if the
+        whole exchange, dial included, takes more than ``timeout`` seconds.
+        """
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            return fail(InvalidArgument(f"seq must be a non-negative integer, not {seq!r}"))
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            return fail(InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}"))
+        done: Deferred[float] = Deferred()
+        connecting = self.connect(address, ECHO, Ping(self.clock, seq, done))
+        transports: list[StreamTransport] = []
+        connecting.addCallbacks(transports.append, lambda f: None if done.called else done.errback(f))
+        if done.called:
+            return done
+
+        def expire() -> None:
+            if done.called:
+                return
+            done.errback(Timeout(f"no echo from {address} within {timeout:g} s",
+                                 hint="the peer did not answer; check that it is running and trusts you"))
+            if transports:
+                transports[0].abortConnection()
+            else:
+                connecting.cancel()
+
+        call = self._call_later(timeout, expire)
+
+        def finished(result: Any) -> Any:
+            self._cancel(call)
+            return result
+
+        return done.addBoth(finished)
+
+    # -- datagrams ------------------------------------------------------------------------------
+
+    def send_datagram(self, address: Address, port: int, data: bytes | bytearray | memoryview,
+                      src_port: int | None = None) -> int:
+        """Send one datagram (facts §4.8); returns the source port (a fresh ephemeral one unless given)."""
+        self._check_running()
+        _check_address(address)
+        check_port(port)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"datagram data must be bytes, not {type(data).__name__}")
+        if len(data) > MAX_DATAGRAM:
+            raise InvalidArgument(f"datagram of {len(data)} bytes exceeds the {MAX_DATAGRAM}-byte limit",
+                                  hint="split the data or send it over a stream")
+        if address.is_broadcast:
+            raise InvalidArgument("broadcast datagrams are not supported", hint="send to each node")
+        src_port = self.ephemeral.allocate() if src_port is None else check_port(src_port, "src_port")
+        self.counters["datagrams.sent"] += 1
+        self._send(Packet(protocol=DATAGRAM, src=self.local_address(), dst=address, src_port=src_port,
+                          dst_port=port, payload=bytes(data)))
+        return src_port
+
+    def bind_datagrams(self, port: int, received: DatagramReceiver) -> Listening:
+        """Deliver datagrams for ``port`` as ``received(from_address, src_port, data)``."""
+        self._check_running()
+        check_port(port)
+        if port in self._datagram_ports:
+            raise AlreadyExists(f"datagram port {port} is already bound",
+                                hint="close the other binding or choose another port")
+        listening = Listening(port, "datagram", self._unbind, PilotAddress(self.local_address(), port))
+        self._datagram_ports[port] = (listening, received)
+        return listening
+
+    def _unbind(self, listening: Listening) -> None:
+        bound = self._datagram_ports.get(listening.port)
+        if bound is not None and bound[0] is listening:
+            del self._datagram_ports[listening.port]
+
+    # -- inspection and control -------------------------------------------------------------------
+
+    def connections(self) -> list[dict[str, Any]]:
+        """One dict per connection, oldest first, with the reference's ``conn_list`` fields."""
+        rows = []
+        for stream in sorted(self._by_id.values(), key=lambda s: s.id):
+            remote, remote_port, local_port = stream.key
+            values = stream.connection.stats.as_dict()
+            values.update(id=stream.id, local_port=local_port, remote_addr=str(remote),
+                          remote_port=remote_port)
+            rows.append({name: values[name] for name in CONN_LIST_FIELDS})
+        return rows
+
+    def ports(self) -> list[int]:
+        """Bound stream ports, sorted."""
+        return sorted(self._listeners)
+
+    def datagram_ports(self) -> list[int]:
+        """Bound datagram ports, sorted."""
+        return sorted(self._datagram_ports)
+
+    def disconnect(self, conn_id: int) -> None:
+        """Reset connection ``conn_id`` (an ``id`` from :meth:`connections`)."""
+        stream = self._by_id.get(conn_id)
+        if stream is None:
+            raise NotFound(f"no connection with id {conn_id}", hint="`pilotctl connections` lists them")
+        stream.connection.abort()
+
+    def abort_peer(self, node: int) -> int:
+        """Reset every connection with ``node`` (for when trust in it ends); returns how many."""
+        streams = [s for s in self._streams.values() if s.node == node]
+        for stream in streams:
+            stream.connection.abort()
+        return len(streams)
+
+    def stop(self) -> None:
+        """Reset every connection, unbind every port, cancel every timer.  Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for stream in list(self._streams.values()):
+            stream.connection.abort()
+        for listening, _ in list(self._listeners.values()):
+            listening.close()
+        for listening, _ in list(self._datagram_ports.values()):
+            listening.close()
+        for call in list(self._calls):
+            self._cancel(call)
+
+    def _check_running(self) -> None:
+        if self.stopped:
+            raise NotRunning("the node's stack is stopped", hint="start the node again")
+
+
+def _check_address(address: object) -> None:
+    if not isinstance(address, Address):
+        raise InvalidArgument(f"expected an Address, not {type(address).__name__}",
+                              hint="parse text with pilot.address.Address.parse")
+
+
+def _decrement(counter: collections.Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_stack -*-
+"""
+Ports and limits of the stack: the constants (facts §4.6-§4.8 and ours),
+ephemeral port allocation, and :class:`Listening`, the handle of a bound port.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from zope.interface import implementer
+
+from pilot.errors import ConnectionFailed, InvalidArgument
+from pilot.stack.transport import PilotAddress
+from pilot.wire.packet import EPHEMERAL_END, EPHEMERAL_START, HEADER_LEN, MAX_PAYLOAD
+
+# The reference's (facts §4.7).
+ACCEPT_QUEUE = 64               # handshakes in progress per listening port
+MAX_PER_PORT = 1024             # connections per local port
+MAX_CONNECTIONS = 4096          # connections in all
+SYN_RATE = 100.0                # new-connection SYNs per second from all nodes together ...
+SYN_RATE_PER_NODE = 10.0        # ... and from one node (token buckets holding one second's worth)
+
+# Ours: an untrusted node reaches only port 444, where one message is all it
+# needs; this keeps one such node from filling that port's accept queue.
+UNTRUSTED_PER_NODE = 4          # connections held (or being opened) by one untrusted node
+
+#: The largest datagram payload: the whole packet stays within 65535 bytes.
+MAX_DATAGRAM = MAX_PAYLOAD - HEADER_LEN
+
+
+def check_port(port: object, name: str = "port") -> int:
+    """``port`` if it is an integer from 1 to 65535 (0 is the control port); ``InvalidArgument`` otherwise."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 0xFFFF:
+        raise InvalidArgument(f"{name} must be an integer from 1 to 65535, not {port!r}")
+    return port
+
+
+class EphemeralPorts:
+    """
+    Ports from ``first`` to ``last`` handed out in turn, wrapping, skipping
+    those ``in_use`` says are taken (facts §4.6).
+    """
+
+    def __init__(self, in_use: Callable[[int], bool], first: int = EPHEMERAL_START,
+                 last: int = EPHEMERAL_END) -> None:
+        self._in_use = in_use
+        self.first, self.last = first, last
+        #: The next port to try.
+        self.next = first
+
+    def allocate(self) -> int:
+        for _ in range(self.last - self.first + 1):
+            port = self.next
+            self.next = port + 1 if port < self.last else self.first
+            if not self._in_use(port):
+                return port
+        raise ConnectionFailed(f"all {self.last - self.first + 1} ephemeral ports are in use",
+                               hint="close some connections or listeners and retry")
+
+
+@implementer(IListeningPort)
+@attr.s(auto_attribs=True, eq=False)
+class Listening:
+    """
+    A bound port, for streams (``kind == "stream"``) or datagrams.
+    :meth:`close` unbinds it (idempotent); connections already accepted
+    carry on, handshakes still in progress are refused.
+    """
+
+    port: int
+    kind: str
+    _unbind: Callable[["Listening"], None] = attr.ib(repr=False)
+    host: PilotAddress
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._unbind(self)
+
+    def startListening(self) -> None:
+        """Already listening: the stack binds when it hands this out."""
+
+    def stopListening(self) -> Deferred[None]:
+        self.close()
+        return succeed(None)
+
+    def getHost(self) -> PilotAddress:
+        return self.host

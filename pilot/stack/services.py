@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_stack -*-
+"""
+The stack's built-in stream services: the echo server on port 7 and the
+client half of the reference pilotctl's ping (facts §7).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from pilot.errors import ConnectionFailed
+
+
+class Echo(Protocol):
+    """
+    Port 7: every byte back.  The transport is registered as its own
+    producer, so when the peer does not read what we echo, we stop reading
+    what it sends (our send buffer stays bounded).
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+def echo_factory() -> Factory[Echo]:
+    factory: Factory[Echo] = Factory.forProtocol(Echo)
+    factory.noisy = False
+    return factory
+
+
+def ping_payload(seq: int) -> bytes:
+    """What pilotctl writes to port 7 for ping number ``seq``."""
+    return b"ping-%d" % seq
+
+
+class Ping(Protocol):
+    """
+    One ping the reference pilotctl's way: on connection write
+    ``ping-<seq>``, read until that many bytes came back, close.  ``done``
+    fires with the round trip in milliseconds (from the write to the whole
+    echo) or fails with ``ConnectionFailed``.
+    """
+
+    def __init__(self, clock: IReactorTime, seq: int, done: Deferred[float]) -> None:
+        self.clock = clock
+        self.expected = ping_payload(seq)
+        self.done = done
+        self.received = b""
+        self.started = 0.0
+
+    def connectionMade(self) -> None:
+        self.started = self.clock.seconds()
+        self.transport.write(self.expected)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) < len(self.expected) or self.done.called:
+            return
+        if self.received[:len(self.expected)] == self.expected:
+            self.done.callback((self.clock.seconds() - self.started) * 1000.0)
+        else:
+            self.done.errback(ConnectionFailed(
+                f"port 7 answered {self.received[:64]!r} to {self.expected!r}",
+                hint="the peer's port 7 is not an echo service"))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.done.called:
+            self.done.errback(ConnectionFailed(
+                f"the echo connection closed before the echo came back ({reason.getErrorMessage()})"))
