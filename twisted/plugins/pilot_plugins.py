@@ -3,7 +3,7 @@ twistd plugins for pilot (``twistd --help`` lists them).
 
 This folder has no ``__init__.py`` on purpose: ``twisted.plugins`` is
 Twisted's namespace for plugins, and each plugin module is imported lazily by
-name; the heavy imports happen in ``pilot.tap`` only when the plugin runs.
+name; the heavy imports happen in ``pilot.tap`` / ``pilot.nodetap`` only when the plugin runs.
 """
 
 from twisted.application.service import ServiceMaker
@@ -15,5 +15,11 @@ pilot_rendezvous = ServiceMaker(
     "pilot-rendezvous",
 )
 
-# pilot_node = ServiceMaker("pilot-node", "pilot.node_tap", "Pilot node daemon", "pilot-node")
-# (and the tunnel endpoint parser instances, as txtorcon's plugin does) come here later.
+pilot_node = ServiceMaker(
+    "pilot-node",
+    "pilot.nodetap",
+    "Pilot node daemon: registration, encrypted tunnels, trust, the control socket",
+    "pilot-node",
+)
+
+# The tunnel endpoint parser instances (as txtorcon's plugin does) come here with the Python API.

@@ -1,0 +1,252 @@
+# -*- test-case-name: tests.test_cli_daemon -*-
+"""
+pilotctl ``init`` and ``daemon start|stop|status``: the node's identity and
+its daemon's lifecycle.
+
+``daemon start`` runs the node in the background by default: it starts
+``python -m pilot daemon start --foreground`` in a new session with its
+output in ``$PILOT_HOME/pilot.log``, then waits until the daemon answers on
+its control socket and has registered, and prints ``Registered as NAME
+(ADDRESS)``.  ``--foreground`` runs the node in this process until SIGTERM
+or SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pilot import log
+from pilot.cli import COMMANDS, Context, Result, arg
+from pilot.errors import AlreadyExists, InvalidArgument, NotRunning, PilotError, Timeout
+from pilot.identity import Identity, default_home
+from pilot.nodeconfig import NODE_OPTIONS, config_path, load_settings, read_config
+from pilot.options import Switch
+from pilot.persist import StateFileError, atomic_write_json
+
+#: How long ``daemon start`` waits for the daemon to register before it reports.
+START_WAIT = 15.0
+STOP_WAIT = 10.0
+
+
+def _home(ctx: Context) -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("PILOT_HOME") or default_home()))
+
+
+# --- init -------------------------------------------------------------------------------
+
+@COMMANDS.command(
+    "init", "make this node's identity (once) and remember its settings",
+    arg("--hostname", help="this node's hostname (saved in config.json)"),
+    arg("--registry", help="the rendezvous registry HOST:PORT (saved in config.json)"),
+    arg("--beacon", help="the rendezvous beacon HOST:PORT (saved in config.json)"),
+    arg("--force", action="store_true", help="replace an existing identity (a new key: a new address)"),
+    description="Make the Ed25519 identity in $PILOT_HOME/identity.json (default ~/.pilot), once,\n"
+                "and print its public key and virtual address.  Running it again keeps the key\n"
+                "(unless --force) and updates the saved settings.",
+)
+def init(ctx: Context) -> Result:
+    home = _home(ctx)
+    given = {k: getattr(ctx.args, k) for k in ("hostname", "registry", "beacon") if getattr(ctx.args, k)}
+    # validate the settings exactly as the daemon will read them
+    load_settings(given, environ={"PILOT_HOME": home})
+    path = os.path.join(home, "identity.json")
+    created = False
+    try:
+        identity = Identity.load(path)
+        if ctx.args.force:
+            raise FileNotFoundError
+    except FileNotFoundError:
+        identity = Identity.generate()
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        identity.save(path)
+        created = True
+    except StateFileError as e:
+        raise InvalidArgument(f"cannot use {e}",
+                              "restore the file from a backup, or pass --force to make a new identity "
+                              "(a new key is a new address)") from None
+    if given:
+        config = read_config(home)
+        config.update(given)
+        atomic_write_json(config_path(home), config, mode=0o600)
+    data = {"identity": path, "created": created, "public_key": identity.public_key_b64,
+            "address": str(identity.address), "node_id": identity.address.node,
+            **({"hostname": given["hostname"]} if "hostname" in given else {})}
+    verb = "Identity created" if created else "Identity exists"
+    text = "\n".join([f"{verb}: {path}",
+                      f"Public key: {identity.public_key_b64} (Ed25519)",
+                      f"Virtual address: {identity.address}"]
+                     + ([f"Hostname: {given['hostname']}"] if "hostname" in given else []))
+    return Result(data, text)
+
+
+# --- daemon -------------------------------------------------------------------------------
+
+COMMANDS.group("daemon", "start, stop and inspect the node daemon")
+
+
+def _node_args() -> tuple[Any, ...]:
+    out = []
+    for opt in NODE_OPTIONS:
+        if isinstance(opt, Switch):
+            out.append(arg(f"--{opt.name}", dest=opt.key, action="store_true", default=None, help=opt.help))
+        else:
+            out.append(arg(f"--{opt.name}", dest=opt.key, metavar=opt.metavar, default=None, help=opt.help))
+    return tuple(out)
+
+
+def _client(socket_path: str, timeout: float = 5.0) -> Any:
+    from pilot.control import ControlClient
+    return ControlClient(socket_path, timeout)
+
+
+def _running_info(socket_path: str) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = _client(socket_path, 2.0).call("info")
+        return info
+    except NotRunning:
+        return None
+
+
+@COMMANDS.command(
+    "daemon start", "start the node daemon (in the background unless --foreground)",
+    *_node_args(),
+    arg("--foreground", action="store_true", help="run in this process until SIGTERM or SIGINT"),
+    arg("--wait", type=float, default=START_WAIT, metavar="SECONDS",
+        help=f"how long to wait for the registration (default {START_WAIT:g})"),
+    description="Start the node: register with the rendezvous, keep the registration and NAT\n"
+                "mappings alive, serve tunnels and the control socket.  Settings: flags, then\n"
+                "PILOT_* variables, then $PILOT_HOME/config.json (docs/config.md).",
+)
+def daemon_start(ctx: Context) -> Result | None:
+    flags = {o.key: getattr(ctx.args, o.key, None) for o in NODE_OPTIONS}
+    settings = load_settings(flags)
+    if _running_info(settings.socket) is not None:
+        raise AlreadyExists("the daemon is already running",
+                            "`pilotctl daemon status` shows it; `pilotctl daemon stop` stops it")
+    if not os.path.exists(settings.identity):
+        identity = Identity.generate()
+        os.makedirs(os.path.dirname(os.path.abspath(settings.identity)), mode=0o700, exist_ok=True)
+        identity.save(settings.identity)
+    if ctx.args.foreground:
+        return _run_foreground(ctx, settings)
+    return _start_background(ctx, settings)
+
+
+def _run_foreground(ctx: Context, settings: Any) -> None:
+    from pilot.services.node import NodeService, NodeStartupError
+    reactor = ctx.get_reactor()
+    log.start_logging(settings.log_format or log.DEFAULT_FORMAT, ctx.out.stderr,
+                      settings.log_level or log.DEFAULT_LEVEL)
+    try:
+        service = NodeService(settings, reactor)
+    except NodeStartupError as e:
+        raise PilotError(e.message, e.hint, code=e.code) from None
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return None
+
+
+def _start_background(ctx: Context, settings: Any) -> Result:
+    os.makedirs(settings.home, mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "pilot", "daemon", "start", "--foreground"]
+    for opt in NODE_OPTIONS:
+        value = getattr(ctx.args, opt.key, None)
+        if value is None or value is False:
+            continue
+        argv += [f"--{opt.name}"] if value is True else [f"--{opt.name}", str(value)]
+    env = dict(os.environ, PILOT_HOME=settings.home)
+    with open(settings.log_path, "ab") as logfile:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                                env=env, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + max(ctx.args.wait, 0.5)
+    info = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise PilotError(f"the daemon exited at start (status {proc.returncode}): {_log_tail(settings.log_path)}",
+                             f"the whole log is in {settings.log_path}")
+        info = _running_info(settings.socket)
+        if info is not None and info.get("registry", {}).get("state") == "registered":
+            break
+        time.sleep(0.05)
+    if info is None:
+        raise Timeout(f"the daemon (pid {proc.pid}) did not open its control socket in {ctx.args.wait:g} s",
+                      f"see {settings.log_path}")
+    data = {"pid": proc.pid, "address": info.get("address"), "hostname": info.get("hostname"),
+            "node_id": info.get("node_id"), "registry": info.get("registry"), "log": settings.log_path}
+    if info.get("registry", {}).get("state") == "registered":
+        name = info.get("hostname") or info.get("address")
+        return Result(data, f"Registered as {name} ({info.get('address')})")
+    reason = info.get("registry", {}).get("error") or "no answer yet"
+    return Result(data, f"Daemon started (pid {proc.pid}, {info.get('address')}); not registered yet: {reason}\n"
+                        f"It keeps trying; `pilotctl daemon status` shows progress.")
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4000))
+            tail = f.read().decode("utf-8", "replace").strip().splitlines()[-lines:]
+    except OSError:
+        return "(no log)"
+    return " | ".join(tail)
+
+
+@COMMANDS.command("daemon stop", "stop the node daemon (it deregisters first)",
+                  arg("--socket", help="control socket (default: $PILOT_HOME/pilot.sock)"))
+def daemon_stop(ctx: Context) -> Result:
+    settings = load_settings({"socket": ctx.args.socket})
+    pid = _read_pid(settings.pid_path)
+    try:
+        _client(settings.socket).call("shutdown")
+    except NotRunning:
+        raise NotRunning("the daemon is not running", "`pilotctl daemon start` starts it") from None
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline:
+        if _running_info(settings.socket) is None and (pid is None or not _alive(pid)):
+            return Result({"status": "stopped", "pid": pid}, "Daemon stopped")
+        time.sleep(0.05)
+    if pid is not None and _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+    raise Timeout(f"the daemon did not stop within {STOP_WAIT:g} s; sent it SIGTERM",
+                  f"check `pilotctl daemon status`; the log is {settings.log_path}")
+
+
+@COMMANDS.command("daemon status", "show whether the node daemon runs, and its registration",
+                  arg("--socket", help="control socket (default: $PILOT_HOME/pilot.sock)"))
+def daemon_status(ctx: Context) -> Result:
+    settings = load_settings({"socket": ctx.args.socket})
+    info = _running_info(settings.socket)
+    if info is None:
+        raise NotRunning("the daemon is not running", "`pilotctl daemon start` starts it")
+    registry = info.get("registry", {})
+    data = {"running": True, "pid": _read_pid(settings.pid_path), "address": info.get("address"),
+            "hostname": info.get("hostname"), "registry": registry, "uptime_secs": info.get("uptime_secs")}
+    text = (f"Daemon running (pid {data['pid']}): {info.get('hostname') or '-'} {info.get('address')}, "
+            f"registry {registry.get('server', '?')} {registry.get('state', '?')}")
+    return Result(data, text)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -1,0 +1,245 @@
+# -*- test-case-name: tests.integration.test_node_process -*-
+"""
+The node's answers to its local clients (``pilot.nodeapi.NodeAPI``), over
+the pieces ``services.node`` wires together.  Each method returns a Deferred
+of a JSON-ready value, or fails with a PilotError.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from pilot.address import Address
+from pilot.errors import InvalidArgument, NotTrusted, PilotError, RegistryUnavailable, Timeout
+from pilot.names import hostname_problem, normalise_tags
+from pilot.nodeapi import Listening
+
+if TYPE_CHECKING:
+    from pilot.services.node import NodeService
+
+MAX_PING_COUNT = 1000
+
+
+def _endpoint_text(endpoint: Any) -> str | None:
+    if not endpoint:
+        return None
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NodeAPIImpl:
+    log = Logger()
+
+    def __init__(self, node: "NodeService") -> None:
+        self.node = node
+
+    # --- this node -------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def info(self) -> Any:
+        n = self.node
+        status = n.registration.status()
+        peer_list = []
+        for node_id in n.tunnels.peers():
+            stats = n.tunnels.stats(node_id) or {}
+            peer = n.peers.peer(node_id)
+            peer_list.append({"node_id": node_id, "address": str(Address(0, node_id)),
+                              "hostname": peer.hostname, "endpoint": _endpoint_text(stats.get("endpoint")),
+                              "path": stats.get("path"), "state": stats.get("state"),
+                              "encrypted": stats.get("state") == "established",
+                              "authenticated": stats.get("state") == "established",
+                              "trusted": node_id in n.trust_store.trusted,
+                              "last_rx": stats.get("last_rx"), "bytes_rx": stats.get("bytes_rx"),
+                              "bytes_tx": stats.get("bytes_tx")})
+        yield None
+        return {
+            "node_id": n.own_id,
+            "address": str(Address(0, n.own_id)),
+            "hostname": status.get("hostname") or "",
+            "public": bool(status.get("public")),
+            "tags": status.get("tags", []),
+            "public_key": n.identity.public_key_b64,
+            "identity": n.settings.identity,
+            "endpoint": _endpoint_text(n.public_endpoint),
+            "local_port": n._udp_port(),
+            "registry": {**status, "server": n.settings.registry},
+            "beacon": n.settings.beacon,
+            "uptime_secs": round(n.reactor.seconds() - (n.started_at or n.reactor.seconds()), 3),
+            "peers": len(peer_list),
+            "encrypted_peers": sum(1 for p in peer_list if p["encrypted"]),
+            "authenticated_peers": sum(1 for p in peer_list if p["authenticated"]),
+            "encrypt": True,
+            "peer_list": peer_list,
+            "connections": len(n.stack.connections()),
+            "conn_list": n.stack.connections(),
+            "ports": n.stack.ports(),
+            "counters": {"tunnel": dict(n.tunnels.counters), "stack": dict(n.stack.counters),
+                         "udp": dict(n.udp.counters)},
+        }
+
+    @inlineCallbacks
+    def set_hostname(self, hostname: str) -> Any:
+        if hostname and hostname_problem(hostname) is not None:
+            raise InvalidArgument(hostname_problem(hostname) or "", "choose another hostname")
+        yield self.node.registration.set_hostname(hostname)
+        return {"hostname": hostname}
+
+    @inlineCallbacks
+    def set_public(self, public: bool) -> Any:
+        yield self.node.registration.set_public(bool(public))
+        return {"visibility": "public" if public else "private"}
+
+    @inlineCallbacks
+    def set_tags(self, tags: list[str]) -> Any:
+        try:
+            normal = normalise_tags(list(tags))
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        yield self.node.registration.set_tags(normal)
+        return {"tags": normal}
+
+    def shutdown(self) -> Deferred[dict[str, Any]]:
+        reactor = self.node.reactor
+        reactor.callLater(0.05, reactor.stop)
+        d: Deferred[dict[str, Any]] = Deferred()
+        d.callback({"status": "stopping"})
+        return d
+
+    # --- discovery ---------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def find(self, hostname: str) -> Any:
+        n = self.node
+        found = yield n.peers.find(hostname)
+        node_id = found["node_id"]
+        endpoint = None
+        try:
+            info = yield n.peers.lookup(node_id)
+            endpoint = info.get("real_addr")
+            if endpoint is None and node_id != n.own_id:
+                endpoint = _endpoint_text((yield n.peers.endpoint(node_id)))
+        except (NotTrusted, RegistryUnavailable, PilotError):
+            pass
+        if node_id == n.own_id:
+            endpoint = _endpoint_text(n.public_endpoint)
+        return {**found, "endpoint": endpoint,
+                "visibility": "public" if found.get("public") else "private"}
+
+    @inlineCallbacks
+    def peers(self, search: str | None) -> Any:
+        n = self.node
+        yield None
+        known = set(n.tunnels.peers()) | set(n.trust_store.trusted) | set(n.trust_store.pending) \
+            | {p for p, peer in n.peers.peers.items() if peer.hostname}
+        known.discard(n.own_id)
+        rows = []
+        for node_id in sorted(known):
+            peer = n.peers.peer(node_id)
+            stats = n.tunnels.stats(node_id) or {}
+            row = {"node_id": node_id, "address": str(Address(0, node_id)), "hostname": peer.hostname,
+                   "trusted": node_id in n.trust_store.trusted,
+                   "pending": node_id in n.trust_store.pending,
+                   "endpoint": _endpoint_text(stats.get("endpoint") or peer.endpoint),
+                   "path": stats.get("path"), "tunnel": stats.get("state", "idle"),
+                   "last_changed": peer.changed_at or None}
+            if search and search.lower() not in f"{peer.hostname} {row['address']} {node_id}".lower():
+                continue
+            rows.append(row)
+        return rows
+
+    # --- trust ---------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def handshake(self, target: str, justification: str) -> Any:
+        node_id = yield self.node.peers.node_id(target)
+        if node_id == self.node.own_id:
+            raise InvalidArgument("that is this node", "name another node")
+        self.node.trust.handshake(node_id, justification)
+        status = "approved" if self.node.trust.status(node_id) == "trusted" else "sent"
+        return {"status": status, "node_id": node_id, "address": str(Address(0, node_id))}
+
+    @inlineCallbacks
+    def pending(self) -> Any:
+        yield None
+        return [e.as_ipc() for e in self.node.trust.pending()]
+
+    @inlineCallbacks
+    def trusted(self) -> Any:
+        yield None
+        return [e.as_ipc() for e in self.node.trust.trusted()]
+
+    @inlineCallbacks
+    def approve(self, node_id: int) -> Any:
+        yield None
+        self.node.trust.approve(node_id)
+        return {"status": "approved", "node_id": node_id}
+
+    @inlineCallbacks
+    def reject(self, node_id: int, reason: str) -> Any:
+        yield None
+        self.node.trust.reject(node_id, reason)
+        return {"status": "rejected", "node_id": node_id}
+
+    @inlineCallbacks
+    def untrust(self, node_id: int) -> Any:
+        yield None
+        self.node.trust.untrust(node_id)
+        return {"status": "revoked", "node_id": node_id}
+
+    # --- traffic ---------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _reach(self, target: str) -> Any:
+        """The target's address, with its endpoint known (resolved through the registry if need be)."""
+        n = self.node
+        node_id = yield n.peers.node_id(target)
+        if node_id == n.own_id:
+            return Address(0, node_id)
+        yield n.peers.endpoint(node_id)
+        return Address(0, node_id)
+
+    @inlineCallbacks
+    def ping(self, target: str, count: int, timeout: float, interval: float) -> Any:
+        if not 0 < count <= MAX_PING_COUNT:
+            raise InvalidArgument(f"count must be 1 to {MAX_PING_COUNT}")
+        address = yield self._reach(target)
+        results = []
+        for seq in range(1, count + 1):
+            if seq > 1 and interval > 0:
+                yield deferLater(self.node.reactor, interval, lambda: None)
+            try:
+                rtt = yield self.node.stack.ping(address, seq, timeout)
+                results.append({"seq": seq, "rtt_ms": round(rtt, 3)})
+            except (Timeout, PilotError) as e:
+                results.append({"seq": seq, "error": e.message})
+        answered = [r for r in results if "rtt_ms" in r]
+        return {"target": str(address), "results": results, "timeout": not answered}
+
+    @inlineCallbacks
+    def connect(self, target: str, port: int, protocol: IProtocol) -> Any:
+        address = yield self._reach(target)
+        transport = yield self.node.stack.connect(address, port, protocol, timeout=30.0)
+        return {"target": str(address), "port": port, "local_port": transport.getHost().port}
+
+    @inlineCallbacks
+    def listen(self, port: int, factory: IProtocolFactory) -> Any:
+        yield None
+        listening: Listening = self.node.stack.listen(port, factory)
+        return listening
+
+    @inlineCallbacks
+    def send_datagram(self, target: str, port: int, data: bytes) -> Any:
+        address = yield self._reach(target)
+        src = self.node.stack.send_datagram(address, port, data)
+        return {"sent": len(data), "target": str(address), "port": port, "src_port": src}
+
+    @inlineCallbacks
+    def bind_datagrams(self, port: int, received: Callable[[dict[str, Any], bytes], None]) -> Any:
+        yield None
+        return self.node.stack.bind_datagrams(
+            port, lambda address, src_port, data: received({"from": str(address), "src_port": src_port}, data))

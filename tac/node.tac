@@ -1,0 +1,28 @@
+# -*- mode: python -*-
+"""
+A Pilot node daemon as a twistd application:
+
+    PILOT_HOME=~/.pilot PILOT_REGISTRY=rendezvous.example:9000 twistd -ny tac/node.tac
+
+Settings come as for ``pilotctl daemon start`` and ``twistd pilot-node``:
+``PILOT_*`` variables (PILOT_REGISTRY, PILOT_BEACON, PILOT_HOSTNAME,
+PILOT_LISTEN, PILOT_PUBLIC, PILOT_TAGS, ...), then
+``$PILOT_HOME/config.json``, then the defaults (docs/config.md).  The
+identity must exist (``pilotctl init``).
+"""
+
+import sys
+
+from twisted.application import service
+
+from pilot.errors import PilotError
+from pilot.nodeconfig import load_settings
+from pilot.services.node import NodeService, NodeStartupError
+
+try:
+    _node = NodeService(load_settings({}))
+except (PilotError, NodeStartupError) as e:
+    sys.exit(f"node.tac: error: {e}")
+
+application = service.Application("pilot-node")
+_node.setServiceParent(application)
