@@ -4,12 +4,14 @@ Tests for L{pilot.trust}: the trust store file.
 
 from __future__ import annotations
 
+from tests import capture
+
 import json
 import os
 import stat
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import b64encode
 from pilot.persist import StateFileError
@@ -24,13 +26,7 @@ T0_TEXT = "2026-11-21T22:44:17Z"
 
 
 def vector_path() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "vectors"), "/work/shared/vectors"):
-        if candidate:
-            path = os.path.join(candidate, "go-session-2", "trust-store.json")
-            if os.path.isfile(path):
-                return path
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vector_path("go-session-2", "trust-store.json")
 
 
 def full_store() -> TrustStore:

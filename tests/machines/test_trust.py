@@ -6,15 +6,16 @@ direct channel, all on a L{Clock}.
 
 from __future__ import annotations
 
+from tests import capture
+
 import json
-import os
 from typing import Any, Callable
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import ConnectionFailed, InvalidArgument, NotFound, RegistryUnavailable
 from pilot.identity import Identity, b64encode
@@ -994,13 +995,7 @@ class TwoNodeTests(SynchronousTestCase):
 # --- the reference's capture -------------------------------------------------------------------
 
 def load_vector(name: str) -> Any:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isfile(os.path.join(candidate, "go-session-2", name)):
-            with open(os.path.join(candidate, "go-session-2", name), "rb") as f:
-                return json.load(f)
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.load_vector("go-session-2", name)
 
 
 def unsigned(msg: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,8 @@ a fake network on a task.Clock; no sockets.
 
 from __future__ import annotations
 
+from tests import capture
+
 import json
 import os
 from typing import Any, Callable, Optional
@@ -12,7 +14,7 @@ from typing import Any, Callable, Optional
 from nacl.public import PrivateKey
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.address import Address
 from pilot.identity import Identity
@@ -666,12 +668,7 @@ class RelayTests(Base):
 # --- interop shape checks with the Go capture ---------------------------------------
 
 def vectors() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(os.path.join(candidate, "go-session-2")):
-            return os.path.join(candidate, "go-session-2")
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return os.path.join(capture.vectors_dir(), "go-session-2")
 
 
 def load(name: str) -> Any:

@@ -9,6 +9,8 @@ L{tests.server.test_registry_trust}, which uses the helpers defined here.
 
 from __future__ import annotations
 
+from tests import capture
+
 import copy
 import json
 import os
@@ -16,7 +18,7 @@ import random
 from typing import Any, Callable
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.address import Address, node_id_candidates, node_id_for_key
 from pilot.errors import ErrorCode
@@ -40,13 +42,7 @@ def ident(n: int) -> Identity:
 # --- the captured vectors ---------------------------------------------------------
 
 def vectors_dir() -> str:
-    """``$PILOT_VECTORS``, else ``tests/vectors``, else the shared capture folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(os.path.join(candidate, "go-session-2")):
-            return candidate
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vectors_dir()
 
 
 def load_vector(session: str, name: str) -> Any:

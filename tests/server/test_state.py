@@ -5,13 +5,15 @@ is the reference's format (facts 2.9) plus keys the reference ignores.
 
 from __future__ import annotations
 
+from tests import capture
+
 import copy
 import json
 import os
 import random
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity, b64encode
 from pilot.server.state import (
@@ -25,13 +27,7 @@ KEYS = [Identity.from_seed(bytes([i]) * 32).public_key for i in range(1, 6)]
 
 
 def vectors_dir() -> str:
-    """``$PILOT_VECTORS``, else ``tests/vectors``, else the shared capture folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(os.path.join(candidate, "go-session-2")):
-            return candidate
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vectors_dir()
 
 
 def load_vector(session: str, name: str) -> Any:

@@ -16,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.server.state import RegistryState
 from pilot.services.store import RETRY_DELAY, StoreError, StoreWriter, default_store_path, load_store
 
-VECTORS = "/work/shared/vectors"
+from tests import capture
+
+VECTORS = capture.vectors_dir()
 
 
 class Snapshots:

@@ -5,12 +5,14 @@ the reference's captured datagrams, and hostile input.
 
 from __future__ import annotations
 
+from tests import capture
+
 import json
 import os
 import random
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity
@@ -24,13 +26,7 @@ BEACON_PORTS = {29001, 29101}
 
 
 def vectors_dir() -> str:
-    """``$PILOT_VECTORS``, else ``tests/vectors``, else the shared capture folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(candidate):
-            return candidate
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vectors_dir()
 
 
 def beacon_datagrams() -> list[dict[str, Any]]:

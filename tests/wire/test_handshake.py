@@ -4,12 +4,14 @@ Tests for L{pilot.wire.handshake}: the port-444 trust message.
 
 from __future__ import annotations
 
+from tests import capture
+
 import json
 import os
 from typing import Any
 
 from hypothesis import given, settings, strategies as st
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, b64encode
@@ -24,13 +26,7 @@ TS = 1795301000
 
 
 def vectors_dir() -> str:
-    """``$PILOT_VECTORS``, else ``tests/vectors``, else the shared capture folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(os.path.join(candidate, "go-session-2")):
-            return candidate
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vectors_dir()
 
 
 def load_json(session: str, name: str) -> Any:

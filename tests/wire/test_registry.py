@@ -5,6 +5,8 @@ forms, checked against every signed request the Go reference sent.
 
 from __future__ import annotations
 
+from tests import capture
+
 import base64
 import json
 import os
@@ -12,7 +14,7 @@ import random
 import struct
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
@@ -26,12 +28,7 @@ SESSIONS = ("go-session-1", "go-session-2")
 
 
 def vectors_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(os.path.join(candidate, "go-session-1")):
-            return candidate
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vectors_dir()
 
 
 def load_json(session: str, name: str) -> Any:

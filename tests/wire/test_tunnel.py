@@ -5,6 +5,8 @@ frames captured from the Go reference in go-session-2.
 
 from __future__ import annotations
 
+from tests import capture
+
 import collections
 import hashlib
 import json
@@ -16,7 +18,7 @@ import nacl.bindings
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
 from nacl.public import PrivateKey
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.address import Address
 from pilot.errors import MalformedFrame
@@ -43,13 +45,7 @@ SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c
 # --- the captured vectors ---------------------------------------------------------
 
 def vectors_dir() -> str:
-    """``$PILOT_VECTORS``, else ``tests/vectors``, else the shared capture folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "..", "vectors"),
-                      "/work/shared/vectors"):
-        if candidate and os.path.isdir(os.path.join(candidate, "go-session-2")):
-            return candidate
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return capture.vectors_dir()
 
 
 def load_json(session: str, name: str) -> Any:
