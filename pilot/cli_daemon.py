@@ -22,7 +22,7 @@ from typing import Any
 
 from pilot import log
 from pilot.cli import COMMANDS, Context, Result, arg
-from pilot.errors import AlreadyExists, InvalidArgument, NotRunning, PilotError, Timeout
+from pilot.errors import AlreadyExists, ConnectionFailed, InvalidArgument, NotRunning, PilotError, Timeout
 from pilot.identity import Identity, default_home
 from pilot.nodeconfig import NODE_OPTIONS, config_path, load_settings, read_config
 from pilot.options import Switch
@@ -108,8 +108,8 @@ def _running_info(socket_path: str) -> dict[str, Any] | None:
     try:
         info: dict[str, Any] = _client(socket_path, 2.0).call("info")
         return info
-    except NotRunning:
-        return None
+    except (NotRunning, ConnectionFailed):
+        return None  # nobody there, or a daemon closing its socket as it stops
 
 
 @COMMANDS.command(

@@ -463,7 +463,8 @@ class Stack:
         """
         The reference pilotctl's ping: a stream to port 7, ``ping-<seq>``
         written, the echo read, closed.  Fires with the round trip in
-        milliseconds (from the write to the whole echo); ``Timeout`` if the
+        milliseconds (from the dial to the whole echo, as the reference
+        times it); ``Timeout`` if the
         whole exchange, dial included, takes more than ``timeout`` seconds.
         """
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:

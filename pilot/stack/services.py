@@ -43,8 +43,9 @@ class Ping(Protocol):
     """
     One ping the reference pilotctl's way: on connection write
     ``ping-<seq>``, read until that many bytes came back, close.  ``done``
-    fires with the round trip in milliseconds (from the write to the whole
-    echo) or fails with ``ConnectionFailed``.
+    fires with the round trip in milliseconds, timed as the reference times
+    it, from the dial to the whole echo (so the two compare), or fails with
+    ``ConnectionFailed``.  :attr:`echo_ms` keeps the write-to-echo part.
     """
 
     def __init__(self, clock: IReactorTime, seq: int, done: Deferred[float]) -> None:
@@ -52,10 +53,12 @@ class Ping(Protocol):
         self.expected = ping_payload(seq)
         self.done = done
         self.received = b""
-        self.started = 0.0
+        self.started = clock.seconds()  # the dial starts now
+        self.written = 0.0
+        self.echo_ms = 0.0
 
     def connectionMade(self) -> None:
-        self.started = self.clock.seconds()
+        self.written = self.clock.seconds()
         self.transport.write(self.expected)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
@@ -63,7 +66,9 @@ class Ping(Protocol):
         if len(self.received) < len(self.expected) or self.done.called:
             return
         if self.received[:len(self.expected)] == self.expected:
-            self.done.callback((self.clock.seconds() - self.started) * 1000.0)
+            now = self.clock.seconds()
+            self.echo_ms = (now - self.written) * 1000.0
+            self.done.callback((now - self.started) * 1000.0)
         else:
             self.done.errback(ConnectionFailed(
                 f"port 7 answered {self.received[:64]!r} to {self.expected!r}",
