@@ -426,3 +426,5 @@ def _silence(stream: IO[str]) -> None:
         os.close(devnull)
 
 
+from pilot import cli_node  # noqa: E402,F401  (registers the node commands)
+from pilot import cli_daemon  # noqa: E402,F401  (registers init and daemon start|stop|status)

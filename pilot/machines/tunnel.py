@@ -233,6 +233,7 @@ def _accept(m: PeerTunnel, c: _Peer, frame: AuthKeyExchange, key: bytes, source:
             via_relay: bool) -> None:
     t, now = c.tunnels, c.tunnels._now()
     c.stop_timers()
+    known = c.endpoint  # a repeated PILA (replayable) vouches only for the endpoint we knew
     if c.session is not None and c.session.peer_x25519 == frame.x25519_public:
         # The same agreement again (a retransmission, a replay, or a peer that did not get
         # our PILA): keep counters and windows (#10); only a PILS moves a known endpoint.
@@ -252,7 +253,9 @@ def _accept(m: PeerTunnel, c: _Peer, frame: AuthKeyExchange, key: bytes, source:
         else:
             c.set_endpoint(source)
         c.send_pila(source, via_relay)
+        known = c.endpoint
     c.accepted = frame.encode()
+    t._heard(c, source, via_relay, source == known)
     queued = list(c.queue)
     t._release(c)
     for packet in queued:
@@ -284,6 +287,7 @@ def _open(m: PeerTunnel, c: _Peer, frame: SealedFrame, source: Endpoint,
     c.bytes_rx += 20 + len(frame.ciphertext)
     if not via_relay:
         c.set_endpoint(source)  # roaming: an authenticated frame from a new address
+    c.tunnels._heard(c, source, via_relay, True)
     return packet
 
 
@@ -317,6 +321,9 @@ class Tunnels:
     _beacon: Callable[[], Optional[Endpoint]] = lambda: None  # where relayed frames go
     _peer_unreachable: Callable[[int], None] = lambda node_id: None
     _endpoint_changed: Callable[[int, Endpoint], None] = lambda node_id, endpoint: None
+    # path hooks (pilot.machines.path): an authenticated frame from the peer's endpoint, or relayed
+    _direct_frame: Callable[[int, Endpoint], None] = lambda node_id, endpoint: None
+    _relayed_frame: Callable[[int], None] = lambda node_id: None
     _random_bytes: Callable[[int], bytes] = os.urandom
     counters: collections.Counter[str] = attr.ib(init=False, factory=collections.Counter)
     _peers: dict[int, _Peer] = attr.ib(init=False, factory=dict)
@@ -347,6 +354,10 @@ class Tunnels:
         if direct_endpoint is not None:
             peer.endpoint = direct_endpoint
         peer.relay = relay
+
+    def send_key_exchange(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
+        """Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."""
+        self._peer(node_id).send_pila(endpoint, False if endpoint is not None else None)
 
     def frame_received(self, data: Any, source: Endpoint, via_relay: bool = False) -> None:
         """One tunnel frame (unwrapped from a RelayDeliver if ``via_relay``); never raises for bad input."""
@@ -496,6 +507,13 @@ class Tunnels:
             peer = self._peers[node_id] = _Peer(node_id, self)
             peer.machine = PeerTunnelMachine(peer)
         return peer
+
+    def _heard(self, peer: _Peer, source: Endpoint, via_relay: bool, from_endpoint: bool) -> None:
+        """Tell the path layer how an authenticated frame came."""
+        if via_relay:
+            self._relayed_frame(peer.node_id)
+        elif from_endpoint:
+            self._direct_frame(peer.node_id, source)
 
     def _hold(self, peer: _Peer, packet: Packet) -> None:
         if peer.node_id not in self._holding:

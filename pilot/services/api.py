@@ -32,6 +32,27 @@ def _endpoint_text(endpoint: Any) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _rtts(node: "NodeService") -> dict[str, float]:
+    """The smallest smoothed RTT (ms) of the stack's connections to each remote address."""
+    rtts: dict[str, float] = {}
+    for conn in node.stack.connections():
+        srtt, remote = conn.get("srtt_ms"), conn.get("remote_addr")
+        if srtt and isinstance(remote, str):
+            rtts[remote] = min(srtt, rtts.get(remote, srtt))
+    return rtts
+
+
+def _path_fields(node: "NodeService", node_id: int, stats: dict[str, Any], fallback: Any,
+                 rtts: dict[str, float]) -> dict[str, Any]:
+    """``path`` (direct | punched | relay | trying), ``endpoint``, ``rtt_ms``, ``path_changed_at``."""
+    status = node.paths.status(node_id)
+    rtt = rtts.get(str(Address(0, node_id)))
+    return {"path": status["path"] if status else stats.get("path"),
+            "endpoint": _endpoint_text((status or {}).get("endpoint") or stats.get("endpoint") or fallback),
+            "rtt_ms": round(rtt, 3) if rtt is not None else None,
+            "path_changed_at": status["path_changed_at"] if status else None}
+
+
 class NodeAPIImpl:
     log = Logger()
 
@@ -45,12 +66,13 @@ class NodeAPIImpl:
         n = self.node
         status = n.registration.status()
         peer_list = []
+        rtts = _rtts(n)
         for node_id in n.tunnels.peers():
             stats = n.tunnels.stats(node_id) or {}
             peer = n.peers.peer(node_id)
             peer_list.append({"node_id": node_id, "address": str(Address(0, node_id)),
-                              "hostname": peer.hostname, "endpoint": _endpoint_text(stats.get("endpoint")),
-                              "path": stats.get("path"), "state": stats.get("state"),
+                              "hostname": peer.hostname, **_path_fields(n, node_id, stats, None, rtts),
+                              "state": stats.get("state"),
                               "encrypted": stats.get("state") == "established",
                               "authenticated": stats.get("state") == "established",
                               "trusted": node_id in n.trust_store.trusted,
@@ -138,14 +160,15 @@ class NodeAPIImpl:
             | {p for p, peer in n.peers.peers.items() if peer.hostname}
         known.discard(n.own_id)
         rows = []
+        rtts = _rtts(n)
         for node_id in sorted(known):
             peer = n.peers.peer(node_id)
             stats = n.tunnels.stats(node_id) or {}
             row = {"node_id": node_id, "address": str(Address(0, node_id)), "hostname": peer.hostname,
                    "trusted": node_id in n.trust_store.trusted,
                    "pending": node_id in n.trust_store.pending,
-                   "endpoint": _endpoint_text(stats.get("endpoint") or peer.endpoint),
-                   "path": stats.get("path"), "tunnel": stats.get("state", "idle"),
+                   **_path_fields(n, node_id, stats, peer.endpoint, rtts),
+                   "tunnel": stats.get("state", "idle"),
                    "last_changed": peer.changed_at or None}
             if search and search.lower() not in f"{peer.hostname} {row['address']} {node_id}".lower():
                 continue

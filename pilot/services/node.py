@@ -25,6 +25,7 @@ from typing import Any, Optional
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,11 +33,12 @@ from twisted.python.failure import Failure
 from pilot.address import Address
 from pilot.errors import ErrorCode, MalformedFrame, NotFound
 from pilot.identity import Identity
+from pilot.machines.path import Paths
 from pilot.machines.registration import Registration
 from pilot.machines.trust import TrustMachine
 from pilot.machines.tunnel import Tunnels
 from pilot.nodeconfig import NodeSettings
-from pilot.persist import StateFileError
+from pilot.persist import StateFileError, atomic_write_bytes
 from pilot.protocols.control import ControlServerFactory
 from pilot.protocols.registry_client import RegistryClientFactory
 from pilot.protocols.tunnel import NodeDatagramProtocol
@@ -98,12 +100,19 @@ class NodeService(MultiService):
 
         self.udp = NodeDatagramProtocol(self, self._is_beacon)
         self.peers = PeerDirectory(reactor, self._registry_request, lambda: self.own_id, self._pinned_key,
-                                   lambda node, endpoint: self.tunnels.set_path(node, endpoint, relay=False))
+                                   lambda node, endpoint: self.paths.endpoint_learned(node, endpoint))
         self.tunnels = Tunnels(
             node_id=lambda: self.own_id, identity=self.identity, send_datagram=self.udp.send,
             deliver=self._deliver, expected_key=self.peers.key, clock=reactor,
             beacon=lambda: self.beacon_addr, peer_unreachable=self._peer_unreachable,
-            endpoint_changed=self.peers.seen_at)
+            endpoint_changed=self.peers.seen_at,
+            direct_frame=lambda node, endpoint: self.paths.direct_frame(node, endpoint),
+            relayed_frame=lambda node: self.paths.relayed_frame(node))
+        self.paths = Paths(
+            tunnels=self.tunnels, send_datagram=self.udp.send, beacon=lambda: self.beacon_addr,
+            node_id=lambda: self.own_id, sign=self.identity.sign, clock=reactor,
+            path_changed=lambda node, state, endpoint: self.log.info(
+                "path to node {node}: {state} {endpoint}", node=node, state=state, endpoint=endpoint))
         self.stack = Stack(reactor, lambda: Address(0, self.own_id), self._send_packet, self._is_trusted)
         self.trust = TrustMachine(
             node_id=self.own_id, public_key=self.identity.public_key, sign=self.identity.sign,
@@ -125,8 +134,7 @@ class NodeService(MultiService):
         self.started_at = self.reactor.seconds()
         os.makedirs(self.settings.home, mode=0o700, exist_ok=True)
         self.beacon_addr = self._resolve(self.beacon_host, self.beacon_port)
-        host, port = split_host_port(self.settings.listen)
-        udp = self.reactor.listenUDP(port, self.udp, interface=host, maxPacketSize=65535)
+        udp = self._listen_udp()
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 udp.socket.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
@@ -155,6 +163,7 @@ class NodeService(MultiService):
         def close(_: object) -> Any:
             self.stack.stop()
             self.tunnels.stop()
+            self.paths.stop()
             waits = [maybeDeferred(p.stopListening) for p in self._ports]
             self._ports = []
             for path in (self.settings.pid_path,):
@@ -165,6 +174,36 @@ class NodeService(MultiService):
             return DeferredList(waits, consumeErrors=True)
 
         return stopped.addBoth(close)
+
+    def _listen_udp(self) -> Any:
+        """
+        Bind the tunnel socket.  With no fixed port (``:0``) the port of the
+        last run is taken again when it is free: peers and NAT mappings that
+        still point at it keep working across a restart (a reference peer
+        cannot follow a move until it sends to us again).
+        """
+        host, port = split_host_port(self.settings.listen)
+        remembered = os.path.join(self.settings.home, "tunnel.port")
+        if port == 0:
+            try:
+                with open(remembered) as f:
+                    previous = int(f.read().strip())
+                if 0 < previous < 65536:
+                    try:
+                        udp = self.reactor.listenUDP(previous, self.udp, interface=host, maxPacketSize=65535)
+                    except CannotListenError:
+                        pass
+                    else:
+                        return udp
+            except (OSError, ValueError):
+                pass
+        udp = self.reactor.listenUDP(port, self.udp, interface=host, maxPacketSize=65535)
+        if port == 0:
+            try:
+                atomic_write_bytes(remembered, f"{udp.getHost().port}\n".encode(), mode=0o600)
+            except OSError:
+                pass
+        return udp
 
     def _resolve(self, host: str, port: int) -> Endpoint:
         try:
@@ -191,7 +230,6 @@ class NodeService(MultiService):
             probe.close()
 
     def _write_pid(self) -> None:
-        from pilot.persist import atomic_write_bytes
         atomic_write_bytes(self.settings.pid_path, f"{os.getpid()}\n".encode(), mode=0o644)
 
     # --- the beacon ------------------------------------------------------------------------
@@ -223,6 +261,7 @@ class NodeService(MultiService):
 
     def punch_commanded(self, peer: Endpoint) -> None:
         self.udp.punch(peer)
+        self.paths.punch_commanded(peer)
 
     def frame_received(self, data: bytes, source: Endpoint, via_relay: bool) -> None:
         self.tunnels.frame_received(data, source, via_relay)
@@ -258,7 +297,8 @@ class NodeService(MultiService):
 
     def _registered(self, node_id: int, address: Address) -> None:
         if node_id != self.own_id:
-            self.log.warn("the registry gave node id {given}, not {ours} (a collision): using its answer",
+            self.log.info("the registry assigned node id {given}, not our key's {ours} (a reference registry "
+                          "numbers nodes in order; ours only moves an id on a collision): using its answer",
                           given=node_id, ours=self.own_id)
             self.own_id = node_id
             self.trust.node_id = node_id
@@ -327,6 +367,7 @@ class NodeService(MultiService):
 
     def _send_packet(self, packet: Packet) -> None:
         node_id = packet.dst.node
+        self.paths.sending(node_id, self.peers.peer(node_id).endpoint)
         self.tunnels.send(packet, node_id, self.peers.peer(node_id).endpoint)
 
     def _deliver(self, packet: Packet, from_node: int) -> None:
@@ -336,6 +377,7 @@ class NodeService(MultiService):
         self.log.info("node {node} did not answer our key exchange", node=node_id)
         peer = self.peers.peer(node_id)
         peer.resolved_at = 0.0  # ask the registry again next time
+        self.paths.unreachable(node_id)
 
 
 def _endpoint(text: Any) -> Optional[Endpoint]:

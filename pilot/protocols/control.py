@@ -1,0 +1,1002 @@
+# -*- test-case-name: tests.protocols.test_control -*-
+"""
+The node daemon's control socket, server side (``docs/control.md``).
+
+:class:`ControlServerFactory` serves :class:`ControlProtocol` on the Unix
+socket; every request becomes one call on the :class:`~pilot.nodeapi.NodeAPI`.
+The client pilotctl uses is ``pilot/control.py``.
+
+Framing is the registry's (4-byte big-endian length, a UTF-8 JSON object, at
+most 1 MiB): frames are written with :func:`~pilot.wire.registry.encode_frame`
+and read with :class:`ControlDecoder`, which, unlike the registry's decoder,
+hands frames out one at a time, so that the bytes following a ``connect`` or
+``attach`` request stay behind as the start of the raw stream.
+
+What the protocol guarantees:
+
+* replies go out in request order, whatever order the API's Deferreds fire in;
+* a bad request (not JSON, not an object, no integer ``id``, unknown ``cmd``,
+  a missing, mistyped or oversized argument) gets an ``invalid_argument``
+  reply and the connection goes on; only an invalid length prefix closes it,
+  after the reply, since the stream cannot be resynchronised;
+* a :class:`~pilot.errors.PilotError` from the API is answered with its code,
+  message and hint; any other failure is logged and answered ``internal``;
+  nothing raises into the reactor;
+* ``connect`` and ``attach`` turn the connection into a raw byte stream
+  (:class:`StreamBridge` joins it to the Pilot connection, with flow control
+  both ways); ``listen`` and ``recv`` stream event frames until the client
+  closes the connection, which closes the :class:`~pilot.nodeapi.Listening`;
+* at most :data:`MAX_INFLIGHT` requests are handled at once per connection,
+  and reading stops while the client does not read its replies (event frames
+  for datagrams are dropped past :data:`MAX_UNSENT`: datagrams are lossy);
+* only the owner of ``PILOT_HOME`` (or root) may connect: the uid comes from
+  ``SO_PEERCRED`` (:func:`peer_uid`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+import socket
+import struct
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer,
+                                         IReactorTime, ITransport)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pilot.errors import ErrorCode, InvalidArgument, MalformedFrame, NotFound, PilotError
+from pilot.nodeapi import Listening, NodeAPI
+from pilot.wire.registry import MAX_FRAME, encode_frame
+
+#: Requests one connection may have in progress; past it, reading stops.
+MAX_INFLIGHT = 64
+#: Bytes of event frames queued after the transport said "full" before datagram events are dropped.
+MAX_UNSENT = 4 * 1024 * 1024
+#: How long an accepted stream waits for its ``attach``.
+ATTACH_WINDOW = 10.0
+#: Bytes from the Pilot side buffered before the Unix side is attached; past it the Pilot side is paused.
+MAX_UNATTACHED_BUFFER = 256 * 1024
+#: Event frames kept for a subscription whose reply is still queued behind earlier replies.
+MAX_EARLY_EVENTS = 1024
+
+MAX_TEXT = 4096
+MAX_TARGET = 512
+MAX_TAGS = 64
+MAX_TAG_LEN = 256
+MAX_PING_COUNT = 10_000
+MAX_PING_TIMEOUT = 3600.0
+MAX_PING_INTERVAL = 60.0
+MAX_ID = (1 << 53) - 1
+MAX_MESSAGE = 4096
+
+_LEN = struct.Struct(">I")
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
+
+
+# --- framing ---------------------------------------------------------------------------
+
+def decode_message(body: bytes) -> dict[str, Any]:
+    """One frame's body to a JSON object; ``MalformedFrame`` with the reason otherwise."""
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MalformedFrame(f"control frame is not JSON: {str(e)[:80]}") from None
+    if not isinstance(value, dict):
+        raise MalformedFrame(f"control frame must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class ControlDecoder:
+    """
+    Sans-I/O frame reader: :meth:`feed` bytes, take frames with :meth:`next_frame`.
+
+    Frames are taken one at a time so that :meth:`take_rest` can hand the
+    bytes after a frame to whatever the connection becomes next (raw mode).
+    An oversized length breaks the stream for good: every later
+    :meth:`next_frame` raises.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+        self.broken: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.broken is None:
+            self._buf += data
+
+    def next_frame(self) -> dict[str, Any] | MalformedFrame | None:
+        """The next message (or the ``MalformedFrame`` its body gave), or None if incomplete."""
+        if self.broken is not None:
+            raise MalformedFrame(self.broken)
+        if len(self._buf) < 4:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self._max:
+            self.broken = f"control frame of {length} bytes exceeds the {self._max}-byte limit"
+            self._buf.clear()
+            raise MalformedFrame(self.broken)
+        if len(self._buf) < 4 + length:
+            return None
+        body = bytes(self._buf[4:4 + length])
+        del self._buf[:4 + length]
+        try:
+            return decode_message(body)
+        except MalformedFrame as e:
+            return e
+
+    def take_rest(self) -> bytes:
+        """Everything fed but not yet taken as a frame; the decoder is empty afterwards."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def has_frame(self) -> bool:
+        """Would :meth:`next_frame` return (or raise) something now?"""
+        if self.broken is not None or len(self._buf) < 4:
+            return self.broken is not None
+        length: int = _LEN.unpack_from(self._buf)[0]
+        return length > self._max or len(self._buf) >= 4 + length
+
+
+def ok_reply(request_id: int | None, result: Any) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": result}
+
+
+def error_reply(request_id: int | None, error: PilotError) -> dict[str, Any]:
+    return {"id": request_id, "ok": False,
+            "error": {"code": error.code.name, "message": _clip(error.message),
+                      "hint": _clip(error.hint or "")}}
+
+
+def _clip(text: str) -> str:
+    text = text if isinstance(text, str) else str(text)
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
+
+
+# --- peer credentials ----------------------------------------------------------------
+
+def peer_uid(transport: Any) -> int | None:
+    """The uid of the process at the other end of a Unix-socket transport (``SO_PEERCRED``), or None."""
+    if _SO_PEERCRED is None:
+        return None
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    try:
+        sock = get_handle()
+        if getattr(sock, "family", None) != socket.AF_UNIX:
+            return None
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
+        _pid, uid, _gid = _UCRED.unpack(raw)
+    except (AttributeError, OSError, ValueError, TypeError, struct.error):
+        return None
+    return int(uid)
+
+
+def home_owner(home: str) -> int:
+    """The uid owning ``home`` (``PILOT_HOME``): who may use the control socket."""
+    return os.stat(home).st_uid
+
+
+# --- argument checking -------------------------------------------------------------------
+
+_REQUIRED: Any = object()
+
+
+class Arguments:
+    """Typed access to a request's arguments; each accessor raises ``InvalidArgument`` with the reason."""
+
+    def __init__(self, message: dict[str, Any]) -> None:
+        self._m = message
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self._m.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise InvalidArgument(f"missing argument {key!r}")
+            return default
+        return value
+
+    def text(self, key: str, max_len: int = MAX_TEXT, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default)
+        if value is default and default is not _REQUIRED:
+            return value
+        if not isinstance(value, str):
+            raise InvalidArgument(f"argument {key!r} must be a string")
+        if len(value) > max_len:
+            raise InvalidArgument(f"argument {key!r} is longer than {max_len} characters")
+        return value
+
+    def integer(self, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
+        value = self._get(key, default)
+        if value is default and default is not _REQUIRED:
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(f"argument {key!r} must be an integer")
+        if not low <= value <= high:
+            raise InvalidArgument(f"argument {key!r} must be {low} to {high}, got {value}")
+        return value
+
+    def number(self, key: str, low: float, high: float, default: Any = _REQUIRED) -> float:
+        value = self._get(key, default)
+        if value is default and default is not _REQUIRED:
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"argument {key!r} must be a number")
+        value = float(value)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidArgument(f"argument {key!r} must be {low:g} to {high:g}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self._get(key, _REQUIRED)
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"argument {key!r} must be true or false")
+        return value
+
+    def texts(self, key: str, max_items: int, max_len: int) -> list[str]:
+        value = self._get(key, _REQUIRED)
+        if not isinstance(value, list):
+            raise InvalidArgument(f"argument {key!r} must be a list of strings")
+        if len(value) > max_items:
+            raise InvalidArgument(f"argument {key!r} has more than {max_items} items")
+        for item in value:
+            if not isinstance(item, str) or len(item) > max_len:
+                raise InvalidArgument(f"argument {key!r} must be a list of strings "
+                                      f"of at most {max_len} characters")
+        return list(value)
+
+    def data(self, key: str) -> bytes:
+        value = self._get(key, _REQUIRED)
+        if not isinstance(value, str):
+            raise InvalidArgument(f"argument {key!r} must be a base64 string")
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise InvalidArgument(f"argument {key!r} is not valid base64") from None
+
+    def port(self, key: str = "port") -> int:
+        return self.integer(key, 0, 0xFFFF)
+
+    def node_id(self, key: str = "node_id") -> int:
+        return self.integer(key, 0, 0xFFFFFFFF)
+
+    def target(self, key: str = "target") -> str:
+        value = self.text(key, MAX_TARGET)
+        if not value:
+            raise InvalidArgument(f"argument {key!r} must not be empty")
+        return value  # type: ignore[no-any-return]
+
+
+# --- flow control helpers -----------------------------------------------------------------------
+
+class _Pauser:
+    """Pauses a producer (a transport's reading) while any reason holds."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._reasons: set[str] = set()
+        #: Set once the target is closing: it is left alone from then on.
+        self.closed = False
+
+    def pause(self, reason: str) -> None:
+        if not self._reasons and not self.closed:
+            _call(self._target, "pauseProducing")
+        self._reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._reasons:
+            self._reasons.discard(reason)
+            if not self._reasons and not self.closed:
+                _call(self._target, "resumeProducing")
+
+    def paused_for(self, reason: str) -> bool:
+        return reason in self._reasons
+
+
+def _call(target: Any, method: str) -> None:
+    fn = getattr(target, method, None)
+    if fn is not None:
+        try:
+            fn()
+        except Exception:
+            Logger().failure("{method} failed on {target!r}", method=method, target=target)
+
+
+@implementer(IPushProducer)
+class _Throttle:
+    """A streaming producer whose pause/resume run two callables (one side's buffer pausing the other)."""
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self._pause = pause
+        self._resume = resume
+
+    def pauseProducing(self) -> None:
+        self._pause()
+
+    def resumeProducing(self) -> None:
+        self._resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# --- the Pilot side of a raw stream -----------------------------------------------------------
+
+def describe_address(address: Any) -> tuple[str, int]:
+    """``(address text, port)`` for what a Pilot stream factory is given (a SocketAddress or alike)."""
+    inner = getattr(address, "address", None)
+    port = getattr(address, "port", None)
+    if inner is not None and isinstance(port, int):
+        return str(inner), port
+    host = getattr(address, "host", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return host, port
+    return (str(address) if address is not None else ""), 0
+
+
+class StreamBridge(Protocol):
+    """
+    The protocol driving a Pilot stream for a control client.
+
+    Until a control connection is attached (the ``connect`` reply is written,
+    or ``attach`` is answered), bytes from the Pilot side are buffered (the
+    Pilot side is paused past :data:`MAX_UNATTACHED_BUFFER`) and a close from
+    the Pilot side is remembered.  Attached: Pilot bytes are written to the
+    Unix transport, :meth:`write` sends Unix bytes to the Pilot transport, and
+    each side's full send buffer pauses the other side's reading.
+    """
+
+    log = Logger()
+    transport: Any = None  # the Pilot connection: an ITransport, maybe a producer and a consumer
+
+    def __init__(self, address: Any = None) -> None:
+        self.address = address
+        self.peer, self.peer_port = describe_address(address)
+        self.control: ControlProtocol | None = None
+        self.made: Callable[[StreamBridge], None] | None = None
+        self.lost = False
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._outgoing: list[bytes] = []
+        self._close_wanted = False
+        self._pauser: _Pauser | None = None
+
+    # --- Pilot side --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._pauser = _Pauser(self.transport)
+        outgoing, self._outgoing = self._outgoing, []
+        for chunk in outgoing:
+            self.transport.write(chunk)
+        if self._close_wanted:
+            self._pauser.closed = True
+            self.transport.loseConnection()
+            return
+        if self._buffered > MAX_UNATTACHED_BUFFER:
+            self._pauser.pause("unattached")
+        if self.made is not None:
+            made, self.made = self.made, None
+            made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.control is not None:
+            self.control.stream_data(data)
+            return
+        if self._close_wanted:
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > MAX_UNATTACHED_BUFFER and self._pauser is not None:
+            self._pauser.pause("unattached")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        if self._pauser is not None:
+            self._pauser.closed = True
+        if self.control is not None:
+            self.control.stream_lost()
+
+    # --- control side ----------------------------------------------------------------
+
+    def attach(self, control: ControlProtocol) -> None:
+        """Start relaying to ``control``: flush what was buffered, then pass on a close already seen."""
+        self.control = control
+        buffered, self._buffer, self._buffered = self._buffer, [], 0
+        for chunk in buffered:
+            control.stream_data(chunk)
+        if self._pauser is not None:
+            self._pauser.resume("unattached")
+        consumer = getattr(self.transport, "registerProducer", None) if self.transport is not None else None
+        if consumer is not None and not self.lost:
+            try:
+                consumer(_Throttle(lambda: control.pause_reading("pilot"),
+                                   lambda: control.resume_reading("pilot")), True)
+            except Exception:
+                self.log.debug("the Pilot transport takes no producer; no flow control toward it")
+        if self.lost:
+            control.stream_lost()
+
+    def write(self, data: bytes) -> None:
+        if self.lost or self._close_wanted:
+            return
+        if self.transport is None:
+            self._outgoing.append(data)  # connected later (a Deferred that fired early)
+        else:
+            self.transport.write(data)
+
+    def pause(self) -> None:
+        if self._pauser is not None:
+            self._pauser.pause("unix")
+
+    def resume(self) -> None:
+        if self._pauser is not None:
+            self._pauser.resume("unix")
+
+    def close(self) -> None:
+        """Close the Pilot side gracefully (now, or as soon as it is connected)."""
+        if self._close_wanted:
+            return
+        self._close_wanted = True
+        self._buffer, self._buffered = [], 0
+        if self.transport is not None and not self.lost:
+            if self._pauser is not None:
+                self._pauser.closed = True
+            self.transport.loseConnection()
+
+
+class _AcceptFactory(Factory):
+    """What ``listen`` gives the node: each accepted stream is held for an ``attach`` and announced."""
+
+    def __init__(self, server: ControlServerFactory, subscription: _Subscription, port: int) -> None:
+        self.server = server
+        self.subscription = subscription
+        self.port = port
+
+    def buildProtocol(self, addr: IAddress) -> StreamBridge:  # type: ignore[override]
+        bridge = StreamBridge(addr)
+        bridge.made = self._made
+        return bridge
+
+    def _made(self, bridge: StreamBridge) -> None:
+        if self.subscription.closed:
+            bridge.close()
+            return
+        conn_id = self.server.hold(bridge)
+        self.subscription.send({"event": "accepted", "conn_id": conn_id, "from": bridge.peer,
+                                "port": bridge.peer_port}, droppable=False)
+
+
+# --- requests in flight ------------------------------------------------------------------------
+
+class _Slot:
+    """One request's place in the reply order."""
+
+    def __init__(self, request_id: int | None, cmd: str) -> None:
+        self.request_id = request_id
+        self.cmd = cmd
+        self.frame: bytes | None = None
+        self.succeeded = False
+        self.on_ok: Callable[[], None] | None = None
+        self.on_error: Callable[[], None] | None = None
+
+
+class _Subscription:
+    """Event frames for one ``listen`` or ``recv``; held back until the request's reply is written."""
+
+    def __init__(self, control: ControlProtocol) -> None:
+        self.control = control
+        self.live = False
+        self.closed = False
+        self.listening: Listening | None = None
+        self._early: list[tuple[dict[str, Any], bool]] = []
+
+    def send(self, event: dict[str, Any], droppable: bool) -> None:
+        if self.closed:
+            return
+        if not self.live:
+            if len(self._early) < MAX_EARLY_EVENTS or not droppable:
+                self._early.append((event, droppable))
+            return
+        self.control.write_event(event, droppable)
+
+    def go_live(self) -> None:
+        self.live = True
+        early, self._early = self._early, []
+        for event, droppable in early:
+            self.send(event, droppable)
+
+    def close(self) -> None:
+        self.closed = True
+        self._early = []
+        listening, self.listening = self.listening, None
+        if listening is not None:
+            try:
+                listening.close()
+            except Exception:
+                Logger().failure("closing a control subscription's port failed")
+
+
+# --- the control connection ---------------------------------------------------------------------
+
+_COMMAND, _RAW, _CLOSED = "command", "raw", "closed"
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class ControlProtocol(Protocol):
+    """One client connection to the control socket."""
+
+    log = Logger()
+    transport: Any = None  # the Unix connection: ITransport, IConsumer, IPushProducer, IHalfCloseable
+
+    def __init__(self, factory: ControlServerFactory) -> None:
+        self.factory = factory
+        self.api = factory.api
+        self._decoder = ControlDecoder()
+        self._slots: deque[_Slot] = deque()
+        self._mode = _COMMAND
+        self._awaiting_stream = False
+        self._pending_bridge: StreamBridge | None = None
+        self._bridge: StreamBridge | None = None
+        self._subscriptions: list[_Subscription] = []
+        self._pauser: _Pauser | None = None
+        self._writes_paused = False
+        self._unsent = 0
+        self._dropped = 0
+        self._read_closed = False
+        self._processing = False
+        self._broken = False
+        self.uid: int | None = None
+        self._handlers: dict[str, Callable[[_Slot, Arguments], Deferred[Any]]] = {
+            "info": lambda s, a: self.api.info(),
+            "set_hostname": lambda s, a: self.api.set_hostname(a.text("hostname", 253)),
+            "set_public": lambda s, a: self.api.set_public(a.flag("public")),
+            "set_tags": lambda s, a: self.api.set_tags(a.texts("tags", MAX_TAGS, MAX_TAG_LEN)),
+            "shutdown": lambda s, a: self.api.shutdown(),
+            "find": lambda s, a: self.api.find(a.text("hostname", MAX_TARGET)),
+            "peers": lambda s, a: self.api.peers(a.text("search", MAX_TARGET, None)),
+            "handshake": lambda s, a: self.api.handshake(a.target(), a.text("justification", MAX_TEXT, "")),
+            "pending": lambda s, a: self.api.pending(),
+            "trust": lambda s, a: self.api.trusted(),
+            "approve": lambda s, a: self.api.approve(a.node_id()),
+            "reject": lambda s, a: self.api.reject(a.node_id(), a.text("reason", MAX_TEXT, "")),
+            "untrust": lambda s, a: self.api.untrust(a.node_id()),
+            "ping": self._ping,
+            "send": lambda s, a: self.api.send_datagram(a.target(), a.port(), a.data("data")),
+            "connect": self._connect,
+            "attach": self._attach,
+            "listen": self._listen,
+            "recv": self._recv,
+        }
+
+    # --- connection -----------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.uid = self.factory.credentials(self.transport)
+        if not self.factory.permits(self.uid):
+            self.log.warn("refused a control connection from uid {uid} (allowed: {allowed} and root)",
+                          uid=self.uid, allowed=self.factory.allowed_uid)
+            self._mode = _CLOSED
+            self.transport.loseConnection()
+            return
+        self.factory.connections.add(self)
+        self._pauser = _Pauser(self.transport)
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        was = self._mode
+        self._mode = _CLOSED
+        self.factory.connections.discard(self)
+        self._slots.clear()
+        for subscription in self._subscriptions:
+            subscription.close()
+        self._subscriptions = []
+        for bridge in (self._pending_bridge, self._bridge):
+            if bridge is not None:
+                bridge.close()
+        self._pending_bridge = None
+        if was != _CLOSED:
+            self.log.debug("control connection closed: {reason}", reason=reason.getErrorMessage())
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its write side."""
+        self._read_closed = True
+        if self._mode == _RAW and self._bridge is not None:
+            self._bridge.close()
+        elif self._mode == _COMMAND:
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _RAW:
+            if self._bridge is not None:
+                self._bridge.write(data)
+        elif self._mode == _COMMAND:
+            self._decoder.feed(data)
+            self._process()
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _process(self) -> None:
+        if self._processing or self._mode != _COMMAND:
+            return
+        self._processing = True
+        try:
+            while (self._mode == _COMMAND and not self._awaiting_stream and not self._writes_paused
+                   and not self._broken and len(self._slots) < MAX_INFLIGHT):
+                try:
+                    item = self._decoder.next_frame()
+                except MalformedFrame as e:
+                    self._bad_length(e.reason)
+                    break
+                if item is None:
+                    break
+                self._handle(item)
+        finally:
+            self._processing = False
+        if self._mode == _COMMAND and self._pauser is not None:
+            if len(self._slots) >= MAX_INFLIGHT:
+                self._pauser.pause("inflight")
+            else:
+                self._pauser.resume("inflight")
+        self._maybe_finish()
+
+    def _bad_length(self, reason: str) -> None:
+        self.log.info("closing a control connection: {reason}", reason=reason)
+        self._broken = True
+        if self._pauser is not None:
+            self._pauser.pause("broken")
+        slot = _Slot(None, "")
+        slot.frame = encode_frame(error_reply(None, InvalidArgument(reason, "the client is broken")))
+        slot.on_ok = slot.on_error = self._close
+        slot.succeeded = False
+        self._slots.append(slot)
+        self._flush()
+
+    def _handle(self, item: dict[str, Any] | MalformedFrame) -> None:
+        if isinstance(item, MalformedFrame):
+            slot = _Slot(None, "")
+            self._slots.append(slot)
+            self._finish(slot, InvalidArgument(item.reason))
+            return
+        request_id = item.get("id")
+        if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_ID:
+            slot = _Slot(None, "")
+            self._slots.append(slot)
+            self._finish(slot, InvalidArgument("a request needs an integer 'id' (0 to 2^53-1)"))
+            return
+        cmd = item.get("cmd")
+        slot = _Slot(request_id, cmd if isinstance(cmd, str) else "")
+        self._slots.append(slot)
+        handler = self._handlers.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            shown = cmd[:40] if isinstance(cmd, str) else cmd if cmd is None else type(cmd).__name__
+            self._finish(slot, InvalidArgument(f"unknown command {shown!r}",
+                                               "see docs/control.md for the commands"))
+            return
+        try:
+            d = handler(slot, Arguments(item))
+            if not isinstance(d, Deferred):
+                raise TypeError(f"NodeAPI returned {type(d).__name__}, not a Deferred")
+        except PilotError as e:
+            self._finish(slot, e)
+            return
+        except Exception:
+            self.log.failure("control command {cmd!r} failed", cmd=slot.cmd)
+            self._finish(slot, PilotError("internal error", code=ErrorCode.internal))
+            return
+        d.addCallbacks(lambda result: self._finish(slot, result, ok=True),
+                       lambda failure: self._failed(slot, failure))
+        d.addErrback(lambda failure: self.log.failure("answering control command {cmd!r} failed",
+                                                      failure, cmd=slot.cmd))
+
+    def _failed(self, slot: _Slot, failure: Failure) -> None:
+        if isinstance(failure.value, PilotError):
+            self._finish(slot, failure.value)
+            return
+        self.log.failure("control command {cmd!r} failed", failure, cmd=slot.cmd)
+        self._finish(slot, PilotError("internal error", code=ErrorCode.internal))
+
+    def _finish(self, slot: _Slot, value: Any, ok: bool = False) -> None:
+        if ok:
+            try:
+                slot.frame = encode_frame(ok_reply(slot.request_id, value))
+                slot.succeeded = True
+            except Exception as e:
+                self.log.error("cannot encode the result of control command {cmd!r}: {error}",
+                               cmd=slot.cmd, error=str(e)[:200])
+                value = PilotError(f"the result could not be encoded: {str(e)[:200]}",
+                                   code=ErrorCode.internal)
+        if not slot.succeeded:
+            error = (value if isinstance(value, PilotError)
+                     else PilotError("internal error", code=ErrorCode.internal))
+            slot.frame = encode_frame(error_reply(slot.request_id, error))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._slots and self._slots[0].frame is not None and self._mode != _CLOSED:
+            slot = self._slots.popleft()
+            assert slot.frame is not None
+            self._write(slot.frame)
+            after = slot.on_ok if slot.succeeded else slot.on_error
+            if after is not None:
+                after()
+        self._process()
+
+    def _maybe_finish(self) -> None:
+        """
+        After the client shut down its side: close once every request is
+        answered.  A subscription ends too: a socket's close and its
+        half-close look the same from here.
+        """
+        if (self._read_closed and self._mode == _COMMAND and not self._slots and not self._awaiting_stream
+                and not self._broken and not self._decoder.has_frame):
+            self._mode = _CLOSED
+            self._close()
+
+    def _close(self) -> None:
+        """Close the Unix connection (after what was written); reading is left alone from now on."""
+        if self._pauser is not None:
+            self._pauser.closed = True
+        self.transport.loseConnection()
+
+    # --- traffic commands ------------------------------------------------------------------
+
+    def _ping(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
+        target = args.target()
+        count = args.integer("count", 1, MAX_PING_COUNT, 4)
+        timeout = args.number("timeout", 0.001, MAX_PING_TIMEOUT, 30.0)
+        interval = args.number("interval", 0.0, MAX_PING_INTERVAL, 1.0)
+        return self.api.ping(target, count, timeout, interval)
+
+    def _connect(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
+        target, port = args.target(), args.port()
+        bridge = StreamBridge()
+        self._begin_stream(slot, bridge)
+        try:
+            return self.api.connect(target, port, bridge)
+        except BaseException:
+            self._stream_failed(bridge)
+            raise
+
+    def _attach(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
+        conn_id = args.integer("conn_id", 0, 0xFFFFFFFF)
+        bridge = self.factory.take(conn_id)
+        if bridge is None:
+            raise NotFound(f"no accepted stream {conn_id} is waiting",
+                           f"attach within {self.factory.attach_window:g} s of the accepted event, once")
+        self._begin_stream(slot, bridge)
+        return succeed({"conn_id": conn_id, "from": bridge.peer, "port": bridge.peer_port})
+
+    def _begin_stream(self, slot: _Slot, bridge: StreamBridge) -> None:
+        self._awaiting_stream = True
+        self._pending_bridge = bridge
+        if self._pauser is not None:
+            self._pauser.pause("stream")
+        slot.on_ok = lambda: self._enter_raw(bridge)
+        slot.on_error = lambda: self._stream_failed(bridge)
+
+    def _stream_failed(self, bridge: StreamBridge) -> None:
+        bridge.close()
+        if self._pending_bridge is bridge:
+            self._pending_bridge = None
+        self._awaiting_stream = False
+        if self._pauser is not None:
+            self._pauser.resume("stream")
+
+    def _enter_raw(self, bridge: StreamBridge) -> None:
+        self._mode = _RAW
+        self._pending_bridge = None
+        self._bridge = bridge
+        self._awaiting_stream = False
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(_Throttle(bridge.pause, bridge.resume), True)
+        if self._pauser is not None:
+            for reason in ("stream", "inflight", "writes"):
+                self._pauser.resume(reason)
+        rest = self._decoder.take_rest()
+        if rest:
+            bridge.write(rest)
+        if self._read_closed:
+            bridge.close()
+        bridge.attach(self)
+
+    def _listen(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
+        port = args.port()
+        subscription = self._subscribe(slot)
+        d = self.api.listen(port, _AcceptFactory(self.factory, subscription, port))
+        return d.addCallback(self._bound, subscription, port)
+
+    def _recv(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
+        port = args.port()
+        subscription = self._subscribe(slot)
+
+        def received(meta: dict[str, Any], data: bytes) -> None:
+            try:
+                event = {"event": "datagram", "from": meta.get("from"), "src_port": meta.get("src_port"),
+                         "data": base64.b64encode(data).decode("ascii")}
+                subscription.send(event, droppable=True)
+            except Exception:
+                self.log.failure("cannot deliver a datagram to a control client")
+
+        return self.api.bind_datagrams(port, received).addCallback(self._bound, subscription, port)
+
+    def _subscribe(self, slot: _Slot) -> _Subscription:
+        subscription = _Subscription(self)
+        self._subscriptions.append(subscription)
+        slot.on_ok = subscription.go_live
+
+        def failed() -> None:
+            subscription.close()
+            if subscription in self._subscriptions:
+                self._subscriptions.remove(subscription)
+
+        slot.on_error = failed
+        return subscription
+
+    def _bound(self, listening: Listening, subscription: _Subscription, port: int) -> dict[str, Any]:
+        if subscription.closed or self._mode == _CLOSED:
+            listening.close()
+        else:
+            subscription.listening = listening
+        return {"port": port}
+
+    # --- writing ------------------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        if self._writes_paused:
+            self._unsent += len(frame)
+        self.transport.write(frame)
+
+    def write_event(self, event: dict[str, Any], droppable: bool) -> None:
+        if self._mode != _COMMAND:
+            return
+        if droppable and self._writes_paused and self._unsent > MAX_UNSENT:
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 1000 == 0:
+                self.log.warn("a control client does not read its events; {dropped} dropped so far",
+                              dropped=self._dropped)
+            return
+        try:
+            frame = encode_frame(event)
+        except Exception:
+            self.log.failure("cannot encode a control event")
+            return
+        self._write(frame)
+
+    # raw mode, from the bridge
+
+    def stream_data(self, data: bytes) -> None:
+        if self._mode == _RAW:
+            self.transport.write(data)
+
+    def stream_lost(self) -> None:
+        if self._mode == _RAW:
+            self._close()
+
+    def pause_reading(self, reason: str) -> None:
+        if self._pauser is not None and self._mode != _CLOSED:
+            self._pauser.pause(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if self._pauser is not None and self._mode != _CLOSED:
+            self._pauser.resume(reason)
+
+    # IPushProducer: the Unix transport's send buffer (command mode only)
+
+    def pauseProducing(self) -> None:
+        if not self._writes_paused:
+            self._writes_paused = True
+            self._unsent = 0
+            self.pause_reading("writes")
+
+    def resumeProducing(self) -> None:
+        if self._writes_paused:
+            self._writes_paused = False
+            self._unsent = 0
+            self.resume_reading("writes")
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ControlServerFactory(Factory):
+    """
+    Serves the control socket for ``api``.
+
+    ``allowed_uid`` is the uid allowed besides root (the owner of
+    ``PILOT_HOME``, see :func:`home_owner`; default: this process's uid).
+    ``credentials`` finds a connection's uid (default :func:`peer_uid`);
+    a connection whose uid cannot be found is refused where ``SO_PEERCRED``
+    exists.  Accepted streams wait ``attach_window`` seconds on ``clock`` for
+    their ``attach``.
+    """
+
+    log = Logger()
+    protocol = ControlProtocol
+
+    def __init__(self, api: NodeAPI, clock: IReactorTime, allowed_uid: int | None = None, *,
+                 credentials: Callable[[ITransport], int | None] = peer_uid,
+                 attach_window: float = ATTACH_WINDOW) -> None:
+        self.api = api
+        self.clock = clock
+        self.allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
+        self.credentials = credentials
+        self.attach_window = attach_window
+        self.connections: set[ControlProtocol] = set()
+        self._held: dict[int, tuple[StreamBridge, IDelayedCall]] = {}
+        self._next_conn_id = 1
+
+    def buildProtocol(self, addr: IAddress) -> ControlProtocol:  # type: ignore[override]
+        return ControlProtocol(self)
+
+    def permits(self, uid: int | None) -> bool:
+        if uid is None:
+            return _SO_PEERCRED is None  # no way to ask: the socket's mode is the only guard
+        return uid == 0 or uid == self.allowed_uid
+
+    # --- accepted streams waiting for attach ---------------------------------------------
+
+    def hold(self, bridge: StreamBridge) -> int:
+        """Keep an accepted stream for ``attach``; its connection id."""
+        while self._next_conn_id in self._held:
+            self._next_conn_id = self._next_conn_id % 0xFFFFFFFF + 1
+        conn_id = self._next_conn_id
+        self._next_conn_id = self._next_conn_id % 0xFFFFFFFF + 1
+        timer = self.clock.callLater(self.attach_window, self._expire, conn_id)
+        self._held[conn_id] = (bridge, timer)
+        return conn_id
+
+    def take(self, conn_id: int) -> StreamBridge | None:
+        held = self._held.pop(conn_id, None)
+        if held is None:
+            return None
+        bridge, timer = held
+        if timer.active():
+            timer.cancel()
+        return bridge
+
+    @property
+    def held(self) -> list[int]:
+        return sorted(self._held)
+
+    def _expire(self, conn_id: int) -> None:
+        held = self._held.pop(conn_id, None)
+        if held is not None:
+            self.log.info("closing accepted stream {conn_id} from {peer}: not attached within {window} s",
+                          conn_id=conn_id, peer=held[0].peer, window=self.attach_window)
+            held[0].close()
+
+    def stopFactory(self) -> None:
+        """The socket is no longer served: close held streams and every client connection."""
+        for conn_id in list(self._held):
+            bridge = self.take(conn_id)
+            if bridge is not None:
+                bridge.close()
+        for connection in list(self.connections):
+            connection.transport.loseConnection()

@@ -1,0 +1,684 @@
+"""
+pilotctl's node commands (pilot.cli_node) in-process: a fake control client
+injected for exact requests and every output shape, error and bad argument;
+then the real client and control server over a Unix socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pilot import cli, cli_node
+from pilot.control import Subscription
+from pilot.errors import ConnectionFailed, ErrorCode, NotFound, NotTrusted
+from pilot.protocols.control import ControlDecoder, ControlServerFactory
+from pilot.wire.registry import encode_frame
+from tests.protocols.test_control import FakeAPI, FakeListening
+from tests.test_cli import Ran
+from tests.test_control_client import LoopPilot
+
+
+class FakeClient:
+    """Stands in for ControlClient: records requests, answers from :attr:`answers`."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.test = test
+        self.answers: dict[str, Any] = {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.timeouts: list[float | None] = []
+        self.closed = 0
+        self.stream: socket.socket | None = None
+        self.subscription_result: Any = {"port": 0}
+        self.subscription_peer: socket.socket | None = None
+        self.attached: dict[int, socket.socket] = {}
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.test.addCleanup(a.close)
+        self.test.addCleanup(b.close)
+        return a, b
+
+    def _answer(self, cmd: str) -> Any:
+        answer = self.answers[cmd]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def call(self, cmd: str, /, **args: Any) -> Any:
+        return self.request(cmd, args)
+
+    def request(self, cmd: str, args: Any = None, timeout: float | None = None) -> Any:
+        self.calls.append((cmd, dict(args or {})))
+        self.timeouts.append(timeout)
+        return self._answer(cmd)
+
+    def open_stream(self, target: str, port: int, timeout: float | None = None) -> socket.socket:
+        self.calls.append(("connect", {"target": target, "port": port}))
+        if "connect" in self.answers:
+            self._answer("connect")
+        assert self.stream is not None
+        return self.stream
+
+    def subscribe(self, cmd: str, /, deadline: float | None = None, **args: Any) -> Subscription:
+        self.calls.append((cmd, args))
+        if cmd in self.answers:
+            self._answer(cmd)
+        assert self.subscription_peer is not None
+        mine = self.subscription_peer
+        return Subscription(mine, ControlDecoder(), self.subscription_result, deadline)
+
+    def attach(self, conn_id: int, timeout: float | None = None) -> socket.socket:
+        self.calls.append(("attach", {"conn_id": conn_id}))
+        return self.attached[conn_id]
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class CLITestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fake = FakeClient(self)
+        self.made: list[tuple[str | None, float]] = []
+
+        def make(path: str | None, timeout: float) -> FakeClient:
+            self.made.append((path, timeout))
+            return self.fake
+
+        self.patch(cli_node, "make_client", make)
+
+    def run_ok(self, argv: list[str]) -> Ran:
+        ran = Ran(argv)
+        self.assertEqual(ran.status, 0, ran.stderr)
+        self.assertNotIn("Traceback", ran.stderr)
+        return ran
+
+    def run_json(self, argv: list[str]) -> Any:
+        ran = self.run_ok(["--json", *argv])
+        lines = ran.stdout.splitlines()
+        self.assertEqual(len(lines), 1, ran.stdout)
+        return json.loads(lines[0])
+
+    def run_error(self, argv: list[str], code: ErrorCode) -> dict[str, Any]:
+        ran = Ran(["--json", *argv])
+        self.assertEqual(ran.status, int(code), ran.stderr)
+        self.assertEqual(ran.stdout, "")
+        error = ran.json_error()
+        self.assertEqual(error["code"], code.name)
+        return error
+
+
+NODE_INFO = {"node_id": 5, "address": "0:0000.0000.0005", "hostname": "sensor-1", "public": True,
+             "public_key": "AAAA", "endpoint": "192.168.1.50:4000", "registry": "rv:9000",
+             "uptime_secs": 3725.5, "peers": 2, "connections": 1, "counters": {"b": 2, "a": 1}}
+
+# argv, daemon cmd, its arguments, the daemon's answer, the text printed
+SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
+    (["set-hostname", "sensor-1"], "set_hostname", {"hostname": "sensor-1"}, {"hostname": "sensor-1"},
+     "hostname set: sensor-1"),
+    (["clear-hostname"], "set_hostname", {"hostname": ""}, {"hostname": ""}, "hostname cleared"),
+    (["set-public"], "set_public", {"public": True}, {"visibility": "public"}, "visibility: public"),
+    (["set-private"], "set_public", {"public": False}, {"visibility": "private"}, "visibility: private"),
+    (["set-tags", "#gpu", "fast", "gpu"], "set_tags", {"tags": ["gpu", "fast"]}, {"tags": ["gpu", "fast"]},
+     "tags set: #gpu #fast"),
+    (["find", "sensor-1"], "find", {"hostname": "sensor-1"},
+     {"hostname": "sensor-1", "address": "1:0001.0000.0001", "node_id": 1, "public": True,
+      "endpoint": "192.168.1.50:4000"},
+     "sensor-1 1:0001.0000.0001 public 192.168.1.50:4000"),
+    (["find", "hidden"], "find", {"hostname": "hidden"},
+     {"hostname": "hidden", "address": "0:0000.0000.0007", "node_id": 7, "public": False,
+      "endpoint": "10.0.0.1:4000"},
+     "hidden 0:0000.0000.0007 private -"),
+    (["find", "fresh"], "find", {"hostname": "fresh"},
+     {"hostname": "fresh", "address": "0:0000.0000.0008", "node_id": 8, "public": True, "endpoint": None},
+     "fresh 0:0000.0000.0008 public -"),
+    (["peers"], "peers", {}, [], "no peers"),
+    (["peers", "--search", "sen"], "peers", {"search": "sen"}, [], "no peers matching 'sen'"),
+    (["peers", "--search", "sensor"], "peers", {"search": "sensor"},
+     [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000"},
+      {"hostname": None, "address": "0:0000.0000.0022", "node_id": 34, "endpoint": None}],
+     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT\n"
+     "sensor-1  0:0000.0000.0001  1        1.2.3.4:4000\n"
+     "-         0:0000.0000.0022  34       -"),
+    (["handshake", "sensor-1", "fleet enrollment"], "handshake",
+     {"target": "sensor-1", "justification": "fleet enrollment"}, {"status": "sent", "node_id": 1},
+     "handshake request sent to node 1; it must approve (or send a handshake back)"),
+    (["handshake", "0:0000.0000.0001"], "handshake", {"target": "0:0000.0000.0001", "justification": ""},
+     {"status": "approved", "node_id": 1}, "trust established with node 1"),
+    (["handshake", "17"], "handshake", {"target": "17", "justification": ""},
+     {"status": "sent", "node_id": 17},
+     "handshake request sent to node 17; it must approve (or send a handshake back)"),
+    (["pending"], "pending", {}, [], "no pending handshake requests"),
+    (["pending"], "pending", {},
+     [{"node_id": 9, "public_key": "k", "justification": "let me in", "received_at": 0}],
+     "NODE ID  JUSTIFICATION  RECEIVED\n9        let me in      1970-01-01 00:00:00 UTC"),
+    (["approve", "9"], "approve", {"node_id": 9}, {"status": "approved", "node_id": 9},
+     "trust established with node 9"),
+    (["approve", "0:0000.0000.0009"], "approve", {"node_id": 9}, {"status": "approved", "node_id": 9},
+     "trust established with node 9"),
+    (["reject", "9", "who are you"], "reject", {"node_id": 9, "reason": "who are you"},
+     {"status": "rejected", "node_id": 9}, "handshake from node 9 rejected"),
+    (["reject", "9"], "reject", {"node_id": 9, "reason": ""}, {"status": "rejected", "node_id": 9},
+     "handshake from node 9 rejected"),
+    (["trust"], "trust", {}, [], "no trusted peers"),
+    (["trust"], "trust", {},
+     [{"node_id": 9, "public_key": "k", "approved_at": 86400, "mutual": True, "network": 0}],
+     "NODE ID  HOSTNAME  MUTUAL  APPROVED\n9        -         yes     1970-01-02 00:00:00 UTC"),
+    (["untrust", "9"], "untrust", {"node_id": 9}, {"status": "revoked", "node_id": 9},
+     "trust revoked for node 9"),
+    (["send", "sensor-1", "5000", "--data", "hello"], "send",
+     {"target": "sensor-1", "port": 5000, "data": base64.b64encode(b"hello").decode()},
+     {"sent": 5, "target": "0:0000.0000.0001", "port": 5000}, "sent 5 bytes to sensor-1 port 5000"),
+]
+
+# every node command, with arguments that parse
+EVERY = [["info"], ["set-hostname", "a"], ["clear-hostname"], ["set-public"], ["set-private"],
+         ["set-tags", "a"], ["find", "a"], ["peers"], ["handshake", "a"], ["pending"], ["approve", "1"],
+         ["reject", "1"], ["trust"], ["untrust", "1"], ["ping", "a"], ["connect", "a", "1"], ["listen", "1"],
+         ["send", "a", "1", "--data", "x"], ["recv", "1"]]
+
+
+class SimpleCommandTests(CLITestCase):
+    def test_human(self) -> None:
+        for argv, cmd, args, answer, text in SIMPLE:
+            self.fake.calls.clear()
+            self.fake.answers[cmd] = answer
+            ran = self.run_ok(argv)
+            self.assertEqual(ran.stdout, text + "\n", argv)
+            self.assertEqual(ran.stderr, "", argv)
+            self.assertEqual(self.fake.calls, [(cmd, args)], argv)
+
+    def test_json(self) -> None:
+        for argv, cmd, args, answer, text in SIMPLE:
+            self.fake.answers[cmd] = answer
+            self.assertEqual(self.run_json(argv), answer, argv)
+
+    def test_json_after_the_command(self) -> None:
+        self.fake.answers["approve"] = {"status": "approved", "node_id": 9}
+        ran = self.run_ok(["approve", "9", "--json"])
+        self.assertEqual(json.loads(ran.stdout), {"status": "approved", "node_id": 9})
+
+    def test_daemon_errors(self) -> None:
+        for argv, cmd, args, answer, text in SIMPLE:
+            self.fake.answers[cmd] = NotFound("no node has the hostname 'x'", "try `pilotctl peers`")
+            error = self.run_error(argv, ErrorCode.not_found)
+            self.assertEqual(error["message"], "no node has the hostname 'x'")
+            self.assertEqual(error["hint"], "try `pilotctl peers`")
+            ran = Ran(argv)
+            self.assertEqual(ran.stdout, "")
+            self.assertEqual(ran.stderr, "error: no node has the hostname 'x'\nhint: try `pilotctl peers`\n")
+
+    def test_client_closed(self) -> None:
+        self.fake.answers["pending"] = []
+        self.run_ok(["pending"])
+        self.assertEqual(self.fake.closed, 1)
+
+    def test_socket_option(self) -> None:
+        self.fake.answers["trust"] = []
+        self.run_ok(["trust", "--socket", "/run/p.sock"])
+        self.run_ok(["trust"])
+        self.assertEqual([path for path, _ in self.made], ["/run/p.sock", None])
+
+    def test_info(self) -> None:
+        self.fake.answers["info"] = NODE_INFO
+        ran = self.run_ok(["info"])
+        self.assertEqual(ran.stdout.splitlines(), [
+            "Node ID:      5", "Address:      0:0000.0000.0005", "Hostname:     sensor-1",
+            "Visibility:   public", "Public key:   AAAA", "Endpoint:     192.168.1.50:4000",
+            "Registry:     rv:9000", "Uptime:       01:02:05", "Peers:        2", "Connections:  1",
+            "Counters:", "  a: 1", "  b: 2"])
+        self.assertEqual(self.run_json(["info"]), NODE_INFO)
+
+    def test_info_sparse(self) -> None:
+        self.fake.answers["info"] = {"node_id": 5}
+        ran = self.run_ok(["info"])
+        self.assertIn("Hostname:     -", ran.stdout)
+        self.assertIn("Uptime:       -", ran.stdout)
+
+    def test_unexpected_shapes_never_trace(self) -> None:
+        for argv, cmd, args, answer, text in SIMPLE:
+            for odd in (None, "text", 5, [1, 2], {"x": [1]}):
+                self.fake.answers[cmd] = odd
+                ran = Ran(argv)
+                self.assertIn(ran.status, (0, 10), (argv, odd))
+                self.assertNotIn("Traceback", ran.stderr)
+        self.fake.answers["info"] = ["odd"]
+        self.assertEqual(Ran(["info"]).status, 0)
+
+
+class BadArgumentTests(CLITestCase):
+    BAD = [
+        (["set-hostname"], "NAME"),
+        (["set-hostname", "Bad_Name"], "lower-case"),
+        (["set-hostname", "localhost"], "reserved"),
+        (["set-hostname", "x" * 64], "63"),
+        (["set-tags"], "TAG"),
+        (["set-tags", "no spaces"], "invalid tag"),
+        (["set-tags", *[f"t{i}" for i in range(11)]], "at most"),
+        (["find"], "NAME"),
+        (["find", "UPPER"], "lower-case"),
+        (["handshake"], "NAME|ADDR"),
+        (["handshake", "not a host"], "not a hostname"),
+        (["handshake", "1:0002.0000.0001"], "network mismatch"),
+        (["handshake", "99999999999"], "out of range"),
+        (["handshake", "a", "x" * 2000], "1024"),
+        (["approve"], "NODE_ID"),
+        (["approve", "-1"], "node id"),
+        (["approve", "4294967296"], "node id"),
+        (["approve", "abc"], "node id"),
+        (["reject", "x"], "node id"),
+        (["reject", "1", "x" * 2000], "1024"),
+        (["untrust", "1.5"], "node id"),
+        (["ping"], "NAME|ADDR"),
+        (["ping", "a", "--count", "0"], "count"),
+        (["ping", "a", "--count", "-3"], "count"),
+        (["ping", "a", "--count", "x"], "count"),
+        (["ping", "a", "--count", "5000"], "at most"),
+        (["ping", "a", "--timeout", "0"], "timeout"),
+        (["ping", "a", "--timeout", "nan"], "timeout"),
+        (["ping", "a", "--timeout", "soon"], "timeout"),
+        (["connect", "a"], "PORT"),
+        (["connect", "a", "65536"], "port"),
+        (["connect", "a", "-1"], "port"),
+        (["connect", "a", "http"], "port"),
+        (["connect", "a", "7", "--timeout", "-1"], "timeout"),
+        (["listen"], "PORT"),
+        (["listen", "70000"], "port"),
+        (["listen", "80", "--count", "0"], "count"),
+        (["listen", "80", "--timeout", "inf"], "timeout"),
+        (["send", "a", "1"], "--data"),
+        (["send", "a", "x", "--data", "d"], "port"),
+        (["send", "Bad!", "1", "--data", "d"], "hostname"),
+        (["recv", "1.0"], "port"),
+        (["recv", "1", "--count", "1e3"], "count"),
+        (["peers", "--search", "x" * 300], "256"),
+        (["peers", "extra"], "unrecognized"),
+        (["info", "--bogus"], "--bogus"),
+        (["pending", "--sock", "x"], "--sock"),
+    ]
+
+    def test_bad_arguments(self) -> None:
+        for argv, needle in self.BAD:
+            for json_first in (True, False):
+                ran = Ran(["--json", *argv] if json_first else [*argv, "--json"])
+                self.assertEqual(ran.status, 2, (argv, ran.stderr))
+                self.assertEqual(ran.stdout, "", argv)
+                error = ran.json_error()
+                self.assertEqual(error["code"], "invalid_argument", argv)
+                self.assertIn(needle, error["message"], argv)
+                self.assertIn("--help", error["hint"], argv)
+        self.assertEqual(self.made, [])  # the daemon was never asked
+
+    def test_help_everywhere(self) -> None:
+        for argv in EVERY:
+            ran = Ran([argv[0], "--help"])
+            self.assertEqual(ran.status, 0, argv)
+            self.assertIn(f"usage: pilotctl {argv[0]}", ran.stdout)
+            self.assertIn("--socket PATH", ran.stdout)
+            self.assertIn("--json", ran.stdout)
+            self.assertEqual(ran.stderr, "")
+        self.assertEqual(self.made, [])
+
+
+class NotRunningTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="pilotctl-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "pilot.sock")
+
+    def test_every_command(self) -> None:
+        for argv in EVERY:
+            ran = Ran(["--json", *argv, "--socket", self.path])
+            self.assertEqual(ran.status, 4, (argv, ran.stderr))
+            self.assertEqual(ran.stdout, "")
+            error = ran.json_error()
+            self.assertEqual(error["code"], "not_running")
+            self.assertIn(self.path, error["message"])
+            self.assertIn("pilotctl daemon start", error["hint"])
+
+    def test_human(self) -> None:
+        ran = Ran(["info", "--socket", self.path])
+        self.assertEqual(ran.status, 4)
+        self.assertTrue(ran.stderr.startswith("error: the daemon is not running"))
+        self.assertIn("\nhint: start the daemon with `pilotctl daemon start`", ran.stderr)
+
+    def test_environment(self) -> None:
+        self.patch(os, "environ", {**os.environ, "PILOT_SOCKET": self.path})
+        self.assertIn(self.path, Ran(["--json", "info"]).json_error()["message"])
+        env = {k: v for k, v in os.environ.items() if k != "PILOT_SOCKET"}
+        self.patch(os, "environ", {**env, "PILOT_HOME": self.dir})
+        self.assertIn(self.path, Ran(["--json", "info"]).json_error()["message"])
+
+
+class PingTests(CLITestCase):
+    RESULT = {"target": "0:0000.0000.0001", "timeout": False, "results": [
+        {"seq": 1, "rtt_ms": 1.5}, {"seq": 2, "error": "no echo in 5 s"}, {"seq": 3, "rtt_ms": 2.5}]}
+
+    def test_human(self) -> None:
+        self.fake.answers["ping"] = self.RESULT
+        ran = self.run_ok(["ping", "sensor-1", "--count", "3", "--timeout", "2"])
+        self.assertEqual(ran.stdout.splitlines(), [
+            "PING sensor-1 (0:0000.0000.0001)",
+            "seq=1 time=1.500 ms",
+            "seq=2 error: no echo in 5 s",
+            "seq=3 time=2.500 ms",
+            "--- sensor-1 ping statistics ---",
+            "3 sent, 2 received, 33% loss, rtt min/avg/max = 1.500/2.000/2.500 ms"])
+        self.assertEqual(self.fake.calls, [("ping", {"target": "sensor-1", "count": 3, "timeout": 2.0,
+                                                     "interval": 1.0})])
+        self.assertGreater(self.fake.timeouts[0], 3 * 3.0)
+
+    def test_defaults(self) -> None:
+        self.fake.answers["ping"] = self.RESULT
+        self.run_ok(["ping", "0:0000.0000.0001"])
+        self.assertEqual(self.fake.calls[0][1], {"target": "0:0000.0000.0001", "count": 4, "timeout": 5.0,
+                                                 "interval": 1.0})
+
+    def test_json(self) -> None:
+        self.fake.answers["ping"] = self.RESULT
+        self.assertEqual(self.run_json(["ping", "sensor-1"]), self.RESULT)
+
+    def test_no_reply_at_all(self) -> None:
+        self.fake.answers["ping"] = {"target": "0:0000.0000.0001", "timeout": True, "results": [
+            {"seq": 1, "error": "no echo in 5 s"}, {"seq": 2, "error": "no echo in 5 s"}]}
+        error = self.run_error(["ping", "sensor-1"], ErrorCode.timeout)
+        self.assertIn("no reply from sensor-1", error["message"])
+        self.assertIn("no echo", error["message"])
+        ran = Ran(["ping", "sensor-1"])
+        self.assertEqual((ran.status, ran.stdout), (7, ""))
+
+    def test_empty_results(self) -> None:
+        self.fake.answers["ping"] = {"target": "x", "results": [], "timeout": True}
+        self.run_error(["ping", "a"], ErrorCode.timeout)
+
+    def test_daemon_error(self) -> None:
+        self.fake.answers["ping"] = NotTrusted("sensor-1 does not trust this node")
+        self.run_error(["ping", "sensor-1"], ErrorCode.not_trusted)
+
+
+class ConnectTests(CLITestCase):
+    def peer(self, behaviour: Any) -> threading.Thread:
+        mine, theirs = self.fake.pair()
+        self.fake.stream = mine
+        thread = threading.Thread(target=behaviour, args=(theirs,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 2)
+        return thread
+
+    @staticmethod
+    def shouting(sock: socket.socket) -> None:
+        """Read until the client's half-close, answer in upper case, close."""
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        sock.sendall(got.upper())
+        sock.close()
+
+    def test_message(self) -> None:
+        self.peer(self.shouting)
+        ran = self.run_ok(["connect", "sensor-1", "1000", "--message", "hello"])
+        self.assertEqual(ran.stdout, "HELLO\n")
+        self.assertEqual(self.fake.calls, [("connect", {"target": "sensor-1", "port": 1000})])
+
+    def test_message_json(self) -> None:
+        self.peer(self.shouting)
+        self.assertEqual(self.run_json(["connect", "sensor-1", "1000", "--message", "héllo"]),
+                         {"sent": 6, "received": "HéLLO"})
+
+    def test_message_no_answer_but_closed(self) -> None:
+        def sink(sock: socket.socket) -> None:
+            while sock.recv(65536):
+                pass
+            sock.close()
+
+        self.peer(sink)
+        ran = self.run_ok(["connect", "sensor-1", "1000", "--message", "hello"])
+        self.assertEqual(ran.stdout, "")
+        self.assertEqual(ran.stderr, "sent 5 bytes (no response)\n")
+
+    def test_message_timeout(self) -> None:
+        done = threading.Event()
+        self.peer(lambda sock: done.wait(5))
+        self.addCleanup(done.set)
+        started = time.monotonic()
+        error = self.run_error(["connect", "sensor-1", "1000", "--message", "x", "--timeout", "0.3"],
+                               ErrorCode.timeout)
+        self.assertIn("no answer", error["message"])
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_partial_answer_at_the_timeout(self) -> None:
+        done = threading.Event()
+
+        def dribble(sock: socket.socket) -> None:
+            sock.sendall(b"part")
+            done.wait(5)
+
+        self.peer(dribble)
+        self.addCleanup(done.set)
+        self.assertEqual(self.run_json(["connect", "a", "1", "--message", "x", "--timeout", "0.3"]),
+                         {"sent": 1, "received": "part"})
+
+    def test_pipe(self) -> None:
+        self.patch(cli_node, "stdin", lambda: io.BytesIO(b"line one\nline two\n"))
+        self.peer(self.shouting)
+        ran = self.run_ok(["connect", "sensor-1", "1000"])
+        self.assertEqual(ran.stdout, "LINE ONE\nLINE TWO\n")
+
+    def test_pipe_json(self) -> None:
+        self.patch(cli_node, "stdin", lambda: io.BytesIO(b"abc"))
+        self.peer(self.shouting)
+        self.assertEqual(self.run_json(["connect", "sensor-1", "1000"]), {"sent": 3, "received": "ABC"})
+
+    def test_pipe_binary_stdout(self) -> None:
+        self.patch(cli_node, "stdin", lambda: io.BytesIO(b"\xff\x00"))
+        self.peer(lambda sock: (sock.recv(10), sock.sendall(b"\xfe\x01\xff"), sock.close()))
+
+        class Binary(io.StringIO):
+            def __init__(self) -> None:
+                super().__init__()
+                self.buffer = io.BytesIO()
+
+        out = Binary()
+        status = cli.main(["connect", "a", "1"], stdout=out, stderr=io.StringIO())
+        self.assertEqual(status, 0)
+        self.assertEqual(out.buffer.getvalue(), b"\xfe\x01\xff")
+
+    def test_pipe_timeout_after_input(self) -> None:
+        done = threading.Event()
+        self.patch(cli_node, "stdin", lambda: io.BytesIO(b"x"))
+        self.peer(lambda sock: done.wait(5))
+        self.addCleanup(done.set)
+        self.run_error(["connect", "a", "1", "--timeout", "0.3"], ErrorCode.timeout)
+
+    def test_refused(self) -> None:
+        self.fake.answers["connect"] = ConnectionFailed("cannot reach sensor-1", "is it running?")
+        self.fake.stream = self.fake.pair()[0]
+        error = self.run_error(["connect", "sensor-1", "1000", "--message", "x"], ErrorCode.connection_failed)
+        self.assertEqual(error["hint"], "is it running?")
+
+
+class SubscriptionTests(CLITestCase):
+    def subscription(self, *events: dict[str, Any]) -> socket.socket:
+        mine, theirs = self.fake.pair()
+        self.fake.subscription_peer = mine
+        for event in events:
+            theirs.sendall(encode_frame(event))
+        return theirs
+
+    def stream(self, conn_id: int, data: bytes, close: bool = True) -> socket.socket:
+        mine, theirs = self.fake.pair()
+        self.fake.attached[conn_id] = mine
+        theirs.sendall(data)
+        if close:
+            theirs.shutdown(socket.SHUT_WR)
+        return theirs
+
+    def accepted(self, conn_id: int, port: int = 40000) -> dict[str, Any]:
+        return {"event": "accepted", "conn_id": conn_id, "from": "0:0000.0000.0009", "port": port}
+
+    def datagram(self, data: bytes, src_port: int = 49000) -> dict[str, Any]:
+        return {"event": "datagram", "from": "0:0000.0000.0009", "src_port": src_port,
+                "data": base64.b64encode(data).decode()}
+
+    # listen
+
+    def test_listen_json(self) -> None:
+        self.subscription(self.accepted(1), self.accepted(2, 40001), self.accepted(3))
+        self.stream(1, b"first")
+        self.stream(2, b"\xffsecond")
+        self.stream(3, b"never read")
+        data = self.run_json(["listen", "1000", "--count", "2"])
+        self.assertEqual(data, [
+            {"from": "0:0000.0000.0009", "port": 40000, "data": "first", "bytes": 5},
+            {"from": "0:0000.0000.0009", "port": 40001, "data": "\ufffdsecond", "bytes": 7}])
+        self.assertEqual(self.fake.calls, [("listen", {"port": 1000}), ("attach", {"conn_id": 1}),
+                                           ("attach", {"conn_id": 2})])
+
+    def test_listen_human(self) -> None:
+        self.subscription(self.accepted(1))
+        self.stream(1, b"hello\n")
+        ran = self.run_ok(["listen", "1000", "--count", "1"])
+        self.assertEqual(ran.stdout, "[0:0000.0000.0009:40000] hello\n")
+        self.assertEqual(ran.stderr, "listening on port 1000\n")
+
+    def test_listen_timeout_keeps_what_came(self) -> None:
+        self.subscription(self.accepted(1))
+        self.stream(1, b"partial", close=False)
+        self.assertEqual(self.run_json(["listen", "1000", "--timeout", "0.3"]),
+                         [{"from": "0:0000.0000.0009", "port": 40000, "data": "partial", "bytes": 7}])
+
+    def test_listen_nothing(self) -> None:
+        self.subscription()
+        error = self.run_error(["listen", "1000", "--timeout", "0.2"], ErrorCode.timeout)
+        self.assertIn("no stream to port 1000", error["message"])
+
+    def test_listen_daemon_gone(self) -> None:
+        self.subscription().close()
+        self.run_error(["listen", "1000", "--timeout", "5"], ErrorCode.connection_failed)
+
+    def test_listen_refused(self) -> None:
+        self.subscription()
+        self.fake.answers["listen"] = NotFound("port 1000 is taken")
+        self.run_error(["listen", "1000"], ErrorCode.not_found)
+
+    def test_listen_ignores_other_events(self) -> None:
+        self.subscription({"event": "weird"}, {"event": "accepted", "conn_id": "x"}, self.accepted(1))
+        self.stream(1, b"ok")
+        self.assertEqual(len(self.run_json(["listen", "1000", "--count", "1"])), 1)
+
+    # recv
+
+    def test_recv_json(self) -> None:
+        self.subscription(self.datagram(b"one"), self.datagram(b"two", 49001), self.datagram(b"three"))
+        self.assertEqual(self.run_json(["recv", "5000", "--count", "2"]), [
+            {"from": "0:0000.0000.0009", "src_port": 49000, "data": "one", "bytes": 3},
+            {"from": "0:0000.0000.0009", "src_port": 49001, "data": "two", "bytes": 3}])
+        self.assertEqual(self.fake.calls, [("recv", {"port": 5000})])
+
+    def test_recv_human(self) -> None:
+        self.subscription(self.datagram(b"reading=21.5"))
+        ran = self.run_ok(["recv", "5000", "--count", "1"])
+        self.assertEqual(ran.stdout, "[0:0000.0000.0009:49000] reading=21.5\n")
+        self.assertEqual(ran.stderr, "waiting for datagrams on port 5000\n")
+
+    def test_recv_timeout_keeps_what_came(self) -> None:
+        self.subscription(self.datagram(b"one"))
+        self.assertEqual(len(self.run_json(["recv", "5000", "--count", "5", "--timeout", "0.3"])), 1)
+
+    def test_recv_nothing(self) -> None:
+        self.subscription()
+        error = self.run_error(["recv", "5000", "--timeout", "0.2"], ErrorCode.timeout)
+        self.assertIn("no datagram to port 5000", error["message"])
+
+    def test_recv_bad_event_data_skipped(self) -> None:
+        self.subscription({"event": "datagram", "data": "!!"}, self.datagram(b"fine"))
+        self.assertEqual(self.run_json(["recv", "5000", "--count", "1"])[0]["data"], "fine")
+
+    def test_recv_daemon_gone(self) -> None:
+        self.subscription(self.datagram(b"one")).close()
+        self.run_error(["recv", "5000", "--count", "2"], ErrorCode.connection_failed)
+
+
+class RealDaemonTests(TestCase):
+    """pilotctl (in a thread) against the real control server on the reactor."""
+
+    def setUp(self) -> None:
+        self.api = FakeAPI()
+        self.dir = tempfile.mkdtemp(prefix="pilotctl-")
+        self.path = os.path.join(self.dir, "pilot.sock")
+        self.factory = ControlServerFactory(self.api, reactor)
+        self.port = reactor.listenUNIX(self.path, self.factory, mode=0o600)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        yield self.port.stopListening()
+        while self.factory.connections:
+            yield deferLater(reactor, 0.01, lambda: None)
+        shutil.rmtree(self.dir, True)
+
+    def pilotctl(self, *argv: str) -> Any:
+        return deferToThread(Ran, [*argv, "--socket", self.path])
+
+    @inlineCallbacks
+    def test_info_and_find(self) -> Any:
+        self.api.answers["info"] = NODE_INFO
+        self.api.answers["find"] = {"hostname": "sensor-1", "address": "1:0001.0000.0001", "node_id": 65537,
+                                    "public": True, "endpoint": "192.168.1.50:4000"}
+        ran = yield self.pilotctl("--json", "info")
+        self.assertEqual((ran.status, json.loads(ran.stdout)), (0, NODE_INFO))
+        ran = yield self.pilotctl("find", "sensor-1")
+        self.assertEqual(ran.stdout, "sensor-1 1:0001.0000.0001 public 192.168.1.50:4000\n")
+
+    @inlineCallbacks
+    def test_error_from_the_node(self) -> Any:
+        self.api.answers["untrust"] = NotFound("node 9 is not trusted", "see `pilotctl trust`")
+        ran = yield self.pilotctl("untrust", "9")
+        self.assertEqual(ran.status, 3)
+        self.assertEqual(ran.stderr, "error: node 9 is not trusted\nhint: see `pilotctl trust`\n")
+        self.assertEqual(self.api.calls, [("untrust", (9,))])
+
+    @inlineCallbacks
+    def test_connect_message(self) -> Any:
+        def connected(target: str, port: int) -> Any:
+            bridge = self.api.protocols[-1]
+            bridge.makeConnection(LoopPilot(bridge))
+            return {"target": target, "port": port}
+
+        self.api.answers["connect"] = connected
+        ran = yield self.pilotctl("--json", "connect", "sensor-1", "7", "--message", "echo me")
+        self.assertEqual(ran.status, 0, ran.stderr)
+        self.assertEqual(json.loads(ran.stdout), {"sent": 7, "received": "ECHO ME"})
+
+    @inlineCallbacks
+    def test_recv(self) -> Any:
+        listening = FakeListening()
+        self.api.answers["bind_datagrams"] = listening
+        d = self.pilotctl("--json", "recv", "5000", "--count", "2", "--timeout", "10")
+        while not self.api.receivers:
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.05, lambda: None)
+        for payload in (b"a", b"b"):
+            self.api.receivers[0]({"from": "0:0000.0000.0009", "src_port": 7}, payload)
+        ran = yield d
+        self.assertEqual(ran.status, 0, ran.stderr)
+        self.assertEqual([e["data"] for e in json.loads(ran.stdout)], ["a", "b"])
+        while not listening.closed:
+            yield deferLater(reactor, 0.01, lambda: None)
+
