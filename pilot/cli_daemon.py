@@ -22,7 +22,9 @@ from typing import Any
 
 from pilot import log
 from pilot.cli import COMMANDS, Context, Result, arg
-from pilot.errors import AlreadyExists, ConnectionFailed, InvalidArgument, NotRunning, PilotError, Timeout
+from pilot.errors import (
+    AlreadyExists, ConnectionFailed, ErrorCode, InvalidArgument, NotRunning, PilotError, Timeout,
+)
 from pilot.identity import Identity, default_home
 from pilot.nodeconfig import NODE_OPTIONS, config_path, load_settings, read_config
 from pilot.options import Switch
@@ -108,7 +110,7 @@ def _running_info(socket_path: str) -> dict[str, Any] | None:
     try:
         info: dict[str, Any] = _client(socket_path, 2.0).call("info")
         return info
-    except (NotRunning, ConnectionFailed):
+    except (NotRunning, ConnectionFailed, Timeout):
         return None  # nobody there, or a daemon closing its socket as it stops
 
 
@@ -161,6 +163,10 @@ def _start_background(ctx: Context, settings: Any) -> Result:
             continue
         argv += [f"--{opt.name}"] if value is True else [f"--{opt.name}", str(value)]
     env = dict(os.environ, PILOT_HOME=settings.home)
+    try:
+        log_start = os.path.getsize(settings.log_path)
+    except OSError:
+        log_start = 0
     with open(settings.log_path, "ab") as logfile:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                                 env=env, start_new_session=True, close_fds=True)
@@ -168,8 +174,10 @@ def _start_background(ctx: Context, settings: Any) -> Result:
     info = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise PilotError(f"the daemon exited at start (status {proc.returncode}): {_log_tail(settings.log_path)}",
-                             f"the whole log is in {settings.log_path}")
+            # the foreground daemon exits with its error's code: pass it on
+            code = proc.returncode if proc.returncode in ErrorCode._value2member_map_ else ErrorCode.internal
+            raise PilotError(f"the daemon exited at start: {_log_tail(settings.log_path, log_start)}",
+                             f"the whole log is in {settings.log_path}", code=ErrorCode(code))
         info = _running_info(settings.socket)
         if info is not None and info.get("registry", {}).get("state") == "registered":
             break
@@ -187,11 +195,12 @@ def _start_background(ctx: Context, settings: Any) -> Result:
                         f"It keeps trying; `pilotctl daemon status` shows progress.")
 
 
-def _log_tail(path: str, lines: int = 5) -> str:
+def _log_tail(path: str, start: int = 0, lines: int = 5) -> str:
+    """The last lines this start wrote to the log (from byte ``start``)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4000))
+            f.seek(max(start, f.tell() - 4000))
             tail = f.read().decode("utf-8", "replace").strip().splitlines()[-lines:]
     except OSError:
         return "(no log)"

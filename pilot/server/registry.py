@@ -274,7 +274,9 @@ class Registry:
         port = listen_port(listen)
         real_addr = format_endpoint(peer.host, port if port else peer.port)
         node = self.state.nodes.get(node_id)
-        moved = node is not None and node.real_addr != real_addr
+        # a node coming back (deregistered or reaped) counts as moved too: its peers
+        # still hold the endpoint it had before it left
+        moved = node.real_addr != real_addr if node is not None else known is not None
         changed = node is None or moved
         if node is None:
             node = Node(id=node_id, public_key=key, real_addr=real_addr, last_seen=now, owner=owner)

@@ -52,6 +52,8 @@ from pilot.wire.registry import SIGNER_FIELD
 
 #: Startup Discovers are repeated this often until the beacon answers.
 DISCOVER_RETRY = 1.0
+#: The first registration waits at most this long for the beacon's answer.
+REGISTER_WAIT = 0.5
 UDP_BUFFER = 4 * 1024 * 1024
 
 
@@ -96,6 +98,7 @@ class NodeService(MultiService):
         self.public_endpoint: Optional[Endpoint] = None
         self.started_at: Optional[float] = None
         self._discover_call: Any = None
+        self._register_call: Any = None
         self._ports: list[Any] = []
 
         self.udp = NodeDatagramProtocol(self, self._is_beacon)
@@ -152,12 +155,22 @@ class NodeService(MultiService):
                       udp=udp.getHost().port, sock=self.settings.socket, registry=self.settings.registry,
                       beacon=self.settings.beacon)
         self._discover()
-        self.registration.start()
+        # register once the beacon told us our public endpoint (or after a
+        # short wait without it), so the first registration is the right one
+        self._register_call = self.reactor.callLater(REGISTER_WAIT, self._start_registration)
+
+    def _start_registration(self) -> None:
+        if self._register_call is not None and self._register_call.active():
+            self._register_call.cancel()
+        self._register_call = None
+        if self.running and self.registration.state == "idle":
+            self.registration.start()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        if self._discover_call is not None and self._discover_call.active():
-            self._discover_call.cancel()
+        for call in (self._discover_call, self._register_call):
+            if call is not None and call.active():
+                call.cancel()
         stopped = self.registration.stop()
 
         def close(_: object) -> Any:
@@ -256,7 +269,9 @@ class NodeService(MultiService):
             return
         old, self.public_endpoint = self.public_endpoint, observed
         self.log.info("public endpoint {endpoint} (seen by the beacon)", endpoint=f"{observed[0]}:{observed[1]}")
-        if old is not None or self.registration.state == "registered":
+        if self.registration.state == "idle":
+            self._start_registration()
+        elif old is not None or self.registration.state == "registered":
             self.registration.endpoint_changed()
 
     def punch_commanded(self, peer: Endpoint) -> None:
@@ -307,6 +322,8 @@ class NodeService(MultiService):
         self._discover()
 
     def _unregistered(self, reason: str) -> None:
+        if not self.running:
+            return  # we are stopping: we deregistered on purpose
         self.log.info("registry unavailable: {reason}; tunnels keep working, re-registering by itself",
                       reason=reason)
 

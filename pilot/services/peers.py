@@ -114,6 +114,11 @@ class PeerDirectory:
             reply = yield self._request({"type": "resolve_hostname", "hostname": hostname})
         except RegistryUnavailable:
             cached = self._names.get(hostname)
+            if cached is None:
+                # a name learned any other way (a lookup, a trusted peer) serves too
+                known = [p for p in self.peers.values() if p.hostname == hostname]
+                if len(known) == 1:
+                    cached = (known[0].node_id, self.clock.seconds())
             if cached is not None and self.clock.seconds() - cached[1] < NAME_TTL:
                 peer = self.peer(cached[0])
                 return {"hostname": hostname, "node_id": peer.node_id, "address": str(peer.address),

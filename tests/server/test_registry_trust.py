@@ -660,6 +660,20 @@ class EventTests(Trio):
         self.assertEqual(self.world.node(self.a).hostname, "alice")
         self.assertEqual(bob.events("endpoint_changed"), [])
 
+    def test_returning_node_is_endpoint_changed(self) -> None:
+        """
+        A node that deregistered (a daemon restart) and registers again is
+        announced to the peers it trusts, even on the same endpoint: they may
+        hold a session or an endpoint from before it left.
+        """
+        bob = self.subscribe(self.bob, self.b)
+        self.legacy(self.alice, {"type": "report_trust", "node_id": self.a, "peer_id": self.b})
+        self.legacy(self.alice, {"type": "deregister", "node_id": self.a})
+        bob.pushed.clear()
+        self.world.register(self.alice, PEER, listen="0.0.0.0:4009")
+        [event] = bob.events("endpoint_changed")
+        self.assertEqual((event["node_id"], event["real_addr"].rpartition(":")[2]), (self.a, "4009"))
+
     def test_session_closed(self) -> None:
         bob = self.subscribe(self.bob, self.b)
         other = self.subscribe(self.bob, self.b)  # a second connection of bob's
