@@ -158,6 +158,7 @@ class _Core:
     identity: Identity
     clock: IReactorTime
     endpoint: Callable[[], str]
+    register_extra: Callable[[], dict[str, Any]]
     on_registered: Callable[[int, Address], object]
     on_unregistered: Callable[[str], object]
     on_event: Callable[[dict[str, Any]], object]
@@ -420,6 +421,10 @@ class _Core:
                                "listen_addr": listen}
         if self.hostname:
             msg["hostname"] = self.hostname
+        try:
+            msg.update({k: v for k, v in self.register_extra().items() if k not in msg})
+        except Exception:
+            self.log.failure("registration: the register_extra provider failed")
         self.sent_listen_addr = listen
         self.step_sent = {}
         reply = yield self.send(self.sign(msg))
@@ -778,6 +783,8 @@ class Registration:
     :param clock: time (``task.Clock`` in tests).
     :param endpoint: ``() -> "ip:port"``, our tunnel socket as the beacon
         observed it (or the local one); read at every register.
+    :param register_extra: ``() -> dict``: more fields for ``register``
+        (ours: ``local_addr``, the tunnel socket on our LAN).
     :param registered: ``(node_id, address)`` after every successful
         registration; the id is the registry's.
     :param unregistered: ``(reason)`` once when a registration is lost
@@ -794,6 +801,7 @@ class Registration:
 
     def __init__(self, *, connect: Callable[[], "Deferred[RegistryClient]"], identity: Identity,
                  clock: IReactorTime, endpoint: Callable[[], str],
+                 register_extra: Callable[[], dict[str, Any]] = lambda: {},
                  registered: Callable[[int, Address], object] = lambda node_id, address: None,
                  unregistered: Callable[[str], object] = lambda reason: None,
                  event: Callable[[dict[str, Any]], object] = lambda event: None,
@@ -817,7 +825,7 @@ class Registration:
             raise InvalidArgument("backoff_max must be at least backoff_initial")
         tag_list = self._tags(tags or [])
         self._core = _Core(
-            connect=connect, identity=identity, clock=clock, endpoint=endpoint, on_registered=registered,
+            connect=connect, identity=identity, clock=clock, endpoint=endpoint, register_extra=register_extra, on_registered=registered,
             on_unregistered=unregistered, on_event=event, on_heartbeat=heartbeat_ok,
             jitter=random if random is not None else _random.Random(), random_bytes=random_bytes,
             hostname=hostname, public=public, tags=tag_list, heartbeat_interval=heartbeat_interval,

@@ -91,6 +91,10 @@ def listen_port(text: str) -> int | None:
     return int(port)
 
 
+def _host(endpoint: str) -> str:
+    return endpoint.rpartition(":")[0]
+
+
 def parse_endpoint(text: str) -> tuple[str, int] | None:
     """``ip:port`` / ``[ip6]:port`` to ``(ip, port)``, None if it is not one."""
     if not isinstance(text, str) or len(text) > 64:
@@ -284,6 +288,10 @@ class Registry:
         self.state.index_key(key, node_id)
         node.real_addr = real_addr
         node.last_seen = now
+        local = parse_endpoint(msg.get("local_addr", ""))
+        local_addr = format_endpoint(*local) if local is not None else ""
+        if node.local_addr != local_addr:
+            node.local_addr, changed = local_addr, True
         if owner and owner != node.owner:
             node.owner, changed = owner, True
         if fresh and node_id not in self.state.proven:
@@ -329,7 +337,11 @@ class Registry:
         if not self.may_see(requester.id, target):
             raise RequestError(ErrorCode.not_trusted,
                                f"node {target.id} is private and does not trust node {requester.id}")
-        return {"type": "resolve_ok", "node_id": target.id, "real_addr": target.real_addr}
+        reply = {"type": "resolve_ok", "node_id": target.id, "real_addr": target.real_addr}
+        if target.local_addr and _host(requester.real_addr) == _host(target.real_addr):
+            # behind the same NAT (one public address): the LAN path needs no hairpin
+            reply["local_addr"] = target.local_addr
+        return reply
 
     def resolve_hostname(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
         name = get_str(msg, "hostname", max_len=256)

@@ -45,6 +45,8 @@ class Node:
     polo_score: int = 0
     task_exec: bool = False
     networks: list[int] = attr.Factory(lambda: [0])
+    #: ours: the node's tunnel socket on its own LAN, for peers behind the same NAT
+    local_addr: str = ""
 
     @property
     def address(self) -> Address:
@@ -213,6 +215,8 @@ def _node_json(n: Node) -> dict[str, Any]:
         out["polo_score"] = n.polo_score
     if n.task_exec:
         out["task_exec"] = True
+    if n.local_addr:
+        out["local_addr"] = n.local_addr
     return out
 
 
@@ -239,6 +243,7 @@ def _node_from_json(raw: Any, where: str) -> Node:
         polo_score=_get(raw, "polo_score", int, 0),
         task_exec=_get(raw, "task_exec", bool, False),
         networks=[_u32(x, f"{where}.networks") for x in networks] or [0],
+        local_addr=_get(raw, "local_addr", str, ""),
     )
 
 

@@ -96,6 +96,7 @@ class NodeService(MultiService):
         self.beacon_host, self.beacon_port = split_host_port(settings.beacon)
         self.beacon_addr: Optional[Endpoint] = None
         self.public_endpoint: Optional[Endpoint] = None
+        self.lan_host: Optional[str] = None
         self.started_at: Optional[float] = None
         self._discover_call: Any = None
         self._register_call: Any = None
@@ -124,7 +125,7 @@ class NodeService(MultiService):
             rules=settings.auto_approve, peer_info=self.peers.lookup, trust_ended=self._trust_ended)
         self.registration = Registration(
             connect=self._connect_registry, identity=self.identity, clock=reactor,
-            endpoint=self._endpoint_text, registered=self._registered, unregistered=self._unregistered,
+            endpoint=self._endpoint_text, register_extra=self._register_extra, registered=self._registered, unregistered=self._unregistered,
             event=self._registry_event, heartbeat_ok=self._heartbeat_ok, hostname=settings.hostname,
             public=settings.public, tags=list(settings.tags), heartbeat_interval=settings.heartbeat)
         from pilot.services.api import NodeAPIImpl
@@ -288,6 +289,13 @@ class NodeService(MultiService):
             host, port = "0.0.0.0", self._udp_port()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    def _register_extra(self) -> dict[str, Any]:
+        """Our tunnel socket on our own LAN, for peers behind the same NAT (no hairpin needed)."""
+        if self.lan_host is None or not self._udp_port():
+            return {}
+        host = self.lan_host
+        return {"local_addr": f"[{host}]:{self._udp_port()}" if ":" in host else f"{host}:{self._udp_port()}"}
+
     def _udp_port(self) -> int:
         transport = self.udp.transport
         return transport.getHost().port if transport is not None else 0
@@ -302,7 +310,15 @@ class NodeService(MultiService):
         factory = RegistryClientFactory(
             on_event=lambda event: self.registration.event_received(event),
             on_lost=lambda client, reason: self.registration.connection_lost(reason, client))
-        return endpoint.connect(factory)  # type: ignore[no-any-return]
+        d = endpoint.connect(factory)
+
+        def learn_lan_address(client: Any) -> Any:
+            # the address our LAN gave us: the source of our connection to the registry
+            host = getattr(getattr(client, "transport", None), "getHost", lambda: None)()
+            if host is not None and getattr(host, "host", None):
+                self.lan_host = host.host
+            return client
+        return d.addCallback(learn_lan_address)  # type: ignore[no-any-return]
 
     def _registry_request(self, msg: dict[str, Any], signed_field: Optional[str] = None) -> Deferred[Any]:
         return self.registration.request(msg, signed_field)

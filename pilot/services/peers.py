@@ -159,6 +159,10 @@ class PeerDirectory:
         except NotFound:
             raise NotFound(f"node {node_id} is not registered", "it may be offline") from None
         endpoint = parse_endpoint(reply.get("real_addr"))
+        local = parse_endpoint(reply.get("local_addr"))
+        if local is not None:
+            # the registry saw us both behind one public address: the LAN path needs no hairpin
+            endpoint = local
         if endpoint is None:
             raise PilotError(f"the registry has no usable endpoint for node {node_id}",
                              "the node may still be starting; retry")

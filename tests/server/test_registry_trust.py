@@ -660,6 +660,19 @@ class EventTests(Trio):
         self.assertEqual(self.world.node(self.a).hostname, "alice")
         self.assertEqual(bob.events("endpoint_changed"), [])
 
+    def test_local_addr_only_behind_the_same_nat(self) -> None:
+        """A node's LAN endpoint is given only to a requester with the same public address."""
+        self.legacy(self.alice, {"type": "report_trust", "node_id": self.a, "peer_id": self.b})
+        self.world.register(self.alice, PEER, listen="0.0.0.0:4001", local_addr="10.1.0.5:4001")
+        reply = self.resolve(self.bob, self.b, self.a)
+        same_nat = self.world.node(self.b).real_addr.rpartition(":")[0] == \
+            self.world.node(self.a).real_addr.rpartition(":")[0]
+        self.assertEqual(reply.get("local_addr"), "10.1.0.5:4001" if same_nat else None)
+        self.world.node(self.b).real_addr = "203.0.113.99:5000"  # bob elsewhere
+        self.assertNotIn("local_addr", self.resolve(self.bob, self.b, self.a))
+        self.world.register(self.alice, PEER, listen="0.0.0.0:4001", local_addr="not an endpoint")
+        self.assertEqual(self.world.node(self.a).local_addr, "")
+
     def test_returning_node_is_endpoint_changed(self) -> None:
         """
         A node that deregistered (a daemon restart) and registers again is
