@@ -56,8 +56,8 @@ RETRY_JITTER = 0.25
 #: until traffic resumes (then it punches at once, and backs off again).
 RELAY_IDLE = 60.0
 #: A direct or punched path with nothing sent for this long (s) gets a PILP, so
-#: our NAT keeps its mapping (commonly dropped after 30 s of silence).
-KEEPALIVE = 15.0
+#: our NAT keeps its mapping (commonly dropped after 30 s of silence, some after 10 s).
+KEEPALIVE = 8.0
 #: A direct or punched path whose sends have gone unanswered (no authenticated
 #: direct frame) for this long (s), without a pause as long in our sending, is
 #: tried again: direct, punch, relay.  Streams are answered within a round trip.

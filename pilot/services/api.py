@@ -101,6 +101,7 @@ class NodeAPIImpl:
             "conn_list": n.stack.connections(),
             "ports": n.stack.ports(),
             "counters": {"tunnel": dict(n.tunnels.counters), "stack": dict(n.stack.counters),
+                         "path": dict(n.paths.counters),
                          "udp": dict(n.udp.counters)},
         }
 

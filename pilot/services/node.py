@@ -52,6 +52,9 @@ from pilot.wire.registry import SIGNER_FIELD
 
 #: Startup Discovers are repeated this often until the beacon answers.
 DISCOVER_RETRY = 1.0
+#: How often the node asks the beacon (unsigned) what its public endpoint is:
+#: an IP change shows within this long (the reference: only every 30 s).
+DISCOVER_PROBE = 3.0
 #: The first registration waits at most this long for the beacon's answer.
 REGISTER_WAIT = 0.5
 UDP_BUFFER = 4 * 1024 * 1024
@@ -100,6 +103,7 @@ class NodeService(MultiService):
         self.started_at: Optional[float] = None
         self._discover_call: Any = None
         self._register_call: Any = None
+        self._probe_call: Any = None
         self._ports: list[Any] = []
 
         self.udp = NodeDatagramProtocol(self, self._is_beacon)
@@ -169,7 +173,7 @@ class NodeService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        for call in (self._discover_call, self._register_call):
+        for call in (self._discover_call, self._register_call, self._probe_call):
             if call is not None and call.active():
                 call.cancel()
         stopped = self.registration.stop()
@@ -264,6 +268,21 @@ class NodeService(MultiService):
         self.udp.send(data, self.beacon_addr)
         if self.public_endpoint is None:
             self._discover_call = self.reactor.callLater(DISCOVER_RETRY, self._discover)
+        elif self._probe_call is None:
+            self._probe_call = self.reactor.callLater(DISCOVER_PROBE, self._probe)
+
+    def _probe(self) -> None:
+        """
+        An unsigned Discover every few seconds: the beacon only answers it (it
+        records nothing), so it costs the beacon little, and the answer shows
+        at once when our public endpoint changed (a new IP, a NAT rebind).
+        It also keeps our NAT mapping to the beacon, for relays, open.
+        """
+        self._probe_call = None
+        if self.beacon_addr is None or not self.running:
+            return
+        self.udp.send(bw.Discover(0).base, self.beacon_addr)
+        self._probe_call = self.reactor.callLater(DISCOVER_PROBE, self._probe)
 
     def discovered(self, observed: Endpoint, source: Endpoint) -> None:
         if observed == self.public_endpoint:

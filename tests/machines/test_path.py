@@ -211,11 +211,11 @@ class PathMachineTests(SynchronousTestCase):
     def test_no_keepalive_while_sending(self) -> None:
         self.tunnels.last_tx = 1000.0
         self.go_direct()
-        self.clock.advance(10)
-        self.tunnels.last_tx = self.clock.seconds()
-        self.clock.advance(KEEPALIVE - 10)
+        self.clock.advance(KEEPALIVE / 2)
+        self.tunnels.last_tx = self.clock.seconds()  # we sent: the keepalive waits a full interval from here
+        self.clock.advance(KEEPALIVE / 2 + 0.001)
         self.assertEqual(self.sent, [])
-        self.clock.advance(10)
+        self.clock.advance(KEEPALIVE / 2)
         self.assertEqual(self.datagrams(), [(PILP, E1)])
 
     def test_roaming(self) -> None:
