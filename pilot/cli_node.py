@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 from pilot.address import Address
 from pilot.cli import PROG, COMMANDS, Arg, Context, Result, arg
 from pilot.control import DEFAULT_TIMEOUT, ControlClient
-from pilot.errors import ConnectionFailed, InvalidArgument, MalformedFrame, Timeout
+from pilot.errors import ConnectionFailed, InvalidArgument, MalformedFrame, NotFound, Timeout
 from pilot.names import hostname_problem, normalise_tags
 
 #: How a command reaches the daemon: ``make_client(socket_path_or_None, timeout)``.
@@ -198,14 +198,34 @@ def _info_text(data: dict[str, Any]) -> str:
             ("Hostname", data.get("hostname")),
             ("Visibility", None if public is None else "public" if public else "private"),
             ("Public key", data.get("public_key")), ("Endpoint", data.get("endpoint")),
-            ("Registry", data.get("registry")), ("Uptime", uptime_text),
+            ("Registry", _registry_text(data.get("registry"))), ("Uptime", uptime_text),
             ("Peers", data.get("peers")), ("Connections", data.get("connections"))]
     lines = [f"{name + ':':<13} {_shown(value)}" for name, value in rows]
-    counters = data.get("counters")
-    if isinstance(counters, dict) and counters:
+    counters = _flatten(data.get("counters"))
+    if counters:
         lines.append("Counters:")
-        lines += [f"  {key}: {_shown(counters[key])}" for key in sorted(counters)]
+        lines += [f"  {key}: {_shown(value)}" for key, value in counters]
     return "\n".join(lines)
+
+
+def _registry_text(registry: Any) -> Any:
+    """The registry's address, and its state when the daemon says (``rv:9000 (registered)``)."""
+    if not isinstance(registry, dict):
+        return registry
+    server, state = registry.get("server"), registry.get("state")
+    if server and state:
+        return f"{server} ({state})"
+    return server or state
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested counters as sorted ``(dotted.name, value)`` pairs."""
+    if not isinstance(value, dict):
+        return [(prefix, value)] if prefix else []
+    out: list[tuple[str, Any]] = []
+    for key in sorted(value, key=str):
+        out += _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    return out
 
 
 @COMMANDS.command("set-hostname", "give this node a hostname others can find it by",
@@ -587,7 +607,11 @@ class _Listener:
                 continue
             if self.count is not None and len(self.entries) >= self.count:
                 continue  # the daemon closes it when nobody attaches
-            stream = self.client.attach(conn_id)
+            try:
+                stream = self.client.attach(conn_id)
+            except NotFound as e:  # expired, or taken by another client: not ours to wait for
+                _note(self.ctx, f"stream {conn_id} from {event.get('from')} is gone: {e.message}")
+                continue
             entry = {"from": event.get("from"), "port": event.get("port"), "data": b""}
             self.entries.append(entry)
             self.selector.register(stream, selectors.EVENT_READ, entry)

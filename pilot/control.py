@@ -16,8 +16,10 @@ one stream.  ::
 Errors are :class:`~pilot.errors.PilotError` subclasses: an error reply maps
 through :func:`~pilot.errors.error_for`; no socket, or nobody behind it, is
 :class:`~pilot.errors.NotRunning`; no reply in time is
-:class:`~pilot.errors.Timeout`; a daemon that hangs up (or refuses this user)
-is :class:`~pilot.errors.ConnectionFailed`.
+:class:`~pilot.errors.Timeout`; a daemon that hangs up is
+:class:`~pilot.errors.NotRunning` if it turns out to have stopped
+(:func:`daemon_gone`), else :class:`~pilot.errors.ConnectionFailed` (it
+refused this user, say).
 """
 
 from __future__ import annotations
@@ -77,8 +79,13 @@ class ControlClient:
             request_id = self._send(sock, cmd, args or {}, deadline)
             reply = _read_frame(sock, deadline)
             return _result(reply, request_id)
+        except _HungUp:
+            self._drop()
+            if daemon_gone(self.socket_path):
+                raise _stopped() from None
+            raise
         except PilotError as e:
-            if not _connection_survives(e):
+            if isinstance(e, _LinkError):
                 self._drop()
             raise
         except BaseException:
@@ -108,10 +115,15 @@ class ControlClient:
                 if "event" not in frame:
                     break
             result = _result(frame, request_id)
+        except _HungUp:
+            sock.close()
+            if daemon_gone(self.socket_path):
+                raise _stopped() from None
+            raise
         except BaseException:
             sock.close()
             raise
-        return Subscription(sock, decoder, result, deadline)
+        return Subscription(sock, decoder, result, deadline, self.socket_path)
 
     def close(self) -> None:
         self._drop()
@@ -132,6 +144,11 @@ class ControlClient:
             # exact reads: every byte after the reply belongs to the stream
             _result(_read_frame(sock, deadline), request_id)
             sock.settimeout(None)
+        except _HungUp:
+            sock.close()
+            if daemon_gone(self.socket_path):
+                raise _stopped() from None
+            raise
         except BaseException:
             sock.close()
             raise
@@ -202,10 +219,11 @@ class Subscription:
     """
 
     def __init__(self, sock: socket.socket, decoder: ControlDecoder, result: Any,
-                 deadline: float | None) -> None:
+                 deadline: float | None, socket_path: str | None = None) -> None:
         self.socket = sock
         self.result = result
         self.deadline = deadline
+        self.socket_path = socket_path
         self._decoder = decoder
         self._events: list[dict[str, Any]] = []
         self._collect()
@@ -255,11 +273,12 @@ class Subscription:
             data = self.socket.recv(_RECV)
         except (socket.timeout, BlockingIOError):
             return False
-        except OSError as e:
-            raise _hung_up(e) from None
+        except OSError:
+            data = b""
         if not data:
-            raise ConnectionFailed("the daemon closed the subscription",
-                                   "the daemon may have stopped; see `pilotctl daemon status`")
+            if self.socket_path is not None and daemon_gone(self.socket_path):
+                raise NotRunning("the daemon stopped", START_HINT)
+            raise ConnectionFailed("the daemon closed the subscription", "see `pilotctl daemon status` and its log")
         self._decoder.feed(data)
         self._collect()
         return True
@@ -367,29 +386,63 @@ def _result(reply: dict[str, Any], request_id: int) -> Any:
                     hint if isinstance(hint, str) and hint else None)
 
 
-def _connection_survives(error: PilotError) -> bool:
-    """After this error, is the connection still in step (an error reply), or must it be dropped?"""
-    return not getattr(error, "_transport", False)
+class _LinkError:
+    """Marks an error of the connection itself (not an error reply): the connection is out of step."""
+
+
+class _NoAnswer(Timeout, _LinkError):
+    pass
+
+
+class _HungUp(ConnectionFailed, _LinkError):
+    pass
+
+
+class _BadReply(PilotError, _LinkError):
+    code = ErrorCode.malformed
 
 
 def _timeout() -> Timeout:
-    error = Timeout("the daemon did not answer in time",
-                    "the daemon may be busy or stuck; try again, raise --timeout, or see its log")
-    error._transport = True  # type: ignore[attr-defined]
-    return error
+    return _NoAnswer("the daemon did not answer in time",
+                     "the daemon may be busy or stuck; try again, raise --timeout, or see its log")
 
 
 def _hung_up(e: OSError | None) -> ConnectionFailed:
     detail = f": {e.strerror or e}" if e is not None else ""
-    error = ConnectionFailed(f"the daemon closed the control connection{detail}",
-                             "the daemon may have stopped, or refused this user; "
-                             "see `pilotctl daemon status`")
-    error._transport = True  # type: ignore[attr-defined]
-    return error
+    return _HungUp(f"the daemon closed the control connection{detail}",
+                   "the daemon may have refused this user; see `pilotctl daemon status` and its log")
 
 
 def _malformed(reason: str) -> PilotError:
-    error = PilotError(f"bad reply from the daemon: {reason}",
-                       "the daemon and pilotctl may be different versions", code=ErrorCode.malformed)
-    error._transport = True  # type: ignore[attr-defined]
-    return error
+    return _BadReply(f"bad reply from the daemon: {reason}", "the daemon and pilotctl may be different versions")
+
+
+def _stopped() -> NotRunning:
+    return NotRunning("the daemon stopped before it answered", START_HINT)
+
+
+def daemon_gone(path: str, attempts: int = 5) -> bool:
+    """
+    After the daemon hung up on us: is it gone (stopped, or stopping), rather
+    than alive and refusing us?  A stopping daemon may still hold its socket
+    for a moment and reset what it queued, so look a few times: no socket
+    file, or nobody behind it, is "gone"; a connection it keeps open is
+    "alive"; one it closes at once (refused, or dying) is looked at again.
+    """
+    for _ in range(attempts):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(path)
+            probe.settimeout(0.1)
+            probe.recv(1)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return True
+        except socket.timeout:
+            return False
+        except OSError:
+            pass  # reset: dying, or refusing
+        finally:
+            probe.close()
+        time.sleep(0.05)
+    return False

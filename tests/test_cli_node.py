@@ -243,6 +243,13 @@ class SimpleCommandTests(CLITestCase):
             "Counters:", "  a: 1", "  b: 2"])
         self.assertEqual(self.run_json(["info"]), NODE_INFO)
 
+    def test_info_nested(self) -> None:
+        self.fake.answers["info"] = {**NODE_INFO, "registry": {"server": "rv:9000", "state": "registered"},
+                                     "counters": {"stack": {"sent": 3, "received": 4}, "udp": {}}}
+        ran = self.run_ok(["info"])
+        self.assertIn("Registry:     rv:9000 (registered)\n", ran.stdout)
+        self.assertTrue(ran.stdout.endswith("Counters:\n  stack.received: 4\n  stack.sent: 3\n"), ran.stdout)
+
     def test_info_sparse(self) -> None:
         self.fake.answers["info"] = {"node_id": 5}
         ran = self.run_ok(["info"])
@@ -550,6 +557,21 @@ class SubscriptionTests(CLITestCase):
             {"from": "0:0000.0000.0009", "port": 40001, "data": "\ufffdsecond", "bytes": 7}])
         self.assertEqual(self.fake.calls, [("listen", {"port": 1000}), ("attach", {"conn_id": 1}),
                                            ("attach", {"conn_id": 2})])
+
+    def test_listen_stream_gone_before_attach(self) -> None:
+        self.subscription(self.accepted(1), self.accepted(2))
+        self.stream(2, b"second")
+        real_attach = self.fake.attach
+
+        def attach(conn_id: int, timeout: float | None = None) -> socket.socket:
+            if conn_id == 1:
+                raise NotFound("no accepted stream 1 is waiting")
+            return real_attach(conn_id, timeout)
+
+        self.fake.attach = attach  # type: ignore[method-assign]
+        ran = self.run_ok(["listen", "1000", "--count", "1"])
+        self.assertEqual(ran.stdout, "[0:0000.0000.0009:40000] second\n")
+        self.assertIn("stream 1 from 0:0000.0000.0009 is gone", ran.stderr)
 
     def test_listen_human(self) -> None:
         self.subscription(self.accepted(1))

@@ -224,6 +224,16 @@ class CallTests(SynchronousTestCase):
         e = self.assertRaises(ConnectionFailed, ControlClient(daemon.path, timeout=5).call, "info")
         self.assertIn("closed", e.message)
 
+    def test_daemon_stops_before_answering(self) -> None:
+        def script(conn: socket.socket) -> None:
+            read_request(conn)
+            daemon.stop()  # the socket file goes, then the connection
+            os.unlink(daemon.path)
+
+        daemon = ScriptedDaemon(self, script)
+        e = self.assertRaises(NotRunning, ControlClient(daemon.path, timeout=5).call, "info")
+        self.assertIn("stopped", e.message)
+
     def test_daemon_refuses_at_once(self) -> None:
         daemon = ScriptedDaemon(self, lambda conn: None)
         self.assertRaises(ConnectionFailed, ControlClient(daemon.path, timeout=5).call, "info")
@@ -344,6 +354,17 @@ class StreamTests(SynchronousTestCase):
         sub = ControlClient(daemon.path, timeout=5).subscribe("recv", port=5)
         with sub:
             self.assertRaises(ConnectionFailed, next, sub)
+
+    def test_subscription_daemon_stopped(self) -> None:
+        def script(conn: socket.socket) -> None:
+            req = read_request(conn)
+            conn.sendall(ok(req, None))
+            daemon.stop()
+            os.unlink(daemon.path)
+
+        daemon = ScriptedDaemon(self, script)
+        with ControlClient(daemon.path, timeout=5).subscribe("recv", port=5) as sub:
+            self.assertRaises(NotRunning, next, sub)
 
     def test_subscribe_refused(self) -> None:
         def script(conn: socket.socket) -> None:
@@ -502,6 +523,16 @@ class EndToEndTests(TestCase):
         self.assertEqual(event["port"], 40000)
         self.assertEqual(data, b"greetings")
         yield self.wait_for(lambda: listening.closed == 1)
+
+    @inlineCallbacks
+    def test_daemon_stops_while_asked(self) -> Any:
+        from twisted.internet.defer import Deferred
+        self.api.answers["info"] = Deferred()  # never answered
+        d = deferToThread(ControlClient(self.path, timeout=5).call, "info")
+        yield self.wait_for(lambda: bool(self.api.calls))
+        yield self.port.stopListening()
+        e = yield self.assertFailure(d, NotRunning)
+        self.assertIn("stopped", e.message)
 
     @inlineCallbacks
     def test_refused_user(self) -> Any:

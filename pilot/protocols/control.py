@@ -316,13 +316,16 @@ class _Pauser:
         return reason in self._reasons
 
 
+_log = Logger()
+
+
 def _call(target: Any, method: str) -> None:
     fn = getattr(target, method, None)
     if fn is not None:
         try:
             fn()
         except Exception:
-            Logger().failure("{method} failed on {target!r}", method=method, target=target)
+            _log.failure("{method} failed on {target!r}", method=method, target=target)
 
 
 @implementer(IPushProducer)
@@ -470,6 +473,8 @@ class StreamBridge(Protocol):
 class _AcceptFactory(Factory):
     """What ``listen`` gives the node: each accepted stream is held for an ``attach`` and announced."""
 
+    noisy = False
+
     def __init__(self, server: ControlServerFactory, subscription: _Subscription, port: int) -> None:
         self.server = server
         self.subscription = subscription
@@ -536,7 +541,7 @@ class _Subscription:
             try:
                 listening.close()
             except Exception:
-                Logger().failure("closing a control subscription's port failed")
+                _log.failure("closing a control subscription's port failed")
 
 
 # --- the control connection ---------------------------------------------------------------------
