@@ -12,8 +12,10 @@ owner's callbacks (``registered``, ``unregistered``, ``event``).
 
 States (an Automat ``TypeMachineBuilder`` table, :func:`transitions`):
 ``idle`` -started-> ``connecting`` -connected-> ``registering``
--registration_succeeded-> ``registered``; ``registered`` -heartbeat_failed or
-endpoint_changed-> ``registering`` (same connection); connect_failed,
+-registration_succeeded-> ``registered``; ``registered`` -heartbeat_failed->
+``registering`` (same connection; a heartbeat that found the connection dead
+goes on at once with connection_lost to ``waiting``); ``registered``
+-endpoint_changed-> ``waiting`` (reconnect at once); connect_failed,
 registration_failed and connection_lost -> ``waiting`` -backoff_elapsed->
 ``connecting``; any state -stopped-> ``stopped`` (final).
 
@@ -21,10 +23,14 @@ On each connection: ``register`` (signed with our replay-proof ``auth``), then
 ``subscribe_events``, ``set_visibility`` / ``set_tags`` / ``set_hostname`` as
 needed, then the owner hears ``registered(node_id, address)`` and one
 ``poll_handshakes`` fetches whatever was queued while we were away.  A
-heartbeat every 25 s; a failed heartbeat re-registers on the same connection
-once; a second failure, a lost connection or a request left unanswered for
-10 s closes the connection and reconnects after a full-jitter backoff (0.5 s
-doubling to 30 s, each wait uniform in ``[0, backoff)``).
+heartbeat every 25 s; a heartbeat that gets an error reply (usually: the
+registry forgot us) re-registers on the same connection once; a heartbeat
+left unanswered for 10 s (or whose connection is gone), a second failure, a
+lost connection or any other request left unanswered for 10 s closes the
+connection and reconnects after a full-jitter backoff (0.5 s doubling to
+30 s, each wait uniform in ``[0, backoff)``).  A new public endpoint (usually
+a new IP, so the connection may be dead) closes the connection and reconnects
+at once, without backoff, to register the new ``listen_addr``.
 
 Where this differs from the reference daemon (facts §9):
 
@@ -642,10 +648,14 @@ def _announce(m: RegistrationInputs, c: _Core, reply: Reply) -> None:
                address=str(c.address), node_id=c.node_id, events="pushed" if c.subscribed else "polled")
     c.announced = True
     c.call_out("registered", c.on_registered, c.node_id, c.address)
+    if c.listen_addr() != c.sent_listen_addr:
+        # it moved while we were registering: this connection is about to be
+        # replaced, and a poll on it could empty our queue into a reply we lose;
+        # the new connection's registration polls and sends the settings
+        m.endpoint_changed()
+        return
     c.poll()
     c.flush_changes()
-    if c.listen_addr() != c.sent_listen_addr:
-        m.endpoint_changed()  # it moved while we were registering
 
 
 @_on(registered, I.heartbeat_due, registered)
@@ -662,14 +672,29 @@ def _heartbeat(m: RegistrationInputs, c: _Core) -> None:
 def _heartbeat_failed(m: RegistrationInputs, c: _Core, reason: Failure) -> None:
     c.failures += 1
     c.last_error = _reason(reason)
+    if reason.check(RegistryUnavailable):
+        # no answer, or the connection went away: registering again on it would
+        # only wait out another timeout; reconnect instead
+        c.log.warn("registration: heartbeat failed ({why}); reconnecting", why=c.last_error)
+        c.close_client()
+        m.connection_lost(c.last_error)
+        return
     c.log.warn("registration: heartbeat failed ({why}); registering again", why=c.last_error)
     c.start_registration()
 
 
-@_on(registered, I.endpoint_changed, registering)
+@_on(registered, I.endpoint_changed, waiting)
 def _moved(m: RegistrationInputs, c: _Core) -> None:
-    c.log.info("registration: our endpoint is now {endpoint!r}; registering again", endpoint=c.listen_addr())
-    c.start_registration()
+    # a new public endpoint usually means a new IP: the registry connection was
+    # made from the old one and may be dead without knowing it; reconnect at once
+    # (our own move, not a registry outage: no backoff)
+    c.log.info("registration: our endpoint is now {endpoint!r}; reconnecting to register it",
+               endpoint=c.listen_addr())
+    c.cancel_heartbeat()
+    c.cancel_retry()
+    c.close_client()
+    c.next_retry_at = c.now()
+    c.retry_call = c.clock.callLater(0, m.backoff_elapsed)
 
 
 @_on(registered, I.settings_changed, registered)

@@ -349,7 +349,7 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(HEARTBEAT_INTERVAL, 25.0)
 
     def test_heartbeat_error_reregisters_on_the_same_connection(self) -> None:
-        """The registry forgot us (reaped, restarted with no state): register again at once."""
+        """The registry forgot us (reaped, restarted with no state): register again on the same connection."""
         w = World(settings={"public": True},
                   script={"heartbeat": [NotFound("node is not registered")]}).started()
         mark = len(w.sent)
@@ -357,23 +357,28 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(w.types(mark), ["heartbeat", "register", "subscribe_events", "set_visibility",
                                          "poll_handshakes"])
         self.assertEqual(len(w.clients), 1)
-        self.assertEqual(w.outputs, [("registered", OUR_ID, OUR_ADDRESS)] * 2)
+        self.assertFalse(w.client.closed)
+        self.assertEqual(w.connects, [T0])
+        self.assertEqual(w.outputs, [("registered", OUR_ID, OUR_ADDRESS)] * 2)  # never unregistered
         self.assertEqual(w.reg.status()["consecutive_failures"], 0)
         mark = len(w.sent)
         w.clock.advance(HEARTBEAT_INTERVAL)
         self.assertEqual(w.types(mark), ["heartbeat"])
 
     def test_two_failures_in_a_row_reconnect(self) -> None:
-        """Heartbeat unanswered for 10 s, then register unanswered for 10 s: close, back off, reconnect."""
-        w = World(script={"heartbeat": [HANG], "register": [default_reply, HANG]},
-                  rng=FixedJitter(0.5)).started()
+        """
+        A heartbeat error reply re-registers on the same connection; that
+        register unanswered for 10 s (a second failure in a row): close, back
+        off, reconnect.
+        """
+        w = World(script={"heartbeat": [NotFound("node is not registered")],
+                          "register": [default_reply, HANG]}, rng=FixedJitter(0.5)).started()
         first = w.client
         w.clock.advance(HEARTBEAT_INTERVAL)
-        self.assertEqual(first.types[-1], "heartbeat")
-        w.clock.advance(REQUEST_TIMEOUT)
-        self.assertEqual(first.types[-1], "register")
+        self.assertEqual(first.types[-2:], ["heartbeat", "register"])
         self.assertEqual(w.reg.state, "registering")
         self.assertFalse(first.closed)
+        self.assertEqual(w.reg.status()["consecutive_failures"], 1)
         w.clock.advance(REQUEST_TIMEOUT)
         self.assertTrue(first.closed)
         self.assertEqual(w.reg.state, "waiting")
@@ -384,6 +389,45 @@ class HeartbeatTests(SynchronousTestCase):
         w.clock.advance(0.25)
         self.assertEqual(len(w.clients), 2)
         self.assertEqual(w.reg.state, "registered")
+        self.assertEqual(w.reg.status()["consecutive_failures"], 0)
+
+    def test_dead_heartbeat_reconnects_without_a_second_wait(self) -> None:
+        """
+        A heartbeat unanswered for 10 s means the connection is dead: close it
+        and reconnect after the jittered backoff, instead of registering again
+        on it (and waiting out another 10 s).
+        """
+        jitter = FixedJitter(0.5)
+        w = World(script={"heartbeat": [HANG]}, rng=jitter).started()
+        first = w.client
+        w.clock.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual(first.types[-1], "heartbeat")
+        w.clock.advance(REQUEST_TIMEOUT - 0.001)
+        self.assertEqual(w.reg.state, "registered")
+        self.assertFalse(first.closed)
+        w.clock.advance(0.001)
+        self.assertTrue(first.closed)
+        self.assertEqual(first.types, ["register", "subscribe_events", "poll_handshakes", "heartbeat"])
+        self.assertEqual(w.reg.state, "waiting")
+        status = w.reg.status()
+        self.assertIn("did not answer heartbeat within 10 s", status["last_error"])
+        self.assertEqual([o for o in w.outputs if o[0] == "unregistered"],
+                         [("unregistered", status["last_error"])])
+        # the failed heartbeat and the connection it found dead
+        self.assertEqual(status["consecutive_failures"], 2)
+        self.assertFalse(status["registry_connected"])
+        self.assertEqual(jitter.windows, [0.5])
+        self.assertEqual(status["next_retry_at"], T0 + 35.25)
+        self.assertEqual([c.getTime() for c in w.clock.getDelayedCalls()], [T0 + 35.25])  # only the reconnect
+        self.assertTrue(any("heartbeat failed" in text and "reconnecting" in text for text in w.warnings()),
+                        w.warnings())
+        w.clock.advance(0.249)
+        self.assertEqual(w.connects, [T0])
+        run_until(w.clock, T0 + 35.25)
+        self.assertEqual(w.connects, [T0, T0 + 35.25])
+        self.assertEqual(w.client.types, ["register", "subscribe_events", "poll_handshakes"])
+        self.assertEqual(w.reg.state, "registered")
+        self.assertEqual(w.outputs[-1], ("registered", OUR_ID, OUR_ADDRESS))
         self.assertEqual(w.reg.status()["consecutive_failures"], 0)
 
 
@@ -506,21 +550,74 @@ class BackoffTests(SynchronousTestCase):
 
 class EndpointTests(SynchronousTestCase):
     def test_change_reregisters_at_once(self) -> None:
-        w = World().started()
+        """
+        Our endpoint moved (usually a new IP): close the connection made from
+        the old one and reconnect at once, without backoff, to register the
+        new listen_addr.
+        """
+        jitter = FixedJitter(0.5)
+        w = World(rng=jitter).started()
+        first = w.client
         w.clock.advance(3)
         w.endpoint_value = "198.51.100.7:4100"
         mark = len(w.sent)
         w.reg.endpoint_changed()
+        self.assertTrue(first.closed)
+        self.assertEqual(w.reg.state, "waiting")
+        self.assertEqual(w.types(mark), [])  # nothing more on the old connection
+        self.assertEqual(len(w.clients), 1)
+        status = w.reg.status()
+        self.assertFalse(status["registry_connected"])
+        self.assertEqual(status["next_retry_at"], T0 + 3)
+        self.assertEqual([c.getTime() for c in w.clock.getDelayedCalls()], [T0 + 3])  # no heartbeat timer
+        self.assertEqual(jitter.windows, [])  # our own move, not an outage: no jitter
+        self.assertEqual(w.outputs, [("registered", OUR_ID, OUR_ADDRESS)])  # not unregistered
+        w.clock.advance(0)
+        self.assertEqual(w.connects, [T0, T0 + 3])
+        self.assertEqual(len(w.clients), 2)
+        self.assertIsNot(w.client, first)
         self.assertEqual(w.types(mark), ["register", "subscribe_events", "poll_handshakes"])
+        self.assertEqual(w.client.types, ["register", "subscribe_events", "poll_handshakes"])
+        self.assertEqual(first.types, ["register", "subscribe_events", "poll_handshakes"])
         self.assertEqual(w.sent[mark][0], T0 + 3)
         self.assertEqual(w.sent[mark][2]["listen_addr"], "198.51.100.7:4100")
         self.assertTrue(Authenticator().check(w.sent[mark][2], US.public_key, True, T0 + 3))
-        self.assertEqual(len(w.clients), 1)
+        self.assertEqual(w.reg.state, "registered")
         self.assertEqual(w.outputs, [("registered", OUR_ID, OUR_ADDRESS)] * 2)
+        status = w.reg.status()
+        self.assertEqual((status["consecutive_failures"], status["backoff"], status["next_retry_at"]),
+                         (0, 0.5, None))
         # the heartbeat timer restarted from the re-registration
         mark = len(w.sent)
         w.clock.advance(HEARTBEAT_INTERVAL)
         self.assertEqual([t - T0 for t, _, m in w.sent[mark:]], [28.0])
+        self.assertIs(w.sent[-1][1], w.client)
+
+    def test_change_fails_what_waits_on_the_old_connection(self) -> None:
+        w = World(script={"lookup": [HANG]}).started()
+        d = w.reg.request({"type": "lookup", "node_id": 5})
+        w.endpoint_value = "198.51.100.7:4100"
+        w.reg.endpoint_changed()
+        f = failure_of(d)
+        self.assertTrue(f.check(RegistryUnavailable))
+        self.assertIn("closed", f.value.message)
+        self.assertEqual(len(w.clock.getDelayedCalls()), 1)  # only the reconnect
+
+    def test_change_then_reconnect_fails(self) -> None:
+        """The reconnect after a move fails like any other: unregistered, then the jittered backoff."""
+        jitter = FixedJitter(1.0)
+        w = World(rng=jitter, connect_script=[None, ConnectionFailed("network unreachable")]).started()
+        w.endpoint_value = "198.51.100.7:4100"
+        w.reg.endpoint_changed()
+        w.clock.advance(0)
+        self.assertEqual(w.reg.state, "waiting")
+        self.assertEqual(w.connects, [T0, T0])
+        self.assertEqual(w.outputs[-1], ("unregistered", "network unreachable"))
+        self.assertEqual(w.reg.status()["consecutive_failures"], 1)
+        self.assertEqual(jitter.windows, [0.5])
+        w.clock.advance(0.5)
+        self.assertEqual(w.reg.state, "registered")
+        self.assertEqual(w.client.requests[0]["listen_addr"], "198.51.100.7:4100")
 
     def test_change_while_disconnected_is_picked_up(self) -> None:
         w = World(connect_script=[ConnectionFailed("down")], rng=FixedJitter(1.0)).started()
@@ -531,15 +628,24 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(w.sent[0][2]["listen_addr"], "198.51.100.7:4100")
 
     def test_change_while_registering(self) -> None:
-        """The endpoint moved after register went out: register again once registered."""
+        """The endpoint moved after register went out: once registered, reconnect at once to register it."""
         w = World(script={"register": [HANG]}).started()
+        first = w.client
         w.endpoint_value = "198.51.100.7:4100"
         w.reg.endpoint_changed()
         self.assertEqual(w.types(), ["register"])
-        w.client.hanging[0].callback(default_reply(w.sent[0][2]))
-        registers = [m["listen_addr"] for _, _, m in w.sent if m["type"] == "register"]
-        self.assertEqual(registers, ["203.0.113.5:4000", "198.51.100.7:4100"])
+        self.assertEqual(w.reg.state, "registering")
+        first.hanging[0].callback(default_reply(w.sent[0][2]))
+        self.assertTrue(first.closed)
+        self.assertEqual(w.reg.state, "waiting")
+        self.assertEqual(len(w.clients), 1)
+        w.clock.advance(0)
+        self.assertEqual(len(w.clients), 2)
+        registers = [(c, m["listen_addr"]) for _, c, m in w.sent if m["type"] == "register"]
+        self.assertEqual(registers, [(first, "203.0.113.5:4000"), (w.client, "198.51.100.7:4100")])
+        self.assertEqual(w.client.types, ["register", "subscribe_events", "poll_handshakes"])
         self.assertEqual(w.reg.state, "registered")
+        self.assertEqual(w.outputs, [("registered", OUR_ID, OUR_ADDRESS)] * 2)
 
 
 class SettingsTests(SynchronousTestCase):
@@ -730,7 +836,10 @@ class EventTests(SynchronousTestCase):
         w.reg.connection_lost("reset")
         w.clock.advance(1)
         w.reg.endpoint_changed()
+        w.clock.advance(0)
         self.assertEqual(w.types().count("poll_handshakes"), 3)
+        self.assertEqual(len(w.clients), 3)
+        self.assertEqual([c.types.count("poll_handshakes") for c in w.clients], [1, 1, 1])
 
 
 class StopTests(SynchronousTestCase):
@@ -861,6 +970,9 @@ class RobustnessTests(SynchronousTestCase):
         w.clock.advance(HEARTBEAT_INTERVAL)
         self.assertEqual(w.reg.state, "registered")
         self.assertEqual(len(w.clients), 2)
+        # reconnected at once, not registered again on the closed connection
+        self.assertEqual(w.connects, [T0, T0 + HEARTBEAT_INTERVAL])
+        self.assertEqual(w.clients[0].types, ["register", "subscribe_events", "poll_handshakes", "heartbeat"])
 
     def test_every_state_takes_every_input(self) -> None:
         automaton = _machine.__automat_automaton__
@@ -872,6 +984,7 @@ class RobustnessTests(SynchronousTestCase):
         self.assertEqual(pairs, {(s, i) for s in states for i in inputs})
         moves = {(old, event, new) for old, event, new, _ in transitions() if old != new}
         self.assertIn(("registered", "heartbeat_failed", "registering"), moves)
+        self.assertIn(("registered", "endpoint_changed", "waiting"), moves)
         self.assertIn(("waiting", "backoff_elapsed", "connecting"), moves)
 
 
@@ -959,11 +1072,25 @@ class RealRegistryTests(SynchronousTestCase):
         self.assertEqual([e["event"] for e in self.events], ["handshake_request"])
         self.assertEqual(self.events[0]["from_node_id"], their_id)
 
-        # the endpoint moved: registered again at once, real_addr follows
+        # the endpoint moved: the old connection is closed, a new one made at once,
+        # registered again on it; real_addr follows
         self.endpoint = "198.51.100.7:4100"
         self.reg.endpoint_changed()
+        self.assertTrue(self.links[0].closed)
+        self.assertEqual(self.reg.state, "waiting")
+        self.clock.advance(0)
+        self.assertEqual(len(self.links), 2)
+        self.assertEqual(self.reg.state, "registered")
+        self.assertEqual([m["type"] for m in self.links[1].requests],
+                         ["register", "subscribe_events", "set_visibility", "set_tags", "poll_handshakes"])
+        self.assertEqual(self.links[1].requests[0]["listen_addr"], "198.51.100.7:4100")
+        node = self.registry.node(OUR_ID)
+        assert node is not None
         self.assertEqual(node.real_addr, "127.0.0.1:4100")
+        self.assertIn(OUR_ID, self.registry.state.proven)
+        self.assertIn(OUR_ID, self.registry.subscribers)
         self.assertEqual(self.registered[-1], (OUR_ID, OUR_ADDRESS))
+        self.assertEqual(len(self.registered), 2)
 
         # settings and passthrough requests are accepted
         result_of(self.reg.set_hostname("beta"))
@@ -982,6 +1109,7 @@ class RealRegistryTests(SynchronousTestCase):
                    "justification": "still there?"})
         self.clock.advance(0.5)
         self.assertEqual(self.reg.state, "registered")
+        self.assertEqual(len(self.links), 3)
         # at least once: a pushed request stays queued until polled, so the poll after the
         # endpoint change delivered "hello" again (the trust machine takes repeats)
         self.assertEqual([e.get("justification") for e in self.events], ["hello", "hello", "still there?"])
