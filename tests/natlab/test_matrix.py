@@ -304,9 +304,9 @@ def render_section(results: list[dict[str, Any]], when: str | None = None) -> st
         "endpoint-independent mapping (MASQUERADE), address-and-port-dependent filtering; "
         "`symmetric` `MASQUERADE --random-fully`, same filtering; `firewall` routed public "
         "address, same filtering; `udp_blocked` NAT with UDP allowed only to the rendezvous; "
-        "`shared_lan` two hosts behind one port-restricted NAT that does not hairpin (pilot "
-        "exchanges no LAN addresses, see Known limits above, so this pair is relayed although "
-        "a direct path exists on the LAN). Every NAT router also drops unsolicited WAN input "
+        "`shared_lan` two hosts behind one port-restricted NAT that does not hairpin: they "
+        "meet directly on their LAN, because the registry gives a node's LAN endpoint "
+        "(`local_addr`) to a requester with the same public address. Every NAT router also drops unsolicited WAN input "
         "to itself, as home routers do; without that, Linux conntrack changes the mapped port "
         "when a peer's punch arrives first (`tests/natlab/test_topology.py` shows both).")
     lines += [
