@@ -198,6 +198,7 @@ def _info_text(data: dict[str, Any]) -> str:
             ("Hostname", data.get("hostname")),
             ("Visibility", None if public is None else "public" if public else "private"),
             ("Public key", data.get("public_key")), ("Endpoint", data.get("endpoint")),
+            ("NAT", data.get("nat")),
             ("Registry", _registry_text(data.get("registry"))), ("Uptime", uptime_text),
             ("Peers", data.get("peers")), ("Connections", data.get("connections"))]
     lines = [f"{name + ':':<13} {_shown(value)}" for name, value in rows]

@@ -53,6 +53,23 @@ def _path_fields(node: "NodeService", node_id: int, stats: dict[str, Any], fallb
             "path_changed_at": status["path_changed_at"] if status else None}
 
 
+def _nat_kind(n: "NodeService") -> str:
+    """
+    What the beacon shows of our NAT: one observed endpoint is enough to tell
+    whether we are behind NAT and whether it kept our port, not its filtering.
+    """
+    public = n.public_endpoint
+    if public is None:
+        return "unknown"
+    local = n._register_extra().get("local_addr")
+    if local is None:
+        return "unknown"
+    host, _, port = local.rpartition(":")
+    if (public[0], str(public[1])) == (host.strip("[]"), port):
+        return "none"
+    return "nat, port kept" if str(public[1]) == port else "nat, port changed"
+
+
 class NodeAPIImpl:
     log = Logger()
 
@@ -89,6 +106,8 @@ class NodeAPIImpl:
             "identity": n.settings.identity,
             "endpoint": _endpoint_text(n.public_endpoint),
             "local_port": n._udp_port(),
+            "local_addr": n._register_extra().get("local_addr"),
+            "nat": _nat_kind(n),
             "registry": {**status, "server": n.settings.registry},
             "beacon": n.settings.beacon,
             "uptime_secs": round(n.reactor.seconds() - (n.started_at or n.reactor.seconds()), 3),
