@@ -239,7 +239,7 @@ class SimpleCommandTests(CLITestCase):
         self.assertEqual(ran.stdout.splitlines(), [
             "Node ID:      5", "Address:      0:0000.0000.0005", "Hostname:     sensor-1",
             "Visibility:   public", "Public key:   AAAA", "Endpoint:     192.168.1.50:4000",
-            "Registry:     rv:9000", "Uptime:       01:02:05", "Peers:        2", "Connections:  1",
+            "NAT:          -", "Registry:     rv:9000", "Uptime:       01:02:05", "Peers:        2", "Connections:  1",
             "Counters:", "  a: 1", "  b: 2"])
         self.assertEqual(self.run_json(["info"]), NODE_INFO)
 
