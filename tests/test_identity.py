@@ -10,19 +10,16 @@ import os
 import stat
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity, b64decode, b64encode, verify
 from pilot.persist import StateFileError, dump_json
 
+from tests import capture
+
 
 def vector_files() -> list[str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.environ.get("PILOT_VECTORS"), os.path.join(here, "vectors"), "/work/shared/vectors"):
-        if folder and os.path.isdir(os.path.join(folder, "go-session-1")):
-            return [os.path.join(folder, s, f"identity-agent-{n}.json")
-                    for s in ("go-session-1", "go-session-2") for n in "ab"]
-    raise SkipTest("Go vectors not found (set PILOT_VECTORS)")
+    return [capture.vector_path(s, f"identity-agent-{n}.json") for s in ("go-session-1", "go-session-2") for n in "ab"]
 
 
 class VectorFileTests(SynchronousTestCase):
