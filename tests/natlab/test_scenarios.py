@@ -35,6 +35,8 @@ from tests.natlab.topology import Lab, Router, has_conntrack_tool, require_lab
 DIRECT_PATHS = ("direct", "punched")
 UPGRADE_WITHIN = 10.0
 RECOVER_WITHIN = 5.0
+#: The issue's bar: no stale endpoint anywhere this long after an IP change.
+STALE_CHECK_AFTER = 60.0
 REREGISTER_WITHIN = 10.0
 NAT_TIMEOUT = int(os.environ.get("NATLAB_NAT_TIMEOUT", "10"))
 IDLE = float(os.environ.get("NATLAB_IDLE", "65"))
@@ -201,6 +203,19 @@ class ScenarioTests(SynchronousTestCase):
         self.assertLessEqual(recovered, RECOVER_WITHIN,
                              f"the peer's pings recovered only after {recovered:.1f} s\n"
                              f"{self.evidence(steady, mover)}")
+        # No stale endpoint remains 60 s after the move: not in the peer's tunnel,
+        # not in the registry's answer, not in the mover's own view.
+        time.sleep(max(0.0, STALE_CHECK_AFTER - (time.monotonic() - moved)))
+        row = steady.peer_row(mover) or {}
+        found = steady.ctl_ok("find", mover.name)
+        seen = {"peer's path endpoint": row.get("endpoint"), "find's endpoint": found.get("endpoint"),
+                "mover's own endpoint": mover.info().get("endpoint")}
+        report("ip_change_after_60s", seen)
+        for what, endpoint in seen.items():
+            if endpoint is not None:
+                self.assertFalse(str(endpoint).startswith(r1.wan_ip + ":"),
+                                 f"{what} is still the old {endpoint}\n{self.evidence(steady, mover)}")
+        self.assertTrue(ping_once(steady, mover.name), f"no ping 60 s after the move\n{self.evidence(steady, mover)}")
 
     # --- (c) rendezvous outage ------------------------------------------------------------------------
 
