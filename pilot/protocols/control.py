@@ -8,9 +8,9 @@ The client pilotctl uses is ``pilot/control.py``.
 
 Framing is the registry's (4-byte big-endian length, a UTF-8 JSON object, at
 most 1 MiB): frames are written with :func:`~pilot.wire.registry.encode_frame`
-and read with :class:`ControlDecoder`, which, unlike the registry's decoder,
-hands frames out one at a time, so that the bytes following a ``connect`` or
-``attach`` request stay behind as the start of the raw stream.
+and read with :class:`~pilot.wire.control.ControlDecoder` (the codec lives in
+:mod:`pilot.wire.control`; the raw-stream bridge in
+:mod:`pilot.protocols.bridge`; both are re-exported here).
 
 What the protocol guarantees:
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import os
 import socket
@@ -55,7 +54,19 @@ from zope.interface import implementer
 
 from pilot.errors import ErrorCode, InvalidArgument, MalformedFrame, NotFound, PilotError
 from pilot.nodeapi import Listening, NodeAPI
-from pilot.wire.registry import MAX_FRAME, encode_frame
+from pilot.protocols.bridge import MAX_UNATTACHED_BUFFER, StreamBridge, _Pauser, _Throttle, describe_address
+from pilot.wire.control import MAX_MESSAGE, ControlDecoder, decode_message, error_reply, ok_reply
+from pilot.wire.registry import encode_frame
+
+__all__ = [
+    # defined here
+    "MAX_INFLIGHT", "MAX_UNSENT", "ATTACH_WINDOW", "MAX_EARLY_EVENTS", "MAX_TEXT", "MAX_TARGET",
+    "MAX_TAGS", "MAX_TAG_LEN", "MAX_PING_COUNT", "MAX_PING_TIMEOUT", "MAX_PING_INTERVAL", "MAX_ID",
+    "peer_uid", "home_owner", "Arguments", "ControlProtocol", "ControlServerFactory",
+    # re-exported from pilot.wire.control and pilot.protocols.bridge
+    "MAX_MESSAGE", "ControlDecoder", "decode_message", "ok_reply", "error_reply",
+    "MAX_UNATTACHED_BUFFER", "StreamBridge", "describe_address",
+]
 
 #: Requests one connection may have in progress; past it, reading stops.
 MAX_INFLIGHT = 64
@@ -63,8 +74,6 @@ MAX_INFLIGHT = 64
 MAX_UNSENT = 4 * 1024 * 1024
 #: How long an accepted stream waits for its ``attach``.
 ATTACH_WINDOW = 10.0
-#: Bytes from the Pilot side buffered before the Unix side is attached; past it the Pilot side is paused.
-MAX_UNATTACHED_BUFFER = 256 * 1024
 #: Event frames kept for a subscription whose reply is still queued behind earlier replies.
 MAX_EARLY_EVENTS = 1024
 
@@ -76,101 +85,9 @@ MAX_PING_COUNT = 10_000
 MAX_PING_TIMEOUT = 3600.0
 MAX_PING_INTERVAL = 60.0
 MAX_ID = (1 << 53) - 1
-MAX_MESSAGE = 4096
 
-_LEN = struct.Struct(">I")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
-
-
-# --- framing ---------------------------------------------------------------------------
-
-def decode_message(body: bytes) -> dict[str, Any]:
-    """One frame's body to a JSON object; ``MalformedFrame`` with the reason otherwise."""
-    try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise MalformedFrame(f"control frame is not JSON: {str(e)[:80]}") from None
-    if not isinstance(value, dict):
-        raise MalformedFrame(f"control frame must be a JSON object, not {type(value).__name__}")
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-class ControlDecoder:
-    """
-    Sans-I/O frame reader: :meth:`feed` bytes, take frames with :meth:`next_frame`.
-
-    Frames are taken one at a time so that :meth:`take_rest` can hand the
-    bytes after a frame to whatever the connection becomes next (raw mode).
-    An oversized length breaks the stream for good: every later
-    :meth:`next_frame` raises.
-    """
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
-        self._max = max_frame
-        self.broken: str | None = None
-
-    def feed(self, data: bytes) -> None:
-        if self.broken is None:
-            self._buf += data
-
-    def next_frame(self) -> dict[str, Any] | MalformedFrame | None:
-        """The next message (or the ``MalformedFrame`` its body gave), or None if incomplete."""
-        if self.broken is not None:
-            raise MalformedFrame(self.broken)
-        if len(self._buf) < 4:
-            return None
-        (length,) = _LEN.unpack_from(self._buf)
-        if length > self._max:
-            self.broken = f"control frame of {length} bytes exceeds the {self._max}-byte limit"
-            self._buf.clear()
-            raise MalformedFrame(self.broken)
-        if len(self._buf) < 4 + length:
-            return None
-        body = bytes(self._buf[4:4 + length])
-        del self._buf[:4 + length]
-        try:
-            return decode_message(body)
-        except MalformedFrame as e:
-            return e
-
-    def take_rest(self) -> bytes:
-        """Everything fed but not yet taken as a frame; the decoder is empty afterwards."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    @property
-    def has_frame(self) -> bool:
-        """Would :meth:`next_frame` return (or raise) something now?"""
-        if self.broken is not None or len(self._buf) < 4:
-            return self.broken is not None
-        length: int = _LEN.unpack_from(self._buf)[0]
-        return length > self._max or len(self._buf) >= 4 + length
-
-
-def ok_reply(request_id: int | None, result: Any) -> dict[str, Any]:
-    return {"id": request_id, "ok": True, "result": result}
-
-
-def error_reply(request_id: int | None, error: PilotError) -> dict[str, Any]:
-    return {"id": request_id, "ok": False,
-            "error": {"code": error.code.name, "message": _clip(error.message),
-                      "hint": _clip(error.hint or "")}}
-
-
-def _clip(text: str) -> str:
-    text = text if isinstance(text, str) else str(text)
-    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
 
 
 # --- peer credentials ----------------------------------------------------------------
@@ -290,185 +207,10 @@ class Arguments:
         return value  # type: ignore[no-any-return]
 
 
-# --- flow control helpers -----------------------------------------------------------------------
-
-class _Pauser:
-    """Pauses a producer (a transport's reading) while any reason holds."""
-
-    def __init__(self, target: Any) -> None:
-        self._target = target
-        self._reasons: set[str] = set()
-        #: Set once the target is closing: it is left alone from then on.
-        self.closed = False
-
-    def pause(self, reason: str) -> None:
-        if not self._reasons and not self.closed:
-            _call(self._target, "pauseProducing")
-        self._reasons.add(reason)
-
-    def resume(self, reason: str) -> None:
-        if reason in self._reasons:
-            self._reasons.discard(reason)
-            if not self._reasons and not self.closed:
-                _call(self._target, "resumeProducing")
-
-    def paused_for(self, reason: str) -> bool:
-        return reason in self._reasons
-
-
 _log = Logger()
 
 
-def _call(target: Any, method: str) -> None:
-    fn = getattr(target, method, None)
-    if fn is not None:
-        try:
-            fn()
-        except Exception:
-            _log.failure("{method} failed on {target!r}", method=method, target=target)
-
-
-@implementer(IPushProducer)
-class _Throttle:
-    """A streaming producer whose pause/resume run two callables (one side's buffer pausing the other)."""
-
-    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        self._pause = pause
-        self._resume = resume
-
-    def pauseProducing(self) -> None:
-        self._pause()
-
-    def resumeProducing(self) -> None:
-        self._resume()
-
-    def stopProducing(self) -> None:
-        pass
-
-
-# --- the Pilot side of a raw stream -----------------------------------------------------------
-
-def describe_address(address: Any) -> tuple[str, int]:
-    """``(address text, port)`` for what a Pilot stream factory is given (a SocketAddress or alike)."""
-    inner = getattr(address, "address", None)
-    port = getattr(address, "port", None)
-    if inner is not None and isinstance(port, int):
-        return str(inner), port
-    host = getattr(address, "host", None)
-    if isinstance(host, str) and isinstance(port, int):
-        return host, port
-    return (str(address) if address is not None else ""), 0
-
-
-class StreamBridge(Protocol):
-    """
-    The protocol driving a Pilot stream for a control client.
-
-    Until a control connection is attached (the ``connect`` reply is written,
-    or ``attach`` is answered), bytes from the Pilot side are buffered (the
-    Pilot side is paused past :data:`MAX_UNATTACHED_BUFFER`) and a close from
-    the Pilot side is remembered.  Attached: Pilot bytes are written to the
-    Unix transport, :meth:`write` sends Unix bytes to the Pilot transport, and
-    each side's full send buffer pauses the other side's reading.
-    """
-
-    log = Logger()
-    transport: Any = None  # the Pilot connection: an ITransport, maybe a producer and a consumer
-
-    def __init__(self, address: Any = None) -> None:
-        self.address = address
-        self.peer, self.peer_port = describe_address(address)
-        self.control: ControlProtocol | None = None
-        self.made: Callable[[StreamBridge], None] | None = None
-        self.lost = False
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._outgoing: list[bytes] = []
-        self._close_wanted = False
-        self._pauser: _Pauser | None = None
-
-    # --- Pilot side --------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        self._pauser = _Pauser(self.transport)
-        outgoing, self._outgoing = self._outgoing, []
-        for chunk in outgoing:
-            self.transport.write(chunk)
-        if self._close_wanted:
-            self._pauser.closed = True
-            self.transport.loseConnection()
-            return
-        if self._buffered > MAX_UNATTACHED_BUFFER:
-            self._pauser.pause("unattached")
-        if self.made is not None:
-            made, self.made = self.made, None
-            made(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.control is not None:
-            self.control.stream_data(data)
-            return
-        if self._close_wanted:
-            return
-        self._buffer.append(data)
-        self._buffered += len(data)
-        if self._buffered > MAX_UNATTACHED_BUFFER and self._pauser is not None:
-            self._pauser.pause("unattached")
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = True
-        if self._pauser is not None:
-            self._pauser.closed = True
-        if self.control is not None:
-            self.control.stream_lost()
-
-    # --- control side ----------------------------------------------------------------
-
-    def attach(self, control: ControlProtocol) -> None:
-        """Start relaying to ``control``: flush what was buffered, then pass on a close already seen."""
-        self.control = control
-        buffered, self._buffer, self._buffered = self._buffer, [], 0
-        for chunk in buffered:
-            control.stream_data(chunk)
-        if self._pauser is not None:
-            self._pauser.resume("unattached")
-        consumer = getattr(self.transport, "registerProducer", None) if self.transport is not None else None
-        if consumer is not None and not self.lost:
-            try:
-                consumer(_Throttle(lambda: control.pause_reading("pilot"),
-                                   lambda: control.resume_reading("pilot")), True)
-            except Exception:
-                self.log.debug("the Pilot transport takes no producer; no flow control toward it")
-        if self.lost:
-            control.stream_lost()
-
-    def write(self, data: bytes) -> None:
-        if self.lost or self._close_wanted:
-            return
-        if self.transport is None:
-            self._outgoing.append(data)  # connected later (a Deferred that fired early)
-        else:
-            self.transport.write(data)
-
-    def pause(self) -> None:
-        if self._pauser is not None:
-            self._pauser.pause("unix")
-
-    def resume(self) -> None:
-        if self._pauser is not None:
-            self._pauser.resume("unix")
-
-    def close(self) -> None:
-        """Close the Pilot side gracefully (now, or as soon as it is connected)."""
-        if self._close_wanted:
-            return
-        self._close_wanted = True
-        self._buffer, self._buffered = [], 0
-        if self.transport is not None and not self.lost:
-            if self._pauser is not None:
-                self._pauser.closed = True
-            self.transport.loseConnection()
-
+# --- listen: accepted streams --------------------------------------------------------------------
 
 class _AcceptFactory(Factory):
     """What ``listen`` gives the node: each accepted stream is held for an ``attach`` and announced."""
