@@ -27,6 +27,7 @@ status is the code's :class:`~pilot.errors.ErrorCode` value.  Usage errors are
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -378,6 +379,7 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
     stderr = sys.stderr if stderr is None else stderr
     out = Output(_wants_json(argv), stdout, stderr)
     try:
+        load_commands(argv)
         parser = COMMANDS.build_parser(stdout)
         try:
             args, extra = parser.parse_known_args(argv)
@@ -426,5 +428,14 @@ def _silence(stream: IO[str]) -> None:
         os.close(devnull)
 
 
-from pilot import cli_node  # noqa: E402,F401  (registers the node commands)
-from pilot import cli_daemon  # noqa: E402,F401  (registers init and daemon start|stop|status)
+def load_commands(argv: Sequence[str] = ()) -> None:
+    """
+    Import the modules that register the node's commands, unless the command
+    is ``rendezvous``: it needs none of them, and a restarted rendezvous
+    answering sooner matters (``docs/performance.md``).
+    """
+    words = [a for a in argv if not a.startswith("-")]
+    if words[:1] == ["rendezvous"]:
+        return
+    for name in ("pilot.cli_daemon", "pilot.cli_node"):  # importing them registers their commands
+        importlib.import_module(name)

@@ -120,6 +120,7 @@ class UsageErrorTests(SynchronousTestCase):
 
 class HelpTests(SynchronousTestCase):
     def paths(self) -> list[tuple[str, ...]]:
+        cli.load_commands()  # every command, the node's too
         return [(), *cli.COMMANDS.groups, *cli.COMMANDS.commands]
 
     def test_help_everywhere(self) -> None:

@@ -17,6 +17,7 @@ in extra keys it ignores:
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 from typing import Any, Iterable
 
@@ -158,16 +159,19 @@ class RegistryState:
             raise StoreFormatError("the store is not a JSON object")
         state = cls()
         nodes = _get(value, "nodes", dict, {})
+        decoded: dict[str, bytes] = {}
         for key, raw in nodes.items():
-            node = _node_from_json(raw, f"nodes[{key!r}]")
+            node = _node_from_json(raw, f"nodes[{key!r}]", decoded)
             if str(node.id) != key:
                 raise StoreFormatError(f"nodes[{key!r}] has id {node.id}")
             state.nodes[node.id] = node
         for key_b64, node_id in _get(value, "pub_key_idx", dict, {}).items():
-            try:
-                key = b64decode(key_b64, 32, "key")
-            except ValueError as e:
-                raise StoreFormatError(f"pub_key_idx: {e}") from None
+            key = decoded.get(key_b64)  # type: ignore[assignment]
+            if key is None:
+                try:
+                    key = b64decode(key_b64, 32, "key")
+                except ValueError as e:
+                    raise StoreFormatError(f"pub_key_idx: {e}") from None
             state.key_index[key] = _u32(node_id, f"pub_key_idx[{key_b64!r}]")
         for pair in _get(value, "trust_pairs", list, []):
             a, b = _split_ids(pair, ":", "trust_pairs")
@@ -220,31 +224,52 @@ def _node_json(n: Node) -> dict[str, Any]:
     return out
 
 
-def _node_from_json(raw: Any, where: str) -> Node:
+def _node_from_json(raw: Any, where: str, keys: dict[str, bytes] | None = None) -> Node:
+    """One node; ``keys`` collects base64 text -> key so the key index need not decode it again."""
     if not isinstance(raw, dict):
         raise StoreFormatError(f"{where} is not an object")
+    text = raw.get("public_key")
     try:
-        key = b64decode(raw.get("public_key"), 32, "public_key")
+        key = b64decode(text, 32, "public_key")
     except ValueError as e:
         raise StoreFormatError(f"{where}: {e}") from None
-    tags = _get(raw, "tags", list, [])
+    if keys is not None:
+        keys[text] = key
+    tags = _opt(raw, "tags", list, [])
     if not all(isinstance(t, str) for t in tags):
         raise StoreFormatError(f"{where}.tags must be strings")
-    networks = _get(raw, "networks", list, [0])
+    networks = _opt(raw, "networks", list, [0])
+    last_seen = raw.get("last_seen")
     return Node(
         id=_u32(_get(raw, "id", int), f"{where}.id"),
         public_key=key,
-        real_addr=_get(raw, "real_addr", str, ""),
-        last_seen=parse_time(raw.get("last_seen")),
-        hostname=_get(raw, "hostname", str, ""),
+        real_addr=_opt(raw, "real_addr", str, ""),
+        last_seen=_parse_time_cached(last_seen) if isinstance(last_seen, str) else parse_time(last_seen),
+        hostname=_opt(raw, "hostname", str, ""),
         tags=list(tags),
-        public=_get(raw, "public", bool, False),
-        owner=_get(raw, "owner", str, ""),
-        polo_score=_get(raw, "polo_score", int, 0),
-        task_exec=_get(raw, "task_exec", bool, False),
+        public=_opt(raw, "public", bool, False),
+        owner=_opt(raw, "owner", str, ""),
+        polo_score=_opt(raw, "polo_score", int, 0),
+        task_exec=_opt(raw, "task_exec", bool, False),
         networks=[_u32(x, f"{where}.networks") for x in networks] or [0],
-        local_addr=_get(raw, "local_addr", str, ""),
+        local_addr=_opt(raw, "local_addr", str, ""),
     )
+
+
+def _opt(raw: dict[str, Any], key: str, typ: type, default: Any) -> Any:
+    """``_get`` for an optional field, with a fast path for the common, well-typed case."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if type(value) is typ:
+        return value
+    return _get(raw, key, typ, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_time_cached(text: str) -> float:
+    # a store's nodes share few distinct last_seen stamps (one per flush second)
+    return parse_time(text)
 
 
 def _get(obj: Any, key: str, typ: type, default: Any = None) -> Any:
