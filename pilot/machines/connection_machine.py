@@ -15,6 +15,7 @@ from automat import TypeMachineBuilder
 from twisted.internet import error
 from twisted.python.failure import Failure
 
+from pilot.machines.table import transition_table
 from pilot.machines.connection_core import ConnectionInputs, _Core
 from pilot.wire.packet import ACK, FIN, Packet
 
@@ -37,20 +38,11 @@ I = ConnectionInputs  # noqa: E741
 _Behaviour = Callable[..., None]
 
 
-def _on(old: Any, event: Callable[..., None], new: Any) -> Callable[[_Behaviour], _Behaviour]:
-    """Register a transition whose behaviour first records the new state's name."""
+def _enter(core: _Core, old: str, new: str, event: str) -> None:
+    core.state = new
 
-    def register(behaviour: _Behaviour) -> _Behaviour:
-        def output(inputs: ConnectionInputs, core: _Core, *args: Any) -> None:
-            core.state = new.name
-            behaviour(inputs, core, *args)
 
-        output.__name__ = behaviour.__name__
-        old.upon(event).to(new)(output)
-        _defined.add((old.name, event.__name__))
-        return behaviour
-
-    return register
+_on = transition_table(_defined, before=_enter)
 
 
 # idle: nothing sent yet

@@ -33,6 +33,7 @@ import attr
 from automat import TypeMachineBuilder
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from pilot.machines.table import transition_table
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
 
@@ -229,27 +230,18 @@ I = PeerPath  # noqa: E741
 _Behaviour = Callable[..., None]
 
 
-def _on(old: Any, event: Callable[..., None], new: Any) -> Callable[[_Behaviour], _Behaviour]:
-    """A transition whose behaviour first records the new state (and when the path changed)."""
+def _enter(core: _Core, old: str, new: str, event: str) -> None:
+    if old != new:
+        core.changed_at = core.now()
+        core.state = new
 
-    def register(behaviour: _Behaviour) -> _Behaviour:
-        def output(inputs: PeerPath, core: _Core, *args: Any) -> None:
-            if old.name != new.name:
-                core.changed_at = core.now()
-                core.state = new.name
-            behaviour(inputs, core, *args)
-            if old.name != new.name:
-                core.paths._path_changed(core.node_id, new.name, core.endpoint)
 
-        output.__name__ = behaviour.__name__
-        if old is new:
-            old.upon(event).loop()(output)
-        else:
-            old.upon(event).to(new)(output)
-        _defined.add((old.name, event.__name__))
-        return behaviour
+def _entered(core: _Core, old: str, new: str, event: str) -> None:
+    if old != new:
+        core.paths._path_changed(core.node_id, new, core.endpoint)
 
-    return register
+
+_on = transition_table(_defined, before=_enter, after=_entered)
 
 
 # -- trying the registered endpoint ----------------------------------------------------------

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from pilot.errors import RegistryUnavailable
+from pilot.machines.table import transition_table
 from pilot.machines.registration_core import (
     CONNECTING, IDLE, REGISTERED, REGISTERING, STOPPED, WAITING, RegistryClient, Reply, _Core, _reason,
 )
@@ -79,26 +80,13 @@ I = RegistrationInputs  # noqa: E741
 _Behaviour = Callable[..., None]
 
 
-def _on(old: Any, event: Callable[..., None], new: Any) -> Callable[[_Behaviour], _Behaviour]:
-    """Register a transition whose behaviour first records the new state's name."""
+def _enter(core: _Core, old: str, new: str, event: str) -> None:
+    if old != new:
+        core.log.debug("registration: {old} --{input}--> {new}", old=old, input=event, new=new)
+    core.state = new
 
-    def register(behaviour: _Behaviour) -> _Behaviour:
-        def output(inputs: RegistrationInputs, core: _Core, *args: Any) -> None:
-            if old.name != new.name:
-                core.log.debug("registration: {old} --{input}--> {new}", old=old.name,
-                               input=event.__name__, new=new.name)
-            core.state = new.name
-            behaviour(inputs, core, *args)
 
-        output.__name__ = behaviour.__name__
-        if old is new:
-            old.upon(event).loop()(output)
-        else:
-            old.upon(event).to(new)(output)
-        _defined.add((old.name, event.__name__))
-        return behaviour
-
-    return register
+_on = transition_table(_defined, before=_enter)
 
 
 @_on(idle, I.started, connecting)
