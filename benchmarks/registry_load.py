@@ -7,7 +7,7 @@ rate limits off, drives N simulated nodes against it over real sockets, and
 prints figures: registrations/s, hostname sets/s, lookups/s and
 resolve_hostname/s from 1 and from 16 connections with p50/p99 latency,
 heartbeats/s, beacon discoveries/s, the server's RSS and CPU at steady state
-(every node heartbeating and discovering at its interval, each over its own
+(every node heartbeating and discovering at our node's intervals, each over its own
 connection), and the time from a restart to the first answered lookup with
 the N-node store.
 
@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -276,7 +275,11 @@ async def run(args: argparse.Namespace) -> None:
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         end = t0 + args.steady
         i = 0
+        probes = 0
         per_tick = max(1, int(n * 0.1 / interval))  # spread each interval over 10 ticks a second
+        # our node also asks the beacon its endpoint (unsigned) every --probe seconds
+        probes_per_tick = int(n * 0.1 / args.probe) if args.probe > 0 else 0
+        probe = Discover(0).base
         pending: list[asyncio.Future[dict[str, Any]]] = []
         while time.perf_counter() < end:
             for _ in range(per_tick):
@@ -284,15 +287,18 @@ async def run(args: argparse.Namespace) -> None:
                 pending.append(conns[i % n].request(nd.signed({"type": "heartbeat", "node_id": nd.node_id})))
                 transport.sendto(discover(nd))
                 i += 1
+            for _ in range(probes_per_tick):
+                transport.sendto(probe)
+                probes += 1
             await asyncio.sleep(0.1)
-            done = [p for p in pending if p.done()]
             pending = [p for p in pending if not p.done()]
-            del done
         await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
         cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0) * 100.0
-        print(f"  steady state, {n} connections, heartbeat+discover every {interval:.0f} s for {args.steady:.0f} s:")
+        print(f"  steady state, {n} connections, heartbeat + signed discover every {interval:g} s, "
+              f"unsigned discover every {args.probe:g} s, for {args.steady:.0f} s:")
         print(f"    server RSS {server.rss_mb():.1f} MB (idle with connections: {rss_before:.1f} MB), "
-              f"CPU {cpu:.1f}% of one core, {i / args.steady:.0f} heartbeats/s")
+              f"CPU {cpu:.1f}% of one core, {i / args.steady:.0f} heartbeats/s, "
+              f"{probes / args.steady:.0f} probes/s")
         for c in conns:
             c.close()
         transport.close()
@@ -331,7 +337,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--steady", type=float, default=20.0, help="seconds of steady state to measure")
-    p.add_argument("--interval", type=float, default=30.0, help="each node's heartbeat interval")
+    p.add_argument("--interval", type=float, default=25.0,
+                   help="each node's heartbeat interval (our node: 25 s; the reference: 30 s)")
+    p.add_argument("--probe", type=float, default=15.0,
+                   help="each node's unsigned Discover interval (our node: 15 s; 0: none, as the reference)")
     args = p.parse_args()
     if not 1 <= args.nodes <= 10000 or not 1 <= args.steady <= 300:
         raise SystemExit("--nodes 1..10000, --steady 1..300")

@@ -52,9 +52,12 @@ from pilot.wire.registry import SIGNER_FIELD
 
 #: Startup Discovers are repeated this often until the beacon answers.
 DISCOVER_RETRY = 1.0
-#: How often the node asks the beacon (unsigned) what its public endpoint is:
-#: an IP change shows within this long (the reference: only every 30 s).
-DISCOVER_PROBE = 3.0
+#: How often the node checks which local address routes to the beacon (no
+#: packet is sent): a change of network shows within this long.
+ROUTE_CHECK = 1.0
+#: How often the node asks the beacon (unsigned) what its public endpoint is,
+#: for changes only the NAT knows of (the reference: only every 30 s).
+DISCOVER_PROBE = 15.0
 #: The first registration waits at most this long for the beacon's answer.
 REGISTER_WAIT = 0.5
 UDP_BUFFER = 4 * 1024 * 1024
@@ -104,6 +107,8 @@ class NodeService(MultiService):
         self._discover_call: Any = None
         self._register_call: Any = None
         self._probe_call: Any = None
+        self._route_source: Optional[str] = None
+        self._last_probe = 0.0
         self._ports: list[Any] = []
 
         self.udp = NodeDatagramProtocol(self, self._is_beacon)
@@ -269,20 +274,33 @@ class NodeService(MultiService):
         if self.public_endpoint is None:
             self._discover_call = self.reactor.callLater(DISCOVER_RETRY, self._discover)
         elif self._probe_call is None:
-            self._probe_call = self.reactor.callLater(DISCOVER_PROBE, self._probe)
+            self._last_probe = self.reactor.seconds()
+            self._probe_call = self.reactor.callLater(ROUTE_CHECK, self._probe)
 
     def _probe(self) -> None:
         """
-        An unsigned Discover every few seconds: the beacon only answers it (it
-        records nothing), so it costs the beacon little, and the answer shows
-        at once when our public endpoint changed (a new IP, a NAT rebind).
-        It also keeps our NAT mapping to the beacon, for relays, open.
+        Watch for our own IP changing, cheaply.  Every ``ROUTE_CHECK`` seconds
+        ask the kernel which local address reaches the beacon (a UDP
+        ``connect`` only looks up the route: nothing is sent); when it changed
+        (another network, a new lease), ask the beacon at once.  Every
+        ``DISCOVER_PROBE`` seconds ask the beacon anyway (unsigned: it only
+        answers), which catches a NAT that changed our public address alone and
+        keeps our mapping to the beacon open for relays.
         """
         self._probe_call = None
         if self.beacon_addr is None or not self.running:
             return
-        self.udp.send(bw.Discover(0).base, self.beacon_addr)
-        self._probe_call = self.reactor.callLater(DISCOVER_PROBE, self._probe)
+        now = self.reactor.seconds()
+        local = _route_source(self.beacon_addr)
+        moved = local is not None and self._route_source is not None and local != self._route_source
+        if local is not None:
+            self._route_source = local
+        if moved or now - self._last_probe >= DISCOVER_PROBE:
+            if moved:
+                self.log.info("our local address is now {address}: asking the beacon", address=local)
+            self._last_probe = now
+            self.udp.send(bw.Discover(0).base, self.beacon_addr)
+        self._probe_call = self.reactor.callLater(ROUTE_CHECK, self._probe)
 
     def discovered(self, observed: Endpoint, source: Endpoint) -> None:
         if observed == self.public_endpoint:
@@ -430,6 +448,22 @@ class NodeService(MultiService):
         peer = self.peers.peer(node_id)
         peer.resolved_at = 0.0  # ask the registry again next time
         self.paths.unreachable(node_id)
+
+
+def _route_source(destination: Endpoint) -> Optional[str]:
+    """The local address the kernel would send from to reach ``destination`` (nothing is sent)."""
+    family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+    try:
+        probe = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        probe.connect(destination)
+        return str(probe.getsockname()[0])
+    except OSError:
+        return None  # no route at all (the network is down): nothing to compare
+    finally:
+        probe.close()
 
 
 def _endpoint(text: Any) -> Optional[Endpoint]:
