@@ -48,7 +48,7 @@ from pilot.machines.tunnel import Tunnels
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.server.beacon import Beacon
 from pilot.server.registry import Peer, Registry, RegistryConfig
-from pilot.services.peers import parse_endpoint
+from pilot.endpoint import parse_endpoint
 from pilot.wire import beacon as bw
 from pilot.wire.packet import ACK, STREAM, Packet
 from pilot.wire.registry import sign_request

@@ -40,7 +40,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pilot.errors import ErrorCode, MalformedFrame
-from pilot.server.registry import Peer, Registry, error_reply, format_endpoint
+from pilot.endpoint import format_endpoint
+from pilot.server.registry import Peer, Registry, error_reply
 from pilot.wire.registry import FrameDecoder, encode_frame
 
 #: The reference drops a connection idle for 5 minutes.

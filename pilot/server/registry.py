@@ -17,7 +17,6 @@ for peers it trusts; real error reasons.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any, Callable, Protocol
 
@@ -25,6 +24,7 @@ import attr
 from twisted.internet.interfaces import IReactorTime
 
 from pilot.address import node_id_for_key
+from pilot.endpoint import format_endpoint, parse_endpoint
 from pilot.errors import ErrorCode, MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.names import hostname_problem, normalise_tags
@@ -79,10 +79,6 @@ def error_reply(code: ErrorCode, message: str) -> dict[str, Any]:
     return {"type": "error", "error": message, "code": code.name}
 
 
-def format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def listen_port(text: str) -> int | None:
     """The port of a ``listen_addr`` (its host is ignored); None if there is none."""
     _, sep, port = text.rpartition(":")
@@ -93,20 +89,6 @@ def listen_port(text: str) -> int | None:
 
 def _host(endpoint: str) -> str:
     return endpoint.rpartition(":")[0]
-
-
-def parse_endpoint(text: str) -> tuple[str, int] | None:
-    """``ip:port`` / ``[ip6]:port`` to ``(ip, port)``, None if it is not one."""
-    if not isinstance(text, str) or len(text) > 64:
-        return None
-    host, sep, port = text.rpartition(":")
-    if not sep or _PORT.fullmatch(port) is None or not 0 < int(port) <= 0xFFFF:
-        return None
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        return str(ipaddress.ip_address(host)), int(port)
-    except ValueError:
-        return None
 
 
 class Registry:

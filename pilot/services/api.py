@@ -15,6 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from pilot.address import Address
+from pilot.endpoint import format_endpoint
 from pilot.errors import InvalidArgument, NotTrusted, PilotError, RegistryUnavailable, Timeout
 from pilot.names import hostname_problem, normalise_tags
 from pilot.nodeapi import Listening
@@ -26,10 +27,7 @@ MAX_PING_COUNT = 1000
 
 
 def _endpoint_text(endpoint: Any) -> str | None:
-    if not endpoint:
-        return None
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_endpoint(*endpoint) if endpoint else None
 
 
 def _rtts(node: "NodeService") -> dict[str, float]:

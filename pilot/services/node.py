@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pilot.address import Address
+from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint
 from pilot.errors import ErrorCode, MalformedFrame, NotFound
 from pilot.identity import Identity
 from pilot.machines.path import Paths
@@ -42,7 +43,7 @@ from pilot.persist import StateFileError, atomic_write_bytes
 from pilot.protocols.control import ControlServerFactory
 from pilot.protocols.registry_client import RegistryClientFactory
 from pilot.protocols.tunnel import NodeDatagramProtocol
-from pilot.services.peers import Endpoint, PeerDirectory
+from pilot.services.peers import PeerDirectory
 from pilot.stack import Stack
 from pilot.trust import TrustStore
 from pilot.wire import beacon as bw
@@ -324,14 +325,13 @@ class NodeService(MultiService):
             host, port = self.public_endpoint
         else:
             host, port = "0.0.0.0", self._udp_port()
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_endpoint(host, port)
 
     def _register_extra(self) -> dict[str, Any]:
         """Our tunnel socket on our own LAN, for peers behind the same NAT (no hairpin needed)."""
         if self.lan_host is None or not self._udp_port():
             return {}
-        host = self.lan_host
-        return {"local_addr": f"[{host}]:{self._udp_port()}" if ":" in host else f"{host}:{self._udp_port()}"}
+        return {"local_addr": format_endpoint(self.lan_host, self._udp_port())}
 
     def _udp_port(self) -> int:
         transport = self.udp.transport
@@ -395,7 +395,7 @@ class NodeService(MultiService):
             elif kind == "trust_revoked":
                 self.trust.trust_revoked_event(int(event["node_id"]))
             elif kind == "endpoint_changed":
-                endpoint = _endpoint(event.get("real_addr"))
+                endpoint = parse_endpoint(event.get("real_addr"))
                 if endpoint is not None:
                     self.peers.update(int(event["node_id"]), endpoint)
         except (KeyError, TypeError, ValueError) as e:
@@ -464,11 +464,6 @@ def _route_source(destination: Endpoint) -> Optional[str]:
         return None  # no route at all (the network is down): nothing to compare
     finally:
         probe.close()
-
-
-def _endpoint(text: Any) -> Optional[Endpoint]:
-    from pilot.services.peers import parse_endpoint
-    return parse_endpoint(text)
 
 
 class _OneMessage(Protocol):

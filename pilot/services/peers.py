@@ -14,7 +14,6 @@ moves the peer there (the tunnel layer tells us).
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Callable, Optional
 
 import attr
@@ -23,28 +22,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pilot.address import Address
+from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint
 from pilot.errors import InvalidArgument, MalformedFrame, NotFound, NotTrusted, PilotError, RegistryUnavailable
 from pilot.identity import b64decode
 from pilot.names import hostname_problem
 
-Endpoint = tuple[str, int]
 #: A resolved endpoint is asked for again after this long (unless a tunnel is up).
 ENDPOINT_TTL = 60.0
 #: Hostname -> node id answers are kept this long for use while the registry is away.
 NAME_TTL = 3600.0
-
-
-def parse_endpoint(text: Any) -> Optional[Endpoint]:
-    if not isinstance(text, str):
-        return None
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535:
-        return None
-    try:
-        return str(ipaddress.ip_address(host)), int(port)
-    except ValueError:
-        return None
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -175,7 +161,7 @@ class PeerDirectory:
         if peer.endpoint != endpoint:
             if peer.endpoint is not None:
                 self.log.info("node {node} moved from {old} to {new}", node=node_id,
-                              old=_text(peer.endpoint), new=_text(endpoint))
+                              old=format_endpoint(*peer.endpoint), new=format_endpoint(*endpoint))
             peer.endpoint = endpoint
             peer.changed_at = self.clock.seconds()
             self._moved(node_id, endpoint)
@@ -218,8 +204,3 @@ class PeerDirectory:
         tags = reply.get("tags")
         peer.tags = [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
         return reply
-
-
-def _text(endpoint: Endpoint) -> str:
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
