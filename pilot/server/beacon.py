@@ -63,7 +63,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from pilot.errors import MalformedFrame
 from pilot.server.auth import MAX_SKEW, NonceCache
-from pilot.server.ratelimit import KeyedLimiter
+from pilot.ratelimit import KeyedLimiter
 from pilot.server.state import Node, RegistryState
 from pilot.wire.beacon import (
     Discover, DiscoverReply, Proof, PunchCommand, PunchRequest, Relay, RelayDeliver, Sync,

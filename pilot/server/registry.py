@@ -29,7 +29,7 @@ from pilot.errors import ErrorCode, MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.names import hostname_problem, normalise_tags
 from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
-from pilot.server.ratelimit import KeyedLimiter
+from pilot.ratelimit import KeyedLimiter
 from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
 

@@ -39,7 +39,7 @@ from pilot.errors import (
     AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError, Timeout,
 )
 from pilot.machines.connection import Connection, ConnectionConfig
-from pilot.server.ratelimit import KeyedLimiter
+from pilot.ratelimit import KeyedLimiter
 from pilot.stack import ports as limits
 from pilot.stack.ports import MAX_DATAGRAM, EphemeralPorts, Listening, check_port
 from pilot.stack.services import Ping, echo_factory

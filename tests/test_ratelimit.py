@@ -1,12 +1,12 @@
 """
-Tests for L{pilot.server.ratelimit.KeyedLimiter}.
+Tests for L{pilot.ratelimit.KeyedLimiter}.
 """
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.server.ratelimit import KeyedLimiter
+from pilot.ratelimit import KeyedLimiter
 
 T0 = 1.8e9
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.server.test_ratelimit -*-
+# -*- test-case-name: tests.test_ratelimit -*-
 """Token buckets, one per key (a source IP), with idle buckets dropped."""
 
 from __future__ import annotations
