@@ -23,10 +23,13 @@ import attr
 from twisted.python import usage
 
 from pilot import log
-from pilot.options import (  # noqa: F401 - the option machinery, shared with the node's options
-    ENV_PREFIX, Setting, Switch, _fmt, environment_name, environment_values, flag_name, parse_address,
-    parse_amount, parse_delay, parse_duration, parse_expiry, parse_path, parse_rate, parse_table,
+from pilot.options import (
+    Setting, Switch, _fmt, environment_name, environment_values, flag_name, parse_address, parse_amount,
+    parse_delay, parse_duration, parse_expiry, parse_path, parse_rate, parse_table,
 )
+
+__all__ = ["RendezvousOptions", "Options", "makeService", "build_service", "StartupError", "RENDEZVOUS_OPTIONS",
+           "parse_values", "values_from_environment", "settings_from", "environment_name", "Setting", "Switch"]
 from pilot.errors import ErrorCode, PilotError
 from pilot.persist import StateFileError
 from pilot.server.beacon import BeaconConfig
