@@ -23,6 +23,7 @@ in :meth:`Node.evidence`).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -35,11 +36,13 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from twisted.trial.unittest import SkipTest
+
 from pilot.control import ControlClient
 from pilot.errors import PilotError
 
 from tests.integration.procs import REPO, python_env
-from tests.natlab.topology import Host, Lab
+from tests.natlab.topology import Host, Lab, require_lab
 
 REGISTRY_PORT = 9000
 BEACON_PORT = 9001
@@ -492,3 +495,21 @@ def echo_transfer(a: Node, target: str, size: int = 1 << 20, timeout: float = 60
             failures.append(f"timed out after {timeout:g} s")
     out.error = "; ".join(failures) or None
     return out
+
+
+def module_lab(cache: list[Any], make: Callable[[], Any]) -> Any:
+    """
+    The one lab a test module shares (``make()`` builds it, with a
+    ``.lab`` and a ``.rendezvous``), removed at exit; skipped once the lab
+    was torn down by an interruption, and the rendezvous restarted if a test
+    stopped it.
+    """
+    require_lab()
+    if not cache:
+        cache.append(make())
+        atexit.register(cache[0].lab.close)
+    if cache[0].lab.closed:
+        raise SkipTest("the NAT lab was removed (interrupted)")
+    if not cache[0].rendezvous.running:
+        cache[0].rendezvous.start()
+    return cache[0]

@@ -43,13 +43,13 @@ import textwrap
 import time
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.procs import REPO
 from tests.natlab.nodes import (
-    Node, Rendezvous, echo_transfer, first_ping, start_nodes, stop_nodes, trust_pair,
+    Node, Rendezvous, echo_transfer, first_ping, module_lab, start_nodes, stop_nodes, trust_pair,
 )
-from tests.natlab.topology import KINDS, Host, Lab, require_lab
+from tests.natlab.topology import KINDS, Host, Lab
 
 PING_DEADLINE = float(os.environ.get("NATLAB_PING_DEADLINE", "20"))
 TRANSFER_SIZE = 1 << 20
@@ -116,15 +116,8 @@ _lab: list[MatrixLab] = []
 
 
 def matrix_lab() -> MatrixLab:
-    require_lab()
-    if not _lab:
-        _lab.append(MatrixLab())
-        atexit.register(_lab[0].lab.close)
-    if _lab[0].lab.closed:
-        raise SkipTest("the NAT lab was removed (interrupted)")
-    if not _lab[0].rendezvous.running:
-        _lab[0].rendezvous.start()
-    return _lab[0]
+    lab: MatrixLab = module_lab(_lab, MatrixLab)
+    return lab
 
 
 # --- results -------------------------------------------------------------------------------------------

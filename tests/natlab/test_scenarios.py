@@ -18,19 +18,18 @@ Each scenario prints its figures (``[natlab] scenario ...``).
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
 import time
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.natlab.nodes import (
-    Node, Rendezvous, echo_transfer, first_ping, ping_once, start_nodes, stop_nodes, trust_pair, wait_for,
+    Node, Rendezvous, echo_transfer, first_ping, module_lab, ping_once, start_nodes, stop_nodes, trust_pair, wait_for,
 )
-from tests.natlab.topology import Lab, Router, has_conntrack_tool, require_lab
+from tests.natlab.topology import Lab, Router, has_conntrack_tool
 
 DIRECT_PATHS = ("direct", "punched")
 UPGRADE_WITHIN = 10.0
@@ -60,15 +59,8 @@ _lab: list[ScenarioLab] = []
 
 
 def scenario_lab() -> ScenarioLab:
-    require_lab()
-    if not _lab:
-        _lab.append(ScenarioLab())
-        atexit.register(_lab[0].lab.close)
-    if _lab[0].lab.closed:
-        raise SkipTest("the NAT lab was removed (interrupted)")
-    if not _lab[0].rendezvous.running:
-        _lab[0].rendezvous.start()
-    return _lab[0]
+    lab: ScenarioLab = module_lab(_lab, ScenarioLab)
+    return lab
 
 
 def report(name: str, figures: dict[str, Any]) -> None:
