@@ -1,34 +1,64 @@
-# -*- test-case-name: tests.machines.test_connection -*-
+# -*- test-case-name: tests.machines.test_table -*-
 """
-Declaring an Automat machine's transitions as decorated behaviours.
+One machine's Automat transitions, declared as decorated behaviours and
+recorded so that docs and tests can read the table without Automat's
+private internals.
 
-Each of our machines writes its table as ``@on(old_state, Inputs.event,
-new_state)`` over a behaviour function ``(inputs, core, *args)``.  The
-decorator registers the transition (``upon(...).to(...)``, or ``loop()``
-when the state stays), records which (state, input) pairs are declared, so a
-test can check that every state takes every input, and calls the machine's
-hooks around the behaviour (to record the state's name, log, time a change).
+Each machine writes::
+
+    table = TransitionTable(states, before=..., after=...)
+
+    @table.on(idle, Inputs.packet_sent, trying)
+    def _first_send(inputs, core, *args) -> None: ...
+
+    table.ignore((idle, trying), Inputs.late_timer, why="each timer is cancelled on leaving its state")
+
+``on`` registers the transition (``upon(...).to(...)``, or ``loop()`` when
+the state stays) and calls the machine's hooks around the behaviour (to
+record the state's name, log, time a change).  ``ignore`` is the explicit
+list of harmless inputs: every (state, input) pair that is neither declared
+nor ignored raises Automat's ``NoTransition``, so an impossible input shows
+in tests instead of vanishing.  :meth:`TransitionTable.transitions` lists the
+table for docs and tests.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 Behaviour = Callable[..., None]
 #: ``hook(core, old_name, new_name, input_name)``
 Hook = Callable[[Any, str, str, str], None]
+
+#: The behaviour name recorded for an explicitly ignored input.
+IGNORED = "ignored"
+
+
+class Transition(NamedTuple):
+    state: str
+    input: str
+    next: str
+    behaviour: str
 
 
 def _nothing(core: Any, old: str, new: str, event: str) -> None:
     return None
 
 
-def transition_table(declared: set[tuple[str, str]], before: Hook = _nothing,
-                     after: Hook = _nothing) -> Callable[[Any, Callable[..., None], Any],
-                                                         Callable[[Behaviour], Behaviour]]:
-    """The ``on(old, event, new)`` decorator of one machine."""
+class TransitionTable:
+    """The declared transitions of one machine, in the order of its states."""
 
-    def on(old: Any, event: Callable[..., None], new: Any) -> Callable[[Behaviour], Behaviour]:
+    def __init__(self, states: Sequence[Any], before: Hook = _nothing, after: Hook = _nothing) -> None:
+        self.states = tuple(states)
+        self.before = before
+        self.after = after
+        self.rows: list[Transition] = []
+        self.reasons: dict[tuple[str, str], str] = {}
+
+    def on(self, old: Any, event: Callable[..., None], new: Any) -> Callable[[Behaviour], Behaviour]:
+        """Decorate a behaviour ``(inputs, core, *args)`` as the transition ``old --event--> new``."""
+        before, after = self.before, self.after
+
         def register(behaviour: Behaviour) -> Behaviour:
             names = (old.name, new.name, event.__name__)
 
@@ -42,9 +72,55 @@ def transition_table(declared: set[tuple[str, str]], before: Hook = _nothing,
                 old.upon(event).loop()(output)
             else:
                 old.upon(event).to(new)(output)
-            declared.add((old.name, event.__name__))
+            self.rows.append(Transition(old.name, event.__name__, new.name, behaviour.__name__))
             return behaviour
 
+        return register
+
+    def ignore(self, states: Iterable[Any], *events: Callable[..., None], why: str) -> None:
+        """Declare ``events`` harmless in ``states``: the state stays and nothing runs."""
+        for state in states:
+            for event in events:
+                if (state.name, event.__name__) in self.declared():
+                    continue  # a real transition wins over a blanket "harmless"
+                state.upon(event).loop().returns(None)
+                self.rows.append(Transition(state.name, event.__name__, state.name, IGNORED))
+                self.reasons[(state.name, event.__name__)] = why
+
+    def declared(self) -> set[tuple[str, str]]:
+        """Every (state, input) pair the machine takes, ignored ones included."""
+        return {(row.state, row.input) for row in self.rows}
+
+    def transitions(self, ignored: bool = False) -> list[Transition]:
+        """The table sorted by state then input; without ``ignored``, only rows that do something."""
+        order = [state.name for state in self.states]
+        rows = [row for row in self.rows if ignored or row.behaviour != IGNORED]
+        return sorted(rows, key=lambda row: (order.index(row.state), row.input))
+
+    def undeclared(self, inputs: Iterable[str]) -> list[tuple[str, str]]:
+        """The (state, input) pairs among ``inputs`` that raise ``NoTransition``."""
+        declared = self.declared()
+        return [(state.name, name) for state in self.states for name in inputs
+                if (state.name, name) not in declared]
+
+
+def transition_table(declared: set[tuple[str, str]], before: Hook = _nothing,
+                     after: Hook = _nothing) -> Callable[[Any, Callable[..., None], Any],
+                                                         Callable[[Behaviour], Behaviour]]:
+    """
+    The older form, kept only until every machine moved to
+    :class:`TransitionTable`: ``on(old, event, new)`` recording into ``declared``.
+    """
+    table = TransitionTable(())
+
+    def on(old: Any, event: Callable[..., None], new: Any) -> Callable[[Behaviour], Behaviour]:
+        table.before, table.after = before, after
+        decorate = table.on(old, event, new)
+
+        def register(behaviour: Behaviour) -> Behaviour:
+            decorate(behaviour)
+            declared.add((old.name, event.__name__))
+            return behaviour
         return register
 
     return on

@@ -1,0 +1,74 @@
+"""pilot.machines.table: declared, ignored and undeclared transitions of a tiny machine."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from automat import NoTransition, TypeMachineBuilder
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.machines.table import IGNORED, Transition, TransitionTable
+
+
+class Door(Protocol):
+    def opened(self) -> None: ...
+    def closed(self) -> None: ...
+    def knocked(self) -> None: ...
+
+
+class Core:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, ...]] = []
+
+
+def build() -> tuple[TransitionTable, object]:
+    builder = TypeMachineBuilder(Door, Core)
+    shut = builder.state("shut")
+    open_ = builder.state("open")
+
+    def before(core: Core, old: str, new: str, event: str) -> None:
+        core.log.append(("before", old, new, event))
+
+    table = TransitionTable((shut, open_), before=before)
+
+    @table.on(shut, Door.opened, open_)
+    def _open(m: Door, c: Core) -> None:
+        c.log.append(("open",))
+
+    @table.on(open_, Door.closed, shut)
+    def _close(m: Door, c: Core) -> None:
+        c.log.append(("close",))
+
+    table.ignore((shut, open_), Door.knocked, why="nobody answers")
+    table.ignore((open_,), Door.closed, why="never replaces a real transition")
+    return table, builder.build()
+
+
+class TransitionTableTests(SynchronousTestCase):
+    def test_behaviours_run_with_hooks(self) -> None:
+        table, machine = build()
+        core = Core()
+        door = machine(core)  # type: ignore[operator]
+        door.opened()
+        self.assertEqual(core.log, [("before", "shut", "open", "opened"), ("open",)])
+
+    def test_ignored_inputs_do_nothing(self) -> None:
+        table, machine = build()
+        core = Core()
+        door = machine(core)  # type: ignore[operator]
+        door.knocked()
+        self.assertEqual(core.log, [])
+        self.assertEqual(table.reasons[("shut", "knocked")], "nobody answers")
+
+    def test_undeclared_inputs_raise(self) -> None:
+        table, machine = build()
+        door = machine(Core())  # type: ignore[operator]
+        self.assertEqual(table.undeclared(["opened", "closed", "knocked"]), [("shut", "closed"), ("open", "opened")])
+        self.assertRaises(NoTransition, door.closed)
+
+    def test_transitions_listed_in_state_order(self) -> None:
+        table, _ = build()
+        self.assertEqual(table.transitions(), [Transition("shut", "opened", "open", "_open"),
+                                               Transition("open", "closed", "shut", "_close")])
+        self.assertIn(Transition("open", "knocked", "open", IGNORED), table.transitions(ignored=True))
+        self.assertNotIn(Transition("open", "closed", "open", IGNORED), table.transitions(ignored=True))
