@@ -39,8 +39,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 
 from pilot import __version__, log, tap
+from pilot.endpoint import format_endpoint
 from pilot.errors import Internal, InvalidArgument, PilotError
-from pilot.services.rendezvous import describe
 
 PROG = "pilotctl"
 
@@ -349,7 +349,7 @@ def _with_port(address: str, port: int) -> str:
 
 
 def _where(e: CannotListenError) -> str:
-    return describe(e.interface or "", e.port)
+    return format_endpoint(e.interface or "", e.port)
 
 
 def _reason(e: CannotListenError) -> str:

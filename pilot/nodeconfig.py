@@ -24,33 +24,19 @@ from typing import Any, Mapping
 import attr
 
 from pilot import log
+from pilot.endpoint import format_endpoint, parse_host_port
 from pilot.errors import InvalidArgument, PilotError
 from pilot.identity import default_home
 from pilot.machines.trust import AutoApprove
 from pilot.names import hostname_problem, normalise_tags
-from pilot.options import Setting, Switch, environment_values, parse_duration, parse_path, parse_table
+from pilot.options import (Setting, Switch, environment_values, parse_address, parse_duration, parse_path,
+                           parse_server, parse_table)
 from pilot.persist import StateFileError, read_json_object
 
 DEFAULT_REGISTRY = "127.0.0.1:9000"
 BEACON_PORT = 9001
 #: Heartbeats every 25 s: the registry forgets a node after 180 s of silence.
 DEFAULT_HEARTBEAT = 25.0
-
-
-def parse_endpoint(text: str) -> str:
-    """``host:port`` of a server (a name or an IP; ``[v6]:port``)."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return f"{host}:{int(port)}"
-
-
-def parse_listen_udp(text: str) -> str:
-    """Where the tunnel socket binds: ``[host]:port``, port 0 for any."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not [HOST]:PORT")
-    return f"{host}:{int(port)}"
 
 
 def parse_hostname(text: str) -> str:
@@ -78,12 +64,12 @@ def parse_bool(text: str) -> bool:
 
 
 NODE_OPTIONS: tuple[Setting | Switch, ...] = (
-    Setting("registry", None, parse_endpoint, "HOST:PORT",
+    Setting("registry", None, parse_server, "HOST:PORT",
             f"the rendezvous registry (default: {DEFAULT_REGISTRY})"),
-    Setting("beacon", None, parse_endpoint, "HOST:PORT",
+    Setting("beacon", None, parse_server, "HOST:PORT",
             f"the rendezvous beacon (default: the registry's host, port {BEACON_PORT})"),
     Setting("hostname", None, parse_hostname, "NAME", "this node's hostname"),
-    Setting("listen", ":0", parse_listen_udp, "ADDR",
+    Setting("listen", ":0", parse_address, "ADDR",
             "UDP address of the tunnel socket, [HOST]:PORT (port 0: any free port)"),
     Switch("public", "make this node public (anyone may resolve its endpoint)"),
     Setting("tags", None, parse_tags, "TAGS", "tags, separated by commas or spaces"),
@@ -177,7 +163,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
     except (ValueError, PilotError) as e:
         raise InvalidArgument(str(e), f"check the flags, PILOT_* variables and {config_path(home)}") from None
     registry = values["registry"] or DEFAULT_REGISTRY
-    beacon = values["beacon"] or f"{registry.rpartition(':')[0]}:{BEACON_PORT}"
+    beacon = values["beacon"] or format_endpoint(parse_host_port(registry)[0], BEACON_PORT)
     return NodeSettings(
         home=home,
         identity=values["identity"] or os.path.join(home, "identity.json"),

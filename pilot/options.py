@@ -17,22 +17,35 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attr
 
+from pilot.endpoint import format_endpoint, parse_host_port, parse_listen
 from pilot.errors import InvalidArgument
-from pilot.services.rendezvous import describe, parse_listen
 
 # --- value parsers: each returns the value or raises ValueError(reason) ---------
 
 def parse_address(text: str) -> str:
     """
-    A listening address, as :func:`pilot.services.rendezvous.parse_listen`
-    takes it (``:9000``, ``9000``, ``127.0.0.1:9000``, ``[::1]:9000``; port 0
-    asks the system for a free port), in its normal form (``:9000``).
+    A listening address, as :func:`pilot.endpoint.parse_listen` takes it
+    (``:9000``, ``9000``, ``127.0.0.1:9000``, ``[::1]:9000``; port 0 asks the
+    system for a free port), in its normal form (``:9000``).
     """
     try:
         host, port = parse_listen(text)
     except InvalidArgument as e:
         raise ValueError(e.message) from None
-    return describe(host, port)
+    return format_endpoint(host, port)
+
+
+def parse_server(text: str) -> str:
+    """
+    A server's address, as :func:`pilot.endpoint.parse_host_port` takes it
+    (``rendezvous.example:9000``, ``10.0.0.1:9000``, ``[::1]:9000``), in its
+    normal form.
+    """
+    try:
+        host, port = parse_host_port(text)
+    except InvalidArgument as e:
+        raise ValueError(e.message) from None
+    return format_endpoint(host, port)
 
 
 def parse_rate(text: str) -> float:

@@ -215,13 +215,13 @@ class StartupError(Exception):
         self.code = code
 
 
-def build_service(settings: RendezvousSettings, reactor: Any = None) -> RendezvousService:
+def build_service(settings: RendezvousSettings, reactor: Any) -> RendezvousService:
     """
-    The service for ``settings``; :class:`StartupError` with one line for a
-    store, certificate or key that cannot be used.
+    The service for ``settings`` on ``reactor``; :class:`StartupError` with
+    one line for a store, certificate or key that cannot be used.
     """
     try:
-        return RendezvousService(settings, reactor=reactor)
+        return RendezvousService(settings, reactor)
     except StoreError as e:
         raise StartupError(f"cannot load the registry store {e}",
                            "move the file aside, or choose another with --store (or --no-store)",
@@ -237,7 +237,10 @@ def build_service(settings: RendezvousSettings, reactor: Any = None) -> Rendezvo
 
 
 def makeService(options: RendezvousOptions) -> RendezvousService:
+    # twistd has installed the reactor by now; this edge is where it is named.
+    from twisted.internet import reactor
+
     try:
-        return build_service(options.settings)
+        return build_service(options.settings, reactor)
     except StartupError as e:
         raise SystemExit(f"{TAPNAME}: error: {e}") from None

@@ -26,6 +26,7 @@ import os
 import sys
 
 from twisted.application import service
+from twisted.internet import reactor
 from twisted.logger import ILogObserver
 
 from pilot import log, tap
@@ -33,7 +34,7 @@ from pilot import log, tap
 try:
     _values = tap.parse_values(tap.values_from_environment(os.environ), tap.environment_name)
     _settings = tap.settings_from(_values)
-    _rendezvous = tap.build_service(_settings)
+    _rendezvous = tap.build_service(_settings, reactor)
 except (ValueError, tap.StartupError) as e:
     sys.exit(f"rendezvous.tac: error: {e}")
 

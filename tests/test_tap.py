@@ -185,7 +185,8 @@ class MakeServiceTests(SynchronousTestCase):
         with open(cert, "w") as f:
             f.write("no")
         e = self.assertRaises(tap.StartupError, tap.build_service,
-                              parse("--no-store", "--tls-cert", cert, "--tls-key", cert).settings)
+                              parse("--no-store", "--tls-cert", cert, "--tls-key", cert).settings,
+                              MemoryReactorClock())
         self.assertIn(cert, e.message)
         self.assertIn("--tls-cert", e.hint)
 

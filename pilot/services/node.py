@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pilot.address import Address
-from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint
+from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint, parse_host_port, parse_listen
 from pilot.errors import ErrorCode, MalformedFrame, NotFound
 from pilot.identity import Identity
 from pilot.machines.path import Paths
@@ -70,11 +70,6 @@ class NodeStartupError(Exception):
         self.message, self.hint, self.code = message, hint, code
 
 
-def split_host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return (host[1:-1] if host.startswith("[") else host), int(port)
-
-
 class NodeService(MultiService):
     log = Logger()
 
@@ -99,8 +94,8 @@ class NodeService(MultiService):
             raise NodeStartupError(f"cannot use the trust store {e}", "restore it or move it aside",
                                    ErrorCode.malformed) from None
         self.own_id: int = self.identity.address.node
-        self.registry_host, self.registry_port = split_host_port(settings.registry)
-        self.beacon_host, self.beacon_port = split_host_port(settings.beacon)
+        self.registry_host, self.registry_port = parse_host_port(settings.registry)
+        self.beacon_host, self.beacon_port = parse_host_port(settings.beacon)
         self.beacon_addr: Optional[Endpoint] = None
         self.public_endpoint: Optional[Endpoint] = None
         self.lan_host: Optional[str] = None
@@ -206,7 +201,7 @@ class NodeService(MultiService):
         still point at it keep working across a restart (a reference peer
         cannot follow a move until it sends to us again).
         """
-        host, port = split_host_port(self.settings.listen)
+        host, port = parse_listen(self.settings.listen)
         remembered = os.path.join(self.settings.home, "tunnel.port")
         if port == 0:
             try:

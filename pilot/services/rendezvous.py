@@ -13,7 +13,6 @@ Every ``reap_interval`` seconds stale nodes are reaped and the beacon pruned.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 
+from pilot.endpoint import format_endpoint, parse_listen
 from pilot.errors import InvalidArgument
 from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, RegistryServerFactory
@@ -36,52 +36,6 @@ from pilot.tls import ensure_self_signed, fingerprint, self_signed, server_conte
 
 REGISTRY_PORT = 9000
 BEACON_PORT = 9001
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """
-    A listen address to ``(interface, port)``: ``:9000`` and ``9000`` (all
-    IPv4 interfaces, ``""``), ``127.0.0.1:9000``, ``[::1]:9000``, ``[::]:9000``
-    (IPv6, and IPv4 too where the system is dual-stack), ``localhost:9000``.
-    Port 0 picks a free port.  Raises :class:`InvalidArgument` otherwise.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidArgument(f"a listen address is [host]:port, not {text!r}")
-    value = text.strip()
-    if value.startswith("["):
-        host, bracket, rest = value[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise InvalidArgument(f"bad listen address {text!r}: write an IPv6 address as [::1]:9000")
-        port_text = rest[1:]
-        if not _is_ip(host, 6):
-            raise InvalidArgument(f"bad listen address {text!r}: {host!r} is not an IPv6 address")
-    elif ":" in value:
-        host, _, port_text = value.rpartition(":")
-        if ":" in host:
-            raise InvalidArgument(f"bad listen address {text!r}: put an IPv6 address in brackets, "
-                                  f"as in [::1]:9000")
-        if host == "localhost":
-            host = "127.0.0.1"
-        if host and not _is_ip(host, 4):
-            raise InvalidArgument(f"bad listen address {text!r}: {host!r} is not an IP address "
-                                  f"(leave it out to listen on every interface)")
-    else:
-        host, port_text = "", value
-    if not port_text.isdigit() or int(port_text) > 0xFFFF:
-        raise InvalidArgument(f"bad listen address {text!r}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def _is_ip(text: str, version: int) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == version
-    except ValueError:
-        return False
-
-
-def describe(host: str, port: int) -> str:
-    """``:9000``, ``127.0.0.1:9000``, ``[::1]:9000``: as the product prints them."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -132,11 +86,8 @@ class PortService(Service):
 class RendezvousService(MultiService):
     log = Logger()
 
-    def __init__(self, settings: RendezvousSettings, reactor: Any = None) -> None:
+    def __init__(self, settings: RendezvousSettings, reactor: Any) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-            reactor = global_reactor
         self.settings = settings
         self.reactor = reactor
         clock: IReactorTime = reactor
@@ -217,11 +168,11 @@ class RendezvousService(MultiService):
             raise
         kind = "TLS" if self.tls_options is not None else "TCP"
         self.log.info("Registry listening on {endpoint} ({kind})",
-                      endpoint=describe(self.registry_host, self.registry_port()), kind=kind)
+                      endpoint=format_endpoint(self.registry_host, self.registry_port()), kind=kind)
         if self.tls_fingerprint is not None:
             self.log.info("TLS fingerprint (SHA-256): {fingerprint}", fingerprint=self.tls_fingerprint)
         self.log.info("Beacon listening on {endpoint} (UDP)",
-                      endpoint=describe(self.beacon_host, self.beacon_port()))
+                      endpoint=format_endpoint(self.beacon_host, self.beacon_port()))
         if self.store is not None:
             self.log.info("Persistence: {path}", path=self.store.path)
             if self.fresh_store:

@@ -19,7 +19,7 @@ from pilot.errors import InvalidArgument
 from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import RegistryServerFactory
 from pilot.server.registry import Peer
-from pilot.services.rendezvous import RendezvousService, RendezvousSettings, describe, parse_listen
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import StoreError, load_store
 from pilot.tls import CERT_NAME, KEY_NAME, fingerprint
 
@@ -260,29 +260,3 @@ class ServiceTests(SynchronousTestCase):
     def test_bad_listen_refuses_construction(self) -> None:
         self.assertRaises(InvalidArgument, self.service, listen="nonsense")
         self.assertRaises(InvalidArgument, self.service, beacon_listen=":99999")
-
-
-class ListenParsingTests(SynchronousTestCase):
-    def test_good(self) -> None:
-        for text, expected in [
-            (":9000", ("", 9000)), ("9000", ("", 9000)), ("127.0.0.1:9000", ("127.0.0.1", 9000)),
-            ("[::1]:9000", ("::1", 9000)), ("[::]:9001", ("::", 9001)), ("0.0.0.0:0", ("0.0.0.0", 0)),
-            ("localhost:9000", ("127.0.0.1", 9000)), (" :9000 ", ("", 9000)), (":0", ("", 0)),
-        ]:
-            self.assertEqual(parse_listen(text), expected, text)
-
-    def test_bad(self) -> None:
-        for text, words in [
-            ("", "[host]:port"), (":", "port"), ("9000x", "port"), (":65536", "0 to 65535"), (":-1", "port"),
-            ("::1:9000", "brackets"), ("[::1]9000", "[::1]:9000"), ("[::1:9000", "[::1]:9000"),
-            ("[127.0.0.1]:9000", "not an IPv6"), ("example.com:9000", "not an IP address"),
-            ("300.1.2.3:9000", "not an IP address"),
-        ]:
-            with self.assertRaises(InvalidArgument, msg=text) as raised:
-                parse_listen(text)
-            self.assertIn(words, raised.exception.message, text)
-            self.assertIn(repr(text), raised.exception.message)
-
-    def test_describe(self) -> None:
-        self.assertEqual([describe("", 9000), describe("10.0.0.1", 1), describe("::1", 2)],
-                         [":9000", "10.0.0.1:1", "[::1]:2"])
