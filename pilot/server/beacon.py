@@ -61,16 +61,16 @@ from typing import Protocol
 import attr
 from twisted.internet.interfaces import IReactorTime
 
+from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
-from pilot.server.auth import MAX_SKEW, NonceCache
 from pilot.ratelimit import KeyedLimiter
+from pilot.server.auth import MAX_SKEW, NonceCache
 from pilot.server.state import Node, RegistryState
 from pilot.wire.beacon import (
     Discover, DiscoverReply, Proof, PunchCommand, PunchRequest, Relay, RelayDeliver, Sync,
     canonical_host, decode,
 )
 
-Endpoint = tuple[str, int]
 Outgoing = list[tuple[bytes, Endpoint]]
 
 
