@@ -20,7 +20,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
-from typing import Union
+from typing import Sequence, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -105,7 +105,7 @@ def _not_after(cert: x509.Certificate) -> datetime.datetime:
     after = getattr(cert, "not_valid_after_utc", None)  # cryptography >= 42
     if after is None:
         after = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-    return after  # type: ignore[no-any-return]
+    return after
 
 
 def _read(path: str) -> bytes:
@@ -170,7 +170,7 @@ def _server_options(certs: list[x509.Certificate], key: PrivateKeyTypes, cert_wh
         raise StateFileError(key_where, f"cannot serve TLS with it and {cert_where} ({e})") from e
 
 
-def _options(leaf: object, chain: list[object], key: object) -> ssl.CertificateOptions:
+def _options(leaf: object, chain: Sequence[object], key: object) -> ssl.CertificateOptions:
     options = ssl.CertificateOptions(privateKey=key, certificate=leaf, extraCertChain=chain,  # type: ignore[arg-type]
                                      raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     options.getContext()  # build it now, so a key that does not match fails at start

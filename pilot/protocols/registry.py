@@ -31,7 +31,7 @@ What the protocol adds to the logic:
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Protocol as Typed, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -39,8 +39,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pilot.errors import ErrorCode, MalformedFrame
 from pilot.endpoint import format_endpoint
+from pilot.errors import ErrorCode, MalformedFrame
 from pilot.server.registry import Peer, Registry, error_reply
 from pilot.wire.registry import FrameDecoder, encode_frame
 
@@ -52,6 +52,34 @@ MAX_UNSENT = 4 * 1024 * 1024
 MAX_CONNECTIONS = 20_000
 
 _INTERNAL = encode_frame(error_reply(ErrorCode.internal, "internal error"))
+
+
+class StreamTransport(Typed):
+    """What the protocol uses of a TCP (or TLS) transport: ``ITCPTransport`` that is also a push producer."""
+
+    def getPeer(self) -> IAddress: ...
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+def stream_of(protocol: Protocol) -> StreamTransport:
+    """``protocol.transport``, connected: a stream transport (a call before ``makeConnection`` is a bug)."""
+    if protocol.transport is None:
+        raise RuntimeError(f"{protocol!r} is not connected")
+    return cast(StreamTransport, protocol.transport)
+
+
+def abort(protocol: Protocol) -> None:
+    """Abort the connection where the transport can (TCP, TLS); close it otherwise (test transports)."""
+    transport = stream_of(protocol)
+    abort_connection = getattr(transport, "abortConnection", None)
+    if abort_connection is not None:
+        abort_connection()
+    else:
+        transport.loseConnection()
 
 
 def peer_of(address: IAddress) -> Peer:
@@ -88,9 +116,9 @@ class RegistryServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._open = True
-        self.peer = peer_of(self.transport.getPeer())
+        self.peer = peer_of(stream_of(self).getPeer())
         self.connections.add(self)
-        self.transport.registerProducer(self, True)
+        stream_of(self).registerProducer(self, True)
         self._restart_idle_timer()
         self.log.debug("registry connection from {peer}", peer=self._where())
 
@@ -121,7 +149,7 @@ class RegistryServerProtocol(Protocol):
             self._pending.clear()
             self._write(encode_frame(error_reply(ErrorCode.malformed, e.reason)))
             self._closing = True
-            self.transport.loseConnection()
+            stream_of(self).loseConnection()
             return
         self._process()
 
@@ -169,7 +197,7 @@ class RegistryServerProtocol(Protocol):
                               "{unsent} bytes queued, disconnecting", peer=self._where(), unsent=self._unsent)
                 self._abort()
                 return
-        self.transport.write(frame)
+        stream_of(self).write(frame)
 
     def pauseProducing(self) -> None:
         """The transport's send buffer is full: stop reading and answering."""
@@ -177,7 +205,7 @@ class RegistryServerProtocol(Protocol):
             self._paused = True
             self._unsent = 0
             if not self._closing:
-                self.transport.pauseProducing()
+                stream_of(self).pauseProducing()
 
     def resumeProducing(self) -> None:
         """The send buffer drained: read and answer again."""
@@ -185,7 +213,7 @@ class RegistryServerProtocol(Protocol):
             self._paused = False
             self._unsent = 0
             if not self._closing:
-                self.transport.resumeProducing()
+                stream_of(self).resumeProducing()
                 self._process()
 
     def stopProducing(self) -> None:
@@ -211,11 +239,7 @@ class RegistryServerProtocol(Protocol):
     def _abort(self) -> None:
         self._closing = True
         self._pending.clear()
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            self.transport.loseConnection()
+        abort(self)
 
     def _where(self) -> str:
         return format_endpoint(self.peer.host, self.peer.port) if self.peer.host else "?"
@@ -225,7 +249,7 @@ class RefusedConnection(Protocol):
     """A connection over the limit: aborted as soon as it is made, nothing read."""
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        abort(self)
 
     def dataReceived(self, data: bytes) -> None:
         pass
@@ -254,7 +278,7 @@ class RegistryServerFactory(Factory):
         self.connections: set[RegistryServerProtocol] = set()
         self.refused = 0
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         if len(self.connections) >= self.max_connections:
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
@@ -269,4 +293,4 @@ class RegistryServerFactory(Factory):
     def disconnect_all(self) -> None:
         """Close every open connection (used when the service stops)."""
         for protocol in list(self.connections):
-            protocol.transport.loseConnection()
+            stream_of(protocol).loseConnection()

@@ -68,7 +68,7 @@ class RegistryClientProtocol(Protocol):
         reply's error or with ``RegistryUnavailable``.  Cancelling it leaves
         its place in the queue, so the replies that follow still match.
         """
-        if not self._connected:
+        if not self._connected or self.transport is None:
             reason = self._lost or "not connected"
             return fail(RegistryUnavailable(f"cannot reach the registry: {reason}"))
         try:
@@ -131,7 +131,7 @@ class RegistryClientProtocol(Protocol):
         abort = getattr(self.transport, "abortConnection", None)
         if abort is not None:
             abort()
-        else:
+        elif self.transport is not None:
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -156,7 +156,7 @@ class RegistryClientFactory(Factory):
         self.on_event = on_event
         self.on_lost = on_lost
 
-    def buildProtocol(self, addr: IAddress) -> RegistryClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RegistryClientProtocol:
         protocol = RegistryClientProtocol(self.on_event, self.on_lost)
         protocol.factory = self
         return protocol

@@ -166,13 +166,13 @@ class RegistryState:
                 raise StoreFormatError(f"nodes[{key!r}] has id {node.id}")
             state.nodes[node.id] = node
         for key_b64, node_id in _get(value, "pub_key_idx", dict, {}).items():
-            key = decoded.get(key_b64)  # type: ignore[assignment]
-            if key is None:
+            public_key = decoded.get(key_b64)
+            if public_key is None:
                 try:
-                    key = b64decode(key_b64, 32, "key")
+                    public_key = b64decode(key_b64, 32, "key")
                 except ValueError as e:
                     raise StoreFormatError(f"pub_key_idx: {e}") from None
-            state.key_index[key] = _u32(node_id, f"pub_key_idx[{key_b64!r}]")
+            state.key_index[public_key] = _u32(node_id, f"pub_key_idx[{key_b64!r}]")
         for pair in _get(value, "trust_pairs", list, []):
             a, b = _split_ids(pair, ":", "trust_pairs")
             state.trust.update({(a, b), (b, a)})
@@ -233,7 +233,7 @@ def _node_from_json(raw: Any, where: str, keys: dict[str, bytes] | None = None) 
         key = b64decode(text, 32, "public_key")
     except ValueError as e:
         raise StoreFormatError(f"{where}: {e}") from None
-    if keys is not None:
+    if keys is not None and isinstance(text, str):
         keys[text] = key
     tags = _opt(raw, "tags", list, [])
     if not all(isinstance(t, str) for t in tags):

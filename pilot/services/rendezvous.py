@@ -20,7 +20,7 @@ from typing import Any, Callable
 import attr
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
@@ -80,7 +80,10 @@ class PortService(Service):
         port, self.port = self.port, None
         if port is None:
             return None
-        return maybeDeferred(port.stopListening)
+        try:
+            return port.stopListening()
+        except Exception:
+            return fail()
 
 
 class RendezvousService(MultiService):
@@ -181,7 +184,7 @@ class RendezvousService(MultiService):
             self.log.info("Persistence: none (state is kept in memory only)")
 
     def stopService(self) -> Deferred[Any]:
-        stopped: Deferred[Any] = super().stopService()  # type: ignore[assignment]
+        stopped: Deferred[Any] = super().stopService()
         self.factory.disconnect_all()
         self._flush()
 
