@@ -1,7 +1,14 @@
 # -*- test-case-name: tests.server.test_registry -*-
 """
 The registry: every request type a reference node sends, answered with the
-reference's reply fields (facts §2), over our state.
+reference's reply fields (``docs/reference-wire.md`` §2), over our state.
+
+This module holds the :class:`Registry` (dispatch, rate limits, the helpers
+its handlers share) and the requests about a node's own record (register,
+lookup, resolve, hostname, visibility, tags, heartbeat, deregister, key
+rotation, punch, event subscription).  Trust and handshakes are in
+``handshakes.py``, the reference's remaining requests in ``compat.py``, the
+types every handler shares in ``requests.py``.
 
 Pure logic: no sockets, no files; time from the injected ``IReactorTime``.
 The TCP protocol feeds :meth:`Registry.handle` one decoded request at a time
@@ -18,7 +25,7 @@ for peers it trusts; real error reasons.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import attr
 from twisted.internet.interfaces import IReactorTime
@@ -28,17 +35,18 @@ from pilot.endpoint import format_endpoint, parse_endpoint
 from pilot.errors import ErrorCode, MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.names import hostname_problem, normalise_tags
-from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.ratelimit import KeyedLimiter
-from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
+from pilot.server import compat, handshakes
+from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
+from pilot.server.compat import BEACON_TTL
+from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
+from pilot.server.state import Node, RegistryState
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
 
+__all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "listen_port",
+           "BEACON_TTL"]
+
 _PORT = re.compile(r"[0-9]{1,5}")
-MAX_INBOX = 100
-MAX_TRUSTED = 10_000
-MAX_RESPONSES = 100
-MAX_JUSTIFICATION = 1024
-BEACON_TTL = 60.0
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -51,32 +59,6 @@ class RegistryConfig:
     requests_per_second: float = 500.0
     request_burst: float = 2000.0
     max_skew: float = MAX_SKEW
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class Peer:
-    """Where a request came from, as the registry's socket saw it."""
-
-    host: str
-    port: int
-
-
-class Session(Protocol):
-    """What the registry needs of a client connection."""
-
-    def push(self, message: dict[str, Any]) -> None:
-        """Send an unsolicited message (an event) on this connection."""
-
-
-class RequestError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def error_reply(code: ErrorCode, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": message, "code": code.name}
 
 
 def listen_port(text: str) -> int | None:
@@ -113,7 +95,7 @@ class Registry:
 
     # --- entry point ------------------------------------------------------------
 
-    def handle(self, msg: dict[str, Any], peer: Peer, session: Session | None = None) -> dict[str, Any]:
+    def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         self._count(f"request.{kind}" if handler else "request.unknown")
@@ -140,13 +122,15 @@ class Registry:
     def node(self, node_id: int) -> Node | None:
         return self.state.nodes.get(node_id)
 
-    def _need(self, node_id: int, what: str = "node") -> Node:
+    def need(self, node_id: int, what: str = "node") -> Node:
+        """The registered node ``node_id``, or :class:`RequestError` ``not_found``."""
         node = self.state.nodes.get(node_id)
         if node is None:
             raise RequestError(ErrorCode.not_found, f"{what} {node_id} is not registered")
         return node
 
-    def _authenticate(self, msg: dict[str, Any], node: Node) -> None:
+    def authenticate(self, msg: Message, node: Node) -> None:
+        """Check ``msg``'s signature by ``node`` (:class:`RequestError` ``unauthorized`` if wrong)."""
         try:
             fresh = self.auth.check(msg, node.public_key, node.id in self.state.proven, self.clock.seconds())
         except AuthFailed as e:
@@ -155,9 +139,10 @@ class Registry:
             self.state.proven.add(node.id)
             self.on_change()
 
-    def _signed(self, msg: dict[str, Any], field: str) -> Node:
-        node = self._need(get_int(msg, field))
-        self._authenticate(msg, node)
+    def signed(self, msg: Message, field: str) -> Node:
+        """The node named by ``msg[field]``, which must have signed ``msg``."""
+        node = self.need(get_int(msg, field))
+        self.authenticate(msg, node)
         return node
 
     def trusts(self, truster: int, trustee: int) -> bool:
@@ -170,7 +155,8 @@ class Registry:
         other = self.state.nodes.get(requester)
         return other is not None and bool(set(target.networks) & set(other.networks) - {0})
 
-    def _push(self, node_id: int, event: dict[str, Any]) -> None:
+    def push_event(self, node_id: int, event: Message) -> None:
+        """Send ``event`` on every connection subscribed for ``node_id``."""
         for session in list(self.subscribers.get(node_id, ())):
             session.push(event)
 
@@ -230,7 +216,7 @@ class Registry:
 
     # --- handlers -------------------------------------------------------------------
 
-    def register(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
+    def register(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         try:
             key = b64decode(msg.get("public_key"), 32, "public_key")
         except ValueError as e:
@@ -303,18 +289,18 @@ class Registry:
                  "real_addr": node.real_addr}
         for truster, trustee in list(self.state.trust):
             if truster == node.id and trustee in self.subscribers:
-                self._push(trustee, event)
+                self.push_event(trustee, event)
 
-    def lookup(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._need(get_int(msg, "node_id"))
+    def lookup(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.need(get_int(msg, "node_id"))
         reply = {"type": "lookup_ok", **self._lookup_json(node)}
         if node.public:
             reply["real_addr"] = node.real_addr
         return reply
 
-    def resolve(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        requester = self._signed(msg, "requester_id")
-        target = self._need(get_int(msg, "node_id"))
+    def resolve(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        requester = self.signed(msg, "requester_id")
+        target = self.need(get_int(msg, "node_id"))
         self.touch(requester)
         if not self.may_see(requester.id, target):
             raise RequestError(ErrorCode.not_trusted,
@@ -325,7 +311,7 @@ class Registry:
             reply["local_addr"] = target.local_addr
         return reply
 
-    def resolve_hostname(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
+    def resolve_hostname(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         name = get_str(msg, "hostname", max_len=256)
         node_id = self.state.hostnames.get(name)
         if node_id is None:
@@ -334,8 +320,8 @@ class Registry:
         return {"type": "resolve_hostname_ok", "node_id": node.id, "address": str(node.address),
                 "public": node.public, "hostname": node.hostname}
 
-    def set_hostname(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
+    def set_hostname(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.signed(msg, "node_id")
         name = get_str(msg, "hostname", "", max_len=256)
         if name:
             problem = self._hostname_check(node.id, name)
@@ -347,8 +333,8 @@ class Registry:
             self.on_change()
         return {"type": "set_hostname_ok", "node_id": node.id, "hostname": node.hostname}
 
-    def set_visibility(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
+    def set_visibility(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.signed(msg, "node_id")
         public = get_bool(msg, "public")
         if node.public != public:
             node.public = public
@@ -356,8 +342,8 @@ class Registry:
         return {"type": "set_visibility_ok", "node_id": node.id,
                 "visibility": "public" if public else "private"}
 
-    def set_tags(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
+    def set_tags(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.signed(msg, "node_id")
         try:
             tags = normalise_tags(get_str_list(msg, "tags", 10, 64))
         except ValueError as e:
@@ -367,30 +353,30 @@ class Registry:
             self.on_change()
         return {"type": "set_tags_ok", "node_id": node.id, "tags": list(tags)}
 
-    def set_task_exec(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
+    def set_task_exec(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.signed(msg, "node_id")
         enabled = get_bool(msg, "enabled")
         if node.task_exec != enabled:
             node.task_exec = enabled
             self.on_change()
         return {"type": "set_task_exec_ok", "node_id": node.id, "task_exec": enabled}
 
-    def heartbeat(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
+    def heartbeat(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.signed(msg, "node_id")
         self.touch(node)
         return {"type": "heartbeat_ok", "time": int(self.clock.seconds())}
 
-    def deregister(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
+    def deregister(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         node_id = get_int(msg, "node_id")
         node = self.state.nodes.get(node_id)
         if node is not None:
-            self._authenticate(msg, node)
+            self.authenticate(msg, node)
             self._remove(node_id)
             self.on_change()
         return {"type": "deregister_ok"}
 
-    def rotate_key(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
+    def rotate_key(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        node = self.signed(msg, "node_id")
         try:
             new = b64decode(msg.get("new_public_key"), 32, "new_public_key")
         except ValueError as e:
@@ -406,93 +392,10 @@ class Registry:
         return {"type": "rotate_key_ok", "node_id": node.id, "address": str(node.address),
                 "public_key": b64encode(new)}
 
-    def report_trust(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
-        peer_id = get_int(msg, "peer_id")
-        if peer_id == node.id:
-            raise RequestError(ErrorCode.invalid_argument, "a node cannot trust itself")
-        if peer_id not in self.state.id_keys:
-            raise RequestError(ErrorCode.not_found, f"node {peer_id} is not known")
-        if (node.id, peer_id) not in self.state.trust:
-            if sum(1 for a, _ in self.state.trust if a == node.id) >= MAX_TRUSTED:
-                raise RequestError(ErrorCode.rate_limited, f"a node may trust at most {MAX_TRUSTED} peers")
-            self.state.trust.add((node.id, peer_id))
-            self.on_change()
-            self._push(peer_id, {"type": "event", "event": "trust_granted", "node_id": node.id})
-        return {"type": "report_trust_ok"}
-
-    def revoke_trust(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
-        peer_id = get_int(msg, "peer_id")
-        edges = {(node.id, peer_id), (peer_id, node.id)} & self.state.trust
-        if not edges:
-            raise RequestError(ErrorCode.not_found, f"no trust between {node.id} and {peer_id}")
-        self.state.trust -= edges
-        self.on_change()
-        self._push(peer_id, {"type": "event", "event": "trust_revoked", "node_id": node.id})
-        return {"type": "revoke_trust_ok"}
-
-    def request_handshake(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        sender = self._signed(msg, "from_node_id")
-        target_id = get_int(msg, "to_node_id")
-        self._need(target_id, "target node")
-        if target_id == sender.id:
-            raise RequestError(ErrorCode.invalid_argument, "a node cannot handshake with itself")
-        justification = get_str(msg, "justification", "", max_len=MAX_JUSTIFICATION)
-        inbox = self.state.inbox.setdefault(target_id, [])
-        inbox[:] = [r for r in inbox if r.from_node_id != sender.id]  # a repeat replaces the pending one
-        if len(inbox) >= MAX_INBOX:
-            raise RequestError(ErrorCode.rate_limited, f"node {target_id} has {MAX_INBOX} pending requests")
-        request = HandshakeRequest(sender.id, justification, self.clock.seconds())
-        inbox.append(request)
-        self.state.asked.add((sender.id, target_id))
-        self.on_change()
-        self._push(target_id, {"type": "event", "event": "handshake_request", **_request_json(request)})
-        return {"type": "request_handshake_ok", "status": "delivered"}
-
-    def poll_handshakes(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
-        self.touch(node)
-        requests = self.state.inbox.pop(node.id, [])
-        responses = self.state.responses.pop(node.id, [])
-        if requests or responses:
-            self.on_change()
-        return {"type": "poll_handshakes_ok",
-                "requests": [_request_json(r) for r in requests],
-                "responses": [_response_json(r) for r in responses]}
-
-    def respond_handshake(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._signed(msg, "node_id")
-        peer_id = get_int(msg, "peer_id")
-        accept = get_bool(msg, "accept")
-        if peer_id == node.id:
-            raise RequestError(ErrorCode.invalid_argument, "a node cannot answer itself")
-        if peer_id not in self.state.id_keys:
-            raise RequestError(ErrorCode.not_found, f"node {peer_id} is not known")
-        inbox = self.state.inbox.get(node.id, [])
-        if any(r.from_node_id == peer_id for r in inbox):
-            self.state.inbox[node.id] = [r for r in inbox if r.from_node_id != peer_id]
-        # polled or not, the requester's signed request stays its consent until answered
-        asked = (peer_id, node.id) in self.state.asked
-        self.state.asked.discard((peer_id, node.id))
-        if accept:
-            self.state.trust.add((node.id, peer_id))
-            if asked:
-                # the requester's signed request is its consent to trust us back
-                self.state.trust.add((peer_id, node.id))
-        queue = self.state.responses.setdefault(peer_id, [])
-        response = HandshakeResponse(node.id, accept, self.clock.seconds())
-        if not any(r.from_node_id == node.id and r.accept == accept for r in queue):
-            queue.append(response)
-            del queue[:-MAX_RESPONSES]
-        self.on_change()
-        self._push(peer_id, {"type": "event", "event": "handshake_response", **_response_json(response)})
-        return {"type": "respond_handshake_ok", "accept": accept, "peer_id": peer_id}
-
-    def punch(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        requester = self._signed(msg, "requester_id")
-        a = self._need(get_int(msg, "node_a"))
-        b = self._need(get_int(msg, "node_b"))
+    def punch(self, msg: Message, peer: Peer, session: Session | None) -> Message:
+        requester = self.signed(msg, "requester_id")
+        a = self.need(get_int(msg, "node_a"))
+        b = self.need(get_int(msg, "node_b"))
         if requester.id not in (a.id, b.id):
             raise RequestError(ErrorCode.invalid_argument, "the requester must be one of the two nodes")
         other = b if requester.id == a.id else a
@@ -502,82 +405,13 @@ class Registry:
         return {"type": "punch_ok", "node_a": a.id, "node_a_addr": a.real_addr,
                 "node_b": b.id, "node_b_addr": b.real_addr}
 
-    def list_nodes(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        network = get_int(msg, "network_id", 16, default=0)
-        if network == 0:
-            raise RequestError(ErrorCode.invalid_argument, "listing backbone nodes is not permitted")
-        raise RequestError(ErrorCode.not_found, f"network {network} does not exist")
-
-    def list_networks(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        return {"type": "list_networks_ok", "networks": [
-            {"id": 0, "name": "backbone", "members": len(self.state.nodes), "join_rule": "open"}]}
-
-    def _score_reply(self, kind: str, node: Node) -> dict[str, Any]:
-        return {"type": kind, "node_id": node.id, "address": str(node.address), "polo_score": node.polo_score}
-
-    def get_polo_score(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        return self._score_reply("get_polo_score_ok", self._need(get_int(msg, "node_id")))
-
-    def _score_change_allowed(self, msg: dict[str, Any], target: Node) -> None:
-        # The reference takes score changes unsigned; a proven node's score
-        # moves only for a request signed (replay-proof) by a registered node.
-        if "auth" in msg or target.id in self.state.proven:
-            signer = self._need(get_int(msg, "requester_id"), "requester")
-            if "auth" not in msg:
-                raise RequestError(ErrorCode.unauthorized, "changing this node's score needs a signed request")
-            self._authenticate(msg, signer)
-
-    def update_polo_score(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._need(get_int(msg, "node_id"))
-        delta = msg.get("delta")
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not -1e6 <= delta <= 1e6:
-            raise RequestError(ErrorCode.invalid_argument, "'delta' must be a number")
-        self._score_change_allowed(msg, node)
-        node.polo_score = max(-(1 << 31), min((1 << 31) - 1, node.polo_score + int(delta)))
-        self.on_change()
-        return self._score_reply("update_polo_score_ok", node)
-
-    def set_polo_score(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        node = self._need(get_int(msg, "node_id"))
-        score = msg.get("polo_score")
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not -(1 << 31) <= score < 1 << 31:
-            raise RequestError(ErrorCode.invalid_argument, "'polo_score' must be a number")
-        self._score_change_allowed(msg, node)
-        node.polo_score = int(score)
-        self.on_change()
-        return self._score_reply("set_polo_score_ok", node)
-
-    def networks_wip(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        raise RequestError(ErrorCode.invalid_argument, "custom networks are WIP")
-
-    def beacon_register(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        beacon_id = get_int(msg, "beacon_id")
-        if beacon_id == 0:
-            raise RequestError(ErrorCode.invalid_argument, "beacon_id must not be 0")
-        addr = get_str(msg, "addr", max_len=128)
-        now = self.clock.seconds()
-        for bid in [b for b, (_, t) in self.beacons.items() if now - t > BEACON_TTL]:
-            del self.beacons[bid]
-        if len(self.beacons) >= 1024 and beacon_id not in self.beacons:
-            raise RequestError(ErrorCode.rate_limited, "too many beacons")
-        self.beacons[beacon_id] = (addr, self.clock.seconds())
-        return {"type": "beacon_register_ok", "beacon_id": beacon_id}
-
-    def beacon_list(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        now = self.clock.seconds()
-        return {"type": "beacon_list_ok", "beacons": [
-            {"id": b, "addr": a} for b, (a, t) in sorted(self.beacons.items()) if now - t <= BEACON_TTL]}
-
-    def subscribe_replication(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
-        raise RequestError(ErrorCode.invalid_argument, "replication not configured")
-
-    def subscribe_events(self, msg: dict[str, Any], peer: Peer, session: Session | None) -> dict[str, Any]:
+    def subscribe_events(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         """Ours: push handshake and trust events to this connection (auth required)."""
         node_id = get_int(msg, "node_id")
-        node = self._need(node_id)
+        node = self.need(node_id)
         if "auth" not in msg:
             raise RequestError(ErrorCode.unauthorized, "subscribe_events needs an 'auth' signature")
-        self._authenticate(msg, node)
+        self.authenticate(msg, node)
         if session is None:
             raise RequestError(ErrorCode.invalid_argument, "events need a connection")
         self.subscribers.setdefault(node_id, set()).add(session)
@@ -586,21 +420,10 @@ class Registry:
                 "pending_responses": len(self.state.responses.get(node_id, ()))}
 
 
-def _request_json(r: HandshakeRequest) -> dict[str, Any]:
-    return {"from_node_id": r.from_node_id, "justification": r.justification, "timestamp": int(r.timestamp)}
-
-
-def _response_json(r: HandshakeResponse) -> dict[str, Any]:
-    return {"from_node_id": r.from_node_id, "accept": r.accept, "timestamp": int(r.timestamp)}
-
-
-_HANDLERS: dict[str, Callable[[Registry, dict[str, Any], Peer, Session | None], dict[str, Any]]] = {
+_HANDLERS: dict[str, Handler] = {
     name: getattr(Registry, name) for name in (
         "register", "lookup", "resolve", "resolve_hostname", "set_hostname", "set_visibility",
-        "set_tags", "set_task_exec", "heartbeat", "deregister", "rotate_key", "report_trust",
-        "revoke_trust", "request_handshake", "poll_handshakes", "respond_handshake", "punch",
-        "list_nodes", "list_networks", "get_polo_score", "update_polo_score", "set_polo_score",
-        "beacon_register", "beacon_list", "subscribe_replication", "subscribe_events")
+        "set_tags", "set_task_exec", "heartbeat", "deregister", "rotate_key", "punch", "subscribe_events")
 }
-_HANDLERS.update({name: Registry.networks_wip for name in ("create_network", "join_network", "leave_network")})
-
+_HANDLERS.update(handshakes.HANDLERS)
+_HANDLERS.update(compat.HANDLERS)

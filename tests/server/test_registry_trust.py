@@ -11,7 +11,8 @@ from typing import Any
 from pilot.address import Address
 from pilot.errors import ErrorCode
 from pilot.identity import b64encode
-from pilot.server.registry import MAX_INBOX, MAX_RESPONSES, Peer, RegistryConfig
+from pilot.server.handshakes import MAX_INBOX, MAX_RESPONSES
+from pilot.server.registry import Peer, RegistryConfig
 from pilot.server.state import Node, RegistryState
 
 from tests.server.test_registry import (
