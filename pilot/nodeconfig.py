@@ -147,8 +147,10 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
             raw[key] = ",".join(str(v) for v in value)
         elif value is not None:
             raw[key] = str(value)
-    for key, value in environment_values(NODE_OPTIONS, environ).items():
-        raw[key] = value
+    try:
+        raw.update(environment_values(NODE_OPTIONS, environ))
+    except ValueError as e:
+        raise InvalidArgument(str(e), "check the PILOT_* variables") from None
     for key, value in flags.items():
         if value is not None and value is not False and key in known:
             raw[key] = value
@@ -156,7 +158,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
         try:
             raw["public"] = parse_bool(raw["public"])
         except ValueError as e:
-            raise InvalidArgument(f"public: {e}") from None
+            raise InvalidArgument(f"public: {e}", f"fix it in {config_path(home)}") from None
     try:
         values = parse_table(NODE_OPTIONS, raw)
         auto = AutoApprove.from_config(config.get("auto_approve"))
