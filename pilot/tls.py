@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-The registry over TLS (facts §2.10), with pyOpenSSL through Twisted.
+The registry over TLS (docs/reference-wire.md §2.10), with pyOpenSSL through Twisted.
 
 Server side: :func:`server_context` serves a given certificate and key; with
 none given, :func:`ensure_self_signed` makes a self-signed ECDSA P-256

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.server.test_beacon -*-
 """
-The beacon: endpoint discovery, punch coordination and relaying (facts §3),
-with the rules the reference lacks (facts §9 item 8, ``docs/security.md``).
+The beacon: endpoint discovery, punch coordination and relaying (docs/reference-wire.md §3),
+with the rules the reference lacks (docs/reference-wire.md §9 item 8, ``docs/security.md``).
 
 Pure logic: :meth:`Beacon.datagram_received` takes one datagram and its
 source and returns the datagrams to send; no sockets; time from the injected

@@ -2,7 +2,7 @@
 """
 The registry's state, and its JSON store format.
 
-The store file is the reference's (facts §2.9), so a reference store loads
+The store file is the reference's (docs/reference-wire.md §2.9), so a reference store loads
 and a reference reader can read ours; what the reference has no place for is
 in extra keys it ignores:
 

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.wire.test_beacon -*-
 """
-Beacon datagrams (facts §3): the first byte is the type, integers big-endian.
+Beacon datagrams (docs/reference-wire.md §3): the first byte is the type, integers big-endian.
 
 ::
 

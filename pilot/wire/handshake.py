@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.wire.test_handshake -*-
 """
-The trust handshake message a node writes to a peer's port 444 (facts §5.1).
+The trust handshake message a node writes to a peer's port 444 (docs/reference-wire.md §5.1).
 
 One JSON object per stream, all seven fields always present (empty strings
 where unused)::
@@ -55,7 +55,7 @@ MAX_NODE_ID = 0xFFFFFFFF
 _MIN_TS = -(1 << 63)
 _MAX_TS = (1 << 63) - 1
 
-#: Wire order of the fields (the table in facts §5.1).
+#: Wire order of the fields (the table in docs/reference-wire.md §5.1).
 FIELDS = ("type", "node_id", "public_key", "justification", "signature", "reason", "timestamp")
 
 

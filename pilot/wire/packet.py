@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.wire.test_packet -*-
 """
-The Pilot packet: a 34-byte header and a payload (``docs/`` and facts §4.5).
+The Pilot packet: a 34-byte header and a payload (``docs/reference-wire.md`` §4.5).
 
 Layout, all big-endian::
 
@@ -20,7 +20,7 @@ Receivers, like the reference, need at least 34 bytes and at least 34 plus
 the payload length; bytes after the payload are ignored, the version nibble
 is not checked, and a checksum mismatch drops the packet.
 
-A stream ACK may carry a SACK option instead of data (facts §4.7): ``SACK``,
+A stream ACK may carry a SACK option instead of data (docs/reference-wire.md §4.7): ``SACK``,
 a block count 1 to 4, then that many (left, right) sequence-number pairs,
 right edge exclusive.  :func:`parse_sack` applies the reference's rule for
 telling the two apart.
@@ -50,7 +50,7 @@ STREAM = 0x01
 DATAGRAM = 0x02
 CONTROL = 0x03
 
-# Well-known ports (facts §4.6).
+# Well-known ports (docs/reference-wire.md §4.6).
 PING = 0
 ECHO = 7
 HANDSHAKE = 444
@@ -164,7 +164,7 @@ class Packet:
             payload=payload)
 
 
-# --- SACK option (facts §4.7) -------------------------------------------------
+# --- SACK option (docs/reference-wire.md §4.7) --------------------------------
 
 SACK_MAGIC = b"SACK"
 MAX_SACK_BLOCKS = 4

@@ -21,7 +21,7 @@ from pilot.wire.beacon import (
 from pilot.wire.registry import legacy_challenge, sign_request
 
 T0 = 1_700_000_000.0
-# go-session-2: agent-a's tunnel at 24101, agent-b's at 24102 (facts §0, §3)
+# go-session-2: agent-a's tunnel at 24101, agent-b's at 24102 (docs/reference-wire.md §0, §3)
 A_ADDR = ("127.0.0.1", 24101)
 B_ADDR = ("127.0.0.1", 24102)
 ATTACKER = ("192.0.2.66", 40000)

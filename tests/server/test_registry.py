@@ -1,6 +1,6 @@
 """
 Tests for L{pilot.server.registry}: the reference's request types and reply
-fields (facts 2.4), the captured Go sessions replayed, registration,
+fields (docs/reference-wire.md §2.4), the captured Go sessions replayed, registration,
 rate limits, expiry, persistence hooks and hostile input.
 
 The trust side (signatures, visibility, handshakes, events) is in
@@ -201,7 +201,7 @@ class VectorReplayTests(RegistryTestCase):
                     continue  # the reference hides every reason behind "request failed"
                 if captured["type"] == "poll_handshakes_ok" and key == "responses":
                     # the reference queues the daemon's duplicate respond_handshake twice
-                    # (facts 9 #14); we keep one
+                    # (docs/reference-wire.md §9 item 14); we keep one
                     unique = [r for i, r in enumerate(value) if r not in value[:i]]
                     self.assertEqual(ours[key], unique, where)
                     continue
@@ -290,7 +290,7 @@ class RegistrationTests(RegistryTestCase):
     def test_listen_host_not_an_ip(self) -> None:
         """
         The reference splits host and port and uses only the port, whatever
-        the host is (facts 2.6); an empty or named host keeps the port.
+        the host is (docs/reference-wire.md §2.6); an empty or named host keeps the port.
         """
         world = World()
         for n, listen in enumerate((":5555", "node.example:5555", "localhost:5555")):
@@ -380,7 +380,7 @@ class RegistrationTests(RegistryTestCase):
         world = World()
         a = world.join(ident(1), owner="ops@example.com")
         self.assertEqual(world.node(a).owner, "ops@example.com")
-        # the reference would hand node a's id to this new key (facts 9 #2)
+        # the reference would hand node a's id to this new key (docs/reference-wire.md §9 item 2)
         b = world.join(ident(2), owner="ops@example.com")
         self.assertNotEqual(a, b)
         self.assertEqual(world.node(a).public_key, ident(1).public_key)

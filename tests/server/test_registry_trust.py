@@ -61,7 +61,7 @@ class LegacySignatureTests(Trio):
         self.assertNotIn(self.a, self.world.registry.state.proven)
 
     def test_replayable_for_unproven_node(self) -> None:
-        # the reference's rule, kept for nodes that never proved their key (facts 9 #3)
+        # the reference's rule, kept for nodes that never proved their key (docs/reference-wire.md §9 item 3)
         msg = self.world.legacy(self.alice, {"type": "heartbeat", "node_id": self.a})
         for _ in range(3):
             self.world.advance(30)
@@ -139,7 +139,7 @@ class AuthTests(Trio):
         self.assertNotIn(self.a, self.world.registry.state.nodes)
 
     def test_unsigned_register_moves_an_unproven_endpoint(self) -> None:
-        # the reference's rule (facts 9 #2), kept for reference nodes
+        # the reference's rule (docs/reference-wire.md §9 item 2), kept for reference nodes
         self.world.register(self.alice, Peer("203.0.113.66", 6666), listen="0.0.0.0:6666")
         self.assertEqual(self.world.node(self.a).real_addr, "203.0.113.66:6666")
 
@@ -303,7 +303,8 @@ class VisibilityTests(Trio):
         self.assertError(self.resolve(self.carol, self.c, self.b), ErrorCode.not_trusted)
 
     def test_requester_alone_cannot_open_the_target(self) -> None:
-        # unlike the reference, where either side's report_trust creates the pair (facts 2.7)
+        # unlike the reference, where either side's report_trust creates the pair
+        # (docs/reference-wire.md §2.7)
         self.trust(self.alice, self.a, self.b)  # alice says she trusts bob
         self.assertError(self.resolve(self.alice, self.a, self.b), ErrorCode.not_trusted)
         # it opens alice to bob instead

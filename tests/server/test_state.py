@@ -1,6 +1,6 @@
 """
 Tests for L{pilot.server.state}: the registry's state and its JSON store, which
-is the reference's format (facts 2.9) plus keys the reference ignores.
+is the reference's format (docs/reference-wire.md §2.9) plus keys the reference ignores.
 """
 
 from __future__ import annotations

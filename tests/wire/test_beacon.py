@@ -77,7 +77,7 @@ class VectorTests(SynchronousTestCase):
             if isinstance(msg, DiscoverReply):
                 self.assertEqual(msg.endpoint, ("127.0.0.1", d["to"]))
 
-    def test_facts_vector(self) -> None:
+    def test_reference_wire_vector(self) -> None:
         self.assertEqual(decode(bytes.fromhex("0100000001")), Discover(1))
         reply = DiscoverReply("127.0.0.1", 24101)
         self.assertEqual(reply.encode(), bytes.fromhex("02047f0000015e25"))

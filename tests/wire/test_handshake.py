@@ -158,7 +158,7 @@ class SignatureTests(SynchronousTestCase):
         self.assertFalse(message.verifies(9, ALICE.public_key))
 
     def test_challenge_covers_neither_type_nor_time(self) -> None:
-        """The reference's weakness (facts §9 item 12), kept for compatibility: documented here."""
+        """The reference's weakness (docs/reference-wire.md §9 item 12), kept for compatibility."""
         request = make_message(REQUEST, 7, 9, ALICE.public_key, ALICE.sign, TS)
         reject = make_message(REJECT, 7, 9, ALICE.public_key, ALICE.sign, TS + 999)
         self.assertEqual(request.signature, reject.signature)

@@ -20,7 +20,7 @@ from pilot.wire.packet import (
     parse_sack,
 )
 
-#: go-session-2, UDP entry 21, without the PILT magic (facts §4.5).
+#: go-session-2, UDP entry 21, without the PILT magic (docs/reference-wire.md §4.5).
 GO_SYN = bytes.fromhex("1101" "0000" "0000" "00000001" "0000" "00000002" "c000" "0007"
                        "00000000" "00000000" "0200" "65a71a43")
 

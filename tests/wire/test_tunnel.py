@@ -582,7 +582,8 @@ class TunnelSessionTests(SynchronousTestCase):
         b2 = TunnelSession.derive(bytes(b_priv), bytes(a_priv.public_key))
         new = SealedFrame.seal(a2, 1, sample_packet())
         self.assertEqual((new.counter, new.nonce_prefix), (1, b"\x02" * 4))
-        # The key is unchanged, so a captured old frame opens again after the re-key (facts §9.10).
+        # The key is unchanged, so a captured old frame opens again after the re-key
+        # (docs/reference-wire.md §9 item 10).
         self.assertEqual(old.open(b2), sample_packet())
         # A receiver that did not re-key refuses the re-keyed side's counter 1 (go-session-2 entry 33).
         self.assertRaises(MalformedFrame, new.open, b1)
