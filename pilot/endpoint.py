@@ -6,12 +6,12 @@ The grammar: ``[ip6]:port`` (an IPv6 address goes in brackets), ``host:port``
 (an IPv4 address, or a name where names are allowed), and, for a listen
 address only, ``:port`` or ``port`` alone (every IPv4 interface).
 
-Three entry points, one per contract:
+One entry point per contract:
 
-- :func:`parse_endpoint`: wire text (the registry's ``real_addr``,
-  ``listen_addr`` and ``local_addr``): an IP literal and a port from 1 to
-  65535, or None for anything else; it never raises (a peer's junk is
-  dropped, not reported);
+- :func:`parse_endpoint`: wire text (the registry's ``real_addr`` and
+  ``local_addr``): an IP literal and a port from 1 to 65535, or None for
+  anything else; it never raises (a peer's junk is dropped, not reported);
+  :func:`parse_port` takes only the port of such text (a ``listen_addr``);
 - :func:`parse_listen`: a listen address typed by a user (``--listen``):
   an interface IP (``localhost`` taken as ``127.0.0.1``) or none, and a
   port from 0 (any free port) to 65535;
@@ -51,6 +51,19 @@ def parse_endpoint(text: Any) -> Optional[Endpoint]:
         port = _port(port_text, lowest=1)
         return str(ipaddress.ip_address(host)), port
     except (InvalidArgument, ValueError):
+        return None
+
+
+def parse_port(text: Any) -> Optional[int]:
+    """
+    The port (1 to 65535) of wire text whose host is not looked at (a node's
+    ``listen_addr``: ``:4000``, ``0.0.0.0:4000``, ``[::]:4000``); None if it has none.
+    """
+    if not isinstance(text, str):
+        return None
+    try:
+        return _port(_split(text, bare_port=False)[1], lowest=1)
+    except ValueError:
         return None
 
 

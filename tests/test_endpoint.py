@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.endpoint import format_endpoint, parse_endpoint, parse_host_port, parse_listen
+from pilot.endpoint import format_endpoint, parse_endpoint, parse_host_port, parse_listen, parse_port
 from pilot.errors import InvalidArgument
 
 
@@ -22,6 +22,19 @@ class EndpointTests(SynchronousTestCase):
     def test_normal_form(self) -> None:
         """The address comes back in its normal form, whatever the peer wrote."""
         self.assertEqual(parse_endpoint("[0:0:0:0:0:0:0:1]:7"), ("::1", 7))
+
+
+class PortTests(SynchronousTestCase):
+    """A listen_addr on the wire: only its port counts (the host is whatever the registry sees)."""
+
+    def test_port(self) -> None:
+        for text, port in [(":4000", 4000), ("0.0.0.0:4000", 4000), ("[::]:4000", 4000), ("name:1", 1),
+                           ("1.2.3.4:65535", 65535)]:
+            self.assertEqual(parse_port(text), port, text)
+
+    def test_none(self) -> None:
+        for text in (None, 4000, "", "4000", ":0", ":65536", ":x", ":\u00b2", "[::]4000", "1.2.3.4:"):
+            self.assertIsNone(parse_port(text), text)
 
 
 class ListenParsingTests(SynchronousTestCase):

@@ -24,14 +24,13 @@ for peers it trusts; real error reasons.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import attr
 from twisted.internet.interfaces import IReactorTime
 
 from pilot.address import node_id_for_key
-from pilot.endpoint import format_endpoint, parse_endpoint
+from pilot.endpoint import format_endpoint, parse_endpoint, parse_port
 from pilot.errors import ErrorCode, MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.names import hostname_problem, normalise_tags
@@ -43,10 +42,7 @@ from pilot.server.requests import Handler, Message, Peer, RequestError, Session,
 from pilot.server.state import Node, RegistryState
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
 
-__all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "listen_port",
-           "BEACON_TTL"]
-
-_PORT = re.compile(r"[0-9]{1,5}")
+__all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "BEACON_TTL"]
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -59,14 +55,6 @@ class RegistryConfig:
     requests_per_second: float = 500.0
     request_burst: float = 2000.0
     max_skew: float = MAX_SKEW
-
-
-def listen_port(text: str) -> int | None:
-    """The port of a ``listen_addr`` (its host is ignored); None if there is none."""
-    _, sep, port = text.rpartition(":")
-    if not sep or _PORT.fullmatch(port) is None or not 0 < int(port) <= 0xFFFF:
-        return None
-    return int(port)
 
 
 def _host(endpoint: str) -> str:
@@ -243,7 +231,7 @@ class Registry:
         node_id = known if known is not None else node_id_for_key(
             key, lambda nid: self.state.id_keys.get(nid, key) != key)
         # the host part is ignored (the reference's rule): the address the registry sees is the truth
-        port = listen_port(listen)
+        port = parse_port(listen)
         real_addr = format_endpoint(peer.host, port if port else peer.port)
         node = self.state.nodes.get(node_id)
         # a node coming back (deregistered or reaped) counts as moved too: its peers
