@@ -74,7 +74,7 @@ def parse_listen(text: str) -> Endpoint:
     (IPv6, and IPv4 too where the system is dual-stack), ``localhost:9000``.
     Port 0 picks a free port.  Raises :class:`InvalidArgument` otherwise.
     """
-    host, port_text, bracketed = _user_split(text, what="a listen address", bare_port=True)
+    host, port_text, bracketed = _user_split(text, "listen address", "[host]:port", bare_port=True)
     if bracketed:
         if not _is_ip(host, 6):
             raise InvalidArgument(f"bad listen address {text!r}: {host!r} is not an IPv6 address")
@@ -92,7 +92,7 @@ def parse_host_port(text: str) -> Endpoint:
     ``10.0.0.1:9000``, ``[::1]:9000``; the port from 1 to 65535.  The host is
     not resolved here.  Raises :class:`InvalidArgument` otherwise.
     """
-    host, port_text, bracketed = _user_split(text, what="a server address", bare_port=False)
+    host, port_text, bracketed = _user_split(text, "server address", "host:port", bare_port=False)
     if bracketed and not _is_ip(host, 6):
         raise InvalidArgument(f"bad server address {text!r}: {host!r} is not an IPv6 address")
     if not host or any(c.isspace() or c in "/[]@" for c in host):
@@ -117,10 +117,9 @@ def _split(text: str, bare_port: bool) -> tuple[str, str, bool]:
     raise ValueError("write it as HOST:PORT, as in 10.0.0.1:9000")
 
 
-def _user_split(text: str, what: str, bare_port: bool) -> tuple[str, str, bool]:
+def _user_split(text: str, noun: str, form: str, bare_port: bool) -> tuple[str, str, bool]:
     if not isinstance(text, str) or not text.strip():
-        raise InvalidArgument(f"{what} is [host]:port, not {text!r}")
-    noun = what.split(" ", 1)[1]
+        raise InvalidArgument(f"a {noun} is {form}, not {text!r}")
     try:
         host, port_text, bracketed = _split(text.strip(), bare_port)
     except ValueError as e:

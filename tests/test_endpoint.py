@@ -77,7 +77,7 @@ class HostPortParsingTests(SynchronousTestCase):
 
     def test_bad(self) -> None:
         for text, words in [
-            ("", "[host]:port"), ("9000", "HOST:PORT"), (":9000", "HOST:PORT"), ("h:0", "1 to 65535"),
+            ("", "host:port"), ("9000", "HOST:PORT"), (":9000", "HOST:PORT"), ("h:0", "1 to 65535"),
             ("h:65536", "1 to 65535"), ("h:x", "port"), ("::1:9000", "brackets"), ("[h]:9000", "not an IPv6"),
             ("a b:1", "HOST:PORT"), ("[::1]", "[::1]:9000"),
         ]:
