@@ -41,7 +41,6 @@ fin_wait = _builder.state("fin_wait")  # our FIN is out, all our data acknowledg
 time_wait = _builder.state("time_wait")
 closed = _builder.state("closed")
 _STATES = (idle, syn_sent, syn_received, established, draining, fin_wait, time_wait, closed)
-_OPEN = (syn_sent, syn_received, established, draining, fin_wait)
 
 I = ConnectionInputs  # noqa: E741
 
@@ -53,7 +52,7 @@ def _enter(core: Transfer, old: str, new: str, event: str) -> None:
 
 
 table = TransitionTable(_STATES, before=_enter)
-on = table.on
+_on = table.on
 
 
 # -- what several transitions do ------------------------------------------------------
@@ -120,15 +119,15 @@ def _fin_interval(core: Transfer) -> float:
 
 # -- idle: nothing sent yet ----------------------------------------------------------------
 
-@on(idle, I.open_requested, syn_sent)
+@_on(idle, I.open_requested, syn_sent)
 def _dial(inputs: ConnectionInputs, core: Transfer) -> None:
     core.emit(SYN, core.iss)
     core.handshake.sent_at = core.now()
     core.handshake_timer.start(core.config.initial_rto)
 
 
-@on(idle, I.syn_received, syn_received)
-@on(syn_sent, I.syn_received, syn_received)  # simultaneous open
+@_on(idle, I.syn_received, syn_received)
+@_on(syn_sent, I.syn_received, syn_received)  # simultaneous open
 def _answer_syn(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     core.passive = True
     core.new_receiver(packet.seq)
@@ -138,43 +137,43 @@ def _answer_syn(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> Non
     core.handshake_timer.start(core.config.initial_rto)
 
 
-@on(idle, I.write_requested, idle)
-@on(syn_sent, I.write_requested, syn_sent)
-@on(syn_received, I.write_requested, syn_received)
+@_on(idle, I.write_requested, idle)
+@_on(syn_sent, I.write_requested, syn_sent)
+@_on(syn_received, I.write_requested, syn_received)
 def _queue_early(inputs: ConnectionInputs, core: Transfer, data: bytes) -> None:
     core.sender.write(data)
 
 
-@on(idle, I.close_requested, closed)
+@_on(idle, I.close_requested, closed)
 def _close_unopened(inputs: ConnectionInputs, core: Transfer) -> None:
     _end(core, error.ConnectionDone())
 
 
-@on(idle, I.abort_requested, closed)
+@_on(idle, I.abort_requested, closed)
 def _abort_unopened(inputs: ConnectionInputs, core: Transfer, reason: Failure) -> None:
     _end(core, reason)
 
 
 # -- the handshake -------------------------------------------------------------------------
 
-@on(syn_sent, I.syn_ack_received, syn_sent)
-@on(syn_received, I.syn_ack_received, syn_received)  # simultaneous open
-@on(syn_received, I.segment_received, syn_received)  # lenient: the pure ACK or the first data
+@_on(syn_sent, I.syn_ack_received, syn_sent)
+@_on(syn_received, I.syn_ack_received, syn_received)  # simultaneous open
+@_on(syn_received, I.segment_received, syn_received)  # lenient: the pure ACK or the first data
 def _check_syn_ack(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     if _acks_our_syn(core, packet):
         inputs.handshake_acked(packet)
 
 
-@on(syn_received, I.syn_received, syn_received)
-@on(established, I.syn_received, established)
+@_on(syn_received, I.syn_received, syn_received)
+@_on(established, I.syn_received, established)
 def _repeat_syn_ack(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     """The peer repeated its SYN: repeat our SYN+ACK, unchanged."""
     if core.passive and packet.seq == core.peer_iss:
         core.emit(SYN | ACK, core.iss, ack=core.peer_iss + 1)
 
 
-@on(syn_sent, I.handshake_acked, established)
-@on(syn_received, I.handshake_acked, established)
+@_on(syn_sent, I.handshake_acked, established)
+@_on(syn_received, I.handshake_acked, established)
 def _establish(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     """The handshake completed with ``packet`` (SYN+ACK, or the passive side's first ACK)."""
     core.handshake_timer.cancel()
@@ -195,7 +194,7 @@ def _establish(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None
         inputs.close_requested()
 
 
-@on(syn_sent, I.handshake_timer_fired, syn_sent)
+@_on(syn_sent, I.handshake_timer_fired, syn_sent)
 def _resend_syn(inputs: ConnectionInputs, core: Transfer) -> None:
     shake = core.handshake
     shake.attempts += 1
@@ -208,7 +207,7 @@ def _resend_syn(inputs: ConnectionInputs, core: Transfer) -> None:
                                    core.config.syn_max_rto))
 
 
-@on(syn_received, I.handshake_timer_fired, syn_received)
+@_on(syn_received, I.handshake_timer_fired, syn_received)
 def _resend_syn_ack(inputs: ConnectionInputs, core: Transfer) -> None:
     shake = core.handshake
     shake.attempts += 1
@@ -222,25 +221,25 @@ def _resend_syn_ack(inputs: ConnectionInputs, core: Transfer) -> None:
                                    core.config.syn_max_rto, left))
 
 
-@on(syn_sent, I.close_requested, syn_sent)
-@on(syn_received, I.close_requested, syn_received)
+@_on(syn_sent, I.close_requested, syn_sent)
+@_on(syn_received, I.close_requested, syn_received)
 def _close_after_handshake(inputs: ConnectionInputs, core: Transfer) -> None:
     core.handshake.close_when_established = True
 
 
-@on(syn_sent, I.rst_received, closed)
+@_on(syn_sent, I.rst_received, closed)
 def _refused(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     _end(core, error.ConnectionRefusedError())
 
 
-@on(syn_sent, I.retries_exhausted, closed)
-@on(syn_received, I.retries_exhausted, closed)
+@_on(syn_sent, I.retries_exhausted, closed)
+@_on(syn_received, I.retries_exhausted, closed)
 def _handshake_timed_out(inputs: ConnectionInputs, core: Transfer) -> None:
     _end(core, error.TimeoutError("no answer to the handshake"), rst=True)
 
 
-@on(syn_received, I.fin_received, time_wait)
-@on(syn_received, I.fin_ack_received, time_wait)
+@_on(syn_received, I.fin_received, time_wait)
+@_on(syn_received, I.fin_ack_received, time_wait)
 def _closed_during_handshake(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     _made(core)
     _answer_fin(core, packet)
@@ -248,33 +247,33 @@ def _closed_during_handshake(inputs: ConnectionInputs, core: Transfer, packet: P
 
 # -- established and draining: data both ways ------------------------------------------------
 
-@on(established, I.segment_received, established)
-@on(fin_wait, I.segment_received, fin_wait)
+@_on(established, I.segment_received, established)
+@_on(fin_wait, I.segment_received, fin_wait)
 def _segment(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     core.process_segment(packet)
 
 
-@on(draining, I.segment_received, draining)
+@_on(draining, I.segment_received, draining)
 def _segment_draining(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     core.process_segment(packet, flush=True)
     if core.sender.idle:
         inputs.send_drained()
 
 
-@on(established, I.write_requested, established)
+@_on(established, I.write_requested, established)
 def _write(inputs: ConnectionInputs, core: Transfer, data: bytes) -> None:
     core.sender.write(data)
     core.pump()
 
 
-@on(established, I.close_requested, draining)
+@_on(established, I.close_requested, draining)
 def _close(inputs: ConnectionInputs, core: Transfer) -> None:
     core.pump(flush=True)
     if core.sender.idle:
         inputs.send_drained()
 
 
-@on(draining, I.send_drained, fin_wait)
+@_on(draining, I.send_drained, fin_wait)
 def _send_fin(inputs: ConnectionInputs, core: Transfer) -> None:
     core.nagle_timer.cancel()
     core.rexmit_timer.cancel()
@@ -286,8 +285,8 @@ def _send_fin(inputs: ConnectionInputs, core: Transfer) -> None:
     core.fin_timer.start(_fin_interval(core))
 
 
-@on(established, I.retransmit_timer_fired, established)
-@on(draining, I.retransmit_timer_fired, draining)
+@_on(established, I.retransmit_timer_fired, established)
+@_on(draining, I.retransmit_timer_fired, draining)
 def _retransmit(inputs: ConnectionInputs, core: Transfer) -> None:
     outcome = core.sender.on_timeout(core.now())
     if outcome is TimerOutcome.GIVE_UP:
@@ -297,22 +296,22 @@ def _retransmit(inputs: ConnectionInputs, core: Transfer) -> None:
         core.rexmit_timer.start(core.sender.timer_interval())
 
 
-@on(established, I.ack_timer_fired, established)
-@on(draining, I.ack_timer_fired, draining)
-@on(fin_wait, I.ack_timer_fired, fin_wait)
+@_on(established, I.ack_timer_fired, established)
+@_on(draining, I.ack_timer_fired, draining)
+@_on(fin_wait, I.ack_timer_fired, fin_wait)
 def _delayed_ack(inputs: ConnectionInputs, core: Transfer) -> None:
     core.delayed_ack()
 
 
-@on(established, I.nagle_timer_fired, established)
-@on(draining, I.nagle_timer_fired, draining)
+@_on(established, I.nagle_timer_fired, established)
+@_on(draining, I.nagle_timer_fired, draining)
 def _flush(inputs: ConnectionInputs, core: Transfer) -> None:
     core.pump(flush=True)
 
 
-@on(established, I.reading_resumed, established)
-@on(draining, I.reading_resumed, draining)
-@on(fin_wait, I.reading_resumed, fin_wait)
+@_on(established, I.reading_resumed, established)
+@_on(draining, I.reading_resumed, draining)
+@_on(fin_wait, I.reading_resumed, fin_wait)
 def _resume(inputs: ConnectionInputs, core: Transfer) -> None:
     core.reading = True
     core.deliver()
@@ -320,9 +319,9 @@ def _resume(inputs: ConnectionInputs, core: Transfer) -> None:
         core.send_ack()  # window update
 
 
-@on(established, I.keepalive_due, established)
-@on(draining, I.keepalive_due, draining)
-@on(fin_wait, I.keepalive_due, fin_wait)
+@_on(established, I.keepalive_due, established)
+@_on(draining, I.keepalive_due, draining)
+@_on(fin_wait, I.keepalive_due, fin_wait)
 def _keepalive(inputs: ConnectionInputs, core: Transfer) -> None:
     """
     Probe an idle peer with one byte it already has (the TCP keepalive
@@ -333,31 +332,31 @@ def _keepalive(inputs: ConnectionInputs, core: Transfer) -> None:
         core.emit(ACK, core.sender.snd_nxt - 1, b"\x00")
 
 
-@on(established, I.syn_ack_received, established)
+@_on(established, I.syn_ack_received, established)
 def _duplicate_syn_ack(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     if not core.passive and packet.seq == core.peer_iss and _acks_our_syn(core, packet):
         core.emit(ACK, core.sender.snd_nxt)
 
 
-@on(established, I.fin_received, time_wait)
-@on(established, I.fin_ack_received, time_wait)
-@on(draining, I.fin_received, time_wait)
-@on(draining, I.fin_ack_received, time_wait)
-@on(fin_wait, I.fin_received, time_wait)  # both sides closed at once
+@_on(established, I.fin_received, time_wait)
+@_on(established, I.fin_ack_received, time_wait)
+@_on(draining, I.fin_received, time_wait)
+@_on(draining, I.fin_ack_received, time_wait)
+@_on(fin_wait, I.fin_received, time_wait)  # both sides closed at once
 def _peer_closed(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     _answer_fin(core, packet)
 
 
 # -- fin_wait: our FIN is out, all our data acknowledged ----------------------------------------
 
-@on(fin_wait, I.fin_ack_received, time_wait)
+@_on(fin_wait, I.fin_ack_received, time_wait)
 def _fin_answered(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     core.deliver(force=True)
     _final_ack(core, packet)
     _enter_time_wait(core, error.ConnectionDone())
 
 
-@on(fin_wait, I.fin_timer_fired, fin_wait)
+@_on(fin_wait, I.fin_timer_fired, fin_wait)
 def _resend_fin(inputs: ConnectionInputs, core: Transfer) -> None:
     assert core.fin_seq is not None
     core.fin_attempts += 1
@@ -368,65 +367,65 @@ def _resend_fin(inputs: ConnectionInputs, core: Transfer) -> None:
     core.fin_timer.start(_fin_interval(core))
 
 
-@on(fin_wait, I.retries_exhausted, closed)
+@_on(fin_wait, I.retries_exhausted, closed)
 def _fin_unanswered(inputs: ConnectionInputs, core: Transfer) -> None:
     _end(core, error.ConnectionDone("FIN never answered; all data was acknowledged"))
 
 
 # -- failures from any open state ---------------------------------------------------------------
 
-@on(syn_received, I.rst_received, closed)
-@on(established, I.rst_received, closed)
-@on(draining, I.rst_received, closed)
+@_on(syn_received, I.rst_received, closed)
+@_on(established, I.rst_received, closed)
+@_on(draining, I.rst_received, closed)
 def _reset_by_peer(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     _end(core, error.ConnectionLost("connection reset by peer"))
 
 
-@on(fin_wait, I.rst_received, closed)
+@_on(fin_wait, I.rst_received, closed)
 def _reset_after_fin(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     # Everything we sent was acknowledged; the peer has most likely forgotten
     # the connection already (its TIME_WAIT ended before our FIN got through).
     _end(core, error.ConnectionDone("reset after our FIN; all data was acknowledged"))
 
 
-@on(syn_sent, I.abort_requested, closed)
-@on(syn_received, I.abort_requested, closed)
-@on(established, I.abort_requested, closed)
-@on(draining, I.abort_requested, closed)
-@on(fin_wait, I.abort_requested, closed)
+@_on(syn_sent, I.abort_requested, closed)
+@_on(syn_received, I.abort_requested, closed)
+@_on(established, I.abort_requested, closed)
+@_on(draining, I.abort_requested, closed)
+@_on(fin_wait, I.abort_requested, closed)
 def _abort(inputs: ConnectionInputs, core: Transfer, reason: Failure) -> None:
     _end(core, reason, rst=True)
 
 
-@on(established, I.retries_exhausted, closed)
-@on(draining, I.retries_exhausted, closed)
+@_on(established, I.retries_exhausted, closed)
+@_on(draining, I.retries_exhausted, closed)
 def _give_up(inputs: ConnectionInputs, core: Transfer) -> None:
     _end(core, error.TimeoutError("retransmissions exhausted"), rst=True)
 
 
-@on(established, I.idle_timed_out, closed)
-@on(draining, I.idle_timed_out, closed)
-@on(fin_wait, I.idle_timed_out, closed)
+@_on(established, I.idle_timed_out, closed)
+@_on(draining, I.idle_timed_out, closed)
+@_on(fin_wait, I.idle_timed_out, closed)
 def _idle(inputs: ConnectionInputs, core: Transfer) -> None:
     _end(core, error.TimeoutError("idle timeout"), rst=True)
 
 
 # -- time_wait: loss already reported; answer stray FINs, never start a ping-pong -----------------
 
-@on(time_wait, I.fin_received, time_wait)
+@_on(time_wait, I.fin_received, time_wait)
 def _fin_again(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     core.emit(FIN | ACK, core.sender.snd_nxt, ack=packet.seq + 1)  # our FIN+ACK was lost
 
 
-@on(time_wait, I.fin_ack_received, time_wait)
+@_on(time_wait, I.fin_ack_received, time_wait)
 def _fin_ack_again(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     _final_ack(core, packet)
 
 
-@on(time_wait, I.time_wait_elapsed, closed)
-@on(time_wait, I.rst_received, closed)
-@on(time_wait, I.syn_received, closed)  # the peer reuses the ports: make room for a new connection
-@on(time_wait, I.abort_requested, closed)
+@_on(time_wait, I.time_wait_elapsed, closed)
+@_on(time_wait, I.rst_received, closed)
+@_on(time_wait, I.syn_received, closed)  # the peer reuses the ports: make room for a new connection
+@_on(time_wait, I.abort_requested, closed)
 def _forget(inputs: ConnectionInputs, core: Transfer, *args: Any) -> None:
     _end(core)
 

@@ -4,7 +4,7 @@ The sending half of a stream: queue, segmentation, retransmission queue with
 a SACK scoreboard, loss recovery, flow control, and the congestion-control
 hook.
 
-Like :mod:`pilot.machines.recvbuffer` this is arithmetic on *absolute*
+Like :mod:`pilot.machines.connection.recvbuffer` this is arithmetic on *absolute*
 sequence numbers with ``now`` passed in: no clock, no packets.  The
 connection asks :meth:`Sender.next_transmission` for segments to put on the
 wire, feeds ACKs to :meth:`Sender.on_ack` and retransmission-timer expiries
