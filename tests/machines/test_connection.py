@@ -188,8 +188,8 @@ class HandshakeShapeTests(SynchronousTestCase):
         while r.conn.state == "syn_sent":
             r.clock.advance(0.5)
             for p in r.take():
-                times.append((r.clock.seconds(), p.flags))  # type: ignore[arg-type]
-        syn_times = [t for t, f in times[1:] if f == SYN]  # type: ignore[misc]
+                times.append((r.clock.seconds(), p.flags))
+        syn_times = [t for t, f in times[1:] if f == SYN]
         self.assertEqual(syn_times, [1.0, 3.0, 7.0, 15.0, 23.0, 31.0])
         self.assertEqual(times[-1], (39.0, RST))
         self.assertEqual(r.conn.state, "closed")
