@@ -6,8 +6,9 @@ has the ports, limits and the trust gate.
 
 It demultiplexes stream packets to one
 :class:`~pilot.machines.connection.Connection` per (peer address, peer port,
-local port) (the table is :class:`~pilot.stack.streams.StreamTable`), answers SYNs on listening ports (and RSTs the rest), delivers
-datagrams to bound ports, answers the control-port ping, runs the echo
+local port) (the table is :class:`~pilot.stack.streams.StreamTable`),
+answers SYNs on listening ports (and RSTs the rest), delivers datagrams to
+bound ports, answers the control-port ping, runs the echo
 service on port 7, and offers Twisted's shapes upward: ``connect`` fires with
 a :class:`~pilot.stack.transport.StreamTransport`, ``listen`` takes an
 ``IProtocolFactory``.  It never touches a socket: packets leave through the
@@ -372,7 +373,10 @@ class Stack:
 
     def send_datagram(self, address: Address, port: int, data: bytes | bytearray | memoryview,
                       src_port: int | None = None) -> int:
-        """Send one datagram (docs/reference-wire.md §4.8); returns the source port (a fresh ephemeral one unless given)."""
+        """
+        Send one datagram (``docs/reference-wire.md`` §4.8); returns the source
+        port (a fresh ephemeral one unless given).
+        """
         self._check_running()
         _check_address(address)
         check_port(port)

@@ -30,7 +30,8 @@ from tests.machines.fakelink import (
 
 MB = 1 << 20
 
-#: go-session-2, UDP entry 21 without the PILT magic: node 1 port 49152 -> node 2 port 7, SYN (docs/reference-wire.md §4.5).
+#: go-session-2, UDP entry 21 without the PILT magic: node 1 port 49152 -> node 2 port 7, SYN
+#: (docs/reference-wire.md §4.5).
 GO_SYN = bytes.fromhex("1101" "0000" "0000" "00000001" "0000" "00000002" "c000" "0007"
                        "00000000" "00000000" "0200" "65a71a43")
 

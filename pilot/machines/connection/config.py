@@ -18,7 +18,10 @@ from pilot.machines.connection.sendbuffer import (
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class ConnectionConfig:
-    """Every constant, in bytes, segments and seconds; defaults are the reference's (docs/reference-wire.md §4.7)."""
+    """
+    Every constant, in bytes, segments and seconds; defaults are the
+    reference's (``docs/reference-wire.md`` §4.7).
+    """
 
     mss: int = MSS
     recv_queue_segments: int = RECV_QUEUE_SEGMENTS
