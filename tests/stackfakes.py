@@ -123,7 +123,7 @@ class RecordingFactory(Factory):
     def stopFactory(self) -> None:
         self.stopped += 1
 
-    def buildProtocol(self, addr: object) -> Recorder | None:  # type: ignore[override]
+    def buildProtocol(self, addr: object) -> Recorder | None:
         self.addresses.append(addr)
         protocol = self.make()
         if protocol is not None:

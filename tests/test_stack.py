@@ -6,8 +6,10 @@ single stacks fed packets by hand.
 
 from __future__ import annotations
 
+import inspect
 import io
 import random
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import error
@@ -20,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+import pilot
 from pilot.stack import ports as limits
 from pilot.address import Address
 from pilot.errors import (
@@ -1038,3 +1041,31 @@ class GarbageTests(SynchronousTestCase):
         run_until(clock, lambda: False, 300)
         for protocol in clients + factory.built:
             self.assertEqual(len(protocol.lost), protocol.made)
+
+
+class WayUpTests(StackTestCase):
+    """A received data packet goes up once: each file on its way is entered once, in layer order."""
+
+    def test_data_packet_walk(self) -> None:
+        walks: list[list[str]] = []
+
+        def record(protocol: Recorder, data: bytes) -> None:
+            files = [frame.filename for frame in reversed(inspect.stack())]
+            root = str(Path(pilot.__file__).parent.parent) + "/"
+            ours = [f[len(root):] for f in files if f.startswith(root + "pilot/")]
+            walks.append([f for i, f in enumerate(ours) if i == 0 or ours[i - 1] != f])
+
+        factory = RecordingFactory(lambda: Recorder(on_data=record))
+        self.b.listen(1000, factory)
+        client, result = self.dial(self.a, B, 1000)
+        self.assertTrue(self.settle(lambda: bool(result) and bool(factory.built), 5))
+        result[0].write(b"up once")
+        self.assertTrue(self.settle(lambda: bool(walks), 5))
+        self.assertEqual(walks[0], [
+            "pilot/stack/demux.py",                    # Stack.packet_received: which connection
+            "pilot/machines/connection/stream.py",     # Connection.packet_received: which input
+            "pilot/machines/table.py",                 # the transition's hooks
+            "pilot/machines/connection/machine.py",    # the behaviour for (established, segment)
+            "pilot/machines/connection/transfer.py",   # the segment's data, in order
+            "pilot/stack/transport.py",                # StreamTransport.data_received -> dataReceived
+        ])

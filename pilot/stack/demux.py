@@ -6,16 +6,22 @@ has the ports, limits and the trust gate.
 
 It demultiplexes stream packets to one
 :class:`~pilot.machines.connection.Connection` per (peer address, peer port,
-local port), answers SYNs on listening ports (and RSTs the rest), delivers
-datagrams to bound ports, answers the control-port ping, runs the echo
+local port) (the table is :class:`~pilot.stack.streams.StreamTable`),
+answers SYNs on listening ports (and RSTs the rest), delivers datagrams to
+bound ports, answers the control-port ping, runs the echo
 service on port 7, and offers Twisted's shapes upward: ``connect`` fires with
 a :class:`~pilot.stack.transport.StreamTransport`, ``listen`` takes an
 ``IProtocolFactory``.  It never touches a socket: packets leave through the
 injected ``send_packet`` and arrive through :meth:`Stack.packet_received`;
 time comes from the injected clock.
 
-The trust gate (facts §9 item 23, which the reference lacks): a packet from a
-node for which ``is_trusted(node)`` is false reaches only port 444 (the trust
+A stream packet goes up once: here to its connection, which hands data to
+its :class:`~pilot.stack.transport.StreamTransport`, which hands it to the
+protocol; the connection and the transport report to their
+:class:`~pilot.stack.streams.Stream`, never back here.
+
+The trust gate (``docs/reference-wire.md`` §9 item 23, which the reference
+lacks): a packet from a node for which ``is_trusted(node)`` is false reaches only port 444 (the trust
 handshake).  Anything else it sends is refused (RST for a stream, dropped
 otherwise) and counted as ``refused.untrusted``.  Connections we open to an
 untrusted node work: the peer decides whether to accept them.
@@ -24,33 +30,29 @@ untrusted node work: the peer decides whether to accept them.
 from __future__ import annotations
 
 import collections
-import itertools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-import attr
-from twisted.internet import error
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from pilot.address import Address
 from pilot.errors import (
     AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError, Timeout,
 )
-from pilot.machines.connection import Connection, ConnectionConfig
+from pilot.machines.connection import SEQ_MASK, ConnectionConfig
 from pilot.ratelimit import KeyedLimiter
 from pilot.stack import ports as limits
 from pilot.stack.ports import MAX_DATAGRAM, EphemeralPorts, Listening, check_port
 from pilot.stack.services import Ping, echo_factory
+from pilot.stack.streams import Key, Stream, StreamTable
 from pilot.stack.transport import SEND_BUFFER_HIGH, SEND_BUFFER_LOW, PilotAddress, StreamTransport
 from pilot.wire.packet import (
     ACK, CONTROL, DATAGRAM, ECHO, FIN, HANDSHAKE, PING, RST, STREAM, SYN, Packet,
 )
 
-SEQ_MASK = 0xFFFFFFFF
 
-#: ``conn_list`` fields of the reference's ``info`` (facts §7), in its order.
+#: ``conn_list`` fields of the reference's ``info`` (docs/reference-wire.md §7), in its order.
 CONN_LIST_FIELDS = (
     "id", "local_port", "remote_addr", "remote_port", "state", "cong_win", "ssthresh", "in_flight",
     "srtt_ms", "rttvar_ms", "unacked", "ooo_buf", "peer_recv_win", "recv_win", "in_recovery",
@@ -58,43 +60,7 @@ CONN_LIST_FIELDS = (
     "sack_sent", "dup_acks",
 )
 
-Key = tuple[Address, int, int]  # (peer address, peer port, local port)
 DatagramReceiver = Callable[[Address, int, bytes], None]
-
-
-@attr.s(auto_attribs=True, eq=False)
-class _Stream:
-    """One entry of the connection table."""
-
-    id: int
-    key: Key
-    #: Inbound: the listening port that accepted it.  Outbound: None.
-    listening: Optional[Listening]
-    factory: Optional[IProtocolFactory] = None
-    #: Outbound: the dialler's protocol, Deferred and timeout.
-    protocol: Optional[IProtocol] = None
-    dialled: Optional[Deferred[StreamTransport]] = None
-    timeout: Optional[float] = None
-    timeout_call: Optional[IDelayedCall] = None
-    timed_out: bool = False
-    #: Inbound from a node we do not trust (so on port 444).
-    untrusted: bool = False
-    #: Not yet established: counts towards the accept queue while inbound.
-    pending: bool = True
-    connection: Connection = attr.ib(default=None)
-    transport: StreamTransport = attr.ib(default=None)
-
-    @property
-    def inbound(self) -> bool:
-        return self.listening is not None
-
-    @property
-    def node(self) -> int:
-        return self.key[0].node
-
-    @property
-    def target(self) -> str:
-        return f"{self.key[0]}:{self.key[1]}"
 
 
 class Stack:
@@ -129,12 +95,10 @@ class Stack:
         self.counters: collections.Counter[str] = collections.Counter()
         self.ephemeral = EphemeralPorts(self._port_taken)
         self.stopped = False
-        self._streams: dict[Key, _Stream] = {}
-        self._by_id: dict[int, _Stream] = {}
-        self._ids = itertools.count(1)
-        self._port_use: collections.Counter[int] = collections.Counter()
-        self._pending: collections.Counter[int] = collections.Counter()
-        self._untrusted_by_node: collections.Counter[int] = collections.Counter()
+        #: The connection table.
+        self.streams = StreamTable(clock=clock, send=self._send, config=self.config,
+                                   high_water=send_buffer_high, low_water=send_buffer_low,
+                                   cancel=self._cancel, log=log)
         self._listeners: dict[int, tuple[Listening, IProtocolFactory]] = {}
         self._datagram_ports: dict[int, tuple[Listening, DatagramReceiver]] = {}
         self._calls: set[IDelayedCall] = set()
@@ -190,20 +154,20 @@ class Stack:
 
     def _stream_packet(self, packet: Packet) -> None:
         key = (packet.src, packet.src_port, packet.dst_port)
-        stream = self._streams.get(key)
+        stream = self.streams.get(key)
         opening = packet.flags & (SYN | ACK | RST) == SYN
         if stream is not None:
+            connection = stream.connection
             if stream.inbound and not self._allowed(packet):
                 self.counters["refused.untrusted"] += 1
                 self.log.info("resetting {target}: node {node} is not trusted any more",
                               target=stream.target, node=packet.src.node)
-                stream.connection.abort()
+                connection.abort()
                 return
-            restart = opening and stream.connection.state == "time_wait"
-            stream.connection.packet_received(packet)  # a SYN ends a connection lingering in TIME_WAIT
-            stream.transport.check_send_buffer()
-            if not (restart and key not in self._streams):
-                return
+            restart = opening and connection.lingering
+            connection.packet_received(packet)  # a SYN ends a connection lingering in TIME_WAIT ...
+            if not (restart and self.streams.get(key) is None):
+                return  # ... and then opens a new one below
         if packet.flags & RST:
             self._drop("dropped.no_connection", packet)
         elif not opening:
@@ -227,17 +191,16 @@ class Stack:
             self._refuse("refused.unbound", packet)
             return
         untrusted = not self._trusted(node)
-        if (self._port_use[port] >= limits.MAX_PER_PORT or len(self._streams) >= limits.MAX_CONNECTIONS
-                or (untrusted and self._untrusted_by_node[node] >= limits.UNTRUSTED_PER_NODE)):
+        table = self.streams
+        if (table.port_use[port] >= limits.MAX_PER_PORT or len(table) >= limits.MAX_CONNECTIONS
+                or (untrusted and table.untrusted_by_node[node] >= limits.UNTRUSTED_PER_NODE)):
             self._refuse("refused.limit", packet)
             return
-        if self._pending[port] >= limits.ACCEPT_QUEUE:
+        if table.pending[port] >= limits.ACCEPT_QUEUE:
             self._refuse("refused.backlog", packet)
             return
-        stream = self._add(key, listening=bound[0], factory=bound[1])
-        if untrusted:
-            stream.untrusted = True
-            self._untrusted_by_node[node] += 1
+        stream = table.add(key, self.local_address(), listening=bound[0], factory=bound[1],
+                           untrusted=untrusted)
         stream.connection.packet_received(packet)
 
     def _refuse(self, counter: str, packet: Packet) -> None:
@@ -262,7 +225,7 @@ class Stack:
             bound[1](packet.src, packet.src_port, packet.payload)
 
     def _control_packet(self, packet: Packet) -> None:
-        """Port 0: answer a ping (facts §4.6).  Answers (ACK set) are never answered."""
+        """Port 0: answer a ping (docs/reference-wire.md §4.6).  Answers (ACK set) are never answered."""
         if packet.dst_port != PING or packet.flags & ACK:
             self._drop("dropped.control", packet)
             return
@@ -305,97 +268,7 @@ class Stack:
     # -- the connection table ------------------------------------------------------------------
 
     def _port_taken(self, port: int) -> bool:
-        return port in self._listeners or port in self._datagram_ports or self._port_use[port] > 0
-
-    def _add(self, key: Key, listening: Listening | None = None, factory: IProtocolFactory | None = None,
-             protocol: IProtocol | None = None) -> _Stream:
-        remote, remote_port, local_port = key
-        local = self.local_address()
-        stream = _Stream(next(self._ids), key, listening, factory=factory, protocol=protocol)
-        transport = StreamTransport(
-            clock=self.clock, host=PilotAddress(local, local_port), peer=PilotAddress(remote, remote_port),
-            on_made=lambda t: self._made(stream), on_connected=lambda t: self._connected(stream),
-            on_lost=lambda t, reason: self._lost(stream, reason),
-            high_water=self.send_buffer_high, low_water=self.send_buffer_low)
-        stream.transport = transport
-        stream.connection = Connection(
-            clock=self.clock, send=self._send, local=local, local_port=local_port, remote=remote,
-            remote_port=remote_port, data_received=transport.data_received,
-            connection_made=transport.connection_made, connection_lost=transport.connection_lost,
-            released=lambda: self._released(stream), config=self.config)
-        transport.attach(stream.connection)
-        self._streams[key] = stream
-        self._by_id[stream.id] = stream
-        self._port_use[local_port] += 1
-        if stream.inbound:
-            self._pending[local_port] += 1
-        return stream
-
-    def _settle(self, stream: _Stream) -> None:
-        """The handshake is over, one way or the other."""
-        if stream.pending:
-            stream.pending = False
-            if stream.inbound:
-                _decrement(self._pending, stream.key[2])
-        self._cancel(stream.timeout_call)
-        stream.timeout_call = None
-
-    def _made(self, stream: _Stream) -> IProtocol | None:
-        """Established: the protocol to connect (None refuses the connection)."""
-        self._settle(stream)
-        if stream.listening is None:
-            return stream.protocol
-        if stream.listening.closed:
-            return None  # the port was unbound during the handshake
-        assert stream.factory is not None
-        peer = stream.transport.getPeer()
-        with self.log.failuresHandled("{factory!r}.buildProtocol({peer}) raised",
-                                      factory=stream.factory, peer=peer):
-            protocol = stream.factory.buildProtocol(peer)
-            if protocol is None:
-                self.log.info("{factory!r} declined the connection from {peer}",
-                              factory=stream.factory, peer=peer)
-            return protocol
-        return None
-
-    def _connected(self, stream: _Stream) -> None:
-        """After ``makeConnection``: fire the dialler's Deferred."""
-        d, stream.dialled = stream.dialled, None
-        if d is not None:
-            d.callback(stream.transport)
-
-    def _lost(self, stream: _Stream, reason: Failure) -> None:
-        self._settle(stream)
-        d, stream.dialled = stream.dialled, None
-        if d is not None:
-            d.errback(self._dial_error(stream, reason))
-
-    def _released(self, stream: _Stream) -> None:
-        self._settle(stream)
-        if self._streams.get(stream.key) is stream:
-            del self._streams[stream.key]
-            _decrement(self._port_use, stream.key[2])
-            if stream.untrusted:
-                _decrement(self._untrusted_by_node, stream.node)
-        self._by_id.pop(stream.id, None)
-
-    def _dial_error(self, stream: _Stream, reason: Failure) -> PilotError:
-        target = stream.target
-        if stream.timed_out:
-            return Timeout(f"connecting to {target} timed out after {stream.timeout:g} s",
-                           hint="the peer did not answer; check that it is running (`pilotctl ping`) "
-                                "or raise --timeout")
-        if self.stopped:
-            return ConnectionFailed(f"connection to {target} abandoned: the node is stopping",
-                                    hint="start the node again and retry")
-        if reason.check(error.ConnectionRefusedError):
-            return ConnectionFailed(f"connection to {target} refused",
-                                    hint=f"nothing listens on port {stream.key[1]} there, or the peer "
-                                         "does not trust this node (`pilotctl handshake PEER`)")
-        if reason.check(error.TimeoutError):
-            return Timeout(f"no answer from {target}: the handshake was retried for 39 s",
-                           hint="check that the peer is running and reachable (`pilotctl peers`)")
-        return ConnectionFailed(f"connection to {target} failed: {reason.getErrorMessage()}")
+        return port in self._listeners or port in self._datagram_ports or self.streams.port_use[port] > 0
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -415,7 +288,7 @@ class Stack:
             check_port(port)
             if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
                 raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
-            if len(self._streams) >= limits.MAX_CONNECTIONS:
+            if len(self.streams) >= limits.MAX_CONNECTIONS:
                 raise ConnectionFailed(f"this node already has {limits.MAX_CONNECTIONS} connections",
                                        hint="close some connections and retry")
             local_port = self.ephemeral.allocate()
@@ -427,7 +300,7 @@ class Stack:
             stream.connection.abort()
 
         d: Deferred[StreamTransport] = Deferred(cancel)
-        stream = self._add((address, port, local_port), protocol=protocol)
+        stream = self.streams.add((address, port, local_port), self.local_address(), protocol=protocol)
         stream.dialled = d
         stream.timeout = timeout
         if timeout is not None:
@@ -435,7 +308,7 @@ class Stack:
         stream.connection.open_active()
         return d
 
-    def _dial_timed_out(self, stream: _Stream) -> None:
+    def _dial_timed_out(self, stream: Stream) -> None:
         stream.timeout_call = None
         if stream.pending:
             stream.timed_out = True
@@ -500,7 +373,10 @@ class Stack:
 
     def send_datagram(self, address: Address, port: int, data: bytes | bytearray | memoryview,
                       src_port: int | None = None) -> int:
-        """Send one datagram (facts §4.8); returns the source port (a fresh ephemeral one unless given)."""
+        """
+        Send one datagram (``docs/reference-wire.md`` §4.8); returns the source
+        port (a fresh ephemeral one unless given).
+        """
         self._check_running()
         _check_address(address)
         check_port(port)
@@ -538,7 +414,7 @@ class Stack:
     def connections(self) -> list[dict[str, Any]]:
         """One dict per connection, oldest first, with the reference's ``conn_list`` fields."""
         rows = []
-        for stream in sorted(self._by_id.values(), key=lambda s: s.id):
+        for stream in self.streams:
             remote, remote_port, local_port = stream.key
             values = stream.connection.stats.as_dict()
             values.update(id=stream.id, local_port=local_port, remote_addr=str(remote),
@@ -556,14 +432,14 @@ class Stack:
 
     def disconnect(self, conn_id: int) -> None:
         """Reset connection ``conn_id`` (an ``id`` from :meth:`connections`)."""
-        stream = self._by_id.get(conn_id)
+        stream = self.streams.by_id(conn_id)
         if stream is None:
             raise NotFound(f"no connection with id {conn_id}", hint="`pilotctl connections` lists them")
         stream.connection.abort()
 
     def abort_peer(self, node: int) -> int:
         """Reset every connection with ``node`` (for when trust in it ends); returns how many."""
-        streams = [s for s in self._streams.values() if s.node == node]
+        streams = self.streams.with_node(node)
         for stream in streams:
             stream.connection.abort()
         return len(streams)
@@ -572,8 +448,8 @@ class Stack:
         """Reset every connection, unbind every port, cancel every timer.  Idempotent."""
         if self.stopped:
             return
-        self.stopped = True
-        for stream in list(self._streams.values()):
+        self.stopped = self.streams.stopped = True
+        for stream in list(self.streams):
             stream.connection.abort()
         for listening, _ in list(self._listeners.values()):
             listening.close()
@@ -592,8 +468,3 @@ def _check_address(address: object) -> None:
         raise InvalidArgument(f"expected an Address, not {type(address).__name__}",
                               hint="parse text with pilot.address.Address.parse")
 
-
-def _decrement(counter: collections.Counter[Any], key: Any) -> None:
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]

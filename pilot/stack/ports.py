@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_stack -*-
 """
-Ports and limits of the stack: the constants (facts §4.6-§4.8 and ours),
+Ports and limits of the stack: the constants (docs/reference-wire.md §4.6-§4.8 and ours),
 ephemeral port allocation, and :class:`Listening`, the handle of a bound port.
 """
 
@@ -17,7 +17,7 @@ from pilot.errors import ConnectionFailed, InvalidArgument
 from pilot.stack.transport import PilotAddress
 from pilot.wire.packet import EPHEMERAL_END, EPHEMERAL_START, HEADER_LEN, MAX_PAYLOAD
 
-# The reference's (facts §4.7).
+# The reference's (docs/reference-wire.md §4.7).
 ACCEPT_QUEUE = 64               # handshakes in progress per listening port
 MAX_PER_PORT = 1024             # connections per local port
 MAX_CONNECTIONS = 4096          # connections in all
@@ -42,7 +42,7 @@ def check_port(port: object, name: str = "port") -> int:
 class EphemeralPorts:
     """
     Ports from ``first`` to ``last`` handed out in turn, wrapping, skipping
-    those ``in_use`` says are taken (facts §4.6).
+    those ``in_use`` says are taken (docs/reference-wire.md §4.6).
     """
 
     def __init__(self, in_use: Callable[[int], bool], first: int = EPHEMERAL_START,

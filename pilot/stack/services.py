@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_stack -*-
 """
 The stack's built-in stream services: the echo server on port 7 and the
-client half of the reference pilotctl's ping (facts §7).
+client half of the reference pilotctl's ping (docs/reference-wire.md §7).
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ The Twisted face of one stream connection: :class:`StreamTransport` adapts a
 consumer and push-producer halves), and :class:`PilotAddress` is what
 ``getPeer()`` and ``getHost()`` return.  ``docs/stack.md`` has the rules.
 
-The stack builds a transport, passes its ``connection_made``,
-``data_received`` and ``connection_lost`` methods to the ``Connection`` it
-creates, then :meth:`~StreamTransport.attach`\\ es the connection.  When the
-connection is established the transport asks ``on_made`` for the protocol
-(the dialler's, or one built by a listening factory), calls
-``makeConnection``, then ``on_connected``; ``on_lost`` tells the stack when
-it is over.
+The stack's table (:mod:`~pilot.stack.streams`) builds a transport, passes
+its ``connection_made``, ``data_received``, ``connection_lost`` and
+``check_send_buffer`` methods to the ``Connection`` it creates, then
+:meth:`~StreamTransport.attach`\\ es the connection.  When the connection is
+established the transport asks ``on_made`` for the protocol (the dialler's,
+or one built by a listening factory), calls ``makeConnection``, then
+``on_connected``; ``on_lost`` tells the stack's entry when it is over.
 
 Back-pressure: ``Connection`` keeps whatever is written (its queue has no
 limit) until the peer acknowledges it.  The transport counts what it wrote and
@@ -19,8 +19,8 @@ reads ``Connection.stats`` (``bytes_sent`` new bytes put on the wire,
 ``in_flight`` of those not yet acknowledged), so *buffered* = written - sent +
 in flight.  A registered producer is paused above ``high_water`` and resumed
 at or below ``low_water``.  The buffer only shrinks when an acknowledgement
-arrives, so the stack calls :meth:`StreamTransport.check_send_buffer` after
-every packet it routes to the connection.
+arrives, so the connection calls :meth:`StreamTransport.check_send_buffer`
+(its ``packet_handled``) after every packet it takes.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class StreamTransport:
         return self._written - stats.bytes_sent + stats.in_flight
 
     def check_send_buffer(self) -> None:
-        """Resume the producer if the buffer has drained; the stack calls this after each ACK."""
+        """Resume the producer if the buffer has drained; the connection calls this after each packet."""
         producer = self._producer
         if producer is None or self.disconnected:
             return

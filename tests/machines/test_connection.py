@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from automat import NoTransition
 from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +20,7 @@ from pilot.address import Address
 from pilot.machines.connection import (
     Connection, ConnectionConfig, ConnectionStats, transitions, unwrap, wire,
 )
+from pilot.machines.connection.machine import table
 from pilot.wire.packet import (
     ACK, DATAGRAM, FIN, RST, STREAM, SYN, Packet, encode_sack, parse_sack,
 )
@@ -28,7 +30,8 @@ from tests.machines.fakelink import (
 
 MB = 1 << 20
 
-#: go-session-2, UDP entry 21 without the PILT magic: node 1 port 49152 -> node 2 port 7, SYN (facts §4.5).
+#: go-session-2, UDP entry 21 without the PILT magic: node 1 port 49152 -> node 2 port 7, SYN
+#: (docs/reference-wire.md §4.5).
 GO_SYN = bytes.fromhex("1101" "0000" "0000" "00000001" "0000" "00000002" "c000" "0007"
                        "00000000" "00000000" "0200" "65a71a43")
 
@@ -84,7 +87,7 @@ class Recorder:
 
 
 class HandshakeShapeTests(SynchronousTestCase):
-    """The reference's packet shapes for the handshake (facts §4.5, §4.7)."""
+    """The reference's packet shapes for the handshake (docs/reference-wire.md §4.5, §4.7)."""
 
     def test_syn(self) -> None:
         r = Recorder(passive=False)
@@ -186,8 +189,8 @@ class HandshakeShapeTests(SynchronousTestCase):
         while r.conn.state == "syn_sent":
             r.clock.advance(0.5)
             for p in r.take():
-                times.append((r.clock.seconds(), p.flags))  # type: ignore[arg-type]
-        syn_times = [t for t, f in times[1:] if f == SYN]  # type: ignore[misc]
+                times.append((r.clock.seconds(), p.flags))
+        syn_times = [t for t, f in times[1:] if f == SYN]
         self.assertEqual(syn_times, [1.0, 3.0, 7.0, 15.0, 23.0, 31.0])
         self.assertEqual(times[-1], (39.0, RST))
         self.assertEqual(r.conn.state, "closed")
@@ -583,7 +586,7 @@ class CloseTests(SynchronousTestCase):
 
     def test_no_fin_ack_ping_pong(self) -> None:
         """
-        A reference peer answers every FIN, FIN+ACK included, with FIN+ACK (facts §9
+        A reference peer answers every FIN, FIN+ACK included, with FIN+ACK (docs/reference-wire.md §9
         item 18).  We answer a FIN+ACK with at most one pure ACK, ever.
         """
         r = Recorder()
@@ -627,7 +630,7 @@ class CloseTests(SynchronousTestCase):
         r = Recorder()
         r.established_passive()
         for _ in range(6):
-            r.conn._core.rtt.back_off()
+            r.conn.rtt.back_off()
         r.conn.close()
         r.wait(20)
         fins = [p for p in r.take() if p.flags == FIN]
@@ -982,3 +985,39 @@ class DocsTests(SynchronousTestCase):
                   for event in re.findall(r"`(\w+)`", events)}
         loops = {(old, event) for old, event, new, _ in transitions() if old == new}
         self.assertEqual(listed, loops)
+
+
+class TableTests(SynchronousTestCase):
+    """Every (state, input) pair is a transition, an explicitly harmless input, or a NoTransition."""
+
+    PACKETS = ("syn_received", "syn_ack_received", "segment_received", "fin_received",
+               "fin_ack_received", "rst_received")
+
+    def test_opening_twice_raises(self) -> None:
+        r = Recorder(passive=False)
+        r.conn.open_active()
+        self.assertRaises(NoTransition, r.conn.open_active)
+        self.assertEqual(r.conn.state, "syn_sent")
+
+    def test_packets_never_raise(self) -> None:
+        """Remote input is never a NoTransition: each packet is declared or ignored in every state."""
+        undeclared = table.undeclared(self.PACKETS)
+        self.assertEqual(undeclared, [])
+        self.assertIn(("closed", "fin_received"), table.reasons)
+
+    def test_impossible_inputs_undeclared(self) -> None:
+        undeclared = set(table.undeclared(["open_requested", "handshake_acked", "time_wait_elapsed"]))
+        self.assertIn(("established", "open_requested"), undeclared)
+        self.assertIn(("idle", "handshake_acked"), undeclared)
+        self.assertIn(("established", "time_wait_elapsed"), undeclared)
+        self.assertNotIn(("time_wait", "time_wait_elapsed"), undeclared)
+
+    def test_lingering(self) -> None:
+        r = Recorder()
+        r.established_passive()
+        self.assertFalse(r.conn.lingering)
+        r.feed(FIN, seq=1)
+        self.assertEqual(r.conn.state, "time_wait")
+        self.assertTrue(r.conn.lingering)
+        r.clock.advance(10)
+        self.assertFalse(r.conn.lingering)

@@ -1,16 +1,16 @@
 """
 Tests for the data-transfer helpers of a stream connection:
-L{pilot.machines.rtt}, L{pilot.machines.recvbuffer} and
-L{pilot.machines.sendbuffer}.  Plain arithmetic, no clock.
+L{pilot.machines.connection.rtt}, L{pilot.machines.connection.recvbuffer} and
+L{pilot.machines.connection.sendbuffer}.  Plain arithmetic, no clock.
 """
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.machines.recvbuffer import Receipt, RecvBuffer
-from pilot.machines.rtt import RttEstimator
-from pilot.machines.sendbuffer import (
+from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
+from pilot.machines.connection.rtt import RttEstimator
+from pilot.machines.connection.sendbuffer import (
     MSS, RenoCongestion, Sender, TimerOutcome, sack_safe,
 )
 from pilot.wire.packet import encode_sack, parse_sack

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.machines.test_datatransfer -*-
 """
 Round-trip time and the retransmission timeout, per RFC 6298, with the
-reference's constants (facts §4.7): initial RTO 1 s, floor 200 ms, ceiling
+reference's constants (docs/reference-wire.md §4.7): initial RTO 1 s, floor 200 ms, ceiling
 10 s, alpha 1/8, beta 1/4, K 4, clock granularity 10 ms.
 
 Plain arithmetic; the caller measures the samples (Karn's rule: never from a

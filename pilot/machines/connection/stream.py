@@ -1,34 +1,37 @@
 # -*- test-case-name: tests.machines.test_connection -*-
 """
-One reliable, ordered, flow-controlled stream connection over the v0.5
-packet header (facts §4.5-§4.7; ``docs/connection.md`` has the diagram).
+:class:`Connection`: one reliable, ordered, flow-controlled stream connection
+over the v0.5 packet header (``docs/reference-wire.md`` §4.5-§4.7;
+``docs/connection.md`` has the diagram), and its :class:`ConnectionStats`.
 
-:class:`Connection` is what a demultiplexer creates per (peer address, local
-port, remote port).  It is sans-I/O: packets go out through the injected
-``send``, bytes to the application through ``data_received``, time comes
-from the injected ``IReactorTime``.  Its public methods are the inputs:
+The stack creates one per (peer address, local port, remote port).  It is
+sans-I/O: packets go out through the injected ``send``, bytes to the
+application through ``data_received``, time comes from the injected
+``IReactorTime``.  Its public methods are the inputs:
 :meth:`~Connection.open_active`, :meth:`~Connection.packet_received`,
 :meth:`~Connection.write`, :meth:`~Connection.close`,
 :meth:`~Connection.abort`, :meth:`~Connection.pause_reading` and
 :meth:`~Connection.resume_reading`.  A passive open is just the first SYN
 fed to :meth:`~Connection.packet_received` of a fresh connection.
 
-The lifecycle is an Automat machine (:mod:`~pilot.machines.connection_machine`);
-the packet handling is in :mod:`~pilot.machines.connection_core`, the
-constants in :mod:`~pilot.machines.connection_config`; the data transfer
-is plain arithmetic in :mod:`~pilot.machines.sendbuffer`,
-:mod:`~pilot.machines.recvbuffer` and :mod:`~pilot.machines.rtt`.  Inside,
-sequence numbers are absolute Python ints; the wire carries their low 32
-bits and incoming ones are unwrapped next to what we expect (signed 32-bit
-difference), so wrap-around needs no special case.
+The lifecycle is the Automat machine of
+:mod:`~pilot.machines.connection.machine`, whose behaviours hold the logic;
+the data path they share is :mod:`~pilot.machines.connection.transfer`, the
+constants :mod:`~pilot.machines.connection.config`, and the data transfer is
+plain arithmetic in :mod:`~pilot.machines.connection.sendbuffer`,
+:mod:`~pilot.machines.connection.recvbuffer` and
+:mod:`~pilot.machines.connection.rtt`, on the absolute sequence numbers of
+:mod:`~pilot.machines.connection.sequence`.
 
 Callbacks: ``connection_made()`` once when established;
 ``data_received(bytes)`` in order; ``connection_lost(Failure)`` exactly once
 (also when the connection never got established: dial timeout, refused,
 aborted); ``released()`` exactly once when the connection reaches
-``closed`` and the demultiplexer may forget it (after TIME_WAIT, at once
-after a reset).  An exception from ``connection_made`` or ``data_received``
-aborts the connection with that failure.
+``closed`` and the stack may forget it (after TIME_WAIT, at once after a
+reset); ``packet_handled()`` after every packet the connection took (an
+acknowledgement may have made room in the send buffer).  An exception from
+``connection_made`` or ``data_received`` aborts the connection with that
+failure.
 """
 
 from __future__ import annotations
@@ -41,16 +44,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from pilot.address import Address
-from pilot.machines.connection_config import ConnectionConfig
-from pilot.machines.connection_core import SEQ_MASK, ConnectionInputs, _Core, unwrap, wire
-from pilot.machines.connection_machine import _machine, transitions
-from pilot.machines.sendbuffer import CongestionControl, RenoCongestion
+from pilot.machines.connection.config import ConnectionConfig
+from pilot.machines.connection.machine import _machine
+from pilot.machines.connection.rtt import RttEstimator
+from pilot.machines.connection.sendbuffer import CongestionControl, RenoCongestion
+from pilot.machines.connection.sequence import wire
+from pilot.machines.connection.transfer import ConnectionInputs, Tracer, Transfer
 from pilot.wire.packet import ACK, FIN, RST, STREAM, SYN, Packet
-
-__all__ = [
-    "Connection", "ConnectionConfig", "ConnectionInputs", "ConnectionStats", "REFERENCE_STATE",
-    "SEQ_MASK", "transitions", "unwrap", "wire",
-]
 
 #: Our state names -> the reference's ``conn_list`` spelling.
 REFERENCE_STATE = {
@@ -111,6 +111,7 @@ class Connection:
         connection_made: Callable[[], None] = _ignore,
         connection_lost: Callable[[Failure], None] = _ignore,
         released: Callable[[], None] = _ignore,
+        packet_handled: Callable[[], None] = _ignore,
         config: ConnectionConfig | None = None,
         congestion: CongestionControl | None = None,
         initial_sequence: int = 0,
@@ -118,20 +119,21 @@ class Connection:
         config = config or ConnectionConfig()
         cc = congestion or RenoCongestion(config.mss, config.initial_window, config.max_window,
                                           ssthresh=config.initial_ssthresh)
-        self._core = _Core(clock, send, local, local_port, remote, remote_port, config,
-                           wire(initial_sequence), data_received, connection_made, connection_lost,
-                           released, cc)
-        self._machine = _machine(self._core)
+        self._core = Transfer(clock, send, local, local_port, remote, remote_port, config,
+                              wire(initial_sequence), data_received, connection_made,
+                              connection_lost, released, cc)
+        self._packet_handled = packet_handled
+        self._machine: ConnectionInputs = _machine(self._core)
         self._core.machine = self._machine
 
     # -- inputs ---------------------------------------------------------------------
 
     def open_active(self) -> None:
-        """Dial: send the SYN."""
+        """Dial: send the SYN.  Only once, on a fresh connection (``NoTransition`` otherwise)."""
         self._machine.open_requested()
 
     def packet_received(self, packet: Packet) -> None:
-        """A packet the demultiplexer routed here; anything not for us is dropped."""
+        """A packet the stack routed here; anything not for us is dropped."""
         core = self._core
         if (not isinstance(packet, Packet) or packet.protocol != STREAM
                 or packet.src != core.remote or packet.dst.node != core.local.node
@@ -148,6 +150,7 @@ class Connection:
             (m.fin_ack_received if flags & ACK else m.fin_received)(packet)
         elif flags & ACK:
             m.segment_received(packet)
+        self._packet_handled()
 
     def write(self, data: bytes) -> None:
         """Queue bytes; they go out once established.  Ignored after close."""
@@ -171,19 +174,24 @@ class Connection:
     def resume_reading(self) -> None:
         self._machine.reading_resumed()
 
-    def set_trace(self, tracer: Callable[[str, str, str], None] | None) -> None:
-        """Call ``tracer(state, input, next_state)`` on every transition (for logging above)."""
-        transitioner = self._machine.__automat_transitioner__  # type: ignore[attr-defined]
-        if tracer is None:
-            transitioner.setTrace(None)
-        else:
-            transitioner.setTrace(lambda old, event, new: tracer(old.name, event, new.name))
+    def set_trace(self, tracer: Tracer | None) -> None:
+        """Call ``tracer(state, input, next_state)`` on every transition that does something."""
+        self._core.tracer = tracer
 
     # -- inspection -----------------------------------------------------------------
 
     @property
     def state(self) -> str:
         return self._core.state
+
+    @property
+    def lingering(self) -> bool:
+        """
+        In TIME_WAIT: closed both ways and lost already reported, waiting out
+        stray packets.  A new SYN for the same ports ends it at once (and the
+        stack then opens a new connection for that SYN).
+        """
+        return self._core.state == "time_wait"
 
     @property
     def stats(self) -> ConnectionStats:
@@ -201,3 +209,8 @@ class Connection:
             bytes_sent=sender.bytes_sent, bytes_recv=core.bytes_recv, segs_sent=sender.segs_sent,
             segs_recv=core.segs_recv, retransmits=sender.retransmits, fast_retx=sender.fast_retx,
             sack_recv=sender.sack_recv, sack_sent=core.sack_sent, dup_acks=sender.dup_acks_total)
+
+    @property
+    def rtt(self) -> RttEstimator:
+        """The RTT estimate and RTO (for tests and diagnostics)."""
+        return self._core.rtt

@@ -2,23 +2,26 @@
 """
 The tunables of a stream connection: :class:`ConnectionConfig`, every
 constant in bytes, segments and seconds, defaulting to the reference's
-(facts §4.7).
+(docs/reference-wire.md §4.7).
 """
 
 from __future__ import annotations
 
 import attr
 
-from pilot.machines.recvbuffer import MAX_OOO_SEGMENTS, RECV_QUEUE_SEGMENTS
-from pilot.machines.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO
-from pilot.machines.sendbuffer import (
+from pilot.machines.connection.recvbuffer import MAX_OOO_SEGMENTS, RECV_QUEUE_SEGMENTS
+from pilot.machines.connection.rtt import INITIAL_RTO, MAX_RTO, MIN_RTO
+from pilot.machines.connection.sendbuffer import (
     INITIAL_SSTHRESH, INITIAL_WINDOW, MAX_RETRANSMITS, MAX_WINDOW, MSS, PROBE_INITIAL, PROBE_MAX,
 )
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class ConnectionConfig:
-    """Every constant, in bytes, segments and seconds; defaults are the reference's (facts §4.7)."""
+    """
+    Every constant, in bytes, segments and seconds; defaults are the
+    reference's (``docs/reference-wire.md`` §4.7).
+    """
 
     mss: int = MSS
     recv_queue_segments: int = RECV_QUEUE_SEGMENTS

@@ -9,7 +9,7 @@ what happened to a segment, takes in-order bytes with :meth:`RecvBuffer.take`
 when the application is reading, and puts :meth:`RecvBuffer.window` and
 :meth:`RecvBuffer.sack_blocks` in the ACKs it sends.
 
-Window (facts §4.5, §4.7): the header's window is the number of free
+Window (docs/reference-wire.md §4.5, §4.7): the header's window is the number of free
 4096-byte slots in the receive queue, at most 512.  Only in-order bytes that
 the application has not taken yet occupy the queue; out-of-order segments
 are held apart (at most 128), as the reference does, so that the window

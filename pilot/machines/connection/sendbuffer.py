@@ -4,19 +4,19 @@ The sending half of a stream: queue, segmentation, retransmission queue with
 a SACK scoreboard, loss recovery, flow control, and the congestion-control
 hook.
 
-Like :mod:`pilot.machines.recvbuffer` this is arithmetic on *absolute*
+Like :mod:`pilot.machines.connection.recvbuffer` this is arithmetic on *absolute*
 sequence numbers with ``now`` passed in: no clock, no packets.  The
 connection asks :meth:`Sender.next_transmission` for segments to put on the
 wire, feeds ACKs to :meth:`Sender.on_ack` and retransmission-timer expiries
 to :meth:`Sender.on_timeout`.
 
-Rules (facts §4.7 unless stated):
+Rules (docs/reference-wire.md §4.7 unless stated):
 
 * Segments are at most 4096 bytes and keep their boundaries when
   retransmitted: the reference's receiver only accepts a segment whose
   sequence number is exactly the next expected one (or buffers it by exact
   start), so re-cut retransmissions could stall it.
-* A segment must never read as a SACK option (facts §9 item 19: any ACK
+* A segment must never read as a SACK option (docs/reference-wire.md §9 item 19: any ACK
   packet whose payload parses as ``SACK`` + count 1-4 + blocks is taken as
   SACK, never delivered).  Such a cut is shortened to one byte less than the
   option it would spell, which no longer parses; the rest follows in the
@@ -48,7 +48,7 @@ from typing import Iterable, Protocol
 
 import attr
 
-from pilot.machines.rtt import RttEstimator
+from pilot.machines.connection.rtt import RttEstimator
 from pilot.wire.packet import parse_sack
 
 MSS = 4096

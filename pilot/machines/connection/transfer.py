@@ -1,0 +1,306 @@
+# -*- test-case-name: tests.machines.test_connection -*-
+"""
+The data path every state of a stream connection shares.
+
+:class:`Transfer` is the core the lifecycle machine
+(:mod:`~pilot.machines.connection.machine`) runs on: the injected
+collaborators (clock, ``send``, the application's callbacks), the
+data-transfer arithmetic (:mod:`~pilot.machines.connection.sendbuffer`,
+:mod:`~pilot.machines.connection.recvbuffer`,
+:mod:`~pilot.machines.connection.rtt`), the timers, and the few operations
+more than one state performs: put packets on the wire (:meth:`Transfer.emit`,
+:meth:`Transfer.pump`), take in a segment (:meth:`Transfer.process_segment`),
+hand data to the application (:meth:`Transfer.deliver`).  What happens on a
+state change (handshake, close, TIME_WAIT, the end) is in the machine's
+behaviours, not here.
+
+It feeds the machine through :class:`ConnectionInputs`, declared here so that
+this module imports nothing above it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol
+
+import attr
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from pilot.address import Address
+from pilot.machines.connection.config import ConnectionConfig
+from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
+from pilot.machines.connection.rtt import RttEstimator
+from pilot.machines.connection.sendbuffer import CongestionControl, Sender
+from pilot.machines.connection.sequence import unwrap, wire
+from pilot.wire.packet import ACK, STREAM, Packet, encode_sack, parse_sack
+
+#: ``tracer(state, input, next_state)``
+Tracer = Callable[[str, str, str], None]
+
+
+class ConnectionInputs(Protocol):
+    """The machine's inputs: events, past tense.  :class:`Connection` and the timers feed them."""
+
+    def open_requested(self) -> None: ...
+    def write_requested(self, data: bytes) -> None: ...
+    def close_requested(self) -> None: ...
+    def abort_requested(self, reason: Failure) -> None: ...
+    def reading_resumed(self) -> None: ...
+    def syn_received(self, packet: Packet) -> None: ...
+    def syn_ack_received(self, packet: Packet) -> None: ...
+    def segment_received(self, packet: Packet) -> None: ...
+    def fin_received(self, packet: Packet) -> None: ...
+    def fin_ack_received(self, packet: Packet) -> None: ...
+    def rst_received(self, packet: Packet) -> None: ...
+    def handshake_acked(self, packet: Packet) -> None: ...
+    def send_drained(self) -> None: ...
+    def handshake_timer_fired(self) -> None: ...
+    def retransmit_timer_fired(self) -> None: ...
+    def fin_timer_fired(self) -> None: ...
+    def retries_exhausted(self) -> None: ...
+    def ack_timer_fired(self) -> None: ...
+    def nagle_timer_fired(self) -> None: ...
+    def keepalive_due(self) -> None: ...
+    def idle_timed_out(self) -> None: ...
+    def time_wait_elapsed(self) -> None: ...
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Timer:
+    """One restartable ``callLater``."""
+
+    clock: IReactorTime
+    fire: Callable[[], None]
+    _call: Optional[IDelayedCall] = None
+
+    @property
+    def active(self) -> bool:
+        return self._call is not None
+
+    def start(self, delay: float) -> None:
+        self.cancel()
+        self._call = self.clock.callLater(max(0.0, delay), self._run)
+
+    def ensure(self, delay: float) -> None:
+        if self._call is None:
+            self.start(delay)
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _run(self) -> None:
+        self._call = None
+        self.fire()
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Handshake:
+    """What the two handshake states (``syn_sent``, ``syn_received``) keep."""
+
+    #: Repetitions of our SYN (or SYN+ACK) so far.
+    attempts: int = 0
+    #: When our handshake packet went out, for the RTT sample; None once repeated (Karn).
+    sent_at: Optional[float] = None
+    #: When the passive side answered the first SYN (the accept timeout runs from there).
+    started: float = 0.0
+    #: ``close()`` came during the handshake: close as soon as it is established.
+    close_when_established: bool = False
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Transfer:
+    """Collaborators, the data-transfer arithmetic and timers, and the shared data path."""
+
+    clock: IReactorTime
+    send: Callable[[Packet], None]
+    local: Address
+    local_port: int
+    remote: Address
+    remote_port: int
+    config: ConnectionConfig
+    iss: int
+    data_received: Callable[[bytes], None]
+    connection_made: Callable[[], None]
+    connection_lost: Callable[[Failure], None]
+    released: Callable[[], None]
+    cc: CongestionControl
+    machine: ConnectionInputs = attr.ib(default=None)
+    #: The machine's state name (the table's ``before`` hook keeps it).
+    state: str = "idle"
+    tracer: Optional[Tracer] = None
+    handshake: Handshake = attr.ib(factory=Handshake)
+    #: We answered a SYN (rather than sent one).
+    passive: bool = False
+    peer_iss: int = 0
+    receiver: Optional[RecvBuffer] = None
+    fin_seq: Optional[int] = None
+    fin_attempts: int = 0
+    final_acks: int = 0
+    reading: bool = True
+    ack_owed: bool = False
+    pending_acks: int = 0
+    last_window: int = 0
+    last_received: float = 0.0
+    sack_sent: int = 0
+    bytes_recv: int = 0
+    segs_recv: int = 0
+    rtt: RttEstimator = attr.ib(init=False)
+    sender: Sender = attr.ib(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        self.rtt = RttEstimator(c.initial_rto, c.min_rto, c.max_rto)
+        self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=c.mss,
+                             max_retransmits=c.max_retransmits, nagle=c.nagle,
+                             probe_initial=c.probe_initial, probe_max=c.probe_max)
+        inputs = lambda name: lambda: getattr(self.machine, name)()  # noqa: E731
+        self.handshake_timer = Timer(self.clock, inputs("handshake_timer_fired"))
+        self.rexmit_timer = Timer(self.clock, inputs("retransmit_timer_fired"))
+        self.fin_timer = Timer(self.clock, inputs("fin_timer_fired"))
+        self.ack_timer = Timer(self.clock, inputs("ack_timer_fired"))
+        self.nagle_timer = Timer(self.clock, inputs("nagle_timer_fired"))
+        self.time_wait_timer = Timer(self.clock, inputs("time_wait_elapsed"))
+        self.keepalive_timer = Timer(self.clock, self._keepalive_check)
+        self.idle_timer = Timer(self.clock, self._idle_check)
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    # -- packets out ----------------------------------------------------------------
+
+    def window(self) -> int:
+        if self.receiver is None:
+            return min(self.config.recv_queue_segments, 0xFFFF)
+        return self.receiver.window()
+
+    def emit(self, flags: int, seq: int, payload: bytes = b"", ack: int | None = None) -> None:
+        if ack is None:
+            ack = self.receiver.rcv_nxt if (flags & ACK and self.receiver is not None) else 0
+        window = self.window()
+        if flags & ACK:
+            self.ack_owed = False
+            self.pending_acks = 0
+            self.ack_timer.cancel()
+            self.last_window = window
+        self.send(Packet(protocol=STREAM, flags=flags, src=self.local, dst=self.remote,
+                         src_port=self.local_port, dst_port=self.remote_port,
+                         seq=wire(seq), ack=wire(ack), window=window, payload=payload))
+
+    def send_ack(self) -> None:
+        """A pure ACK, with SACK blocks while out-of-order data is held."""
+        payload = b""
+        assert self.receiver is not None
+        blocks = self.receiver.sack_blocks()
+        if blocks:
+            payload = encode_sack([(wire(left), wire(right)) for left, right in blocks])
+            self.sack_sent += len(blocks)
+        self.emit(ACK, self.sender.snd_nxt, payload)
+
+    def delayed_ack(self) -> None:
+        """The ACK still owed, if any."""
+        if self.ack_owed and self.receiver is not None:
+            self.send_ack()
+
+    def pump(self, flush: bool = False) -> None:
+        """Put on the wire whatever the windows allow, and keep the timers right."""
+        now = self.now()
+        while True:
+            chosen = self.sender.next_transmission(now, flush)
+            if chosen is None:
+                break
+            segment, _ = chosen
+            self.emit(ACK, segment.start, segment.payload)
+        if self.sender.nagle_holding:
+            self.nagle_timer.ensure(self.config.nagle_delay)
+        else:
+            self.nagle_timer.cancel()
+        if self.sender.outstanding:
+            self.rexmit_timer.ensure(self.sender.timer_interval())
+        else:
+            self.rexmit_timer.cancel()
+
+    # -- packets in -----------------------------------------------------------------
+
+    def new_receiver(self, peer_iss: int) -> None:
+        self.peer_iss = peer_iss
+        self.receiver = RecvBuffer(peer_iss + 1, self.config.mss, self.config.recv_queue_segments,
+                                   self.config.max_ooo_segments)
+
+    def process_segment(self, packet: Packet, flush: bool = False) -> None:
+        """An ACK-flagged packet in a data state: acknowledgement, SACK, data."""
+        assert self.receiver is not None
+        now = self.now()
+        sender = self.sender
+        payload = packet.payload
+        sack = parse_sack(payload) if payload else None
+        data = payload if sack is None else b""
+        blocks = [(unwrap(left, sender.snd_una), unwrap(right, sender.snd_una))
+                  for left, right in sack or ()]
+        result = sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks,
+                               bool(data), now)
+        if result.acked:
+            self.rexmit_timer.cancel()  # restarted by pump() with the current RTO
+        ack_now = False
+        if data:
+            self.segs_recv += 1
+            self.bytes_recv += len(data)
+            self.ack_owed = True
+            receiver = self.receiver
+            receipt = receiver.receive(unwrap(packet.seq, receiver.rcv_nxt), data)
+            if receipt is Receipt.IN_ORDER and not receiver.filled_gap and not receiver.ooo_count:
+                self.pending_acks += 1
+                if self.pending_acks >= self.config.delayed_ack_segments:
+                    ack_now = True
+                else:
+                    self.ack_timer.ensure(self.config.delayed_ack)
+            else:
+                ack_now = True  # out of order, duplicate, gap filled, or dropped
+            self.deliver()
+        self.pump(flush)
+        if ack_now and (self.ack_owed or self.receiver.ooo_count):
+            self.send_ack()
+
+    # -- the application --------------------------------------------------------------
+
+    def call_app(self, callback: Callable[..., None], *args: Any) -> None:
+        """An application callback; if it raises, the connection is aborted with that failure."""
+        try:
+            callback(*args)
+        except Exception:
+            self.machine.abort_requested(Failure())
+
+    def deliver(self, force: bool = False) -> None:
+        if self.receiver is not None and (self.reading or force):
+            data = self.receiver.take()
+            if data:
+                self.call_app(self.data_received, data)
+
+    # -- timers -----------------------------------------------------------------------
+
+    def start_liveness(self) -> None:
+        self.last_received = self.now()
+        self.keepalive_timer.start(self.config.keepalive_interval)
+        self.idle_timer.start(self.config.idle_timeout)
+
+    def _keepalive_check(self) -> None:
+        due = self.last_received + self.config.keepalive_interval
+        if self.now() >= due:
+            self.machine.keepalive_due()
+            self.keepalive_timer.start(self.config.keepalive_interval)
+        else:
+            self.keepalive_timer.start(due - self.now())
+
+    def _idle_check(self) -> None:
+        due = self.last_received + self.config.idle_timeout
+        if self.now() >= due:
+            self.machine.idle_timed_out()
+        else:
+            self.idle_timer.start(due - self.now())
+
+    def cancel_timers(self) -> None:
+        for timer in (self.handshake_timer, self.rexmit_timer, self.fin_timer, self.ack_timer,
+                      self.nagle_timer, self.keepalive_timer, self.idle_timer, self.time_wait_timer):
+            timer.cancel()
