@@ -102,7 +102,7 @@ def _node_args() -> tuple[Any, ...]:
 
 
 def _client(socket_path: str, timeout: float = 5.0) -> Any:
-    from pilot.control import ControlClient
+    from pilot.control_client import ControlClient
     return ControlClient(socket_path, timeout)
 
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_cli_node -*-
 """
 pilotctl's node commands: everything that asks the running daemon, over its
-control socket (``pilot.control``, ``docs/control.md``).
+control socket (``pilot.control_client``, ``docs/control.md``).
 
 Each command is one function registered in :data:`pilot.cli.COMMANDS`
 (``pilot/cli.py`` imports this module).  Arguments are checked before the
@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 
 from pilot.address import Address
 from pilot.cli import PROG, COMMANDS, Arg, Context, Result, arg
-from pilot.control import DEFAULT_TIMEOUT, ControlClient
+from pilot.control_client import DEFAULT_TIMEOUT, ControlClient
 from pilot.errors import ConnectionFailed, InvalidArgument, MalformedFrame, NotFound, Timeout
 from pilot.names import hostname_problem, normalise_tags
 

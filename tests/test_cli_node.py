@@ -24,11 +24,12 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot import cli, cli_node
-from pilot.control import Subscription
+from pilot.control_client import Subscription
 from pilot.errors import ConnectionFailed, ErrorCode, NotFound, NotTrusted
-from pilot.protocols.control import ControlDecoder, ControlServerFactory
+from pilot.protocols.control_server import ControlServerFactory
+from pilot.wire.control import frame_decoder
 from pilot.wire.registry import encode_frame
-from tests.protocols.test_control import FakeAPI, FakeListening
+from tests.protocols.test_control_server import FakeAPI, FakeListening
 from tests.test_cli import Ran
 from tests.test_control_client import LoopPilot
 
@@ -80,7 +81,7 @@ class FakeClient:
             self._answer(cmd)
         assert self.subscription_peer is not None
         mine = self.subscription_peer
-        return Subscription(mine, ControlDecoder(), self.subscription_result, deadline)
+        return Subscription(mine, frame_decoder(), self.subscription_result, deadline)
 
     def attach(self, conn_id: int, timeout: float | None = None) -> socket.socket:
         self.calls.append(("attach", {"conn_id": conn_id}))
