@@ -6,7 +6,7 @@ After ``connect`` or ``attach``, a control connection becomes a raw byte
 stream: :class:`StreamBridge` is the protocol on the Pilot connection that
 joins it to the control connection (an :class:`IStreamRelay`, in practice
 :class:`~pilot.protocols.control_server.ControlProtocol`), with flow control
-both ways (:class:`_Pauser`, :class:`_Throttle`).  :class:`HeldStreams` keeps
+both ways (:class:`Pauser`, :class:`Throttle`).  :class:`HeldStreams` keeps
 the streams a ``listen`` accepted until a client attaches them.
 
 This module knows the control connection only through :class:`IStreamRelay`,
@@ -45,7 +45,7 @@ class IStreamRelay(Interface):
 
 # --- flow control helpers -----------------------------------------------------------------------
 
-class _Pauser:
+class Pauser:
     """Pauses a producer (a transport's reading) while any reason holds."""
 
     def __init__(self, target: Any) -> None:
@@ -82,7 +82,7 @@ def _call(target: Any, method: str) -> None:
 
 
 @implementer(IPushProducer)
-class _Throttle:
+class Throttle:
     """A streaming producer whose pause/resume run two callables (one side's buffer pausing the other)."""
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
@@ -138,12 +138,12 @@ class StreamBridge(Protocol):
         self._buffered = 0
         self._outgoing: list[bytes] = []
         self._close_wanted = False
-        self._pauser: _Pauser | None = None
+        self._pauser: Pauser | None = None
 
     # --- Pilot side --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._pauser = _Pauser(self.transport)
+        self._pauser = Pauser(self.transport)
         outgoing, self._outgoing = self._outgoing, []
         for chunk in outgoing:
             self.transport.write(chunk)
@@ -188,7 +188,7 @@ class StreamBridge(Protocol):
         consumer = getattr(self.transport, "registerProducer", None) if self.transport is not None else None
         if consumer is not None and not self.lost:
             try:
-                consumer(_Throttle(lambda: control.pause_reading("pilot"),
+                consumer(Throttle(lambda: control.pause_reading("pilot"),
                                    lambda: control.resume_reading("pilot")), True)
             except Exception:
                 self.log.debug("the Pilot transport takes no producer; no flow control toward it")

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from pilot.errors import ErrorCode, InvalidArgument, MalformedFrame, NotFound, PilotError
 from pilot.nodeapi import Listening, NodeAPI
-from pilot.protocols.bridge import HeldStreams, IStreamRelay, StreamBridge, _Pauser, _Throttle
+from pilot.protocols.bridge import HeldStreams, IStreamRelay, Pauser, StreamBridge, Throttle
 from pilot.protocols.subscription import AcceptFactory, IEventWriter, Subscription
 from pilot.protocols.control_commands import api_commands
 from pilot.protocols.peercred import peer_uid, unix_credentials_known
@@ -98,7 +98,7 @@ class ControlProtocol(Protocol):
         self._pending_bridge: StreamBridge | None = None
         self._bridge: StreamBridge | None = None
         self._subscriptions: list[Subscription] = []
-        self._pauser: _Pauser | None = None
+        self._pauser: Pauser | None = None
         self._writes_paused = False
         self._unsent = 0
         self._dropped = 0
@@ -123,7 +123,7 @@ class ControlProtocol(Protocol):
             self.transport.loseConnection()
             return
         self.factory.connections.add(self)
-        self._pauser = _Pauser(self.transport)
+        self._pauser = Pauser(self.transport)
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -330,7 +330,7 @@ class ControlProtocol(Protocol):
         self._bridge = bridge
         self._awaiting_stream = False
         self.transport.unregisterProducer()
-        self.transport.registerProducer(_Throttle(bridge.pause, bridge.resume), True)
+        self.transport.registerProducer(Throttle(bridge.pause, bridge.resume), True)
         if self._pauser is not None:
             for reason in ("stream", "inflight", "writes"):
                 self._pauser.resume(reason)
