@@ -58,7 +58,7 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pilot.control import ControlClient  # noqa: E402
+from pilot.control_client import ControlClient  # noqa: E402
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0   # seconds for a process to come up

@@ -437,5 +437,6 @@ def load_commands(argv: Sequence[str] = ()) -> None:
     words = [a for a in argv if not a.startswith("-")]
     if words[:1] == ["rendezvous"]:
         return
-    for name in ("pilot.cli_daemon", "pilot.cli_node"):  # importing them registers their commands
+    # importing them registers their commands
+    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic"):
         importlib.import_module(name)

@@ -102,7 +102,7 @@ def _node_args() -> tuple[Any, ...]:
 
 
 def _client(socket_path: str, timeout: float = 5.0) -> Any:
-    from pilot.control import ControlClient
+    from pilot.control_client import ControlClient
     return ControlClient(socket_path, timeout)
 
 
@@ -135,7 +135,8 @@ def daemon_start(ctx: Context) -> Result | None:
         os.makedirs(os.path.dirname(os.path.abspath(settings.identity)), mode=0o700, exist_ok=True)
         identity.save(settings.identity)
     if ctx.args.foreground:
-        return _run_foreground(ctx, settings)
+        _run_foreground(ctx, settings)
+        return None  # the daemon ran until a signal; its log said everything
     return _start_background(ctx, settings)
 
 
@@ -151,7 +152,6 @@ def _run_foreground(ctx: Context, settings: Any) -> None:
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return None
 
 
 def _start_background(ctx: Context, settings: Any) -> Result:
@@ -191,7 +191,8 @@ def _start_background(ctx: Context, settings: Any) -> Result:
         name = info.get("hostname") or info.get("address")
         return Result(data, f"Registered as {name} ({info.get('address')})")
     reason = info.get("registry", {}).get("error") or "no answer yet"
-    return Result(data, f"Daemon started (pid {proc.pid}, {info.get('address')}); not registered yet: {reason}\n"
+    return Result(data, f"Daemon started (pid {proc.pid}, {info.get('address')}); "
+                        f"not registered yet: {reason}\n"
                         f"It keeps trying; `pilotctl daemon status` shows progress.")
 
 

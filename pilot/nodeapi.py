@@ -1,7 +1,7 @@
-# -*- test-case-name: tests.protocols.test_control -*-
+# -*- test-case-name: tests.protocols.test_control_server -*-
 """
 What the node daemon offers its local clients: the interface between the
-control socket (``pilot.protocols.control``) and the node service.
+control socket (``pilot.protocols.control_server``) and the node service.
 
 Every method returns a Deferred firing with a JSON-ready value (the ``data``
 pilotctl prints with ``--json``) or failing with a

@@ -1,5 +1,5 @@
 """
-The control client (pilot.control) against real Unix sockets: a scripted
+The control client (pilot.control_client) against real Unix sockets: a scripted
 daemon in a thread for exact wire behaviour, and the real control server on
 the reactor (the client runs in a thread) end to end.
 """
@@ -25,12 +25,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.address import Address, SocketAddress
-from pilot.control import ControlClient, Subscription, default_socket_path
+from pilot.control_client import ControlClient, Subscription, default_socket_path
 from pilot.errors import (ConnectionFailed, ErrorCode, Internal, InvalidArgument, NotFound, NotRunning,
                           NotTrusted, PilotError, Timeout)
-from pilot.protocols.control import ControlServerFactory
+from pilot.protocols.control_server import ControlServerFactory
 from pilot.wire.registry import encode_frame
-from tests.protocols.test_control import FakeAPI, FakeListening
+from tests.protocols.test_control_server import FakeAPI, FakeListening
 
 
 def short_dir(test: SynchronousTestCase) -> str:

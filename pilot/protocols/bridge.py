@@ -1,33 +1,51 @@
-# -*- test-case-name: tests.protocols.test_control -*-
+# -*- test-case-name: tests.protocols.test_bridge -*-
 """
 The raw-stream bridge of the control socket (``docs/control.md``).
 
 After ``connect`` or ``attach``, a control connection becomes a raw byte
 stream: :class:`StreamBridge` is the protocol on the Pilot connection that
-joins it to the :class:`~pilot.protocols.control.ControlProtocol`, with flow
-control both ways (:class:`_Pauser`, :class:`_Throttle`).
+joins it to the control connection (an :class:`IStreamRelay`, in practice
+:class:`~pilot.protocols.control_server.ControlProtocol`), with flow control
+both ways (:class:`Pauser`, :class:`Throttle`).  :class:`HeldStreams` keeps
+the streams a ``listen`` accepted until a client attaches them.
+
+This module knows the control connection only through :class:`IStreamRelay`,
+so it imports nothing of the control server.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
-
-if TYPE_CHECKING:
-    from pilot.protocols.control import ControlProtocol
+from zope.interface import Interface, implementer
 
 #: Bytes from the Pilot side buffered before the Unix side is attached; past it the Pilot side is paused.
 MAX_UNATTACHED_BUFFER = 256 * 1024
 
 
+class IStreamRelay(Interface):
+    """The control connection a :class:`StreamBridge` relays a Pilot stream to, once attached."""
+
+    def stream_data(data: bytes) -> None:
+        """Bytes from the Pilot side, for the client."""
+
+    def stream_lost() -> None:
+        """The Pilot side closed: close the client's connection."""
+
+    def pause_reading(reason: str) -> None:
+        """Stop reading from the client while ``reason`` holds (the Pilot side is full)."""
+
+    def resume_reading(reason: str) -> None:
+        """``reason`` no longer holds."""
+
+
 # --- flow control helpers -----------------------------------------------------------------------
 
-class _Pauser:
+class Pauser:
     """Pauses a producer (a transport's reading) while any reason holds."""
 
     def __init__(self, target: Any) -> None:
@@ -64,7 +82,7 @@ def _call(target: Any, method: str) -> None:
 
 
 @implementer(IPushProducer)
-class _Throttle:
+class Throttle:
     """A streaming producer whose pause/resume run two callables (one side's buffer pausing the other)."""
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
@@ -113,19 +131,19 @@ class StreamBridge(Protocol):
     def __init__(self, address: Any = None) -> None:
         self.address = address
         self.peer, self.peer_port = describe_address(address)
-        self.control: ControlProtocol | None = None
+        self.control: IStreamRelay | None = None
         self.made: Callable[[StreamBridge], None] | None = None
         self.lost = False
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._outgoing: list[bytes] = []
         self._close_wanted = False
-        self._pauser: _Pauser | None = None
+        self._pauser: Pauser | None = None
 
     # --- Pilot side --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._pauser = _Pauser(self.transport)
+        self._pauser = Pauser(self.transport)
         outgoing, self._outgoing = self._outgoing, []
         for chunk in outgoing:
             self.transport.write(chunk)
@@ -159,7 +177,7 @@ class StreamBridge(Protocol):
 
     # --- control side ----------------------------------------------------------------
 
-    def attach(self, control: ControlProtocol) -> None:
+    def attach(self, control: IStreamRelay) -> None:
         """Start relaying to ``control``: flush what was buffered, then pass on a close already seen."""
         self.control = control
         buffered, self._buffer, self._buffered = self._buffer, [], 0
@@ -170,7 +188,7 @@ class StreamBridge(Protocol):
         consumer = getattr(self.transport, "registerProducer", None) if self.transport is not None else None
         if consumer is not None and not self.lost:
             try:
-                consumer(_Throttle(lambda: control.pause_reading("pilot"),
+                consumer(Throttle(lambda: control.pause_reading("pilot"),
                                    lambda: control.resume_reading("pilot")), True)
             except Exception:
                 self.log.debug("the Pilot transport takes no producer; no flow control toward it")
@@ -203,3 +221,58 @@ class StreamBridge(Protocol):
             if self._pauser is not None:
                 self._pauser.closed = True
             self.transport.loseConnection()
+
+
+# --- accepted streams waiting for attach -------------------------------------------------------
+
+class HeldStreams:
+    """
+    Accepted streams waiting for a client's ``attach``, by connection id.
+
+    Each waits ``window`` seconds on ``clock``; then it is closed.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, window: float) -> None:
+        self.clock = clock
+        self.window = window
+        self._held: dict[int, tuple[StreamBridge, IDelayedCall]] = {}
+        self._next_conn_id = 1
+
+    def hold(self, bridge: StreamBridge) -> int:
+        """Keep an accepted stream for ``attach``; its connection id."""
+        while self._next_conn_id in self._held:
+            self._next_conn_id = self._next_conn_id % 0xFFFFFFFF + 1
+        conn_id = self._next_conn_id
+        self._next_conn_id = self._next_conn_id % 0xFFFFFFFF + 1
+        timer = self.clock.callLater(self.window, self._expire, conn_id)
+        self._held[conn_id] = (bridge, timer)
+        return conn_id
+
+    def take(self, conn_id: int) -> StreamBridge | None:
+        """The stream held as ``conn_id`` (no longer held), or None."""
+        held = self._held.pop(conn_id, None)
+        if held is None:
+            return None
+        bridge, timer = held
+        if timer.active():
+            timer.cancel()
+        return bridge
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted(self._held)
+
+    def close_all(self) -> None:
+        for conn_id in list(self._held):
+            bridge = self.take(conn_id)
+            if bridge is not None:
+                bridge.close()
+
+    def _expire(self, conn_id: int) -> None:
+        held = self._held.pop(conn_id, None)
+        if held is not None:
+            self.log.info("closing accepted stream {conn_id} from {peer}: not attached within {window} s",
+                          conn_id=conn_id, peer=held[0].peer, window=self.window)
+            held[0].close()

@@ -4,7 +4,8 @@ Registry messages on TCP: framing, field access, and the two signature forms.
 
 Framing is the reference's: each message, both ways, is a 4-byte big-endian
 length and then that many bytes of UTF-8 JSON holding one object; at most
-1 MiB.  :class:`FrameDecoder` is sans-I/O: feed it bytes, get objects back.
+1 MiB.  :class:`FrameDecoder` is sans-I/O: feed it bytes, get objects back;
+the control socket reads its frames with it too (``pilot/wire/control.py``).
 
 Signatures.  The reference signs a fixed challenge (``heartbeat:7``) with no
 nonce, so a captured request replays forever and one signature authorises any
@@ -63,16 +64,28 @@ def _reject_constant(name: str) -> Any:
 
 class FrameDecoder:
     """
-    Accumulates bytes and yields complete messages.
+    Sans-I/O reader of length-prefixed JSON frames: the registry's, and the
+    control socket's (:func:`pilot.wire.control.frame_decoder`).
+
+    ``max_frame`` bounds a frame's length, ``decode`` turns one body into a
+    message (raising ``MalformedFrame``), ``kind`` names the frames in errors.
+    :meth:`feed` buffers bytes and returns every complete frame; a reader that
+    must stop after one frame (the control socket, whose ``connect`` turns the
+    rest of the stream into raw bytes) uses :meth:`receive`,
+    :meth:`next_frame` and :meth:`take_rest` instead.
 
     After a ``MalformedFrame`` from an oversized length the stream cannot be
     resynchronised, so :attr:`broken` is set and every later call raises.
-    A frame whose body is bad JSON is skipped; the stream stays usable.
+    A frame whose body is bad JSON is a ``MalformedFrame`` value; the stream
+    stays usable.
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME,
+                 decode: Callable[[bytes], dict[str, Any]] = decode_body, kind: str = "registry") -> None:
         self._buf = bytearray()
         self._max = max_frame
+        self._decode = decode
+        self._kind = kind
         self.broken: str | None = None
 
     def feed(self, data: bytes) -> list[dict[str, Any] | MalformedFrame]:
@@ -83,27 +96,56 @@ class FrameDecoder:
         """
         if self.broken is not None:
             raise MalformedFrame(self.broken)
-        self._buf += data
+        self.receive(data)
         out: list[dict[str, Any] | MalformedFrame] = []
-        while len(self._buf) >= 4:
-            (length,) = _LEN.unpack_from(self._buf)
-            if length > self._max:
-                self.broken = f"registry frame of {length} bytes exceeds the {self._max}-byte limit"
-                self._buf.clear()
-                raise MalformedFrame(self.broken)
-            if len(self._buf) < 4 + length:
-                break
-            body = bytes(self._buf[4:4 + length])
-            del self._buf[:4 + length]
-            try:
-                out.append(decode_body(body))
-            except MalformedFrame as e:
-                out.append(e)
+        while (item := self.next_frame()) is not None:
+            out.append(item)
         return out
+
+    def receive(self, data: bytes) -> None:
+        """Buffer ``data`` (dropped once the stream is broken); take frames with :meth:`next_frame`."""
+        if self.broken is None:
+            self._buf += data
+
+    def next_frame(self) -> dict[str, Any] | MalformedFrame | None:
+        """The next message (or the ``MalformedFrame`` its body gave), or None if incomplete."""
+        if self.broken is not None:
+            raise MalformedFrame(self.broken)
+        if len(self._buf) < 4:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self._max:
+            self.broken = f"{self._kind} frame of {length} bytes exceeds the {self._max}-byte limit"
+            self._buf.clear()
+            raise MalformedFrame(self.broken)
+        if len(self._buf) < 4 + length:
+            return None
+        body = bytes(self._buf[4:4 + length])
+        del self._buf[:4 + length]
+        try:
+            return self._decode(body)
+        except MalformedFrame as e:
+            return e
+
+    def take_rest(self) -> bytes:
+        """Everything received but not yet taken as a frame; the decoder is empty afterwards."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def has_frame(self) -> bool:
+        """Would :meth:`next_frame` return (or raise) something now?"""
+        if self.broken is not None:
+            return True
+        if len(self._buf) < 4:
+            return False
+        length: int = _LEN.unpack_from(self._buf)[0]
+        return length > self._max or len(self._buf) >= 4 + length
 
 
 # --- field access: every accessor raises MalformedFrame(reason) -------------

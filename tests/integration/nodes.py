@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
-from pilot.control import ControlClient
+from pilot.control_client import ControlClient
 from pilot.errors import ErrorCode
 
 from tests.integration.procs import (

@@ -28,7 +28,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.control import ControlClient
+from pilot.control_client import ControlClient
 from pilot.errors import ErrorCode, NotRunning, PilotError
 
 from tests.integration.nodes import CtlResult, Node, NodeTestMixin, RawControl

@@ -13,7 +13,7 @@ them, and the measurements the NAT tests make with them.
 * :func:`trust_pair`, :func:`first_ping`, :func:`echo_transfer`: handshake
   and approve; the time to the first answered ping; a byte-exact echo of
   N bytes through port 7 over a stream opened with the control client
-  (``pilot.control.ControlClient.open_stream``, what ``pilotctl connect``
+  (``pilot.control_client.ControlClient.open_stream``, what ``pilotctl connect``
   uses).
 
 Every wait has a deadline; nothing here raises on a failed measurement
@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.trial.unittest import SkipTest
 
-from pilot.control import ControlClient
+from pilot.control_client import ControlClient
 from pilot.errors import PilotError
 
 from tests.integration.procs import REPO, python_env

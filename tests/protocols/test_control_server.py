@@ -1,5 +1,5 @@
 """
-The control socket's server (pilot.protocols.control, docs/control.md) with a
+The control socket's server (pilot.protocols.control_server, docs/control.md) with a
 fake NodeAPI: dispatch and argument checking, reply order, hostile frames,
 raw streams both ways, listen/attach, recv, flow control and peer credentials.
 """
@@ -22,9 +22,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.address import Address, SocketAddress
 from pilot.errors import NotFound, NotTrusted
-from pilot.protocols import control
-from pilot.protocols.control import (ControlDecoder, ControlProtocol, ControlServerFactory, StreamBridge,
-                                     describe_address, peer_uid)
+from pilot.protocols import control_server
+from pilot.protocols.bridge import MAX_UNATTACHED_BUFFER, StreamBridge, describe_address
+from pilot.protocols.control_server import ATTACH_WINDOW, MAX_INFLIGHT, ControlProtocol, ControlServerFactory
+from pilot.protocols.peercred import peer_uid
 from pilot.wire.registry import encode_frame
 
 UID = 1000
@@ -457,15 +458,15 @@ class OrderTests(SynchronousTestCase):
             return pending[-1]
 
         h.api.answers["info"] = slow
-        h.send(b"".join(request(i, "info") for i in range(control.MAX_INFLIGHT + 10)))
-        self.assertEqual(len(pending), control.MAX_INFLIGHT)
+        h.send(b"".join(request(i, "info") for i in range(MAX_INFLIGHT + 10)))
+        self.assertEqual(len(pending), MAX_INFLIGHT)
         self.assertEqual(h.transport.producerState, "paused")
         for d in list(pending):
             d.callback("ok")
-        self.assertEqual(len(pending), control.MAX_INFLIGHT + 10)
-        for d in pending[control.MAX_INFLIGHT:]:
+        self.assertEqual(len(pending), MAX_INFLIGHT + 10)
+        for d in pending[MAX_INFLIGHT:]:
             d.callback("ok")
-        self.assertEqual([r["id"] for r in h.take()], list(range(control.MAX_INFLIGHT + 10)))
+        self.assertEqual([r["id"] for r in h.take()], list(range(MAX_INFLIGHT + 10)))
         self.assertEqual(h.transport.producerState, "producing")
 
     def test_client_not_reading_stops_processing(self) -> None:
@@ -735,11 +736,11 @@ class ConnectTests(SynchronousTestCase):
         h, bridge, d = self.open()
         pilot = PilotTransport()
         bridge.makeConnection(pilot)
-        bridge.dataReceived(b"x" * (control.MAX_UNATTACHED_BUFFER + 1))
+        bridge.dataReceived(b"x" * (MAX_UNATTACHED_BUFFER + 1))
         self.assertEqual(pilot.producerState, "paused")
         d.callback({})
         self.assertEqual(pilot.producerState, "producing")
-        self.assertEqual(len(frames(h.transport.value())[1]), control.MAX_UNATTACHED_BUFFER + 1)
+        self.assertEqual(len(frames(h.transport.value())[1]), MAX_UNATTACHED_BUFFER + 1)
 
 
 class ListenTests(SynchronousTestCase):
@@ -791,7 +792,7 @@ class ListenTests(SynchronousTestCase):
     def test_unattached_stream_closed_after_the_window(self) -> None:
         h, factory = self.start()
         bridge, pilot, event = self.accept(h, factory)
-        h.clock.advance(control.ATTACH_WINDOW - 0.1)
+        h.clock.advance(ATTACH_WINDOW - 0.1)
         self.assertFalse(pilot.disconnecting)
         h.clock.advance(0.2)
         self.assertTrue(pilot.disconnecting)
@@ -899,7 +900,7 @@ class RecvTests(SynchronousTestCase):
         self.assertEqual(h.api.answers["bind_datagrams"].closed, 1)
 
     def test_slow_reader_loses_datagrams_not_replies(self) -> None:
-        self.patch(control, "MAX_UNSENT", 100)
+        self.patch(control_server, "MAX_UNSENT", 100)
         h = Harness()
         h.ask("recv", port=5000)
         h.proto.pauseProducing()
@@ -915,22 +916,6 @@ class RecvTests(SynchronousTestCase):
         h.api.receivers[0]({"from": object(), "src_port": 1}, b"x")
         self.assertEqual(h.transport.value(), b"")
         self.flushLoggedErrors()
-
-
-class DecoderTests(SynchronousTestCase):
-    def test_rest_after_a_frame(self) -> None:
-        decoder = ControlDecoder()
-        decoder.feed(request(1, "connect") + b"raw")
-        self.assertEqual(decoder.next_frame(), {"id": 1, "cmd": "connect"})
-        self.assertEqual(decoder.take_rest(), b"raw")
-        self.assertEqual(decoder.buffered, 0)
-
-    def test_broken_stays_broken(self) -> None:
-        decoder = ControlDecoder(max_frame=10)
-        decoder.feed(struct.pack(">I", 11))
-        self.assertRaises(control.MalformedFrame, decoder.next_frame)
-        decoder.feed(request(1, "info"))
-        self.assertRaises(control.MalformedFrame, decoder.next_frame)
 
 
 class ClientProtocol(Protocol):

@@ -1,16 +1,14 @@
-# -*- test-case-name: tests.protocols.test_control -*-
+# -*- test-case-name: tests.protocols.test_control_server -*-
 """
 The node daemon's control socket, server side (``docs/control.md``).
 
 :class:`ControlServerFactory` serves :class:`ControlProtocol` on the Unix
 socket; every request becomes one call on the :class:`~pilot.nodeapi.NodeAPI`.
-The client pilotctl uses is ``pilot/control.py``.
-
-Framing is the registry's (4-byte big-endian length, a UTF-8 JSON object, at
-most 1 MiB): frames are written with :func:`~pilot.wire.registry.encode_frame`
-and read with :class:`~pilot.wire.control.ControlDecoder` (the codec lives in
-:mod:`pilot.wire.control`; the raw-stream bridge in
-:mod:`pilot.protocols.bridge`; both are re-exported here).
+The client pilotctl uses is :mod:`pilot.control_client`.  The frame codec and
+the argument checks are :mod:`pilot.wire.control`; the plain requests
+:mod:`pilot.protocols.control_commands`; the raw-stream bridge
+:mod:`pilot.protocols.bridge`; ``listen`` and ``recv`` events
+:mod:`pilot.protocols.subscription`.
 
 What the protocol guarantees:
 
@@ -30,23 +28,19 @@ What the protocol guarantees:
   and reading stops while the client does not read its replies (event frames
   for datagrams are dropped past :data:`MAX_UNSENT`: datagrams are lossy);
 * only the owner of ``PILOT_HOME`` (or root) may connect: the uid comes from
-  ``SO_PEERCRED`` (:func:`peer_uid`).
+  ``SO_PEERCRED`` (:mod:`pilot.protocols.peercred`).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import math
 import os
-import socket
-import struct
 from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import (IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer,
-                                         IReactorTime, ITransport)
+from twisted.internet.interfaces import (IAddress, IHalfCloseableProtocol, IPushProducer, IReactorTime,
+                                         ITransport)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,19 +48,12 @@ from zope.interface import implementer
 
 from pilot.errors import ErrorCode, InvalidArgument, MalformedFrame, NotFound, PilotError
 from pilot.nodeapi import Listening, NodeAPI
-from pilot.protocols.bridge import MAX_UNATTACHED_BUFFER, StreamBridge, _Pauser, _Throttle, describe_address
-from pilot.wire.control import MAX_MESSAGE, ControlDecoder, decode_message, error_reply, ok_reply
+from pilot.protocols.bridge import HeldStreams, IStreamRelay, Pauser, StreamBridge, Throttle
+from pilot.protocols.subscription import AcceptFactory, IEventWriter, Subscription
+from pilot.protocols.control_commands import api_commands
+from pilot.protocols.peercred import peer_uid, unix_credentials_known
+from pilot.wire.control import MAX_ID, Arguments, error_reply, frame_decoder, ok_reply
 from pilot.wire.registry import encode_frame
-
-__all__ = [
-    # defined here
-    "MAX_INFLIGHT", "MAX_UNSENT", "ATTACH_WINDOW", "MAX_EARLY_EVENTS", "MAX_TEXT", "MAX_TARGET",
-    "MAX_TAGS", "MAX_TAG_LEN", "MAX_PING_COUNT", "MAX_PING_TIMEOUT", "MAX_PING_INTERVAL", "MAX_ID",
-    "peer_uid", "home_owner", "Arguments", "ControlProtocol", "ControlServerFactory",
-    # re-exported from pilot.wire.control and pilot.protocols.bridge
-    "MAX_MESSAGE", "ControlDecoder", "decode_message", "ok_reply", "error_reply",
-    "MAX_UNATTACHED_BUFFER", "StreamBridge", "describe_address",
-]
 
 #: Requests one connection may have in progress; past it, reading stops.
 MAX_INFLIGHT = 64
@@ -74,167 +61,6 @@ MAX_INFLIGHT = 64
 MAX_UNSENT = 4 * 1024 * 1024
 #: How long an accepted stream waits for its ``attach``.
 ATTACH_WINDOW = 10.0
-#: Event frames kept for a subscription whose reply is still queued behind earlier replies.
-MAX_EARLY_EVENTS = 1024
-
-MAX_TEXT = 4096
-MAX_TARGET = 512
-MAX_TAGS = 64
-MAX_TAG_LEN = 256
-MAX_PING_COUNT = 10_000
-MAX_PING_TIMEOUT = 3600.0
-MAX_PING_INTERVAL = 60.0
-MAX_ID = (1 << 53) - 1
-
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
-
-
-# --- peer credentials ----------------------------------------------------------------
-
-def peer_uid(transport: Any) -> int | None:
-    """The uid of the process at the other end of a Unix-socket transport (``SO_PEERCRED``), or None."""
-    if _SO_PEERCRED is None:
-        return None
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return None
-    try:
-        sock = get_handle()
-        if getattr(sock, "family", None) != socket.AF_UNIX:
-            return None
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
-        _pid, uid, _gid = _UCRED.unpack(raw)
-    except (AttributeError, OSError, ValueError, TypeError, struct.error):
-        return None
-    return int(uid)
-
-
-def home_owner(home: str) -> int:
-    """The uid owning ``home`` (``PILOT_HOME``): who may use the control socket."""
-    return os.stat(home).st_uid
-
-
-# --- argument checking -------------------------------------------------------------------
-
-_REQUIRED: Any = object()
-
-
-class Arguments:
-    """Typed access to a request's arguments; each accessor raises ``InvalidArgument`` with the reason."""
-
-    def __init__(self, message: dict[str, Any]) -> None:
-        self._m = message
-
-    def _get(self, key: str, default: Any) -> Any:
-        value = self._m.get(key)
-        if value is None:
-            if default is _REQUIRED:
-                raise InvalidArgument(f"missing argument {key!r}")
-            return default
-        return value
-
-    def text(self, key: str, max_len: int = MAX_TEXT, default: Any = _REQUIRED) -> Any:
-        value = self._get(key, default)
-        if value is default and default is not _REQUIRED:
-            return value
-        if not isinstance(value, str):
-            raise InvalidArgument(f"argument {key!r} must be a string")
-        if len(value) > max_len:
-            raise InvalidArgument(f"argument {key!r} is longer than {max_len} characters")
-        return value
-
-    def integer(self, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
-        value = self._get(key, default)
-        if value is default and default is not _REQUIRED:
-            return value  # type: ignore[no-any-return]
-        if isinstance(value, float) and math.isfinite(value) and value == int(value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidArgument(f"argument {key!r} must be an integer")
-        if not low <= value <= high:
-            raise InvalidArgument(f"argument {key!r} must be {low} to {high}, got {value}")
-        return value
-
-    def number(self, key: str, low: float, high: float, default: Any = _REQUIRED) -> float:
-        value = self._get(key, default)
-        if value is default and default is not _REQUIRED:
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidArgument(f"argument {key!r} must be a number")
-        value = float(value)
-        if not (math.isfinite(value) and low <= value <= high):
-            raise InvalidArgument(f"argument {key!r} must be {low:g} to {high:g}")
-        return value
-
-    def flag(self, key: str) -> bool:
-        value = self._get(key, _REQUIRED)
-        if not isinstance(value, bool):
-            raise InvalidArgument(f"argument {key!r} must be true or false")
-        return value
-
-    def texts(self, key: str, max_items: int, max_len: int) -> list[str]:
-        value = self._get(key, _REQUIRED)
-        if not isinstance(value, list):
-            raise InvalidArgument(f"argument {key!r} must be a list of strings")
-        if len(value) > max_items:
-            raise InvalidArgument(f"argument {key!r} has more than {max_items} items")
-        for item in value:
-            if not isinstance(item, str) or len(item) > max_len:
-                raise InvalidArgument(f"argument {key!r} must be a list of strings "
-                                      f"of at most {max_len} characters")
-        return list(value)
-
-    def data(self, key: str) -> bytes:
-        value = self._get(key, _REQUIRED)
-        if not isinstance(value, str):
-            raise InvalidArgument(f"argument {key!r} must be a base64 string")
-        try:
-            return base64.b64decode(value.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise InvalidArgument(f"argument {key!r} is not valid base64") from None
-
-    def port(self, key: str = "port") -> int:
-        return self.integer(key, 0, 0xFFFF)
-
-    def node_id(self, key: str = "node_id") -> int:
-        return self.integer(key, 0, 0xFFFFFFFF)
-
-    def target(self, key: str = "target") -> str:
-        value = self.text(key, MAX_TARGET)
-        if not value:
-            raise InvalidArgument(f"argument {key!r} must not be empty")
-        return value  # type: ignore[no-any-return]
-
-
-_log = Logger()
-
-
-# --- listen: accepted streams --------------------------------------------------------------------
-
-class _AcceptFactory(Factory):
-    """What ``listen`` gives the node: each accepted stream is held for an ``attach`` and announced."""
-
-    noisy = False
-
-    def __init__(self, server: ControlServerFactory, subscription: _Subscription, port: int) -> None:
-        self.server = server
-        self.subscription = subscription
-        self.port = port
-
-    def buildProtocol(self, addr: IAddress) -> StreamBridge:  # type: ignore[override]
-        bridge = StreamBridge(addr)
-        bridge.made = self._made
-        return bridge
-
-    def _made(self, bridge: StreamBridge) -> None:
-        if self.subscription.closed:
-            bridge.close()
-            return
-        conn_id = self.server.hold(bridge)
-        self.subscription.send({"event": "accepted", "conn_id": conn_id, "from": bridge.peer,
-                                "port": bridge.peer_port}, droppable=False)
-
 
 # --- requests in flight ------------------------------------------------------------------------
 
@@ -250,48 +76,12 @@ class _Slot:
         self.on_error: Callable[[], None] | None = None
 
 
-class _Subscription:
-    """Event frames for one ``listen`` or ``recv``; held back until the request's reply is written."""
-
-    def __init__(self, control: ControlProtocol) -> None:
-        self.control = control
-        self.live = False
-        self.closed = False
-        self.listening: Listening | None = None
-        self._early: list[tuple[dict[str, Any], bool]] = []
-
-    def send(self, event: dict[str, Any], droppable: bool) -> None:
-        if self.closed:
-            return
-        if not self.live:
-            if len(self._early) < MAX_EARLY_EVENTS or not droppable:
-                self._early.append((event, droppable))
-            return
-        self.control.write_event(event, droppable)
-
-    def go_live(self) -> None:
-        self.live = True
-        early, self._early = self._early, []
-        for event, droppable in early:
-            self.send(event, droppable)
-
-    def close(self) -> None:
-        self.closed = True
-        self._early = []
-        listening, self.listening = self.listening, None
-        if listening is not None:
-            try:
-                listening.close()
-            except Exception:
-                _log.failure("closing a control subscription's port failed")
-
-
 # --- the control connection ---------------------------------------------------------------------
 
 _COMMAND, _RAW, _CLOSED = "command", "raw", "closed"
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
+@implementer(IPushProducer, IHalfCloseableProtocol, IStreamRelay, IEventWriter)
 class ControlProtocol(Protocol):
     """One client connection to the control socket."""
 
@@ -301,14 +91,14 @@ class ControlProtocol(Protocol):
     def __init__(self, factory: ControlServerFactory) -> None:
         self.factory = factory
         self.api = factory.api
-        self._decoder = ControlDecoder()
+        self._decoder = frame_decoder()
         self._slots: deque[_Slot] = deque()
         self._mode = _COMMAND
         self._awaiting_stream = False
         self._pending_bridge: StreamBridge | None = None
         self._bridge: StreamBridge | None = None
-        self._subscriptions: list[_Subscription] = []
-        self._pauser: _Pauser | None = None
+        self._subscriptions: list[Subscription] = []
+        self._pauser: Pauser | None = None
         self._writes_paused = False
         self._unsent = 0
         self._dropped = 0
@@ -316,26 +106,10 @@ class ControlProtocol(Protocol):
         self._processing = False
         self._broken = False
         self.uid: int | None = None
+        self._commands = api_commands(self.api)
+        #: The requests that change what this connection carries.
         self._handlers: dict[str, Callable[[_Slot, Arguments], Deferred[Any]]] = {
-            "info": lambda s, a: self.api.info(),
-            "set_hostname": lambda s, a: self.api.set_hostname(a.text("hostname", 253)),
-            "set_public": lambda s, a: self.api.set_public(a.flag("public")),
-            "set_tags": lambda s, a: self.api.set_tags(a.texts("tags", MAX_TAGS, MAX_TAG_LEN)),
-            "shutdown": lambda s, a: self.api.shutdown(),
-            "find": lambda s, a: self.api.find(a.text("hostname", MAX_TARGET)),
-            "peers": lambda s, a: self.api.peers(a.text("search", MAX_TARGET, None)),
-            "handshake": lambda s, a: self.api.handshake(a.target(), a.text("justification", MAX_TEXT, "")),
-            "pending": lambda s, a: self.api.pending(),
-            "trust": lambda s, a: self.api.trusted(),
-            "approve": lambda s, a: self.api.approve(a.node_id()),
-            "reject": lambda s, a: self.api.reject(a.node_id(), a.text("reason", MAX_TEXT, "")),
-            "untrust": lambda s, a: self.api.untrust(a.node_id()),
-            "ping": self._ping,
-            "send": lambda s, a: self.api.send_datagram(a.target(), a.port(), a.data("data")),
-            "connect": self._connect,
-            "attach": self._attach,
-            "listen": self._listen,
-            "recv": self._recv,
+            "connect": self._connect, "attach": self._attach, "listen": self._listen, "recv": self._recv,
         }
 
     # --- connection -----------------------------------------------------------------------
@@ -349,7 +123,7 @@ class ControlProtocol(Protocol):
             self.transport.loseConnection()
             return
         self.factory.connections.add(self)
-        self._pauser = _Pauser(self.transport)
+        self._pauser = Pauser(self.transport)
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -383,7 +157,7 @@ class ControlProtocol(Protocol):
             if self._bridge is not None:
                 self._bridge.write(data)
         elif self._mode == _COMMAND:
-            self._decoder.feed(data)
+            self._decoder.receive(data)
             self._process()
 
     # --- requests -----------------------------------------------------------------------
@@ -439,14 +213,16 @@ class ControlProtocol(Protocol):
         cmd = item.get("cmd")
         slot = _Slot(request_id, cmd if isinstance(cmd, str) else "")
         self._slots.append(slot)
-        handler = self._handlers.get(cmd) if isinstance(cmd, str) else None
-        if handler is None:
+        command = self._commands.get(slot.cmd)
+        handler = self._handlers.get(slot.cmd)
+        if command is None and handler is None:
             shown = cmd[:40] if isinstance(cmd, str) else cmd if cmd is None else type(cmd).__name__
             self._finish(slot, InvalidArgument(f"unknown command {shown!r}",
                                                "see docs/control.md for the commands"))
             return
         try:
-            d = handler(slot, Arguments(item))
+            args = Arguments(item)
+            d = command(args) if command is not None else self._handlers[slot.cmd](slot, args)
             if not isinstance(d, Deferred):
                 raise TypeError(f"NodeAPI returned {type(d).__name__}, not a Deferred")
         except PilotError as e:
@@ -511,14 +287,7 @@ class ControlProtocol(Protocol):
             self._pauser.closed = True
         self.transport.loseConnection()
 
-    # --- traffic commands ------------------------------------------------------------------
-
-    def _ping(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
-        target = args.target()
-        count = args.integer("count", 1, MAX_PING_COUNT, 4)
-        timeout = args.number("timeout", 0.001, MAX_PING_TIMEOUT, 30.0)
-        interval = args.number("interval", 0.0, MAX_PING_INTERVAL, 1.0)
-        return self.api.ping(target, count, timeout, interval)
+    # --- streams and subscriptions ------------------------------------------------------------------
 
     def _connect(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
         target, port = args.target(), args.port()
@@ -532,7 +301,7 @@ class ControlProtocol(Protocol):
 
     def _attach(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
         conn_id = args.integer("conn_id", 0, 0xFFFFFFFF)
-        bridge = self.factory.take(conn_id)
+        bridge = self.factory.streams.take(conn_id)
         if bridge is None:
             raise NotFound(f"no accepted stream {conn_id} is waiting",
                            f"attach within {self.factory.attach_window:g} s of the accepted event, once")
@@ -561,7 +330,7 @@ class ControlProtocol(Protocol):
         self._bridge = bridge
         self._awaiting_stream = False
         self.transport.unregisterProducer()
-        self.transport.registerProducer(_Throttle(bridge.pause, bridge.resume), True)
+        self.transport.registerProducer(Throttle(bridge.pause, bridge.resume), True)
         if self._pauser is not None:
             for reason in ("stream", "inflight", "writes"):
                 self._pauser.resume(reason)
@@ -575,7 +344,7 @@ class ControlProtocol(Protocol):
     def _listen(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
         port = args.port()
         subscription = self._subscribe(slot)
-        d = self.api.listen(port, _AcceptFactory(self.factory, subscription, port))
+        d = self.api.listen(port, AcceptFactory(self.factory.streams, subscription, port))
         return d.addCallback(self._bound, subscription, port)
 
     def _recv(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
@@ -592,8 +361,8 @@ class ControlProtocol(Protocol):
 
         return self.api.bind_datagrams(port, received).addCallback(self._bound, subscription, port)
 
-    def _subscribe(self, slot: _Slot) -> _Subscription:
-        subscription = _Subscription(self)
+    def _subscribe(self, slot: _Slot) -> Subscription:
+        subscription = Subscription(self)
         self._subscriptions.append(subscription)
         slot.on_ok = subscription.go_live
 
@@ -605,7 +374,7 @@ class ControlProtocol(Protocol):
         slot.on_error = failed
         return subscription
 
-    def _bound(self, listening: Listening, subscription: _Subscription, port: int) -> dict[str, Any]:
+    def _bound(self, listening: Listening, subscription: Subscription, port: int) -> dict[str, Any]:
         if subscription.closed or self._mode == _CLOSED:
             listening.close()
         else:
@@ -677,8 +446,9 @@ class ControlServerFactory(Factory):
     Serves the control socket for ``api``.
 
     ``allowed_uid`` is the uid allowed besides root (the owner of
-    ``PILOT_HOME``, see :func:`home_owner`; default: this process's uid).
-    ``credentials`` finds a connection's uid (default :func:`peer_uid`);
+    ``PILOT_HOME``, see :func:`~pilot.protocols.peercred.home_owner`; default: this process's uid).
+    ``credentials`` finds a connection's uid (default
+    :func:`~pilot.protocols.peercred.peer_uid`);
     a connection whose uid cannot be found is refused where ``SO_PEERCRED``
     exists.  Accepted streams wait ``attach_window`` seconds on ``clock`` for
     their ``attach``.
@@ -696,54 +466,23 @@ class ControlServerFactory(Factory):
         self.credentials = credentials
         self.attach_window = attach_window
         self.connections: set[ControlProtocol] = set()
-        self._held: dict[int, tuple[StreamBridge, IDelayedCall]] = {}
-        self._next_conn_id = 1
+        self.streams = HeldStreams(clock, attach_window)
 
-    def buildProtocol(self, addr: IAddress) -> ControlProtocol:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress | None) -> ControlProtocol:
         return ControlProtocol(self)
 
     def permits(self, uid: int | None) -> bool:
         if uid is None:
-            return _SO_PEERCRED is None  # no way to ask: the socket's mode is the only guard
+            return not unix_credentials_known()  # no way to ask: the socket's mode is the only guard
         return uid == 0 or uid == self.allowed_uid
-
-    # --- accepted streams waiting for attach ---------------------------------------------
-
-    def hold(self, bridge: StreamBridge) -> int:
-        """Keep an accepted stream for ``attach``; its connection id."""
-        while self._next_conn_id in self._held:
-            self._next_conn_id = self._next_conn_id % 0xFFFFFFFF + 1
-        conn_id = self._next_conn_id
-        self._next_conn_id = self._next_conn_id % 0xFFFFFFFF + 1
-        timer = self.clock.callLater(self.attach_window, self._expire, conn_id)
-        self._held[conn_id] = (bridge, timer)
-        return conn_id
-
-    def take(self, conn_id: int) -> StreamBridge | None:
-        held = self._held.pop(conn_id, None)
-        if held is None:
-            return None
-        bridge, timer = held
-        if timer.active():
-            timer.cancel()
-        return bridge
 
     @property
     def held(self) -> list[int]:
-        return sorted(self._held)
-
-    def _expire(self, conn_id: int) -> None:
-        held = self._held.pop(conn_id, None)
-        if held is not None:
-            self.log.info("closing accepted stream {conn_id} from {peer}: not attached within {window} s",
-                          conn_id=conn_id, peer=held[0].peer, window=self.attach_window)
-            held[0].close()
+        """The ids of the accepted streams waiting for ``attach``."""
+        return self.streams.ids
 
     def stopFactory(self) -> None:
         """The socket is no longer served: close held streams and every client connection."""
-        for conn_id in list(self._held):
-            bridge = self.take(conn_id)
-            if bridge is not None:
-                bridge.close()
+        self.streams.close_all()
         for connection in list(self.connections):
             connection.transport.loseConnection()

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_control_client -*-
 """
 The control socket's client: what pilotctl (and scripts) use to talk to the
-node daemon (``docs/control.md``; the server is ``pilot.protocols.control``).
+node daemon (``docs/control.md``; the server is ``pilot.protocols.control_server``).
 
 Blocking sockets and no reactor: a pilotctl command lives for one request or
 one stream.  ::
@@ -33,8 +33,8 @@ from typing import Any, Iterator, Mapping
 from pilot.errors import ConnectionFailed, ErrorCode, InvalidArgument, MalformedFrame, NotRunning, PilotError
 from pilot.errors import Timeout, error_for
 from pilot.identity import default_home
-from pilot.protocols.control import ControlDecoder, decode_message
-from pilot.wire.registry import MAX_FRAME, encode_frame
+from pilot.wire.control import decode_message, frame_decoder
+from pilot.wire.registry import MAX_FRAME, FrameDecoder, encode_frame
 
 DEFAULT_TIMEOUT = 30.0
 SOCKET_NAME = "pilot.sock"
@@ -109,7 +109,7 @@ class ControlClient:
         sock = self._connect(reply_deadline)
         try:
             request_id = self._send(sock, cmd, args, reply_deadline)
-            decoder = ControlDecoder()
+            decoder = frame_decoder()
             while True:
                 frame = _next_frame(sock, decoder, reply_deadline)
                 if "event" not in frame:
@@ -218,7 +218,7 @@ class Subscription:
     subscription (the daemon unbinds the port).
     """
 
-    def __init__(self, sock: socket.socket, decoder: ControlDecoder, result: Any,
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder, result: Any,
                  deadline: float | None, socket_path: str | None = None) -> None:
         self.socket = sock
         self.result = result
@@ -279,7 +279,7 @@ class Subscription:
             if self.socket_path is not None and daemon_gone(self.socket_path):
                 raise NotRunning("the daemon stopped", START_HINT)
             raise ConnectionFailed("the daemon closed the subscription", "see `pilotctl daemon status` and its log")
-        self._decoder.feed(data)
+        self._decoder.receive(data)
         self._collect()
         return True
 
@@ -346,7 +346,7 @@ def _read_frame(sock: socket.socket, deadline: float) -> dict[str, Any]:
         raise _malformed(e.reason) from None
 
 
-def _next_frame(sock: socket.socket, decoder: ControlDecoder, deadline: float) -> dict[str, Any]:
+def _next_frame(sock: socket.socket, decoder: FrameDecoder, deadline: float) -> dict[str, Any]:
     while True:
         try:
             frame = decoder.next_frame()
@@ -365,7 +365,7 @@ def _next_frame(sock: socket.socket, decoder: ControlDecoder, deadline: float) -
             raise _hung_up(e) from None
         if not data:
             raise _hung_up(None)
-        decoder.feed(data)
+        decoder.receive(data)
 
 
 def _result(reply: dict[str, Any], request_id: int) -> Any:
