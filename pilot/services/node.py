@@ -9,7 +9,7 @@ The node daemon: one ``MultiService`` wiring the pieces together.
 * ``stack``: connections and datagrams on virtual ports, gated by trust;
 * ``machines.trust``: handshakes, approvals, the trust store;
 * ``services.peers``: names, endpoints and keys of other nodes;
-* the control socket (``protocols.control``) serving ``services.api``.
+* the control socket (``protocols.control_server``) serving ``services.api``.
 
 The beacon tells us our public endpoint (Discover); we register that, keep
 the NAT mapping alive with a signed Discover after every heartbeat, and
@@ -40,7 +40,7 @@ from pilot.machines.trust import TrustMachine
 from pilot.machines.tunnel import Tunnels
 from pilot.nodeconfig import NodeSettings
 from pilot.persist import StateFileError, atomic_write_bytes
-from pilot.protocols.control import ControlServerFactory
+from pilot.protocols.control_server import ControlServerFactory
 from pilot.protocols.registry_client import RegistryClientFactory
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.services.peers import PeerDirectory
