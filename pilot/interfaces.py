@@ -89,7 +89,14 @@ class IBeaconListener(Interface):
 
 
 class IPathEvents(Interface):
-    """How the tunnel layer tells the path layer an authenticated frame came (``Paths``)."""
+    """
+    What the path layer (``pilot.machines.path.Paths``) hears: from the tunnel
+    layer, how an authenticated frame came; from the peer directory, where a
+    peer is now.
+    """
+
+    def endpoint_learned(node_id: int, endpoint: Endpoint) -> None:
+        """The registry (a resolve, or a pushed ``endpoint_changed``) says the peer is at ``endpoint``."""
 
     def direct_frame(node_id: int, endpoint: Endpoint) -> None:
         """An authenticated frame from the peer's endpoint, not through the relay."""

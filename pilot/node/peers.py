@@ -14,7 +14,7 @@ moves the peer there (the tunnel layer tells us).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -25,18 +25,13 @@ from pilot.address import Address
 from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint
 from pilot.errors import InvalidArgument, MalformedFrame, NotFound, NotTrusted, PilotError, RegistryUnavailable
 from pilot.identity import b64decode
+from pilot.interfaces import IPathEvents
 from pilot.names import hostname_problem
 
 #: A resolved endpoint is asked for again after this long (unless a tunnel is up).
 ENDPOINT_TTL = 60.0
 #: Hostname -> node id answers are kept this long for use while the registry is away.
 NAME_TTL = 3600.0
-
-
-class EndpointListener(Protocol):
-    """What the directory tells of a peer's new endpoint (``pilot.machines.path.Paths``)."""
-
-    def endpoint_learned(self, node_id: int, endpoint: Endpoint) -> None: ...
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -70,11 +65,11 @@ class PeerDirectory:
         self.clock = clock
         self._request = request
         self._pinned_key = pinned_key
-        self._paths: Optional[EndpointListener] = None
+        self._paths: Optional[IPathEvents] = None
         self.peers: dict[int, Peer] = {}
         self._names: dict[str, tuple[int, float]] = {}
 
-    def wire(self, paths: "EndpointListener") -> None:
+    def wire(self, paths: IPathEvents) -> None:
         """Tell ``paths`` (``pilot.machines.path.Paths``) every endpoint we learn of a peer."""
         self._paths = paths
 

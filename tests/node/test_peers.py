@@ -10,8 +10,10 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from pilot.errors import InvalidArgument, RegistryUnavailable
+from pilot.interfaces import IPathEvents
 from pilot.node.peers import ENDPOINT_TTL, PeerDirectory
 
 
@@ -26,12 +28,19 @@ class Registry:
         return succeed(reply) if reply is not None else fail(RegistryUnavailable("away"))
 
 
+@implementer(IPathEvents)
 class Paths:
     def __init__(self) -> None:
         self.learned: list[tuple[int, tuple[str, int]]] = []
 
     def endpoint_learned(self, node_id: int, endpoint: tuple[str, int]) -> None:
         self.learned.append((node_id, endpoint))
+
+    def direct_frame(self, node_id: int, endpoint: tuple[str, int]) -> None:
+        pass
+
+    def relayed_frame(self, node_id: int) -> None:
+        pass
 
 
 class PeerDirectoryTests(SynchronousTestCase):
