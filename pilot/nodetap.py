@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_nodetap -*-
+# -*- test-case-name: tests.node.test_service -*-
 """
 ``twistd pilot-node`` (and ``twist pilot-node``): the node daemon's options
 and ``makeService``.  The options are :data:`pilot.nodeconfig.NODE_OPTIONS`,
@@ -41,7 +41,8 @@ Options = NodeOptions
 
 
 def makeService(options: NodeOptions) -> NodeService:
+    from twisted.internet import reactor  # an edge: the one place the reactor is chosen
     try:
-        return NodeService(options.settings)
+        return NodeService(options.settings, reactor)
     except NodeStartupError as e:
         raise SystemExit(f"{TAPNAME}: error: {e.message} ({e.hint})") from None

@@ -14,13 +14,14 @@ identity must exist (``pilotctl init``).
 import sys
 
 from twisted.application import service
+from twisted.internet import reactor
 
 from pilot.errors import PilotError
 from pilot.nodeconfig import load_settings
 from pilot.services.node import NodeService, NodeStartupError
 
 try:
-    _node = NodeService(load_settings({}))
+    _node = NodeService(load_settings({}), reactor)
 except (PilotError, NodeStartupError) as e:
     sys.exit(f"node.tac: error: {e}")
 

@@ -27,9 +27,12 @@ beacon; everything on one ``task.Clock``, no sockets.
   :meth:`NatBox.rebind` forgets every mapping (a NAT reboot: new ports).
 * :class:`World` runs a real ``pilot.server.registry.Registry`` and
   ``pilot.server.beacon.Beacon`` at :data:`BEACON`, and :class:`ModelNode`
-  objects: each a real ``NodeDatagramProtocol`` + ``Tunnels`` + ``Paths``
-  wired as ``pilot.services.node`` wires them, registered (proven key,
-  public), sending a signed Discover every ``discover_interval``.
+  objects: each the real :class:`pilot.node.Node` (its own wiring, nothing
+  copied) on the world's clock, behind a real ``NodeDatagramProtocol`` whose
+  socket is the NAT box, talking to the registry through an in-memory
+  connection; it registers itself (public), heartbeats every
+  ``discover_interval`` and sends a signed Discover after each heartbeat.
+  The nodes trust each other; packets are stack datagrams on :data:`PORT`.
 """
 
 from __future__ import annotations
@@ -38,20 +41,25 @@ import collections
 import random
 from typing import Any, Callable, Optional
 
+import attr
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from pilot.address import Address
+from pilot.endpoint import parse_endpoint
+from pilot.errors import RegistryUnavailable
 from pilot.identity import Identity
+from pilot.interfaces import IRegistryConnector, IRegistryLink, IRouteProber
 from pilot.machines.path import PathConfig, Paths
-from pilot.machines.tunnel import Tunnels
+from pilot.node import Node
+from pilot.protocols.handshake import OneMessage
+from pilot.protocols.registry_client import reply_error
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.server.beacon import Beacon
 from pilot.server.registry import Peer, Registry, RegistryConfig
-from pilot.endpoint import parse_endpoint
-from pilot.wire import beacon as bw
-from pilot.wire.packet import ACK, STREAM, Packet
-from pilot.wire.registry import sign_request
+from pilot.trust import TrustedPeer, TrustStore
 
 Endpoint = tuple[str, int]
 
@@ -73,6 +81,8 @@ DISCOVER_INTERVAL = 25.0
 #: Model time starts here (proof timestamps are checked against the same clock).
 T0 = 1_700_000_000.0
 LOCAL_PORT = 4000
+#: The stack datagram port the model's packets use.
+PORT = 1000
 
 
 class Internet:
@@ -204,131 +214,169 @@ class NatBox:
 
 
 class _Socket:
-    """The host's UDP socket: writes go to its NAT box."""
+    """The host's UDP socket: writes go to its NAT box (until the process dies)."""
 
     def __init__(self, box: NatBox) -> None:
         self.box = box
+        self.closed = False
 
     def write(self, data: bytes, addr: Endpoint) -> None:
         assert isinstance(data, bytes)
-        self.box.outbound(data, (addr[0], addr[1]))
+        if not self.closed:
+            self.box.outbound(data, (addr[0], addr[1]))
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", *self.box.private)
 
     def loseConnection(self) -> None:
-        pass
+        self.closed = True
 
 
-def packet(src: int, dst: int, seq: int, payload: bytes = b"") -> Packet:
-    return Packet(protocol=STREAM, flags=ACK, src=Address(0, src), dst=Address(0, dst),
-                  src_port=49152, dst_port=7, seq=seq, window=512, payload=payload)
+@attr.s(auto_attribs=True, frozen=True)
+class Received:
+    """One model packet as it arrived: its sequence number and payload."""
+
+    seq: int
+    payload: bytes
+
+
+class _RegistryConnection:
+    """One registry connection, in memory: requests go to the world's registry, pushes come back."""
+
+    def __init__(self, world: "World", host: str, link: IRegistryLink) -> None:
+        self.world = world
+        self.host = host
+        self.link = link
+        self.closed = False
+
+    def request(self, msg: dict[str, Any]) -> "Deferred[dict[str, Any]]":
+        if self.closed:
+            return fail(RegistryUnavailable("cannot reach the registry: closed"))
+        reply = self.world.registry.handle(msg, Peer(self.host, 50000), self)
+        error = reply_error(reply)
+        return fail(error) if error is not None else succeed(reply)
+
+    def push(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self.link.event_received(message)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.world.registry.session_closed(self)
+            self.link.connection_lost(self, "closed")
+
+
+@implementer(IRegistryConnector)
+class _RegistryConnector:
+    def __init__(self, world: "World", host: str) -> None:
+        self.world = world
+        self.host = host
+        self.connections: list[_RegistryConnection] = []
+
+    def connect(self, link: IRegistryLink) -> "Deferred[_RegistryConnection]":
+        connection = _RegistryConnection(self.world, self.host, link)
+        self.connections.append(connection)
+        return succeed(connection)
+
+    def crash(self) -> None:
+        """The process died: its connections close without a word."""
+        for connection in self.connections:
+            connection.closed = True
+            self.world.registry.session_closed(connection)
+
+
+@implementer(IRouteProber)
+class _FixedRoute:
+    """The host never changes networks in the model."""
+
+    def source_for(self, destination: Endpoint) -> Optional[str]:
+        return "10.0.0.1"
 
 
 class ModelNode:
-    """
-    A node's networking as ``pilot.services.node`` wires it: the datagram
-    protocol, ``Tunnels`` and ``Paths``; registry look-ups go straight to the
-    world's registry.
-    """
+    """One host behind its NAT box, running the real :class:`pilot.node.Node`."""
 
     def __init__(self, world: "World", n: int, kind: str, timeout: float, config: PathConfig) -> None:
         self.world = world
         self.name = f"{kind}-{n}"
         self.identity = Identity.from_seed(bytes([n]) * 32)
-        self.node_id: Optional[int] = None
-        self.public_endpoint: Optional[Endpoint] = None
         self.box = NatBox(world.internet, kind, f"203.0.113.{n}", timeout=timeout,
                           rng=random.Random(n))
         self.rng = random.Random(1000 + n)
-        self.directory: dict[int, Endpoint] = {}   # resolved endpoints (PeerDirectory)
-        self.delivered: list[tuple[float, Packet, int]] = []
-        self.changes: list[tuple[float, int, str, Optional[Endpoint]]] = []
-        self.unreachable: list[int] = []
+        self.trust_store = TrustStore()   # the process's trust file: kept across a restart
+        self.delivered: list[tuple[float, Received, int]] = []
         self.echo = False
         self.config = config
         self._build()
 
     def _build(self) -> None:
-        """A fresh process: new socket protocol, tunnels (new X25519 key) and paths."""
-        world, config = self.world, self.config
-        self.udp = NodeDatagramProtocol(self, lambda source: source == BEACON)
-        self.udp.makeConnection(_Socket(self.box))  # type: ignore[arg-type]
+        """A fresh process: new socket protocol, new node (new X25519 key), new registry connection."""
+        world = self.world
+        self._socket = _Socket(self.box)
+        self.udp = NodeDatagramProtocol()
+        self.udp.makeConnection(self._socket)  # type: ignore[arg-type]
         self.box.host = self.udp.datagramReceived
-        clock = world.clock
-        self.tunnels = Tunnels(
-            node_id=lambda: self.node_id, identity=self.identity, send_datagram=self.udp.send,
-            deliver=self._deliver, expected_key=world.key, clock=clock, beacon=lambda: BEACON,
-            peer_unreachable=self._unreachable,
-            direct_frame=lambda node, endpoint: self.paths.direct_frame(node, endpoint),
-            relayed_frame=lambda node: self.paths.relayed_frame(node))
-        self.paths = Paths(
-            tunnels=self.tunnels, send_datagram=self.udp.send, beacon=lambda: BEACON,
-            node_id=lambda: self.node_id, sign=self.identity.sign, clock=clock, config=config,
-            random=self.rng.random, random_bytes=self.rng.randbytes,
-            path_changed=lambda node, state, endpoint: self.changes.append(
-                (clock.seconds(), node, state, endpoint)))
+        self.connector = _RegistryConnector(world, self.box.public_ip)
+        self.node = Node(identity=self.identity, trust_store=self.trust_store, save_trust=self._save_trust,
+                         clock=world.clock, sender=self.udp, connector=self.connector, prober=_FixedRoute(),
+                         one_message=OneMessage, public=True, heartbeat=world.discover_interval,
+                         path_config=self.config, rng=self.rng, random_bytes=self.rng.randbytes)
+        self.udp.wire(beacon=self.node, frames=self.node.tunnels)
+        self.node.stack.bind_datagrams(PORT, self._received)
+
+    def _save_trust(self) -> None:
+        pass
+
+    @property
+    def node_id(self) -> int:
+        return self.node.own_id
+
+    @property
+    def paths(self) -> Paths:
+        return self.node.paths
+
+    @property
+    def public_endpoint(self) -> Optional[Endpoint]:
+        return self.node.public_endpoint
+
+    def trust(self, other: "ModelNode") -> None:
+        self.trust_store.trusted[other.node_id] = TrustedPeer(other.node_id, other.identity.public_key,
+                                                              self.world.clock.seconds(), mutual=True)
+
+    def start(self) -> None:
+        self.node.start(BEACON)
 
     def restart(self) -> None:
         """The daemon restarts on a new local port: a new process, a new mapping; it registers again."""
+        self.connector.crash()
+        self._socket.closed = True
+        self.node.stop()
         self.box.rebind()
-        self.directory.clear()
         self._build()
-        self.discover()  # the reply moves our public endpoint: register again
-
-    # -- NodeDatagrams (as NodeService) --
-
-    def discovered(self, observed: Endpoint, source: Endpoint) -> None:
-        old, self.public_endpoint = self.public_endpoint, observed
-        if old is not None and old != observed and self.node_id is not None:
-            self.world.reregister(self)
-
-    def punch_commanded(self, peer: Endpoint) -> None:
-        self.udp.punch(peer)
-        self.paths.punch_commanded(peer)
-
-    def frame_received(self, data: bytes, source: Endpoint, via_relay: bool) -> None:
-        self.tunnels.frame_received(data, source, via_relay)
-
-    # -- as NodeService and PeerDirectory --
+        self.start()  # the reply moves our public endpoint: register again
 
     def discover(self) -> None:
-        base = bw.Discover(self.node_id or 0).base
-        if self.node_id is not None:
-            base = bw.with_proof(base, self.identity.sign, int(self.world.clock.seconds() * 1000),
-                                 self.rng.randbytes(8))
-        self.udp.send(base, BEACON)
-
-    def learn(self, node_id: int, endpoint: Endpoint) -> None:
-        """PeerDirectory.update: a resolved or pushed endpoint."""
-        if self.directory.get(node_id) != endpoint:
-            self.directory[node_id] = endpoint
-            self.paths.endpoint_learned(node_id, endpoint)
+        """A Discover now, as after a heartbeat."""
+        self.node.discover()
 
     def send(self, peer: "ModelNode", seq: int, payload: bytes = b"") -> None:
-        """Resolve (as ``api._reach``) and send one packet (as ``NodeService._send_packet``)."""
-        assert self.node_id is not None and peer.node_id is not None
-        endpoint = self.world.resolve(peer.node_id)
-        if endpoint is not None:
-            self.learn(peer.node_id, endpoint)
-        hint = self.directory.get(peer.node_id)
-        self.paths.sending(peer.node_id, hint)
-        self.tunnels.send(packet(self.node_id, peer.node_id, seq, payload), peer.node_id, hint)
+        """Resolve the peer (as ``pilotctl send-datagram`` does) and send one datagram."""
+        d = self.node.peers.endpoint(peer.node_id)
+        d.addCallback(self._send, peer.node_id, seq.to_bytes(4, "big") + payload)
 
-    def _deliver(self, p: Packet, from_node: int) -> None:
-        self.delivered.append((self.world.clock.seconds(), p, from_node))
+    def _send(self, _: object, node_id: int, data: bytes) -> None:
+        self.node.stack.send_datagram(Address(0, node_id), PORT, data, src_port=PORT)
+
+    def _received(self, source: Address, src_port: int, data: bytes) -> None:
+        p = Received(int.from_bytes(data[:4], "big"), data[4:])
+        self.delivered.append((self.world.clock.seconds(), p, source.node))
         if self.echo and p.payload != b"echo":
-            peer = self.world.by_id[from_node]
-            self.send(peer, p.seq, b"echo")
-
-    def _unreachable(self, node_id: int) -> None:
-        self.unreachable.append(node_id)
-        self.paths.unreachable(node_id)
+            self.send(self.world.by_id[source.node], p.seq, b"echo")
 
     # -- for the tests --
 
     def state(self, peer: "ModelNode") -> str:
-        assert peer.node_id is not None
         return self.paths.state(peer.node_id)
 
     def received(self, seq: int, payload: Optional[bytes] = None) -> list[float]:
@@ -350,7 +398,6 @@ class World:
         self.push_endpoint_changes = push_endpoint_changes
         self.nodes: list[ModelNode] = []
         self.by_id: dict[int, ModelNode] = {}
-        self._nonces = iter(range(1, 1 << 30))
 
     # -- building --
 
@@ -358,54 +405,29 @@ class World:
              config: PathConfig = PathConfig()) -> ModelNode:
         node = ModelNode(self, len(self.nodes) + 1, kind, timeout, config)
         self.nodes.append(node)
+        self.by_id[node.node_id] = node
         return node
 
     def start(self) -> None:
-        """Discover, register (signed, public), Discover signed; then every ``discover_interval``."""
+        """
+        Every node trusts every other and starts: Discover, register (public),
+        Discover signed.  With ``push_endpoint_changes`` the registry holds
+        the trust too, and pushes each node's new endpoint to the others.
+        """
         for node in self.nodes:
-            node.discover()
-        self.run(1.0)
+            for other in self.nodes:
+                if other is not node:
+                    node.trust(other)
+                    if self.push_endpoint_changes:
+                        self.registry.state.trust.add((node.node_id, other.node_id))
         for node in self.nodes:
-            assert node.public_endpoint is not None, f"{node.name} heard no DiscoverReply"
-            self.register(node)
-            node.discover()
-            self.clock.callLater(self.discover_interval, self._rediscover, node)
-        self.run(1.0)
+            node.start()
+        self.run(2.0)
         for node in self.nodes:
-            assert self.beacon.endpoint_of(node.node_id) is not None, node.name  # type: ignore[arg-type]
+            assert node.node.registration.is_registered(), node.name
+            assert self.beacon.endpoint_of(node.node_id) is not None, node.name
 
-    def _rediscover(self, node: ModelNode) -> None:
-        node.discover()
-        self.clock.callLater(self.discover_interval, self._rediscover, node)
-
-    def register(self, node: ModelNode) -> None:
-        assert node.public_endpoint is not None
-        host, port = node.public_endpoint
-        reply = self.request(node, {"type": "register", "public_key": node.identity.public_key_b64,
-                                    "listen_addr": f"{host}:{port}"})
-        node.node_id = int(reply["node_id"])
-        self.by_id[node.node_id] = node
-        self.request(node, {"type": "set_visibility", "node_id": node.node_id, "public": True})
-
-    def reregister(self, node: ModelNode) -> None:
-        """Our node's endpoint changed (the beacon saw a new one): register it; the registry pushes it."""
-        self.register(node)
-        if not self.push_endpoint_changes:
-            return
-        endpoint = self.resolve(node.node_id)  # type: ignore[arg-type]
-        assert endpoint is not None
-        for other in self.nodes:
-            if other is not node and node.node_id in other.directory:
-                other.learn(node.node_id, endpoint)  # type: ignore[arg-type]
-
-    def request(self, node: ModelNode, msg: dict[str, Any]) -> dict[str, Any]:
-        signed = sign_request(msg, node.identity.sign, int(self.clock.seconds() * 1000),
-                              next(self._nonces).to_bytes(16, "big"))
-        reply = self.registry.handle(signed, Peer(node.box.public_ip, 50000))
-        assert reply.get("type") != "error", reply
-        return reply
-
-    # -- what nodes ask --
+    # -- what the tests ask --
 
     def key(self, node_id: int) -> Optional[bytes]:
         node = self.registry.node(node_id)

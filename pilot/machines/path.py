@@ -32,7 +32,9 @@ from typing import Any, Callable, Optional, Protocol
 import attr
 from automat import TypeMachineBuilder
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
 
+from pilot.interfaces import IPathEvents
 from pilot.machines.table import transition_table
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
@@ -450,6 +452,7 @@ def transitions() -> list[tuple[str, str, str, str]]:
     return sorted(rows, key=lambda row: (order.index(row[0]), row[1]))
 
 
+@implementer(IPathEvents)
 class Paths:
     """
     The path to every peer of one node.

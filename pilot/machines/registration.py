@@ -261,6 +261,14 @@ class Registration:
     def state(self) -> str:
         return self._core.state
 
+    def is_idle(self) -> bool:
+        """True before :meth:`start` (nothing to stop, nothing to re-register)."""
+        return self.state == "idle"
+
+    def is_registered(self) -> bool:
+        """True while the registry holds our current registration."""
+        return self.state == "registered"
+
     @property
     def node_id(self) -> Optional[int]:
         return self._core.node_id

@@ -24,9 +24,11 @@ from nacl.public import PrivateKey
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
+from pilot.interfaces import IFrameReceiver, IPathEvents
 from pilot.wire.beacon import Relay
 from pilot.wire.packet import Packet
 from pilot.wire.tunnel import (
@@ -303,6 +305,7 @@ for _state in (idle, established):  # timers are cancelled on leaving exchanging
 PeerTunnelMachine = _builder.build()
 
 
+@implementer(IFrameReceiver)
 @attr.s(auto_attribs=True, kw_only=True, eq=False)
 class Tunnels:
     """
@@ -335,6 +338,11 @@ class Tunnels:
     @property
     def x25519_public(self) -> bytes:
         return bytes(self._x25519.public_key)
+
+    def wire(self, paths: IPathEvents) -> None:
+        """Connect the path layer (built after us, as it drives :meth:`set_path`)."""
+        self._direct_frame = paths.direct_frame
+        self._relayed_frame = paths.relayed_frame
 
     # -- the node's side --
 

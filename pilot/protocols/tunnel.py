@@ -1,58 +1,64 @@
 # -*- test-case-name: tests.protocols.test_tunnel -*-
 """
 The node's one UDP socket: beacon replies and tunnel frames, told apart by
-their first byte (facts §4.1), handed to the node's logic.
+their first byte (docs/reference-wire.md §4.1).  Beacon messages are decoded
+here and handed to the node (``IBeaconListener``); tunnel frames go straight
+to the tunnel layer (``IFrameReceiver``), which decodes and opens them.
 
 Thin, as every protocol here: decode, call, never raise into the reactor.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Optional
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
+from pilot.interfaces import IBeaconListener, IDatagramSender, IFrameReceiver
 from pilot.wire import beacon as bw
-from pilot.wire.tunnel import PILP
-
-Endpoint = tuple[str, int]
-#: Punch probes sent on a punch command (the reference sends three).
-PUNCH_PROBES = 3
 
 
-class NodeDatagrams(Protocol):
-    """What the socket feeds: the node service implements it."""
-
-    def discovered(self, observed: Endpoint, source: Endpoint) -> None: ...
-    def punch_commanded(self, peer: Endpoint) -> None: ...
-    def frame_received(self, data: bytes, source: Endpoint, via_relay: bool) -> None: ...
-
-
+@implementer(IDatagramSender)
 class NodeDatagramProtocol(DatagramProtocol):
+    """
+    Build it, give it to the node as its sender, then :meth:`wire` it to the
+    node (the beacon's messages) and the node's tunnels (frames).
+    """
+
     log = Logger()
 
-    def __init__(self, node: NodeDatagrams, is_beacon: Callable[[Endpoint], bool]) -> None:
-        self.node = node
-        self.is_beacon = is_beacon
+    def __init__(self) -> None:
+        self._beacon: Optional[IBeaconListener] = None
+        self._frames: Optional[IFrameReceiver] = None
         self.counters: dict[str, int] = {}
+
+    def wire(self, beacon: IBeaconListener, frames: IFrameReceiver) -> None:
+        self._beacon = beacon
+        self._frames = frames
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         source: Endpoint = (addr[0], addr[1])
+        if self._beacon is None or self._frames is None:
+            self._count("not_wired")
+            return
         try:
             if data[:1] and data[0] < 0x10:
-                self._beacon_message(data, source)
+                self._beacon_message(self._beacon, self._frames, data, source)
             else:
-                self.node.frame_received(data, source, False)
+                self._frames.frame_received(data, source, False)
         except Exception:
             self.log.failure("handling a datagram from {source}", source=source)
 
-    def _beacon_message(self, data: bytes, source: Endpoint) -> None:
-        if not self.is_beacon(source):
+    def _beacon_message(self, beacon: IBeaconListener, frames: IFrameReceiver, data: bytes,
+                        source: Endpoint) -> None:
+        if not beacon.is_beacon(source):
             self._count("beacon_not_from_beacon")  # only our beacon may steer us
             return
         try:
@@ -61,13 +67,15 @@ class NodeDatagramProtocol(DatagramProtocol):
             self._count("beacon_malformed")
             return
         if isinstance(message, bw.DiscoverReply):
-            self.node.discovered((message.host, message.port), source)
+            beacon.discovered((message.host, message.port))
         elif isinstance(message, bw.PunchCommand):
-            self.node.punch_commanded((message.host, message.port))
+            beacon.punch_commanded((message.host, message.port))
         elif isinstance(message, bw.RelayDeliver):
-            self.node.frame_received(message.frame, source, True)
+            frames.frame_received(message.frame, source, True)
         else:
             self._count("beacon_unexpected")
+
+    # -- IDatagramSender --
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         if self.transport is None:
@@ -79,6 +87,6 @@ class NodeDatagramProtocol(DatagramProtocol):
             self._count("send_error")
             self.log.debug("sending to {endpoint} failed: {error}", endpoint=endpoint, error=e)
 
-    def punch(self, peer: Endpoint) -> None:
-        for _ in range(PUNCH_PROBES):
-            self.send(PILP, peer)
+    def local_port(self) -> int:
+        transport: Any = self.transport
+        return int(transport.getHost().port) if transport is not None else 0

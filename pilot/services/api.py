@@ -1,16 +1,16 @@
 # -*- test-case-name: tests.integration.test_node_process -*-
 """
 The node's answers to its local clients (``pilot.nodeapi.NodeAPI``), over
-the pieces ``services.node`` wires together.  Each method returns a Deferred
+the parts of a :class:`pilot.node.Node`.  Each method returns a Deferred
 of a JSON-ready value, or fails with a PilotError.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorCore
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -18,10 +18,9 @@ from pilot.address import Address
 from pilot.endpoint import format_endpoint
 from pilot.errors import InvalidArgument, NotTrusted, PilotError, RegistryUnavailable, Timeout
 from pilot.names import hostname_problem, normalise_tags
+from pilot.node import Node
 from pilot.nodeapi import Listening
-
-if TYPE_CHECKING:
-    from pilot.services.node import NodeService
+from pilot.nodeconfig import NodeSettings
 
 MAX_PING_COUNT = 1000
 
@@ -30,7 +29,7 @@ def _endpoint_text(endpoint: Any) -> str | None:
     return format_endpoint(*endpoint) if endpoint else None
 
 
-def _rtts(node: "NodeService") -> dict[str, float]:
+def _rtts(node: Node) -> dict[str, float]:
     """The smallest smoothed RTT (ms) of the stack's connections to each remote address."""
     rtts: dict[str, float] = {}
     for conn in node.stack.connections():
@@ -40,7 +39,7 @@ def _rtts(node: "NodeService") -> dict[str, float]:
     return rtts
 
 
-def _path_fields(node: "NodeService", node_id: int, stats: dict[str, Any], fallback: Any,
+def _path_fields(node: Node, node_id: int, stats: dict[str, Any], fallback: Any,
                  rtts: dict[str, float]) -> dict[str, Any]:
     """``path`` (direct | punched | relay | trying), ``endpoint``, ``rtt_ms``, ``path_changed_at``."""
     status = node.paths.status(node_id)
@@ -51,7 +50,7 @@ def _path_fields(node: "NodeService", node_id: int, stats: dict[str, Any], fallb
             "path_changed_at": status["path_changed_at"] if status else None}
 
 
-def _nat_kind(n: "NodeService") -> str:
+def _nat_kind(n: Node) -> str:
     """
     What the beacon shows of our NAT: one observed endpoint is enough to tell
     whether we are behind NAT and whether it kept our port, not its filtering.
@@ -59,7 +58,7 @@ def _nat_kind(n: "NodeService") -> str:
     public = n.public_endpoint
     if public is None:
         return "unknown"
-    local = n._register_extra().get("local_addr")
+    local = n.local_endpoint()
     if local is None:
         return "unknown"
     host, _, port = local.rpartition(":")
@@ -71,8 +70,12 @@ def _nat_kind(n: "NodeService") -> str:
 class NodeAPIImpl:
     log = Logger()
 
-    def __init__(self, node: "NodeService") -> None:
+    def __init__(self, node: Node, reactor: IReactorCore, settings: NodeSettings,
+                 udp_counters: Mapping[str, int]) -> None:
         self.node = node
+        self.reactor = reactor
+        self.settings = settings
+        self.udp_counters = udp_counters
 
     # --- this node -------------------------------------------------------------------------
 
@@ -101,14 +104,14 @@ class NodeAPIImpl:
             "public": bool(status.get("public")),
             "tags": status.get("tags", []),
             "public_key": n.identity.public_key_b64,
-            "identity": n.settings.identity,
+            "identity": self.settings.identity,
             "endpoint": _endpoint_text(n.public_endpoint),
-            "local_port": n._udp_port(),
-            "local_addr": n._register_extra().get("local_addr"),
+            "local_port": n.local_port(),
+            "local_addr": n.local_endpoint(),
             "nat": _nat_kind(n),
-            "registry": {**status, "server": n.settings.registry},
-            "beacon": n.settings.beacon,
-            "uptime_secs": round(n.reactor.seconds() - (n.started_at or n.reactor.seconds()), 3),
+            "registry": {**status, "server": self.settings.registry},
+            "beacon": self.settings.beacon,
+            "uptime_secs": round(n.clock.seconds() - (n.started_at or n.clock.seconds()), 3),
             "peers": len(peer_list),
             "encrypted_peers": sum(1 for p in peer_list if p["encrypted"]),
             "authenticated_peers": sum(1 for p in peer_list if p["authenticated"]),
@@ -119,7 +122,7 @@ class NodeAPIImpl:
             "ports": n.stack.ports(),
             "counters": {"tunnel": dict(n.tunnels.counters), "stack": dict(n.stack.counters),
                          "path": dict(n.paths.counters),
-                         "udp": dict(n.udp.counters)},
+                         "udp": dict(self.udp_counters)},
         }
 
     @inlineCallbacks
@@ -144,8 +147,7 @@ class NodeAPIImpl:
         return {"tags": normal}
 
     def shutdown(self) -> Deferred[dict[str, Any]]:
-        reactor = self.node.reactor
-        reactor.callLater(0.05, reactor.stop)
+        self.node.clock.callLater(0.05, self.reactor.stop)
         d: Deferred[dict[str, Any]] = Deferred()
         d.callback({"status": "stopping"})
         return d
@@ -252,7 +254,7 @@ class NodeAPIImpl:
         results = []
         for seq in range(1, count + 1):
             if seq > 1 and interval > 0:
-                yield deferLater(self.node.reactor, interval, lambda: None)
+                yield deferLater(self.node.clock, interval, lambda: None)
             try:
                 rtt = yield self.node.stack.ping(address, seq, timeout)
                 results.append({"seq": seq, "rtt_ms": round(rtt, 3)})

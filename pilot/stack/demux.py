@@ -110,8 +110,11 @@ class Stack:
 
     # -- inbound packets ----------------------------------------------------------------
 
-    def packet_received(self, packet: Packet) -> None:
-        """An authenticated packet from the tunnel layer (``packet.src.node`` is the peer).  Never raises."""
+    def packet_received(self, packet: Packet, from_node: int | None = None) -> None:
+        """
+        An authenticated packet from the tunnel layer (``packet.src.node`` is the peer, which the
+        tunnel checked against its sender ``from_node``).  Never raises.
+        """
         self.counters["packets.received"] += 1
         try:
             self._receive(packet)

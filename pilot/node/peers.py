@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.services.test_node -*-
+# -*- test-case-name: tests.node.test_peers -*-
 """
 What this node knows of other nodes: how a target a user typed becomes a
 node id, where each peer is, and its key.
@@ -25,6 +25,7 @@ from pilot.address import Address
 from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint
 from pilot.errors import InvalidArgument, MalformedFrame, NotFound, NotTrusted, PilotError, RegistryUnavailable
 from pilot.identity import b64decode
+from pilot.interfaces import IPathEvents
 from pilot.names import hostname_problem
 
 #: A resolved endpoint is asked for again after this long (unless a tunnel is up).
@@ -52,16 +53,25 @@ class Peer:
 class PeerDirectory:
     log = Logger()
 
+    """
+    :param request: ``registration.request(msg, signed_field=None)``.
+    :param pinned_key: the trust store's key for a node, or ``b""``.
+
+    :meth:`wire` it to the path layer, which hears where a peer is now.
+    """
+
     def __init__(self, clock: IReactorTime, request: Callable[..., "Deferred[dict[str, Any]]"],
-                 own_id: Callable[[], Optional[int]], pinned_key: Callable[[int], bytes],
-                 moved: Callable[[int, Endpoint], None]) -> None:
+                 pinned_key: Callable[[int], bytes]) -> None:
         self.clock = clock
-        self._request = request          # registration.request(msg, signed_field=None)
-        self._own_id = own_id
-        self._pinned_key = pinned_key    # the trust store's key for a node, or b""
-        self._moved = moved              # tell the tunnel layer where a peer is now
+        self._request = request
+        self._pinned_key = pinned_key
+        self._paths: Optional[IPathEvents] = None
         self.peers: dict[int, Peer] = {}
         self._names: dict[str, tuple[int, float]] = {}
+
+    def wire(self, paths: IPathEvents) -> None:
+        """Tell ``paths`` (``pilot.machines.path.Paths``) every endpoint we learn of a peer."""
+        self._paths = paths
 
     def peer(self, node_id: int) -> Peer:
         peer = self.peers.get(node_id)
@@ -164,7 +174,8 @@ class PeerDirectory:
                               old=format_endpoint(*peer.endpoint), new=format_endpoint(*endpoint))
             peer.endpoint = endpoint
             peer.changed_at = self.clock.seconds()
-            self._moved(node_id, endpoint)
+            if self._paths is not None:
+                self._paths.endpoint_learned(node_id, endpoint)
 
     def seen_at(self, node_id: int, endpoint: Endpoint) -> None:
         """An authenticated frame came from ``endpoint`` (the tunnel layer moved already)."""
@@ -173,6 +184,10 @@ class PeerDirectory:
             peer.endpoint = endpoint
             peer.changed_at = self.clock.seconds()
         peer.resolved_at = self.clock.seconds()
+
+    def expire(self, node_id: int) -> None:
+        """The peer did not answer: ask the registry where it is next time."""
+        self.peer(node_id).resolved_at = 0.0
 
     # --- keys -----------------------------------------------------------------------------
 

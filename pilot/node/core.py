@@ -1,0 +1,370 @@
+# -*- test-case-name: tests.node.test_core -*-
+"""
+The node, sans I/O: its parts built and wired in one place, the beacon's
+discovery and the route watch on the injected clock.
+
+The parts (docs/architecture.md draws them):
+
+* :class:`pilot.machines.registration.Registration`: the registry session;
+* :class:`pilot.node.peers.PeerDirectory`: names, endpoints and keys of peers;
+* :class:`pilot.machines.tunnel.Tunnels`: authenticated, encrypted tunnels;
+* :class:`pilot.machines.path.Paths`: direct, punched or relayed, per peer;
+* :class:`pilot.stack.Stack`: connections and datagrams on virtual ports;
+* :class:`pilot.machines.trust.TrustMachine`: handshakes, approvals, pins.
+
+What it needs of the world comes in through the interfaces of
+:mod:`pilot.interfaces`: a datagram sender (the tunnel socket), a registry
+connector, a route prober and a clock.  ``pilot.services.node`` gives it the
+real ones; ``tests.natmodel`` and ``tests.node`` give it fakes.
+
+The beacon tells us our public endpoint (Discover); we register that, keep
+the NAT mapping alive with a signed Discover after every heartbeat, and
+re-register at once when it changes (docs/nat.md, docs/registration.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random as _random
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pilot.address import Address
+from pilot.endpoint import Endpoint, format_endpoint, parse_endpoint
+from pilot.errors import NotFound
+from pilot.identity import Identity
+from pilot.interfaces import (
+    IBeaconListener, IDatagramSender, IRegistryConnector, IRegistryLink, IRouteProber,
+)
+from pilot.machines.path import PathConfig, Paths
+from pilot.machines.registration import HEARTBEAT_INTERVAL, Registration
+from pilot.machines.trust import AutoApprove, TrustMachine
+from pilot.machines.tunnel import Tunnels
+from pilot.node.peers import PeerDirectory
+from pilot.stack import Stack
+from pilot.trust import TrustStore
+from pilot.wire import beacon as bw
+from pilot.wire.handshake import HANDSHAKE_PORT
+from pilot.wire.packet import Packet
+from pilot.wire.registry import SIGNER_FIELD
+from pilot.wire.tunnel import PILP
+
+#: Startup Discovers are repeated this often until the beacon answers.
+DISCOVER_RETRY = 1.0
+#: How often the node checks which local address routes to the beacon (no
+#: packet is sent): a change of network shows within this long.
+ROUTE_CHECK = 1.0
+#: How often the node asks the beacon (unsigned) what its public endpoint is,
+#: for changes only the NAT knows of (the reference: only every 30 s).
+DISCOVER_PROBE = 15.0
+#: The first registration waits at most this long for the beacon's answer.
+REGISTER_WAIT = 0.5
+#: Punch probes sent on a punch command (the reference sends three).
+PUNCH_PROBES = 3
+
+
+@implementer(IBeaconListener, IRegistryLink)
+class Node:
+    """
+    One node's logic.  Build it, :meth:`start` it with the beacon's address,
+    :meth:`stop` it.  Its parts are public attributes, for the control API
+    (``pilot.services.api``) and the tests.
+
+    :param one_message: builds the stream protocol that writes one port-444
+        message and closes (``pilot.protocols.handshake.OneMessage``).
+    :param save_trust: writes the trust store (called after every change).
+    """
+
+    log = Logger()
+
+    def __init__(self, *, identity: Identity, trust_store: TrustStore, save_trust: Callable[[], None],
+                 clock: IReactorTime, sender: IDatagramSender, connector: IRegistryConnector,
+                 prober: IRouteProber, one_message: Callable[[bytes], IProtocol],
+                 hostname: Optional[str] = None, public: bool = False, tags: tuple[str, ...] = (),
+                 heartbeat: float = HEARTBEAT_INTERVAL, auto_approve: Optional[AutoApprove] = None,
+                 path_config: PathConfig = PathConfig(), rng: Optional[_random.Random] = None,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.identity = identity
+        self.trust_store = trust_store
+        self.clock = clock
+        self._sender = sender
+        self._connector = connector
+        self._prober = prober
+        self._one_message = one_message
+        self._random_bytes = random_bytes
+        rng = rng if rng is not None else _random.Random()
+        self.own_id: int = identity.address.node
+        self.beacon_addr: Optional[Endpoint] = None
+        self.public_endpoint: Optional[Endpoint] = None
+        self.lan_host: Optional[str] = None
+        self.started_at: Optional[float] = None
+        self.running = False
+        self._discover_call: Optional[IDelayedCall] = None
+        self._register_call: Optional[IDelayedCall] = None
+        self._probe_call: Optional[IDelayedCall] = None
+        self._route_source: Optional[str] = None
+        self._last_probe = 0.0
+
+        self.stack = Stack(clock, self.local_address, self._send_packet, self.is_trusted)
+        self.registration = Registration(
+            connect=self._connect_registry, identity=identity, clock=clock, endpoint=self.endpoint_text,
+            register_extra=self.register_extra, registered=self._registered, unregistered=self._unregistered,
+            event=self._registry_event, heartbeat_ok=self._heartbeat_ok, hostname=hostname, public=public,
+            tags=list(tags), heartbeat_interval=heartbeat, random=rng, random_bytes=random_bytes)
+        self.peers = PeerDirectory(clock, self.registration.request, self.pinned_key)
+        self.tunnels = Tunnels(
+            node_id=self.node_id, identity=identity, send_datagram=sender.send,
+            deliver=self.stack.packet_received, expected_key=self.peers.key, clock=clock,
+            beacon=self.beacon, peer_unreachable=self._peer_unreachable, endpoint_changed=self.peers.seen_at,
+            random_bytes=random_bytes)
+        self.paths = Paths(
+            tunnels=self.tunnels, send_datagram=sender.send, beacon=self.beacon, node_id=self.node_id,
+            sign=identity.sign, clock=clock, config=path_config, random=rng.random,
+            random_bytes=random_bytes, path_changed=self._path_changed)
+        self.tunnels.wire(self.paths)
+        self.peers.wire(self.paths)
+        self.trust = TrustMachine(
+            node_id=self.own_id, public_key=identity.public_key, sign=identity.sign, store=trust_store,
+            save=save_trust, send_direct=self._send_direct, registry_request=self._trust_request,
+            lookup_key=self._lookup_key, clock=clock, rules=auto_approve or AutoApprove(),
+            peer_info=self.peers.lookup, trust_ended=self._trust_ended)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self, beacon: Optional[Endpoint]) -> None:
+        """Ask the beacon where we are; register once it answers (or after ``REGISTER_WAIT``)."""
+        self.running = True
+        self.started_at = self.clock.seconds()
+        self.beacon_addr = beacon
+        self._discover()
+        # register once the beacon told us our public endpoint (or after a
+        # short wait without it), so the first registration is the right one
+        self._register_call = self.clock.callLater(REGISTER_WAIT, self._start_registration)
+
+    def stop(self) -> "Deferred[None]":
+        """Cancel every timer, close every connection and tunnel, deregister (a Deferred)."""
+        self.running = False
+        for call in (self._discover_call, self._register_call, self._probe_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._discover_call = self._register_call = self._probe_call = None
+        self.stack.stop()
+        self.tunnels.stop()
+        self.paths.stop()
+        return self.registration.stop()
+
+    def _start_registration(self) -> None:
+        if self._register_call is not None and self._register_call.active():
+            self._register_call.cancel()
+        self._register_call = None
+        if self.running and self.registration.is_idle():
+            self.registration.start()
+
+    # --- public queries ----------------------------------------------------------------------
+
+    def node_id(self) -> int:
+        return self.own_id
+
+    def local_address(self) -> Address:
+        return Address(0, self.own_id)
+
+    def beacon(self) -> Optional[Endpoint]:
+        return self.beacon_addr
+
+    def local_port(self) -> int:
+        """The tunnel socket's local port (0 before it is bound)."""
+        return self._sender.local_port()
+
+    def local_endpoint(self) -> Optional[str]:
+        """Our tunnel socket on our own LAN (``host:port``), for peers behind the same NAT."""
+        port = self.local_port()
+        if self.lan_host is None or not port:
+            return None
+        return format_endpoint(self.lan_host, port)
+
+    def endpoint_text(self) -> str:
+        """What we register: the endpoint the beacon saw, else our local port."""
+        if self.public_endpoint is not None:
+            host, port = self.public_endpoint
+        else:
+            host, port = "0.0.0.0", self.local_port()
+        return format_endpoint(host, port)
+
+    def register_extra(self) -> dict[str, Any]:
+        local = self.local_endpoint()
+        return {"local_addr": local} if local is not None else {}
+
+    def is_trusted(self, node_id: int) -> bool:
+        return node_id in self.trust_store.trusted
+
+    def pinned_key(self, node_id: int) -> bytes:
+        entry = self.trust_store.trusted.get(node_id)
+        return entry.public_key if entry is not None else b""
+
+    # --- the beacon (IBeaconListener) ----------------------------------------------------------
+
+    def is_beacon(self, source: Endpoint) -> bool:
+        return self.beacon_addr is not None and (source[0], source[1]) == self.beacon_addr
+
+    def discovered(self, observed: Endpoint) -> None:
+        if observed == self.public_endpoint:
+            return
+        old, self.public_endpoint = self.public_endpoint, observed
+        self.log.info("public endpoint {endpoint} (seen by the beacon)", endpoint=format_endpoint(*observed))
+        if self.registration.is_idle():
+            self._start_registration()
+        elif old is not None or self.registration.is_registered():
+            self.registration.endpoint_changed()
+
+    def punch_commanded(self, peer: Endpoint) -> None:
+        for _ in range(PUNCH_PROBES):
+            self._sender.send(PILP, peer)
+        self.paths.punch_commanded(peer)
+
+    def discover(self) -> None:
+        """Ask the beacon for our public endpoint now; signed once we are registered (records it there)."""
+        if self.beacon_addr is None:
+            return
+        base = bw.Discover(self.own_id if self.registration.node_id is not None else 0).base
+        if self.registration.node_id is not None:
+            data = bw.with_proof(base, self.identity.sign, int(self.clock.seconds() * 1000),
+                                 self._random_bytes(8))
+        else:
+            data = base
+        self._sender.send(data, self.beacon_addr)
+
+    def _discover(self) -> None:
+        """Discover, then again every ``DISCOVER_RETRY`` until answered; then watch the route."""
+        self._discover_call = None
+        if self.beacon_addr is None or not self.running:
+            return
+        self.discover()
+        if self.public_endpoint is None:
+            self._discover_call = self.clock.callLater(DISCOVER_RETRY, self._discover)
+        elif self._probe_call is None:
+            self._last_probe = self.clock.seconds()
+            self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
+
+    def _probe(self) -> None:
+        """
+        Watch for our own IP changing, cheaply.  Every ``ROUTE_CHECK`` seconds
+        ask the prober which local address reaches the beacon (nothing is
+        sent); when it changed (another network, a new lease), ask the beacon
+        at once.  Every ``DISCOVER_PROBE`` seconds ask the beacon anyway
+        (unsigned: it only answers), which catches a NAT that changed our
+        public address alone and keeps our mapping to the beacon open for relays.
+        """
+        self._probe_call = None
+        if self.beacon_addr is None or not self.running:
+            return
+        now = self.clock.seconds()
+        local = self._prober.source_for(self.beacon_addr)
+        moved = local is not None and self._route_source is not None and local != self._route_source
+        if local is not None:
+            self._route_source = local
+        if moved or now - self._last_probe >= DISCOVER_PROBE:
+            if moved:
+                self.log.info("our local address is now {address}: asking the beacon", address=local)
+            self._last_probe = now
+            self._sender.send(bw.Discover(0).base, self.beacon_addr)
+        self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
+
+    # --- the registry (IRegistryLink) ----------------------------------------------------------
+
+    def _connect_registry(self) -> "Deferred[Any]":
+        return self._connector.connect(self)
+
+    def event_received(self, event: dict[str, Any]) -> None:
+        self.registration.event_received(event)
+
+    def connection_lost(self, client: Any, reason: Any) -> None:
+        self.registration.connection_lost(reason, client)
+
+    def lan_address_learned(self, host: str) -> None:
+        self.lan_host = host
+
+    def _trust_request(self, msg: dict[str, Any]) -> "Deferred[Any]":
+        return self.registration.request(msg, SIGNER_FIELD.get(msg.get("type", "")))
+
+    def _registered(self, node_id: int, address: Address) -> None:
+        if node_id != self.own_id:
+            self.log.info("the registry assigned node id {given}, not our key's {ours} (a reference registry "
+                          "numbers nodes in order; ours only moves an id on a collision): using its answer",
+                          given=node_id, ours=self.own_id)
+            self.own_id = node_id
+            self.trust.node_id = node_id
+        self.log.info("Registered as {name} ({address})", name=self.registration.status().get("hostname")
+                      or str(address), address=str(address))
+        self._discover()
+
+    def _unregistered(self, reason: str) -> None:
+        if not self.running:
+            return  # we are stopping: we deregistered on purpose
+        self.log.info("registry unavailable: {reason}; tunnels keep working, re-registering by itself",
+                      reason=reason)
+
+    def _heartbeat_ok(self, when: float) -> None:
+        self._discover()  # keeps the NAT mapping to the beacon alive, and spots an IP change
+
+    def _registry_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        try:
+            if kind == "handshake_request":
+                self.trust.relayed_request(int(event["from_node_id"]), str(event.get("justification", "")),
+                                           float(event.get("timestamp", 0)))
+            elif kind == "handshake_response":
+                self.trust.relayed_response(int(event["from_node_id"]), bool(event.get("accept")),
+                                            float(event.get("timestamp", 0)))
+            elif kind == "trust_revoked":
+                self.trust.trust_revoked_event(int(event["node_id"]))
+            elif kind == "endpoint_changed":
+                endpoint = parse_endpoint(event.get("real_addr"))
+                if endpoint is not None:
+                    self.peers.update(int(event["node_id"]), endpoint)
+        except (KeyError, TypeError, ValueError) as e:
+            self.log.warn("malformed registry event {kind!r}: {error}", kind=kind, error=e)
+
+    # --- trust ------------------------------------------------------------------------------
+
+    def _lookup_key(self, node_id: int) -> "Deferred[bytes]":
+        d = self.peers.lookup(node_id)
+        return d.addCallback(functools.partial(self._registry_key, node_id))
+
+    def _registry_key(self, node_id: int, _: object) -> bytes:
+        peer = self.peers.peer(node_id)
+        if not peer.public_key:
+            raise NotFound(f"the registry has no key for node {node_id}")
+        return peer.public_key
+
+    def _send_direct(self, node_id: int, message: bytes) -> "Deferred[Any]":
+        """One port-444 message over a stream; fails when the peer cannot be reached directly."""
+        d: Deferred[Any] = self.peers.endpoint(node_id)
+        d.addCallback(self._dial_handshake, node_id, message)
+        return d
+
+    def _dial_handshake(self, _: object, node_id: int, message: bytes) -> "Deferred[Any]":
+        return self.stack.connect(Address(0, node_id), HANDSHAKE_PORT, self._one_message(message), timeout=5.0)
+
+    def _trust_ended(self, node_id: int) -> None:
+        self.stack.abort_peer(node_id)
+
+    # --- packets, the way down ------------------------------------------------------------------
+
+    def _send_packet(self, packet: Packet) -> None:
+        node_id = packet.dst.node
+        endpoint = self.peers.peer(node_id).endpoint
+        self.paths.sending(node_id, endpoint)
+        self.tunnels.send(packet, node_id, endpoint)
+
+    def _peer_unreachable(self, node_id: int) -> None:
+        self.log.info("node {node} did not answer our key exchange", node=node_id)
+        self.peers.expire(node_id)
+        self.paths.unreachable(node_id)
+
+    def _path_changed(self, node_id: int, state: str, endpoint: Optional[Endpoint]) -> None:
+        self.log.info("path to node {node}: {state} {endpoint}", node=node_id, state=state, endpoint=endpoint)

@@ -1,0 +1,91 @@
+"""
+Tests for L{pilot.services.node} (and ``pilot.nodetap``): the node daemon's
+``MultiService`` on a ``MemoryReactorClock``: its ports open on start and
+close on stop; startup problems are ``NodeStartupError`` with their messages.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.errors import ErrorCode
+from pilot.identity import Identity
+from pilot.nodeconfig import NodeSettings
+from pilot.services.node import NodeRunner, NodeService, NodeStartupError, TunnelPort
+
+
+class UDPReactor(MemoryReactorClock):
+    """``MemoryReactorClock`` with ``listenUDP`` (recorded as ``udpServers``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udpServers: list[tuple[int, Any, str, int]] = []
+        self.udpPorts: list[UDPPort] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> "UDPPort":
+        self.udpServers.append((port, protocol, interface, maxPacketSize))
+        udp = UDPPort(IPv4Address("UDP", interface or "0.0.0.0", port or 40000 + len(self.udpPorts)))
+        self.udpPorts.append(udp)
+        return udp
+
+
+class UDPPort:
+    def __init__(self, address: IPv4Address) -> None:
+        self.address = address
+        self.stopped = False
+
+    def getHost(self) -> IPv4Address:
+        return self.address
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class NodeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = self.mktemp()
+        os.makedirs(self.home)
+        self.settings = NodeSettings(home=self.home, identity=os.path.join(self.home, "identity.json"),
+                                     socket=os.path.join(self.home, "pilot.sock"), registry="127.0.0.1:9000",
+                                     beacon="127.0.0.1:9001", listen="127.0.0.1:0")
+        self.reactor = UDPReactor()
+
+    def test_no_identity(self) -> None:
+        with self.assertRaises(NodeStartupError) as caught:
+            NodeService(self.settings, self.reactor)
+        self.assertEqual(caught.exception.message, f"no identity at {self.settings.identity}")
+        self.assertEqual(caught.exception.code, ErrorCode.not_found)
+
+    def test_ports_open_and_close(self) -> None:
+        Identity.generate().save(self.settings.identity)
+        service = NodeService(self.settings, self.reactor)
+        self.assertEqual([type(s) for s in service][:2], [TunnelPort, NodeRunner])
+        service.startService()
+        [(port, protocol, interface, _)] = self.reactor.udpServers
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        self.assertIs(protocol, service.udp)
+        [(path, factory, _, mode)] = [s[:4] for s in self.reactor.unixServers]
+        self.assertEqual((path, mode), (self.settings.socket, 0o600))
+        self.assertTrue(os.path.exists(self.settings.pid_path))
+        self.assertEqual(service.node.beacon_addr, ("127.0.0.1", 9001))
+        self.assertIn(444, service.node.stack.ports())
+        self.successResultOf(service.stopService())
+        self.assertFalse(os.path.exists(self.settings.pid_path))
+        self.assertTrue(self.reactor.udpPorts[0].stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_the_last_runs_port_is_taken_again(self) -> None:
+        Identity.generate().save(self.settings.identity)
+        service = NodeService(self.settings, self.reactor)
+        service.startService()
+        self.successResultOf(service.stopService())
+        with open(os.path.join(self.home, "tunnel.port")) as f:
+            self.assertEqual(f.read(), "40000\n")
+        NodeService(self.settings, self.reactor).startService()
+        self.assertEqual([port for port, _, _, _ in self.reactor.udpServers], [0, 40000])
+

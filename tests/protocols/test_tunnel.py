@@ -1,0 +1,101 @@
+"""
+Tests for L{pilot.protocols.tunnel}: the node's DatagramProtocol decodes
+beacon messages for the node and hands tunnel frames to the tunnel layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import FakeDatagramTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from pilot.interfaces import IBeaconListener, IDatagramSender, IFrameReceiver
+from pilot.protocols.tunnel import NodeDatagramProtocol
+from pilot.wire import beacon as bw
+
+BEACON = ("198.51.100.1", 9001)
+PEER = ("203.0.113.5", 4000)
+
+
+@implementer(IBeaconListener, IFrameReceiver)
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def is_beacon(self, source: tuple[str, int]) -> bool:
+        return source == BEACON
+
+    def discovered(self, observed: tuple[str, int]) -> None:
+        self.events.append(("discovered", observed))
+
+    def punch_commanded(self, peer: tuple[str, int]) -> None:
+        self.events.append(("punch_commanded", peer))
+
+    def frame_received(self, data: Any, source: tuple[str, int], via_relay: bool = False) -> None:
+        self.events.append(("frame_received", data, source, via_relay))
+
+
+class Failing(FakeDatagramTransport):
+    def write(self, packet: bytes, addr: Any = FakeDatagramTransport.noAddr) -> None:
+        raise OSError("network unreachable")
+
+
+class NodeDatagramProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.recorder = Recorder()
+        self.protocol = NodeDatagramProtocol()
+        self.transport = FakeDatagramTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.wire(beacon=self.recorder, frames=self.recorder)
+
+    def test_interfaces(self) -> None:
+        self.assertTrue(verifyObject(IDatagramSender, self.protocol))
+
+    def test_tunnel_frame_goes_to_the_tunnels(self) -> None:
+        self.protocol.datagramReceived(b"PILS...", PEER)
+        self.assertEqual(self.recorder.events, [("frame_received", b"PILS...", PEER, False)])
+
+    def test_discover_reply(self) -> None:
+        self.protocol.datagramReceived(bw.DiscoverReply("203.0.113.9", 4444).encode(), BEACON)
+        self.assertEqual(self.recorder.events, [("discovered", ("203.0.113.9", 4444))])
+
+    def test_punch_command(self) -> None:
+        self.protocol.datagramReceived(bw.PunchCommand("203.0.113.7", 5555).encode(), BEACON)
+        self.assertEqual(self.recorder.events, [("punch_commanded", ("203.0.113.7", 5555))])
+
+    def test_relay_deliver_unwrapped(self) -> None:
+        self.protocol.datagramReceived(bw.RelayDeliver(7, b"PILS-frame").encode(), BEACON)
+        self.assertEqual(self.recorder.events, [("frame_received", b"PILS-frame", BEACON, True)])
+
+    def test_only_the_beacon_steers(self) -> None:
+        self.protocol.datagramReceived(bw.DiscoverReply("203.0.113.9", 4444).encode(), PEER)
+        self.assertEqual(self.recorder.events, [])
+        self.assertEqual(self.protocol.counters, {"beacon_not_from_beacon": 1})
+
+    def test_malformed_beacon_message(self) -> None:
+        self.protocol.datagramReceived(b"\x02", BEACON)
+        self.assertEqual(self.recorder.events, [])
+        self.assertEqual(self.protocol.counters, {"beacon_malformed": 1})
+
+    def test_unwired_drops(self) -> None:
+        protocol = NodeDatagramProtocol()
+        protocol.datagramReceived(b"PILS", PEER)
+        self.assertEqual(protocol.counters, {"not_wired": 1})
+
+    def test_send_and_local_port(self) -> None:
+        self.protocol.send(b"x", PEER)
+        self.assertEqual(self.transport.written, [(b"x", PEER)])
+
+    def test_send_errors_are_counted(self) -> None:
+        protocol = NodeDatagramProtocol()
+        protocol.makeConnection(Failing())
+        protocol.send(b"x", PEER)
+        self.assertEqual(protocol.counters, {"send_error": 1})
+
+    def test_send_before_start_is_dropped(self) -> None:
+        protocol = NodeDatagramProtocol()
+        protocol.send(b"x", PEER)
+        self.assertEqual(protocol.local_port(), 0)
