@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.wire.test_tunnel -*-
 """
-Tunnel frames: what daemons send each other over UDP (facts §4.1-4.4).
+Tunnel frames: what daemons send each other over UDP (docs/reference-wire.md §4.1-4.4).
 
 A datagram whose first byte is below 0x10 is a beacon message
 (``pilot.wire.beacon``); anything else starts with a 4-byte magic::

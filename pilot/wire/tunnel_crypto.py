@@ -2,7 +2,7 @@
 """
 Tunnel crypto: the session key, sealing, nonces and the replay window.
 
-Everything follows the reference (facts §4.3, §4.4):
+Everything follows the reference (docs/reference-wire.md §4.3, §4.4):
 
 * key = SHA-256(``pilot-tunnel-v1:`` + X25519(own private, peer public)),
   the same key both ways; an all-zero shared secret (a low-order peer key)
