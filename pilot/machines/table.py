@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-Behaviour = Callable[..., None]
+Behaviour = Callable[..., Any]
 #: ``hook(core, old_name, new_name, input_name)``
 Hook = Callable[[Any, str, str, str], None]
 
@@ -55,17 +55,18 @@ class TransitionTable:
         self.rows: list[Transition] = []
         self.reasons: dict[tuple[str, str], str] = {}
 
-    def on(self, old: Any, event: Callable[..., None], new: Any) -> Callable[[Behaviour], Behaviour]:
+    def on(self, old: Any, event: Callable[..., Any], new: Any) -> Callable[[Behaviour], Behaviour]:
         """Decorate a behaviour ``(inputs, core, *args)`` as the transition ``old --event--> new``."""
         before, after = self.before, self.after
 
         def register(behaviour: Behaviour) -> Behaviour:
             names = (old.name, new.name, event.__name__)
 
-            def output(inputs: Any, core: Any, *args: Any) -> None:
+            def output(inputs: Any, core: Any, *args: Any) -> Any:
                 before(core, *names)
-                behaviour(inputs, core, *args)
+                result = behaviour(inputs, core, *args)  # an input may return a value (Automat allows it)
                 after(core, *names)
+                return result
 
             output.__name__ = behaviour.__name__
             if old is new:
@@ -77,7 +78,7 @@ class TransitionTable:
 
         return register
 
-    def ignore(self, states: Iterable[Any], *events: Callable[..., None], why: str) -> None:
+    def ignore(self, states: Iterable[Any], *events: Callable[..., Any], why: str) -> None:
         """Declare ``events`` harmless in ``states``: the state stays and nothing runs."""
         for state in states:
             for event in events:

@@ -13,21 +13,23 @@ import itertools
 import os
 from typing import Any, Optional
 
+from automat import NoTransition
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.endpoint import Endpoint
 from pilot.identity import Identity
 from pilot.machines.path import (
     DIRECT_SILENCE, DIRECT_TIMEOUT, KEEPALIVE, PUNCH_RETRY_FIRST, PUNCH_RETRY_MAX, PUNCH_TIMEOUT,
-    RELAY_IDLE, PathConfig, Paths, transitions,
+    RELAY_IDLE, PathConfig, PathCore, Paths, PeerPath, transitions,
 )
+from pilot.machines.path.peer import table
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
 from tests.natmodel import (
     FIREWALL, FULL_CONE, KINDS, LATENCY, PORT_RESTRICTED, PUBLIC, SYMMETRIC, UDP_BLOCKED, ModelNode, World,
 )
 
-Endpoint = tuple[str, int]
 BEACON: Endpoint = ("198.51.100.1", 9001)
 E1: Endpoint = ("203.0.113.2", 4002)
 E2: Endpoint = ("203.0.113.2", 5002)
@@ -55,12 +57,13 @@ class FakeTunnels:
     def key_exchange_frame(self) -> bytes:
         return b"PILA-frame"
 
-    def state(self, node_id: int) -> str:
-        return "established" if node_id in self.established else "exchanging"
+    def is_established(self, node_id: int) -> bool:
+        return node_id in self.established
 
-    def stats(self, node_id: int) -> dict[str, Any]:
-        now = self.clock.seconds() if self.active else None
-        return {"last_tx": self.last_tx if self.last_tx is not None else now, "last_rx": now}
+    def last_sent(self, node_id: int) -> Optional[float]:
+        if self.last_tx is not None:
+            return self.last_tx
+        return self.clock.seconds() if self.active else None
 
 
 class PathMachineTests(SynchronousTestCase):
@@ -415,6 +418,50 @@ class PathMachineTests(SynchronousTestCase):
         self.assertIn(("direct", "direct_went_silent", "direct_trying"), rows)
         self.assertEqual({old for old, _, _ in rows},
                          {"idle", "direct_trying", "punching", "relayed", "direct", "punched"})
+
+    def test_only_impossible_inputs_are_undeclared(self) -> None:
+        # Timers are cancelled on leaving their state, a punched frame comes only for a peer
+        # just met, silence only from a direct path, a move never before the first send.
+        undeclared: dict[str, set[str]] = {}
+        for state, event in table.undeclared([n for n in vars(PeerPath) if not n.startswith("_")]):
+            undeclared.setdefault(event, set()).add(state)
+        states = {"idle", "direct_trying", "punching", "relayed", "direct", "punched"}
+        self.assertEqual(undeclared, {
+            "endpoint_moved": {"idle"},
+            "direct_timed_out": states - {"direct_trying"},
+            "punch_timed_out": states - {"punching"},
+            "retry_timer_fired": states - {"relayed"},
+            "keepalive_timer_fired": states - {"direct", "punched"},
+            "direct_went_silent": states - {"direct", "punched"},
+            "punched_frame_received": states - {"idle"},
+        })
+        ignored = {(row.state, row.input) for row in transitions(ignored=True)} - \
+            {(row.state, row.input) for row in transitions()}
+        self.assertEqual(ignored, set(table.reasons))
+        self.assertEqual(ignored, {
+            ("direct_trying", "packet_sent"), ("punching", "packet_sent"), ("idle", "exchange_gave_up"),
+            ("direct", "relayed_frame_received"), ("punched", "relayed_frame_received")})
+
+    def test_undeclared_input_raises(self) -> None:
+        self.go_direct()
+        core = PathCore(node_id=9, owner=self.paths, tunnels=self.tunnels, clock=self.clock,
+                        config=PathConfig(), random=lambda: 0.0, send_datagram=lambda d, e: None,
+                        path_changed=lambda n, s, e: None)
+        timers = self.clock.getDelayedCalls()
+        self.assertRaises(NoTransition, core.machine.direct_timed_out)
+        self.assertRaises(NoTransition, core.machine.keepalive_timer_fired)
+        self.assertEqual((core.state, self.take(), self.clock.getDelayedCalls()), ("idle", [], timers))
+
+    def test_ignored_inputs_change_nothing(self) -> None:
+        self.paths.sending(PEER, E1)
+        self.take()
+        self.paths.sending(PEER)  # direct_trying: the attempt under way carries it
+        self.assertEqual((self.paths.state(PEER), self.take(), self.sent), ("direct_trying", [], []))
+        self.paths.unreachable(PEER)
+        self.take()
+        self.paths.unreachable(PEER)  # idle now: a second give-up is harmless
+        self.assertEqual(self.paths.state(PEER), "idle")
+        self.assertEqual((self.take(), self.clock.getDelayedCalls()), ([], []))
 
     def test_docs_list_every_transition(self) -> None:
         with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "nat.md")) as f:

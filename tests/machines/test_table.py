@@ -72,3 +72,27 @@ class TransitionTableTests(SynchronousTestCase):
                                                Transition("open", "closed", "shut", "_close")])
         self.assertIn(Transition("open", "knocked", "open", IGNORED), table.transitions(ignored=True))
         self.assertNotIn(Transition("open", "closed", "open", IGNORED), table.transitions(ignored=True))
+
+
+class Counter(Protocol):
+    def counted(self) -> int: ...
+
+
+def counting_machine() -> tuple[TransitionTable, object]:
+    builder = TypeMachineBuilder(Counter, Core)
+    only = builder.state("only")
+    table = TransitionTable((only,))
+
+    @table.on(only, Counter.counted, only)
+    def _count(m: Counter, c: Core) -> int:
+        c.log.append(("count",))
+        return len(c.log)
+
+    return table, builder.build()
+
+
+class ResultTests(SynchronousTestCase):
+    def test_behaviour_result_returned(self) -> None:
+        _, machine = counting_machine()
+        counter = machine(Core())  # type: ignore[operator]
+        self.assertEqual((counter.counted(), counter.counted()), (1, 2))

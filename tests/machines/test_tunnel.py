@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Callable, Optional
 
+from automat import NoTransition
 from nacl.public import PrivateKey
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -19,14 +20,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.address import Address
 from pilot.identity import Identity
 from pilot.machines.tunnel import (
-    ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, Endpoint, Tunnels, _Session,
+    ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, Endpoint, Peer, Session, Tunnels,
+    transitions,
 )
 from pilot.wire.beacon import Relay, RelayDeliver
 from pilot.wire.packet import ACK, STREAM, SYN, Packet
 from pilot.wire.tunnel import (
     PILA, PILK, PILS, PILT, AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, SealedFrame,
 )
-from pilot.wire.tunnel_crypto import NonceSequence, ReplayWindow, TunnelSession
+from pilot.wire.tunnel_crypto import NonceSequence, ReplayWindow, TunnelSession, derive_key
 
 A_ADDR: Endpoint = ("10.0.0.1", 4001)
 B_ADDR: Endpoint = ("10.0.0.2", 4002)
@@ -119,6 +121,8 @@ class Node:
         self.unreachable: list[int] = []
         self.endpoints: list[tuple[int, Endpoint]] = []
         self.lookups: list[int] = []
+        self.beacon: Optional[Endpoint] = BEACON
+        self.on_unreachable: Callable[[int], None] = self.unreachable.append
 
         def expected_key(peer: int) -> Any:
             self.lookups.append(peer)
@@ -127,8 +131,8 @@ class Node:
         self.tunnels = Tunnels(
             node_id=lambda: self.node_id, identity=self.identity, send_datagram=net.sender(addr),
             deliver=lambda p, n: self.delivered.append((p, n)), expected_key=expected_key,
-            clock=clock, x25519=secret or x25519(node_id), beacon=lambda: BEACON,
-            peer_unreachable=self.unreachable.append,
+            clock=clock, x25519=secret or x25519(node_id), beacon=lambda: self.beacon,
+            peer_unreachable=lambda n: self.on_unreachable(n),
             endpoint_changed=lambda n, e: self.endpoints.append((n, e)))
         net.nodes[addr] = self
         net.where[node_id] = addr
@@ -317,7 +321,7 @@ class EstablishTests(Base):
             if len(self.a.unreachable) == 1:
                 self.a.tunnels.send(packet(1, 2, seq=2), node_id)
 
-        self.a.tunnels._peer_unreachable = again
+        self.a.on_unreachable = again
         self.a.tunnels.send(packet(1, 2, seq=1), 2, B_ADDR)
         self.clock.advance(GIVE_UP)
         self.assertEqual(self.a.tunnels.state(2), "exchanging")
@@ -525,12 +529,12 @@ class SealedTests(Base):
         self.a.tunnels.send(packet(1, 2, seq=2), 2)
         self.net.run()
         old = self.net.frames(PILS, A_ADDR)
-        session = self.a.tunnels._peers[2].session
-        assert session is not None
-        session.sender = TunnelSession(session.key, NonceSequence(b"\x01\x02\x03\x04"))
-        self.a.tunnels.send(packet(1, 2, seq=3), 2)
-        self.net.run()
-        self.assertEqual(SealedFrame.decode(self.net.frames(PILS, A_ADDR)[-1]).counter, 1)
+        # Node 1's key, sealed under a fresh prefix as the reference's re-keyed sender does.
+        key = derive_key(bytes(x25519(1)), bytes(x25519(2).public_key))
+        rekeyed = SealedFrame.seal(TunnelSession(key, NonceSequence(b"\x01\x02\x03\x04")), 1,
+                                   packet(1, 2, seq=3))
+        self.assertEqual(rekeyed.counter, 1)
+        self.b.tunnels.frame_received(rekeyed.encode(), A_ADDR)
         self.assertEqual([p.seq for p, _ in self.b.delivered], [1, 2, 3])
         for frame in old:  # frames under the first prefix are still replays
             self.b.tunnels.frame_received(frame, A_ADDR)
@@ -658,7 +662,7 @@ class RelayTests(Base):
         self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
 
     def test_relay_without_beacon(self) -> None:
-        self.a.tunnels._beacon = lambda: None
+        self.a.beacon = None
         self.a.tunnels.set_path(2, None, relay=True)
         self.a.tunnels.send(packet(1, 2), 2)
         self.assertEqual(self.a.tunnels.counters["no_beacon"], 1)
@@ -674,6 +678,34 @@ def vectors() -> str:
 def load(name: str) -> Any:
     with open(os.path.join(vectors(), name), "rb") as f:
         return json.load(f)
+
+
+class MachineTests(Base):
+    """The per-peer machine's table and the queries the path layer uses."""
+
+    def test_transitions(self) -> None:
+        rows = {(row.state, row.input, row.next) for row in transitions()}
+        self.assertIn(("idle", "packet_queued", "exchanging"), rows)
+        self.assertIn(("exchanging", "exchange_timed_out", "idle"), rows)
+        self.assertIn(("exchanging", "key_exchange_received", "established"), rows)
+        self.assertEqual(len(rows), 11)
+
+    def test_timers_outside_exchanging_raise(self) -> None:
+        # Both timers are cancelled on leaving exchanging; one arriving elsewhere is a bug.
+        peer = Peer(2, self.a.tunnels, self.clock, os.urandom)
+        self.assertRaises(NoTransition, peer.machine.retry_timer_fired)
+        self.assertRaises(NoTransition, peer.machine.exchange_timed_out)
+        self.establish()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_established_and_last_sent(self) -> None:
+        self.assertEqual((self.a.tunnels.is_established(2), self.a.tunnels.last_sent(2)), (False, None))
+        self.clock.advance(5)
+        self.a.tunnels.send(packet(1, 2, seq=1), 2, B_ADDR)
+        self.assertEqual((self.a.tunnels.is_established(2), self.a.tunnels.last_sent(2)), (False, 5))
+        self.net.run()
+        self.assertTrue(self.a.tunnels.is_established(2))
+        self.assertTrue(self.b.tunnels.is_established(1))
 
 
 class InteropTests(SynchronousTestCase):
@@ -735,11 +767,11 @@ class InteropTests(SynchronousTestCase):
 
     def test_reference_rekey_is_heard(self) -> None:
         # Node 2 re-keyed (new prefix, counter 1) after node 1's repeated PILA.  The
-        # reference's single window drops that frame (UDP entry 33, facts #10); ours
+        # reference's single window drops that frame (UDP entry 33; docs/reference-wire.md §9, #10); ours
         # keeps a window per prefix and accepts the whole sequence, but no replay.
         nonces = [SealedFrame.decode(f) for f in self.captured(PILS, 24102)]
         self.assertEqual(len({f.nonce_prefix for f in nonces}), 2)
-        session = _Session(bytes(32), bytes(32), os.urandom)
+        session = Session(bytes(32), bytes(32), os.urandom)
         reference = ReplayWindow()
         refused_by_reference = 0
         for f in nonces:

@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.machines.test_path -*-
+"""
+The path machine's timeouts and intervals (``docs/nat.md`` gives the
+reasons and the reference's values), its state names and what
+``pilotctl peers`` shows for each.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attr
+
+#: A first contact goes straight to the registered endpoint; without an
+#: authenticated answer within this long (s) we ask the beacon to punch.  A
+#: handful of round trips plus the peer's key lookup; the reference waits for
+#: three SYN retransmissions (about 7 s) before it relays.
+DIRECT_TIMEOUT = 1.0
+#: After a punch request (or a punch command from the peer's side), this long
+#: (s) for an authenticated frame through the hole before we relay.
+PUNCH_TIMEOUT = 2.0
+#: While relayed we punch again after this long (s), doubling ...
+PUNCH_RETRY_FIRST = 2.0
+#: ... up to this; each wait is shortened by up to RETRY_JITTER of itself, so
+#: a lifted block is noticed within PUNCH_RETRY_MAX plus a round trip.
+PUNCH_RETRY_MAX = 8.0
+RETRY_JITTER = 0.25
+#: A relayed peer with no traffic either way for this long (s) stops punching
+#: until traffic resumes (then it punches at once, and backs off again).
+RELAY_IDLE = 60.0
+#: A direct or punched path with nothing sent for this long (s) gets a PILP, so
+#: our NAT keeps its mapping (commonly dropped after 30 s of silence, some after 10 s).
+KEEPALIVE = 8.0
+#: A direct or punched path whose sends have gone unanswered (no authenticated
+#: direct frame) for this long (s), without a pause as long in our sending, is
+#: tried again: direct, punch, relay.  Streams are answered within a round trip.
+DIRECT_SILENCE = 3.0
+#: A punch command whose endpoint is no peer's we know is taken as the answer
+#: to our request when exactly one request is younger than this (s).
+PUNCH_ANSWER_WINDOW = PUNCH_TIMEOUT
+#: A new peer first heard directly from an endpoint the beacon told us to punch
+#: within this long (s) is counted as punched, not direct.
+PUNCH_HINT_WINDOW = 10.0
+#: Punch commands for endpoints of no known peer remembered (and answered with
+#: our PILA at most once per PUNCH_TIMEOUT each).
+UNMATCHED_MAX = 256
+
+IDLE = "idle"
+DIRECT_TRYING = "direct_trying"
+PUNCHING = "punching"
+RELAYED = "relayed"
+DIRECT = "direct"
+PUNCHED = "punched"
+
+#: What ``pilotctl peers`` shows for each state.
+PATH_NAMES: dict[str, Optional[str]] = {
+    IDLE: None, DIRECT_TRYING: "trying", PUNCHING: "trying", RELAYED: "relay",
+    DIRECT: "direct", PUNCHED: "punched",
+}
+
+
+@attr.s(auto_attribs=True, frozen=True, kw_only=True)
+class PathConfig:
+    """Every timeout and interval (s); the defaults are the module constants."""
+
+    direct_timeout: float = DIRECT_TIMEOUT
+    punch_timeout: float = PUNCH_TIMEOUT
+    punch_retry_first: float = PUNCH_RETRY_FIRST
+    punch_retry_max: float = PUNCH_RETRY_MAX
+    retry_jitter: float = RETRY_JITTER
+    relay_idle: float = RELAY_IDLE
+    keepalive: float = KEEPALIVE
+    direct_silence: float = DIRECT_SILENCE
+    punch_answer_window: float = PUNCH_ANSWER_WINDOW
+    punch_hint_window: float = PUNCH_HINT_WINDOW

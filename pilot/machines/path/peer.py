@@ -1,0 +1,409 @@
+# -*- test-case-name: tests.machines.test_path -*-
+"""
+The path to one peer: the :class:`PeerPath` machine, its core
+:class:`PathCore` and the behaviours that hold its logic (``docs/nat.md``)::
+
+    idle -packet_sent-> direct_trying -direct_timed_out (1 s)-> punching
+         -punch_timed_out (2 s)-> relayed -retry_timer_fired (2 s doubling
+         to 8 s, jittered): punch again-> ... -direct_frame_received-> punched
+
+``direct_trying`` and ``punching`` end in ``direct`` and ``punched`` as soon
+as an authenticated frame arrives from the peer's endpoint without the
+relay.  Direct and punched paths send a 4-byte PILP after a silence of
+``keepalive``, and go back to ``direct_trying`` when what we send stays
+unanswered for ``direct_silence``, or when the peer's registered endpoint
+changes.
+
+What the machine needs of the tunnel layer is :class:`TunnelControl`; what
+it needs of the node's path layer (``Paths``) is :class:`PathOwner`.  Both
+are public methods; no behaviour reads another object's private fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol
+
+import attr
+from automat import TypeMachineBuilder
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from pilot.endpoint import Endpoint
+from pilot.machines.path.config import (
+    DIRECT, DIRECT_TRYING, IDLE, PUNCHED, PUNCHING, RELAYED, PathConfig,
+)
+from pilot.machines.table import Transition, TransitionTable
+from pilot.wire.tunnel import PILP
+
+
+class TunnelControl(Protocol):
+    """What a path needs of the tunnel layer (``pilot.machines.tunnel.Tunnels``)."""
+
+    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool) -> None:
+        "Send to the peer directly (to ``direct_endpoint``, None: the known one) or through the beacon."
+
+    def send_key_exchange(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
+        "Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."
+
+    def key_exchange_frame(self) -> bytes:
+        "Our PILA, for an endpoint of no peer we know yet."
+
+    def is_established(self, node_id: int) -> bool:
+        "Do we hold a session with the peer?"
+
+    def last_sent(self, node_id: int) -> Optional[float]:
+        "When we last sent the peer a frame (clock seconds), None if never."
+
+
+class PathOwner(Protocol):
+    """What one peer's path asks of the node's path layer (``Paths``)."""
+
+    def request_punch(self, node_id: int) -> None:
+        "Ask our beacon to punch toward the peer."
+
+    def forget_punch_request(self, node_id: int) -> None:
+        "The peer is heard directly (or given up): no punch command is awaited for it any more."
+
+    def count(self, name: str, n: int = 1) -> None:
+        "Count an event."
+
+
+class PeerPath(Protocol):
+    """Inputs about the path to one peer."""
+
+    def packet_sent(self) -> None:
+        "The node is sending the peer a packet."
+
+    def direct_frame_received(self, endpoint: Endpoint) -> None:
+        "An authenticated frame came from the peer's endpoint, not through the relay."
+
+    def punched_frame_received(self, endpoint: Endpoint) -> None:
+        "The first frame of a peer came directly from an endpoint we had just been told to punch."
+
+    def relayed_frame_received(self) -> None:
+        "An authenticated frame from the peer came through the relay."
+
+    def punch_commanded(self, endpoint: Endpoint) -> None:
+        "The beacon told us to punch toward the peer at ``endpoint``."
+
+    def endpoint_moved(self, endpoint: Endpoint) -> None:
+        "The peer's registered endpoint changed (the registry said so)."
+
+    def direct_timed_out(self) -> None:
+        "DIRECT_TIMEOUT passed in direct_trying."
+
+    def punch_timed_out(self) -> None:
+        "PUNCH_TIMEOUT passed in punching."
+
+    def retry_timer_fired(self) -> None:
+        "Time to punch again while relayed."
+
+    def keepalive_timer_fired(self) -> None:
+        "Time to see whether the NAT mapping needs a probe."
+
+    def direct_went_silent(self) -> None:
+        "What we sent directly has gone unanswered for DIRECT_SILENCE."
+
+    def exchange_gave_up(self) -> None:
+        "The tunnel's key exchange with the peer gave up (it did not answer any way)."
+
+
+@attr.s(auto_attribs=True, kw_only=True, eq=False)
+class PathCore:
+    """The path to one peer and its collaborators, shared by the behaviours."""
+
+    node_id: int
+    owner: PathOwner
+    tunnels: TunnelControl
+    clock: IReactorTime
+    config: PathConfig
+    random: Callable[[], float]                       # jitter source in [0, 1)
+    send_datagram: Callable[[bytes, Endpoint], None]  # our PILP keepalives
+    path_changed: Callable[[int, str, Optional[Endpoint]], None]
+    state: str = IDLE
+    registered: Optional[Endpoint] = None   # where the registry says the peer is
+    endpoint: Optional[Endpoint] = None     # where we send (or would send) directly
+    changed_at: Optional[float] = None
+    deadline: Optional[IDelayedCall] = None
+    keepalive_call: Optional[IDelayedCall] = None
+    retry_delay: float = 0.0
+    parked: bool = False                    # relayed, not punching until traffic resumes
+    last_direct_rx: Optional[float] = None
+    awaiting_since: Optional[float] = None  # first direct send not yet answered
+    last_sent: Optional[float] = None
+    last_probe: Optional[float] = None
+    last_used: Optional[float] = None       # a packet sent, or a frame received, not our probes
+    machine: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        self.machine = PeerPathMachine(self)
+
+    # -- shared by the behaviours --
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def cancel(self) -> None:
+        for call in (self.deadline, self.keepalive_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.deadline = self.keepalive_call = None
+
+    def after(self, delay: float, fire: Callable[[], None]) -> None:
+        self.deadline = self.clock.callLater(delay, fire)
+
+    def route(self, endpoint: Optional[Endpoint], relay: bool) -> None:
+        if endpoint is not None:
+            self.endpoint = endpoint
+        self.tunnels.set_path(self.node_id, self.endpoint, relay)
+
+    def send_pila(self, endpoint: Optional[Endpoint]) -> None:
+        """Our PILA to ``endpoint`` directly (None: by the peer's current path)."""
+        self.owner.count("pila_probes")
+        self.tunnels.send_key_exchange(self.node_id, endpoint)
+
+    def jittered(self, delay: float) -> float:
+        return delay * (1.0 - self.config.retry_jitter * self.random())
+
+    def schedule_retry(self, m: PeerPath) -> None:
+        self.after(self.jittered(self.retry_delay), m.retry_timer_fired)
+        self.retry_delay = min(self.retry_delay * 2, self.config.punch_retry_max)
+
+    def last_activity(self) -> Optional[float]:
+        """When the NAT mapping was last refreshed by us: a frame sent or a probe."""
+        sent = [t for t in (self.tunnels.last_sent(self.node_id), self.last_probe) if t is not None]
+        return max(sent) if sent else None
+
+    def schedule_keepalive(self, m: PeerPath) -> None:
+        last = self.last_activity()
+        due = (last if last is not None else self.now()) + self.config.keepalive
+        self.keepalive_call = self.clock.callLater(max(0.0, due - self.now()), m.keepalive_timer_fired)
+
+
+_builder = TypeMachineBuilder(PeerPath, PathCore)
+idle = _builder.state(IDLE)
+direct_trying = _builder.state(DIRECT_TRYING)
+punching = _builder.state(PUNCHING)
+relayed = _builder.state(RELAYED)
+direct = _builder.state(DIRECT)
+punched = _builder.state(PUNCHED)
+I = PeerPath  # noqa: E741
+
+
+def _enter(core: PathCore, old: str, new: str, event: str) -> None:
+    if old != new:
+        core.changed_at = core.now()
+        core.state = new
+
+
+def _entered(core: PathCore, old: str, new: str, event: str) -> None:
+    if old != new:
+        core.path_changed(core.node_id, new, core.endpoint)
+
+
+table = TransitionTable((idle, direct_trying, punching, relayed, direct, punched),
+                        before=_enter, after=_entered)
+
+
+# -- trying the registered endpoint ----------------------------------------------------------
+
+@table.on(idle, I.packet_sent, direct_trying)
+def _first_send(m: PeerPath, c: PathCore) -> None:
+    c.cancel()
+    c.route(c.registered or c.endpoint, relay=False)  # the tunnel's PILA (re)tries go there
+    c.after(c.config.direct_timeout, m.direct_timed_out)
+
+
+@table.on(direct, I.direct_went_silent, direct_trying)
+@table.on(punched, I.direct_went_silent, direct_trying)
+def _try_again(m: PeerPath, c: PathCore) -> None:
+    c.owner.count("direct_silent")
+    _try_direct(m, c, c.endpoint)
+
+
+@table.on(direct_trying, I.endpoint_moved, direct_trying)
+@table.on(punching, I.endpoint_moved, direct_trying)
+@table.on(direct, I.endpoint_moved, direct_trying)
+@table.on(punched, I.endpoint_moved, direct_trying)
+def _try_direct(m: PeerPath, c: PathCore, endpoint: Optional[Endpoint]) -> None:
+    c.cancel()
+    c.awaiting_since = None
+    if endpoint != c.endpoint:
+        c.changed_at = c.now()
+    c.route(endpoint, relay=False)
+    if c.tunnels.is_established(c.node_id):
+        c.send_pila(c.endpoint)  # an established tunnel sends no PILA by itself
+    c.after(c.config.direct_timeout, m.direct_timed_out)
+
+
+# -- punching ----------------------------------------------------------------------------------
+
+@table.on(direct_trying, I.direct_timed_out, punching)
+def _request_punch(m: PeerPath, c: PathCore) -> None:
+    c.cancel()
+    c.owner.request_punch(c.node_id)
+    c.after(c.config.punch_timeout, m.punch_timed_out)
+
+
+@table.on(idle, I.punch_commanded, punching)
+@table.on(direct_trying, I.punch_commanded, punching)
+def _punched_at(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    c.cancel()
+    _aim(m, c, endpoint)
+    c.after(c.config.punch_timeout, m.punch_timed_out)
+
+
+@table.on(punching, I.punch_commanded, punching)
+def _aim(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    """The beacon's answer: the peer's endpoint as it sees it; our PILA follows the PILPs."""
+    c.route(endpoint, relay=False)
+    c.send_pila(endpoint)
+
+
+# -- relayed -----------------------------------------------------------------------------------
+
+@table.on(punching, I.punch_timed_out, relayed)
+@table.on(idle, I.relayed_frame_received, relayed)
+@table.on(direct_trying, I.relayed_frame_received, relayed)
+@table.on(punching, I.relayed_frame_received, relayed)
+def _relay(m: PeerPath, c: PathCore) -> None:
+    c.cancel()
+    c.owner.count("relay_fallbacks")
+    c.route(None, relay=True)
+    if not c.tunnels.is_established(c.node_id):
+        c.send_pila(None)  # through the beacon now; the tunnel would wait for its next retry
+    c.parked = False
+    c.retry_delay = c.config.punch_retry_first
+    c.schedule_retry(m)
+
+
+@table.on(relayed, I.retry_timer_fired, relayed)
+def _punch_again(m: PeerPath, c: PathCore) -> None:
+    c.deadline = None
+    if c.last_used is None or c.now() - c.last_used >= c.config.relay_idle:
+        c.parked = True  # nobody is using the path; wait for traffic
+        return
+    c.owner.request_punch(c.node_id)
+    c.schedule_retry(m)
+
+
+@table.on(relayed, I.packet_sent, relayed)
+@table.on(relayed, I.relayed_frame_received, relayed)
+def _resume(m: PeerPath, c: PathCore) -> None:
+    if c.parked:
+        c.parked = False
+        c.retry_delay = c.config.punch_retry_first
+        c.owner.request_punch(c.node_id)
+        c.schedule_retry(m)
+
+
+@table.on(relayed, I.punch_commanded, relayed)
+def _aim_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    c.route(endpoint, relay=True)  # frames keep going through the beacon until the hole answers
+    c.send_pila(endpoint)
+
+
+@table.on(relayed, I.endpoint_moved, relayed)
+def _moved_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    c.cancel()
+    c.changed_at = c.now()
+    _aim_relayed(m, c, endpoint)
+    c.parked = False
+    c.retry_delay = c.config.punch_retry_first
+    c.owner.request_punch(c.node_id)
+    c.schedule_retry(m)
+
+
+# -- direct and punched ------------------------------------------------------------------------
+
+@table.on(idle, I.direct_frame_received, direct)
+@table.on(direct_trying, I.direct_frame_received, direct)
+@table.on(idle, I.punched_frame_received, punched)
+@table.on(punching, I.direct_frame_received, punched)
+@table.on(relayed, I.direct_frame_received, punched)
+def _use_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    c.cancel()
+    c.parked = False
+    c.owner.forget_punch_request(c.node_id)
+    c.route(endpoint, relay=False)
+    c.last_direct_rx, c.awaiting_since = c.now(), None
+    c.schedule_keepalive(m)
+
+
+@table.on(direct, I.direct_frame_received, direct)
+@table.on(punched, I.direct_frame_received, punched)
+def _heard_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    c.last_direct_rx, c.awaiting_since = c.now(), None
+    if endpoint != c.endpoint:  # roaming or a NAT rebinding: the tunnel moved already
+        c.changed_at = c.now()
+        c.route(endpoint, relay=False)
+        c.path_changed(c.node_id, c.state, endpoint)
+
+
+@table.on(direct, I.packet_sent, direct)
+@table.on(punched, I.packet_sent, punched)
+def _check_silence(m: PeerPath, c: PathCore) -> None:
+    now, silence = c.now(), c.config.direct_silence
+    if c.awaiting_since is None or c.last_sent is None or now - c.last_sent >= silence:
+        c.awaiting_since = now  # the first send since an answer, or after a pause
+    elif now - c.awaiting_since >= silence:
+        m.direct_went_silent()
+    c.last_sent = now
+
+
+@table.on(direct, I.keepalive_timer_fired, direct)
+@table.on(punched, I.keepalive_timer_fired, punched)
+def _keepalive(m: PeerPath, c: PathCore) -> None:
+    c.keepalive_call = None
+    last = c.last_activity()
+    if last is None or c.now() - last >= c.config.keepalive:
+        c.last_probe = c.now()
+        if c.endpoint is not None:
+            c.owner.count("keepalives")
+            c.send_datagram(PILP, c.endpoint)
+    c.schedule_keepalive(m)
+
+
+@table.on(direct, I.punch_commanded, direct)
+@table.on(punched, I.punch_commanded, punched)
+def _answer_punch(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    """The peer punches toward us: it does not hear us directly.  Let it, where we send and where it asks."""
+    c.send_pila(c.endpoint)
+    if endpoint != c.endpoint:
+        c.send_pila(endpoint)
+
+
+# -- giving up ---------------------------------------------------------------------------------
+
+@table.on(direct_trying, I.exchange_gave_up, idle)
+@table.on(punching, I.exchange_gave_up, idle)
+@table.on(relayed, I.exchange_gave_up, idle)
+@table.on(direct, I.exchange_gave_up, idle)
+@table.on(punched, I.exchange_gave_up, idle)
+def _reset(m: PeerPath, c: PathCore) -> None:
+    c.cancel()
+    c.parked = False
+    c.awaiting_since = None
+    c.owner.forget_punch_request(c.node_id)
+    c.endpoint = c.registered or c.endpoint
+    c.tunnels.set_path(c.node_id, c.endpoint, False)  # the next attempt starts direct again
+
+
+# -- harmless inputs; every other pair raises NoTransition -------------------------------------
+# Each timer is cancelled on leaving the state that set it, ``punched_frame_received`` comes only
+# for a peer just met (idle), ``direct_went_silent`` only from ``_check_silence`` and
+# ``endpoint_moved`` never in idle (``Paths.endpoint_learned`` keeps it for the first send).
+
+table.ignore((direct_trying, punching), I.packet_sent,
+             why="the attempt under way carries the packet; its deadline runs")
+table.ignore((direct, punched), I.relayed_frame_received,
+             why="the peer relays until it hears us directly; our direct path stands")
+table.ignore((idle,), I.exchange_gave_up,
+             why="the path is at its start already (reset before, or never used)")
+
+PeerPathMachine = _builder.build()
+
+
+def transitions(ignored: bool = False) -> list[Transition]:
+    """Every transition that does something (and, with ``ignored``, the harmless
+    inputs): (state, input, next state, behaviour), for docs and tests."""
+    return table.transitions(ignored)

@@ -1,0 +1,305 @@
+# -*- test-case-name: tests.machines.test_tunnel -*-
+"""
+One peer's tunnel: the :class:`PeerTunnel` machine, its core :class:`Peer`
+and the behaviours that hold its logic (``docs/tunnel.md``)::
+
+    idle -packet_queued-> exchanging -key_exchange_received-> established
+    exchanging -retry_timer_fired-> exchanging (our PILA again, 250 ms doubling to 2 s)
+    exchanging -exchange_timed_out (10 s)-> idle (queue dropped, the node told)
+
+The machine asks the node's tunnel layer for what it shares with the other
+peers through :class:`TunnelOwner`, a handful of public methods; it never
+reads the owner's fields.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Deque, Optional, Protocol
+
+import attr
+from automat import TypeMachineBuilder
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from pilot.endpoint import Endpoint
+from pilot.errors import MalformedFrame
+from pilot.machines.table import Transition, TransitionTable
+from pilot.machines.tunnel.session import Dropped, Session
+from pilot.wire.packet import Packet
+from pilot.wire.tunnel import AuthKeyExchange, SealedFrame
+
+RETRY_FIRST = 0.25         # first PILA retransmission (s), doubling ...
+RETRY_MAX = 2.0            # ... up to this
+GIVE_UP = 10.0             # exchange abandoned after this (s)
+ANSWER_INTERVAL = 0.5      # at most one answering PILA per peer per interval ...
+ANSWER_BURST = 5           # ... and this many answers to repeated PILAs ...
+ANSWER_WINDOW = 30.0       # ... per window (s)
+RETIRED_KEYS = 8           # old peer X25519 keys refused (a restarted peer never reuses one)
+
+
+class PeerTunnel(Protocol):
+    """Inputs about one peer."""
+
+    def packet_queued(self, packet: Packet) -> None:
+        "The node wants ``packet`` carried to the peer."
+
+    def key_exchange_received(self, frame: AuthKeyExchange, key: bytes, source: Endpoint,
+                              via_relay: bool) -> None:
+        "A PILA whose signature verified with the peer's expected key; ``key`` is the derived AES key."
+
+    def sealed_frame_received(self, frame: SealedFrame, source: Endpoint,
+                              via_relay: bool) -> Optional[Packet]:
+        "A PILS from the peer; the authenticated packet, or None if dropped."
+
+    def retry_timer_fired(self) -> None:
+        "Time to resend our PILA."
+
+    def exchange_timed_out(self) -> None:
+        "The exchange has run for GIVE_UP seconds."
+
+
+class TunnelOwner(Protocol):
+    """What one peer's machine asks of the node's tunnel layer (``Tunnels``)."""
+
+    def own_id(self) -> Optional[int]:
+        "Our node id, None before registration."
+
+    def key_exchange_frame(self) -> bytes:
+        "Our PILA for our current node id."
+
+    def emit(self, node_id: int, frame: bytes, endpoint: Optional[Endpoint], relay: bool) -> bool:
+        "Send ``frame`` to the peer directly or through the beacon; False if there is no way."
+
+    def hold(self, peer: "Peer", packet: Packet) -> None:
+        "Queue ``packet`` on ``peer`` while it exchanges keys, within the node's bounds."
+
+    def release(self, peer: "Peer") -> None:
+        "Empty ``peer``'s queue."
+
+    def answer_with_pila(self, sender: int, source: Endpoint, via_relay: bool) -> None:
+        "Our PILA to a peer sealing with a session we do not have, within the node's budget."
+
+    def heard(self, node_id: int, source: Endpoint, via_relay: bool, from_endpoint: bool) -> None:
+        "An authenticated frame came from the peer (for the path layer)."
+
+    def moved(self, node_id: int, endpoint: Endpoint) -> None:
+        "The peer's endpoint changed."
+
+    def gave_up(self, node_id: int) -> None:
+        "The key exchange with the peer gave up."
+
+    def count(self, reason: str, n: int = 1) -> None:
+        "Count a drop or an event."
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Peer:
+    """The state of the tunnel to one peer, shared by the behaviours."""
+
+    node_id: int
+    owner: TunnelOwner
+    clock: IReactorTime
+    random_bytes: Callable[[int], bytes]
+    endpoint: Optional[Endpoint] = None
+    relay: bool = False
+    queue: Deque[Packet] = attr.Factory(collections.deque)
+    session: Optional[Session] = None
+    accepted: bytes = b""  # the last accepted PILA, byte for byte
+    retired_keys: Deque[bytes] = attr.Factory(lambda: collections.deque(maxlen=RETIRED_KEYS))
+    retry_delay: float = RETRY_FIRST
+    retry_call: Optional[IDelayedCall] = None
+    give_up_call: Optional[IDelayedCall] = None
+    last_pila_sent: Optional[float] = None
+    answers: Deque[float] = attr.Factory(collections.deque)
+    established_at: Optional[float] = None
+    last_rx: Optional[float] = None
+    last_tx: Optional[float] = None
+    bytes_rx: int = 0
+    bytes_tx: int = 0
+    machine: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        self.machine = PeerTunnelMachine(self)
+
+    # -- what the owner asks --
+
+    @property
+    def exchanging(self) -> bool:
+        return self.give_up_call is not None
+
+    def recently_sent_pila(self, now: float) -> bool:
+        return self.last_pila_sent is not None and now - self.last_pila_sent < ANSWER_INTERVAL
+
+    # -- shared by the behaviours --
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def transmit(self, frame: bytes, endpoint: Optional[Endpoint] = None,
+                 relay: Optional[bool] = None) -> bool:
+        """Send ``frame`` by the peer's path (or the one given); False if there is none."""
+        relay = self.relay if relay is None else relay
+        if not self.owner.emit(self.node_id, frame, endpoint or self.endpoint, relay):
+            return False
+        self.last_tx = self.now()
+        self.bytes_tx += len(frame)
+        return True
+
+    def send_pila(self, endpoint: Optional[Endpoint] = None, relay: Optional[bool] = None) -> None:
+        if self.owner.own_id() is None:
+            self.owner.count("no_node_id")
+        elif self.transmit(self.owner.key_exchange_frame(), endpoint, relay):
+            self.last_pila_sent = self.now()
+
+    def send_sealed(self, packet: Packet) -> None:
+        assert self.session is not None
+        own = self.owner.own_id()
+        if own is None:
+            self.owner.count("no_node_id")
+        else:
+            self.transmit(SealedFrame.seal(self.session.sender, own, packet).encode())
+
+    def schedule_retry(self) -> None:
+        self.retry_call = self.clock.callLater(self.retry_delay, self.machine.retry_timer_fired)
+
+    def stop_timers(self) -> None:
+        for call in (self.retry_call, self.give_up_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.retry_call = self.give_up_call = None
+
+    def set_endpoint(self, endpoint: Endpoint) -> None:
+        if endpoint != self.endpoint:
+            self.endpoint = endpoint
+            self.owner.moved(self.node_id, endpoint)
+
+    def may_answer(self, now: float) -> bool:
+        """Answer a repeated PILA?  Not within ANSWER_INTERVAL of our last one (this ends
+        PILA ping-pong between two established peers), at most ANSWER_BURST per window."""
+        while self.answers and now - self.answers[0] >= ANSWER_WINDOW:
+            self.answers.popleft()
+        if self.recently_sent_pila(now) or len(self.answers) >= ANSWER_BURST:
+            self.owner.count("answer_rate_limited")
+            return False
+        self.answers.append(now)
+        return True
+
+
+_builder = TypeMachineBuilder(PeerTunnel, Peer)
+idle = _builder.state("idle")
+exchanging = _builder.state("exchanging")
+established = _builder.state("established")
+table = TransitionTable((idle, exchanging, established))
+I = PeerTunnel  # noqa: E741
+
+
+@table.on(idle, I.packet_queued, exchanging)
+def _start(m: PeerTunnel, c: Peer, packet: Packet) -> None:
+    c.owner.hold(c, packet)
+    c.send_pila()
+    c.retry_delay = RETRY_FIRST
+    c.schedule_retry()
+    c.give_up_call = c.clock.callLater(GIVE_UP, m.exchange_timed_out)
+
+
+@table.on(exchanging, I.packet_queued, exchanging)
+def _hold(m: PeerTunnel, c: Peer, packet: Packet) -> None:
+    c.owner.hold(c, packet)
+
+
+@table.on(established, I.packet_queued, established)
+def _seal(m: PeerTunnel, c: Peer, packet: Packet) -> None:
+    c.send_sealed(packet)
+
+
+@table.on(exchanging, I.retry_timer_fired, exchanging)
+def _retry(m: PeerTunnel, c: Peer) -> None:
+    c.send_pila()
+    c.retry_delay = min(c.retry_delay * 2, RETRY_MAX)
+    c.schedule_retry()
+
+
+@table.on(exchanging, I.exchange_timed_out, idle)
+def _give_up(m: PeerTunnel, c: Peer) -> None:
+    c.stop_timers()
+    c.owner.count("unreachable_dropped", len(c.queue))
+    c.owner.release(c)
+    c.owner.gave_up(c.node_id)
+
+
+@table.on(idle, I.key_exchange_received, established)
+@table.on(exchanging, I.key_exchange_received, established)
+@table.on(established, I.key_exchange_received, established)
+def _accept(m: PeerTunnel, c: Peer, frame: AuthKeyExchange, key: bytes, source: Endpoint,
+            via_relay: bool) -> None:
+    now = c.now()
+    c.stop_timers()
+    known = c.endpoint  # a repeated PILA (replayable) vouches only for the endpoint we knew
+    if c.session is not None and c.session.peer_x25519 == frame.x25519_public:
+        # The same agreement again (a retransmission, a replay, or a peer that did not get
+        # our PILA): keep counters and windows (#10); only a PILS moves a known endpoint.
+        if c.endpoint is None and not via_relay:
+            c.set_endpoint(source)
+        if c.may_answer(now):
+            c.send_pila(source, via_relay)
+    else:
+        if c.session is not None:  # the peer restarted: new X25519 key, new session
+            c.retired_keys.append(c.session.peer_x25519)
+            c.owner.count("peer_rekeyed")
+        c.session = Session(key, frame.x25519_public, c.random_bytes)
+        c.established_at = now
+        c.answers.clear()
+        if via_relay:
+            c.relay = c.relay or c.endpoint is None
+        else:
+            c.set_endpoint(source)
+        c.send_pila(source, via_relay)
+        known = c.endpoint
+    c.accepted = frame.encode()
+    c.owner.heard(c.node_id, source, via_relay, source == known)
+    queued = list(c.queue)
+    c.owner.release(c)
+    for packet in queued:
+        c.send_sealed(packet)
+
+
+@table.on(idle, I.sealed_frame_received, idle)
+@table.on(exchanging, I.sealed_frame_received, exchanging)
+def _no_session(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
+                via_relay: bool) -> Optional[Packet]:
+    c.owner.count("pils_no_session")
+    c.owner.answer_with_pila(frame.sender, source, via_relay)
+    return None
+
+
+@table.on(established, I.sealed_frame_received, established)
+def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
+          via_relay: bool) -> Optional[Packet]:
+    assert c.session is not None
+    try:
+        packet = Packet.decode(c.session.open(frame))
+        if packet.src.node != c.node_id:  # #9: the sender id must be the packet's source
+            raise Dropped("pils_wrong_source")
+    except Dropped as e:
+        c.owner.count(e.reason)
+        return None
+    except MalformedFrame:
+        c.owner.count("pils_bad_packet")
+        return None
+    c.last_rx = c.now()
+    c.bytes_rx += 20 + len(frame.ciphertext)
+    if not via_relay:
+        c.set_endpoint(source)  # roaming: an authenticated frame from a new address
+    c.owner.heard(c.node_id, source, via_relay, True)
+    return packet
+
+
+# Nothing is ignored: both timers are cancelled whenever the machine leaves
+# ``exchanging``, so a timer input in ``idle`` or ``established`` is a bug and raises.
+
+PeerTunnelMachine = _builder.build()
+
+
+def transitions() -> list[Transition]:
+    """Every transition: (state, input, next state, behaviour), for docs and tests."""
+    return table.transitions()
