@@ -14,8 +14,9 @@ Each machine writes::
     table.ignore((idle, trying), Inputs.late_timer, why="each timer is cancelled on leaving its state")
 
 ``on`` registers the transition (``upon(...).to(...)``, or ``loop()`` when
-the state stays) and calls the machine's hooks around the behaviour (to
-record the state's name, log, time a change).  ``ignore`` is the explicit
+the state stays) and, when the state changes, calls the machine's hooks
+around the behaviour (to record the state's name, log, time the change); a
+loop runs its behaviour alone.  ``ignore`` is the explicit
 list of harmless inputs: every (state, input) pair that is neither declared
 nor ignored raises Automat's ``NoTransition``, so an impossible input shows
 in tests instead of vanishing.  :meth:`TransitionTable.transitions` lists the
@@ -70,7 +71,9 @@ class TransitionTable:
 
             output.__name__ = behaviour.__name__
             if old is new:
-                old.upon(event).loop()(output)
+                # the hooks mark changes of state: a loop runs the behaviour alone
+                # (one call less on the hot paths, where packets loop in a state)
+                old.upon(event).loop()(behaviour)
             else:
                 old.upon(event).to(new)(output)
             self.rows.append(Transition(old.name, event.__name__, new.name, behaviour.__name__))

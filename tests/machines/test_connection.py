@@ -966,8 +966,8 @@ class TraceTests(SynchronousTestCase):
         r.feed(ACK, seq=1, ack=1)
         r.conn.set_trace(None)
         r.feed(RST)
+        # changes of state only: the segment that loops in syn_received is not traced
         self.assertEqual(seen, [("idle", "syn_received", "syn_received"),
-                                ("syn_received", "segment_received", "syn_received"),
                                 ("syn_received", "handshake_acked", "established")])
 
 

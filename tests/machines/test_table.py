@@ -96,3 +96,22 @@ class ResultTests(SynchronousTestCase):
         _, machine = counting_machine()
         counter = machine(Core())  # type: ignore[operator]
         self.assertEqual((counter.counted(), counter.counted()), (1, 2))
+
+
+class LoopTests(SynchronousTestCase):
+    def test_a_loop_runs_without_hooks(self) -> None:
+        builder = TypeMachineBuilder(Door, Core)
+        shut = builder.state("shut")
+
+        def before(core: Core, old: str, new: str, event: str) -> None:
+            core.log.append(("before", old, new, event))
+
+        table = TransitionTable((shut,), before=before)
+
+        @table.on(shut, Door.knocked, shut)
+        def _knock(m: Door, c: Core) -> None:
+            c.log.append(("knock",))
+
+        core = Core()
+        builder.build()(core).knocked()
+        self.assertEqual(core.log, [("knock",)])

@@ -175,7 +175,7 @@ class Connection:
         self._machine.reading_resumed()
 
     def set_trace(self, tracer: Tracer | None) -> None:
-        """Call ``tracer(state, input, next_state)`` on every transition that does something."""
+        """Call ``tracer(state, input, next_state)`` on every change of state."""
         self._core.tracer = tracer
 
     # -- inspection -----------------------------------------------------------------
