@@ -246,7 +246,7 @@ class AnswerTests(SynchronousTestCase):
         self.assertFalse(node.machine.is_trusted(PEER, STRANGER.public_key))
 
     def test_duplicate_relayed_responses_idempotent(self) -> None:
-        """The reference answers twice (``docs/reference-wire.md`` §9 item 14): the second changes nothing."""
+        """The reference answers twice (``docs/reference-wire.md`` §9 item 14): the second does nothing."""
         node = Node(store=requested_store())
         node.machine.relayed_response(PEER, True, T0)
         node.clear()
@@ -802,8 +802,8 @@ class StoreTests(SynchronousTestCase):
 
     def test_every_input_in_every_state(self) -> None:
         """The table is complete: no input in any state escapes as anything but a PilotError."""
-        stores: dict[str, Callable[[], TrustStore]] = {UNKNOWN: TrustStore, PENDING: pending_store, REQUESTED: requested_store,
-                  TRUSTED: trusted_store}
+        stores: dict[str, Callable[[], TrustStore]] = {
+            UNKNOWN: TrustStore, PENDING: pending_store, REQUESTED: requested_store, TRUSTED: trusted_store}
         inputs: dict[str, Callable[[Node], Any]] = {
             "handshake": lambda n: n.machine.handshake(PEER, "x"),
             "approve": lambda n: n.machine.approve(PEER),
@@ -999,7 +999,8 @@ class TwoNodeTests(SynchronousTestCase):
         net, a, b = self.network()
         net.add(OTHER, STRANGER)
         net.edges.add((ME, OTHER))  # suppose A's endpoint is known to C
-        forged = make_message(ACCEPT, OTHER, ME, STRANGER.public_key, STRANGER.sign, int(self.clock.seconds()))
+        now = int(self.clock.seconds())
+        forged = make_message(ACCEPT, OTHER, ME, STRANGER.public_key, STRANGER.sign, now)
         net.direct(OTHER, ME, forged.encode())
         net.registry(OTHER, {"type": "respond_handshake", "node_id": OTHER, "peer_id": ME, "accept": True})
         net.settle()

@@ -89,7 +89,8 @@ class Registration:
             outbox=Outbox(identity, clock, random_bytes, request_timeout),
             settings=Settings(hostname, public, self._tags(tags or [])), endpoint=endpoint,
             register_extra=register_extra, on_registered=registered, on_unregistered=unregistered,
-            on_event=event, on_heartbeat=heartbeat_ok, jitter=random if random is not None else _random.Random(),
+            on_event=event, on_heartbeat=heartbeat_ok,
+            jitter=random if random is not None else _random.Random(),
             heartbeat_interval=heartbeat_interval, backoff_initial=backoff_initial, backoff_max=backoff_max,
             connect_timeout=connect_timeout, stop_timeout=stop_timeout,
             log=log if log is not None else self.log, backoff=backoff_initial)

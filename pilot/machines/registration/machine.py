@@ -186,7 +186,8 @@ def _lost(m: RegistrationInputs, c: Session, why: str) -> None:
     _back_off(m, c, why)
 
 
-def watch(m: RegistrationInputs, c: Session, client: Optional[RegistryClient]) -> Callable[[Failure], Failure]:
+def watch(m: RegistrationInputs, c: Session,
+          client: Optional[RegistryClient]) -> Callable[[Failure], Failure]:
     """An errback: a RegistryUnavailable on the current client ends the connection."""
 
     def check(failure: Failure) -> Failure:
@@ -308,7 +309,8 @@ def push_setting(m: RegistrationInputs, c: Session, name: str) -> "Deferred[Repl
 
     def failed(failure: Failure) -> Failure:
         c.settings.errors[name] = reason(failure)
-        c.log.warn("registration: {request} failed: {why}", request=SETTING_REQUESTS[name], why=reason(failure))
+        c.log.warn("registration: {request} failed: {why}", request=SETTING_REQUESTS[name],
+                   why=reason(failure))
         return failure
 
     d.addCallbacks(ok, failed)
@@ -438,5 +440,5 @@ RegistrationMachine = _builder.build()
 
 
 def transitions(ignored: bool = False) -> list[Transition]:
-    """Every transition that does something (with ``ignored``, the harmless inputs too), for docs and tests."""
+    """Every transition that does something (with ``ignored``, the harmless ones too), for docs and tests."""
     return table.transitions(ignored)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, fail, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError, Deferred, TimeoutError as DeferredTimeout, fail, maybeDeferred,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 

@@ -42,7 +42,8 @@ def accept_register_reply(c: Session, reply: Reply) -> None:
                    "an id collision, or a registry that numbers nodes in order; its id is used",
                    node_id=node_id, expected=expected)
     if c.node_id is not None and node_id != c.node_id:
-        c.log.warn("registration: our node id changed from {old} to {node_id}", old=c.node_id, node_id=node_id)
+        c.log.warn("registration: our node id changed from {old} to {node_id}",
+                   old=c.node_id, node_id=node_id)
     c.node_id, c.address = node_id, address
     error = reply.get("hostname_error")
     c.hostname_error = error[:256] if isinstance(error, str) and error else None

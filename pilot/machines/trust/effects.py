@@ -21,7 +21,9 @@ from pilot.errors import NotFound
 from pilot.identity import PUBLIC_KEY_LEN
 from pilot.machines.trust.values import MAX_TEXT
 from pilot.trust import OutgoingRequest, PendingRequest, TrustedPeer, TrustStore
-from pilot.wire.handshake import ACCEPT, REJECT, REQUEST, REVOKE, REVOKE_REASON, HandshakeMessage, make_message
+from pilot.wire.handshake import (
+    ACCEPT, REJECT, REQUEST, REVOKE, REVOKE_REASON, HandshakeMessage, make_message,
+)
 
 
 class Collaborators(Protocol):

@@ -24,7 +24,9 @@ from pilot.machines.trust.effects import Effects
 from pilot.machines.trust.peer import PeerTrust, peer_machine
 from pilot.machines.trust.replay import ReplayFilter, digest
 from pilot.machines.trust.rules import AutoApprove
-from pilot.machines.trust.values import MAX_AGE, MAX_AHEAD, MAX_PENDING, MAX_TEXT, PENDING, REQUESTED, TRUSTED, UNKNOWN
+from pilot.machines.trust.values import (
+    MAX_AGE, MAX_AHEAD, MAX_PENDING, MAX_TEXT, PENDING, REQUESTED, TRUSTED, UNKNOWN,
+)
 from pilot.trust import OutgoingRequest, PendingRequest, TrustedPeer, TrustStore
 from pilot.wire.handshake import ACCEPT, MAX_NODE_ID, REJECT, REQUEST, REVOKE, HandshakeMessage
 
@@ -36,7 +38,7 @@ def _valid_node_id(node_id: object) -> bool:
 @attr.s(auto_attribs=True, eq=False)
 class TrustMachine:
     """
-    This node's trust logic.  Pure: every effect goes through a collaborator.
+    This node's trust.  Pure: every effect goes through a collaborator.
 
     :param node_id: this node's id; ``public_key`` its Ed25519 key and
         ``sign`` its signing function (for port-444 messages).
@@ -64,7 +66,7 @@ class TrustMachine:
     registry_request: Callable[[dict[str, Any]], "Deferred[Any]"]
     lookup_key: Callable[[int], "Deferred[bytes]"]
     clock: IReactorTime
-    log: Logger = attr.Factory(lambda: Logger(namespace=__name__))
+    log: Logger = attr.Factory(lambda: Logger(namespace="pilot.machines.trust"))
     rules: AutoApprove = attr.Factory(AutoApprove)
     peer_info: Callable[[int], "Deferred[dict[str, Any]]"] | None = None
     trust_ended: Callable[[int], None] | None = None
