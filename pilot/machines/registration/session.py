@@ -87,6 +87,6 @@ class Session:
             return ""
         return value if isinstance(value, str) else ""
 
-    def send(self, msg: dict[str, Any], signed: bool = True) -> "Deferred[Reply]":
-        """Send on the current connection, signed unless told otherwise."""
-        return self.outbox.send(self.outbox.sign(msg) if signed else msg, self.client)
+    def send(self, msg: dict[str, Any]) -> "Deferred[Reply]":
+        """Sign ``msg`` and send it on the current connection."""
+        return self.outbox.send(self.outbox.sign(msg), self.client)
