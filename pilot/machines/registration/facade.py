@@ -215,14 +215,6 @@ class Registration:
         """The state's name, for ``status()`` and logs; decide with the ``is_*`` queries instead."""
         return self._session.state
 
-    def is_idle(self) -> bool:
-        """True before :meth:`start` (nothing to stop, nothing to re-register)."""
-        return self.state == "idle"
-
-    def is_registered(self) -> bool:
-        """True while the registry holds our current registration."""
-        return self.state == "registered"
-
     @property
     def node_id(self) -> Optional[int]:
         return self._session.node_id
