@@ -5,8 +5,9 @@ Twisted and magic-wormhole use them): a provider swapped for another fails
 at once (``verifyObject`` in the tests), and the wiring reads as a list of
 named collaborators instead of callables.
 
-The lowest floor: this module imports only zope, typing and the wire
-codecs, so every floor above may name these interfaces (docs/architecture.md).
+On the foundation floor: this module imports only zope, typing and
+``pilot.endpoint``, so every floor above may name these interfaces
+(docs/architecture.md).
 
 Injected I/O (the sans-I/O :class:`pilot.node.Node` never touches a socket):
 
@@ -28,7 +29,7 @@ from typing import Any, Optional
 
 from zope.interface import Interface
 
-Endpoint = tuple[str, int]
+from pilot.endpoint import Endpoint
 
 
 class IDatagramSender(Interface):
