@@ -24,6 +24,18 @@ class Listening(Protocol):
     def close(self) -> None: ...
 
 
+class NodeSearch(Protocol):
+    """
+    Searching the network (``pilotctl peers --search``): fires with
+    ``{"nodes": [...], "source", "truncated", "note"}`` as
+    :func:`pilot.search.search_network` makes it.  Served by the control
+    socket when the node's API has it; to be folded into :class:`NodeAPI`
+    once the node implements it.
+    """
+
+    def search(self, query: str) -> Deferred[dict[str, Any]]: ...
+
+
 class NodeAPI(Protocol):
     # --- this node ------------------------------------------------------------
     def info(self) -> Deferred[dict[str, Any]]: ...

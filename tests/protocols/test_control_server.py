@@ -279,6 +279,12 @@ class BadRequestTests(SynchronousTestCase):
         h = Harness()
         self.assertInvalid(h, h.ask("explode"), "unknown command 'explode'")
 
+    def test_search_unknown_without_the_api_method(self) -> None:
+        # a node whose API has no search (pilot.nodeapi.NodeSearch) does not serve it;
+        # pilotctl then falls back to ``peers`` (tests.test_cli_node)
+        h = Harness()
+        self.assertInvalid(h, h.ask("search", query="sensor"), "unknown command 'search'")
+
     def test_command_not_a_string(self) -> None:
         for cmd in (None, 5, ["info"], {"a": 1}, True):
             h = Harness()
@@ -974,3 +980,26 @@ class LoopbackTests(SynchronousTestCase):
         iosim_pump.flush()
         self.pump.flush()
         self.assertTrue(self.client.lost)
+
+
+class SearchingAPI(FakeAPI):
+    def search(self, query: str) -> Any:
+        return self._answer("search", query)
+
+
+class SearchCommandTests(SynchronousTestCase):
+    def test_search_calls_the_api(self) -> None:
+        h = Harness(SearchingAPI())
+        h.api.answers["search"] = {"nodes": [], "source": "registry", "truncated": False, "note": None}
+        reply = h.ask("search", query="sensor")
+        self.assertEqual(reply["result"]["source"], "registry")
+        self.assertEqual(h.api.calls, [("search", ("sensor",))])
+
+    def test_search_query_checked(self) -> None:
+        for args, needle in (({}, "query"), ({"query": 5}, "query"), ({"query": "x" * 65}, "longer")):
+            h = Harness(SearchingAPI())
+            reply = h.ask("search", **args)
+            self.assertFalse(reply["ok"], args)
+            self.assertEqual(reply["error"]["code"], "invalid_argument")
+            self.assertIn(needle, reply["error"]["message"])
+            self.assertEqual(h.api.calls, [])
