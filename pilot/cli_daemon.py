@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -260,7 +261,9 @@ def daemon_stop(ctx: Context) -> Result:
     try:
         _client(settings.socket).call("shutdown")
     except NotRunning:
-        raise NotRunning("the daemon is not running", "`pilotctl daemon start` starts it") from None
+        removed = _remove_stale(settings, pid)
+        left = f" (it had stopped without cleaning up; removed {' and '.join(removed)})" if removed else ""
+        raise NotRunning(f"the daemon is not running{left}", "`pilotctl daemon start` starts it") from None
     deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline:
         if _running_info(settings.socket) is None and (pid is None or not _alive(pid)):
@@ -270,6 +273,25 @@ def daemon_stop(ctx: Context) -> Result:
         os.kill(pid, signal.SIGTERM)
     raise Timeout(f"the daemon did not stop within {STOP_WAIT:g} s; sent it SIGTERM",
                   f"check `pilotctl daemon status`; the log is {settings.log_path}")
+
+
+def _remove_stale(settings: Any, pid: int | None) -> list[str]:
+    """
+    After a crash: remove the pid file (if its process is gone) and the
+    control socket (nobody answers on it); return what was removed.
+    """
+    if pid is not None and _alive(pid):
+        return []  # a process with that pid runs: perhaps a daemon that does not answer; leave it be
+    removed = []
+    for path, kind in ((settings.pid_path, stat.S_ISREG), (settings.socket, stat.S_ISSOCK)):
+        try:
+            if not kind(os.lstat(path).st_mode):
+                continue  # not what we left: not ours to remove
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 @COMMANDS.command("daemon status", "show whether the node daemon runs, and its registration",

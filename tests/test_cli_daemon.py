@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -270,3 +272,47 @@ class UnusableHomeTests(SynchronousTestCase):
         ran = Ran(["init"])
         self.assertEqual(ran.stderr.splitlines()[0], f"error: cannot use {home}: Permission denied")
         self.assertNamesThePath(["daemon", "start", "--hostname", "my-agent"], home)
+
+
+class StaleFilesTests(HomeTestCase):
+    """issue 9 item 7: ``daemon stop`` after a crash removes the pid file and socket it left."""
+
+    def leave(self, pid: int) -> tuple[str, str]:
+        pid_path = os.path.join(self.home, "pilot.pid")
+        with open(pid_path, "w") as f:
+            f.write(f"{pid}\n")
+        sock_path = os.path.join(self.home, "pilot.sock")
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(sock_path)
+        stale.close()  # the file stays; nothing listens: what a killed daemon leaves
+        return pid_path, sock_path
+
+    def dead_pid(self) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", ""])
+        proc.wait()
+        return proc.pid
+
+    def test_removed_after_a_crash(self) -> None:
+        pid_path, sock_path = self.leave(self.dead_pid())
+        ran = Ran(["--json", "daemon", "stop"])
+        self.assertEqual(ran.status, int(ErrorCode.not_running), ran.stderr)
+        message = ran.json_error()["message"]
+        self.assertIn(pid_path, message)
+        self.assertIn(sock_path, message)
+        self.assertFalse(os.path.exists(pid_path))
+        self.assertFalse(os.path.exists(sock_path))
+
+    def test_kept_while_the_pid_lives(self) -> None:
+        pid_path, sock_path = self.leave(os.getpid())
+        ran = Ran(["--json", "daemon", "stop"])
+        self.assertEqual(ran.status, int(ErrorCode.not_running), ran.stderr)
+        self.assertTrue(os.path.exists(pid_path))
+        self.assertTrue(os.path.exists(sock_path))
+
+    def test_not_a_socket_is_not_removed(self) -> None:
+        path = os.path.join(self.home, "pilot.sock")
+        with open(path, "w") as f:
+            f.write("mine")
+        ran = Ran(["--json", "daemon", "stop"])
+        self.assertEqual(ran.status, int(ErrorCode.not_running), ran.stderr)
+        self.assertTrue(os.path.exists(path))
