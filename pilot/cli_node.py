@@ -359,9 +359,9 @@ def pending(ctx: Context) -> Result:
     rows = [as_dict(p) for p in as_list(data)]
     if not rows:
         return Result(data, "no pending handshake requests")
-    return Result(data, _table(["NODE ID", "JUSTIFICATION", "RECEIVED"],
-                               [[p.get("node_id"), p.get("justification"), when(p.get("received_at"))]
-                                for p in rows]))
+    return Result(data, _table(["NODE ID", "HOSTNAME", "JUSTIFICATION", "RECEIVED"],
+                               [[p.get("node_id"), p.get("hostname"), p.get("justification"),
+                                 when(p.get("received_at"))] for p in rows]))
 
 
 @COMMANDS.command("approve", "approve a pending handshake request",

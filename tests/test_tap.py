@@ -270,3 +270,19 @@ class TacTests(SynchronousTestCase):
             json.dump([], f)
         e = self.assertRaises(SystemExit, self.load, PILOT_STORE=store)
         self.assertIn("cannot load the registry store", str(e.code))
+
+
+class ReadmeTests(SynchronousTestCase):
+    """The README's ``Persistence:`` line is what a run prints, as root and not (issue 9 item 7)."""
+
+    def test_persistence_line(self) -> None:
+        from pilot.services.store import STORE_NAME, SYSTEM_STORE_DIR, default_store_path
+        with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        shown = [line for line in readme.splitlines() if line.startswith("Persistence: ")]
+        self.assertEqual(shown, [f"Persistence: {os.path.join(SYSTEM_STORE_DIR, STORE_NAME)}"])
+        # what a user who cannot write the system folder gets, which the README must say too
+        home = os.path.abspath(self.mktemp())
+        fallback = default_store_path(os.path.join(REPO, "README.md", "not-a-folder"), home)
+        self.assertEqual(fallback, os.path.join(home, ".pilot", STORE_NAME))
+        self.assertIn(f"`~/.pilot/{STORE_NAME}`", readme)
