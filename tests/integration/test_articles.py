@@ -32,7 +32,7 @@ import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.nodes import Node, NodeTestMixin, ids
-from tests.integration.procs import LOOPBACK, wait_for_rendezvous, wait_until
+from tests.integration.procs import LOOPBACK, Rendezvous, wait_for_rendezvous, wait_until
 
 ADDRESS = r"0:[0-9A-F]{4}\.[0-9A-F]{4}\.[0-9A-F]{4}"
 
@@ -44,9 +44,9 @@ done
 
 
 class ArticleTestCase(NodeTestMixin, SynchronousTestCase):
-    def agent(self, name: str, rendezvous: object, public: bool = False) -> Node:
+    def agent(self, name: str, rendezvous: Rendezvous, public: bool = False) -> Node:
         """A PILOT_HOME for ``name`` (no init), its rendezvous and loopback from the environment."""
-        node = self.make_node(name, rendezvous, init=False)  # type: ignore[arg-type]
+        node = self.make_node(name, rendezvous, init=False)
         node.env.update({"PILOT_BEACON": f"{LOOPBACK}:{node.beacon_port}", "PILOT_LISTEN": f"{LOOPBACK}:0"})
         if public:
             node.env["PILOT_PUBLIC"] = "1"
