@@ -318,11 +318,16 @@ def _read_pid(path: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Does ``pid`` run?  A zombie (dead, not yet reaped: a container's init may never reap it) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True  # no /proc (not Linux): the signal test is all there is
 

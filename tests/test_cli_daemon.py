@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -299,6 +300,19 @@ class StaleFilesTests(HomeTestCase):
         message = ran.json_error()["message"]
         self.assertIn(pid_path, message)
         self.assertIn(sock_path, message)
+        self.assertFalse(os.path.exists(pid_path))
+        self.assertFalse(os.path.exists(sock_path))
+
+    def test_a_zombie_is_not_alive(self) -> None:
+        # a killed daemon whose parent never reaps it (a container's init) stays a zombie
+        if not hasattr(os, "waitid"):
+            raise unittest.SkipTest("needs os.waitid")
+        proc = subprocess.Popen([sys.executable, "-c", ""])
+        self.addCleanup(proc.wait)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # it has exited; it is not reaped
+        self.assertFalse(cli_daemon._alive(proc.pid))
+        pid_path, sock_path = self.leave(proc.pid)
+        self.assertEqual(Ran(["--json", "daemon", "stop"]).status, int(ErrorCode.not_running))
         self.assertFalse(os.path.exists(pid_path))
         self.assertFalse(os.path.exists(sock_path))
 
