@@ -207,7 +207,8 @@ def _start_background(ctx: Context, settings: Any) -> Result:
                              f"the whole log is in {settings.log_path}", code=ErrorCode(code))
         info = _running_info(settings.socket)
         registry = (info or {}).get("registry", {})
-        if registry.get("state") == "registered" or registry.get("consecutive_failures", 0) >= GIVE_UP_AFTER:
+        failures = registry.get("consecutive_failures")
+        if registry.get("state") == "registered" or (isinstance(failures, int) and failures >= GIVE_UP_AFTER):
             break
         time.sleep(0.05)
     if info is None:
