@@ -411,9 +411,27 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
         # "Exception ignored" noise when Python flushes stdout at exit
         _silence(stdout)
         return 0
+    except OSError as e:
+        if e.filename is None:
+            return out.error(Internal(f"{type(e).__name__}: {e}",
+                                      "this is a bug in pilotctl; please report it with the command line"))
+        return out.error(file_error(e))
     except Exception as e:  # the contract: no tracebacks, ever
         return out.error(Internal(f"{type(e).__name__}: {e}",
                                   "this is a bug in pilotctl; please report it with the command line"))
+
+
+def file_error(e: OSError) -> PilotError:
+    """
+    A file or directory pilotctl could not use (an unwritable ``PILOT_HOME``,
+    a path through a file...): ``invalid_argument``, naming the path, since
+    the fix is a setting (``PILOT_HOME``, ``--socket``...) or a permission.
+    """
+    path = os.fsdecode(e.filename)
+    reason = e.strerror or type(e).__name__
+    return InvalidArgument(f"cannot use {path}: {reason}",
+                           "PILOT_HOME (default ~/.pilot) must be a directory this user can write: "
+                           "fix its permissions or point PILOT_HOME elsewhere")
 
 
 def _silence(stream: IO[str]) -> None:

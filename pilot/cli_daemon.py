@@ -7,14 +7,18 @@ its daemon's lifecycle.
 ``python -m pilot daemon start --foreground`` in a new session with its
 output in ``$PILOT_HOME/pilot.log``, then waits until the daemon answers on
 its control socket and has registered, and prints ``Registered as NAME
-(ADDRESS)``.  ``--foreground`` runs the node in this process until SIGTERM
-or SIGINT.
+(ADDRESS)``.  If the registry cannot be reached, it reports
+``registry_unavailable`` (exit 8) with the registry's last answer and leaves
+the daemon running: it keeps retrying.  ``--foreground`` runs the node in
+this process until SIGTERM or SIGINT.  ``--hostname``, ``--registry`` and
+``--beacon`` are remembered in config.json, as ``init`` remembers them.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -23,7 +27,8 @@ from typing import Any
 from pilot import log
 from pilot.cli import COMMANDS, Context, Result, arg
 from pilot.errors import (
-    AlreadyExists, ConnectionFailed, ErrorCode, InvalidArgument, NotRunning, PilotError, Timeout,
+    AlreadyExists, ConnectionFailed, ErrorCode, InvalidArgument, NotRunning, PilotError, RegistryUnavailable,
+    Timeout,
 )
 from pilot.identity import Identity, default_home
 from pilot.nodeconfig import NODE_OPTIONS, config_path, load_settings, read_config
@@ -134,10 +139,32 @@ def daemon_start(ctx: Context) -> Result | None:
         identity = Identity.generate()
         os.makedirs(os.path.dirname(os.path.abspath(settings.identity)), mode=0o700, exist_ok=True)
         identity.save(settings.identity)
+    _remember(settings.home, flags)
     if ctx.args.foreground:
         _run_foreground(ctx, settings)
         return None  # the daemon ran until a signal; its log said everything
     return _start_background(ctx, settings)
+
+
+#: The settings ``daemon start`` keeps in config.json, as ``init`` does.
+REMEMBERED = ("hostname", "registry", "beacon")
+
+
+def _remember(home: str, flags: dict[str, Any]) -> None:
+    """
+    Save ``--hostname``, ``--registry`` and ``--beacon`` in config.json, so
+    that ``daemon start --hostname my-agent`` without ``init`` (the first
+    article's first command) registers the same name at the next plain start.
+    """
+    given = {k: flags[k] for k in REMEMBERED if flags.get(k)}
+    if not given:
+        return
+    config = read_config(home)
+    if all(config.get(k) == v for k, v in given.items()):
+        return
+    config.update(given)
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    atomic_write_json(config_path(home), config, mode=0o600)
 
 
 def _run_foreground(ctx: Context, settings: Any) -> None:
@@ -179,7 +206,9 @@ def _start_background(ctx: Context, settings: Any) -> Result:
             raise PilotError(f"the daemon exited at start: {_log_tail(settings.log_path, log_start)}",
                              f"the whole log is in {settings.log_path}", code=ErrorCode(code))
         info = _running_info(settings.socket)
-        if info is not None and info.get("registry", {}).get("state") == "registered":
+        registry = (info or {}).get("registry", {})
+        failures = registry.get("consecutive_failures")
+        if registry.get("state") == "registered" or (isinstance(failures, int) and failures >= GIVE_UP_AFTER):
             break
         time.sleep(0.05)
     if info is None:
@@ -187,13 +216,30 @@ def _start_background(ctx: Context, settings: Any) -> Result:
                       f"see {settings.log_path}")
     data = {"pid": proc.pid, "address": info.get("address"), "hostname": info.get("hostname"),
             "node_id": info.get("node_id"), "registry": info.get("registry"), "log": settings.log_path}
-    if info.get("registry", {}).get("state") == "registered":
+    registry = info.get("registry", {})
+    if registry.get("state") == "registered":
         name = info.get("hostname") or info.get("address")
         return Result(data, f"Registered as {name} ({info.get('address')})")
-    reason = info.get("registry", {}).get("error") or "no answer yet"
-    return Result(data, f"Daemon started (pid {proc.pid}, {info.get('address')}); "
-                        f"not registered yet: {reason}\n"
-                        f"It keeps trying; `pilotctl daemon status` shows progress.")
+    raise not_registered(proc.pid, info, settings.registry, ctx.args.wait)
+
+
+#: ``daemon start`` stops waiting after this many failed attempts to reach the registry.
+GIVE_UP_AFTER = 3
+
+
+def not_registered(pid: int, info: dict[str, Any], server: str, waited: float) -> RegistryUnavailable:
+    """
+    The daemon runs but has not registered: ``registry_unavailable``, with
+    the registry's last answer (``Connection refused``...) in the message.
+    The daemon is left running: it keeps retrying, as it does when the
+    rendezvous goes away later.
+    """
+    registry = info.get("registry", {})
+    reason = registry.get("last_error") or registry.get("error") or f"no answer in {waited:g} s"
+    return RegistryUnavailable(
+        f"the daemon (pid {pid}, {info.get('address')}) could not register with {server}: {reason}",
+        "it keeps retrying in the background; check --registry, "
+        "`pilotctl daemon status` shows progress, `pilotctl daemon stop` stops it")
 
 
 def _log_tail(path: str, start: int = 0, lines: int = 5) -> str:
@@ -216,7 +262,9 @@ def daemon_stop(ctx: Context) -> Result:
     try:
         _client(settings.socket).call("shutdown")
     except NotRunning:
-        raise NotRunning("the daemon is not running", "`pilotctl daemon start` starts it") from None
+        removed = _remove_stale(settings, pid)
+        left = f" (it had stopped without cleaning up; removed {' and '.join(removed)})" if removed else ""
+        raise NotRunning(f"the daemon is not running{left}", "`pilotctl daemon start` starts it") from None
     deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline:
         if _running_info(settings.socket) is None and (pid is None or not _alive(pid)):
@@ -226,6 +274,25 @@ def daemon_stop(ctx: Context) -> Result:
         os.kill(pid, signal.SIGTERM)
     raise Timeout(f"the daemon did not stop within {STOP_WAIT:g} s; sent it SIGTERM",
                   f"check `pilotctl daemon status`; the log is {settings.log_path}")
+
+
+def _remove_stale(settings: Any, pid: int | None) -> list[str]:
+    """
+    After a crash: remove the pid file (if its process is gone) and the
+    control socket (nobody answers on it); return what was removed.
+    """
+    if pid is not None and _alive(pid):
+        return []  # a process with that pid runs: perhaps a daemon that does not answer; leave it be
+    removed = []
+    for path, kind in ((settings.pid_path, stat.S_ISREG), (settings.socket, stat.S_ISSOCK)):
+        try:
+            if not kind(os.lstat(path).st_mode):
+                continue  # not what we left: not ours to remove
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
 
 
 @COMMANDS.command("daemon status", "show whether the node daemon runs, and its registration",
@@ -252,11 +319,16 @@ def _read_pid(path: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Does ``pid`` run?  A zombie (dead, not yet reaped: a container's init may never reap it) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True  # no /proc (not Linux): the signal test is all there is
 

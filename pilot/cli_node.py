@@ -29,6 +29,7 @@ from pilot.cli import PROG, COMMANDS, Arg, Context, Result, arg
 from pilot.control_client import DEFAULT_TIMEOUT, ControlClient
 from pilot.errors import InvalidArgument, MalformedFrame
 from pilot.names import hostname_problem, normalise_tags
+from pilot.search import MAX_QUERY, shaped
 
 #: How a command reaches the daemon: ``make_client(socket_path_or_None, timeout)``.
 make_client: Callable[[str | None, float], Any] = ControlClient
@@ -276,25 +277,60 @@ def find(ctx: Context) -> Result:
     return Result(data, text)
 
 
-@COMMANDS.command("peers", "list the nodes this node knows",
-                  arg("--search", metavar="Q", default=None, help="only peers whose hostname, address, "
-                                                                  "node id or tags contain Q"),
-                  socket_option(),
-                  epilog="With --json, a list of objects (hostname, address, node_id, ...):\n"
-                         "  pilotctl --json peers --search sensor | jq -r '.[].hostname'")
+_PEERS_EPILOG = """\
+Without --search: the nodes this node knows (met, trusted or pending).
+With --search Q: the nodes on the rendezvous whose hostname, tag or address
+contain Q (public nodes, and private nodes that trust this one; at most 100),
+for example to enrol a fleet:
+
+  for sensor in $(pilotctl --json peers --search "sensor" | jq -r '.[].hostname'); do
+    pilotctl handshake "$sensor" "Automated fleet enrollment"
+  done
+
+With --json, a list of objects: hostname, address, node_id, public, tags.
+When the registry cannot search (a reference registry, or none reachable),
+the known peers are searched instead and a note on stderr says so."""
+
+
+@COMMANDS.command("peers", "list the nodes this node knows, or search the network for nodes",
+                  arg("--search", metavar="Q", default=None,
+                      help="search the rendezvous for nodes whose hostname, tag or address contain Q"),
+                  socket_option(), epilog=_PEERS_EPILOG)
 def peers(ctx: Context) -> Result:
     search = ctx.args.search
-    if search is not None and len(search) > 256:
-        raise InvalidArgument("--search is longer than 256 characters", f"see `{PROG} peers --help`")
-    data = ask(ctx, "peers", **({"search": search} if search else {}))
+    if search is not None:
+        return _search(ctx, search)
+    data = ask(ctx, "peers")
     rows = [as_dict(p) for p in as_list(data)]
     if not rows:
-        text = f"no peers matching {search!r}" if search else "no peers"
-    else:
-        text = _table(["HOSTNAME", "ADDRESS", "NODE ID", "ENDPOINT"],
-                      [[p.get("hostname"), p.get("address"), p.get("node_id"), p.get("endpoint")]
-                       for p in rows])
-    return Result(data, text)
+        return Result(data, "no peers")
+    return Result(data, _table(["HOSTNAME", "ADDRESS", "NODE ID", "ENDPOINT"],
+                               [[p.get("hostname"), p.get("address"), p.get("node_id"), p.get("endpoint")]
+                                for p in rows]))
+
+
+def _search(ctx: Context, query: str) -> Result:
+    if not query.strip() or len(query) > MAX_QUERY:
+        raise InvalidArgument(f"--search takes 1 to {MAX_QUERY} characters", f"see `{PROG} peers --help`")
+    try:
+        answer = as_dict(ask(ctx, "search", query=query))
+    except InvalidArgument as e:
+        if "unknown command" not in e.message:
+            raise
+        # a daemon from before the registry search: the peers it knows are all it can search
+        answer = {"nodes": ask(ctx, "peers", search=query), "source": "known peers",
+                  "note": "this daemon cannot search the registry; only the peers it already knows were searched"}
+    known_only = answer.get("source") != "registry"
+    nodes = [shaped(as_dict(r), known_only) for r in as_list(answer.get("nodes"))]
+    note = answer.get("note")
+    if isinstance(note, str) and note:
+        write_note(ctx, f"note: {note}")
+    if not nodes:
+        return Result(nodes, f"no nodes matching {query!r}")
+    return Result(nodes, _table(["HOSTNAME", "ADDRESS", "NODE ID", "VISIBILITY", "TAGS"],
+                                [[n["hostname"], n["address"], n["node_id"],
+                                  None if n["public"] is None else "public" if n["public"] else "private",
+                                  " ".join(f"#{t}" for t in n["tags"])] for n in nodes]))
 
 
 # --- trust -----------------------------------------------------------------------------------------
@@ -323,9 +359,9 @@ def pending(ctx: Context) -> Result:
     rows = [as_dict(p) for p in as_list(data)]
     if not rows:
         return Result(data, "no pending handshake requests")
-    return Result(data, _table(["NODE ID", "JUSTIFICATION", "RECEIVED"],
-                               [[p.get("node_id"), p.get("justification"), when(p.get("received_at"))]
-                                for p in rows]))
+    return Result(data, _table(["NODE ID", "HOSTNAME", "JUSTIFICATION", "RECEIVED"],
+                               [[p.get("node_id"), p.get("hostname"), p.get("justification"),
+                                 when(p.get("received_at"))] for p in rows]))
 
 
 @COMMANDS.command("approve", "approve a pending handshake request",

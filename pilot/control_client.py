@@ -164,9 +164,14 @@ class ControlClient:
             sock.close()
             raise Timeout(f"the daemon did not accept a connection on {path} in time",
                           "the daemon may be overloaded or stuck; see its log") from None
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):
             sock.close()
             raise NotRunning(f"the daemon is not running (no control socket at {path})", START_HINT) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise NotRunning(f"the daemon is not running (nobody listens on the control socket {path}: "
+                             "a daemon that stopped without cleaning up left it)",
+                             START_HINT + "; `pilotctl daemon stop` removes the stale files") from None
         except PermissionError:
             sock.close()
             raise ConnectionFailed(f"permission denied on the control socket {path}",

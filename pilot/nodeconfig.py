@@ -126,6 +126,9 @@ def read_config(home: str) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except StateFileError as e:
+        if isinstance(e.__cause__, OSError):  # unreadable, or PILOT_HOME is not a usable directory
+            raise InvalidArgument(f"cannot use {e}", "PILOT_HOME (default ~/.pilot) must be a directory this "
+                                  "user can write: fix its permissions or point PILOT_HOME elsewhere") from None
         raise InvalidArgument(f"cannot use {e}", f"fix or remove {path}") from None
     return {str(k).replace("-", "_"): v for k, v in value.items()}
 

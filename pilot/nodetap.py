@@ -16,6 +16,7 @@ from pilot.errors import PilotError
 from pilot.nodeconfig import NODE_OPTIONS, NodeSettings, load_settings
 from pilot.options import Switch
 from pilot.services.node import NodeService, NodeStartupError
+from pilot.startup import StartupGuard
 
 TAPNAME = "pilot-node"
 
@@ -40,9 +41,13 @@ class NodeOptions(usage.Options):
 Options = NodeOptions
 
 
-def makeService(options: NodeOptions) -> NodeService:
+def makeService(options: NodeOptions) -> StartupGuard:
+    """
+    The node, guarded: a second daemon on the same ``PILOT_HOME`` or a busy
+    port at start is one line and the error's exit status (``pilot.startup``).
+    """
     from twisted.internet import reactor  # an edge: the one place the reactor is chosen
     try:
-        return NodeService(options.settings, reactor)
+        return StartupGuard(NodeService(options.settings, reactor), TAPNAME)
     except NodeStartupError as e:
         raise SystemExit(f"{TAPNAME}: error: {e.message} ({e.hint})") from None

@@ -12,7 +12,8 @@ parsed values into a :class:`RendezvousSettings`.
 
 A store that cannot be loaded is a startup error, reported in one line by
 :func:`makeService` (``SystemExit`` with the message, as twistd does for its
-own startup failures), never as a traceback.
+own startup failures), never as a traceback; so is a port that cannot be
+bound when twistd starts the service (:class:`pilot.startup.StartupGuard`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import RegistryConfig
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import StoreError, default_store_path
+from pilot.startup import StartupGuard
 
 TAPNAME = "pilot-rendezvous"
 DEFAULT_LISTEN = ":9000"
@@ -236,11 +238,12 @@ def build_service(settings: RendezvousSettings, reactor: Any) -> RendezvousServi
                            "check the paths given and their permissions") from e
 
 
-def makeService(options: RendezvousOptions) -> RendezvousService:
+def makeService(options: RendezvousOptions) -> StartupGuard:
+    """The rendezvous, guarded: a busy port at start is one line, not a traceback (``pilot.startup``)."""
     # twistd has installed the reactor by now; this edge is where it is named.
     from twisted.internet import reactor
 
     try:
-        return build_service(options.settings, reactor)
+        return StartupGuard(build_service(options.settings, reactor), TAPNAME)
     except StartupError as e:
         raise SystemExit(f"{TAPNAME}: error: {e}") from None

@@ -8,7 +8,8 @@ Settings come as for ``pilotctl daemon start`` and ``twistd pilot-node``:
 ``PILOT_*`` variables (PILOT_REGISTRY, PILOT_BEACON, PILOT_HOSTNAME,
 PILOT_LISTEN, PILOT_PUBLIC, PILOT_TAGS, ...), then
 ``$PILOT_HOME/config.json``, then the defaults (docs/config.md).  The
-identity must exist (``pilotctl init``).
+identity must exist (``pilotctl init``).  A setting, file or port it cannot
+use stops twistd with one line.
 """
 
 import sys
@@ -19,6 +20,7 @@ from twisted.internet import reactor
 from pilot.errors import PilotError
 from pilot.nodeconfig import load_settings
 from pilot.services.node import NodeService, NodeStartupError
+from pilot.startup import StartupGuard
 
 try:
     _node = NodeService(load_settings({}), reactor)
@@ -26,4 +28,5 @@ except (PilotError, NodeStartupError) as e:
     sys.exit(f"node.tac: error: {e}")
 
 application = service.Application("pilot-node")
-_node.setServiceParent(application)
+# a second daemon on this PILOT_HOME, or a busy port, is one line, not a traceback
+StartupGuard(_node, "node.tac").setServiceParent(application)

@@ -19,7 +19,8 @@ Settings come from the environment, with the defaults of
 Every other option of ``twistd pilot-rendezvous --help`` may be given as
 PILOT_<NAME>, the option's name in capitals with "_" for "-" (for example
 PILOT_FLUSH_DELAY=0.1, PILOT_REGISTRATIONS_PER_MINUTE=0, PILOT_TLS=1).
-A bad value or a store that cannot be loaded stops twistd with one line.
+A bad value, a store that cannot be loaded or a busy port stops twistd
+with one line.
 """
 
 import os
@@ -30,6 +31,7 @@ from twisted.internet import reactor
 from twisted.logger import ILogObserver
 
 from pilot import log, tap
+from pilot.startup import StartupGuard
 
 try:
     _values = tap.parse_values(tap.values_from_environment(os.environ), tap.environment_name)
@@ -39,7 +41,8 @@ except (ValueError, tap.StartupError) as e:
     sys.exit(f"rendezvous.tac: error: {e}")
 
 application = service.Application("pilot-rendezvous")
-_rendezvous.setServiceParent(application)
+# a busy port is one line, not a traceback
+StartupGuard(_rendezvous, "rendezvous.tac").setServiceParent(application)
 if _values["log_format"] or _values["log_level"]:
     # used unless twistd is given --logger
     application.setComponent(ILogObserver, log.make_observer(

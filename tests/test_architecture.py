@@ -57,11 +57,11 @@ FLOORS: dict[str, int] = {
     **{name: 2 for name in ("trust", "ratelimit", "options", "interfaces", "log", "tls", "nodeapi")},
     "machines": 3, "server": 3,
     "stack": 4,
-    "node": 5, "nodeconfig": 5,
+    "node": 5, "nodeconfig": 5, "search": 5, "details": 5,
     "protocols": 6,
     "services": 7,
     **{name: 8 for name in ("__init__", "__main__", "cli", "tap", "nodetap", "control", "endpoints", "aio",
-                            "testing")},
+                            "testing", "startup")},
 }
 #: Top-level modules whose name starts with one of these take its floor (``cli_node``, ``control_client``).
 FLOOR_PREFIXES: dict[str, int] = {"cli_": 8, "control_": 8}

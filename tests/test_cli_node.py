@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot import cli_node
 from pilot.control_client import Subscription
-from pilot.errors import ErrorCode, NotFound
+from pilot.errors import ErrorCode, InvalidArgument, NotFound, RateLimited
 from pilot.protocols.control_server import ControlServerFactory
 from pilot.wire.control import frame_decoder
 from tests.protocols.test_control_server import FakeAPI, FakeListening
@@ -146,8 +146,7 @@ SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
      {"hostname": "fresh", "address": "0:0000.0000.0008", "node_id": 8, "public": True, "endpoint": None},
      "fresh 0:0000.0000.0008 public -"),
     (["peers"], "peers", {}, [], "no peers"),
-    (["peers", "--search", "sen"], "peers", {"search": "sen"}, [], "no peers matching 'sen'"),
-    (["peers", "--search", "sensor"], "peers", {"search": "sensor"},
+    (["peers"], "peers", {},
      [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000"},
       {"hostname": None, "address": "0:0000.0000.0022", "node_id": 34, "endpoint": None}],
      "HOSTNAME  ADDRESS           NODE ID  ENDPOINT\n"
@@ -164,7 +163,14 @@ SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
     (["pending"], "pending", {}, [], "no pending handshake requests"),
     (["pending"], "pending", {},
      [{"node_id": 9, "public_key": "k", "justification": "let me in", "received_at": 0}],
-     "NODE ID  JUSTIFICATION  RECEIVED\n9        let me in      1970-01-01 00:00:00 UTC"),
+     "NODE ID  HOSTNAME  JUSTIFICATION  RECEIVED\n9        -         let me in      1970-01-01 00:00:00 UTC"),
+    (["pending"], "pending", {},
+     [{"node_id": 9, "public_key": "k", "hostname": "agent-a", "justification": "let me in",
+       "received_at": 0}],
+     "NODE ID  HOSTNAME  JUSTIFICATION  RECEIVED\n9        agent-a   let me in      1970-01-01 00:00:00 UTC"),
+    (["trust"], "trust", {},
+     [{"node_id": 9, "public_key": "k", "hostname": "agent-a", "approved_at": 86400, "mutual": False}],
+     "NODE ID  HOSTNAME  MUTUAL  APPROVED\n9        agent-a   no      1970-01-02 00:00:00 UTC"),
     (["approve", "9"], "approve", {"node_id": 9}, {"status": "approved", "node_id": 9},
      "trust established with node 9"),
     (["approve", "0:0000.0000.0009"], "approve", {"node_id": 9}, {"status": "approved", "node_id": 9},
@@ -311,7 +317,8 @@ class BadArgumentTests(CLITestCase):
         (["send", "Bad!", "1", "--data", "d"], "hostname"),
         (["recv", "1.0"], "port"),
         (["recv", "1", "--count", "1e3"], "count"),
-        (["peers", "--search", "x" * 300], "256"),
+        (["peers", "--search", "x" * 65], "64"),
+        (["peers", "--search", " "], "64"),
         (["peers", "extra"], "unrecognized"),
         (["info", "--bogus"], "--bogus"),
         (["pending", "--sock", "x"], "--sock"),
@@ -436,3 +443,57 @@ class RealDaemonTests(TestCase):
         while not listening.closed:
             yield deferLater(reactor, 0.01, lambda: None)
 
+
+# --- peers --search ----------------------------------------------------------------------------
+
+SENSORS = [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "public": True,
+            "tags": ["temp"]},
+           {"hostname": "sensor-2", "address": "0:0000.0000.0002", "node_id": 2, "public": False, "tags": []}]
+
+
+class PeersSearchTests(CLITestCase):
+    """``peers --search`` asks the daemon to search the registry (``search``), not its known peers."""
+
+    def test_json_is_a_list_for_jq(self) -> None:
+        # the articles: pilotctl --json peers --search "sensor" | jq -r '.[].hostname'
+        self.fake.answers["search"] = {"nodes": SENSORS, "source": "registry", "truncated": False, "note": None}
+        ran = self.run_ok(["--json", "peers", "--search", "sensor"])
+        self.assertEqual(self.fake.calls, [("search", {"query": "sensor"})])
+        self.assertEqual(json.loads(ran.stdout), SENSORS)
+        self.assertEqual([n["hostname"] for n in json.loads(ran.stdout)], ["sensor-1", "sensor-2"])
+        self.assertEqual(ran.stderr, "")
+
+    def test_human(self) -> None:
+        self.fake.answers["search"] = {"nodes": SENSORS, "source": "registry", "truncated": False, "note": None}
+        ran = self.run_ok(["peers", "--search", "sensor"])
+        self.assertEqual(ran.stdout, "HOSTNAME  ADDRESS           NODE ID  VISIBILITY  TAGS\n"
+                                     "sensor-1  0:0000.0000.0001  1        public      #temp\n"
+                                     "sensor-2  0:0000.0000.0002  2        private     -\n")
+
+    def test_nothing_found(self) -> None:
+        self.fake.answers["search"] = {"nodes": [], "source": "registry", "truncated": False, "note": None}
+        self.assertEqual(self.run_ok(["peers", "--search", "sen"]).stdout, "no nodes matching 'sen'\n")
+        self.assertEqual(self.run_json(["peers", "--search", "sen"]), [])
+
+    def test_registry_note_on_stderr(self) -> None:
+        known = [{"hostname": "sensor-2", "address": "0:0000.0000.0002", "node_id": 2, "public": None,
+                  "tags": []}]
+        self.fake.answers["search"] = {"nodes": known, "source": "known peers", "truncated": False,
+                                       "note": "the registry does not know search_nodes"}
+        ran = self.run_ok(["--json", "peers", "--search", "sensor"])
+        self.assertEqual(json.loads(ran.stdout), known)
+        self.assertEqual(ran.stderr, "note: the registry does not know search_nodes\n")
+
+    def test_old_daemon_falls_back_to_known_peers(self) -> None:
+        self.fake.answers["search"] = InvalidArgument("unknown command 'search'")
+        self.fake.answers["peers"] = [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1,
+                                       "endpoint": "1.2.3.4:4000", "trusted": True}]
+        ran = self.run_ok(["--json", "peers", "--search", "sensor"])
+        self.assertEqual(self.fake.calls, [("search", {"query": "sensor"}), ("peers", {"search": "sensor"})])
+        self.assertEqual(json.loads(ran.stdout), [{"hostname": "sensor-1", "address": "0:0000.0000.0001",
+                                                   "node_id": 1, "public": None, "tags": []}])
+        self.assertIn("only the peers it already knows", ran.stderr)
+
+    def test_other_errors_pass_through(self) -> None:
+        self.fake.answers["search"] = RateLimited("too many searches from this node")
+        self.run_error(["peers", "--search", "sensor"], ErrorCode.rate_limited)

@@ -192,7 +192,10 @@ class CallTests(SynchronousTestCase):
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(path)
         stale.close()  # the file stays; nothing accepts
-        self.assertRaises(NotRunning, ControlClient(path).call, "info")
+        e = self.assertRaises(NotRunning, ControlClient(path).call, "info")
+        # not "no control socket": the file is there, and daemon stop removes it
+        self.assertIn(f"nobody listens on the control socket {path}", e.message)
+        self.assertIn("daemon stop", e.hint)
 
     def test_path_too_long(self) -> None:
         path = os.path.join(short_dir(self), "x" * 200, "pilot.sock")

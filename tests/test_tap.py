@@ -22,6 +22,7 @@ from pilot.persist import atomic_write_json
 from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import Peer, RegistryConfig
 from pilot.services.rendezvous import RendezvousService
+from pilot.startup import StartupGuard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,7 +147,9 @@ class MakeServiceTests(SynchronousTestCase):
     def test_service(self) -> None:
         options = parse("--listen", "127.0.0.1:0", "--beacon", "127.0.0.1:0", "--store", self.store,
                         "--flush-delay", "0.5")
-        service = tap.makeService(options)
+        guard = tap.makeService(options)
+        self.assertIsInstance(guard, StartupGuard)  # a busy port at start is one line (tests.test_startup)
+        service = guard.inner
         self.assertIsInstance(service, RendezvousService)
         self.assertTrue(IService.providedBy(service))
         self.assertEqual(service.settings, options.settings)
@@ -161,7 +164,8 @@ class MakeServiceTests(SynchronousTestCase):
         reply = first.registry.handle({"type": "register", "public_key": key, "listen_addr": ":4000",
                                        "hostname": "kept"}, Peer("192.0.2.1", 4000))
         atomic_write_json(self.store, first.registry.state.to_json())
-        second = tap.makeService(parse("--store", self.store))
+        second = tap.makeService(parse("--store", self.store)).inner
+        assert isinstance(second, RendezvousService)
         node = second.registry.node(reply["node_id"])
         self.assertIsNotNone(node)
         assert node is not None
@@ -248,7 +252,9 @@ class TacTests(SynchronousTestCase):
     def test_from_environment(self) -> None:
         store = os.path.abspath(self.mktemp())
         application = self.load(PILOT_LISTEN="127.0.0.1:0", PILOT_BEACON="127.0.0.1:0", PILOT_STORE=store)
-        [service] = list(IServiceCollection(application))
+        [guard] = list(IServiceCollection(application))
+        self.assertIsInstance(guard, StartupGuard)
+        service = guard.inner
         self.assertIsInstance(service, RendezvousService)
         self.assertEqual((service.settings.listen, service.settings.beacon_listen, service.settings.store),
                          ("127.0.0.1:0", "127.0.0.1:0", store))
@@ -264,3 +270,19 @@ class TacTests(SynchronousTestCase):
             json.dump([], f)
         e = self.assertRaises(SystemExit, self.load, PILOT_STORE=store)
         self.assertIn("cannot load the registry store", str(e.code))
+
+
+class ReadmeTests(SynchronousTestCase):
+    """The README's ``Persistence:`` line is what a run prints, as root and not (issue 9 item 7)."""
+
+    def test_persistence_line(self) -> None:
+        from pilot.services.store import STORE_NAME, SYSTEM_STORE_DIR, default_store_path
+        with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        shown = [line for line in readme.splitlines() if line.startswith("Persistence: ")]
+        self.assertEqual(shown, [f"Persistence: {os.path.join(SYSTEM_STORE_DIR, STORE_NAME)}"])
+        # what a user who cannot write the system folder gets, which the README must say too
+        home = os.path.abspath(self.mktemp())
+        fallback = default_store_path(os.path.join(REPO, "README.md", "not-a-folder"), home)
+        self.assertEqual(fallback, os.path.join(home, ".pilot", STORE_NAME))
+        self.assertIn(f"`~/.pilot/{STORE_NAME}`", readme)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 
 from pilot.nodeapi import NodeAPI
+from pilot.search import MAX_QUERY
 from pilot.wire.control import (MAX_PING_COUNT, MAX_PING_INTERVAL, MAX_PING_TIMEOUT, MAX_TAG_LEN, MAX_TAGS,
                                 MAX_TARGET, MAX_TEXT, Arguments)
 
@@ -24,7 +25,7 @@ Command = Callable[[Arguments], "Deferred[Any]"]
 
 def api_commands(api: NodeAPI) -> dict[str, Command]:
     """The plain requests served by ``api``, by command name."""
-    return {
+    commands: dict[str, Command] = {
         "info": lambda a: api.info(),
         "set_hostname": lambda a: api.set_hostname(a.text("hostname", 253)),
         "set_public": lambda a: api.set_public(a.flag("public")),
@@ -40,7 +41,9 @@ def api_commands(api: NodeAPI) -> dict[str, Command]:
         "untrust": lambda a: api.untrust(a.node_id()),
         "ping": lambda a: _ping(api, a),
         "send": lambda a: api.send_datagram(a.target(), a.port(), a.data("data")),
+        "search": lambda a: api.search(a.text("query", MAX_QUERY)),
     }
+    return commands
 
 
 def _ping(api: NodeAPI, args: Arguments) -> Deferred[Any]:

@@ -7,7 +7,8 @@ This module holds the :class:`Registry` (dispatch, rate limits, the helpers
 its handlers share) and the requests about a node's own record (register,
 lookup, resolve, hostname, visibility, tags, heartbeat, deregister, key
 rotation, punch, event subscription).  Trust and handshakes are in
-``handshakes.py``, the reference's remaining requests in ``compat.py``, the
+``handshakes.py``, searching in ``directory.py``, the reference's remaining
+requests in ``compat.py``, the
 types every handler shares in ``requests.py``.
 
 Pure logic: no sockets, no files; time from the injected ``IReactorTime``.
@@ -35,7 +36,7 @@ from pilot.errors import ErrorCode, MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.names import hostname_problem, normalise_tags
 from pilot.ratelimit import KeyedLimiter
-from pilot.server import compat, handshakes
+from pilot.server import compat, directory, handshakes
 from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
@@ -73,6 +74,7 @@ class Registry:
         self.register_limit = KeyedLimiter(self.config.registrations_per_minute / 60.0,
                                            max(self.config.registrations_per_minute, 1.0))
         self.request_limit = KeyedLimiter(self.config.requests_per_second, self.config.request_burst)
+        self.search_limit = KeyedLimiter(directory.SEARCH_RATE, directory.SEARCH_BURST)
         self.subscribers: dict[int, set[Session]] = {}
         self.beacons: dict[int, tuple[str, float]] = {}
         self.counters: dict[str, int] = {}
@@ -415,3 +417,4 @@ _HANDLERS: dict[str, Handler] = {
 }
 _HANDLERS.update(handshakes.HANDLERS)
 _HANDLERS.update(compat.HANDLERS)
+_HANDLERS.update(directory.HANDLERS)

@@ -15,12 +15,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from pilot.address import Address
+from pilot.details import with_details
 from pilot.endpoint import format_endpoint
 from pilot.errors import InvalidArgument, NotTrusted, PilotError, RegistryUnavailable, Timeout
 from pilot.names import hostname_problem, normalise_tags
 from pilot.node import Node
 from pilot.nodeapi import Listening
 from pilot.nodeconfig import NodeSettings
+from pilot.search import search_network
 
 MAX_PING_COUNT = 1000
 
@@ -206,15 +208,21 @@ class NodeAPIImpl:
         status = "approved" if self.node.trust.status(node_id) == "trusted" else "sent"
         return {"status": status, "node_id": node_id, "address": str(Address(0, node_id))}
 
-    @inlineCallbacks
-    def pending(self) -> Any:
-        yield None
-        return [e.as_ipc() for e in self.node.trust.pending()]
+    def search(self, query: str) -> Any:
+        return search_network(self._search_request, query, self.peers)
 
-    @inlineCallbacks
+    def _search_request(self, msg: dict[str, Any]) -> Any:
+        return self.node.registration.request(msg, "requester_id")
+
+    def _lookup(self, node_id: int) -> Any:
+        return self.node.registration.request({"type": "lookup", "node_id": node_id})
+
+    def pending(self) -> Any:
+        """Pending requests, each with the asker's hostname and key from the registry when it knows them."""
+        return with_details([e.as_ipc() for e in self.node.trust.pending()], self._lookup)
+
     def trusted(self) -> Any:
-        yield None
-        return [e.as_ipc() for e in self.node.trust.trusted()]
+        return with_details([e.as_ipc() for e in self.node.trust.trusted()], self._lookup)
 
     @inlineCallbacks
     def approve(self, node_id: int) -> Any:

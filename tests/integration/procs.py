@@ -88,6 +88,18 @@ def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def default_signals() -> None:
+    """
+    In the child, before exec: SIGINT and SIGTERM back to their default
+    dispositions.  A suite started as a background job (``trial ... &`` from
+    a script) has SIGINT ignored, and an ignored signal stays ignored across
+    exec: Python then installs no KeyboardInterrupt handler, Twisted no
+    SIGINT handler, and a test's SIGINT would do nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Process:
     """
     A child process whose stdout and stderr go to files in ``folder`` (no
@@ -104,7 +116,7 @@ class Process:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           cwd=cwd, env=dict(env) if env is not None else python_env(),
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=default_signals)
         self.pid = self.popen.pid
 
     # output

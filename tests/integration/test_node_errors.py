@@ -12,7 +12,9 @@ The node daemon and pilotctl given bad input, as real processes on 127.0.0.1:
 * a second ``daemon start`` on the same ``PILOT_HOME``: ``already_exists``;
 * ``daemon start`` with a corrupt identity: a clear error, a non-zero exit,
   the file untouched, no daemon left behind;
-* ``daemon stop`` racing the daemon's own shutdown.
+* ``daemon stop`` racing the daemon's own shutdown;
+* what a new user hits (issue 9): a registry nobody listens on, the files a
+  killed daemon leaves, a second daemon under twistd, an unusable home.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pilot.control_client import ControlClient
 from pilot.errors import ErrorCode, NotRunning, PilotError
 
 from tests.integration.nodes import CtlResult, Node, NodeTestMixin, RawControl
+from tests.integration.procs import TWISTD, wait_until
 
 #: (arguments, the error code).  "agent-b" is a running, registered node; "agent-a" is the node asked.
 BAD_COMMANDS: list[tuple[tuple[str, ...], str]] = [
@@ -357,3 +360,75 @@ class StopTests(NodeTestMixin, SynchronousTestCase):
         self.assertIn("answered", outcomes)
         self.assertEqual([o for o in outcomes if o != "answered"], [])
         self.assertEqual([r.describe() for r in stops if r.status != 0], [])
+
+
+class NewUserErrorTests(NodeTestMixin, SynchronousTestCase):
+    """Issue 9: what a new user hits, as real processes."""
+
+    def test_wrong_registry_is_registry_unavailable(self) -> None:
+        """Nothing listens on --registry: exit 8 with the cause, soon; the daemon keeps retrying."""
+        node = self.make_node("agent-x", None)  # its registry port has nobody listening
+        started = time.monotonic()
+        result = node.start(json_output=True, timeout=30)
+        took = time.monotonic() - started
+        self.assertEqual((result.status, result.stdout), (ErrorCode.registry_unavailable.value, ""),
+                         result.describe())
+        error = result.error
+        self.assertEqual(error["code"], "registry_unavailable")
+        self.assertIn("Connection refused", error["message"])
+        self.assertIn(f"127.0.0.1:{node.registry_port}", error["message"])
+        self.assertIn("keeps retrying", error["hint"])
+        self.assertLess(took, 12.0, f"daemon start took {took:.1f} s to give up")
+        self.assertTrue(node.ok("daemon", "status")["running"])  # left running, as the hint says
+
+    def test_stale_files_after_a_crash(self) -> None:
+        rendezvous = self.start_rendezvous()
+        [a] = self.start_nodes(rendezvous, "agent-a")
+        pid = a.read_pid()
+        assert pid is not None
+        os.kill(pid, 9)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}/status") or _zombie(pid), 10.0, "the daemon to die")
+        self.assertTrue(os.path.exists(a.socket_path) and os.path.exists(a.pid_path))
+        info = a.fails("not_running", "info")
+        self.assertIn("nobody listens", info["message"])
+        error = a.fails("not_running", "daemon", "stop")
+        self.assertIn("removed", error["message"])
+        self.assertFalse(os.path.exists(a.pid_path))
+        self.assertFalse(os.path.exists(a.socket_path))
+        self.assertIn("no control socket", a.fails("not_running", "info")["message"])
+        a.started()  # and it starts again
+
+    def test_twistd_second_daemon_is_one_line(self) -> None:
+        rendezvous = self.start_rendezvous()
+        [a] = self.start_nodes(rendezvous, "agent-a")
+        for argv in (["-n", "--pidfile=", "pilot-node"], ["-n", "--pidfile=", "-y", "tac/node.tac"]):
+            proc = self.spawn_python(TWISTD[1:] + argv, "twistd-node", env=dict(a.env, PILOT_LISTEN="127.0.0.1:0"))
+            status = proc.wait(20)
+            self.assertEqual(status, ErrorCode.already_exists.value, proc.describe())
+            output = proc.stdout() + proc.stderr()
+            self.assertNotIn("Traceback", output)
+            [line] = [x for x in output.splitlines() if "error:" in x]
+            self.assertIn("another daemon answers on", line)
+            self.assertTrue(line.endswith("[already_exists]"), line)
+        self.assertTrue(a.ok("daemon", "status")["running"])
+
+    def test_unwritable_home(self) -> None:
+        node = self.make_node("agent-y", None, init=False)
+        home = os.path.join(node.identity_path, "below-a-file")  # a path through a file: no one can write it
+        with open(node.identity_path, "w") as f:
+            f.write("{}")
+        env = dict(node.env, PILOT_HOME=home)
+        for args in (("init",), ("daemon", "start", "--hostname", "my-agent")):
+            result = node.run(*args, env=env)
+            self.assertEqual((result.status, result.stdout), (ErrorCode.invalid_argument.value, ""),
+                             result.describe())
+            self.assertIn(home, result.error["message"])
+            self.assertIn("PILOT_HOME", result.error["hint"])
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except OSError:
+        return True

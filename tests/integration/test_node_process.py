@@ -119,12 +119,16 @@ class WalkThroughTests(NodeTestMixin, SynchronousTestCase):
         [stream] = _json_line(listen.stdout())
         self.assertEqual((stream["from"], stream["data"], stream["bytes"]), (a.address, "stream-1", 8))
 
-        # peers
-        peers = a.ok("peers", "--search", "agent")
+        # peers: the known ones (with their trust), and a search of the network (docs/cli.md)
+        peers = a.ok("peers")
         self.assertIsInstance(peers, list)
         self.assertIn("agent-b", [p["hostname"] for p in peers])
         [row] = [p for p in peers if p["hostname"] == "agent-b"]
         self.assertEqual((row["address"], row["node_id"], row["trusted"]), (b.address, b.node_id, True))
+        found = a.ok("peers", "--search", "agent")
+        [row] = [p for p in found if p["hostname"] == "agent-b"]
+        self.assertEqual((row["address"], row["node_id"]), (b.address, b.node_id))
+        self.assertEqual(set(row), {"hostname", "address", "node_id", "public", "tags"})
         self.assertEqual(a.ok("peers", "--search", "no-such-thing"), [])
 
         # stop; status then says not running

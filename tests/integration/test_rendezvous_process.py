@@ -69,6 +69,18 @@ class StartMethodTests(RendezvousTestMixin, SynchronousTestCase):
         self.assertIn("Main loop terminated.", proc.stdout())
         self.assertNotIn("Traceback", proc.stdout() + proc.stderr())
 
+    def test_child_sigint_not_inherited_ignored(self) -> None:
+        # a suite started as a background job has SIGINT ignored; its children must not
+        # (procs.default_signals), or test_pilotctl_json_and_sigint's SIGINT does nothing
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc = self.spawn_python(["-c", "import signal; print(signal.getsignal(signal.SIGINT) is "
+                                            "signal.default_int_handler)"], "sigint")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self.assertEqual(proc.wait(), 0, proc.describe())
+        self.assertEqual(proc.stdout(), "True\n", proc.describe())
+
     def test_twistd_plugin(self) -> None:
         proc = self.spawn(TWISTD + ["-n", "--pidfile=", "pilot-rendezvous", *rendezvous_args(self.store)],
                           "twistd")

@@ -67,6 +67,7 @@ class FakeAPI:
     def shutdown(self) -> Any: return self._answer("shutdown")
     def find(self, hostname: str) -> Any: return self._answer("find", hostname)
     def peers(self, search: str | None) -> Any: return self._answer("peers", search)
+    def search(self, query: str) -> Any: return self._answer("search", query)
     def handshake(self, target: str, justification: str) -> Any:
         return self._answer("handshake", target, justification)
     def pending(self) -> Any: return self._answer("pending")
@@ -974,3 +975,21 @@ class LoopbackTests(SynchronousTestCase):
         iosim_pump.flush()
         self.pump.flush()
         self.assertTrue(self.client.lost)
+
+
+class SearchCommandTests(SynchronousTestCase):
+    def test_search_calls_the_api(self) -> None:
+        h = Harness()
+        h.api.answers["search"] = {"nodes": [], "source": "registry", "truncated": False, "note": None}
+        reply = h.ask("search", query="sensor")
+        self.assertEqual(reply["result"]["source"], "registry")
+        self.assertEqual(h.api.calls, [("search", ("sensor",))])
+
+    def test_search_query_checked(self) -> None:
+        for args, needle in (({}, "query"), ({"query": 5}, "query"), ({"query": "x" * 65}, "longer")):
+            h = Harness()
+            reply = h.ask("search", **args)
+            self.assertFalse(reply["ok"], args)
+            self.assertEqual(reply["error"]["code"], "invalid_argument")
+            self.assertIn(needle, reply["error"]["message"])
+            self.assertEqual(h.api.calls, [])

@@ -1105,6 +1105,9 @@ class Scene:
             "subscribe_replication": (lambda: {"type": "subscribe_replication", "token": "t"}, set()),
             "subscribe_events": (lambda: w.authed(alice, {"type": "subscribe_events", "node_id": a}),
                                  {"node_id", "auth"}),
+            "search_nodes": (lambda: w.authed(alice, {"type": "search_nodes", "requester_id": a,
+                                                      "query": "b"}),
+                             {"requester_id", "query", "auth"}),
         }
         make, required = table[kind]
         return make(), required
@@ -1117,7 +1120,7 @@ ALL_TYPES = ["register", "lookup", "resolve", "resolve_hostname", "set_hostname"
              "revoke_trust", "request_handshake", "poll_handshakes", "respond_handshake", "punch",
              "list_nodes", "list_networks", "get_polo_score", "update_polo_score", "set_polo_score",
              "create_network", "join_network", "leave_network", "beacon_register", "beacon_list",
-             "subscribe_replication", "subscribe_events"]
+             "subscribe_replication", "subscribe_events", "search_nodes"]
 
 
 class HostileInputTests(RegistryTestCase):
@@ -1275,8 +1278,9 @@ TYPE_FIELDS: dict[str, tuple[str, ...]] = {
     "create_network": ("node_id", "name", "join_rule"), "join_network": ("node_id", "network_id", "token"),
     "leave_network": ("node_id", "network_id"), "beacon_register": ("beacon_id", "addr"), "beacon_list": (),
     "subscribe_replication": ("token",), "subscribe_events": ("node_id",),
+    "search_nodes": ("requester_id", "query"),
 }
-SIGNER = {"resolve": "requester_id", "punch": "requester_id", "request_handshake": "from_node_id",
+SIGNER = {"resolve": "requester_id", "punch": "requester_id", "search_nodes": "requester_id", "request_handshake": "from_node_id",
           "set_polo_score": "requester_id", "update_polo_score": "requester_id"}
 
 
