@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_trust -*-
 """
-A node's trust store: ``trust.json`` beside the identity file (facts §5.4).
+A node's trust store: ``trust.json`` beside the identity file
+(``docs/reference-wire.md`` §5.4).
 
 The format is the reference's, pretty-printed with a two-space indent and
 replaced atomically (mode 0600) on every change::
@@ -156,7 +157,7 @@ class TrustedPeer:
                    _int(v.get("network", 0), f"network of node {node_id}", MAX_NETWORK_ID))
 
     def as_ipc(self) -> dict[str, Any]:
-        """The IPC view (facts §5.5): times in Unix seconds."""
+        """The IPC view (``docs/reference-wire.md`` §5.5): times in Unix seconds."""
         return {"node_id": self.node_id, "public_key": b64encode(self.public_key) if self.public_key else "",
                 "approved_at": int(self.approved_at), "mutual": self.mutual, "network": self.network}
 

@@ -1,5 +1,5 @@
 """
-Tests for L{pilot.names}: the reference's hostname and tag rules (facts 2.6).
+Tests for L{pilot.names}: the reference's hostname and tag rules (docs/reference-wire.md §2.6).
 """
 
 from __future__ import annotations

@@ -1064,7 +1064,6 @@ class WayUpTests(StackTestCase):
         self.assertEqual(walks[0], [
             "pilot/stack/demux.py",                    # Stack.packet_received: which connection
             "pilot/machines/connection/stream.py",     # Connection.packet_received: which input
-            "pilot/machines/table.py",                 # the transition's hooks
             "pilot/machines/connection/machine.py",    # the behaviour for (established, segment)
             "pilot/machines/connection/transfer.py",   # the segment's data, in order
             "pilot/stack/transport.py",                # StreamTransport.data_received -> dataReceived

@@ -107,24 +107,3 @@ class TransitionTable:
         return [(state.name, name) for state in self.states for name in inputs
                 if (state.name, name) not in declared]
 
-
-def transition_table(declared: set[tuple[str, str]], before: Hook = _nothing,
-                     after: Hook = _nothing) -> Callable[[Any, Callable[..., None], Any],
-                                                         Callable[[Behaviour], Behaviour]]:
-    """
-    The older form, kept only until every machine moved to
-    :class:`TransitionTable`: ``on(old, event, new)`` recording into ``declared``.
-    """
-    table = TransitionTable(())
-
-    def on(old: Any, event: Callable[..., None], new: Any) -> Callable[[Behaviour], Behaviour]:
-        table.before, table.after = before, after
-        decorate = table.on(old, event, new)
-
-        def register(behaviour: Behaviour) -> Behaviour:
-            decorate(behaviour)
-            declared.add((old.name, event.__name__))
-            return behaviour
-        return register
-
-    return on

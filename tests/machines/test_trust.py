@@ -21,8 +21,9 @@ from pilot.errors import ConnectionFailed, InvalidArgument, NotFound, RegistryUn
 from pilot.identity import Identity, b64encode
 from pilot.machines.trust import (
     MAX_AGE, MAX_AHEAD, MAX_PENDING, PENDING, REQUESTED, TRUSTED, UNKNOWN, AutoApprove, ReplayFilter,
-    TrustMachine,
+    TrustMachine, transitions,
 )
+from pilot.machines.trust import table as peer_table
 from pilot.trust import OutgoingRequest, PendingRequest, TrustedPeer, TrustStore
 from pilot.wire.handshake import (
     ACCEPT, REJECT, REQUEST, REVOKE, HandshakeMessage, challenge, decode, make_message,
@@ -245,7 +246,7 @@ class AnswerTests(SynchronousTestCase):
         self.assertFalse(node.machine.is_trusted(PEER, STRANGER.public_key))
 
     def test_duplicate_relayed_responses_idempotent(self) -> None:
-        """The reference answers twice (facts §9 item 14): the second changes nothing."""
+        """The reference answers twice (``docs/reference-wire.md`` §9 item 14): the second does nothing."""
         node = Node(store=requested_store())
         node.machine.relayed_response(PEER, True, T0)
         node.clear()
@@ -393,7 +394,7 @@ class ApprovalTests(SynchronousTestCase):
     def test_approve_in_order_one_response(self) -> None:
         """
         report_trust, then respond_handshake once, then the direct accept once
-        the registry has answered (the reference's race, facts §9 item 14);
+        the registry has answered (the reference's race, ``docs/reference-wire.md`` §9 item 14);
         a failed direct accept sends no second respond_handshake.
         """
         answers: dict[str, Deferred[Any]] = {}
@@ -801,8 +802,8 @@ class StoreTests(SynchronousTestCase):
 
     def test_every_input_in_every_state(self) -> None:
         """The table is complete: no input in any state escapes as anything but a PilotError."""
-        stores: dict[str, Callable[[], TrustStore]] = {UNKNOWN: TrustStore, PENDING: pending_store, REQUESTED: requested_store,
-                  TRUSTED: trusted_store}
+        stores: dict[str, Callable[[], TrustStore]] = {
+            UNKNOWN: TrustStore, PENDING: pending_store, REQUESTED: requested_store, TRUSTED: trusted_store}
         inputs: dict[str, Callable[[Node], Any]] = {
             "handshake": lambda n: n.machine.handshake(PEER, "x"),
             "approve": lambda n: n.machine.approve(PEER),
@@ -825,6 +826,18 @@ class StoreTests(SynchronousTestCase):
                     feed(node)
                 except NotFound:
                     self.assertIn(name, ("approve", "reject", "untrust"))
+
+    def test_table_declares_every_pair(self) -> None:
+        """Every (state, input) of the per-peer table is declared; the one harmless input says why."""
+        inputs = ["handshake_requested", "approved", "rejected", "untrusted", "request_received",
+                  "accept_received", "reject_received", "revoke_received"]
+        self.assertEqual(peer_table.undeclared(inputs), [])
+        ignored = [row for row in transitions(ignored=True) if row not in transitions()]
+        self.assertEqual([(row.state, row.input) for row in ignored], [(TRUSTED, "approved")])
+        self.assertEqual(peer_table.reasons[(TRUSTED, "approved")], "approving twice changes nothing")
+        moves = {(row.state, row.input, row.next) for row in transitions() if row.state != row.next}
+        self.assertIn((REQUESTED, "request_received", TRUSTED), moves)
+        self.assertIn((PENDING, "rejected", UNKNOWN), moves)
 
 
 # --- two nodes ---------------------------------------------------------------------------------
@@ -984,9 +997,11 @@ class TwoNodeTests(SynchronousTestCase):
     def test_forged_accept_from_third_node(self) -> None:
         """A node we asked nothing of cannot make us trust it, direct or relayed."""
         net, a, b = self.network()
-        c = net.add(OTHER, STRANGER)
+        net.add(OTHER, STRANGER)
         net.edges.add((ME, OTHER))  # suppose A's endpoint is known to C
-        c._direct(ACCEPT, ME)
+        now = int(self.clock.seconds())
+        forged = make_message(ACCEPT, OTHER, ME, STRANGER.public_key, STRANGER.sign, now)
+        net.direct(OTHER, ME, forged.encode())
         net.registry(OTHER, {"type": "respond_handshake", "node_id": OTHER, "peer_id": ME, "accept": True})
         net.settle()
         self.assertEqual(a.status(OTHER), UNKNOWN)

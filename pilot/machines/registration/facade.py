@@ -1,46 +1,9 @@
 # -*- test-case-name: tests.machines.test_registration -*-
 """
-The node's session with the registry (facts §2): connect, register, keep the
-registration alive, and reconnect when the registry goes away
-(``docs/registration.md``).
-
-Pure: no sockets, no reactor import.  Time comes from the injected
-``IReactorTime``, the connection from an injected ``connect()`` returning a
-Deferred client (``request(msg) -> Deferred[dict]``, ``close()``), jitter from
-an injected ``random``; everything the machine decides leaves through the
-owner's callbacks (``registered``, ``unregistered``, ``event``).
-
-States (an Automat ``TypeMachineBuilder`` table, :func:`transitions`):
-``idle`` -started-> ``connecting`` -connected-> ``registering``
--registration_succeeded-> ``registered``; ``registered`` -heartbeat_failed->
-``registering`` (same connection; a heartbeat that found the connection dead
-goes on at once with connection_lost to ``waiting``); ``registered``
--endpoint_changed-> ``waiting`` (reconnect at once); connect_failed,
-registration_failed and connection_lost -> ``waiting`` -backoff_elapsed->
-``connecting``; any state -stopped-> ``stopped`` (final).
-
-On each connection: ``register`` (signed with our replay-proof ``auth``), then
-``subscribe_events``, ``set_visibility`` / ``set_tags`` / ``set_hostname`` as
-needed, then the owner hears ``registered(node_id, address)`` and one
-``poll_handshakes`` fetches whatever was queued while we were away.  A
-heartbeat every 25 s; a heartbeat that gets an error reply (usually: the
-registry forgot us) re-registers on the same connection once; a heartbeat
-left unanswered for 10 s (or whose connection is gone), a second failure, a
-lost connection or any other request left unanswered for 10 s closes the
-connection and reconnects after a full-jitter backoff (0.5 s doubling to
-30 s, each wait uniform in ``[0, backoff)``).  A new public endpoint (usually
-a new IP, so the connection may be dead) closes the connection and reconnects
-at once, without backoff, to register the new ``listen_addr``.
-
-Where this differs from the reference daemon (facts §9):
-
-* every request is signed with a timestamp and nonce (#2, #3): ``register``
-  too, so a registry can refuse anyone else moving our endpoint;
-* trust events are pushed (``subscribe_events``) instead of polled every
-  30 s (#13); with a registry that refuses ``subscribe_events`` (the
-  reference) we poll after every heartbeat, as it does;
-* heartbeat every 25 s rather than 30 s (#16, ``docs/registration.md``);
-* reconnects spread with full jitter rather than in lock step.
+:class:`Registration`, the node's session with the registry as its owner
+sees it: build it, start it, feed it what the owner learns, ask it things.
+It checks the owner's arguments and feeds the machine of
+:mod:`pilot.machines.registration.machine`, whose behaviours do the work.
 """
 
 from __future__ import annotations
@@ -57,33 +20,15 @@ from twisted.python.failure import Failure
 from pilot.address import Address
 from pilot.errors import InvalidArgument, MalformedFrame
 from pilot.identity import Identity
-from pilot.machines.registration_core import (
-    CONNECTING, IDLE, REGISTERED, REGISTERING, SETTING_REQUESTS, STOPPED, WAITING, Jitter, RegistryClient,
-    Reply, _Core, _reason,
+from pilot.machines.registration.machine import RegistrationMachine, not_registered, watch
+from pilot.machines.registration.requests import Outbox
+from pilot.machines.registration.session import Session
+from pilot.machines.registration.settings import Settings
+from pilot.machines.registration.values import (
+    BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, HEARTBEAT_INTERVAL, IDLE, REGISTERED, REGISTERING,
+    REQUEST_TIMEOUT, STOP_TIMEOUT, Jitter, RegistryClient, Reply, reason,
 )
-from pilot.machines.registration_table import RegistrationInputs, _machine, _not_registered, transitions
 from pilot.names import hostname_problem, normalise_tags
-
-__all__ = [
-    "BACKOFF_INITIAL", "BACKOFF_MAX", "CONNECT_TIMEOUT", "CONNECTING", "HEARTBEAT_INTERVAL", "IDLE",
-    "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SETTING_REQUESTS", "STOP_TIMEOUT", "STOPPED", "WAITING",
-    "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "transitions",
-]
-
-#: Seconds between heartbeats.  The registry forgets a node silent for 180 s
-#: (checked every 60 s); 25 s leaves room for six lost heartbeats, and keeps
-#: the Discover the owner sends after each heartbeat under the common 30 s
-#: UDP NAT mapping timeout, which the reference's 30 s merely touches.
-HEARTBEAT_INTERVAL = 25.0
-#: First reconnect window (s); doubles per failure up to BACKOFF_MAX.
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 30.0
-#: A request unanswered this long (s) means the connection is dead.
-REQUEST_TIMEOUT = 10.0
-#: A connection attempt is abandoned after this long (s).
-CONNECT_TIMEOUT = 10.0
-#: ``stop()`` waits at most this long (s) for ``deregister``.
-STOP_TIMEOUT = 2.0
 
 
 class Registration:
@@ -107,7 +52,8 @@ class Registration:
     :param event: ``(event)`` for every registry event, pushed or polled:
         ``{"type": "event", "event": "handshake_request" | ..., ...}``.
     :param heartbeat_ok: optional ``(time)`` after every acknowledged
-        heartbeat (the owner sends its beacon Discover then, facts §3).
+        heartbeat (the owner sends its beacon Discover then,
+        ``docs/reference-wire.md`` §3).
     :param random: jitter source with ``uniform(a, b)``.
     :param random_bytes: nonce source (``os.urandom``).
     """
@@ -138,17 +84,17 @@ class Registration:
                 raise InvalidArgument(f"{what} must be positive")
         if backoff_max < backoff_initial:
             raise InvalidArgument("backoff_max must be at least backoff_initial")
-        tag_list = self._tags(tags or [])
-        self._core = _Core(
-            connect=connect, identity=identity, clock=clock, endpoint=endpoint, register_extra=register_extra, on_registered=registered,
-            on_unregistered=unregistered, on_event=event, on_heartbeat=heartbeat_ok,
-            jitter=random if random is not None else _random.Random(), random_bytes=random_bytes,
-            hostname=hostname, public=public, tags=tag_list, heartbeat_interval=heartbeat_interval,
-            backoff_initial=backoff_initial, backoff_max=backoff_max, request_timeout=request_timeout,
+        self._session = Session(
+            connect=connect, identity=identity, clock=clock,
+            outbox=Outbox(identity, clock, random_bytes, request_timeout),
+            settings=Settings(hostname, public, self._tags(tags or [])), endpoint=endpoint,
+            register_extra=register_extra, on_registered=registered, on_unregistered=unregistered,
+            on_event=event, on_heartbeat=heartbeat_ok,
+            jitter=random if random is not None else _random.Random(),
+            heartbeat_interval=heartbeat_interval, backoff_initial=backoff_initial, backoff_max=backoff_max,
             connect_timeout=connect_timeout, stop_timeout=stop_timeout,
             log=log if log is not None else self.log, backoff=backoff_initial)
-        self._machine = _machine(self._core)
-        self._core.machine = self._machine
+        self._machine = RegistrationMachine(self._session)
 
     @staticmethod
     def _tags(tags: Any) -> list[str]:
@@ -182,10 +128,9 @@ class Registration:
         The registry connection closed.  Pass the ``client`` it belongs to:
         a report about a connection this machine already replaced is ignored.
         """
-        if client is not None and client is not self._core.client:
+        if client is not None and client is not self._session.client:
             return
-        text = _reason(reason) if isinstance(reason, Failure) else str(reason)
-        self._machine.connection_lost(text)
+        self._machine.connection_lost(_text(reason))
 
     def event_received(self, event: dict[str, Any]) -> None:
         """A pushed registry event (``RegistryClientProtocol.on_event``)."""
@@ -221,7 +166,7 @@ class Registration:
         return self._setting("tags", normalised)
 
     def _setting(self, name: str, value: Any) -> "Deferred[Reply]":
-        self._core.remember(name, value)
+        self._session.settings.remember(name, value)
         done: Deferred[Reply] = Deferred()
         self._machine.settings_changed(name, done)
         return done
@@ -237,65 +182,71 @@ class Registration:
         and the request is signed.  Fails at once with RegistryUnavailable
         when there is no connection: it never waits for a reconnect.
         """
-        c = self._core
+        s = self._session
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             return fail(InvalidArgument("a registry request is an object with a string 'type'"))
-        if c.client is None or c.state not in (REGISTERING, REGISTERED):
-            return fail(_not_registered(c))
+        if s.client is None or s.state not in (REGISTERING, REGISTERED):
+            return fail(not_registered(s))
         out = dict(msg)
         if signed_field is not None:
-            if c.node_id is None:
-                return fail(_not_registered(c))
-            out.setdefault(signed_field, c.node_id)
+            if s.node_id is None:
+                return fail(not_registered(s))
+            out.setdefault(signed_field, s.node_id)
             try:
-                out = c.sign(out)
+                out = s.outbox.sign(out)
             except (MalformedFrame, TypeError, ValueError) as e:
                 return fail(InvalidArgument(f"cannot sign this {msg['type']} request: {e}"))
-        d = c.send(out)
-        d.addErrback(c.watch(c.client))
+        d = s.outbox.send(out, s.client)
+        d.addErrback(watch(self._machine, s, s.client))
         return d
 
     # --- queries ---------------------------------------------------------------------------
 
-    @property
-    def state(self) -> str:
-        return self._core.state
-
     def is_idle(self) -> bool:
-        """True before :meth:`start` (nothing to stop, nothing to re-register)."""
-        return self.state == "idle"
+        """True until :meth:`start` (and never again)."""
+        return self._session.state == IDLE
 
     def is_registered(self) -> bool:
-        """True while the registry holds our current registration."""
-        return self.state == "registered"
+        """True while the registry knows us: registered, heartbeats running."""
+        return self._session.state == REGISTERED
+
+    @property
+    def state(self) -> str:
+        """The state's name, for ``status()`` and logs; decide with the ``is_*`` queries instead."""
+        return self._session.state
 
     @property
     def node_id(self) -> Optional[int]:
-        return self._core.node_id
+        return self._session.node_id
 
     @property
     def address(self) -> Optional[Address]:
-        return self._core.address
+        return self._session.address
 
     def status(self) -> dict[str, Any]:
         """A snapshot for ``pilotctl info``; times are the clock's seconds."""
-        c = self._core
+        s = self._session
+        settings = s.settings
         return {
-            "state": c.state,
-            "node_id": c.node_id,
-            "address": str(c.address) if c.address is not None else None,
-            "registry_connected": c.client is not None,
-            "registered_at": c.registered_at,
-            "last_heartbeat_ok": c.last_heartbeat_ok,
-            "consecutive_failures": c.failures,
-            "next_retry_at": c.next_retry_at,
-            "backoff": c.backoff,
-            "last_error": c.last_error,
-            "events": None if c.subscribed is None else ("pushed" if c.subscribed else "polled"),
-            "hostname": c.hostname,
-            "public": c.public,
-            "tags": list(c.tags),
-            "hostname_error": c.hostname_error,
-            "setting_errors": dict(c.setting_errors),
-            "unsynced_settings": sorted(c.changes),
+            "state": s.state,
+            "node_id": s.node_id,
+            "address": str(s.address) if s.address is not None else None,
+            "registry_connected": s.client is not None,
+            "registered_at": s.registered_at,
+            "last_heartbeat_ok": s.last_heartbeat_ok,
+            "consecutive_failures": s.failures,
+            "next_retry_at": s.next_retry_at,
+            "backoff": s.backoff,
+            "last_error": s.last_error,
+            "events": None if s.subscribed is None else ("pushed" if s.subscribed else "polled"),
+            "hostname": settings.hostname,
+            "public": settings.public,
+            "tags": list(settings.tags),
+            "hostname_error": s.hostname_error,
+            "setting_errors": dict(settings.errors),
+            "unsynced_settings": sorted(settings.changes),
         }
+
+
+def _text(why: Any) -> str:
+    return reason(why) if isinstance(why, Failure) else str(why)
