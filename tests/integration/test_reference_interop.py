@@ -40,7 +40,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -72,6 +72,16 @@ def reference_bin() -> tuple[str | None, str]:
 
 
 REFERENCE_BIN, SKIP_REASON = reference_bin()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _todo(reason: str) -> Callable[[F], F]:
+    """Mark a test as an expected failure (trial's ``todo``), with the known cause."""
+    def mark(test: F) -> F:
+        setattr(test, "todo", reason)
+        return test
+    return mark
 
 
 class RefResult:
@@ -181,7 +191,8 @@ class InteropMixin(NodeTestMixin):
     def start_reference_node(self, name: str, rendezvous: Rendezvous) -> RefNode:
         home = tempfile.mkdtemp(prefix=f"pr-{name}-")  # short: a Unix socket path is limited to 107 bytes
         os.chmod(home, 0o700)
-        self.addCleanup(shutil.rmtree, home, True)  # type: ignore[attr-defined]
+        t: Any = self
+        t.addCleanup(shutil.rmtree, home, True)
         ref = RefNode(name, home, rendezvous)
         ref.proc = self.spawn(ref.argv(), name, cwd=home, env=ref.env)
 
@@ -307,6 +318,8 @@ class OurRendezvousTests(InteropMixin, SynchronousTestCase):
     def test_interop(self) -> None:
         self.run_interop()
 
+    @_todo("the revoke's stream to port 444 is aborted before it is sent: the trust machine's revoke() starts it, "
+           "then trust_ended (pilot/node/core.py, stack.abort_peer) aborts every connection to the peer")
     def test_our_untrust_reaches_the_reference(self) -> None:
         """
         Our ``untrust`` sends ``handshake_revoke`` to the peer's port 444, and
@@ -321,10 +334,6 @@ class OurRendezvousTests(InteropMixin, SynchronousTestCase):
         t.assertEqual(ours.ok("untrust", str(ref.node_id))["status"], "revoked")
         wait_until(lambda: ours.node_id not in ref.trusted(), 10.0,
                    f"{ref.name} to drop its trust in {ours.name}", self.both(ours, ref))
-
-    test_our_untrust_reaches_the_reference.todo = (  # type: ignore[attr-defined]
-        "the revoke's stream to port 444 is aborted before it is sent: the trust machine's revoke() starts it, "
-        "then trust_ended (pilot/node/core.py, stack.abort_peer) aborts every connection to the peer")
 
 
 class ReferenceRendezvousTests(InteropMixin, SynchronousTestCase):
