@@ -992,6 +992,13 @@ class InspectionTests(StackTestCase):
         for protocol in (client1, client2):
             self.assertLostOnce(protocol, error.ConnectionLost)
 
+    def test_abort_peer_spares_a_port(self) -> None:
+        client, server, _ = self.established()
+        self.assertEqual(self.b.abort_peer(A.node, spare_port=1000), 0)  # established() dials port 1000
+        self.settle(limit=1)
+        self.assertEqual(client.lost, [])
+        self.assertEqual(self.b.abort_peer(A.node), 1)
+
     def test_errors_have_hints(self) -> None:
         failure = self.failureResultOf(self.a.connect(B, 0, Recorder()), PilotError)
         self.assertTrue(failure.value.hint)

@@ -351,7 +351,8 @@ class Node:
         return self.stack.connect(Address(0, node_id), HANDSHAKE_PORT, self._one_message(message), timeout=5.0)
 
     def _trust_ended(self, node_id: int) -> None:
-        self.stack.abort_peer(node_id)
+        # the revoke to the peer's port 444 is already on its way: let it arrive
+        self.stack.abort_peer(node_id, spare_port=HANDSHAKE_PORT)
 
     # --- packets, the way down ------------------------------------------------------------------
 

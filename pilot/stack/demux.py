@@ -440,9 +440,15 @@ class Stack:
             raise NotFound(f"no connection with id {conn_id}", hint="`pilotctl connections` lists them")
         stream.connection.abort()
 
-    def abort_peer(self, node: int) -> int:
-        """Reset every connection with ``node`` (for when trust in it ends); returns how many."""
-        streams = self.streams.with_node(node)
+    def abort_peer(self, node: int, spare_port: int | None = None) -> int:
+        """
+        Reset every connection with ``node`` (for when trust in it ends);
+        returns how many.  A connection to or from ``spare_port`` on either
+        side is left to finish (the handshake port: the revoke that tells the
+        peer trust ended is on its way there).
+        """
+        streams = [s for s in self.streams.with_node(node)
+                   if spare_port is None or spare_port not in (s.key[1], s.key[2])]
         for stream in streams:
             stream.connection.abort()
         return len(streams)

@@ -73,17 +73,6 @@ def reference_bin() -> tuple[str | None, str]:
 
 REFERENCE_BIN, SKIP_REASON = reference_bin()
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _todo(reason: str) -> Callable[[F], F]:
-    """Mark a test as an expected failure (trial's ``todo``), with the known cause."""
-    def mark(test: F) -> F:
-        setattr(test, "todo", reason)
-        return test
-    return mark
-
-
 class RefResult:
     """One finished reference pilotctl run (``--json``: ``{"status": "ok", "data": ...}`` on success)."""
 
@@ -318,8 +307,6 @@ class OurRendezvousTests(InteropMixin, SynchronousTestCase):
     def test_interop(self) -> None:
         self.run_interop()
 
-    @_todo("the revoke's stream to port 444 is aborted before it is sent: the trust machine's revoke() starts it, "
-           "then trust_ended (pilot/node/core.py, stack.abort_peer) aborts every connection to the peer")
     def test_our_untrust_reaches_the_reference(self) -> None:
         """
         Our ``untrust`` sends ``handshake_revoke`` to the peer's port 444, and
