@@ -40,7 +40,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
