@@ -265,7 +265,7 @@ def set_tags(ctx: Context) -> Result:
 @COMMANDS.command("find", "look a node up by hostname",
                   arg("name", metavar="NAME", type=hostname, help="the node's hostname"), socket_option(),
                   epilog="Prints NAME ADDRESS public|private ENDPOINT, for example:\n"
-                         "  sensor-1 1:0001.0000.0001 public 192.168.1.50:4000\n"
+                         "  sensor-1 1:0001.0000.0001 public 203.0.113.50:4000\n"
                          "(the endpoint is '-' for a private node or when unknown).")
 def find(ctx: Context) -> Result:
     data = ask(ctx, "find", hostname=ctx.args.name)

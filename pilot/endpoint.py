@@ -89,14 +89,14 @@ def parse_listen(text: str) -> Endpoint:
 def parse_host_port(text: str) -> Endpoint:
     """
     A server's address to ``(host, port)``: ``rendezvous.example:9000``,
-    ``10.0.0.1:9000``, ``[::1]:9000``; the port from 1 to 65535.  The host is
+    ``192.0.2.10:9000``, ``[::1]:9000``; the port from 1 to 65535.  The host is
     not resolved here.  Raises :class:`InvalidArgument` otherwise.
     """
     host, port_text, bracketed = _user_split(text, "server address", "host:port", bare_port=False)
     if bracketed and not _is_ip(host, 6):
         raise InvalidArgument(f"bad server address {text!r}: {host!r} is not an IPv6 address")
     if not host or any(c.isspace() or c in "/[]@" for c in host):
-        raise InvalidArgument(f"bad server address {text!r}: write it as HOST:PORT, as in 10.0.0.1:9000")
+        raise InvalidArgument(f"bad server address {text!r}: write it as HOST:PORT, as in 192.0.2.10:9000")
     return host, _user_port(text, port_text, "server address", lowest=1)
 
 
@@ -114,7 +114,7 @@ def _split(text: str, bare_port: bool) -> tuple[str, str, bool]:
         return host, port_text, False
     if bare_port:
         return "", text, False
-    raise ValueError("write it as HOST:PORT, as in 10.0.0.1:9000")
+    raise ValueError("write it as HOST:PORT, as in 192.0.2.10:9000")
 
 
 def _user_split(text: str, noun: str, form: str, bare_port: bool) -> tuple[str, str, bool]:

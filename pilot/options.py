@@ -38,7 +38,7 @@ def parse_address(text: str) -> str:
 def parse_server(text: str) -> str:
     """
     A server's address, as :func:`pilot.endpoint.parse_host_port` takes it
-    (``rendezvous.example:9000``, ``10.0.0.1:9000``, ``[::1]:9000``), in its
+    (``rendezvous.example:9000``, ``192.0.2.1:9000``, ``[::1]:9000``), in its
     normal form.
     """
     try:

@@ -59,9 +59,9 @@ class ListenParsingTests(SynchronousTestCase):
             self.assertIn(repr(text), raised.exception.message)
 
     def test_format(self) -> None:
-        self.assertEqual([format_endpoint("", 9000), format_endpoint("10.0.0.1", 1), format_endpoint("::1", 2)],
-                         [":9000", "10.0.0.1:1", "[::1]:2"])
-        for text in (":9000", "10.0.0.1:1", "[::1]:2"):
+        self.assertEqual([format_endpoint("", 9000), format_endpoint("192.0.2.1", 1), format_endpoint("::1", 2)],
+                         [":9000", "192.0.2.1:1", "[::1]:2"])
+        for text in (":9000", "192.0.2.1:1", "[::1]:2"):
             self.assertEqual(format_endpoint(*parse_listen(text)), text)
 
 

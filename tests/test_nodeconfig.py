@@ -54,8 +54,8 @@ class SettingsTests(SynchronousTestCase):
         """A flag beats a variable, which beats the config file, which beats the default."""
         self.config(registry="10.0.0.3:9000", hostname="from-config", heartbeat=5, tags=["c"])
         env = {"PILOT_REGISTRY": "10.0.0.2:9000", "PILOT_HOSTNAME": "from-env"}
-        settings = self.load({"registry": "10.0.0.1:9000"}, **env)
-        self.assertEqual(settings.registry, "10.0.0.1:9000")
+        settings = self.load({"registry": "192.0.2.1:9000"}, **env)
+        self.assertEqual(settings.registry, "192.0.2.1:9000")
         self.assertEqual(settings.hostname, "from-env")
         self.assertEqual(settings.heartbeat, 5.0)
         self.assertEqual(settings.tags, ("c",))
@@ -72,13 +72,13 @@ class SettingsTests(SynchronousTestCase):
         for registry, beacon in [("rendezvous.example:7000", f"rendezvous.example:{BEACON_PORT}"),
                                  ("[::1]:7000", f"[::1]:{BEACON_PORT}")]:
             self.assertEqual(self.load({"registry": registry}).beacon, beacon, registry)
-        self.assertEqual(self.load({"registry": "10.0.0.1:7000", "beacon": "10.0.0.9:7001"}).beacon,
-                         "10.0.0.9:7001")
+        self.assertEqual(self.load({"registry": "192.0.2.1:7000", "beacon": "192.0.2.9:7001"}).beacon,
+                         "192.0.2.9:7001")
 
     def test_normal_forms(self) -> None:
-        settings = self.load({"registry": " 10.0.0.1:09000 ", "listen": "9000", "tags": "a, b c"},
+        settings = self.load({"registry": " 192.0.2.1:09000 ", "listen": "9000", "tags": "a, b c"},
                              PILOT_PUBLIC="yes")
-        self.assertEqual(settings.registry, "10.0.0.1:9000")
+        self.assertEqual(settings.registry, "192.0.2.1:9000")
         self.assertEqual(settings.listen, ":9000")
         self.assertEqual(settings.tags, ("a", "b", "c"))
         self.assertTrue(settings.public)
@@ -99,7 +99,7 @@ class SettingsTests(SynchronousTestCase):
         """Each bad value is refused with the option at fault and where to look."""
         for flags, env, words in [
             ({"registry": "nonsense"}, {}, "--registry"),
-            ({"registry": "10.0.0.1:0"}, {}, "1 to 65535"),
+            ({"registry": "192.0.2.1:0"}, {}, "1 to 65535"),
             ({"registry": "::1:9000"}, {}, "brackets"),
             ({"beacon": "h:99999"}, {}, "--beacon"),
             ({"listen": "example.com:0"}, {}, "not an IP address"),

@@ -294,7 +294,7 @@ class FirstRegistrationTests(SynchronousTestCase):
             raise RuntimeError("owner bug")
 
         w = World()
-        reg = Registration(connect=w.connect, identity=US, clock=w.clock, endpoint=lambda: "1.2.3.4:5",
+        reg = Registration(connect=w.connect, identity=US, clock=w.clock, endpoint=lambda: "203.0.113.4:5",
                            registered=boom, event=boom, log=Logger(observer=logged.append))
         reg.start()
         reg.event_received({"type": "event", "event": "trust_granted", "node_id": 5})
@@ -1009,7 +1009,7 @@ class RobustnessTests(SynchronousTestCase):
         clock = Clock()
         session = Session(connect=lambda: Deferred(), identity=US, clock=clock,
                           outbox=Outbox(US, clock, os.urandom, REQUEST_TIMEOUT),
-                          settings=Settings(None, False, []), endpoint=lambda: "1.2.3.4:5",
+                          settings=Settings(None, False, []), endpoint=lambda: "203.0.113.4:5",
                           register_extra=dict, on_registered=lambda node_id, address: None,
                           on_unregistered=lambda why: None, on_event=lambda event: None, on_heartbeat=None,
                           jitter=random.Random(0), heartbeat_interval=HEARTBEAT_INTERVAL, backoff_initial=0.5,

@@ -30,10 +30,10 @@ from pilot.wire.tunnel import (
 )
 from pilot.wire.tunnel_crypto import NonceSequence, ReplayWindow, TunnelSession, derive_key
 
-A_ADDR: Endpoint = ("10.0.0.1", 4001)
-B_ADDR: Endpoint = ("10.0.0.2", 4002)
-C_ADDR: Endpoint = ("10.0.0.3", 4003)
-BEACON: Endpoint = ("10.0.0.9", 9001)
+A_ADDR: Endpoint = ("198.51.100.1", 4001)
+B_ADDR: Endpoint = ("198.51.100.2", 4002)
+C_ADDR: Endpoint = ("198.51.100.3", 4003)
+BEACON: Endpoint = ("198.51.100.9", 9001)
 ATTACKER: Endpoint = ("10.6.6.6", 666)
 
 

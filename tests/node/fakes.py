@@ -80,7 +80,7 @@ class PendingConnector:
 
 @implementer(IRouteProber)
 class FixedRoute:
-    def __init__(self, source: Optional[str] = "10.0.0.1") -> None:
+    def __init__(self, source: Optional[str] = "192.0.2.1") -> None:
         self.source = source
         self.asked: list[Endpoint] = []
 
