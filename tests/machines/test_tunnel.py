@@ -34,7 +34,7 @@ A_ADDR: Endpoint = ("198.51.100.1", 4001)
 B_ADDR: Endpoint = ("198.51.100.2", 4002)
 C_ADDR: Endpoint = ("198.51.100.3", 4003)
 BEACON: Endpoint = ("198.51.100.9", 9001)
-ATTACKER: Endpoint = ("10.6.6.6", 666)
+ATTACKER: Endpoint = ("203.0.113.66", 666)
 
 
 def identity(n: int) -> Identity:
@@ -346,10 +346,10 @@ class QueueTests(Base):
     def test_peer_bound_drops_the_oldest_queue(self) -> None:
         self.net.impair = lambda s, d, data: []
         for peer in range(100, 100 + QUEUED_PEERS):
-            self.a.tunnels.send(packet(1, peer), peer, ("10.1.0.1", peer))
+            self.a.tunnels.send(packet(1, peer), peer, ("198.51.100.101", peer))
             self.a.tunnels.send(packet(1, peer), peer)
         self.assertEqual(self.a.tunnels.counters["queue_overflow"], 0)
-        self.a.tunnels.send(packet(1, 99), 99, ("10.1.0.1", 99))
+        self.a.tunnels.send(packet(1, 99), 99, ("198.51.100.101", 99))
         self.assertEqual(self.a.tunnels.counters["queue_overflow"], 2)
         self.assertEqual(self.a.tunnels.stats(100)["queued"], 0)  # type: ignore[index]
         self.assertEqual(self.a.tunnels.stats(101)["queued"], 2)  # type: ignore[index]

@@ -74,7 +74,7 @@ class NodeTests(SynchronousTestCase):
         self.clock.advance(ROUTE_CHECK)
         self.assertEqual(self.host.route.asked, [BEACON])
         self.assertEqual(len(self.to_beacon()), sent)  # same route: nothing sent
-        self.host.route.source = "10.9.9.9"
+        self.host.route.source = "192.0.2.99"
         self.clock.advance(ROUTE_CHECK)
         self.assertEqual(self.to_beacon()[-1], bw.Discover(0).base)  # moved: asked at once
         self.assertEqual(len(self.to_beacon()), sent + 1)
@@ -93,9 +93,9 @@ class NodeTests(SynchronousTestCase):
     def test_local_endpoint(self) -> None:
         self.assertIsNone(self.node.local_endpoint())
         self.assertEqual(self.node.register_extra(), {})
-        self.node.lan_address_learned("192.168.1.20")
-        self.assertEqual(self.node.local_endpoint(), "192.168.1.20:4001")
-        self.assertEqual(self.node.register_extra(), {"local_addr": "192.168.1.20:4001"})
+        self.node.lan_address_learned("192.0.2.20")
+        self.assertEqual(self.node.local_endpoint(), "192.0.2.20:4001")
+        self.assertEqual(self.node.register_extra(), {"local_addr": "192.0.2.20:4001"})
 
     def test_stop_cancels_every_timer(self) -> None:
         self.node.start(BEACON)

@@ -148,7 +148,7 @@ class ServerTests(SynchronousTestCase):
 
     def test_idle_timeout_configurable(self) -> None:
         factory = RegistryServerFactory(self.registry, self.clock, idle_timeout=10)  # type: ignore[arg-type]
-        protocol = factory.buildProtocol(IPv4Address("TCP", "1.2.3.4", 5))
+        protocol = factory.buildProtocol(IPv4Address("TCP", "203.0.113.4", 5))
         assert isinstance(protocol, RegistryServerProtocol)
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -199,7 +199,7 @@ class ServerTests(SynchronousTestCase):
     def test_connection_limit(self) -> None:
         """Over ``max_connections``, a new connection is aborted at once and not counted."""
         factory = RegistryServerFactory(self.registry, self.clock, max_connections=2)  # type: ignore[arg-type]
-        addr = IPv4Address("TCP", "1.2.3.4", 5)
+        addr = IPv4Address("TCP", "203.0.113.4", 5)
         protocols = []
         for _ in range(2):
             p = factory.buildProtocol(addr)
