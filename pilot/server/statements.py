@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING
 from pilot.errors import ErrorCode, MalformedFrame
 from pilot.server.requests import Message, Peer, RequestError, Session
 from pilot.wire.registry import get_int
-from pilot.wire.statement import MAX_STATEMENT, TrustStatement, decode
+from pilot.wire.statement import MAX_PER_REQUEST, MAX_STATEMENT, TrustStatement, decode
 
 if TYPE_CHECKING:
     from pilot.server.registry import Registry
 
-MAX_PER_REQUEST = 64
+__all__ = ["MAX_PER_NODE", "MAX_PER_REQUEST", "HANDLERS"]
+
 MAX_PER_NODE = 1024
 
 

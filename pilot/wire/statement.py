@@ -36,6 +36,8 @@ GRANT = "grant"
 REVOKE = "revoke"
 #: No valid statement is longer (about 250 bytes in practice).
 MAX_STATEMENT = 400
+#: Statements in one ``put_trust_statements`` request.
+MAX_PER_REQUEST = 64
 MAX_NODE_ID = 0xFFFFFFFF
 #: Times and sequence numbers fit JavaScript's exact integers.
 MAX_NUMBER = (1 << 53) - 1
