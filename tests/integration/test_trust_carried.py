@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.errors import ErrorCode
 
 from tests.integration.nodes import Node, NodeTestMixin, ids
-from tests.integration.procs import LOOPBACK, free_udp_port, wait_until
+from tests.integration.procs import LOOPBACK, Rendezvous, free_udp_port, wait_until
 from tests.integration.test_node_process import ping_ok
 
 #: The seeds' promise: the moved node answers the peer's ping within this long.
@@ -31,9 +31,9 @@ PROMISE = 5.0
 
 
 class MovedWithItsKeyTests(NodeTestMixin, SynchronousTestCase):
-    def moved(self, old: Node, name: str, rendezvous: object, trust_file: str | None = None) -> Node:
+    def moved(self, old: Node, name: str, rendezvous: Rendezvous, trust_file: str | None = None) -> Node:
         """A new home holding only ``old``'s identity (and ``trust_file`` as trust.json, if given)."""
-        new = self.make_node(name, rendezvous, init=False)  # type: ignore[arg-type]
+        new = self.make_node(name, rendezvous, init=False)
         shutil.copy(old.identity_path, new.identity_path)
         if trust_file is not None:
             with open(os.path.join(new.home, "trust.json"), "w") as f:
