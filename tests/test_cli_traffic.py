@@ -61,7 +61,8 @@ class PingTests(CLITestCase):
         """Issue 9: a peer refusing every ping is a trust problem (exit 9), not a timeout (exit 7)."""
         refused = "0:0000.0000.0001 refused our ping: it does not trust this node (any more)"
         self.fake.answers["ping"] = {"target": "0:0000.0000.0001", "timeout": True, "results": [
-            {"seq": 1, "error": refused, "code": "not_trusted"}, {"seq": 2, "error": refused, "code": "not_trusted"}]}
+            {"seq": 1, "error": refused, "code": "not_trusted"},
+            {"seq": 2, "error": refused, "code": "not_trusted"}]}
         error = self.run_error(["ping", "sensor-1"], ErrorCode.not_trusted)
         self.assertIn("does not trust", error["message"])
         self.assertEqual(Ran(["ping", "sensor-1"]).status, 9)

@@ -132,7 +132,8 @@ class CarriedTrust:
             restored.append(peer)
         self.restored = restored
         if not restored:
-            self.log.info("trust: no trust file and no trust statements of ours at the registry; starting empty")
+            self.log.info("trust: no trust file and no trust statements of ours at the registry; "
+                          "starting empty")
             return
         try:
             self.save()
@@ -170,11 +171,12 @@ class CarriedTrust:
         for peer, entry in sorted(self.store.trusted.items()):
             held = deposited.get(peer)
             if held is None or held.revoked or held.peer_key != entry.public_key:
-                out.append(make_statement(me, key, peer, entry.public_key, int(entry.approved_at), self._seq(),
-                                          False, sign))
+                out.append(make_statement(me, key, peer, entry.public_key, int(entry.approved_at),
+                                          self._seq(), False, sign))
         for peer, held in sorted(deposited.items()):
             if not held.revoked and peer not in self.store.trusted:
-                out.append(make_statement(me, key, peer, held.peer_key, held.granted_at, self._seq(), True, sign))
+                out.append(make_statement(me, key, peer, held.peer_key, held.granted_at, self._seq(), True,
+                                          sign))
         return out
 
     def sync(self) -> None:

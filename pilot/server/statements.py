@@ -72,7 +72,8 @@ def put_trust_statements(registry: Registry, msg: Message, peer: Peer, session: 
     if len(kept) + len(new_peers) > MAX_PER_NODE:
         if not kept:
             del registry.state.statements[node.id]
-        raise RequestError(ErrorCode.rate_limited, f"a node keeps statements about at most {MAX_PER_NODE} peers")
+        raise RequestError(ErrorCode.rate_limited,
+                           f"a node keeps statements about at most {MAX_PER_NODE} peers")
     stored = stale = 0
     for s in statements:
         old = kept.get(s.peer)

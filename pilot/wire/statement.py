@@ -73,8 +73,9 @@ class TrustStatement:
     def body(self) -> bytes:
         """What the signature covers."""
         peer_key = b64encode(self.peer_key) if self.peer_key else "-"
+        kind = REVOKE if self.revoked else GRANT
         return " ".join([MAGIC, str(self.granter), b64encode(self.granter_key), str(self.peer), peer_key,
-                         str(self.granted_at), str(self.seq), REVOKE if self.revoked else GRANT]).encode("ascii")
+                         str(self.granted_at), str(self.seq), kind]).encode("ascii")
 
     def encode(self) -> str:
         return self.body().decode("ascii") + " " + b64encode(self.signature)
@@ -103,7 +104,7 @@ def make_statement(granter: int, granter_key: bytes, peer: int, peer_key: bytes,
 
 
 def decode(text: Any) -> TrustStatement:
-    """One statement from its text; :class:`MalformedFrame` for anything else (the signature is not checked)."""
+    """One statement from its text; :class:`MalformedFrame` for anything else (the signature is unchecked)."""
     if not isinstance(text, str):
         raise MalformedFrame(f"a trust statement is text, not {type(text).__name__}")
     if len(text) > MAX_STATEMENT:

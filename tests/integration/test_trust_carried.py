@@ -80,6 +80,7 @@ class MovedWithItsKeyTests(NodeTestMixin, SynchronousTestCase):
         self.start_moved(again)
         self.assertNotIn(a.node_id, ids(again.call("trust")))
         result = a.run("ping", b.address, "--count", "1", "--timeout", "2")
-        self.assertEqual(result.status, ErrorCode.not_trusted.value, result.describe() + "\n" + again.describe())
+        self.assertEqual(result.status, ErrorCode.not_trusted.value,
+                         result.describe() + "\n" + again.describe())
         self.assertEqual(result.error["code"], "not_trusted")
         self.assertIn("does not trust", result.error["message"])

@@ -47,7 +47,8 @@ class Rendezvous:
         def request(msg: dict[str, Any]) -> "Deferred[Any]":
             self.sent.append(msg)
             self.nonce += 1
-            signed = sign_request(msg, who.sign, int(self.clock.seconds() * 1000), self.nonce.to_bytes(16, "big"))
+            signed = sign_request(msg, who.sign, int(self.clock.seconds() * 1000),
+                                  self.nonce.to_bytes(16, "big"))
             reply = self.registry.handle(signed, Peer("192.0.2.1", 1))
             error = reply_error(reply)
             return fail(error) if error is not None else succeed(reply)

@@ -21,7 +21,8 @@ from tests.server.test_registry import NO_LIMITS, OTHER_PEER, PEER, RegistryTest
 
 
 def statement(who: Identity, peer: int, peer_key: bytes, seq: int, revoked: bool = False) -> TrustStatement:
-    return make_statement(who.address.node, who.public_key, peer, peer_key, 1795301000, seq, revoked, who.sign)
+    return make_statement(who.address.node, who.public_key, peer, peer_key, 1795301000, seq, revoked,
+                          who.sign)
 
 
 class StatementTests(RegistryTestCase):
@@ -100,8 +101,8 @@ class StatementTests(RegistryTestCase):
     def test_outlive_deregistration(self) -> None:
         s = self.grant_bob()
         self.put(self.alice, self.a, [s.encode()])
-        self.assertOk(self.world.send(self.world.authed(self.alice, {"type": "deregister", "node_id": self.a})),
-                      "deregister")
+        deregister = self.world.authed(self.alice, {"type": "deregister", "node_id": self.a})
+        self.assertOk(self.world.send(deregister), "deregister")
         self.assertEqual(self.world.join(self.alice, PEER, auth=True, listen="0.0.0.0:5000"), self.a)
         self.assertEqual([decode(t) for t in self.get(self.alice, self.a)["statements"]], [s])
 
@@ -118,7 +119,8 @@ class StatementTests(RegistryTestCase):
         state = load_store(path)
         assert state is not None
         restarted = World(NO_LIMITS, state=state)
-        reply = restarted.send(restarted.authed(self.alice, {"type": "get_trust_statements", "node_id": self.a}))
+        reply = restarted.send(restarted.authed(self.alice,
+                                                {"type": "get_trust_statements", "node_id": self.a}))
         self.assertEqual({decode(t) for t in reply["statements"]}, {s, r})
 
     def test_unknown_to_reference_shape_preserved(self) -> None:
@@ -131,7 +133,8 @@ class StatementTests(RegistryTestCase):
 
     def test_registry_without_state_answers(self) -> None:
         registry = Registry(Clock())
-        self.assertEqual(registry.handle({"type": "get_trust_statements", "node_id": 5}, PEER)["code"], "not_found")
+        reply = registry.handle({"type": "get_trust_statements", "node_id": 5}, PEER)
+        self.assertEqual(reply["code"], "not_found")
 
     def test_damaged_statement_in_store_refused(self) -> None:
         self.put(self.alice, self.a, [self.grant_bob().encode()])
