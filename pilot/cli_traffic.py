@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable
 from pilot.cli import PROG, COMMANDS, Context, Result, arg
 from pilot.cli_node import (as_dict, as_list, as_text, ask, client, is_number, port_number, positive_count,
                             shown_value, socket_option, target, timeout_option, write_line, write_note)
-from pilot.errors import ConnectionFailed, InvalidArgument, NotFound, Timeout
+from pilot.errors import ConnectionFailed, InvalidArgument, NotFound, NotTrusted, Timeout
 
 #: Where ``connect`` without ``--message`` reads what it sends.
 stdin: Callable[[], BinaryIO] = lambda: sys.stdin.buffer
@@ -45,7 +45,8 @@ _RECV = 65536
                       help="pings to send (default: 4)"),
                   timeout_option(5.0, "seconds to wait for each reply"), socket_option(),
                   epilog="One line per ping (seq=N time=T ms, or seq=N error: ...), then a summary.\n"
-                         "Exit status 7 (timeout) when no ping was answered.")
+                         "Exit status 7 (timeout) when no ping was answered, 9 (not_trusted) when\n"
+                         "the peer refused every ping because it does not trust this node.")
 def ping(ctx: Context) -> Result:
     a = ctx.args
     if a.count > MAX_PING_COUNT:
@@ -63,6 +64,11 @@ def ping(ctx: Context) -> Result:
     if not rtts:
         errors = [str(r["error"]) for r in results if r.get("error")]
         detail = f" ({errors[0]})" if errors else ""
+        if errors and all(r.get("code") == "not_trusted" for r in results if r.get("error")):
+            # every ping was refused on the echo port, which only a peer that does not trust us does
+            raise NotTrusted(f"no reply from {a.target}{detail}",
+                             "a node that just moved restores its trust within seconds; otherwise "
+                             f"`{PROG} handshake {a.target}` and have it approved")
         raise Timeout(f"no reply from {a.target}{detail}",
                       f"check that the peer runs and trusts you, or raise --timeout (now {a.timeout:g} s)")
     shown = d.get("target")

@@ -308,6 +308,8 @@ class ModelNode:
         self.delivered: list[tuple[float, Received, int]] = []
         self.echo = False
         self.config = config
+        #: the next process starts without a trust file (restores trust from the registry)
+        self.restore_trust = False
         self._build()
 
     def _build(self) -> None:
@@ -321,7 +323,8 @@ class ModelNode:
         self.node = Node(identity=self.identity, trust_store=self.trust_store, save_trust=self._save_trust,
                          clock=world.clock, sender=self.udp, connector=self.connector, prober=_FixedRoute(),
                          one_message=OneMessage, public=True, heartbeat=world.discover_interval,
-                         path_config=self.config, rng=self.rng, random_bytes=self.rng.randbytes)
+                         path_config=self.config, rng=self.rng, random_bytes=self.rng.randbytes,
+                         restore_trust=self.restore_trust)
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)
         self.node.stack.bind_datagrams(PORT, self._received)
 

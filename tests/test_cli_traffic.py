@@ -57,6 +57,19 @@ class PingTests(CLITestCase):
         ran = Ran(["ping", "sensor-1"])
         self.assertEqual((ran.status, ran.stdout), (7, ""))
 
+    def test_refused_by_a_peer_that_does_not_trust_us(self) -> None:
+        """Issue 9: a peer refusing every ping is a trust problem (exit 9), not a timeout (exit 7)."""
+        refused = "0:0000.0000.0001 refused our ping: it does not trust this node (any more)"
+        self.fake.answers["ping"] = {"target": "0:0000.0000.0001", "timeout": True, "results": [
+            {"seq": 1, "error": refused, "code": "not_trusted"},
+            {"seq": 2, "error": refused, "code": "not_trusted"}]}
+        error = self.run_error(["ping", "sensor-1"], ErrorCode.not_trusted)
+        self.assertIn("does not trust", error["message"])
+        self.assertEqual(Ran(["ping", "sensor-1"]).status, 9)
+        # one timeout among the refusals: it may be an outage, keep saying timeout
+        self.fake.answers["ping"]["results"][1] = {"seq": 2, "error": "no echo", "code": "timeout"}
+        self.run_error(["ping", "sensor-1"], ErrorCode.timeout)
+
     def test_empty_results(self) -> None:
         self.fake.answers["ping"] = {"target": "x", "results": [], "timeout": True}
         self.run_error(["ping", "a"], ErrorCode.timeout)

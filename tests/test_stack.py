@@ -26,7 +26,7 @@ import pilot
 from pilot.stack import ports as limits
 from pilot.address import Address
 from pilot.errors import (
-    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError, Timeout,
+    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, NotTrusted, PilotError, Timeout,
 )
 from pilot.machines.connection import ConnectionConfig
 from pilot.stack import CONN_LIST_FIELDS, MAX_DATAGRAM, EphemeralPorts, PilotAddress, Stack, StreamTransport
@@ -286,7 +286,9 @@ class TrustGateTests(StackTestCase):
         result[0].trap(ConnectionFailed)
         ping = outcome(self.a.ping(B, 1))
         self.assertTrue(self.settle(lambda: bool(ping), 5))
-        ping[0].trap(ConnectionFailed)
+        # the echo port is always open: a refusal there is the peer's distrust (issue 9)
+        ping[0].trap(NotTrusted)
+        self.assertIn("does not trust", ping[0].value.message)
         self.assertEqual(self.b.counters["refused.untrusted"], 2)
 
     def test_becomes_trusted(self) -> None:
@@ -707,7 +709,9 @@ class PingTests(StackTestCase):
         self.assertEqual(b.ports(), [])
         result = outcome(self.a.ping(B, 1))
         self.settle(lambda: bool(result), 10)
-        result[0].trap(ConnectionFailed)
+        # an RST on port 7 reads as distrust: every node (ours, the reference's) keeps echo open
+        result[0].trap(NotTrusted)
+        self.assertIn("refused our ping", result[0].value.message)
 
     def test_wrong_echo(self) -> None:
         b = self.tunnel.add(B, echo=False)

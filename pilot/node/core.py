@@ -10,7 +10,9 @@ The parts (docs/architecture.md draws them):
 * :class:`pilot.machines.tunnel.Tunnels`: authenticated, encrypted tunnels;
 * :class:`pilot.machines.path.Paths`: direct, punched or relayed, per peer;
 * :class:`pilot.stack.Stack`: connections and datagrams on virtual ports;
-* :class:`pilot.machines.trust.TrustMachine`: handshakes, approvals, pins.
+* :class:`pilot.machines.trust.TrustMachine`: handshakes, approvals, pins;
+* :class:`pilot.node.carried.CarriedTrust`: the signed trust statements kept
+  at the registry, restoring trust when the trust file was missing.
 
 What it needs of the world comes in through the interfaces of
 :mod:`pilot.interfaces`: a datagram sender (the tunnel socket), a registry
@@ -45,6 +47,7 @@ from pilot.machines.path import PathConfig, Paths
 from pilot.machines.registration import HEARTBEAT_INTERVAL, Registration
 from pilot.machines.trust import AutoApprove, TrustMachine
 from pilot.machines.tunnel import Tunnels
+from pilot.node.carried import CarriedTrust
 from pilot.node.peers import PeerDirectory
 from pilot.stack import Stack
 from pilot.trust import TrustStore
@@ -78,6 +81,8 @@ class Node:
     :param one_message: builds the stream protocol that writes one port-444
         message and closes (``pilot.protocols.handshake.OneMessage``).
     :param save_trust: writes the trust store (called after every change).
+    :param restore_trust: there was no trust file: restore trust from our
+        signed statements at the registry (``docs/trust.md``).
     """
 
     log = Logger()
@@ -88,7 +93,7 @@ class Node:
                  hostname: Optional[str] = None, public: bool = False, tags: tuple[str, ...] = (),
                  heartbeat: float = HEARTBEAT_INTERVAL, auto_approve: Optional[AutoApprove] = None,
                  path_config: PathConfig = PathConfig(), rng: Optional[_random.Random] = None,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom, restore_trust: bool = False) -> None:
         self.identity = identity
         self.trust_store = trust_store
         self.clock = clock
@@ -128,9 +133,13 @@ class Node:
             random_bytes=random_bytes, path_changed=self._path_changed)
         self.tunnels.wire(self.paths)
         self.peers.wire(self.paths)
+        self.carried = CarriedTrust(
+            identity=identity, store=trust_store, save=save_trust, request=self._trust_request, clock=clock,
+            node_id=self.node_id, restore=restore_trust)
+        self._save_trust = save_trust
         self.trust = TrustMachine(
             node_id=self.own_id, public_key=identity.public_key, sign=identity.sign, store=trust_store,
-            save=save_trust, send_direct=self._send_direct, registry_request=self._trust_request,
+            save=self._trust_saved, send_direct=self._send_direct, registry_request=self._trust_request,
             lookup_key=self._lookup_key, clock=clock, rules=auto_approve or AutoApprove(),
             peer_info=self.peers.lookup, trust_ended=self._trust_ended)
 
@@ -300,6 +309,7 @@ class Node:
             self.trust.node_id = node_id
         self.log.info("Registered as {name} ({address})", name=self.registration.status().get("hostname")
                       or str(address), address=str(address))
+        self.carried.registered()
         self._discover()
 
     def _unregistered(self, reason: str) -> None:
@@ -349,6 +359,10 @@ class Node:
 
     def _dial_handshake(self, _: object, node_id: int, message: bytes) -> "Deferred[Any]":
         return self.stack.connect(Address(0, node_id), HANDSHAKE_PORT, self._one_message(message), timeout=5.0)
+
+    def _trust_saved(self) -> None:
+        self._save_trust()
+        self.carried.trust_changed()
 
     def _trust_ended(self, node_id: int) -> None:
         # the revoke to the peer's port 444 is already on its way: let it arrive

@@ -36,7 +36,7 @@ from pilot.errors import ErrorCode, MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.names import hostname_problem, normalise_tags
 from pilot.ratelimit import KeyedLimiter
-from pilot.server import compat, directory, handshakes
+from pilot.server import compat, directory, handshakes, statements
 from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
@@ -418,3 +418,4 @@ _HANDLERS: dict[str, Handler] = {
 _HANDLERS.update(handshakes.HANDLERS)
 _HANDLERS.update(compat.HANDLERS)
 _HANDLERS.update(directory.HANDLERS)
+_HANDLERS.update(statements.HANDLERS)

@@ -12,6 +12,8 @@ in extra keys it ignores:
   reference store's pairs load as trust both ways.
 * ``proven``: node ids whose key has signed a replay-proof request; their
   endpoint can no longer be moved by an unsigned ``register``.
+* ``trust_statements``: each node's signed trust statements
+  (``pilot.server.statements``), ``{"<node id>": ["pilot-trust/1 ...", ...]}``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any, Iterable
 import attr
 
 from pilot.address import Address
+from pilot.errors import MalformedFrame
 from pilot.identity import b64decode, b64encode
+from pilot.wire.statement import TrustStatement, decode as decode_statement
 
 STORE_FORMAT = 1
 
@@ -96,6 +100,8 @@ class RegistryState:
     created: float = 0.0
     hostnames: dict[str, int] = attr.Factory(dict)
     id_keys: dict[int, bytes] = attr.Factory(dict)
+    #: granter -> peer -> the newest signed statement (ours; outlives the granter's registration)
+    statements: dict[int, dict[int, TrustStatement]] = attr.Factory(dict)
 
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
@@ -150,6 +156,9 @@ class RegistryState:
             out["proven"] = sorted(self.proven)
         if self.asked:
             out["handshake_asked"] = [f"{a}>{b}" for a, b in sorted(self.asked)]
+        if self.statements:
+            out["trust_statements"] = {str(g): [s.encode() for _, s in sorted(kept.items())]
+                                       for g, kept in sorted(self.statements.items()) if kept}
         out["pilot_store_format"] = STORE_FORMAT
         return out
 
@@ -193,6 +202,19 @@ class RegistryState:
                                                       bool(_get(r, "accept", bool, False)),
                                                       parse_time(r.get("timestamp")), _stamp(r))
                                     for r in _list_of_dicts(rs, "handshake_responses")]
+        for granter, texts in _get(value, "trust_statements", dict, {}).items():
+            gid = _u32(_int_text(granter, "trust_statements"), "trust_statements")
+            if not isinstance(texts, list):
+                raise StoreFormatError("trust_statements must map ids to lists of statements")
+            kept = state.statements.setdefault(gid, {})
+            for text in texts:
+                try:
+                    statement = decode_statement(text)
+                except MalformedFrame as e:
+                    raise StoreFormatError(f"trust_statements[{granter!r}]: {e.reason}") from None
+                if statement.granter != gid:
+                    raise StoreFormatError(f"trust_statements[{granter!r}] holds node {statement.granter}'s")
+                kept[statement.peer] = statement
         backbone = _get(value, "networks", dict, {}).get("0")
         if isinstance(backbone, dict):
             state.created = parse_time(backbone.get("created"))

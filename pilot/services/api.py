@@ -267,7 +267,7 @@ class NodeAPIImpl:
                 rtt = yield self.node.stack.ping(address, seq, timeout)
                 results.append({"seq": seq, "rtt_ms": round(rtt, 3)})
             except (Timeout, PilotError) as e:
-                results.append({"seq": seq, "error": e.message})
+                results.append({"seq": seq, "error": e.message, "code": e.code.name})
         answered = [r for r in results if "rtt_ms" in r]
         return {"target": str(address), "results": results, "timeout": not answered}
 

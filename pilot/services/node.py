@@ -246,6 +246,9 @@ class NodeService(MultiService):
         except StateFileError as e:
             raise NodeStartupError(f"cannot use the identity {e}", "restore it from a backup",
                                    ErrorCode.malformed) from None
+        # no trust file at all (not a damaged one: that refuses to start): trust comes back
+        # from our signed statements at the registry (docs/trust.md)
+        restore_trust = not os.path.lexists(settings.trust_path)
         try:
             trust_store = TrustStore.load(settings.trust_path)
         except StateFileError as e:
@@ -257,7 +260,8 @@ class NodeService(MultiService):
             save_trust=functools.partial(trust_store.save, settings.trust_path), clock=reactor,
             sender=self.udp, connector=RegistryConnector(reactor, settings.registry, settings.registry_fingerprint),
             prober=RouteProber(), one_message=OneMessage, hostname=settings.hostname, public=settings.public,
-            tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve)
+            tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve,
+            restore_trust=restore_trust)
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)
         self.api = NodeAPIImpl(self.node, reactor, settings, self.udp.counters)
         TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)

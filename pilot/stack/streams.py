@@ -35,6 +35,10 @@ from pilot.wire.packet import Packet
 Key = tuple[Address, int, int]  # (peer address, peer port, local port)
 
 
+class ConnectionRefused(ConnectionFailed):
+    """The peer answered our SYN with an RST: nothing listens there, or it does not trust us."""
+
+
 @attr.s(auto_attribs=True, eq=False)
 class Stream:
     """One entry of the connection table, and what its transport tells the stack."""
@@ -127,7 +131,7 @@ class Stream:
             return ConnectionFailed(f"connection to {target} abandoned: the node is stopping",
                                     hint="start the node again and retry")
         if reason.check(error.ConnectionRefusedError):
-            return ConnectionFailed(f"connection to {target} refused",
+            return ConnectionRefused(f"connection to {target} refused",
                                     hint=f"nothing listens on port {self.key[1]} there, or the peer "
                                          "does not trust this node (`pilotctl handshake PEER`)")
         if reason.check(error.TimeoutError):

@@ -235,6 +235,7 @@ SIGNER_FIELD: dict[str, str] = {
     "revoke_trust": "node_id", "request_handshake": "from_node_id",
     "poll_handshakes": "node_id", "respond_handshake": "node_id", "punch": "requester_id",
     "subscribe_events": "node_id", "lookup": "requester_id", "list_nodes": "requester_id",
+    "put_trust_statements": "node_id", "get_trust_statements": "node_id",
 }
 
 

@@ -61,6 +61,19 @@ class NodeServiceTests(SynchronousTestCase):
         self.assertEqual(caught.exception.message, f"no identity at {self.settings.identity}")
         self.assertEqual(caught.exception.code, ErrorCode.not_found)
 
+    def test_trust_restored_only_without_a_trust_file(self) -> None:
+        """No trust.json: restore from the registry; an existing one is the truth; a damaged one refuses."""
+        Identity.generate().save(self.settings.identity)
+        self.assertTrue(NodeService(self.settings, self.reactor).node.carried.restore)
+        with open(self.settings.trust_path, "w") as f:
+            f.write('{"trusted": []}')
+        self.assertFalse(NodeService(self.settings, self.reactor).node.carried.restore)
+        with open(self.settings.trust_path, "w") as f:
+            f.write("{not json")
+        with self.assertRaises(NodeStartupError) as caught:
+            NodeService(self.settings, self.reactor)
+        self.assertEqual(caught.exception.code, ErrorCode.malformed)
+
     def test_ports_open_and_close(self) -> None:
         Identity.generate().save(self.settings.identity)
         service = NodeService(self.settings, self.reactor)

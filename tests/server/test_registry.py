@@ -26,6 +26,7 @@ from pilot.identity import Identity, b64encode
 from pilot.server.registry import BEACON_TTL, Peer, Registry, RegistryConfig
 from pilot.server.state import Node, RegistryState
 from pilot.wire.registry import encode_frame, legacy_challenge, sign_request
+from pilot.wire.statement import make_statement
 
 #: A realistic Unix time for the registry's clock.
 T0 = 1.8e9
@@ -1108,6 +1109,12 @@ class Scene:
             "search_nodes": (lambda: w.authed(alice, {"type": "search_nodes", "requester_id": a,
                                                       "query": "b"}),
                              {"requester_id", "query", "auth"}),
+            "put_trust_statements": (lambda: w.authed(alice, {
+                "type": "put_trust_statements", "node_id": a, "statements": [make_statement(
+                    a, alice.public_key, b, bob.public_key, 1, 1, False, alice.sign).encode()]}),
+                {"node_id", "statements", "auth"}),
+            "get_trust_statements": (lambda: w.authed(alice, {"type": "get_trust_statements", "node_id": a}),
+                                     {"node_id", "auth"}),
         }
         make, required = table[kind]
         return make(), required
@@ -1120,7 +1127,8 @@ ALL_TYPES = ["register", "lookup", "resolve", "resolve_hostname", "set_hostname"
              "revoke_trust", "request_handshake", "poll_handshakes", "respond_handshake", "punch",
              "list_nodes", "list_networks", "get_polo_score", "update_polo_score", "set_polo_score",
              "create_network", "join_network", "leave_network", "beacon_register", "beacon_list",
-             "subscribe_replication", "subscribe_events", "search_nodes"]
+             "subscribe_replication", "subscribe_events", "search_nodes", "put_trust_statements",
+             "get_trust_statements"]
 
 
 class HostileInputTests(RegistryTestCase):
@@ -1279,6 +1287,7 @@ TYPE_FIELDS: dict[str, tuple[str, ...]] = {
     "leave_network": ("node_id", "network_id"), "beacon_register": ("beacon_id", "addr"), "beacon_list": (),
     "subscribe_replication": ("token",), "subscribe_events": ("node_id",),
     "search_nodes": ("requester_id", "query"),
+    "put_trust_statements": ("node_id", "statements"), "get_trust_statements": ("node_id",),
 }
 SIGNER = {"resolve": "requester_id", "punch": "requester_id", "search_nodes": "requester_id", "request_handshake": "from_node_id",
           "set_polo_score": "requester_id", "update_polo_score": "requester_id"}
