@@ -23,6 +23,8 @@ from pilot.node import Node
 from pilot.nodeapi import Listening
 from pilot.nodeconfig import NodeSettings
 from pilot.search import search_network
+from pilot.stack.streams import ConnectionRefused
+from pilot.wire.handshake import HANDSHAKE_PORT
 
 MAX_PING_COUNT = 1000
 
@@ -274,7 +276,14 @@ class NodeAPIImpl:
     @inlineCallbacks
     def connect(self, target: str, port: int, protocol: IProtocol) -> Any:
         address = yield self._reach(target)
-        transport = yield self.node.stack.connect(address, port, protocol, timeout=30.0)
+        try:
+            transport = yield self.node.stack.connect(address, port, protocol, timeout=30.0)
+        except ConnectionRefused:
+            if port == HANDSHAKE_PORT or self.node.is_trusted(address.node):
+                raise
+            # trust is mutual: a peer we do not trust refuses every port but 444
+            raise NotTrusted(f"{address} refused the connection: this node does not trust it, nor it us",
+                             hint=f"ask for trust with `pilotctl handshake {target}`") from None
         return {"target": str(address), "port": port, "local_port": transport.getHost().port}
 
     @inlineCallbacks
