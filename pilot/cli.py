@@ -27,6 +27,7 @@ status is the code's :class:`~pilot.errors.ErrorCode` value.  Usage errors are
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -40,7 +41,7 @@ from twisted.internet.error import CannotListenError
 
 from pilot import __version__, log, tap
 from pilot.endpoint import format_endpoint
-from pilot.errors import Internal, InvalidArgument, PilotError
+from pilot.errors import Internal, InvalidArgument, PermissionDenied, PilotError
 
 PROG = "pilotctl"
 
@@ -423,15 +424,18 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
 
 def file_error(e: OSError) -> PilotError:
     """
-    A file or directory pilotctl could not use (an unwritable ``PILOT_HOME``,
-    a path through a file...): ``invalid_argument``, naming the path, since
-    the fix is a setting (``PILOT_HOME``, ``--socket``...) or a permission.
+    A file or directory pilotctl could not use, naming the path:
+    ``permission_denied`` when the system refused this user (EACCES, EPERM,
+    a read-only file system), else ``invalid_argument`` (a path through a
+    file...), since the fix is a setting (``PILOT_HOME``, ``--socket``...).
     """
     path = os.fsdecode(e.filename)
     reason = e.strerror or type(e).__name__
-    return InvalidArgument(f"cannot use {path}: {reason}",
-                           "PILOT_HOME (default ~/.pilot) must be a directory this user can write: "
-                           "fix its permissions or point PILOT_HOME elsewhere")
+    hint = ("PILOT_HOME (default ~/.pilot) must be a directory this user can write: "
+            "fix its permissions or point PILOT_HOME elsewhere")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"cannot use {path}: {reason}", hint)
+    return InvalidArgument(f"cannot use {path}: {reason}", hint)
 
 
 def _silence(stream: IO[str]) -> None:

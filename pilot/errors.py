@@ -31,6 +31,7 @@ class ErrorCode(enum.IntEnum):
     unauthorized = 11
     rate_limited = 12
     malformed = 13
+    permission_denied = 14
 
 
 #: What a user can do about each code, when the raiser has nothing better.
@@ -47,6 +48,7 @@ DEFAULT_HINTS: dict[ErrorCode, str] = {
     ErrorCode.unauthorized: "the request's signature did not verify for this node",
     ErrorCode.rate_limited: "too many requests; slow down and retry",
     ErrorCode.malformed: "the message could not be decoded",
+    ErrorCode.permission_denied: "this user may not use that file or folder: fix its permissions or pick another",
 }
 
 
@@ -113,10 +115,14 @@ class Internal(PilotError):
     code = ErrorCode.internal
 
 
+class PermissionDenied(PilotError):
+    code = ErrorCode.permission_denied
+
+
 _BY_CODE: dict[ErrorCode, type[PilotError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, NotRunning, AlreadyExists, ConnectionFailed, Timeout,
-                RegistryUnavailable, NotTrusted, Unauthorized, RateLimited, Internal)
+                RegistryUnavailable, NotTrusted, Unauthorized, RateLimited, Internal, PermissionDenied)
 }
 
 

@@ -247,11 +247,12 @@ class UnusableHomeTests(SynchronousTestCase):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
         self.patch(os, "environ", {**env, "PILOT_HOME": home})
 
-    def assertNamesThePath(self, argv: list[str], path: str) -> None:
+    def assertNamesThePath(self, argv: list[str], path: str,
+                           code: ErrorCode = ErrorCode.invalid_argument) -> None:
         ran = Ran(["--json", *argv])
-        self.assertEqual(ran.status, int(ErrorCode.invalid_argument), ran.stderr)
+        self.assertEqual(ran.status, int(code), ran.stderr)
         error = ran.json_error()
-        self.assertEqual(error["code"], "invalid_argument")
+        self.assertEqual(error["code"], code.name)
         self.assertIn(path, error["message"])
         self.assertIn("PILOT_HOME", error["hint"])
 
@@ -269,10 +270,11 @@ class UnusableHomeTests(SynchronousTestCase):
             raise PermissionError(13, "Permission denied", path)
 
         self.patch(os, "makedirs", refuse)
-        self.assertNamesThePath(["init"], home)
+        self.assertNamesThePath(["init"], home, ErrorCode.permission_denied)
         ran = Ran(["init"])
         self.assertEqual(ran.stderr.splitlines()[0], f"error: cannot use {home}: Permission denied")
-        self.assertNamesThePath(["daemon", "start", "--hostname", "my-agent"], home)
+        self.assertEqual(ran.status, 14)
+        self.assertNamesThePath(["daemon", "start", "--hostname", "my-agent"], home, ErrorCode.permission_denied)
 
 
 class StaleFilesTests(HomeTestCase):
