@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from pilot.address import node_id_for_key
 from pilot.endpoint import format_endpoint, parse_endpoint, parse_port
 from pilot.errors import ErrorCode, MalformedFrame
-from pilot.identity import b64decode, b64encode
+from pilot.identity import b64decode, b64encode, verify
 from pilot.names import hostname_problem, normalise_tags
 from pilot.ratelimit import KeyedLimiter
 from pilot.server import compat, directory, handshakes
@@ -41,7 +41,7 @@ from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
-from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
+from pilot.wire.registry import get_bool, get_int, get_str, get_str_list, rotate_proof_message
 
 __all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "BEACON_TTL"]
 
@@ -374,6 +374,18 @@ class Registry:
         holder = self.state.key_index.get(new)
         if holder is not None and holder != node.id:
             raise RequestError(ErrorCode.already_exists, "that key belongs to another node")
+        # proof of possession (docs/security.md): the new key must sign the hand-over,
+        # or a node could take a key it does not hold and so the id of the key's owner
+        proof = msg.get("new_key_proof")
+        if proof is None:
+            raise RequestError(ErrorCode.unauthorized,
+                               "rotate_key needs 'new_key_proof', a signature by the new key")
+        try:
+            sig = b64decode(proof, 64, "new_key_proof")
+        except ValueError as e:
+            raise RequestError(ErrorCode.unauthorized, str(e)) from None
+        if not verify(new, rotate_proof_message(node.id, node.public_key, new), sig):
+            raise RequestError(ErrorCode.unauthorized, "'new_key_proof' does not verify for the new key")
         self.state.key_index.pop(node.public_key, None)
         node.public_key = new
         self.state.index_key(new, node.id)

@@ -25,7 +25,7 @@ from pilot.errors import ErrorCode
 from pilot.identity import Identity, b64encode
 from pilot.server.registry import BEACON_TTL, Peer, Registry, RegistryConfig
 from pilot.server.state import Node, RegistryState
-from pilot.wire.registry import encode_frame, legacy_challenge, sign_request
+from pilot.wire.registry import encode_frame, legacy_challenge, rotate_proof_message, sign_request
 
 #: A realistic Unix time for the registry's clock.
 T0 = 1.8e9
@@ -37,6 +37,13 @@ ERROR_CODES = {code.name for code in ErrorCode}
 
 def ident(n: int) -> Identity:
     return Identity.from_seed(n.to_bytes(2, "big") * 16)
+
+
+def rotation(node_id: int, old: Identity, new: Identity) -> dict[str, Any]:
+    """A ``rotate_key`` request (unsigned yet) with the new key's proof of possession."""
+    proof = new.sign_b64(rotate_proof_message(node_id, old.public_key, new.public_key))
+    return {"type": "rotate_key", "node_id": node_id, "new_public_key": new.public_key_b64,
+            "new_key_proof": proof}
 
 
 # --- the captured vectors ---------------------------------------------------------
@@ -565,8 +572,7 @@ class RequestTypeTests(RegistryTestCase):
 
     def test_rotate_key(self) -> None:
         new = ident(3)
-        reply = self.signed(self.alice, {"type": "rotate_key", "node_id": self.a,
-                                         "new_public_key": new.public_key_b64})
+        reply = self.signed(self.alice, rotation(self.a, self.alice, new))
         self.assertEqual(reply, {"type": "rotate_key_ok", "node_id": self.a,
                                  "address": str(Address(0, self.a)),
                                  "public_key": new.public_key_b64})
@@ -581,6 +587,24 @@ class RequestTypeTests(RegistryTestCase):
         self.assertEqual(self.world.register(new)["node_id"], self.a)
         self.assertNotIn(self.alice.public_key, self.world.registry.state.key_index)
         self.assertNotEqual(self.world.register(self.alice, OTHER_PEER)["node_id"], self.a)
+
+    def test_rotate_key_without_proof_of_possession(self) -> None:
+        # the attack: alice rotates to carol's key before carol registers, so that
+        # carol, when she starts, would be given alice's id
+        carol = ident(3)
+        reply = self.signed(self.alice, {"type": "rotate_key", "node_id": self.a,
+                                         "new_public_key": carol.public_key_b64})
+        self.assertError(reply, ErrorCode.unauthorized)
+        self.assertIn("new_key_proof", reply["error"])
+        # a proof by the wrong key, for another node, over another old key, or garbage
+        for bad in (rotation(self.a, self.alice, self.alice)["new_key_proof"],
+                    rotation(self.b, self.alice, carol)["new_key_proof"],
+                    rotation(self.a, self.bob, carol)["new_key_proof"],
+                    "AAAA", 7, ""):
+            msg = {**rotation(self.a, self.alice, carol), "new_key_proof": bad}
+            self.assertError(self.signed(self.alice, msg), ErrorCode.unauthorized)
+        self.assertEqual(self.world.node(self.a).public_key, self.alice.public_key)
+        self.assertNotEqual(self.world.register(carol, OTHER_PEER)["node_id"], self.a)
 
     def test_rotate_key_signed_by_new_key_refused(self) -> None:
         new = ident(3)
@@ -962,7 +986,7 @@ class OnChangeTests(RegistryTestCase):
             w.legacy(bob, {"type": "poll_handshakes", "node_id": b}),
             w.legacy(bob, {"type": "respond_handshake", "node_id": b, "peer_id": a, "accept": True}),
             w.legacy(alice, {"type": "poll_handshakes", "node_id": a}),
-            w.legacy(alice, {"type": "rotate_key", "node_id": a, "new_public_key": ident(5).public_key_b64}),
+            w.legacy(alice, rotation(a, alice, ident(5))),
             {"type": "update_polo_score", "node_id": b, "delta": 3},
             {"type": "set_polo_score", "node_id": b, "polo_score": 3},
             w.legacy(bob, {"type": "deregister", "node_id": b}),
@@ -1069,9 +1093,8 @@ class Scene:
                           {"node_id", "signature"}),
             "deregister": (lambda: w.legacy(alice, {"type": "deregister", "node_id": a}),
                            {"node_id", "signature"}),
-            "rotate_key": (lambda: w.legacy(alice, {"type": "rotate_key", "node_id": a,
-                                                    "new_public_key": ident(8).public_key_b64}),
-                           {"node_id", "new_public_key", "signature"}),
+            "rotate_key": (lambda: w.legacy(alice, rotation(a, alice, ident(8))),
+                           {"node_id", "new_public_key", "new_key_proof", "signature"}),
             "report_trust": (lambda: w.legacy(alice, {"type": "report_trust", "node_id": a, "peer_id": c}),
                              {"node_id", "peer_id", "signature"}),
             "revoke_trust": (lambda: w.legacy(alice, {"type": "revoke_trust", "node_id": a, "peer_id": b}),

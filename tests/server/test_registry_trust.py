@@ -16,7 +16,7 @@ from pilot.server.registry import Peer, RegistryConfig
 from pilot.server.state import Node, RegistryState
 
 from tests.server.test_registry import (
-    NO_LIMITS, OTHER_PEER, PEER, T0, Recorder, RegistryTestCase, World, ident,
+    NO_LIMITS, OTHER_PEER, PEER, T0, Recorder, RegistryTestCase, World, ident, rotation,
 )
 
 CAROL_PEER = Peer("192.0.2.99", 30003)
@@ -241,11 +241,9 @@ class AuthTests(Trio):
     def test_rotate_key_of_proven_node(self) -> None:
         self.prove(self.alice, self.a)
         new = ident(9)
-        reply = self.legacy(self.alice, {"type": "rotate_key", "node_id": self.a,
-                                         "new_public_key": new.public_key_b64})
+        reply = self.legacy(self.alice, rotation(self.a, self.alice, new))
         self.assertError(reply, ErrorCode.unauthorized)
-        reply = self.authed(self.alice, {"type": "rotate_key", "node_id": self.a,
-                                         "new_public_key": new.public_key_b64})
+        reply = self.authed(self.alice, rotation(self.a, self.alice, new))
         self.assertOk(reply, "rotate_key")
         # the node stays proven: the new key must use 'auth' too
         self.assertError(self.legacy(new, {"type": "heartbeat", "node_id": self.a}), ErrorCode.unauthorized)
