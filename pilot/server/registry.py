@@ -65,11 +65,16 @@ def _host(endpoint: str) -> str:
 class Registry:
     def __init__(self, clock: IReactorTime, config: RegistryConfig | None = None,
                  state: RegistryState | None = None,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 on_touch: Callable[[], None] = lambda: None) -> None:
         self.clock = clock
         self.config = config or RegistryConfig()
         self.state = state or RegistryState(created=clock.seconds())
         self.on_change = on_change
+        #: called when only replay state (``auth_ts``) changed: worth saving, not at once
+        self.on_touch = on_touch
+        #: the newest accepted ``auth.ts`` per node before this start: older ones are replays
+        self.restored_ts = dict(self.state.auth_ts)
         self.auth = Authenticator(self.config.max_skew)
         self.register_limit = KeyedLimiter(self.config.registrations_per_minute / 60.0,
                                            max(self.config.registrations_per_minute, 1.0))
@@ -122,12 +127,22 @@ class Registry:
     def authenticate(self, msg: Message, node: Node) -> None:
         """Check ``msg``'s signature by ``node`` (:class:`RequestError` ``unauthorized`` if wrong)."""
         try:
-            fresh = self.auth.check(msg, node.public_key, node.id in self.state.proven, self.clock.seconds())
+            fresh = self.auth.check(msg, node.public_key, node.id in self.state.proven, self.clock.seconds(),
+                                    self.restored_ts.get(node.id, 0))
         except AuthFailed as e:
             raise RequestError(ErrorCode.unauthorized, str(e)) from None
+        if fresh:
+            self._accepted(node.id, msg)
         if fresh and node.id not in self.state.proven:
             self.state.proven.add(node.id)
             self.on_change()
+
+    def _accepted(self, node_id: int, msg: Message) -> None:
+        """Remember ``msg``'s (verified) ``auth.ts`` as the node's newest, to be saved."""
+        ts: int = msg["auth"]["ts"]
+        if ts > self.state.auth_ts.get(node_id, 0):
+            self.state.auth_ts[node_id] = ts
+            self.on_touch()
 
     def signed(self, msg: Message, field: str) -> Node:
         """The node named by ``msg[field]``, which must have signed ``msg``."""
@@ -227,7 +242,8 @@ class Registry:
         fresh = False
         if "auth" in msg:
             try:
-                fresh = self.auth.check(msg, key, True, now)
+                fresh = self.auth.check(msg, key, True, now,
+                                        self.restored_ts.get(known, 0) if known is not None else 0)
             except AuthFailed as e:
                 raise RequestError(ErrorCode.unauthorized, str(e)) from None
         node_id = known if known is not None else node_id_for_key(
@@ -252,6 +268,8 @@ class Registry:
             node.local_addr, changed = local_addr, True
         if owner and owner != node.owner:
             node.owner, changed = owner, True
+        if fresh:
+            self._accepted(node_id, msg)
         if fresh and node_id not in self.state.proven:
             self.state.proven.add(node_id)
             changed = True

@@ -12,6 +12,10 @@ in extra keys it ignores:
   reference store's pairs load as trust both ways.
 * ``proven``: node ids whose key has signed a replay-proof request; their
   endpoint can no longer be moved by an unsigned ``register``.
+* ``auth_ts``: node id -> the newest ``auth.ts`` (Unix ms) the registry accepted
+  from that node's key.  The nonce memory is not saved; after a restart a
+  request not newer than this is refused, so a captured request cannot be
+  replayed across a restart (``docs/security.md``).
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ class RegistryState:
     created: float = 0.0
     hostnames: dict[str, int] = attr.Factory(dict)
     id_keys: dict[int, bytes] = attr.Factory(dict)
+    #: node id -> newest accepted ``auth.ts`` (ms) of its key
+    auth_ts: dict[int, int] = attr.Factory(dict)
 
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
@@ -148,6 +154,8 @@ class RegistryState:
             out["trust_edges"] = [f"{a}>{b}" for a, b in sorted(self.trust)]
         if self.proven:
             out["proven"] = sorted(self.proven)
+        if self.auth_ts:
+            out["auth_ts"] = {str(k): v for k, v in sorted(self.auth_ts.items())}
         if self.asked:
             out["handshake_asked"] = [f"{a}>{b}" for a, b in sorted(self.asked)]
         out["pilot_store_format"] = STORE_FORMAT
@@ -180,6 +188,10 @@ class RegistryState:
             # ours: directed edges are the truth, the pairs were only derived from them
             state.trust = {_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, [])}
         state.proven = {_u32(i, "proven") for i in _get(value, "proven", list, [])}
+        for text, ms in _get(value, "auth_ts", dict, {}).items():
+            if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms < 1 << 53:
+                raise StoreFormatError(f"auth_ts[{text!r}]: {ms!r} is not Unix milliseconds")
+            state.auth_ts[_u32(_int_text(text, "auth_ts"), "auth_ts")] = ms
         state.asked = {_split_ids(e, ">", "handshake_asked") for e in _get(value, "handshake_asked", list, [])}
         for target, reqs in _get(value, "handshake_inbox", dict, {}).items():
             tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")

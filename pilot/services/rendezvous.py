@@ -103,7 +103,8 @@ class RendezvousService(MultiService):
         if settings.store:
             self.store = StoreWriter(settings.store, lambda: self.registry.state.to_json(), clock,
                                      settings.flush_delay)
-        self.registry = Registry(clock, settings.registry, state, on_change=self._changed)
+        self.registry = Registry(clock, settings.registry, state, on_change=self._changed,
+                                 on_touch=self._touched)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
                                              settings.max_connections)
@@ -139,6 +140,10 @@ class RendezvousService(MultiService):
     def _changed(self) -> None:
         if self.store is not None:
             self.store.changed()
+
+    def _touched(self) -> None:
+        if self.store is not None:
+            self.store.touched()
 
     def _listen_registry(self) -> IListeningPort:
         if self.tls_options is not None:

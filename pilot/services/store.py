@@ -88,11 +88,12 @@ class StoreWriter:
     log = Logger()
 
     def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], clock: IReactorTime,
-                 delay: float = 0.25) -> None:
+                 delay: float = 0.25, touch_delay: float = 5.0) -> None:
         self.path = path
         self.snapshot = snapshot
         self.clock = clock
         self.delay = delay
+        self.touch_delay = touch_delay
         self.dirty = False
         self.writes = 0
         self.failures = 0
@@ -106,8 +107,20 @@ class StoreWriter:
     def changed(self) -> None:
         """The state changed: make sure a write happens soon."""
         self.dirty = True
-        if not self.scheduled:
+        soon = self.clock.seconds() + self.delay
+        if not self.failures and self._call is not None and self._call.active() and self._call.getTime() > soon:
+            self._call.reset(self.delay)  # a lazy write (``touched``) was pending: bring it forward
+        elif not self.scheduled:
             self._call = self.clock.callLater(self.delay, self._timer_fired)
+
+    def touched(self) -> None:
+        """
+        Something worth saving but not urgent changed (replay state): write
+        within ``touch_delay`` seconds, or with the next change or flush.
+        """
+        self.dirty = True
+        if not self.scheduled:
+            self._call = self.clock.callLater(self.touch_delay, self._timer_fired)
 
     def flush(self) -> bool:
         """Write now if anything is unsaved (shutdown); True if the file is up to date."""

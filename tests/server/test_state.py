@@ -48,6 +48,7 @@ def sample_state() -> RegistryState:
     state.rebuild_indexes()
     state.trust = {(7, 1 << 31), (1 << 31, 7), (7, 99), (0xFFFFFFFE, 7)}
     state.proven = {7, 99}
+    state.auth_ts = {7: int(T0 * 1000) + 123, 99: 5}
     state.inbox = {7: [HandshakeRequest(99, "please", T0 - 3.25), HandshakeRequest(1 << 31, "", T0 - 1.5)]}
     state.responses = {99: [HandshakeResponse(7, True, T0 - 2.125),
                             HandshakeResponse(1 << 31, False, T0 - 1)]}
@@ -72,6 +73,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(back.id_keys, state.id_keys)
         self.assertEqual(back.trust, state.trust)
         self.assertEqual(back.proven, state.proven)
+        self.assertEqual(back.auth_ts, state.auth_ts)
         self.assertEqual(back.hostnames, {"alpha": 7})
         self.assertEqual(back.created, state.created)
         self.assertEqual(set(back.inbox), {7})
@@ -105,13 +107,14 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(sorted(out["trust_edges"]),
                          sorted(["7>2147483648", "2147483648>7", "7>99", "4294967294>7"]))
         self.assertEqual(out["proven"], [7, 99])
+        self.assertEqual(out["auth_ts"], {"7": int(T0 * 1000) + 123, "99": 5})
         self.assertTrue(out["handshake_inbox"]["7"][0]["timestamp"].endswith("Z"))
         self.assertEqual(set(out["handshake_responses"]), {"99"})
 
     def test_empty_state(self) -> None:
         out = RegistryState(created=T0).to_json()
         for key in ("trust_pairs", "pub_key_idx", "handshake_inbox", "handshake_responses", "trust_edges",
-                    "proven"):
+                    "proven", "auth_ts"):
             self.assertNotIn(key, out)
         self.assertEqual(out["nodes"], {})
         back = RegistryState.from_json(out)
@@ -237,6 +240,8 @@ class MalformedStoreTests(SynchronousTestCase):
         for key, value in (("nodes", []), ("nodes", "x"), ("nodes", 1), ("pub_key_idx", []),
                            ("pub_key_idx", "k"), ("trust_pairs", "1:2"), ("trust_pairs", {"1": 2}),
                            ("trust_edges", "1>2"), ("proven", 7), ("proven", {"7": 1}),
+                           ("auth_ts", [1]), ("auth_ts", {"x": 1}), ("auth_ts", {"7": -1}),
+                           ("auth_ts", {"7": "1"}), ("auth_ts", {"7": True}), ("auth_ts", {"7": 1 << 53}),
                            ("handshake_inbox", []), ("handshake_responses", "x"), ("networks", [])):
             store = self.good()
             store[key] = value

@@ -73,6 +73,23 @@ class StoreWriterTests(SynchronousTestCase):
         self.assertEqual(self.writer.writes, 2)
         self.assertEqual(self.read(), {"n": 2})
 
+    def test_touched_writes_lazily(self) -> None:
+        """Replay state alone is written within ``touch_delay``; a real change brings that forward."""
+        self.writer.touched()
+        self.clock.advance(4.9)
+        self.assertEqual(self.writer.writes, 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.writer.writes, 1)
+        self.writer.touched()
+        self.clock.advance(1)
+        self.writer.changed()
+        self.clock.advance(0.25)
+        self.assertEqual(self.writer.writes, 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.writer.touched()
+        self.assertTrue(self.writer.flush())
+        self.assertEqual(self.writer.writes, 3)
+
     def test_flush(self) -> None:
         """flush writes now if dirty and cancels the scheduled write; clean, it does nothing."""
         self.assertTrue(self.writer.flush())
