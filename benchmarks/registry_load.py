@@ -154,7 +154,9 @@ class Server:
         cmd = [sys.executable, "-m", "pilot", "--json", "rendezvous", "start",
                "--listen", f"{HOST}:{self.registry_port}", "--beacon", f"{HOST}:{self.beacon_port}",
                "--store", self.store, "--registrations-per-minute", "0", "--requests-per-second", "0",
-               "--beacon-datagrams-per-second", "0", "--log-level", "warn"]
+               "--beacon-datagrams-per-second", "0", "--log-level", "warn",
+               # every simulated node has its own connection, all from 127.0.0.1
+               "--connections-per-address", "0"]
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
         assert self.proc.stdout is not None

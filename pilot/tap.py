@@ -83,6 +83,8 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
            "bytes the beacon relays per sending node per second (0: no limit)"),
     Setting("relay-burst-bytes", _fmt(_BEACON.relay_burst_bytes), parse_amount, "N",
            "bytes a node may have relayed at once before the rate applies"),
+    Setting("connections-per-address", str(RendezvousSettings().max_per_address), parse_rate, "N",
+           "registry connections one source IP may hold at once (0: no limit)"),
     Setting("flush-delay", _fmt(DEFAULT_FLUSH_DELAY), parse_delay, "SECONDS",
            "write the store at most this long after a change"),
     Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",
@@ -144,6 +146,7 @@ def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
         registry=registry,
         beacon=beacon,
         flush_delay=values["flush_delay"],
+        max_per_address=int(values["connections_per_address"]),
         reap_interval=values["reap_interval"],
     )
 

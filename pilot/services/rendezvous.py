@@ -14,6 +14,7 @@ Every ``reap_interval`` seconds stale nodes are reaped and the beacon pruned.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from twisted.logger import Logger
 from pilot.endpoint import format_endpoint, parse_listen
 from pilot.errors import InvalidArgument
 from pilot.protocols.beacon import BeaconProtocol
-from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, RegistryServerFactory
+from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_PER_ADDRESS, RegistryServerFactory
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.store import StoreWriter, load_store
@@ -57,6 +58,10 @@ class RendezvousSettings:
     reap_interval: float = 60.0
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    #: Connections one source address may hold at once (0: no limit).
+    max_per_address: int = MAX_PER_ADDRESS
+    #: Raise the soft limit of open files to the hard limit at start (each connection is one).
+    raise_open_files: bool = True
 
 
 class PortService(Service):
@@ -107,7 +112,8 @@ class RendezvousService(MultiService):
                                  on_touch=self._touched)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
-                                             settings.max_connections)
+                                             settings.max_connections,
+                                             max_per_address=settings.max_per_address)
         self.tls_options: CertificateOptions | None = None
         self.tls_fingerprint: str | None = None
         if settings.tls:
@@ -162,6 +168,8 @@ class RendezvousService(MultiService):
     # --- lifecycle ---------------------------------------------------------------------
 
     def startService(self) -> None:
+        if self.settings.raise_open_files:
+            self._raise_open_files()
         try:
             super().startService()
         except BaseException:
@@ -187,6 +195,20 @@ class RendezvousService(MultiService):
                 self.store.changed()  # write the empty store now: an unwritable path shows at once
         else:
             self.log.info("Persistence: none (state is kept in memory only)")
+
+    def _raise_open_files(self) -> None:
+        try:
+            old, new = raise_open_files_limit()
+        except (OSError, ValueError) as e:
+            self.log.warn("could not raise the open files limit: {error}", error=e)
+            return
+        if new != old:
+            self.log.info("open files limit raised from {old} to {new}", old=old, new=new)
+        if new < self.settings.max_connections + 64:
+            self.log.warn("the open files limit ({limit}) is below the registry's {connections} connections "
+                          "plus a margin: new nodes will be refused before that; raise the hard limit "
+                          "(ulimit -Hn, systemd LimitNOFILE=)", limit=new,
+                          connections=self.settings.max_connections)
 
     def stopService(self) -> Deferred[Any]:
         stopped: Deferred[Any] = super().stopService()
@@ -241,6 +263,29 @@ def _grow_receive_buffer(port: Any) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
     except OSError:
         pass  # the kernel caps it at net.core.rmem_max; the default still works
+
+
+def raise_open_files_limit(getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+                           setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit
+                           ) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit; the (old, new) soft limits."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or (soft != resource.RLIM_INFINITY and soft < hard):
+        # an unlimited hard limit is refused by Linux for files: take the kernel's per-process cap
+        target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+        if soft == resource.RLIM_INFINITY or target <= soft:
+            return soft, soft
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 def _bound(listener: PortService, what: str) -> int:

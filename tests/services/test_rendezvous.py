@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -19,7 +20,8 @@ from pilot.errors import InvalidArgument
 from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import RegistryServerFactory
 from pilot.server.registry import Peer
-from pilot.services.rendezvous import RendezvousService, RendezvousSettings
+from pilot.services import rendezvous
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings, raise_open_files_limit
 from pilot.services.store import StoreError, load_store
 from pilot.tls import CERT_NAME, KEY_NAME, fingerprint
 
@@ -83,6 +85,7 @@ class ServiceTests(SynchronousTestCase):
 
     def service(self, **kw: Any) -> RendezvousService:
         kw.setdefault("store", self.store)
+        kw.setdefault("raise_open_files", False)  # not this test process's limit
         return RendezvousService(RendezvousSettings(**kw), self.reactor)
 
     def register(self, service: RendezvousService, seed: int = 1) -> int:
@@ -151,6 +154,40 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([p.closed for p in self.reactor.ports], [True])
         self.assertFalse(service.running)
         self.assertFalse(service.reaper.running)
+
+    def test_open_files_limit_raised_at_start(self) -> None:
+        """RLIMIT_NOFILE's soft limit goes to the hard limit at start, and that is logged."""
+        self.patch(rendezvous, "raise_open_files_limit", lambda: (1024, 524288))
+        service = self.service(raise_open_files=True, max_per_address=7)
+        with capturedLogs() as events:
+            service.startService()
+        self.assertIn("open files limit raised from 1024 to 524288", messages(events))
+        self.assertEqual(service.factory.max_per_address, 7)
+        self.patch(rendezvous, "raise_open_files_limit", lambda: (4096, 4096))
+        with capturedLogs() as events:
+            self.service(raise_open_files=True).startService()
+        self.assertTrue(any("below the registry's 20000 connections" in m for m in messages(events)))
+
+    def test_raise_open_files_limit(self) -> None:
+        calls: list[tuple[int, tuple[int, int]]] = []
+        limits = {"now": (1024, 65536)}
+
+        def setrlimit(which: int, value: tuple[int, int]) -> None:
+            calls.append((which, value))
+
+        def getrlimit(which: int) -> tuple[int, int]:
+            return limits["now"]
+
+        self.assertEqual(raise_open_files_limit(getrlimit, setrlimit), (1024, 65536))
+        self.assertEqual(calls, [(resource.RLIMIT_NOFILE, (65536, 65536))])
+        limits["now"] = (65536, 65536)
+        self.assertEqual(raise_open_files_limit(getrlimit, setrlimit), (65536, 65536))
+        self.assertEqual(len(calls), 1)
+        limits["now"] = (1024, resource.RLIM_INFINITY)
+        old, new = raise_open_files_limit(getrlimit, setrlimit)
+        self.assertEqual(old, 1024)
+        self.assertGreater(new, 1024)
+        self.assertEqual(calls[-1], (resource.RLIMIT_NOFILE, (new, resource.RLIM_INFINITY)))
 
     def test_store_flushed_on_stop(self) -> None:
         """Stopping writes the pending change at once (not after the delay), and a new service loads it."""
