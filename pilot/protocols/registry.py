@@ -23,6 +23,10 @@ What the protocol adds to the logic:
   connections together may hold at most :data:`BUFFER_BUDGET` bytes, and a
   connection whose bytes would go over it is aborted; one source address may
   hold at most :data:`MAX_PER_ADDRESS` connections;
+* with a :class:`Durability` (``--durable``), a reply to a request that
+  changed the registry's state is held until the store holding that change is
+  on disk; later replies on the connection wait behind it, so they stay in
+  order;
 * backpressure against a client that sends requests but never reads the
   replies.  The protocol registers itself as the transport's streaming
   producer.  When the transport's send buffer is full it calls
@@ -40,6 +44,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol as Typed, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -78,6 +83,16 @@ class StreamTransport(Typed):
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
+
+
+class Durability(Typed):
+    """What holds replies until their change is on disk (:class:`pilot.services.store.StoreWriter`)."""
+
+    #: changes made so far, and how many of them are on disk
+    generation: int
+    saved: int
+
+    def when_saved(self, generation: int) -> Deferred[None]: ...
 
 
 def stream_of(protocol: Protocol) -> StreamTransport:
@@ -127,8 +142,11 @@ class RegistryServerProtocol(Protocol):
                  max_unsent: int = MAX_UNSENT,
                  connections: set[RegistryServerProtocol] | None = None,
                  frame_deadline: float = FRAME_DEADLINE, max_request: int = MAX_REQUEST,
-                 budget: ByteBudget | None = None) -> None:
+                 budget: ByteBudget | None = None, durability: Durability | None = None) -> None:
         self.registry = registry
+        self.durability = durability
+        #: replies held until the change they acknowledge is on disk: (generation needed, frame)
+        self._unsaved: deque[tuple[int, bytes]] = deque()
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_unsent = max_unsent
@@ -160,6 +178,7 @@ class RegistryServerProtocol(Protocol):
         self._open = False
         self._closing = True
         self._pending.clear()
+        self._unsaved.clear()
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
@@ -233,8 +252,9 @@ class RegistryServerProtocol(Protocol):
     def _answer(self, item: dict[str, Any] | MalformedFrame) -> None:
         self._restart_idle_timer()
         if isinstance(item, MalformedFrame):
-            self._write(encode_frame(error_reply(ErrorCode.malformed, item.reason)))
+            self._reply(encode_frame(error_reply(ErrorCode.malformed, item.reason)), 0)
             return
+        before = self.durability.generation if self.durability is not None else 0
         try:
             reply = self.registry.handle(item, self.peer, self)
             if reply.get("type") == "error":
@@ -245,7 +265,31 @@ class RegistryServerProtocol(Protocol):
             self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
                              peer=self._where())
             frame = _INTERNAL
-        self._write(frame)
+        after = self.durability.generation if self.durability is not None else 0
+        self._reply(frame, after if after != before else 0)
+
+    def _reply(self, frame: bytes, generation: int) -> None:
+        """Write ``frame`` once change ``generation`` is on disk (0: no change), after earlier replies."""
+        if not generation and not self._unsaved:
+            self._write(frame)
+            return
+        self._unsaved.append((generation, frame))
+        if generation and self.durability is not None:
+            self.durability.when_saved(generation).addCallbacks(self._saved, self._not_saved)
+
+    def _saved(self, _: object) -> None:
+        if self._closing or self.durability is None:
+            return
+        saved = self.durability.saved
+        while self._unsaved and self._unsaved[0][0] <= saved and not self._closing:
+            self._write(self._unsaved.popleft()[1])
+
+    def _not_saved(self, failure: Failure) -> None:
+        self._unsaved.clear()
+        if not self._closing and self._open:
+            self.log.warn("closing registry connection from {peer}: its changes could not be saved",
+                          peer=self._where())
+            self._abort()
 
     # --- the Session interface ---------------------------------------------------------
 
@@ -356,8 +400,10 @@ class RegistryServerFactory(Factory):
     def __init__(self, registry: Registry, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS, max_unsent: int = MAX_UNSENT,
                  max_per_address: int = MAX_PER_ADDRESS, frame_deadline: float = FRAME_DEADLINE,
-                 max_request: int = MAX_REQUEST, buffer_budget: int = BUFFER_BUDGET) -> None:
+                 max_request: int = MAX_REQUEST, buffer_budget: int = BUFFER_BUDGET,
+                 durability: Durability | None = None) -> None:
         self.registry = registry
+        self.durability = durability
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -387,7 +433,8 @@ class RegistryServerFactory(Factory):
                               limit=self.max_per_address, count=self.refused_per_address)
             return RefusedConnection()
         protocol = CountedProtocol(self.registry, self.clock, self.idle_timeout, self.max_unsent,
-                                   self.connections, self.frame_deadline, self.max_request, self.budget)
+                                   self.connections, self.frame_deadline, self.max_request, self.budget,
+                                   self.durability)
         protocol.factory = self
         protocol.host = host
         self.per_address[host] = self.per_address.get(host, 0) + 1

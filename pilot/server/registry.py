@@ -56,6 +56,9 @@ class RegistryConfig:
     requests_per_second: float = 500.0
     request_burst: float = 2000.0
     max_skew: float = MAX_SKEW
+    #: A key whose node left (deregistered or reaped) this long ago is forgotten, with its
+    #: trust and replay state; until then the key keeps its node id.  math.inf: never.
+    key_retention: float = 7 * 24 * 3600.0
 
 
 def _host(endpoint: str) -> str:
@@ -87,6 +90,10 @@ class Registry:
         for node in self.state.nodes.values():
             # a restarted registry gives every node a full period to check in again
             node.last_seen = max(node.last_seen, now)
+        for node_id in self.state.id_keys:
+            if node_id not in self.state.nodes:
+                # a key without a node and no record of when it left (a reference store): from now
+                self.state.gone.setdefault(node_id, now)
 
     # --- entry point ------------------------------------------------------------
 
@@ -110,7 +117,11 @@ class Registry:
             return error_reply(ErrorCode.invalid_argument, e.reason)
 
     def _count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self._count_by(name, 1)
+
+    def _count_by(self, name: str, n: int) -> None:
+        if n:
+            self.counters[name] = self.counters.get(name, 0) + n
 
     # --- helpers ------------------------------------------------------------------
 
@@ -180,15 +191,22 @@ class Registry:
         gone = [n.id for n in self.state.nodes.values() if n.last_seen < cutoff]
         for node_id in gone:
             self._remove(node_id)
-        if gone:
-            self.on_change()
         now = self.clock.seconds()
+        forgotten = [n for n, t in self.state.gone.items()
+                     if now - t > self.config.key_retention and n not in self.state.nodes]
+        for node_id in forgotten:
+            self.state.forget(node_id)
+        self._count_by("keys_forgotten", len(forgotten))
+        if gone or forgotten:
+            self.on_change()
         for bid in [b for b, (_, t) in self.beacons.items() if now - t > BEACON_TTL]:
             del self.beacons[bid]
         return gone
 
     def _remove(self, node_id: int) -> None:
         node = self.state.nodes.pop(node_id, None)
+        if node is not None and node_id in self.state.id_keys:
+            self.state.gone[node_id] = self.clock.seconds()
         if node is not None and node.hostname and self.state.hostnames.get(node.hostname) == node_id:
             del self.state.hostnames[node.hostname]
 
@@ -259,6 +277,7 @@ class Registry:
         if node is None:
             node = Node(id=node_id, public_key=key, real_addr=real_addr, last_seen=now, owner=owner)
             self.state.nodes[node_id] = node
+            self.state.gone.pop(node_id, None)
         self.state.index_key(key, node_id)
         node.real_addr = real_addr
         node.last_seen = now

@@ -8,7 +8,7 @@ import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -42,6 +42,39 @@ class RecordingRegistry:
 
     def session_closed(self, session: object) -> None:
         self.closed.append(session)
+
+
+class FakeDurability:
+    """A store writer stand-in: requests of type ``change`` bump the generation; saves are manual."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.saved = 0
+        self.waiting: dict[int, list[Deferred[None]]] = {}
+
+    def handle(self, inner: Any) -> Any:
+        def handle(msg: dict[str, Any], peer: Peer, session: object = None) -> dict[str, Any]:
+            if msg["type"] == "change":
+                self.generation += 1
+            return inner(msg, peer, session)  # type: ignore[no-any-return]
+        return handle
+
+    def when_saved(self, generation: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waiting.setdefault(generation, []).append(d)
+        return d
+
+    def save(self, generation: int) -> None:
+        self.saved = generation
+        for g in sorted(g for g in self.waiting if g <= generation):
+            for d in self.waiting.pop(g):
+                d.callback(None)
+
+    def fail(self) -> None:
+        for ds in self.waiting.values():
+            for d in ds:
+                d.errback(RuntimeError("cannot save"))
+        self.waiting = {}
 
 
 def frames(data: bytes) -> list[dict[str, Any]]:
@@ -307,6 +340,35 @@ class ServerTests(SynchronousTestCase):
         for p in held[1:]:
             p.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(factory.per_address, {"203.0.113.4": 1, "198.51.100.9": 1})
+
+    # --- durable acknowledgements ------------------------------------------------------------
+
+    def durable(self) -> tuple["FakeDurability", StringTransport]:
+        durability = FakeDurability()
+        self.registry.handle = durability.handle(self.registry.handle)  # type: ignore[method-assign]
+        factory = RegistryServerFactory(self.registry, self.clock, durability=durability)  # type: ignore[arg-type]
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(encode_frame({"type": "change", "n": 1}) + encode_frame({"type": "t", "n": 2})
+                              + encode_frame({"type": "change", "n": 3}))
+        return durability, transport
+
+    def test_durable_reply_waits_for_the_write(self) -> None:
+        """A reply to a change waits until it is on disk; later replies wait behind it, in order."""
+        durability, transport = self.durable()
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(sorted(durability.waiting), [1, 2])
+        durability.save(1)
+        self.assertEqual([r["n"] for r in frames(transport.value())], [1, 2])
+        durability.save(2)
+        self.assertEqual([r["n"] for r in frames(transport.value())], [1, 2, 3])
+
+    def test_durable_unsaved_closes(self) -> None:
+        """If the change can never be saved, the connection is closed without acknowledging it."""
+        durability, transport = self.durable()
+        with capturedLogs():
+            durability.fail()
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnected)
 
     def test_disconnect_all(self) -> None:
         self.factory.disconnect_all()

@@ -866,6 +866,64 @@ class ExpiryTests(RegistryTestCase):
         self.assertEqual(world.registry.state.key_index[alice.public_key], a)
         self.assertEqual(world.join(alice), a)
 
+    def test_dead_keys_are_forgotten(self) -> None:
+        """A key whose node left more than key_retention ago leaves memory and the store, with its state."""
+        world = World(RegistryConfig(key_retention=3600))
+        alice, bob, carol = ident(1), ident(2), ident(3)
+        a = world.join(alice)
+        b = world.join(bob, OTHER_PEER, auth=True)
+        c = world.join(carol, OTHER_PEER)
+        world.send(world.legacy(alice, {"type": "report_trust", "node_id": a, "peer_id": b}))
+        world.send(world.legacy(bob, {"type": "report_trust", "node_id": b, "peer_id": a}))
+        world.send(world.authed(bob, {"type": "deregister", "node_id": b}))
+        state = world.registry.state
+        self.assertEqual(state.gone, {b: T0})
+        for _ in range(4):  # alice and carol stay; bob's key stays for the retention
+            world.advance(900)
+            world.send(world.legacy(alice, {"type": "heartbeat", "node_id": a}))
+            world.send(world.legacy(carol, {"type": "heartbeat", "node_id": c}))
+            world.registry.reap()
+        self.assertIn(bob.public_key, state.key_index)
+        world.advance(1)
+        world.registry.reap()
+        self.assertNotIn(bob.public_key, state.key_index)
+        self.assertNotIn(b, state.id_keys)
+        self.assertNotIn(b, state.auth_ts)
+        self.assertNotIn(b, state.proven)
+        self.assertEqual(state.trust, set())
+        self.assertEqual(state.gone, {})
+        self.assertNotIn(b64encode(bob.public_key), json.dumps(state.to_json()))
+        self.assertEqual(world.registry.counters["keys_forgotten"], 1)
+        # bob comes back: a fresh registration (its id is derived from the key again)
+        self.assertEqual(world.join(bob, OTHER_PEER), b)
+        self.assertNotIn(b, state.proven)
+
+    def test_reaped_and_returning_keys(self) -> None:
+        """A reaped node's key is kept for the retention; coming back within it clears the clock."""
+        world = World(RegistryConfig(key_retention=600))
+        alice = ident(1)
+        a = world.join(alice)
+        world.advance(181)
+        self.assertEqual(world.registry.reap(), [a])
+        self.assertEqual(world.registry.state.gone, {a: T0 + 181})
+        world.advance(300)
+        self.assertEqual(world.join(alice), a)
+        self.assertEqual(world.registry.state.gone, {})
+        world.advance(181)
+        world.registry.reap()
+        world.advance(601)
+        world.registry.reap()
+        self.assertEqual((world.registry.state.key_index, world.registry.state.gone), ({}, {}))
+
+    def test_reference_store_dead_keys_get_the_full_retention(self) -> None:
+        state = RegistryState()
+        state.index_key(ident(1).public_key, 7)  # a key with no node, as a reference store may hold
+        world = World(RegistryConfig(key_retention=600), state=RegistryState.from_json(state.to_json()))
+        self.assertEqual(world.registry.state.gone, {7: T0})
+        world.advance(601)
+        world.registry.reap()
+        self.assertEqual(world.registry.state.key_index, {})
+
     def test_reap_nothing_is_no_change(self) -> None:
         world = World()
         world.join(ident(1))

@@ -49,6 +49,7 @@ def sample_state() -> RegistryState:
     state.trust = {(7, 1 << 31), (1 << 31, 7), (7, 99), (0xFFFFFFFE, 7)}
     state.proven = {7, 99}
     state.auth_ts = {7: int(T0 * 1000) + 123, 99: 5}
+    state.gone = {99: T0 - 60}
     state.inbox = {7: [HandshakeRequest(99, "please", T0 - 3.25), HandshakeRequest(1 << 31, "", T0 - 1.5)]}
     state.responses = {99: [HandshakeResponse(7, True, T0 - 2.125),
                             HandshakeResponse(1 << 31, False, T0 - 1)]}
@@ -74,6 +75,7 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(back.trust, state.trust)
         self.assertEqual(back.proven, state.proven)
         self.assertEqual(back.auth_ts, state.auth_ts)
+        self.assertEqual(back.gone, state.gone)
         self.assertEqual(back.hostnames, {"alpha": 7})
         self.assertEqual(back.created, state.created)
         self.assertEqual(set(back.inbox), {7})
@@ -241,7 +243,8 @@ class MalformedStoreTests(SynchronousTestCase):
                            ("pub_key_idx", "k"), ("trust_pairs", "1:2"), ("trust_pairs", {"1": 2}),
                            ("trust_edges", "1>2"), ("proven", 7), ("proven", {"7": 1}),
                            ("auth_ts", [1]), ("auth_ts", {"x": 1}), ("auth_ts", {"7": -1}),
-                           ("auth_ts", {"7": "1"}), ("auth_ts", {"7": True}), ("auth_ts", {"7": 1 << 53}),
+                           ("auth_ts", {"7": "1"}), ("keys_gone", {"7": -1}), ("keys_gone", [7]),
+                           ("keys_gone", {"7": 1.5}), ("auth_ts", {"7": True}), ("auth_ts", {"7": 1 << 53}),
                            ("handshake_inbox", []), ("handshake_responses", "x"), ("networks", [])):
             store = self.good()
             store[key] = value
