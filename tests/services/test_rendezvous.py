@@ -168,6 +168,18 @@ class ServiceTests(SynchronousTestCase):
             self.service(raise_open_files=True).startService()
         self.assertTrue(any("below the registry's 20000 connections" in m for m in messages(events)))
 
+    def test_free_memory_released_periodically(self) -> None:
+        """Freed buffers go back to the system every TRIM_INTERVAL (glibc: malloc_trim)."""
+        self.assertIsInstance(rendezvous.release_free_memory(), bool)
+        calls: list[None] = []
+        self.patch(rendezvous, "release_free_memory", lambda: calls.append(None))
+        service = self.service()
+        with capturedLogs():
+            service.startService()
+        first = len(calls)  # TimerService runs once at start
+        self.reactor.advance(rendezvous.TRIM_INTERVAL)
+        self.assertEqual(len(calls), first + 1)
+
     def test_raise_open_files_limit(self) -> None:
         calls: list[tuple[int, tuple[int, int]]] = []
         limits = {"now": (1024, 65536)}
@@ -201,6 +213,31 @@ class ServiceTests(SynchronousTestCase):
             self.assertIn(str(node_id), json.load(f)["nodes"])
         again = self.service()
         self.assertIn(node_id, again.registry.state.nodes)
+
+    def test_unsaved_store_at_stop_is_loud(self) -> None:
+        """A store that cannot be written at shutdown: a critical log, ``unsaved``, waiters failed."""
+        service = self.service(flush_delay=30.0, durable=True)
+        service.startService()
+        self.reactor.advance(1)
+        os.rename(self.folder, self.folder + ".moved")
+        with open(self.folder, "w") as f:
+            f.write("not a folder")
+        self.register(service)
+        assert service.store is not None
+        waiting = service.store.when_saved(service.store.generation)
+        with capturedLogs() as events:
+            self.successResultOf(service.stopService())
+        self.assertTrue(service.unsaved)
+        self.assertTrue(any("COULD NOT BE SAVED at shutdown" in m for m in messages(events)))
+        self.failureResultOf(waiting, RuntimeError)
+        self.flushLoggedErrors()
+
+    def test_durable_needs_a_store(self) -> None:
+        with self.assertRaises(InvalidArgument):
+            self.service(store=None, durable=True)
+        self.assertFalse(self.service().unsaved)
+        self.assertIsNotNone(self.service(durable=True).factory.durability)
+        self.assertIsNone(self.service().factory.durability)
 
     def test_empty_store_written_at_start(self) -> None:
         service = self.service()
