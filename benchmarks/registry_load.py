@@ -227,15 +227,15 @@ async def run(args: argparse.Namespace) -> None:
             nd = nodes[i]
             return nd.signed({"type": "register", "public_key": __import__("base64").b64encode(nd.pub).decode(),
                               "listen_addr": f"{HOST}:{20000 + i % 40000}"})
-        secs, lat, err = await drive(conns16, register, n, 32)
-        report("register (16 conns, signed)", n, secs, lat, err)
+        secs, lat, err = await drive(conns16, register, n, args.window)
+        report(f"register (16 conns, signed, {args.window} in flight each)", n, secs, lat, err)
         # learn the ids (one more pass, cheap: same key, same id)
         for nd in nodes:
             nd.node_id = int.from_bytes(__import__("hashlib").sha256(nd.pub).digest()[:4], "big")
         ids = [nd.node_id for nd in nodes]
 
         secs, lat, err = await drive(conns16, lambda i: nodes[i].signed(
-            {"type": "set_hostname", "node_id": ids[i], "hostname": nodes[i].name}), n, 32)
+            {"type": "set_hostname", "node_id": ids[i], "hostname": nodes[i].name}), n, args.window)
         report("set_hostname (16 conns, signed)", n, secs, lat, err)
 
         count = max(n, 20000)
@@ -339,6 +339,8 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--window", type=int, default=32,
+                   help="registrations and hostname sets in flight per connection (a burst of many nodes: more)")
     p.add_argument("--durable", action="store_true",
                    help="start the rendezvous with --durable (replies wait for the store's write)")
     p.add_argument("--steady", type=float, default=20.0, help="seconds of steady state to measure")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 from typing import Any, Iterable
 
@@ -35,6 +36,7 @@ from pilot.address import Address
 from pilot.identity import b64decode, b64encode
 
 STORE_FORMAT = 1
+_NO_NODES = '"nodes":{}'
 
 
 class StoreFormatError(ValueError):
@@ -109,6 +111,7 @@ class RegistryState:
     #: node id -> when its node left, for keys still indexed without a node
     gone: dict[int, float] = attr.Factory(dict)
     _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
+    _node_text: dict[int, tuple[tuple[Any, ...], str]] = attr.ib(factory=dict, init=False, repr=False)
 
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
@@ -146,7 +149,30 @@ class RegistryState:
 
     # --- JSON -----------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
+    def to_bytes(self) -> bytes:
+        """
+        The store as compact JSON, exactly ``dump_json(to_json(), pretty=False)``,
+        but reusing the text of every node unchanged since the last call: with
+        ``--durable`` the store is written many times a second.
+        """
+        out = self.to_json(nodes=False)
+        cache, keys, fresh = self._node_text, self._key_text, {}
+        parts = []
+        for node_id in sorted(self.nodes):
+            n = self.nodes[node_id]
+            mark = (n.public_key, n.real_addr, math.floor(n.last_seen), n.hostname, tuple(n.tags), n.public,
+                    n.owner, n.polo_score, n.task_exec, tuple(n.networks), n.local_addr)
+            hit = cache.get(node_id)
+            text = hit[1] if hit is not None and hit[0] == mark else \
+                json.dumps(_node_json(n, keys[n.public_key]), separators=(",", ":"))
+            fresh[node_id] = (mark, text)
+            parts.append(f'"{node_id}":{text}')
+        self._node_text = fresh
+        head = json.dumps(out, separators=(",", ":"))
+        at = head.index(_NO_NODES)  # the third key, before any text a node chose
+        return (head[:at] + '"nodes":{' + ",".join(parts) + "}" + head[at + len(_NO_NODES):]).encode("utf-8")
+
+    def to_json(self, nodes: bool = True) -> dict[str, Any]:
         # the base64 of every key, kept between writes: a store is written often (--durable)
         old, keys = self._key_text, {}
         for key in self.key_index:
@@ -154,12 +180,11 @@ class RegistryState:
         for node in self.nodes.values():
             keys[node.public_key] = old.get(node.public_key) or b64encode(node.public_key)
         self._key_text = keys
-        nodes = {str(n.id): _node_json(n, keys[n.public_key])
-                 for n in sorted(self.nodes.values(), key=lambda n: n.id)}
         out: dict[str, Any] = {
             "next_node": max([0, *self.id_keys]) + 1,
             "next_net": 1,
-            "nodes": nodes,
+            "nodes": {str(n.id): _node_json(n, keys[n.public_key])
+                      for n in sorted(self.nodes.values(), key=lambda n: n.id)} if nodes else {},
             "networks": {"0": {"id": 0, "name": "backbone", "join_rule": "open",
                                "members": sorted(self.nodes), "created": rfc3339(self.created)}},
         }

@@ -119,7 +119,7 @@ class RendezvousService(MultiService):
             raise InvalidArgument("durable acknowledgements need a store; drop --no-store or --durable")
         if settings.store:
             # durable: write soon, each write carrying every change made before it (group commit)
-            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_json(), clock,
+            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_bytes(), clock,
                                      min(settings.flush_delay, DURABLE_DELAY) if settings.durable
                                      else settings.flush_delay)
         self.registry = Registry(clock, settings.registry, state, on_change=self._changed,

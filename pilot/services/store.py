@@ -31,7 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from pilot.persist import StateFileError, atomic_write_json, read_json_object, remove_stale_temporaries
+from pilot.persist import (
+    StateFileError, atomic_write_bytes, atomic_write_json, read_json_object, remove_stale_temporaries,
+)
 from pilot.server.state import RegistryState, StoreFormatError
 
 SYSTEM_STORE_DIR = "/var/lib/pilot"
@@ -96,7 +98,7 @@ class StoreWriter:
 
     log = Logger()
 
-    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], clock: IReactorTime,
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any] | bytes], clock: IReactorTime,
                  delay: float = 0.25, touch_delay: float = 5.0) -> None:
         self.path = path
         self.snapshot = snapshot
@@ -178,7 +180,11 @@ class StoreWriter:
         self.dirty = False
         generation = self.generation
         try:
-            atomic_write_json(self.path, self.snapshot(), pretty=False)
+            value = self.snapshot()
+            if isinstance(value, bytes):
+                atomic_write_bytes(self.path, value)
+            else:
+                atomic_write_json(self.path, value, pretty=False)
         except Exception:
             self.dirty = True
             self.failures += 1

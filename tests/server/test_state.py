@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.persist import dump_json
 from pilot.identity import Identity, b64encode
 from pilot.server.state import (
     HandshakeRequest, HandshakeResponse, Node, RegistryState, StoreFormatError, parse_time, parse_time_ns,
@@ -89,6 +90,21 @@ class RoundTripTests(SynchronousTestCase):
             self.assertLessEqual(abs(got_r.timestamp - want_r.timestamp), 1e-6)
         # and again: a stable fixed point
         self.assertEqual(RegistryState.from_json(back.to_json()).to_json(), back.to_json())
+
+    def test_to_bytes_is_the_compact_json(self) -> None:
+        """to_bytes (what the store writer saves) is exactly the compact JSON of to_json, and stays so."""
+        state = sample_state()
+        for step in range(4):
+            self.assertEqual(state.to_bytes(), dump_json(state.to_json(), pretty=False), step)
+            node = state.nodes[7]
+            if step == 0:
+                node.hostname, node.tags = "beta", ["changed", "\u00e9\"quoted"]
+            elif step == 1:
+                node.last_seen += 5
+                del state.nodes[1 << 31]
+            elif step == 2:
+                state.nodes[3] = Node(id=3, public_key=KEYS[3], real_addr="192.0.2.3:1", last_seen=T0)
+        self.assertEqual(json.loads(state.to_bytes())["nodes"]["7"]["tags"], ["changed", "\u00e9\"quoted"])
 
     def test_reference_shape(self) -> None:
         out = sample_state().to_json()
