@@ -184,6 +184,7 @@ class RendezvousService(MultiService):
         port: IListeningPort = self.reactor.listenUDP(self._beacon_port, BeaconProtocol(self.beacon, self.reactor),
                                                       interface=self.beacon_host, maxPacketSize=65535)
         _grow_receive_buffer(port)
+        _limit_reads(port)
         return port
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -284,6 +285,18 @@ class RendezvousService(MultiService):
 #: A burst of Discovers after a rendezvous restart (every node at once) must
 #: not overflow the kernel's default UDP buffer (~200 KB, a few hundred datagrams).
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+#: Bytes the beacon's socket may read in one reactor pass (Twisted's default: 256 KiB,
+#: some 50,000 five-byte Discovers, during which no registry request is served).  Past
+#: it the reactor serves the registry's connections first; unread datagrams wait in the
+#: kernel's buffer and, in a flood, are dropped there at no cost to us.
+BEACON_READ_BUDGET = 256
+
+
+def _limit_reads(port: Any) -> None:
+    if hasattr(port, "maxThroughput"):
+        port.maxThroughput = BEACON_READ_BUDGET
 
 
 def _grow_receive_buffer(port: Any) -> None:

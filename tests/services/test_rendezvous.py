@@ -27,6 +27,9 @@ from pilot.tls import CERT_NAME, KEY_NAME, fingerprint
 
 
 class FakePort:
+    #: as twisted.internet.udp.Port
+    maxThroughput = 256 * 1024
+
     def __init__(self, address: IPv4Address | IPv6Address) -> None:
         self.address = address
         self.closed = False
@@ -179,6 +182,15 @@ class ServiceTests(SynchronousTestCase):
         first = len(calls)  # TimerService runs once at start
         self.reactor.advance(rendezvous.TRIM_INTERVAL)
         self.assertEqual(len(calls), first + 1)
+
+    def test_beacon_reads_a_budget_per_pass(self) -> None:
+        """The beacon's socket reads BEACON_READ_BUDGET bytes per reactor pass, not 256 KiB."""
+        service = self.service()
+        with capturedLogs():
+            service.startService()
+        port = service.beacon_listener.port
+        self.assertEqual(getattr(port, "maxThroughput"), rendezvous.BEACON_READ_BUDGET)
+        self.assertLess(rendezvous.BEACON_READ_BUDGET, FakePort.maxThroughput // 64)
 
     def test_raise_open_files_limit(self) -> None:
         calls: list[tuple[int, tuple[int, int]]] = []
