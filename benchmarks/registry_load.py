@@ -142,8 +142,9 @@ def report(label: str, count: int, seconds: float, lat: list[float], errors: int
 
 
 class Server:
-    def __init__(self, store: str) -> None:
+    def __init__(self, store: str, durable: bool = False) -> None:
         self.store = store
+        self.durable = durable
         self.proc: subprocess.Popen[bytes] | None = None
         self.registry_port = 0
         self.beacon_port = 0
@@ -154,7 +155,9 @@ class Server:
         cmd = [sys.executable, "-m", "pilot", "--json", "rendezvous", "start",
                "--listen", f"{HOST}:{self.registry_port}", "--beacon", f"{HOST}:{self.beacon_port}",
                "--store", self.store, "--registrations-per-minute", "0", "--requests-per-second", "0",
-               "--beacon-datagrams-per-second", "0", "--log-level", "warn"]
+               "--beacon-datagrams-per-second", "0", "--log-level", "warn",
+               # every simulated node has its own connection, all from 127.0.0.1
+               "--connections-per-address", "0"] + (["--durable"] if self.durable else [])
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
         assert self.proc.stdout is not None
@@ -209,9 +212,9 @@ def discover(node: Node) -> bytes:
 async def run(args: argparse.Namespace) -> None:
     n = args.nodes
     tmp = tempfile.mkdtemp(prefix="pilot-bench-")
-    server = Server(os.path.join(tmp, "registry.json"))
+    server = Server(os.path.join(tmp, "registry.json"), args.durable)
     try:
-        print(f"pilot rendezvous load benchmark: {n} nodes, python {sys.version.split()[0]}, "
+        print(f"pilot rendezvous load benchmark: {n} nodes{', durable' if args.durable else ''}, python {sys.version.split()[0]}, "
               f"{os.cpu_count()} cores")
         t_keys = time.perf_counter()
         nodes = [Node(i) for i in range(n)]
@@ -224,15 +227,15 @@ async def run(args: argparse.Namespace) -> None:
             nd = nodes[i]
             return nd.signed({"type": "register", "public_key": __import__("base64").b64encode(nd.pub).decode(),
                               "listen_addr": f"{HOST}:{20000 + i % 40000}"})
-        secs, lat, err = await drive(conns16, register, n, 32)
-        report("register (16 conns, signed)", n, secs, lat, err)
+        secs, lat, err = await drive(conns16, register, n, args.window)
+        report(f"register (16 conns, signed, {args.window} in flight each)", n, secs, lat, err)
         # learn the ids (one more pass, cheap: same key, same id)
         for nd in nodes:
             nd.node_id = int.from_bytes(__import__("hashlib").sha256(nd.pub).digest()[:4], "big")
         ids = [nd.node_id for nd in nodes]
 
         secs, lat, err = await drive(conns16, lambda i: nodes[i].signed(
-            {"type": "set_hostname", "node_id": ids[i], "hostname": nodes[i].name}), n, 32)
+            {"type": "set_hostname", "node_id": ids[i], "hostname": nodes[i].name}), n, args.window)
         report("set_hostname (16 conns, signed)", n, secs, lat, err)
 
         count = max(n, 20000)
@@ -336,6 +339,10 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--window", type=int, default=32,
+                   help="registrations and hostname sets in flight per connection (a burst of many nodes: more)")
+    p.add_argument("--durable", action="store_true",
+                   help="start the rendezvous with --durable (replies wait for the store's write)")
     p.add_argument("--steady", type=float, default=20.0, help="seconds of steady state to measure")
     p.add_argument("--interval", type=float, default=25.0,
                    help="each node's heartbeat interval (our node: 25 s; the reference: 30 s)")

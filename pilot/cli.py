@@ -341,6 +341,10 @@ def rendezvous_start(ctx: Context) -> None:
     ctx.out.result(Result({"registry": registry, "beacon": beacon, "store": settings.store,
                            "tls_fingerprint": fingerprint}, "\n".join(lines)))
     reactor.run()
+    if service.unsaved:
+        raise Internal(f"the registry store {settings.store} could not be saved at shutdown; "
+                       f"changes acknowledged since its last write are lost",
+                       "check that the store's folder exists and is writable")
     return None
 
 

@@ -59,6 +59,8 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
            "registry store (JSON, written atomically); default: /var/lib/pilot/registry.json "
            "if that folder is writable, else ~/.pilot/registry.json"),
     Switch("no-store", "keep the registry in memory only (nothing is written)"),
+    Switch("durable", "acknowledge a change only once the store holding it is on disk "
+                      "(group commit; slower, survives kill -9)"),
     Switch("tls", "serve the registry over TLS (a self-signed certificate unless --tls-cert/--tls-key)"),
     Setting("tls-cert", None, parse_path, "PATH", "TLS certificate (PEM); implies --tls"),
     Setting("tls-key", None, parse_path, "PATH", "TLS private key (PEM); implies --tls"),
@@ -75,6 +77,8 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
            "registry requests a source IP may send at once before --requests-per-second applies"),
     Setting("stale-after", _fmt(_REG.stale_after), parse_expiry, "SECONDS",
            "remove a node silent for this long (0: never)"),
+    Setting("forget-keys-after", _fmt(_REG.key_retention), parse_expiry, "SECONDS",
+           "forget the key (and trust) of a node gone this long; until then it keeps its id (0: never)"),
     Setting("beacon-datagrams-per-second", _fmt(_BEACON.datagrams_per_second), parse_rate, "N",
            "beacon datagrams per source IP per second (0: no limit)"),
     Setting("beacon-burst", _fmt(_BEACON.burst), parse_amount, "N",
@@ -83,6 +87,8 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
            "bytes the beacon relays per sending node per second (0: no limit)"),
     Setting("relay-burst-bytes", _fmt(_BEACON.relay_burst_bytes), parse_amount, "N",
            "bytes a node may have relayed at once before the rate applies"),
+    Setting("connections-per-address", str(RendezvousSettings().max_per_address), parse_rate, "N",
+           "registry connections one source IP may hold at once (0: no limit)"),
     Setting("flush-delay", _fmt(DEFAULT_FLUSH_DELAY), parse_delay, "SECONDS",
            "write the store at most this long after a change"),
     Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",
@@ -102,6 +108,8 @@ def parse_values(raw: Mapping[str, Any],
     by_key = {o.key: o for o in RENDEZVOUS_OPTIONS}
     if out["no_store"] and raw.get("store") is not None:
         raise ValueError(f"{name(by_key['store'])} and {name(by_key['no_store'])}: choose one")
+    if out["no_store"] and out["durable"]:
+        raise ValueError(f"{name(by_key['durable'])} needs a store: drop {name(by_key['no_store'])}")
     if bool(out["tls_cert"]) != bool(out["tls_key"]):
         missing = by_key["tls_key" if out["tls_cert"] else "tls_cert"]
         raise ValueError(f"{name(missing)} is missing: a certificate and its key go together")
@@ -123,6 +131,7 @@ def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
     registry = attr.evolve(
         _REG,
         stale_after=values["stale_after"],
+        key_retention=values["forget_keys_after"],
         registrations_per_minute=values["registrations_per_minute"],
         requests_per_second=values["requests_per_second"],
         request_burst=values["request_burst"],
@@ -144,6 +153,8 @@ def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
         registry=registry,
         beacon=beacon,
         flush_delay=values["flush_delay"],
+        max_per_address=int(values["connections_per_address"]),
+        durable=values["durable"],
         reap_interval=values["reap_interval"],
     )
 

@@ -16,6 +16,17 @@ What the protocol adds to the logic:
 * an exception inside the registry is logged and answered with an
   ``internal`` error reply; nothing escapes into the reactor;
 * an idle timeout (the reference's 5 minutes), restarted by every message;
+* limits against slow clients (``docs/security.md``): a frame must arrive
+  whole within :data:`FRAME_DEADLINE` of its first byte (trickled bytes do
+  not extend it); a request frame may hold at most :data:`MAX_REQUEST` bytes
+  (the wire allows 1 MiB, no request comes near); the partial frames of all
+  connections together may hold at most :data:`BUFFER_BUDGET` bytes, and a
+  connection whose bytes would go over it is aborted; one source address may
+  hold at most :data:`MAX_PER_ADDRESS` connections;
+* with a :class:`Durability` (``--durable``), a reply to a request that
+  changed the registry's state is held until the store holding that change is
+  on disk; later replies on the connection wait behind it, so they stay in
+  order;
 * backpressure against a client that sends requests but never reads the
   replies.  The protocol registers itself as the transport's streaming
   producer.  When the transport's send buffer is full it calls
@@ -33,6 +44,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol as Typed, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -50,6 +62,14 @@ IDLE_TIMEOUT = 300.0
 MAX_UNSENT = 4 * 1024 * 1024
 #: Concurrent connections one registry accepts; over it new ones are closed at once.
 MAX_CONNECTIONS = 20_000
+#: Concurrent connections from one source address (a NAT may hide many nodes: keep it generous).
+MAX_PER_ADDRESS = 256
+#: Seconds from a frame's first byte to its last; more bytes do not extend it.
+FRAME_DEADLINE = 30.0
+#: Largest request frame body the server reads (our and the reference's requests are a few KB).
+MAX_REQUEST = 64 * 1024
+#: Bytes of partial frames all connections together may buffer.
+BUFFER_BUDGET = 64 * 1024 * 1024
 
 _INTERNAL = encode_frame(error_reply(ErrorCode.internal, "internal error"))
 
@@ -63,6 +83,16 @@ class StreamTransport(Typed):
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
+
+
+class Durability(Typed):
+    """What holds replies until their change is on disk (:class:`pilot.services.store.StoreWriter`)."""
+
+    #: changes made so far, and how many of them are on disk
+    generation: int
+    saved: int
+
+    def when_saved(self, generation: int) -> Deferred[None]: ...
 
 
 def stream_of(protocol: Protocol) -> StreamTransport:
@@ -89,6 +119,19 @@ def peer_of(address: IAddress) -> Peer:
     return Peer(host if isinstance(host, str) else "", port if isinstance(port, int) else 0)
 
 
+class ByteBudget:
+    """Bytes held in partial frames by every connection of one factory, against a limit."""
+
+    def __init__(self, limit: int = BUFFER_BUDGET) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def change(self, old: int, new: int) -> bool:
+        """A connection now holds ``new`` bytes instead of ``old``; False if that is over the limit."""
+        self.held += new - old
+        return new <= old or self.held <= self.limit
+
+
 @implementer(IPushProducer)
 class RegistryServerProtocol(Protocol):
     """One client connection to the registry; also that client's event session."""
@@ -97,16 +140,25 @@ class RegistryServerProtocol(Protocol):
 
     def __init__(self, registry: Registry, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
                  max_unsent: int = MAX_UNSENT,
-                 connections: set[RegistryServerProtocol] | None = None) -> None:
+                 connections: set[RegistryServerProtocol] | None = None,
+                 frame_deadline: float = FRAME_DEADLINE, max_request: int = MAX_REQUEST,
+                 budget: ByteBudget | None = None, durability: Durability | None = None) -> None:
         self.registry = registry
+        self.durability = durability
+        #: replies held until the change they acknowledge is on disk: (generation needed, frame)
+        self._unsaved: deque[tuple[int, bytes]] = deque()
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_unsent = max_unsent
         self.connections: set[RegistryServerProtocol] = connections if connections is not None else set()
+        self.frame_deadline = frame_deadline
+        self.budget = budget if budget is not None else ByteBudget()
         self.peer = Peer("", 0)
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_request)
         self._pending: deque[dict[str, Any] | MalformedFrame] = deque()
         self._idle: IDelayedCall | None = None
+        self._frame_timer: IDelayedCall | None = None
+        self._held = 0
         self._paused = False
         self._unsent = 0
         self._closing = False
@@ -126,9 +178,13 @@ class RegistryServerProtocol(Protocol):
         self._open = False
         self._closing = True
         self._pending.clear()
+        self._unsaved.clear()
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        self._stop_frame_timer()
+        self.budget.change(self._held, 0)
+        self._held = 0
         self.connections.discard(self)
         try:
             self.registry.session_closed(self)
@@ -141,7 +197,8 @@ class RegistryServerProtocol(Protocol):
         if self._closing:
             return
         try:
-            self._pending.extend(self._decoder.feed(data))
+            frames = self._decoder.feed(data)
+            self._pending.extend(frames)
         except MalformedFrame as e:
             # The length prefix is garbage: answer, then close; no later byte can be trusted.
             self.log.debug("closing registry connection from {peer}: {reason}", peer=self._where(),
@@ -151,7 +208,42 @@ class RegistryServerProtocol(Protocol):
             self._closing = True
             stream_of(self).loseConnection()
             return
+        if not self._account(started=bool(frames)):
+            return
         self._process()
+
+    def _account(self, started: bool) -> bool:
+        """Charge the partial frame to the budget and time it; False if the connection was aborted."""
+        held, self._held = self._held, self._decoder.buffered
+        if not self.budget.change(held, self._held):
+            self.log.warn("registry connections hold {held} bytes of partial frames (limit {limit}); "
+                          "aborting {peer}, which holds {mine}", held=self.budget.held, limit=self.budget.limit,
+                          peer=self._where(), mine=self._held)
+            self._abort()
+            return False
+        if self._held == 0:
+            self._stop_frame_timer()
+        elif started or self._frame_timer is None:
+            # a new frame began (or the first one): its deadline runs from now, and only from now
+            self._stop_frame_timer()
+            if self.frame_deadline > 0:
+                self._frame_timer = self.clock.callLater(self.frame_deadline, self._frame_timed_out)
+        return True
+
+    def _stop_frame_timer(self) -> None:
+        if self._frame_timer is not None and self._frame_timer.active():
+            self._frame_timer.cancel()
+        self._frame_timer = None
+
+    def _frame_timed_out(self) -> None:
+        if self._paused and not self._closing:
+            # we stopped reading (the client does not read its replies): not its frame's fault yet
+            self._frame_timer = self.clock.callLater(self.frame_deadline, self._frame_timed_out)
+            return
+        self._frame_timer = None
+        self.log.debug("closing registry connection from {peer}: a frame took over {seconds:.0f} s",
+                       peer=self._where(), seconds=self.frame_deadline)
+        self._abort()
 
     def _process(self) -> None:
         while self._pending and not self._paused and not self._closing:
@@ -160,8 +252,9 @@ class RegistryServerProtocol(Protocol):
     def _answer(self, item: dict[str, Any] | MalformedFrame) -> None:
         self._restart_idle_timer()
         if isinstance(item, MalformedFrame):
-            self._write(encode_frame(error_reply(ErrorCode.malformed, item.reason)))
+            self._reply(encode_frame(error_reply(ErrorCode.malformed, item.reason)), 0)
             return
+        before = self.durability.generation if self.durability is not None else 0
         try:
             reply = self.registry.handle(item, self.peer, self)
             if reply.get("type") == "error":
@@ -172,7 +265,31 @@ class RegistryServerProtocol(Protocol):
             self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
                              peer=self._where())
             frame = _INTERNAL
-        self._write(frame)
+        after = self.durability.generation if self.durability is not None else 0
+        self._reply(frame, after if after != before else 0)
+
+    def _reply(self, frame: bytes, generation: int) -> None:
+        """Write ``frame`` once change ``generation`` is on disk (0: no change), after earlier replies."""
+        if not generation and not self._unsaved:
+            self._write(frame)
+            return
+        self._unsaved.append((generation, frame))
+        if generation and self.durability is not None:
+            self.durability.when_saved(generation).addCallbacks(self._saved, self._not_saved)
+
+    def _saved(self, _: object) -> None:
+        if self._closing or self.durability is None:
+            return
+        saved = self.durability.saved
+        while self._unsaved and self._unsaved[0][0] <= saved and not self._closing:
+            self._write(self._unsaved.popleft()[1])
+
+    def _not_saved(self, failure: Failure) -> None:
+        self._unsaved.clear()
+        if not self._closing and self._open:
+            self.log.warn("closing registry connection from {peer}: its changes could not be saved",
+                          peer=self._where())
+            self._abort()
 
     # --- the Session interface ---------------------------------------------------------
 
@@ -255,11 +372,23 @@ class RefusedConnection(Protocol):
         pass
 
 
+class CountedProtocol(RegistryServerProtocol):
+    """A factory's connection: tells the factory when it goes, for the per-address count."""
+
+    factory: "RegistryServerFactory"
+    host = ""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.factory.connection_gone(self.host)
+
+
 class RegistryServerFactory(Factory):
     """
     Builds a :class:`RegistryServerProtocol` per connection, sharing one registry.
 
-    At most ``max_connections`` are open at once; a connection over the limit
+    At most ``max_connections`` are open at once, and at most
+    ``max_per_address`` from one source address; a connection over a limit
     is aborted as soon as it is accepted.  (``buildProtocol`` returns a
     :class:`RefusedConnection` rather than ``None``: a TLS port wraps whatever
     it gets and would fail on ``None``.)
@@ -269,14 +398,24 @@ class RegistryServerFactory(Factory):
     noisy = False
 
     def __init__(self, registry: Registry, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS, max_unsent: int = MAX_UNSENT) -> None:
+                 max_connections: int = MAX_CONNECTIONS, max_unsent: int = MAX_UNSENT,
+                 max_per_address: int = MAX_PER_ADDRESS, frame_deadline: float = FRAME_DEADLINE,
+                 max_request: int = MAX_REQUEST, buffer_budget: int = BUFFER_BUDGET,
+                 durability: Durability | None = None) -> None:
         self.registry = registry
+        self.durability = durability
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.max_unsent = max_unsent
+        self.max_per_address = max_per_address
+        self.frame_deadline = frame_deadline
+        self.max_request = max_request
+        self.budget = ByteBudget(buffer_budget)
         self.connections: set[RegistryServerProtocol] = set()
+        self.per_address: dict[str, int] = {}
         self.refused = 0
+        self.refused_per_address = 0
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         if len(self.connections) >= self.max_connections:
@@ -285,10 +424,28 @@ class RegistryServerFactory(Factory):
                 self.log.warn("registry is at its limit of {limit} connections; refused {count} so far",
                               limit=self.max_connections, count=self.refused)
             return RefusedConnection()
-        protocol = RegistryServerProtocol(self.registry, self.clock, self.idle_timeout, self.max_unsent,
-                                          self.connections)
+        host = peer_of(addr).host if addr is not None else ""
+        if self.max_per_address > 0 and self.per_address.get(host, 0) >= self.max_per_address:
+            self.refused_per_address += 1
+            if self.refused_per_address == 1 or self.refused_per_address % 1000 == 0:
+                self.log.warn("{host} is at its limit of {limit} registry connections; "
+                              "refused {count} so far (all addresses)", host=host,
+                              limit=self.max_per_address, count=self.refused_per_address)
+            return RefusedConnection()
+        protocol = CountedProtocol(self.registry, self.clock, self.idle_timeout, self.max_unsent,
+                                   self.connections, self.frame_deadline, self.max_request, self.budget,
+                                   self.durability)
         protocol.factory = self
+        protocol.host = host
+        self.per_address[host] = self.per_address.get(host, 0) + 1
         return protocol
+
+    def connection_gone(self, host: str) -> None:
+        count = self.per_address.get(host, 0) - 1
+        if count > 0:
+            self.per_address[host] = count
+        else:
+            self.per_address.pop(host, None)
 
     def disconnect_all(self) -> None:
         """Close every open connection (used when the service stops)."""

@@ -5,7 +5,9 @@ reference's fixed-challenge ``signature``.
 
 The rule (``docs/security.md``): a request carrying ``auth`` must verify, be
 timestamped within :data:`MAX_SKEW` of the registry's clock, and carry a
-nonce not seen within that window.  A key that has once verified this way is
+nonce not seen within that window, and, when the registry has restarted, be
+newer than the last request of that node it accepted before the restart (the
+nonce memory is not persisted; that timestamp is, see ``state.py``).  A key that has once verified this way is
 *proven*; from then on the reference's replayable ``signature`` alone is no
 longer enough for it.  Keys that never proved themselves (reference nodes)
 keep the reference's rules.
@@ -58,14 +60,17 @@ class Authenticator:
         self.max_skew = max_skew
         self.nonces = NonceCache()
 
-    def check(self, msg: dict[str, Any], public_key: bytes, proven: bool, now: float) -> bool:
+    def check(self, msg: dict[str, Any], public_key: bytes, proven: bool, now: float,
+              floor_ms: int = 0) -> bool:
         """
         Verify ``msg`` as signed by ``public_key``; return True if it used the
         replay-proof form.  Raise :class:`AuthFailed` with the reason otherwise.
+        ``floor_ms`` is the newest ``auth.ts`` of this key accepted before the
+        registry (re)started: a request not newer than that is a replay.
         """
         auth = msg.get("auth")
         if auth is not None:
-            self._check_auth(msg, auth, public_key, now)
+            self._check_auth(msg, auth, public_key, now, floor_ms)
             return True
         if proven:
             raise AuthFailed("this node has proved its key; requests must carry a fresh 'auth' signature")
@@ -81,7 +86,8 @@ class Authenticator:
             raise AuthFailed("signature does not verify for this node's key")
         return False
 
-    def _check_auth(self, msg: dict[str, Any], auth: Any, public_key: bytes, now: float) -> None:
+    def _check_auth(self, msg: dict[str, Any], auth: Any, public_key: bytes, now: float,
+                    floor_ms: int) -> None:
         if not isinstance(auth, dict):
             raise AuthFailed("'auth' must be an object")
         ts = auth.get("ts")
@@ -98,5 +104,7 @@ class Authenticator:
                              f"(at most {self.max_skew:.0f} s allowed); check the node's clock")
         if not verify(public_key, auth_message(msg, ts, nonce), sig):
             raise AuthFailed("'auth' signature does not verify for this node's key")
+        if ts <= floor_ms:
+            raise AuthFailed("replayed request (not newer than one accepted before the registry restarted)")
         if not self.nonces.add(public_key + nonce, when + self.max_skew, now):
             raise AuthFailed("replayed request (nonce already used)")

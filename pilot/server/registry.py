@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from pilot.address import node_id_for_key
 from pilot.endpoint import format_endpoint, parse_endpoint, parse_port
 from pilot.errors import ErrorCode, MalformedFrame
-from pilot.identity import b64decode, b64encode
+from pilot.identity import b64decode, b64encode, verify
 from pilot.names import hostname_problem, normalise_tags
 from pilot.ratelimit import KeyedLimiter
 from pilot.server import compat, directory, handshakes, statements
@@ -41,7 +41,7 @@ from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
-from pilot.wire.registry import get_bool, get_int, get_str, get_str_list
+from pilot.wire.registry import get_bool, get_int, get_str, get_str_list, rotate_proof_message
 
 __all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "BEACON_TTL"]
 
@@ -56,6 +56,9 @@ class RegistryConfig:
     requests_per_second: float = 500.0
     request_burst: float = 2000.0
     max_skew: float = MAX_SKEW
+    #: A key whose node left (deregistered or reaped) this long ago is forgotten, with its
+    #: trust and replay state; until then the key keeps its node id.  math.inf: never.
+    key_retention: float = 7 * 24 * 3600.0
 
 
 def _host(endpoint: str) -> str:
@@ -65,11 +68,16 @@ def _host(endpoint: str) -> str:
 class Registry:
     def __init__(self, clock: IReactorTime, config: RegistryConfig | None = None,
                  state: RegistryState | None = None,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 on_touch: Callable[[], None] = lambda: None) -> None:
         self.clock = clock
         self.config = config or RegistryConfig()
         self.state = state or RegistryState(created=clock.seconds())
         self.on_change = on_change
+        #: called when only replay state (``auth_ts``) changed: worth saving, not at once
+        self.on_touch = on_touch
+        #: the newest accepted ``auth.ts`` per node before this start: older ones are replays
+        self.restored_ts = dict(self.state.auth_ts)
         self.auth = Authenticator(self.config.max_skew)
         self.register_limit = KeyedLimiter(self.config.registrations_per_minute / 60.0,
                                            max(self.config.registrations_per_minute, 1.0))
@@ -82,6 +90,10 @@ class Registry:
         for node in self.state.nodes.values():
             # a restarted registry gives every node a full period to check in again
             node.last_seen = max(node.last_seen, now)
+        for node_id in self.state.id_keys:
+            if node_id not in self.state.nodes:
+                # a key without a node and no record of when it left (a reference store): from now
+                self.state.gone.setdefault(node_id, now)
 
     # --- entry point ------------------------------------------------------------
 
@@ -105,7 +117,11 @@ class Registry:
             return error_reply(ErrorCode.invalid_argument, e.reason)
 
     def _count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self._count_by(name, 1)
+
+    def _count_by(self, name: str, n: int) -> None:
+        if n:
+            self.counters[name] = self.counters.get(name, 0) + n
 
     # --- helpers ------------------------------------------------------------------
 
@@ -122,12 +138,22 @@ class Registry:
     def authenticate(self, msg: Message, node: Node) -> None:
         """Check ``msg``'s signature by ``node`` (:class:`RequestError` ``unauthorized`` if wrong)."""
         try:
-            fresh = self.auth.check(msg, node.public_key, node.id in self.state.proven, self.clock.seconds())
+            fresh = self.auth.check(msg, node.public_key, node.id in self.state.proven, self.clock.seconds(),
+                                    self.restored_ts.get(node.id, 0))
         except AuthFailed as e:
             raise RequestError(ErrorCode.unauthorized, str(e)) from None
+        if fresh:
+            self._accepted(node.id, msg)
         if fresh and node.id not in self.state.proven:
             self.state.proven.add(node.id)
             self.on_change()
+
+    def _accepted(self, node_id: int, msg: Message) -> None:
+        """Remember ``msg``'s (verified) ``auth.ts`` as the node's newest, to be saved."""
+        ts: int = msg["auth"]["ts"]
+        if ts > self.state.auth_ts.get(node_id, 0):
+            self.state.auth_ts[node_id] = ts
+            self.on_touch()
 
     def signed(self, msg: Message, field: str) -> Node:
         """The node named by ``msg[field]``, which must have signed ``msg``."""
@@ -165,15 +191,22 @@ class Registry:
         gone = [n.id for n in self.state.nodes.values() if n.last_seen < cutoff]
         for node_id in gone:
             self._remove(node_id)
-        if gone:
-            self.on_change()
         now = self.clock.seconds()
+        forgotten = [n for n, t in self.state.gone.items()
+                     if now - t > self.config.key_retention and n not in self.state.nodes]
+        for node_id in forgotten:
+            self.state.forget(node_id)
+        self._count_by("keys_forgotten", len(forgotten))
+        if gone or forgotten:
+            self.on_change()
         for bid in [b for b, (_, t) in self.beacons.items() if now - t > BEACON_TTL]:
             del self.beacons[bid]
         return gone
 
     def _remove(self, node_id: int) -> None:
         node = self.state.nodes.pop(node_id, None)
+        if node is not None and node_id in self.state.id_keys:
+            self.state.gone[node_id] = self.clock.seconds()
         if node is not None and node.hostname and self.state.hostnames.get(node.hostname) == node_id:
             del self.state.hostnames[node.hostname]
 
@@ -227,7 +260,8 @@ class Registry:
         fresh = False
         if "auth" in msg:
             try:
-                fresh = self.auth.check(msg, key, True, now)
+                fresh = self.auth.check(msg, key, True, now,
+                                        self.restored_ts.get(known, 0) if known is not None else 0)
             except AuthFailed as e:
                 raise RequestError(ErrorCode.unauthorized, str(e)) from None
         node_id = known if known is not None else node_id_for_key(
@@ -243,6 +277,7 @@ class Registry:
         if node is None:
             node = Node(id=node_id, public_key=key, real_addr=real_addr, last_seen=now, owner=owner)
             self.state.nodes[node_id] = node
+            self.state.gone.pop(node_id, None)
         self.state.index_key(key, node_id)
         node.real_addr = real_addr
         node.last_seen = now
@@ -252,6 +287,8 @@ class Registry:
             node.local_addr, changed = local_addr, True
         if owner and owner != node.owner:
             node.owner, changed = owner, True
+        if fresh:
+            self._accepted(node_id, msg)
         if fresh and node_id not in self.state.proven:
             self.state.proven.add(node_id)
             changed = True
@@ -374,6 +411,18 @@ class Registry:
         holder = self.state.key_index.get(new)
         if holder is not None and holder != node.id:
             raise RequestError(ErrorCode.already_exists, "that key belongs to another node")
+        # proof of possession (docs/security.md): the new key must sign the hand-over,
+        # or a node could take a key it does not hold and so the id of the key's owner
+        proof = msg.get("new_key_proof")
+        if proof is None:
+            raise RequestError(ErrorCode.unauthorized,
+                               "rotate_key needs 'new_key_proof', a signature by the new key")
+        try:
+            sig = b64decode(proof, 64, "new_key_proof")
+        except ValueError as e:
+            raise RequestError(ErrorCode.unauthorized, str(e)) from None
+        if not verify(new, rotate_proof_message(node.id, node.public_key, new), sig):
+            raise RequestError(ErrorCode.unauthorized, "'new_key_proof' does not verify for the new key")
         self.state.key_index.pop(node.public_key, None)
         node.public_key = new
         self.state.index_key(new, node.id)

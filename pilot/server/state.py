@@ -14,12 +14,21 @@ in extra keys it ignores:
   endpoint can no longer be moved by an unsigned ``register``.
 * ``trust_statements``: each node's signed trust statements
   (``pilot.server.statements``), ``{"<node id>": ["pilot-trust/1 ...", ...]}``.
+* ``auth_ts``: node id -> the newest ``auth.ts`` (Unix ms) the registry accepted
+  from that node's key.  The nonce memory is not saved; after a restart a
+  request not newer than this is refused, so a captured request cannot be
+  replayed across a restart (``docs/security.md``).
+* ``keys_gone``: node id -> when (Unix seconds) its node was deregistered or
+  reaped while its key stayed indexed (so that it keeps its id if it comes
+  back).  After the registry's ``key_retention`` the key is forgotten
+  (:meth:`RegistryState.forget`).
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 from typing import Any, Iterable
 
@@ -31,6 +40,7 @@ from pilot.identity import b64decode, b64encode
 from pilot.wire.statement import TrustStatement, decode as decode_statement
 
 STORE_FORMAT = 1
+_NO_NODES = '"nodes":{}'
 
 
 class StoreFormatError(ValueError):
@@ -102,6 +112,12 @@ class RegistryState:
     id_keys: dict[int, bytes] = attr.Factory(dict)
     #: granter -> peer -> the newest signed statement (ours; outlives the granter's registration)
     statements: dict[int, dict[int, TrustStatement]] = attr.Factory(dict)
+    #: node id -> newest accepted ``auth.ts`` (ms) of its key
+    auth_ts: dict[int, int] = attr.Factory(dict)
+    #: node id -> when its node left, for keys still indexed without a node
+    gone: dict[int, float] = attr.Factory(dict)
+    _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
+    _node_text: dict[int, tuple[tuple[Any, ...], str]] = attr.ib(factory=dict, init=False, repr=False)
 
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
@@ -109,6 +125,20 @@ class RegistryState:
             self.key_index.pop(old, None)
         self.key_index[key] = node_id
         self.id_keys[node_id] = key
+
+    def forget(self, node_id: int) -> None:
+        """Drop everything kept for ``node_id`` whose node is gone: its key, replay state and trust."""
+        key = self.id_keys.pop(node_id, None)
+        if key is not None and self.key_index.get(key) == node_id:
+            del self.key_index[key]
+        self.gone.pop(node_id, None)
+        self.auth_ts.pop(node_id, None)
+        self.proven.discard(node_id)
+        self.trust = {(a, b) for a, b in self.trust if node_id not in (a, b)}
+        self.asked = {(a, b) for a, b in self.asked if node_id not in (a, b)}
+        self.inbox.pop(node_id, None)
+        self.responses.pop(node_id, None)
+        self.statements.pop(node_id, None)  # its own signed statements go with its key
 
     def rebuild_indexes(self) -> None:
         self.hostnames = {}
@@ -126,12 +156,42 @@ class RegistryState:
 
     # --- JSON -----------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        nodes = {str(n.id): _node_json(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)}
+    def to_bytes(self) -> bytes:
+        """
+        The store as compact JSON, exactly ``dump_json(to_json(), pretty=False)``,
+        but reusing the text of every node unchanged since the last call: with
+        ``--durable`` the store is written many times a second.
+        """
+        out = self.to_json(nodes=False)
+        cache, keys, fresh = self._node_text, self._key_text, {}
+        parts = []
+        for node_id in sorted(self.nodes):
+            n = self.nodes[node_id]
+            mark = (n.public_key, n.real_addr, math.floor(n.last_seen), n.hostname, tuple(n.tags), n.public,
+                    n.owner, n.polo_score, n.task_exec, tuple(n.networks), n.local_addr)
+            hit = cache.get(node_id)
+            text = hit[1] if hit is not None and hit[0] == mark else \
+                json.dumps(_node_json(n, keys[n.public_key]), separators=(",", ":"))
+            fresh[node_id] = (mark, text)
+            parts.append(f'"{node_id}":{text}')
+        self._node_text = fresh
+        head = json.dumps(out, separators=(",", ":"))
+        at = head.index(_NO_NODES)  # the third key, before any text a node chose
+        return (head[:at] + '"nodes":{' + ",".join(parts) + "}" + head[at + len(_NO_NODES):]).encode("utf-8")
+
+    def to_json(self, nodes: bool = True) -> dict[str, Any]:
+        # the base64 of every key, kept between writes: a store is written often (--durable)
+        old, keys = self._key_text, {}
+        for key in self.key_index:
+            keys[key] = old.get(key) or b64encode(key)
+        for node in self.nodes.values():
+            keys[node.public_key] = old.get(node.public_key) or b64encode(node.public_key)
+        self._key_text = keys
         out: dict[str, Any] = {
             "next_node": max([0, *self.id_keys]) + 1,
             "next_net": 1,
-            "nodes": nodes,
+            "nodes": {str(n.id): _node_json(n, keys[n.public_key])
+                      for n in sorted(self.nodes.values(), key=lambda n: n.id)} if nodes else {},
             "networks": {"0": {"id": 0, "name": "backbone", "join_rule": "open",
                                "members": sorted(self.nodes), "created": rfc3339(self.created)}},
         }
@@ -139,7 +199,7 @@ class RegistryState:
         if pairs:
             out["trust_pairs"] = [f"{a}:{b}" for a, b in pairs]
         if self.key_index:
-            out["pub_key_idx"] = {b64encode(k): v for k, v in sorted(self.key_index.items(), key=lambda kv: kv[1])}
+            out["pub_key_idx"] = {keys[k]: v for k, v in sorted(self.key_index.items(), key=lambda kv: kv[1])}
         inbox = {str(t): [{"from_node_id": r.from_node_id, "justification": r.justification,
                            "timestamp": r.stamp_text} for r in reqs]
                  for t, reqs in sorted(self.inbox.items()) if reqs}
@@ -154,6 +214,10 @@ class RegistryState:
             out["trust_edges"] = [f"{a}>{b}" for a, b in sorted(self.trust)]
         if self.proven:
             out["proven"] = sorted(self.proven)
+        if self.gone:
+            out["keys_gone"] = {str(k): int(v) for k, v in sorted(self.gone.items())}
+        if self.auth_ts:
+            out["auth_ts"] = {str(k): v for k, v in sorted(self.auth_ts.items())}
         if self.asked:
             out["handshake_asked"] = [f"{a}>{b}" for a, b in sorted(self.asked)]
         if self.statements:
@@ -189,6 +253,14 @@ class RegistryState:
             # ours: directed edges are the truth, the pairs were only derived from them
             state.trust = {_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, [])}
         state.proven = {_u32(i, "proven") for i in _get(value, "proven", list, [])}
+        for text, when in _get(value, "keys_gone", dict, {}).items():
+            if isinstance(when, bool) or not isinstance(when, int) or not 0 <= when <= MAX_TIME:
+                raise StoreFormatError(f"keys_gone[{text!r}]: {when!r} is not Unix seconds")
+            state.gone[_u32(_int_text(text, "keys_gone"), "keys_gone")] = float(when)
+        for text, ms in _get(value, "auth_ts", dict, {}).items():
+            if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms < 1 << 53:
+                raise StoreFormatError(f"auth_ts[{text!r}]: {ms!r} is not Unix milliseconds")
+            state.auth_ts[_u32(_int_text(text, "auth_ts"), "auth_ts")] = ms
         state.asked = {_split_ids(e, ">", "handshake_asked") for e in _get(value, "handshake_asked", list, [])}
         for target, reqs in _get(value, "handshake_inbox", dict, {}).items():
             tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")
@@ -222,17 +294,17 @@ class RegistryState:
         return state
 
 
-def _node_json(n: Node) -> dict[str, Any]:
+def _node_json(n: Node, key_text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"id": n.id}
     if n.owner:
         out["owner"] = n.owner
-    out["public_key"] = b64encode(n.public_key)
+    out["public_key"] = key_text
     if n.real_addr:
         out["real_addr"] = n.real_addr
     out["networks"] = list(n.networks)
     if n.public:
         out["public"] = True
-    out["last_seen"] = rfc3339(n.last_seen)
+    out["last_seen"] = _rfc3339_second(math.floor(n.last_seen))
     if n.hostname:
         out["hostname"] = n.hostname
     if n.tags:
@@ -347,6 +419,12 @@ def rfc3339(ts: float, nanos: bool = False) -> str:
     """Unix seconds to RFC 3339 UTC, to the second or (``nanos``) to the nanosecond."""
     whole = math.floor(ts)
     return rfc3339_ns(whole * 1_000_000_000 + (round((ts - whole) * 1e9) if nanos else 0), nanos)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rfc3339_second(whole: int) -> str:
+    # a store's nodes share few distinct last_seen seconds
+    return rfc3339_ns(whole * 1_000_000_000, False)
 
 
 def rfc3339_ns(ns: int, nanos: bool = True) -> str:

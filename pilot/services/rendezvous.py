@@ -13,7 +13,10 @@ Every ``reap_interval`` seconds stale nodes are reaped and the beacon pruned.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import resource
 import socket
 from typing import Any, Callable
 
@@ -28,13 +31,19 @@ from twisted.logger import Logger
 from pilot.endpoint import format_endpoint, parse_listen
 from pilot.errors import InvalidArgument
 from pilot.protocols.beacon import BeaconProtocol
-from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, RegistryServerFactory
+from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_PER_ADDRESS, RegistryServerFactory
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.store import StoreWriter, load_store
 from pilot.tls import ensure_self_signed, fingerprint, self_signed, server_context, server_context_from_pem
 
 REGISTRY_PORT = 9000
+#: Seconds between returns of freed heap memory to the system (glibc's malloc_trim).
+TRIM_INTERVAL = 20.0
+#: With --durable, the store is written this long after the first unsaved change: long
+#: enough to gather the requests a reactor pass or two brings, short against a write (~70 ms
+#: at 10,000 nodes).
+DURABLE_DELAY = 0.01
 BEACON_PORT = 9001
 
 
@@ -57,6 +66,12 @@ class RendezvousSettings:
     reap_interval: float = 60.0
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    #: Connections one source address may hold at once (0: no limit).
+    max_per_address: int = MAX_PER_ADDRESS
+    #: Raise the soft limit of open files to the hard limit at start (each connection is one).
+    raise_open_files: bool = True
+    #: Acknowledge a change only once the store holding it is on disk (group commit); needs a store.
+    durable: bool = False
 
 
 class PortService(Service):
@@ -100,13 +115,22 @@ class RendezvousService(MultiService):
         state = load_store(settings.store) if settings.store else None
         self.fresh_store = settings.store is not None and state is None
         self.store: StoreWriter | None = None
+        if settings.durable and not settings.store:
+            raise InvalidArgument("durable acknowledgements need a store; drop --no-store or --durable")
         if settings.store:
-            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_json(), clock,
-                                     settings.flush_delay)
-        self.registry = Registry(clock, settings.registry, state, on_change=self._changed)
+            # durable: write soon, each write carrying every change made before it (group commit)
+            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_bytes(), clock,
+                                     min(settings.flush_delay, DURABLE_DELAY) if settings.durable
+                                     else settings.flush_delay)
+        self.registry = Registry(clock, settings.registry, state, on_change=self._changed,
+                                 on_touch=self._touched)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
-                                             settings.max_connections)
+                                             settings.max_connections,
+                                             max_per_address=settings.max_per_address,
+                                             durability=self.store if settings.durable else None)
+        #: set when the store could not be written at shutdown: the process must exit non-zero
+        self.unsaved = False
         self.tls_options: CertificateOptions | None = None
         self.tls_fingerprint: str | None = None
         if settings.tls:
@@ -121,6 +145,10 @@ class RendezvousService(MultiService):
         self.reaper = TimerService(settings.reap_interval, self._reap)
         self.reaper.clock = clock
         self.reaper.setServiceParent(self)
+        # buffers of closed connections (slow clients) go back to the system, not just to malloc
+        self.trimmer = TimerService(TRIM_INTERVAL, release_free_memory)
+        self.trimmer.clock = clock
+        self.trimmer.setServiceParent(self)
 
     def _tls(self) -> tuple[CertificateOptions, str]:
         cert, key = self.settings.tls_cert, self.settings.tls_key
@@ -140,6 +168,10 @@ class RendezvousService(MultiService):
         if self.store is not None:
             self.store.changed()
 
+    def _touched(self) -> None:
+        if self.store is not None:
+            self.store.touched()
+
     def _listen_registry(self) -> IListeningPort:
         if self.tls_options is not None:
             port: IListeningPort = self.reactor.listenSSL(self._registry_port, self.factory, self.tls_options,
@@ -152,11 +184,14 @@ class RendezvousService(MultiService):
         port: IListeningPort = self.reactor.listenUDP(self._beacon_port, BeaconProtocol(self.beacon, self.reactor),
                                                       interface=self.beacon_host, maxPacketSize=65535)
         _grow_receive_buffer(port)
+        _limit_reads(port)
         return port
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def startService(self) -> None:
+        if self.settings.raise_open_files:
+            self._raise_open_files()
         try:
             super().startService()
         except BaseException:
@@ -183,23 +218,47 @@ class RendezvousService(MultiService):
         else:
             self.log.info("Persistence: none (state is kept in memory only)")
 
+    def _raise_open_files(self) -> None:
+        try:
+            old, new = raise_open_files_limit()
+        except (OSError, ValueError) as e:
+            self.log.warn("could not raise the open files limit: {error}", error=e)
+            return
+        if new != old:
+            self.log.info("open files limit raised from {old} to {new}", old=old, new=new)
+        if new < self.settings.max_connections + 64:
+            self.log.warn("the open files limit ({limit}) is below the registry's {connections} connections "
+                          "plus a margin: new nodes will be refused before that; raise the hard limit "
+                          "(ulimit -Hn, systemd LimitNOFILE=)", limit=new,
+                          connections=self.settings.max_connections)
+
     def stopService(self) -> Deferred[Any]:
         stopped: Deferred[Any] = super().stopService()
         self.factory.disconnect_all()
         self._flush()
 
         def flush_again(result: object) -> object:
-            self._flush()
+            if not self._flush() and self.store is not None:
+                self.unsaved = True
+                self.log.critical("THE REGISTRY STORE COULD NOT BE SAVED at shutdown ({path}): changes "
+                                  "acknowledged since its last successful write are LOST; fix the store's "
+                                  "folder before starting again (the exit status is non-zero)",
+                                  path=self.store.path)
+                self.store.abandon_waiters(RuntimeError("the registry store could not be saved"))
             return result
 
         return stopped.addBoth(flush_again)
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write what is unsaved; True if the store file is up to date (or there is none)."""
         if self.store is None:
-            return
+            return True
         before = self.store.writes
-        if self.store.flush() and self.store.writes > before:
+        if not self.store.flush():
+            return False
+        if self.store.writes > before:
             self.log.info("registry store saved to {path}", path=self.store.path)
+        return True
 
     def _reap(self) -> None:
         try:
@@ -228,6 +287,18 @@ class RendezvousService(MultiService):
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
+#: Bytes the beacon's socket may read in one reactor pass (Twisted's default: 256 KiB,
+#: some 50,000 five-byte Discovers, during which no registry request is served).  Past
+#: it the reactor serves the registry's connections first; unread datagrams wait in the
+#: kernel's buffer and, in a flood, are dropped there at no cost to us.
+BEACON_READ_BUDGET = 256
+
+
+def _limit_reads(port: Any) -> None:
+    if hasattr(port, "maxThroughput"):
+        port.maxThroughput = BEACON_READ_BUDGET
+
+
 def _grow_receive_buffer(port: Any) -> None:
     sock = getattr(port, "socket", None)
     if sock is None:
@@ -236,6 +307,52 @@ def _grow_receive_buffer(port: Any) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
     except OSError:
         pass  # the kernel caps it at net.core.rmem_max; the default still works
+
+
+def raise_open_files_limit(getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+                           setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit
+                           ) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit; the (old, new) soft limits."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or (soft != resource.RLIM_INFINITY and soft < hard):
+        # an unlimited hard limit is refused by Linux for files: take the kernel's per-process cap
+        target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+        if soft == resource.RLIM_INFINITY or target <= soft:
+            return soft, soft
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft
+
+
+_LIBC: list[Any] = []
+
+
+def release_free_memory() -> bool:
+    """
+    Give the heap's free pages back to the system (glibc ``malloc_trim``); False where
+    there is no such call.  Without it, the RSS of thousands of closed connections'
+    buffers stays for good, the heap being too fragmented to shrink by itself.
+    """
+    if not _LIBC:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            _LIBC.append(libc if libc is not None and hasattr(libc, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    libc = _LIBC[0]
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 def _bound(listener: PortService, what: str) -> int:

@@ -9,6 +9,14 @@ write replaces the file atomically (:mod:`pilot.persist`).  A failed write is
 logged loudly and retried; it never takes the registry down.  On shutdown the
 service calls :meth:`StoreWriter.flush`.
 
+Durable acknowledgements (``--durable``): every change bumps
+:attr:`StoreWriter.generation`; :meth:`StoreWriter.when_saved` gives a
+Deferred that fires once a write holding that generation is on disk (the
+atomic write fsyncs the file and its folder).  The registry's connections
+hold a changing request's reply until then, so an acknowledged change
+survives ``kill -9``.  Writes are group commits: one write carries every
+change made before it started.
+
 Loading refuses, with a :class:`StoreError`, a file that exists but cannot be
 used, and leaves it untouched: starting empty would overwrite it at the first
 change and lose every registration in it.
@@ -19,10 +27,13 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from pilot.persist import StateFileError, atomic_write_json, read_json_object, remove_stale_temporaries
+from pilot.persist import (
+    StateFileError, atomic_write_bytes, atomic_write_json, read_json_object, remove_stale_temporaries,
+)
 from pilot.server.state import RegistryState, StoreFormatError
 
 SYSTEM_STORE_DIR = "/var/lib/pilot"
@@ -87,17 +98,22 @@ class StoreWriter:
 
     log = Logger()
 
-    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], clock: IReactorTime,
-                 delay: float = 0.25) -> None:
+    def __init__(self, path: str, snapshot: Callable[[], dict[str, Any] | bytes], clock: IReactorTime,
+                 delay: float = 0.25, touch_delay: float = 5.0) -> None:
         self.path = path
         self.snapshot = snapshot
         self.clock = clock
         self.delay = delay
+        self.touch_delay = touch_delay
         self.dirty = False
         self.writes = 0
         self.failures = 0
         self._call: IDelayedCall | None = None
         self._retry = RETRY_DELAY
+        #: changes made so far, and how many of them the file on disk holds
+        self.generation = 0
+        self.saved = 0
+        self._waiting: list[tuple[int, Deferred[None]]] = []
 
     @property
     def scheduled(self) -> bool:
@@ -106,8 +122,36 @@ class StoreWriter:
     def changed(self) -> None:
         """The state changed: make sure a write happens soon."""
         self.dirty = True
-        if not self.scheduled:
+        self.generation += 1
+        soon = self.clock.seconds() + self.delay
+        if not self.failures and self._call is not None and self._call.active() and self._call.getTime() > soon:
+            self._call.reset(self.delay)  # a lazy write (``touched``) was pending: bring it forward
+        elif not self.scheduled:
             self._call = self.clock.callLater(self.delay, self._timer_fired)
+
+    def touched(self) -> None:
+        """
+        Something worth saving but not urgent changed (replay state): write
+        within ``touch_delay`` seconds, or with the next change or flush.
+        """
+        self.dirty = True
+        if not self.scheduled:
+            self._call = self.clock.callLater(self.touch_delay, self._timer_fired)
+
+    def when_saved(self, generation: int) -> Deferred[None]:
+        """Fires once a write holding change number ``generation`` is on disk."""
+        d: Deferred[None] = Deferred()
+        if generation <= self.saved:
+            d.callback(None)
+        else:
+            self._waiting.append((generation, d))
+        return d
+
+    def abandon_waiters(self, reason: Exception) -> None:
+        """Fail every :meth:`when_saved` still waiting (the registry is going away unsaved)."""
+        waiting, self._waiting = self._waiting, []
+        for _, d in waiting:
+            d.errback(reason)
 
     def flush(self) -> bool:
         """Write now if anything is unsaved (shutdown); True if the file is up to date."""
@@ -134,8 +178,13 @@ class StoreWriter:
         # Clear the flag first: a change made while writing (none today, the
         # snapshot is synchronous) must cause another write.
         self.dirty = False
+        generation = self.generation
         try:
-            atomic_write_json(self.path, self.snapshot(), pretty=False)
+            value = self.snapshot()
+            if isinstance(value, bytes):
+                atomic_write_bytes(self.path, value)
+            else:
+                atomic_write_json(self.path, value, pretty=False)
         except Exception:
             self.dirty = True
             self.failures += 1
@@ -147,6 +196,12 @@ class StoreWriter:
             self._retry = min(self._retry * 2, RETRY_MAX)
             return False
         self.writes += 1
+        self.saved = generation
+        if self._waiting:
+            ready = [d for g, d in self._waiting if g <= generation]
+            self._waiting = [(g, d) for g, d in self._waiting if g > generation]
+            for d in ready:
+                d.callback(None)
         if self.failures:
             self.log.info("registry store saved to {path} again after {failures} failed attempts",
                           path=self.path, failures=self.failures)

@@ -34,6 +34,8 @@ MAX_FRAME = 1 << 20
 _LEN = struct.Struct(">I")
 
 AUTH_CONTEXT = b"pilot-registry-auth-v1"
+#: Domain separation for the new key's proof of possession in ``rotate_key``.
+ROTATE_CONTEXT = b"pilot-rotate-key-v1"
 NONCE_LEN = 16
 
 
@@ -256,6 +258,14 @@ def canonical_body(msg: dict[str, Any]) -> bytes:
 
 def auth_message(msg: dict[str, Any], ts_ms: int, nonce: bytes) -> bytes:
     return b"\n".join([AUTH_CONTEXT, str(ts_ms).encode("ascii"), nonce, canonical_body(msg)])
+
+
+def rotate_proof_message(node_id: int, old_key: bytes, new_key: bytes) -> bytes:
+    """
+    What the *new* key signs in ``rotate_key``'s ``new_key_proof`` field: "the
+    holder of ``new_key`` agrees to take over node ``node_id`` from ``old_key``".
+    """
+    return b"\n".join([ROTATE_CONTEXT, str(node_id).encode("ascii"), old_key, new_key])
 
 
 def sign_request(msg: dict[str, Any], sign: Callable[[bytes], bytes], ts_ms: int, nonce: bytes,

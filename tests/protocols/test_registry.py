@@ -8,7 +8,7 @@ import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -19,7 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import ErrorCode, Internal, InvalidArgument, NotFound, PilotError, RateLimited, \
     RegistryUnavailable
-from pilot.protocols.registry import RefusedConnection, RegistryServerFactory, RegistryServerProtocol
+from pilot.protocols.registry import (
+    FRAME_DEADLINE, MAX_REQUEST, RefusedConnection, RegistryServerFactory, RegistryServerProtocol,
+)
 from pilot.protocols.registry_client import RegistryClientFactory, RegistryClientProtocol, reply_error
 from pilot.server.registry import Peer, Registry
 from pilot.wire.registry import MAX_FRAME, FrameDecoder, encode_frame
@@ -40,6 +42,39 @@ class RecordingRegistry:
 
     def session_closed(self, session: object) -> None:
         self.closed.append(session)
+
+
+class FakeDurability:
+    """A store writer stand-in: requests of type ``change`` bump the generation; saves are manual."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.saved = 0
+        self.waiting: dict[int, list[Deferred[None]]] = {}
+
+    def handle(self, inner: Any) -> Any:
+        def handle(msg: dict[str, Any], peer: Peer, session: object = None) -> dict[str, Any]:
+            if msg["type"] == "change":
+                self.generation += 1
+            return inner(msg, peer, session)  # type: ignore[no-any-return]
+        return handle
+
+    def when_saved(self, generation: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waiting.setdefault(generation, []).append(d)
+        return d
+
+    def save(self, generation: int) -> None:
+        self.saved = generation
+        for g in sorted(g for g in self.waiting if g <= generation):
+            for d in self.waiting.pop(g):
+                d.callback(None)
+
+    def fail(self) -> None:
+        for ds in self.waiting.values():
+            for d in ds:
+                d.errback(RuntimeError("cannot save"))
+        self.waiting = {}
 
 
 def frames(data: bytes) -> list[dict[str, Any]]:
@@ -217,6 +252,123 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual((factory.refused, len(factory.connections), len(events)), (1, 2, 1))
         protocols[0].connectionLost(Failure(ConnectionDone()))
         self.assertIsInstance(factory.buildProtocol(addr), RegistryServerProtocol)
+
+    # --- slow clients (docs/security.md) ---------------------------------------------------
+
+    def connect(self, factory: RegistryServerFactory, host: str = "203.0.113.4") -> tuple[Any, StringTransport]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, 5))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 5))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_frame_deadline_not_extended_by_trickle(self) -> None:
+        """A frame must arrive whole within FRAME_DEADLINE of its first byte; trickling does not help."""
+        data = encode_frame({"type": "t", "pad": "x" * 100})
+        for i in range(int(FRAME_DEADLINE) - 1):
+            self.protocol.dataReceived(data[i:i + 1])
+            self.clock.advance(1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnected)  # aborted, long before the idle timeout
+        self.assertEqual(self.registry.requests, [])
+
+    def test_frame_deadline_per_frame(self) -> None:
+        """A complete frame stops the clock; the next frame gets its own deadline."""
+        data = encode_frame({"type": "t"})
+        self.protocol.dataReceived(data[:5])
+        self.clock.advance(FRAME_DEADLINE - 1)
+        self.protocol.dataReceived(data[5:] + data[:5])
+        self.clock.advance(FRAME_DEADLINE - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.protocol.dataReceived(data[5:])
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), self.clock.seconds() + 300)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # only the idle timer is left
+        self.clock.advance(FRAME_DEADLINE * 2)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(len(self.registry.requests), 2)
+
+    def test_frame_deadline_waits_while_we_do_not_read(self) -> None:
+        """While paused (the client does not read its replies) a partial frame is not its fault yet."""
+        self.protocol.dataReceived(encode_frame({"type": "t"})[:5])
+        self.protocol.pauseProducing()
+        self.clock.advance(FRAME_DEADLINE * 2)
+        self.assertFalse(self.transport.disconnecting)
+        self.protocol.resumeProducing()
+        self.clock.advance(FRAME_DEADLINE)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_request_over_max_request_closes(self) -> None:
+        """A request frame longer than MAX_REQUEST (far below the wire's 1 MiB) is refused at its prefix."""
+        self.protocol.dataReceived(struct.pack(">I", MAX_REQUEST + 1) + b"{")
+        [reply] = self.replies()
+        self.assertEqual((reply["type"], reply["code"]), ("error", "malformed"))
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.budget.held, 0)
+
+    def test_buffer_budget(self) -> None:
+        """Partial frames of all connections share a budget; the connection going over it is aborted."""
+        factory = RegistryServerFactory(self.registry, self.clock, buffer_budget=1000)  # type: ignore[arg-type]
+        first, t1 = self.connect(factory, "203.0.113.4")
+        second, t2 = self.connect(factory, "203.0.113.5")
+        partial = struct.pack(">I", 5000) + b"x" * 596
+        first.dataReceived(partial)
+        self.assertEqual(factory.budget.held, 600)
+        with capturedLogs() as events:
+            second.dataReceived(partial)
+        self.assertTrue(t2.disconnected)
+        self.assertFalse(t1.disconnecting)
+        self.assertTrue(any("partial frames" in e.get("log_format", "") for e in events))
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.budget.held, 600)
+        first.dataReceived(b"x" * 300)  # still within the budget
+        self.assertFalse(t1.disconnecting)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.budget.held, 0)
+
+    def test_per_address_limit(self) -> None:
+        """At most ``max_per_address`` connections from one source address; others are not affected."""
+        factory = RegistryServerFactory(self.registry, self.clock, max_per_address=2)  # type: ignore[arg-type]
+        held = [self.connect(factory)[0] for _ in range(2)]
+        with capturedLogs() as events:
+            refused = factory.buildProtocol(IPv4Address("TCP", "203.0.113.4", 6))
+        self.assertIsInstance(refused, RefusedConnection)
+        self.assertEqual((factory.refused_per_address, len(events)), (1, 1))
+        self.assertIsInstance(factory.buildProtocol(IPv4Address("TCP", "198.51.100.9", 6)), RegistryServerProtocol)
+        held[0].connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(factory.buildProtocol(IPv4Address("TCP", "203.0.113.4", 6)), RegistryServerProtocol)
+        for p in held[1:]:
+            p.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.per_address, {"203.0.113.4": 1, "198.51.100.9": 1})
+
+    # --- durable acknowledgements ------------------------------------------------------------
+
+    def durable(self) -> tuple["FakeDurability", StringTransport]:
+        durability = FakeDurability()
+        self.registry.handle = durability.handle(self.registry.handle)  # type: ignore[method-assign]
+        factory = RegistryServerFactory(self.registry, self.clock, durability=durability)  # type: ignore[arg-type]
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(encode_frame({"type": "change", "n": 1}) + encode_frame({"type": "t", "n": 2})
+                              + encode_frame({"type": "change", "n": 3}))
+        return durability, transport
+
+    def test_durable_reply_waits_for_the_write(self) -> None:
+        """A reply to a change waits until it is on disk; later replies wait behind it, in order."""
+        durability, transport = self.durable()
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(sorted(durability.waiting), [1, 2])
+        durability.save(1)
+        self.assertEqual([r["n"] for r in frames(transport.value())], [1, 2])
+        durability.save(2)
+        self.assertEqual([r["n"] for r in frames(transport.value())], [1, 2, 3])
+
+    def test_durable_unsaved_closes(self) -> None:
+        """If the change can never be saved, the connection is closed without acknowledging it."""
+        durability, transport = self.durable()
+        with capturedLogs():
+            durability.fail()
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnected)
 
     def test_disconnect_all(self) -> None:
         self.factory.disconnect_all()

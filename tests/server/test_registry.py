@@ -25,7 +25,7 @@ from pilot.errors import ErrorCode
 from pilot.identity import Identity, b64encode
 from pilot.server.registry import BEACON_TTL, Peer, Registry, RegistryConfig
 from pilot.server.state import Node, RegistryState
-from pilot.wire.registry import encode_frame, legacy_challenge, sign_request
+from pilot.wire.registry import encode_frame, legacy_challenge, rotate_proof_message, sign_request
 from pilot.wire.statement import make_statement
 
 #: A realistic Unix time for the registry's clock.
@@ -38,6 +38,13 @@ ERROR_CODES = {code.name for code in ErrorCode}
 
 def ident(n: int) -> Identity:
     return Identity.from_seed(n.to_bytes(2, "big") * 16)
+
+
+def rotation(node_id: int, old: Identity, new: Identity) -> dict[str, Any]:
+    """A ``rotate_key`` request (unsigned yet) with the new key's proof of possession."""
+    proof = new.sign_b64(rotate_proof_message(node_id, old.public_key, new.public_key))
+    return {"type": "rotate_key", "node_id": node_id, "new_public_key": new.public_key_b64,
+            "new_key_proof": proof}
 
 
 # --- the captured vectors ---------------------------------------------------------
@@ -566,8 +573,7 @@ class RequestTypeTests(RegistryTestCase):
 
     def test_rotate_key(self) -> None:
         new = ident(3)
-        reply = self.signed(self.alice, {"type": "rotate_key", "node_id": self.a,
-                                         "new_public_key": new.public_key_b64})
+        reply = self.signed(self.alice, rotation(self.a, self.alice, new))
         self.assertEqual(reply, {"type": "rotate_key_ok", "node_id": self.a,
                                  "address": str(Address(0, self.a)),
                                  "public_key": new.public_key_b64})
@@ -582,6 +588,24 @@ class RequestTypeTests(RegistryTestCase):
         self.assertEqual(self.world.register(new)["node_id"], self.a)
         self.assertNotIn(self.alice.public_key, self.world.registry.state.key_index)
         self.assertNotEqual(self.world.register(self.alice, OTHER_PEER)["node_id"], self.a)
+
+    def test_rotate_key_without_proof_of_possession(self) -> None:
+        # the attack: alice rotates to carol's key before carol registers, so that
+        # carol, when she starts, would be given alice's id
+        carol = ident(3)
+        reply = self.signed(self.alice, {"type": "rotate_key", "node_id": self.a,
+                                         "new_public_key": carol.public_key_b64})
+        self.assertError(reply, ErrorCode.unauthorized)
+        self.assertIn("new_key_proof", reply["error"])
+        # a proof by the wrong key, for another node, over another old key, or garbage
+        for bad in (rotation(self.a, self.alice, self.alice)["new_key_proof"],
+                    rotation(self.b, self.alice, carol)["new_key_proof"],
+                    rotation(self.a, self.bob, carol)["new_key_proof"],
+                    "AAAA", 7, ""):
+            msg = {**rotation(self.a, self.alice, carol), "new_key_proof": bad}
+            self.assertError(self.signed(self.alice, msg), ErrorCode.unauthorized)
+        self.assertEqual(self.world.node(self.a).public_key, self.alice.public_key)
+        self.assertNotEqual(self.world.register(carol, OTHER_PEER)["node_id"], self.a)
 
     def test_rotate_key_signed_by_new_key_refused(self) -> None:
         new = ident(3)
@@ -843,6 +867,64 @@ class ExpiryTests(RegistryTestCase):
         self.assertEqual(world.registry.state.key_index[alice.public_key], a)
         self.assertEqual(world.join(alice), a)
 
+    def test_dead_keys_are_forgotten(self) -> None:
+        """A key whose node left more than key_retention ago leaves memory and the store, with its state."""
+        world = World(RegistryConfig(key_retention=3600))
+        alice, bob, carol = ident(1), ident(2), ident(3)
+        a = world.join(alice)
+        b = world.join(bob, OTHER_PEER, auth=True)
+        c = world.join(carol, OTHER_PEER)
+        world.send(world.legacy(alice, {"type": "report_trust", "node_id": a, "peer_id": b}))
+        world.send(world.legacy(bob, {"type": "report_trust", "node_id": b, "peer_id": a}))
+        world.send(world.authed(bob, {"type": "deregister", "node_id": b}))
+        state = world.registry.state
+        self.assertEqual(state.gone, {b: T0})
+        for _ in range(4):  # alice and carol stay; bob's key stays for the retention
+            world.advance(900)
+            world.send(world.legacy(alice, {"type": "heartbeat", "node_id": a}))
+            world.send(world.legacy(carol, {"type": "heartbeat", "node_id": c}))
+            world.registry.reap()
+        self.assertIn(bob.public_key, state.key_index)
+        world.advance(1)
+        world.registry.reap()
+        self.assertNotIn(bob.public_key, state.key_index)
+        self.assertNotIn(b, state.id_keys)
+        self.assertNotIn(b, state.auth_ts)
+        self.assertNotIn(b, state.proven)
+        self.assertEqual(state.trust, set())
+        self.assertEqual(state.gone, {})
+        self.assertNotIn(b64encode(bob.public_key), json.dumps(state.to_json()))
+        self.assertEqual(world.registry.counters["keys_forgotten"], 1)
+        # bob comes back: a fresh registration (its id is derived from the key again)
+        self.assertEqual(world.join(bob, OTHER_PEER), b)
+        self.assertNotIn(b, state.proven)
+
+    def test_reaped_and_returning_keys(self) -> None:
+        """A reaped node's key is kept for the retention; coming back within it clears the clock."""
+        world = World(RegistryConfig(key_retention=600))
+        alice = ident(1)
+        a = world.join(alice)
+        world.advance(181)
+        self.assertEqual(world.registry.reap(), [a])
+        self.assertEqual(world.registry.state.gone, {a: T0 + 181})
+        world.advance(300)
+        self.assertEqual(world.join(alice), a)
+        self.assertEqual(world.registry.state.gone, {})
+        world.advance(181)
+        world.registry.reap()
+        world.advance(601)
+        world.registry.reap()
+        self.assertEqual((world.registry.state.key_index, world.registry.state.gone), ({}, {}))
+
+    def test_reference_store_dead_keys_get_the_full_retention(self) -> None:
+        state = RegistryState()
+        state.index_key(ident(1).public_key, 7)  # a key with no node, as a reference store may hold
+        world = World(RegistryConfig(key_retention=600), state=RegistryState.from_json(state.to_json()))
+        self.assertEqual(world.registry.state.gone, {7: T0})
+        world.advance(601)
+        world.registry.reap()
+        self.assertEqual(world.registry.state.key_index, {})
+
     def test_reap_nothing_is_no_change(self) -> None:
         world = World()
         world.join(ident(1))
@@ -918,7 +1000,7 @@ class LoadedStateTests(RegistryTestCase):
         w.send(w.legacy(p.alice, {"type": "report_trust", "node_id": p.a, "peer_id": p.b}))
         w.send(w.authed(p.bob, {"type": "heartbeat", "node_id": p.b}))
         state = RegistryState.from_json(json.loads(json.dumps(w.registry.state.to_json())))
-        again = World(state=state)
+        again = World(state=state, now=T0 + 1)  # a restart takes time: ts newer than any before
         self.assertEqual(again.send({"type": "resolve_hostname", "hostname": "alice"})["node_id"], p.a)
         self.assertEqual(again.registry.state.trust, {(p.a, p.b)})
         self.assertEqual(again.registry.state.proven, {p.b})
@@ -963,7 +1045,7 @@ class OnChangeTests(RegistryTestCase):
             w.legacy(bob, {"type": "poll_handshakes", "node_id": b}),
             w.legacy(bob, {"type": "respond_handshake", "node_id": b, "peer_id": a, "accept": True}),
             w.legacy(alice, {"type": "poll_handshakes", "node_id": a}),
-            w.legacy(alice, {"type": "rotate_key", "node_id": a, "new_public_key": ident(5).public_key_b64}),
+            w.legacy(alice, rotation(a, alice, ident(5))),
             {"type": "update_polo_score", "node_id": b, "delta": 3},
             {"type": "set_polo_score", "node_id": b, "polo_score": 3},
             w.legacy(bob, {"type": "deregister", "node_id": b}),
@@ -1070,9 +1152,8 @@ class Scene:
                           {"node_id", "signature"}),
             "deregister": (lambda: w.legacy(alice, {"type": "deregister", "node_id": a}),
                            {"node_id", "signature"}),
-            "rotate_key": (lambda: w.legacy(alice, {"type": "rotate_key", "node_id": a,
-                                                    "new_public_key": ident(8).public_key_b64}),
-                           {"node_id", "new_public_key", "signature"}),
+            "rotate_key": (lambda: w.legacy(alice, rotation(a, alice, ident(8))),
+                           {"node_id", "new_public_key", "new_key_proof", "signature"}),
             "report_trust": (lambda: w.legacy(alice, {"type": "report_trust", "node_id": a, "peer_id": c}),
                              {"node_id", "peer_id", "signature"}),
             "revoke_trust": (lambda: w.legacy(alice, {"type": "revoke_trust", "node_id": a, "peer_id": b}),

@@ -6,6 +6,7 @@ visibility, the handshake relay, and the event pushes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pilot.address import Address
@@ -16,7 +17,7 @@ from pilot.server.registry import Peer, RegistryConfig
 from pilot.server.state import Node, RegistryState
 
 from tests.server.test_registry import (
-    NO_LIMITS, OTHER_PEER, PEER, T0, Recorder, RegistryTestCase, World, ident,
+    NO_LIMITS, OTHER_PEER, PEER, T0, Recorder, RegistryTestCase, World, ident, rotation,
 )
 
 CAROL_PEER = Peer("192.0.2.99", 30003)
@@ -241,17 +242,60 @@ class AuthTests(Trio):
     def test_rotate_key_of_proven_node(self) -> None:
         self.prove(self.alice, self.a)
         new = ident(9)
-        reply = self.legacy(self.alice, {"type": "rotate_key", "node_id": self.a,
-                                         "new_public_key": new.public_key_b64})
+        reply = self.legacy(self.alice, rotation(self.a, self.alice, new))
         self.assertError(reply, ErrorCode.unauthorized)
-        reply = self.authed(self.alice, {"type": "rotate_key", "node_id": self.a,
-                                         "new_public_key": new.public_key_b64})
+        reply = self.authed(self.alice, rotation(self.a, self.alice, new))
         self.assertOk(reply, "rotate_key")
         # the node stays proven: the new key must use 'auth' too
         self.assertError(self.legacy(new, {"type": "heartbeat", "node_id": self.a}), ErrorCode.unauthorized)
         self.assertOk(self.authed(new, {"type": "heartbeat", "node_id": self.a}), "heartbeat")
         self.assertError(self.authed(self.alice, {"type": "heartbeat", "node_id": self.a}),
                          ErrorCode.unauthorized)
+
+
+class RestartReplayTests(Trio):
+    """The nonce memory is lost on restart; the saved ``auth_ts`` keeps replays out."""
+
+    def restarted(self, seconds: float = 15) -> World:
+        saved = json.loads(json.dumps(self.world.registry.state.to_json()))
+        world = World(self.config, RegistryState.from_json(saved), now=self.world.clock.seconds() + seconds)
+        world._nonce = self.world._nonce
+        return world
+
+    def test_register_replayed_after_restart(self) -> None:
+        msg = self.world.authed(self.alice, {"type": "register", "public_key": self.alice.public_key_b64,
+                                             "listen_addr": "0.0.0.0:4001"})
+        self.assertOk(self.world.send(msg), "register")
+        self.assertEqual(self.world.registry.state.auth_ts[self.a], msg["auth"]["ts"])
+        world = self.restarted(15)
+        reply = world.send(msg, Peer("203.0.113.66", 6666))
+        self.assertError(reply, ErrorCode.unauthorized)
+        self.assertIn("restarted", reply["error"])
+        self.assertEqual(world.node(self.a).real_addr, "198.51.100.7:4001")
+        # the node's own new requests still pass, and become the new floor
+        fresh = world.authed(self.alice, {"type": "heartbeat", "node_id": self.a})
+        self.assertOk(world.send(fresh), "heartbeat")
+        self.assertEqual(world.registry.state.auth_ts[self.a], fresh["auth"]["ts"])
+
+    def test_signed_request_replayed_after_restart(self) -> None:
+        msg = self.world.authed(self.alice, {"type": "set_visibility", "node_id": self.a, "public": True})
+        self.assertOk(self.world.send(msg), "set_visibility")
+        self.assertOk(self.authed(self.alice, {"type": "set_visibility", "node_id": self.a, "public": False}),
+                      "set_visibility")
+        world = self.restarted(5)
+        self.assertError(world.send(msg), ErrorCode.unauthorized)
+        self.assertFalse(world.node(self.a).public)
+
+    def test_touch_reported_once_per_newer_request(self) -> None:
+        touches: list[None] = []
+        self.world.registry.on_touch = lambda: touches.append(None)
+        msg = self.world.authed(self.alice, {"type": "heartbeat", "node_id": self.a})
+        older = self.world.authed(self.alice, {"type": "heartbeat", "node_id": self.a},
+                                  ts=self.world.clock.seconds() - 1)
+        self.assertOk(self.world.send(msg), "heartbeat")
+        self.assertOk(self.world.send(older), "heartbeat")  # out of order, within the window: fine
+        self.assertEqual(len(touches), 1)
+        self.assertEqual(self.world.registry.state.auth_ts[self.a], msg["auth"]["ts"])
 
 
 class PoloScoreAuthTests(Trio):

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.persist import dump_json
 from pilot.identity import Identity, b64encode
 from pilot.server.state import (
     HandshakeRequest, HandshakeResponse, Node, RegistryState, StoreFormatError, parse_time, parse_time_ns,
@@ -48,6 +49,8 @@ def sample_state() -> RegistryState:
     state.rebuild_indexes()
     state.trust = {(7, 1 << 31), (1 << 31, 7), (7, 99), (0xFFFFFFFE, 7)}
     state.proven = {7, 99}
+    state.auth_ts = {7: int(T0 * 1000) + 123, 99: 5}
+    state.gone = {99: T0 - 60}
     state.inbox = {7: [HandshakeRequest(99, "please", T0 - 3.25), HandshakeRequest(1 << 31, "", T0 - 1.5)]}
     state.responses = {99: [HandshakeResponse(7, True, T0 - 2.125),
                             HandshakeResponse(1 << 31, False, T0 - 1)]}
@@ -72,6 +75,8 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(back.id_keys, state.id_keys)
         self.assertEqual(back.trust, state.trust)
         self.assertEqual(back.proven, state.proven)
+        self.assertEqual(back.auth_ts, state.auth_ts)
+        self.assertEqual(back.gone, state.gone)
         self.assertEqual(back.hostnames, {"alpha": 7})
         self.assertEqual(back.created, state.created)
         self.assertEqual(set(back.inbox), {7})
@@ -85,6 +90,21 @@ class RoundTripTests(SynchronousTestCase):
             self.assertLessEqual(abs(got_r.timestamp - want_r.timestamp), 1e-6)
         # and again: a stable fixed point
         self.assertEqual(RegistryState.from_json(back.to_json()).to_json(), back.to_json())
+
+    def test_to_bytes_is_the_compact_json(self) -> None:
+        """to_bytes (what the store writer saves) is exactly the compact JSON of to_json, and stays so."""
+        state = sample_state()
+        for step in range(4):
+            self.assertEqual(state.to_bytes(), dump_json(state.to_json(), pretty=False), step)
+            node = state.nodes[7]
+            if step == 0:
+                node.hostname, node.tags = "beta", ["changed", "\u00e9\"quoted"]
+            elif step == 1:
+                node.last_seen += 5
+                del state.nodes[1 << 31]
+            elif step == 2:
+                state.nodes[3] = Node(id=3, public_key=KEYS[3], real_addr="192.0.2.3:1", last_seen=T0)
+        self.assertEqual(json.loads(state.to_bytes())["nodes"]["7"]["tags"], ["changed", "\u00e9\"quoted"])
 
     def test_reference_shape(self) -> None:
         out = sample_state().to_json()
@@ -105,13 +125,14 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(sorted(out["trust_edges"]),
                          sorted(["7>2147483648", "2147483648>7", "7>99", "4294967294>7"]))
         self.assertEqual(out["proven"], [7, 99])
+        self.assertEqual(out["auth_ts"], {"7": int(T0 * 1000) + 123, "99": 5})
         self.assertTrue(out["handshake_inbox"]["7"][0]["timestamp"].endswith("Z"))
         self.assertEqual(set(out["handshake_responses"]), {"99"})
 
     def test_empty_state(self) -> None:
         out = RegistryState(created=T0).to_json()
         for key in ("trust_pairs", "pub_key_idx", "handshake_inbox", "handshake_responses", "trust_edges",
-                    "proven"):
+                    "proven", "auth_ts"):
             self.assertNotIn(key, out)
         self.assertEqual(out["nodes"], {})
         back = RegistryState.from_json(out)
@@ -237,6 +258,9 @@ class MalformedStoreTests(SynchronousTestCase):
         for key, value in (("nodes", []), ("nodes", "x"), ("nodes", 1), ("pub_key_idx", []),
                            ("pub_key_idx", "k"), ("trust_pairs", "1:2"), ("trust_pairs", {"1": 2}),
                            ("trust_edges", "1>2"), ("proven", 7), ("proven", {"7": 1}),
+                           ("auth_ts", [1]), ("auth_ts", {"x": 1}), ("auth_ts", {"7": -1}),
+                           ("auth_ts", {"7": "1"}), ("keys_gone", {"7": -1}), ("keys_gone", [7]),
+                           ("keys_gone", {"7": 1.5}), ("auth_ts", {"7": True}), ("auth_ts", {"7": 1 << 53}),
                            ("handshake_inbox", []), ("handshake_responses", "x"), ("networks", [])):
             store = self.good()
             store[key] = value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -19,12 +20,16 @@ from pilot.errors import InvalidArgument
 from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import RegistryServerFactory
 from pilot.server.registry import Peer
-from pilot.services.rendezvous import RendezvousService, RendezvousSettings
+from pilot.services import rendezvous
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings, raise_open_files_limit
 from pilot.services.store import StoreError, load_store
 from pilot.tls import CERT_NAME, KEY_NAME, fingerprint
 
 
 class FakePort:
+    #: as twisted.internet.udp.Port
+    maxThroughput = 256 * 1024
+
     def __init__(self, address: IPv4Address | IPv6Address) -> None:
         self.address = address
         self.closed = False
@@ -83,6 +88,7 @@ class ServiceTests(SynchronousTestCase):
 
     def service(self, **kw: Any) -> RendezvousService:
         kw.setdefault("store", self.store)
+        kw.setdefault("raise_open_files", False)  # not this test process's limit
         return RendezvousService(RendezvousSettings(**kw), self.reactor)
 
     def register(self, service: RendezvousService, seed: int = 1) -> int:
@@ -152,6 +158,61 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(service.running)
         self.assertFalse(service.reaper.running)
 
+    def test_open_files_limit_raised_at_start(self) -> None:
+        """RLIMIT_NOFILE's soft limit goes to the hard limit at start, and that is logged."""
+        self.patch(rendezvous, "raise_open_files_limit", lambda: (1024, 524288))
+        service = self.service(raise_open_files=True, max_per_address=7)
+        with capturedLogs() as events:
+            service.startService()
+        self.assertIn("open files limit raised from 1024 to 524288", messages(events))
+        self.assertEqual(service.factory.max_per_address, 7)
+        self.patch(rendezvous, "raise_open_files_limit", lambda: (4096, 4096))
+        with capturedLogs() as events:
+            self.service(raise_open_files=True).startService()
+        self.assertTrue(any("below the registry's 20000 connections" in m for m in messages(events)))
+
+    def test_free_memory_released_periodically(self) -> None:
+        """Freed buffers go back to the system every TRIM_INTERVAL (glibc: malloc_trim)."""
+        self.assertIsInstance(rendezvous.release_free_memory(), bool)
+        calls: list[None] = []
+        self.patch(rendezvous, "release_free_memory", lambda: calls.append(None))
+        service = self.service()
+        with capturedLogs():
+            service.startService()
+        first = len(calls)  # TimerService runs once at start
+        self.reactor.advance(rendezvous.TRIM_INTERVAL)
+        self.assertEqual(len(calls), first + 1)
+
+    def test_beacon_reads_a_budget_per_pass(self) -> None:
+        """The beacon's socket reads BEACON_READ_BUDGET bytes per reactor pass, not 256 KiB."""
+        service = self.service()
+        with capturedLogs():
+            service.startService()
+        port = service.beacon_listener.port
+        self.assertEqual(getattr(port, "maxThroughput"), rendezvous.BEACON_READ_BUDGET)
+        self.assertLess(rendezvous.BEACON_READ_BUDGET, FakePort.maxThroughput // 64)
+
+    def test_raise_open_files_limit(self) -> None:
+        calls: list[tuple[int, tuple[int, int]]] = []
+        limits = {"now": (1024, 65536)}
+
+        def setrlimit(which: int, value: tuple[int, int]) -> None:
+            calls.append((which, value))
+
+        def getrlimit(which: int) -> tuple[int, int]:
+            return limits["now"]
+
+        self.assertEqual(raise_open_files_limit(getrlimit, setrlimit), (1024, 65536))
+        self.assertEqual(calls, [(resource.RLIMIT_NOFILE, (65536, 65536))])
+        limits["now"] = (65536, 65536)
+        self.assertEqual(raise_open_files_limit(getrlimit, setrlimit), (65536, 65536))
+        self.assertEqual(len(calls), 1)
+        limits["now"] = (1024, resource.RLIM_INFINITY)
+        old, new = raise_open_files_limit(getrlimit, setrlimit)
+        self.assertEqual(old, 1024)
+        self.assertGreater(new, 1024)
+        self.assertEqual(calls[-1], (resource.RLIMIT_NOFILE, (new, resource.RLIM_INFINITY)))
+
     def test_store_flushed_on_stop(self) -> None:
         """Stopping writes the pending change at once (not after the delay), and a new service loads it."""
         service = self.service(flush_delay=30.0)
@@ -164,6 +225,31 @@ class ServiceTests(SynchronousTestCase):
             self.assertIn(str(node_id), json.load(f)["nodes"])
         again = self.service()
         self.assertIn(node_id, again.registry.state.nodes)
+
+    def test_unsaved_store_at_stop_is_loud(self) -> None:
+        """A store that cannot be written at shutdown: a critical log, ``unsaved``, waiters failed."""
+        service = self.service(flush_delay=30.0, durable=True)
+        service.startService()
+        self.reactor.advance(1)
+        os.rename(self.folder, self.folder + ".moved")
+        with open(self.folder, "w") as f:
+            f.write("not a folder")
+        self.register(service)
+        assert service.store is not None
+        waiting = service.store.when_saved(service.store.generation)
+        with capturedLogs() as events:
+            self.successResultOf(service.stopService())
+        self.assertTrue(service.unsaved)
+        self.assertTrue(any("COULD NOT BE SAVED at shutdown" in m for m in messages(events)))
+        self.failureResultOf(waiting, RuntimeError)
+        self.flushLoggedErrors()
+
+    def test_durable_needs_a_store(self) -> None:
+        with self.assertRaises(InvalidArgument):
+            self.service(store=None, durable=True)
+        self.assertFalse(self.service().unsaved)
+        self.assertIsNotNone(self.service(durable=True).factory.durability)
+        self.assertIsNone(self.service().factory.durability)
 
     def test_empty_store_written_at_start(self) -> None:
         service = self.service()

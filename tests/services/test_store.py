@@ -73,6 +73,56 @@ class StoreWriterTests(SynchronousTestCase):
         self.assertEqual(self.writer.writes, 2)
         self.assertEqual(self.read(), {"n": 2})
 
+    def test_touched_writes_lazily(self) -> None:
+        """Replay state alone is written within ``touch_delay``; a real change brings that forward."""
+        self.writer.touched()
+        self.clock.advance(4.9)
+        self.assertEqual(self.writer.writes, 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.writer.writes, 1)
+        self.writer.touched()
+        self.clock.advance(1)
+        self.writer.changed()
+        self.clock.advance(0.25)
+        self.assertEqual(self.writer.writes, 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.writer.touched()
+        self.assertTrue(self.writer.flush())
+        self.assertEqual(self.writer.writes, 3)
+
+    def test_when_saved(self) -> None:
+        """Durable acknowledgements: a change's Deferred fires once a write holding it is done."""
+        self.writer.changed()
+        first = self.writer.when_saved(self.writer.generation)
+        self.writer.changed()
+        second = self.writer.when_saved(self.writer.generation)
+        self.assertNoResult(first)
+        self.clock.advance(0.25)
+        self.successResultOf(first)
+        self.successResultOf(second)  # one write, both changes: a group commit
+        self.assertEqual((self.writer.saved, self.writer.writes), (2, 1))
+        self.successResultOf(self.writer.when_saved(1))  # already on disk
+
+    def test_when_saved_waits_through_failures(self) -> None:
+        """A failed write acknowledges nothing; the retry does; or the waiters are failed at the end."""
+        os.rmdir(self.folder)
+        with open(self.folder, "w") as f:
+            f.write("not a folder")
+        self.writer.changed()
+        waiting = self.writer.when_saved(self.writer.generation)
+        self.clock.advance(0.25)
+        self.assertNoResult(waiting)
+        self.assertEqual(self.writer.saved, 0)
+        os.remove(self.folder)
+        os.makedirs(self.folder)
+        self.clock.advance(RETRY_DELAY)
+        self.successResultOf(waiting)
+        self.writer.changed()
+        lost = self.writer.when_saved(self.writer.generation)
+        self.writer.abandon_waiters(RuntimeError("gone"))
+        self.failureResultOf(lost, RuntimeError)
+        self.flushLoggedErrors()
+
     def test_flush(self) -> None:
         """flush writes now if dirty and cancels the scheduled write; clean, it does nothing."""
         self.assertTrue(self.writer.flush())
