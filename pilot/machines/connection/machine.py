@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from pilot.machines.connection.sendbuffer import TimerOutcome
 from pilot.machines.connection.sequence import unwrap, wire
 from pilot.machines.connection.transfer import ConnectionInputs, Transfer
-from pilot.machines.table import Transition, TransitionTable
+from pilot.machines.table import Transition, TransitionTable, indexed
 from pilot.wire.packet import ACK, FIN, RST, SYN, Packet
 
 _builder = TypeMachineBuilder(ConnectionInputs, Transfer)
@@ -447,7 +447,7 @@ table.ignore((closed,), I.send_drained, I.retries_exhausted, I.close_requested,
 table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired,
              why="everything was acknowledged before our FIN; a late timer has nothing to send")
 
-_machine = _builder.build()
+_machine = indexed(_builder.build())
 
 
 def transitions() -> list[Transition]:
