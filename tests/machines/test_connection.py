@@ -1021,3 +1021,30 @@ class TableTests(SynchronousTestCase):
         self.assertTrue(r.conn.lingering)
         r.clock.advance(10)
         self.assertFalse(r.conn.lingering)
+
+
+class PipeCountTests(SynchronousTestCase):
+    """Sender.pipe() is a running count: it must always equal the sum it replaced."""
+
+    def test_pipe_matches_the_scoreboard_under_loss(self) -> None:
+        clock = Clock()
+        link = FakeLink(clock, loss=0.1, duplicate=0.05, reorder=0.2, seed=11)
+        a, b, app_a, app_b = make_pair(clock, link)
+        checked = [0]
+
+        def check(side: str, packet: Packet) -> bool:
+            for conn in (a, b):
+                s = conn._core.sender
+                expected = sum(len(g.payload) for g in s.segments if not g.sacked and not g.lost)
+                self.assertEqual(s.pipe(), expected)
+            checked[0] += 1
+            return False
+
+        link.rules.append(check)
+        up, down = pattern(300_000, 1), pattern(100_000, 2)
+        a.open_active()
+        a.write(up)
+        b.write(down)
+        self.assertTrue(run_until(clock, lambda: app_b.data == up and app_a.data == down, 600))
+        self.assertGreater(a.stats.retransmits, 0)
+        self.assertGreater(checked[0], 200)

@@ -202,6 +202,8 @@ class Sender:
     _queue: collections.deque[bytes] = attr.ib(factory=collections.deque)
     _queued: int = 0
     _transmissions: int = 0
+    #: Bytes of the segments neither SACKed nor deemed lost, kept as they change (:meth:`pipe`).
+    _pipe: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.snd_nxt is None:
@@ -224,7 +226,7 @@ class Sender:
 
     def pipe(self) -> int:
         """Bytes believed to be in the network (RFC 6675): not SACKed, not deemed lost."""
-        return sum(len(s.payload) for s in self.segments if not s.sacked and not s.lost)
+        return self._pipe
 
     def in_flight(self) -> int:
         return self.snd_nxt - self.snd_una
@@ -279,6 +281,7 @@ class Sender:
                 if not first_hole and self.pipe() + len(seg.payload) > self.cc.cwnd:
                     return None
                 seg.lost = False
+                self._pipe += len(seg.payload)
                 seg.transmissions += 1
                 seg.sent_at = now
                 seg.episode = self.episode
@@ -303,6 +306,7 @@ class Sender:
         self._consume(len(payload))
         seg = Segment(self.snd_nxt, payload, now, tx=self._stamp())
         self.segments.append(seg)
+        self._pipe += len(payload)
         self.snd_nxt += len(payload)
         self.bytes_sent += len(payload)
         self.segs_sent += 1
@@ -339,7 +343,7 @@ class Sender:
             elif window_grew and was_blocked and self.segments:
                 # A window update after we stalled on the window: the head may have
                 # been dropped by a full receiver, send it again now.
-                self.segments[0].lost = True
+                self._set_lost(self.segments[0])
                 self.persisting = False
         if blocks and self.segments:
             self._detect_losses(now)
@@ -351,10 +355,14 @@ class Sender:
         sample: Segment | None = None
         while self.segments and self.segments[0].end <= ack:
             seg = self.segments.popleft()
+            if not seg.sacked and not seg.lost:
+                self._pipe -= len(seg.payload)
             if seg.transmissions == 1 and not seg.sacked:
                 sample = seg
         if self.segments and self.segments[0].start < ack:
             head = self.segments[0]  # partly acknowledged: keep the rest as its own segment
+            if not head.sacked and not head.lost:
+                self._pipe -= ack - head.start
             head.payload = head.payload[ack - head.start:]
             head.start = ack
         if sample is not None:
@@ -387,7 +395,9 @@ class Sender:
             for seg in self.segments:
                 if seg.start >= right:
                     break
-                if seg.start >= left and seg.end <= right:
+                if seg.start >= left and seg.end <= right and not seg.sacked:
+                    if not seg.lost:
+                        self._pipe -= len(seg.payload)
                     seg.sacked = True
                     seg.lost = False
 
@@ -409,7 +419,7 @@ class Sender:
             self._enter_recovery(now)
             self.fast_retx += 1
         for seg in lost:
-            seg.lost = True
+            self._set_lost(seg)
 
     def _first_hole(self) -> Segment | None:
         for seg in self.segments:
@@ -419,6 +429,13 @@ class Sender:
 
     def _mark_lost(self, seg: Segment | None) -> None:
         if seg is not None and seg.episode != self.episode:
+            self._set_lost(seg)
+
+    def _set_lost(self, seg: Segment) -> None:
+        """Deem ``seg`` lost: it leaves the pipe until it is sent again."""
+        if not seg.lost:
+            if not seg.sacked:
+                self._pipe -= len(seg.payload)
             seg.lost = True
 
     def _enter_recovery(self, now: float) -> None:
@@ -442,7 +459,7 @@ class Sender:
             self.probe_interval = (min(self.probe_max, self.probe_interval * 2)
                                    if self.persisting else self.probe_initial)
             self.persisting = True
-            head.lost = True
+            self._set_lost(head)
             return TimerOutcome.PROBE
         self.persisting = False
         self.timeouts += 1
@@ -456,5 +473,5 @@ class Sender:
         self.dup_acks = 0
         for seg in self.segments:
             if not seg.sacked:
-                seg.lost = True
+                self._set_lost(seg)
         return TimerOutcome.RETRANSMIT
