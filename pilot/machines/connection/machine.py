@@ -25,7 +25,7 @@ from automat import TypeMachineBuilder
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from pilot.machines.connection.sendbuffer import TimerOutcome
+from pilot.machines.connection.sendbuffer import BLACK_HOLE_TIMEOUTS, TimerOutcome
 from pilot.machines.connection.sequence import unwrap, wire
 from pilot.machines.connection.transfer import ConnectionInputs, Transfer
 from pilot.machines.table import Transition, TransitionTable, indexed
@@ -292,6 +292,8 @@ def _retransmit(inputs: ConnectionInputs, core: Transfer) -> None:
     if outcome is TimerOutcome.GIVE_UP:
         inputs.retries_exhausted()
     elif outcome is not TimerOutcome.NOTHING:
+        if outcome is TimerOutcome.RETRANSMIT and core.sender.timeouts == BLACK_HOLE_TIMEOUTS:
+            core.path_trouble()  # maybe our datagrams stopped fitting the path (RFC 8899 §4.3)
         core.pump(flush=True)
         core.rexmit_timer.start(core.sender.timer_interval())
 

@@ -12,10 +12,13 @@ to :meth:`Sender.on_timeout`.
 
 Rules (docs/reference-wire.md §4.7 unless stated):
 
-* Segments are at most 4096 bytes and keep their boundaries when
-  retransmitted: the reference's receiver only accepts a segment whose
-  sequence number is exactly the next expected one (or buffers it by exact
-  start), so re-cut retransmissions could stall it.
+* Segments are at most ``mss`` bytes: 4096 (the reference's) or what the
+  path carries (``docs/tunnel.md``); ``mss`` may change at any time.  They keep
+  their boundaries when retransmitted (the reference's receiver only accepts a
+  segment whose sequence number is exactly the next expected one, or buffers
+  it by exact start, so re-cut retransmissions could stall it), except when
+  the path shrank below a segment: then the retransmission is cut to the new
+  size at the segment's start, and the rest follows as its own segment.
 * A segment must never read as a SACK option (docs/reference-wire.md §9 item 19: any ACK
   packet whose payload parses as ``SACK`` + count 1-4 + blocks is taken as
   SACK, never delivered).  Such a cut is shortened to one byte less than the
@@ -52,6 +55,10 @@ from pilot.machines.connection.rtt import RttEstimator
 from pilot.wire.packet import parse_sack
 
 MSS = 4096
+#: The header's window counts slots of this many bytes, whatever the segment size (docs/reference-wire.md §4.7).
+WINDOW_UNIT = 4096
+#: Consecutive retransmission timeouts after which the path's datagram size is suspect.
+BLACK_HOLE_TIMEOUTS = 2
 INITIAL_WINDOW = 10 * MSS
 MAX_WINDOW = 1 << 20
 INITIAL_SSTHRESH = 512 * 1024
@@ -233,7 +240,7 @@ class Sender:
 
     def send_window(self) -> int:
         """How far past ``snd_una`` the peer lets us send, in bytes."""
-        return max(1, self.peer_window) * self.mss
+        return max(1, self.peer_window) * WINDOW_UNIT
 
     # -- application data ----------------------------------------------------------
 
@@ -280,6 +287,8 @@ class Sender:
                 # later ones wait for room in the congestion window.
                 if not first_hole and self.pipe() + len(seg.payload) > self.cc.cwnd:
                     return None
+                if len(seg.payload) > self.mss:
+                    self._split(seg)
                 seg.lost = False
                 self._pipe += len(seg.payload)
                 seg.transmissions += 1
@@ -311,6 +320,17 @@ class Sender:
         self.bytes_sent += len(payload)
         self.segs_sent += 1
         return seg, False
+
+    def _split(self, seg: Segment) -> None:
+        """Cut a lost segment that no longer fits the path; the rest is lost too, right after it."""
+        index = self.segments.index(seg)
+        pieces = [seg.payload[i:i + self.mss] for i in range(0, len(seg.payload), self.mss)]
+        start = seg.start + len(pieces[0])
+        for offset, piece in enumerate(pieces[1:], 1):
+            self.segments.insert(index + offset, Segment(start, piece, seg.sent_at, seg.transmissions,
+                                                         lost=True, episode=seg.episode, tx=seg.tx))
+            start += len(piece)
+        seg.payload = pieces[0]
 
     def _stamp(self) -> int:
         self._transmissions += 1

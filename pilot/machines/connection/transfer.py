@@ -131,6 +131,10 @@ class Transfer:
     #: The machine's state name (the table's ``before`` hook keeps it).
     state: str = "idle"
     tracer: Optional[Tracer] = None
+    #: Told when the retransmission timer fired BLACK_HOLE_TIMEOUTS times in a row.
+    path_trouble: Callable[[], None] = lambda: None
+    #: The segment size to start with (None: ``config.mss``).
+    segment_size: Optional[int] = None
     handshake: Handshake = attr.ib(factory=Handshake)
     #: We answered a SYN (rather than sent one).
     passive: bool = False
@@ -153,7 +157,7 @@ class Transfer:
     def __attrs_post_init__(self) -> None:
         c = self.config
         self.rtt = RttEstimator(c.initial_rto, c.min_rto, c.max_rto)
-        self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=c.mss,
+        self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=min(c.mss, self.segment_size or c.mss),
                              max_retransmits=c.max_retransmits, nagle=c.nagle,
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
         inputs = lambda name: lambda: getattr(self.machine, name)()  # noqa: E731
