@@ -1024,7 +1024,7 @@ class TableTests(SynchronousTestCase):
 
 
 class PipeCountTests(SynchronousTestCase):
-    """Sender.pipe() is a running count: it must always equal the sum it replaced."""
+    """Sender.pipe() and the lost count are running counts: they must always equal the sums they replaced."""
 
     def test_pipe_matches_the_scoreboard_under_loss(self) -> None:
         clock = Clock()
@@ -1037,6 +1037,7 @@ class PipeCountTests(SynchronousTestCase):
                 s = conn._core.sender
                 expected = sum(len(g.payload) for g in s.segments if not g.sacked and not g.lost)
                 self.assertEqual(s.pipe(), expected)
+                self.assertEqual(s._lost, sum(1 for g in s.segments if g.lost))
             checked[0] += 1
             return False
 

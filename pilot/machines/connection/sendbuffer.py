@@ -211,6 +211,8 @@ class Sender:
     _transmissions: int = 0
     #: Bytes of the segments neither SACKed nor deemed lost, kept as they change (:meth:`pipe`).
     _pipe: int = 0
+    #: How many segments are deemed lost (waiting to be resent): none, and no scan is needed.
+    _lost: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.snd_nxt is None:
@@ -279,7 +281,7 @@ class Sender:
         """
         self.nagle_holding = False
         first_hole = True
-        for seg in self.segments:
+        for seg in (self.segments if self._lost else ()):
             if seg.sacked:
                 continue
             if seg.lost:
@@ -290,6 +292,7 @@ class Sender:
                 if len(seg.payload) > self.mss:
                     self._split(seg)
                 seg.lost = False
+                self._lost -= 1
                 self._pipe += len(seg.payload)
                 seg.transmissions += 1
                 seg.sent_at = now
@@ -330,6 +333,7 @@ class Sender:
             self.segments.insert(index + offset, Segment(start, piece, seg.sent_at, seg.transmissions,
                                                          lost=True, episode=seg.episode, tx=seg.tx))
             start += len(piece)
+        self._lost += len(pieces) - 1
         seg.payload = pieces[0]
 
     def _stamp(self) -> int:
@@ -375,7 +379,9 @@ class Sender:
         sample: Segment | None = None
         while self.segments and self.segments[0].end <= ack:
             seg = self.segments.popleft()
-            if not seg.sacked and not seg.lost:
+            if seg.lost:
+                self._lost -= 1
+            elif not seg.sacked:
                 self._pipe -= len(seg.payload)
             if seg.transmissions == 1 and not seg.sacked:
                 sample = seg
@@ -416,7 +422,9 @@ class Sender:
                 if seg.start >= right:
                     break
                 if seg.start >= left and seg.end <= right and not seg.sacked:
-                    if not seg.lost:
+                    if seg.lost:
+                        self._lost -= 1
+                    else:
                         self._pipe -= len(seg.payload)
                     seg.sacked = True
                     seg.lost = False
@@ -457,6 +465,7 @@ class Sender:
             if not seg.sacked:
                 self._pipe -= len(seg.payload)
             seg.lost = True
+            self._lost += 1
 
     def _enter_recovery(self, now: float) -> None:
         self.cc.on_congestion(self.pipe(), now)
