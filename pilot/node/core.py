@@ -89,7 +89,8 @@ class Node:
                  hostname: Optional[str] = None, public: bool = False, tags: tuple[str, ...] = (),
                  heartbeat: float = HEARTBEAT_INTERVAL, auto_approve: Optional[AutoApprove] = None,
                  path_config: PathConfig = PathConfig(), rng: Optional[_random.Random] = None,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 max_datagram: Optional[int] = None) -> None:
         self.identity = identity
         self.trust_store = trust_store
         self.clock = clock
@@ -123,7 +124,8 @@ class Node:
             node_id=self.node_id, identity=identity, send_datagram=sender.send,
             deliver=self.stack.packet_received, expected_key=self.peers.key, clock=clock,
             beacon=self.beacon, peer_unreachable=self._peer_unreachable, endpoint_changed=self.peers.seen_at,
-            random_bytes=random_bytes, segment_size_changed=self.stack.set_segment_size)
+            random_bytes=random_bytes, segment_size_changed=self.stack.set_segment_size,
+            max_datagram=max_datagram)
         self.stack.watch_paths(self.tunnels.path_trouble)
         self.paths = Paths(
             tunnels=self.tunnels, send_datagram=sender.send, beacon=self.beacon, node_id=self.node_id,

@@ -70,6 +70,15 @@ def dont_fragment(udp: Any) -> bool:
     return True
 
 
+def max_datagram(environ: Any) -> Optional[int]:
+    """``PILOT_MAX_DATAGRAM``: the largest tunnel datagram the path search may try (benchmarks, known links)."""
+    try:
+        value = int(environ.get("PILOT_MAX_DATAGRAM", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 class NodeStartupError(Exception):
     def __init__(self, message: str, hint: str, code: ErrorCode = ErrorCode.invalid_argument) -> None:
         super().__init__(message)
@@ -281,7 +290,8 @@ class NodeService(MultiService):
             save_trust=functools.partial(trust_store.save, settings.trust_path), clock=reactor,
             sender=self.udp, connector=RegistryConnector(reactor, settings.registry, settings.registry_fingerprint),
             prober=RouteProber(), one_message=OneMessage, hostname=settings.hostname, public=settings.public,
-            tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve)
+            tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve,
+            max_datagram=max_datagram(os.environ))
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)
         self.api = NodeAPIImpl(self.node, reactor, settings, self.udp.counters)
         TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.interfaces import DatagramTooBig
 from pilot.machines.connection import ConnectionConfig
 from pilot.machines.tunnel import pmtu
+from pilot.services.node import max_datagram
 from pilot.machines.tunnel.pmtu import (
     BASE, FRAME_OVERHEAD, MAX_PROBES, PROBE_TIMER, RAISE_TIMER, RELAY_OVERHEAD, SAFE_SEGMENT, MtuCore,
     PathMtu, PathMtus, path_mtu,
@@ -143,6 +144,18 @@ class SearchTests(SynchronousTestCase):
         core.machine.probe_acked(1472)
         self.assertEqual(core.state, "complete")
         self.assertRaises(NoTransition, core.machine.probe_timed_out)
+
+    def test_max_datagram_bounds_the_search(self) -> None:
+        clock = Clock()
+        path = FakePath(clock, 65507)
+        machine, core = path_mtu(clock, path.send_probe, path.sizes.append, tokens(), 0, max_datagram=1400)
+        path.machine = machine
+        machine.started()
+        for _ in range(100):
+            clock.advance(0.05)
+        self.assertEqual((core.state, core.plpmtu, max(path.sent)), ("complete", 1400, 1400))
+        self.assertEqual([max_datagram(e) for e in ({}, {"PILOT_MAX_DATAGRAM": "1400"},
+                                                    {"PILOT_MAX_DATAGRAM": "x"})], [None, 1400, None])
 
     def test_table(self) -> None:
         rows = {(t.state, t.input, t.next) for t in pmtu.transitions()}

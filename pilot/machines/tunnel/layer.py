@@ -64,6 +64,8 @@ class Tunnels:
     _random_bytes: Callable[[int], bytes] = os.urandom
     #: ``segment_size_changed(node_id, mss)``: the stream segment that fits the peer's path now.
     _segment_size_changed: Callable[[int, int], None] = lambda node_id, mss: None
+    #: The largest UDP payload the path search may try (None: a 4,096-byte segment's frame).
+    _max_datagram: Optional[int] = None
     counters: collections.Counter[str] = attr.ib(init=False, factory=collections.Counter)
     _peers: dict[int, Peer] = attr.ib(init=False, factory=dict)
     _holding: collections.OrderedDict[int, None] = attr.ib(init=False, factory=collections.OrderedDict)
@@ -76,7 +78,8 @@ class Tunnels:
     def __attrs_post_init__(self) -> None:
         self.mtu = PathMtus(clock=self._clock, send_frame=self._send_probe_frame, own_id=self._own_id,
                             segment_size_changed=lambda node_id, mss: self._segment_size_changed(node_id, mss),
-                            random_bytes=self._random_bytes, count=self.count)
+                            random_bytes=self._random_bytes, count=self.count,
+                            max_datagram=self._max_datagram)
 
     @property
     def x25519_public(self) -> bytes:
