@@ -208,6 +208,8 @@ class Sender:
     segments: collections.deque[Segment] = attr.ib(factory=collections.deque)
     _queue: collections.deque[bytes] = attr.ib(factory=collections.deque)
     _queued: int = 0
+    #: Bytes of the head chunk of ``_queue`` already cut into segments.
+    _offset: int = 0
     _transmissions: int = 0
     #: Bytes of the segments neither SACKed nor deemed lost, kept as they change (:meth:`pipe`).
     _pipe: int = 0
@@ -254,22 +256,28 @@ class Sender:
     def _peek(self, n: int) -> bytes:
         out: list[bytes] = []
         need = n
+        offset = self._offset
         for chunk in self._queue:
-            out.append(chunk[:need])
-            need -= len(out[-1])
+            piece = chunk[offset:offset + need]
+            offset = 0
+            out.append(piece)
+            need -= len(piece)
             if not need:
                 break
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _consume(self, n: int) -> None:
+        # the head chunk is read from ``_offset`` on, never sliced: a 64 KiB write cut into
+        # small segments would otherwise copy what is left of it for every segment
         self._queued -= n
         while n:
-            head = self._queue[0]
-            if len(head) <= n:
+            left = len(self._queue[0]) - self._offset
+            if left <= n:
                 self._queue.popleft()
-                n -= len(head)
+                self._offset = 0
+                n -= left
             else:
-                self._queue[0] = head[n:]
+                self._offset += n
                 n = 0
 
     # -- transmission --------------------------------------------------------------
