@@ -238,7 +238,11 @@ class TunnelProbeTests(Base):
             real(data, endpoint)
 
         self.a.tunnels._send_datagram = too_big
-        self.a.tunnels.send(packet(1, 2, seq=3, payload=b"x" * 1350), 2)  # never raises
+        self.a.tunnels.send(packet(1, 2, seq=3, payload=b"x" * 1500), 2)  # larger than the path: dropped
+        self.assertEqual(self.a.tunnels.counters["too_big"], 1)
+        self.assertEqual(self.sizes[-1], (2, 1472 - FRAME_OVERHEAD))  # not a sign the path shrank
+        self.a.tunnels.counters.clear()
+        self.a.tunnels.send(packet(1, 2, seq=3, payload=b"x" * 1350), 2)  # fitted the path: it shrank
         self.assertEqual(self.a.tunnels.counters["too_big"], 1)
         self.assertEqual(self.sizes[-1], (2, BASE - FRAME_OVERHEAD))
         self.converge()

@@ -227,7 +227,7 @@ class Tunnels:
         try:
             return self._emit(node_id, frame, endpoint, relay)
         except DatagramTooBig:
-            self.mtu.too_big(node_id, relay)
+            self.mtu.too_big(node_id, relay, len(frame))
             return False
 
     def _send_probe_frame(self, node_id: int, frame: bytes, relay: bool) -> bool:

@@ -305,10 +305,16 @@ class PathMtus:
             return
         path[0].probe_acked(size)
 
-    def too_big(self, node_id: int, relay: bool) -> None:
-        """The kernel refused a frame of ours to the peer (EMSGSIZE): the path got smaller."""
+    def too_big(self, node_id: int, relay: bool, frame_len: int) -> None:
+        """
+        The kernel refused a frame of ours to the peer (EMSGSIZE).  If the path
+        was believed to carry it, the path got smaller; a frame larger than
+        the path (an application datagram) is only dropped: we never fragment.
+        """
         self.count("too_big")
-        self._black_hole(self._paths.get((node_id, relay)))
+        path = self._paths.get((node_id, relay))
+        if path is not None and frame_len + path[1].overhead <= path[1].plpmtu:
+            self._black_hole(path)
 
     def path_trouble(self, node_id: int) -> None:
         """A stream to the peer timed out repeatedly: maybe its datagrams no longer fit."""
