@@ -47,88 +47,24 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import attr
 
+from pilot.machines.connection.congestion import (  # noqa: F401 (re-exported)
+    INITIAL_SSTHRESH, INITIAL_WINDOW, MAX_WINDOW, MSS, CongestionControl, RenoCongestion,
+)
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.wire.packet import parse_sack
 
-MSS = 4096
 #: The header's window counts slots of this many bytes, whatever the segment size (docs/reference-wire.md §4.7).
 WINDOW_UNIT = 4096
 #: Consecutive retransmission timeouts after which the path's datagram size is suspect.
 BLACK_HOLE_TIMEOUTS = 2
-INITIAL_WINDOW = 10 * MSS
-MAX_WINDOW = 1 << 20
-INITIAL_SSTHRESH = 512 * 1024
 DUP_THRESH = 3
 MAX_RETRANSMITS = 8
 PROBE_INITIAL = 0.5
 PROBE_MAX = 30.0
-
-
-class CongestionControl(Protocol):
-    """
-    What the sender asks of a congestion controller.  Sizes are bytes.
-
-    A later implementation (pacing, delay-based, SACK-aware) plugs in here;
-    the sender only reads :attr:`cwnd` and reports events.
-    """
-
-    @property
-    def cwnd(self) -> int: ...
-
-    @property
-    def ssthresh(self) -> int: ...
-
-    def on_ack(self, acked: int, in_flight: int, now: float) -> None:
-        """``acked`` new bytes were cumulatively acknowledged outside recovery."""
-
-    def on_congestion(self, in_flight: int, now: float) -> None:
-        """Loss was detected from duplicate ACKs or SACK: once per recovery episode."""
-
-    def on_timeout(self, in_flight: int, now: float) -> None:
-        """The retransmission timer expired."""
-
-    def on_rtt_sample(self, rtt: float, now: float) -> None:
-        """A valid round-trip measurement (for delay-based controllers)."""
-
-
-@attr.s(auto_attribs=True, eq=False)
-class RenoCongestion:
-    """Slow start and congestion avoidance with byte counting; halve on loss."""
-
-    mss: int = MSS
-    initial_window: int = INITIAL_WINDOW
-    max_window: int = MAX_WINDOW
-    cwnd: int = attr.ib(default=None)
-    ssthresh: int = INITIAL_SSTHRESH
-
-    def __attrs_post_init__(self) -> None:
-        if self.cwnd is None:
-            self.cwnd = self.initial_window
-
-    def on_ack(self, acked: int, in_flight: int, now: float) -> None:
-        if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * self.mss)  # RFC 3465, L = 2
-        else:
-            self.cwnd += max(1, self.mss * acked // self.cwnd)
-        self.cwnd = min(self.cwnd, self.max_window)
-
-    def on_congestion(self, in_flight: int, now: float) -> None:
-        self.ssthresh = max(in_flight // 2, 2 * self.mss)
-        self.cwnd = self.ssthresh
-
-    def on_timeout(self, in_flight: int, now: float) -> None:
-        # RFC 5681 restarts from one segment; the reference restarts from the
-        # initial window, which we keep (a timeout here is usually a lost
-        # tail, not a congested queue).
-        self.ssthresh = max(in_flight // 2, 2 * self.mss)
-        self.cwnd = self.initial_window
-
-    def on_rtt_sample(self, rtt: float, now: float) -> None:
-        pass
 
 
 @attr.s(auto_attribs=True, eq=False, slots=True)

@@ -47,7 +47,7 @@ from pilot.address import Address
 from pilot.machines.connection.config import ConnectionConfig
 from pilot.machines.connection.machine import _machine
 from pilot.machines.connection.rtt import RttEstimator
-from pilot.machines.connection.sendbuffer import CongestionControl, RenoCongestion
+from pilot.machines.connection.congestion import CongestionControl, RenoCongestion
 from pilot.machines.connection.sequence import wire
 from pilot.machines.connection.transfer import ConnectionInputs, Tracer, Transfer
 from pilot.wire.packet import ACK, FIN, RST, STREAM, SYN, Packet
