@@ -523,6 +523,7 @@ def throughput(a: Daemon, b: Daemon, megabytes: float, limit: float, port: int) 
         "b_rx_wire": delta(pb1, pb0, "bytes_rx"),
         "a_packets": packets(info_a1, info_a0), "b_packets": packets(info_b1, info_b0),
         "path": pa1.get("path"),
+        "mtu": pa1.get("mtu"), "mss": pa1.get("mss"),
         "cpu": {pid: (cpu1[pid] - cpu0[pid]) / wall * 100.0 for pid in cpu0},
         "own_cpu": own_cpu / wall * 100.0,
         "others_cpu": max(0.0, (busy1 - busy0) - ours) / wall * 100.0,
@@ -593,7 +594,8 @@ def run(args: argparse.Namespace) -> int:
         mbps = t["received"] / 1e6 / t["seconds"] if t["received"] else 0.0
         row("throughput, one stream a -> b sink", f"{mbps:.2f} MB/s",
             f"{t['received'] / 1e6:.1f} of {t['requested'] / 1e6:.0f} MB in {t['seconds']:.2f} s"
-            + (" (time limit hit)" if t["timed_out"] else "") + f"; path {t['path']}; MB = 10^6 B"
+            + (" (time limit hit)" if t["timed_out"] else "")
+            + f"; path {t['path']}, datagrams up to {t.get('mtu')} B (segments {t.get('mss')} B); MB = 10^6 B"
             + ("; SHA-256 checked" if t["intact"] else "; INCOMPLETE"))
         payload = max(t["received"], 1)
         udp = t["a_to_b_wire"] + t["b_to_a_wire"]

@@ -193,6 +193,11 @@ def _info_text(data: dict[str, Any]) -> str:
             ("Registry", _registry_text(data.get("registry"))), ("Uptime", uptime_text),
             ("Peers", data.get("peers")), ("Connections", data.get("connections"))]
     lines = [f"{name + ':':<13} {shown_value(value)}" for name, value in rows]
+    paths = [as_dict(p) for p in as_list(data.get("peer_list")) if is_number(as_dict(p).get("mtu"))]
+    if paths:
+        lines.append("Path MTU:")
+        lines += [f"  {shown_value(p.get('address'))}: {p.get('mtu')} B datagrams, {p.get('mss')} B segments"
+                  f" ({shown_value(p.get('mtu_state'))})" for p in paths]
     counters = _flatten(data.get("counters"))
     if counters:
         lines.append("Counters:")
@@ -304,9 +309,17 @@ def peers(ctx: Context) -> Result:
     rows = [as_dict(p) for p in as_list(data)]
     if not rows:
         return Result(data, "no peers")
-    return Result(data, _table(["HOSTNAME", "ADDRESS", "NODE ID", "ENDPOINT"],
-                               [[p.get("hostname"), p.get("address"), p.get("node_id"), p.get("endpoint")]
-                                for p in rows]))
+    return Result(data, _table(["HOSTNAME", "ADDRESS", "NODE ID", "ENDPOINT", "MTU"],
+                               [[p.get("hostname"), p.get("address"), p.get("node_id"), p.get("endpoint"),
+                                 _mtu_text(p)] for p in rows]))
+
+
+def _mtu_text(peer: dict[str, Any]) -> Any:
+    """``1472`` once the path search is over, ``1252 searching`` while it runs, None unknown."""
+    mtu, state = peer.get("mtu"), peer.get("mtu_state")
+    if not is_number(mtu):
+        return None
+    return f"{mtu} {state}" if state == "searching" else mtu
 
 
 def _search(ctx: Context, query: str) -> Result:

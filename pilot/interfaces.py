@@ -32,11 +32,19 @@ from zope.interface import Interface
 from pilot.endpoint import Endpoint
 
 
+class DatagramTooBig(Exception):
+    """
+    The kernel refused a datagram as larger than the path allows (EMSGSIZE
+    with don't-fragment set): a "too big" signal for path MTU discovery.
+    """
+
+
 class IDatagramSender(Interface):
     """The node's one UDP socket, seen from the sending side."""
 
     def send(data: bytes, endpoint: Endpoint) -> None:
-        """Send one datagram; a network error is counted and dropped, never raised."""
+        """Send one datagram; a network error is counted and dropped, never raised, except
+        :class:`DatagramTooBig` for a datagram larger than the path allows."""
 
     def local_port() -> int:
         """The socket's local port (0 before it is bound)."""

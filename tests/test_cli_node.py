@@ -147,11 +147,15 @@ SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
      "fresh 0:0000.0000.0008 public -"),
     (["peers"], "peers", {}, [], "no peers"),
     (["peers"], "peers", {},
-     [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000"},
-      {"hostname": None, "address": "0:0000.0000.0022", "node_id": 34, "endpoint": None}],
-     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT\n"
-     "sensor-1  0:0000.0000.0001  1        1.2.3.4:4000\n"
-     "-         0:0000.0000.0022  34       -"),
+     [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000",
+       "mtu": 1472, "mss": 1402, "mtu_state": "complete"},
+      {"hostname": None, "address": "0:0000.0000.0022", "node_id": 34, "endpoint": None},
+      {"hostname": "new", "address": "0:0000.0000.0023", "node_id": 35, "endpoint": "1.2.3.5:4000",
+       "mtu": 1252, "mss": 1182, "mtu_state": "searching"}],
+     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT      MTU\n"
+     "sensor-1  0:0000.0000.0001  1        1.2.3.4:4000  1472\n"
+     "-         0:0000.0000.0022  34       -             -\n"
+     "new       0:0000.0000.0023  35       1.2.3.5:4000  1252 searching"),
     (["handshake", "sensor-1", "fleet enrollment"], "handshake",
      {"target": "sensor-1", "justification": "fleet enrollment"}, {"status": "sent", "node_id": 1},
      "handshake request sent to node 1; it must approve (or send a handshake back)"),
@@ -254,6 +258,16 @@ class SimpleCommandTests(CLITestCase):
         ran = self.run_ok(["info"])
         self.assertIn("Registry:     rv:9000 (registered)\n", ran.stdout)
         self.assertTrue(ran.stdout.endswith("Counters:\n  stack.received: 4\n  stack.sent: 3\n"), ran.stdout)
+
+    def test_info_path_mtu(self) -> None:
+        """Each peer's discovered datagram size and segment (docs/tunnel.md), in text and --json."""
+        peers = [{"address": "0:0000.0000.0007", "mtu": 1472, "mss": 1402, "mtu_state": "complete"},
+                 {"address": "0:0000.0000.0008", "mtu": None}]
+        self.fake.answers["info"] = {**NODE_INFO, "peer_list": peers}
+        ran = self.run_ok(["info"])
+        self.assertIn("Path MTU:\n  0:0000.0000.0007: 1472 B datagrams, 1402 B segments (complete)\nCounters:",
+                      ran.stdout)
+        self.assertEqual(self.run_json(["info"])["peer_list"], peers)
 
     def test_info_sparse(self) -> None:
         self.fake.answers["info"] = {"node_id": 5}

@@ -47,6 +47,7 @@ from pilot.machines.path import PathConfig, Paths
 from pilot.machines.registration import HEARTBEAT_INTERVAL, Registration
 from pilot.machines.trust import AutoApprove, TrustMachine
 from pilot.machines.tunnel import Tunnels
+from pilot.machines.tunnel.pmtu import SAFE_SEGMENT
 from pilot.node.carried import CarriedTrust
 from pilot.node.peers import PeerDirectory
 from pilot.stack import Stack
@@ -93,7 +94,8 @@ class Node:
                  hostname: Optional[str] = None, public: bool = False, tags: tuple[str, ...] = (),
                  heartbeat: float = HEARTBEAT_INTERVAL, auto_approve: Optional[AutoApprove] = None,
                  path_config: PathConfig = PathConfig(), rng: Optional[_random.Random] = None,
-                 random_bytes: Callable[[int], bytes] = os.urandom, restore_trust: bool = False) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom, restore_trust: bool = False,
+                 max_datagram: Optional[int] = None) -> None:
         self.identity = identity
         self.trust_store = trust_store
         self.clock = clock
@@ -115,7 +117,8 @@ class Node:
         self._route_source: Optional[str] = None
         self._last_probe = 0.0
 
-        self.stack = Stack(clock, self.local_address, self._send_packet, self.is_trusted)
+        self.stack = Stack(clock, self.local_address, self._send_packet, self.is_trusted,
+                           segment_size=SAFE_SEGMENT)
         self.registration = Registration(
             connect=self._connect_registry, identity=identity, clock=clock, endpoint=self.endpoint_text,
             register_extra=self.register_extra, registered=self._registered, unregistered=self._unregistered,
@@ -126,7 +129,9 @@ class Node:
             node_id=self.node_id, identity=identity, send_datagram=sender.send,
             deliver=self.stack.packet_received, expected_key=self.peers.key, clock=clock,
             beacon=self.beacon, peer_unreachable=self._peer_unreachable, endpoint_changed=self.peers.seen_at,
-            random_bytes=random_bytes)
+            random_bytes=random_bytes, segment_size_changed=self.stack.set_segment_size,
+            max_datagram=max_datagram)
+        self.stack.watch_paths(self.tunnels.path_trouble)
         self.paths = Paths(
             tunnels=self.tunnels, send_datagram=sender.send, beacon=self.beacon, node_id=self.node_id,
             sign=identity.sign, clock=clock, config=path_config, random=rng.random,

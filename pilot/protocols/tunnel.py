@@ -10,15 +10,17 @@ Thin, as every protocol here: decode, call, never raise into the reactor.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Optional
 
+from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
-from pilot.interfaces import IBeaconListener, IDatagramSender, IFrameReceiver
+from pilot.interfaces import DatagramTooBig, IBeaconListener, IDatagramSender, IFrameReceiver
 from pilot.wire import beacon as bw
 
 
@@ -82,7 +84,14 @@ class NodeDatagramProtocol(DatagramProtocol):
             return
         try:
             self.transport.write(data, endpoint)
+        except MessageLengthError:
+            # don't-fragment is set (services/node.py): larger than the path allows
+            self._count("too_big")
+            raise DatagramTooBig(len(data)) from None
         except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                self._count("too_big")
+                raise DatagramTooBig(len(data)) from None
             # unreachable networks and full buffers are the network's business, not a crash
             self._count("send_error")
             self.log.debug("sending to {endpoint} failed: {error}", endpoint=endpoint, error=e)

@@ -99,7 +99,7 @@ class NodeAPIImpl:
                               "authenticated": stats.get("state") == "established",
                               "trusted": node_id in n.trust_store.trusted,
                               "last_rx": stats.get("last_rx"), "bytes_rx": stats.get("bytes_rx"),
-                              "bytes_tx": stats.get("bytes_tx")})
+                              "bytes_tx": stats.get("bytes_tx"), **_mtu_fields(stats)})
         yield None
         return {
             "node_id": n.own_id,
@@ -192,7 +192,7 @@ class NodeAPIImpl:
                    "trusted": node_id in n.trust_store.trusted,
                    "pending": node_id in n.trust_store.pending,
                    **_path_fields(n, node_id, stats, peer.endpoint, rtts),
-                   "tunnel": stats.get("state", "idle"),
+                   "tunnel": stats.get("state", "idle"), **_mtu_fields(stats),
                    "last_changed": peer.changed_at or None}
             if search and search.lower() not in f"{peer.hostname} {row['address']} {node_id}".lower():
                 continue
@@ -303,3 +303,8 @@ class NodeAPIImpl:
         yield None
         return self.node.stack.bind_datagrams(
             port, lambda address, src_port, data: received({"from": str(address), "src_port": src_port}, data))
+
+
+def _mtu_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    """The path's discovered datagram size (UDP payload), its stream segment and the search's state."""
+    return {"mtu": stats.get("mtu"), "mss": stats.get("mss"), "mtu_state": stats.get("mtu_state")}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
@@ -45,6 +46,37 @@ from pilot.trust import TrustStore
 from pilot.wire.handshake import HANDSHAKE_PORT
 
 UDP_BUFFER = 4 * 1024 * 1024
+
+
+#: Linux's values (<linux/in.h>); the socket module does not name them.
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+
+
+def dont_fragment(udp: Any) -> bool:
+    """
+    Set don't-fragment on the tunnel socket (Linux: ``IP_PMTUDISC_DO``): a
+    datagram larger than the path is refused (EMSGSIZE, a "too big" signal for
+    the path search in ``pilot.machines.tunnel.pmtu``) or dropped by a router
+    with an ICMP message, never split into IP fragments that a middlebox may
+    drop.  Elsewhere the kernel's default stays (``docs/tunnel.md``).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        udp.socket.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def max_datagram(environ: Any) -> Optional[int]:
+    """``PILOT_MAX_DATAGRAM``: the largest tunnel datagram the path search may try (benchmarks, known links)."""
+    try:
+        value = int(environ.get("PILOT_MAX_DATAGRAM", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 class NodeStartupError(Exception):
@@ -125,6 +157,7 @@ class TunnelPort(Service):
                 udp.socket.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
             except (AttributeError, OSError):
                 pass
+        dont_fragment(udp)
 
     def _listen(self) -> Any:
         if self.port == 0:
@@ -261,7 +294,7 @@ class NodeService(MultiService):
             sender=self.udp, connector=RegistryConnector(reactor, settings.registry, settings.registry_fingerprint),
             prober=RouteProber(), one_message=OneMessage, hostname=settings.hostname, public=settings.public,
             tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve,
-            restore_trust=restore_trust)
+            restore_trust=restore_trust, max_datagram=max_datagram(os.environ))
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)
         self.api = NodeAPIImpl(self.node, reactor, settings, self.udp.counters)
         TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)

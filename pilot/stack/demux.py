@@ -81,6 +81,7 @@ class Stack:
         echo: bool = True,
         send_buffer_high: int = SEND_BUFFER_HIGH,
         send_buffer_low: int = SEND_BUFFER_LOW,
+        segment_size: int | None = None,
     ) -> None:
         self.clock = clock
         self.local_address = local_address
@@ -100,6 +101,8 @@ class Stack:
         self.streams = StreamTable(clock=clock, send=self._send, config=self.config,
                                    high_water=send_buffer_high, low_water=send_buffer_low,
                                    cancel=self._cancel, log=log)
+        if segment_size is not None:
+            self.streams.default_segment_size = min(segment_size, self.config.mss)
         self._listeners: dict[int, tuple[Listening, IProtocolFactory]] = {}
         self._datagram_ports: dict[int, tuple[Listening, DatagramReceiver]] = {}
         self._calls: set[IDelayedCall] = set()
@@ -415,6 +418,14 @@ class Stack:
             del self._datagram_ports[listening.port]
 
     # -- inspection and control -------------------------------------------------------------------
+
+    def set_segment_size(self, node: int, mss: int) -> None:
+        """The segment size that fits the path to ``node`` now (the tunnel layer's path MTU)."""
+        self.streams.set_segment_size(node, mss)
+
+    def watch_paths(self, path_trouble: Callable[[int], None]) -> None:
+        """Call ``path_trouble(node)`` when a stream to ``node`` times out repeatedly (a black hole?)."""
+        self.streams.path_trouble = path_trouble
 
     def connections(self) -> list[dict[str, Any]]:
         """One dict per connection, oldest first, with the reference's ``conn_list`` fields."""

@@ -175,6 +175,11 @@ class StreamTable:
         self.port_use: collections.Counter[int] = collections.Counter()
         self.pending: collections.Counter[int] = collections.Counter()
         self.untrusted_by_node: collections.Counter[int] = collections.Counter()
+        #: The segment size that fits each peer's path (``docs/tunnel.md``), and for peers not listed.
+        self.segment_sizes: dict[int, int] = {}
+        self.default_segment_size: int = config.mss
+        #: ``path_trouble(node)``: a stream to ``node`` timed out repeatedly.
+        self.path_trouble: Callable[[int], None] = lambda node: None
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -208,7 +213,9 @@ class StreamTable:
             clock=self.clock, send=self._send, local=local, local_port=local_port, remote=remote,
             remote_port=remote_port, data_received=transport.data_received,
             connection_made=transport.connection_made, connection_lost=transport.connection_lost,
-            released=stream.released, packet_handled=transport.check_send_buffer, config=self.config)
+            released=stream.released, packet_handled=transport.check_send_buffer, config=self.config,
+            segment_size=self.segment_sizes.get(remote.node, self.default_segment_size),
+            path_trouble=lambda: self.path_trouble(remote.node))
         transport.attach(stream.connection)
         self._by_key[key] = stream
         self._by_id[stream.id] = stream
@@ -218,6 +225,13 @@ class StreamTable:
         if untrusted:
             self.untrusted_by_node[stream.node] += 1
         return stream
+
+    def set_segment_size(self, node: int, mss: int) -> None:
+        """From now on, cut segments to ``node`` to ``mss`` bytes (open streams too)."""
+        self.segment_sizes[node] = mss
+        for stream in self.with_node(node):
+            if stream.connection is not None:
+                stream.connection.set_segment_size(mss)
 
     def forget(self, stream: Stream) -> None:
         if self._by_key.get(stream.key) is stream:

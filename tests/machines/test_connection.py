@@ -1021,3 +1021,69 @@ class TableTests(SynchronousTestCase):
         self.assertTrue(r.conn.lingering)
         r.clock.advance(10)
         self.assertFalse(r.conn.lingering)
+
+
+class PipeCountTests(SynchronousTestCase):
+    """Sender.pipe() and the lost count are running counts: they must always equal the sums they replaced."""
+
+    def test_pipe_matches_the_scoreboard_under_loss(self) -> None:
+        clock = Clock()
+        link = FakeLink(clock, loss=0.1, duplicate=0.05, reorder=0.2, seed=11)
+        a, b, app_a, app_b = make_pair(clock, link)
+        checked = [0]
+
+        def check(side: str, packet: Packet) -> bool:
+            for conn in (a, b):
+                s = conn._core.sender
+                expected = sum(len(g.payload) for g in s.segments if not g.sacked and not g.lost)
+                self.assertEqual(s.pipe(), expected)
+                self.assertEqual(s._lost, sum(1 for g in s.segments if g.lost))
+            checked[0] += 1
+            return False
+
+        link.rules.append(check)
+        up, down = pattern(300_000, 1), pattern(100_000, 2)
+        a.open_active()
+        a.write(up)
+        b.write(down)
+        self.assertTrue(run_until(clock, lambda: app_b.data == up and app_a.data == down, 600))
+        self.assertGreater(a.stats.retransmits, 0)
+        self.assertGreater(checked[0], 200)
+
+
+class PathTroubleTests(SynchronousTestCase):
+    """Two retransmission timeouts in a row tell the stack the path may have shrunk (once)."""
+
+    def test_second_timeout_in_a_row(self) -> None:
+        clock = Clock()
+        link = FakeLink(clock)
+        a, b, app_a, app_b = make_pair(clock, link)
+        calls: list[float] = []
+        a._core.path_trouble = lambda: calls.append(clock.seconds())
+        a.open_active()
+        run_until(clock, lambda: a.state == "established" and b.state == "established", 5)
+        link.down = True
+        a.write(b"x" * 10_000)
+        clock.advance(1.0)  # first RTO (1 s): not yet
+        self.assertEqual(calls, [])
+        run_until(clock, lambda: bool(calls), 10)
+        self.assertEqual(len(calls), 1)
+        clock.advance(8.0)  # later timeouts of the same episode do not repeat it
+        self.assertEqual(len(calls), 1)
+        link.down = False
+        self.assertTrue(run_until(clock, lambda: len(app_b.data) == 10_000, 60))
+
+    def test_segment_size_applies_to_new_segments(self) -> None:
+        clock = Clock()
+        link = FakeLink(clock)
+        a, b, app_a, app_b = make_pair(clock, link)
+        a.set_segment_size(1000)
+        self.assertEqual(a.segment_size, 1000)
+        a.set_segment_size(10_000)
+        self.assertEqual(a.segment_size, 4096)  # never above config.mss
+        a.set_segment_size(1000)
+        a.open_active()
+        a.write(pattern(5000))
+        self.assertTrue(run_until(clock, lambda: len(app_b.data) == 5000, 10))
+        sizes = [len(p.payload) for p in data_packets(link.sent("a"))]
+        self.assertEqual(max(sizes), 1000)

@@ -102,11 +102,26 @@ class RecvBufferTests(SynchronousTestCase):
         self.assertEqual(r.window(), 5)
 
     def test_out_of_window_and_ooo_limit(self) -> None:
+        """Out-of-order data: at most max_ooo slots of bytes, in at most 4 pieces per slot."""
         r = RecvBuffer(0, mss=10, queue_segments=5, max_ooo=2)
         self.assertIs(r.receive(60, b"x"), Receipt.OUT_OF_WINDOW)
-        self.assertIs(r.receive(20, b"x"), Receipt.OUT_OF_ORDER)
-        self.assertIs(r.receive(30, b"x"), Receipt.OUT_OF_ORDER)
-        self.assertIs(r.receive(40, b"x"), Receipt.NO_ROOM)
+        self.assertIs(r.receive(20, b"x" * 10), Receipt.OUT_OF_ORDER)
+        self.assertIs(r.receive(30, b"x" * 10), Receipt.OUT_OF_ORDER)
+        self.assertIs(r.receive(40, b"x"), Receipt.NO_ROOM)  # 20 bytes held: the budget
+        self.assertIs(r.receive(30, b"x" * 11), Receipt.NO_ROOM)  # growing a held piece counts too
+        self.assertIs(r.receive(0, b"x" * 20), Receipt.IN_ORDER)  # the gap filled: all pulled in
+        self.assertEqual((r.ooo_count, r.rcv_nxt), (0, 40))
+
+    def test_ooo_limit_counts_bytes_not_segments(self) -> None:
+        """Small segments (a small path) get the same out-of-order room as 4096-byte ones."""
+        r = RecvBuffer(0, mss=10, queue_segments=5, max_ooo=2)
+        for start in range(10, 30, 3):  # 7 pieces of 3 bytes: 21 > 20 bytes, the 7th is refused
+            receipt = r.receive(start, b"x" * 3)
+        self.assertIs(receipt, Receipt.NO_ROOM)
+        self.assertEqual(r.ooo_count, 6)
+        r = RecvBuffer(0, mss=10, queue_segments=5, max_ooo=2)
+        receipts = [r.receive(start, b"x") for start in range(10, 20)]
+        self.assertEqual(receipts.count(Receipt.NO_ROOM), 2)  # 8 pieces at most (4 per slot)
 
 
 def sender(**kw: object) -> Sender:

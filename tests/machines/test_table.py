@@ -7,7 +7,7 @@ from typing import Protocol
 from automat import NoTransition, TypeMachineBuilder
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.machines.table import IGNORED, Transition, TransitionTable
+from pilot.machines.table import IGNORED, Transition, TransitionTable, indexed
 
 
 class Door(Protocol):
@@ -115,3 +115,33 @@ class LoopTests(SynchronousTestCase):
         core = Core()
         builder.build()(core).knocked()
         self.assertEqual(core.log, [("knock",)])
+
+
+class IndexedTests(SynchronousTestCase):
+    """indexed(): the same machine, its lookup a dict."""
+
+    def test_same_behaviour(self) -> None:
+        _, machine = build()
+        core = Core()
+        door = indexed(machine)(core)  # type: ignore[operator]
+        door.opened()
+        door.knocked()
+        door.closed()
+        self.assertEqual(core.log, [("before", "shut", "open", "opened"), ("open",),
+                                    ("before", "open", "shut", "closed"), ("close",)])
+
+    def test_undeclared_still_raises_before_anything_runs(self) -> None:
+        _, machine = build()
+        core = Core()
+        door = indexed(machine)(core)  # type: ignore[operator]
+        self.assertRaises(NoTransition, door.closed)
+        self.assertEqual(core.log, [])
+        door.opened()  # the state did not change
+        self.assertEqual(core.log[-1], ("open",))
+
+    def test_lookup_does_not_scan(self) -> None:
+        _, machine = build()
+        automaton = getattr(indexed(machine), "__automat_automaton__")
+        automaton._transitions = set()  # a scan would now find nothing
+        door = machine(Core())  # type: ignore[operator]
+        door.opened()

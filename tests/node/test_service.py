@@ -7,6 +7,8 @@ close on stop; startup problems are ``NodeStartupError`` with their messages.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -34,10 +36,19 @@ class UDPReactor(MemoryReactorClock):
         return udp
 
 
+class RecordingSocket:
+    def __init__(self) -> None:
+        self.options: dict[tuple[int, int], int] = {}
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options[level, option] = value
+
+
 class UDPPort:
     def __init__(self, address: IPv4Address) -> None:
         self.address = address
         self.stopped = False
+        self.socket = RecordingSocket()
 
     def getHost(self) -> IPv4Address:
         return self.address
@@ -82,6 +93,9 @@ class NodeServiceTests(SynchronousTestCase):
         [(port, protocol, interface, _)] = self.reactor.udpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
         self.assertIs(protocol, service.udp)
+        if sys.platform.startswith("linux"):
+            # don't fragment: IP_MTU_DISCOVER = IP_PMTUDISC_DO (docs/tunnel.md)
+            self.assertEqual(self.reactor.udpPorts[0].socket.options[socket.IPPROTO_IP, 10], 2)
         [(path, factory, _, mode)] = [s[:4] for s in self.reactor.unixServers]
         self.assertEqual((path, mode), (self.settings.socket, 0o600))
         self.assertTrue(os.path.exists(self.settings.pid_path))

@@ -5,14 +5,16 @@ beacon messages for the node and hands tunnel frames to the tunnel layer.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
+from twisted.internet.error import MessageLengthError
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from pilot.interfaces import IBeaconListener, IDatagramSender, IFrameReceiver
+from pilot.interfaces import DatagramTooBig, IBeaconListener, IDatagramSender, IFrameReceiver
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.wire import beacon as bw
 
@@ -41,6 +43,15 @@ class Recorder:
 class Failing(FakeDatagramTransport):
     def write(self, packet: bytes, addr: Any = FakeDatagramTransport.noAddr) -> None:
         raise OSError("network unreachable")
+
+
+class TooBig(FakeDatagramTransport):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, packet: bytes, addr: Any = FakeDatagramTransport.noAddr) -> None:
+        raise self.error
 
 
 class NodeDatagramProtocolTests(SynchronousTestCase):
@@ -94,6 +105,14 @@ class NodeDatagramProtocolTests(SynchronousTestCase):
         protocol.makeConnection(Failing())
         protocol.send(b"x", PEER)
         self.assertEqual(protocol.counters, {"send_error": 1})
+
+    def test_too_big_is_a_signal_not_a_crash(self) -> None:
+        """EMSGSIZE (Twisted's MessageLengthError, or a bare OSError) becomes DatagramTooBig."""
+        for error in (MessageLengthError("message too long"), OSError(errno.EMSGSIZE, "too long")):
+            protocol = NodeDatagramProtocol()
+            protocol.makeConnection(TooBig(error))
+            self.assertRaises(DatagramTooBig, protocol.send, b"x" * 5000, PEER)
+            self.assertEqual(protocol.counters, {"too_big": 1})
 
     def test_send_before_start_is_dropped(self) -> None:
         protocol = NodeDatagramProtocol()

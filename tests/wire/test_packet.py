@@ -195,3 +195,14 @@ class SackTests(SynchronousTestCase):
             blocks = parse_sack(data)
             if blocks is not None:
                 self.assertTrue(1 <= len(blocks) <= 4)
+
+
+class UncheckedTests(SynchronousTestCase):
+    def test_same_packet_as_the_checked_constructor(self) -> None:
+        checked = Packet(protocol=1, flags=3, src=Address(0, 1), dst=Address(2, 3), src_port=4,
+                         dst_port=5, seq=6, ack=7, window=8, payload=b"data")
+        unchecked = Packet.unchecked(1, 3, 1, Address(0, 1), Address(2, 3), 4, 5, 6, 7, 8, b"data")
+        self.assertEqual(unchecked, checked)
+        self.assertEqual(hash(unchecked), hash(checked))
+        self.assertEqual(unchecked.encode(), checked.encode())
+        self.assertEqual(Packet.decode(checked.encode()), checked)

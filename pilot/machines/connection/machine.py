@@ -25,10 +25,10 @@ from automat import TypeMachineBuilder
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from pilot.machines.connection.sendbuffer import TimerOutcome
+from pilot.machines.connection.sendbuffer import BLACK_HOLE_TIMEOUTS, TimerOutcome
 from pilot.machines.connection.sequence import unwrap, wire
 from pilot.machines.connection.transfer import ConnectionInputs, Transfer
-from pilot.machines.table import Transition, TransitionTable
+from pilot.machines.table import Transition, TransitionTable, indexed
 from pilot.wire.packet import ACK, FIN, RST, SYN, Packet
 
 _builder = TypeMachineBuilder(ConnectionInputs, Transfer)
@@ -292,6 +292,8 @@ def _retransmit(inputs: ConnectionInputs, core: Transfer) -> None:
     if outcome is TimerOutcome.GIVE_UP:
         inputs.retries_exhausted()
     elif outcome is not TimerOutcome.NOTHING:
+        if outcome is TimerOutcome.RETRANSMIT and core.sender.timeouts == BLACK_HOLE_TIMEOUTS:
+            core.path_trouble()  # maybe our datagrams stopped fitting the path (RFC 8899 §4.3)
         core.pump(flush=True)
         core.rexmit_timer.start(core.sender.timer_interval())
 
@@ -447,7 +449,7 @@ table.ignore((closed,), I.send_drained, I.retries_exhausted, I.close_requested,
 table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired,
              why="everything was acknowledged before our FIN; a late timer has nothing to send")
 
-_machine = _builder.build()
+_machine = indexed(_builder.build())
 
 
 def transitions() -> list[Transition]:

@@ -12,8 +12,11 @@ when the application is reading, and puts :meth:`RecvBuffer.window` and
 Window (docs/reference-wire.md §4.5, §4.7): the header's window is the number of free
 4096-byte slots in the receive queue, at most 512.  Only in-order bytes that
 the application has not taken yet occupy the queue; out-of-order segments
-are held apart (at most 128), as the reference does, so that the window
-stays steady during loss recovery.  The reference's *sender* reads a window
+are held apart, as the reference does, so that the window stays steady
+during loss recovery: at most 128 slots' worth of bytes (the reference's 128
+segments of 4096 bytes: counting segments would hold only 170 KB of a
+1 MiB window of 1,330-byte segments, and drop the rest on every loss), in
+at most 512 pieces.  The reference's *sender* reads a window
 of 0 as "no limit", so a full queue is advertised as 1, never 0; to keep that
 promise bounded, in-order data is accepted only up to one segment past the
 queue's size and anything beyond is dropped (and answered at once with an
@@ -30,6 +33,9 @@ import attr
 MSS = 4096
 RECV_QUEUE_SEGMENTS = 512
 MAX_OOO_SEGMENTS = 128
+#: Pieces held out of order, at most this many per slot of the budget (a peer cutting tiny
+#: segments cannot make us keep many thousands of them).
+OOO_PIECES_PER_SLOT = 4
 MAX_SACK_BLOCKS = 4
 
 
@@ -61,6 +67,7 @@ class RecvBuffer:
     filled_gap: bool = False
     _ready: collections.deque[bytes] = attr.ib(factory=collections.deque)
     _ooo: dict[int, bytes] = attr.ib(factory=dict)
+    _ooo_bytes: int = 0
     #: Start of the most recently buffered out-of-order segment (its SACK block goes first).
     _latest: int | None = None
 
@@ -96,8 +103,11 @@ class RecvBuffer:
         held = self._ooo.get(start)
         if held is not None and len(held) >= len(payload):
             return Receipt.DUPLICATE
-        if held is None and len(self._ooo) >= self.max_ooo:
+        grow = len(payload) - (len(held) if held is not None else 0)
+        if (self._ooo_bytes + grow > self.max_ooo * self.mss
+                or held is None and len(self._ooo) >= self.max_ooo * OOO_PIECES_PER_SLOT):
             return Receipt.NO_ROOM
+        self._ooo_bytes += grow
         self._ooo[start] = payload
         self._latest = start
         return Receipt.OUT_OF_ORDER
@@ -115,6 +125,7 @@ class RecvBuffer:
                 if start > self.rcv_nxt:
                     break
                 payload = self._ooo.pop(start)
+                self._ooo_bytes -= len(payload)
                 found = True
                 end = start + len(payload)
                 if end > self.rcv_nxt:

@@ -12,10 +12,13 @@ to :meth:`Sender.on_timeout`.
 
 Rules (docs/reference-wire.md §4.7 unless stated):
 
-* Segments are at most 4096 bytes and keep their boundaries when
-  retransmitted: the reference's receiver only accepts a segment whose
-  sequence number is exactly the next expected one (or buffers it by exact
-  start), so re-cut retransmissions could stall it.
+* Segments are at most ``mss`` bytes: 4096 (the reference's) or what the
+  path carries (``docs/tunnel.md``); ``mss`` may change at any time.  They keep
+  their boundaries when retransmitted (the reference's receiver only accepts a
+  segment whose sequence number is exactly the next expected one, or buffers
+  it by exact start, so re-cut retransmissions could stall it), except when
+  the path shrank below a segment: then the retransmission is cut to the new
+  size at the segment's start, and the rest follows as its own segment.
 * A segment must never read as a SACK option (docs/reference-wire.md §9 item 19: any ACK
   packet whose payload parses as ``SACK`` + count 1-4 + blocks is taken as
   SACK, never delivered).  Such a cut is shortened to one byte less than the
@@ -44,84 +47,24 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import attr
 
+from pilot.machines.connection.congestion import (  # noqa: F401 (re-exported)
+    INITIAL_SSTHRESH, INITIAL_WINDOW, MAX_WINDOW, MSS, CongestionControl, RenoCongestion,
+)
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.wire.packet import parse_sack
 
-MSS = 4096
-INITIAL_WINDOW = 10 * MSS
-MAX_WINDOW = 1 << 20
-INITIAL_SSTHRESH = 512 * 1024
+#: The header's window counts slots of this many bytes, whatever the segment size (docs/reference-wire.md §4.7).
+WINDOW_UNIT = 4096
+#: Consecutive retransmission timeouts after which the path's datagram size is suspect.
+BLACK_HOLE_TIMEOUTS = 2
 DUP_THRESH = 3
 MAX_RETRANSMITS = 8
 PROBE_INITIAL = 0.5
 PROBE_MAX = 30.0
-
-
-class CongestionControl(Protocol):
-    """
-    What the sender asks of a congestion controller.  Sizes are bytes.
-
-    A later implementation (pacing, delay-based, SACK-aware) plugs in here;
-    the sender only reads :attr:`cwnd` and reports events.
-    """
-
-    @property
-    def cwnd(self) -> int: ...
-
-    @property
-    def ssthresh(self) -> int: ...
-
-    def on_ack(self, acked: int, in_flight: int, now: float) -> None:
-        """``acked`` new bytes were cumulatively acknowledged outside recovery."""
-
-    def on_congestion(self, in_flight: int, now: float) -> None:
-        """Loss was detected from duplicate ACKs or SACK: once per recovery episode."""
-
-    def on_timeout(self, in_flight: int, now: float) -> None:
-        """The retransmission timer expired."""
-
-    def on_rtt_sample(self, rtt: float, now: float) -> None:
-        """A valid round-trip measurement (for delay-based controllers)."""
-
-
-@attr.s(auto_attribs=True, eq=False)
-class RenoCongestion:
-    """Slow start and congestion avoidance with byte counting; halve on loss."""
-
-    mss: int = MSS
-    initial_window: int = INITIAL_WINDOW
-    max_window: int = MAX_WINDOW
-    cwnd: int = attr.ib(default=None)
-    ssthresh: int = INITIAL_SSTHRESH
-
-    def __attrs_post_init__(self) -> None:
-        if self.cwnd is None:
-            self.cwnd = self.initial_window
-
-    def on_ack(self, acked: int, in_flight: int, now: float) -> None:
-        if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * self.mss)  # RFC 3465, L = 2
-        else:
-            self.cwnd += max(1, self.mss * acked // self.cwnd)
-        self.cwnd = min(self.cwnd, self.max_window)
-
-    def on_congestion(self, in_flight: int, now: float) -> None:
-        self.ssthresh = max(in_flight // 2, 2 * self.mss)
-        self.cwnd = self.ssthresh
-
-    def on_timeout(self, in_flight: int, now: float) -> None:
-        # RFC 5681 restarts from one segment; the reference restarts from the
-        # initial window, which we keep (a timeout here is usually a lost
-        # tail, not a congested queue).
-        self.ssthresh = max(in_flight // 2, 2 * self.mss)
-        self.cwnd = self.initial_window
-
-    def on_rtt_sample(self, rtt: float, now: float) -> None:
-        pass
 
 
 @attr.s(auto_attribs=True, eq=False, slots=True)
@@ -201,7 +144,13 @@ class Sender:
     segments: collections.deque[Segment] = attr.ib(factory=collections.deque)
     _queue: collections.deque[bytes] = attr.ib(factory=collections.deque)
     _queued: int = 0
+    #: Bytes of the head chunk of ``_queue`` already cut into segments.
+    _offset: int = 0
     _transmissions: int = 0
+    #: Bytes of the segments neither SACKed nor deemed lost, kept as they change (:meth:`pipe`).
+    _pipe: int = 0
+    #: How many segments are deemed lost (waiting to be resent): none, and no scan is needed.
+    _lost: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.snd_nxt is None:
@@ -224,14 +173,14 @@ class Sender:
 
     def pipe(self) -> int:
         """Bytes believed to be in the network (RFC 6675): not SACKed, not deemed lost."""
-        return sum(len(s.payload) for s in self.segments if not s.sacked and not s.lost)
+        return self._pipe
 
     def in_flight(self) -> int:
         return self.snd_nxt - self.snd_una
 
     def send_window(self) -> int:
         """How far past ``snd_una`` the peer lets us send, in bytes."""
-        return max(1, self.peer_window) * self.mss
+        return max(1, self.peer_window) * WINDOW_UNIT
 
     # -- application data ----------------------------------------------------------
 
@@ -243,22 +192,28 @@ class Sender:
     def _peek(self, n: int) -> bytes:
         out: list[bytes] = []
         need = n
+        offset = self._offset
         for chunk in self._queue:
-            out.append(chunk[:need])
-            need -= len(out[-1])
+            piece = chunk[offset:offset + need]
+            offset = 0
+            out.append(piece)
+            need -= len(piece)
             if not need:
                 break
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _consume(self, n: int) -> None:
+        # the head chunk is read from ``_offset`` on, never sliced: a 64 KiB write cut into
+        # small segments would otherwise copy what is left of it for every segment
         self._queued -= n
         while n:
-            head = self._queue[0]
-            if len(head) <= n:
+            left = len(self._queue[0]) - self._offset
+            if left <= n:
                 self._queue.popleft()
-                n -= len(head)
+                self._offset = 0
+                n -= left
             else:
-                self._queue[0] = head[n:]
+                self._offset += n
                 n = 0
 
     # -- transmission --------------------------------------------------------------
@@ -270,7 +225,7 @@ class Sender:
         """
         self.nagle_holding = False
         first_hole = True
-        for seg in self.segments:
+        for seg in (self.segments if self._lost else ()):
             if seg.sacked:
                 continue
             if seg.lost:
@@ -278,7 +233,11 @@ class Sender:
                 # later ones wait for room in the congestion window.
                 if not first_hole and self.pipe() + len(seg.payload) > self.cc.cwnd:
                     return None
+                if len(seg.payload) > self.mss:
+                    self._split(seg)
                 seg.lost = False
+                self._lost -= 1
+                self._pipe += len(seg.payload)
                 seg.transmissions += 1
                 seg.sent_at = now
                 seg.episode = self.episode
@@ -303,10 +262,23 @@ class Sender:
         self._consume(len(payload))
         seg = Segment(self.snd_nxt, payload, now, tx=self._stamp())
         self.segments.append(seg)
+        self._pipe += len(payload)
         self.snd_nxt += len(payload)
         self.bytes_sent += len(payload)
         self.segs_sent += 1
         return seg, False
+
+    def _split(self, seg: Segment) -> None:
+        """Cut a lost segment that no longer fits the path; the rest is lost too, right after it."""
+        index = self.segments.index(seg)
+        pieces = [seg.payload[i:i + self.mss] for i in range(0, len(seg.payload), self.mss)]
+        start = seg.start + len(pieces[0])
+        for offset, piece in enumerate(pieces[1:], 1):
+            self.segments.insert(index + offset, Segment(start, piece, seg.sent_at, seg.transmissions,
+                                                         lost=True, episode=seg.episode, tx=seg.tx))
+            start += len(piece)
+        self._lost += len(pieces) - 1
+        seg.payload = pieces[0]
 
     def _stamp(self) -> int:
         self._transmissions += 1
@@ -339,7 +311,7 @@ class Sender:
             elif window_grew and was_blocked and self.segments:
                 # A window update after we stalled on the window: the head may have
                 # been dropped by a full receiver, send it again now.
-                self.segments[0].lost = True
+                self._set_lost(self.segments[0])
                 self.persisting = False
         if blocks and self.segments:
             self._detect_losses(now)
@@ -351,10 +323,16 @@ class Sender:
         sample: Segment | None = None
         while self.segments and self.segments[0].end <= ack:
             seg = self.segments.popleft()
+            if seg.lost:
+                self._lost -= 1
+            elif not seg.sacked:
+                self._pipe -= len(seg.payload)
             if seg.transmissions == 1 and not seg.sacked:
                 sample = seg
         if self.segments and self.segments[0].start < ack:
             head = self.segments[0]  # partly acknowledged: keep the rest as its own segment
+            if not head.sacked and not head.lost:
+                self._pipe -= ack - head.start
             head.payload = head.payload[ack - head.start:]
             head.start = ack
         if sample is not None:
@@ -387,7 +365,11 @@ class Sender:
             for seg in self.segments:
                 if seg.start >= right:
                     break
-                if seg.start >= left and seg.end <= right:
+                if seg.start >= left and seg.end <= right and not seg.sacked:
+                    if seg.lost:
+                        self._lost -= 1
+                    else:
+                        self._pipe -= len(seg.payload)
                     seg.sacked = True
                     seg.lost = False
 
@@ -409,7 +391,7 @@ class Sender:
             self._enter_recovery(now)
             self.fast_retx += 1
         for seg in lost:
-            seg.lost = True
+            self._set_lost(seg)
 
     def _first_hole(self) -> Segment | None:
         for seg in self.segments:
@@ -419,7 +401,15 @@ class Sender:
 
     def _mark_lost(self, seg: Segment | None) -> None:
         if seg is not None and seg.episode != self.episode:
+            self._set_lost(seg)
+
+    def _set_lost(self, seg: Segment) -> None:
+        """Deem ``seg`` lost: it leaves the pipe until it is sent again."""
+        if not seg.lost:
+            if not seg.sacked:
+                self._pipe -= len(seg.payload)
             seg.lost = True
+            self._lost += 1
 
     def _enter_recovery(self, now: float) -> None:
         self.cc.on_congestion(self.pipe(), now)
@@ -442,7 +432,7 @@ class Sender:
             self.probe_interval = (min(self.probe_max, self.probe_interval * 2)
                                    if self.persisting else self.probe_initial)
             self.persisting = True
-            head.lost = True
+            self._set_lost(head)
             return TimerOutcome.PROBE
         self.persisting = False
         self.timeouts += 1
@@ -456,5 +446,5 @@ class Sender:
         self.dup_acks = 0
         for seg in self.segments:
             if not seg.sacked:
-                seg.lost = True
+                self._set_lost(seg)
         return TimerOutcome.RETRANSMIT

@@ -47,7 +47,7 @@ from pilot.address import Address
 from pilot.machines.connection.config import ConnectionConfig
 from pilot.machines.connection.machine import _machine
 from pilot.machines.connection.rtt import RttEstimator
-from pilot.machines.connection.sendbuffer import CongestionControl, RenoCongestion
+from pilot.machines.connection.congestion import CongestionControl, RenoCongestion
 from pilot.machines.connection.sequence import wire
 from pilot.machines.connection.transfer import ConnectionInputs, Tracer, Transfer
 from pilot.wire.packet import ACK, FIN, RST, STREAM, SYN, Packet
@@ -115,13 +115,16 @@ class Connection:
         config: ConnectionConfig | None = None,
         congestion: CongestionControl | None = None,
         initial_sequence: int = 0,
+        segment_size: int | None = None,
+        path_trouble: Callable[[], None] = _ignore,
     ) -> None:
         config = config or ConnectionConfig()
         cc = congestion or RenoCongestion(config.mss, config.initial_window, config.max_window,
                                           ssthresh=config.initial_ssthresh)
         self._core = Transfer(clock, send, local, local_port, remote, remote_port, config,
                               wire(initial_sequence), data_received, connection_made,
-                              connection_lost, released, cc)
+                              connection_lost, released, cc, path_trouble=path_trouble,
+                              segment_size=segment_size)
         self._packet_handled = packet_handled
         self._machine: ConnectionInputs = _machine(self._core)
         self._core.machine = self._machine
@@ -173,6 +176,14 @@ class Connection:
 
     def resume_reading(self) -> None:
         self._machine.reading_resumed()
+
+    def set_segment_size(self, mss: int) -> None:
+        """Cut new segments (and retransmissions that no longer fit) to ``mss`` bytes, at most ``config.mss``."""
+        self._core.sender.mss = max(1, min(mss, self._core.config.mss))
+
+    @property
+    def segment_size(self) -> int:
+        return self._core.sender.mss
 
     def set_trace(self, tracer: Tracer | None) -> None:
         """Call ``tracer(state, input, next_state)`` on every change of state."""

@@ -32,7 +32,7 @@ from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.machines.connection.sendbuffer import CongestionControl, Sender
 from pilot.machines.connection.sequence import unwrap, wire
-from pilot.wire.packet import ACK, STREAM, Packet, encode_sack, parse_sack
+from pilot.wire.packet import ACK, STREAM, VERSION, Packet, encode_sack, parse_sack
 
 #: ``tracer(state, input, next_state)``
 Tracer = Callable[[str, str, str], None]
@@ -131,6 +131,10 @@ class Transfer:
     #: The machine's state name (the table's ``before`` hook keeps it).
     state: str = "idle"
     tracer: Optional[Tracer] = None
+    #: Told when the retransmission timer fired BLACK_HOLE_TIMEOUTS times in a row.
+    path_trouble: Callable[[], None] = lambda: None
+    #: The segment size to start with (None: ``config.mss``).
+    segment_size: Optional[int] = None
     handshake: Handshake = attr.ib(factory=Handshake)
     #: We answered a SYN (rather than sent one).
     passive: bool = False
@@ -151,9 +155,12 @@ class Transfer:
     sender: Sender = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
+        # addresses and ports checked once here (ValueError), so that emit() need not
+        Packet(protocol=STREAM, src=self.local, dst=self.remote, src_port=self.local_port,
+               dst_port=self.remote_port)
         c = self.config
         self.rtt = RttEstimator(c.initial_rto, c.min_rto, c.max_rto)
-        self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=c.mss,
+        self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=min(c.mss, self.segment_size or c.mss),
                              max_retransmits=c.max_retransmits, nagle=c.nagle,
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
         inputs = lambda name: lambda: getattr(self.machine, name)()  # noqa: E731
@@ -185,9 +192,10 @@ class Transfer:
             self.pending_acks = 0
             self.ack_timer.cancel()
             self.last_window = window
-        self.send(Packet(protocol=STREAM, flags=flags, src=self.local, dst=self.remote,
-                         src_port=self.local_port, dst_port=self.remote_port,
-                         seq=wire(seq), ack=wire(ack), window=window, payload=payload))
+        # the ports and addresses were checked when the connection was made, seq and ack
+        # are wrapped to 32 bits, the window is at most 0xFFFF, flags are ours
+        self.send(Packet.unchecked(VERSION, flags, STREAM, self.local, self.remote, self.local_port,
+                                   self.remote_port, wire(seq), wire(ack), window, payload))
 
     def send_ack(self) -> None:
         """A pure ACK, with SACK blocks while out-of-order data is held."""

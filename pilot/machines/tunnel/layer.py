@@ -23,8 +23,10 @@ from zope.interface import implementer
 from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
-from pilot.interfaces import IFrameReceiver, IPathEvents
+from pilot.interfaces import DatagramTooBig, IFrameReceiver, IPathEvents
 from pilot.machines.tunnel.peer import Peer
+from pilot.machines.tunnel.pmtu import PathMtus
+from pilot.wire import probe as pw
 from pilot.wire.beacon import Relay
 from pilot.wire.packet import Packet
 from pilot.wire.tunnel import AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, decode_frame
@@ -60,12 +62,24 @@ class Tunnels:
     _direct_frame: Callable[[int, Endpoint], None] = lambda node_id, endpoint: None
     _relayed_frame: Callable[[int], None] = lambda node_id: None
     _random_bytes: Callable[[int], bytes] = os.urandom
+    #: ``segment_size_changed(node_id, mss)``: the stream segment that fits the peer's path now.
+    _segment_size_changed: Callable[[int, int], None] = lambda node_id, mss: None
+    #: The largest UDP payload the path search may try (None: a 4,096-byte segment's frame).
+    _max_datagram: Optional[int] = None
     counters: collections.Counter[str] = attr.ib(init=False, factory=collections.Counter)
     _peers: dict[int, Peer] = attr.ib(init=False, factory=dict)
     _holding: collections.OrderedDict[int, None] = attr.ib(init=False, factory=collections.OrderedDict)
     _lookups: dict[int, list[tuple[AuthKeyExchange, Endpoint, bool]]] = attr.ib(init=False, factory=dict)
     _pila: tuple[int, bytes] = attr.ib(init=False, default=(-1, b""))
     _answer_second: tuple[int, int] = attr.ib(init=False, default=(-1, 0))
+    #: Path MTU discovery, per peer and path (``pilot.machines.tunnel.pmtu``).
+    mtu: PathMtus = attr.ib(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.mtu = PathMtus(clock=self._clock, send_frame=self._send_probe_frame, own_id=self._own_id,
+                            segment_size_changed=lambda node_id, mss: self._segment_size_changed(node_id, mss),
+                            random_bytes=self._random_bytes, count=self.count,
+                            max_datagram=self._max_datagram)
 
     @property
     def x25519_public(self) -> bytes:
@@ -86,7 +100,13 @@ class Tunnels:
         if peer.endpoint is None and not peer.relay:
             self.count("no_route")
             return
+        if peer.session is not None:
+            self.mtu.using(node_id, peer.relay)
         peer.machine.packet_queued(packet)
+
+    def path_trouble(self, node_id: int) -> None:
+        """A stream to the peer timed out again and again: check that its datagrams still fit."""
+        self.mtu.path_trouble(node_id)
 
     def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool) -> None:
         """Send to the peer directly or through the beacon from now on; the session is kept."""
@@ -101,6 +121,9 @@ class Tunnels:
 
     def frame_received(self, data: Any, source: Endpoint, via_relay: bool = False) -> None:
         """One tunnel frame (unwrapped from a RelayDeliver if ``via_relay``); never raises for bad input."""
+        if isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == pw.PILM:
+            self._probe_frame(data, source, via_relay)
+            return
         try:
             frame = decode_frame(data)
         except MalformedFrame:
@@ -126,6 +149,23 @@ class Tunnels:
             packet = peer.machine.sealed_frame_received(frame, source, via_relay)
             if packet is not None:
                 self._deliver(packet, frame.sender)
+
+    def _probe_frame(self, data: Any, source: Endpoint, via_relay: bool) -> None:
+        """A path MTU probe (answered on the path it came by, to a peer with a session) or its ack."""
+        try:
+            frame = pw.decode(data)
+        except MalformedFrame:
+            self.count("malformed")
+            return
+        if isinstance(frame, pw.MtuProbeAck):
+            self.mtu.ack_received(frame.sender, frame.token, frame.size, via_relay)
+        elif frame.sender == self._own_id() or not self.is_established(frame.sender):
+            self.count("mtu_probe_refused")
+        else:
+            own = self._own_id()
+            assert own is not None
+            self.count("mtu_probe_answered")
+            self.emit(frame.sender, pw.MtuProbeAck(own, frame.token, frame.size).encode(), source, via_relay)
 
     def key_exchange_frame(self) -> bytes:
         """Our PILA for our current node id."""
@@ -162,7 +202,7 @@ class Tunnels:
         return {"state": self.state(node_id), "endpoint": peer.endpoint,
                 "path": "relay" if peer.relay else "direct", "established_at": peer.established_at,
                 "last_rx": peer.last_rx, "last_tx": peer.last_tx, "bytes_rx": peer.bytes_rx,
-                "bytes_tx": peer.bytes_tx, "queued": len(peer.queue)}
+                "bytes_tx": peer.bytes_tx, "queued": len(peer.queue), **self.mtu.stats(node_id)}
 
     def peers(self) -> list[int]:
         return sorted(self._peers)
@@ -171,6 +211,7 @@ class Tunnels:
         """Cancel every timer (the service is stopping)."""
         for peer in self._peers.values():
             peer.stop_timers()
+        self.mtu.stop()
 
     # -- what the peer machines ask (pilot.machines.tunnel.peer.TunnelOwner) --
 
@@ -183,6 +224,18 @@ class Tunnels:
 
     def emit(self, node_id: int, frame: bytes, endpoint: Optional[Endpoint], relay: bool) -> bool:
         """Send ``frame`` to the peer directly or through the beacon; False if there is no way."""
+        try:
+            return self._emit(node_id, frame, endpoint, relay)
+        except DatagramTooBig:
+            self.mtu.too_big(node_id, relay, len(frame))
+            return False
+
+    def _send_probe_frame(self, node_id: int, frame: bytes, relay: bool) -> bool:
+        """A probe by the peer's path; DatagramTooBig goes to the caller (the search)."""
+        peer = self._peers.get(node_id)
+        return peer is not None and self._emit(node_id, frame, peer.endpoint, relay)
+
+    def _emit(self, node_id: int, frame: bytes, endpoint: Optional[Endpoint], relay: bool) -> bool:
         if relay:
             beacon, own = self._beacon(), self._own_id()
             if beacon is None or own is None:

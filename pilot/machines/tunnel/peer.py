@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
-from pilot.machines.table import Transition, TransitionTable
+from pilot.machines.table import Transition, TransitionTable, indexed
 from pilot.machines.tunnel.session import Dropped, Session
 from pilot.wire.packet import Packet
 from pilot.wire.tunnel import AuthKeyExchange, SealedFrame
@@ -297,7 +297,7 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
 # Nothing is ignored: both timers are cancelled whenever the machine leaves
 # ``exchanging``, so a timer input in ``idle`` or ``established`` is a bug and raises.
 
-PeerTunnelMachine = _builder.build()
+PeerTunnelMachine = indexed(_builder.build())
 
 
 def transitions() -> list[Transition]:
