@@ -35,18 +35,17 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from pilot.address import Address
 from pilot.errors import (
-    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, NotTrusted, PilotError, Timeout,
+    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError, Timeout,
 )
 from pilot.machines.connection import SEQ_MASK, ConnectionConfig
 from pilot.ratelimit import KeyedLimiter
 from pilot.stack import ports as limits
 from pilot.stack.ports import MAX_DATAGRAM, EphemeralPorts, Listening, check_port
-from pilot.stack.services import Ping, echo_factory
-from pilot.stack.streams import ConnectionRefused, Key, Stream, StreamTable
+from pilot.stack.services import Ping, echo_factory, ping_refusal
+from pilot.stack.streams import Key, Stream, StreamTable
 from pilot.stack.transport import SEND_BUFFER_HIGH, SEND_BUFFER_LOW, PilotAddress, StreamTransport
 from pilot.wire.packet import (
     ACK, CONTROL, DATAGRAM, ECHO, FIN, HANDSHAKE, PING, RST, STREAM, SYN, Packet,
@@ -355,7 +354,7 @@ class Stack:
         connecting = self.connect(address, ECHO, Ping(self.clock, seq, done))
         transports: list[StreamTransport] = []
         connecting.addCallbacks(transports.append,
-                                lambda f: None if done.called else done.errback(_ping_refusal(address, f)))
+                                lambda f: None if done.called else done.errback(ping_refusal(address, f)))
         if done.called:
             return done
 
@@ -489,17 +488,3 @@ def _check_address(address: object) -> None:
     if not isinstance(address, Address):
         raise InvalidArgument(f"expected an Address, not {type(address).__name__}",
                               hint="parse text with pilot.address.Address.parse")
-
-
-
-def _ping_refusal(address: Address, failure: Failure) -> Failure:
-    """
-    The echo port (7) is open on every node, ours and the reference's: an RST
-    to it means the peer does not trust us (the issue-9 case: a moved node
-    that lost its trust file), so say ``not_trusted``, not "refused".
-    """
-    if not failure.check(ConnectionRefused):
-        return failure
-    return Failure(NotTrusted(f"{address} refused our ping: it does not trust this node (any more)",
-                              hint="if it just moved, it restores its trust by itself within seconds; "
-                                   "otherwise ask it again with `pilotctl handshake`"))

@@ -11,7 +11,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from pilot.errors import ConnectionFailed
+from pilot.address import Address
+from pilot.errors import ConnectionFailed, NotTrusted
+from pilot.stack.streams import ConnectionRefused
 
 
 class Echo(Protocol):
@@ -79,3 +81,17 @@ class Ping(Protocol):
         if not self.done.called:
             self.done.errback(ConnectionFailed(
                 f"the echo connection closed before the echo came back ({reason.getErrorMessage()})"))
+
+
+
+def ping_refusal(address: Address, failure: Failure) -> Failure:
+    """
+    The echo port (7) is open on every node, ours and the reference's: an RST
+    to it means the peer does not trust us (the issue-9 case: a moved node
+    that lost its trust file), so say ``not_trusted``, not "refused".
+    """
+    if not failure.check(ConnectionRefused):
+        return failure
+    return Failure(NotTrusted(f"{address} refused our ping: it does not trust this node (any more)",
+                              hint="if it just moved, it restores its trust by itself within seconds; "
+                                   "otherwise ask it again with `pilotctl handshake`"))
