@@ -1,0 +1,121 @@
+"""
+The conntrack collision (``docs/nat.md``): a Linux router whose INPUT chain
+accepts what reaches it keeps an UNREPLIED entry for an unsolicited datagram,
+and its host's later flow to that sender leaves from another port.  The NAT
+model of ``tests.natmodel`` has it (``local_delivery``); these tests show it
+and what the path machine does about it, in model time.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.natmodel import BEACON, LATENCY, PORT_RESTRICTED, Internet, ModelNode, NatBox, World
+
+PEER = ("203.0.113.9", 7000)
+
+
+class NatBoxCollisionTests(SynchronousTestCase):
+    """The model's router on its own."""
+
+    def box(self, local_delivery: bool) -> tuple[NatBox, list[tuple[tuple[str, int], tuple[str, int]]]]:
+        internet = Internet(Clock())
+        seen: list[tuple[tuple[str, int], tuple[str, int]]] = []
+        internet.attach(PEER[0], lambda data, src, dst: seen.append((src, dst)))
+        internet.attach(BEACON[0], lambda data, src, dst: seen.append((src, dst)))
+        return NatBox(internet, PORT_RESTRICTED, "203.0.113.1", local_delivery=local_delivery), seen
+
+    def test_unsolicited_datagram_moves_the_next_flow(self) -> None:
+        box, seen = self.box(local_delivery=True)
+        box.outbound(b"discover", BEACON)
+        port = box.public_endpoint()[1]  # type: ignore[index]
+        box.inbound(b"punch", PEER, ("203.0.113.1", port))  # before our host sent to PEER
+        self.assertEqual(box.counters["delivered_locally"], 1)
+        box.outbound(b"answer", PEER)
+        box.internet.clock.advance(LATENCY)
+        self.assertEqual(box.counters["collision"], 1)
+        [src] = [s for s, d in seen if d == PEER]
+        self.assertNotEqual(src[1], port)  # no longer endpoint-independent for PEER
+        # what PEER sends to the old port still ends at the router, refreshing the entry
+        box.inbound(b"punch", PEER, ("203.0.113.1", port))
+        self.assertEqual(box.counters["delivered_locally"], 2)
+        # what PEER sends to the new port reaches the host
+        got: list[bytes] = []
+        box.host = lambda data, src: got.append(data)
+        box.inbound(b"reply", PEER, ("203.0.113.1", src[1]))
+        self.assertEqual(got, [b"reply"])
+
+    def test_the_entry_expires(self) -> None:
+        box, seen = self.box(local_delivery=True)
+        box.outbound(b"discover", BEACON)
+        port = box.public_endpoint()[1]  # type: ignore[index]
+        box.inbound(b"punch", PEER, ("203.0.113.1", port))
+        box.internet.clock.advance(box.timeout / 2)
+        box.outbound(b"discover", BEACON)  # keeps the mapping
+        box.internet.clock.advance(box.timeout / 2)
+        box.outbound(b"answer", PEER)
+        box.internet.clock.advance(LATENCY)
+        self.assertEqual(box.counters["collision"], 0)
+        self.assertEqual([s[1] for s, d in seen if d == PEER], [port])
+
+    def test_an_input_filter_leaves_nothing(self) -> None:
+        box, seen = self.box(local_delivery=False)
+        box.outbound(b"discover", BEACON)
+        port = box.public_endpoint()[1]  # type: ignore[index]
+        box.inbound(b"punch", PEER, ("203.0.113.1", port))
+        box.outbound(b"answer", PEER)
+        box.internet.clock.advance(LATENCY)
+        self.assertEqual((box.counters["delivered_locally"], box.counters["collision"]), (0, 0))
+        self.assertEqual([s[1] for s, d in seen if d == PEER], [port])
+
+    def test_our_flow_first_is_not_moved(self) -> None:
+        box, seen = self.box(local_delivery=True)
+        box.outbound(b"punch", PEER)
+        port = box.public_endpoint()[1]  # type: ignore[index]
+        got: list[bytes] = []
+        box.host = lambda data, src: got.append(data)
+        box.inbound(b"punch", PEER, ("203.0.113.1", port))
+        box.outbound(b"more", PEER)
+        self.assertEqual((got, box.counters["collision"]), ([b"punch"], 0))
+
+
+def pinger(w: World, a: ModelNode, b: ModelNode, every: float = 1.0) -> None:
+    """``a`` sends ``b`` a packet every ``every`` s; ``b`` echoes."""
+    b.echo = True
+    seq = itertools.count(1000)
+
+    def tick() -> None:
+        a.send(b, next(seq))
+        w.clock.callLater(every, tick)
+
+    tick()
+
+
+def pair(local_delivery: bool = True) -> tuple[World, ModelNode, ModelNode]:
+    """Two hosts behind EIM routers (MASQUERADE) without an INPUT filter, as Docker hosts are."""
+    w = World()
+    a = w.node(PORT_RESTRICTED, local_delivery=local_delivery)
+    b = w.node(PORT_RESTRICTED, local_delivery=local_delivery)
+    w.start()
+    return w, a, b
+
+
+class CollisionScenarioTests(SynchronousTestCase):
+    def test_first_contact_poisons_the_peer_router(self) -> None:
+        """Issue 10 as it was: ``a``'s first PILAs reach ``b``'s router before ``b`` sends; relayed for good."""
+        w, a, b = pair()
+        pinger(w, a, b)
+        w.run(120)
+        self.assertGreater(b.box.counters["collision"], 0)
+        self.assertEqual((a.state(b), b.state(a)), ("relayed", "relayed"))
+
+    def test_with_an_input_filter_the_same_pair_punches(self) -> None:
+        """The control: the lab's old routers (WAN input dropped) leave nothing to collide with."""
+        w, a, b = pair(local_delivery=False)
+        pinger(w, a, b)
+        w.run(20)
+        self.assertEqual(b.box.counters["collision"] + a.box.counters["collision"], 0)
+        self.assertEqual((a.state(b), b.state(a)), ("punched", "punched"))
