@@ -13,6 +13,7 @@ import itertools
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.machines.path import PathConfig
 from tests.natmodel import BEACON, LATENCY, PORT_RESTRICTED, Internet, ModelNode, NatBox, World
 
 PEER = ("203.0.113.9", 7000)
@@ -94,23 +95,94 @@ def pinger(w: World, a: ModelNode, b: ModelNode, every: float = 1.0) -> None:
     tick()
 
 
-def pair(local_delivery: bool = True) -> tuple[World, ModelNode, ModelNode]:
+def pair(local_delivery: bool = True,
+         config: PathConfig = PathConfig()) -> tuple[World, ModelNode, ModelNode]:
     """Two hosts behind EIM routers (MASQUERADE) without an INPUT filter, as Docker hosts are."""
     w = World()
-    a = w.node(PORT_RESTRICTED, local_delivery=local_delivery)
-    b = w.node(PORT_RESTRICTED, local_delivery=local_delivery)
+    a = w.node(PORT_RESTRICTED, local_delivery=local_delivery, config=config)
+    b = w.node(PORT_RESTRICTED, local_delivery=local_delivery, config=config)
     w.start()
     return w, a, b
 
 
+def reason(node: ModelNode, peer: ModelNode) -> object:
+    return (node.paths.status(peer.node_id) or {}).get("reason")
+
+
+def in_order(node: ModelNode, peer: ModelNode) -> list[int]:
+    """The sequence numbers ``node`` got from ``peer``, as delivered."""
+    return [p.seq for _, p, src in node.delivered if src == peer.node_id and p.payload != b"echo"]
+
+
 class CollisionScenarioTests(SynchronousTestCase):
-    def test_first_contact_poisons_the_peer_router(self) -> None:
-        """Issue 10 as it was: ``a``'s first PILAs reach ``b``'s router before ``b`` sends; relayed for good."""
-        w, a, b = pair()
+    def test_direct_first_contact_poisons_the_peer_router(self) -> None:
+        """Issue 10 as it was (and as a reference node still does): ``a``'s first PILAs reach
+        ``b``'s router before ``b`` sends; ``b``'s mapping moves; relayed for good."""
+        w, a, b = pair(config=PathConfig(punch_first=False, collision_quiet=8.0))
         pinger(w, a, b)
         w.run(120)
         self.assertGreater(b.box.counters["collision"], 0)
         self.assertEqual((a.state(b), b.state(a)), ("relayed", "relayed"))
+
+    def check_punched(self, w: World, a: ModelNode, b: ModelNode, t0: float) -> None:
+        self.assertTrue(w.run_until(t0 + 1, lambda: a.state(b) == b.state(a) == "punched"),
+                        (a.state(b), b.state(a)))
+        w.run(0.5)
+        self.assertEqual(a.box.counters["collision"] + b.box.counters["collision"], 0)
+        self.assertEqual(a.box.counters["delivered_locally"] + b.box.counters["delivered_locally"], 0)
+
+    def test_a_first(self) -> None:
+        w, a, b = pair()
+        t0 = w.now()
+        a.send(b, 1)
+        self.check_punched(w, a, b, t0)
+        self.assertLess(b.received(1)[0] - t0, 0.2)  # a beacon round trip and a peer round trip
+
+    def test_b_first(self) -> None:
+        w, a, b = pair()
+        t0 = w.now()
+        b.send(a, 1)
+        self.check_punched(w, a, b, t0)
+
+    def test_both_at_once(self) -> None:
+        w, a, b = pair()
+        t0 = w.now()
+        a.send(b, 1)
+        b.send(a, 2)
+        self.check_punched(w, a, b, t0)
+        self.assertEqual((len(b.received(1)), len(a.received(2))), (1, 1))
+
+    def test_commands_a_little_apart(self) -> None:
+        """The race: ``b``'s command comes later, by less than a datagram takes from ``a`` to ``b``."""
+        w, a, b = pair()
+        w.internet.extra[(BEACON[0], b.box.public_ip)] = LATENCY * 0.9
+        t0 = w.now()
+        a.send(b, 1)
+        self.check_punched(w, a, b, t0)
+
+    def test_recovers_from_a_collision(self) -> None:
+        """
+        ``b``'s router was left an UNREPLIED entry for ``a`` (a lost race, or a reference
+        node's first PILA): the punch fails, the pair relays, and after a quiet period
+        longer than the entry's timeout a coordinated punch succeeds.  Nothing the
+        application sent is lost, duplicated or reordered across the switches.
+        """
+        w, a, b = pair()
+        a.box.outbound(b"PILP", b.box.public_endpoint())  # type: ignore[arg-type]
+        t0 = w.now()
+        pinger(w, a, b, every=0.1)
+        self.assertTrue(w.run_until(t0 + 5, lambda: a.state(b) == "relayed"))
+        self.assertEqual(b.box.counters["collision"], 1)
+        self.assertTrue(w.run_until(t0 + 10, lambda: reason(a, b) == "collision_recovering"))
+        self.assertTrue(w.run_until(t0 + 40, lambda: a.state(b) == b.state(a) == "punched"),
+                        (a.state(b), b.state(a), w.now() - t0))
+        took = w.now() - t0
+        w.run(5)
+        got = in_order(b, a)
+        self.assertEqual(got, sorted(set(got)))  # in order, no duplicates
+        self.assertEqual(got, list(range(1000, 1000 + len(got))))  # none lost
+        self.assertGreater(len(got), took * 10 - 5)
+        self.assertIsNone(reason(a, b))
 
     def test_with_an_input_filter_the_same_pair_punches(self) -> None:
         """The control: the lab's old routers (WAN input dropped) leave nothing to collide with."""
