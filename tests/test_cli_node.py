@@ -149,9 +149,17 @@ SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
     (["peers"], "peers", {},
      [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000"},
       {"hostname": None, "address": "0:0000.0000.0022", "node_id": 34, "endpoint": None}],
-     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT\n"
-     "sensor-1  0:0000.0000.0001  1        1.2.3.4:4000\n"
-     "-         0:0000.0000.0022  34       -"),
+     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT      PATH\n"
+     "sensor-1  0:0000.0000.0001  1        1.2.3.4:4000  -\n"
+     "-         0:0000.0000.0022  34       -             -"),
+    (["peers"], "peers", {},
+     [{"hostname": "a", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000",
+       "path": "relay", "path_reason": "collision_recovering"},
+      {"hostname": "b", "address": "0:0000.0000.0002", "node_id": 2, "endpoint": "5.6.7.8:4000",
+       "path": "punched", "path_reason": None}],
+     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT      PATH\n"
+     "a         0:0000.0000.0001  1        1.2.3.4:4000  relay (collision_recovering)\n"
+     "b         0:0000.0000.0002  2        5.6.7.8:4000  punched"),
     (["handshake", "sensor-1", "fleet enrollment"], "handshake",
      {"target": "sensor-1", "justification": "fleet enrollment"}, {"status": "sent", "node_id": 1},
      "handshake request sent to node 1; it must approve (or send a handshake back)"),

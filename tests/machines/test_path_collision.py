@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.machines.path import PathConfig
+from pilot.services.api import _path_fields
 from tests.natmodel import BEACON, LATENCY, PORT_RESTRICTED, Internet, ModelNode, NatBox, World
 
 PEER = ("203.0.113.9", 7000)
@@ -191,3 +192,15 @@ class CollisionScenarioTests(SynchronousTestCase):
         w.run(20)
         self.assertEqual(b.box.counters["collision"] + a.box.counters["collision"], 0)
         self.assertEqual((a.state(b), b.state(a)), ("punched", "punched"))
+
+    def test_peers_says_why(self) -> None:
+        """What ``pilotctl peers`` gets from the node's API for a pair waiting out a collision."""
+        w, a, b = pair()
+        a.box.outbound(b"PILP", b.box.public_endpoint())  # type: ignore[arg-type]
+        pinger(w, a, b)
+        w.run(10)
+        row = _path_fields(a.node, b.node_id, {}, None, {})
+        self.assertEqual((row["path"], row["path_reason"]), ("relay", "collision_recovering"))
+        w.run(40)
+        row = _path_fields(a.node, b.node_id, {}, None, {})
+        self.assertEqual((row["path"], row["path_reason"]), ("punched", None))
