@@ -337,10 +337,13 @@ class _RegistryConnector:
 
 @implementer(IRouteProber)
 class _FixedRoute:
-    """The host never changes networks in the model."""
+    """The host never changes networks in the model: its address is its box's private one."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
 
     def source_for(self, destination: Endpoint) -> Optional[str]:
-        return "10.0.0.1"
+        return self.host
 
 
 class ModelNode:
@@ -369,7 +372,8 @@ class ModelNode:
         self.box.host = self.udp.datagramReceived
         self.connector = _RegistryConnector(world, self.box.public_ip)
         self.node = Node(identity=self.identity, trust_store=self.trust_store, save_trust=self._save_trust,
-                         clock=world.clock, sender=self.udp, connector=self.connector, prober=_FixedRoute(),
+                         clock=world.clock, sender=self.udp, connector=self.connector,
+                         prober=_FixedRoute(self.box.private[0]),
                          one_message=OneMessage, public=True, heartbeat=world.discover_interval,
                          path_config=self.config, rng=self.rng, random_bytes=self.rng.randbytes)
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)

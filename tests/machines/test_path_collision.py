@@ -15,7 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.machines.path import PathConfig
 from pilot.services.api import _path_fields
-from tests.natmodel import BEACON, LATENCY, PORT_RESTRICTED, Internet, ModelNode, NatBox, World
+from pilot.node import core
+from tests.machines.test_path import TARGET, expected_back, expected_path
+from tests.natmodel import (
+    BEACON, FIREWALL, KINDS, LATENCY, PORT_RESTRICTED, Internet, ModelNode, NatBox, World,
+)
 
 PEER = ("203.0.113.9", 7000)
 
@@ -161,6 +165,32 @@ class CollisionScenarioTests(SynchronousTestCase):
         a.send(b, 1)
         self.check_punched(w, a, b, t0)
 
+    def no_nat_pair(self) -> tuple[World, ModelNode, ModelNode]:
+        """A stateful firewall (no NAT) and an EIM router without an INPUT filter whose command comes
+        later by more than a datagram takes between them: the firewall's would arrive first."""
+        w = World()
+        a, b = w.node(FIREWALL), w.node(PORT_RESTRICTED, local_delivery=True)
+        w.start()
+        w.internet.extra[(BEACON[0], b.box.public_ip)] = LATENCY * 2
+        return w, a, b
+
+    def test_a_side_without_nat_lets_the_nat_side_go_first(self) -> None:
+        w, a, b = self.no_nat_pair()
+        self.assertTrue(a.node.behind_no_nat())
+        self.assertFalse(b.node.behind_no_nat())
+        t0 = w.now()
+        a.send(b, 1)
+        self.check_punched(w, a, b, t0)
+
+    def test_without_waiting_the_firewall_side_would_collide(self) -> None:
+        """The control: the same pair with the no-NAT side acting at once."""
+        self.patch(core, "NO_NAT_PUNCH_DELAY", 0.0)
+        w, a, b = self.no_nat_pair()
+        a.send(b, 1)
+        w.run(3)
+        self.assertEqual(b.box.counters["collision"], 1)
+        self.assertEqual(a.state(b), "relayed")
+
     def test_recovers_from_a_collision(self) -> None:
         """
         ``b``'s router was left an UNREPLIED entry for ``a`` (a lost race, or a reference
@@ -204,3 +234,28 @@ class CollisionScenarioTests(SynchronousTestCase):
         w.run(40)
         row = _path_fields(a.node, b.node_id, {}, None, {})
         self.assertEqual((row["path"], row["path_reason"]), ("punched", None))
+
+
+class OpenInputMatrixTests(SynchronousTestCase):
+    """``tests.machines.test_path``'s matrix with every router's INPUT open: same paths, no collision."""
+
+    def check(self, a_kind: str, b_kind: str) -> None:
+        w = World()
+        a, b = w.node(a_kind, local_delivery=True), w.node(b_kind, local_delivery=True)
+        w.start()
+        t0 = w.now()
+        a.send(b, 1)
+        self.assertTrue(w.run_until(t0 + 10, lambda: bool(b.received(1))), "never delivered")
+        w.run(1)
+        expected = (expected_path(a_kind, b_kind), expected_back(a_kind, b_kind))
+        self.assertEqual((a.state(b), b.state(a)), expected)
+        self.assertLess(b.received(1)[0] - t0, TARGET[expected_path(a_kind, b_kind)])
+        self.assertEqual(a.box.counters["collision"] + b.box.counters["collision"], 0)
+
+
+for _a, _b in itertools.product(KINDS, KINDS):
+    def _test(self: OpenInputMatrixTests, a_kind: str = _a, b_kind: str = _b) -> None:
+        self.check(a_kind, b_kind)
+    _test.__name__ = f"test_{_a}_to_{_b}".replace("-", "_")
+    setattr(OpenInputMatrixTests, _test.__name__, _test)
+del _a, _b, _test
