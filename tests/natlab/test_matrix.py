@@ -256,8 +256,19 @@ def _make_test(index: int, a: str, b: str, style: str = DROP) -> Any:
 
 for _i, (_a, _b) in enumerate(CELLS, 1):
     setattr(NATMatrixTests, f"test_{_i:02d}_{_a}__{_b}", _make_test(_i, _a, _b))
+#: Open-input cells that fail today, and why (issue 10 stays open for them): run, reported as
+#: expected failures, and an unexpected success when the product gets there.
+OPEN_TODO = {
+    ("port_restricted", "port_restricted"):
+        "two open-INPUT routers on one segment: the peers' first datagrams cross within the "
+        "tens of microseconds the lab takes between routers only by luck, the one that comes "
+        "first poisons the other router (docs/nat.md, the conntrack collision)",
+}
 for _i, (_a, _b) in enumerate(OPEN_CELLS, len(CELLS) + 1):
-    setattr(NATMatrixTests, f"test_{_i:02d}_{_a}__{_b}__{OPEN}", _make_test(_i, _a, _b, OPEN))
+    _t = _make_test(_i, _a, _b, OPEN)
+    if (_a, _b) in OPEN_TODO:
+        _t.todo = OPEN_TODO[(_a, _b)]
+    setattr(NATMatrixTests, f"test_{_i:02d}_{_a}__{_b}__{OPEN}", _t)
 
 
 # --- the docs/nat.md section ----------------------------------------------------------------------------
