@@ -402,7 +402,8 @@ class PathMachineTests(PathsFixture):
         self.paths.punch_commanded(E1)  # the only request outstanding
         self.assertEqual(self.take(), [("set_path", PEER, E1, True), ("pila", PEER, E1)])
         self.paths.direct_frame(PEER, E1)
-        self.assertEqual(self.take(), [("set_path", PEER, E1, False)])
+        # our PILA through the hole at once: the peer may still be relayed (docs/nat.md)
+        self.assertEqual(self.take(), [("set_path", PEER, E1, False), ("pila", PEER, E1)])
         self.assertEqual(self.status()["path"], "punched")
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the keepalive, no retry
 
@@ -652,6 +653,26 @@ class NatScenarioTests(SynchronousTestCase):
         w.run(10)
         self.assertEqual(w.beacon.counters.get("relayed", 0), relayed_before)  # nothing relayed any more
         self.assertTrue(echoes_after(a, w.now() - 1))
+
+    def test_the_upgraded_side_tells_the_other_at_once(self) -> None:
+        """After a lifted block, the side whose retry finds the hole first upgrades the other side
+        too, without traffic and without waiting for that side's quiet-period retry."""
+        w, a, b = start(PORT_RESTRICTED, PORT_RESTRICTED)
+        a.box.blocked.add(b.box.public_ip)
+        pinger(w, a, b)
+        w.run(10)
+        self.assertEqual((a.state(b), b.state(a)), ("relayed", "relayed"))
+        a.box.blocked.clear()
+        # no traffic from here: only the path machines run
+        for call in w.clock.getDelayedCalls():
+            if getattr(call.func, "__name__", "") == "tick":
+                call.cancel()
+        lifted = w.now()
+        either = w.run_until(lifted + COLLISION_QUIET + 1, lambda: "punched" in (a.state(b), b.state(a)))
+        self.assertTrue(either)
+        first = w.now()
+        self.assertTrue(w.run_until(first + 0.5, lambda: a.state(b) == b.state(a) == "punched"),
+                        (a.state(b), b.state(a)))
 
     def test_the_relayed_side_punches_too(self) -> None:
         """``a`` never retries once relayed; ``b``, which only ever received relayed frames, upgrades both."""

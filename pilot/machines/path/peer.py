@@ -380,11 +380,19 @@ def _moved_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
 
 # -- direct and punched ------------------------------------------------------------------------
 
+@table.on(relayed, I.direct_frame_received, punched)
+def _upgrade(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    """The hole answers after a retry: our PILA through it at once, so that a peer still relayed
+    hears it too, not only at its next quiet-period retry or with its next traffic."""
+    _use_direct(m, c, endpoint)
+    if c.tunnels.is_established(c.node_id):
+        c.send_pila(endpoint)
+
+
 @table.on(idle, I.direct_frame_received, direct)
 @table.on(direct_trying, I.direct_frame_received, direct)
 @table.on(idle, I.punched_frame_received, punched)
 @table.on(punching, I.direct_frame_received, punched)
-@table.on(relayed, I.direct_frame_received, punched)
 def _use_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
     c.cancel()
     c.parked = False
