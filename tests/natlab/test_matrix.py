@@ -329,9 +329,11 @@ def render_section(results: list[dict[str, Any]], when: str | None = None) -> st
         "peers` says on A / on B afterwards. Expected: `relay` only where no direct path "
         "can exist (either side `udp_blocked`; `symmetric` against `symmetric`, "
         "`port_restricted` or `firewall`, which filters the same way), else `direct` or "
-        "`punched`. Between two filtering sides `direct` and `punched` are both right: B's "
-        "approval sends its accept straight to A while A's first key exchange goes to B, "
-        "and when the two cross they open both NATs before a punch is asked for.")
+        "`punched`. Both are right: a first contact with a public endpoint is a punch "
+        "through the beacon (`punched`); a side with no NAT acts on its command 0.1 s "
+        "later, so the peer's key exchange may reach it first (`direct` on that side). "
+        "A cell listed in `OPEN_TODO` is a known failure, run and reported as expected "
+        "(see \"In the lab\" above).")
     lines += _wrap(
         "Kinds: `public` no NAT; `one_to_one` 1:1 NAT, no filtering; `port_restricted` "
         "endpoint-independent mapping (MASQUERADE), address-and-port-dependent filtering; "
