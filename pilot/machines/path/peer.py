@@ -3,9 +3,12 @@
 The path to one peer: the :class:`PeerPath` machine, its core
 :class:`PathCore` and the behaviours that hold its logic (``docs/nat.md``)::
 
-    idle -packet_sent-> direct_trying -direct_timed_out (1 s)-> punching
-         -punch_timed_out (2 s)-> relayed -retry_timer_fired (2 s doubling
-         to 8 s, jittered): punch again-> ... -direct_frame_received-> punched
+    idle -punch_first (a public endpoint: nothing sent there before the
+         beacon's command)-> punching
+    idle -packet_sent (a LAN endpoint)-> direct_trying -direct_timed_out (1 s)->
+         punching -punch_timed_out (2 s)-> relayed -retry_timer_fired (2 s,
+         then every 32 s: COLLISION_QUIET): punch again-> ...
+         -direct_frame_received-> punched
 
 ``direct_trying`` and ``punching`` end in ``direct`` and ``punched`` as soon
 as an authenticated frame arrives from the peer's endpoint without the
