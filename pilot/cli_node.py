@@ -22,7 +22,7 @@ import argparse
 import math
 import re
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from pilot.address import Address
 from pilot.cli import PROG, COMMANDS, Arg, Context, Result, arg
@@ -309,9 +309,17 @@ def peers(ctx: Context) -> Result:
     rows = [as_dict(p) for p in as_list(data)]
     if not rows:
         return Result(data, "no peers")
-    return Result(data, _table(["HOSTNAME", "ADDRESS", "NODE ID", "ENDPOINT", "MTU"],
+    return Result(data, _table(["HOSTNAME", "ADDRESS", "NODE ID", "ENDPOINT", "PATH", "MTU"],
                                [[p.get("hostname"), p.get("address"), p.get("node_id"), p.get("endpoint"),
-                                 _mtu_text(p)] for p in rows]))
+                                 _path_text(p), _mtu_text(p)] for p in rows]))
+
+
+def _path_text(peer: dict[str, Any]) -> Optional[str]:
+    """``relay (collision_recovering)``: the path, and why a relayed pair is relayed (docs/nat.md)."""
+    path, reason = peer.get("path"), peer.get("path_reason")
+    if path is None:
+        return None
+    return f"{path} ({reason})" if reason else str(path)
 
 
 def _mtu_text(peer: dict[str, Any]) -> Any:

@@ -19,6 +19,17 @@ beacon; everything on one ``task.Clock``, no sockets.
   ``udp-blocked``           like port-restricted                   and only the beacon, either way
   ========================  =====================================  ==========================================
 
+  ``local_delivery`` models a Linux router whose INPUT chain accepts what
+  reaches it (Docker, Podman and libvirt hosts, cloud NAT instances): an
+  unsolicited datagram to a mapped port is delivered to the router itself
+  and leaves an UNREPLIED conntrack entry (remote -> our port) for
+  ``timeout`` after the last such datagram.  While it lives, our host's
+  *first* datagram to that remote collides with it, as MASQUERADE's SNAT
+  does when its reply tuple is taken: that flow gets another port (for as
+  long as it lives), so the mapping is no longer endpoint-independent for
+  that remote (``docs/nat.md``, "The conntrack collision").  Without it the
+  router drops such datagrams (an INPUT filter), which leaves nothing.
+
   A mapping lives ``timeout`` seconds after the last datagram *sent* through
   it, and each remote endpoint's permission lives ``timeout`` after the last
   datagram sent to it (inbound traffic refreshes nothing: RFC 4787 lets a NAT
@@ -93,13 +104,16 @@ class Internet:
         self.latency = latency
         self.hosts: dict[str, Callable[[bytes, Endpoint, Endpoint], None]] = {}
         self.sent: list[tuple[float, Endpoint, Endpoint, bytes]] = []
+        #: Extra one-way delay (s) from one public IP to another (a longer route).
+        self.extra: dict[tuple[str, str], float] = {}
 
     def attach(self, ip: str, receive: Callable[[bytes, Endpoint, Endpoint], None]) -> None:
         self.hosts[ip] = receive
 
     def send(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
         self.sent.append((self.clock.seconds(), src, dst, data))
-        self.clock.callLater(self.latency, self._arrive, src, dst, data)
+        delay = self.latency + self.extra.get((src[0], dst[0]), 0.0)
+        self.clock.callLater(delay, self._arrive, src, dst, data)
 
     def _arrive(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
         receive = self.hosts.get(dst[0])
@@ -119,7 +133,7 @@ class NatBox:
 
     def __init__(self, internet: Internet, kind: str, public_ip: str, private_ip: str = "192.168.1.2",
                  timeout: float = MAPPING_TIMEOUT, rng: Optional[random.Random] = None,
-                 beacon: Endpoint = BEACON) -> None:
+                 beacon: Endpoint = BEACON, local_delivery: bool = False) -> None:
         assert kind in KINDS, kind
         self.internet = internet
         self.kind = kind
@@ -134,6 +148,11 @@ class NatBox:
         self._mappings: dict[Optional[Endpoint], _Mapping] = {}
         self._by_port: dict[int, _Mapping] = {}
         self._shift = 0
+        self.local_delivery = local_delivery and kind in (PORT_RESTRICTED, SYMMETRIC, UDP_BLOCKED)
+        #: (remote, our public port) -> when an unsolicited datagram last reached the router itself.
+        self.unreplied: dict[tuple[Endpoint, int], float] = {}
+        #: remote -> the flow that collided with an unreplied entry, on its own port.
+        self._moved: dict[Endpoint, _Mapping] = {}
         internet.attach(public_ip, self.inbound)
 
     @property
@@ -161,6 +180,7 @@ class NatBox:
             mapping = self._mappings[key] = _Mapping(self._allocate(), now)
             self._by_port[mapping.port] = mapping
         mapping.last_out = now
+        mapping = self._flow(mapping, dst, now)
         mapping.permits[dst] = now
         self.internet.send((self.public_ip, mapping.port), dst, data)
 
@@ -179,13 +199,40 @@ class NatBox:
         mapping = self._by_port.get(dst[1])
         if mapping is None or now - mapping.last_out >= self.timeout:
             self.counters["no_mapping"] += 1
+            self._unsolicited(src, dst[1], now)
             return
         if self.kind != FULL_CONE:
             permitted = mapping.permits.get(src)
             if permitted is None or now - permitted >= self.timeout:
                 self.counters["filtered"] += 1
+                self._unsolicited(src, dst[1], now)
                 return
         self.host(data, src)
+
+    def _unsolicited(self, src: Endpoint, port: int, now: float) -> None:
+        """A datagram our host did not ask for: a local-delivery router keeps an UNREPLIED entry."""
+        if self.local_delivery:
+            self.counters["delivered_locally"] += 1
+            self.unreplied[(src, port)] = now
+
+    def _flow(self, mapping: _Mapping, dst: Endpoint, now: float) -> _Mapping:
+        """The mapping our host's datagram to ``dst`` leaves by: ``mapping``, unless the flow collides."""
+        moved = self._moved.get(dst)
+        if moved is not None and now - moved.last_out < self.timeout:
+            moved.last_out = now
+            return moved
+        permitted = mapping.permits.get(dst)
+        if permitted is not None and now - permitted < self.timeout:
+            return mapping  # our flow to dst is live: no new conntrack entry
+        hit = self.unreplied.get((dst, mapping.port))
+        if hit is None or now - hit >= self.timeout:
+            return mapping
+        self.counters["collision"] += 1
+        if moved is not None:
+            self._by_port.pop(moved.port, None)
+        moved = self._moved[dst] = _Mapping(self._allocate(), now)
+        self._by_port[moved.port] = moved
+        return moved
 
     def public_endpoint(self, dst: Endpoint = BEACON) -> Optional[Endpoint]:
         """The live mapping toward ``dst`` (any destination but a symmetric NAT's)."""
@@ -200,6 +247,8 @@ class NatBox:
         """Forget every mapping (a NAT reboot); new mappings get new ports."""
         self._mappings.clear()
         self._by_port.clear()
+        self._moved.clear()
+        self.unreplied.clear()
         self._shift += 1000
 
     def _allocate(self) -> int:
@@ -288,21 +337,25 @@ class _RegistryConnector:
 
 @implementer(IRouteProber)
 class _FixedRoute:
-    """The host never changes networks in the model."""
+    """The host never changes networks in the model: its address is its box's private one."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
 
     def source_for(self, destination: Endpoint) -> Optional[str]:
-        return "10.0.0.1"
+        return self.host
 
 
 class ModelNode:
     """One host behind its NAT box, running the real :class:`pilot.node.Node`."""
 
-    def __init__(self, world: "World", n: int, kind: str, timeout: float, config: PathConfig) -> None:
+    def __init__(self, world: "World", n: int, kind: str, timeout: float, config: PathConfig,
+                 local_delivery: bool = False) -> None:
         self.world = world
         self.name = f"{kind}-{n}"
         self.identity = Identity.from_seed(bytes([n]) * 32)
         self.box = NatBox(world.internet, kind, f"203.0.113.{n}", timeout=timeout,
-                          rng=random.Random(n))
+                          rng=random.Random(n), local_delivery=local_delivery)
         self.rng = random.Random(1000 + n)
         self.trust_store = TrustStore()   # the process's trust file: kept across a restart
         self.delivered: list[tuple[float, Received, int]] = []
@@ -321,7 +374,8 @@ class ModelNode:
         self.box.host = self.udp.datagramReceived
         self.connector = _RegistryConnector(world, self.box.public_ip)
         self.node = Node(identity=self.identity, trust_store=self.trust_store, save_trust=self._save_trust,
-                         clock=world.clock, sender=self.udp, connector=self.connector, prober=_FixedRoute(),
+                         clock=world.clock, sender=self.udp, connector=self.connector,
+                         prober=_FixedRoute(self.box.private[0]),
                          one_message=OneMessage, public=True, heartbeat=world.discover_interval,
                          path_config=self.config, rng=self.rng, random_bytes=self.rng.randbytes,
                          restore_trust=self.restore_trust)
@@ -405,8 +459,9 @@ class World:
     # -- building --
 
     def node(self, kind: str, timeout: float = MAPPING_TIMEOUT,
-             config: PathConfig = PathConfig()) -> ModelNode:
-        node = ModelNode(self, len(self.nodes) + 1, kind, timeout, config)
+             config: PathConfig = PathConfig(), local_delivery: bool = False) -> ModelNode:
+        """A node behind a NAT box of ``kind``; ``local_delivery``: its router has no INPUT filter."""
+        node = ModelNode(self, len(self.nodes) + 1, kind, timeout, config, local_delivery)
         self.nodes.append(node)
         self.by_id[node.node_id] = node
         return node

@@ -147,15 +147,23 @@ SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
      "fresh 0:0000.0000.0008 public -"),
     (["peers"], "peers", {}, [], "no peers"),
     (["peers"], "peers", {},
-     [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "1.2.3.4:4000",
+     [{"hostname": "sensor-1", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "203.0.113.4:4000",
        "mtu": 1472, "mss": 1402, "mtu_state": "complete"},
       {"hostname": None, "address": "0:0000.0000.0022", "node_id": 34, "endpoint": None},
-      {"hostname": "new", "address": "0:0000.0000.0023", "node_id": 35, "endpoint": "1.2.3.5:4000",
+      {"hostname": "new", "address": "0:0000.0000.0023", "node_id": 35, "endpoint": "203.0.113.5:4000",
        "mtu": 1252, "mss": 1182, "mtu_state": "searching"}],
-     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT      MTU\n"
-     "sensor-1  0:0000.0000.0001  1        1.2.3.4:4000  1472\n"
-     "-         0:0000.0000.0022  34       -             -\n"
-     "new       0:0000.0000.0023  35       1.2.3.5:4000  1252 searching"),
+     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT          PATH  MTU\n"
+     "sensor-1  0:0000.0000.0001  1        203.0.113.4:4000  -     1472\n"
+     "-         0:0000.0000.0022  34       -                 -     -\n"
+     "new       0:0000.0000.0023  35       203.0.113.5:4000  -     1252 searching"),
+    (["peers"], "peers", {},
+     [{"hostname": "a", "address": "0:0000.0000.0001", "node_id": 1, "endpoint": "203.0.113.4:4000",
+       "path": "relay", "path_reason": "collision_recovering"},
+      {"hostname": "b", "address": "0:0000.0000.0002", "node_id": 2, "endpoint": "198.51.100.8:4000",
+       "path": "punched", "path_reason": None, "mtu": 1400, "mtu_state": "complete"}],
+     "HOSTNAME  ADDRESS           NODE ID  ENDPOINT           PATH                          MTU\n"
+     "a         0:0000.0000.0001  1        203.0.113.4:4000   relay (collision_recovering)  -\n"
+     "b         0:0000.0000.0002  2        198.51.100.8:4000  punched                       1400"),
     (["handshake", "sensor-1", "fleet enrollment"], "handshake",
      {"target": "sensor-1", "justification": "fleet enrollment"}, {"status": "sent", "node_id": 1},
      "handshake request sent to node 1; it must approve (or send a handshake back)"),

@@ -70,6 +70,12 @@ DISCOVER_PROBE = 15.0
 REGISTER_WAIT = 0.5
 #: Punch probes sent on a punch command (the reference sends three).
 PUNCH_PROBES = 3
+#: A node with no NAT of its own (its socket's address is the one the beacon
+#: sees: a public host, a stateful firewall) acts on a punch command this much
+#: later (s): no router of ours can be left an entry to collide with, so the
+#: NAT'd peer's datagrams go first and open its router before ours reach it
+#: (``docs/nat.md``, the conntrack collision).
+NO_NAT_PUNCH_DELAY = 0.1
 
 
 @implementer(IBeaconListener, IRegistryLink)
@@ -109,6 +115,7 @@ class Node:
         self.beacon_addr: Optional[Endpoint] = None
         self.public_endpoint: Optional[Endpoint] = None
         self.lan_host: Optional[str] = None
+        self._punch_calls: set[IDelayedCall] = set()
         self.started_at: Optional[float] = None
         self.running = False
         self._discover_call: Optional[IDelayedCall] = None
@@ -167,6 +174,10 @@ class Node:
             if call is not None and call.active():
                 call.cancel()
         self._discover_call = self._register_call = self._probe_call = None
+        for call in self._punch_calls:
+            if call.active():
+                call.cancel()
+        self._punch_calls.clear()
         self.stack.stop()
         self.tunnels.stop()
         self.paths.stop()
@@ -236,9 +247,23 @@ class Node:
             self.registration.endpoint_changed()
 
     def punch_commanded(self, peer: Endpoint) -> None:
+        if self.behind_no_nat():
+            call = self.clock.callLater(NO_NAT_PUNCH_DELAY, self._punch, peer)
+            self._punch_calls.add(call)
+        else:
+            self._punch(peer)
+
+    def _punch(self, peer: Endpoint) -> None:
+        self._punch_calls = {c for c in self._punch_calls if c.active()}
         for _ in range(PUNCH_PROBES):
             self._sender.send(PILP, peer)
         self.paths.punch_commanded(peer)
+
+    def behind_no_nat(self) -> bool:
+        """Is the endpoint the beacon sees our socket's own (no NAT between us and it)?"""
+        host = self._route_source or self.lan_host
+        return (self.public_endpoint is not None and host is not None
+                and self.public_endpoint == (host, self.local_port()))
 
     def discover(self) -> None:
         """Ask the beacon for our public endpoint now; signed once we are registered (records it there)."""

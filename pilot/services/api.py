@@ -45,13 +45,15 @@ def _rtts(node: Node) -> dict[str, float]:
 
 def _path_fields(node: Node, node_id: int, stats: dict[str, Any], fallback: Any,
                  rtts: dict[str, float]) -> dict[str, Any]:
-    """``path`` (direct | punched | relay | trying), ``endpoint``, ``rtt_ms``, ``path_changed_at``."""
+    """``path`` (direct | punched | relay | trying), ``endpoint``, ``rtt_ms``, ``path_changed_at``,
+    ``path_reason``: why a relayed pair is relayed (``pilot.machines.path.REASONS``), else None."""
     status = node.paths.status(node_id)
     rtt = rtts.get(str(Address(0, node_id)))
     return {"path": status["path"] if status else stats.get("path"),
             "endpoint": _endpoint_text((status or {}).get("endpoint") or stats.get("endpoint") or fallback),
             "rtt_ms": round(rtt, 3) if rtt is not None else None,
-            "path_changed_at": status["path_changed_at"] if status else None}
+            "path_changed_at": status["path_changed_at"] if status else None,
+            "path_reason": status.get("reason") if status else None}
 
 
 def _nat_kind(n: Node) -> str:

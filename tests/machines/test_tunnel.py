@@ -661,6 +661,18 @@ class RelayTests(Base):
         self.assertEqual([SealedFrame.decode(f).counter for f in self.net.frames(PILS, A_ADDR)], [1, 2, 3])
         self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
 
+    def test_held_key_exchange_waits_for_the_path_layer(self) -> None:
+        """A punch under way (docs/nat.md): nothing to the peer's endpoint until the path says where."""
+        self.a.tunnels.set_path(2, B_ADDR, relay=False, hold=True)
+        self.a.tunnels.send(packet(1, 2, seq=1), 2, B_ADDR)
+        self.clock.advance(2)  # the tunnel's own retries are held too
+        self.assertEqual(self.net.sent, [])
+        self.assertGreater(self.a.tunnels.counters["pila_held"], 1)
+        self.a.tunnels.set_path(2, B_ADDR, relay=False)
+        self.a.tunnels.send_key_exchange(2, B_ADDR)
+        self.net.run()
+        self.assertEqual([p.seq for p, _ in self.b.delivered], [1])
+
     def test_relay_without_beacon(self) -> None:
         self.a.beacon = None
         self.a.tunnels.set_path(2, None, relay=True)

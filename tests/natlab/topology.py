@@ -346,20 +346,28 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def add_router(self, name: str, kind: str, drop_wan_input: bool = True) -> Router:
+    def add_router(self, name: str, kind: str, drop_wan_input: bool = True,
+                   upstream: Router | None = None) -> Router:
         """
         A router of ``kind`` (one of KINDS) with an empty LAN.  ``drop_wan_input``
         (the default) drops unsolicited datagrams to the router's own WAN address;
         False models a Linux box with an open INPUT chain (see ``_rules``).
+        ``upstream``: the router's WAN is a host on that router's LAN instead of
+        the public segment (double NAT: a home router behind a carrier-grade NAT).
         """
         if kind not in KINDS:
             raise ValueError(f"unknown router kind {kind!r}: one of {', '.join(KINDS)}")
+        if upstream is not None and kind in ("firewall", "one_to_one"):
+            raise ValueError(f"a {kind} router needs a public WAN")
         self._check_name(name)
         self._router_index += 1
         index = self._router_index
         if index > FIRST_ONE_TO_ONE - FIRST_ROUTER_WAN:
             raise LabError("too many routers")
         wan_ip = str(PUBLIC_NET.network_address + FIRST_ROUTER_WAN + index - 1)
+        if upstream is not None:
+            wan_ip = str(upstream.lan.network_address + upstream._next_host)
+            upstream._next_host += 1
         if kind == "firewall":
             self._routed_index += 1
             if self._routed_index > 15:
@@ -374,10 +382,19 @@ class Lab:
         router.drop_wan_input = drop_wan_input and kind != "one_to_one"
         self._sysctl(ns, "net.ipv4.ip_forward", "1")
         self._no_bridge_netfilter(ns)
-        self._plug_public(ns, "wan")
-        self.ip(ns, "addr", "add", f"{wan_ip}/{PUBLIC_NET.prefixlen}", "dev", "wan")
-        self.ip(ns, "link", "set", "wan", "up")
-        self.ip(ns, "route", "add", "default", "via", CORE_IP)
+        if upstream is None:
+            self._plug_public(ns, "wan")
+            self.ip(ns, "addr", "add", f"{wan_ip}/{PUBLIC_NET.prefixlen}", "dev", "wan")
+            self.ip(ns, "link", "set", "wan", "up")
+            self.ip(ns, "route", "add", "default", "via", CORE_IP)
+        else:
+            port = f"r{index}-{len(self.veths)}"
+            self._veth(ns, "wan", upstream.ns, port)
+            self.ip(upstream.ns, "link", "set", port, "master", "brlan")
+            self.ip(upstream.ns, "link", "set", port, "up")
+            self.ip(ns, "addr", "add", f"{wan_ip}/{upstream.lan.prefixlen}", "dev", "wan")
+            self.ip(ns, "link", "set", "wan", "up")
+            self.ip(ns, "route", "add", "default", "via", upstream.gateway)
         self.ip(ns, "link", "add", "brlan", "type", "bridge")
         self.ip(ns, "addr", "add", f"{router.gateway}/{lan.prefixlen}", "dev", "brlan")
         self.ip(ns, "link", "set", "brlan", "up")

@@ -10,19 +10,21 @@ machine per peer (:mod:`.peer`); the timeouts are in :mod:`.config`.
 
 from pilot.endpoint import Endpoint
 from pilot.machines.path.config import (
-    DIRECT, DIRECT_SILENCE, DIRECT_TIMEOUT, DIRECT_TRYING, IDLE, KEEPALIVE, PATH_NAMES, PUNCH_ANSWER_WINDOW,
+    COLLISION_QUIET, DIRECT, DIRECT_SILENCE, DIRECT_TIMEOUT, DIRECT_TRYING, IDLE, KEEPALIVE, PATH_NAMES,
+    PUNCH_ANSWER_WINDOW, QUICK_RETRIES, REASONS,
     PUNCH_HINT_WINDOW, PUNCH_RETRY_FIRST, PUNCH_RETRY_MAX, PUNCH_TIMEOUT, PUNCHED, PUNCHING, RELAY_IDLE,
     RELAYED, RETRY_JITTER, UNMATCHED_MAX, PathConfig,
 )
-from pilot.machines.path.layer import Paths
+from pilot.machines.path.layer import Paths, takes_unsolicited
 from pilot.machines.path.peer import (
     PathCore, PathOwner, PeerPath, PeerPathMachine, TunnelControl, transitions,
 )
 
 __all__ = [
-    "DIRECT", "DIRECT_SILENCE", "DIRECT_TIMEOUT", "DIRECT_TRYING", "IDLE", "KEEPALIVE", "PATH_NAMES",
+    "COLLISION_QUIET", "DIRECT", "DIRECT_SILENCE", "DIRECT_TIMEOUT", "DIRECT_TRYING", "IDLE", "KEEPALIVE",
+    "PATH_NAMES", "QUICK_RETRIES", "REASONS",
     "PUNCHED", "PUNCHING", "PUNCH_ANSWER_WINDOW", "PUNCH_HINT_WINDOW", "PUNCH_RETRY_FIRST",
     "PUNCH_RETRY_MAX", "PUNCH_TIMEOUT", "RELAYED", "RELAY_IDLE", "RETRY_JITTER", "UNMATCHED_MAX",
     "Endpoint", "PathConfig", "PathCore", "PathOwner", "Paths", "PeerPath", "PeerPathMachine",
-    "TunnelControl", "transitions",
+    "TunnelControl", "takes_unsolicited", "transitions",
 ]

@@ -21,10 +21,20 @@ DIRECT_TIMEOUT = 1.0
 PUNCH_TIMEOUT = 2.0
 #: While relayed we punch again after this long (s), doubling ...
 PUNCH_RETRY_FIRST = 2.0
-#: ... up to this; each wait is shortened by up to RETRY_JITTER of itself, so
-#: a lifted block is noticed within PUNCH_RETRY_MAX plus a round trip.
+#: ... up to this; each wait is shortened by up to RETRY_JITTER of itself.
 PUNCH_RETRY_MAX = 8.0
 RETRY_JITTER = 0.25
+#: After this many quick retries have failed too ...
+QUICK_RETRIES = 1
+#: ... we punch only every COLLISION_QUIET (s): longer than Linux's conntrack
+#: timeout for unreplied UDP (``nf_conntrack_udp_timeout``, 30 s), so an
+#: UNREPLIED entry that our punch left on the peer's router (the conntrack
+#: collision, ``docs/nat.md``) expires before the next coordinated attempt.
+#: Every punch command for the peer (ours or the peer's) starts the wait again,
+#: so neither side refreshes the entry in the other's quiet period.  The wait
+#: is lengthened (never shortened) by up to RETRY_JITTER x PUNCH_RETRY_FIRST.  A
+#: lifted block is noticed within about COLLISION_QUIET plus a round trip.
+COLLISION_QUIET = 32.0
 #: A relayed peer with no traffic either way for this long (s) stops punching
 #: until traffic resumes (then it punches at once, and backs off again).
 RELAY_IDLE = 60.0
@@ -44,6 +54,14 @@ PUNCH_HINT_WINDOW = 10.0
 #: Punch commands for endpoints of no known peer remembered (and answered with
 #: our PILA at most once per PUNCH_TIMEOUT each).
 UNMATCHED_MAX = 256
+
+#: Why a pair is relayed (``Paths.status``'s ``reason``; ``pilotctl peers``).
+REASON_NO_BEACON = "no_beacon"              # we cannot punch: no beacon (or not registered yet)
+REASON_PEER_RELAYS = "peer_relays"          # the peer's frames came through the relay first
+REASON_PUNCH_FAILED = "punch_failed"        # no frame through the hole; quick retries running
+REASON_COLLISION = "collision_recovering"   # quiet period, then a coordinated retry
+REASON_IDLE = "idle"                        # nobody uses the path; we punch when traffic resumes
+REASONS = (REASON_NO_BEACON, REASON_PEER_RELAYS, REASON_PUNCH_FAILED, REASON_COLLISION, REASON_IDLE)
 
 IDLE = "idle"
 DIRECT_TRYING = "direct_trying"
@@ -68,8 +86,14 @@ class PathConfig:
     punch_retry_first: float = PUNCH_RETRY_FIRST
     punch_retry_max: float = PUNCH_RETRY_MAX
     retry_jitter: float = RETRY_JITTER
+    quick_retries: int = QUICK_RETRIES
+    collision_quiet: float = COLLISION_QUIET
     relay_idle: float = RELAY_IDLE
     keepalive: float = KEEPALIVE
     direct_silence: float = DIRECT_SILENCE
     punch_answer_window: float = PUNCH_ANSWER_WINDOW
     punch_hint_window: float = PUNCH_HINT_WINDOW
+    #: A first contact with a public endpoint starts with a punch through the
+    #: beacon, sending nothing there before the command (``docs/nat.md``); False:
+    #: straight to the endpoint first, as before issue 10 and as the reference does.
+    punch_first: bool = True

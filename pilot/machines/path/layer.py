@@ -13,6 +13,7 @@ are injected.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import os
 import random as _random
 from typing import Any, Callable, Optional
@@ -25,6 +26,22 @@ from pilot.interfaces import IPathEvents
 from pilot.machines.path.config import IDLE, PATH_NAMES, UNMATCHED_MAX, PathConfig
 from pilot.machines.path.peer import PathCore, TunnelControl
 from pilot.wire import beacon as bw
+
+
+#: Where a datagram nobody asked for is taken: a LAN (or this host), with no NAT
+#: between us that could keep an entry for it (``docs/nat.md``).
+_TAKES_UNSOLICITED = [ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
+    "::1/128", "fc00::/7", "fe80::/10")]
+
+
+def takes_unsolicited(endpoint: Endpoint) -> bool:
+    """Is ``endpoint`` a LAN (or loopback) address, where a first contact may go straight?"""
+    try:
+        ip = ipaddress.ip_address(endpoint[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in _TAKES_UNSOLICITED)
 
 
 @implementer(IPathEvents)
@@ -71,7 +88,15 @@ class Paths:
         if core.registered is None and endpoint is not None:
             core.registered = endpoint
         core.last_used = self._clock.seconds()
-        core.machine.packet_sent()
+        if core.state == IDLE and self._punch_first(core.registered or core.endpoint):
+            core.machine.punch_first()
+        else:
+            core.machine.packet_sent()
+
+    def _punch_first(self, endpoint: Optional[Endpoint]) -> bool:
+        """Does a first contact with ``endpoint`` start with a punch (nothing sent there before)?"""
+        return (self.config.punch_first and endpoint is not None and not takes_unsolicited(endpoint)
+                and self._beacon() is not None and self._own_id() is not None)
 
     def endpoint_learned(self, node_id: int, endpoint: Endpoint) -> None:
         """
@@ -144,12 +169,13 @@ class Paths:
 
     def status(self, node_id: int) -> Optional[dict[str, Any]]:
         """``path`` (direct | punched | relay | trying | None), ``state``, ``endpoint``,
-        ``rtt_ms`` (None: we do not measure it here) and ``path_changed_at`` (clock seconds)."""
+        ``rtt_ms`` (None: we do not measure it here), ``path_changed_at`` (clock seconds)
+        and ``reason``: why a relayed pair is relayed (``REASONS``), None when not relayed."""
         core = self._peers.get(node_id)
         if core is None:
             return None
         return {"path": PATH_NAMES[core.state], "state": core.state, "endpoint": core.endpoint,
-                "rtt_ms": None, "path_changed_at": core.changed_at}
+                "rtt_ms": None, "path_changed_at": core.changed_at, "reason": core.reason()}
 
     def peers(self) -> list[int]:
         return sorted(self._peers)
@@ -161,17 +187,19 @@ class Paths:
 
     # -- what the peer machines ask (pilot.machines.path.peer.PathOwner) --
 
-    def request_punch(self, node_id: int) -> None:
-        """A signed punch request for ``node_id`` to our beacon; its command is awaited."""
+    def request_punch(self, node_id: int) -> bool:
+        """A signed punch request for ``node_id`` to our beacon; its command is awaited.
+        False: we cannot ask (no beacon, or not registered)."""
         beacon, own = self._beacon(), self._own_id()
         if beacon is None or own is None:
             self.count("punch_impossible")
-            return
+            return False
         base = bw.PunchRequest(own, node_id).base
         ts_ms = int(self._clock.seconds() * 1000)
         self._send_datagram(bw.with_proof(base, self._sign, ts_ms, self._random_bytes(8)), beacon)
         self._outstanding[node_id] = self._clock.seconds()
         self.count("punch_requests")
+        return True
 
     def forget_punch_request(self, node_id: int) -> None:
         self._outstanding.pop(node_id, None)

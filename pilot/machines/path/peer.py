@@ -3,9 +3,12 @@
 The path to one peer: the :class:`PeerPath` machine, its core
 :class:`PathCore` and the behaviours that hold its logic (``docs/nat.md``)::
 
-    idle -packet_sent-> direct_trying -direct_timed_out (1 s)-> punching
-         -punch_timed_out (2 s)-> relayed -retry_timer_fired (2 s doubling
-         to 8 s, jittered): punch again-> ... -direct_frame_received-> punched
+    idle -punch_first (a public endpoint: nothing sent there before the
+         beacon's command)-> punching
+    idle -packet_sent (a LAN endpoint)-> direct_trying -direct_timed_out (1 s)->
+         punching -punch_timed_out (2 s)-> relayed -retry_timer_fired (2 s,
+         then every 32 s: COLLISION_QUIET): punch again-> ...
+         -direct_frame_received-> punched
 
 ``direct_trying`` and ``punching`` end in ``direct`` and ``punched`` as soon
 as an authenticated frame arrives from the peer's endpoint without the
@@ -29,7 +32,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from pilot.endpoint import Endpoint
 from pilot.machines.path.config import (
-    DIRECT, DIRECT_TRYING, IDLE, PUNCHED, PUNCHING, RELAYED, PathConfig,
+    DIRECT, DIRECT_TRYING, IDLE, PUNCHED, PUNCHING, REASON_COLLISION, REASON_IDLE, REASON_NO_BEACON,
+    REASON_PEER_RELAYS, REASON_PUNCH_FAILED, RELAYED, PathConfig,
 )
 from pilot.machines.table import Transition, TransitionTable
 from pilot.wire.tunnel import PILP
@@ -38,8 +42,10 @@ from pilot.wire.tunnel import PILP
 class TunnelControl(Protocol):
     """What a path needs of the tunnel layer (``pilot.machines.tunnel.Tunnels``)."""
 
-    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool) -> None:
-        "Send to the peer directly (to ``direct_endpoint``, None: the known one) or through the beacon."
+    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool,
+                 hold: bool = False) -> None:
+        """Send to the peer directly (to ``direct_endpoint``, None: the known one) or through the beacon;
+        ``hold``: our key exchanges wait (they go only where :meth:`send_key_exchange` says)."""
 
     def send_key_exchange(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
         "Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."
@@ -57,8 +63,8 @@ class TunnelControl(Protocol):
 class PathOwner(Protocol):
     """What one peer's path asks of the node's path layer (``Paths``)."""
 
-    def request_punch(self, node_id: int) -> None:
-        "Ask our beacon to punch toward the peer."
+    def request_punch(self, node_id: int) -> bool:
+        "Ask our beacon to punch toward the peer; False if we cannot (no beacon, not registered)."
 
     def forget_punch_request(self, node_id: int) -> None:
         "The peer is heard directly (or given up): no punch command is awaited for it any more."
@@ -72,6 +78,9 @@ class PeerPath(Protocol):
 
     def packet_sent(self) -> None:
         "The node is sending the peer a packet."
+
+    def punch_first(self) -> None:
+        "The node's first packet to a peer whose endpoint may not take unsolicited frames."
 
     def direct_frame_received(self, endpoint: Endpoint) -> None:
         "An authenticated frame came from the peer's endpoint, not through the relay."
@@ -126,6 +135,10 @@ class PathCore:
     deadline: Optional[IDelayedCall] = None
     keepalive_call: Optional[IDelayedCall] = None
     retry_delay: float = 0.0
+    retries: int = 0                        # punch attempts since we went relayed
+    last_attempt: Optional[float] = None    # our last punch request, or the peer's last command
+    relayed_because: Optional[str] = None
+    cannot_punch: bool = False
     parked: bool = False                    # relayed, not punching until traffic resumes
     last_direct_rx: Optional[float] = None
     awaiting_since: Optional[float] = None  # first direct send not yet answered
@@ -151,10 +164,29 @@ class PathCore:
     def after(self, delay: float, fire: Callable[[], None]) -> None:
         self.deadline = self.clock.callLater(delay, fire)
 
-    def route(self, endpoint: Optional[Endpoint], relay: bool) -> None:
+    def route(self, endpoint: Optional[Endpoint], relay: bool, hold: bool = False) -> None:
         if endpoint is not None:
             self.endpoint = endpoint
-        self.tunnels.set_path(self.node_id, self.endpoint, relay)
+        self.tunnels.set_path(self.node_id, self.endpoint, relay, hold=hold)
+
+    def punch(self) -> None:
+        """A punch request for the peer, now."""
+        self.last_attempt = self.now()
+        self.cannot_punch = not self.owner.request_punch(self.node_id)
+
+    def reason(self) -> Optional[str]:
+        """Why we are relayed (``REASONS``), None if we are not."""
+        if self.state != RELAYED:
+            return None
+        if self.parked:
+            return REASON_IDLE
+        if self.cannot_punch:
+            return REASON_NO_BEACON
+        if self.retries > self.config.quick_retries:
+            return REASON_COLLISION
+        if self.retries > 1:
+            return REASON_PUNCH_FAILED
+        return self.relayed_because
 
     def send_pila(self, endpoint: Optional[Endpoint]) -> None:
         """Our PILA to ``endpoint`` directly (None: by the peer's current path)."""
@@ -165,8 +197,21 @@ class PathCore:
         return delay * (1.0 - self.config.retry_jitter * self.random())
 
     def schedule_retry(self, m: PeerPath) -> None:
-        self.after(self.jittered(self.retry_delay), m.retry_timer_fired)
-        self.retry_delay = min(self.retry_delay * 2, self.config.punch_retry_max)
+        """The next punch: quick ones first, then after a quiet period (``COLLISION_QUIET``)."""
+        if self.retries < self.config.quick_retries:
+            delay = self.jittered(self.retry_delay)
+            self.retry_delay = min(self.retry_delay * 2, self.config.punch_retry_max)
+        else:
+            delay = self.config.collision_quiet + \
+                self.config.retry_jitter * self.config.punch_retry_first * self.random()
+        self.retries += 1
+        self.after(delay, m.retry_timer_fired)
+
+    def start_retries(self, m: PeerPath) -> None:
+        self.parked = False
+        self.retries = 0
+        self.retry_delay = self.config.punch_retry_first
+        self.schedule_retry(m)
 
     def last_activity(self) -> Optional[float]:
         """When the NAT mapping was last refreshed by us: a frame sent or a probe."""
@@ -240,7 +285,23 @@ def _try_direct(m: PeerPath, c: PathCore, endpoint: Optional[Endpoint]) -> None:
 @table.on(direct_trying, I.direct_timed_out, punching)
 def _request_punch(m: PeerPath, c: PathCore) -> None:
     c.cancel()
-    c.owner.request_punch(c.node_id)
+    c.punch()
+    c.after(c.config.punch_timeout, m.punch_timed_out)
+
+
+@table.on(idle, I.punch_first, punching)
+def _punch_first(m: PeerPath, c: PathCore) -> None:
+    """
+    Nothing to the peer's public endpoint before the peer sends to us too: a
+    datagram that reaches its router first can leave an entry there that moves
+    the peer's mapping (``docs/nat.md``, the conntrack collision).  The beacon
+    tells both sides at once; our PILA goes with its command (``_aim``).  With a
+    session (rare here) frames go through the relay meanwhile.
+    """
+    c.cancel()
+    established = c.tunnels.is_established(c.node_id)
+    c.route(c.registered or c.endpoint, relay=established, hold=not established)
+    c.punch()
     c.after(c.config.punch_timeout, m.punch_timed_out)
 
 
@@ -262,18 +323,22 @@ def _aim(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
 # -- relayed -----------------------------------------------------------------------------------
 
 @table.on(punching, I.punch_timed_out, relayed)
+def _punch_failed(m: PeerPath, c: PathCore) -> None:
+    _relay(m, c)
+    c.relayed_because = REASON_PUNCH_FAILED
+
+
 @table.on(idle, I.relayed_frame_received, relayed)
 @table.on(direct_trying, I.relayed_frame_received, relayed)
 @table.on(punching, I.relayed_frame_received, relayed)
 def _relay(m: PeerPath, c: PathCore) -> None:
     c.cancel()
     c.owner.count("relay_fallbacks")
+    c.relayed_because = REASON_PEER_RELAYS
     c.route(None, relay=True)
     if not c.tunnels.is_established(c.node_id):
         c.send_pila(None)  # through the beacon now; the tunnel would wait for its next retry
-    c.parked = False
-    c.retry_delay = c.config.punch_retry_first
-    c.schedule_retry(m)
+    c.start_retries(m)
 
 
 @table.on(relayed, I.retry_timer_fired, relayed)
@@ -282,7 +347,7 @@ def _punch_again(m: PeerPath, c: PathCore) -> None:
     if c.last_used is None or c.now() - c.last_used >= c.config.relay_idle:
         c.parked = True  # nobody is using the path; wait for traffic
         return
-    c.owner.request_punch(c.node_id)
+    c.punch()
     c.schedule_retry(m)
 
 
@@ -290,16 +355,21 @@ def _punch_again(m: PeerPath, c: PathCore) -> None:
 @table.on(relayed, I.relayed_frame_received, relayed)
 def _resume(m: PeerPath, c: PathCore) -> None:
     if c.parked:
-        c.parked = False
-        c.retry_delay = c.config.punch_retry_first
-        c.owner.request_punch(c.node_id)
-        c.schedule_retry(m)
+        c.punch()
+        c.start_retries(m)
 
 
 @table.on(relayed, I.punch_commanded, relayed)
 def _aim_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
     c.route(endpoint, relay=True)  # frames keep going through the beacon until the hole answers
     c.send_pila(endpoint)
+    if c.last_attempt is None or c.now() - c.last_attempt > c.config.punch_answer_window:
+        # the peer's attempt, not the answer to ours: our next one waits as long as after ours,
+        # so that neither side refreshes what the other's quiet period lets expire
+        c.last_attempt = c.now()
+        if c.deadline is not None and c.deadline.active():
+            c.deadline.cancel()
+            c.schedule_retry(m)
 
 
 @table.on(relayed, I.endpoint_moved, relayed)
@@ -307,19 +377,25 @@ def _moved_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
     c.cancel()
     c.changed_at = c.now()
     _aim_relayed(m, c, endpoint)
-    c.parked = False
-    c.retry_delay = c.config.punch_retry_first
-    c.owner.request_punch(c.node_id)
-    c.schedule_retry(m)
+    c.punch()
+    c.start_retries(m)
 
 
 # -- direct and punched ------------------------------------------------------------------------
+
+@table.on(relayed, I.direct_frame_received, punched)
+def _upgrade(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    """The hole answers after a retry: our PILA through it at once, so that a peer still relayed
+    hears it too, not only at its next quiet-period retry or with its next traffic."""
+    _use_direct(m, c, endpoint)
+    if c.tunnels.is_established(c.node_id):
+        c.send_pila(endpoint)
+
 
 @table.on(idle, I.direct_frame_received, direct)
 @table.on(direct_trying, I.direct_frame_received, direct)
 @table.on(idle, I.punched_frame_received, punched)
 @table.on(punching, I.direct_frame_received, punched)
-@table.on(relayed, I.direct_frame_received, punched)
 def _use_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
     c.cancel()
     c.parked = False

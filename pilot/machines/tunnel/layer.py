@@ -108,12 +108,15 @@ class Tunnels:
         """A stream to the peer timed out again and again: check that its datagrams still fit."""
         self.mtu.path_trouble(node_id)
 
-    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool) -> None:
-        """Send to the peer directly or through the beacon from now on; the session is kept."""
+    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool,
+                 hold: bool = False) -> None:
+        """Send to the peer directly or through the beacon from now on; the session is kept.
+        ``hold``: our key exchanges wait for the path layer (a punch, ``docs/nat.md``)."""
         peer = self._peer(node_id)
         if direct_endpoint is not None:
             peer.endpoint = direct_endpoint
         peer.relay = relay
+        peer.held = hold
 
     def send_key_exchange(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
         """Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."""

@@ -102,6 +102,7 @@ class Peer:
     random_bytes: Callable[[int], bytes]
     endpoint: Optional[Endpoint] = None
     relay: bool = False
+    held: bool = False  # our PILA goes only where the path layer sends it (a punch under way)
     queue: Deque[Packet] = attr.Factory(collections.deque)
     session: Optional[Session] = None
     accepted: bytes = b""  # the last accepted PILA, byte for byte
@@ -148,6 +149,8 @@ class Peer:
     def send_pila(self, endpoint: Optional[Endpoint] = None, relay: Optional[bool] = None) -> None:
         if self.owner.own_id() is None:
             self.owner.count("no_node_id")
+        elif self.held and endpoint is None and relay is None and not self.relay:
+            self.owner.count("pila_held")
         elif self.transmit(self.owner.key_exchange_frame(), endpoint, relay):
             self.last_pila_sent = self.now()
 
