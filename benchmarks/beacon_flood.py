@@ -33,15 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pilot.wire.registry import FrameDecoder, encode_frame  # noqa: E402
+from procstat import cpu_seconds, pct  # noqa: E402
 
 HOST = "127.0.0.1"
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100.0 * len(s)))]
 
 
 def flood(port: int, rate: float, sources: int, seconds: float, sent: "multiprocessing.Value[int]") -> None:
@@ -89,12 +83,6 @@ def lookups(port: int, seconds: float, rate: float) -> list[float]:
     finally:
         sock.close()
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ sys.path.insert(0, ROOT)
 
 from pilot.wire.beacon import Discover, with_proof  # noqa: E402
 from pilot.wire.registry import FrameDecoder, encode_frame, sign_request  # noqa: E402
+from procstat import cpu_seconds, pct, rss_mb  # noqa: E402
 
 HOST = "127.0.0.1"
 DEADLINE = 600.0  # no phase may run longer than this
@@ -99,13 +100,6 @@ class Conn:
     def close(self) -> None:
         self.writer.close()
         self.task.cancel()
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100.0 * len(s)))]
 
 
 async def drive(conns: list[Conn], make: Any, count: int, window: int) -> tuple[float, list[float], int]:
@@ -181,17 +175,11 @@ class Server:
 
     def rss_mb(self) -> float:
         assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        return float("nan")
+        return rss_mb(self.proc.pid)
 
     def cpu_seconds(self) -> float:
         assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
 
 class Beacon(asyncio.DatagramProtocol):

@@ -38,15 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pilot.wire.registry import FrameDecoder, encode_frame  # noqa: E402
+from procstat import pct, rss_mb  # noqa: E402
 
 HOST = "127.0.0.1"
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100.0 * len(s)))]
 
 
 class Server:
@@ -62,11 +56,7 @@ class Server:
         self.port = int(str(json.loads(line)["registry"]).rsplit(":", 1)[1])
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        return float("nan")
+        return rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -59,6 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pilot.control_client import ControlClient  # noqa: E402
+from procstat import cpu_seconds, pct, rss_mb  # noqa: E402
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0   # seconds for a process to come up
@@ -92,20 +93,6 @@ def machine() -> dict[str, str]:
         tw = "?"
     return {"cores": str(os.cpu_count()), "cpu": model, "python": sys.version.split()[0],
             "twisted": tw, "kernel": platform.release()}
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_seconds() -> float:
@@ -291,13 +278,6 @@ class Daemon:
 
 
 # --- measurements ------------------------------------------------------------------------------
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100.0 * len(s)))]
-
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll until ``predicate()``; the monotonic time it became true."""
