@@ -378,7 +378,7 @@ class ServerTests(SynchronousTestCase):
 class ClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.events: list[dict[str, Any]] = []
-        self.protocol = RegistryClientFactory(self.events.append).buildProtocol(IPv4Address("TCP", "1.2.3.4", 9000))
+        self.protocol = RegistryClientFactory(self.events.append).buildProtocol(IPv4Address("TCP", "203.0.113.4", 9000))
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
 

@@ -312,9 +312,9 @@ class RegistrationTests(RegistryTestCase):
 
     def test_listen_missing_or_garbage(self) -> None:
         world = World(NO_LIMITS)
-        for n, listen in enumerate((None, "", "garbage", ":", "1.2.3.4", "1.2.3.4:", "1.2.3.4:0",
-                                    "1.2.3.4:65536", "1.2.3.4:-1", "1.2.3.4:80x", "1.2.3.4:+80",
-                                    "1.2.3.4: 80", "[::1]", "1.2.3.4:99999999999999999999", "x" * 100)):
+        for n, listen in enumerate((None, "", "garbage", ":", "203.0.113.4", "203.0.113.4:", "203.0.113.4:0",
+                                    "203.0.113.4:65536", "203.0.113.4:-1", "203.0.113.4:80x", "203.0.113.4:+80",
+                                    "203.0.113.4: 80", "[::1]", "203.0.113.4:99999999999999999999", "x" * 100)):
             reply = world.register(ident(n + 1), listen=listen)
             self.assertOk(reply, "register")
             self.assertEqual(world.node(reply["node_id"]).real_addr, "198.51.100.7:40001", repr(listen))
@@ -322,8 +322,8 @@ class RegistrationTests(RegistryTestCase):
     def test_listen_port_with_non_ascii_digits(self) -> None:
         """str.isdigit() accepts digits int() refuses: the registry must not raise."""
         world = World()
-        for n, listen in enumerate(("1.2.3.4:\u00b2", "1.2.3.4:8\u00b2", "1.2.3.4:\u2460",
-                                    "1.2.3.4:\u0668\u0660")):
+        for n, listen in enumerate(("203.0.113.4:\u00b2", "203.0.113.4:8\u00b2", "203.0.113.4:\u2460",
+                                    "203.0.113.4:\u0668\u0660")):
             try:
                 reply = world.register(ident(n + 1), listen=listen)
             except Exception as e:  # noqa: BLE001
@@ -398,7 +398,7 @@ class RegistrationTests(RegistryTestCase):
         keys: list[Any] = [None, "", "AAAA", b64encode(b"\x01" * 31), b64encode(b"\x01" * 33), "!" * 44,
                            5, [], {}]
         for key in keys:
-            msg: dict[str, Any] = {"type": "register", "listen_addr": "1.2.3.4:5"}
+            msg: dict[str, Any] = {"type": "register", "listen_addr": "203.0.113.4:5"}
             if key is not None:
                 msg["public_key"] = key
             self.assertError(world.send(msg), ErrorCode.invalid_argument)
@@ -1028,7 +1028,7 @@ class OnChangeTests(RegistryTestCase):
     def test_registration(self) -> None:
         self.assertEqual(self.world.changes, 2)  # two new nodes
         self.assertGreaterEqual(self.changes_for({"type": "register", "public_key": ident(9).public_key_b64,
-                                                  "listen_addr": "1.2.3.4:5"}), 1)
+                                                  "listen_addr": "203.0.113.4:5"}), 1)
 
     def test_persistent_changes(self) -> None:
         w, alice, bob, a, b = self.world, self.alice, self.bob, self.a, self.b
@@ -1131,7 +1131,7 @@ class Scene:
         alice, bob = self.alice, self.bob
         table: dict[str, tuple[Callable[[], dict[str, Any]], set[str]]] = {
             "register": (lambda: {"type": "register", "public_key": ident(7).public_key_b64,
-                                  "listen_addr": "1.2.3.4:5", "owner": "o", "hostname": "seven"},
+                                  "listen_addr": "203.0.113.4:5", "owner": "o", "hostname": "seven"},
                          {"public_key"}),
             "lookup": (lambda: {"type": "lookup", "node_id": a}, {"node_id"}),
             "resolve": (lambda: w.legacy(alice, {"type": "resolve", "requester_id": a, "node_id": b}),
@@ -1407,8 +1407,8 @@ class FuzzTests(RegistryTestCase):
             if field in ("public_key", "new_public_key"):
                 return rng.choice(keys)
             if field in ("listen_addr", "addr"):
-                return rng.choice(["1.2.3.4:5", "[::1]:9", "garbage", ":", "", "1.2.3.4:65536",
-                                   "1.2.3.4:\u00b2"])
+                return rng.choice(["203.0.113.4:5", "[::1]:9", "garbage", ":", "", "203.0.113.4:65536",
+                                   "203.0.113.4:\u00b2"])
             if field == "hostname":
                 return rng.choice(["alpha", "beta", "", "Bad", "localhost", "x" * 63])
             return rng.choice(["", "x", "hello", "\u00e9\u00e8", "\ud83d\ude00", "x\ud800"])
