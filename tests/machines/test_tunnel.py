@@ -95,7 +95,7 @@ class FakeNetwork:
             return
         if data[0] < 0x10:
             deliver = RelayDeliver.decode(data)
-            node.tunnels.frame_received(deliver.frame, src, via_relay=True)
+            node.tunnels.frame_received(deliver.frame, src, via_relay=True, relay_sender=deliver.sender)
         else:
             node.tunnels.frame_received(data, src)
 
@@ -672,6 +672,30 @@ class RelayTests(Base):
         self.a.tunnels.send_key_exchange(2, B_ADDR)
         self.net.run()
         self.assertEqual([p.seq for p, _ in self.b.delivered], [1])
+
+    def test_relayed_frame_naming_another_sender_dropped(self) -> None:
+        """
+        The beacon names the relaying node (docs/reference-wire.md §3): node 3 relaying A's PILA or
+        A's sealed frames (collected earlier) is not A, so B drops them and counts them.
+        """
+        self.b.tunnels.frame_received(self.a.tunnels.key_exchange_frame(), BEACON, via_relay=True,
+                                      relay_sender=3)
+        self.assertEqual(self.b.tunnels.counters["relay_sender_mismatch"], 1)
+        self.assertEqual(self.b.lookups, [])
+        self.assertEqual(self.b.tunnels.state(1), "idle")
+        self.establish()
+        pils = self.net.frames(PILS, A_ADDR)[-1]
+        self.b.delivered.clear()
+        self.b.tunnels.frame_received(pils, BEACON, via_relay=True, relay_sender=3)
+        self.assertEqual(self.b.tunnels.counters["relay_sender_mismatch"], 2)
+        self.assertEqual(self.b.delivered, [])
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
+
+    def test_relayed_frame_from_its_sender_taken(self) -> None:
+        self.b.tunnels.frame_received(self.a.tunnels.key_exchange_frame(), BEACON, via_relay=True,
+                                      relay_sender=1)
+        self.assertNotIn("relay_sender_mismatch", self.b.tunnels.counters)
+        self.assertEqual(self.b.tunnels.state(1), "established")
 
     def test_relay_without_beacon(self) -> None:
         self.a.beacon = None
