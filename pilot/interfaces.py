@@ -80,8 +80,12 @@ class IRegistryConnector(Interface):
 class IFrameReceiver(Interface):
     """Takes tunnel frames off the socket (``pilot.machines.tunnel.Tunnels``)."""
 
-    def frame_received(data: Any, source: Endpoint, via_relay: bool = False) -> None:
-        """One tunnel frame from ``source`` (unwrapped from a RelayDeliver if ``via_relay``)."""
+    def frame_received(data: Any, source: Endpoint, via_relay: bool = False,
+                       relay_sender: Optional[int] = None) -> None:
+        """
+        One tunnel frame from ``source`` (unwrapped from a RelayDeliver if ``via_relay``, whose
+        sender id is ``relay_sender``: a frame naming another sender is dropped).
+        """
 
 
 class IBeaconListener(Interface):

@@ -73,7 +73,8 @@ class NodeDatagramProtocol(DatagramProtocol):
         elif isinstance(message, bw.PunchCommand):
             beacon.punch_commanded((message.host, message.port))
         elif isinstance(message, bw.RelayDeliver):
-            frames.frame_received(message.frame, source, True)
+            # the beacon names who relayed it; Tunnels drops a frame that names another sender
+            frames.frame_received(message.frame, source, True, message.sender)
         else:
             self._count("beacon_unexpected")
 

@@ -33,8 +33,11 @@ The rules:
   trusts).  Then R's endpoint is set to the source (a move only with a proof)
   and a PunchCommand goes to R with T's endpoint and to T with R's.
 * **Relay S -> D**: the source must be S's recorded endpoint (S registered);
-  D registered with a recorded endpoint; ``may_see(S, D)`` or
-  ``may_see(D, S)``; within S's relay byte budget
+  D registered with a recorded endpoint; ``may_see(S, D)`` and
+  ``may_see(D, S)`` (each lets the other see it: trust both ways, public, or
+  a shared network; a one-sided ``report_trust`` grants no relay, else its
+  maker could relay into, and replay key exchanges at, a node that never
+  trusted it); within S's relay byte budget
   (``relay_bytes_per_second``, ``relay_burst_bytes``; 0 disables).  Then
   RelayDeliver(S, frame) goes to D's endpoint.  Nothing is relayed to or for
   unregistered nodes.  A punch or relay naming the same node twice is dropped.
@@ -238,9 +241,13 @@ class Beacon:
         endpoint = self._endpoints.get(destination.id)
         if endpoint is None:
             return self._drop("no_endpoint", f"relay destination {destination.id} has no endpoint")
+        # both ways: a one-sided report_trust must not let its maker relay into the other node
+        # (issue 12: a node that "trusted" two victims relayed and replayed their key exchanges)
         may_see = self.registry.may_see
-        if not (may_see(sender.id, destination) or may_see(destination.id, sender)):
-            return self._drop("not_trusted", f"nodes {sender.id} and {destination.id} may not see each other")
+        if not may_see(destination.id, sender):
+            return self._drop("not_trusted", f"node {sender.id} does not let node {destination.id} see it")
+        if not may_see(sender.id, destination):
+            return self._drop("not_trusted", f"node {destination.id} does not let node {sender.id} see it")
         if not self._relay_limit.allow(sender.id, self.clock.seconds(), len(msg.frame)):
             return self._drop("relay_budget", f"node {sender.id} is over its relay budget")
         self._count("relayed")

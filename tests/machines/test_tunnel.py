@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.address import Address
 from pilot.identity import Identity
 from pilot.machines.tunnel import (
-    ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, Endpoint, Peer, Session, Tunnels,
-    transitions,
+    ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, RECENT_RX, Endpoint, Peer, Session,
+    Tunnels, transitions,
 )
 from pilot.wire.beacon import Relay, RelayDeliver
 from pilot.wire.packet import ACK, STREAM, SYN, Packet
@@ -95,7 +95,7 @@ class FakeNetwork:
             return
         if data[0] < 0x10:
             deliver = RelayDeliver.decode(data)
-            node.tunnels.frame_received(deliver.frame, src, via_relay=True)
+            node.tunnels.frame_received(deliver.frame, src, via_relay=True, relay_sender=deliver.sender)
         else:
             node.tunnels.frame_received(data, src)
 
@@ -617,6 +617,61 @@ class SealedTests(Base):
         self.assertEqual(self.b.tunnels.counters["pils_undecryptable"], 1)
         self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
 
+    def test_replayed_old_pila_from_another_socket_leaves_the_session(self) -> None:
+        """
+        issue 12: a PILA from an earlier run of A (an old X25519 key, A's real signature), replayed
+        from another socket while the session works, must not retire A's key nor move A's endpoint.
+        """
+        self.establish()
+        old_run = AuthKeyExchange.build(1, bytes(x25519(9).public_key), identity(1).public_key,
+                                        identity(1).sign).encode()
+        self.clock.advance(1)
+        self.b.tunnels.frame_received(old_run, ATTACKER)
+        self.net.run()
+        self.assertEqual(self.b.tunnels.counters["pila_candidate"], 1)
+        self.assertNotIn("peer_rekeyed", self.b.tunnels.counters)
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
+        self.assertEqual(self.b.endpoints, [(1, A_ADDR)])
+        # pings keep working both ways, and A's own PILA is not refused as stale
+        self.a.tunnels.send(packet(1, 2, seq=2), 2)
+        self.b.tunnels.send(packet(2, 1, seq=5), 1)
+        self.net.run()
+        self.assertEqual([p.seq for p, _ in self.b.delivered], [1, 2])
+        self.assertEqual([p.seq for p, _ in self.a.delivered], [5])
+        self.b.tunnels.frame_received(self.a.tunnels.key_exchange_frame(), A_ADDR)
+        self.assertNotIn("pila_stale_key", self.b.tunnels.counters)
+        self.assertEqual(self.b.tunnels.state(1), "established")
+
+    def test_restart_on_a_new_socket_rekeys_once_proven(self) -> None:
+        """A real restart of a busy peer, on another port: its PILA is a candidate, its first PILS proves it."""
+        self.establish()
+        del self.net.nodes[A_ADDR]
+        moved: Endpoint = ("198.51.100.1", 4111)
+        restarted = Node(self.net, self.clock, 1, moved, self.keys, secret=x25519(11))
+        self.clock.advance(1)
+        restarted.tunnels.send(packet(1, 2, seq=1, payload=b"again"), 2, B_ADDR)
+        self.net.run()
+        self.assertGreaterEqual(self.b.tunnels.counters["pila_candidate"], 1)  # A' answers ours too
+        self.assertEqual(self.b.tunnels.counters["candidate_promoted"], 1)
+        self.assertEqual(self.b.tunnels.counters["peer_rekeyed"], 1)
+        self.assertEqual([p.payload for p, _ in self.b.delivered], [b"", b"again"])
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], moved)  # type: ignore[index]
+        self.b.tunnels.send(packet(2, 1, seq=4), 1)
+        self.net.run()
+        self.assertEqual([p.seq for p, _ in restarted.delivered], [4])
+
+    def test_new_key_on_an_idle_session_rekeys_at_once(self) -> None:
+        """Nothing heard for RECENT_RX: the session is not known to work, a new key replaces it."""
+        self.establish()
+        del self.net.nodes[A_ADDR]
+        moved: Endpoint = ("198.51.100.1", 4111)
+        restarted = Node(self.net, self.clock, 1, moved, self.keys, secret=x25519(11))
+        self.clock.advance(RECENT_RX)
+        self.b.tunnels.frame_received(restarted.tunnels.key_exchange_frame(), moved)
+        self.assertEqual(self.b.tunnels.counters["peer_rekeyed"], 1)
+        self.assertNotIn("pila_candidate", self.b.tunnels.counters)
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], moved)  # type: ignore[index]
+
     def test_own_node_id_change(self) -> None:
         self.a.node_id = 0
         first = self.a.tunnels.key_exchange_frame()
@@ -672,6 +727,30 @@ class RelayTests(Base):
         self.a.tunnels.send_key_exchange(2, B_ADDR)
         self.net.run()
         self.assertEqual([p.seq for p, _ in self.b.delivered], [1])
+
+    def test_relayed_frame_naming_another_sender_dropped(self) -> None:
+        """
+        The beacon names the relaying node (docs/reference-wire.md §3): node 3 relaying A's PILA or
+        A's sealed frames (collected earlier) is not A, so B drops them and counts them.
+        """
+        self.b.tunnels.frame_received(self.a.tunnels.key_exchange_frame(), BEACON, via_relay=True,
+                                      relay_sender=3)
+        self.assertEqual(self.b.tunnels.counters["relay_sender_mismatch"], 1)
+        self.assertEqual(self.b.lookups, [])
+        self.assertEqual(self.b.tunnels.state(1), "idle")
+        self.establish()
+        pils = self.net.frames(PILS, A_ADDR)[-1]
+        self.b.delivered.clear()
+        self.b.tunnels.frame_received(pils, BEACON, via_relay=True, relay_sender=3)
+        self.assertEqual(self.b.tunnels.counters["relay_sender_mismatch"], 2)
+        self.assertEqual(self.b.delivered, [])
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
+
+    def test_relayed_frame_from_its_sender_taken(self) -> None:
+        self.b.tunnels.frame_received(self.a.tunnels.key_exchange_frame(), BEACON, via_relay=True,
+                                      relay_sender=1)
+        self.assertNotIn("relay_sender_mismatch", self.b.tunnels.counters)
+        self.assertEqual(self.b.tunnels.state(1), "established")
 
     def test_relay_without_beacon(self) -> None:
         self.a.beacon = None

@@ -6,7 +6,7 @@ beacon messages for the node and hands tunnel frames to the tunnel layer.
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import Any, Optional
 
 from twisted.internet.error import MessageLengthError
 from twisted.internet.testing import FakeDatagramTransport
@@ -36,8 +36,9 @@ class Recorder:
     def punch_commanded(self, peer: tuple[str, int]) -> None:
         self.events.append(("punch_commanded", peer))
 
-    def frame_received(self, data: Any, source: tuple[str, int], via_relay: bool = False) -> None:
-        self.events.append(("frame_received", data, source, via_relay))
+    def frame_received(self, data: Any, source: tuple[str, int], via_relay: bool = False,
+                       relay_sender: Optional[int] = None) -> None:
+        self.events.append(("frame_received", data, source, via_relay, relay_sender))
 
 
 class Failing(FakeDatagramTransport):
@@ -67,7 +68,7 @@ class NodeDatagramProtocolTests(SynchronousTestCase):
 
     def test_tunnel_frame_goes_to_the_tunnels(self) -> None:
         self.protocol.datagramReceived(b"PILS...", PEER)
-        self.assertEqual(self.recorder.events, [("frame_received", b"PILS...", PEER, False)])
+        self.assertEqual(self.recorder.events, [("frame_received", b"PILS...", PEER, False, None)])
 
     def test_discover_reply(self) -> None:
         self.protocol.datagramReceived(bw.DiscoverReply("203.0.113.9", 4444).encode(), BEACON)
@@ -79,7 +80,7 @@ class NodeDatagramProtocolTests(SynchronousTestCase):
 
     def test_relay_deliver_unwrapped(self) -> None:
         self.protocol.datagramReceived(bw.RelayDeliver(7, b"PILS-frame").encode(), BEACON)
-        self.assertEqual(self.recorder.events, [("frame_received", b"PILS-frame", BEACON, True)])
+        self.assertEqual(self.recorder.events, [("frame_received", b"PILS-frame", BEACON, True, 7)])
 
     def test_only_the_beacon_steers(self) -> None:
         self.protocol.datagramReceived(bw.DiscoverReply("203.0.113.9", 4444).encode(), PEER)

@@ -308,9 +308,26 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.relay(self.a, self.b, A_ADDR), [])
         self.assertEqual(w.count("dropped.not_trusted"), 1)
         w.trust(self.ib, self.b, self.a)
+        w.trust(self.ia, self.a, self.b)
         self.assertEqual(self.relay(self.a, self.b, A_ADDR), [(RelayDeliver(self.a, FRAME).encode(), B_ADDR)])
         self.assertEqual(self.relay(self.b, self.a, B_ADDR), [(RelayDeliver(self.b, FRAME).encode(), A_ADDR)])
         self.assertEqual((w.count("relayed"), w.count("relay_bytes")), (2, 2 * len(FRAME)))
+
+    def test_one_sided_trust_grants_no_relay(self) -> None:
+        """A node's own report_trust for a victim gives it no relay into the victim, nor out of it."""
+        w = self.w
+        w.trust(self.ia, self.a, self.b)  # A says it trusts B; B never said so of A
+        self.assertEqual(self.relay(self.a, self.b, A_ADDR), [])
+        self.assertEqual(self.relay(self.b, self.a, B_ADDR), [])
+        self.assertEqual(w.count("dropped.not_trusted"), 2)
+        self.assertEqual(w.count("relayed"), 0)
+
+    def test_public_destination_still_relays_for_a_trusted_sender(self) -> None:
+        w = self.w
+        w.request(self.ib, {"type": "set_visibility", "node_id": self.b, "public": True})
+        self.assertEqual(self.relay(self.a, self.b, A_ADDR), [])  # A is private and does not trust B
+        w.trust(self.ia, self.a, self.b)
+        self.assertEqual(self.relay(self.a, self.b, A_ADDR), [(RelayDeliver(self.a, FRAME).encode(), B_ADDR)])
 
     def test_spoofed_source(self) -> None:
         w = self.w
@@ -352,6 +369,7 @@ class RelayTests(SynchronousTestCase):
         w.discover(a, A_ADDR)
         w.discover(b, B_ADDR)
         w.trust(self.ib, b, a)
+        w.trust(self.ia, a, b)
         frame = b"x" * 100
         sent = [len(w.send(Relay(a, b, frame).encode(), A_ADDR)) for _ in range(3)]
         self.assertEqual(sent, [1, 1, 0])
@@ -387,6 +405,7 @@ class LimitTests(SynchronousTestCase):
         w.discover(a, A_ADDR)
         w.discover(b, B_ADDR)
         w.trust(ident(2), b, a)
+        w.trust(ident(1), a, b)
         frame = b"x" * 60000
         self.assertTrue(all(w.send(Relay(a, b, frame).encode(), A_ADDR) for _ in range(200)))
 

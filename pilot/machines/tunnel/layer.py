@@ -122,15 +122,22 @@ class Tunnels:
         """Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."""
         self._peer(node_id).send_pila(endpoint, False if endpoint is not None else None)
 
-    def frame_received(self, data: Any, source: Endpoint, via_relay: bool = False) -> None:
-        """One tunnel frame (unwrapped from a RelayDeliver if ``via_relay``); never raises for bad input."""
+    def frame_received(self, data: Any, source: Endpoint, via_relay: bool = False,
+                       relay_sender: Optional[int] = None) -> None:
+        """
+        One tunnel frame (unwrapped from a RelayDeliver if ``via_relay``); never raises for bad input.
+        ``relay_sender`` is the node id the beacon says relayed it (docs/reference-wire.md §3): a
+        relayed frame that names another sender is dropped and counted (``relay_sender_mismatch``).
+        """
         if isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == pw.PILM:
-            self._probe_frame(data, source, via_relay)
+            self._probe_frame(data, source, via_relay, relay_sender)
             return
         try:
             frame = decode_frame(data)
         except MalformedFrame:
             self.count("malformed")
+            return
+        if self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
             return
         if isinstance(frame, PlainFrame):
             self.count("plaintext_dropped")
@@ -153,12 +160,22 @@ class Tunnels:
             if packet is not None:
                 self._deliver(packet, frame.sender)
 
-    def _probe_frame(self, data: Any, source: Endpoint, via_relay: bool) -> None:
+    def _relay_mismatch(self, sender: Optional[int], relay_sender: Optional[int]) -> bool:
+        """True (and counted) if a relayed frame's own sender is not the node the beacon named."""
+        if relay_sender is None or sender is None or sender == relay_sender:
+            return False
+        self.count("relay_sender_mismatch")
+        return True
+
+    def _probe_frame(self, data: Any, source: Endpoint, via_relay: bool,
+                     relay_sender: Optional[int] = None) -> None:
         """A path MTU probe (answered on the path it came by, to a peer with a session) or its ack."""
         try:
             frame = pw.decode(data)
         except MalformedFrame:
             self.count("malformed")
+            return
+        if self._relay_mismatch(frame.sender, relay_sender):
             return
         if isinstance(frame, pw.MtuProbeAck):
             self.mtu.ack_received(frame.sender, frame.token, frame.size, via_relay)

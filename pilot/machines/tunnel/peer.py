@@ -35,6 +35,7 @@ ANSWER_INTERVAL = 0.5      # at most one answering PILA per peer per interval ..
 ANSWER_BURST = 5           # ... and this many answers to repeated PILAs ...
 ANSWER_WINDOW = 30.0       # ... per window (s)
 RETIRED_KEYS = 8           # old peer X25519 keys refused (a restarted peer never reuses one)
+RECENT_RX = 5.0            # a session that authenticated a frame this recently (s) is "working"
 
 
 class PeerTunnel(Protocol):
@@ -105,6 +106,7 @@ class Peer:
     held: bool = False  # our PILA goes only where the path layer sends it (a punch under way)
     queue: Deque[Packet] = attr.Factory(collections.deque)
     session: Optional[Session] = None
+    candidate: Optional[Session] = None  # a new key's session, waiting for a frame that proves it
     accepted: bytes = b""  # the last accepted PILA, byte for byte
     retired_keys: Deque[bytes] = attr.Factory(lambda: collections.deque(maxlen=RETIRED_KEYS))
     retry_delay: float = RETRY_FIRST
@@ -127,6 +129,14 @@ class Peer:
     @property
     def exchanging(self) -> bool:
         return self.give_up_call is not None
+
+    def working(self, now: float) -> bool:
+        """The session authenticated a frame from the peer within RECENT_RX seconds."""
+        return self.session is not None and self.last_rx is not None and now - self.last_rx < RECENT_RX
+
+    def on_path(self, source: Endpoint, via_relay: bool) -> bool:
+        """``source`` is the way the peer's frames come now (its endpoint, or the relay it uses)."""
+        return self.relay if via_relay else source == self.endpoint
 
     def recently_sent_pila(self, now: float) -> bool:
         return self.last_pila_sent is not None and now - self.last_pila_sent < ANSWER_INTERVAL
@@ -175,6 +185,20 @@ class Peer:
         if endpoint != self.endpoint:
             self.endpoint = endpoint
             self.owner.moved(self.node_id, endpoint)
+
+    def install(self, session: Session, source: Endpoint, via_relay: bool) -> None:
+        """A new session (the peer restarted: new X25519 key) and the path it came by."""
+        if self.session is not None:
+            self.retired_keys.append(self.session.peer_x25519)
+            self.owner.count("peer_rekeyed")
+        self.session = session
+        self.candidate = None
+        self.established_at = self.now()
+        self.answers.clear()
+        if via_relay:
+            self.relay = self.relay or self.endpoint is None
+        else:
+            self.set_endpoint(source)
 
     def may_answer(self, now: float) -> bool:
         """Answer a repeated PILA?  Not within ANSWER_INTERVAL of our last one (this ends
@@ -245,17 +269,19 @@ def _accept(m: PeerTunnel, c: Peer, frame: AuthKeyExchange, key: bytes, source: 
             c.set_endpoint(source)
         if c.may_answer(now):
             c.send_pila(source, via_relay)
+    elif c.working(now) and not c.on_path(source, via_relay):
+        # A new key from elsewhere while the session works: a restart, or an old PILA replayed
+        # (a PILA carries no freshness).  Keep the session and the endpoint; the new session is
+        # only a candidate until a frame sealed under it arrives (_open promotes it).  Answered,
+        # so that a really restarted peer can derive the key and prove it.
+        if c.candidate is None or c.candidate.peer_x25519 != frame.x25519_public:
+            c.candidate = Session(key, frame.x25519_public, c.random_bytes)
+        c.owner.count("pila_candidate")
+        if c.may_answer(now):
+            c.send_pila(source, via_relay)
+        return
     else:
-        if c.session is not None:  # the peer restarted: new X25519 key, new session
-            c.retired_keys.append(c.session.peer_x25519)
-            c.owner.count("peer_rekeyed")
-        c.session = Session(key, frame.x25519_public, c.random_bytes)
-        c.established_at = now
-        c.answers.clear()
-        if via_relay:
-            c.relay = c.relay or c.endpoint is None
-        else:
-            c.set_endpoint(source)
+        c.install(Session(key, frame.x25519_public, c.random_bytes), source, via_relay)
         c.send_pila(source, via_relay)
         known = c.endpoint
     c.accepted = frame.encode()
@@ -280,7 +306,7 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
           via_relay: bool) -> Optional[Packet]:
     assert c.session is not None
     try:
-        packet = Packet.decode(c.session.open(frame))
+        packet = Packet.decode(_open_either(c, frame, source, via_relay))
         if packet.src.node != c.node_id:  # #9: the sender id must be the packet's source
             raise Dropped("pils_wrong_source")
     except Dropped as e:
@@ -295,6 +321,20 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
         c.set_endpoint(source)  # roaming: an authenticated frame from a new address
     c.owner.heard(c.node_id, source, via_relay, True)
     return packet
+
+
+def _open_either(c: Peer, frame: SealedFrame, source: Endpoint, via_relay: bool) -> bytes:
+    """Open under the session; failing that, under the candidate, which it then proves."""
+    assert c.session is not None
+    try:
+        return c.session.open(frame)
+    except Dropped as e:
+        if c.candidate is None or e.reason != "pils_undecryptable":
+            raise
+    plaintext = c.candidate.open(frame)  # Dropped again: the first reason stands
+    c.install(c.candidate, source, via_relay)
+    c.owner.count("candidate_promoted")
+    return plaintext
 
 
 # Nothing is ignored: both timers are cancelled whenever the machine leaves
