@@ -454,7 +454,7 @@ class InputTests(SynchronousTestCase):
         w = World()
         self.assertEqual(w.send(Sync(7, (1, 2, 3)).encode(), ("192.0.2.9", 9001)), [])
         self.assertEqual(w.count("sync"), 1)
-        for msg in (DiscoverReply("1.2.3.4", 5), PunchCommand("1.2.3.4", 5), RelayDeliver(1, b"x")):
+        for msg in (DiscoverReply("203.0.113.4", 5), PunchCommand("203.0.113.4", 5), RelayDeliver(1, b"x")):
             self.assertEqual(w.send(msg.encode(), ATTACKER), [])
         self.assertEqual(w.count("dropped.unexpected"), 3)
         self.assertEqual(w.send(b"\x01\x00", ATTACKER), [])
@@ -464,8 +464,8 @@ class InputTests(SynchronousTestCase):
 
     def test_bad_source_addresses(self) -> None:
         w = World()
-        for addr in [("example.com", 1), ("1.2.3.4", 0), ("1.2.3.4", 70000), ("1.2.3.4", "80"),
-                     ("1.2.3.4", True), (), ("1.2.3.4",), None, "1.2.3.4:5", (b"1.2.3.4", 5)]:
+        for addr in [("example.com", 1), ("203.0.113.4", 0), ("203.0.113.4", 70000), ("203.0.113.4", "80"),
+                     ("203.0.113.4", True), (), ("203.0.113.4",), None, "203.0.113.4:5", (b"203.0.113.4", 5)]:
             self.assertEqual(w.send(Discover(0).encode(), addr), [])
         self.assertEqual(w.count("dropped.malformed"), 10)
 
