@@ -66,6 +66,8 @@ ROUTE_CHECK = 1.0
 #: How often the node asks the beacon (unsigned) what its public endpoint is,
 #: for changes only the NAT knows of (the reference: only every 30 s).
 DISCOVER_PROBE = 15.0
+#: While the registry is lost, the beacon is asked this often whether the rendezvous is back.
+OUTAGE_PROBE = 2.0
 #: The first registration waits at most this long for the beacon's answer.
 REGISTER_WAIT = 0.5
 #: Punch probes sent on a punch command (the reference sends three).
@@ -237,6 +239,8 @@ class Node:
         return self.beacon_addr is not None and (source[0], source[1]) == self.beacon_addr
 
     def discovered(self, observed: Endpoint) -> None:
+        if self.registration.is_waiting():
+            self.registration.server_seen()  # the beacon answers: the rendezvous is back
         if observed == self.public_endpoint:
             return
         old, self.public_endpoint = self.public_endpoint, observed
@@ -306,7 +310,10 @@ class Node:
         moved = local is not None and self._route_source is not None and local != self._route_source
         if local is not None:
             self._route_source = local
-        if moved or now - self._last_probe >= DISCOVER_PROBE:
+        # while the registry is lost, ask the beacon more often: its answer says the
+        # rendezvous is back, and we reconnect without waiting out the backoff
+        every = OUTAGE_PROBE if self.registration.is_lost() else DISCOVER_PROBE
+        if moved or now - self._last_probe >= every:
             if moved:
                 self.log.info("our local address is now {address}: asking the beacon", address=local)
             self._last_probe = now

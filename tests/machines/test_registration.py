@@ -26,7 +26,8 @@ from pilot.errors import (
 )
 from pilot.identity import Identity, verify
 from pilot.machines.registration import (
-    BACKOFF_MAX, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, STOP_TIMEOUT, Registration, table, transitions,
+    BACKOFF_MAX, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, SEEN_SPREAD, STOP_TIMEOUT, Registration, table,
+    transitions,
 )
 from pilot.machines.registration.machine import RegistrationMachine
 from pilot.machines.registration.session import Session
@@ -482,6 +483,35 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(status["backoff"], BACKOFF_MAX)
         self.assertIn("connection refused", status["last_error"])
         self.assertEqual(w.outputs, [])  # never registered, so never unregistered
+
+    def test_server_seen_cuts_a_long_wait_short(self) -> None:
+        # six refusals: the next window is 16 s; the beacon answers, so we reconnect within SEEN_SPREAD
+        jitter = FixedJitter(1.0)
+        w = World(rng=jitter, connect_script=[ConnectionFailed("down")] * 6).started()
+        run_until(w.clock, T0 + 0.5 + 1 + 2 + 4 + 8)
+        self.assertTrue(w.reg.is_waiting())
+        planned = w.reg.status()["next_retry_at"]
+        self.assertAlmostEqual(planned - w.clock.seconds(), 16.0, places=5)
+        w.reg.server_seen()
+        self.assertAlmostEqual(w.reg.status()["next_retry_at"] - w.clock.seconds(), SEEN_SPREAD, places=5)
+        w.clock.advance(SEEN_SPREAD)
+        self.assertEqual(w.reg.state, "registered")
+
+    def test_server_seen_never_delays_a_retry(self) -> None:
+        jitter = FixedJitter(1.0)
+        w = World(rng=jitter, connect_script=[ConnectionFailed("down")]).started()
+        planned = w.reg.status()["next_retry_at"]  # 0.5 s: sooner than SEEN_SPREAD
+        w.reg.server_seen()
+        self.assertEqual(w.reg.status()["next_retry_at"], planned)
+        run_until(w.clock, planned)
+        self.assertEqual(w.reg.state, "registered")
+
+    def test_server_seen_ignored_unless_waiting(self) -> None:
+        w = World().started()
+        self.assertEqual(w.reg.state, "registered")
+        w.reg.server_seen()
+        self.assertEqual(w.reg.state, "registered")
+        self.assertFalse(w.reg.is_waiting())
 
     def test_reset_after_success(self) -> None:
         jitter = FixedJitter(1.0)
@@ -987,7 +1017,7 @@ class RobustnessTests(SynchronousTestCase):
         """
         states = ["idle", "connecting", "registering", "registered", "waiting", "stopped"]
         everywhere = ["started", "connection_lost", "endpoint_changed", "settings_changed", "event_received",
-                      "stopped"]
+                      "stopped", "server_seen"]
         own_state = {"connected": "connecting", "connect_failed": "connecting",
                      "registration_succeeded": "registering", "registration_failed": "registering",
                      "heartbeat_due": "registered", "heartbeat_failed": "registered",

@@ -11,7 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pilot.interfaces import IBeaconListener, IFrameReceiver, IPathEvents, IRegistryLink
-from pilot.node.core import DISCOVER_PROBE, DISCOVER_RETRY, PUNCH_PROBES, REGISTER_WAIT, ROUTE_CHECK
+from pilot.machines.registration import CONNECT_TIMEOUT
+from pilot.node.core import (
+    DISCOVER_PROBE, DISCOVER_RETRY, OUTAGE_PROBE, PUNCH_PROBES, REGISTER_WAIT, ROUTE_CHECK,
+)
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
 from tests.node.fakes import Host, Network, pair
@@ -66,7 +69,27 @@ class NodeTests(SynchronousTestCase):
         self.assertFalse(self.node.registration.is_idle())
         self.assertEqual(self.node.endpoint_text(), "0.0.0.0:4001")  # the local port until the beacon answers
 
+    def test_registry_lost_beacon_asked_often_and_its_answer_cuts_the_wait(self) -> None:
+        self.node.start(BEACON)
+        self.reply(("203.0.113.9", 4444))
+        self.clock.advance(CONNECT_TIMEOUT)  # the connect timed out: waiting out a backoff
+        self.assertTrue(self.node.registration.is_waiting())
+        self.assertTrue(self.node.registration.is_lost())
+        sent = len(self.to_beacon())
+        for _ in range(int(DISCOVER_PROBE / ROUTE_CHECK)):
+            self.clock.advance(ROUTE_CHECK)  # the registry never answers
+        self.assertGreaterEqual(len(self.to_beacon()) - sent, int(DISCOVER_PROBE / OUTAGE_PROBE) - 1)
+        self.clock.advance(CONNECT_TIMEOUT)
+        self.assertTrue(self.node.registration.is_waiting())
+        seen: list[bool] = []
+        self.node.registration.server_seen = lambda: seen.append(True)  # type: ignore[method-assign]
+        self.reply(("203.0.113.9", 4444))  # the same endpoint: the rendezvous answers again
+        self.assertEqual(seen, [True])
+
     def test_route_watch(self) -> None:
+        # the fake registry never answers; here it counts as slow, not lost (an outage probes
+        # more often: test_registry_lost_beacon_asked_often_and_its_answer_cuts_the_wait)
+        self.node.registration.is_lost = lambda: False  # type: ignore[method-assign]
         self.node.start(BEACON)
         self.reply(("203.0.113.9", 4444))
         self.clock.advance(DISCOVER_RETRY)

@@ -65,12 +65,13 @@ from pilot.machines.registration.machine import RegistrationInputs, table, trans
 from pilot.machines.registration.facade import Registration
 from pilot.machines.registration.values import (
     BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, CONNECTING, HEARTBEAT_INTERVAL, IDLE, REGISTERED,
-    REGISTERING, REQUEST_TIMEOUT, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING, Jitter, RegistryClient,
-    Reply,
+    REGISTERING, REQUEST_TIMEOUT, SEEN_SPREAD, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING, Jitter,
+    RegistryClient, Reply,
 )
 
 __all__ = [
     "BACKOFF_INITIAL", "BACKOFF_MAX", "CONNECT_TIMEOUT", "CONNECTING", "HEARTBEAT_INTERVAL", "IDLE",
-    "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SETTING_REQUESTS", "STOP_TIMEOUT", "STOPPED", "WAITING",
-    "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table", "transitions",
+    "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SEEN_SPREAD", "SETTING_REQUESTS", "STOP_TIMEOUT",
+    "STOPPED", "WAITING", "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table",
+    "transitions",
 ]

@@ -25,8 +25,8 @@ from pilot.machines.registration.requests import Outbox
 from pilot.machines.registration.session import Session
 from pilot.machines.registration.settings import Settings
 from pilot.machines.registration.values import (
-    BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, HEARTBEAT_INTERVAL, IDLE, REGISTERED, REGISTERING,
-    REQUEST_TIMEOUT, STOP_TIMEOUT, Jitter, RegistryClient, Reply, reason,
+    BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, CONNECTING, HEARTBEAT_INTERVAL, IDLE, REGISTERED, REGISTERING,
+    REQUEST_TIMEOUT, STOP_TIMEOUT, WAITING, Jitter, RegistryClient, Reply, reason,
 )
 from pilot.names import hostname_problem, normalise_tags
 
@@ -139,6 +139,18 @@ class Registration:
     def endpoint_changed(self) -> None:
         """The beacon observed a new endpoint; ``endpoint()`` already returns it."""
         self._machine.endpoint_changed()
+
+    def server_seen(self) -> None:
+        """The rendezvous's beacon answered: while waiting out a backoff, reconnect soon."""
+        self._machine.server_seen()
+
+    def is_waiting(self) -> bool:
+        """True while waiting out a backoff after the registry was lost or refused us."""
+        return self._session.state == WAITING
+
+    def is_lost(self) -> bool:
+        """True from a failed attempt (or a lost session) until registered again: an outage."""
+        return self._session.failures > 0 and self._session.state in (WAITING, CONNECTING, REGISTERING)
 
     # --- settings --------------------------------------------------------------------------
 

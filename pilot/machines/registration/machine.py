@@ -27,8 +27,8 @@ from pilot.errors import RegistryUnavailable
 from pilot.machines.registration.session import Session
 from pilot.machines.registration.steps import poll_events, register
 from pilot.machines.registration.values import (
-    CONNECTING, IDLE, REGISTERED, REGISTERING, SETTING_REQUESTS, STOPPED, WAITING, RegistryClient, Reply,
-    reason,
+    CONNECTING, IDLE, REGISTERED, REGISTERING, SEEN_SPREAD, SETTING_REQUESTS, STOPPED, WAITING, RegistryClient,
+    Reply, reason,
 )
 from pilot.machines.table import Transition, TransitionTable
 
@@ -62,6 +62,9 @@ class RegistrationInputs(Protocol):
 
     def backoff_elapsed(self) -> None:
         "The reconnect wait is over."
+
+    def server_seen(self) -> None:
+        "The rendezvous answered on another channel (its beacon): it is up again."
 
     def endpoint_changed(self) -> None:
         "The beacon observed a new public endpoint for our tunnel socket."
@@ -293,6 +296,20 @@ def _moved(m: RegistrationInputs, c: Session) -> None:
     c.retry_call = c.clock.callLater(0, m.backoff_elapsed)
 
 
+@table.on(waiting, I.server_seen, waiting)
+def _server_back(m: RegistrationInputs, c: Session) -> None:
+    # The beacon (the same process) answered: the rendezvous is back, so the
+    # wait need not run out.  Spread the reconnects over SEEN_SPREAD seconds,
+    # never later than the backoff had planned (docs/registration.md).
+    delay = min(max(float(c.jitter.uniform(0.0, SEEN_SPREAD)), 0.0), SEEN_SPREAD)
+    if c.next_retry_at is not None and c.now() + delay >= c.next_retry_at:
+        return
+    _cancel_timers(c)
+    c.next_retry_at = c.now() + delay
+    c.retry_call = c.clock.callLater(delay, m.backoff_elapsed)
+    c.log.info("registration: the rendezvous answers again; reconnecting in {delay:.2f} s", delay=delay)
+
+
 # --- settings and events --------------------------------------------------------------------
 
 def push_setting(m: RegistrationInputs, c: Session, name: str) -> "Deferred[Reply]":
@@ -435,6 +452,8 @@ table.ignore((idle, connecting, waiting, stopped), I.connection_lost,
 table.ignore((idle, connecting, registering, waiting, stopped), I.endpoint_changed,
              why="the next register reads endpoint(); registering checks it again when it succeeds")
 table.ignore((stopped,), I.event_received, why="a registry event after stop(): nobody listens any more")
+table.ignore((idle, connecting, registering, registered, stopped), I.server_seen,
+             why="only a session waiting out a backoff has a wait to cut short")
 
 RegistrationMachine = _builder.build()
 

@@ -20,6 +20,9 @@ HEARTBEAT_INTERVAL = 25.0
 #: First reconnect window (s); doubles per failure up to BACKOFF_MAX.
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
+#: Once the rendezvous's beacon answers again, reconnects are spread over this long (s)
+#: instead of waiting out the backoff: a fleet comes back within seconds of a restart.
+SEEN_SPREAD = 2.0
 #: A request unanswered this long (s) means the connection is dead.
 REQUEST_TIMEOUT = 10.0
 #: A connection attempt is abandoned after this long (s).
