@@ -24,6 +24,7 @@ refused this user, say).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -107,7 +108,7 @@ class ControlClient:
         """
         reply_deadline = _deadline(self.timeout)
         sock = self._connect(reply_deadline)
-        try:
+        with self._closed_on_failure(sock):
             request_id = self._send(sock, cmd, args, reply_deadline)
             decoder = frame_decoder()
             while True:
@@ -115,14 +116,6 @@ class ControlClient:
                 if "event" not in frame:
                     break
             result = _result(frame, request_id)
-        except _HungUp:
-            sock.close()
-            if daemon_gone(self.socket_path):
-                raise _stopped() from None
-            raise
-        except BaseException:
-            sock.close()
-            raise
         return Subscription(sock, decoder, result, deadline, self.socket_path)
 
     def close(self) -> None:
@@ -136,14 +129,11 @@ class ControlClient:
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    def _stream(self, cmd: str, args: dict[str, Any], timeout: float | None) -> socket.socket:
-        deadline = _deadline(self.timeout if timeout is None else timeout)
-        sock = self._connect(deadline)
+    @contextlib.contextmanager
+    def _closed_on_failure(self, sock: socket.socket) -> Iterator[None]:
+        """A dedicated socket is closed when anything fails; a daemon gone mid-way is ``not_running``."""
         try:
-            request_id = self._send(sock, cmd, args, deadline)
-            # exact reads: every byte after the reply belongs to the stream
-            _result(_read_frame(sock, deadline), request_id)
-            sock.settimeout(None)
+            yield
         except _HungUp:
             sock.close()
             if daemon_gone(self.socket_path):
@@ -152,6 +142,15 @@ class ControlClient:
         except BaseException:
             sock.close()
             raise
+
+    def _stream(self, cmd: str, args: dict[str, Any], timeout: float | None) -> socket.socket:
+        deadline = _deadline(self.timeout if timeout is None else timeout)
+        sock = self._connect(deadline)
+        with self._closed_on_failure(sock):
+            request_id = self._send(sock, cmd, args, deadline)
+            # exact reads: every byte after the reply belongs to the stream
+            _result(_read_frame(sock, deadline), request_id)
+            sock.settimeout(None)
         return sock
 
     def _connect(self, deadline: float) -> socket.socket:
