@@ -122,7 +122,7 @@ class CLITestCase(SynchronousTestCase):
 
 
 NODE_INFO = {"node_id": 5, "address": "0:0000.0000.0005", "hostname": "sensor-1", "public": True,
-             "public_key": "AAAA", "endpoint": "192.168.1.50:4000", "registry": "rv:9000",
+             "public_key": "AAAA", "endpoint": "203.0.113.50:4000", "registry": "rv:9000",
              "uptime_secs": 3725.5, "peers": 2, "connections": 1, "counters": {"b": 2, "a": 1}}
 
 # argv, daemon cmd, its arguments, the daemon's answer, the text printed
@@ -136,11 +136,11 @@ SIMPLE: list[tuple[list[str], str, dict[str, Any], Any, str]] = [
      "tags set: #gpu #fast"),
     (["find", "sensor-1"], "find", {"hostname": "sensor-1"},
      {"hostname": "sensor-1", "address": "1:0001.0000.0001", "node_id": 1, "public": True,
-      "endpoint": "192.168.1.50:4000"},
-     "sensor-1 1:0001.0000.0001 public 192.168.1.50:4000"),
+      "endpoint": "203.0.113.50:4000"},
+     "sensor-1 1:0001.0000.0001 public 203.0.113.50:4000"),
     (["find", "hidden"], "find", {"hostname": "hidden"},
      {"hostname": "hidden", "address": "0:0000.0000.0007", "node_id": 7, "public": False,
-      "endpoint": "10.0.0.1:4000"},
+      "endpoint": "198.51.100.1:4000"},
      "hidden 0:0000.0000.0007 private -"),
     (["find", "fresh"], "find", {"hostname": "fresh"},
      {"hostname": "fresh", "address": "0:0000.0000.0008", "node_id": 8, "public": True, "endpoint": None},
@@ -255,7 +255,7 @@ class SimpleCommandTests(CLITestCase):
         ran = self.run_ok(["info"])
         self.assertEqual(ran.stdout.splitlines(), [
             "Node ID:      5", "Address:      0:0000.0000.0005", "Hostname:     sensor-1",
-            "Visibility:   public", "Public key:   AAAA", "Endpoint:     192.168.1.50:4000",
+            "Visibility:   public", "Public key:   AAAA", "Endpoint:     203.0.113.50:4000",
             "NAT:          -", "Registry:     rv:9000", "Uptime:       01:02:05", "Peers:        2", "Connections:  1",
             "Counters:", "  a: 1", "  b: 2"])
         self.assertEqual(self.run_json(["info"]), NODE_INFO)
@@ -423,11 +423,11 @@ class RealDaemonTests(TestCase):
     def test_info_and_find(self) -> Any:
         self.api.answers["info"] = NODE_INFO
         self.api.answers["find"] = {"hostname": "sensor-1", "address": "1:0001.0000.0001", "node_id": 65537,
-                                    "public": True, "endpoint": "192.168.1.50:4000"}
+                                    "public": True, "endpoint": "203.0.113.50:4000"}
         ran = yield self.pilotctl("--json", "info")
         self.assertEqual((ran.status, json.loads(ran.stdout)), (0, NODE_INFO))
         ran = yield self.pilotctl("find", "sensor-1")
-        self.assertEqual(ran.stdout, "sensor-1 1:0001.0000.0001 public 192.168.1.50:4000\n")
+        self.assertEqual(ran.stdout, "sensor-1 1:0001.0000.0001 public 203.0.113.50:4000\n")
 
     @inlineCallbacks
     def test_error_from_the_node(self) -> Any:
