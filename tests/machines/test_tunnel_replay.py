@@ -293,6 +293,35 @@ class RestartTests(Base):
         self.assertEqual(self.b.delivered[-1][0].seq, 9)
         self.assertRekeyed(restarted, MOVED)
 
+    def test_restart_candidate_pushed_out_by_replays_comes_back(self) -> None:
+        """
+        CANDIDATES old PILAs after the restarted peer's push its candidate out; its frames then
+        fail to open, and each is answered with our PILA (within the answer budget), to which it
+        answers with its own: its candidate is back and its next frame proves it.
+        """
+        restarted = self.restart(60, MOVED)
+        restarted.tunnels.send(packet(1, 2, seq=9), 2, B_ADDR)
+        pila = self.net.in_flight.pop()
+        self.net.arrive(*pila)  # a candidate, answered; what the peer sends next is lost
+        self.net.impair = lambda src, dst, data: [] if src == MOVED else [data]
+        self.net.run()
+        self.net.impair = lambda src, dst, data: [data]
+        self.assertEqual(restarted.tunnels.state(2), "established")
+        for run in range(1, CANDIDATES + 1):
+            self.b.tunnels.frame_received(old_pila(run), ATTACKER)
+        self.net.run()
+        self.assertEqual(self.b.tunnels.counters["candidate_dropped"], 1)
+        self.assertNotIn(9, [p.seq for p, _ in self.b.delivered])
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
+        for seq in (10, 11, 12):
+            self.clock.advance(1)
+            restarted.tunnels.send(packet(1, 2, seq=seq), 2)
+            self.net.run()
+            if self.b.tunnels.counters["candidate_promoted"]:
+                break
+        self.assertRekeyed(restarted, MOVED)
+        self.assertEqual(self.b.delivered[-1][0].seq, seq)
+
 
 class ReferenceStyleTests(Base):
     """

@@ -367,6 +367,10 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
             raise Dropped("pils_wrong_source")
     except Dropped as e:
         c.owner.count(e.reason)
+        if e.reason == "pils_undecryptable":
+            # Sealed under a key we do not hold (the peer restarted and its candidate was pushed
+            # out, or we lost ours): our PILA makes the peer send its own, within the answer budget.
+            c.owner.answer_with_pila(c.node_id, source, via_relay)
         return None
     except MalformedFrame:
         c.owner.count("pils_bad_packet")
