@@ -29,6 +29,6 @@ from pilot.machines.tunnel.session import PREFIX_WINDOWS, RETIRED_PREFIXES, Cand
 __all__ = [
     "ANSWERS_PER_SECOND", "ANSWER_BURST", "ANSWER_INTERVAL", "ANSWER_WINDOW", "CANDIDATES", "CANDIDATE_COPIES",
     "GIVE_UP", "LOOKUPS_IN_FLIGHT", "LOOKUP_BACKLOG", "PREFIX_WINDOWS", "QUEUED_PEERS", "QUEUE_PER_PEER",
-    "RETIRED_KEYS", "RETIRED_PREFIXES", "RETRY_FIRST", "RETRY_MAX", "Candidate", "Dropped", "Endpoint", "Peer", "PeerTunnel", "PeerTunnelMachine", "Session",
-    "TunnelOwner", "Tunnels", "transitions",
+    "RETIRED_KEYS", "RETIRED_PREFIXES", "RETRY_FIRST", "RETRY_MAX", "Candidate", "Dropped", "Endpoint", "Peer",
+    "PeerTunnel", "PeerTunnelMachine", "Session", "TunnelOwner", "Tunnels", "transitions",
 ]
