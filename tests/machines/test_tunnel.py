@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.address import Address
 from pilot.identity import Identity
 from pilot.machines.tunnel import (
-    ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, RECENT_RX, Endpoint, Peer, Session,
+    ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, Endpoint, Peer, Session,
     Tunnels, transitions,
 )
 from pilot.wire.beacon import Relay, RelayDeliver
@@ -660,16 +660,27 @@ class SealedTests(Base):
         self.net.run()
         self.assertEqual([p.seq for p, _ in restarted.delivered], [4])
 
-    def test_new_key_on_an_idle_session_rekeys_at_once(self) -> None:
-        """Nothing heard for RECENT_RX: the session is not known to work, a new key replaces it."""
+    def test_new_key_on_an_idle_session_waits_for_proof(self) -> None:
+        """
+        Idle or not, a new key only offers a candidate (issue 12): the session and the endpoint
+        stay until a frame sealed under the new key arrives, which re-keys at once.
+        """
         self.establish()
         del self.net.nodes[A_ADDR]
         moved: Endpoint = ("198.51.100.1", 4111)
         restarted = Node(self.net, self.clock, 1, moved, self.keys, secret=x25519(11))
-        self.clock.advance(RECENT_RX)
+        self.clock.advance(5)
         self.b.tunnels.frame_received(restarted.tunnels.key_exchange_frame(), moved)
+        self.assertEqual(self.b.tunnels.counters["pila_candidate"], 1)
+        self.assertNotIn("peer_rekeyed", self.b.tunnels.counters)
+        self.assertEqual(self.b.tunnels.stats(1)["endpoint"], A_ADDR)  # type: ignore[index]
+        self.net.run()  # our answer reaches the restarted peer, which now has a session
+        self.assertEqual(restarted.tunnels.state(2), "established")
+        restarted.tunnels.send(packet(1, 2, seq=9), 2)
+        self.net.run()
+        self.assertEqual(self.b.tunnels.counters["candidate_promoted"], 1)
         self.assertEqual(self.b.tunnels.counters["peer_rekeyed"], 1)
-        self.assertNotIn("pila_candidate", self.b.tunnels.counters)
+        self.assertEqual([p.seq for p, _ in self.b.delivered], [1, 9])
         self.assertEqual(self.b.tunnels.stats(1)["endpoint"], moved)  # type: ignore[index]
 
     def test_own_node_id_change(self) -> None:

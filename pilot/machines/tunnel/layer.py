@@ -325,12 +325,16 @@ class Tunnels:
 
     def _key_exchange(self, frame: AuthKeyExchange, source: Endpoint, via_relay: bool) -> None:
         peer = self._peers.get(frame.sender)
-        if peer is not None and frame.x25519_public in peer.retired_keys:
+        if peer is not None and peer.is_retired(frame.x25519_public):
             self.count("pila_stale_key")
             return
-        if peer is not None and peer.session is not None and frame.encode() == peer.accepted:
-            peer.machine.key_exchange_received(frame, peer.session.key, source, via_relay)
-            return
+        if peer is not None and peer.session is not None:
+            encoded = frame.encode()
+            known = peer.session.key if encoded == peer.accepted else peer.candidate_key(
+                encoded, frame.x25519_public)
+            if known is not None:  # byte for byte a PILA already verified: no second lookup
+                peer.machine.key_exchange_received(frame, known, source, via_relay)
+                return
         if not verify(frame.ed25519_public, frame.signed_message, frame.signature):
             self.count("pila_bad_signature")
             return
@@ -365,12 +369,11 @@ class Tunnels:
             self.count("pila_wrong_key")
             return
         peer = self._peer(frame.sender)
-        if frame.x25519_public in peer.retired_keys:
+        if peer.is_retired(frame.x25519_public):
             self.count("pila_stale_key")
             return
-        if peer.session is not None and peer.session.peer_x25519 == frame.x25519_public:
-            key = peer.session.key
-        else:
+        key = peer.known_key(frame.x25519_public)
+        if key is None:
             try:
                 key = derive_key(bytes(self._x25519), frame.x25519_public)
             except MalformedFrame:

@@ -7,6 +7,11 @@ and the behaviours that hold its logic (``docs/tunnel.md``)::
     exchanging -retry_timer_fired-> exchanging (our PILA again, 250 ms doubling to 2 s)
     exchanging -exchange_timed_out (10 s)-> idle (queue dropped, the node told)
 
+Once established, a PILA with a new X25519 key only offers a *candidate*
+session: the session in use stays, and so does the endpoint, until a frame
+sealed under the candidate arrives (a PILA carries no freshness, so it may be
+an old one replayed; issue 12).
+
 The machine asks the node's tunnel layer for what it shares with the other
 peers through :class:`TunnelOwner`, a handful of public methods; it never
 reads the owner's fields.
@@ -24,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.machines.table import Transition, TransitionTable, indexed
-from pilot.machines.tunnel.session import Dropped, Session
+from pilot.machines.tunnel.session import Candidate, Dropped, Session
 from pilot.wire.packet import Packet
 from pilot.wire.tunnel import AuthKeyExchange, SealedFrame
 
@@ -34,8 +39,10 @@ GIVE_UP = 10.0             # exchange abandoned after this (s)
 ANSWER_INTERVAL = 0.5      # at most one answering PILA per peer per interval ...
 ANSWER_BURST = 5           # ... and this many answers to repeated PILAs ...
 ANSWER_WINDOW = 30.0       # ... per window (s)
-RETIRED_KEYS = 8           # old peer X25519 keys refused (a restarted peer never reuses one)
-RECENT_RX = 5.0            # a session that authenticated a frame this recently (s) is "working"
+RETIRED_KEYS = 1024        # old peer X25519 keys refused, per peer (their first 16 bytes)
+CANDIDATES = 4             # unconfirmed sessions (new X25519 keys) held per peer, the oldest go first
+CANDIDATE_COPIES = 8       # packets also sealed under the candidates, per peer per ANSWER_WINDOW
+RETIRED_DIGEST = 16        # bytes of a retired key remembered
 
 
 class PeerTunnel(Protocol):
@@ -106,9 +113,11 @@ class Peer:
     held: bool = False  # our PILA goes only where the path layer sends it (a punch under way)
     queue: Deque[Packet] = attr.Factory(collections.deque)
     session: Optional[Session] = None
-    candidate: Optional[Session] = None  # a new key's session, waiting for a frame that proves it
+    # new keys' sessions, each waiting for a frame that proves it, by the peer's X25519 key
+    candidates: collections.OrderedDict[bytes, Candidate] = attr.Factory(collections.OrderedDict)
+    copies: Deque[float] = attr.Factory(collections.deque)  # when packets were copied to candidates
     accepted: bytes = b""  # the last accepted PILA, byte for byte
-    retired_keys: Deque[bytes] = attr.Factory(lambda: collections.deque(maxlen=RETIRED_KEYS))
+    retired_keys: collections.OrderedDict[bytes, None] = attr.Factory(collections.OrderedDict)
     retry_delay: float = RETRY_FIRST
     retry_call: Optional[IDelayedCall] = None
     give_up_call: Optional[IDelayedCall] = None
@@ -130,13 +139,21 @@ class Peer:
     def exchanging(self) -> bool:
         return self.give_up_call is not None
 
-    def working(self, now: float) -> bool:
-        """The session authenticated a frame from the peer within RECENT_RX seconds."""
-        return self.session is not None and self.last_rx is not None and now - self.last_rx < RECENT_RX
+    def is_retired(self, x25519_public: bytes) -> bool:
+        """A key of an earlier run of the peer, superseded by a proven one."""
+        return x25519_public[:RETIRED_DIGEST] in self.retired_keys
 
-    def on_path(self, source: Endpoint, via_relay: bool) -> bool:
-        """``source`` is the way the peer's frames come now (its endpoint, or the relay it uses)."""
-        return self.relay if via_relay else source == self.endpoint
+    def candidate_key(self, frame: bytes, x25519_public: bytes) -> Optional[bytes]:
+        """The AES key of a candidate offered by exactly ``frame`` (a repeat needs no lookup)."""
+        candidate = self.candidates.get(x25519_public)
+        return candidate.session.key if candidate is not None and candidate.frame == frame else None
+
+    def known_key(self, x25519_public: bytes) -> Optional[bytes]:
+        """The AES key already derived for ``x25519_public`` (the session's or a candidate's)."""
+        if self.session is not None and self.session.peer_x25519 == x25519_public:
+            return self.session.key
+        candidate = self.candidates.get(x25519_public)
+        return candidate.session.key if candidate is not None else None
 
     def recently_sent_pila(self, now: float) -> bool:
         return self.last_pila_sent is not None and now - self.last_pila_sent < ANSWER_INTERVAL
@@ -165,12 +182,30 @@ class Peer:
             self.last_pila_sent = self.now()
 
     def send_sealed(self, packet: Packet) -> None:
+        """``packet`` under the session by the peer's path, and (within CANDIDATE_COPIES per
+        ANSWER_WINDOW) a copy under each candidate, to where its PILA came from: a peer that
+        restarted can open only the copy, and its answer proves the candidate."""
         assert self.session is not None
         own = self.owner.own_id()
         if own is None:
             self.owner.count("no_node_id")
-        else:
-            self.transmit(SealedFrame.seal(self.session.sender, own, packet).encode())
+            return
+        self.transmit(SealedFrame.seal(self.session.sender, own, packet).encode())
+        for candidate in reversed(self.candidates.values()):
+            if not self.may_copy(self.now()):
+                break
+            frame = SealedFrame.seal(candidate.session.sender, own, packet).encode()
+            if self.transmit(frame, candidate.source, candidate.via_relay):
+                self.owner.count("candidate_copy")
+
+    def may_copy(self, now: float) -> bool:
+        while self.copies and now - self.copies[0] >= ANSWER_WINDOW:
+            self.copies.popleft()
+        if len(self.copies) >= CANDIDATE_COPIES:
+            self.owner.count("candidate_copy_limited")
+            return False
+        self.copies.append(now)
+        return True
 
     def schedule_retry(self) -> None:
         self.retry_call = self.clock.callLater(self.retry_delay, self.machine.retry_timer_fired)
@@ -187,18 +222,39 @@ class Peer:
             self.owner.moved(self.node_id, endpoint)
 
     def install(self, session: Session, source: Endpoint, via_relay: bool) -> None:
-        """A new session (the peer restarted: new X25519 key) and the path it came by."""
+        """A new session (first contact, or a proven candidate) and the path it came by."""
         if self.session is not None:
-            self.retired_keys.append(self.session.peer_x25519)
+            self.retire(self.session.peer_x25519)
             self.owner.count("peer_rekeyed")
         self.session = session
-        self.candidate = None
+        self.candidates.clear()
+        self.copies.clear()
         self.established_at = self.now()
         self.answers.clear()
         if via_relay:
             self.relay = self.relay or self.endpoint is None
         else:
             self.set_endpoint(source)
+
+    def retire(self, x25519_public: bytes) -> None:
+        """Refuse ``x25519_public`` from now on.  Only a proven session retires a key, so
+        nobody but the peer can fill (or flush) this list; a key that falls off it is
+        harmless anyway: replayed, it only offers a candidate."""
+        self.retired_keys[x25519_public[:RETIRED_DIGEST]] = None
+        while len(self.retired_keys) > RETIRED_KEYS:
+            self.retired_keys.popitem(last=False)
+
+    def offer(self, frame: AuthKeyExchange, key: bytes, source: Endpoint, via_relay: bool) -> None:
+        """Hold the session a new key offers as a candidate; its latest PILA's path is kept."""
+        candidate = self.candidates.pop(frame.x25519_public, None)
+        if candidate is None:
+            candidate = Candidate(Session(key, frame.x25519_public, self.random_bytes),
+                                  frame.encode(), source, via_relay)
+        candidate.source, candidate.via_relay = source, via_relay
+        self.candidates[frame.x25519_public] = candidate
+        while len(self.candidates) > CANDIDATES:
+            self.candidates.popitem(last=False)
+            self.owner.count("candidate_dropped")
 
     def may_answer(self, now: float) -> bool:
         """Answer a repeated PILA?  Not within ANSWER_INTERVAL of our last one (this ends
@@ -269,13 +325,13 @@ def _accept(m: PeerTunnel, c: Peer, frame: AuthKeyExchange, key: bytes, source: 
             c.set_endpoint(source)
         if c.may_answer(now):
             c.send_pila(source, via_relay)
-    elif c.working(now) and not c.on_path(source, via_relay):
-        # A new key from elsewhere while the session works: a restart, or an old PILA replayed
-        # (a PILA carries no freshness).  Keep the session and the endpoint; the new session is
-        # only a candidate until a frame sealed under it arrives (_open promotes it).  Answered,
-        # so that a really restarted peer can derive the key and prove it.
-        if c.candidate is None or c.candidate.peer_x25519 != frame.x25519_public:
-            c.candidate = Session(key, frame.x25519_public, c.random_bytes)
+    elif c.session is not None:
+        # A new key while we hold a session: a restart, or an old PILA replayed (a PILA carries
+        # no freshness), from any path and after any idle spell.  Keep the session and the
+        # endpoint; the new session is only a candidate until a frame sealed under it arrives
+        # (_open promotes it).  Answered, so that a really restarted peer can derive the key
+        # and prove it; packets go under the session, with bounded copies under the candidates.
+        c.offer(frame, key, source, via_relay)
         c.owner.count("pila_candidate")
         if c.may_answer(now):
             c.send_pila(source, via_relay)
@@ -311,6 +367,10 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
             raise Dropped("pils_wrong_source")
     except Dropped as e:
         c.owner.count(e.reason)
+        if e.reason == "pils_undecryptable":
+            # Sealed under a key we do not hold (the peer restarted and its candidate was pushed
+            # out, or we lost ours): our PILA makes the peer send its own, within the answer budget.
+            c.owner.answer_with_pila(c.node_id, source, via_relay)
         return None
     except MalformedFrame:
         c.owner.count("pils_bad_packet")
@@ -324,17 +384,25 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
 
 
 def _open_either(c: Peer, frame: SealedFrame, source: Endpoint, via_relay: bool) -> bytes:
-    """Open under the session; failing that, under the candidate, which it then proves."""
+    """Open under the session; failing that, under a candidate (newest first), which it then
+    proves: the candidate becomes the session, the old key is retired."""
     assert c.session is not None
     try:
         return c.session.open(frame)
     except Dropped as e:
-        if c.candidate is None or e.reason != "pils_undecryptable":
+        if not c.candidates or e.reason != "pils_undecryptable":
             raise
-    plaintext = c.candidate.open(frame)  # Dropped again: the first reason stands
-    c.install(c.candidate, source, via_relay)
-    c.owner.count("candidate_promoted")
-    return plaintext
+        first = e
+    for candidate in reversed(c.candidates.values()):
+        try:
+            plaintext = candidate.session.open(frame)
+        except Dropped:
+            continue
+        c.install(candidate.session, source, via_relay)
+        c.accepted = candidate.frame
+        c.owner.count("candidate_promoted")
+        return plaintext
+    raise first
 
 
 # Nothing is ignored: both timers are cancelled whenever the machine leaves

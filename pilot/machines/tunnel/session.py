@@ -10,6 +10,9 @@ from __future__ import annotations
 import collections
 from typing import Callable
 
+import attr
+
+from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.wire.tunnel import SealedFrame
 from pilot.wire.tunnel_crypto import NonceSequence, ReplayWindow, TunnelSession, open_
@@ -58,3 +61,17 @@ class Session:
                 self.retired.popitem(last=False)
         window.mark(counter)
         return plaintext
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Candidate:
+    """
+    A session offered by a PILA with a new X25519 key while another session
+    is in use: a restart of the peer, or an old PILA replayed (a PILA carries
+    no freshness).  Only a frame sealed under it proves it (``docs/tunnel.md``).
+    """
+
+    session: Session
+    frame: bytes        # the PILA that offered it, byte for byte (a repeat needs no lookup)
+    source: Endpoint    # where the latest PILA carrying its key came from ...
+    via_relay: bool     # ... and whether through the beacon: where copies under it go
