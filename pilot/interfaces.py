@@ -46,6 +46,10 @@ class IDatagramSender(Interface):
         """Send one datagram; a network error is counted and dropped, never raised, except
         :class:`DatagramTooBig` for a datagram larger than the path allows."""
 
+    def send_limited(data: bytes, endpoint: Endpoint, ttl: int) -> None:
+        """Send one datagram with at most ``ttl`` hops (IP TTL) to live, errors as :meth:`send`;
+        the socket's next datagrams go out with its normal TTL again."""
+
     def local_port() -> int:
         """The socket's local port (0 before it is bound)."""
 

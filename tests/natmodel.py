@@ -4,7 +4,12 @@ hosts with private addresses behind NAT boxes, a public segment, and a
 beacon; everything on one ``task.Clock``, no sockets.
 
 * :class:`Internet` carries datagrams between public addresses after a fixed
-  one-way latency.
+  one-way latency, across ``hops`` transit routers (0: the boxes share one
+  segment).  Datagrams carry an IP TTL: a box forwarding a datagram (either
+  way) and each transit router take one from it and drop it at 1; a box
+  delivering to itself (below) does not look at it.  So a host's hop-limited
+  opener (``pilot/node/openers.py``) with TTL 2 passes its own box and dies
+  at the first transit router.
 * :class:`NatBox` sits between one host and the internet.  Kinds (RFC 4787
   terms):
 
@@ -71,6 +76,7 @@ from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.server.beacon import Beacon
 from pilot.server.registry import Peer, Registry, RegistryConfig
 from pilot.trust import TrustedPeer, TrustStore
+from tests.node.fakes import DEFAULT_TTL, HopLimitSocket
 
 Endpoint = tuple[str, int]
 
@@ -99,26 +105,32 @@ PORT = 1000
 class Internet:
     """Public addresses and the datagrams between them."""
 
-    def __init__(self, clock: Clock, latency: float = LATENCY) -> None:
+    def __init__(self, clock: Clock, latency: float = LATENCY, hops: int = 0) -> None:
         self.clock = clock
         self.latency = latency
-        self.hosts: dict[str, Callable[[bytes, Endpoint, Endpoint], None]] = {}
+        self.hops = hops
+        self.hosts: dict[str, Callable[[bytes, Endpoint, Endpoint, int], None]] = {}
         self.sent: list[tuple[float, Endpoint, Endpoint, bytes]] = []
         #: Extra one-way delay (s) from one public IP to another (a longer route).
         self.extra: dict[tuple[str, str], float] = {}
+        #: Datagrams a transit router dropped for their TTL.
+        self.expired = 0
 
-    def attach(self, ip: str, receive: Callable[[bytes, Endpoint, Endpoint], None]) -> None:
+    def attach(self, ip: str, receive: Callable[[bytes, Endpoint, Endpoint, int], None]) -> None:
         self.hosts[ip] = receive
 
-    def send(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
+    def send(self, src: Endpoint, dst: Endpoint, data: bytes, ttl: int = DEFAULT_TTL) -> None:
+        if ttl <= self.hops:
+            self.expired += 1  # a transit router's "time exceeded", which nobody here reads
+            return
         self.sent.append((self.clock.seconds(), src, dst, data))
         delay = self.latency + self.extra.get((src[0], dst[0]), 0.0)
-        self.clock.callLater(delay, self._arrive, src, dst, data)
+        self.clock.callLater(delay, self._arrive, src, dst, data, ttl - self.hops)
 
-    def _arrive(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
+    def _arrive(self, src: Endpoint, dst: Endpoint, data: bytes, ttl: int) -> None:
         receive = self.hosts.get(dst[0])
         if receive is not None:
-            receive(data, src, dst)
+            receive(data, src, dst, ttl)
 
 
 class _Mapping:
@@ -159,16 +171,21 @@ class NatBox:
     def clock(self) -> Clock:
         return self.internet.clock
 
-    def outbound(self, data: bytes, dst: Endpoint) -> None:
-        """The host sends ``data`` to ``dst``."""
+    def outbound(self, data: bytes, dst: Endpoint, ttl: int = DEFAULT_TTL) -> None:
+        """The host sends ``data`` to ``dst`` with IP TTL ``ttl``."""
+        if self.kind == PUBLIC:
+            if dst[0] not in self.blocked:
+                self.internet.send(self.private, dst, data, ttl)
+            return
+        if ttl <= 1:
+            self.counters["ttl_expired"] += 1  # dropped in forwarding, before any mapping is made
+            return
+        ttl -= 1
         if dst[0] in self.blocked:
             self.counters["blocked"] += 1
             return
         if self.kind == UDP_BLOCKED and dst != self.beacon:
             self.counters["udp_blocked"] += 1
-            return
-        if self.kind == PUBLIC:
-            self.internet.send(self.private, dst, data)
             return
         now = self.clock.seconds()
         key = dst if self.kind == SYMMETRIC else None
@@ -182,10 +199,10 @@ class NatBox:
         mapping.last_out = now
         mapping = self._flow(mapping, dst, now)
         mapping.permits[dst] = now
-        self.internet.send((self.public_ip, mapping.port), dst, data)
+        self.internet.send((self.public_ip, mapping.port), dst, data, ttl)
 
-    def inbound(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
-        """``data`` from ``src`` reaches our public address ``dst``."""
+    def inbound(self, data: bytes, src: Endpoint, dst: Endpoint, ttl: int = DEFAULT_TTL) -> None:
+        """``data`` from ``src`` reaches our public address ``dst`` with ``ttl`` left."""
         if src[0] in self.blocked:
             self.counters["blocked"] += 1
             return
@@ -207,6 +224,9 @@ class NatBox:
                 self.counters["filtered"] += 1
                 self._unsolicited(src, dst[1], now)
                 return
+        if ttl <= 1:
+            self.counters["ttl_expired"] += 1
+            return
         self.host(data, src)
 
     def _unsolicited(self, src: Endpoint, port: int, now: float) -> None:
@@ -268,11 +288,12 @@ class _Socket:
     def __init__(self, box: NatBox) -> None:
         self.box = box
         self.closed = False
+        self.socket = HopLimitSocket()
 
     def write(self, data: bytes, addr: Endpoint) -> None:
         assert isinstance(data, bytes)
         if not self.closed:
-            self.box.outbound(data, (addr[0], addr[1]))
+            self.box.outbound(data, (addr[0], addr[1]), self.socket.ttl)
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", *self.box.private)
@@ -444,10 +465,10 @@ class World:
     """The registry, the beacon, the internet and the nodes, on one clock."""
 
     def __init__(self, latency: float = LATENCY, discover_interval: float = DISCOVER_INTERVAL,
-                 push_endpoint_changes: bool = True) -> None:
+                 push_endpoint_changes: bool = True, hops: int = 0) -> None:
         self.clock = Clock()
         self.clock.advance(T0)
-        self.internet = Internet(self.clock, latency)
+        self.internet = Internet(self.clock, latency, hops)
         self.registry = Registry(self.clock, RegistryConfig(registrations_per_minute=0, requests_per_second=0))
         self.beacon = Beacon(self.registry, self.clock)
         self.internet.attach(BEACON[0], self._beacon_received)
@@ -497,7 +518,7 @@ class World:
 
     # -- running --
 
-    def _beacon_received(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+    def _beacon_received(self, data: bytes, src: Endpoint, dst: Endpoint, ttl: int) -> None:
         for out, to in self.beacon.datagram_received(data, src):
             self.internet.send(BEACON, to, out)
 

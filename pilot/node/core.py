@@ -49,6 +49,7 @@ from pilot.machines.trust import AutoApprove, TrustMachine
 from pilot.machines.tunnel import Tunnels
 from pilot.machines.tunnel.pmtu import SAFE_SEGMENT
 from pilot.node.carried import CarriedTrust
+from pilot.node.openers import Openers
 from pilot.node.peers import PeerDirectory
 from pilot.stack import Stack
 from pilot.trust import TrustStore
@@ -56,7 +57,6 @@ from pilot.wire import beacon as bw
 from pilot.wire.handshake import HANDSHAKE_PORT
 from pilot.wire.packet import Packet
 from pilot.wire.registry import SIGNER_FIELD
-from pilot.wire.tunnel import PILP
 
 #: Startup Discovers are repeated this often until the beacon answers.
 DISCOVER_RETRY = 1.0
@@ -70,8 +70,6 @@ DISCOVER_PROBE = 15.0
 OUTAGE_PROBE = 2.0
 #: The first registration waits at most this long for the beacon's answer.
 REGISTER_WAIT = 0.5
-#: Punch probes sent on a punch command (the reference sends three).
-PUNCH_PROBES = 3
 #: A node with no NAT of its own (its socket's address is the one the beacon
 #: sees: a public host, a stateful firewall) acts on a punch command this much
 #: later (s): no router of ours can be left an entry to collide with, so the
@@ -146,6 +144,8 @@ class Node:
             sign=identity.sign, clock=clock, config=path_config, random=rng.random,
             random_bytes=random_bytes, path_changed=self._path_changed)
         self.tunnels.wire(self.paths)
+        self.openers = Openers(clock, sender, self.paths.punch_commanded, ttls=path_config.opener_ttls,
+                               step=path_config.opener_step)
         self.peers.wire(self.paths)
         self.carried = CarriedTrust(
             identity=identity, store=trust_store, save=save_trust, request=self._trust_request, clock=clock,
@@ -180,6 +180,7 @@ class Node:
             if call.active():
                 call.cancel()
         self._punch_calls.clear()
+        self.openers.stop()
         self.stack.stop()
         self.tunnels.stop()
         self.paths.stop()
@@ -259,9 +260,7 @@ class Node:
 
     def _punch(self, peer: Endpoint) -> None:
         self._punch_calls = {c for c in self._punch_calls if c.active()}
-        for _ in range(PUNCH_PROBES):
-            self._sender.send(PILP, peer)
-        self.paths.punch_commanded(peer)
+        self.openers.punch(peer)  # hop-limited openers, then the PILPs and our PILA
 
     def behind_no_nat(self) -> bool:
         """Is the endpoint the beacon sees our socket's own (no NAT between us and it)?"""

@@ -11,6 +11,7 @@ Thin, as every protocol here: decode, call, never raise into the reactor.
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any, Optional
 
 from twisted.internet.error import MessageLengthError
@@ -37,6 +38,7 @@ class NodeDatagramProtocol(DatagramProtocol):
         self._beacon: Optional[IBeaconListener] = None
         self._frames: Optional[IFrameReceiver] = None
         self.counters: dict[str, int] = {}
+        self._default_ttl: Optional[int] = None
 
     def wire(self, beacon: IBeaconListener, frames: IFrameReceiver) -> None:
         self._beacon = beacon
@@ -96,6 +98,27 @@ class NodeDatagramProtocol(DatagramProtocol):
             # unreachable networks and full buffers are the network's business, not a crash
             self._count("send_error")
             self.log.debug("sending to {endpoint} failed: {error}", endpoint=endpoint, error=e)
+
+    def send_limited(self, data: bytes, endpoint: Endpoint, ttl: int) -> None:
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            self._count("no_ttl")  # a transport without a socket cannot limit hops: send nothing
+            return
+        try:
+            if self._default_ttl is None:
+                self._default_ttl = int(sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        except OSError as e:
+            self._count("ttl_error")
+            self.log.debug("cannot set a hop limit: {error}", error=e)
+            return
+        try:
+            self.send(data, endpoint)
+        finally:
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self._default_ttl)
+            except OSError as e:  # pragma: no cover - it was settable a moment ago
+                self.log.error("cannot restore the socket's TTL: {error}", error=e)
 
     def local_port(self) -> int:
         transport: Any = self.transport

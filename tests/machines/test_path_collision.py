@@ -30,8 +30,8 @@ class NatBoxCollisionTests(SynchronousTestCase):
     def box(self, local_delivery: bool) -> tuple[NatBox, list[tuple[tuple[str, int], tuple[str, int]]]]:
         internet = Internet(Clock())
         seen: list[tuple[tuple[str, int], tuple[str, int]]] = []
-        internet.attach(PEER[0], lambda data, src, dst: seen.append((src, dst)))
-        internet.attach(BEACON[0], lambda data, src, dst: seen.append((src, dst)))
+        internet.attach(PEER[0], lambda data, src, dst, ttl: seen.append((src, dst)))
+        internet.attach(BEACON[0], lambda data, src, dst, ttl: seen.append((src, dst)))
         return NatBox(internet, PORT_RESTRICTED, "203.0.113.1", local_delivery=local_delivery), seen
 
     def test_unsolicited_datagram_moves_the_next_flow(self) -> None:
@@ -164,6 +164,52 @@ class CollisionScenarioTests(SynchronousTestCase):
         t0 = w.now()
         a.send(b, 1)
         self.check_punched(w, a, b, t0)
+
+    def near_pair(self, hops: int, config: PathConfig = PathConfig()) -> tuple[World, ModelNode, ModelNode]:
+        """
+        Two open-INPUT EIM routers 0.1 ms apart (the lab's veths) with ``hops`` transit routers
+        between them, and ``b``'s command 1 ms after ``a``'s (one node a little slower to act):
+        longer than a datagram takes from router to router, so without openers ``a``'s first
+        datagram reaches ``b``'s router before ``b`` sent anything.
+        """
+        w = World(latency=0.0001, hops=hops)
+        a = w.node(PORT_RESTRICTED, local_delivery=True, config=config)
+        b = w.node(PORT_RESTRICTED, local_delivery=True, config=config)
+        w.start()
+        w.internet.extra[(BEACON[0], b.box.public_ip)] = 0.001
+        return w, a, b
+
+    def test_without_openers_the_faster_side_poisons_the_other(self) -> None:
+        """The control: no openers (the reference's punch): ``b``'s router collides."""
+        w, a, b = self.near_pair(hops=1, config=PathConfig(opener_ttls=()))
+        a.send(b, 1)
+        w.run(3)
+        self.assertEqual(b.box.counters["collision"], 1)
+        self.assertEqual(a.state(b), "relayed")
+
+    def test_openers_across_a_transit_hop(self) -> None:
+        """With one router between the NATs, each side's TTL-2 opener opens its own router and
+        dies at the transit hop; the first datagram to reach the other router comes 20 ms later."""
+        w, a, b = self.near_pair(hops=1)
+        t0 = w.now()
+        a.send(b, 1)
+        through = ("punched", "direct")  # b may hear a's PILA through the hole before its own punch ends
+        self.assertTrue(w.run_until(t0 + 1, lambda: a.state(b) in through and b.state(a) in through))
+        w.run(0.5)
+        self.assertEqual(a.box.counters["collision"] + b.box.counters["collision"], 0)
+        self.assertEqual(a.box.counters["delivered_locally"] + b.box.counters["delivered_locally"], 0)
+        self.assertEqual(len(b.received(1)), 1)
+        self.assertGreater(w.internet.expired, 0)   # the openers died in transit
+        self.assertEqual(a.box.counters["ttl_expired"] + b.box.counters["ttl_expired"], 2)  # TTL 3 at the peer
+
+    def test_openers_cannot_help_on_one_segment(self) -> None:
+        """Two routers on one segment: an opener that passes our router reaches the peer's, so the
+        ramp changes nothing and the faster side still poisons the slower one (docs/nat.md)."""
+        w, a, b = self.near_pair(hops=0)
+        a.send(b, 1)
+        w.run(3)
+        self.assertEqual(b.box.counters["collision"], 1)
+        self.assertEqual(a.state(b), "relayed")
 
     def no_nat_pair(self) -> tuple[World, ModelNode, ModelNode]:
         """A stateful firewall (no NAT) and an EIM router without an INPUT filter whose command comes

@@ -435,11 +435,12 @@ class TransferOutcome:
 
 
 def echo_transfer(a: Node, target: str, size: int = 1 << 20, timeout: float = 60.0,
-                  seed: bytes | None = None) -> TransferOutcome:
+                  seed: bytes | None = None, rate: float | None = None) -> TransferOutcome:
     """
     Send ``size`` random bytes to ``target``'s echo port (7) over one stream
     and read the echo back at the same time; byte-exact if what came back is
-    what was sent.
+    what was sent.  ``rate`` (bytes/s): send no faster (a transfer that
+    spans a path switch).
     """
     out = TransferOutcome(size)
     data = os.urandom(size) if seed is None else (hashlib.sha256(seed).digest() * (size // 32 + 1))[:size]
@@ -456,7 +457,12 @@ def echo_transfer(a: Node, target: str, size: int = 1 << 20, timeout: float = 60
         view = memoryview(data)
         try:
             while out.sent < size:
-                n = sock.send(view[out.sent:out.sent + 65536])
+                if rate:
+                    ahead = out.sent / rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        time.sleep(min(ahead, 0.5))
+                        continue
+                n = sock.send(view[out.sent:out.sent + (16384 if rate else 65536)])
                 out.sent += n
         except OSError as e:
             failures.append(f"send: {e}")

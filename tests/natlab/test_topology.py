@@ -106,6 +106,38 @@ class RouterKindTests(SynchronousTestCase):
         self.assertEqual(_ip(seen[0]["from"]), router.wan_ip)
         self.assertNotEqual(_port(seen[0]["from"]), 40003)
 
+    def test_transit_hop(self) -> None:
+        """
+        A router behind a transit router: the world sees its WAN in the transit's region, and a
+        datagram needs one hop more to reach the public segment: TTL 2 passes the NAT (its mapping
+        is made) and dies at the transit router; TTL 3 arrives.
+        """
+        _made.append(1)
+        transit = self.lab.add_transit(f"tr-{len(_made)}")
+        router = self.lab.add_router(f"behind-tr-{len(_made)}", "port_restricted", transit=transit)
+        host = self.lab.add_host(router, f"behind-tr-{len(_made)}-h")
+        self.assertTrue(router.wan_ip.startswith("192.0.2."), router)
+        seen = self.observe(host, 40010)
+        self.assertEqual(seen.get(f"{self.far.ip}:{STUN}"), [f"{router.wan_ip}:40010"])
+        script = textwrap.dedent("""
+            import socket, sys
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("0.0.0.0", int(sys.argv[1])))
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, int(sys.argv[2]))
+            s.sendto(b"ttl", (sys.argv[3], int(sys.argv[4])))
+            s.settimeout(1.0)
+            try:
+                print(s.recvfrom(100)[0].decode())
+            except OSError:
+                print("nothing")
+        """)
+        answers = {}
+        for ttl in (2, 3):
+            r = self.lab.exec(host.ns, sys.executable, "-c", script, str(40010 + ttl), str(ttl),
+                              self.far.ip, str(STUN))
+            answers[ttl] = r.stdout.strip()
+        self.assertEqual(answers, {2: "nothing", 3: f"{router.wan_ip}:40013"})
+
     def test_symmetric(self) -> None:
         """A different external port per destination; the same filtering."""
         router, host = self.behind("symmetric")

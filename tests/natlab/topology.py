@@ -21,6 +21,14 @@ namespaces; the ``firewall`` kind routes public addresses (a /28 of
 veths are created with both ends directly inside lab namespaces, so deleting
 the namespaces deletes them, and no address outside the lab is a target.
 
+A transit router (``add_transit``) is a hop between NATs, as every internet
+path has: a namespace with ``pub`` on the public bridge (198.51.100.90+) and a
+bridge ``brdown`` for its region, a /28 of 192.0.2.0/24; a router added with
+``transit=`` has its WAN there, so its datagrams to a router on the public
+segment cross one router more (two the other way, through ``core``).  Two
+NATs on the public segment itself are what two hosts of one cloud subnet
+have: no hop between them.
+
 Router kinds (``KINDS``):
 
 ``one_to_one``
@@ -80,8 +88,11 @@ RENDEZVOUS_IP = "198.51.100.2"   # the rendezvous host (add_rendezvous_host)
 FIRST_PUBLIC_HOST = 10       # 198.51.100.10.. hosts with no NAT
 FIRST_ROUTER_WAN = 100       # 198.51.100.100.. router WAN addresses
 FIRST_ONE_TO_ONE = 150       # 198.51.100.150.. 1:1 NAT public addresses
+FIRST_TRANSIT = 90           # 198.51.100.90..99 transit routers' public legs
 #: Routed public LANs for the ``firewall`` kind: /28s of this range.
 ROUTED_NET = ipaddress.ip_network("203.0.113.0/24")
+#: Regions behind transit routers: /28s of this range.
+TRANSIT_NET = ipaddress.ip_network("192.0.2.0/24")
 
 KINDS = ("one_to_one", "port_restricted", "symmetric", "firewall", "udp_blocked")
 
@@ -211,6 +222,28 @@ class Router:
         return f"<Router {self.name} {self.kind} wan {self.wan_ip} lan {self.lan}>"
 
 
+class Transit:
+    """A router between the public segment (``up_ip``) and a region (``net``) of NAT routers' WANs."""
+
+    def __init__(self, name: str, ns: str, up_ip: str, net: ipaddress.IPv4Network) -> None:
+        self.name = name
+        self.ns = ns
+        self.up_ip = up_ip
+        self.net = net
+        self.gateway = str(net.network_address + 1)
+        self._next = 2
+
+    def next_address(self) -> str:
+        ip = self.net.network_address + self._next
+        if ip >= self.net.broadcast_address:
+            raise LabError(f"transit {self.name}'s region is full")
+        self._next += 1
+        return str(ip)
+
+    def __repr__(self) -> str:
+        return f"<Transit {self.name} up {self.up_ip} region {self.net}>"
+
+
 # --- the lab -----------------------------------------------------------------------------------------
 
 class Lab:
@@ -239,6 +272,7 @@ class Lab:
         self.adopted: list[tuple[int, str, str]] = []   # (pid, namespace, name): started by our commands
         self.hosts: dict[str, Host] = {}
         self.routers: dict[str, Router] = {}
+        self.transits: dict[str, Transit] = {}
         self.commands = 0
         self._lock = threading.RLock()
         self._closed = False
@@ -335,7 +369,7 @@ class Lab:
         if ip is None:
             ip = str(PUBLIC_NET.network_address + self._public_index)
             self._public_index += 1
-            if self._public_index >= FIRST_ROUTER_WAN:
+            if self._public_index >= FIRST_TRANSIT:
                 raise LabError("too many public hosts")
         ns = self._namespace(f"h-{name}")
         self._plug_public(ns, "eth0")
@@ -346,19 +380,47 @@ class Lab:
         self.hosts[name] = host
         return host
 
+    def add_transit(self, name: str) -> Transit:
+        """A transit router: a hop between the public segment and a region of NAT routers (``transit=``)."""
+        self._check_name(name)
+        index = len(self.transits)
+        if index >= 10:
+            raise LabError("too many transit routers")
+        up_ip = str(PUBLIC_NET.network_address + FIRST_TRANSIT + index)
+        net = ipaddress.IPv4Network(f"{TRANSIT_NET.network_address + 16 * index}/28")
+        ns = self._namespace(f"t-{name}")
+        self._sysctl(ns, "net.ipv4.ip_forward", "1")
+        self._sysctl(ns, "net.ipv4.conf.all.send_redirects", "0")
+        self._no_bridge_netfilter(ns)
+        self._plug_public(ns, "pub")
+        self.ip(ns, "addr", "add", f"{up_ip}/{PUBLIC_NET.prefixlen}", "dev", "pub")
+        self.ip(ns, "link", "set", "pub", "up")
+        self.ip(ns, "route", "add", "default", "via", CORE_IP)
+        transit = Transit(name, ns, up_ip, net)
+        self.ip(ns, "link", "add", "brdown", "type", "bridge")
+        self.ip(ns, "addr", "add", f"{transit.gateway}/{net.prefixlen}", "dev", "brdown")
+        self.ip(ns, "link", "set", "brdown", "up")
+        self.ip(self.core, "route", "add", str(net), "via", up_ip)
+        self.transits[name] = transit
+        return transit
+
     def add_router(self, name: str, kind: str, drop_wan_input: bool = True,
-                   upstream: Router | None = None) -> Router:
+                   upstream: Router | None = None, transit: Transit | None = None) -> Router:
         """
         A router of ``kind`` (one of KINDS) with an empty LAN.  ``drop_wan_input``
         (the default) drops unsolicited datagrams to the router's own WAN address;
         False models a Linux box with an open INPUT chain (see ``_rules``).
         ``upstream``: the router's WAN is a host on that router's LAN instead of
         the public segment (double NAT: a home router behind a carrier-grade NAT).
+        ``transit``: the router's WAN is in that transit router's region, one hop
+        from the public segment.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown router kind {kind!r}: one of {', '.join(KINDS)}")
-        if upstream is not None and kind in ("firewall", "one_to_one"):
-            raise ValueError(f"a {kind} router needs a public WAN")
+        if (upstream is not None or transit is not None) and kind in ("firewall", "one_to_one"):
+            raise ValueError(f"a {kind} router needs a WAN on the public segment")
+        if upstream is not None and transit is not None:
+            raise ValueError("a router has one WAN: upstream or transit, not both")
         self._check_name(name)
         self._router_index += 1
         index = self._router_index
@@ -368,6 +430,8 @@ class Lab:
         if upstream is not None:
             wan_ip = str(upstream.lan.network_address + upstream._next_host)
             upstream._next_host += 1
+        elif transit is not None:
+            wan_ip = transit.next_address()
         if kind == "firewall":
             self._routed_index += 1
             if self._routed_index > 15:
@@ -382,7 +446,15 @@ class Lab:
         router.drop_wan_input = drop_wan_input and kind != "one_to_one"
         self._sysctl(ns, "net.ipv4.ip_forward", "1")
         self._no_bridge_netfilter(ns)
-        if upstream is None:
+        if transit is not None:
+            port = f"t{index}-{len(self.veths)}"
+            self._veth(ns, "wan", transit.ns, port)
+            self.ip(transit.ns, "link", "set", port, "master", "brdown")
+            self.ip(transit.ns, "link", "set", port, "up")
+            self.ip(ns, "addr", "add", f"{wan_ip}/{transit.net.prefixlen}", "dev", "wan")
+            self.ip(ns, "link", "set", "wan", "up")
+            self.ip(ns, "route", "add", "default", "via", transit.gateway)
+        elif upstream is None:
             self._plug_public(ns, "wan")
             self.ip(ns, "addr", "add", f"{wan_ip}/{PUBLIC_NET.prefixlen}", "dev", "wan")
             self.ip(ns, "link", "set", "wan", "up")
@@ -502,7 +574,7 @@ class Lab:
     def _check_name(self, name: str) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,24}", name):
             raise ValueError(f"bad lab name {name!r}")
-        if name in self.hosts or name in self.routers:
+        if name in self.hosts or name in self.routers or name in self.transits:
             raise ValueError(f"{name!r} exists")
 
     # --- router knobs --------------------------------------------------------------------------------
@@ -785,6 +857,8 @@ class Lab:
 
     def describe(self) -> str:
         lines = [f"lab {self.prefix} (work folder {self.workdir})"]
+        for t in self.transits.values():
+            lines.append(f"  transit {t.name:<11} up {t.up_ip:<15} region {t.net}")
         for r in self.routers.values():
             lines.append(f"  router {r.name:<12} {r.kind:<16} wan {r.wan_ip:<15} lan {r.lan}")
             for h in r.hosts:

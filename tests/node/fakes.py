@@ -7,6 +7,7 @@ trust each other and know each other's endpoints.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Optional
 
 from twisted.internet.address import IPv4Address
@@ -33,6 +34,8 @@ class Network:
         self.clock = clock
         self.hosts: dict[Endpoint, NodeDatagramProtocol] = {}
         self.sent: list[tuple[Endpoint, Endpoint, bytes]] = []
+        #: (destination, data, ttl) of every datagram sent with a hop limit (an opener)
+        self.limited: list[tuple[Endpoint, bytes, int]] = []
 
     def attach(self, endpoint: Endpoint, protocol: NodeDatagramProtocol) -> None:
         self.hosts[endpoint] = protocol
@@ -48,15 +51,40 @@ class Network:
             protocol.datagramReceived(data, src)
 
 
+#: The TTL a fresh socket sends with (Linux's default).
+DEFAULT_TTL = 64
+
+
+class HopLimitSocket:
+    """The part of a socket the node's sender touches for hop-limited openers: IP_TTL."""
+
+    def __init__(self) -> None:
+        self.ttl = DEFAULT_TTL
+        self.set: list[int] = []
+
+    def getsockopt(self, level: int, option: int) -> int:
+        assert (level, option) == (socket.IPPROTO_IP, socket.IP_TTL), (level, option)
+        return self.ttl
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert (level, option) == (socket.IPPROTO_IP, socket.IP_TTL), (level, option)
+        assert isinstance(value, int) and 1 <= value <= 255, value
+        self.ttl = value
+        self.set.append(value)
+
+
 class DatagramTransport:
     """What a ``DatagramProtocol`` writes to: records nothing itself, hands to the network."""
 
     def __init__(self, network: Network, endpoint: Endpoint) -> None:
         self.network = network
         self.endpoint = endpoint
+        self.socket = HopLimitSocket()
 
     def write(self, data: bytes, addr: Endpoint) -> None:
         assert isinstance(data, bytes)
+        if self.socket.ttl != DEFAULT_TTL:
+            self.network.limited.append(((addr[0], addr[1]), data, self.socket.ttl))
         self.network.send(self.endpoint, (addr[0], addr[1]), data)
 
     def getHost(self) -> IPv4Address:

@@ -13,11 +13,13 @@ from zope.interface.verify import verifyObject
 from pilot.interfaces import IBeaconListener, IFrameReceiver, IPathEvents, IRegistryLink
 from pilot.machines.registration import CONNECT_TIMEOUT
 from pilot.node.core import (
-    DISCOVER_PROBE, DISCOVER_RETRY, OUTAGE_PROBE, PUNCH_PROBES, REGISTER_WAIT, ROUTE_CHECK,
+    DISCOVER_PROBE, DISCOVER_RETRY, OUTAGE_PROBE, REGISTER_WAIT, ROUTE_CHECK,
 )
+from pilot.machines.path.config import OPENER_STEP, OPENER_TTLS
+from pilot.node.openers import PUNCH_PROBES
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
-from tests.node.fakes import Host, Network, pair
+from tests.node.fakes import DEFAULT_TTL, Host, Network, pair
 
 BEACON = ("198.51.100.1", 9001)
 
@@ -110,8 +112,15 @@ class NodeTests(SynchronousTestCase):
         self.node.start(BEACON)
         self.host.udp.datagramReceived(bw.PunchCommand(*peer).encode(), BEACON)
         sent = [data for _, dst, data in self.network.sent if dst == peer]
-        self.assertEqual(sent[:PUNCH_PROBES], [PILP] * PUNCH_PROBES)
+        self.assertEqual(sent, [PILP])  # the first opener, at once
+        self.assertEqual(self.network.limited, [(peer, PILP, OPENER_TTLS[0])])
+        for _ in OPENER_TTLS:
+            self.clock.advance(OPENER_STEP)
+        self.assertEqual(self.network.limited, [(peer, PILP, ttl) for ttl in OPENER_TTLS])
+        sent = [data for _, dst, data in self.network.sent if dst == peer]
+        self.assertEqual(sent[len(OPENER_TTLS):len(OPENER_TTLS) + PUNCH_PROBES], [PILP] * PUNCH_PROBES)
         self.assertEqual(self.node.paths.counters["punch_commands_unmatched"], 1)  # a stranger: our PILA
+        self.assertEqual(self.host.udp.transport.socket.ttl, DEFAULT_TTL)  # the socket's TTL restored
 
     def test_local_endpoint(self) -> None:
         self.assertIsNone(self.node.local_endpoint())

@@ -55,6 +55,13 @@ PUNCH_HINT_WINDOW = 10.0
 #: our PILA at most once per PUNCH_TIMEOUT each).
 UNMATCHED_MAX = 256
 
+#: On a punch command, PILPs with these hop limits go first, OPENER_STEP (s)
+#: apart, and the punch itself OPENER_STEP after the last: each router is opened
+#: by our own datagram before the peer's can reach it when a hop stands between
+#: the two NATs (``pilot/node/openers.py``, ``docs/nat.md``).
+OPENER_TTLS = (2, 3, 4)
+OPENER_STEP = 0.02
+
 #: Why a pair is relayed (``Paths.status``'s ``reason``; ``pilotctl peers``).
 REASON_NO_BEACON = "no_beacon"              # we cannot punch: no beacon (or not registered yet)
 REASON_PEER_RELAYS = "peer_relays"          # the peer's frames came through the relay first
@@ -97,3 +104,6 @@ class PathConfig:
     #: beacon, sending nothing there before the command (``docs/nat.md``); False:
     #: straight to the endpoint first, as before issue 10 and as the reference does.
     punch_first: bool = True
+    #: Hop limits of the openers sent before a punch; () punches at once (the reference's way).
+    opener_ttls: tuple[int, ...] = OPENER_TTLS
+    opener_step: float = OPENER_STEP
