@@ -225,11 +225,14 @@ class Router:
 class Transit:
     """A router between the public segment (``up_ip``) and a region (``net``) of NAT routers' WANs."""
 
-    def __init__(self, name: str, ns: str, up_ip: str, net: ipaddress.IPv4Network) -> None:
+    def __init__(self, name: str, ns: str, up_ip: str, net: ipaddress.IPv4Network,
+                 mtu: int | None = None) -> None:
         self.name = name
         self.ns = ns
         self.up_ip = up_ip
         self.net = net
+        self.mtu = mtu
+        self.drop_too_big = False
         self.gateway = str(net.network_address + 1)
         self._next = 2
 
@@ -380,8 +383,15 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def add_transit(self, name: str) -> Transit:
-        """A transit router: a hop between the public segment and a region of NAT routers (``transit=``)."""
+    def add_transit(self, name: str, mtu: int | None = None, drop_fragments: bool = False,
+                    drop_too_big: bool = False) -> Transit:
+        """
+        A transit router: a hop between the public segment and a region of NAT routers (``transit=``).
+        Paths people have: ``mtu`` the region's link MTU (a PPPoE, VPN or tunnelled uplink; the
+        routers in it get the same WAN MTU), ``drop_fragments`` drops IP fragments crossing it (as
+        many firewalls and cloud NATs do), ``drop_too_big`` drops the ICMP "fragmentation needed"
+        messages it and the region's routers would send (a path MTU black hole).
+        """
         self._check_name(name)
         index = len(self.transits)
         if index >= 10:
@@ -396,8 +406,15 @@ class Lab:
         self.ip(ns, "addr", "add", f"{up_ip}/{PUBLIC_NET.prefixlen}", "dev", "pub")
         self.ip(ns, "link", "set", "pub", "up")
         self.ip(ns, "route", "add", "default", "via", CORE_IP)
-        transit = Transit(name, ns, up_ip, net)
+        transit = Transit(name, ns, up_ip, net, mtu)
+        transit.drop_too_big = drop_too_big
         self.ip(ns, "link", "add", "brdown", "type", "bridge")
+        if mtu is not None:
+            self.ip(ns, "link", "set", "brdown", "mtu", str(mtu))
+        if drop_fragments:
+            self.iptables(ns, "-A", "FORWARD", "-f", "-j", "DROP")
+        if drop_too_big:
+            self.iptables(ns, "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP")
         self.ip(ns, "addr", "add", f"{transit.gateway}/{net.prefixlen}", "dev", "brdown")
         self.ip(ns, "link", "set", "brdown", "up")
         self.ip(self.core, "route", "add", str(net), "via", up_ip)
@@ -449,6 +466,9 @@ class Lab:
         if transit is not None:
             port = f"t{index}-{len(self.veths)}"
             self._veth(ns, "wan", transit.ns, port)
+            if transit.mtu is not None:
+                self.ip(ns, "link", "set", "wan", "mtu", str(transit.mtu))
+                self.ip(transit.ns, "link", "set", port, "mtu", str(transit.mtu))
             self.ip(transit.ns, "link", "set", port, "master", "brdown")
             self.ip(transit.ns, "link", "set", port, "up")
             self.ip(ns, "addr", "add", f"{wan_ip}/{transit.net.prefixlen}", "dev", "wan")
@@ -473,6 +493,8 @@ class Lab:
         if kind == "firewall":
             self.ip(self.core, "route", "add", str(lan), "via", wan_ip)
         self._rules(router)
+        if transit is not None and transit.drop_too_big:
+            self.iptables(ns, "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP")
         self.routers[name] = router
         return router
 

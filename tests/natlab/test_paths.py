@@ -1,0 +1,111 @@
+"""
+Paths people have (issue 11): two nodes, A behind a ``port_restricted``
+router in a transit router's region, B on the public segment, across
+
+* ``plain``: the transit router as it is (1,500-byte links);
+* ``fragments``: a transit router that drops IP fragments (as many
+  firewalls and cloud NATs do);
+* ``mtu1280``: a region whose links carry 1,280 bytes (a tunnelled or PPPoE
+  uplink), and nobody on the way sends ICMP "fragmentation needed" (a path
+  MTU black hole): only packetization-layer probing finds the size.
+
+Each test trusts the pair, pings, echoes ``NATLAB_PATHS_MIB`` MiB (default
+100) through B's port 7 and compares, and checks the datagram size both
+sides discovered (``pilotctl peers``: ``mtu``): 1,472 bytes of UDP payload
+on the 1,500-byte paths, at most 1,252 on the 1,280-byte one.  No
+datagram we send is fragmented, so the fragment-dropping path carries
+everything.  The speeds are printed (figures, not assertions:
+``docs/performance.md`` has them beside the plain path's).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.natlab.nodes import (
+    Node, Rendezvous, echo_transfer, first_ping, module_lab, start_nodes, stop_nodes, trust_pair,
+)
+from tests.natlab.topology import Host, Lab
+
+SIZE = int(float(os.environ.get("NATLAB_PATHS_MIB", "100")) * (1 << 20))
+TIMEOUT = float(os.environ.get("NATLAB_TRANSFER_TIMEOUT", "300"))
+#: UDP payload of an IPv4 datagram on a 1,500-byte link, and on a 1,280-byte one.
+FULL, SMALL = 1472, 1252
+PATHS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "fragments": {"drop_fragments": True},
+    "mtu1280": {"mtu": 1280, "drop_too_big": True},
+}
+
+
+class PathsLab:
+    def __init__(self) -> None:
+        self.lab = Lab()
+        try:
+            self.rendezvous = Rendezvous(self.lab, self.lab.add_rendezvous_host()).start()
+            self.public: Host = self.lab.add_public_host("paths-pub")
+            self.hosts: dict[str, Host] = {}
+            for name, options in PATHS.items():
+                transit = self.lab.add_transit(f"t-{name}", **options)
+                router = self.lab.add_router(f"r-{name}", "port_restricted", transit=transit)
+                self.hosts[name] = self.lab.add_host(router, f"h-{name}")
+        except BaseException:
+            self.lab.close()
+            raise
+
+
+_lab: list[PathsLab] = []
+_figures: dict[str, float] = {}
+
+
+class PathTests(SynchronousTestCase):
+    def across(self, path: str) -> dict[str, Any]:
+        env: PathsLab = module_lab(_lab, PathsLab)
+        na = Node(env.lab, env.hosts[path], f"p-{path}-a", env.rendezvous)
+        nb = Node(env.lab, env.public, f"p-{path}-b", env.rendezvous)
+        self.addCleanup(stop_nodes, [na, nb])
+        start_nodes([na, nb])
+        trust_pair(na, nb)
+        ping = first_ping(na, nb.name, deadline=20.0)
+        self.assertTrue(ping.ok, f"no ping across {path}\n{na.evidence(nb)}\n{nb.evidence(na)}")
+        # let the search finish (three probes of 0.5 s for each size that does not fit)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            row_a, row_b = na.peer_row(nb) or {}, nb.peer_row(na) or {}
+            if row_a.get("mtu_state") == "complete" and row_b.get("mtu_state") == "complete":
+                break
+            time.sleep(0.25)
+        transfer = echo_transfer(na, nb.name, SIZE, TIMEOUT)
+        row_a, row_b = na.peer_row(nb) or {}, nb.peer_row(na) or {}
+        result = {"path": path, "first_ping_s": ping.seconds, "mib": SIZE >> 20,
+                  "echo_s": transfer.seconds, "mib_per_s": transfer.mib_per_s,
+                  "mtu_a": row_a.get("mtu"), "mtu_b": row_b.get("mtu"),
+                  "mtu_state_a": row_a.get("mtu_state"), "mtu_state_b": row_b.get("mtu_state"),
+                  "path_a": row_a.get("path"), "too_big_a": (na.counters() or {}).get("too_big")}
+        if transfer.mib_per_s:
+            _figures[path] = transfer.mib_per_s
+        if "plain" in _figures and path != "plain" and transfer.mib_per_s:
+            result["of_plain"] = round(transfer.mib_per_s / _figures["plain"], 2)
+        print(f"\n[natlab] path {path}: {result}", flush=True)
+        evidence = f"{result}\n{na.evidence(nb)}\n{nb.evidence(na)}"
+        self.assertTrue(transfer.exact, f"{transfer!r}\n{evidence}")
+        self.assertIn(row_a.get("path"), ("direct", "punched"), evidence)
+        return result
+
+    def test_1_plain(self) -> None:
+        r = self.across("plain")
+        self.assertEqual((r["mtu_a"], r["mtu_b"]), (FULL, FULL), r)
+
+    def test_2_drops_fragments(self) -> None:
+        r = self.across("fragments")
+        self.assertEqual((r["mtu_a"], r["mtu_b"]), (FULL, FULL), r)
+
+    def test_3_mtu_1280_black_hole(self) -> None:
+        r = self.across("mtu1280")
+        self.assertLessEqual(r["mtu_a"], SMALL, r)
+        self.assertLessEqual(r["mtu_b"], SMALL, r)
+        self.assertGreaterEqual(min(r["mtu_a"], r["mtu_b"]), 1200, r)
