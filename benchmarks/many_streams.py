@@ -209,8 +209,10 @@ class PeerHosts:
     def stop(self) -> None:
         for client in self.clients:
             client.close()
+        self.clients = []
         for proc in self.procs:
             stop_pid(proc.pid, proc)
+        self.procs = []
 
 
 def many_peers(b: Daemon, hosts: PeerHosts, idle: float) -> dict[str, Any]:
@@ -254,7 +256,8 @@ def row(label: str, value: str, note: str = "") -> None:
 
 def run(args: argparse.Namespace) -> int:
     tmp = tempfile.mkdtemp(prefix="pilot-ms-")
-    rendezvous = Rendezvous(tmp)
+    # 102 nodes register from 127.0.0.1: lift the registry's 10 registrations per source IP a minute
+    rendezvous = Rendezvous(tmp, ("--registrations-per-minute", "0"))
     a = Daemon("bench-a", os.path.join(tmp, "a"))
     b = Daemon("bench-b", os.path.join(tmp, "b"))
     hosts = PeerHosts(os.path.join(tmp, "peers"), args.peers, rendezvous)
@@ -270,11 +273,18 @@ def run(args: argparse.Namespace) -> int:
         assert a.pid is not None and b.pid is not None
         establish_trust(a, b)
         a.call("ping", target=b.name, count=1, timeout=5.0, interval=0)  # the tunnel is up
+        p: dict[str, Any] | None = None
+        if args.peers:  # first, while b's heap has no room freed by the streams below
+            hosts.start()
+            p = many_peers(b, hosts, args.idle)
+            hosts.stop()
         syn0 = stack_counter(b, "dropped.syn_rate")
         pings = a.client.request("ping", {"target": b.name, "count": 200, "timeout": 5.0, "interval": 0},
                                  timeout=200 * 5.0 + 30)  # type: ignore[union-attr]
         rtts = [float(x["rtt_ms"]) for x in pings["results"] if "rtt_ms" in x]
         ping_dropped = stack_counter(b, "dropped.syn_rate") - syn0
+        # the pings' connections linger in TIME_WAIT and count against b's 1024 per port
+        wait_for(lambda: connections(b) == 0, 90, "the pings' connections to leave TIME_WAIT")
         time.sleep(1.0)
         idle = {"a": rss_mb(a.pid), "b": rss_mb(b.pid)}
         syn0 = stack_counter(b, "dropped.syn_rate")
@@ -292,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         row(f"burst of {args.streams} opens, all established", f"{r['total'] * 1000:.0f} ms",
             f"{args.streams / r['total']:.0f} opens/s; control socket `connect` to b:7, all sent at once")
         row("time per open p50 / p99", f"{pct(t, 50):.1f} / {pct(t, 99):.1f} ms",
-            f"max {max(t):.1f} ms; {sum(1 for x in t if x > 900)} over 0.9 s; "
+            f"min {min(t):.1f}, max {max(t):.1f} ms (all were sent at once); "
             f"{dropped} SYNs dropped by b's rate limits")
         row(f"echo of {len(ECHO)} B on every stream", f"{r['echoed'] * 1000:.0f} ms",
             f"all {args.streams}, at once")
@@ -303,9 +313,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{grown * 1024 / args.streams:.1f} KB per idle stream"
                 + (" (stack + echo protocol)" if side == "b" else " (stack + control-socket bridge)")
                 + f"; {r['open_' + side]} connections listed after {args.idle:g} s idle")
-        if args.peers:
-            hosts.start()
-            p = many_peers(b, hosts, args.idle)
+        if p is not None:
             row(f"b: RSS before / with {args.peers} idle peers", f"{p['before']:.1f} / {p['after']:.1f} MB",
                 f"{(p['after'] - p['before']) * 1024 / args.peers:.1f} KB per idle peer (tunnel, trust, one "
                 f"stream); b lists {p['peers']} peers, {p['connections']} connections")

@@ -160,8 +160,9 @@ def child_env(home: str | None = None) -> dict[str, str]:
 
 
 class Rendezvous:
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, extra_args: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.registry = ""
         self.beacon = ""
@@ -169,7 +170,7 @@ class Rendezvous:
 
     def start(self) -> None:
         self.cmd = [sys.executable, "-m", "pilot", "rendezvous", "start", "--listen", f"{HOST}:0",
-                    "--beacon", f"{HOST}:0", "--no-store", "--json", "--log-level", "warn"]
+                    "--beacon", f"{HOST}:0", "--no-store", "--json", "--log-level", "warn", *self.extra_args]
         with open(os.path.join(self.folder, "rendezvous.log"), "wb") as err:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=err,
