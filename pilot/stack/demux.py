@@ -185,11 +185,7 @@ class Stack:
             self._syn(packet, key)
 
     def _syn(self, packet: Packet, key: Key) -> None:
-        """
-        A SYN for no connection we have (``docs/stack.md``, "SYNs and half-open
-        connections"): the rate limit of its class, the trust gate, the port's
-        limits, then room among the half-open connections.
-        """
+        """A new SYN: its class's rate limit, the trust gate, the port's limits, half-open room (docs/stack.md)."""
         node = packet.src.node
         now = self.clock.seconds()
         untrusted = not self._trusted(node)
