@@ -134,7 +134,7 @@ async def burst(a: Daemon, b: Daemon, count: int, idle: float, limit: float) -> 
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:
             raise Failed(f"{len(failed)} of {count} opens failed, the first with {failed[0]!r}")
-        times = [float(o) for o in outcomes]  # type: ignore[arg-type]
+        times = [o for o in outcomes if isinstance(o, float)]
 
         async def echo_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.write(ECHO)
@@ -160,12 +160,13 @@ async def burst(a: Daemon, b: Daemon, count: int, idle: float, limit: float) -> 
 def host_peers(folder: str, first: int, count: int, registry: str, beacon: str) -> None:
     """``--host-peers`` mode: ``count`` nodes in this process, one reactor (bounded by its parent's SIGTERM)."""
     from twisted.application.service import MultiService
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
     from pilot.identity import Identity
     from pilot.nodeconfig import load_settings
     from pilot.services.node import NodeService
 
+    reactor: Any = installed
     top = MultiService()
     for i in range(first, first + count):
         home = os.path.join(folder, f"p{i}")
@@ -174,9 +175,9 @@ def host_peers(folder: str, first: int, count: int, registry: str, beacon: str) 
         settings = load_settings({"hostname": f"peer-{i}", "registry": registry, "beacon": beacon,
                                   "listen": f"{HOST}:0", "heartbeat": "25"}, environ={}, home=home)
         NodeService(settings, reactor).setServiceParent(top)
-    reactor.callWhenRunning(top.startService)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
 
 
 class PeerHosts:
@@ -279,8 +280,9 @@ def run(args: argparse.Namespace) -> int:
             p = many_peers(b, hosts, args.idle)
             hosts.stop()
         syn0 = stack_counter(b, "dropped.syn_rate")
+        assert a.client is not None
         pings = a.client.request("ping", {"target": b.name, "count": 200, "timeout": 5.0, "interval": 0},
-                                 timeout=200 * 5.0 + 30)  # type: ignore[union-attr]
+                                 timeout=200 * 5.0 + 30)
         rtts = [float(x["rtt_ms"]) for x in pings["results"] if "rtt_ms" in x]
         ping_dropped = stack_counter(b, "dropped.syn_rate") - syn0
         # the pings' connections linger in TIME_WAIT and count against b's 1024 per port
