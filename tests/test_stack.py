@@ -391,6 +391,10 @@ class LimitTests(HandFedTestCase):
         self.feed(SYN, node=0x6001, dst_port=444)
         self.assertEqual(self.answers(), [SYN | ACK])
         self.assertEqual(self.stack.counters["reset.half_open"], 1)
+        self.trusted = True  # the untrusted nodes' cap is theirs alone
+        self.feed(SYN, node=0x7000, dst_port=444)
+        self.assertEqual(self.answers(), [SYN | ACK])
+        self.assertEqual(self.stack.counters["reset.half_open"], 1)
 
     def test_half_open_cap_sheds_the_heaviest_node(self) -> None:
         self.patch(limits, "HALF_OPEN", 10)
