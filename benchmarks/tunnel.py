@@ -13,8 +13,9 @@ them trust each other over their control sockets (``handshake`` on a, then
 * ping: the control socket's ``ping`` (a new stream to port 7 per ping, the
   reference pilotctl's ping, timed as it times it: from the dial to the whole
   echo), ``count=200, interval=0``, p50/p99; then 100 pings 0.12 s apart,
-  which stay under the peer's SYN limit (10 new streams/s per node, the
-  reference's: past it a SYN is dropped and the dial waits the 1 s RTO);
+  which stay under the reference's SYN limit (10 new streams/s per node:
+  past it a SYN is dropped and the dial waits the 1 s RTO; ours holds only
+  untrusted nodes to it, docs/stack.md);
 * echo RTT on one open stream: ``open_stream(b, 7)``, write 6 bytes, read the
   6 back, 1000 times (client-side wall time, so both Unix-socket hops of
   daemon a are included);
@@ -67,7 +68,7 @@ STOP_TIMEOUT = 10.0    # seconds for a process to exit after SIGTERM
 POLL = 0.002           # trust polling interval
 ECHO_PAYLOAD = b"echo!\n"  # 6 bytes
 CHUNK = 64 * 1024
-PACED_INTERVAL = 0.12  # s between pings: under the peer's SYN limit (10/s per node, the reference's)
+PACED_INTERVAL = 0.12  # s between pings: under the reference's SYN limit (10/s per node)
 
 
 class Failed(Exception):
@@ -160,8 +161,9 @@ def child_env(home: str | None = None) -> dict[str, str]:
 
 
 class Rendezvous:
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, extra_args: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.registry = ""
         self.beacon = ""
@@ -169,7 +171,7 @@ class Rendezvous:
 
     def start(self) -> None:
         self.cmd = [sys.executable, "-m", "pilot", "rendezvous", "start", "--listen", f"{HOST}:0",
-                    "--beacon", f"{HOST}:0", "--no-store", "--json", "--log-level", "warn"]
+                    "--beacon", f"{HOST}:0", "--no-store", "--json", "--log-level", "warn", *self.extra_args]
         with open(os.path.join(self.folder, "rendezvous.log"), "wb") as err:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=err,
@@ -542,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
 
         trust = establish_trust(a, b)
         first = ping(a, b, 1)
-        time.sleep(1.1)  # b's SYN bucket (10/s, burst 10) refills
+        time.sleep(1.1)  # a SYN bucket of the reference's size (10/s, burst 10) would refill
         p = ping(a, b, args.pings)
         time.sleep(1.1)
         paced = ping(a, b, args.paced_pings, PACED_INTERVAL)
@@ -564,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
                 "daemon-measured like the reference: dial -> whole echo, a new stream to port 7 each")
             row(f"ping RTT p99, {label}", f"{pct(rt, 99):.3f} ms",
                 f"min {min(rt, default=float('nan')):.3f}, max {max(rt, default=float('nan')):.3f} ms; "
-                f"{run['syn_dropped']} SYNs dropped by b's 10/s SYN limit (1 s RTO each); "
+                f"{run['syn_dropped']} SYNs dropped by b's SYN rate limit (1 s RTO each); "
                 f"{run['wall']:.1f} s in all"
                 + (f"; {len(run['errors'])} errors: {run['errors'][0]}" if run["errors"] else ""))
         er = e["rtts"]

@@ -6,6 +6,7 @@ single stacks fed packets by hand.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import io
 import random
@@ -346,7 +347,9 @@ class HandFedTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.out: list[Packet] = []
         self.trusted = True
-        self.stack = Stack(self.clock, lambda: B, self.out.append, lambda node: self.trusted)
+        self.untrusted: set[int] = set()
+        self.stack = Stack(self.clock, lambda: B, self.out.append,
+                           lambda node: self.trusted and node not in self.untrusted)
         self.factory = RecordingFactory()
 
     def take(self) -> list[Packet]:
@@ -366,32 +369,65 @@ class HandFedTestCase(SynchronousTestCase):
 
 class LimitTests(HandFedTestCase):
 
-    def test_accept_queue(self) -> None:
-        self.stack.listen(1000, self.factory)
+    def test_untrusted_half_open_cap(self) -> None:
+        """
+        At most 64 handshakes in progress from untrusted nodes: past it the
+        oldest handshake of the node holding the most is reset, and the new
+        SYN is answered (an attacker cannot keep port 444 full).
+        """
+        self.trusted = False
+        self.stack.listen(444, self.factory)
         for i in range(64):
-            self.feed(SYN, node=0x5000 + i)
+            self.feed(SYN, node=0x5000 + i // 4, src_port=50000 + i % 4, dst_port=444)
         self.assertEqual(self.answers(), [SYN | ACK] * 64)
-        self.feed(SYN, node=0x6000)
-        [rst] = self.take()
-        self.assertEqual((rst.flags, rst.dst, rst.dst_port, rst.ack), (RST, Address(0, 0x6000), 50000, 1))
-        self.assertEqual(self.stack.counters["refused.backlog"], 1)
-        self.feed(ACK, node=0x5000, seq=1, ack=1)  # one handshake completes: room for one more
+        self.feed(SYN, node=0x6000, dst_port=444)
+        rst, synack = self.take()
+        self.assertEqual((rst.flags, rst.dst, rst.dst_port), (RST, Address(0, 0x5000), 50000))
+        self.assertEqual((synack.flags, synack.dst), (SYN | ACK, Address(0, 0x6000)))
+        self.assertEqual(self.stack.counters["reset.half_open"], 1)
+        self.assertEqual(len(self.stack.connections()), 64)
+        self.feed(ACK, node=0x5001, seq=1, ack=1, dst_port=444)  # one handshake completes: room for one
         self.assertEqual(len(self.factory.built), 1)
-        self.feed(SYN, node=0x6001)
+        self.feed(SYN, node=0x6001, dst_port=444)
         self.assertEqual(self.answers(), [SYN | ACK])
-        self.feed(SYN, node=0x6002)
-        self.assertEqual(self.answers(), [RST])
+        self.assertEqual(self.stack.counters["reset.half_open"], 1)
+        self.trusted = True  # the untrusted nodes' cap is theirs alone
+        self.feed(SYN, node=0x7000, dst_port=444)
+        self.assertEqual(self.answers(), [SYN | ACK])
+        self.assertEqual(self.stack.counters["reset.half_open"], 1)
 
-    def test_accept_queue_frees_on_handshake_timeout(self) -> None:
+    def test_half_open_cap_sheds_the_heaviest_node(self) -> None:
+        self.patch(limits, "HALF_OPEN", 10)
+        self.stack.listen(1000, self.factory)
+        for port in range(50000, 50008):
+            self.feed(SYN, node=0x5000, src_port=port)
+        self.feed(SYN, node=0x5001, src_port=50000)
+        self.feed(SYN, node=0x5001, src_port=50001)
+        self.assertEqual(self.answers(), [SYN | ACK] * 10)
+        self.feed(SYN, node=0x5002)  # a light node gets in; the heavy one's oldest goes
+        rst, synack = self.take()
+        self.assertEqual((rst.flags, rst.dst, rst.dst_port), (RST, Address(0, 0x5000), 50000))
+        self.assertEqual((synack.flags, synack.dst), (SYN | ACK, Address(0, 0x5002)))
+        self.feed(SYN, node=0x5000, src_port=50100)  # the heavy node only displaces itself
+        rst, synack = self.take()
+        self.assertEqual((rst.dst, rst.dst_port, synack.dst), (Address(0, 0x5000), 50001, Address(0, 0x5000)))
+        nodes = collections.Counter(c["remote_addr"] for c in self.stack.connections())
+        self.assertEqual(sorted(nodes.values()), [1, 2, 7])
+        self.assertEqual(self.stack.counters["reset.half_open"], 2)
+
+    def test_half_open_frees_on_handshake_timeout(self) -> None:
+        self.patch(limits, "HALF_OPEN", 64)
         self.stack.listen(1000, self.factory)
         for i in range(64):
             self.feed(SYN, node=0x5000 + i)
         self.clock.advance(61)
         run_until(self.clock, lambda: not self.stack.connections(), 60)
         self.assertEqual(self.stack.connections(), [])
+        self.assertEqual(self.stack.streams.half_open_count, {True: 0, False: 0})
         self.take()
         self.feed(SYN, node=0x6000)
         self.assertEqual(self.answers(), [SYN | ACK])
+        self.assertEqual(self.stack.counters["reset.half_open"], 0)
 
     def test_per_port_limit(self) -> None:
         self.patch(limits, "MAX_PER_PORT", 5)
@@ -415,27 +451,46 @@ class LimitTests(HandFedTestCase):
         failure = self.failureResultOf(self.stack.connect(C, 1000, Recorder()), ConnectionFailed)
         self.assertIn("3 connections", failure.value.message)
 
-    def test_syn_rate_per_node(self) -> None:
+    def test_syn_rate_per_trusted_node(self) -> None:
+        """A trusted node: a burst of 1024 new streams (one port's worth), then 1000 a second."""
         self.stack.listen(1000, self.factory)
+        self.stack.listen(1001, self.factory)
+        for i in range(1025):
+            self.feed(SYN, src_port=10000 + i, dst_port=1000 + i // 1024)
+        self.assertEqual(self.answers(), [SYN | ACK] * 1024)  # the 1025th is dropped without an RST
+        self.assertEqual(self.stack.counters["dropped.syn_rate"], 1)
+        self.feed(SYN, node=0x5001, dst_port=1001)  # another node is not affected
+        self.assertEqual(self.answers(), [RST, SYN | ACK])  # (the half-open cap sheds the heavy node)
+        self.clock.advance(0.001)  # one token back
+        self.feed(SYN, src_port=20000, dst_port=1001)
+        self.feed(SYN, src_port=20001, dst_port=1001)
+        self.assertEqual(self.answers(), [RST, SYN | ACK])
+        self.assertEqual(self.stack.counters["dropped.syn_rate"], 2)
+
+    def test_syn_rate_per_untrusted_node(self) -> None:
+        """An untrusted node: the reference's 10 a second, burst 10."""
+        self.trusted = False
+        self.stack.listen(444, self.factory)
         for port in range(50000, 50011):
             self.feed(SYN, src_port=port)
-        self.assertEqual(self.answers(), [SYN | ACK] * 10)  # the 11th is dropped without an RST
+        self.assertEqual(self.answers(), [RST] * 10)  # refused.untrusted; the 11th dropped silently
         self.assertEqual(self.stack.counters["dropped.syn_rate"], 1)
-        self.feed(SYN, node=0x5001)  # another node is not affected
-        self.assertEqual(self.answers(), [SYN | ACK])
         self.clock.advance(0.1)  # one token back
         self.feed(SYN, src_port=50011)
         self.feed(SYN, src_port=50012)
-        self.assertEqual(self.answers(), [SYN | ACK])
+        self.assertEqual(self.answers(), [RST])
         self.assertEqual(self.stack.counters["dropped.syn_rate"], 2)
 
-    def test_syn_rate_global(self) -> None:
-        self.stack.listen(1000, self.factory)
-        self.stack.listen(1001, self.factory)
+    def test_syn_rate_untrusted_nodes_together(self) -> None:
+        """All untrusted nodes share the reference's 100 a second; trusted nodes are not held to it."""
+        self.untrusted.update(range(0x5000, 0x5000 + 101))
         for i in range(101):
-            self.feed(SYN, node=0x5000 + i, dst_port=1000 + i % 2)
-        self.assertEqual(self.answers(), [SYN | ACK] * 100)
+            self.feed(SYN, node=0x5000 + i, dst_port=1000)
+        self.assertEqual(self.answers(), [RST] * 100)
         self.assertEqual(self.stack.counters["dropped.syn_rate"], 1)
+        self.stack.listen(1000, self.factory)
+        self.feed(SYN, node=0x6000)
+        self.assertEqual(self.answers(), [SYN | ACK])
 
     def test_repeated_syn_not_rate_limited(self) -> None:
         """A SYN for a connection we have is the connection's business (SYN+ACK again), not a new one."""

@@ -105,9 +105,12 @@ class Stack:
         self._listeners: dict[int, tuple[Listening, IProtocolFactory]] = {}
         self._datagram_ports: dict[int, tuple[Listening, DatagramReceiver]] = {}
         self._calls: set[IDelayedCall] = set()
+        # untrusted nodes: the reference's limits; trusted ones: a burst as large as a port's limit
         self._syn_global = KeyedLimiter(limits.SYN_RATE, limits.SYN_RATE)
         self._syn_per_node = KeyedLimiter(limits.SYN_RATE_PER_NODE, limits.SYN_RATE_PER_NODE,
                                           max_keys=10_000)
+        self._syn_trusted = KeyedLimiter(limits.SYN_RATE_TRUSTED, limits.SYN_BURST_TRUSTED,
+                                         max_keys=10_000)
         if echo:
             self.listen(ECHO, echo_factory())
 
@@ -182,13 +185,18 @@ class Stack:
             self._syn(packet, key)
 
     def _syn(self, packet: Packet, key: Key) -> None:
-        """A SYN for no connection we have: the rate limits, the trust gate, then the port's limits."""
+        """A new SYN: its class's rate limit, the trust gate, the port's limits, half-open room (docs/stack.md)."""
         node = packet.src.node
         now = self.clock.seconds()
-        if not self._syn_per_node.allow(node, now) or not self._syn_global.allow(None, now):
+        untrusted = not self._trusted(node)
+        if untrusted:
+            allowed = self._syn_per_node.allow(node, now) and self._syn_global.allow(None, now)
+        else:
+            allowed = self._syn_trusted.allow(node, now)
+        if not allowed:
             self._drop("dropped.syn_rate", packet)
             return
-        if not self._allowed(packet):
+        if untrusted and packet.dst_port != HANDSHAKE:
             self._refuse("refused.untrusted", packet)  # before the port lookup: nothing leaks
             return
         port = packet.dst_port
@@ -196,15 +204,14 @@ class Stack:
         if bound is None:
             self._refuse("refused.unbound", packet)
             return
-        untrusted = not self._trusted(node)
         table = self.streams
         if (table.port_use[port] >= limits.MAX_PER_PORT or len(table) >= limits.MAX_CONNECTIONS
                 or (untrusted and table.untrusted_by_node[node] >= limits.UNTRUSTED_PER_NODE)):
             self._refuse("refused.limit", packet)
             return
-        if table.pending[port] >= limits.ACCEPT_QUEUE:
-            self._refuse("refused.backlog", packet)
-            return
+        shed = table.make_room(untrusted)
+        if shed:
+            self.counters["reset.half_open"] += shed
         stream = table.add(key, self.local_address(), listening=bound[0], factory=bound[1],
                            untrusted=untrusted)
         stream.connection.packet_received(packet)

@@ -18,15 +18,21 @@ from pilot.stack.transport import PilotAddress
 from pilot.wire.packet import EPHEMERAL_END, EPHEMERAL_START, HEADER_LEN, MAX_PAYLOAD
 
 # The reference's (docs/reference-wire.md §4.7).
-ACCEPT_QUEUE = 64               # handshakes in progress per listening port
 MAX_PER_PORT = 1024             # connections per local port
 MAX_CONNECTIONS = 4096          # connections in all
-SYN_RATE = 100.0                # new-connection SYNs per second from all nodes together ...
-SYN_RATE_PER_NODE = 10.0        # ... and from one node (token buckets holding one second's worth)
+SYN_RATE = 100.0                # new-connection SYNs per second from all untrusted nodes together ...
+SYN_RATE_PER_NODE = 10.0        # ... and from one untrusted node (token buckets holding one second's worth)
+ACCEPT_QUEUE = 64               # handshakes in progress from untrusted nodes (the reference: per port)
 
-# Ours: an untrusted node reaches only port 444, where one message is all it
-# needs; this keeps one such node from filling that port's accept queue.
-UNTRUSTED_PER_NODE = 4          # connections held (or being opened) by one untrusted node
+# Ours (docs/stack.md, "SYNs and half-open connections"): a trusted node's
+# burst of new streams is never held to the reference's 10 SYNs a second
+# (a dropped SYN costs the dialler the 1 s initial RTO), and a flood is
+# bounded by the half-open cap, which sheds the heaviest sender's oldest
+# handshake first.
+SYN_RATE_TRUSTED = 1000.0       # new-connection SYNs per second from one trusted node ...
+SYN_BURST_TRUSTED = 1024.0      # ... with a burst of one port's worth of connections (MAX_PER_PORT)
+HALF_OPEN = 1024                # inbound handshakes in progress in all, from every node
+UNTRUSTED_PER_NODE = 4          # connections held (or being opened) by one untrusted node (port 444 only)
 
 #: The largest datagram payload: the whole packet stays within 65535 bytes.
 MAX_DATAGRAM = MAX_PAYLOAD - HEADER_LEN

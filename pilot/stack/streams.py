@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from pilot.address import Address
 from pilot.errors import ConnectionFailed, PilotError, Timeout
 from pilot.machines.connection import Connection, ConnectionConfig
+from pilot.stack import ports as limits
 from pilot.stack.ports import Listening
 from pilot.stack.transport import PilotAddress, StreamTransport
 from pilot.wire.packet import Packet
@@ -117,7 +118,7 @@ class Stream:
         if self.pending:
             self.pending = False
             if self.inbound:
-                _decrement(self.table.pending, self.key[2])
+                self.table.handshake_over(self)
         self.table.cancel(self.timeout_call)
         self.timeout_call = None
 
@@ -170,11 +171,13 @@ class StreamTable:
         self._by_key: dict[Key, Stream] = {}
         self._by_id: dict[int, Stream] = {}
         self._ids = itertools.count(1)
-        #: Streams per local port, handshakes in progress per listening port,
-        #: streams held by each untrusted node.
+        #: Streams per local port, streams held by each untrusted node.
         self.port_use: collections.Counter[int] = collections.Counter()
-        self.pending: collections.Counter[int] = collections.Counter()
         self.untrusted_by_node: collections.Counter[int] = collections.Counter()
+        #: Inbound handshakes in progress (half-open), from untrusted nodes (True) and
+        #: trusted ones (False): by node, each node's oldest first.
+        self.half_open: dict[bool, dict[int, dict[int, Stream]]] = {True: {}, False: {}}
+        self.half_open_count = {True: 0, False: 0}
         #: The segment size that fits each peer's path (``docs/tunnel.md``), and for peers not listed.
         self.segment_sizes: dict[int, int] = {}
         self.default_segment_size: int = config.mss
@@ -221,7 +224,8 @@ class StreamTable:
         self._by_id[stream.id] = stream
         self.port_use[local_port] += 1
         if stream.inbound:
-            self.pending[local_port] += 1
+            self.half_open[untrusted].setdefault(stream.node, {})[stream.id] = stream
+            self.half_open_count[untrusted] += 1
         if untrusted:
             self.untrusted_by_node[stream.node] += 1
         return stream
@@ -232,6 +236,45 @@ class StreamTable:
         for stream in self.with_node(node):
             if stream.connection is not None:
                 stream.connection.set_segment_size(mss)
+
+    def handshake_over(self, stream: Stream) -> None:
+        """An inbound stream is established or gone: it no longer counts as half-open."""
+        by_node = self.half_open[stream.untrusted]
+        held = by_node.get(stream.node)
+        if held is not None and held.pop(stream.id, None) is not None:
+            self.half_open_count[stream.untrusted] -= 1
+            if not held:
+                del by_node[stream.node]
+
+    def make_room(self, untrusted: bool) -> int:
+        """
+        Before a new inbound stream: past a half-open cap (``ACCEPT_QUEUE`` for
+        untrusted nodes, ``HALF_OPEN`` for all), reset the oldest handshake of
+        the node holding the most.  Returns how many were reset.
+        """
+        shed = 0
+        for only_untrusted, full in ((True, untrusted and self.half_open_count[True] >= limits.ACCEPT_QUEUE),
+                                     (False, sum(self.half_open_count.values()) >= limits.HALF_OPEN)):
+            victim = self.heaviest_half_open(only_untrusted) if full else None
+            if victim is not None:
+                self.log.debug("half-open connections full: resetting {target}", target=victim.target)
+                victim.connection.abort()
+                shed += 1
+        return shed
+
+    def heaviest_half_open(self, untrusted_only: bool) -> Stream | None:
+        """
+        The oldest half-open stream of the node holding the most (ties: the
+        node whose oldest is older), among untrusted nodes or among all.
+        """
+        best: Stream | None = None
+        most = 0
+        for untrusted in ((True,) if untrusted_only else (True, False)):
+            for held in self.half_open[untrusted].values():
+                oldest = next(iter(held.values()))
+                if len(held) > most or (len(held) == most and best is not None and oldest.id < best.id):
+                    best, most = oldest, len(held)
+        return best
 
     def forget(self, stream: Stream) -> None:
         if self._by_key.get(stream.key) is stream:
