@@ -54,6 +54,9 @@ class SimLink:
     reorder: float = 0.0
     reorder_delay: float = 0.005
     seed: int = 0
+    #: Record (time, side, payload bytes) of every packet offered, in :attr:`offered`.
+    record: bool = False
+    offered: list[tuple[float, str, int]] = attr.ib(factory=list)
     ends: dict[str, Connection] = attr.ib(factory=dict)
     directions: dict[str, Direction] = attr.ib(factory=lambda: {"a": Direction(), "b": Direction()})
     _random: random.Random = attr.ib(init=False)
@@ -68,6 +71,8 @@ class SimLink:
         data = packet.encode()
         way = self.directions[side]
         now = self.clock.seconds()
+        if self.record:
+            self.offered.append((now, side, len(packet.payload)))
         backlog = max(0.0, way.busy_until - now) * self.rate
         if backlog + len(data) > self.queue_limit:
             way.tail_dropped += 1

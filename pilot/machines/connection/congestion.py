@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.machines.test_datatransfer -*-
+# -*- test-case-name: tests.machines.test_congestion -*-
 """
 Congestion control for a stream's sender: the :class:`CongestionControl`
 hook the sender drives, :class:`RenoCongestion` (loss-driven, the
@@ -115,8 +115,8 @@ PROBE_RTT_TIME = 0.2
 #: Startup ends when three rounds in a row did not grow the bandwidth by a quarter.
 FULL_BW_GROWTH = 1.25
 FULL_BW_ROUNDS = 3
-#: Startup also ends when a round's RTTs (at least this many) all exceed the last round's
-#: minimum by an eighth of it, clamped to 4-16 ms: a queue is building (RFC 9406, HyStart++).
+#: Startup also ends when this many RTT samples in a row exceed the minimum by an eighth
+#: of it, clamped to 4-16 ms: a queue is building (the threshold of RFC 9406, HyStart++).
 DELAY_SAMPLES = 8
 DELAY_MIN, DELAY_MAX = 0.004, 0.016
 #: A round that lost more than this share of what it sent is congestion, not random loss.
@@ -161,8 +161,8 @@ class BbrCongestion:
     the sender paces at ``gain x bandwidth`` and keeps at most
     ``2 x bandwidth x min RTT`` (plus what ACK aggregation needs) in flight.
     Startup doubles the rate every round until three rounds bring less than
-    25 % more, or the RTT grows as a queue builds (HyStart++'s test, RFC
-    9406), or a round loses heavily; drain empties the queue startup built, ProbeBW cycles the gain
+    25 % more, or eight RTTs in a row show a queue building (HyStart++'s
+    threshold, RFC 9406), or a round loses heavily; drain empties the queue startup built, ProbeBW cycles the gain
     (1.25, 0.75, then 1 for six rounds), ProbeRTT drops to four segments for
     200 ms when the minimum RTT is 10 s old.  Random loss does not change the
     model; a round that lost more than 20 % of its data caps the window at
@@ -182,9 +182,8 @@ class BbrCongestion:
     min_rtt: float = math.inf
     min_rtt_at: float = 0.0
     min_rtt_expired: bool = False
-    round_min_rtt: float = math.inf
-    round_rtt_samples: int = 0
-    last_round_min_rtt: float = math.inf
+    #: RTT samples in a row above the minimum by the delay threshold.
+    delayed_samples: int = 0
     round_count: int = 0
     round_start: bool = False
     next_round_delivered: int = 0
@@ -241,8 +240,10 @@ class BbrCongestion:
 
     def on_rtt_sample(self, rtt: float, now: float) -> None:
         expired = now > self.min_rtt_at + MIN_RTT_WINDOW
-        self.round_min_rtt = min(self.round_min_rtt, rtt)
-        self.round_rtt_samples += 1
+        if self.min_rtt != math.inf and rtt >= self.min_rtt + self._delay_threshold():
+            self.delayed_samples += 1
+        else:
+            self.delayed_samples = 0
         if rtt <= self.min_rtt or expired:
             self.min_rtt_expired = expired and self.min_rtt != math.inf
             self.min_rtt = rtt
@@ -269,9 +270,6 @@ class BbrCongestion:
             self.next_round_delivered = sample.total_delivered
             self.round_count += 1
             self.round_start = True
-            if self.round_rtt_samples >= DELAY_SAMPLES:
-                self.last_round_min_rtt = self.round_min_rtt
-            self.round_min_rtt, self.round_rtt_samples = math.inf, 0
             self._judge_round_loss()
             self.bw.expire(self.round_count)
             self.extra_acked.expire(self.round_count)
@@ -329,11 +327,9 @@ class BbrCongestion:
     def _check_full_pipe(self, sample: RateSample) -> None:
         if self.filled_pipe:
             return
-        last = self.last_round_min_rtt
-        if self.round_rtt_samples >= DELAY_SAMPLES and last != math.inf:
-            if self.round_min_rtt >= last + min(DELAY_MAX, max(DELAY_MIN, last / 8)):
-                self._end_startup("delay")
-                return
+        if self.delayed_samples >= DELAY_SAMPLES:
+            self._end_startup("delay")
+            return
         if not self.round_start or sample.app_limited:
             return
         if self.bw.best >= self.full_bw * FULL_BW_GROWTH:
@@ -343,6 +339,9 @@ class BbrCongestion:
         self.full_bw_rounds += 1
         if self.full_bw_rounds >= FULL_BW_ROUNDS:
             self._end_startup("bandwidth")
+
+    def _delay_threshold(self) -> float:
+        return min(DELAY_MAX, max(DELAY_MIN, self.min_rtt / 8))
 
     def _end_startup(self, why: str) -> None:
         if not self.filled_pipe:

@@ -33,8 +33,7 @@ Rules (docs/reference-wire.md §4.7 unless stated):
   delivers or shows lost some bytes gives it a delivery-rate sample
   (:mod:`~pilot.machines.connection.pacing`).
 * Loss recovery: fast retransmit on the 3rd duplicate ACK, NewReno partial
-  ACKs (for a hole sent before what the ACK delivered), and SACK: an
-  un-SACKed segment is lost once three segments sent after it were SACKed
+  ACKs, and SACK: an un-SACKed segment is lost once three segments sent after it were SACKed
   (RFC 6675's DupThresh, counted in transmission order as RACK does, which
   also finds lost retransmissions without a timeout).  A retransmission
   timeout backs the RTO off, marks every un-SACKed segment lost and resends
@@ -353,10 +352,8 @@ class Sender:
         acked = ack - self.snd_una
         self.snd_una = ack
         sample: Segment | None = None
-        newest = 0  # the latest transmission this ACK delivered
         while self.segments and self.segments[0].end <= ack:
             seg = self.segments.popleft()
-            newest = max(newest, seg.tx)
             if seg.lost:
                 self._lost -= 1
             elif not seg.sacked:
@@ -385,11 +382,7 @@ class Sender:
             if ack >= self.recovery_point:
                 self.in_recovery = False
             elif self.segments:
-                # NewReno's partial ACK, for a hole sent before what this ACK delivered
-                # (RACK's rule: a hole sent after it may simply still be on its way)
-                hole = self._first_hole()
-                if hole is not None and hole.tx < newest:
-                    self._mark_lost(hole)
+                self._mark_lost(self._first_hole())  # NewReno partial ACK
         else:
             self.cc.on_ack(acked, self.pipe(), now)
         return acked
