@@ -130,25 +130,31 @@ HEAVY_LOSS_BACKOFF = 0.7
 
 @attr.s(auto_attribs=True, eq=False, slots=True)
 class WindowedMax:
-    """The largest value seen over the last ``window`` rounds (a monotone deque)."""
+    """
+    The largest value seen over the last ``window`` rounds and, if longer,
+    the last ``window`` minimum RTTs (a monotone deque).  The time bound
+    keeps a burst of short rounds (the retransmissions of a recovery) from
+    flushing the estimate.
+    """
 
     window: int
-    _entries: collections.deque[tuple[int, float]] = attr.ib(factory=collections.deque)
+    _entries: collections.deque[tuple[int, float, float]] = attr.ib(factory=collections.deque)
 
     @property
     def best(self) -> float:
-        return self._entries[0][1] if self._entries else 0.0
+        return self._entries[0][2] if self._entries else 0.0
 
-    def update(self, value: float, round_count: int) -> None:
+    def update(self, value: float, round_count: int, now: float = 0.0, rtt: float = 0.0) -> None:
         entries = self._entries
-        while entries and entries[-1][1] <= value:
+        while entries and entries[-1][2] <= value:
             entries.pop()
-        entries.append((round_count, value))
-        self.expire(round_count)
+        entries.append((round_count, now, value))
+        self.expire(round_count, now, rtt)
 
-    def expire(self, round_count: int) -> None:
+    def expire(self, round_count: int, now: float = 0.0, rtt: float = 0.0) -> None:
         entries = self._entries
-        while len(entries) > 1 and entries[0][0] <= round_count - self.window:
+        while (len(entries) > 1 and entries[0][0] <= round_count - self.window
+               and entries[0][1] <= now - self.window * rtt):
             entries.popleft()
 
 
@@ -157,7 +163,7 @@ class BbrCongestion:
     """
     A model-based controller after BBR (draft-cardwell-iccrg-bbr-congestion-control):
     the bottleneck bandwidth is the windowed maximum of the delivery rate (10
-    rounds), the propagation delay the windowed minimum of the RTT (10 s);
+    rounds, and at least 10 minimum RTTs), the propagation delay the windowed minimum of the RTT (10 s);
     the sender paces at ``gain x bandwidth`` and keeps at most
     ``2 x bandwidth x min RTT`` (plus what ACK aggregation needs) in flight.
     Startup doubles the rate every round until three rounds bring less than
@@ -250,8 +256,8 @@ class BbrCongestion:
             self.min_rtt_at = now
 
     def on_delivery(self, sample: RateSample, now: float) -> None:
-        self._update_round(sample)
-        self._update_bandwidth(sample)
+        self._update_round(sample, now)
+        self._update_bandwidth(sample, now)
         self._update_ack_aggregation(sample, now)
         self._update_cycle(sample, now)
         self._check_full_pipe(sample)
@@ -262,7 +268,10 @@ class BbrCongestion:
 
     # -- the model ----------------------------------------------------------------------
 
-    def _update_round(self, sample: RateSample) -> None:
+    def _rtt_or_zero(self) -> float:
+        return 0.0 if self.min_rtt == math.inf else self.min_rtt
+
+    def _update_round(self, sample: RateSample, now: float) -> None:
         self.round_delivered += sample.newly_delivered
         self.round_lost += sample.newly_lost
         self.round_start = False
@@ -271,8 +280,8 @@ class BbrCongestion:
             self.round_count += 1
             self.round_start = True
             self._judge_round_loss()
-            self.bw.expire(self.round_count)
-            self.extra_acked.expire(self.round_count)
+            self.bw.expire(self.round_count, now, self._rtt_or_zero())
+            self.extra_acked.expire(self.round_count, now, self._rtt_or_zero())
 
     def _judge_round_loss(self) -> None:
         sent = self.round_delivered + self.round_lost
@@ -288,14 +297,14 @@ class BbrCongestion:
         elif self.inflight_cap < self.max_window:
             self.inflight_cap = min(self.max_window, self.inflight_cap + self.inflight_cap // 8 + self.mss)
 
-    def _update_bandwidth(self, sample: RateSample) -> None:
+    def _update_bandwidth(self, sample: RateSample, now: float) -> None:
         if not sample.delivered or sample.interval <= 0:
             return
         if self.min_rtt != math.inf and sample.interval < self.min_rtt:
             return  # compressed ACKs: the interval says nothing of the path
         rate = sample.rate
         if not sample.app_limited or rate >= self.bw.best:
-            self.bw.update(rate, self.round_count)
+            self.bw.update(rate, self.round_count, now, self._rtt_or_zero())
 
     def _update_ack_aggregation(self, sample: RateSample, now: float) -> None:
         """How far ACKs run ahead of the bandwidth estimate (a batching receiver or event loop)."""
@@ -306,7 +315,8 @@ class BbrCongestion:
         if self.ack_epoch_bytes <= expected:
             self.ack_epoch_start, self.ack_epoch_bytes, expected = now, 0, 0.0
         self.ack_epoch_bytes += sample.newly_delivered
-        self.extra_acked.update(min(self.ack_epoch_bytes - expected, float(self.cwnd)), self.round_count)
+        self.extra_acked.update(min(self.ack_epoch_bytes - expected, float(self.cwnd)), self.round_count,
+                                now, self._rtt_or_zero())
 
     def _update_cycle(self, sample: RateSample, now: float) -> None:
         if self.state != "probe_bw":
