@@ -67,6 +67,15 @@ class WindowedMaxTests(SynchronousTestCase):
         w.expire(10)
         self.assertEqual(w.best, 4.0)  # the newest stays until replaced
 
+    def test_window_spans_time_too(self) -> None:
+        """Many short rounds (a recovery's retransmissions) do not flush it within 3 RTTs."""
+        w = WindowedMax(3)
+        w.update(5.0, 0, now=0.0, rtt=0.1)
+        w.update(1.0, 10, now=0.2, rtt=0.1)
+        self.assertEqual(w.best, 5.0)
+        w.update(1.0, 11, now=0.31, rtt=0.1)
+        self.assertEqual(w.best, 1.0)
+
 
 class BbrModelTests(SynchronousTestCase):
     def test_startup_drain_probe_bw(self) -> None:

@@ -161,20 +161,23 @@ class WindowedMax:
 @attr.s(auto_attribs=True, eq=False)
 class BbrCongestion:
     """
-    A model-based controller after BBR (draft-cardwell-iccrg-bbr-congestion-control):
-    the bottleneck bandwidth is the windowed maximum of the delivery rate (10
-    rounds, and at least 10 minimum RTTs), the propagation delay the windowed minimum of the RTT (10 s);
-    the sender paces at ``gain x bandwidth`` and keeps at most
+    A model-based controller after BBR
+    (draft-cardwell-iccrg-bbr-congestion-control): the bottleneck bandwidth
+    is the windowed maximum of the delivery rate (10 rounds, and at least 10
+    minimum RTTs), the propagation delay the windowed minimum of the RTT
+    (10 s); the sender paces at ``gain x bandwidth`` and keeps at most
     ``2 x bandwidth x min RTT`` (plus what ACK aggregation needs) in flight.
+
     Startup doubles the rate every round until three rounds bring less than
     25 % more, or eight RTTs in a row show a queue building (HyStart++'s
-    threshold, RFC 9406), or a round loses heavily; drain empties the queue startup built, ProbeBW cycles the gain
-    (1.25, 0.75, then 1 for six rounds), ProbeRTT drops to four segments for
-    200 ms when the minimum RTT is 10 s old.  Random loss does not change the
-    model; a round that lost more than 20 % of its data caps the window at
-    70 % (never below the estimated bandwidth-delay product; growing back
-    an eighth per round without such loss) and ends startup, and a
-    retransmission timeout restarts the window from the initial one.
+    threshold, RFC 9406), or a round loses heavily; drain empties the queue
+    startup built; ProbeBW cycles the gain (1.25, 0.75, then 1 for six
+    rounds); ProbeRTT drops to four segments for 200 ms when the minimum RTT
+    is 10 s old.  Random loss does not change the model; a round that lost
+    more than 20 % of its data caps the window at 70 % (never below the
+    estimated bandwidth-delay product; growing back an eighth per round
+    without such loss) and ends startup; a retransmission timeout restarts
+    the window from the initial one.
     """
 
     mss: int = MSS
