@@ -33,9 +33,9 @@ Rules (docs/reference-wire.md §4.7 unless stated):
   delivers or shows lost some bytes gives it a delivery-rate sample
   (:mod:`~pilot.machines.connection.pacing`).
 * Loss recovery: fast retransmit on the 3rd duplicate ACK, NewReno partial
-  ACKs, and SACK: an un-SACKed segment is lost once three segments sent after it were SACKed
-  (RFC 6675's DupThresh, counted in transmission order as RACK does, which
-  also finds lost retransmissions without a timeout).  A retransmission
+  ACKs, and SACK: an un-SACKed segment is lost once three segments sent
+  after it were SACKed (RFC 6675's DupThresh, counted in transmission order
+  as RACK does, which also finds lost retransmissions without a timeout).  A retransmission
   timeout backs the RTO off, marks every un-SACKed segment lost and resends
   them as the window allows.  SACK marks are kept until the data is
   acknowledged (no receiver of ours or the reference's reneges).
@@ -54,8 +54,7 @@ from typing import Iterable
 import attr
 
 from pilot.machines.connection.congestion import (  # noqa: F401 (re-exported)
-    INITIAL_SSTHRESH, INITIAL_WINDOW, MAX_WINDOW, MSS, BbrCongestion, CongestionControl,
-    RenoCongestion,
+    INITIAL_SSTHRESH, INITIAL_WINDOW, MAX_WINDOW, MSS, CongestionControl, RenoCongestion,
 )
 from pilot.machines.connection.pacing import DeliveryRate
 from pilot.machines.connection.recvbuffer import MAX_OOO_SEGMENTS
