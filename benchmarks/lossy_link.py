@@ -16,8 +16,10 @@ both ends together (packet codecs included, no encryption).
     python3 benchmarks/lossy_link.py --megabytes 16 --seeds 5
     python3 benchmarks/lossy_link.py --rtt 100 --loss 2
 
+    python3 benchmarks/lossy_link.py --controller bbr --loss 5 --rtt 50 --megabytes 104.9 --seeds 1
+
 Each cell is the median of ``--seeds`` runs (different loss patterns); every
-run is bounded (300 simulated seconds).
+run is bounded (``--time-limit``, 300 simulated seconds).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ MB = 1e6
 
 
 def one(congestion: str, megabytes: float, loss: float, rtt: float, rate: float, queue: int,
-        seed: int) -> tuple[float, float, int]:
+        seed: int, limit: float) -> tuple[float, float, int]:
     """(simulated MB/s, CPU seconds per MB, retransmissions) of one transfer."""
     clock = Clock()
     link = SimLink(clock, rate=rate, delay=rtt / 2, loss=loss, queue_limit=queue, seed=seed)
@@ -55,8 +57,9 @@ def one(congestion: str, megabytes: float, loss: float, rtt: float, rate: float,
     start = clock.seconds()
     a.write(data)
     a.close()  # as a file transfer would: the tail goes without waiting for Nagle
-    if not run(clock, lambda: len(app_b.data) >= size, limit=300):
-        raise SystemExit(f"{congestion} at {loss:.0%} loss: {len(app_b.data)} of {size} bytes in 300 s")
+    if not run(clock, lambda: len(app_b.data) >= size, limit=limit):
+        raise SystemExit(f"{congestion} at {loss:.0%} loss: {len(app_b.data)} of {size} bytes "
+                         f"in {limit:g} simulated seconds")
     elapsed = clock.seconds() - start
     cpu = time.process_time() - cpu
     if bytes(app_b.data) != data:
@@ -72,6 +75,9 @@ def main() -> None:
     p.add_argument("--queue", type=int, default=256, help="bottleneck queue, KiB")
     p.add_argument("--loss", type=float, action="append", help="percent (repeatable; default 0, 1, 5)")
     p.add_argument("--rtt", type=float, action="append", help="ms (repeatable; default 1, 50)")
+    p.add_argument("--controller", choices=("reno", "bbr"), action="append",
+                   help="repeatable; default both")
+    p.add_argument("--time-limit", type=float, default=300.0, help="simulated seconds per transfer")
     args = p.parse_args()
     losses = args.loss or [0.0, 1.0, 5.0]
     rtts = args.rtt or [1.0, 50.0]
@@ -79,11 +85,12 @@ def main() -> None:
           f"queue {args.queue} KiB, median of {args.seeds} seeds; simulated time, byte-exact")
     print(f"{'controller':<10} {'loss':>5} {'RTT':>7} {'MB/s (sim)':>11} {'range':>13} "
           f"{'CPU s/MB':>9} {'retransmits':>11}")
-    for congestion in ("reno", "bbr"):
+    for congestion in args.controller or ("reno", "bbr"):
         for rtt in rtts:
             for loss in losses:
                 runs = [one(congestion, args.megabytes, loss / 100, rtt / 1000, args.rate * MB,
-                            args.queue * 1024, seed) for seed in range(1, args.seeds + 1)]
+                            args.queue * 1024, seed, args.time_limit)
+                        for seed in range(1, args.seeds + 1)]
                 rates = [r for r, _, _ in runs]
                 print(f"{congestion:<10} {loss:>4g}% {rtt:>5g}ms {statistics.median(rates):>11.2f} "
                       f"{min(rates):>6.2f}-{max(rates):<6.2f} "
