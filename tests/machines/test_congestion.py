@@ -261,14 +261,33 @@ class SimulatedTransferTests(SynchronousTestCase):
                 self.assertGreater(bbr, 0.85 * reno)
 
     def test_paced_bursts(self) -> None:
-        """BBR's segments leave a few at a time, never faster than 1.25 x the bottleneck for long."""
-        _, link = transfer("bbr", 4 << 20, rtt=0.050, record=True)
-        data = [(t, size) for t, side, size in link.offered if side == "a" and size > 0 and t > 0.5]
-        self.assertLessEqual(max(collections.Counter(t for t, _ in data).values()), 4)
-        per_10ms = collections.Counter()
-        for t, size in data:
-            per_10ms[int(t * 100)] += size
-        self.assertLessEqual(max(per_10ms.values()), 1.25 * 10 * MB * 0.010 + 5 * MSS)
+        """
+        After a pause, BBR's segments leave a few at a time at the pacing rate;
+        Reno's whole window leaves at once.
+        """
+        bursts = {}
+        for congestion in ("bbr", "reno"):
+            clock = Clock()
+            link = SimLink(clock, rate=10 * MB, delay=0.025, record=True)
+            a, b, app_a, app_b = make_pair(clock, link, ConnectionConfig(congestion=congestion))
+            a.open_active()
+            run(clock, lambda: app_b.made == 1)
+            a.write(pattern(2 << 20))
+            run(clock, lambda: len(app_b.data) == 2 << 20)
+            run(clock, lambda: False, limit=0.5)
+            resumed = clock.seconds()
+            a.write(pattern(1 << 20, 2))
+            run(clock, lambda: len(app_b.data) == 3 << 20)
+            data = [(t, size) for t, side, size in link.offered if side == "a" and size and t >= resumed]
+            bursts[congestion] = max(collections.Counter(t for t, _ in data).values())
+            if congestion == "bbr":
+                per_10ms: collections.Counter[int] = collections.Counter()
+                for t, size in data:
+                    per_10ms[int(t * 100)] += size
+                self.assertLessEqual(max(per_10ms.values()), 1.25 * 10 * MB * 0.010 + 5 * MSS)
+        # a burst is 2 ms at the pacing rate (at most 1.25 x 10 MB/s): 25 kB, six segments and one on credit
+        self.assertLessEqual(bursts["bbr"], 7)
+        self.assertGreater(bursts["reno"], 50, bursts)
 
 
 class ZeroWindowTests(SynchronousTestCase):
