@@ -15,6 +15,7 @@ both ends together (packet codecs included, no encryption).
     python3 benchmarks/lossy_link.py                   # {reno, bbr} x {0, 1, 5} % x {1, 50} ms
     python3 benchmarks/lossy_link.py --megabytes 16 --seeds 5
     python3 benchmarks/lossy_link.py --rtt 100 --loss 2
+    python3 benchmarks/lossy_link.py --segment 1330 --rtt 50     # a 1,500-byte path's segments
 
     python3 benchmarks/lossy_link.py --controller bbr --loss 5 --rtt 50 --megabytes 104.9 --seeds 1
 
@@ -43,11 +44,13 @@ MB = 1e6
 
 
 def one(congestion: str, megabytes: float, loss: float, rtt: float, rate: float, queue: int,
-        seed: int, limit: float) -> tuple[float, float, int]:
+        seed: int, limit: float, segment: int) -> tuple[float, float, int]:
     """(simulated MB/s, CPU seconds per MB, retransmissions) of one transfer."""
     clock = Clock()
     link = SimLink(clock, rate=rate, delay=rtt / 2, loss=loss, queue_limit=queue, seed=seed)
     a, b, app_a, app_b = make_pair(clock, link, ConnectionConfig(congestion=congestion))
+    a.set_segment_size(segment)
+    b.set_segment_size(segment)
     a.open_active()
     if not run(clock, lambda: app_b.made == 1, limit=60):
         raise SystemExit("the handshake did not complete")
@@ -77,11 +80,14 @@ def main() -> None:
     p.add_argument("--rtt", type=float, action="append", help="ms (repeatable; default 1, 50)")
     p.add_argument("--controller", choices=("reno", "bbr"), action="append",
                    help="repeatable; default both")
+    p.add_argument("--segment", type=int, default=4096,
+                   help="segment size, bytes (1330: what a 1,500-byte path carries)")
     p.add_argument("--time-limit", type=float, default=300.0, help="simulated seconds per transfer")
     args = p.parse_args()
     losses = args.loss or [0.0, 1.0, 5.0]
     rtts = args.rtt or [1.0, 50.0]
-    print(f"lossy link: {args.megabytes:g} MB per transfer, bottleneck {args.rate:g} MB/s, "
+    print(f"lossy link: {args.megabytes:g} MB per transfer in {args.segment}-byte segments, "
+          f"bottleneck {args.rate:g} MB/s, "
           f"queue {args.queue} KiB, median of {args.seeds} seeds; simulated time, byte-exact")
     print(f"{'controller':<10} {'loss':>5} {'RTT':>7} {'MB/s (sim)':>11} {'range':>13} "
           f"{'CPU s/MB':>9} {'retransmits':>11}")
@@ -89,7 +95,7 @@ def main() -> None:
         for rtt in rtts:
             for loss in losses:
                 runs = [one(congestion, args.megabytes, loss / 100, rtt / 1000, args.rate * MB,
-                            args.queue * 1024, seed, args.time_limit)
+                            args.queue * 1024, seed, args.time_limit, args.segment)
                         for seed in range(1, args.seeds + 1)]
                 rates = [r for r, _, _ in runs]
                 print(f"{congestion:<10} {loss:>4g}% {rtt:>5g}ms {statistics.median(rates):>11.2f} "
