@@ -12,7 +12,7 @@ from one scheduled call to the next, so no test sleeps.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Protocol
 
 import attr
 from twisted.internet.task import Clock
@@ -27,6 +27,14 @@ B_ADDR, B_PORT = Address(0, 2), 7
 
 #: A rule sees (sender side "a" or "b", packet) and returns True to drop it.
 Rule = Callable[[str, Packet], bool]
+
+
+class Link(Protocol):
+    """What :func:`make_pair` needs of a link (:class:`FakeLink`, ``tests.machines.simlink.SimLink``)."""
+
+    ends: dict[str, Connection]
+
+    def sender(self, side: str) -> Callable[[Packet], None]: ...
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -130,7 +138,7 @@ def run_until(clock: Clock, done: Callable[[], bool], limit: float = 600.0) -> b
 
 
 def make_pair(
-    clock: Clock, link: FakeLink, config: ConnectionConfig | None = None,
+    clock: Clock, link: Link, config: ConnectionConfig | None = None,
     iss_a: int = 0, iss_b: int = 0,
 ) -> tuple[Connection, Connection, App, App]:
     """An active side ``a`` and a passive side ``b`` (opened by a's SYN) joined by ``link``."""

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.machines.connection.sendbuffer import (
-    MSS, RenoCongestion, Sender, TimerOutcome, sack_safe,
+    MSS, OOO_LIMIT, RenoCongestion, Sender, TimerOutcome, sack_safe,
 )
 from pilot.wire.packet import encode_sack, parse_sack
 
@@ -286,6 +286,24 @@ class SenderTests(SynchronousTestCase):
 
     def test_timeout_with_nothing_outstanding(self) -> None:
         self.assertIs(sender().on_timeout(1.0), TimerOutcome.NOTHING)
+
+    def test_out_of_order_room_bounds_new_data(self) -> None:
+        """While the receiver holds SACKed data, new data stays within its out-of-order room."""
+        s = sender(nagle=False)
+        s.cc.cwnd = s.cc.max_window = 4 << 20
+        s.write(b"x" * (300 * MSS))
+        self.assertEqual(len(drain(s)), 300)  # nothing held out of order: the window rules
+        s = sender(nagle=False)
+        s.cc.cwnd = 4 << 20
+        s.write(b"x" * (300 * MSS))
+        for _ in range(20):
+            s.next_transmission(0.0)
+        s.on_ack(1, 512, [(1 + MSS, 1 + 2 * MSS)], False, 0.1)  # one SACKed: not yet a loss
+        drain(s, 0.1)
+        self.assertEqual(s.snd_nxt, 1 + OOO_LIMIT)
+        s.on_ack(1 + 2 * MSS, 512, [], False, 0.2)  # nothing held: the window opens again
+        self.assertGreater(len(drain(s, 0.2)), 0)
+        self.assertGreater(s.snd_nxt, 1 + OOO_LIMIT)
 
 
 class RenoTests(SynchronousTestCase):

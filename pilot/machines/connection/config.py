@@ -49,3 +49,6 @@ class ConnectionConfig:
     initial_window: int = INITIAL_WINDOW
     max_window: int = MAX_WINDOW
     initial_ssthresh: int = INITIAL_SSTHRESH
+    #: The congestion controller: "bbr" (model-based, paced; docs/connection.md) or "reno"
+    #: (loss-driven, unpaced: the reference's behaviour).
+    congestion: str = attr.ib(default="bbr", validator=attr.validators.in_(("bbr", "reno")))

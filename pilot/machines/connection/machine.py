@@ -311,6 +311,16 @@ def _flush(inputs: ConnectionInputs, core: Transfer) -> None:
     core.pump(flush=True)
 
 
+@_on(established, I.pacing_timer_fired, established)
+def _paced(inputs: ConnectionInputs, core: Transfer) -> None:
+    core.pump()
+
+
+@_on(draining, I.pacing_timer_fired, draining)
+def _paced_draining(inputs: ConnectionInputs, core: Transfer) -> None:
+    core.pump(flush=True)
+
+
 @_on(established, I.reading_resumed, established)
 @_on(draining, I.reading_resumed, draining)
 @_on(fin_wait, I.reading_resumed, fin_wait)
@@ -446,7 +456,7 @@ table.ignore((idle, syn_sent, syn_received, time_wait, closed), I.reading_resume
              why="nothing is held back: no data before the handshake, all of it handed over in TIME_WAIT")
 table.ignore((closed,), I.send_drained, I.retries_exhausted, I.close_requested,
              why="queued behind an abort that a failing application callback asked for")
-table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired,
+table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired, I.pacing_timer_fired,
              why="everything was acknowledged before our FIN; a late timer has nothing to send")
 
 _machine = indexed(_builder.build())

@@ -25,18 +25,20 @@ Rules (docs/reference-wire.md §4.7 unless stated):
   option it would spell, which no longer parses; the rest follows in the
   next segment.
 * Flow control: new data may extend at most ``peer window x 4096`` bytes past
-  the oldest unacknowledged byte.  A window of 0 is read as *one* segment (a
-  probe), not as "no limit" like the reference does: the reference only
-  advertises 0 when its queue is full, and then blocks rather than drops.
-* Congestion control sits behind :class:`CongestionControl`;
-  :class:`RenoCongestion` is the first implementation.
+  the oldest unacknowledged byte, and while the receiver holds SACKed data at
+  most :data:`OOO_LIMIT` (it holds less out of order than its window).  A
+  window of 0 is read as *one* segment (a probe), not as "no limit" like the
+  reference does: it advertises 0 only when full, and then blocks.
+* Congestion control sits behind :class:`CongestionControl`; every ACK that
+  delivers or shows lost some bytes gives it a delivery-rate sample
+  (:mod:`~pilot.machines.connection.pacing`).
 * Loss recovery: fast retransmit on the 3rd duplicate ACK, NewReno partial
-  ACKs, and SACK: an un-SACKed segment is lost once three segments sent after
-  it were SACKed (RFC 6675's DupThresh, counted in transmission order as
-  RACK does, which also finds lost retransmissions without a timeout).  A
-  retransmission timeout backs the RTO off, marks every un-SACKed segment
-  lost and resends them as the window allows.  SACK marks are kept until the
-  data is acknowledged (no receiver of ours or the reference's reneges).
+  ACKs, and SACK: an un-SACKed segment is lost once three segments sent
+  after it were SACKed (RFC 6675's DupThresh, counted in transmission order
+  as RACK does, which also finds lost retransmissions without a timeout).  A retransmission
+  timeout backs the RTO off, marks every un-SACKed segment lost and resends
+  them as the window allows.  SACK marks are kept until the data is
+  acknowledged (no receiver of ours or the reference's reneges).
 * Persist: when the only thing stopping us is the peer's window and the peer
   answered since our last transmission, a timer expiry is a window probe, not
   a failure: no give-up count, interval 0.5 s doubling to 30 s.
@@ -54,6 +56,8 @@ import attr
 from pilot.machines.connection.congestion import (  # noqa: F401 (re-exported)
     INITIAL_SSTHRESH, INITIAL_WINDOW, MAX_WINDOW, MSS, CongestionControl, RenoCongestion,
 )
+from pilot.machines.connection.pacing import DeliveryRate
+from pilot.machines.connection.recvbuffer import MAX_OOO_SEGMENTS
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.wire.packet import parse_sack
 
@@ -65,6 +69,8 @@ DUP_THRESH = 3
 MAX_RETRANSMITS = 8
 PROBE_INITIAL = 0.5
 PROBE_MAX = 30.0
+#: What a receiver holds out of order: the reference's 128 segments, our 128 slots' bytes.
+OOO_LIMIT = MAX_OOO_SEGMENTS * WINDOW_UNIT
 
 
 @attr.s(auto_attribs=True, eq=False, slots=True)
@@ -80,6 +86,11 @@ class Segment:
     episode: int = 0
     #: Order of its latest transmission among all of this sender's transmissions.
     tx: int = 0
+    # delivery-rate state at its latest transmission (pilot.machines.connection.pacing)
+    delivered: int = 0
+    delivered_at: float = 0.0
+    first_sent_at: float = 0.0
+    app_limited: bool = False
 
     @property
     def end(self) -> int:
@@ -142,6 +153,7 @@ class Sender:
     dup_acks_total: int = 0
     sack_recv: int = 0
     segments: collections.deque[Segment] = attr.ib(factory=collections.deque)
+    rate: DeliveryRate = attr.ib(factory=DeliveryRate)
     _queue: collections.deque[bytes] = attr.ib(factory=collections.deque)
     _queued: int = 0
     #: Bytes of the head chunk of ``_queue`` already cut into segments.
@@ -151,6 +163,8 @@ class Sender:
     _pipe: int = 0
     #: How many segments are deemed lost (waiting to be resent): none, and no scan is needed.
     _lost: int = 0
+    #: How many segments are SACKed: the receiver holds them out of order.
+    _sacked: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.snd_nxt is None:
@@ -165,6 +179,11 @@ class Sender:
     @property
     def outstanding(self) -> bool:
         return bool(self.segments)
+
+    @property
+    def has_lost(self) -> bool:
+        """Some segments wait to be retransmitted."""
+        return bool(self._lost)
 
     @property
     def idle(self) -> bool:
@@ -237,6 +256,7 @@ class Sender:
                     self._split(seg)
                 seg.lost = False
                 self._lost -= 1
+                self.rate.on_send(seg, now, not self._pipe)
                 self._pipe += len(seg.payload)
                 seg.transmissions += 1
                 seg.sent_at = now
@@ -246,8 +266,14 @@ class Sender:
                 return seg, True
             first_hole = False
         if not self._queued:
+            if self._pipe < self.cc.cwnd:
+                self.rate.mark_app_limited(self._pipe)
             return None
         flow_room = self.snd_una + self.send_window() - self.snd_nxt
+        if self._sacked:
+            # everything past the hole waits at the receiver, whose room for it is smaller
+            # than its window: what does not fit would be dropped there
+            flow_room = min(flow_room, self.snd_una + OOO_LIMIT - self.snd_nxt)
         cc_room = self.cc.cwnd - self.pipe()
         want = min(self.mss, self._queued)
         n = min(want, flow_room, cc_room)
@@ -261,6 +287,7 @@ class Sender:
         payload = sack_safe(self._peek(n))
         self._consume(len(payload))
         seg = Segment(self.snd_nxt, payload, now, tx=self._stamp())
+        self.rate.on_send(seg, now, not self._pipe)
         self.segments.append(seg)
         self._pipe += len(payload)
         self.snd_nxt += len(payload)
@@ -301,7 +328,7 @@ class Sender:
         blocks = list(sack)
         if blocks:
             self.sack_recv += len(blocks)
-            self._apply_sack(blocks)
+            self._apply_sack(blocks, now)
         if advanced:
             acked = self._advance(ack, now)
         else:
@@ -311,10 +338,13 @@ class Sender:
             elif window_grew and was_blocked and self.segments:
                 # A window update after we stalled on the window: the head may have
                 # been dropped by a full receiver, send it again now.
-                self._set_lost(self.segments[0])
+                self._set_lost(self.segments[0], path_loss=False)
                 self.persisting = False
         if blocks and self.segments:
             self._detect_losses(now)
+        sample = self.rate.sample(self._pipe)
+        if sample is not None:
+            self.cc.on_delivery(sample, now)
         return AckResult(acked=acked)
 
     def _advance(self, ack: int, now: float) -> int:
@@ -327,12 +357,18 @@ class Sender:
                 self._lost -= 1
             elif not seg.sacked:
                 self._pipe -= len(seg.payload)
+            if not seg.sacked:
+                self.rate.on_delivered(seg, len(seg.payload), now)
+            else:
+                self._sacked -= 1
             if seg.transmissions == 1 and not seg.sacked:
                 sample = seg
         if self.segments and self.segments[0].start < ack:
             head = self.segments[0]  # partly acknowledged: keep the rest as its own segment
             if not head.sacked and not head.lost:
                 self._pipe -= ack - head.start
+            if not head.sacked:
+                self.rate.on_delivered(head, ack - head.start, now)
             head.payload = head.payload[ack - head.start:]
             head.start = ack
         if sample is not None:
@@ -358,7 +394,7 @@ class Sender:
             self._mark_lost(self._first_hole())
             self.fast_retx += 1
 
-    def _apply_sack(self, blocks: list[tuple[int, int]]) -> None:
+    def _apply_sack(self, blocks: list[tuple[int, int]], now: float) -> None:
         for left, right in blocks:
             if not self.snd_una <= left < right <= self.snd_nxt:
                 continue
@@ -371,7 +407,9 @@ class Sender:
                     else:
                         self._pipe -= len(seg.payload)
                     seg.sacked = True
+                    self._sacked += 1
                     seg.lost = False
+                    self.rate.on_delivered(seg, len(seg.payload), now)
 
     def _detect_losses(self, now: float) -> None:
         """
@@ -403,11 +441,13 @@ class Sender:
         if seg is not None and seg.episode != self.episode:
             self._set_lost(seg)
 
-    def _set_lost(self, seg: Segment) -> None:
+    def _set_lost(self, seg: Segment, path_loss: bool = True) -> None:
         """Deem ``seg`` lost: it leaves the pipe until it is sent again."""
         if not seg.lost:
             if not seg.sacked:
                 self._pipe -= len(seg.payload)
+                if path_loss:
+                    self.rate.on_lost(len(seg.payload))
             seg.lost = True
             self._lost += 1
 
@@ -432,7 +472,7 @@ class Sender:
             self.probe_interval = (min(self.probe_max, self.probe_interval * 2)
                                    if self.persisting else self.probe_initial)
             self.persisting = True
-            self._set_lost(head)
+            self._set_lost(head, path_loss=False)
             return TimerOutcome.PROBE
         self.persisting = False
         self.timeouts += 1
@@ -446,5 +486,5 @@ class Sender:
         self.dup_acks = 0
         for seg in self.segments:
             if not seg.sacked:
-                self._set_lost(seg)
+                self._set_lost(seg, path_loss=False)
         return TimerOutcome.RETRANSMIT

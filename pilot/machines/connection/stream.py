@@ -47,7 +47,9 @@ from pilot.address import Address
 from pilot.machines.connection.config import ConnectionConfig
 from pilot.machines.connection.machine import _machine
 from pilot.machines.connection.rtt import RttEstimator
-from pilot.machines.connection.congestion import CongestionControl, RenoCongestion
+from pilot.machines.connection.congestion import (
+    BbrCongestion, CongestionControl, RenoCongestion,
+)
 from pilot.machines.connection.sequence import wire
 from pilot.machines.connection.transfer import ConnectionInputs, Tracer, Transfer
 from pilot.wire.packet import ACK, FIN, RST, STREAM, SYN, Packet
@@ -95,6 +97,14 @@ def _ignore(*args: object) -> None:
     pass
 
 
+def new_congestion(config: ConnectionConfig) -> CongestionControl:
+    """The controller ``config.congestion`` names, with the configured windows."""
+    if config.congestion == "reno":
+        return RenoCongestion(config.mss, config.initial_window, config.max_window,
+                              ssthresh=config.initial_ssthresh)
+    return BbrCongestion(config.mss, config.initial_window, config.max_window)
+
+
 class Connection:
     """One stream connection; see the module docstring."""
 
@@ -119,8 +129,7 @@ class Connection:
         path_trouble: Callable[[], None] = _ignore,
     ) -> None:
         config = config or ConnectionConfig()
-        cc = congestion or RenoCongestion(config.mss, config.initial_window, config.max_window,
-                                          ssthresh=config.initial_ssthresh)
+        cc = congestion or new_congestion(config)
         self._core = Transfer(clock, send, local, local_port, remote, remote_port, config,
                               wire(initial_sequence), data_received, connection_made,
                               connection_lost, released, cc, path_trouble=path_trouble,

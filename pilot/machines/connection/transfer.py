@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from pilot.address import Address
 from pilot.machines.connection.config import ConnectionConfig
+from pilot.machines.connection.pacing import Pacer
 from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.machines.connection.sendbuffer import CongestionControl, Sender
@@ -60,6 +61,7 @@ class ConnectionInputs(Protocol):
     def retries_exhausted(self) -> None: ...
     def ack_timer_fired(self) -> None: ...
     def nagle_timer_fired(self) -> None: ...
+    def pacing_timer_fired(self) -> None: ...
     def keepalive_due(self) -> None: ...
     def idle_timed_out(self) -> None: ...
     def time_wait_elapsed(self) -> None: ...
@@ -153,6 +155,7 @@ class Transfer:
     segs_recv: int = 0
     rtt: RttEstimator = attr.ib(init=False)
     sender: Sender = attr.ib(init=False)
+    pacer: Pacer = attr.ib(factory=Pacer)
 
     def __attrs_post_init__(self) -> None:
         # addresses and ports checked once here (ValueError), so that emit() need not
@@ -169,6 +172,7 @@ class Transfer:
         self.fin_timer = Timer(self.clock, inputs("fin_timer_fired"))
         self.ack_timer = Timer(self.clock, inputs("ack_timer_fired"))
         self.nagle_timer = Timer(self.clock, inputs("nagle_timer_fired"))
+        self.pacing_timer = Timer(self.clock, inputs("pacing_timer_fired"))
         self.time_wait_timer = Timer(self.clock, inputs("time_wait_elapsed"))
         self.keepalive_timer = Timer(self.clock, self._keepalive_check)
         self.idle_timer = Timer(self.clock, self._idle_check)
@@ -213,13 +217,28 @@ class Transfer:
             self.send_ack()
 
     def pump(self, flush: bool = False) -> None:
-        """Put on the wire whatever the windows allow, and keep the timers right."""
+        """
+        Put on the wire whatever the windows and the pacing rate allow, and
+        keep the timers right.  While the controller paces, a segment goes
+        only when the pacer has tokens; otherwise the pacing timer is armed
+        (once: a tick sends a few segments) and calls here again.
+        """
         now = self.now()
+        sender, pacer, cc = self.sender, self.pacer, self.cc
         while True:
-            chosen = self.sender.next_transmission(now, flush)
+            rate = cc.pacing_rate
+            if rate:
+                wait = pacer.delay(rate, now)
+                if wait:
+                    if sender.unsent or sender.has_lost:
+                        self.pacing_timer.ensure(wait)
+                    break
+            chosen = sender.next_transmission(now, flush)
             if chosen is None:
                 break
             segment, _ = chosen
+            if rate:
+                pacer.spend(len(segment.payload))
             self.emit(ACK, segment.start, segment.payload)
         if self.sender.nagle_holding:
             self.nagle_timer.ensure(self.config.nagle_delay)
@@ -310,5 +329,6 @@ class Transfer:
 
     def cancel_timers(self) -> None:
         for timer in (self.handshake_timer, self.rexmit_timer, self.fin_timer, self.ack_timer,
-                      self.nagle_timer, self.keepalive_timer, self.idle_timer, self.time_wait_timer):
+                      self.nagle_timer, self.pacing_timer, self.keepalive_timer, self.idle_timer,
+                      self.time_wait_timer):
             timer.cancel()
