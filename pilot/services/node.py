@@ -23,6 +23,7 @@ import socket
 import sys
 from typing import Any, Optional
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -34,6 +35,7 @@ from pilot.endpoint import Endpoint, parse_host_port, parse_listen
 from pilot.errors import ErrorCode
 from pilot.identity import Identity
 from pilot.interfaces import IRegistryConnector, IRegistryLink, IRouteProber
+from pilot.memory import release_free_memory
 from pilot.node import Node
 from pilot.nodeconfig import NodeSettings
 from pilot.persist import StateFileError, atomic_write_bytes
@@ -46,6 +48,9 @@ from pilot.trust import TrustStore
 from pilot.wire.handshake import HANDSHAKE_PORT
 
 UDP_BUFFER = 4 * 1024 * 1024
+#: Seconds between returns of freed heap memory to the system (the first: at start, when the
+#: start-up's temporaries are gone; ``pilot.memory``).
+TRIM_INTERVAL = 60.0
 
 
 #: Linux's values (<linux/in.h>); the socket module does not name them.
@@ -300,3 +305,6 @@ class NodeService(MultiService):
         TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)
         NodeRunner(self.node, settings).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
+        trimmer = TimerService(TRIM_INTERVAL, release_free_memory)
+        trimmer.clock = reactor
+        trimmer.setServiceParent(self)

@@ -13,29 +13,29 @@ Every ``reap_interval`` seconds stale nodes are reaped and the beacon pruned.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import resource
 import socket
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attr
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 
 from pilot.endpoint import format_endpoint, parse_listen
 from pilot.errors import InvalidArgument
+from pilot.memory import release_free_memory
 from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_PER_ADDRESS, RegistryServerFactory
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.store import StoreWriter, load_store
-from pilot.tls import ensure_self_signed, fingerprint, self_signed, server_context, server_context_from_pem
+
+if TYPE_CHECKING:
+    from twisted.internet.ssl import CertificateOptions
 
 REGISTRY_PORT = 9000
 #: Seconds between returns of freed heap memory to the system (glibc's malloc_trim).
@@ -151,6 +151,8 @@ class RendezvousService(MultiService):
         self.trimmer.setServiceParent(self)
 
     def _tls(self) -> tuple[CertificateOptions, str]:
+        # imported here: pyOpenSSL costs a node or a TLS-less rendezvous about 6 MB of RSS
+        from pilot.tls import ensure_self_signed, fingerprint, self_signed, server_context, server_context_from_pem
         cert, key = self.settings.tls_cert, self.settings.tls_key
         if bool(cert) != bool(key):
             raise InvalidArgument("TLS needs both a certificate file and its key file, or neither "
@@ -324,27 +326,6 @@ def raise_open_files_limit(getrlimit: Callable[[int], tuple[int, int]] = resourc
     return soft, soft
 
 
-_LIBC: list[Any] = []
-
-
-def release_free_memory() -> bool:
-    """
-    Give the heap's free pages back to the system (glibc ``malloc_trim``); False where
-    there is no such call.  Without it, the RSS of thousands of closed connections'
-    buffers stays for good, the heap being too fragmented to shrink by itself.
-    """
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-            _LIBC.append(libc if libc is not None and hasattr(libc, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    libc = _LIBC[0]
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
 
 
 def _nr_open() -> int:
