@@ -42,6 +42,7 @@ from pilot.protocols.handshake import HandshakeFactory, OneMessage
 from pilot.protocols.registry_client import RegistryClientFactory
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.services.api import NodeAPIImpl
+from pilot.services.apps import Apps, listen_apps
 from pilot.trust import TrustStore
 from pilot.wire.handshake import HANDSHAKE_PORT
 
@@ -237,11 +238,13 @@ class NodeRunner(Service):
     def __init__(self, node: Node, settings: NodeSettings) -> None:
         self.node = node
         self.settings = settings
+        self.apps: Apps | None = None
 
     def startService(self) -> None:
         super().startService()
         beacon_host, beacon_port = parse_host_port(self.settings.beacon)
         self.node.stack.listen(HANDSHAKE_PORT, HandshakeFactory(self.node.trust))
+        self.apps = listen_apps(self.node.stack, self.settings.home, self.node.clock.seconds)
         self.log.info("Node {address} starting: tunnel on UDP {udp}, control socket {sock}, "
                       "registry {registry}, beacon {beacon}", address=str(self.node.identity.address),
                       udp=self.node.local_port(), sock=self.settings.socket, registry=self.settings.registry,
