@@ -25,7 +25,7 @@ from pilot.wire.events import MAX_TOPIC, Event, EventDecoder, encode_event
 
 
 def transport(node: int = 9) -> StringTransport:
-    return StringTransport(peerAddress=PilotAddress(Address(0, node), 49152))  # type: ignore[arg-type]
+    return StringTransport(peerAddress=PilotAddress(Address(0, node), 49152))
 
 
 class DataExchangeTests(SynchronousTestCase):
@@ -129,6 +129,7 @@ class EventStreamTests(SynchronousTestCase):
         sub, t = self.connect()
         sub.dataReceived(encode_event("t"))
         self.assertIs(t.producer, sub.queue)
+        assert sub.queue is not None
         sub.queue.pauseProducing()  # as the stream transport does when its buffer is full
         pub, _ = self.connect(10)
         pub.dataReceived(encode_event("t"))
