@@ -301,6 +301,12 @@ class NodeAPIImpl:
         return {"sent": len(data), "target": str(address), "port": port, "src_port": src}
 
     @inlineCallbacks
+    def disconnect(self, conn_id: int) -> Any:
+        yield None
+        self.node.stack.disconnect(conn_id)
+        return {"status": "reset", "id": conn_id}
+
+    @inlineCallbacks
     def bind_datagrams(self, port: int, received: Callable[[dict[str, Any], bytes], None]) -> Any:
         yield None
         return self.node.stack.bind_datagrams(
