@@ -181,6 +181,8 @@ class Storage:
                 out.append({**record, "file": name})
             except (OSError, ValueError) as e:
                 out.append({"file": name, "error": str(e)[:200]})
+        # the names start with the type: order by arrival
+        out.sort(key=lambda m: (str(m.get("received_at", "")), os.path.splitext(m["file"])[0]))
         return out
 
     def files(self) -> list[dict[str, Any]]:

@@ -77,8 +77,10 @@ class NodeAPIImpl:
     log = Logger()
 
     def __init__(self, node: Node, reactor: IReactorCore, settings: NodeSettings,
-                 udp_counters: Mapping[str, int]) -> None:
+                 udp_counters: Mapping[str, int], apps: Any = None) -> None:
         self.node = node
+        #: The built-in services (``pilot.services.apps.Apps``), for their counters.
+        self.apps = apps
         self.reactor = reactor
         self.settings = settings
         self.udp_counters = udp_counters
@@ -128,7 +130,8 @@ class NodeAPIImpl:
             "ports": n.stack.ports(),
             "counters": {"tunnel": dict(n.tunnels.counters), "stack": dict(n.stack.counters),
                          "path": dict(n.paths.counters),
-                         "udp": dict(self.udp_counters)},
+                         "udp": dict(self.udp_counters),
+                         "apps": self.apps.counters() if self.apps is not None else {}},
         }
 
     @inlineCallbacks

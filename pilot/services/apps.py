@@ -22,13 +22,25 @@ class Apps:
     events: EventStreamFactory
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """What ``info`` shows under ``counters``: ``dataexchange`` and ``eventstream``."""
-        return {"dataexchange": dict(self.exchange.counters), "eventstream": dict(self.events.broker.counters)}
+        """What ``info`` shows under ``counters.apps``: ``dataexchange`` and ``eventstream`` (with the gauges
+        ``subscribers`` and ``topics``)."""
+        broker = self.events.broker
+        return {"dataexchange": dict(self.exchange.counters),
+                "eventstream": {**broker.counters, "subscribers": broker.subscribers, "topics": len(broker.topics)}}
+
+    def listen(self, stack: Any) -> None:
+        """Bind ports 1001 and 1002 of ``stack`` (a :class:`pilot.stack.Stack`)."""
+        stack.listen(DATA_EXCHANGE_PORT, self.exchange)
+        stack.listen(EVENT_STREAM_PORT, self.events)
+
+
+def make_apps(home: str, now: Callable[[], float]) -> Apps:
+    """The services of a node whose home is ``home``; :meth:`Apps.listen` binds them."""
+    return Apps(DataExchangeFactory(Storage(home), now), EventStreamFactory())
 
 
 def listen_apps(stack: Any, home: str, now: Callable[[], float]) -> Apps:
-    """Bind ports 1001 and 1002 of ``stack`` (a :class:`pilot.stack.Stack`); the factories, for their counters."""
-    apps = Apps(DataExchangeFactory(Storage(home), now), EventStreamFactory())
-    stack.listen(DATA_EXCHANGE_PORT, apps.exchange)
-    stack.listen(EVENT_STREAM_PORT, apps.events)
+    """:func:`make_apps`, bound on ``stack`` at once."""
+    apps = make_apps(home, now)
+    apps.listen(stack)
     return apps

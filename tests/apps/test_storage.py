@@ -70,6 +70,12 @@ class StorageTests(SynchronousTestCase):
         self.assertNotEqual(a, b)
         self.assertEqual([m["data"] for m in self.storage.messages()], ["{}", "[]"])
 
+    def test_listed_by_arrival(self) -> None:
+        """Not by file name, which starts with the type."""
+        self.storage.save_message(TEXT, "a", b"first", NOW)
+        self.storage.save_message(JSON, "a", b"2", NOW + 1)
+        self.assertEqual([m["type"] for m in self.storage.messages()], ["TEXT", "JSON"])
+
     def test_list_and_clear(self) -> None:
         self.storage.save_message(TEXT, "a", b"1", NOW)
         self.storage.save_message(TEXT, "a", b"2", NOW + 1)
