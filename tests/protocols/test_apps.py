@@ -186,4 +186,4 @@ class ListenTests(SynchronousTestCase):
         apps = listen_apps(stack, self.mktemp(), Clock().seconds)
         self.assertEqual(sorted(stack.bound), [1001, 1002])
         self.assertIs(stack.bound[1001], apps.exchange)
-        self.assertEqual(apps.counters(), {"dataexchange": {}, "eventstream": {}})
+        self.assertEqual(apps.counters(), {"dataexchange": {}, "eventstream": {"subscribers": 0, "topics": 0}})
