@@ -57,8 +57,8 @@ def timestamp(seconds: float) -> str:
 
 
 def iso_time(seconds: float) -> str:
-    whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1000):03d}Z"
+    """RFC 3339 in UTC to the second, as the reference writes ``received_at``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(seconds)))
 
 
 def safe_name(name: str) -> tuple[str, str]:
