@@ -5,7 +5,8 @@ layout under the node's home (``docs/apps.md``; ``docs/reference-wire.md``
 §8.1):
 
 * ``inbox/<TYPE>-<YYYYMMDD-HHMMSS.mmm>.json``: a text, JSON or binary
-  message as ``{type, from, data, bytes, received_at}``;
+  message as ``{type, from, data, bytes, received_at}`` (a binary payload
+  that is not UTF-8 as base64, with ``"encoding": "base64"``);
 * ``received/<base>-<YYYYMMDD-HHMMSS.mmm><ext>``: a file.
 
 A name from the wire is untrusted: :func:`safe_name` keeps only its last
@@ -32,7 +33,7 @@ import uuid
 from typing import Any, BinaryIO
 
 from pilot.persist import atomic_write_bytes
-from pilot.wire.dataexchange import BINARY, JSON, TEXT, type_name
+from pilot.wire.dataexchange import BINARY, type_name
 
 INBOX, RECEIVED, INCOMING = "inbox", "received", "incoming"
 #: Bytes a new file must leave free on the disk.
@@ -105,14 +106,20 @@ class Storage:
 
     def save_message(self, frame_type: int, sender: str, data: bytes, now: float) -> str:
         """Write one message to the inbox; its path, or :class:`StorageError`."""
-        if frame_type in (TEXT, JSON):
-            shown: str = data.decode("utf-8", "replace")
-        else:
-            shown = base64.b64encode(data).decode("ascii")
+        # as the reference, ``data`` is the payload as text; where that would lose bytes (a binary
+        # payload that is not UTF-8, which the reference stores with U+FFFD in their place) it is base64
+        encoding = None
+        try:
+            shown = data.decode("utf-8")
+        except UnicodeDecodeError:
+            if frame_type == BINARY:
+                shown, encoding = base64.b64encode(data).decode("ascii"), "base64"
+            else:
+                shown = data.decode("utf-8", "replace")
         record = {"type": type_name(frame_type), "from": sender, "data": shown, "bytes": len(data),
                   "received_at": iso_time(now)}
-        if frame_type == BINARY:
-            record["encoding"] = "base64"
+        if encoding is not None:
+            record["encoding"] = encoding
         body = json.dumps(record, indent=2).encode("utf-8") + b"\n"
         self._check_space(len(body))
         stem = os.path.join(self.inbox, f"{type_name(frame_type)}-{timestamp(now)}")

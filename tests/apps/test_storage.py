@@ -59,9 +59,15 @@ class StorageTests(SynchronousTestCase):
                                   "received_at": "2026-05-28T20:26:40Z"})
 
     def test_binary_is_base64(self) -> None:
+        """Binary that is not UTF-8 is kept whole, as base64 (the reference loses it)."""
         self.storage.save_message(BINARY, "a", b"\xff\x00", NOW)
         [m] = self.storage.messages()
         self.assertEqual((m["data"], m["encoding"], m["bytes"]), ("/wA=", "base64", 2))
+
+    def test_binary_text_as_the_reference(self) -> None:
+        self.storage.save_message(BINARY, "a", b"raw bytes", NOW)
+        [m] = self.storage.messages()
+        self.assertEqual((m["data"], m.get("encoding")), ("raw bytes", None))
 
     def test_same_millisecond(self) -> None:
         """Two messages in one millisecond: both kept."""

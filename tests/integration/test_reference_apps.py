@@ -55,6 +55,12 @@ class ReferenceAppsTests(InteropMixin, SynchronousTestCase):
         [name] = os.listdir(os.path.join(ref.home, ".pilot", "inbox"))
         [ours_name] = os.listdir(os.path.join(ours.home, "inbox"))
         self.assertEqual((name[:5], name[-5:]), ("JSON-", ".json"))
+        # binary both ways: the reference files it as text, and so do we when it is UTF-8
+        ours.ok("send-message", ref.hostname, "--data", "raw bytes", "--type", "binary")
+        self.assertIn(("BINARY", "raw bytes"), [(m["type"], m["data"]) for m in ref.ok("inbox")["messages"]])
+        ref.ok("send-message", ours.hostname, "--data", "raw from ref", "--type", "binary")
+        self.assertEqual([(m["type"], m["data"]) for m in ours.ok("inbox")["messages"]][-1:],
+                         [("BINARY", "raw from ref")])
         self.assertRegex(ours_name, r"^TEXT-\d{8}-\d{6}\.\d{3}\.json$")
 
     def check_files(self, ours: Node, ref: RefNode) -> None:
