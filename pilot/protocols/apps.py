@@ -27,6 +27,8 @@ from pilot.wire.events import Event, EventDecoder
 
 DATA_EXCHANGE_PORT = 1001
 EVENT_STREAM_PORT = 1002
+#: Bytes of incomplete events all connections on port 1002 may buffer together.
+EVENT_BUDGET = 64 * 1024 * 1024
 
 
 def _peer(transport: Any) -> tuple[str, int]:
@@ -58,6 +60,8 @@ class DataExchangeProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         assert self.receiver is not None
+        if self.reader.broken is not None:
+            return  # closing: what still arrives is dropped
         try:
             events = self.reader.feed(data)
         except MalformedFrame as e:
@@ -99,8 +103,10 @@ class EventStreamProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, budget: Budget) -> None:
         self.broker = broker
+        self.budget = budget
+        self.held = 0
         self.decoder = EventDecoder()
         self.queue: SubscriberQueue | None = None
         self.subscribed = False
@@ -115,11 +121,19 @@ class EventStreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         assert self.queue is not None
+        if self.decoder.broken is not None or self.queue.closed:
+            return  # closing: what still arrives is dropped
         try:
             items = self.decoder.feed(data)
         except MalformedFrame as e:
             self.broker.counters["malformed"] += 1
             self.log.info("event stream from {peer}: {reason}; closing", peer=self.peer, reason=str(e))
+            self._end()
+            return
+        if not self._hold(self.decoder.buffered):
+            self.broker.counters["dropped.buffer"] += 1
+            self.log.info("event stream from {peer}: partial events of all peers over {limit} bytes; closing",
+                          peer=self.peer, limit=self.budget.limit)
             self._end()
             return
         for item in items:
@@ -137,22 +151,39 @@ class EventStreamProtocol(Protocol):
     def _publish(self, event: Event) -> None:
         self.broker.publish(self.queue, event.topic, event.payload)
 
+    def _hold(self, buffered: int) -> bool:
+        """Account this connection's partial event in the budget shared by all; False when it does not fit."""
+        self.budget.give(self.held)
+        self.held = 0
+        if not self.budget.take(buffered):
+            return False
+        self.held = buffered
+        return True
+
     def _end(self) -> None:
         assert self.queue is not None
+        self.budget.give(self.held)
+        self.held = 0
         self.broker.unsubscribe(self.queue)
         self.queue.close()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.budget.give(self.held)
+        self.held = 0
         if self.queue is not None:
             self.broker.unsubscribe(self.queue)
             self.queue.stopProducing()
 
 
 class EventStreamFactory(Factory):
+    """Shared by every connection on port 1002: the broker, and the budget of partial events."""
+
     noisy = False
 
-    def __init__(self, broker: Broker | None = None) -> None:
+    def __init__(self, broker: Broker | None = None, budget: Budget | None = None) -> None:
         self.broker = broker or Broker()
+        #: Bytes of incomplete events all connections together may buffer.
+        self.budget = budget or Budget(EVENT_BUDGET)
 
     def buildProtocol(self, addr: IAddress | None) -> EventStreamProtocol:
-        return EventStreamProtocol(self.broker)
+        return EventStreamProtocol(self.broker, self.budget)

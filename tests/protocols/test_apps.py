@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.address import Address
+from pilot.apps.exchange import Budget
 from pilot.apps.storage import Storage
 from pilot.protocols.apps import (
     DataExchangeFactory, DataExchangeProtocol, EventStreamFactory, EventStreamProtocol,
@@ -77,6 +78,12 @@ class DataExchangeTests(SynchronousTestCase):
         factory.doStart()
         self.assertEqual(os.listdir(self.storage.incoming), [])
         self.assertEqual(factory.counters["incoming.removed"], 1)
+
+    def test_malformed_counted_once(self) -> None:
+        proto, t = self.connect()
+        proto.dataReceived(struct.pack(">II", TEXT, 0xFFFFFFFF))
+        proto.dataReceived(b"more")
+        self.assertEqual(self.factory.counters["frames.malformed"], 1)
 
     def test_serves_after_hostile_peer(self) -> None:
         bad, _ = self.connect()
@@ -162,6 +169,30 @@ class EventStreamTests(SynchronousTestCase):
         pub, _ = self.connect(6)
         pub.dataReceived(encode_event("news") + encode_event("news", b"still"))
         self.assertEqual(self.events(t), [Event("news", b"still")])
+
+    def test_partial_events_bounded(self) -> None:
+        """Partial events of all connections share a budget; the one that passes it is closed, counted."""
+        factory = EventStreamFactory(budget=Budget(1000))
+        a, b = factory.buildProtocol(None), factory.buildProtocol(None)
+        ta, tb = transport(1), transport(2)
+        a.makeConnection(ta)
+        b.makeConnection(tb)
+        a.dataReceived(encode_event("t") + struct.pack(">H", 1) + b"t" + struct.pack(">I", 5000) + b"x" * 600)
+        self.assertEqual(factory.budget.held, 607)
+        b.dataReceived(encode_event("t") + struct.pack(">H", 1) + b"t" + struct.pack(">I", 5000) + b"y" * 600)
+        self.assertTrue(tb.disconnecting)
+        self.assertFalse(ta.disconnecting)
+        self.assertEqual(factory.broker.counters["dropped.buffer"], 1)
+        b.dataReceived(b"more")  # closing: dropped, not counted again
+        self.assertEqual(factory.broker.counters["dropped.buffer"], 1)
+        a.connectionLost()
+        self.assertEqual(factory.budget.held, 0)
+
+    def test_malformed_counted_once(self) -> None:
+        proto, t = self.connect()
+        proto.dataReceived(struct.pack(">H", MAX_TOPIC + 1))
+        proto.dataReceived(b"anything")
+        self.assertEqual(self.broker.counters["malformed"], 1)
 
     def test_bad_topic_counted_and_skipped(self) -> None:
         sub, t = self.connect()
