@@ -32,7 +32,6 @@ import unicodedata
 import uuid
 from typing import Any, BinaryIO
 
-from pilot.persist import atomic_write_bytes
 from pilot.wire.dataexchange import BINARY, type_name
 
 INBOX, RECEIVED, INCOMING = "inbox", "received", "incoming"
@@ -122,18 +121,15 @@ class Storage:
             record["encoding"] = encoding
         body = json.dumps(record, indent=2).encode("utf-8") + b"\n"
         self._check_space(len(body))
-        stem = os.path.join(self.inbox, f"{type_name(frame_type)}-{timestamp(now)}")
-        for n in range(1000):
-            path = f"{stem}.json" if n == 0 else f"{stem}-{n}.json"
-            if not os.path.lexists(path):
-                break
-        else:
-            raise StorageError("too many messages in the same millisecond")
+        temp = ""
         try:
-            atomic_write_bytes(path, body, mode=0o600)
+            temp = self._temp()
+            with _create(temp) as f:
+                f.write(body)
+            return self._place(temp, self.inbox, type_name(frame_type), ".json", now)
         except OSError as e:
+            _unlink(temp)
             raise StorageError(_reason(e)) from None
-        return path
 
     # --- files --------------------------------------------------------------------------------
 
@@ -141,9 +137,8 @@ class Storage:
         """A file of ``length`` bytes is coming: where to write it, or :class:`StorageError`."""
         self._check_space(length)
         try:
-            os.makedirs(self.incoming, mode=0o700, exist_ok=True)
-            temp = os.path.join(self.incoming, f"{uuid.uuid4().hex}.part")
-            f = open(temp, "xb")
+            temp = self._temp()
+            f = _create(temp)
         except OSError as e:
             raise StorageError(_reason(e)) from None
         return IncomingFile(self, f, temp, safe_name(name), length, sender, now)
@@ -159,10 +154,20 @@ class Storage:
             raise StorageError(f"disk full: {free} bytes free, {length} needed "
                                f"(and {self.reserve} kept in reserve)")
 
-    def _place(self, temp: str, base: str, ext: str, now: float) -> str:
-        """Rename ``temp`` into ``received/`` under a name no file has; never replaces one."""
-        os.makedirs(self.received, mode=0o700, exist_ok=True)
-        stem = os.path.join(self.received, f"{base}-{timestamp(now)}")
+    def _temp(self) -> str:
+        """A new name in ``incoming/`` (on the same file system as ``inbox/`` and ``received/``)."""
+        os.makedirs(self.incoming, mode=0o700, exist_ok=True)
+        return os.path.join(self.incoming, f"{uuid.uuid4().hex}.part")
+
+    def _place(self, temp: str, folder: str, base: str, ext: str, now: float) -> str:
+        """
+        Link the whole file ``temp`` into ``folder`` as ``<base>-<stamp><ext>``
+        under a name no file has (``-N`` added), then drop ``temp``: never
+        replaces a file, never shows a partial one.  Not fsynced: a crash may
+        lose the newest entries, never leave a torn one (``docs/apps.md``).
+        """
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        stem = os.path.join(folder, f"{base}-{timestamp(now)}")
         for n in range(1000):
             path = f"{stem}{ext}" if n == 0 else f"{stem}-{n}{ext}"
             try:
@@ -171,7 +176,8 @@ class Storage:
                 continue
             os.unlink(temp)
             return path
-        raise StorageError("too many files of that name in the same millisecond")
+        _unlink(temp)
+        raise StorageError("too many entries of that name in the same millisecond")
 
     # --- listing ------------------------------------------------------------------------------
 
@@ -252,7 +258,7 @@ class IncomingFile:
             f.close()
             if self.written != self.length:
                 raise StorageError(f"{self.written} of {self.length} bytes received")
-            return self.storage._place(self.temp, self.base, self.ext, self.started)
+            return self.storage._place(self.temp, self.storage.received, self.base, self.ext, self.started)
         except OSError as e:
             self._remove()
             raise StorageError(_reason(e)) from None
@@ -271,10 +277,21 @@ class IncomingFile:
         self._remove()
 
     def _remove(self) -> None:
-        try:
-            os.unlink(self.temp)
-        except OSError:
-            pass
+        _unlink(self.temp)
+
+
+def _create(path: str) -> BinaryIO:
+    """A new file, readable only by this user (as the rest of ``PILOT_HOME``)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def _unlink(path: str) -> None:
+    if not path:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _names(folder: str, suffix: str) -> list[str]:

@@ -58,6 +58,22 @@ class StorageTests(SynchronousTestCase):
         self.assertEqual(record, {"type": "TEXT", "from": "0:0000.0000.0005", "data": "hello", "bytes": 5,
                                   "received_at": "2026-05-28T20:26:40Z"})
 
+    def test_private_and_nothing_left_behind(self) -> None:
+        path = self.storage.save_message(TEXT, "a", b"x", NOW)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.listdir(self.storage.incoming), [])
+        f = self.storage.begin_file("f", 1, "a", NOW)
+        f.write(b"1")
+        self.assertEqual(os.stat(f.commit()).st_mode & 0o777, 0o600)
+
+    def test_inbox_unwritable(self) -> None:
+        """A folder that cannot be made is a StorageError with the reason, not a crash."""
+        os.makedirs(self.home)
+        with open(os.path.join(self.home, "incoming"), "w"):
+            pass  # a file where the folder should be
+        self.assertRaises(StorageError, self.storage.save_message, TEXT, "a", b"x", NOW)
+        self.assertRaises(StorageError, self.storage.begin_file, "f", 1, "a", NOW)
+
     def test_binary_is_base64(self) -> None:
         """Binary that is not UTF-8 is kept whole, as base64 (the reference loses it)."""
         self.storage.save_message(BINARY, "a", b"\xff\x00", NOW)
