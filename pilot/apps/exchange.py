@@ -81,6 +81,9 @@ class Receiver:
                 self._file = self.storage.begin_file(start.name or "", start.length, self.sender, self.now())
             except StorageError as e:
                 self._error = str(e)
+            else:
+                if self._file.base + self._file.ext != start.name:
+                    self.counters["names.cleaned"] += 1  # a path, hidden or control characters, too long
         elif start.type not in (TEXT, BINARY, JSON):
             self._error = f"unknown frame type {start.type}"
         elif self.budget.take(start.length):

@@ -54,6 +54,9 @@ class ReceiverTests(SynchronousTestCase):
         [entry] = self.storage.files()
         self.assertEqual(os.path.dirname(entry["path"]), self.storage.received)
         self.assertTrue(entry["name"].startswith("evil-"))
+        self.assertEqual(self.counters["names.cleaned"], 1)
+        self.feed(encode_file("plain.txt", b"x"))
+        self.assertEqual(self.counters["names.cleaned"], 1)
 
     def test_unknown_type(self) -> None:
         """Answered with ERR (its bytes skipped); the next frame is served."""

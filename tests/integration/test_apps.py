@@ -96,6 +96,7 @@ class AppsTests(NodeTestMixin, SynchronousTestCase):
         self.assertEqual(sent["reply"], "ACK TEXT 13 bytes")
         counters = b.call("info")["counters"]
         self.assertGreaterEqual(counters["apps"]["dataexchange"]["frames.malformed"], 1)
+        self.assertEqual(counters["apps"]["dataexchange"]["names.cleaned"], 1)
         self.assertGreaterEqual(counters["apps"]["eventstream"]["malformed"], 1)
 
     def test_untrusted_refused(self) -> None:
