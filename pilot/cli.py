@@ -54,6 +54,8 @@ class Result:
 
     data: Any
     text: str | None = None
+    #: The command wrote its output as it came (``subscribe``): with ``--json`` nothing more is printed.
+    streamed: bool = False
 
 
 @attr.s(auto_attribs=True)
@@ -65,6 +67,8 @@ class Output:
     stderr: IO[str]
 
     def result(self, result: Result) -> None:
+        if self.json and result.streamed:
+            return
         if self.json:
             line = json.dumps(result.data, separators=(",", ":"), ensure_ascii=False)
         elif result.text is not None:
@@ -464,5 +468,5 @@ def load_commands(argv: Sequence[str] = ()) -> None:
     if words[:1] == ["rendezvous"]:
         return
     # importing them registers their commands
-    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic"):
+    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps"):
         importlib.import_module(name)

@@ -59,6 +59,9 @@ class NodeAPI(Protocol):
 
     def send_datagram(self, target: str, port: int, data: bytes) -> Deferred[dict[str, Any]]: ...
 
+    def disconnect(self, conn_id: int) -> Deferred[dict[str, Any]]:
+        """Reset the stream connection ``conn_id`` (an ``id`` of ``info``'s ``conn_list``)."""
+
     def bind_datagrams(self, port: int,
                        received: Callable[[dict[str, Any], bytes], None]) -> Deferred[Listening]:
         """Deliver datagrams for ``port`` as ``received({"from": addr, "src_port": n}, data)``."""

@@ -55,7 +55,7 @@ FLOORS: dict[str, int] = {
     **{name: 0 for name in ("errors", "address", "identity", "persist", "names", "endpoint")},
     "wire": 1,
     **{name: 2 for name in ("trust", "ratelimit", "options", "interfaces", "log", "tls", "nodeapi", "memory")},
-    "machines": 3, "server": 3,
+    "machines": 3, "server": 3, "apps": 3,
     "stack": 4,
     "node": 5, "nodeconfig": 5, "search": 5, "details": 5,
     "protocols": 6,

@@ -42,6 +42,7 @@ def api_commands(api: NodeAPI) -> dict[str, Command]:
         "ping": lambda a: _ping(api, a),
         "send": lambda a: api.send_datagram(a.target(), a.port(), a.data("data")),
         "search": lambda a: api.search(a.text("query", MAX_QUERY)),
+        "disconnect": lambda a: api.disconnect(a.integer("conn_id", 0, 0xFFFFFFFF)),
     }
     return commands
 

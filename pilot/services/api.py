@@ -77,8 +77,10 @@ class NodeAPIImpl:
     log = Logger()
 
     def __init__(self, node: Node, reactor: IReactorCore, settings: NodeSettings,
-                 udp_counters: Mapping[str, int]) -> None:
+                 udp_counters: Mapping[str, int], apps: Any = None) -> None:
         self.node = node
+        #: The built-in services (``pilot.services.apps.Apps``), for their counters.
+        self.apps = apps
         self.reactor = reactor
         self.settings = settings
         self.udp_counters = udp_counters
@@ -128,7 +130,8 @@ class NodeAPIImpl:
             "ports": n.stack.ports(),
             "counters": {"tunnel": dict(n.tunnels.counters), "stack": dict(n.stack.counters),
                          "path": dict(n.paths.counters),
-                         "udp": dict(self.udp_counters)},
+                         "udp": dict(self.udp_counters),
+                         "apps": self.apps.counters() if self.apps is not None else {}},
         }
 
     @inlineCallbacks
@@ -299,6 +302,12 @@ class NodeAPIImpl:
         address = yield self._reach(target)
         src = self.node.stack.send_datagram(address, port, data)
         return {"sent": len(data), "target": str(address), "port": port, "src_port": src}
+
+    @inlineCallbacks
+    def disconnect(self, conn_id: int) -> Any:
+        yield None
+        self.node.stack.disconnect(conn_id)
+        return {"status": "reset", "id": conn_id}
 
     @inlineCallbacks
     def bind_datagrams(self, port: int, received: Callable[[dict[str, Any], bytes], None]) -> Any:

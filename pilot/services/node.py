@@ -44,6 +44,7 @@ from pilot.protocols.handshake import HandshakeFactory, OneMessage
 from pilot.protocols.registry_client import RegistryClientFactory
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.services.api import NodeAPIImpl
+from pilot.services.apps import Apps, make_apps
 from pilot.trust import TrustStore
 from pilot.wire.handshake import HANDSHAKE_PORT
 
@@ -239,14 +240,16 @@ class NodeRunner(Service):
 
     log = Logger()
 
-    def __init__(self, node: Node, settings: NodeSettings) -> None:
+    def __init__(self, node: Node, settings: NodeSettings, apps: Apps) -> None:
         self.node = node
         self.settings = settings
+        self.apps = apps
 
     def startService(self) -> None:
         super().startService()
         beacon_host, beacon_port = parse_host_port(self.settings.beacon)
         self.node.stack.listen(HANDSHAKE_PORT, HandshakeFactory(self.node.trust))
+        self.apps.listen(self.node.stack)
         self.log.info("Node {address} starting: tunnel on UDP {udp}, control socket {sock}, "
                       "registry {registry}, beacon {beacon}", address=str(self.node.identity.address),
                       udp=self.node.local_port(), sock=self.settings.socket, registry=self.settings.registry,
@@ -301,9 +304,10 @@ class NodeService(MultiService):
             tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve,
             restore_trust=restore_trust, max_datagram=max_datagram(os.environ))
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)
-        self.api = NodeAPIImpl(self.node, reactor, settings, self.udp.counters)
+        apps = make_apps(settings.home, reactor.seconds)
+        self.api = NodeAPIImpl(self.node, reactor, settings, self.udp.counters, apps)
         TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)
-        NodeRunner(self.node, settings).setServiceParent(self)
+        NodeRunner(self.node, settings, apps).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
         trimmer = TimerService(TRIM_INTERVAL, release_free_memory)
         trimmer.clock = reactor

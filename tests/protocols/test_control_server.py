@@ -82,6 +82,9 @@ class FakeAPI:
     def send_datagram(self, target: str, port: int, data: bytes) -> Any:
         return self._answer("send_datagram", target, port, data)
 
+    def disconnect(self, conn_id: int) -> Any:
+        return self._answer("disconnect", conn_id)
+
     def connect(self, target: str, port: int, protocol: Any) -> Any:
         self.protocols.append(protocol)
         return self._answer("connect", target, port)
@@ -181,6 +184,7 @@ class DispatchTests(SynchronousTestCase):
         ("ping", {"target": "a"}, ("ping", ("a", 4, 30.0, 1.0))),
         ("send", {"target": "a", "port": 1000, "data": base64.b64encode(b"\x00hi").decode()},
          ("send_datagram", ("a", 1000, b"\x00hi"))),
+        ("disconnect", {"conn_id": 3}, ("disconnect", (3,))),
     ]
 
     def test_each_command_calls_the_api(self) -> None:
@@ -267,6 +271,8 @@ class BadRequestTests(SynchronousTestCase):
         ("recv", {"port": [1]}, "port"),
         ("attach", {}, "conn_id"),
         ("attach", {"conn_id": "1"}, "conn_id"),
+        ("disconnect", {}, "conn_id"),
+        ("disconnect", {"conn_id": -1}, "conn_id"),
     ]
 
     def test_bad_arguments(self) -> None:
