@@ -193,19 +193,34 @@ class Tracker:
         nodes = cast(TrackedDict[int, Any], s.nodes)
         changed = nodes.changes | {n.id for n in nodes.values() if n.unsaved}
         nodes.changes.clear()
+        key_texts: dict[bytes, str] = {}
+        node_sets: dict[str, Any] = {}
         for node_id in changed:
             node = nodes.get(node_id)
-            if node is not None:
-                node.unsaved = False
-            put("nodes", str(node_id), None if node is None else node_json(node, b64encode(node.public_key)))
-        for section, mapping, key_text in (("pub_key_idx", s.key_index, b64encode), ("auth_ts", s.auth_ts, str),
-                                           ("keys_gone", s.gone, str)):
+            if node is None:
+                dels.setdefault("nodes", []).append(str(node_id))
+                continue
+            node.unsaved = False
+            text = key_texts[node.public_key] = b64encode(node.public_key)
+            node_sets[str(node_id)] = node_json(node, text)
+        if node_sets:
+            sets["nodes"] = node_sets
+        for section, mapping, key_text in (("pub_key_idx", s.key_index, key_texts.get), ("auth_ts", s.auth_ts, None),
+                                           ("keys_gone", s.gone, None)):
             tracked = cast(TrackedDict[Any, Any], mapping)
+            if not tracked.changes:
+                continue
+            section_sets: dict[str, Any] = {}
             for key in tracked.changes:
                 value = tracked.get(key)
-                put(section, key_text(key), None if value is None else
-                    int(value) if section == "keys_gone" else value)
+                text = (key_text(key) or b64encode(key)) if key_text is not None else str(key)
+                if value is None:
+                    dels.setdefault(section, []).append(text)
+                else:
+                    section_sets[text] = int(value) if section == "keys_gone" else value
             tracked.changes.clear()
+            if section_sets:
+                sets[section] = section_sets
         queues: tuple[tuple[str, dict[int, Any], dict[int, tuple[Any, ...]], Callable[[Any], Any]], ...] = (
             ("handshake_inbox", s.inbox, self._inbox, inbox_json),
             ("handshake_responses", s.responses, self._responses, responses_json))
@@ -228,8 +243,8 @@ class Tracker:
         for section, items in (("trust_edges", s.trust), ("proven", s.proven), ("handshake_asked", s.asked)):
             tracked_set = cast(TrackedSet[Any], items)
             for item in tracked_set.changes:
-                text = item if isinstance(item, int) else f"{item[0]}>{item[1]}"
-                (adds if item in tracked_set else drops).setdefault(section, []).append(text)
+                (adds if item in tracked_set else drops).setdefault(section, []).append(
+                    item if isinstance(item, int) else f"{item[0]}>{item[1]}")
             tracked_set.changes.clear()
         out: dict[str, Any] = {}
         for part, content in (("set", sets), ("del", dels), ("add", adds), ("drop", drops)):
