@@ -60,7 +60,8 @@ def _decode_line(line: bytes) -> dict[str, Any] | None:
         record = json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(record, dict) or isinstance(record.get("seq"), bool) or not isinstance(record.get("seq"), int):
+    seq = record.get("seq") if isinstance(record, dict) else None
+    if isinstance(seq, bool) or not isinstance(seq, int):
         return None
     return record
 
@@ -205,8 +206,9 @@ class Tracker:
             node_sets[str(node_id)] = node_json(node, text)
         if node_sets:
             sets["nodes"] = node_sets
-        for section, mapping, key_text in (("pub_key_idx", s.key_index, key_texts.get), ("auth_ts", s.auth_ts, None),
-                                           ("keys_gone", s.gone, None)):
+        maps: tuple[tuple[str, dict[Any, Any], Callable[[bytes], str | None] | None], ...] = (
+            ("pub_key_idx", s.key_index, key_texts.get), ("auth_ts", s.auth_ts, None), ("keys_gone", s.gone, None))
+        for section, mapping, key_text in maps:
             tracked = cast(TrackedDict[Any, Any], mapping)
             if not tracked.changes:
                 continue

@@ -267,8 +267,8 @@ class RegistryState:
         if "trust_edges" in value:
             # ours: directed edges are the truth, the pairs were only derived from them
             state.trust.clear()
-            state.trust.update({_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, [])})
-        state.proven.update({_u32(i, "proven") for i in _get(value, "proven", list, [])})
+            state.trust.update(_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, []))
+        state.proven.update(_u32(i, "proven") for i in _get(value, "proven", list, []))
         for text, when in _get(value, "keys_gone", dict, {}).items():
             if isinstance(when, bool) or not isinstance(when, int) or not 0 <= when <= MAX_TIME:
                 raise StoreFormatError(f"keys_gone[{text!r}]: {when!r} is not Unix seconds")
@@ -277,7 +277,8 @@ class RegistryState:
             if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms < 1 << 53:
                 raise StoreFormatError(f"auth_ts[{text!r}]: {ms!r} is not Unix milliseconds")
             state.auth_ts[_u32(_int_text(text, "auth_ts"), "auth_ts")] = ms
-        state.asked.update({_split_ids(e, ">", "handshake_asked") for e in _get(value, "handshake_asked", list, [])})
+        state.asked.update(_split_ids(e, ">", "handshake_asked")
+                           for e in _get(value, "handshake_asked", list, []))
         for target, reqs in _get(value, "handshake_inbox", dict, {}).items():
             tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")
             state.inbox[tid] = [HandshakeRequest(_u32(_get(r, "from_node_id", int), "from_node_id"),

@@ -100,8 +100,9 @@ class DurableWriter:
         self.generation += 1
         if self._busy or self.failures:
             return  # written as soon as the write under way is done, or at the retry
-        if self.scheduled and self._call is not None and self._call.getTime() > self.clock.seconds() + self.delay:
-            self._call.reset(self.delay)  # a lazy write (``touched``) was pending: bring it forward
+        call = self._call
+        if call is not None and call.active() and call.getTime() > self.clock.seconds() + self.delay:
+            call.reset(self.delay)  # a lazy write (``touched``) was pending: bring it forward
         elif not self.scheduled:
             self._call = self.clock.callLater(self.delay, self._timer_fired)
 

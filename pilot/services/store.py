@@ -50,6 +50,8 @@ STORE_NAME = "registry.json"
 RETRY_DELAY = 5.0
 RETRY_MAX = 60.0
 
+log = Logger(namespace="pilot.services.store")  # for loading; the writer has its own
+
 
 class StoreError(StateFileError):
     """A store file that exists but cannot be loaded; the registry must not start over it."""
@@ -104,8 +106,8 @@ def _read_journal(path: str) -> list[dict[str, Any]] | None:
     except JournalError as e:
         raise StoreError(journal_path(path), f"a damaged journal: {e}") from e
     if torn:
-        StoreWriter.log.warn("{path}: ignoring a torn last record ({size} bytes): it was being written when the "
-                             "registry stopped, and was never acknowledged", path=journal_path(path), size=torn)
+        log.warn("{path}: ignoring a torn last record ({size} bytes): it was being written when the "
+                 "registry stopped, and was never acknowledged", path=journal_path(path), size=torn)
     return records
 
 
@@ -126,7 +128,7 @@ def _fold_journal(path: str, value: dict[str, Any] | None, records: list[dict[st
         raise StoreError(path, f"its journal ({applied} records) could not be written into it: "
                                f"{e.strerror or e}") from e
     if applied:
-        StoreWriter.log.info("{path}: {count} journal records replayed into the store", path=path, count=applied)
+        log.info("{path}: {count} journal records replayed into the store", path=path, count=applied)
     return state
 
 

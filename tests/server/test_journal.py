@@ -201,8 +201,9 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(value["auth_ts"], {"7": 3})
 
     def test_bad_shapes_refused(self) -> None:
-        for bad in ({"set": {"nodes": []}}, {"set": {"elsewhere": {}}}, {"add": {"proven": [[1]]}},
-                    {"del": {"nodes": "7"}}, {"set": []}):
+        bads: list[dict[str, Any]] = [{"set": {"nodes": []}}, {"set": {"elsewhere": {}}},
+                                      {"add": {"proven": [[1]]}}, {"del": {"nodes": "7"}}, {"set": []}]
+        for bad in bads:
             records, _ = read_records(encode_record(1, bad))
             with self.assertRaises(JournalError, msg=repr(bad)):
                 replay({}, records)

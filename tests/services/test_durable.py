@@ -200,6 +200,29 @@ class DurableWriterTests(SynchronousTestCase):
         self.assertTrue(self.writer.flush())  # nothing left: nothing written
         self.assertEqual(self.writer.snapshots, 2)
 
+    def test_touch_is_lazy_until_a_change(self) -> None:
+        """Replay state alone is written within ``touch_delay``; a change brings that write forward."""
+        self.start()
+        self.state.auth_ts[1] = 5
+        self.writer.touched()
+        self.clock.advance(1)
+        self.assertEqual(self.thread.queue, [])
+        d = self.register()
+        self.clock.advance(0)
+        self.thread.run_one()
+        self.successResultOf(d)
+        self.assertEqual(self.reload().auth_ts, {1: 5})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_change_that_changed_nothing(self) -> None:
+        """A change the state does not show (already undone) writes no record, and is acknowledged."""
+        self.start()
+        self.writer.changed()
+        self.clock.advance(0)
+        self.thread.run_one()
+        self.successResultOf(self.writer.when_saved(self.writer.generation))
+        self.assertFalse(os.path.exists(journal_path(self.path)) and self.journal_lines())
+
     def test_idle(self) -> None:
         self.start()
         self.successResultOf(self.writer.idle())
