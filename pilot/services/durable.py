@@ -135,13 +135,15 @@ class DurableWriter:
     def flush(self) -> bool:
         """
         At shutdown, with no write under way: write a snapshot now, in this
-        thread, if anything is unsaved; True if the store is up to date.
+        thread, if anything is unsaved or in the journal (so that the store
+        alone holds everything, and the next start replays nothing); True if
+        the store is up to date.
         """
         self._cancel()
         if self._busy:
             self.log.error("the registry store was flushed while a write was under way")
             return False
-        if not self.dirty and not self._snapshot_due:
+        if not self.dirty and not self._snapshot_due and not self.journal.size:
             return True
         generation = self.generation
         self.dirty = False

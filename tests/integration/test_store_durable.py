@@ -5,6 +5,7 @@ What "acknowledged" means for the registry's store, with real processes on 127.0
   no registration that was acknowledged (5 rounds, killed at a different reply
   each time): a reply is only sent once the journal record holding it is on
   disk, and a restart replays the journal into the store;
+* with ``--durable``, SIGTERM writes the journal into the store file;
 * SIGTERM while the store cannot be written exits non-zero, with a loud log
   line, instead of 0 (changes acknowledged during the outage would be lost).
 """
@@ -18,6 +19,8 @@ import threading
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
+from pilot.persist import read_json_object
+from pilot.server.state import RegistryState
 from pilot.services.store import journal_path, load_store
 from tests.integration.peers import RegistryClient, register_message, signed
 from tests.integration.procs import RendezvousTestMixin
@@ -66,6 +69,18 @@ class DurableTests(RendezvousTestMixin, SynchronousTestCase):
             lost = every - saved
             self.assertEqual(lost, set(), f"round {round_}: {len(lost)} acknowledged registrations lost")
         self.assertGreater(journaled, 0, "no round left journal records to replay: the test tests nothing")
+
+    def test_sigterm_folds_the_journal_into_the_store(self) -> None:
+        """A clean stop leaves everything in the store file itself: the next start replays nothing."""
+        rendezvous = self.start_rendezvous(self.store, [*OPTIONS, "--durable"])
+        identities = [Identity.generate() for _ in range(20)]
+        with RegistryClient(rendezvous.registry_port) as client:
+            ids = {client.request(signed(i, register_message(i)))["node_id"] for i in identities}
+        with open(journal_path(self.store), "rb") as f:
+            self.assertGreater(f.read().count(b"\n"), 0)  # acknowledged from the journal
+        self.assertEqual(rendezvous.proc.stop(signal.SIGTERM), 0, rendezvous.proc.describe())
+        self.assertEqual(os.path.getsize(journal_path(self.store)), 0)
+        self.assertEqual(set(RegistryState.from_json(read_json_object(self.store)).nodes), ids)
 
     def test_sigterm_with_unwritable_store_exits_non_zero(self) -> None:
         rendezvous = self.start_rendezvous(self.store, OPTIONS)

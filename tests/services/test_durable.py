@@ -192,13 +192,17 @@ class DurableWriterTests(SynchronousTestCase):
         """Shutdown (no write under way): one snapshot, here, and an empty journal."""
         self.start()
         self.successResultOf_after(self.register())
+        self.assertTrue(self.writer.flush())  # nothing unsaved, but the journal holds a record
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        with open(self.path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 2)
         self.state.nodes[1].hostname = "last"
         self.writer.changed()
         self.assertTrue(self.writer.flush())
         self.assertEqual(self.journal_lines(), 0)
         self.assertEqual(self.reload().nodes[1].hostname, "last")
         self.assertTrue(self.writer.flush())  # nothing left: nothing written
-        self.assertEqual(self.writer.snapshots, 2)
+        self.assertEqual(self.writer.snapshots, 3)
 
     def test_touch_is_lazy_until_a_change(self) -> None:
         """Replay state alone is written within ``touch_delay``; a change brings that write forward."""
