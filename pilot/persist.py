@@ -16,6 +16,7 @@ of changes; the registry's store uses one with ``--durable``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -72,7 +73,9 @@ class AppendOnlyFile:
     """
     A file written only at its end: :meth:`append` returns once the bytes are on
     disk (``fdatasync``; the folder is fsynced once when the file is created, so
-    the file itself survives a crash too).  An append that fails is cut off
+    the file itself survives a crash too), in the file that is at ``path``: if
+    that file was moved or removed (its folder gone, a volume unmounted),
+    :meth:`append` raises instead of writing where no reader will look.  An append that fails is cut off
     again where possible, so a later append never follows half a record; if
     even that fails, :meth:`append` and :meth:`truncate` raise, and the caller
     must stop appending until :meth:`truncate` succeeds.  One thread at a time.
@@ -110,6 +113,13 @@ class AppendOnlyFile:
         if self._torn:
             raise OSError(f"{self.path}: an earlier append failed and was not cut off; truncate first")
         fd = self._open()
+        try:
+            if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(errno.ENOENT, "the file at this path is not the one open", self.path)
+        except FileNotFoundError:
+            self.close()
+            self._torn = True  # what is at the path now is unknown: truncate before appending again
+            raise
         try:
             view = memoryview(data)
             while view:

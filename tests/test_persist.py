@@ -220,6 +220,22 @@ class AppendOnlyFileTests(SynchronousTestCase):
         self.file.append(b"b\n")
         self.assertEqual(self.read(), b"b\n")
 
+    def test_append_refused_when_the_file_was_moved(self) -> None:
+        """Appending to a file nobody will read (moved away, its folder gone) fails instead."""
+        self.file.append(b"a\n")
+        os.rename(self.path, self.path + ".moved")
+        with self.assertRaises(FileNotFoundError):
+            self.file.append(b"b\n")
+        with open(self.path, "wb") as f:
+            f.write(b"someone else's\n")
+        with self.assertRaises(OSError):
+            self.file.append(b"c\n")  # not after a file it does not know
+        with open(self.path + ".moved", "rb") as f:
+            self.assertEqual(f.read(), b"a\n")
+        self.file.truncate()
+        self.file.append(b"d\n")
+        self.assertEqual(self.read(), b"d\n")
+
     def test_remove_durably(self) -> None:
         self.file.append(b"a\n")
         remove_durably(self.path)

@@ -273,11 +273,15 @@ class WriterThread:
         self.pool = ThreadPool(1, 1, name="pilot-store-writer")
 
     def start(self) -> None:
-        self.pool.start()
+        if not self.pool.started:
+            self.pool.start()
+            # whatever else happens, the thread must not keep the process alive after the reactor
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def stop(self) -> None:
-        """Wait for the write under way (if any) and end the thread."""
-        self.pool.stop()
+        """Wait for the write under way (if any) and end the thread (again: nothing)."""
+        if self.pool.started:
+            self.pool.stop()
 
     def run(self, write: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, write)

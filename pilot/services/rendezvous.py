@@ -206,6 +206,8 @@ class RendezvousService(MultiService):
             super().startService()
         except BaseException:
             # a port that could not be bound: close what did start, then report
+            if self.writer_thread is not None:
+                self.writer_thread.stop()
             for child in reversed(list(self)):
                 if child.running:
                     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -81,6 +82,35 @@ class DurableTests(RendezvousTestMixin, SynchronousTestCase):
         self.assertEqual(rendezvous.proc.stop(signal.SIGTERM), 0, rendezvous.proc.describe())
         self.assertEqual(os.path.getsize(journal_path(self.store)), 0)
         self.assertEqual(set(RegistryState.from_json(read_json_object(self.store)).nodes), ids)
+
+    def test_durable_reply_waits_for_a_store_that_cannot_be_written(self) -> None:
+        """
+        With ``--durable`` and the store's folder gone, a registration is not
+        acknowledged (the journal at the store's path cannot be written), and
+        SIGTERM exits non-zero with the loud line; the client sees its
+        connection close, never a ``register_ok``.
+        """
+        rendezvous = self.start_rendezvous(self.store, [*OPTIONS, "--durable"])
+        identity = Identity.generate()
+        with RegistryClient(rendezvous.registry_port) as client:
+            self.assertEqual(client.request(signed(identity, register_message(identity)))["type"], "register_ok")
+        os.rename(self.folder, self.folder + ".moved")
+        with open(self.folder, "w") as f:
+            f.write("not a folder")
+        self.addCleanup(os.remove, self.folder)
+        other = Identity.generate()
+        with RegistryClient(rendezvous.registry_port) as client:
+            client.send(signed(other, register_message(other)))
+            with self.assertRaises(socket.timeout):
+                client.sock.settimeout(1.0)
+                client.receive()
+            status = rendezvous.proc.stop(signal.SIGTERM)
+            client.sock.settimeout(10.0)
+            with self.assertRaises(ConnectionError):
+                client.receive()
+        self.assertEqual(status, 10, rendezvous.proc.describe())  # ErrorCode.internal
+        self.assertIn("COULD NOT SAVE THE REGISTRY STORE", rendezvous.proc.stderr())
+        self.assertIn("THE REGISTRY STORE COULD NOT BE SAVED", rendezvous.proc.stderr())
 
     def test_sigterm_with_unwritable_store_exits_non_zero(self) -> None:
         rendezvous = self.start_rendezvous(self.store, OPTIONS)
