@@ -171,9 +171,9 @@ class Tracker:
         for node in s.nodes.values():
             node.unsaved = False
         self._watched = self._tracked()
-        self._inbox = {k: tuple(v) for k, v in s.inbox.items()}
-        self._responses = {k: tuple(v) for k, v in s.responses.items()}
-        self._statements = {k: dict(v) for k, v in s.statements.items()}
+        self._inbox: dict[int, Any] = {k: list(v) for k, v in s.inbox.items()}
+        self._responses: dict[int, Any] = {k: list(v) for k, v in s.responses.items()}
+        self._statements: dict[int, Any] = {k: dict(v) for k, v in s.statements.items()}
 
     def intact(self) -> bool:
         """False if a tracked container was replaced whole: only a snapshot is right then."""
@@ -223,23 +223,23 @@ class Tracker:
             tracked.changes.clear()
             if section_sets:
                 sets[section] = section_sets
-        queues: tuple[tuple[str, dict[int, Any], dict[int, tuple[Any, ...]], Callable[[Any], Any]], ...] = (
+        # copies of these (changed in place) are compared: in C, and equal items are the same objects
+        queues: tuple[tuple[str, dict[int, Any], dict[int, Any], Callable[[Any], Any]], ...] = (
             ("handshake_inbox", s.inbox, self._inbox, inbox_json),
-            ("handshake_responses", s.responses, self._responses, responses_json))
-        for section, lists, old, to_json in queues:
-            for key in set(lists) | set(old):
-                now = tuple(lists.get(key, ()))
-                if now != old.get(key, ()):
-                    put(section, str(key), to_json(list(now)) if now else None)
-                    if now:
-                        old[key] = now
-                    else:
+            ("handshake_responses", s.responses, self._responses, responses_json),
+            ("trust_statements", s.statements, self._statements,
+             lambda kept: [st.encode() for _, st in sorted(kept.items())]))
+        for section, current, old, to_json in queues:
+            if current == old:
+                continue
+            for key in current.keys() | old.keys():
+                now = current.get(key)
+                if now != old.get(key):
+                    put(section, str(key), to_json(now) if now else None)
+                    if now is None:
                         old.pop(key, None)
-        for granter in set(s.statements) | set(self._statements):
-            kept = dict(s.statements.get(granter, {}))
-            if kept != self._statements.get(granter, {}):
-                put("trust_statements", str(granter), [st.encode() for _, st in sorted(kept.items())] or None)
-                self._statements[granter] = kept
+                    else:
+                        old[key] = type(now)(now)
         adds: dict[str, list[Any]] = {}
         drops: dict[str, list[Any]] = {}
         for section, items in (("trust_edges", s.trust), ("proven", s.proven), ("handshake_asked", s.asked)):

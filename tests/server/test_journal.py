@@ -127,9 +127,12 @@ class TrackerTests(SynchronousTestCase):
         s.statements.setdefault(7, {})[99] = statement
         self.record()
         s.inbox[7].clear()
+        s.statements[7][99] = make_statement(7, ALICE.public_key, 99, b"", 2, 2, True, ALICE.sign)  # in place
         self.record()
         self.assertEqual(self.records[1]["del"]["handshake_inbox"], ["7"])
+        self.assertEqual(list(self.records[1]["set"]["trust_statements"]), ["7"])
         self.assertReplayed()
+        self.assertEqual(self.tracker.delta(), {})
 
     def test_replaced_container_is_noticed(self) -> None:
         """A container replaced whole is not tracked: the writer must take a snapshot."""
