@@ -167,7 +167,7 @@ class Tracker:
             if not isinstance(getattr(s, name), TrackedSet):
                 setattr(s, name, TrackedSet(getattr(s, name)))
         for container in self._tracked():
-            container.changes.clear()
+            container.track()
         for node in s.nodes.values():
             node.unsaved = False
         self._watched = self._tracked()

@@ -3,7 +3,8 @@
 A dict and a set that remember which keys were changed since their
 ``changes`` were last cleared, for the store's journal
 (:mod:`pilot.server.journal`): a journal record then costs what changed, not
-what is held.
+what is held.  They remember nothing until :meth:`TrackedDict.track` (only a
+journal clears ``changes``; without one they would grow for good).
 
 Every mutating method of ``dict`` and ``set`` is overridden; a key set,
 replaced, deleted, added or discarded lands in ``changes`` (a deleted key too:
@@ -20,12 +21,29 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class _Forgotten(set[Any]):
+    """``changes`` of a container nobody tracks: holds nothing."""
+
+    def add(self, item: Any) -> None:
+        pass
+
+    def update(self, *others: Iterable[Any]) -> None:
+        pass
+
+
+UNTRACKED: set[Any] = _Forgotten()
+
+
 class TrackedDict(dict[K, V]):
     __slots__ = ("changes",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.changes: set[K] = set(self)
+        self.changes: set[K] = UNTRACKED
+
+    def track(self) -> None:
+        """Remember changes from now on (again: forget those remembered so far)."""
+        self.changes = set()
 
     def __setitem__(self, key: K, value: V) -> None:
         self.changes.add(key)
@@ -67,7 +85,11 @@ class TrackedSet(set[K]):
 
     def __init__(self, items: Iterable[K] = ()) -> None:
         super().__init__(items)
-        self.changes: set[K] = set(self)
+        self.changes: set[K] = UNTRACKED
+
+    def track(self) -> None:
+        """Remember changes from now on (again: forget those remembered so far)."""
+        self.changes = set()
 
     def add(self, item: K) -> None:
         self.changes.add(item)

@@ -30,8 +30,11 @@ def stored(state: RegistryState) -> dict[str, Any]:
 class TrackedTests(SynchronousTestCase):
     def test_dict_remembers_every_kind_of_change(self) -> None:
         d: TrackedDict[str, int] = TrackedDict({"a": 1, "b": 2, "c": 3, "d": 4})
-        self.assertEqual(d.changes, {"a", "b", "c", "d"})  # new: everything is unsaved
-        d.changes.clear()
+        d["x"] = 1
+        self.assertEqual(d.changes, set())  # not tracked yet: nothing remembered, nothing grows
+        d.track()
+        del d["x"]
+        d.track()
         d["e"] = 5
         del d["a"]
         d.pop("b")
@@ -48,7 +51,10 @@ class TrackedTests(SynchronousTestCase):
 
     def test_set_remembers_every_kind_of_change(self) -> None:
         s: TrackedSet[int] = TrackedSet([1, 2, 3, 4, 5])
-        s.changes.clear()
+        s.add(10)
+        s.discard(10)
+        self.assertEqual(s.changes, set())
+        s.track()
         s.add(6)
         s.discard(1)
         s.remove(2)
