@@ -25,10 +25,10 @@ in extra keys it ignores:
 * ``pilot_journal_seq``: with ``--durable``, the number of the last journal
   record this file holds (``pilot.server.journal``).
 
-The containers a journal record is made from are tracked
-(``pilot.server.tracked``) and must be changed in place, never replaced; a
-:class:`Node`'s fields are assigned (never mutated in place), which marks it
-``unsaved``.
+With ``--durable`` the journal tracks the containers a record is made from
+(``pilot.server.tracked``): change them in place, never replace them (a
+replaced one costs a full snapshot).  A :class:`Node`'s fields are assigned,
+never mutated in place; assigning marks it ``unsaved``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from pilot.server.times import (  # noqa: F401 (parse_time_ns, rfc3339_ns: part 
     MAX_TIME, StoreFormatError, parse_time_cached, rfc3339_second, parse_time, parse_time_ns, rfc3339,
     rfc3339_ns,
 )
-from pilot.server.tracked import TrackedDict, TrackedSet
 from pilot.wire.statement import TrustStatement, decode as decode_statement
 
 STORE_FORMAT = 1
@@ -112,13 +111,13 @@ class HandshakeResponse:
 class RegistryState:
     """Everything the registry persists.  Plain data; the logic is in ``registry.py``."""
 
-    nodes: dict[int, Node] = attr.Factory(TrackedDict)
-    key_index: dict[bytes, int] = attr.Factory(TrackedDict)
-    trust: set[tuple[int, int]] = attr.Factory(TrackedSet)
-    proven: set[int] = attr.Factory(TrackedSet)
+    nodes: dict[int, Node] = attr.Factory(dict)
+    key_index: dict[bytes, int] = attr.Factory(dict)
+    trust: set[tuple[int, int]] = attr.Factory(set)
+    proven: set[int] = attr.Factory(set)
     #: (requester, target) of signed handshake requests not answered yet: the
     #: requester's consent to trust the target once it accepts
-    asked: set[tuple[int, int]] = attr.Factory(TrackedSet)
+    asked: set[tuple[int, int]] = attr.Factory(set)
     inbox: dict[int, list[HandshakeRequest]] = attr.Factory(dict)
     responses: dict[int, list[HandshakeResponse]] = attr.Factory(dict)
     created: float = 0.0
@@ -127,9 +126,9 @@ class RegistryState:
     #: granter -> peer -> the newest signed statement (ours; outlives the granter's registration)
     statements: dict[int, dict[int, TrustStatement]] = attr.Factory(dict)
     #: node id -> newest accepted ``auth.ts`` (ms) of its key
-    auth_ts: dict[int, int] = attr.Factory(TrackedDict)
+    auth_ts: dict[int, int] = attr.Factory(dict)
     #: node id -> when its node left, for keys still indexed without a node
-    gone: dict[int, float] = attr.Factory(TrackedDict)
+    gone: dict[int, float] = attr.Factory(dict)
     #: the last journal record the store file holds (``--durable``)
     journal_seq: int = 0
     _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
