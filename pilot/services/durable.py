@@ -8,12 +8,12 @@ connections hold a changing request's reply until :meth:`when_saved` says a
 write holding it is on disk.  A write is either
 
 * a **journal record** (``<store>.journal``, :mod:`pilot.server.journal`):
-  what changed since the last record, appended and ``fdatasync``-ed, a few
-  KB for a few hundred registrations; or
+  what changed since the last record (~300 bytes a registration), appended
+  and ``fdatasync``-ed; or
 * a **snapshot**: the whole store rewritten atomically (:mod:`pilot.persist`),
   then the journal emptied.  The first write of a new store is one, and so
-  is the write after the journal passes ``journal_limit`` bytes or after a
-  failed write.
+  are the write after the journal passes ``journal_limit`` bytes, the write
+  after a failed one, and the last one at a clean stop (:meth:`flush`).
 
 The reactor thread only makes the bytes (a record costs what changed, not
 the store's size); the writer thread writes and syncs them, one write at a
@@ -38,8 +38,8 @@ import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
