@@ -83,9 +83,9 @@ class DurableWriterTests(SynchronousTestCase):
 
     def start(self) -> None:
         """The first write of a new store (a snapshot), done."""
-        self.successResultOf_after(self.register())
+        self.acknowledged_after_one_write(self.register())
 
-    def successResultOf_after(self, d: Deferred[None]) -> None:
+    def acknowledged_after_one_write(self, d: Deferred[None]) -> None:
         self.clock.advance(0)
         self.assertNoResult(d)
         self.thread.run_one()
@@ -94,8 +94,8 @@ class DurableWriterTests(SynchronousTestCase):
     def test_first_write_is_a_snapshot_then_records(self) -> None:
         self.start()
         self.assertEqual((self.writer.snapshots, self.journal_lines()), (1, 0))
-        self.successResultOf_after(self.register())
-        self.successResultOf_after(self.register())
+        self.acknowledged_after_one_write(self.register())
+        self.acknowledged_after_one_write(self.register())
         self.assertEqual((self.writer.snapshots, self.writer.writes, self.journal_lines()), (1, 3, 2))
         with open(self.path) as f:
             self.assertEqual(list(json.load(f)["nodes"]), ["1"])  # the store file is not rewritten
@@ -123,7 +123,7 @@ class DurableWriterTests(SynchronousTestCase):
         """Records on disk, no snapshot since: a restart replays them, writes the store, drops the journal."""
         self.start()
         for _ in range(5):
-            self.successResultOf_after(self.register())
+            self.acknowledged_after_one_write(self.register())
         unacknowledged = self.register()  # its record is never written: a crash comes first
         self.clock.advance(0)
         self.assertNoResult(unacknowledged)
@@ -138,11 +138,11 @@ class DurableWriterTests(SynchronousTestCase):
         """The snapshot says which records it holds: the journal left beside it applies nothing twice."""
         self.writer = self.make(self.state, journal_limit=1)
         self.start()
-        self.successResultOf_after(self.register())  # record 1
+        self.acknowledged_after_one_write(self.register())  # record 1
         with open(journal_path(self.path), "rb") as f:
             journal = f.read()
         self.state.nodes.pop(2)  # deregistered after record 1 ...
-        self.successResultOf_after(self.register())  # ... and the journal passed its limit: a snapshot
+        self.acknowledged_after_one_write(self.register())  # ... and the journal passed its limit: a snapshot
         self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
         # the crash came before the journal was emptied, and a torn record follows
         with open(journal_path(self.path), "wb") as f:
@@ -191,7 +191,7 @@ class DurableWriterTests(SynchronousTestCase):
     def test_flush_at_stop(self) -> None:
         """Shutdown (no write under way): one snapshot, here, and an empty journal."""
         self.start()
-        self.successResultOf_after(self.register())
+        self.acknowledged_after_one_write(self.register())
         self.assertTrue(self.writer.flush())  # nothing unsaved, but the journal holds a record
         self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
         with open(self.path) as f:
@@ -251,7 +251,7 @@ class DurableWriterTests(SynchronousTestCase):
     def test_journal_that_cannot_be_folded_refused(self) -> None:
         """A journal that cannot be written into the store stops the start, loudly, and stays."""
         self.start()
-        self.successResultOf_after(self.register())
+        self.acknowledged_after_one_write(self.register())
 
         def unwritable(path: str, data: bytes) -> None:
             raise PermissionError(errno.EACCES, "Permission denied")
