@@ -4,16 +4,18 @@ Tests for L{pilot.persist}: atomic state files and their strict reading.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot import persist
 from pilot.persist import (
-    StateFileError, atomic_write_bytes, atomic_write_json, dump_json, read_json_object,
-    remove_stale_temporaries,
+    AppendOnlyFile, StateFileError, atomic_write_bytes, atomic_write_json, dump_json, read_json_object,
+    remove_durably, remove_stale_temporaries,
 )
 
 
@@ -145,3 +147,101 @@ class StaleTemporaryTests(SynchronousTestCase):
 
     def test_missing_folder(self) -> None:
         remove_stale_temporaries(os.path.join(self.mktemp(), "nothing", "store.json"))
+
+
+class AppendOnlyFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = self.mktemp()
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "journal")
+        self.file = AppendOnlyFile(self.path)
+        self.addCleanup(self.file.close)
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def test_appends_and_truncates(self) -> None:
+        self.file.append(b"one\n")
+        self.file.append(b"two\n")
+        self.assertEqual((self.read(), self.file.size), (b"one\ntwo\n", 8))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.file.truncate()
+        self.file.append(b"three\n")
+        self.assertEqual((self.read(), self.file.size), (b"three\n", 6))
+
+    def test_continues_an_existing_file(self) -> None:
+        with open(self.path, "wb") as f:
+            f.write(b"old\n")
+        self.file.append(b"new\n")
+        self.assertEqual((self.read(), self.file.size), (b"old\nnew\n", 8))
+
+    def test_failed_append_is_cut_off(self) -> None:
+        """A write that fails halfway leaves no half record for the next append to follow."""
+        self.file.append(b"whole\n")
+        real = os.write
+        calls = []
+
+        def half_then_full(fd: int, data: Any) -> int:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real(fd, bytes(data[:3]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.patch(os, "write", half_then_full)
+        with self.assertRaises(OSError):
+            self.file.append(b"broken\n")
+        self.patch(os, "write", real)
+        self.assertEqual(self.read(), b"whole\n")
+        self.file.append(b"next\n")
+        self.assertEqual(self.read(), b"whole\nnext\n")
+
+    def test_append_refused_after_a_cut_that_failed(self) -> None:
+        self.file.append(b"whole\n")
+
+        def fail(*args: Any) -> None:
+            raise OSError(errno.EIO, "I/O error")
+        self.patch(os, "fdatasync", fail)
+        self.patch(os, "ftruncate", fail)
+        with self.assertRaises(OSError):
+            self.file.append(b"x\n")
+        self.patch(os, "fdatasync", real_fdatasync)
+        with self.assertRaises(OSError):
+            self.file.append(b"y\n")  # it would follow a torn record
+        self.patch(os, "ftruncate", real_ftruncate)
+        self.file.truncate()
+        self.file.append(b"z\n")
+        self.assertEqual(self.read(), b"z\n")
+
+    def test_truncate_reopens_by_path(self) -> None:
+        """After a truncate the file is the one at the path, even if the old one was moved away."""
+        self.file.append(b"a\n")
+        os.rename(self.path, self.path + ".moved")
+        self.file.truncate()
+        self.file.append(b"b\n")
+        self.assertEqual(self.read(), b"b\n")
+
+    def test_append_refused_when_the_file_was_moved(self) -> None:
+        """Appending to a file nobody will read (moved away, its folder gone) fails instead."""
+        self.file.append(b"a\n")
+        os.rename(self.path, self.path + ".moved")
+        with self.assertRaises(FileNotFoundError):
+            self.file.append(b"b\n")
+        with open(self.path, "wb") as f:
+            f.write(b"someone else's\n")
+        with self.assertRaises(OSError):
+            self.file.append(b"c\n")  # not after a file it does not know
+        with open(self.path + ".moved", "rb") as f:
+            self.assertEqual(f.read(), b"a\n")
+        self.file.truncate()
+        self.file.append(b"d\n")
+        self.assertEqual(self.read(), b"d\n")
+
+    def test_remove_durably(self) -> None:
+        self.file.append(b"a\n")
+        remove_durably(self.path)
+        self.assertFalse(os.path.exists(self.path))
+        remove_durably(self.path)  # already gone: fine
+
+
+real_fdatasync = os.fdatasync
+real_ftruncate = os.ftruncate

@@ -22,32 +22,43 @@ in extra keys it ignores:
   reaped while its key stayed indexed (so that it keeps its id if it comes
   back).  After the registry's ``key_retention`` the key is forgotten
   (:meth:`RegistryState.forget`).
+* ``pilot_journal_seq``: with ``--durable``, the number of the last journal
+  record this file holds (``pilot.server.journal``).
+
+With ``--durable`` the journal tracks the containers a record is made from
+(``pilot.server.tracked``): change them in place, never replace them (a
+replaced one costs a full snapshot).  A :class:`Node`'s fields are assigned,
+never mutated in place; assigning marks it ``unsaved``.
 """
 
 from __future__ import annotations
 
-import datetime
-import functools
 import json
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import attr
 
 from pilot.address import Address
 from pilot.errors import MalformedFrame
 from pilot.identity import b64decode, b64encode
+from pilot.server.times import (  # noqa: F401 (parse_time_ns, rfc3339_ns: part of this module's API)
+    MAX_TIME, StoreFormatError, parse_time_cached, rfc3339_second, parse_time, parse_time_ns, rfc3339,
+    rfc3339_ns,
+)
 from pilot.wire.statement import TrustStatement, decode as decode_statement
 
 STORE_FORMAT = 1
 _NO_NODES = '"nodes":{}'
 
 
-class StoreFormatError(ValueError):
-    """The store's JSON is not a registry store; the message says where."""
+def _mark_unsaved(node: "Node", attribute: Any, value: Any) -> Any:
+    if attribute.name != "unsaved":
+        object.__setattr__(node, "unsaved", True)
+    return value
 
 
-@attr.s(slots=True, auto_attribs=True, eq=False)
+@attr.s(slots=True, auto_attribs=True, eq=False, on_setattr=_mark_unsaved)
 class Node:
     id: int
     public_key: bytes
@@ -62,6 +73,8 @@ class Node:
     networks: list[int] = attr.Factory(lambda: [0])
     #: ours: the node's tunnel socket on its own LAN, for peers behind the same NAT
     local_addr: str = ""
+    #: changed since the journal last wrote it (new nodes too)
+    unsaved: bool = attr.ib(default=True, init=False, repr=False)
 
     @property
     def address(self) -> Address:
@@ -116,6 +129,8 @@ class RegistryState:
     auth_ts: dict[int, int] = attr.Factory(dict)
     #: node id -> when its node left, for keys still indexed without a node
     gone: dict[int, float] = attr.Factory(dict)
+    #: the last journal record the store file holds (``--durable``)
+    journal_seq: int = 0
     _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
     _node_text: dict[int, tuple[tuple[Any, ...], str]] = attr.ib(factory=dict, init=False, repr=False)
 
@@ -134,8 +149,9 @@ class RegistryState:
         self.gone.pop(node_id, None)
         self.auth_ts.pop(node_id, None)
         self.proven.discard(node_id)
-        self.trust = {(a, b) for a, b in self.trust if node_id not in (a, b)}
-        self.asked = {(a, b) for a, b in self.asked if node_id not in (a, b)}
+        # in place: the containers are tracked for the journal
+        self.trust.difference_update([(a, b) for a, b in self.trust if node_id in (a, b)])
+        self.asked.difference_update([(a, b) for a, b in self.asked if node_id in (a, b)])
         self.inbox.pop(node_id, None)
         self.responses.pop(node_id, None)
         self.statements.pop(node_id, None)  # its own signed statements go with its key
@@ -171,7 +187,7 @@ class RegistryState:
                     n.owner, n.polo_score, n.task_exec, tuple(n.networks), n.local_addr)
             hit = cache.get(node_id)
             text = hit[1] if hit is not None and hit[0] == mark else \
-                json.dumps(_node_json(n, keys[n.public_key]), separators=(",", ":"))
+                json.dumps(node_json(n, keys[n.public_key]), separators=(",", ":"))
             fresh[node_id] = (mark, text)
             parts.append(f'"{node_id}":{text}')
         self._node_text = fresh
@@ -190,7 +206,7 @@ class RegistryState:
         out: dict[str, Any] = {
             "next_node": max([0, *self.id_keys]) + 1,
             "next_net": 1,
-            "nodes": {str(n.id): _node_json(n, keys[n.public_key])
+            "nodes": {str(n.id): node_json(n, keys[n.public_key])
                       for n in sorted(self.nodes.values(), key=lambda n: n.id)} if nodes else {},
             "networks": {"0": {"id": 0, "name": "backbone", "join_rule": "open",
                                "members": sorted(self.nodes), "created": rfc3339(self.created)}},
@@ -200,14 +216,10 @@ class RegistryState:
             out["trust_pairs"] = [f"{a}:{b}" for a, b in pairs]
         if self.key_index:
             out["pub_key_idx"] = {keys[k]: v for k, v in sorted(self.key_index.items(), key=lambda kv: kv[1])}
-        inbox = {str(t): [{"from_node_id": r.from_node_id, "justification": r.justification,
-                           "timestamp": r.stamp_text} for r in reqs]
-                 for t, reqs in sorted(self.inbox.items()) if reqs}
+        inbox = {str(t): inbox_json(reqs) for t, reqs in sorted(self.inbox.items()) if reqs}
         if inbox:
             out["handshake_inbox"] = inbox
-        responses = {str(t): [{"from_node_id": r.from_node_id, "accept": r.accept,
-                               "timestamp": r.stamp_text} for r in rs]
-                     for t, rs in sorted(self.responses.items()) if rs}
+        responses = {str(t): responses_json(rs) for t, rs in sorted(self.responses.items()) if rs}
         if responses:
             out["handshake_responses"] = responses
         if self.trust:
@@ -223,6 +235,8 @@ class RegistryState:
         if self.statements:
             out["trust_statements"] = {str(g): [s.encode() for _, s in sorted(kept.items())]
                                        for g, kept in sorted(self.statements.items()) if kept}
+        if self.journal_seq:
+            out["pilot_journal_seq"] = self.journal_seq
         out["pilot_store_format"] = STORE_FORMAT
         return out
 
@@ -251,8 +265,9 @@ class RegistryState:
             state.trust.update({(a, b), (b, a)})
         if "trust_edges" in value:
             # ours: directed edges are the truth, the pairs were only derived from them
-            state.trust = {_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, [])}
-        state.proven = {_u32(i, "proven") for i in _get(value, "proven", list, [])}
+            state.trust.clear()
+            state.trust.update(_split_ids(e, ">", "trust_edges") for e in _get(value, "trust_edges", list, []))
+        state.proven.update(_u32(i, "proven") for i in _get(value, "proven", list, []))
         for text, when in _get(value, "keys_gone", dict, {}).items():
             if isinstance(when, bool) or not isinstance(when, int) or not 0 <= when <= MAX_TIME:
                 raise StoreFormatError(f"keys_gone[{text!r}]: {when!r} is not Unix seconds")
@@ -261,7 +276,8 @@ class RegistryState:
             if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms < 1 << 53:
                 raise StoreFormatError(f"auth_ts[{text!r}]: {ms!r} is not Unix milliseconds")
             state.auth_ts[_u32(_int_text(text, "auth_ts"), "auth_ts")] = ms
-        state.asked = {_split_ids(e, ">", "handshake_asked") for e in _get(value, "handshake_asked", list, [])}
+        state.asked.update(_split_ids(e, ">", "handshake_asked")
+                           for e in _get(value, "handshake_asked", list, []))
         for target, reqs in _get(value, "handshake_inbox", dict, {}).items():
             tid = _u32(_int_text(target, "handshake_inbox"), "handshake_inbox")
             state.inbox[tid] = [HandshakeRequest(_u32(_get(r, "from_node_id", int), "from_node_id"),
@@ -287,6 +303,10 @@ class RegistryState:
                 if statement.granter != gid:
                     raise StoreFormatError(f"trust_statements[{granter!r}] holds node {statement.granter}'s")
                 kept[statement.peer] = statement
+        seq = _get(value, "pilot_journal_seq", int, 0)
+        if seq < 0:
+            raise StoreFormatError(f"pilot_journal_seq: {seq} is negative")
+        state.journal_seq = seq
         backbone = _get(value, "networks", dict, {}).get("0")
         if isinstance(backbone, dict):
             state.created = parse_time(backbone.get("created"))
@@ -294,7 +314,16 @@ class RegistryState:
         return state
 
 
-def _node_json(n: Node, key_text: str) -> dict[str, Any]:
+def inbox_json(reqs: list[HandshakeRequest]) -> list[dict[str, Any]]:
+    return [{"from_node_id": r.from_node_id, "justification": r.justification, "timestamp": r.stamp_text}
+            for r in reqs]
+
+
+def responses_json(rs: list[HandshakeResponse]) -> list[dict[str, Any]]:
+    return [{"from_node_id": r.from_node_id, "accept": r.accept, "timestamp": r.stamp_text} for r in rs]
+
+
+def node_json(n: Node, key_text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"id": n.id}
     if n.owner:
         out["owner"] = n.owner
@@ -304,7 +333,7 @@ def _node_json(n: Node, key_text: str) -> dict[str, Any]:
     out["networks"] = list(n.networks)
     if n.public:
         out["public"] = True
-    out["last_seen"] = _rfc3339_second(math.floor(n.last_seen))
+    out["last_seen"] = rfc3339_second(math.floor(n.last_seen))
     if n.hostname:
         out["hostname"] = n.hostname
     if n.tags:
@@ -338,7 +367,7 @@ def _node_from_json(raw: Any, where: str, keys: dict[str, bytes] | None = None) 
         id=_u32(_get(raw, "id", int), f"{where}.id"),
         public_key=key,
         real_addr=_opt(raw, "real_addr", str, ""),
-        last_seen=_parse_time_cached(last_seen) if isinstance(last_seen, str) else parse_time(last_seen),
+        last_seen=parse_time_cached(last_seen) if isinstance(last_seen, str) else parse_time(last_seen),
         hostname=_opt(raw, "hostname", str, ""),
         tags=list(tags),
         public=_opt(raw, "public", bool, False),
@@ -358,12 +387,6 @@ def _opt(raw: dict[str, Any], key: str, typ: type, default: Any) -> Any:
     if type(value) is typ:
         return value
     return _get(raw, key, typ, default)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_time_cached(text: str) -> float:
-    # a store's nodes share few distinct last_seen stamps (one per flush second)
-    return parse_time(text)
 
 
 def _get(obj: Any, key: str, typ: type, default: Any = None) -> Any:
@@ -409,70 +432,3 @@ def _list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise StoreFormatError(f"{where} must map ids to lists of objects")
     return value
-
-
-#: Times a store may hold: 1970 up to the end of year 9999.
-MAX_TIME = 253402300799
-
-
-def rfc3339(ts: float, nanos: bool = False) -> str:
-    """Unix seconds to RFC 3339 UTC, to the second or (``nanos``) to the nanosecond."""
-    whole = math.floor(ts)
-    return rfc3339_ns(whole * 1_000_000_000 + (round((ts - whole) * 1e9) if nanos else 0), nanos)
-
-
-@functools.lru_cache(maxsize=4096)
-def _rfc3339_second(whole: int) -> str:
-    # a store's nodes share few distinct last_seen seconds
-    return rfc3339_ns(whole * 1_000_000_000, False)
-
-
-def rfc3339_ns(ns: int, nanos: bool = True) -> str:
-    sec, frac = divmod(ns, 1_000_000_000)
-    text = datetime.datetime.fromtimestamp(sec, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{text}.{frac:09d}Z" if nanos else text + "Z"
-
-
-def parse_time(text: Any) -> float:
-    """RFC 3339 (with up to nanoseconds) or a number to Unix seconds; absent means 0."""
-    sec, ns = divmod(parse_time_ns(text), 1_000_000_000)
-    return sec + ns / 1e9
-
-
-def parse_time_ns(text: Any) -> int:
-    """RFC 3339 (with up to nanoseconds) or a number of seconds to Unix nanoseconds; absent means 0."""
-    if text is None or text == "":
-        return 0
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if not (0 <= text <= MAX_TIME):  # also refuses NaN
-            raise StoreFormatError(f"{text!r} is not a time")
-        return int(round(text * 1e9)) if isinstance(text, float) else text * 1_000_000_000
-    if not isinstance(text, str) or len(text) > 64 or not text.isascii():
-        raise StoreFormatError(f"{str(text)[:64]!r} is not a time")
-    s = text.strip()
-    nanos = 0
-    if s.endswith(("Z", "z")):
-        s = s[:-1] + "+00:00"
-    if "." in s:
-        head, rest = s.split(".", 1)
-        digits = ""
-        while rest and rest[0] in "0123456789":
-            digits, rest = digits + rest[0], rest[1:]
-        if not digits or len(digits) > 9:
-            raise StoreFormatError(f"{text!r} is not an RFC 3339 time")
-        nanos = int(digits.ljust(9, "0"))
-        s = head + rest
-    try:
-        dt = datetime.datetime.fromisoformat(s)
-    except ValueError:
-        raise StoreFormatError(f"{text!r} is not an RFC 3339 time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.timezone.utc)
-    seconds = int(dt.timestamp())
-    if not 0 <= seconds <= MAX_TIME:
-        raise StoreFormatError(f"{text!r} is out of range")
-    return seconds * 1_000_000_000 + nanos
-
-
-def trusting(trust: Iterable[tuple[int, int]], node_id: int) -> set[int]:
-    return {a for a, b in trust if b == node_id}

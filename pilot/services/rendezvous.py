@@ -32,6 +32,7 @@ from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_PER_ADDRESS, RegistryServerFactory
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
+from pilot.services.durable import DurableWriter, Runner, WriterThread
 from pilot.services.store import StoreWriter, load_store
 
 if TYPE_CHECKING:
@@ -40,10 +41,10 @@ if TYPE_CHECKING:
 REGISTRY_PORT = 9000
 #: Seconds between returns of freed heap memory to the system (glibc's malloc_trim).
 TRIM_INTERVAL = 20.0
-#: With --durable, the store is written this long after the first unsaved change: long
-#: enough to gather the requests a reactor pass or two brings, short against a write (~70 ms
-#: at 10,000 nodes).
-DURABLE_DELAY = 0.01
+#: With --durable, a write starts this long after the first unsaved change when none is
+#: under way (the changes of one reactor pass go together); changes made while a write is
+#: under way go in the next one, started as soon as it is done (``pilot.services.durable``).
+DURABLE_DELAY = 0.0
 BEACON_PORT = 9001
 
 
@@ -104,7 +105,8 @@ class PortService(Service):
 class RendezvousService(MultiService):
     log = Logger()
 
-    def __init__(self, settings: RendezvousSettings, reactor: Any) -> None:
+    def __init__(self, settings: RendezvousSettings, reactor: Any, run_writes: Runner | None = None) -> None:
+        """``run_writes`` runs the ``--durable`` store's writes (default: a thread of their own)."""
         super().__init__()
         self.settings = settings
         self.reactor = reactor
@@ -114,16 +116,22 @@ class RendezvousService(MultiService):
 
         state = load_store(settings.store) if settings.store else None
         self.fresh_store = settings.store is not None and state is None
-        self.store: StoreWriter | None = None
+        self.store: StoreWriter | DurableWriter | None = None
+        self.writer_thread: WriterThread | None = None
         if settings.durable and not settings.store:
             raise InvalidArgument("durable acknowledgements need a store; drop --no-store or --durable")
-        if settings.store:
-            # durable: write soon, each write carrying every change made before it (group commit)
-            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_bytes(), clock,
-                                     min(settings.flush_delay, DURABLE_DELAY) if settings.durable
-                                     else settings.flush_delay)
         self.registry = Registry(clock, settings.registry, state, on_change=self._changed,
                                  on_touch=self._touched)
+        if settings.store and settings.durable:
+            # group commit through a journal, written by a thread of its own
+            if run_writes is None:
+                self.writer_thread = WriterThread(reactor)
+                run_writes = self.writer_thread.run
+            self.store = DurableWriter(settings.store, self.registry.state, clock, run_writes,
+                                       min(settings.flush_delay, DURABLE_DELAY))
+        elif settings.store:
+            self.store = StoreWriter(settings.store, lambda: self.registry.state.to_bytes(), clock,
+                                     settings.flush_delay)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
                                              settings.max_connections,
@@ -192,12 +200,16 @@ class RendezvousService(MultiService):
     # --- lifecycle ---------------------------------------------------------------------
 
     def startService(self) -> None:
+        if self.writer_thread is not None:
+            self.writer_thread.start()
         if self.settings.raise_open_files:
             self._raise_open_files()
         try:
             super().startService()
         except BaseException:
             # a port that could not be bound: close what did start, then report
+            if self.writer_thread is not None:
+                self.writer_thread.stop()
             for child in reversed(list(self)):
                 if child.running:
                     try:
@@ -237,7 +249,12 @@ class RendezvousService(MultiService):
     def stopService(self) -> Deferred[Any]:
         stopped: Deferred[Any] = super().stopService()
         self.factory.disconnect_all()
-        self._flush()
+        if isinstance(self.store, DurableWriter):
+            # the write under way (in the writer thread) ends first; then the last one, here
+            idle = self.store.idle()
+            stopped.addBoth(lambda result: idle.addCallback(lambda _: result))
+        else:
+            self._flush()
 
         def flush_again(result: object) -> object:
             if not self._flush() and self.store is not None:
@@ -247,6 +264,10 @@ class RendezvousService(MultiService):
                                   "folder before starting again (the exit status is non-zero)",
                                   path=self.store.path)
                 self.store.abandon_waiters(RuntimeError("the registry store could not be saved"))
+            if isinstance(self.store, DurableWriter):
+                self.store.close()
+            if self.writer_thread is not None:
+                self.writer_thread.stop()
             return result
 
         return stopped.addBoth(flush_again)

@@ -17,6 +17,11 @@ hold a changing request's reply until then, so an acknowledged change
 survives ``kill -9``.  Writes are group commits: one write carries every
 change made before it started.
 
+With ``--durable`` the changes go to a journal beside the store
+(``pilot.services.durable``); loading replays a journal left there into the
+state, writes the store with it and removes the journal, before anything
+listens.
+
 Loading refuses, with a :class:`StoreError`, a file that exists but cannot be
 used, and leaves it untouched: starting empty would overwrite it at the first
 change and lose every registration in it.
@@ -32,8 +37,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from pilot.persist import (
-    StateFileError, atomic_write_bytes, atomic_write_json, read_json_object, remove_stale_temporaries,
+    MAX_STATE_FILE, StateFileError, atomic_write_bytes, atomic_write_json, read_json_object, remove_durably,
+    remove_stale_temporaries,
 )
+from pilot.server.journal import JournalError, read_records, replay
 from pilot.server.state import RegistryState, StoreFormatError
 
 SYSTEM_STORE_DIR = "/var/lib/pilot"
@@ -42,6 +49,8 @@ STORE_NAME = "registry.json"
 #: After a failed write, the next attempt waits this long (doubling to RETRY_MAX).
 RETRY_DELAY = 5.0
 RETRY_MAX = 60.0
+
+log = Logger(namespace="pilot.services.store")  # for loading; the writer has its own
 
 
 class StoreError(StateFileError):
@@ -53,23 +62,77 @@ class StoreError(StateFileError):
                                f"until it is repaired or moved away")
 
 
+def journal_path(store: str) -> str:
+    """Where the ``--durable`` journal of the store ``store`` is."""
+    return store + ".journal"
+
+
 def load_store(path: str) -> RegistryState | None:
     """
-    The state saved in ``path``, or None if there is no such file.
+    The state saved in ``path`` (and its journal), or None if there is neither.
 
-    Leftover temporaries of a crashed writer are removed first.  Raises
-    :class:`StoreError` (naming the file) for a file that is unreadable, not
-    JSON, or not a registry store.
+    Leftover temporaries of a crashed writer are removed first; a journal is
+    replayed, written into the store and removed.  Raises :class:`StoreError`
+    (naming the file) for a file that is unreadable, not JSON, or not a
+    registry store, for a damaged journal, and for a journal that could not
+    be written into the store.
     """
     remove_stale_temporaries(path)
+    value: dict[str, Any] | None
     try:
         value = read_json_object(path)
     except FileNotFoundError:
-        return None
+        value = None
     except StateFileError as e:
         raise StoreError(path, e.reason) from e
     except RecursionError as e:  # JSON nested deeper than the parser's stack
         raise StoreError(path, "not valid JSON (nested too deeply)") from e
+    journal = _read_journal(path)
+    if journal is not None:
+        return _fold_journal(path, value, journal)
+    return None if value is None else _state(path, value)
+
+
+def _read_journal(path: str) -> list[dict[str, Any]] | None:
+    try:
+        with open(journal_path(path), "rb") as f:
+            data = f.read(MAX_STATE_FILE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(journal_path(path), f"cannot read: {e.strerror or e}") from e
+    try:
+        records, torn = read_records(data)
+    except JournalError as e:
+        raise StoreError(journal_path(path), f"a damaged journal: {e}") from e
+    if torn:
+        log.warn("{path}: ignoring a torn last record ({size} bytes): it was being written when the "
+                 "registry stopped, and was never acknowledged", path=journal_path(path), size=torn)
+    return records
+
+
+def _fold_journal(path: str, value: dict[str, Any] | None, records: list[dict[str, Any]]
+                  ) -> RegistryState | None:
+    """Replay the journal into the store's ``value``, write the store with it, and remove the journal."""
+    merged = value if value is not None else {}
+    try:
+        applied = replay(merged, records)
+    except JournalError as e:
+        raise StoreError(journal_path(path), f"a damaged journal: {e}") from e
+    state = _state(path, merged) if applied or value is not None else None
+    try:
+        if applied and state is not None:
+            atomic_write_bytes(path, state.to_bytes())
+        remove_durably(journal_path(path))
+    except OSError as e:
+        raise StoreError(path, f"its journal ({applied} records) could not be written into it: "
+                               f"{e.strerror or e}") from e
+    if applied:
+        log.info("{path}: {count} journal records replayed into the store", path=path, count=applied)
+    return state
+
+
+def _state(path: str, value: dict[str, Any]) -> RegistryState:
     try:
         return RegistryState.from_json(value)
     except StoreFormatError as e:

@@ -3,7 +3,9 @@ What "acknowledged" means for the registry's store, with real processes on 127.0
 
 * with ``--durable``, ``kill -9`` during a burst of 1,000 registrations loses
   no registration that was acknowledged (5 rounds, killed at a different reply
-  each time): a reply is only sent once the store holding it is on disk;
+  each time): a reply is only sent once the journal record holding it is on
+  disk, and a restart replays the journal into the store;
+* with ``--durable``, SIGTERM writes the journal into the store file;
 * SIGTERM while the store cannot be written exits non-zero, with a loud log
   line, instead of 0 (changes acknowledged during the outage would be lost).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.identity import Identity
 from pilot.persist import read_json_object
 from pilot.server.state import RegistryState
+from pilot.services.store import journal_path, load_store
 from tests.integration.peers import RegistryClient, register_message, signed
 from tests.integration.procs import RendezvousTestMixin
 
@@ -54,12 +58,59 @@ class DurableTests(RendezvousTestMixin, SynchronousTestCase):
 
     def test_kill_during_burst_loses_no_acknowledged_registration(self) -> None:
         every: set[int] = set()
+        journaled = 0
         for round_, kill_after in enumerate(KILL_AFTER):
             every |= self.burst(round_, kill_after)
-            saved = set(RegistryState.from_json(read_json_object(self.store)).nodes) \
-                if os.path.exists(self.store) else set()
+            if os.path.exists(journal_path(self.store)):
+                with open(journal_path(self.store), "rb") as f:
+                    journaled += f.read().count(b"\n")
+            # what a restarted registry has: the store and the journal replayed into it
+            state = load_store(self.store)
+            saved = set(state.nodes) if state is not None else set()
             lost = every - saved
             self.assertEqual(lost, set(), f"round {round_}: {len(lost)} acknowledged registrations lost")
+        self.assertGreater(journaled, 0, "no round left journal records to replay: the test tests nothing")
+
+    def test_sigterm_folds_the_journal_into_the_store(self) -> None:
+        """A clean stop leaves everything in the store file itself: the next start replays nothing."""
+        rendezvous = self.start_rendezvous(self.store, [*OPTIONS, "--durable"])
+        identities = [Identity.generate() for _ in range(20)]
+        with RegistryClient(rendezvous.registry_port) as client:
+            ids = {client.request(signed(i, register_message(i)))["node_id"] for i in identities}
+        with open(journal_path(self.store), "rb") as f:
+            self.assertGreater(f.read().count(b"\n"), 0)  # acknowledged from the journal
+        self.assertEqual(rendezvous.proc.stop(signal.SIGTERM), 0, rendezvous.proc.describe())
+        self.assertEqual(os.path.getsize(journal_path(self.store)), 0)
+        self.assertEqual(set(RegistryState.from_json(read_json_object(self.store)).nodes), ids)
+
+    def test_durable_reply_waits_for_a_store_that_cannot_be_written(self) -> None:
+        """
+        With ``--durable`` and the store's folder gone, a registration is not
+        acknowledged (the journal at the store's path cannot be written), and
+        SIGTERM exits non-zero with the loud line; the client sees its
+        connection close, never a ``register_ok``.
+        """
+        rendezvous = self.start_rendezvous(self.store, [*OPTIONS, "--durable"])
+        identity = Identity.generate()
+        with RegistryClient(rendezvous.registry_port) as client:
+            self.assertEqual(client.request(signed(identity, register_message(identity)))["type"], "register_ok")
+        os.rename(self.folder, self.folder + ".moved")
+        with open(self.folder, "w") as f:
+            f.write("not a folder")
+        self.addCleanup(os.remove, self.folder)
+        other = Identity.generate()
+        with RegistryClient(rendezvous.registry_port) as client:
+            client.send(signed(other, register_message(other)))
+            with self.assertRaises(socket.timeout):
+                client.sock.settimeout(1.0)
+                client.receive()
+            status = rendezvous.proc.stop(signal.SIGTERM)
+            client.sock.settimeout(10.0)
+            with self.assertRaises(ConnectionError):
+                client.receive()
+        self.assertEqual(status, 10, rendezvous.proc.describe())  # ErrorCode.internal
+        self.assertIn("COULD NOT SAVE THE REGISTRY STORE", rendezvous.proc.stderr())
+        self.assertIn("THE REGISTRY STORE COULD NOT BE SAVED", rendezvous.proc.stderr())
 
     def test_sigterm_with_unwritable_store_exits_non_zero(self) -> None:
         rendezvous = self.start_rendezvous(self.store, OPTIONS)

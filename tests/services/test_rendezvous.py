@@ -10,6 +10,7 @@ import os
 import resource
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
@@ -89,7 +90,8 @@ class ServiceTests(SynchronousTestCase):
     def service(self, **kw: Any) -> RendezvousService:
         kw.setdefault("store", self.store)
         kw.setdefault("raise_open_files", False)  # not this test process's limit
-        return RendezvousService(RendezvousSettings(**kw), self.reactor)
+        # --durable's writes run here, at once, instead of in a thread of their own
+        return RendezvousService(RendezvousSettings(**kw), self.reactor, run_writes=maybeDeferred)
 
     def register(self, service: RendezvousService, seed: int = 1) -> int:
         reply = service.registry.handle({"type": "register", "public_key": base64.b64encode(bytes([seed]) * 32).decode(),

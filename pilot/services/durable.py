@@ -1,0 +1,287 @@
+# -*- test-case-name: tests.services.test_durable -*-
+"""
+Durable acknowledgements (``--durable``): group commit through a journal,
+written by a thread of its own.
+
+Every change bumps :attr:`DurableWriter.generation`; the registry's
+connections hold a changing request's reply until :meth:`when_saved` says a
+write holding it is on disk.  A write is either
+
+* a **journal record** (``<store>.journal``, :mod:`pilot.server.journal`):
+  what changed since the last record (~300 bytes a registration), appended
+  and ``fdatasync``-ed; or
+* a **snapshot**: the whole store rewritten atomically (:mod:`pilot.persist`),
+  then the journal emptied.  The first write of a new store is one, and so
+  are the write after the journal passes ``journal_limit`` bytes, the write
+  after a failed one, and the last one at a clean stop (:meth:`flush`).
+
+The reactor thread only makes the bytes (a record costs what changed, not
+the store's size); the writer thread writes and syncs them, one write at a
+time, while the reactor answers requests and gathers the next group: every
+change made while a write is under way goes in the next one, started as soon
+as it is done.
+
+A crash at any point loses no acknowledged change: a record is on disk before
+its replies go out; a snapshot holds the number of the last record it
+includes, so a crash between the snapshot and emptying the journal replays
+nothing twice; a torn last record was never acknowledged
+(:func:`pilot.services.store.load_store` replays the journal and folds it into
+the store before the registry starts).  A failed write is logged loudly and
+retried as a snapshot; replies wait meanwhile, and at shutdown the service
+exits non-zero if the store still could not be written.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from pilot.persist import AppendOnlyFile, atomic_write_bytes
+from pilot.server.journal import Tracker, encode_record
+from pilot.server.state import RegistryState
+from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path
+
+#: Runs a function in the writer thread; the Deferred fires in the reactor thread.
+Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+#: Past this many journal bytes the next write is a snapshot (which empties the journal).
+JOURNAL_LIMIT = 16 * 1024 * 1024
+
+
+class DurableWriter:
+    """The store of a ``--durable`` registry: see the module's docstring."""
+
+    log = Logger()
+
+    def __init__(self, path: str, state: RegistryState, clock: IReactorTime, run: Runner,
+                 delay: float = 0.0, touch_delay: float = 5.0, journal_limit: int = JOURNAL_LIMIT) -> None:
+        self.path = path
+        self.state = state
+        self.clock = clock
+        self.run = run
+        self.delay = delay
+        self.touch_delay = touch_delay
+        self.journal_limit = journal_limit
+        self.journal = AppendOnlyFile(journal_path(path))
+        self.tracker = Tracker(state)
+        #: changes made so far, and how many of them are on disk
+        self.generation = 0
+        self.saved = 0
+        self.dirty = False
+        self.writes = 0
+        self.snapshots = 0
+        self.failures = 0
+        self._busy = False
+        self._snapshot_due = not os.path.exists(path)
+        self._call: IDelayedCall | None = None
+        self._retry = RETRY_DELAY
+        self._waiting: collections.deque[tuple[int, Deferred[None]]] = collections.deque()
+        self._idle: list[Deferred[None]] = []
+
+    @property
+    def scheduled(self) -> bool:
+        return self._call is not None and self._call.active()
+
+    @property
+    def busy(self) -> bool:
+        """A write is under way in the writer thread."""
+        return self._busy
+
+    def changed(self) -> None:
+        self.dirty = True
+        self.generation += 1
+        if self._busy or self.failures:
+            return  # written as soon as the write under way is done, or at the retry
+        call = self._call
+        if call is not None and call.active() and call.getTime() > self.clock.seconds() + self.delay:
+            call.reset(self.delay)  # a lazy write (``touched``) was pending: bring it forward
+        elif not self.scheduled:
+            self._call = self.clock.callLater(self.delay, self._timer_fired)
+
+    def touched(self) -> None:
+        """Replay state changed: worth writing, not at once (within ``touch_delay``)."""
+        self.dirty = True
+        if not self._busy and not self.scheduled:
+            self._call = self.clock.callLater(self.touch_delay, self._timer_fired)
+
+    def when_saved(self, generation: int) -> Deferred[None]:
+        if generation <= self.saved:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append((generation, d))
+        return d
+
+    def abandon_waiters(self, reason: Exception) -> None:
+        waiting, self._waiting = self._waiting, collections.deque()
+        for _, d in waiting:
+            d.errback(reason)
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no write is under way in the writer thread."""
+        if not self._busy:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def flush(self) -> bool:
+        """
+        At shutdown, with no write under way: write a snapshot now, in this
+        thread, if anything is unsaved or in the journal (so that the store
+        alone holds everything, and the next start replays nothing); True if
+        the store is up to date.
+        """
+        self._cancel()
+        if self._busy:
+            self.log.error("the registry store was flushed while a write was under way")
+            return False
+        if not self.dirty and not self._snapshot_due and not self.journal.size:
+            return True
+        generation = self.generation
+        self.dirty = False
+        try:
+            write = self._snapshot()
+            write()
+        except Exception as e:
+            self._failed(Failure(e), retry=False)
+            return False
+        self._done(generation, snapshot=True)
+        return True
+
+    def stop(self) -> None:
+        """Cancel any scheduled write (without writing)."""
+        self._cancel()
+
+    def close(self) -> None:
+        self._cancel()
+        self.journal.close()
+
+    # --- writing ---------------------------------------------------------------------
+
+    def _cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _timer_fired(self) -> None:
+        self._call = None
+        self._start()
+
+    def _start(self) -> None:
+        """Hand the next group to the writer thread (when none is under way)."""
+        if self._busy or not self.dirty:
+            return
+        self._cancel()
+        generation = self.generation
+        self.dirty = False
+        try:
+            if self._snapshot_due or self.journal.size >= self.journal_limit or not self.tracker.intact():
+                write = self._snapshot()
+            else:
+                write = self._record()
+        except Exception:
+            self.dirty = True
+            self.log.failure("could not make the registry store's next write")
+            self._failed(Failure(), retry=True, logged=True)
+            return
+        self._busy = True
+        snapshot = self._snapshot_due
+        d = self.run(write)
+        d.addCallbacks(lambda _: self._written(generation, snapshot), self._write_failed)
+
+    def _snapshot(self) -> Callable[[], None]:
+        """The whole store as bytes (now, in this thread) and the function that writes it."""
+        data = self.state.to_bytes()  # holds journal_seq: the last record it includes
+        self.tracker.reset()
+        self._snapshot_due = True  # until it is written
+
+        def write() -> None:
+            atomic_write_bytes(self.path, data)
+            self.journal.truncate()
+        return write
+
+    def _record(self) -> Callable[[], None]:
+        delta = self.tracker.delta()
+        if not delta:
+            return lambda: None  # a change that changed nothing: on disk already
+        seq = self._next_seq()
+        self.state.journal_seq = seq
+        line = encode_record(seq, delta)
+        return lambda: self.journal.append(line)
+
+    def _next_seq(self) -> int:
+        return self.state.journal_seq + 1
+
+    def _written(self, generation: int, snapshot: bool) -> None:
+        self._busy = False
+        self._done(generation, snapshot)
+        if self.dirty:
+            self._start()
+        if not self._busy:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def _done(self, generation: int, snapshot: bool) -> None:
+        if snapshot:
+            self.snapshots += 1
+            self._snapshot_due = False
+        self.writes += 1
+        self.saved = max(self.saved, generation)
+        while self._waiting and self._waiting[0][0] <= self.saved:
+            self._waiting.popleft()[1].callback(None)
+        if self.failures:
+            self.log.info("registry store saved to {path} again after {failures} failed attempts",
+                          path=self.path, failures=self.failures)
+        self.failures = 0
+        self._retry = RETRY_DELAY
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._busy = False
+        self._failed(failure, retry=True)
+        idle, self._idle = self._idle, []
+        for d in idle:
+            d.callback(None)
+
+    def _failed(self, failure: Failure, retry: bool, logged: bool = False) -> None:
+        # what the failed write held is not on disk: the next write is a whole snapshot
+        self.dirty = True
+        self._snapshot_due = True
+        self.failures += 1
+        if not logged:
+            self.log.failure("COULD NOT SAVE THE REGISTRY STORE to {path} (attempt {failures}); replies to "
+                             "changes wait, and the registry retries in {retry:.0f} s", failure,
+                             path=self.path, failures=self.failures, retry=self._retry)
+        if retry and not self.scheduled:
+            self._call = self.clock.callLater(self._retry, self._timer_fired)
+            self._retry = min(self._retry * 2, RETRY_MAX)
+
+
+class WriterThread:
+    """The one thread that runs the writes, in order; their results come back in the reactor thread."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(1, 1, name="pilot-store-writer")
+
+    def start(self) -> None:
+        if not self.pool.started:
+            self.pool.start()
+            # whatever else happens, the thread must not keep the process alive after the reactor
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def stop(self) -> None:
+        """Wait for the write under way (if any) and end the thread (again: nothing)."""
+        if self.pool.started:
+            self.pool.stop()
+
+    def run(self, write: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, write)

@@ -1,0 +1,218 @@
+"""
+Tests for pilot.server.journal (records of what changed, and their replay)
+and pilot.server.tracked (the containers that remember what changed).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.identity import Identity
+from pilot.server.journal import JournalError, Tracker, encode_record, read_records, replay
+from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
+from pilot.server.tracked import TrackedDict, TrackedSet
+from pilot.wire.statement import make_statement
+
+from tests.server.test_state import KEYS, T0, sample_state
+
+ALICE = Identity.from_seed(b"\x41" * 32)
+
+
+def stored(state: RegistryState) -> dict[str, Any]:
+    """The store's JSON as a file would hold it (a copy)."""
+    value: dict[str, Any] = json.loads(state.to_bytes())
+    return value
+
+
+class TrackedTests(SynchronousTestCase):
+    def test_dict_remembers_every_kind_of_change(self) -> None:
+        d: TrackedDict[str, int] = TrackedDict({"a": 1, "b": 2, "c": 3, "d": 4})
+        d["x"] = 1
+        self.assertEqual(d.changes, set())  # not tracked yet: nothing remembered, nothing grows
+        d.track()
+        del d["x"]
+        d.track()
+        d["e"] = 5
+        del d["a"]
+        d.pop("b")
+        d.pop("zz", None)
+        d.setdefault("c", 9)  # present: no change
+        d.setdefault("f", 6)
+        d.update(g=7)
+        d |= {"h": 8}
+        self.assertEqual(d.changes, {"e", "a", "b", "zz", "f", "g", "h"})
+        d.changes.clear()
+        key, _ = d.popitem()
+        d.clear()
+        self.assertEqual(d.changes, {key, "c", "d", "e", "f", "g"})
+
+    def test_set_remembers_every_kind_of_change(self) -> None:
+        s: TrackedSet[int] = TrackedSet([1, 2, 3, 4, 5])
+        s.add(10)
+        s.discard(10)
+        self.assertEqual(s.changes, set())
+        s.track()
+        s.add(6)
+        s.discard(1)
+        s.remove(2)
+        s -= {3}
+        s |= {7}
+        s &= {4, 5, 6, 7, 8}  # drops nothing more
+        s ^= {5, 9}
+        self.assertEqual(s, {4, 6, 7, 9})
+        self.assertEqual(s.changes, {1, 2, 3, 5, 6, 7, 9})
+        s.changes.clear()
+        item = s.pop()
+        s.intersection_update({4, 6, 7, 9} - {item, 4})
+        self.assertEqual(s.changes, {item, 4} if item != 4 else {4})
+
+
+class TrackerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.state = sample_state()
+        self.tracker = Tracker(self.state)
+        self.store = stored(self.state)  # the snapshot on disk
+        self.records: list[dict[str, Any]] = []
+
+    def record(self) -> None:
+        """Journal what changed since the last record."""
+        seq = len(self.records) + 1
+        records, torn = read_records(encode_record(seq, self.tracker.delta()))
+        self.assertEqual(torn, 0)
+        self.records += records
+
+    def assertReplayed(self) -> None:
+        """The snapshot plus the records, replayed, is the state as it is now."""
+        value = json.loads(json.dumps(self.store))
+        self.assertEqual(replay(value, self.records), len(self.records))
+        replayed = RegistryState.from_json(value)
+        replayed.journal_seq = self.state.journal_seq = 0
+        self.assertEqual(json.loads(replayed.to_bytes()), json.loads(self.state.to_bytes()))
+
+    def test_no_change_no_content(self) -> None:
+        self.assertEqual(self.tracker.delta(), {})
+
+    def test_nodes(self) -> None:
+        s = self.state
+        s.nodes[5] = Node(id=5, public_key=KEYS[4], real_addr="192.0.2.9:1", last_seen=T0)
+        s.index_key(KEYS[4], 5)
+        self.record()
+        s.nodes[7].hostname = "beta"
+        s.nodes[7].tags = ["new"]
+        s.nodes[5].last_seen = T0 + 30
+        del s.nodes[1 << 31]
+        s.gone[1 << 31] = T0 + 1.5
+        self.record()
+        self.assertEqual(set(self.records[1]["set"]["nodes"]), {"7", "5"})
+        self.assertEqual(self.records[1]["del"]["nodes"], [str(1 << 31)])
+        self.assertReplayed()
+
+    def test_keys_replay_state_trust(self) -> None:
+        s = self.state
+        s.auth_ts[7] = int(T0 * 1000) + 999
+        s.proven.add(1 << 31)
+        s.trust.discard((7, 99))
+        s.trust.add((0xFFFFFFFE, 1 << 31))
+        s.asked.add((7, 0xFFFFFFFE))
+        self.record()
+        s.forget(99)  # its key, replay state and trust go
+        s.asked.discard((7, 0xFFFFFFFE))
+        self.record()
+        self.assertEqual(self.records[0]["add"]["proven"], [1 << 31])
+        self.assertReplayed()
+
+    def test_handshakes_and_statements(self) -> None:
+        s = self.state
+        s.inbox[7].append(HandshakeRequest(0xFFFFFFFE, "hi", T0))  # changed in place
+        s.responses.pop(99)
+        s.responses[7] = [HandshakeResponse(99, False, T0 + 1)]
+        statement = make_statement(7, ALICE.public_key, 99, b"", 1, 1, False, ALICE.sign)
+        s.statements.setdefault(7, {})[99] = statement
+        self.record()
+        s.inbox[7].clear()
+        s.statements[7][99] = make_statement(7, ALICE.public_key, 99, b"", 2, 2, True, ALICE.sign)  # in place
+        self.record()
+        self.assertEqual(self.records[1]["del"]["handshake_inbox"], ["7"])
+        self.assertEqual(list(self.records[1]["set"]["trust_statements"]), ["7"])
+        self.assertReplayed()
+        self.assertEqual(self.tracker.delta(), {})
+
+    def test_replaced_container_is_noticed(self) -> None:
+        """A container replaced whole is not tracked: the writer must take a snapshot."""
+        self.assertTrue(self.tracker.intact())
+        self.state.proven = {1, 2}
+        self.assertFalse(self.tracker.intact())
+        self.tracker.reset()
+        self.assertTrue(self.tracker.intact())
+        self.assertIsInstance(self.state.proven, TrackedSet)
+
+    def test_reference_pairs_become_edges(self) -> None:
+        """A reference store has undirected pairs only: a record's edges apply to both directions."""
+        self.store.pop("trust_edges")
+        self.store["trust_pairs"] = ["7:99"]
+        self.state.trust.clear()
+        self.state.trust.update({(7, 99), (99, 7)})
+        self.tracker.delta()
+        self.state.trust.discard((99, 7))
+        self.record()
+        self.assertReplayed()
+
+
+class RecordTests(SynchronousTestCase):
+    def lines(self, *seqs: int) -> bytes:
+        return b"".join(encode_record(seq, {"add": {"proven": [seq]}}) for seq in seqs)
+
+    def test_torn_tail_ignored(self) -> None:
+        """A record cut short by a crash (never acknowledged) is ignored; the ones before it count."""
+        whole = self.lines(1, 2, 3)
+        for cut in (1, 10, len(self.lines(3)) - 1):
+            records, torn = read_records(whole[:-cut])
+            self.assertEqual([r["seq"] for r in records], [1, 2])
+            self.assertEqual(torn, len(self.lines(3)) - cut)
+        records, torn = read_records(self.lines(1, 2) + b"\0" * 4096)  # a block never written
+        self.assertEqual(([r["seq"] for r in records], torn), ([1, 2], 4096))
+
+    def test_wrong_crc_at_the_end_is_torn(self) -> None:
+        data = bytearray(self.lines(1, 2))
+        data[-3] ^= 1
+        records, torn = read_records(bytes(data))
+        self.assertEqual([r["seq"] for r in records], [1])
+
+    def test_damage_before_good_records_refused(self) -> None:
+        data = bytearray(self.lines(1, 2, 3))
+        data[len(self.lines(1)) + 12] ^= 1
+        with self.assertRaises(JournalError):
+            read_records(bytes(data))
+
+    def test_numbers_must_go_up(self) -> None:
+        with self.assertRaises(JournalError):
+            read_records(self.lines(1, 3, 2))
+
+    def test_replay_in_order_after_the_store(self) -> None:
+        """
+        Records the store already holds (a crash between writing a snapshot and
+        emptying the journal) are skipped; the others apply in order.
+        """
+        records, _ = read_records(b"".join([
+            encode_record(4, {"set": {"auth_ts": {"7": 1}}}),
+            encode_record(5, {"set": {"auth_ts": {"7": 2}}, "add": {"proven": [7]}}),
+            encode_record(6, {"set": {"auth_ts": {"7": 3}}}),
+            encode_record(7, {"del": {"auth_ts": ["8"]}, "drop": {"proven": [7]}}),
+        ]))
+        value: dict[str, Any] = {"pilot_journal_seq": 5, "auth_ts": {"7": 0, "8": 5}}
+        self.assertEqual(replay(value, records), 2)
+        self.assertEqual(value, {"pilot_journal_seq": 7, "auth_ts": {"7": 3}, "proven": []})
+        value = {"auth_ts": {}}
+        replay(value, records)
+        self.assertEqual(value["auth_ts"], {"7": 3})
+
+    def test_bad_shapes_refused(self) -> None:
+        bads: list[dict[str, Any]] = [{"set": {"nodes": []}}, {"set": {"elsewhere": {}}},
+                                      {"add": {"proven": [[1]]}}, {"del": {"nodes": "7"}}, {"set": []}]
+        for bad in bads:
+            records, _ = read_records(encode_record(1, bad))
+            with self.assertRaises(JournalError, msg=repr(bad)):
+                replay({}, records)

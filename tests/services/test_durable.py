@@ -1,0 +1,262 @@
+"""
+Tests for pilot.services.durable: group commit through the journal, written
+by a writer "thread" that the tests run by hand, and what a restart after a
+crash at any point finds (pilot.services.store.load_store).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.server.journal import encode_record
+from pilot.server.state import Node, RegistryState
+from pilot.services import store
+from pilot.services.durable import DurableWriter
+from pilot.services.store import RETRY_DELAY, StoreError, journal_path, load_store
+
+from tests.server.test_state import KEYS, T0
+
+
+class ManualThread:
+    """The writer thread, run by the test: each write waits for :meth:`run_one`."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, write: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((write, d))
+        return d
+
+    def run_one(self) -> None:
+        write, d = self.queue.pop(0)
+        try:
+            result = write()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+
+class DurableWriterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "registry.json")
+        self.clock = Clock()
+        self.thread = ManualThread()
+        self.state = RegistryState(created=T0)
+        self.writer = self.make(self.state)
+        self.next_id = 1
+
+    def make(self, state: RegistryState, **kw: Any) -> DurableWriter:
+        return DurableWriter(self.path, state, self.clock, self.thread, **kw)
+
+    def register(self) -> Deferred[None]:
+        """A change, as the registry makes one; the Deferred fires when it may be acknowledged."""
+        node_id, self.next_id = self.next_id, self.next_id + 1
+        key = node_id.to_bytes(4, "big") * 8
+        self.state.nodes[node_id] = Node(id=node_id, public_key=key, real_addr=f"192.0.2.1:{node_id}",
+                                         last_seen=T0)
+        self.state.index_key(key, node_id)
+        self.state.proven.add(node_id)
+        self.writer.changed()
+        return self.writer.when_saved(self.writer.generation)
+
+    def journal_lines(self) -> int:
+        with open(journal_path(self.path), "rb") as f:
+            return f.read().count(b"\n")
+
+    def reload(self) -> RegistryState:
+        """What a registry restarted now (after a crash) would load."""
+        state = load_store(self.path)
+        assert state is not None
+        return state
+
+    def start(self) -> None:
+        """The first write of a new store (a snapshot), done."""
+        self.acknowledged_after_one_write(self.register())
+
+    def acknowledged_after_one_write(self, d: Deferred[None]) -> None:
+        self.clock.advance(0)
+        self.assertNoResult(d)
+        self.thread.run_one()
+        self.successResultOf(d)
+
+    def test_first_write_is_a_snapshot_then_records(self) -> None:
+        self.start()
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (1, 0))
+        self.acknowledged_after_one_write(self.register())
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.writer.writes, self.journal_lines()), (1, 3, 2))
+        with open(self.path) as f:
+            self.assertEqual(list(json.load(f)["nodes"]), ["1"])  # the store file is not rewritten
+        self.assertEqual(set(self.reload().nodes), {1, 2, 3})
+
+    def test_group_commit(self) -> None:
+        """Changes made while a write is under way go together in the next one, started when it is done."""
+        self.start()
+        first = self.register()
+        self.clock.advance(0)
+        group = [self.register() for _ in range(20)]
+        self.assertEqual(len(self.thread.queue), 1)
+        self.thread.run_one()
+        self.successResultOf(first)
+        for d in group:
+            self.assertNoResult(d)
+        self.assertEqual(len(self.thread.queue), 1)  # the next group, already handed over
+        self.thread.run_one()
+        for d in group:
+            self.successResultOf(d)
+        self.assertEqual(self.journal_lines(), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_crash_after_records_loses_nothing_acknowledged(self) -> None:
+        """Records on disk, no snapshot since: a restart replays them, writes the store, drops the journal."""
+        self.start()
+        for _ in range(5):
+            self.acknowledged_after_one_write(self.register())
+        unacknowledged = self.register()  # its record is never written: a crash comes first
+        self.clock.advance(0)
+        self.assertNoResult(unacknowledged)
+        state = self.reload()
+        self.assertEqual(set(state.nodes), {1, 2, 3, 4, 5, 6})
+        self.assertEqual(state.proven, {1, 2, 3, 4, 5, 6})
+        self.assertFalse(os.path.exists(journal_path(self.path)))
+        with open(self.path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 6)
+
+    def test_crash_between_snapshot_and_emptying_the_journal(self) -> None:
+        """The snapshot says which records it holds: the journal left beside it applies nothing twice."""
+        self.writer = self.make(self.state, journal_limit=1)
+        self.start()
+        self.acknowledged_after_one_write(self.register())  # record 1
+        with open(journal_path(self.path), "rb") as f:
+            journal = f.read()
+        self.state.nodes.pop(2)  # deregistered after record 1 ...
+        self.acknowledged_after_one_write(self.register())  # ... and the journal passed its limit: a snapshot
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        # the crash came before the journal was emptied, and a torn record follows
+        with open(journal_path(self.path), "wb") as f:
+            f.write(journal + encode_record(2, {"add": {"proven": [99]}})[:-5])
+        with capturedLogs() as events:
+            state = self.reload()
+        self.assertEqual(set(state.nodes), {1, 3})
+        self.assertNotIn(99, state.proven)
+        self.assertTrue(any("torn" in formatEvent(e) for e in events))
+
+    def test_failed_write_is_loud_and_retried_as_a_snapshot(self) -> None:
+        """A failed append (a full disk): a loud log, replies wait, the retries are snapshots."""
+        self.start()
+
+        def full(data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.patch(self.writer.journal, "append", full)
+        waiting = self.register()
+        self.clock.advance(0)
+        with capturedLogs() as events:
+            self.thread.run_one()
+        self.assertTrue(any("COULD NOT SAVE THE REGISTRY STORE" in formatEvent(e) for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertNoResult(waiting)
+        later = self.register()  # waits for the retry too
+        self.assertEqual(self.thread.queue, [])
+        # the folder is gone at the first retry, back at the second
+        os.rename(self.folder, self.folder + ".moved")
+        with open(self.folder, "w") as f:
+            f.write("the store's folder is gone")
+        self.clock.advance(RETRY_DELAY)
+        with capturedLogs():
+            self.thread.run_one()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertNoResult(later)
+        os.remove(self.folder)
+        os.rename(self.folder + ".moved", self.folder)
+        self.clock.advance(RETRY_DELAY * 2)
+        with capturedLogs():
+            self.thread.run_one()
+        self.successResultOf(waiting)
+        self.successResultOf(later)
+        self.assertEqual((self.writer.snapshots, self.writer.failures), (2, 0))
+        self.assertEqual(set(self.reload().nodes), {1, 2, 3})
+
+    def test_flush_at_stop(self) -> None:
+        """Shutdown (no write under way): one snapshot, here, and an empty journal."""
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        self.assertTrue(self.writer.flush())  # nothing unsaved, but the journal holds a record
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        with open(self.path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 2)
+        self.state.nodes[1].hostname = "last"
+        self.writer.changed()
+        self.assertTrue(self.writer.flush())
+        self.assertEqual(self.journal_lines(), 0)
+        self.assertEqual(self.reload().nodes[1].hostname, "last")
+        self.assertTrue(self.writer.flush())  # nothing left: nothing written
+        self.assertEqual(self.writer.snapshots, 3)
+
+    def test_touch_is_lazy_until_a_change(self) -> None:
+        """Replay state alone is written within ``touch_delay``; a change brings that write forward."""
+        self.start()
+        self.state.auth_ts[1] = 5
+        self.writer.touched()
+        self.clock.advance(1)
+        self.assertEqual(self.thread.queue, [])
+        d = self.register()
+        self.clock.advance(0)
+        self.thread.run_one()
+        self.successResultOf(d)
+        self.assertEqual(self.reload().auth_ts, {1: 5})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_change_that_changed_nothing(self) -> None:
+        """A change the state does not show (already undone) writes no record, and is acknowledged."""
+        self.start()
+        self.writer.changed()
+        self.clock.advance(0)
+        self.thread.run_one()
+        self.successResultOf(self.writer.when_saved(self.writer.generation))
+        self.assertFalse(os.path.exists(journal_path(self.path)) and self.journal_lines())
+
+    def test_idle(self) -> None:
+        self.start()
+        self.successResultOf(self.writer.idle())
+        self.register()
+        self.clock.advance(0)
+        idle = self.writer.idle()
+        self.assertNoResult(idle)
+        self.assertFalse(self.writer.flush())  # never while a write is under way
+        self.thread.run_one()
+        self.successResultOf(idle)
+
+    def test_damaged_journal_refused(self) -> None:
+        """A bad record with good ones after it is damage, not a crash: the registry does not start."""
+        self.start()
+        with open(journal_path(self.path), "wb") as f:
+            f.write(b"00000000 {}\n" + encode_record(1, {"add": {"proven": [5]}}))
+        with self.assertRaises(StoreError) as caught:
+            load_store(self.path)
+        self.assertIn("damaged journal", str(caught.exception))
+        self.assertTrue(os.path.exists(journal_path(self.path)))  # left for whoever repairs it
+
+    def test_journal_that_cannot_be_folded_refused(self) -> None:
+        """A journal that cannot be written into the store stops the start, loudly, and stays."""
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+
+        def unwritable(path: str, data: bytes) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        self.patch(store, "atomic_write_bytes", unwritable)
+        with self.assertRaises(StoreError) as caught:
+            load_store(self.path)
+        self.assertIn("could not be written into it", str(caught.exception))
+        self.assertTrue(os.path.exists(journal_path(self.path)))
