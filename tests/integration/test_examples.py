@@ -4,6 +4,7 @@ rendezvous and two trusted daemons on 127.0.0.1, the examples as processes
 with ``PILOT_HOME`` naming their daemon.
 
 * echo over ``pilot:`` endpoint strings (``echo_server.py``, ``echo_client.py``);
+* an asyncio request/response pair (``aio_server.py``, ``aio_client.py``);
 * a twisted.web page, and a 5 MiB body byte-exact, fetched over ``pilot:``
   (``web_server.py``, ``web_client.py``);
 * two embedded nodes in one process (``embedded_echo.py``): no daemon.
@@ -56,7 +57,7 @@ class ExampleTestMixin(NodeTestMixin):
         return rendezvous, a, b
 
 
-class TwistedExampleTests(ExampleTestMixin, SynchronousTestCase):
+class DaemonExampleTests(ExampleTestMixin, SynchronousTestCase):
     def test_echo_and_web(self) -> None:
         _, a, b = self.trusted_pair()
         echo = self.example(b, "echo_server.py", "--port", "1000")
@@ -72,6 +73,15 @@ class TwistedExampleTests(ExampleTestMixin, SynchronousTestCase):
         n = 5 * 1024 * 1024
         digest = self.run_example(a, "web_client.py", f"http://agent-b:80/big?n={n}", "--sha256")
         self.assertEqual(digest.split(), ["200", str(n), hashlib.sha256(big_body(n)).hexdigest()])
+
+    def test_asyncio_request_response(self) -> None:
+        _, a, b = self.trusted_pair()
+        server = self.example(b, "aio_server.py", "--port", "1000")
+        server.wait_for_output(r"aio server on Pilot port 1000")
+        out = self.run_example(a, "aio_client.py", "agent-b", "hello", "pilot")
+        self.assertEqual(out, "olleh\ntolip\n")
+        out = self.run_example(a, "aio_client.py", "agent-b", "again")  # a second stream on the same port
+        self.assertEqual(out, "niaga\n")
 
     def test_echo_client_errors_have_the_cli_codes(self) -> None:
         _, a, b = self.trusted_pair()
