@@ -28,7 +28,7 @@ import asyncio
 import base64
 import os
 import struct
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from pilot.control_client import SOCKET_NAME, START_HINT, default_socket_path
 from pilot.errors import (ConnectionFailed, InvalidArgument, MalformedFrame, NotRunning, PilotError, Timeout,
@@ -151,24 +151,73 @@ async def publish(target: str, topic: str, data: str, *, socket: str | None = No
     return await call("publish", socket=socket, home=home, timeout=timeout, target=target, topic=topic, data=data)
 
 
-async def subscribe(target: str, topic: str, *, socket: str | None = None,
-                    home: str | None = None) -> AsyncIterator[dict[str, Any]]:
+def subscribe(target: str, topic: str, *, socket: str | None = None, home: str | None = None) -> Subscription:
     """
     The events on ``topic`` (``*``: all) at ``target``'s event stream, as
-    ``pilotctl subscribe``: each event frame the daemon sends, as a dict,
-    until the daemon ends the subscription.  Leaving the ``async for``
-    (``break``, cancellation) closes it.
+    ``pilotctl subscribe``: an async iterator of the event frames the daemon
+    sends (dicts), until the daemon ends the subscription.  ``async with``
+    waits until the subscription is live (the daemon answered); leaving it,
+    or :meth:`Subscription.aclose`, closes the subscription.
     """
-    reader, writer, _ = await _channel(socket_for(socket, home), "subscribe", {"target": target, "topic": topic})
-    try:
-        while True:
-            try:
-                frame = await _read_frame(reader)
-            except ConnectionFailed:
-                return
-            yield frame
-    finally:
-        writer.close()
+    return Subscription(socket_for(socket, home), "subscribe", {"target": target, "topic": topic})
+
+
+class Subscription:
+    """A control request whose reply is followed by event frames (``subscribe``, ``listen``, ``recv``)."""
+
+    def __init__(self, path: str, cmd: str, args: dict[str, Any]) -> None:
+        self.path = path
+        self.cmd = cmd
+        self.args = args
+        #: The reply's result, once :meth:`start` returned.
+        self.result: Any = None
+        self._opened: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._ended = False
+
+    async def start(self) -> Any:
+        """Send the request (once); the reply's result."""
+        if self._opened is None:
+            self._opened = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._opened)
+        return self.result
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer, self.result = await _channel(self.path, self.cmd, self.args)
+        self._writer = writer
+        if self._ended:
+            writer.close()
+        return reader, writer
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._ended:
+            raise StopAsyncIteration
+        await self.start()
+        assert self._opened is not None
+        reader, _ = self._opened.result()
+        try:
+            return await _read_frame(reader)
+        except ConnectionFailed:
+            self.close()
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._ended = True
+        if self._writer is not None:
+            self._writer.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Subscription:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- streams ----------------------------------------------------------------------------------------

@@ -159,6 +159,10 @@ class RequestTests(SynchronousTestCase):
             events = [e async for e in aio.subscribe("agent-b", "alerts", socket=daemon.path)]
             self.assertEqual([e["data"] for e in events], ["m0", "m1", "m2"])
             self.assertEqual(daemon.requests, [("subscribe", {"target": "agent-b", "topic": "alerts"})])
+            async with aio.subscribe("agent-b", "news", socket=daemon.path) as subscription:
+                self.assertEqual(subscription.result, {"topic": "news"})  # live: the daemon answered
+                self.assertEqual((await subscription.__anext__())["data"], "m0")
+            self.assertEqual([e async for e in subscription], [])  # closed by the with
         run(test)
 
 
