@@ -464,5 +464,5 @@ def load_commands(argv: Sequence[str] = ()) -> None:
     if words[:1] == ["rendezvous"]:
         return
     # importing them registers their commands
-    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic"):
+    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_forward"):
         importlib.import_module(name)
