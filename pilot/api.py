@@ -61,6 +61,12 @@ class EmbeddedNode(MultiService):
         self.service = NodeService(self.settings, reactor)
         self.service.setServiceParent(self)
 
+    def stopService(self) -> Deferred[None]:
+        """Stop the node; its port forwards (``api.forward``/``expose``) end with it."""
+        self.service.api.forwards.close_all()
+        d: Deferred[None] = super().stopService()
+        return d
+
     @property
     def api(self) -> NodeAPIImpl:
         """What ``pilotctl`` asks the daemon, as Deferreds: ``info``, ``handshake``, ``approve``, ..."""

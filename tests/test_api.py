@@ -113,6 +113,13 @@ class EmbeddedNodeTests(SynchronousTestCase):
         node = EmbeddedNode(MemoryReactorClock(), self.mktemp())
         self.assertIsNone(node.settings.hostname)
 
+    def test_stopping_ends_the_forwards(self) -> None:
+        reactor = MemoryReactorClock()
+        node = EmbeddedNode(reactor, self.mktemp())
+        node.api.forwards.forward(8080, "agent-b", 80)
+        node.stopService()
+        self.assertEqual(node.api.forwards.list(), {"forwards": [], "exposed": []})
+
     def test_endpoints(self) -> None:
         node = EmbeddedNode(MemoryReactorClock(), self.mktemp())
         client = node.client_endpoint("agent-b", 7)
