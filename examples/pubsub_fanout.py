@@ -5,7 +5,7 @@ node's event stream (port 1002), one publisher, every subscriber gets every even
     python3 examples/pubsub_fanout.py BROKER [--topic alerts] [--count 3] [--home DIR]
 
 ``BROKER`` is the node whose event stream carries the topic (it must trust us).
-Needs the daemon's ``publish`` and ``subscribe`` commands (issue 13, item 2).
+The broker is the event stream every node runs on port 1002 (issue 13, item 2).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ async def main(args: argparse.Namespace) -> int:
     try:
         subscriptions = [aio.subscribe(args.broker, args.topic, home=args.home) for _ in range(3)]
         for subscription in subscriptions:
-            await subscription.start()  # live once the daemon answered
+            await subscription.start()  # the stream is open and the subscription sent
+        await asyncio.sleep(0.5)  # the broker acknowledges nothing: give it time to read them
         for n in range(args.count):
             await aio.publish(args.broker, args.topic, f"event {n}", home=args.home)
 

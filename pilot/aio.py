@@ -4,8 +4,8 @@ asyncio over a running daemon (``docs/api.md``), with no Twisted reactor::
 
     reader, writer = await pilot.aio.open_connection("agent-b", 1000)
     server = await pilot.aio.start_server(handle, 1000)        # handle(reader, writer), as asyncio's
-    await pilot.aio.send_message("agent-b", "hello")
-    await pilot.aio.publish("agent-b", "alerts", "disk full")
+    await pilot.aio.send_message("agent-b", "hello")              # port 1001, the peer's ACK
+    await pilot.aio.publish("agent-b", "alerts", "disk full")      # port 1002
     async for event in pilot.aio.subscribe("agent-b", "alerts"):
         ...
 
@@ -130,61 +130,120 @@ async def call(cmd: str, /, *, socket: str | None = None, home: str | None = Non
     return result
 
 
+#: Ports and limits of the services every node runs (docs/reference-wire.md §8.1, §8.2).
+DATA_EXCHANGE_PORT = 1001
+EVENT_STREAM_PORT = 1002
+MAX_PAYLOAD = 16 * 1024 * 1024
+MAX_TOPIC = 1024
+#: Data exchange frame types; the peer's reply is a text frame.
+MESSAGE_TYPES = {"text": 1, "binary": 2, "json": 3}
+_TEXT = 1
+_MAX_REPLY = 64 * 1024
+
+
+def _event(topic: str, payload: bytes = b"") -> bytes:
+    """One event on the wire (§8.2): topic length (2 bytes), topic, payload length (4 bytes), payload."""
+    raw = topic.encode("utf-8")
+    if not raw or len(raw) > MAX_TOPIC:
+        raise InvalidArgument(f"a topic is 1 to {MAX_TOPIC} bytes of UTF-8, not {len(raw)}",
+                              "`*` subscribes to every topic")
+    if len(payload) > MAX_PAYLOAD:
+        raise InvalidArgument(f"an event is at most {MAX_PAYLOAD} bytes, not {len(payload)}")
+    return struct.pack(">H", len(raw)) + raw + struct.pack(">I", len(payload)) + payload
+
+
 async def send_message(target: str, data: str | bytes, *, type: str = "text", socket: str | None = None,
-                       home: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+                       home: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> str:
     """
-    A message to ``target``'s data exchange (port 1001), as ``pilotctl
-    send-message``: ``type`` is ``text``, ``json`` or ``binary`` (bytes are
-    sent base64, as ``data_b64``).
+    A message to ``target``'s inbox (data exchange, port 1001), as ``pilotctl
+    send-message``: ``type`` is ``text``, ``json`` or ``binary``.  Returns the
+    peer's reply (``ACK TEXT 5 bytes``); an ``ERR`` reply is
+    :class:`~pilot.errors.ConnectionFailed` with the peer's reason.
     """
-    args: dict[str, Any] = {"target": target, "type": type}
-    if isinstance(data, (bytes, bytearray)):
-        args["data_b64"] = base64.b64encode(bytes(data)).decode("ascii")
-    else:
-        args["data"] = data
-    return await call("send_message", socket=socket, home=home, timeout=timeout, **args)
+    kind = MESSAGE_TYPES.get(type)
+    if kind is None:
+        raise InvalidArgument(f"type must be one of {', '.join(MESSAGE_TYPES)}, not {type!r}")
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if len(payload) > MAX_PAYLOAD:
+        raise InvalidArgument(f"a message is at most {MAX_PAYLOAD} bytes, not {len(payload)}")
+    reader, writer = await open_connection(target, DATA_EXCHANGE_PORT, socket=socket, home=home)
+    try:
+        writer.write(struct.pack(">II", kind, len(payload)) + payload)
+        await writer.drain()
+        reply = await asyncio.wait_for(_exchange_reply(reader, target), timeout)
+    except asyncio.TimeoutError:
+        raise Timeout(f"no reply from {target} port {DATA_EXCHANGE_PORT} within {timeout:g} s") from None
+    finally:
+        writer.close()
+    if reply.startswith("ERR "):
+        raise ConnectionFailed(f"{target} could not save the message: {reply}",
+                               "the peer's disk may be full, or the message too large for it")
+    return reply
 
 
-async def publish(target: str, topic: str, data: str, *, socket: str | None = None, home: str | None = None,
-                  timeout: float | None = DEFAULT_TIMEOUT) -> Any:
-    """An event on ``topic`` to ``target``'s event stream (port 1002), as ``pilotctl publish``."""
-    return await call("publish", socket=socket, home=home, timeout=timeout, target=target, topic=topic, data=data)
+async def _exchange_reply(reader: asyncio.StreamReader, target: str) -> str:
+    try:
+        kind, length = struct.unpack(">II", await reader.readexactly(8))
+        if kind != _TEXT or length > _MAX_REPLY:
+            raise ConnectionFailed(f"{target}'s reply is not a data exchange text frame")
+        return (await reader.readexactly(length)).decode("utf-8", "replace")
+    except asyncio.IncompleteReadError:
+        raise ConnectionFailed(f"{target} closed the stream without a reply",
+                               "the peer may not run data exchange on port 1001") from None
+
+
+async def publish(target: str, topic: str, data: str | bytes, *, socket: str | None = None,
+                  home: str | None = None) -> None:
+    """
+    An event on ``topic`` to ``target``'s broker (event stream, port 1002), as
+    ``pilotctl publish``.  Nothing is acknowledged (the reference's broker
+    answers nothing): it returns once the event is handed to the stream.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    frames = _event(topic) + _event(topic, payload)  # the first event on a connection subscribes (§8.2)
+    reader, writer = await open_connection(target, EVENT_STREAM_PORT, socket=socket, home=home)
+    try:
+        writer.write(frames)
+        await writer.drain()
+    finally:
+        writer.close()
 
 
 def subscribe(target: str, topic: str, *, socket: str | None = None, home: str | None = None) -> Subscription:
     """
-    The events on ``topic`` (``*``: all) at ``target``'s event stream, as
-    ``pilotctl subscribe``: an async iterator of the event frames the daemon
-    sends (dicts), until the daemon ends the subscription.  ``async with``
-    waits until the subscription is live (the daemon answered); leaving it,
-    or :meth:`Subscription.aclose`, closes the subscription.
+    The events on ``topic`` (``*``: every topic) at ``target``'s broker
+    (event stream, port 1002), as ``pilotctl subscribe``: an async iterator
+    of ``{"topic", "data", "bytes"}`` (``data`` as text, or base64 with
+    ``"encoding": "base64"`` when it is not UTF-8), until the stream ends.
+    ``async with`` (or :meth:`Subscription.start`) returns once the
+    subscription is sent; leaving it, or :meth:`Subscription.aclose`, ends it.
     """
-    return Subscription(socket_for(socket, home), "subscribe", {"target": target, "topic": topic})
+    _event(topic)  # checked now
+    return Subscription(target, topic, socket_for(socket, home))
 
 
 class Subscription:
-    """A control request whose reply is followed by event frames (``subscribe``, ``listen``, ``recv``)."""
+    """A subscription to a peer's broker; see :func:`subscribe`."""
 
-    def __init__(self, path: str, cmd: str, args: dict[str, Any]) -> None:
+    def __init__(self, target: str, topic: str, path: str) -> None:
+        self.target = target
+        self.topic = topic
         self.path = path
-        self.cmd = cmd
-        self.args = args
-        #: The reply's result, once :meth:`start` returned.
-        self.result: Any = None
         self._opened: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ended = False
 
-    async def start(self) -> Any:
-        """Send the request (once); the reply's result."""
+    async def start(self) -> None:
+        """Open the stream and send the subscription (once)."""
         if self._opened is None:
             self._opened = asyncio.ensure_future(self._open())
         await asyncio.shield(self._opened)
-        return self.result
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer, self.result = await _channel(self.path, self.cmd, self.args)
+        reader, writer = await open_connection(self.target, EVENT_STREAM_PORT, socket=self.path)
         self._writer = writer
+        writer.write(_event(self.topic))
+        await writer.drain()
         if self._ended:
             writer.close()
         return reader, writer
@@ -199,10 +258,24 @@ class Subscription:
         assert self._opened is not None
         reader, _ = self._opened.result()
         try:
-            return await _read_frame(reader)
-        except ConnectionFailed:
+            (t,) = struct.unpack(">H", await reader.readexactly(2))
+            topic = await reader.readexactly(t)
+            (p,) = struct.unpack(">I", await reader.readexactly(4))
+            if t > MAX_TOPIC or p > MAX_PAYLOAD:
+                raise MalformedFrame(f"an event of topic {t} and payload {p} bytes is over the limits")
+            payload = await reader.readexactly(p)
+            event: dict[str, Any] = {"topic": topic.decode("utf-8"), "bytes": p}
+        except (asyncio.IncompleteReadError, ConnectionError):
             self.close()
             raise StopAsyncIteration from None
+        except (MalformedFrame, UnicodeDecodeError) as e:
+            self.close()
+            raise ConnectionFailed(f"the broker sent a malformed event: {e}") from None
+        try:
+            event["data"] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            event.update(data=base64.b64encode(payload).decode("ascii"), encoding="base64")
+        return event
 
     def close(self) -> None:
         self._ended = True

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot import aio
-from pilot.errors import ConnectionFailed, NotFound, NotRunning, Timeout
+from pilot.errors import ConnectionFailed, InvalidArgument, NotFound, NotRunning, Timeout
 from pilot.wire.control import decode_message
 from pilot.wire.registry import encode_frame
 
@@ -26,6 +26,21 @@ from pilot.wire.registry import encode_frame
 async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     (length,) = struct.unpack(">I", await reader.readexactly(4))
     return decode_message(await reader.readexactly(length))
+
+
+TYPES = {1: "TEXT", 2: "BINARY", 3: "JSON"}
+
+
+def event(topic: str, payload: bytes = b"") -> bytes:
+    raw = topic.encode()
+    return struct.pack(">H", len(raw)) + raw + struct.pack(">I", len(payload)) + payload
+
+
+async def read_event(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    (t,) = struct.unpack(">H", await reader.readexactly(2))
+    topic = (await reader.readexactly(t)).decode()
+    (p,) = struct.unpack(">I", await reader.readexactly(4))
+    return topic, await reader.readexactly(p)
 
 
 class FakeDaemon:
@@ -37,6 +52,8 @@ class FakeDaemon:
         self.server: asyncio.base_events.Server | None = None
         self.hold = asyncio.Event()  # "slow" answers wait for it
         self.closed: list[str] = []
+        self.messages: list[tuple[int, bytes]] = []
+        self.events: list[tuple[str, bytes]] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(self.serve, self.path)
@@ -63,8 +80,28 @@ class FakeDaemon:
         if cmd == "missing":
             writer.write(encode_frame({"id": request_id, "ok": False, "error": {
                 "code": "not_found", "message": "no such node", "hint": "check the name"}}))
-        elif cmd in ("info", "send_message", "publish", "slow"):
+        elif cmd in ("info", "slow"):
             reply({"cmd": cmd, **request})
+        elif cmd == "connect" and request["port"] == 1001:  # a data exchange peer
+            reply({"target": "0:0000.0000.0005", "port": 1001})
+            kind, length = struct.unpack(">II", await reader.readexactly(8))
+            payload = await reader.readexactly(length)
+            self.messages.append((kind, payload))
+            text = (b"ERR TEXT save failed: disk full" if payload == b"fail"
+                    else f"ACK {TYPES[kind]} {length} bytes".encode())
+            writer.write(struct.pack(">II", 1, len(text)) + text)
+        elif cmd == "connect" and request["port"] == 1002:  # an event broker
+            reply({"target": "0:0000.0000.0005", "port": 1002})
+            self.events.append(await read_event(reader))  # the subscription
+            if self.events[-1][0] == "alerts":
+                for n in range(3):
+                    writer.write(event("alerts", f"m{n}".encode()))
+                writer.write(event("alerts", b"\xff\x00"))
+            while True:
+                try:
+                    self.events.append(await read_event(reader))
+                except asyncio.IncompleteReadError:
+                    break
         elif cmd == "connect":
             reply({"target": "0:0000.0000.0005", "port": request["port"]})
             writer.write(b"HELLO ")
@@ -79,11 +116,9 @@ class FakeDaemon:
             reply({"conn_id": request["conn_id"], "from": "0:0000.0000.0005", "port": 9})
             writer.write(b"from the peer")
             self.closed.append(f"attach got {await reader.read()!r}")
-        elif cmd == "subscribe":
-            writer.write(encode_frame({"event": "early", "n": 0}))  # skipped: the reply comes first for the API
-            reply({"topic": request["topic"]})
-            for n in range(3):
-                writer.write(encode_frame({"event": "event", "topic": request["topic"], "data": f"m{n}"}))
+        elif cmd == "listen_early":
+            writer.write(encode_frame({"event": "early", "n": 0}))  # skipped: the API waits for the reply
+            reply({"port": 1})
         try:
             await writer.drain()
         except ConnectionError:
@@ -115,6 +150,11 @@ class RequestTests(SynchronousTestCase):
             self.assertEqual((caught.exception.message, caught.exception.hint), ("no such node", "check the name"))
         run(test)
 
+    def test_events_before_the_reply_are_skipped(self) -> None:
+        async def test(daemon: FakeDaemon) -> None:
+            self.assertEqual(await aio.call("listen_early", socket=daemon.path), {"port": 1})
+        run(test)
+
     def test_home_names_the_socket(self) -> None:
         async def test(daemon: FakeDaemon) -> None:
             self.assertEqual(await aio.call("info", home=os.path.dirname(daemon.path)), {"cmd": "info"})
@@ -142,27 +182,46 @@ class RequestTests(SynchronousTestCase):
             self.assertEqual(daemon.closed, ["slow: the client hung up"] * 2)
         run(test)
 
-    def test_send_message_and_publish(self) -> None:
+    def test_send_message(self) -> None:
         async def test(daemon: FakeDaemon) -> None:
-            await aio.send_message("agent-b", "hi", socket=daemon.path)
-            await aio.send_message("agent-b", b"\x00\x01", type="binary", socket=daemon.path)
-            await aio.publish("agent-b", "alerts", "disk full", socket=daemon.path)
-            self.assertEqual(daemon.requests, [
-                ("send_message", {"target": "agent-b", "type": "text", "data": "hi"}),
-                ("send_message", {"target": "agent-b", "type": "binary", "data_b64": "AAE="}),
-                ("publish", {"target": "agent-b", "topic": "alerts", "data": "disk full"}),
-            ])
+            self.assertEqual(await aio.send_message("agent-b", "hi", socket=daemon.path), "ACK TEXT 2 bytes")
+            self.assertEqual(await aio.send_message("agent-b", b"\x00\x01", type="binary", socket=daemon.path),
+                             "ACK BINARY 2 bytes")
+            self.assertEqual(daemon.messages, [(1, b"hi"), (2, b"\x00\x01")])
+            self.assertEqual(daemon.requests[0], ("connect", {"target": "agent-b", "port": 1001}))
+            with self.assertRaises(ConnectionFailed) as caught:
+                await aio.send_message("agent-b", "fail", socket=daemon.path)
+            self.assertIn("disk full", caught.exception.message)
+            with self.assertRaises(InvalidArgument):
+                await aio.send_message("agent-b", "x", type="video", socket=daemon.path)
+        run(test)
+
+    def test_publish(self) -> None:
+        async def test(daemon: FakeDaemon) -> None:
+            await aio.publish("agent-b", "news", "disk full", socket=daemon.path)
+            while len(daemon.events) < 2:
+                await asyncio.sleep(0)
+            # the first event on a connection is its subscription (docs/reference-wire.md §8.2)
+            self.assertEqual(daemon.events, [("news", b""), ("news", b"disk full")])
+            with self.assertRaises(InvalidArgument):
+                await aio.publish("agent-b", "", "x", socket=daemon.path)
         run(test)
 
     def test_subscribe_yields_events(self) -> None:
         async def test(daemon: FakeDaemon) -> None:
-            events = [e async for e in aio.subscribe("agent-b", "alerts", socket=daemon.path)]
-            self.assertEqual([e["data"] for e in events], ["m0", "m1", "m2"])
-            self.assertEqual(daemon.requests, [("subscribe", {"target": "agent-b", "topic": "alerts"})])
-            async with aio.subscribe("agent-b", "news", socket=daemon.path) as subscription:
-                self.assertEqual(subscription.result, {"topic": "news"})  # live: the daemon answered
-                self.assertEqual((await subscription.__anext__())["data"], "m0")
+            events = []
+            async with aio.subscribe("agent-b", "alerts", socket=daemon.path) as subscription:
+                async for e in subscription:
+                    events.append(e)
+                    if len(events) == 4:
+                        break
+            self.assertEqual([e["data"] for e in events[:3]], ["m0", "m1", "m2"])
+            self.assertEqual(events[0], {"topic": "alerts", "data": "m0", "bytes": 2})
+            self.assertEqual(events[3], {"topic": "alerts", "data": "/wA=", "bytes": 2, "encoding": "base64"})
             self.assertEqual([e async for e in subscription], [])  # closed by the with
+            self.assertEqual(daemon.events[0], ("alerts", b""))
+            self.assertEqual(daemon.requests, [("connect", {"target": "agent-b", "port": 1002})])
+            self.assertRaises(InvalidArgument, aio.subscribe, "agent-b", "x" * 1025, socket=daemon.path)
         run(test)
 
 
