@@ -118,6 +118,10 @@ class Splice:
     def lost(self, half: Half) -> None:
         other = self.dialled if half is self.accepted else self.accepted
         if other.transport is not None and not self.closed:
+            if self.joined:
+                # the lost side was the other's producer: left registered (and paused), a TCP
+                # transport would resume it instead of closing once its buffer is written
+                other.transport.unregisterProducer()
             other.transport.loseConnection()
         self.close()
 

@@ -101,9 +101,12 @@ class ForwardTests(SynchronousTestCase):
             if closing == "tcp":
                 accepted.connectionLost(Failure(ConnectionRefusedError()))
                 self.assertTrue(pilot.disconnecting, closing)
+                self.assertIsNone(pilot.producer, closing)
             else:
                 dialled.connectionLost(Failure(ConnectionRefusedError()))
                 self.assertTrue(tcp.disconnecting, closing)
+                # unregistered: a paused producer left on a TCP transport keeps it from closing
+                self.assertIsNone(tcp.producer, closing)
             self.assertEqual(h.forwards.list()["forwards"][0]["active"], 0)
 
     def test_refused_stream_closes_the_tcp_connection(self) -> None:
