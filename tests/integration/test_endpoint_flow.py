@@ -7,11 +7,15 @@ everything; once the reader resumes, every byte arrives in order.  Then a
 connect to a node that is not there is cancelled.
 
 The endpoints run in this process on the real reactor; the daemons and the
-rendezvous are processes on 127.0.0.1.
+rendezvous are processes on 127.0.0.1.  ``EmbeddedFlowTests`` does both
+with two embedded nodes in this process (``pilot.api``), where a cancelled
+dial is abandoned at once.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
@@ -151,3 +155,69 @@ class EndpointFlowTests(NodeTestMixin, TestCase):
 def dials(node: Any) -> list[dict[str, Any]]:
     """The node's connections to port 1000."""
     return [c for c in node.call("info")["conn_list"] if c["remote_port"] == 1000]
+
+
+class EmbeddedFlowTests(NodeTestMixin, TestCase):
+    """The same through two EmbeddedNodes in this process (pilot.api): the stack's own back-pressure."""
+
+    timeout = 300
+
+    def test_slow_reader_and_cancel(self) -> Any:
+        rendezvous = self.start_rendezvous()
+        return ensureDeferred(self._embedded(rendezvous))
+
+    async def _embedded(self, rendezvous: Any) -> None:
+        from pilot.api import EmbeddedNode
+        options = {"registry": f"127.0.0.1:{rendezvous.registry_port}",
+                   "beacon": f"127.0.0.1:{rendezvous.beacon_port}", "listen": "127.0.0.1:0"}
+        a = EmbeddedNode(reactor, tempfile.mkdtemp(prefix="pn-ea-"), hostname="emb-a", **options)
+        b = EmbeddedNode(reactor, tempfile.mkdtemp(prefix="pn-eb-"), hostname="emb-b", **options)
+        for node in (a, b):
+            self.addCleanup(shutil.rmtree, node.settings.home, True)
+            node.startService()
+            self.addCleanup(node.stopService)
+        for node in (a, b):
+            await until(lambda: node.api.info().addCallback(lambda i: i["registry"].get("state") == "registered"))
+        await a.api.handshake("emb-b", "test")
+        await until(lambda: b.api.pending().addCallback(lambda rows: any(r["node_id"] == a.address.node
+                                                                         for r in rows)))
+        await b.api.approve(a.address.node)
+        await until(lambda: a.api.trusted().addCallback(lambda rows: any(r["node_id"] == b.address.node
+                                                                          for r in rows)))
+        readers: list[SlowReader] = []
+
+        def reader() -> SlowReader:
+            readers.append(SlowReader())
+            return readers[-1]
+
+        port = await b.server_endpoint(1000).listen(Factory.forProtocol(reader))
+        writer = await a.client_endpoint("emb-b", 1000).connect(Factory.forProtocol(FastWriter))
+        last = -1
+        while writer.written != last:
+            last = writer.written
+            await deferLater(reactor, 2.0, lambda: None)
+        self.assertTrue(writer.paused)
+        self.assertLess(writer.written, BOUND)
+        readers[0].go()
+        self.assertEqual((await readers[0].done, readers[0].bad), (TOTAL, 0))
+        writer.transport.loseConnection()
+        await port.stopListening()
+
+        # a dial to a node that stopped: cancelled, it is abandoned at once
+        await b.stopService()
+        d = a.client_endpoint(str(b.address), 1000).connect(Factory.forProtocol(Protocol))
+        await deferLater(reactor, 1.0, lambda: None)
+        self.assertNoResult(d)
+        self.assertEqual([c["remote_port"] for c in a.api.node.stack.connections()].count(1000), 1)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual([c["remote_port"] for c in a.api.node.stack.connections()].count(1000), 0)
+
+
+async def until(check: Any, timeout: float = 30.0) -> None:
+    """Poll ``check`` (a Deferred of a bool) every 0.1 s until it is true; fail past ``timeout``."""
+    for _ in range(int(timeout / 0.1)):
+        if await check():
+            return
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"gave up after {timeout:g} s")
