@@ -468,5 +468,6 @@ def load_commands(argv: Sequence[str] = ()) -> None:
     if words[:1] == ["rendezvous"]:
         return
     # importing them registers their commands
-    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps"):
+    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
+                 "pilot.cli_forward"):
         importlib.import_module(name)

@@ -65,3 +65,12 @@ class NodeAPI(Protocol):
     def bind_datagrams(self, port: int,
                        received: Callable[[dict[str, Any], bytes], None]) -> Deferred[Listening]:
         """Deliver datagrams for ``port`` as ``received({"from": addr, "src_port": n}, data)``."""
+
+    # --- port forwarding (pilot.services.forward) --------------------------------------------
+    def forward(self, local_port: int, target: str, port: int) -> Deferred[dict[str, Any]]:
+        """A TCP listener on 127.0.0.1:``local_port`` whose connections become streams to ``target:port``."""
+    def unforward(self, local_port: int) -> Deferred[dict[str, Any]]: ...
+    def expose(self, port: int, host: str, host_port: int) -> Deferred[dict[str, Any]]:
+        """Streams arriving on Pilot ``port`` are connected to the TCP service ``host:host_port``."""
+    def unexpose(self, port: int) -> Deferred[dict[str, Any]]: ...
+    def forwards_list(self) -> Deferred[dict[str, Any]]: ...

@@ -30,7 +30,7 @@ it is given one.
 7. services: ``pilot.services``.
 8. edges: ``pilot`` itself (``__init__``: public names), ``__main__``,
    ``cli`` and ``cli_*``, ``tap``, ``nodetap``, the control client
-   (``control*``), ``endpoints``, ``aio``, ``testing``.
+   (``control*``), ``endpoints``, ``aio``, ``api`` (the embedded node), ``testing``.
 
 ``docs/architecture.md`` (issue 8) draws these floors and a packet's way up; keep the two in step.
 """
@@ -60,7 +60,7 @@ FLOORS: dict[str, int] = {
     "node": 5, "nodeconfig": 5, "search": 5, "details": 5,
     "protocols": 6,
     "services": 7,
-    **{name: 8 for name in ("__init__", "__main__", "cli", "tap", "nodetap", "control", "endpoints", "aio",
+    **{name: 8 for name in ("__init__", "__main__", "cli", "tap", "nodetap", "control", "endpoints", "aio", "api",
                             "testing", "startup")},
 }
 #: Top-level modules whose name starts with one of these take its floor (``cli_node``, ``control_client``).

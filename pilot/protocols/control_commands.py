@@ -43,8 +43,18 @@ def api_commands(api: NodeAPI) -> dict[str, Command]:
         "send": lambda a: api.send_datagram(a.target(), a.port(), a.data("data")),
         "search": lambda a: api.search(a.text("query", MAX_QUERY)),
         "disconnect": lambda a: api.disconnect(a.integer("conn_id", 0, 0xFFFFFFFF)),
+        # port forwarding (pilot.services.forward)
+        "forward": lambda a: api.forward(a.port("local_port"), a.target(), _pilot_port(a)),
+        "unforward": lambda a: api.unforward(a.port("local_port")),
+        "expose": lambda a: api.expose(_pilot_port(a), a.target("host"), a.port("host_port")),
+        "unexpose": lambda a: api.unexpose(_pilot_port(a)),
+        "forwards": lambda a: api.forwards_list(),
     }
     return commands
+
+
+def _pilot_port(args: Arguments) -> int:
+    return args.integer("port", 1, 0xFFFF)
 
 
 def _ping(api: NodeAPI, args: Arguments) -> Deferred[Any]:

@@ -23,6 +23,7 @@ from pilot.node import Node
 from pilot.nodeapi import Listening
 from pilot.nodeconfig import NodeSettings
 from pilot.search import search_network
+from pilot.services.forward import Forwards
 from pilot.stack.streams import ConnectionRefused
 from pilot.wire.handshake import HANDSHAKE_PORT
 
@@ -84,6 +85,7 @@ class NodeAPIImpl:
         self.reactor = reactor
         self.settings = settings
         self.udp_counters = udp_counters
+        self.forwards = Forwards(reactor, self.connect, node.stack.listen)
 
     # --- this node -------------------------------------------------------------------------
 
@@ -314,6 +316,33 @@ class NodeAPIImpl:
         yield None
         return self.node.stack.bind_datagrams(
             port, lambda address, src_port, data: received({"from": str(address), "src_port": src_port}, data))
+
+    # --- port forwarding (pilot.services.forward) ----------------------------------------------
+
+    @inlineCallbacks
+    def forward(self, local_port: int, target: str, port: int) -> Any:
+        yield self._reach(target)  # an unknown target fails now, not at the first connection
+        return self.forwards.forward(local_port, target, port)
+
+    @inlineCallbacks
+    def unforward(self, local_port: int) -> Any:
+        yield None
+        return self.forwards.unforward(local_port)
+
+    @inlineCallbacks
+    def expose(self, port: int, host: str, host_port: int) -> Any:
+        yield None
+        return self.forwards.expose(port, host, host_port)
+
+    @inlineCallbacks
+    def unexpose(self, port: int) -> Any:
+        yield None
+        return self.forwards.unexpose(port)
+
+    @inlineCallbacks
+    def forwards_list(self) -> Any:
+        yield None
+        return self.forwards.list()
 
 
 def _mtu_fields(stats: dict[str, Any]) -> dict[str, Any]:

@@ -22,4 +22,4 @@ pilot_node = ServiceMaker(
     "pilot-node",
 )
 
-# The tunnel endpoint parser instances (as txtorcon's plugin does) come here with the Python API.
+# The `pilot:` endpoint string parsers are in pilot_endpoints.py.
