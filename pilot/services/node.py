@@ -23,11 +23,11 @@ import socket
 import sys
 from typing import Any, Optional
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -136,6 +136,26 @@ class RouteProber:
             return None  # no route at all (the network is down): nothing to compare
         finally:
             probe.close()
+
+
+class MemoryTrimmer(Service):
+    """Returns freed heap memory to the system at start and every ``TRIM_INTERVAL`` (``pilot.memory``)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._loop: Optional[LoopingCall] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(release_free_memory)
+        self._loop.clock = self.reactor
+        self._loop.start(TRIM_INTERVAL, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
 
 
 class TunnelPort(Service):
@@ -309,6 +329,4 @@ class NodeService(MultiService):
         TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)
         NodeRunner(self.node, settings, apps).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
-        trimmer = TimerService(TRIM_INTERVAL, release_free_memory)
-        trimmer.clock = reactor
-        trimmer.setServiceParent(self)
+        MemoryTrimmer(reactor).setServiceParent(self)
