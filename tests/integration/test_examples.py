@@ -7,8 +7,8 @@ with ``PILOT_HOME`` naming their daemon.
 * an asyncio request/response pair (``aio_server.py``, ``aio_client.py``);
 * a twisted.web page, and a 5 MiB body byte-exact, fetched over ``pilot:``
   (``web_server.py``, ``web_client.py``);
-* a pub/sub fan-out to three subscribers (``pubsub_fanout.py``; skipped
-  while the daemon runs no broker on port 1002);
+* a pub/sub fan-out to three subscribers (``pubsub_fanout.py``) through the
+  daemon's event broker on port 1002;
 * two embedded nodes in one process (``embedded_echo.py``): no daemon.
 """
 
@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -88,9 +87,7 @@ class DaemonExampleTests(ExampleTestMixin, SynchronousTestCase):
 
     def test_pubsub_fan_out_to_three_subscribers(self) -> None:
         _, a, b = self.trusted_pair()
-        if 1002 not in b.call("info").get("ports", []):
-            raise unittest.SkipTest("the daemon runs no event broker on port 1002 in this branch "
-                                    "(the event stream is issue 13 item 2, branch app13)")
+        self.assertIn(1002, b.call("info").get("ports", []))  # the event broker (docs/apps.md)
         out = self.run_example(a, "pubsub_fanout.py", "agent-b", "--topic", "alerts", "--count", "3")
         for sub in ("sub0", "sub1", "sub2"):
             self.assertEqual([line for line in out.splitlines() if line.startswith(sub + ":")],
