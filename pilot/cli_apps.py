@@ -310,7 +310,13 @@ def connections(ctx: Context) -> Result:
     return Result(rows, _table(["ID", "LOCAL", "REMOTE", "STATE", "SENT", "RECV", "RTT"],
                                [[r.get("id"), r.get("local_port"),
                                  f"{r.get('remote_addr')}:{r.get('remote_port')}", r.get("state"),
-                                 r.get("bytes_sent"), r.get("bytes_recv"), r.get("srtt_ms")] for r in rows]))
+                                 r.get("bytes_sent"), r.get("bytes_recv"), _ms(r.get("srtt_ms"))]
+                                for r in rows]))
+
+
+def _ms(value: object) -> str:
+    """An RTT for the table: milliseconds to two decimals, "-" when unknown."""
+    return f"{value:.2f} ms" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 @COMMANDS.command("disconnect", "reset one stream connection",
