@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from procstat import run_stoppable  # noqa: E402
 from tunnel import ROOT, Daemon, Failed, Rendezvous, establish_trust, loadavg, machine  # noqa: E402
 
 sys.path.insert(0, ROOT)
@@ -172,16 +172,7 @@ def main() -> None:
             and 1 <= args.time_limit <= 600):
         raise SystemExit("--file-mb 1..16, --messages 1..20000, --events 1..50000, --time-limit 1..600")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        status = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the processes it started are stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    run_stoppable(run, args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import asyncio
 import hashlib
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
@@ -56,7 +55,7 @@ from typing import Any, Callable, Protocol
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from many_streams import read_frame, unix_connect  # noqa: E402
-from procstat import pct  # noqa: E402
+from procstat import pct, run_stoppable  # noqa: E402
 from tunnel import (  # noqa: E402
     HOST, ROOT, Daemon, Failed, Rendezvous, Sink, establish_trust, loadavg, machine, stop_pid, wait_for,
 )
@@ -564,16 +563,7 @@ def main() -> None:
         raise SystemExit("--pings 1..1000, --echoes 1..100000, --megabytes up to 1000, --concurrent 1..1000, "
                          "--time-limit 1..600")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        status = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the processes it started are stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    run_stoppable(run, args)
 
 
 if __name__ == "__main__":

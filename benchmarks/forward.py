@@ -36,11 +36,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from procstat import cpu_seconds, pct, rss_mb  # noqa: E402
+from procstat import cpu_seconds, pct, rss_mb, run_stoppable  # noqa: E402
 from tunnel import HOST, ROOT, Daemon, Failed, Rendezvous, establish_trust, loadavg, machine, row  # noqa: E402
 
 CHUNK = 64 * 1024
@@ -208,11 +207,7 @@ def main() -> None:
     if not (0 < args.megabytes <= 500 and 1 <= args.connects <= 200 and 1 <= args.time_limit <= 600):
         raise SystemExit("--megabytes up to 500, --connects 1..200, --time-limit 1..600")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    sys.exit(run(args))
+    run_stoppable(run, args)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from procstat import pct, rss_mb  # noqa: E402
+from procstat import pct, rss_mb, run_stoppable  # noqa: E402
 from tunnel import (  # noqa: E402
     HOST, ROOT, START_TIMEOUT, Daemon, Failed, Rendezvous, child_env, establish_trust, loadavg, machine,
     stop_pid, wait_for,
@@ -362,16 +362,7 @@ def main() -> None:
             and 1 <= args.time_limit <= 600):
         raise SystemExit("--streams 1..1024, --peers 0..200, --idle 0..60, --time-limit 1..600")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        status = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the processes it started are stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    run_stoppable(run, args)
 
 
 if __name__ == "__main__":

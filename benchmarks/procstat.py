@@ -6,6 +6,9 @@ script here (each imports it as a sibling: ``from procstat import ...``).
 from __future__ import annotations
 
 import os
+import signal
+import sys
+from typing import Any, Callable
 
 
 def pct(values: list[float], p: float) -> float:
@@ -30,3 +33,20 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_stoppable(run: Callable[[Any], int], args: Any) -> None:
+    """
+    ``sys.exit(run(args))``, with SIGTERM taken as Ctrl-C: the benchmark's
+    ``finally`` blocks run, so every process it started is stopped (exit 130).
+    """
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        status = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; the processes it started are stopped", file=sys.stderr)
+        status = 130
+    sys.exit(status)

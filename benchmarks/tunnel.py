@@ -60,7 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pilot.control_client import ControlClient  # noqa: E402
-from procstat import cpu_seconds, pct, rss_mb  # noqa: E402
+from procstat import cpu_seconds, pct, rss_mb, run_stoppable  # noqa: E402
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0   # seconds for a process to come up
@@ -636,16 +636,7 @@ def main() -> None:
         raise SystemExit("--pings 1..1000, --paced-pings 1..1000, --echoes 1..100000, "
                          "--megabytes up to 1000, --time-limit 1..600, --port 1..65535 (not 7)")
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # runs the finally blocks: every process started is stopped
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        status = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the processes it started are stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    run_stoppable(run, args)
 
 
 if __name__ == "__main__":
