@@ -194,8 +194,9 @@ class Storage:
                 out.append({**record, "file": name})
             except (OSError, ValueError) as e:
                 out.append({"file": name, "error": str(e)[:200]})
-        # the names start with the type: order by arrival
-        out.sort(key=lambda m: (str(m.get("received_at", "")), os.path.splitext(m["file"])[0]))
+        # order by arrival: the names are TYPE-YYYYMMDD-HHMMSS.mmm[-N], and received_at has whole
+        # seconds only (the reference's), so the name's stamp after the type decides
+        out.sort(key=lambda m: (_stamp(m["file"]), m["file"]))
         return out
 
     def files(self) -> list[dict[str, Any]]:
@@ -308,3 +309,8 @@ def _reason(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "disk full: no space left on device"
     return e.strerror or str(e)
+
+
+def _stamp(name: str) -> str:
+    """The arrival stamp of an inbox file's name (``TYPE-STAMP.json``): what follows the type."""
+    return os.path.splitext(name)[0].partition("-")[2]

@@ -98,6 +98,12 @@ class StorageTests(SynchronousTestCase):
         self.storage.save_message(JSON, "a", b"2", NOW + 1)
         self.assertEqual([m["type"] for m in self.storage.messages()], ["TEXT", "JSON"])
 
+    def test_listed_by_arrival_within_a_second(self) -> None:
+        """received_at has whole seconds: two messages 5 ms apart keep their order."""
+        self.storage.save_message(TEXT, "a", b"first", NOW)
+        self.storage.save_message(JSON, "a", b"2", NOW + 0.005)
+        self.assertEqual([m["type"] for m in self.storage.messages()], ["TEXT", "JSON"])
+
     def test_list_and_clear(self) -> None:
         self.storage.save_message(TEXT, "a", b"1", NOW)
         self.storage.save_message(TEXT, "a", b"2", NOW + 1)
