@@ -34,6 +34,10 @@ from pilot.control_client import SOCKET_NAME, START_HINT, default_socket_path
 from pilot.errors import (ConnectionFailed, InvalidArgument, MalformedFrame, NotRunning, PilotError, Timeout,
                           error_for)
 from pilot.wire.control import decode_message
+from pilot.wire.dataexchange import FILE, MAX_PAYLOAD as MAX_MESSAGE, TEXT, TYPES_BY_NAME
+from pilot.wire.dataexchange import encode_frame as encode_frame_1001
+from pilot.wire.events import MAX_PAYLOAD, MAX_TOPIC, check_topic, encode_event
+from pilot.wire.packet import DATA_EXCHANGE as DATA_EXCHANGE_PORT, EVENT_STREAM as EVENT_STREAM_PORT
 from pilot.wire.registry import MAX_FRAME, encode_frame
 
 #: Seconds to wait for the daemon's reply to a plain request.
@@ -131,25 +135,21 @@ async def call(cmd: str, /, *, socket: str | None = None, home: str | None = Non
 
 
 #: Ports and limits of the services every node runs (docs/reference-wire.md §8.1, §8.2).
-DATA_EXCHANGE_PORT = 1001
-EVENT_STREAM_PORT = 1002
-MAX_PAYLOAD = 16 * 1024 * 1024
-MAX_TOPIC = 1024
 #: Data exchange frame types; the peer's reply is a text frame.
-MESSAGE_TYPES = {"text": 1, "binary": 2, "json": 3}
-_TEXT = 1
+MESSAGE_TYPES = {name: number for name, number in TYPES_BY_NAME.items() if number != FILE}
 _MAX_REPLY = 64 * 1024
 
 
 def _event(topic: str, payload: bytes = b"") -> bytes:
-    """One event on the wire (§8.2): topic length (2 bytes), topic, payload length (4 bytes), payload."""
-    raw = topic.encode("utf-8")
-    if not raw or len(raw) > MAX_TOPIC:
-        raise InvalidArgument(f"a topic is 1 to {MAX_TOPIC} bytes of UTF-8, not {len(raw)}",
+    """One event on the wire (``pilot.wire.events``), bad input as InvalidArgument."""
+    problem = check_topic(topic)
+    if problem is not None:
+        raise InvalidArgument(f"{problem}: a topic is 1 to {MAX_TOPIC} bytes of UTF-8",
                               "`*` subscribes to every topic")
-    if len(payload) > MAX_PAYLOAD:
-        raise InvalidArgument(f"an event is at most {MAX_PAYLOAD} bytes, not {len(payload)}")
-    return struct.pack(">H", len(raw)) + raw + struct.pack(">I", len(payload)) + payload
+    try:
+        return encode_event(topic, payload)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 async def send_message(target: str, data: str | bytes, *, type: str = "text", socket: str | None = None,
@@ -164,11 +164,11 @@ async def send_message(target: str, data: str | bytes, *, type: str = "text", so
     if kind is None:
         raise InvalidArgument(f"type must be one of {', '.join(MESSAGE_TYPES)}, not {type!r}")
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    if len(payload) > MAX_PAYLOAD:
-        raise InvalidArgument(f"a message is at most {MAX_PAYLOAD} bytes, not {len(payload)}")
+    if len(payload) > MAX_MESSAGE:
+        raise InvalidArgument(f"a message is at most {MAX_MESSAGE} bytes, not {len(payload)}")
     reader, writer = await open_connection(target, DATA_EXCHANGE_PORT, socket=socket, home=home)
     try:
-        writer.write(struct.pack(">II", kind, len(payload)) + payload)
+        writer.write(encode_frame_1001(kind, payload))
         await writer.drain()
         reply = await asyncio.wait_for(_exchange_reply(reader, target), timeout)
     except asyncio.TimeoutError:
@@ -184,7 +184,7 @@ async def send_message(target: str, data: str | bytes, *, type: str = "text", so
 async def _exchange_reply(reader: asyncio.StreamReader, target: str) -> str:
     try:
         kind, length = struct.unpack(">II", await reader.readexactly(8))
-        if kind != _TEXT or length > _MAX_REPLY:
+        if kind != TEXT or length > _MAX_REPLY:
             raise ConnectionFailed(f"{target}'s reply is not a data exchange text frame")
         return (await reader.readexactly(length)).decode("utf-8", "replace")
     except asyncio.IncompleteReadError:

@@ -29,10 +29,9 @@ from pilot.identity import default_home
 from pilot.wire.dataexchange import (
     JSON, MAX_NAME, MAX_PAYLOAD, TYPES_BY_NAME, FrameDecoder, encode_frame, file_prefix,
 )
+from pilot.wire.packet import DATA_EXCHANGE as DATA_EXCHANGE_PORT, EVENT_STREAM as EVENT_STREAM_PORT
 from pilot.wire.events import MAX_PAYLOAD as MAX_EVENT, Event, EventDecoder, check_topic, encode_event
 
-DATA_EXCHANGE_PORT = 1001
-EVENT_STREAM_PORT = 1002
 #: Extra seconds for the daemon to open the stream, beyond the command's own time.
 DAEMON_MARGIN = 10.0
 #: Seconds per MiB a file transfer may take on top of --timeout.

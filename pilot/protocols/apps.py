@@ -25,8 +25,6 @@ from pilot.errors import MalformedFrame
 from pilot.wire.dataexchange import TEXT, FrameReader, encode_frame
 from pilot.wire.events import Event, EventDecoder
 
-DATA_EXCHANGE_PORT = 1001
-EVENT_STREAM_PORT = 1002
 #: Bytes of incomplete events all connections on port 1002 may buffer together.
 EVENT_BUDGET = 64 * 1024 * 1024
 

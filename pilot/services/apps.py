@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pilot.apps.storage import Storage
-from pilot.protocols.apps import (
-    DATA_EXCHANGE_PORT, EVENT_STREAM_PORT, DataExchangeFactory, EventStreamFactory,
-)
+from pilot.protocols.apps import DataExchangeFactory, EventStreamFactory
+from pilot.wire.packet import DATA_EXCHANGE, EVENT_STREAM
 
 
 @dataclass
@@ -30,8 +29,8 @@ class Apps:
 
     def listen(self, stack: Any) -> None:
         """Bind ports 1001 and 1002 of ``stack`` (a :class:`pilot.stack.Stack`)."""
-        stack.listen(DATA_EXCHANGE_PORT, self.exchange)
-        stack.listen(EVENT_STREAM_PORT, self.events)
+        stack.listen(DATA_EXCHANGE, self.exchange)
+        stack.listen(EVENT_STREAM, self.events)
 
 
 def make_apps(home: str, now: Callable[[], float]) -> Apps:
