@@ -32,6 +32,7 @@ class ErrorCode(enum.IntEnum):
     rate_limited = 12
     malformed = 13
     permission_denied = 14
+    not_primary = 15
 
 
 #: What a user can do about each code, when the raiser has nothing better.
@@ -49,6 +50,7 @@ DEFAULT_HINTS: dict[ErrorCode, str] = {
     ErrorCode.rate_limited: "too many requests; slow down and retry",
     ErrorCode.malformed: "the message could not be decoded",
     ErrorCode.permission_denied: "this user may not use that file or folder: fix its permissions or pick another",
+    ErrorCode.not_primary: "this rendezvous is a standby; the node moves to the primary by itself",
 }
 
 

@@ -304,6 +304,12 @@ class RegistryServerProtocol(Protocol):
             return
         self._write(frame)
 
+    def push_body(self, body: bytes) -> None:
+        """Send an event whose JSON body is already made (a replication snapshot, made once for all)."""
+        if self._closing or not self._open:
+            return
+        self._write(len(body).to_bytes(4, "big") + body)
+
     # --- writing and backpressure ---------------------------------------------------------
 
     def _write(self, frame: bytes) -> None:

@@ -2,7 +2,8 @@
 """
 The reference's remaining registry requests, answered for compatibility with
 little logic of our own: networks (the backbone only; custom networks are not
-built), polo scores, the beacon list, and replication (not configured).
+built), polo scores, the beacon list, and replication (handed to ``Registry.replica``
+when the server has a pair; "replication not configured" otherwise).
 
 Each is a :data:`~pilot.server.requests.Handler` over the registry's state.
 """
@@ -100,9 +101,27 @@ def beacon_list(registry: Registry, msg: Message, peer: Peer, session: Session |
 
 
 def subscribe_replication(registry: Registry, msg: Message, peer: Peer, session: Session | None) -> Message:
-    raise RequestError(ErrorCode.invalid_argument, "replication not configured")
+    """A standby subscribes (``pilot.server.replication_role``); the reply is the first snapshot."""
+    if registry.replica is None:
+        raise RequestError(ErrorCode.invalid_argument, "replication not configured")
+    return registry.replica.subscribe(msg, peer, session)
+
+
+def replication_promote(registry: Registry, msg: Message, peer: Peer, session: Session | None) -> Message:
+    """Ours: a standby takes over now (``pilotctl rendezvous promote``; the token authenticates)."""
+    if registry.replica is None:
+        raise RequestError(ErrorCode.invalid_argument, "replication not configured")
+    return registry.replica.promote(msg, peer, session)
+
+
+def replication_ack(registry: Registry, msg: Message, peer: Peer, session: Session | None) -> Message:
+    """Ours: a standby holds the deltas up to ``seq`` (``--sync-replication`` waits for it)."""
+    if registry.replica is None:
+        raise RequestError(ErrorCode.invalid_argument, "replication not configured")
+    return registry.replica.ack(msg, peer, session)
 
 
 HANDLERS = {f.__name__: f for f in (list_nodes, list_networks, get_polo_score, update_polo_score, set_polo_score,
-                                    beacon_register, beacon_list, subscribe_replication)}
+                                    beacon_register, beacon_list, subscribe_replication, replication_promote,
+                                    replication_ack)}
 HANDLERS.update({name: networks_wip for name in ("create_network", "join_network", "leave_network")})

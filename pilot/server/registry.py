@@ -25,7 +25,7 @@ for peers it trusts; real error reasons.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attr
 from twisted.internet.interfaces import IReactorTime
@@ -42,6 +42,9 @@ from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list, rotate_proof_message
+
+if TYPE_CHECKING:
+    from pilot.server.replication_role import Replica
 
 __all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "BEACON_TTL"]
 
@@ -86,6 +89,8 @@ class Registry:
         self.subscribers: dict[int, set[Session]] = {}
         self.beacons: dict[int, tuple[str, float]] = {}
         self.counters: dict[str, int] = {}
+        #: set for a server with a pair (``pilot.server.replication_role``): standby refusals, terms
+        self.replica: Replica | None = None
         now = clock.seconds()
         for node in self.state.nodes.values():
             # a restarted registry gives every node a full period to check in again
@@ -98,6 +103,13 @@ class Registry:
     # --- entry point ------------------------------------------------------------
 
     def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
+        replica = self.replica
+        if replica is None:
+            return self._handle(msg, peer, session)
+        # a paired server: a standby refuses writes, and every reply carries the term
+        return replica.stamp(replica.refusal(msg.get("type")) or self._handle(msg, peer, session))
+
+    def _handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         self._count(f"request.{kind}" if handler else "request.unknown")
@@ -173,10 +185,14 @@ class Registry:
 
     def push_event(self, node_id: int, event: Message) -> None:
         """Send ``event`` on every connection subscribed for ``node_id``."""
+        if self.replica is not None:
+            event = self.replica.stamp(dict(event))
         for session in list(self.subscribers.get(node_id, ())):
             session.push(event)
 
     def session_closed(self, session: Session) -> None:
+        if self.replica is not None:
+            self.replica.session_closed(session)
         for node_id in [n for n, s in self.subscribers.items() if session in s]:
             self.subscribers[node_id].discard(session)
             if not self.subscribers[node_id]:

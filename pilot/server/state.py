@@ -24,6 +24,8 @@ in extra keys it ignores:
   (:meth:`RegistryState.forget`).
 * ``pilot_journal_seq``: with ``--durable``, the number of the last journal
   record this file holds (``pilot.server.journal``).
+* ``pilot_term``: the replication term of a paired registry (``docs/deploy.md``,
+  ``pilot.server.replication``); absent for a registry that never had a pair.
 
 With ``--durable`` the journal tracks the containers a record is made from
 (``pilot.server.tracked``): change them in place, never replace them (a
@@ -131,6 +133,8 @@ class RegistryState:
     gone: dict[int, float] = attr.Factory(dict)
     #: the last journal record the store file holds (``--durable``)
     journal_seq: int = 0
+    #: the replication term (0: never part of a pair)
+    term: int = 0
     _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
     _node_text: dict[int, tuple[tuple[Any, ...], str]] = attr.ib(factory=dict, init=False, repr=False)
 
@@ -237,6 +241,8 @@ class RegistryState:
                                        for g, kept in sorted(self.statements.items()) if kept}
         if self.journal_seq:
             out["pilot_journal_seq"] = self.journal_seq
+        if self.term:
+            out["pilot_term"] = self.term
         out["pilot_store_format"] = STORE_FORMAT
         return out
 
@@ -307,6 +313,10 @@ class RegistryState:
         if seq < 0:
             raise StoreFormatError(f"pilot_journal_seq: {seq} is negative")
         state.journal_seq = seq
+        term = _get(value, "pilot_term", int, 0)
+        if term < 0:
+            raise StoreFormatError(f"pilot_term: {term} is negative")
+        state.term = term
         backbone = _get(value, "networks", dict, {}).get("0")
         if isinstance(backbone, dict):
             state.created = parse_time(backbone.get("created"))

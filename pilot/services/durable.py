@@ -106,6 +106,11 @@ class DurableWriter:
         elif not self.scheduled:
             self._call = self.clock.callLater(self.delay, self._timer_fired)
 
+    def rewrite(self) -> None:
+        """The state was replaced or a value the journal does not track changed: the next write is a snapshot."""
+        self._snapshot_due = True
+        self.changed()
+
     def touched(self) -> None:
         """Replay state changed: worth writing, not at once (within ``touch_delay``)."""
         self.dirty = True

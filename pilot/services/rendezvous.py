@@ -29,10 +29,13 @@ from pilot.endpoint import format_endpoint, parse_listen
 from pilot.errors import InvalidArgument
 from pilot.memory import release_free_memory
 from pilot.protocols.beacon import BeaconProtocol
-from pilot.protocols.registry import IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_PER_ADDRESS, RegistryServerFactory
+from pilot.protocols.registry import (
+    IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_PER_ADDRESS, Durability, RegistryServerFactory,
+)
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.durable import DurableWriter, Runner, WriterThread
+from pilot.services.replication import ReplicationService, ReplicationSettings
 from pilot.services.store import StoreWriter, load_store
 
 if TYPE_CHECKING:
@@ -73,6 +76,8 @@ class RendezvousSettings:
     raise_open_files: bool = True
     #: Acknowledge a change only once the store holding it is on disk (group commit); needs a store.
     durable: bool = False
+    #: A primary/standby pair (``docs/deploy.md``): the token, ``--standby``, takeover, sync.
+    replication: ReplicationSettings = attr.Factory(ReplicationSettings)
 
 
 class PortService(Service):
@@ -133,10 +138,17 @@ class RendezvousService(MultiService):
             self.store = StoreWriter(settings.store, lambda: self.registry.state.to_bytes(), clock,
                                      settings.flush_delay)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
+        self.replication: ReplicationService | None = None
+        durability: Durability | None = self.store if settings.durable else None
+        if settings.replication.paired:
+            self.replication = ReplicationService(self.registry, settings.replication, reactor,
+                                                  settings.flush_delay, self.registry_port, self._replicated,
+                                                  tls=settings.tls)
+            durability = self.replication.durability(durability)
         self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
                                              settings.max_connections,
                                              max_per_address=settings.max_per_address,
-                                             durability=self.store if settings.durable else None)
+                                             durability=durability)
         #: set when the store could not be written at shutdown: the process must exit non-zero
         self.unsaved = False
         self.tls_options: CertificateOptions | None = None
@@ -157,6 +169,8 @@ class RendezvousService(MultiService):
         self.trimmer = TimerService(TRIM_INTERVAL, release_free_memory)
         self.trimmer.clock = clock
         self.trimmer.setServiceParent(self)
+        if self.replication is not None:
+            self.replication.setServiceParent(self)  # after the ports: it needs the registry's
 
     def _tls(self) -> tuple[CertificateOptions, str]:
         # imported here: pyOpenSSL costs a node or a TLS-less rendezvous about 6 MB of RSS
@@ -176,6 +190,15 @@ class RendezvousService(MultiService):
 
     def _changed(self) -> None:
         if self.store is not None:
+            self.store.changed()
+        if self.replication is not None:
+            self.replication.changed()
+
+    def _replicated(self, whole: bool) -> None:
+        """Replication replaced the state (``whole``) or changed the term: write the store soon."""
+        if isinstance(self.store, DurableWriter) and whole:
+            self.store.rewrite()
+        elif self.store is not None:
             self.store.changed()
 
     def _touched(self) -> None:
@@ -284,6 +307,9 @@ class RendezvousService(MultiService):
         return True
 
     def _reap(self) -> None:
+        if self.replication is not None and self.replication.replica.standby:
+            self.beacon.prune()
+            return  # a standby's nodes are its primary's to reap
         try:
             gone = self.registry.reap()
             pruned = self.beacon.prune()

@@ -1185,6 +1185,8 @@ class Scene:
                                 {"beacon_id", "addr"}),
             "beacon_list": (lambda: {"type": "beacon_list"}, set()),
             "subscribe_replication": (lambda: {"type": "subscribe_replication", "token": "t"}, set()),
+            "replication_promote": (lambda: {"type": "replication_promote", "token": "t"}, set()),
+            "replication_ack": (lambda: {"type": "replication_ack", "seq": 1}, set()),
             "subscribe_events": (lambda: w.authed(alice, {"type": "subscribe_events", "node_id": a}),
                                  {"node_id", "auth"}),
             "search_nodes": (lambda: w.authed(alice, {"type": "search_nodes", "requester_id": a,
@@ -1202,14 +1204,15 @@ class Scene:
 
 
 #: Types that always fail in this version.
-ALWAYS_ERROR = {"list_nodes", "create_network", "join_network", "leave_network", "subscribe_replication"}
+ALWAYS_ERROR = {"list_nodes", "create_network", "join_network", "leave_network", "subscribe_replication",
+                "replication_promote", "replication_ack"}
 ALL_TYPES = ["register", "lookup", "resolve", "resolve_hostname", "set_hostname", "set_visibility",
              "set_tags", "set_task_exec", "heartbeat", "deregister", "rotate_key", "report_trust",
              "revoke_trust", "request_handshake", "poll_handshakes", "respond_handshake", "punch",
              "list_nodes", "list_networks", "get_polo_score", "update_polo_score", "set_polo_score",
              "create_network", "join_network", "leave_network", "beacon_register", "beacon_list",
              "subscribe_replication", "subscribe_events", "search_nodes", "put_trust_statements",
-             "get_trust_statements"]
+             "get_trust_statements", "replication_promote", "replication_ack"]
 
 
 class HostileInputTests(RegistryTestCase):
@@ -1367,6 +1370,7 @@ TYPE_FIELDS: dict[str, tuple[str, ...]] = {
     "create_network": ("node_id", "name", "join_rule"), "join_network": ("node_id", "network_id", "token"),
     "leave_network": ("node_id", "network_id"), "beacon_register": ("beacon_id", "addr"), "beacon_list": (),
     "subscribe_replication": ("token",), "subscribe_events": ("node_id",),
+    "replication_promote": ("token",), "replication_ack": ("seq",),
     "search_nodes": ("requester_id", "query"),
     "put_trust_statements": ("node_id", "statements"), "get_trust_statements": ("node_id",),
 }

@@ -1,0 +1,294 @@
+# -*- test-case-name: tests.server.test_replication -*-
+"""
+Replication, sans I/O: what a primary sends its standbys (:class:`Publisher`)
+and how a standby turns what it receives into a store (:class:`Follower`).
+The frames are ``pilot.wire.replication``'s; the roles and terms are in
+``replication_role.py``; sockets and timers in ``pilot.services.replication``.
+
+The publisher keeps the store object it last pushed.  On :meth:`Publisher.publish`
+(the service calls it a flush delay after a change, as the store is written)
+it takes the store again: a reference subscriber gets the whole snapshot, a
+subscriber of ours the difference, numbered.  Heartbeats go to each
+subscriber at the interval it asked for (the reference's 15 s by default).
+
+Synchronous replication (``--sync-replication``): :meth:`Publisher.when_saved`
+has the shape of the store's (``pilot.protocols.registry.Durability``): a
+reply to a change waits until a standby acknowledged a delta holding it, or
+``sync_timeout`` passed (then it goes anyway, and the publisher logs it).
+With no standby of ours subscribed, replies go at once (the log says the pair
+is degraded).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any, Callable, Protocol
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from pilot.errors import MalformedFrame
+from pilot.server.state import RegistryState
+from pilot.wire import replication as wire
+
+#: The reference's heartbeat interval.
+HEARTBEAT = 15.0
+#: The shortest heartbeat interval a subscriber may ask for.
+MIN_HEARTBEAT = 0.2
+#: A --sync-replication reply waits at most this long for a standby's acknowledgement.
+SYNC_TIMEOUT = 2.0
+
+
+class Subscriber(Protocol):
+    """A subscriber's connection (the registry's :class:`~pilot.server.requests.Session`)."""
+
+    def push(self, message: dict[str, Any]) -> None: ...
+
+
+def tokens_match(configured: bytes, given: str) -> bool:
+    """Constant-time comparison of a replication token (``hmac.compare_digest``)."""
+    return hmac.compare_digest(configured, given.encode("utf-8", "surrogatepass"))
+
+
+@attr.s(auto_attribs=True)
+class Subscription:
+    session: Subscriber
+    deltas: bool
+    heartbeat: float
+    where: str
+    last_beat: float = 0.0
+    #: highest delta number this subscriber acknowledged
+    acked: int = 0
+
+
+class Publisher:
+    """The primary's side of replication: see the module's docstring."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, snapshot: Callable[[], bytes],
+                 sync_timeout: float = SYNC_TIMEOUT) -> None:
+        self.clock = clock
+        self.snapshot = snapshot
+        self.sync_timeout = sync_timeout
+        self.term = 0
+        self.subscriptions: dict[Subscriber, Subscription] = {}
+        #: the store object last pushed, and the number of the last delta
+        self._last: dict[str, Any] | None = None
+        self._last_bytes = b"{}"
+        self.seq = 0
+        #: changes seen, and the highest change a standby of ours acknowledged
+        self.generation = 0
+        self.saved = 0
+        self._pushed: list[tuple[int, int]] = []  # (seq, generation) not acknowledged yet
+        self._waiting: list[tuple[int, Deferred[None], IDelayedCall]] = []
+        self.pushes = 0
+        self.bytes_pushed = 0
+        self._degraded_logged = False
+
+    # --- subscribers ------------------------------------------------------------------
+
+    def subscribe(self, session: Subscriber, sub: wire.Subscribe, where: str) -> dict[str, Any]:
+        """
+        Add ``session``.  A reference subscriber's reply is the snapshot (as
+        the reference sends it, within its 1 MiB frames); one of ours gets the
+        snapshot, numbered, pushed whole (any size), and a short reply after it.
+        """
+        interval = HEARTBEAT if not sub.heartbeat else max(MIN_HEARTBEAT, min(HEARTBEAT, sub.heartbeat))
+        # the subscribers there are get what changed so far: the snapshot below is their base too
+        self.publish()
+        self.subscriptions[session] = Subscription(session, sub.deltas, interval, where,
+                                                   last_beat=self.clock.seconds())
+        self.log.info("replication subscriber {where} ({kind}) joined", where=where,
+                      kind="deltas" if sub.deltas else "snapshots, reference")
+        if self._last is None:
+            self._take()
+        assert self._last is not None
+        if sub.deltas:
+            self._push_frame(session, wire.encode_snapshot_bytes(self._last_bytes, self.term, self.seq))
+            return {"type": wire.SUBSCRIBE + "_ok", "seq": self.seq}
+        return {"type": wire.SNAPSHOT, "snapshot": self._last}
+
+    def closed(self, session: Subscriber) -> None:
+        gone = self.subscriptions.pop(session, None)
+        if gone is not None:
+            self.log.info("replication subscriber {where} left", where=gone.where)
+
+    @property
+    def followers(self) -> int:
+        """Subscribers of ours (that acknowledge what they hold)."""
+        return sum(1 for s in self.subscriptions.values() if s.deltas)
+
+    def drop_all(self) -> list[Subscriber]:
+        """Forget every subscriber (this server stepped down); their sessions, to close."""
+        sessions = list(self.subscriptions)
+        self.subscriptions.clear()
+        return sessions
+
+    # --- pushing --------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        self.generation += 1
+
+    def _take(self) -> dict[str, Any]:
+        """The store now, remembered as pushed (a new delta base)."""
+        data = self.snapshot()
+        self._last, self._last_bytes = wire.store_object(data), data
+        return self._last
+
+    def publish(self) -> None:
+        """Push what changed since the last push to every subscriber."""
+        if not self.subscriptions:
+            self._last = None
+            self._settle_without_followers()
+            return
+        old = self._last
+        generation = self.generation
+        data = self.snapshot()
+        new = wire.store_object(data)
+        changes = wire.diff(old, new) if old is not None else None
+        if changes == {}:
+            return
+        self._last, self._last_bytes = new, data
+        self.seq += 1
+        self._pushed.append((self.seq, generation))
+        delta_body = wire.encode_body(wire.encode_delta(wire.Delta(self.seq, changes, self.term))) \
+            if changes is not None else None
+        snapshot_frame = wire.encode_snapshot_bytes(data, self.term)
+        snapshot_with_seq = wire.encode_snapshot_bytes(data, self.term, self.seq)
+        for sub in list(self.subscriptions.values()):
+            if not sub.deltas:
+                self._push_frame(sub.session, snapshot_frame)
+            elif delta_body is not None:
+                self._push_frame(sub.session, delta_body)
+            else:
+                self._push_frame(sub.session, snapshot_with_seq)
+        self.pushes += 1
+        self._settle_without_followers()
+
+    def beat(self) -> None:
+        """Send heartbeats that are due."""
+        now = self.clock.seconds()
+        message = wire.encode_heartbeat(self.term, self.seq)
+        for sub in list(self.subscriptions.values()):
+            if now - sub.last_beat >= sub.heartbeat - 1e-6:
+                sub.last_beat = now
+                self._push(sub.session, message)
+
+    def next_beat(self) -> float:
+        """Seconds until the next heartbeat is due (for the service's timer)."""
+        if not self.subscriptions:
+            return HEARTBEAT
+        now = self.clock.seconds()
+        return max(0.0, min(s.last_beat + s.heartbeat - now for s in self.subscriptions.values()))
+
+    def _push(self, session: Subscriber, message: dict[str, Any]) -> None:
+        session.push(message)
+
+    def _push_frame(self, session: Subscriber, body: bytes) -> None:
+        push_body = getattr(session, "push_body", None)
+        self.bytes_pushed += len(body)
+        if push_body is not None:
+            push_body(body)
+        else:
+            session.push(wire.store_object(body))
+
+    # --- acknowledgements (--sync-replication) ------------------------------------------
+
+    def acked(self, session: Subscriber, ack: wire.Ack) -> None:
+        sub = self.subscriptions.get(session)
+        if sub is None or ack.seq > self.seq:
+            return
+        sub.acked = max(sub.acked, ack.seq)
+        while self._pushed and self._pushed[0][0] <= ack.seq:
+            self.saved = max(self.saved, self._pushed.pop(0)[1])
+        self._release()
+
+    def when_saved(self, generation: int) -> Deferred[None]:
+        """Fires once a standby holds change ``generation`` (or ``sync_timeout`` passed)."""
+        if generation <= self.saved or not self.followers:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        call = self.clock.callLater(self.sync_timeout, self._timed_out, generation)
+        self._waiting.append((generation, d, call))
+        return d
+
+    def _timed_out(self, generation: int) -> None:
+        due = [w for w in self._waiting if w[0] <= generation]
+        if not due:
+            return
+        self.log.warn("no standby acknowledged change {generation} within {timeout} s: answering anyway "
+                      "(that change is not on a standby yet)", generation=generation, timeout=self.sync_timeout)
+        self.saved = max(self.saved, generation)
+        self._release()
+
+    def _settle_without_followers(self) -> None:
+        if self.followers:
+            self._degraded_logged = False
+            return
+        if self._waiting and not self._degraded_logged:
+            self._degraded_logged = True
+            self.log.warn("synchronous replication: no standby is subscribed; changes are acknowledged "
+                          "without one (the pair is degraded)")
+        self.saved = self.generation
+        self._release()
+
+    def _release(self) -> None:
+        ready = [w for w in self._waiting if w[0] <= self.saved]
+        self._waiting = [w for w in self._waiting if w[0] > self.saved]
+        for _, d, call in ready:
+            if call.active():
+                call.cancel()
+            d.callback(None)
+
+
+class Gap(Exception):
+    """A delta that does not follow the last one applied: a new snapshot is needed."""
+
+
+class Follower:
+    """
+    A standby's copy of its primary's store: apply snapshots and deltas, get
+    the state to adopt.  Raises :class:`Gap` for a delta out of order and
+    :class:`MalformedFrame` for a store that does not load.
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[str, Any] | None = None
+        self.seq = 0
+        self.applied = 0
+
+    def snapshot(self, frame: wire.Snapshot) -> RegistryState:
+        state = _load(frame.store)
+        self.store, self.seq = frame.store, frame.seq
+        self.applied += 1
+        return state
+
+    def delta(self, frame: wire.Delta) -> RegistryState:
+        if self.store is None or frame.seq != self.seq + 1:
+            raise Gap(f"delta {frame.seq} after {self.seq if self.store is not None else 'no snapshot'}")
+        candidate = dict(self.store)
+        candidate[wire.NODES] = dict(self.store.get(wire.NODES, {}))
+        wire.apply(candidate, frame.changes)
+        state = _load(candidate)
+        self.store, self.seq = candidate, frame.seq
+        self.applied += 1
+        return state
+
+    def reset(self) -> None:
+        self.store, self.seq = None, 0
+
+
+def _load(store: dict[str, Any]) -> RegistryState:
+    try:
+        return RegistryState.from_json(store)
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError) as e:
+        raise MalformedFrame(f"a replicated store that does not load: {type(e).__name__}: {e}") from None
+
+
+def adopt(target: RegistryState, source: RegistryState) -> None:
+    """Make ``target`` hold ``source``'s content (the registry, beacon and store keep ``target``)."""
+    for field in attr.fields(RegistryState):
+        setattr(target, field.name, getattr(source, field.name))

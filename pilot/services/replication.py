@@ -1,0 +1,353 @@
+# -*- test-case-name: tests.services.test_replication -*-
+"""
+Replication's lifecycle: the timers and the connection a paired registry
+needs (``docs/deploy.md``; the logic is in ``pilot.server.replication`` and
+``pilot.server.replication_role``).
+
+* **Primary**: pushes what changed a flush delay after a change (at once with
+  ``--sync-replication``), heartbeats to each subscriber at its interval; if
+  it was promoted, it keeps dialling its former primary's address: a server
+  there that still thinks itself primary sees the higher term and steps down.
+* **Standby**: subscribes to its primary (10 s dial timeout, 45 s read
+  deadline, a new attempt 3 s after any failure, as the reference's standby),
+  applies each snapshot or delta to the registry's state and store, and
+  acknowledges it.  When nothing came from the primary for
+  ``takeover_after`` seconds it takes over, if it has held the primary's
+  store since it started (a standby that never had it would take over with
+  an empty or stale registry: that needs an operator's ``pilotctl rendezvous
+  promote``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from pilot.endpoint import parse_host_port
+from pilot.errors import MalformedFrame
+from pilot.protocols.replication import READ_DEADLINE, ReplicationClientFactory, ReplicationClientProtocol
+from pilot.protocols.registry import Durability
+from pilot.server.registry import Registry
+from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, adopt
+from pilot.server.replication_role import Replica
+from pilot.server.state import RegistryState
+from pilot.wire import replication as wire
+
+#: Seconds between a failed or lost subscription and the next attempt (the reference's).
+RECONNECT_DELAY = 3.0
+#: A standby's dial timeout (the reference's).
+DIAL_TIMEOUT = 10.0
+#: How often heartbeats that are due are sent.
+BEAT_TICK = 0.5
+TAKEOVER_AFTER = 10.0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ReplicationSettings:
+    #: The shared replication token (from a file or PILOT_REPLICATION_TOKEN; never a flag).
+    token: bytes | None = None
+    #: ``HOST:PORT`` of the primary this server is a standby of.
+    standby_of: str | None = None
+    takeover_after: float = TAKEOVER_AFTER
+    #: Acknowledge a registration, hostname or trust change once a standby holds it.
+    sync: bool = False
+    sync_timeout: float = SYNC_TIMEOUT
+    reconnect_delay: float = RECONNECT_DELAY
+    read_deadline: float = READ_DEADLINE
+    #: Subscribe over TLS, pinning the primary's certificate by this SHA-256 (hex).
+    primary_fingerprint: str | None = None
+
+    @property
+    def paired(self) -> bool:
+        return self.token is not None or self.standby_of is not None
+
+
+class BothSaved:
+    """A change is acknowledged once both the store and a standby hold it (``--durable --sync-replication``)."""
+
+    def __init__(self, store: Durability, publisher: Publisher) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.saved = 0
+
+    @property
+    def generation(self) -> int:
+        return self.publisher.generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        raise AttributeError("counted by the publisher")
+
+    def when_saved(self, generation: int) -> Deferred[None]:
+        both = gatherResults([self.store.when_saved(self.store.generation), self.publisher.when_saved(generation)])
+
+        def done(_: object) -> None:
+            self.saved = max(self.saved, generation)
+        return both.addCallback(done)
+
+
+class ReplicationService(Service):
+    log = Logger()
+
+    def __init__(self, registry: Registry, settings: ReplicationSettings, reactor: Any,
+                 push_delay: float, listen_port: Callable[[], int], persist: Callable[[bool], None],
+                 tls: bool = False) -> None:
+        """``persist(whole)`` writes the store soon (``whole``: as a snapshot, the state was replaced)."""
+        self.registry = registry
+        self.settings = settings
+        self.reactor = reactor
+        self.push_delay = 0.0 if settings.sync else push_delay
+        self.listen_port = listen_port
+        self._persist = persist
+        self.tls = tls
+        self.publisher = Publisher(reactor, registry.state.to_bytes, settings.sync_timeout)
+        self.follower = Follower()
+        self.replica = Replica(registry.state, self.publisher, settings.token, settings.standby_of, self)
+        registry.replica = self.replica
+        #: where this server dials: its primary (standby), or its former primary (a promoted one)
+        self.target = settings.standby_of
+        self.link: ReplicationClientProtocol | None = None
+        #: the connection attempt under way or connected (frames of any other are stale)
+        self.attempt: ReplicationClientFactory | None = None
+        self.synced = False
+        self.last_heard = 0.0
+        self._calls: dict[str, IDelayedCall] = {}
+        self._failures = 0
+        self._refused_logged = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.last_heard = self.reactor.seconds()
+        self._persist(False)  # the term, new or not, is in the store from the start
+        self._later("beat", BEAT_TICK, self._beat)
+        if self.replica.standby:
+            self.log.info("standby of {primary} (term {term}): takes over after {seconds:.0f} s of silence",
+                          primary=self.target, term=self.replica.term, seconds=self.settings.takeover_after)
+            self._arm_takeover()
+        else:
+            self.log.info("replication primary, term {term}", term=self.replica.term)
+        if self.target:
+            self._later("dial", 0, self._dial)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in self._calls.values():
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        if self.link is not None:
+            self.link.close("the service stopped")
+
+    def _later(self, name: str, delay: float, f: Callable[[], None]) -> None:
+        old = self._calls.get(name)
+        if old is not None and old.active():
+            old.cancel()
+
+        def fire() -> None:
+            self._calls.pop(name, None)
+            f()
+        self._calls[name] = self.reactor.callLater(delay, fire)
+
+    def _scheduled(self, name: str) -> bool:
+        call = self._calls.get(name)
+        return call is not None and call.active()
+
+    # --- the primary's side ------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """The registry's state changed (the rendezvous calls this with every change)."""
+        self.publisher.changed()
+        if not self.replica.standby and not self._scheduled("publish"):
+            self._later("publish", self.push_delay, self._publish)
+
+    def _publish(self) -> None:
+        try:
+            self.publisher.publish()
+        except Exception:
+            self.log.failure("replication push failed")
+
+    def _beat(self) -> None:
+        self._later("beat", BEAT_TICK, self._beat)
+        if not self.replica.standby:
+            self.publisher.beat()
+
+    def durability(self, store: Durability | None) -> Durability | None:
+        """What holds replies (``--sync-replication``, with or without ``--durable``)."""
+        if not self.settings.sync:
+            return store
+        if store is None:
+            return self.publisher
+        return BothSaved(store, self.publisher)
+
+    # --- dialling ---------------------------------------------------------------------------
+
+    def _subscription(self) -> dict[str, Any]:
+        heartbeat = max(0.5, self.settings.takeover_after / 4)
+        try:
+            port = self.listen_port()
+        except RuntimeError:
+            port = 0
+        return wire.encode_subscribe(wire.Subscribe(
+            self.settings.token.decode("utf-8", "surrogateescape") if self.settings.token else "",
+            deltas=True, term=self.replica.term, heartbeat=heartbeat,
+            role="standby" if self.replica.standby else "primary", port=port))
+
+    def _dial(self) -> None:
+        if not self.running or self.target is None or self.attempt is not None:
+            return
+        host, port = parse_host_port(self.target)
+        factory = ReplicationClientFactory(self._subscription(), self, self.reactor, self.settings.read_deadline)
+        if self.tls or self.settings.primary_fingerprint:
+            from pilot.tls import client_options  # pyOpenSSL only when TLS is on
+            self.reactor.connectSSL(host, port, factory, client_options(host, self.settings.primary_fingerprint),
+                                    timeout=DIAL_TIMEOUT)
+        else:
+            self.reactor.connectTCP(host, port, factory, timeout=DIAL_TIMEOUT)
+        self.attempt = factory
+
+    def link_lost(self, attempt: ReplicationClientFactory, reason: str) -> None:
+        if attempt is not self.attempt:
+            return  # an attempt given up already (the role changed)
+        self.attempt = self.link = None
+        if not self.running:
+            return
+        self._failures += 1
+        if self.replica.standby and (self._failures == 1 or self._failures % 20 == 0):
+            self.log.warn("replication from {primary} lost ({reason}); again in {delay:.0f} s "
+                          "(attempt {attempt})", primary=self.target, reason=reason,
+                          delay=self.settings.reconnect_delay, attempt=self._failures)
+        self._later("dial", self.settings.reconnect_delay, self._dial)
+
+    # --- what the stream brings -----------------------------------------------------------
+
+    def frame_received(self, link: ReplicationClientProtocol, frame: wire.Frame) -> None:
+        if link.attempt is not self.attempt:
+            link.close("a connection given up")
+            return
+        self.link = link
+        self._failures = 0
+        if not self.replica.standby:
+            self._probe_answered(link, frame)
+            return
+        if frame.term and frame.term < self.replica.term:
+            link.close(f"its term {frame.term} is older than ours ({self.replica.term})")
+            return
+        if isinstance(frame, wire.Refused):
+            self._refused(link, frame)
+            return
+        self.last_heard = self.reactor.seconds()
+        self._arm_takeover()
+        if frame.term > self.replica.term:
+            self.replica.saw_term(frame.term, self.target or "")
+        try:
+            if isinstance(frame, wire.Snapshot):
+                self._apply(self.follower.snapshot(frame), frame.seq, link)
+                self.synced = True
+                self._refused_logged = False
+                self.log.info("holding the store of {primary}: {nodes} nodes (term {term})", primary=self.target,
+                              nodes=len(self.registry.state.nodes), term=self.replica.term)
+            elif isinstance(frame, wire.Delta):
+                self._apply(self.follower.delta(frame), frame.seq, link)
+            elif isinstance(frame, wire.Heartbeat) and frame.seq > self.follower.seq:
+                raise Gap(f"the primary is at change {frame.seq}, this standby at {self.follower.seq}")
+        except Gap as e:
+            self.log.warn("replication gap ({reason}): subscribing again for a whole snapshot", reason=str(e))
+            self.follower.reset()
+            link.close("a gap in the deltas")
+        except MalformedFrame as e:
+            self.log.error("the primary sent a store this standby cannot load ({reason}); subscribing again",
+                           reason=e.reason)
+            self.follower.reset()
+            link.close("a store that does not load")
+
+    def _apply(self, state: RegistryState, seq: int, link: ReplicationClientProtocol) -> None:
+        state.term = max(state.term, self.replica.term)
+        adopt(self.registry.state, state)
+        self.registry.restored_ts = dict(self.registry.state.auth_ts)
+        self.publisher.term = self.registry.state.term
+        self._persist(True)
+        link.send_ack(seq)
+
+    def _refused(self, link: ReplicationClientProtocol, frame: wire.Refused) -> None:
+        if frame.code == "not_primary" and frame.primary and frame.primary != self.target:
+            self.log.warn("{old} is not primary; following {new} (term {term})", old=self.target,
+                          new=frame.primary, term=frame.term)
+            self.replica.saw_term(max(frame.term, self.replica.term), frame.primary)
+            return
+        if not self._refused_logged:
+            self._refused_logged = True
+            self.log.error("{primary} refused the replication subscription: {error} ({code}); check the "
+                           "replication token on both servers", primary=self.target, error=frame.error,
+                           code=frame.code or "?")
+        link.close("refused")
+
+    def _probe_answered(self, link: ReplicationClientProtocol, frame: wire.Frame) -> None:
+        """As a primary we dialled our former primary: does it still think itself primary?"""
+        primary = frame.primary if isinstance(frame, wire.Refused) and frame.primary else (self.target or "")
+        if isinstance(frame, (wire.Snapshot, wire.Delta, wire.Heartbeat, wire.Refused)) and frame.term and \
+                self.replica.saw_term(frame.term, primary):
+            return  # stepped down: following it now (a new subscription, as a standby)
+        link.close("probed")
+
+    # --- takeover ---------------------------------------------------------------------------
+
+    def _arm_takeover(self) -> None:
+        if self.replica.standby:
+            self._later("takeover", self.settings.takeover_after, self._silence)
+
+    def _silence(self) -> None:
+        if not self.replica.standby:
+            return
+        silent = self.reactor.seconds() - self.last_heard
+        if silent < self.settings.takeover_after:
+            self._later("takeover", self.settings.takeover_after - silent, self._silence)
+            return
+        if not self.synced:
+            self.log.error("the primary {primary} has been silent for {seconds:.0f} s, but this standby has "
+                           "not held its store since it started: not taking over by itself (run `pilotctl "
+                           "rendezvous promote` if the primary is lost)", primary=self.target, seconds=silent)
+            self._later("takeover", self.settings.takeover_after, self._silence)
+            return
+        self.replica.primary_silent(self.target or "?", silent)
+
+    # --- Links: what the role asks ------------------------------------------------------------
+
+    def follow(self, primary: str) -> None:
+        self.target = primary
+        self.follower.reset()
+        self.last_heard = self.reactor.seconds()
+        self._arm_takeover()
+        self._give_up_link(f"following {primary}")
+        self._failures = 0
+        self._later("dial", 0, self._dial)
+
+    def lead(self) -> None:
+        takeover = self._calls.pop("takeover", None)
+        if takeover is not None and takeover.active():
+            takeover.cancel()
+        self.follower.reset()
+        self._give_up_link("promoted")
+        if self.target:
+            self._later("dial", self.settings.reconnect_delay, self._dial)
+        self.changed()
+
+    def _give_up_link(self, why: str) -> None:
+        link, self.link, self.attempt = self.link, None, None
+        if link is not None:
+            link.close(why)
+
+    def persist(self) -> None:
+        self._persist(True)
+
+    def revive(self) -> None:
+        now = self.reactor.seconds()
+        for node in self.registry.state.nodes.values():
+            if node.last_seen < now:
+                node.last_seen = now

@@ -1,0 +1,264 @@
+# -*- test-case-name: tests.wire.test_replication -*-
+"""
+The replication stream between a primary registry and its standbys: message
+values, their JSON, and the store diffs our standbys receive.  Pure: no
+sockets, no clock (``docs/deploy.md`` has the whole story, and
+``docs/reference-wire.md`` 2.11 the reference's part of it).
+
+Frames use the registry's framing (``pilot.wire.registry``: 4-byte length,
+one JSON object).  What the reference sends and reads:
+
+* standby -> primary ``{"type":"subscribe_replication","token":T}``;
+* primary -> standby ``{"type":"replication_snapshot","snapshot":STORE}``
+  (``STORE``: the store object of 2.9) at subscription and after every
+  flushed change, and ``{"type":"heartbeat"}`` every 15 s.
+
+Ours add fields the reference ignores.  A subscription of ours says
+``"deltas": true`` and may give its ``term``, the ``heartbeat`` interval it
+wants, its ``role`` (``"standby"``, or ``"primary"`` for a promoted server
+probing its former primary) and the ``port`` its registry listens on.  Such a
+subscriber gets one snapshot, then ``{"type":"replication_delta","seq":N,
+"changes":{...}}`` frames (:func:`diff`, :func:`apply`), numbered from the
+snapshot's ``seq``; a gap makes the standby close and subscribe again, for a
+new snapshot.  It acknowledges what it holds with ``{"type":"replication_ack",
+"seq":N}`` (``--sync-replication`` waits for these).  Every frame of a paired
+server carries ``"term"``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Union
+
+import attr
+
+from pilot.errors import MalformedFrame
+
+SUBSCRIBE = "subscribe_replication"
+SNAPSHOT = "replication_snapshot"
+DELTA = "replication_delta"
+HEARTBEAT = "heartbeat"
+ACK = "replication_ack"
+PROMOTE = "replication_promote"
+
+#: A replication frame may hold a whole store: far more than a request (the reference's
+#: 1 MiB limit caps what a reference standby can follow; ours take this much).
+MAX_REPLICATION_FRAME = 256 * 1024 * 1024
+#: Longest token we compare (a token is a shared secret, not a document).
+MAX_TOKEN = 4096
+#: Highest term or sequence number we take (JSON numbers beyond 2^53 lose precision).
+MAX_COUNTER = (1 << 53) - 1
+#: The store's top-level keys that a delta must never touch wholesale.
+NODES = "nodes"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Subscribe:
+    token: str
+    deltas: bool = False
+    term: int = 0
+    #: seconds between heartbeats the subscriber asks for (0: the reference's 15 s)
+    heartbeat: float = 0.0
+    role: str = "standby"
+    #: the subscriber's registry port (0: unknown), to find it again as a primary
+    port: int = 0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Snapshot:
+    store: dict[str, Any]
+    term: int = 0
+    seq: int = 0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Delta:
+    seq: int
+    changes: dict[str, Any]
+    term: int = 0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Heartbeat:
+    term: int = 0
+    seq: int = 0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Ack:
+    seq: int
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Refused:
+    """An error reply to a subscription (or a probe): why, its code, and where the primary is."""
+
+    error: str
+    code: str = ""
+    primary: str = ""
+    term: int = 0
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Accepted:
+    """The primary's reply to a subscription or an acknowledgement of ours (nothing to apply)."""
+
+    term: int = 0
+
+
+Frame = Union[Snapshot, Delta, Heartbeat, Refused, Accepted]
+
+
+def _counter(msg: dict[str, Any], key: str) -> int:
+    value = msg.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:
+        raise MalformedFrame(f"{key!r} must be a whole number from 0 to 2^53")
+    return value
+
+
+def _text(msg: dict[str, Any], key: str, limit: int, default: str = "") -> str:
+    value = msg.get(key, default)
+    if not isinstance(value, str) or len(value) > limit:
+        raise MalformedFrame(f"{key!r} must be a string of at most {limit} characters")
+    return value
+
+
+def decode_subscribe(msg: dict[str, Any]) -> Subscribe:
+    """A ``subscribe_replication`` request (:class:`MalformedFrame` if a field is wrong)."""
+    heartbeat = msg.get("heartbeat", 0)
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not 0 <= heartbeat <= 3600:
+        raise MalformedFrame("'heartbeat' must be a number of seconds from 0 to 3600")
+    role = _text(msg, "role", 16, "standby")
+    if role not in ("standby", "primary"):
+        raise MalformedFrame("'role' must be 'standby' or 'primary'")
+    port = _counter(msg, "port")
+    if port > 65535:
+        raise MalformedFrame("'port' must be a port number")
+    return Subscribe(token=_text(msg, "token", MAX_TOKEN), deltas=msg.get("deltas") is True,
+                     term=_counter(msg, "term"), heartbeat=float(heartbeat), role=role, port=port)
+
+
+def encode_subscribe(sub: Subscribe) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": SUBSCRIBE, "token": sub.token}
+    if sub.deltas:
+        out.update(deltas=True, term=sub.term, heartbeat=sub.heartbeat, role=sub.role, port=sub.port)
+    return out
+
+
+def decode(msg: dict[str, Any]) -> Frame:
+    """A frame the primary sent to a subscriber; :class:`MalformedFrame` for anything else."""
+    kind = msg.get("type")
+    term = _counter(msg, "term")
+    if kind == SNAPSHOT:
+        store = msg.get("snapshot")
+        if not isinstance(store, dict) or not isinstance(store.get(NODES, {}), dict):
+            raise MalformedFrame("a snapshot must hold a store object")
+        return Snapshot(store, term, _counter(msg, "seq"))
+    if kind == DELTA:
+        changes = msg.get("changes")
+        if not isinstance(changes, dict):
+            raise MalformedFrame("a delta must hold a 'changes' object")
+        _check_changes(changes)
+        return Delta(_counter(msg, "seq"), changes, term)
+    if kind == HEARTBEAT:
+        return Heartbeat(term, _counter(msg, "seq"))
+    if kind in (SUBSCRIBE + "_ok", ACK + "_ok"):
+        return Accepted(term)
+    if kind == "error":
+        primary = msg.get("primary", "")
+        return Refused(_text(msg, "error", 1024), _text(msg, "code", 64),
+                       primary if isinstance(primary, str) and len(primary) <= 300 else "", term)
+    raise MalformedFrame(f"not a replication frame: {str(kind)[:40]!r}")
+
+
+def encode_snapshot_bytes(store: bytes, term: int = 0, seq: int = 0) -> bytes:
+    """
+    The JSON body of a snapshot frame around the store's own bytes (not parsed
+    again: at 10,000 nodes the store is megabytes).  Without a term and a
+    sequence number it is exactly the reference's frame.
+    """
+    extra = b""
+    if term:
+        extra += b',"term":%d' % term
+    if seq:
+        extra += b',"seq":%d' % seq
+    return b'{"type":"' + SNAPSHOT.encode() + b'"' + extra + b',"snapshot":' + store + b"}"
+
+
+def encode_delta(delta: Delta) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": DELTA, "seq": delta.seq, "changes": delta.changes}
+    if delta.term:
+        out["term"] = delta.term
+    return out
+
+
+def encode_heartbeat(term: int = 0, seq: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": HEARTBEAT}
+    if term:
+        out["term"] = term
+    if seq:
+        out["seq"] = seq
+    return out
+
+
+def encode_ack(seq: int) -> dict[str, Any]:
+    return {"type": ACK, "seq": seq}
+
+
+def decode_ack(msg: dict[str, Any]) -> Ack:
+    return Ack(_counter(msg, "seq"))
+
+
+# --- store diffs ------------------------------------------------------------------------
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """
+    What turns the store object ``old`` into ``new``: ``nodes`` (changed or new
+    node objects by id), ``gone`` (removed node ids), ``set`` (other top-level
+    keys whose value changed, whole) and ``unset`` (top-level keys removed).
+    Empty when they are equal.
+    """
+    out: dict[str, Any] = {}
+    old_nodes, new_nodes = old.get(NODES, {}), new.get(NODES, {})
+    changed = {k: v for k, v in new_nodes.items() if old_nodes.get(k) != v}
+    gone = sorted(k for k in old_nodes if k not in new_nodes)
+    sets = {k: v for k, v in new.items() if k != NODES and old.get(k) != v}
+    unset = sorted(k for k in old if k != NODES and k not in new)
+    for key, value in (("nodes", changed), ("gone", gone), ("set", sets), ("unset", unset)):
+        if value:
+            out[key] = value
+    return out
+
+
+def _check_changes(changes: dict[str, Any]) -> None:
+    kinds = {"nodes": dict, "gone": list, "set": dict, "unset": list}
+    for key, value in changes.items():
+        kind = kinds.get(key)
+        if kind is None or not isinstance(value, kind):
+            raise MalformedFrame(f"a delta's {str(key)[:20]!r} is not one of nodes, gone, set, unset")
+    if not all(isinstance(k, str) for k in changes.get("gone", [])) or \
+            not all(isinstance(k, str) and k != NODES for k in changes.get("unset", [])) or \
+            NODES in changes.get("set", {}):
+        raise MalformedFrame("a delta's 'gone' and 'unset' must be lists of keys, not 'nodes'")
+
+
+def apply(store: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Apply :func:`diff`'s ``changes`` to ``store`` in place (checked by :func:`decode`)."""
+    nodes = store.setdefault(NODES, {})
+    nodes.update(changes.get("nodes", {}))
+    for key in changes.get("gone", ()):
+        nodes.pop(key, None)
+    store.update(changes.get("set", {}))
+    for key in changes.get("unset", ()):
+        store.pop(key, None)
+
+
+def encode_body(message: dict[str, Any]) -> bytes:
+    """A message's JSON body, of any size (``pilot.wire.registry.encode_frame`` caps requests at 1 MiB)."""
+    return json.dumps(message, separators=(",", ":")).encode("ascii")
+
+
+def store_object(data: bytes) -> dict[str, Any]:
+    """The store object of the store's bytes (our own, trusted)."""
+    value: dict[str, Any] = json.loads(data)
+    return value
