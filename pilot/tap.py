@@ -18,6 +18,7 @@ bound when twistd starts the service (:class:`pilot.startup.StartupGuard`).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 import attr
@@ -26,7 +27,7 @@ from twisted.python import usage
 from pilot import log
 from pilot.options import (
     Setting, Switch, _fmt, environment_name, environment_values, flag_name, parse_address, parse_amount,
-    parse_delay, parse_duration, parse_expiry, parse_path, parse_rate, parse_table,
+    parse_delay, parse_duration, parse_expiry, parse_path, parse_rate, parse_server, parse_table,
 )
 
 __all__ = ["RendezvousOptions", "Options", "makeService", "build_service", "StartupError", "RENDEZVOUS_OPTIONS",
@@ -36,6 +37,7 @@ from pilot.persist import StateFileError
 from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import RegistryConfig
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
+from pilot.services.replication import SYNC_TIMEOUT, TAKEOVER_AFTER, ReplicationSettings
 from pilot.services.store import StoreError, default_store_path
 from pilot.startup import StartupGuard
 
@@ -93,7 +95,24 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
            "write the store at most this long after a change"),
     Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",
            "how often silent nodes are looked for"),
+    Setting("replication-token-file", None, parse_path, "PATH",
+           "the primary/standby pair's shared token, read from this file (or PILOT_REPLICATION_TOKEN; "
+           "never on the command line); a primary with it accepts standbys (docs/deploy.md)"),
+    Setting("standby", None, parse_server, "PRIMARY:PORT",
+           "run as a standby of this primary: follow its store, answer reads, refuse writes, take over "
+           "when it is silent (needs the replication token)"),
+    Setting("takeover-after", _fmt(TAKEOVER_AFTER), parse_duration, "SECONDS",
+           "a standby takes over after its primary has been silent this long"),
+    Switch("sync-replication", "acknowledge a change only once a standby holds it (or --sync-timeout "
+                               "passed; then it is acknowledged anyway, and logged)"),
+    Setting("sync-timeout", _fmt(SYNC_TIMEOUT), parse_duration, "SECONDS",
+           "with --sync-replication, the longest a reply waits for a standby"),
+    Setting("primary-fingerprint", None, str, "SHA256",
+           "a standby of a TLS primary: the primary's certificate fingerprint (hex), pinned"),
 )
+
+#: The environment variable that may hold the replication token itself.
+TOKEN_VARIABLE = "PILOT_REPLICATION_TOKEN"
 
 
 def parse_values(raw: Mapping[str, Any],
@@ -118,6 +137,26 @@ def parse_values(raw: Mapping[str, Any],
     return out
 
 
+def read_token(path: str | None, environ: Mapping[str, str]) -> bytes | None:
+    """The replication token from ``path`` or the environment (ValueError if unusable)."""
+    if path:
+        try:
+            with open(path, "rb") as f:
+                token = f.read(8192).strip()
+        except OSError as e:
+            raise ValueError(f"--replication-token-file: cannot read {path}: {e.strerror or e}") from None
+        where = path
+    else:
+        text = environ.get(TOKEN_VARIABLE)
+        if text is None:
+            return None
+        token, where = text.strip().encode("utf-8", "surrogateescape"), TOKEN_VARIABLE
+    if len(token) < 16:
+        raise ValueError(f"the replication token in {where} is {len(token)} bytes: use at least 16 "
+                         f"random ones (for example `head -c 32 /dev/urandom | base64`)")
+    return token
+
+
 def values_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Raw values from ``PILOT_<NAME>`` variables; ``PILOT_STORE=none`` means ``--no-store``."""
     def store_none(key: str, text: str) -> dict[str, Any] | None:
@@ -125,8 +164,9 @@ def values_from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return environment_values(RENDEZVOUS_OPTIONS, environ, store_none)
 
 
-def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
-    """Settings from the output of :func:`parse_values`."""
+def settings_from(values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RendezvousSettings:
+    """Settings from the output of :func:`parse_values` (the token may come from ``environ``)."""
+    environ = os.environ if environ is None else environ
     store = None if values["no_store"] else (values["store"] or default_store_path())
     registry = attr.evolve(
         _REG,
@@ -156,7 +196,21 @@ def settings_from(values: Mapping[str, Any]) -> RendezvousSettings:
         max_per_address=int(values["connections_per_address"]),
         durable=values["durable"],
         reap_interval=values["reap_interval"],
+        replication=replication_from(values, environ),
     )
+
+
+def replication_from(values: Mapping[str, Any], environ: Mapping[str, str]) -> ReplicationSettings:
+    token = read_token(values.get("replication_token_file"), environ)
+    standby = values.get("standby")
+    if standby and token is None:
+        raise ValueError(f"--standby needs the replication token: --replication-token-file PATH or "
+                         f"{TOKEN_VARIABLE}")
+    if values.get("sync_replication") and token is None:
+        raise ValueError(f"--sync-replication needs a pair: --replication-token-file PATH or {TOKEN_VARIABLE}")
+    return ReplicationSettings(token=token, standby_of=standby, takeover_after=values["takeover_after"],
+                               sync=bool(values.get("sync_replication")), sync_timeout=values["sync_timeout"],
+                               primary_fingerprint=values.get("primary_fingerprint"))
 
 
 # --- twistd -------------------------------------------------------------------------

@@ -159,12 +159,14 @@ class Replica:
     def primary_silent(self, primary: str, seconds: float) -> None:
         self.role.promoted(f"primary {primary} silent for {seconds:.0f} s")
 
-    def saw_term(self, term: int, primary: str) -> bool:
+    def saw_term(self, term: int, primary: str, serving: bool = False) -> bool:
         """
         A server we reached (``primary``) is of ``term``; True if this server
-        stepped down for it (or, as a standby, now follows it).
+        stepped down for it (or, as a standby, now follows it).  ``serving``:
+        that server sent its store as a primary does; of two primaries of one
+        term, the one dialled stays (the dialler is the former standby).
         """
-        if term > self.term or (term == self.term and not self.standby and term):
+        if term > self.term or (serving and term == self.term and not self.standby and term):
             self.role.outranked(term, primary)
             return True
         return False

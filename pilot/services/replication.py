@@ -283,17 +283,20 @@ class ReplicationService(Service):
             return
         if not self._refused_logged:
             self._refused_logged = True
-            self.log.error("{primary} refused the replication subscription: {error} ({code}); check the "
-                           "replication token on both servers", primary=self.target, error=frame.error,
-                           code=frame.code or "?")
+            hint = "it is a standby too: promote one of the two" if frame.code == "not_primary" else \
+                "check the replication token on both servers"
+            self.log.error("{primary} refused the replication subscription: {error} ({code}); {hint}",
+                           primary=self.target, error=frame.error, code=frame.code or "?", hint=hint)
         link.close("refused")
 
     def _probe_answered(self, link: ReplicationClientProtocol, frame: wire.Frame) -> None:
         """As a primary we dialled our former primary: does it still think itself primary?"""
-        primary = frame.primary if isinstance(frame, wire.Refused) and frame.primary else (self.target or "")
-        if isinstance(frame, (wire.Snapshot, wire.Delta, wire.Heartbeat, wire.Refused)) and frame.term and \
-                self.replica.saw_term(frame.term, primary):
+        if isinstance(frame, (wire.Snapshot, wire.Delta, wire.Heartbeat)) and frame.term and \
+                self.replica.saw_term(frame.term, self.target or "", serving=True):
             return  # stepped down: following it now (a new subscription, as a standby)
+        if isinstance(frame, wire.Refused) and frame.term and \
+                self.replica.saw_term(frame.term, frame.primary if frame.primary != self.target else ""):
+            return
         link.close("probed")
 
     # --- takeover ---------------------------------------------------------------------------
