@@ -1,0 +1,104 @@
+"""pilot.wire.replication: the stream's values, hostile frames, and store diffs."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.errors import MalformedFrame
+from pilot.wire import replication as wire
+
+
+def store(nodes: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    return {"next_node": 1, "next_net": 1, "nodes": nodes or {}, "networks": {}, **top}
+
+
+class SubscribeTests(SynchronousTestCase):
+    def test_reference_subscription_is_the_reference_shape(self) -> None:
+        self.assertEqual(wire.encode_subscribe(wire.Subscribe("t")), {"type": "subscribe_replication", "token": "t"})
+        self.assertEqual(wire.decode_subscribe({"type": "subscribe_replication", "token": "t"}), wire.Subscribe("t"))
+
+    def test_ours_round_trips(self) -> None:
+        sub = wire.Subscribe("t", deltas=True, term=3, heartbeat=2.5, role="primary", port=9000)
+        self.assertEqual(wire.decode_subscribe(wire.encode_subscribe(sub)), sub)
+
+    def test_bad_fields_refused(self) -> None:
+        for bad in ({"token": 5}, {"token": "x" * 5000}, {"token": "t", "term": -1}, {"token": "t", "term": True},
+                    {"token": "t", "term": 2 ** 60}, {"token": "t", "heartbeat": "1"},
+                    {"token": "t", "heartbeat": 1e9}, {"token": "t", "role": "boss"},
+                    {"token": "t", "port": 70000}, {"token": "t", "term": 1.5}):
+            self.assertRaises(MalformedFrame, wire.decode_subscribe, {"type": "subscribe_replication", **bad})
+
+    def test_missing_token_is_empty(self) -> None:
+        self.assertEqual(wire.decode_subscribe({"type": "subscribe_replication"}).token, "")
+
+
+class FrameTests(SynchronousTestCase):
+    def test_snapshot_bytes_are_the_reference_frame(self) -> None:
+        body = wire.encode_snapshot_bytes(b'{"next_node":1}')
+        self.assertEqual(body, b'{"type":"replication_snapshot","snapshot":{"next_node":1}}')
+        self.assertEqual(json.loads(wire.encode_snapshot_bytes(b"{}", term=4, seq=9)),
+                         {"type": "replication_snapshot", "term": 4, "seq": 9, "snapshot": {}})
+
+    def test_decode_each_kind(self) -> None:
+        self.assertEqual(wire.decode({"type": "replication_snapshot", "snapshot": store(), "term": 2, "seq": 5}),
+                         wire.Snapshot(store(), 2, 5))
+        self.assertEqual(wire.decode(wire.encode_delta(wire.Delta(6, {"gone": ["1"]}, 2))),
+                         wire.Delta(6, {"gone": ["1"]}, 2))
+        self.assertEqual(wire.decode(wire.encode_heartbeat(2, 6)), wire.Heartbeat(2, 6))
+        self.assertEqual(wire.decode({"type": "heartbeat"}), wire.Heartbeat())
+        self.assertEqual(wire.decode({"type": "subscribe_replication_ok", "seq": 1, "term": 2}), wire.Accepted(2))
+        self.assertEqual(wire.decode({"type": "error", "error": "standby", "code": "not_primary",
+                                      "primary": "h:1", "term": 3}),
+                         wire.Refused("standby", "not_primary", "h:1", 3))
+
+    def test_hostile_frames_refused(self) -> None:
+        for bad in ({"type": "replication_snapshot"}, {"type": "replication_snapshot", "snapshot": []},
+                    {"type": "replication_snapshot", "snapshot": {"nodes": []}},
+                    {"type": "replication_delta", "seq": 1}, {"type": "replication_delta", "seq": 1, "changes": []},
+                    {"type": "replication_delta", "seq": 1, "changes": {"evil": {}}},
+                    {"type": "replication_delta", "seq": 1, "changes": {"unset": ["nodes"]}},
+                    {"type": "replication_delta", "seq": 1, "changes": {"set": {"nodes": {}}}},
+                    {"type": "replication_delta", "seq": 1, "changes": {"gone": [1]}},
+                    {"type": "replication_delta", "seq": -1, "changes": {}},
+                    {"type": "heartbeat", "term": "1"}, {"type": "heartbeat", "seq": 2.5},
+                    {"type": "error", "error": 5}, {"type": "register_ok"}, {}):
+            self.assertRaises(MalformedFrame, wire.decode, bad)
+
+    def test_ack(self) -> None:
+        self.assertEqual(wire.decode_ack(wire.encode_ack(7)), wire.Ack(7))
+        self.assertRaises(MalformedFrame, wire.decode_ack, {"type": "replication_ack", "seq": "7"})
+
+
+class DiffTests(SynchronousTestCase):
+    def test_equal_stores_have_no_diff(self) -> None:
+        self.assertEqual(wire.diff(store({"1": {"id": 1}}), store({"1": {"id": 1}})), {})
+
+    def test_diff_names_what_changed(self) -> None:
+        old = store({"1": {"id": 1}, "2": {"id": 2}}, trust_pairs=["1:2"], pilot_term=1)
+        new = store({"1": {"id": 1, "hostname": "a"}, "3": {"id": 3}}, pilot_term=2)
+        self.assertEqual(wire.diff(old, new), {"nodes": {"1": {"id": 1, "hostname": "a"}, "3": {"id": 3}},
+                                               "gone": ["2"], "set": {"pilot_term": 2}, "unset": ["trust_pairs"]})
+
+    def test_apply_makes_the_new_store(self) -> None:
+        rng = random.Random(14)
+        for _ in range(200):
+            old = self._random(rng)
+            new = self._random(rng)
+            changes = json.loads(json.dumps(wire.diff(old, new)))  # as it travels
+            wire.decode(wire.encode_delta(wire.Delta(1, changes)))  # and is checked
+            target = json.loads(json.dumps(old))
+            wire.apply(target, changes)
+            self.assertEqual(target, new)
+
+    def _random(self, rng: random.Random) -> dict[str, Any]:
+        nodes = {str(i): {"id": i, "hostname": rng.choice(["", "a", "b"])} for i in range(8) if rng.random() < 0.6}
+        top = {k: rng.randint(0, 2) for k in ("trust_pairs", "auth_ts", "pilot_term") if rng.random() < 0.5}
+        return store(nodes, **top)
+
+    def test_body_has_no_size_cap(self) -> None:
+        big = wire.encode_body({"type": "replication_delta", "seq": 1, "changes": {"set": {"x": "y" * (2 << 20)}}})
+        self.assertGreater(len(big), 2 << 20)
