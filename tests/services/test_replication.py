@@ -1,0 +1,180 @@
+"""
+pilot.services.replication: a primary and a standby, each a RendezvousService
+on a memory reactor, their replication stream through iosim's fake
+transports; time only from the reactors' clocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+from twisted.internet.address import IPv4Address
+from twisted.logger import capturedLogs
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.server.replication import Publisher
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings
+from pilot.services.replication import BothSaved, ReplicationSettings
+from tests.server.test_replication import PEER, register
+from tests.services.test_rendezvous import FakeReactor
+
+TOKEN = b"0123456789abcdef"
+
+
+def settings(**replication: Any) -> RendezvousSettings:
+    return RendezvousSettings(listen="127.0.0.1:0", beacon_listen="127.0.0.1:0", raise_open_files=False,
+                              flush_delay=0.1, replication=ReplicationSettings(token=TOKEN, **replication))
+
+
+class PairTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.p_reactor, self.s_reactor = FakeReactor(), FakeReactor()
+        self.primary = RendezvousService(settings(), self.p_reactor)
+        self.primary.startService()
+        self.addCleanup(self.primary.stopService)
+        self.address = f"127.0.0.1:{self.primary.registry_port()}"
+        self.standby = self.start_standby(self.address)
+        self.pump: IOPump | None = None
+
+    def start_standby(self, primary: str, **more: Any) -> RendezvousService:
+        service = RendezvousService(settings(standby_of=primary, takeover_after=10.0, **more), self.s_reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def connect(self, dialled: RendezvousService | None = None, dialler_reactor: FakeReactor | None = None,
+                n: int = -1) -> IOPump:
+        """Join the last connection attempt (of the standby, by default) to ``dialled``'s registry port."""
+        dialled = dialled or self.primary
+        reactor = dialler_reactor or self.s_reactor
+        host, port, factory = reactor.tcpClients[n][:3]
+        server = dialled.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        client = factory.buildProtocol(None)
+        self.pump = connect(server, FakeTransport(server, True, peerAddress=IPv4Address("TCP", "127.0.0.1", 50000)),
+                            client, FakeTransport(client, False), greet=False)
+        self.pump.flush()
+        return self.pump
+
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        while seconds > 1e-9:
+            dt = min(step, seconds)
+            self.p_reactor.advance(dt)
+            self.s_reactor.advance(dt)
+            if self.pump is not None:
+                self.pump.flush()
+            seconds -= dt
+
+    def test_standby_dials_its_primary(self) -> None:
+        self.s_reactor.advance(0)
+        host, port = self.s_reactor.tcpClients[0][:2]
+        self.assertEqual((host, port, self.s_reactor.tcpClients[0][3]), ("127.0.0.1", self.primary.registry_port(),
+                                                                          10.0))
+
+    def test_standby_holds_the_primary_store(self) -> None:
+        register(self.primary.registry, "early")
+        self.s_reactor.advance(0)
+        self.connect()
+        self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
+        node = register(self.primary.registry, "late")
+        self.primary.registry.handle({"type": "deregister", "node_id": node}, PEER)
+        register(self.primary.registry, "later")
+        self.advance(0.2)
+        self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
+        reply = self.standby.registry.handle({"type": "resolve_hostname", "hostname": "later"}, PEER)
+        self.assertEqual((reply["type"], reply["term"]), ("resolve_hostname_ok", 1))
+        refused = self.standby.registry.handle({"type": "set_hostname", "node_id": 1, "hostname": "x"}, PEER)
+        self.assertEqual((refused["code"], refused["primary"]), ("not_primary", self.address))
+
+    def test_heartbeats_keep_it_standby_silence_promotes(self) -> None:
+        register(self.primary.registry, "a")
+        self.s_reactor.advance(0)
+        self.connect()
+        self.advance(30)  # heartbeats every 2.5 s
+        self.assertTrue(self.standby.replication.replica.standby)  # type: ignore[union-attr]
+        self.pump = None  # the primary dies: nothing more arrives
+        with capturedLogs() as events:
+            self.advance(10.5)
+        replica = self.standby.replication.replica  # type: ignore[union-attr]
+        self.assertEqual((replica.standby, replica.term), (False, 2))
+        self.assertTrue(any("PROMOTED" in e.get("log_format", "") for e in events))
+        reply = self.standby.registry.handle({"type": "resolve_hostname", "hostname": "a"}, PEER)
+        self.assertEqual(reply["term"], 2)
+        self.assertGreater(register(self.standby.registry, "b"), 0)
+
+    def test_never_synchronised_standby_does_not_take_over(self) -> None:
+        with capturedLogs() as events:
+            self.advance(25)
+        self.assertTrue(self.standby.replication.replica.standby)  # type: ignore[union-attr]
+        self.assertTrue(any("not taking over by itself" in e.get("log_format", "") for e in events))
+        # it kept trying every 3 s meanwhile
+        self.assertGreaterEqual(len(self.s_reactor.tcpClients), 1)
+
+    def test_promoted_standby_makes_the_returning_primary_step_down(self) -> None:
+        register(self.primary.registry, "a")
+        self.s_reactor.advance(0)
+        self.connect()
+        self.pump = None
+        self.advance(11)
+        self.assertFalse(self.standby.replication.replica.standby)  # type: ignore[union-attr]
+        register(self.standby.registry, "after-takeover")
+        # the old primary comes back (same term 1, still primary); the new one probes it
+        self.advance(3.5)
+        self.connect()
+        old = self.primary.replication.replica  # type: ignore[union-attr]
+        self.assertEqual((old.standby, old.term), (True, 2))
+        self.assertEqual(old.primary, f"127.0.0.1:{self.standby.registry_port()}")
+        # it now follows the new primary: its next attempt, joined to it
+        self.p_reactor.advance(0)
+        self.connect(dialled=self.standby, dialler_reactor=self.p_reactor)
+        self.assertEqual(self.primary.registry.state.to_json(), self.standby.registry.state.to_json())
+        self.assertIn("after-takeover", self.primary.registry.state.hostnames)
+
+    def test_wrong_token_refused_and_logged(self) -> None:
+        other = RendezvousService(attr.evolve(settings(standby_of=self.address),
+                                              replication=ReplicationSettings(token=b"x" * 16,
+                                                                              standby_of=self.address)),
+                                  self.s_reactor)
+        other.startService()
+        self.addCleanup(other.stopService)
+        self.s_reactor.advance(0)
+        with capturedLogs() as events:
+            self.connect()
+        self.assertTrue(any("check the replication token" in str(e.get("hint", "")) for e in events))
+        self.assertTrue(other.replication.replica.standby)  # type: ignore[union-attr]
+
+    def test_gap_resubscribes(self) -> None:
+        self.s_reactor.advance(0)
+        pump = self.connect()
+        follower = self.standby.replication.follower  # type: ignore[union-attr]
+        follower.seq -= 1  # as if a delta had been lost
+        register(self.primary.registry, "x")
+        with capturedLogs() as events:
+            self.advance(0.2)
+        self.assertTrue(any("replication gap" in e.get("log_format", "") for e in events))
+        self.advance(3.5)
+        self.connect()
+        self.assertIn("x", self.standby.registry.state.hostnames)
+        del pump
+
+
+class SyncSettingsTests(SynchronousTestCase):
+    def test_sync_holds_replies_by_the_publisher(self) -> None:
+        service = RendezvousService(settings(sync=True), FakeReactor())
+        self.assertIsInstance(service.factory.durability, Publisher)
+        self.assertEqual(service.replication.push_delay, 0.0)  # type: ignore[union-attr]
+
+    def test_sync_and_durable_wait_for_both(self) -> None:
+        folder = self.mktemp()
+        import os
+        os.makedirs(folder)
+        service = RendezvousService(attr.evolve(settings(sync=True), store=os.path.join(folder, "r.json"),
+                                                durable=True), FakeReactor(), run_writes=lambda f: None)  # type: ignore[arg-type,return-value]
+        self.assertIsInstance(service.factory.durability, BothSaved)
+
+    def test_unpaired_has_no_replication(self) -> None:
+        service = RendezvousService(RendezvousSettings(listen="127.0.0.1:0", beacon_listen="127.0.0.1:0"),
+                                    FakeReactor())
+        self.assertIsNone(service.replication)
+        self.assertIsNone(service.registry.replica)
