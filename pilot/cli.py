@@ -466,8 +466,9 @@ def load_commands(argv: Sequence[str] = ()) -> None:
     """
     words = [a for a in argv if not a.startswith("-")]
     if words[:1] == ["rendezvous"]:
+        importlib.import_module("pilot.cli_rendezvous")  # promote; light
         return
     # importing them registers their commands
     for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
-                 "pilot.cli_forward"):
+                 "pilot.cli_forward", "pilot.cli_rendezvous"):
         importlib.import_module(name)

@@ -16,6 +16,10 @@ Settings come from the environment, with the defaults of
     PILOT_LOG_FILE    where those go              (default stdout; use it, or twistd's
                                                    --logger, when not running with -n)
 
+A pair (docs/deploy.md): PILOT_REPLICATION_TOKEN (or PILOT_REPLICATION_TOKEN_FILE)
+on both servers, and on the standby PILOT_STANDBY=PRIMARY:PORT; PILOT_TAKEOVER_AFTER,
+PILOT_SYNC_REPLICATION=1 and PILOT_SYNC_TIMEOUT as the flags of the same names.
+
 Every other option of ``twistd pilot-rendezvous --help`` may be given as
 PILOT_<NAME>, the option's name in capitals with "_" for "-" (for example
 PILOT_FLUSH_DELAY=0.1, PILOT_REGISTRATIONS_PER_MINUTE=0, PILOT_TLS=1).

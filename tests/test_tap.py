@@ -286,3 +286,52 @@ class ReadmeTests(SynchronousTestCase):
         fallback = default_store_path(os.path.join(REPO, "README.md", "not-a-folder"), home)
         self.assertEqual(fallback, os.path.join(home, ".pilot", STORE_NAME))
         self.assertIn(f"`~/.pilot/{STORE_NAME}`", readme)
+
+
+class ReplicationOptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.patch(tap, "default_store_path", lambda: os.path.abspath(self.mktemp()))
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != tap.TOKEN_VARIABLE})
+        self.token_file = self.mktemp()
+        with open(self.token_file, "wb") as f:
+            f.write(b"  0123456789abcdef-secret\n")
+
+    def test_unpaired_by_default(self) -> None:
+        replication = parse().settings.replication
+        self.assertFalse(replication.paired)
+        self.assertEqual(replication.takeover_after, 10.0)
+
+    def test_token_file_and_standby(self) -> None:
+        replication = parse("--replication-token-file", self.token_file, "--standby", "10.0.0.1:9000",
+                            "--takeover-after", "4", "--sync-replication", "--sync-timeout", "1.5").settings.replication
+        self.assertEqual((replication.token, replication.standby_of, replication.takeover_after),
+                         (b"0123456789abcdef-secret", "10.0.0.1:9000", 4.0))
+        self.assertEqual((replication.sync, replication.sync_timeout), (True, 1.5))
+
+    def test_token_from_the_environment(self) -> None:
+        values = tap.parse_values({})
+        settings = tap.settings_from(values, {tap.TOKEN_VARIABLE: "0123456789abcdef"})
+        self.assertEqual(settings.replication.token, b"0123456789abcdef")
+
+    def test_the_token_is_never_a_flag(self) -> None:
+        self.assertRaises(usage.UsageError, parse, "--replication-token", "x")
+
+    def test_bad_combinations(self) -> None:
+        for argv, needle in ((["--standby", "10.0.0.1:9000"], "--standby needs the replication token"),
+                             (["--sync-replication"], "--sync-replication needs a pair"),
+                             (["--standby", "nowhere"], "--standby"),
+                             (["--replication-token-file", "/nonexistent/t"], "cannot read"),
+                             (["--takeover-after", "0"], "--takeover-after")):
+            e = self.assertRaises(usage.UsageError, parse, *argv)
+            self.assertIn(needle, str(e))
+
+    def test_short_token_refused(self) -> None:
+        with open(self.token_file, "wb") as f:
+            f.write(b"short")
+        e = self.assertRaises(usage.UsageError, parse, "--replication-token-file", self.token_file)
+        self.assertIn("at least 16", str(e))
+
+    def test_service_is_paired(self) -> None:
+        settings = parse("--replication-token-file", self.token_file, "--no-store").settings
+        service = tap.build_service(settings, MemoryReactorClock())
+        self.assertIsNotNone(service.registry.replica)
