@@ -131,6 +131,31 @@ class PairTests(SynchronousTestCase):
         self.assertEqual(self.primary.registry.state.to_json(), self.standby.registry.state.to_json())
         self.assertIn("after-takeover", self.primary.registry.state.hostnames)
 
+    def test_partition_two_primaries_until_it_heals_then_the_newer_term_wins(self) -> None:
+        """
+        The standby cannot see the primary, the nodes can: the standby takes over
+        (term 2) while the old primary keeps taking writes (term 1) from nodes
+        that never failed over.  When the probe gets through, the old primary
+        steps down and takes the new store: its partition-time writes are gone
+        from the registry until their nodes register again (docs/deploy.md).
+        """
+        register(self.primary.registry, "before")
+        self.s_reactor.advance(0)
+        self.connect()
+        self.pump = None  # the partition
+        self.advance(11)
+        new, old = self.standby.replication.replica, self.primary.replication.replica  # type: ignore[union-attr]
+        self.assertEqual((new.standby, new.term, old.standby, old.term), (False, 2, False, 1))
+        register(self.primary.registry, "old-side")  # accepted: a split brain while it lasts
+        register(self.standby.registry, "new-side")
+        self.advance(3.5)
+        self.connect()  # healed: the new primary's probe reaches the old one
+        self.p_reactor.advance(0)
+        self.connect(dialled=self.standby, dialler_reactor=self.p_reactor)
+        self.assertEqual((old.standby, old.term), (True, 2))
+        self.assertEqual(self.primary.registry.state.to_json(), self.standby.registry.state.to_json())
+        self.assertEqual(sorted(self.primary.registry.state.hostnames), ["before", "new-side"])
+
     def test_wrong_token_refused_and_logged(self) -> None:
         other = RendezvousService(attr.evolve(settings(standby_of=self.address),
                                               replication=ReplicationSettings(token=b"x" * 16,
