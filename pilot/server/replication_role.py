@@ -16,8 +16,10 @@ Rules (``docs/deploy.md`` tells them to operators):
   asked (``replication_promote`` with the token).
 * A primary that sees a higher term steps down: a subscription from a primary
   of a higher term (the promoted standby probing its former primary), or a
-  snapshot of at least its term from the server it probes.  It then follows
-  that server and takes its whole store.
+  reply of a higher term from the server it probes.  Of two primaries of one
+  term (a former standby restarted without ``--standby``), the one probed
+  steps down: the prober is the one that took over.  It then follows that
+  server and takes its whole store.
 """
 
 from __future__ import annotations
@@ -128,8 +130,9 @@ class Replica:
         self._check_token(sub.token)
         if session is None:
             raise RequestError(ErrorCode.invalid_argument, "replication needs a connection")
-        if sub.term > self.term:
-            if sub.role == "primary":
+        rival = sub.role == "primary" and (sub.term > self.term or sub.term == self.term and not self.standby)
+        if sub.term > self.term or rival:
+            if rival:
                 self.role.outranked(sub.term, format_endpoint(peer.host, sub.port) if sub.port else "")
                 refusal = self.refusal(wire.SUBSCRIBE)
                 assert refusal is not None
@@ -159,14 +162,12 @@ class Replica:
     def primary_silent(self, primary: str, seconds: float) -> None:
         self.role.promoted(f"primary {primary} silent for {seconds:.0f} s")
 
-    def saw_term(self, term: int, primary: str, serving: bool = False) -> bool:
+    def saw_term(self, term: int, primary: str) -> bool:
         """
         A server we reached (``primary``) is of ``term``; True if this server
-        stepped down for it (or, as a standby, now follows it).  ``serving``:
-        that server sent its store as a primary does; of two primaries of one
-        term, the one dialled stays (the dialler is the former standby).
+        stepped down for it (or, as a standby, now follows it).
         """
-        if term > self.term or (serving and term == self.term and not self.standby and term):
+        if term > self.term:
             self.role.outranked(term, primary)
             return True
         return False

@@ -292,7 +292,7 @@ class ReplicationService(Service):
     def _probe_answered(self, link: ReplicationClientProtocol, frame: wire.Frame) -> None:
         """As a primary we dialled our former primary: does it still think itself primary?"""
         if isinstance(frame, (wire.Snapshot, wire.Delta, wire.Heartbeat)) and frame.term and \
-                self.replica.saw_term(frame.term, self.target or "", serving=True):
+                self.replica.saw_term(frame.term, self.target or ""):
             return  # stepped down: following it now (a new subscription, as a standby)
         if isinstance(frame, wire.Refused) and frame.term and \
                 self.replica.saw_term(frame.term, frame.primary if frame.primary != self.target else ""):

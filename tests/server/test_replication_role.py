@@ -140,11 +140,12 @@ class PrimaryTests(ReplicaTestCase):
         self.assertEqual(reply["code"], "not_primary")
         self.assertFalse(replica.standby)
 
-    def test_same_term_only_steps_down_for_a_serving_primary(self) -> None:
+    def test_same_term_prober_wins(self) -> None:
         replica = self.make(term=2)
-        self.assertFalse(replica.saw_term(2, "10.0.0.1:9000"))
-        self.assertTrue(replica.saw_term(2, "10.0.0.1:9000", serving=True))
-        self.assertTrue(replica.standby)
+        self.assertFalse(replica.saw_term(2, "10.0.0.1:9000"))  # the prober keeps its role
+        reply = self.registry.handle({"type": "subscribe_replication", "token": TOKEN.decode(), "deltas": True,
+                                      "term": 2, "role": "primary", "port": 9100}, PEER, Session())
+        self.assertEqual((reply["code"], replica.standby, replica.term), ("not_primary", True, 2))
 
     def test_events_carry_the_term(self) -> None:
         self.make(term=6)
