@@ -250,35 +250,44 @@ class Gap(Exception):
 
 class Follower:
     """
-    A standby's copy of its primary's store: apply snapshots and deltas, get
-    the state to adopt.  Raises :class:`Gap` for a delta out of order and
-    :class:`MalformedFrame` for a store that does not load.
+    A standby's copy of its primary's store.  A snapshot is loaded at once (a
+    store that does not load raises :class:`MalformedFrame`); deltas are
+    applied to the store object (:class:`Gap` for one out of order) and
+    :meth:`load` makes the state of all of them, when the service chooses: at
+    10,000 nodes a load costs about 100 ms, so a stream of deltas is loaded
+    once per interval, not once per delta.
     """
 
     def __init__(self) -> None:
         self.store: dict[str, Any] | None = None
         self.seq = 0
         self.applied = 0
+        #: deltas applied to the store object since the last load
+        self.pending = 0
 
     def snapshot(self, frame: wire.Snapshot) -> RegistryState:
         state = _load(frame.store)
-        self.store, self.seq = frame.store, frame.seq
+        self.store, self.seq, self.pending = frame.store, frame.seq, 0
         self.applied += 1
         return state
 
-    def delta(self, frame: wire.Delta) -> RegistryState:
+    def delta(self, frame: wire.Delta) -> None:
         if self.store is None or frame.seq != self.seq + 1:
             raise Gap(f"delta {frame.seq} after {self.seq if self.store is not None else 'no snapshot'}")
-        candidate = dict(self.store)
-        candidate[wire.NODES] = dict(self.store.get(wire.NODES, {}))
-        wire.apply(candidate, frame.changes)
-        state = _load(candidate)
-        self.store, self.seq = candidate, frame.seq
+        wire.apply(self.store, frame.changes)
+        self.seq = frame.seq
         self.applied += 1
-        return state
+        self.pending += 1
+
+    def load(self) -> RegistryState:
+        """The state of the store object now (:class:`MalformedFrame` if it does not load)."""
+        if self.store is None:
+            raise Gap("no snapshot yet")
+        self.pending = 0
+        return _load(self.store)
 
     def reset(self) -> None:
-        self.store, self.seq = None, 0
+        self.store, self.seq, self.pending = None, 0, 0
 
 
 def _load(store: dict[str, Any]) -> RegistryState:

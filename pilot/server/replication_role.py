@@ -50,6 +50,9 @@ READ_ONLY = frozenset({
 class Links(Protocol):
     """What the role asks of its service."""
 
+    def settle(self) -> None:
+        """Load into the state whatever the standby holds but has not loaded yet."""
+
     def follow(self, primary: str) -> None:
         """Subscribe to ``primary`` (HOST:PORT) as a standby, dropping any other subscription."""
 
@@ -183,6 +186,7 @@ table = TransitionTable((standby, primary))
 
 @table.on(standby, Role.promoted, primary)
 def _take_over(role: Role, core: Replica, reason: str) -> None:
+    core.links.settle()  # every delta it acknowledged, before it answers a write
     core._set_term(core.term + 1)
     core.standby = False
     former, core.primary = core.primary, ""

@@ -211,35 +211,74 @@ def decode_ack(msg: dict[str, Any]) -> Ack:
 
 # --- store diffs ------------------------------------------------------------------------
 
+#: The store's network objects list their members: for the backbone (the only network in
+#: this version) that is every node id, derived from ``nodes``, and not sent in deltas.
+NETWORKS = "networks"
+BACKBONE = "0"
+
+
+def _without_members(networks: Any) -> Any:
+    if not isinstance(networks, dict) or not isinstance(networks.get(BACKBONE), dict):
+        return networks
+    backbone = {k: v for k, v in networks[BACKBONE].items() if k != "members"}
+    return {**networks, BACKBONE: backbone}
+
+
 def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """
     What turns the store object ``old`` into ``new``: ``nodes`` (changed or new
-    node objects by id), ``gone`` (removed node ids), ``set`` (other top-level
-    keys whose value changed, whole) and ``unset`` (top-level keys removed).
-    Empty when they are equal.
+    node objects by id) and ``gone`` (removed node ids); ``maps`` (for other
+    top-level objects present in both, ``{name: {"set": {...}, "del": [...]}}``
+    by key: a new key costs its entry, not the 10,000 of ``pub_key_idx``);
+    ``set`` (other top-level keys whose value changed, whole) and ``unset``
+    (top-level keys removed).  The backbone's member list is left out (it is
+    the node ids; :func:`apply` derives it).  Empty when they are equal.
     """
     out: dict[str, Any] = {}
     old_nodes, new_nodes = old.get(NODES, {}), new.get(NODES, {})
     changed = {k: v for k, v in new_nodes.items() if old_nodes.get(k) != v}
     gone = sorted(k for k in old_nodes if k not in new_nodes)
-    sets = {k: v for k, v in new.items() if k != NODES and old.get(k) != v}
+    sets: dict[str, Any] = {}
+    maps: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if key == NODES or before == value:
+            continue
+        if key == NETWORKS and _without_members(before) == _without_members(value):
+            continue
+        if isinstance(value, dict) and isinstance(before, dict) and key != NETWORKS:
+            section: dict[str, Any] = {}
+            updated = {k: v for k, v in value.items() if before.get(k) != v}
+            removed = sorted(k for k in before if k not in value)
+            if updated:
+                section["set"] = updated
+            if removed:
+                section["del"] = removed
+            maps[key] = section
+        else:
+            sets[key] = _without_members(value) if key == NETWORKS else value
     unset = sorted(k for k in old if k != NODES and k not in new)
-    for key, value in (("nodes", changed), ("gone", gone), ("set", sets), ("unset", unset)):
-        if value:
-            out[key] = value
+    for key, part in (("nodes", changed), ("gone", gone), ("maps", maps), ("set", sets), ("unset", unset)):
+        if part:
+            out[key] = part
     return out
 
 
 def _check_changes(changes: dict[str, Any]) -> None:
-    kinds = {"nodes": dict, "gone": list, "set": dict, "unset": list}
+    kinds = {"nodes": dict, "gone": list, "maps": dict, "set": dict, "unset": list}
     for key, value in changes.items():
         kind = kinds.get(key)
         if kind is None or not isinstance(value, kind):
-            raise MalformedFrame(f"a delta's {str(key)[:20]!r} is not one of nodes, gone, set, unset")
+            raise MalformedFrame(f"a delta's {str(key)[:20]!r} is not one of nodes, gone, maps, set, unset")
     if not all(isinstance(k, str) for k in changes.get("gone", [])) or \
             not all(isinstance(k, str) and k != NODES for k in changes.get("unset", [])) or \
-            NODES in changes.get("set", {}):
+            NODES in changes.get("set", {}) or NODES in changes.get("maps", {}):
         raise MalformedFrame("a delta's 'gone' and 'unset' must be lists of keys, not 'nodes'")
+    for name, section in changes.get("maps", {}).items():
+        if not isinstance(section, dict) or not set(section) <= {"set", "del"} or \
+                not isinstance(section.get("set", {}), dict) or not isinstance(section.get("del", []), list) or \
+                not all(isinstance(k, str) for k in section.get("del", [])):
+            raise MalformedFrame(f"a delta's maps[{str(name)[:20]!r}] must be {{set: object, del: [keys]}}")
 
 
 def apply(store: dict[str, Any], changes: dict[str, Any]) -> None:
@@ -248,9 +287,22 @@ def apply(store: dict[str, Any], changes: dict[str, Any]) -> None:
     nodes.update(changes.get("nodes", {}))
     for key in changes.get("gone", ()):
         nodes.pop(key, None)
+    for name, section in changes.get("maps", {}).items():
+        current = store.get(name)
+        current = dict(current) if isinstance(current, dict) else {}
+        current.update(section.get("set", {}))
+        for key in section.get("del", ()):
+            current.pop(key, None)
+        store[name] = current
     store.update(changes.get("set", {}))
     for key in changes.get("unset", ()):
         store.pop(key, None)
+    networks = store.get(NETWORKS)
+    if isinstance(networks, dict) and isinstance(networks.get(BACKBONE), dict) and \
+            ("nodes" in changes or "gone" in changes or NETWORKS in changes.get("set", {})):
+        backbone = dict(networks[BACKBONE])
+        backbone["members"] = sorted(int(k) for k in nodes if k.isdigit())
+        store[NETWORKS] = {**networks, BACKBONE: backbone}
 
 
 def encode_body(message: dict[str, Any]) -> bytes:

@@ -58,7 +58,8 @@ class PublisherTests(SynchronousTestCase):
             if isinstance(decoded, wire.Snapshot):
                 state = follower.snapshot(decoded)
             elif isinstance(decoded, wire.Delta):
-                state = follower.delta(decoded)
+                follower.delta(decoded)
+                state = follower.load()
         session.frames.clear()
         return state
 
@@ -180,12 +181,22 @@ class FollowerTests(SynchronousTestCase):
         follower.delta(wire.Delta(5, {}))
         self.assertEqual(follower.seq, 5)
 
-    def test_store_that_does_not_load_keeps_the_last_one(self) -> None:
+    def test_store_that_does_not_load(self) -> None:
+        follower = Follower()
+        self.assertRaises(MalformedFrame, follower.snapshot, wire.Snapshot({"nodes": {"1": 5}}))
+        self.assertIsNone(follower.store)
+        follower.snapshot(wire.Snapshot(RegistryState().to_json(), seq=1))
+        follower.delta(wire.Delta(2, {"nodes": {"x": {"id": "bad"}}}))
+        self.assertRaises(MalformedFrame, follower.load)
+
+    def test_deltas_wait_for_a_load(self) -> None:
         follower = Follower()
         follower.snapshot(wire.Snapshot(RegistryState().to_json(), seq=1))
-        self.assertRaises(MalformedFrame, follower.delta, wire.Delta(2, {"nodes": {"x": {"id": "bad"}}}))
-        self.assertEqual(follower.seq, 1)
-        self.assertRaises(MalformedFrame, follower.snapshot, wire.Snapshot({"nodes": {"1": 5}}))
+        follower.delta(wire.Delta(2, {"set": {"pilot_term": 3}}))
+        follower.delta(wire.Delta(3, {}))
+        self.assertEqual(follower.pending, 2)
+        self.assertEqual(follower.load().term, 3)
+        self.assertEqual(follower.pending, 0)
 
     def test_adopt_keeps_the_object(self) -> None:
         target, source = RegistryState(), RegistryState(term=7)

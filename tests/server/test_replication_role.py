@@ -20,6 +20,9 @@ class Links:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
+    def settle(self) -> None:
+        self.calls.append(("settle",))
+
     def follow(self, primary: str) -> None:
         self.calls.append(("follow", primary))
 
@@ -70,7 +73,7 @@ class StandbyTests(ReplicaTestCase):
         with capturedLogs() as events:
             replica.primary_silent("10.0.0.1:9000", 11.2)
         self.assertEqual((replica.term, replica.standby, replica.primary), (5, False, ""))
-        self.assertEqual(self.links.calls, [("persist",), ("revive",), ("lead",)])
+        self.assertEqual(self.links.calls, [("settle",), ("persist",), ("revive",), ("lead",)])
         [event] = [e for e in events if "PROMOTED" in e["log_format"]]
         self.assertEqual((event["term"], event["reason"]), (5, "primary 10.0.0.1:9000 silent for 11 s"))
         self.assertEqual(register(self.registry) > 0, True)  # writes now

@@ -80,12 +80,24 @@ class PairTests(SynchronousTestCase):
         node = register(self.primary.registry, "late")
         self.primary.registry.handle({"type": "deregister", "node_id": node}, PEER)
         register(self.primary.registry, "later")
-        self.advance(0.2)
+        self.advance(0.2)  # pushed and acknowledged; loaded into the state within LOAD_INTERVAL
+        self.assertNotIn("later", self.standby.registry.state.hostnames)
+        self.advance(0.5)
         self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
         reply = self.standby.registry.handle({"type": "resolve_hostname", "hostname": "later"}, PEER)
         self.assertEqual((reply["type"], reply["term"]), ("resolve_hostname_ok", 1))
         refused = self.standby.registry.handle({"type": "set_hostname", "node_id": 1, "hostname": "x"}, PEER)
         self.assertEqual((refused["code"], refused["primary"]), ("not_primary", self.address))
+
+    def test_takeover_loads_what_was_acknowledged_first(self) -> None:
+        self.s_reactor.advance(0)
+        self.connect()
+        register(self.primary.registry, "just-pushed")
+        self.advance(0.2)  # the delta arrived; not loaded yet
+        self.pump = None
+        self.standby.replication.replica.role.promoted("test")  # type: ignore[union-attr]
+        self.assertIn("just-pushed", self.standby.registry.state.hostnames)
+        self.assertEqual(self.standby.replication.replica.term, 2)  # type: ignore[union-attr]
 
     def test_heartbeats_keep_it_standby_silence_promotes(self) -> None:
         register(self.primary.registry, "a")

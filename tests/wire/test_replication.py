@@ -96,8 +96,35 @@ class DiffTests(SynchronousTestCase):
 
     def _random(self, rng: random.Random) -> dict[str, Any]:
         nodes = {str(i): {"id": i, "hostname": rng.choice(["", "a", "b"])} for i in range(8) if rng.random() < 0.6}
-        top = {k: rng.randint(0, 2) for k in ("trust_pairs", "auth_ts", "pilot_term") if rng.random() < 0.5}
-        return store(nodes, **top)
+        top: dict[str, Any] = {k: rng.randint(0, 2) for k in ("trust_pairs", "pilot_term") if rng.random() < 0.5}
+        for name in ("pub_key_idx", "auth_ts"):
+            if rng.random() < 0.7:
+                top[name] = {f"k{i}": rng.randint(0, 2) for i in range(5) if rng.random() < 0.5}
+        out = store(nodes, **top)
+        out["networks"] = {"0": {"id": 0, "name": "backbone", "members": sorted(int(k) for k in nodes),
+                                 "created": rng.choice(["t1", "t2"])}}
+        return out
+
+    def test_maps_travel_by_key(self) -> None:
+        old = store(pub_key_idx={f"key{i}": i for i in range(1000)})
+        new = store(pub_key_idx={**{f"key{i}": i for i in range(1, 1000)}, "fresh": 5})
+        self.assertEqual(wire.diff(old, new), {"maps": {"pub_key_idx": {"set": {"fresh": 5}, "del": ["key0"]}}})
+
+    def test_backbone_members_are_derived(self) -> None:
+        def with_nodes(ids: list[int]) -> dict[str, Any]:
+            out = store({str(i): {"id": i} for i in ids})
+            out["networks"] = {"0": {"id": 0, "name": "backbone", "members": ids, "created": "t"}}
+            return out
+        changes = wire.diff(with_nodes(list(range(500))), with_nodes(list(range(501))))
+        self.assertEqual(changes, {"nodes": {"500": {"id": 500}}})
+        target = with_nodes(list(range(500)))
+        wire.apply(target, changes)
+        self.assertEqual(target, with_nodes(list(range(501))))
+
+    def test_bad_maps_refused(self) -> None:
+        for maps in ({"x": []}, {"x": {"put": {}}}, {"x": {"del": [1]}}, {"x": {"set": []}}, {"nodes": {}}):
+            self.assertRaises(MalformedFrame, wire.decode,
+                              {"type": "replication_delta", "seq": 1, "changes": {"maps": maps}})
 
     def test_body_has_no_size_cap(self) -> None:
         big = wire.encode_body({"type": "replication_delta", "seq": 1, "changes": {"set": {"x": "y" * (2 << 20)}}})

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""
+Replication at scale (issue 14), in one process, no sockets: a registry of
+``--nodes`` nodes (10,000), a publisher with one standby of ours (deltas) and
+one reference standby (whole snapshots), and the standby's follower.
+
+For ``--changes`` single changes (a node registering again from a new port:
+the commonest write) it measures:
+
+* bytes pushed per change to our standby (a delta) and to a reference
+  standby (the whole store);
+* the primary's CPU per push (taking the store, diffing it, encoding);
+* the standby's CPU per applied delta (applying it and loading the store);
+* the first synchronisation: snapshot bytes and the standby's CPU to load it.
+
+    python3 benchmarks/replication.py
+    python3 benchmarks/replication.py --nodes 10000 --changes 50
+
+CPU is ``time.process_time`` (one thread); bounded in count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.internet.task import Clock  # noqa: E402
+
+from pilot.server.registry import Peer, Registry  # noqa: E402
+from pilot.server.replication import Follower, Publisher, adopt  # noqa: E402
+from pilot.server.state import RegistryState  # noqa: E402
+from pilot.services.replication import LOAD_INTERVAL  # noqa: E402
+from pilot.wire import replication as wire  # noqa: E402
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def push(self, message: dict[str, Any]) -> None:
+        self.bodies.append(wire.encode_body(message))
+
+    def push_body(self, body: bytes) -> None:
+        self.bodies.append(body)
+
+
+def register(registry: Registry, key: bytes, port: int, i: int) -> None:
+    reply = registry.handle({"type": "register", "public_key": base64.b64encode(key).decode(),
+                             "listen_addr": f"0.0.0.0:{port}", "hostname": f"node-{i}"},
+                            Peer(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", port))
+    assert reply["type"] == "register_ok", reply
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--changes", type=int, default=50)
+    a = parser.parse_args()
+    a.nodes, a.changes = min(a.nodes, 100_000), min(a.changes, 1000)
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    registry = Registry(clock)
+    registry.config = registry.config.__class__(registrations_per_minute=0, requests_per_second=0)
+    registry.register_limit.rate = 0
+    keys = [os.urandom(32) for _ in range(a.nodes)]
+    for i, key in enumerate(keys):
+        register(registry, key, 4000, i)
+    publisher = Publisher(clock, registry.state.to_bytes)
+    publisher.term = 1
+    ours, reference = Recorder(), Recorder()
+    follower, standby = Follower(), RegistryState()
+
+    t0 = time.process_time()
+    publisher.subscribe(ours, wire.Subscribe("t", deltas=True), "ours")
+    subscribe_cpu = time.process_time() - t0
+    publisher.subscribe(reference, wire.Subscribe("t"), "reference")
+    snapshot = ours.bodies.pop()
+    t0 = time.process_time()
+    adopt(standby, follower.snapshot(wire.decode(json.loads(snapshot))))  # type: ignore[arg-type]
+    load_cpu = time.process_time() - t0
+
+    push_cpu, apply_cpu, load_cpu_each, delta_bytes, ref_bytes = [], [], [], [], []
+    for n in range(a.changes):
+        i = n * 7919 % a.nodes
+        register(registry, keys[i], 5000 + n, i)
+        t0 = time.process_time()
+        publisher.publish()
+        push_cpu.append(time.process_time() - t0)
+        [body] = ours.bodies
+        ours.bodies.clear()
+        delta_bytes.append(len(body))
+        ref_bytes.append(sum(len(b) for b in reference.bodies))
+        reference.bodies.clear()
+        t0 = time.process_time()
+        follower.delta(wire.decode(json.loads(body)))  # type: ignore[arg-type]
+        apply_cpu.append(time.process_time() - t0)
+        t0 = time.process_time()
+        adopt(standby, follower.load())
+        load_cpu_each.append(time.process_time() - t0)
+    assert standby.to_json() == registry.state.to_json(), "the standby's store differs"
+
+    ms = 1000.0
+    print(f"nodes: {a.nodes}, changes: {a.changes} (one re-registration each)")
+    print(f"first sync: snapshot {len(snapshot):,} bytes; primary {subscribe_cpu * ms:.0f} ms CPU, "
+          f"standby load {load_cpu * ms:.0f} ms CPU")
+    print(f"per change, our standby: delta {statistics.median(delta_bytes):,.0f} bytes (median)")
+    print(f"per change, a reference standby: snapshot {statistics.median(ref_bytes):,.0f} bytes (median)")
+    print(f"primary CPU per push: median {statistics.median(push_cpu) * ms:.1f} ms, "
+          f"max {max(push_cpu) * ms:.1f} ms")
+    print(f"standby CPU per delta received: median {statistics.median(apply_cpu) * ms:.2f} ms "
+          f"(applied to its store object, acknowledged)")
+    print(f"standby CPU per load of the store into its state: median {statistics.median(load_cpu_each) * ms:.0f} ms "
+          f"(at most one per {LOAD_INTERVAL} s, whatever the deltas)")
+    busiest = (statistics.median(apply_cpu) / 0.25 + statistics.median(load_cpu_each) / LOAD_INTERVAL) * 100
+    print(f"standby CPU with a change in every push (one per 0.25 s flush delay): {busiest:.0f}% of a core")
+
+
+if __name__ == "__main__":
+    main()
