@@ -98,8 +98,12 @@ class ReplicationService(Service):
 
     def __init__(self, registry: Registry, settings: ReplicationSettings, reactor: Any,
                  push_delay: float, listen_port: Callable[[], int], persist: Callable[[bool], None],
-                 tls: bool = False) -> None:
-        """``persist(whole)`` writes the store soon (``whole``: as a snapshot, the state was replaced)."""
+                 tls: bool = False, snapshot: Callable[[], bytes] | None = None) -> None:
+        """
+        ``persist(whole)`` writes the store soon (``whole``: as a snapshot, the
+        state was replaced); ``snapshot()`` gives the store's bytes (shared with
+        the store's writer; by default made afresh).
+        """
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
@@ -107,7 +111,7 @@ class ReplicationService(Service):
         self.listen_port = listen_port
         self._persist = persist
         self.tls = tls
-        self.publisher = Publisher(reactor, registry.state.to_bytes, settings.sync_timeout)
+        self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes, settings.sync_timeout)
         self.follower = Follower()
         self.replica = Replica(registry.state, self.publisher, settings.token, settings.standby_of, self)
         registry.replica = self.replica
