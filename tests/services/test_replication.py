@@ -215,3 +215,14 @@ class SyncSettingsTests(SynchronousTestCase):
                                     FakeReactor())
         self.assertIsNone(service.replication)
         self.assertIsNone(service.registry.replica)
+
+    def test_standby_of_a_tls_primary_pins_it(self) -> None:
+        reactor = FakeReactor()
+        service = RendezvousService(settings(standby_of="127.0.0.1:9000", primary_fingerprint="ab" * 32), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        reactor.advance(0)
+        self.assertEqual(reactor.tcpClients, [])
+        [(host, port, _, options, timeout, _)] = reactor.sslClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9000, 10.0))
+        self.assertEqual(type(options).__name__, "PinnedCertificate")
