@@ -29,9 +29,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from pilot.errors import MalformedFrame
+from pilot.errors import ErrorCode, MalformedFrame
+from pilot.server.requests import RequestError
 from pilot.server.state import RegistryState
 from pilot.wire import replication as wire
+from pilot.wire.registry import MAX_FRAME as REFERENCE_MAX_FRAME
 
 #: The reference's heartbeat interval.
 HEARTBEAT = 15.0
@@ -109,6 +111,11 @@ class Publisher:
         if sub.deltas:
             self._push_frame(session, wire.encode_snapshot_bytes(self._last_bytes, self.term, self.seq))
             return {"type": wire.SUBSCRIBE + "_ok", "seq": self.seq}
+        if len(self._last_bytes) > REFERENCE_MAX_FRAME - 100:
+            self.subscriptions.pop(session, None)
+            raise RequestError(ErrorCode.invalid_argument,
+                               f"the store ({len(self._last_bytes)} bytes) does not fit the reference's "
+                               f"{REFERENCE_MAX_FRAME}-byte frames: a reference standby cannot follow it")
         return {"type": wire.SNAPSHOT, "snapshot": self._last}
 
     def closed(self, session: Subscriber) -> None:

@@ -264,8 +264,10 @@ class ReplicationService(Service):
                 link.send_ack(frame.seq)
                 if not self._scheduled("load"):
                     self._later("load", LOAD_INTERVAL, self._load)
-            elif isinstance(frame, wire.Heartbeat) and frame.seq > self.follower.seq:
-                raise Gap(f"the primary is at change {frame.seq}, this standby at {self.follower.seq}")
+            elif isinstance(frame, wire.Heartbeat):
+                if frame.seq > self.follower.seq:
+                    raise Gap(f"the primary is at change {frame.seq}, this standby at {self.follower.seq}")
+                link.send_ack(self.follower.seq)  # also keeps the primary's side of a quiet stream open
         except Gap as e:
             self.log.warn("replication gap ({reason}): subscribing again for a whole snapshot", reason=str(e))
             self.follower.reset()

@@ -108,6 +108,14 @@ class PublisherTests(SynchronousTestCase):
         self.assertEqual(reply["snapshot"], state.to_json())
         self.assertEqual(RegistryState.from_json(reply["snapshot"]).to_json(), state.to_json())
 
+    def test_store_too_big_for_a_reference_standby(self) -> None:
+        from pilot.server.requests import RequestError
+        publisher = Publisher(self.clock, lambda: b'{"nodes":{},"x":"' + b"y" * (1 << 20) + b'"}')
+        self.assertRaises(RequestError, publisher.subscribe, Session(), wire.Subscribe("t"), "ref")
+        self.assertEqual(publisher.subscriptions, {})
+        self.assertEqual(publisher.subscribe(Session(), wire.Subscribe("t", deltas=True), "ours")["type"],
+                         "subscribe_replication_ok")
+
     def test_heartbeats_at_the_asked_interval(self) -> None:
         ref, ours = Session(), Session()
         self.publisher.subscribe(ref, wire.Subscribe("t"), "ref")
