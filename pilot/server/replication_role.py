@@ -65,6 +65,9 @@ class Links(Protocol):
     def revive(self) -> None:
         """A new primary: give every node a full period to check in before it is reaped."""
 
+    def drop_clients(self) -> None:
+        """This server stepped down: close its clients' connections (soon), so that they move."""
+
 
 class Role(Protocol):
     def promoted(self, reason: str) -> None:
@@ -207,6 +210,7 @@ def _step_down(role: Role, core: Replica, term: int, where: str) -> None:
                       "this server takes its store and refuses writes", primary=where or "?", term=term, old=old)
     for session in core.publisher.drop_all():
         _close(session)
+    core.links.drop_clients()
     if where:
         core.links.follow(where)
 

@@ -146,7 +146,8 @@ class RendezvousService(MultiService):
         if settings.replication.paired:
             self.replication = ReplicationService(self.registry, settings.replication, reactor,
                                                   settings.flush_delay, self.registry_port, self._replicated,
-                                                  tls=settings.tls, snapshot=self._store_bytes)
+                                                  tls=settings.tls, snapshot=self._store_bytes,
+                                                  disconnect_clients=lambda: self.factory.disconnect_all())
             durability = self.replication.durability(durability)
         self.factory = RegistryServerFactory(self.registry, clock, settings.idle_timeout,
                                              settings.max_connections,

@@ -98,12 +98,15 @@ class ReplicationService(Service):
 
     def __init__(self, registry: Registry, settings: ReplicationSettings, reactor: Any,
                  push_delay: float, listen_port: Callable[[], int], persist: Callable[[bool], None],
-                 tls: bool = False, snapshot: Callable[[], bytes] | None = None) -> None:
+                 tls: bool = False, snapshot: Callable[[], bytes] | None = None,
+                 disconnect_clients: Callable[[], None] = lambda: None) -> None:
         """
         ``persist(whole)`` writes the store soon (``whole``: as a snapshot, the
         state was replaced); ``snapshot()`` gives the store's bytes (shared with
-        the store's writer; by default made afresh).
+        the store's writer; by default made afresh); ``disconnect_clients()``
+        closes every registry connection (on stepping down: nodes move at once).
         """
+        self._disconnect_clients = disconnect_clients
         self.registry = registry
         self.settings = settings
         self.reactor = reactor
@@ -383,6 +386,10 @@ class ReplicationService(Service):
 
     def persist(self) -> None:
         self._persist(True)
+
+    def drop_clients(self) -> None:
+        # later: the refusal to the request that made it step down goes out first
+        self._later("drop", 0, self._disconnect_clients)
 
     def revive(self) -> None:
         now = self.reactor.seconds()

@@ -35,6 +35,9 @@ class Links:
     def revive(self) -> None:
         self.calls.append(("revive",))
 
+    def drop_clients(self) -> None:
+        self.calls.append(("drop_clients",))
+
 
 class ReplicaTestCase(SynchronousTestCase):
     def make(self, standby_of: str | None = None, token: bytes | None = TOKEN, term: int = 0) -> Replica:
@@ -130,7 +133,7 @@ class PrimaryTests(ReplicaTestCase):
                                          Session())
         self.assertEqual((reply["code"], reply["primary"], reply["term"]), ("not_primary", "10.0.0.9:9100", 3))
         self.assertEqual((replica.standby, replica.term), (True, 3))
-        self.assertEqual(self.links.calls[-1], ("follow", "10.0.0.9:9100"))
+        self.assertEqual(self.links.calls[-2:], [("drop_clients",), ("follow", "10.0.0.9:9100")])
         self.assertEqual(self.publisher.subscriptions, {})
         self.assertTrue(any("STEPPING DOWN" in e["log_format"] for e in events))
         self.assertEqual(self.registry.handle({"type": "register", "public_key": "x"}, PEER)["code"],
