@@ -341,9 +341,16 @@ def rendezvous_start(ctx: Context) -> None:
              f"Persistence: {settings.store}" if settings.store else "Persistence: none (--no-store)"]
     if fingerprint:
         lines.append(f"TLS fingerprint: {fingerprint}")
+    data: dict[str, Any] = {"registry": registry, "beacon": beacon, "store": settings.store,
+                            "tls_fingerprint": fingerprint}
+    if service.replication is not None:  # a pair (docs/deploy.md)
+        replica = service.replication.replica
+        data["replication"] = {"role": "standby" if replica.standby else "primary", "term": replica.term,
+                               "primary": replica.primary or None}
+        lines.append(f"Replication: standby of {replica.primary} (term {replica.term})" if replica.standby
+                     else f"Replication: primary (term {replica.term})")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    ctx.out.result(Result({"registry": registry, "beacon": beacon, "store": settings.store,
-                           "tls_fingerprint": fingerprint}, "\n".join(lines)))
+    ctx.out.result(Result(data, "\n".join(lines)))
     reactor.run()
     if service.unsaved:
         raise Internal(f"the registry store {settings.store} could not be saved at shutdown; "

@@ -97,6 +97,8 @@ class FailoverTests(RendezvousTestMixin, SynchronousTestCase):
                                          [*OPTIONS, "--standby", f"127.0.0.1:{primary.registry_port}"],
                                          "standby", env)
         standby.proc.wait_for_output(r"holding the store of", stream="stderr")
+        primary.proc.wait_for_output(r"Replication: primary \(term 1\)")
+        standby.proc.wait_for_output(rf"Replication: standby of 127\.0\.0\.1:{primary.registry_port} \(term 1\)")
         return primary, standby
 
     def start_pair_member(self, store: str, extra: list[str], name: str, env: dict[str, str]) -> Rendezvous:
