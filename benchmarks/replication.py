@@ -131,11 +131,13 @@ def main() -> None:
     print(f"per change, a reference standby: snapshot {statistics.median(ref_bytes):,.0f} bytes (median)")
     print(f"the store's serialisation per change (shared by its write and the push): median "
           f"{statistics.median(serialise_cpu) * ms:.1f} ms")
-    print(f"primary CPU per push beyond it (parse, diff, encode): median {statistics.median(push_cpu) * ms:.1f} ms, "
+    print(f"primary CPU per push beyond it (parse, diff, encode): "
+          f"median {statistics.median(push_cpu) * ms:.1f} ms, "
           f"max {max(push_cpu) * ms:.1f} ms")
     print(f"standby CPU per delta received: median {statistics.median(apply_cpu) * ms:.2f} ms "
           f"(applied to its store object, acknowledged)")
-    print(f"standby CPU per load of the store into its state: median {statistics.median(load_cpu_each) * ms:.0f} ms "
+    print(f"standby CPU per load of the store into its state: "
+          f"median {statistics.median(load_cpu_each) * ms:.0f} ms "
           f"(at most one per {LOAD_INTERVAL} s, whatever the deltas)")
     busiest = (statistics.median(apply_cpu) / 0.25 + statistics.median(load_cpu_each) / LOAD_INTERVAL) * 100
     print(f"standby CPU with a change in every push (one per 0.25 s flush delay): {busiest:.0f}% of a core")

@@ -302,8 +302,9 @@ class ReplicationOptionTests(SynchronousTestCase):
         self.assertEqual(replication.takeover_after, 10.0)
 
     def test_token_file_and_standby(self) -> None:
-        replication = parse("--replication-token-file", self.token_file, "--standby", "10.0.0.1:9000",
-                            "--takeover-after", "4", "--sync-replication", "--sync-timeout", "1.5").settings.replication
+        options = parse("--replication-token-file", self.token_file, "--standby", "10.0.0.1:9000",
+                        "--takeover-after", "4", "--sync-replication", "--sync-timeout", "1.5")
+        replication = options.settings.replication
         self.assertEqual((replication.token, replication.standby_of, replication.takeover_after),
                          (b"0123456789abcdef-secret", "10.0.0.1:9000", 4.0))
         self.assertEqual((replication.sync, replication.sync_timeout), (True, 1.5))

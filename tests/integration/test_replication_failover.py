@@ -124,7 +124,8 @@ class FailoverTests(RendezvousTestMixin, SynchronousTestCase):
 
     def present(self, port: int, i: int) -> bool:
         with RegistryClient(port) as c:
-            return c.request({"type": "resolve_hostname", "hostname": hostname(i)})["type"] == "resolve_hostname_ok"
+            reply = c.request({"type": "resolve_hostname", "hostname": hostname(i)})
+        return reply["type"] == "resolve_hostname_ok"
 
     def test_takeover_keeps_what_was_pushed_and_the_old_primary_steps_down(self) -> None:
         primary, standby = self.start_pair()
@@ -145,8 +146,9 @@ class FailoverTests(RendezvousTestMixin, SynchronousTestCase):
         self.assertLess(time.monotonic() - start, 5.0)
         self.assertTrue(all(self.present(standby.registry_port, i) for i in range(NODES)))
         # the old primary comes back on its store and port: it steps down and takes the new store
-        again = self.start_pair_member(self.primary_store, [*OPTIONS, "--listen", f"127.0.0.1:{primary.registry_port}"],
-                                       "primary-again", {"PILOT_REPLICATION_TOKEN": TOKEN})
+        same_port = ["--listen", f"127.0.0.1:{primary.registry_port}"]
+        again = self.start_pair_member(self.primary_store, [*OPTIONS, *same_port], "primary-again",
+                                       {"PILOT_REPLICATION_TOKEN": TOKEN})
         again.proc.wait_for_output(r"STEPPING DOWN TO STANDBY", timeout=15, stream="stderr")
         with RegistryClient(again.registry_port) as c:
             reply = c.request(register_message(Identity.generate()))

@@ -79,7 +79,9 @@ class PublisherTests(SynchronousTestCase):
         ours, follower = Session(), Follower()
         reply = self.publisher.subscribe(ours, wire.Subscribe("t", deltas=True), "ours")
         self.assertEqual(reply["type"], "subscribe_replication_ok")
-        self.assertEqual(self.follow(ours, follower).to_json(), self.registry.state.to_json())  # type: ignore[union-attr]
+        first = self.follow(ours, follower)
+        assert first is not None
+        self.assertEqual(first.to_json(), self.registry.state.to_json())
         node = register(self.registry, "second")
         self.registry.handle({"type": "deregister", "node_id": node}, PEER)
         register(self.registry, "third")

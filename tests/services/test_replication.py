@@ -10,6 +10,7 @@ from typing import Any
 
 import attr
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
@@ -52,7 +53,8 @@ class PairTests(SynchronousTestCase):
         host, port, factory = reactor.tcpClients[n][:3]
         server = dialled.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
         client = factory.buildProtocol(None)
-        self.pump = connect(server, FakeTransport(server, True, peerAddress=IPv4Address("TCP", "127.0.0.1", 50000)),
+        peer = IPv4Address("TCP", "127.0.0.1", 50000)
+        self.pump = connect(server, FakeTransport(server, True, peerAddress=peer),
                             client, FakeTransport(client, False), greet=False)
         self.pump.flush()
         return self.pump
@@ -206,8 +208,8 @@ class SyncSettingsTests(SynchronousTestCase):
         folder = self.mktemp()
         import os
         os.makedirs(folder)
-        service = RendezvousService(attr.evolve(settings(sync=True), store=os.path.join(folder, "r.json"),
-                                                durable=True), FakeReactor(), run_writes=lambda f: None)  # type: ignore[arg-type,return-value]
+        durable = attr.evolve(settings(sync=True), store=os.path.join(folder, "r.json"), durable=True)
+        service = RendezvousService(durable, FakeReactor(), run_writes=lambda f: Deferred())
         self.assertIsInstance(service.factory.durability, BothSaved)
 
     def test_unpaired_has_no_replication(self) -> None:

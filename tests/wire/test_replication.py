@@ -18,8 +18,9 @@ def store(nodes: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
 
 class SubscribeTests(SynchronousTestCase):
     def test_reference_subscription_is_the_reference_shape(self) -> None:
-        self.assertEqual(wire.encode_subscribe(wire.Subscribe("t")), {"type": "subscribe_replication", "token": "t"})
-        self.assertEqual(wire.decode_subscribe({"type": "subscribe_replication", "token": "t"}), wire.Subscribe("t"))
+        reference = {"type": "subscribe_replication", "token": "t"}
+        self.assertEqual(wire.encode_subscribe(wire.Subscribe("t")), reference)
+        self.assertEqual(wire.decode_subscribe(reference), wire.Subscribe("t"))
 
     def test_ours_round_trips(self) -> None:
         sub = wire.Subscribe("t", deltas=True, term=3, heartbeat=2.5, role="primary", port=9000)
@@ -58,7 +59,8 @@ class FrameTests(SynchronousTestCase):
     def test_hostile_frames_refused(self) -> None:
         for bad in ({"type": "replication_snapshot"}, {"type": "replication_snapshot", "snapshot": []},
                     {"type": "replication_snapshot", "snapshot": {"nodes": []}},
-                    {"type": "replication_delta", "seq": 1}, {"type": "replication_delta", "seq": 1, "changes": []},
+                    {"type": "replication_delta", "seq": 1},
+                    {"type": "replication_delta", "seq": 1, "changes": []},
                     {"type": "replication_delta", "seq": 1, "changes": {"evil": {}}},
                     {"type": "replication_delta", "seq": 1, "changes": {"unset": ["nodes"]}},
                     {"type": "replication_delta", "seq": 1, "changes": {"set": {"nodes": {}}}},
