@@ -28,21 +28,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
 from pilot.wire.beacon import Discover, Relay, RelayDeliver, decode, with_proof
+from tests.integration.pair import OPTIONS, TAKEOVER, TOKEN, PairMixin
 from tests.integration.peers import RegistryClient, register_message, set_hostname_message, signed
-from tests.integration.procs import (
-    Rendezvous, RendezvousTestMixin, rendezvous_args, wait_for_rendezvous, wait_until,
-)
+from tests.integration.procs import Rendezvous, wait_until
 
-TOKEN = "integration-token-0123456789"
-TAKEOVER = 2.0
 NODES = 200
 KILL_AFTER = 120
 #: Before the kill, every other step renames the node registered this many steps earlier.
 RENAME_LAG = 10
 #: A write acknowledged this long before the kill must have been pushed (flush delay 0.02 s, a busy machine).
 PUSH_WINDOW = 1.0
-OPTIONS = ["--flush-delay", "0.02", "--registrations-per-minute", "0", "--requests-per-second", "0",
-           "--takeover-after", str(TAKEOVER)]
 
 
 class FailoverClient:
@@ -122,26 +117,7 @@ class Burst:
         return {n for n, _ in names[settled[-1]:]}
 
 
-class FailoverTests(RendezvousTestMixin, SynchronousTestCase):
-    def start_pair(self, primary_extra: list[str] | None = None) -> tuple[Rendezvous, Rendezvous]:
-        env = {"PILOT_REPLICATION_TOKEN": TOKEN}
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        self.primary_store = os.path.join(folder, "primary.json")
-        primary = self.start_pair_member(self.primary_store, [*OPTIONS, *(primary_extra or [])], "primary", env)
-        standby = self.start_pair_member(os.path.join(folder, "standby.json"),
-                                         [*OPTIONS, "--standby", f"127.0.0.1:{primary.registry_port}"],
-                                         "standby", env)
-        standby.proc.wait_for_output(r"holding the store of", stream="stderr")
-        primary.proc.wait_for_output(r"Replication: primary \(term 1\)")
-        standby.proc.wait_for_output(rf"Replication: standby of 127\.0\.0\.1:{primary.registry_port} \(term 1\)")
-        return primary, standby
-
-    def start_pair_member(self, store: str, extra: list[str], name: str, env: dict[str, str]) -> Rendezvous:
-        proc = self.spawn_python(["-m", "pilot", "rendezvous", "start", *rendezvous_args(store, extra)], name,
-                                 env=env)
-        return wait_for_rendezvous(proc, store)
-
+class FailoverTests(PairMixin, SynchronousTestCase):
     def burst_and_kill(self, primary: Rendezvous, standby: Rendezvous) -> tuple[FailoverClient, Burst]:
         """Registrations with hostnames, and renames of earlier nodes before the kill; node 0 asks node 1
         for a handshake on the primary."""

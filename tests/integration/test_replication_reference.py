@@ -1,0 +1,174 @@
+"""
+A reference daemon (Go) and a primary/standby pair of ours, as real
+processes on 127.0.0.1; runs only when ``PILOT_REFERENCE_BIN`` names the
+reference's binaries (as ``test_reference_interop``).
+
+A reference daemon knows one registry address: here a TCP forwarder in the
+test stands for the service address that moves with the primary
+(``docs/deploy.md``, "A reference fleet"): it leads to the primary, and to
+the standby once the standby says it took over. The daemon's beacon is the
+standby's throughout (the beacon holds no replicated state; only the
+registry's failover is under test here).
+
+* the daemon, registered with our primary, is on the standby before the
+  takeover (replicated), and found there after it with the same node id;
+* after the takeover it works against the new primary by itself: its
+  heartbeats reach it through the moved address, its ``find`` is answered
+  there, and a hostname it sets is held there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.pair import TAKEOVER, PairMixin
+from tests.integration.peers import RegistryClient
+from tests.integration.procs import LOOPBACK, Rendezvous, wait_until
+from tests.integration.test_reference_interop import REF_START_TIMEOUT, SKIP_REASON, RefNode
+
+#: The reference daemon's heartbeat (its -keepalive): short, so it meets the new primary soon.
+KEEPALIVE = "1s"
+
+
+class MovedAddress:
+    """
+    A TCP forwarder on 127.0.0.1: each accepted connection is joined to the
+    current target port; :meth:`move` changes the target and drops the joined
+    connections, as a service address moved to another machine would.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = self.listener.getsockname()[1]
+        self.joined: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((LOOPBACK, self.target), timeout=5.0)
+            except OSError:
+                downstream.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.joined += [downstream, upstream]
+            for a, b in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def move(self, target: int) -> None:
+        self.target = target
+        self._drop()
+
+    def _drop(self) -> None:
+        with self.lock:
+            joined, self.joined = self.joined, []
+        for s in joined:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self._drop()
+
+
+class Pinned(Rendezvous):
+    """The addresses a reference daemon is given: the moved registry address and a beacon."""
+
+    def __init__(self, registry_port: int, beacon_port: int) -> None:
+        self.registry_port = registry_port
+        self.beacon_port = beacon_port
+
+
+class ReferenceNode(RefNode):
+    def argv(self) -> list[str]:
+        return [*super().argv(), "-keepalive", KEEPALIVE]
+
+
+class ReferenceFailoverTests(PairMixin, SynchronousTestCase):
+    skip = SKIP_REASON or None
+
+    def start_reference_node(self, name: str, registry_port: int, beacon_port: int) -> ReferenceNode:
+        home = tempfile.mkdtemp(prefix=f"pr-{name}-")  # short: a Unix socket path is limited to 107 bytes
+        os.chmod(home, 0o700)
+        self.addCleanup(shutil.rmtree, home, True)
+        ref = ReferenceNode(name, home, Pinned(registry_port, beacon_port))
+        ref.proc = self.spawn(ref.argv(), name, cwd=home, env=ref.env)
+
+        def ready() -> dict[str, Any] | None:
+            assert ref.proc is not None
+            if not ref.proc.running:
+                raise AssertionError(f"the reference daemon exited\n{ref.describe()}")
+            if not os.path.exists(ref.socket_path):
+                return None
+            result = ref.run("info", timeout=5.0)
+            info = result.data if result.status == 0 else None
+            return info if info and info.get("node_id") else None
+
+        info = wait_until(ready, REF_START_TIMEOUT, f"{name} to register and answer info", ref.describe)
+        ref.node_id, ref.address = int(info["node_id"]), str(info["address"])
+        return ref
+
+    def resolved(self, port: int, hostname: str) -> int | None:
+        with RegistryClient(port) as c:
+            reply = c.request({"type": "resolve_hostname", "hostname": hostname})
+        return reply.get("node_id") if reply["type"] == "resolve_hostname_ok" else None
+
+    def test_reference_daemon_follows_a_moved_address_to_the_new_primary(self) -> None:
+        primary, standby = self.start_pair()
+        address = MovedAddress(primary.registry_port)
+        self.addCleanup(address.close)
+        ref = self.start_reference_node("ref-a", address.port, standby.beacon_port)
+        self.assertEqual(self.resolved(primary.registry_port, "ref-a"), ref.node_id)
+        wait_until(lambda: self.resolved(standby.registry_port, "ref-a") == ref.node_id or None, 10,
+                   "the reference daemon's registration on the standby", ref.describe)
+
+        primary.proc.send_signal(signal.SIGKILL)
+        standby.proc.wait_for_output(r"PROMOTED TO PRIMARY, term 2", timeout=TAKEOVER + 10, stream="stderr")
+        assert ref.proc is not None
+        mark = len(ref.proc.stderr())
+        address.move(standby.registry_port)  # what the operator's notify script does on PROMOTED
+        self.assertEqual(self.resolved(standby.registry_port, "ref-a"), ref.node_id)
+
+        # the daemon reconnects to its one address by itself and carries on with the new primary: its
+        # heartbeats, failing since the kill, are answered again (or, after 3 failures, it registered again)
+        proc = ref.proc
+        wait_until(lambda: re.search(r"heartbeat recovered|msg=\"?re-registered", proc.stderr()[mark:]), 20,
+                   "the reference daemon's heartbeat to reach the new primary", ref.describe)
+        self.assertNotIn("re-registered with new node ID", proc.stderr())
+        self.assertEqual(ref.ok("find", "ref-a")["node_id"], ref.node_id)
+        self.assertEqual(ref.ok("set-hostname", "ref-moved")["hostname"], "ref-moved")
+        self.assertEqual(self.resolved(standby.registry_port, "ref-moved"), ref.node_id)
+        self.assertIsNone(self.resolved(standby.registry_port, "ref-a"))
