@@ -23,85 +23,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
-import threading
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.pair import TAKEOVER, PairMixin
+from tests.integration.pair import TAKEOVER, Forwarder, PairMixin
 from tests.integration.peers import RegistryClient
-from tests.integration.procs import LOOPBACK, Rendezvous, wait_until
+from tests.integration.procs import Rendezvous, wait_until
 from tests.integration.test_reference_interop import REF_START_TIMEOUT, SKIP_REASON, RefNode
 
 #: The reference daemon's heartbeat (its -keepalive): short, so it meets the new primary soon.
 KEEPALIVE = "1s"
-
-
-class MovedAddress:
-    """
-    A TCP forwarder on 127.0.0.1: each accepted connection is joined to the
-    current target port; :meth:`move` changes the target and drops the joined
-    connections, as a service address moved to another machine would.
-    """
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.port = self.listener.getsockname()[1]
-        self.joined: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection((LOOPBACK, self.target), timeout=5.0)
-            except OSError:
-                downstream.close()
-                continue
-            upstream.settimeout(None)
-            with self.lock:
-                self.joined += [downstream, upstream]
-            for a, b in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def move(self, target: int) -> None:
-        self.target = target
-        self._drop()
-
-    def _drop(self) -> None:
-        with self.lock:
-            joined, self.joined = self.joined, []
-        for s in joined:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        self._drop()
 
 
 class Pinned(Rendezvous):
@@ -148,7 +81,7 @@ class ReferenceFailoverTests(PairMixin, SynchronousTestCase):
 
     def test_reference_daemon_follows_a_moved_address_to_the_new_primary(self) -> None:
         primary, standby = self.start_pair()
-        address = MovedAddress(primary.registry_port)
+        address = Forwarder(primary.registry_port)
         self.addCleanup(address.close)
         ref = self.start_reference_node("ref-a", address.port, standby.beacon_port)
         self.assertEqual(self.resolved(primary.registry_port, "ref-a"), ref.node_id)
