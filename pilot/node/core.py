@@ -336,11 +336,13 @@ class Node:
 
     def _server_changed(self, index: int) -> None:
         """
-        The registration moved to another rendezvous entry: discovery, punch
-        and relay follow it to the paired beacon.  Established tunnels are
+        The registration moved to another rendezvous entry: our trust
+        statements are fetched there again, and discovery, punch and relay
+        follow it to the paired beacon.  Established tunnels are
         not touched; an unsigned Discover asks the new beacon where we are
         (its answer also cuts the registration's wait short).
         """
+        self.carried.server_changed()
         beacon = self._beacons[min(index, len(self._beacons) - 1)]
         if beacon == self.beacon_addr:
             return

@@ -115,3 +115,30 @@ class BeaconFollowsTests(SynchronousTestCase):
         self.assertEqual(host.node.beacon(), BEACON_A)
         self.assertEqual(host.node.registration.server_index, 0)
         self.assertEqual(len(host.connector.links), 1)
+
+
+class CarriedAcrossServersTests(SynchronousTestCase):
+    """After a move, our trust statements are fetched and deposited at the new rendezvous."""
+
+    def test_statements_deposited_at_the_new_server(self) -> None:
+        from tests.node.test_carried import ALICE, BOB, T0, Rendezvous as StatementRegistry
+        from pilot.node.carried import CarriedTrust
+        from pilot.trust import TrustedPeer, TrustStore
+
+        clock = Clock()
+        clock.advance(T0)
+        first, second = StatementRegistry(clock), StatementRegistry(clock)
+        use = [first]
+        store = TrustStore()
+        store.trusted[BOB.address.node] = TrustedPeer(BOB.address.node, BOB.public_key, T0 - 60, mutual=True)
+        carried = CarriedTrust(identity=ALICE, store=store, save=lambda: None,
+                               request=lambda msg: use[0].requester(ALICE)(msg), clock=clock,
+                               node_id=lambda: ALICE.address.node, restore=False)
+        carried.registered()
+        self.assertEqual(list(first.held(ALICE.address.node)), [BOB.address.node])
+        use[0] = second
+        carried.registered()  # the same server again: nothing is fetched or sent
+        self.assertEqual(second.sent, [])
+        carried.server_changed()
+        carried.registered()
+        self.assertEqual(list(second.held(ALICE.address.node)), [BOB.address.node])
