@@ -12,6 +12,11 @@ Precedence, highest first (``docs/config.md``):
    option names (hyphens or underscores), plus ``auto_approve``;
 4. the defaults below.
 
+``--registry`` and ``--beacon`` take one ``HOST:PORT`` or a comma-separated
+list, paired by index (``docs/config.md``, "A list of rendezvous servers");
+:attr:`NodeSettings.registries`, :attr:`~NodeSettings.beacons` and
+:attr:`~NodeSettings.fingerprints` give the entries.
+
 ``PILOT_HOME`` (default ``~/.pilot``) holds the identity, the trust store,
 the config file, the control socket, the pid file and the log.
 """
