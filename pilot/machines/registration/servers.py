@@ -88,7 +88,8 @@ class Servers:
         if message.get("code") == NOT_PRIMARY:
             primary = message.get("primary")
             self.redirect = self._find(primary)
-            named = f"; the primary is {primary[:64]}" if isinstance(primary, str) and primary else ""
+            shown = "".join(ch for ch in primary[:64] if ch.isprintable()) if isinstance(primary, str) else ""
+            named = f"; the primary is {shown}" if shown else ""
             return f"the rendezvous at {self.current} is a standby{named}"
         return None
 
