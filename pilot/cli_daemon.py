@@ -216,7 +216,9 @@ def _start_background(ctx: Context, settings: Any) -> Result:
         info = _running_info(settings.socket)
         registry = (info or {}).get("registry", {})
         failures = registry.get("consecutive_failures")
-        if registry.get("state") == "registered" or (isinstance(failures, int) and failures >= GIVE_UP_AFTER):
+        # with a list of rendezvous servers, as many attempts on each (docs/registration.md)
+        give_up = GIVE_UP_AFTER * len(settings.registries)
+        if registry.get("state") == "registered" or (isinstance(failures, int) and failures >= give_up):
             break
         time.sleep(0.05)
     if info is None:
@@ -231,7 +233,7 @@ def _start_background(ctx: Context, settings: Any) -> Result:
     raise not_registered(proc.pid, info, settings.registry, ctx.args.wait)
 
 
-#: ``daemon start`` stops waiting after this many failed attempts to reach the registry.
+#: ``daemon start`` stops waiting after this many failed attempts to reach the registry (per entry of a list).
 GIVE_UP_AFTER = 3
 
 
