@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import ConnectionFailed, InvalidArgument, RegistryUnavailable
 from pilot.machines.registration import BACKOFF_INITIAL, HEARTBEAT_INTERVAL, Registration
-from pilot.machines.registration.servers import MAX_SERVERS, MAX_TERM, Servers, server_key
+from pilot.machines.registration.servers import MAX_SERVERS, MAX_TERM, STANDBY_RETRY, Servers, server_key
 from pilot.protocols.registry_client import reply_error
 from tests.machines.test_registration import (
     HANG, US, FakeClient, FixedJitter, World, default_reply, failure_of, run_until,
@@ -185,6 +185,39 @@ class NotPrimaryTests(SynchronousTestCase):
         run_until(w.clock, w.clock.seconds() + 3.6)
         gaps = [round(b - a, 3) for a, b in zip(w.connects, w.connects[1:])]
         self.assertEqual(gaps[:4], [0.5, 0.5, 0.5, 1.0])
+
+    def test_standby_waiting_for_its_promotion(self) -> None:
+        """The primary dies; the standby refuses (naming the dead primary) until promoted 10 s later."""
+        w = ListWorld(rng=FixedJitter(1.0))
+        w.started()
+        w.down.add(A)
+        promoted = [False]
+
+        def register(msg: dict[str, Any]) -> Any:
+            return default_reply(msg) if promoted[0] else not_primary(A)
+
+        w.by_server[B] = {"register": [register] * 100}
+        killed = w.clock.seconds()
+        w.reg.connection_lost("connection reset", w.client)
+        run_until(w.clock, killed + 10.0)
+        after = w.connected_to[1:]
+        self.assertEqual(after[:3], [B, B, A])  # the named primary is dead: stay on the standby first
+        self.assertNotIn([A, A], [after[i:i + 2] for i in range(len(after) - 1)])
+        gaps = [b - a for a, b in zip(w.connects, w.connects[1:])]
+        self.assertLessEqual(max(gaps), STANDBY_RETRY + BACKOFF_INITIAL)  # never the 30 s backoff
+        promoted[0] = True
+        run_until(w.clock, killed + 10.0 + STANDBY_RETRY + 2 * BACKOFF_INITIAL)
+        self.assertTrue(w.reg.is_registered())
+        self.assertEqual(w.reg.status()["server"], B)
+
+    def test_lone_standby_is_retried_briefly(self) -> None:
+        w = ListWorld(servers=(A,), rng=FixedJitter(1.0))
+        w.by_server[A] = {"register": [not_primary("192.0.2.99:9000")] * 100}
+        w.started()
+        run_until(w.clock, w.clock.seconds() + 60)
+        gaps = [b - a for a, b in zip(w.connects, w.connects[1:])]
+        self.assertEqual(max(gaps), STANDBY_RETRY)
+        self.assertEqual(set(w.connected_to), {A})
 
     def test_not_primary_on_a_setting_moves(self) -> None:
         w = ListWorld()

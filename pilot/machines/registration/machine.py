@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from pilot.errors import RegistryUnavailable
+from pilot.machines.registration.servers import STANDBY_RETRY
 from pilot.machines.registration.session import Session
 from pilot.machines.registration.steps import poll_events, register
 from pilot.machines.registration.values import (
@@ -168,11 +169,13 @@ def _back_off(m: RegistrationInputs, c: Session, why: str) -> None:
     _cancel_timers(c)
     _close_client(c)
     left, before = c.servers.current, c.servers.index
-    if c.servers.failed():
-        # the whole list failed in this round (always, with one server): back off
-        window = c.backoff
+    then = c.servers.failed()
+    if then.back_off:
+        # the whole list failed in this round (always, with one server), or a
+        # standby refused us: back off (briefly while a standby answers)
+        window = min(c.backoff, STANDBY_RETRY) if then.standby else c.backoff
         delay = min(max(float(c.jitter.uniform(0.0, window)), 0.0), window)
-        c.backoff = min(window * 2, c.backoff_max)
+        c.backoff = min(c.backoff * 2, c.backoff_max)
         c.log.info("registration: registry unavailable ({why}); retrying in {delay:.2f} s (failure {failures})",
                    why=why, delay=delay, failures=c.failures)
     else:

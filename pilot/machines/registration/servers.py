@@ -27,6 +27,10 @@ from pilot.errors import InvalidArgument
 MAX_SERVERS = 8
 #: Terms above this are not believed (a hostile server could otherwise lock every later one out).
 MAX_TERM = 2 ** 53
+#: While a standby refuses us (``not_primary``), the backoff window grows no larger (s):
+#: it is alive and may be promoted any moment (issue 14: every node registered within
+#: seconds of a promotion).
+STANDBY_RETRY = 3.0
 #: A ``primary`` field longer than this is not even parsed.
 MAX_PRIMARY_TEXT = 300
 NOT_PRIMARY = "not_primary"
@@ -41,6 +45,15 @@ def server_key(text: Any) -> Optional[str]:
     except InvalidArgument:
         return None
     return format_endpoint(host.lower(), port)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Next:
+    """What to do after a failed session: back off first (how long: ``standby``), or go at once."""
+
+    back_off: bool
+    #: a server answered in this round (a standby waiting for its promotion): a short wait
+    standby: bool
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -64,6 +77,12 @@ class Servers:
         if len(self.names) > MAX_SERVERS:
             raise InvalidArgument(f"{len(self.names)} rendezvous servers given; at most {MAX_SERVERS}")
         self._keys = [server_key(name) for name in self.names]
+        #: the current entry's last failure was a standby's refusal (it answered)
+        self._refused = False
+        #: a server answered (refused) in this round
+        self._answered = False
+        #: entries that failed without an answer in this round
+        self._dead: set[int] = set()
 
     @property
     def current(self) -> str:
@@ -88,6 +107,7 @@ class Servers:
         if message.get("code") == NOT_PRIMARY:
             primary = message.get("primary")
             self.redirect = self._find(primary)
+            self._refused = True
             shown = "".join(ch for ch in primary[:64] if ch.isprintable()) if isinstance(primary, str) else ""
             named = f"; the primary is {shown}" if shown else ""
             return f"the rendezvous at {self.current} is a standby{named}"
@@ -102,27 +122,55 @@ class Servers:
                 return i
         return None
 
-    def failed(self) -> bool:
+    def failed(self) -> "Next":
         """
-        The session on the current entry failed: move to the next (or to
-        where a ``not_primary`` pointed).  True when the whole list has
-        failed in this round: the caller backs off before trying again.
+        The session on the current entry failed: choose the entry to try
+        next, and whether to back off first (``docs/registration.md``, "A
+        list of servers"):
+
+        * to where a ``not_primary`` pointed, unless that entry failed
+          without an answer in this round (a dead primary a standby still
+          names);
+        * else to the next entry not known dead in this round;
+        * else, after a standby's refusal, to the same entry again (it is
+          alive and may be promoted any moment), else round robin.
+
+        Back off when the whole list has failed in this round, or when
+        staying on a refusing standby; the wait is short (``standby``) when
+        a server answered in this round.
         """
-        target = self.redirect if self.redirect is not None else (self.index + 1) % len(self.names)
-        self.redirect = None
+        n = len(self.names)
+        refused, self._refused = self._refused, False
+        redirect, self.redirect = self.redirect, None
+        if refused:
+            self._dead.discard(self.index)
+            self._answered = True
+        else:
+            self._dead.add(self.index)
+        if redirect is not None and redirect not in self._dead:
+            target = redirect
+        else:
+            alive = [(self.index + k) % n for k in range(1, n) if (self.index + k) % n not in self._dead]
+            target = alive[0] if alive else (self.index if refused else (self.index + 1) % n)
         if target != self.index:
             self.moves += 1
+        stay = target == self.index and n > 1
         self.index = target
         self.round_failures += 1
-        if self.round_failures >= len(self.names):
-            self.round_failures = 0
-            return True
-        return False
+        if self.round_failures < n and not stay:
+            return Next(back_off=False, standby=False)
+        answered = self._answered
+        self.round_failures = 0
+        self._answered = False
+        self._dead.clear()  # the next round tries every entry again
+        return Next(back_off=True, standby=answered)
 
     def succeeded(self) -> None:
         """Registered on the current entry: the next failure starts a new round."""
         self.round_failures = 0
         self.redirect = None
+        self._refused = self._answered = False
+        self._dead.clear()
 
     def status(self) -> dict[str, Any]:
         return {"server": self.current, "server_index": self.index, "servers": list(self.names),
