@@ -4,8 +4,9 @@ Node failover across a list of rendezvous servers (issue 14, point 4;
 rendezvous processes (no replication: our nodes register by signed proof
 wherever they go), two daemons given both (``--registry A,B --beacon A,B``)
 and registered on the first.  SIGKILL the first: both register on the second
-within a few seconds, ``find`` works there, and a ping running over their
-established tunnel never misses a reply.
+within a few seconds, ``find`` works there, a third daemon's handshake is
+relayed and approved there (the events re-subscribed), and a ping running
+over the established tunnel never misses a reply.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class FailoverTests(NodeTestMixin, SynchronousTestCase):
         second = self.start_rendezvous(name="rendezvous-b")
         a = self.make_node("fo-a", first)
         b = self.make_node("fo-b", first)
-        for node in (a, b):
+        c = self.make_node("fo-c", first)
+        for node in (a, b, c):
             node.started(*self.lists(first, second))
             self.assertTrue(self.on(node, first), node.describe())
             info = node.info()
@@ -51,12 +53,12 @@ class FailoverTests(NodeTestMixin, SynchronousTestCase):
         time.sleep(2.0)  # a few pings through the tunnel first
         first.proc.kill()
         killed = time.monotonic()
-        for node in (a, b):
+        for node in (a, b, c):
             wait_until(lambda: self.on(node, second), 3 * MOVE_WITHIN,
                        f"{node.name} registered on the second rendezvous", node.describe)
         moved = time.monotonic() - killed
         self.assertLess(moved, MOVE_WITHIN, f"the move took {moved:.1f} s")
-        for node in (a, b):
+        for node in (a, b, c):
             info = node.info()
             self.assertEqual(info["beacon"], f"{LOOPBACK}:{second.beacon_port}")
             self.assertEqual(info["registry"]["server_index"], 1)
@@ -65,6 +67,9 @@ class FailoverTests(NodeTestMixin, SynchronousTestCase):
         found = a.ok("find", b.hostname)
         self.assertEqual((found["address"], found["node_id"]), (b.address, b.node_id))
         self.assertEqual(b.ok("find", a.hostname)["address"], a.address)
+        # a handshake to a new peer goes through the second rendezvous, and its
+        # approval comes back as an event there
+        self.trust_each_other(c, a)
 
         # the ping that ran across the move never missed a reply
         status = pinging.wait(PINGS * 3 + 30)
