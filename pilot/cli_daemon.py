@@ -49,8 +49,10 @@ def _home(ctx: Context) -> str:
 @COMMANDS.command(
     "init", "make this node's identity (once) and remember its settings",
     arg("--hostname", help="this node's hostname (saved in config.json)"),
-    arg("--registry", help="the rendezvous registry HOST:PORT (saved in config.json)"),
-    arg("--beacon", help="the rendezvous beacon HOST:PORT (saved in config.json)"),
+    arg("--registry", help="the rendezvous registry HOST:PORT, or a comma-separated list to fail over "
+                           "along (saved in config.json)"),
+    arg("--beacon", help="the rendezvous beacon HOST:PORT, or one per registry in the same order "
+                         "(saved in config.json)"),
     arg("--force", action="store_true", help="replace an existing identity (a new key: a new address)"),
     description="Make the Ed25519 identity in $PILOT_HOME/identity.json (default ~/.pilot), once,\n"
                 "and print its public key and virtual address.  Running it again keeps the key\n"
@@ -214,7 +216,9 @@ def _start_background(ctx: Context, settings: Any) -> Result:
         info = _running_info(settings.socket)
         registry = (info or {}).get("registry", {})
         failures = registry.get("consecutive_failures")
-        if registry.get("state") == "registered" or (isinstance(failures, int) and failures >= GIVE_UP_AFTER):
+        # with a list of rendezvous servers, as many attempts on each (docs/registration.md)
+        give_up = GIVE_UP_AFTER * len(settings.registries)
+        if registry.get("state") == "registered" or (isinstance(failures, int) and failures >= give_up):
             break
         time.sleep(0.05)
     if info is None:
@@ -229,7 +233,7 @@ def _start_background(ctx: Context, settings: Any) -> Result:
     raise not_registered(proc.pid, info, settings.registry, ctx.args.wait)
 
 
-#: ``daemon start`` stops waiting after this many failed attempts to reach the registry.
+#: ``daemon start`` stops waiting after this many failed attempts to reach the registry (per entry of a list).
 GIVE_UP_AFTER = 3
 
 
@@ -312,7 +316,8 @@ def daemon_status(ctx: Context) -> Result:
     data = {"running": True, "pid": _read_pid(settings.pid_path), "address": info.get("address"),
             "hostname": info.get("hostname"), "registry": registry, "uptime_secs": info.get("uptime_secs")}
     text = (f"Daemon running (pid {data['pid']}): {info.get('hostname') or '-'} {info.get('address')}, "
-            f"registry {registry.get('server', '?')} {registry.get('state', '?')}")
+            f"registry {registry.get('server', '?')} {registry.get('state', '?')}"
+            + (f" (term {registry['term']})" if registry.get("term") is not None else ""))
     return Result(data, text)
 
 

@@ -210,6 +210,11 @@ def _registry_text(registry: Any) -> Any:
     if not isinstance(registry, dict):
         return registry
     server, state = registry.get("server"), registry.get("state")
+    servers, term = registry.get("servers"), registry.get("term")
+    if state and isinstance(servers, list) and len(servers) > 1 and isinstance(registry.get("server_index"), int):
+        state = f"{state}, entry {registry['server_index'] + 1} of {len(servers)}"  # docs/registration.md
+    if state and term is not None:
+        state = f"{state}, term {term}"
     if server and state:
         return f"{server} ({state})"
     return server or state

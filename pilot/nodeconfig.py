@@ -12,6 +12,11 @@ Precedence, highest first (``docs/config.md``):
    option names (hyphens or underscores), plus ``auto_approve``;
 4. the defaults below.
 
+``--registry`` and ``--beacon`` take one ``HOST:PORT`` or a comma-separated
+list, paired by index (``docs/config.md``, "A list of rendezvous servers");
+:attr:`NodeSettings.registries`, :attr:`~NodeSettings.beacons` and
+:attr:`~NodeSettings.fingerprints` give the entries.
+
 ``PILOT_HOME`` (default ``~/.pilot``) holds the identity, the trust store,
 the config file, the control socket, the pid file and the log.
 """
@@ -27,6 +32,7 @@ from pilot import log
 from pilot.endpoint import format_endpoint, parse_host_port
 from pilot.errors import InvalidArgument, PilotError
 from pilot.identity import default_home
+from pilot.machines.registration.servers import MAX_SERVERS
 from pilot.machines.trust import AutoApprove
 from pilot.names import hostname_problem, normalise_tags
 from pilot.options import (Setting, Switch, environment_values, parse_address, parse_duration, parse_path,
@@ -54,6 +60,35 @@ def parse_tags(text: str) -> list[str]:
         raise ValueError(str(e)) from None
 
 
+def parse_server_list(text: str) -> str:
+    """
+    One rendezvous server or a comma-separated list (``a:9000,b:9000``), in
+    normal form; at most MAX_SERVERS entries, none empty, none twice.
+    """
+    entries = [entry.strip() for entry in text.split(",")]
+    if len(entries) > MAX_SERVERS:
+        raise ValueError(f"{len(entries)} servers given; at most {MAX_SERVERS}")
+    out: list[str] = []
+    for i, entry in enumerate(entries):
+        if not entry:
+            raise ValueError(f"entry {i + 1} of {text.strip()!r} is empty")
+        normal = parse_server(entry)
+        if normal in out:
+            raise ValueError(f"{normal} is listed twice")
+        out.append(normal)
+    return ",".join(out)
+
+
+def parse_fingerprints(text: str) -> str:
+    """One TLS fingerprint for every server, or a comma-separated list, one per registry entry."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if any(not entry for entry in entries):
+        raise ValueError(f"an empty fingerprint in {text.strip()!r}")
+    if len(entries) > MAX_SERVERS:
+        raise ValueError(f"{len(entries)} fingerprints given; at most {MAX_SERVERS}")
+    return ",".join(entries)
+
+
 def parse_bool(text: str) -> bool:
     word = text.strip().lower()
     if word in ("1", "true", "yes", "on"):
@@ -64,10 +99,11 @@ def parse_bool(text: str) -> bool:
 
 
 NODE_OPTIONS: tuple[Setting | Switch, ...] = (
-    Setting("registry", None, parse_server, "HOST:PORT",
-            f"the rendezvous registry (default: {DEFAULT_REGISTRY})"),
-    Setting("beacon", None, parse_server, "HOST:PORT",
-            f"the rendezvous beacon (default: the registry's host, port {BEACON_PORT})"),
+    Setting("registry", None, parse_server_list, "HOST:PORT[,HOST:PORT...]",
+            f"the rendezvous registry, or a list to fail over along (default: {DEFAULT_REGISTRY})"),
+    Setting("beacon", None, parse_server_list, "HOST:PORT[,HOST:PORT...]",
+            f"the rendezvous beacon, or one per registry in the same order (default: each registry's host, "
+            f"port {BEACON_PORT})"),
     Setting("hostname", None, parse_hostname, "NAME", "this node's hostname"),
     Setting("listen", ":0", parse_address, "ADDR",
             "UDP address of the tunnel socket, [HOST]:PORT (port 0: any free port)"),
@@ -75,8 +111,9 @@ NODE_OPTIONS: tuple[Setting | Switch, ...] = (
     Setting("tags", None, parse_tags, "TAGS", "tags, separated by commas or spaces"),
     Setting("identity", None, parse_path, "PATH", "identity file (default: $PILOT_HOME/identity.json)"),
     Setting("socket", None, parse_path, "PATH", "control socket (default: $PILOT_HOME/pilot.sock)"),
-    Setting("registry-fingerprint", None, str, "SHA256",
-            "the registry serves TLS; accept only the certificate with this SHA-256 fingerprint"),
+    Setting("registry-fingerprint", None, parse_fingerprints, "SHA256[,SHA256...]",
+            "the registry serves TLS; accept only the certificate with this SHA-256 fingerprint "
+            "(one for every registry, or one per registry in the same order)"),
     Setting("heartbeat", str(int(DEFAULT_HEARTBEAT)), parse_duration, "SECONDS",
             "seconds between registry heartbeats"),
     Setting("log-format", None, log.check_format, "FORMAT", f"log format: {' or '.join(log.FORMATS)}"),
@@ -102,6 +139,24 @@ class NodeSettings:
     log_level: str | None = None
 
     @property
+    def registries(self) -> tuple[str, ...]:
+        """The registry entries, in order (``--registry a:9000,b:9000``)."""
+        return tuple(self.registry.split(","))
+
+    @property
+    def beacons(self) -> tuple[str, ...]:
+        """The beacon entries, paired by index with :attr:`registries`."""
+        return tuple(self.beacon.split(","))
+
+    @property
+    def fingerprints(self) -> tuple[str | None, ...]:
+        """The TLS fingerprint of each registry entry (None: plain TCP)."""
+        if not self.registry_fingerprint:
+            return (None,) * len(self.registries)
+        pins = tuple(self.registry_fingerprint.split(","))
+        return pins * len(self.registries) if len(pins) == 1 else pins
+
+    @property
     def trust_path(self) -> str:
         return os.path.join(os.path.dirname(os.path.abspath(self.identity)), "trust.json")
 
@@ -112,6 +167,18 @@ class NodeSettings:
     @property
     def log_path(self) -> str:
         return os.path.join(self.home, "pilot.log")
+
+
+def check_pairs(registry: str, beacon: str, fingerprints: str | None, config: str) -> None:
+    """The beacon (and fingerprint) lists pair with the registry list: InvalidArgument otherwise."""
+    hint = f"give --registry and --beacon (PILOT_REGISTRY, PILOT_BEACON, {config}) lists in the same order"
+    count = len(registry.split(","))
+    if len(beacon.split(",")) != count:
+        raise InvalidArgument(f"{count} registry entries but {len(beacon.split(','))} beacon entries", hint)
+    pins = len(fingerprints.split(",")) if fingerprints else 1
+    if pins not in (1, count):
+        raise InvalidArgument(f"{count} registry entries but {pins} TLS fingerprints",
+                              "give one fingerprint for every registry, or one per registry in the same order")
 
 
 def config_path(home: str) -> str:
@@ -168,7 +235,9 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
     except (ValueError, PilotError) as e:
         raise InvalidArgument(str(e), f"check the flags, PILOT_* variables and {config_path(home)}") from None
     registry = values["registry"] or DEFAULT_REGISTRY
-    beacon = values["beacon"] or format_endpoint(parse_host_port(registry)[0], BEACON_PORT)
+    beacon = values["beacon"] or ",".join(format_endpoint(parse_host_port(entry)[0], BEACON_PORT)
+                                          for entry in registry.split(","))
+    check_pairs(registry, beacon, values["registry_fingerprint"], config_path(home))
     return NodeSettings(
         home=home,
         identity=values["identity"] or os.path.join(home, "identity.json"),

@@ -119,6 +119,13 @@ class DaemonTests(HomeTestCase):
                                              "registry 127.0.0.1:9000 registered")
         self.assertEqual(fake.calls, [("info", "{}")])
 
+    def test_status_shows_the_term(self) -> None:
+        """A rendezvous pair's term (docs/registration.md, "A list of servers")."""
+        self.daemon({**self.INFO, "registry": {"server": "127.0.0.1:9100", "state": "registered", "term": 2}})
+        ran = Ran(["daemon", "status"])
+        self.assertEqual(ran.status, 0, ran.stderr)
+        self.assertIn("registry 127.0.0.1:9100 registered (term 2)", ran.stdout)
+
     def test_start_refuses_a_second_daemon(self) -> None:
         self.daemon(dict(self.INFO))
         ran = Ran(["--json", "daemon", "start"])
@@ -212,6 +219,25 @@ class BackgroundStartTests(HomeTestCase):
         self.assertIn("pid 4242", error["message"])
         self.assertIn("keeps retrying", error["hint"])
         self.assertIn("daemon stop", error["hint"])
+
+    def test_a_list_waits_as_many_attempts_per_entry(self) -> None:
+        """Three failures with two rendezvous entries: the second is still to be tried (docs/cli.md)."""
+        answers = [{"server": "127.0.0.1:9998", "state": "waiting", "consecutive_failures": n} for n in (3, 4, 5)]
+        answers.append({"server": "127.0.0.1:9999", "state": "registered", "consecutive_failures": 0})
+        daemon = StartingDaemon(answers[0])
+        FakePopen.started = []
+        self.patch(subprocess, "Popen", FakePopen)
+        self.patch(time, "sleep", lambda seconds: setattr(daemon, "registry", answers.pop(0)))
+        self.patch(cli_daemon, "_client", daemon.client)
+        ran = Ran(["--json", "daemon", "start", "--registry", "127.0.0.1:9998,127.0.0.1:9999"])
+        self.assertEqual(ran.status, 0, ran.stderr)
+        self.assertEqual(json.loads(ran.stdout)["registry"]["server"], "127.0.0.1:9999")
+
+    def test_a_list_gives_up_after_every_entry_failed_thrice(self) -> None:
+        ran = self.start({"server": "127.0.0.1:9999", "state": "waiting", "consecutive_failures": 6,
+                          "last_error": "Connection refused"}, "--registry", "127.0.0.1:9998,127.0.0.1:9999")
+        self.assertEqual(ran.status, int(ErrorCode.registry_unavailable), ran.stderr)
+        self.assertIn("127.0.0.1:9998,127.0.0.1:9999", ran.json_error()["message"])
 
     def test_no_answer_within_the_wait(self) -> None:
         ran = self.start({"server": "127.0.0.1:9000", "state": "registering"}, "--wait", "0.01")

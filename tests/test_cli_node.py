@@ -267,6 +267,14 @@ class SimpleCommandTests(CLITestCase):
         self.assertIn("Registry:     rv:9000 (registered)\n", ran.stdout)
         self.assertTrue(ran.stdout.endswith("Counters:\n  stack.received: 4\n  stack.sent: 3\n"), ran.stdout)
 
+    def test_info_rendezvous_entry_and_term(self) -> None:
+        """With a list of rendezvous servers, the entry in use and the term seen (docs/registration.md)."""
+        self.fake.answers["info"] = {**NODE_INFO, "registry": {
+            "server": "rv-b:9000", "state": "registered", "servers": ["rv-a:9000", "rv-b:9000"],
+            "server_index": 1, "term": 3}}
+        ran = self.run_ok(["info"])
+        self.assertIn("Registry:     rv-b:9000 (registered, entry 2 of 2, term 3)\n", ran.stdout)
+
     def test_info_path_mtu(self) -> None:
         """Each peer's discovered datagram size and segment (docs/tunnel.md), in text and --json."""
         peers = [{"address": "0:0000.0000.0007", "mtu": 1472, "mss": 1402, "mtu_state": "complete"},

@@ -151,3 +151,62 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(len(names), len(set(names)))
         for option in NODE_OPTIONS:
             self.assertTrue(option.help, option.name)
+
+
+class ServerListTests(SynchronousTestCase):
+    """``--registry`` / ``--beacon`` as lists (docs/config.md, docs/registration.md)."""
+
+    def setUp(self) -> None:
+        self.home = os.path.abspath(self.mktemp())
+        os.makedirs(self.home)
+
+    def load(self, flags: dict[str, Any] | None = None, **environ: str) -> Any:
+        return load_settings(flags or {}, environ, self.home)
+
+    def test_one_entry_is_unchanged(self) -> None:
+        settings = self.load({"registry": "192.0.2.1:9000"})
+        self.assertEqual((settings.registry, settings.beacon), ("192.0.2.1:9000", f"192.0.2.1:{BEACON_PORT}"))
+        self.assertEqual(settings.registries, ("192.0.2.1:9000",))
+        self.assertEqual(settings.fingerprints, (None,))
+
+    def test_lists_pair_in_order(self) -> None:
+        settings = self.load({}, PILOT_REGISTRY=" 192.0.2.1:9000, rv-b.example:09000 ",
+                             PILOT_BEACON="192.0.2.1:9001,rv-b.example:9001")
+        self.assertEqual(settings.registries, ("192.0.2.1:9000", "rv-b.example:9000"))
+        self.assertEqual(settings.beacons, ("192.0.2.1:9001", "rv-b.example:9001"))
+        self.assertEqual(settings.registry, "192.0.2.1:9000,rv-b.example:9000")
+
+    def test_beacons_default_per_registry(self) -> None:
+        settings = self.load({"registry": "192.0.2.1:7000,[2001:db8::1]:7000"})
+        self.assertEqual(settings.beacons, (f"192.0.2.1:{BEACON_PORT}", f"[2001:db8::1]:{BEACON_PORT}"))
+
+    def test_config_file_list(self) -> None:
+        with open(config_path(self.home), "w") as f:
+            json.dump({"registry": ["192.0.2.1:9000", "192.0.2.2:9000"]}, f)
+        self.assertEqual(self.load().registries, ("192.0.2.1:9000", "192.0.2.2:9000"))
+
+    def test_fingerprints_one_for_all_or_one_each(self) -> None:
+        one, two = "a" * 64, "b" * 64
+        settings = self.load({"registry": "192.0.2.1:9000,192.0.2.2:9000", "registry_fingerprint": one})
+        self.assertEqual(settings.fingerprints, (one, one))
+        settings = self.load({"registry": "192.0.2.1:9000,192.0.2.2:9000", "registry_fingerprint": f"{one},{two}"})
+        self.assertEqual(settings.fingerprints, (one, two))
+
+    def test_bad_lists(self) -> None:
+        nine = ",".join(f"192.0.2.{i}:9000" for i in range(1, 10))
+        for flags, words in [
+            ({"registry": "192.0.2.1:9000,192.0.2.2:9000", "beacon": "192.0.2.1:9001"}, "2 registry entries but 1"),
+            ({"registry": "192.0.2.1:9000", "beacon": "192.0.2.1:9001,192.0.2.2:9001"}, "1 registry entries but 2"),
+            ({"registry": "192.0.2.1:9000,,192.0.2.2:9000"}, "empty"),
+            ({"registry": "192.0.2.1:9000,"}, "empty"),
+            ({"registry": "192.0.2.1:9000,192.0.2.1:09000"}, "twice"),
+            ({"registry": "192.0.2.1:9000,nowhere"}, "--registry"),
+            ({"registry": nine}, "at most 8"),
+            ({"registry": "192.0.2.1:9000,192.0.2.2:9000,192.0.2.3:9000",
+              "registry_fingerprint": "a,b"}, "3 registry entries but 2 TLS fingerprints"),
+            ({"registry_fingerprint": "a,,b"}, "empty fingerprint"),
+        ]:
+            with self.assertRaises(InvalidArgument, msg=repr(flags)) as raised:
+                self.load(flags)
+            self.assertIn(words, raised.exception.message, repr(flags))
+            self.assertEqual(raised.exception.code.name, "invalid_argument")

@@ -35,6 +35,23 @@ class NodeTapTests(SynchronousTestCase):
                          ("127.0.0.1:9000", "agent-a", True))
         self.assertEqual(options.settings.home, self.home)
 
+    def test_lists_of_servers(self) -> None:
+        options = self.parse("--registry", "127.0.0.1:9000,127.0.0.1:9100",
+                             "--beacon", "127.0.0.1:9001,127.0.0.1:9101")
+        self.assertEqual(options.settings.registries, ("127.0.0.1:9000", "127.0.0.1:9100"))
+        self.assertEqual(options.settings.beacons, ("127.0.0.1:9001", "127.0.0.1:9101"))
+        self.assertRaises(usage.UsageError, self.parse, "--registry", "127.0.0.1:9000,127.0.0.1:9100",
+                          "--beacon", "127.0.0.1:9001")
+
+    def test_service_has_one_connector_per_entry(self) -> None:
+        Identity.generate().save(os.path.join(self.home, "identity.json"))
+        guard = nodetap.makeService(self.parse("--registry", "127.0.0.1:9000,127.0.0.2:9100",
+                                               "--listen", "127.0.0.1:0"))
+        node = guard.inner.node
+        self.assertEqual([(c.host, c.port) for c in node._connectors],
+                         [("127.0.0.1", 9000), ("127.0.0.2", 9100)])
+        self.assertEqual(node.registration.status()["servers"], ["127.0.0.1:9000", "127.0.0.2:9100"])
+
     def test_bad_value_is_a_usage_error(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "--hostname", "Not A Name")
 

@@ -76,6 +76,15 @@ class CarriedTrust:
         else:
             self.sync()
 
+    def server_changed(self) -> None:
+        """
+        The node moved to another rendezvous of its list (``docs/registration.md``):
+        what that one holds is unknown, so the next registration fetches again
+        and deposits what it lacks.
+        """
+        self.deposited = None
+        self._unsupported = False
+
     def trust_changed(self) -> None:
         """The trust store was saved: deposit what changed (once we know what the registry holds)."""
         if self.deposited is not None and not self._fetching:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import random as _random
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
@@ -95,24 +95,27 @@ class Node:
     log = Logger()
 
     def __init__(self, *, identity: Identity, trust_store: TrustStore, save_trust: Callable[[], None],
-                 clock: IReactorTime, sender: IDatagramSender, connector: IRegistryConnector,
+                 clock: IReactorTime, sender: IDatagramSender,
+                 connector: IRegistryConnector | Sequence[IRegistryConnector],
                  prober: IRouteProber, one_message: Callable[[bytes], IProtocol],
                  hostname: Optional[str] = None, public: bool = False, tags: tuple[str, ...] = (),
                  heartbeat: float = HEARTBEAT_INTERVAL, auto_approve: Optional[AutoApprove] = None,
                  path_config: PathConfig = PathConfig(), rng: Optional[_random.Random] = None,
                  random_bytes: Callable[[int], bytes] = os.urandom, restore_trust: bool = False,
-                 max_datagram: Optional[int] = None) -> None:
+                 max_datagram: Optional[int] = None, servers: Sequence[str] = ("",)) -> None:
         self.identity = identity
         self.trust_store = trust_store
         self.clock = clock
         self._sender = sender
-        self._connector = connector
+        # one connector per rendezvous entry, paired by index with the beacons given to start()
+        self._connectors = list(connector) if isinstance(connector, Sequence) else [connector]
         self._prober = prober
         self._one_message = one_message
         self._random_bytes = random_bytes
         rng = rng if rng is not None else _random.Random()
         self.own_id: int = identity.address.node
         self.beacon_addr: Optional[Endpoint] = None
+        self._beacons: list[Optional[Endpoint]] = [None]
         self.public_endpoint: Optional[Endpoint] = None
         self.lan_host: Optional[str] = None
         self._punch_calls: set[IDelayedCall] = set()
@@ -129,7 +132,8 @@ class Node:
         self.registration = Registration(
             connect=self._connect_registry, identity=identity, clock=clock, endpoint=self.endpoint_text,
             register_extra=self.register_extra, registered=self._registered, unregistered=self._unregistered,
-            event=self._registry_event, heartbeat_ok=self._heartbeat_ok, hostname=hostname, public=public,
+            event=self._registry_event, heartbeat_ok=self._heartbeat_ok, servers=servers,
+            server_changed=self._server_changed, hostname=hostname, public=public,
             tags=list(tags), heartbeat_interval=heartbeat, random=rng, random_bytes=random_bytes)
         self.peers = PeerDirectory(clock, self.registration.request, self.pinned_key)
         self.tunnels = Tunnels(
@@ -159,11 +163,16 @@ class Node:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self, beacon: Optional[Endpoint]) -> None:
-        """Ask the beacon where we are; register once it answers (or after ``REGISTER_WAIT``)."""
+    def start(self, *beacons: Optional[Endpoint]) -> None:
+        """
+        Ask the beacon where we are; register once it answers (or after
+        ``REGISTER_WAIT``).  With a list of rendezvous servers, one beacon per
+        entry, in the order of the connectors (docs/registration.md).
+        """
         self.running = True
         self.started_at = self.clock.seconds()
-        self.beacon_addr = beacon
+        self._beacons = list(beacons) or [None]
+        self.beacon_addr = self._beacons[min(self.registration.server_index, len(self._beacons) - 1)]
         self._discover()
         # register once the beacon told us our public endpoint (or after a
         # short wait without it), so the first registration is the right one
@@ -322,7 +331,25 @@ class Node:
     # --- the registry (IRegistryLink) ----------------------------------------------------------
 
     def _connect_registry(self) -> "Deferred[Any]":
-        return self._connector.connect(self)
+        index = self.registration.server_index
+        return self._connectors[min(index, len(self._connectors) - 1)].connect(self)
+
+    def _server_changed(self, index: int) -> None:
+        """
+        The registration moved to another rendezvous entry: our trust
+        statements are fetched there again, and discovery, punch and relay
+        follow it to the paired beacon.  Established tunnels are
+        not touched; an unsigned Discover asks the new beacon where we are
+        (its answer also cuts the registration's wait short).
+        """
+        self.carried.server_changed()
+        beacon = self._beacons[min(index, len(self._beacons) - 1)]
+        if beacon == self.beacon_addr:
+            return
+        self.log.info("rendezvous: beacon now {beacon}", beacon=format_endpoint(*beacon) if beacon else None)
+        self.beacon_addr = beacon
+        if beacon is not None and self.running:
+            self._sender.send(bw.Discover(0).base, beacon)
 
     def event_received(self, event: dict[str, Any]) -> None:
         self.registration.event_received(event)

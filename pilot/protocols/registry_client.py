@@ -10,7 +10,9 @@ whose ``type`` is ``"event"`` is not a reply; it goes to ``on_event``.
 A reply that is an error (``type`` ``"error"``, or any string ``error``
 field, as the reference client judges it) fails its Deferred with the
 :class:`~pilot.errors.PilotError` for its ``code`` (``internal`` when the
-registry gave none, as the reference never does).  Losing the connection
+registry gave none, as the reference never does); the error keeps the whole
+reply as its ``registry_reply`` attribute (a pair's ``term``, a standby's
+``primary``: ``docs/registration.md``).  Losing the connection
 fails every outstanding request with :class:`~pilot.errors.RegistryUnavailable`;
 reconnecting is the caller's business.
 """
@@ -27,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pilot.errors import InvalidArgument, MalformedFrame, PilotError, RegistryUnavailable, error_for
+from pilot.machines.registration.requests import REPLY_ATTRIBUTE
 from pilot.wire.registry import FrameDecoder, encode_frame
 
 EventCallback = Callable[[dict[str, Any]], object]
@@ -39,7 +42,11 @@ def reply_error(reply: dict[str, Any]) -> PilotError | None:
         return None
     message = text if isinstance(text, str) and text else "the registry reported an error"
     code = reply.get("code")
-    return error_for(code if isinstance(code, str) and code else "internal", message)
+    error = error_for(code if isinstance(code, str) and code else "internal", message)
+    # the whole reply goes along: the registration screens its term and a
+    # standby's ``primary`` (pilot.machines.registration.servers)
+    setattr(error, REPLY_ATTRIBUTE, reply)
+    return error
 
 
 class RegistryClientProtocol(Protocol):

@@ -93,6 +93,8 @@ class NodeAPIImpl:
     def info(self) -> Any:
         n = self.node
         status = n.registration.status()
+        # the rendezvous entry in use, of the list given (docs/registration.md)
+        entry = min(n.registration.server_index, len(self.settings.registries) - 1)
         peer_list = []
         rtts = _rtts(n)
         for node_id in n.tunnels.peers():
@@ -119,8 +121,9 @@ class NodeAPIImpl:
             "local_port": n.local_port(),
             "local_addr": n.local_endpoint(),
             "nat": _nat_kind(n),
-            "registry": {**status, "server": self.settings.registry},
-            "beacon": self.settings.beacon,
+            "registry": {**status, "server": self.settings.registries[entry],
+                         "servers": list(self.settings.registries)},
+            "beacon": self.settings.beacons[min(entry, len(self.settings.beacons) - 1)],
             "uptime_secs": round(n.clock.seconds() - (n.started_at or n.clock.seconds()), 3),
             "peers": len(peer_list),
             "encrypted_peers": sum(1 for p in peer_list if p["encrypted"]),

@@ -267,14 +267,14 @@ class NodeRunner(Service):
 
     def startService(self) -> None:
         super().startService()
-        beacon_host, beacon_port = parse_host_port(self.settings.beacon)
+        beacons = [self._resolve(*parse_host_port(entry)) for entry in self.settings.beacons]
         self.node.stack.listen(HANDSHAKE_PORT, HandshakeFactory(self.node.trust))
         self.apps.listen(self.node.stack)
         self.log.info("Node {address} starting: tunnel on UDP {udp}, control socket {sock}, "
                       "registry {registry}, beacon {beacon}", address=str(self.node.identity.address),
                       udp=self.node.local_port(), sock=self.settings.socket, registry=self.settings.registry,
                       beacon=self.settings.beacon)
-        self.node.start(self._resolve(beacon_host, beacon_port))
+        self.node.start(*beacons)
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
@@ -319,7 +319,9 @@ class NodeService(MultiService):
         self.node = Node(
             identity=identity, trust_store=trust_store,
             save_trust=functools.partial(trust_store.save, settings.trust_path), clock=reactor,
-            sender=self.udp, connector=RegistryConnector(reactor, settings.registry, settings.registry_fingerprint),
+            sender=self.udp, servers=settings.registries,
+            connector=[RegistryConnector(reactor, registry, pin)
+                       for registry, pin in zip(settings.registries, settings.fingerprints)],
             prober=RouteProber(), one_message=OneMessage, hostname=settings.hostname, public=settings.public,
             tags=settings.tags, heartbeat=settings.heartbeat, auto_approve=settings.auto_approve,
             restore_trust=restore_trust, max_datagram=max_datagram(os.environ))

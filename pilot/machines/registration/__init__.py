@@ -41,7 +41,11 @@ Where this differs from the reference daemon (``docs/reference-wire.md`` §9):
   30 s (#13); with a registry that refuses ``subscribe_events`` (the
   reference) we poll after every heartbeat, as it does;
 * heartbeat every 25 s rather than 30 s (#16, ``docs/registration.md``);
-* reconnects spread with full jitter rather than in lock step.
+* reconnects spread with full jitter rather than in lock step;
+* a list of rendezvous servers (``servers``): a failed session moves to the
+  next, a standby's ``not_primary`` to the primary it names, a reply with a
+  lower term than seen is never applied (issue 14, ``docs/registration.md``,
+  "A list of servers").
 
 The package, one job a module:
 
@@ -56,13 +60,16 @@ The package, one job a module:
 * :mod:`~pilot.machines.registration.settings`: hostname, visibility, tags
   and which changes the registry has not confirmed;
 * :mod:`~pilot.machines.registration.requests`: signed requests with a
-  timeout on one connection;
+  timeout on one connection, every reply screened;
+* :mod:`~pilot.machines.registration.servers`: the list of rendezvous
+  servers, the one in use, the highest term seen;
 * :mod:`~pilot.machines.registration.values`: timings, state names and the
   collaborators' shapes.
 """
 
 from pilot.machines.registration.machine import RegistrationInputs, table, transitions
 from pilot.machines.registration.facade import Registration
+from pilot.machines.registration.servers import MAX_SERVERS, Servers
 from pilot.machines.registration.values import (
     BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, CONNECTING, HEARTBEAT_INTERVAL, IDLE, REGISTERED,
     REGISTERING, REQUEST_TIMEOUT, SEEN_SPREAD, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING, Jitter,
@@ -70,7 +77,7 @@ from pilot.machines.registration.values import (
 )
 
 __all__ = [
-    "BACKOFF_INITIAL", "BACKOFF_MAX", "CONNECT_TIMEOUT", "CONNECTING", "HEARTBEAT_INTERVAL", "IDLE",
+    "BACKOFF_INITIAL", "BACKOFF_MAX", "MAX_SERVERS", "Servers", "CONNECT_TIMEOUT", "CONNECTING", "HEARTBEAT_INTERVAL", "IDLE",
     "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SEEN_SPREAD", "SETTING_REQUESTS", "STOP_TIMEOUT",
     "STOPPED", "WAITING", "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table",
     "transitions",

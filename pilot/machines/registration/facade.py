@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random as _random
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +22,7 @@ from pilot.errors import InvalidArgument, MalformedFrame
 from pilot.identity import Identity
 from pilot.machines.registration.machine import RegistrationMachine, not_registered, watch
 from pilot.machines.registration.requests import Outbox
+from pilot.machines.registration.servers import Servers, check_names
 from pilot.machines.registration.session import Session
 from pilot.machines.registration.settings import Settings
 from pilot.machines.registration.values import (
@@ -54,6 +55,13 @@ class Registration:
     :param heartbeat_ok: optional ``(time)`` after every acknowledged
         heartbeat (the owner sends its beacon Discover then,
         ``docs/reference-wire.md`` §3).
+    :param servers: the rendezvous entries, in order (``host:port`` texts,
+        for the status and to match a standby's ``primary``); ``connect()``
+        connects to the entry at :attr:`server_index`.  One entry (the
+        default) is a single server.
+    :param server_changed: ``(index)`` when the session moves to another
+        entry (after a failed session, a ``not_primary`` refusal or a stale
+        term): the owner switches its beacon to the paired entry.
     :param random: jitter source with ``uniform(a, b)``.
     :param random_bytes: nonce source (``os.urandom``).
     """
@@ -67,6 +75,8 @@ class Registration:
                  unregistered: Callable[[str], object] = lambda reason: None,
                  event: Callable[[dict[str, Any]], object] = lambda event: None,
                  heartbeat_ok: Optional[Callable[[float], object]] = None,
+                 servers: Sequence[str] = ("",),
+                 server_changed: Callable[[int], object] = lambda index: None,
                  hostname: Optional[str] = None, public: bool = False, tags: Optional[list[str]] = None,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, backoff_initial: float = BACKOFF_INITIAL,
                  backoff_max: float = BACKOFF_MAX, request_timeout: float = REQUEST_TIMEOUT,
@@ -84,16 +94,18 @@ class Registration:
                 raise InvalidArgument(f"{what} must be positive")
         if backoff_max < backoff_initial:
             raise InvalidArgument("backoff_max must be at least backoff_initial")
+        rendezvous = Servers(check_names(servers))
         self._session = Session(
             connect=connect, identity=identity, clock=clock,
-            outbox=Outbox(identity, clock, random_bytes, request_timeout),
+            outbox=Outbox(identity, clock, random_bytes, request_timeout, screen=rendezvous.screen),
             settings=Settings(hostname, public, self._tags(tags or [])), endpoint=endpoint,
             register_extra=register_extra, on_registered=registered, on_unregistered=unregistered,
             on_event=event, on_heartbeat=heartbeat_ok,
             jitter=random if random is not None else _random.Random(),
             heartbeat_interval=heartbeat_interval, backoff_initial=backoff_initial, backoff_max=backoff_max,
             connect_timeout=connect_timeout, stop_timeout=stop_timeout,
-            log=log if log is not None else self.log, backoff=backoff_initial)
+            log=log if log is not None else self.log, servers=rendezvous, on_server_changed=server_changed,
+            backoff=backoff_initial)
         self._machine = RegistrationMachine(self._session)
 
     @staticmethod
@@ -228,6 +240,11 @@ class Registration:
         return self._session.state
 
     @property
+    def server_index(self) -> int:
+        """The entry of ``servers`` in use (or to be tried next)."""
+        return self._session.servers.index
+
+    @property
     def node_id(self) -> Optional[int]:
         return self._session.node_id
 
@@ -257,6 +274,7 @@ class Registration:
             "hostname_error": s.hostname_error,
             "setting_errors": dict(settings.errors),
             "unsynced_settings": sorted(settings.changes),
+            **s.servers.status(),
         }
 
 

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from pilot.errors import RegistryUnavailable
+from pilot.machines.registration.servers import STANDBY_RETRY
 from pilot.machines.registration.session import Session
 from pilot.machines.registration.steps import poll_events, register
 from pilot.machines.registration.values import (
@@ -167,13 +168,27 @@ def _back_off(m: RegistrationInputs, c: Session, why: str) -> None:
     c.last_error = why
     _cancel_timers(c)
     _close_client(c)
-    window = c.backoff
-    delay = min(max(float(c.jitter.uniform(0.0, window)), 0.0), window)
-    c.backoff = min(window * 2, c.backoff_max)
+    left, before = c.servers.current, c.servers.index
+    then = c.servers.failed()
+    if then.back_off:
+        # the whole list failed in this round (always, with one server), or a
+        # standby refused us: back off (briefly while a standby answers)
+        window = min(c.backoff, STANDBY_RETRY) if then.standby else c.backoff
+        delay = min(max(float(c.jitter.uniform(0.0, window)), 0.0), window)
+        c.backoff = min(c.backoff * 2, c.backoff_max)
+        c.log.info("registration: registry unavailable ({why}); retrying in {delay:.2f} s (failure {failures})",
+                   why=why, delay=delay, failures=c.failures)
+    else:
+        # another entry is left in this round: go there at once, spread a little
+        # so that a fleet does not arrive in one instant
+        window = c.backoff_initial
+        delay = min(max(float(c.jitter.uniform(0.0, window)), 0.0), window)
+        c.log.info("registration: the rendezvous at {left} is unavailable ({why}); moving to {server} in "
+                   "{delay:.2f} s", left=left, why=why, server=c.servers.current, delay=delay)
     c.next_retry_at = c.now() + delay
     c.retry_call = c.clock.callLater(delay, m.backoff_elapsed)
-    c.log.info("registration: registry unavailable ({why}); retrying in {delay:.2f} s (failure {failures})",
-               why=why, delay=delay, failures=c.failures)
+    if c.servers.index != before:
+        c.call_out("server_changed", c.on_server_changed, c.servers.index)
     _unannounce(c, why)
 
 
@@ -225,6 +240,7 @@ def _announce(m: RegistrationInputs, c: Session, reply: Reply) -> None:
     assert c.node_id is not None and c.address is not None
     c.failures = 0
     c.backoff = c.backoff_initial
+    c.servers.succeeded()
     c.next_retry_at = None
     c.last_error = None
     c.registered_at = c.now()
@@ -363,6 +379,13 @@ for _state in (idle, connecting, registering, waiting, stopped):
 def _forward_event(m: RegistrationInputs, c: Session, event: dict[str, Any]) -> None:
     if not isinstance(event, dict) or event.get("type") != "event" or not isinstance(event.get("event"), str):
         c.log.warn("registration: dropped a malformed registry event")
+        return
+    why = c.servers.screen(event)
+    if why is not None:
+        # never applied; the session that carried it is left (connection_lost is
+        # ignored in the states that have no connection)
+        c.log.warn("registration: dropped a registry event: {why}", why=why)
+        m.connection_lost(why)
         return
     c.call_out("event", c.on_event, dict(event))
 

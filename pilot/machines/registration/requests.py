@@ -21,6 +21,11 @@ from pilot.identity import Identity
 from pilot.machines.registration.values import RegistryClient, Reply, reason
 from pilot.wire.registry import NONCE_LEN, sign_request
 
+#: The attribute of a PilotError that holds the error reply it was made from
+#: (``pilot.protocols.registry_client.reply_error`` sets it): its ``term`` and
+#: ``primary`` fields matter to the session.
+REPLY_ATTRIBUTE = "registry_reply"
+
 
 class Outbox:
     """
@@ -29,8 +34,9 @@ class Outbox:
     """
 
     def __init__(self, identity: Identity, clock: IReactorTime, random_bytes: Callable[[int], bytes],
-                 timeout: float) -> None:
+                 timeout: float, screen: Callable[[Reply], Optional[str]] = lambda reply: None) -> None:
         self.identity = identity
+        self.screen = screen
         self.clock = clock
         self.random_bytes = random_bytes
         self.timeout = timeout
@@ -45,8 +51,9 @@ class Outbox:
              timeout: Optional[float] = None) -> "Deferred[Reply]":
         """
         Send on ``client`` with a timeout.  Fails with a PilotError only:
-        RegistryUnavailable for no connection, a lost one or no answer in
-        time; the reply's error otherwise.
+        RegistryUnavailable for no connection, a lost one, no answer in
+        time, or a reply ``screen`` refuses (a stale server's, a standby's
+        ``not_primary``: the session must move); the reply's error otherwise.
         """
         kind = str(msg.get("type"))
         if client is None:
@@ -62,7 +69,18 @@ class Outbox:
                 self._inflight.remove(entry)
             return result
 
+        def screened(reply: Any) -> Any:
+            why = self.screen(reply)
+            if why is not None:
+                raise RegistryUnavailable(why)
+            return reply
+
         def normalise(failure: Failure) -> Failure:
+            refused = getattr(failure.value, REPLY_ATTRIBUTE, None)
+            if isinstance(refused, dict):
+                why = self.screen(refused)
+                if why is not None:
+                    return Failure(RegistryUnavailable(why))
             if failure.check(DeferredTimeout):
                 return Failure(RegistryUnavailable(
                     f"the registry did not answer {kind} within {limit:g} s; the connection is dead"))
@@ -73,7 +91,7 @@ class Outbox:
             return Failure(Internal(f"registry request {kind} failed: {reason(failure)}"))
 
         d.addBoth(settled)
-        d.addErrback(normalise)
+        d.addCallbacks(screened, normalise)
         return d
 
     def abandon(self, client: RegistryClient) -> None:

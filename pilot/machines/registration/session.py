@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from pilot.address import Address
 from pilot.identity import Identity
 from pilot.machines.registration.requests import Outbox
+from pilot.machines.registration.servers import Servers
 from pilot.machines.registration.settings import Settings
 from pilot.machines.registration.values import IDLE, Jitter, RegistryClient, Reply
 
@@ -42,6 +43,9 @@ class Session:
     connect_timeout: float
     stop_timeout: float
     log: Logger
+    servers: Servers = attr.Factory(lambda: Servers(("",)))
+    #: ``(index)`` when the session moves to another entry of ``servers`` (the owner moves its beacon)
+    on_server_changed: Callable[[int], object] = lambda index: None
 
     state: str = IDLE
     client: Optional[RegistryClient] = None
