@@ -341,9 +341,15 @@ def rendezvous_start(ctx: Context) -> None:
              f"Persistence: {settings.store}" if settings.store else "Persistence: none (--no-store)"]
     if fingerprint:
         lines.append(f"TLS fingerprint: {fingerprint}")
+    http = _with_port(settings.http, service.http.port()) if settings.http and service.http else None
+    if http:
+        lines.append(f"Dashboard on {http} (HTTP: /, /api/stats, /metrics)")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    ctx.out.result(Result({"registry": registry, "beacon": beacon, "store": settings.store,
-                           "tls_fingerprint": fingerprint}, "\n".join(lines)))
+    banner: dict[str, object] = {"registry": registry, "beacon": beacon, "store": settings.store,
+                                 "tls_fingerprint": fingerprint}
+    if http:
+        banner["http"] = http
+    ctx.out.result(Result(banner, "\n".join(lines)))
     reactor.run()
     if service.unsaved:
         raise Internal(f"the registry store {settings.store} could not be saved at shutdown; "
