@@ -71,7 +71,7 @@ class RendezvousCollector(Collector):
         return families(EMPTY)
 
     def collect(self) -> Iterator[Metric]:
-        return families(in_reactor(self.reactor, self.stats.figures))
+        return families(in_reactor(self.reactor, lambda: self.stats.figures(max_age=0.0)))
 
 
 EMPTY = RendezvousFigures(at=0.0, uptime=0.0, nodes_total=0, nodes_online=0, nodes_public=0, trust_links=0,

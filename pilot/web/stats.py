@@ -5,7 +5,8 @@ from the live registry and beacon.
 
 :class:`RendezvousFigures` is one reading of the counters and the state;
 :class:`RendezvousStats` takes readings (at most one per ``max_age`` seconds,
-so polling browsers cost one reading a second whatever their number), keeps
+so polling browsers cost one reading a second whatever their number; a
+Prometheus scrape takes a fresh one), keeps
 a ring of samples for the last hour's chart (:meth:`RendezvousStats.sample`,
 called every :data:`SAMPLE_INTERVAL` seconds by the web service) and builds
 the public ``/api/stats`` document.
@@ -133,10 +134,11 @@ class RendezvousStats:
         self.history: collections.deque[Sample] = collections.deque(maxlen=history)
         self._figures: RendezvousFigures | None = None
 
-    def figures(self) -> RendezvousFigures:
-        """A reading no older than ``max_age`` seconds."""
+    def figures(self, max_age: float | None = None) -> RendezvousFigures:
+        """A reading no older than ``max_age`` seconds (default: the one given at construction)."""
         now = self.clock.seconds()
-        if self._figures is None or now - self._figures.at >= self.max_age or now < self._figures.at:
+        age = self.max_age if max_age is None else max_age
+        if self._figures is None or now - self._figures.at >= age or now < self._figures.at:
             self._figures = read_figures(self.registry, self.beacon, self.started, now)
         return self._figures
 
@@ -168,15 +170,22 @@ class RendezvousStats:
             "relayed_datagrams": f.beacon_counters.get("relayed", 0),
             "punches": f.punches,
             "top_relays": [{"address": address, "bytes": count} for address, count in f.top_relays],
-            "history": self.chart(),
+            "history": self.chart(Sample(f.at, f.nodes_online, f.nodes_total, f.requests_total, f.relay_bytes,
+                                         f.punches)),
             "sample_interval_secs": SAMPLE_INTERVAL,
         }
 
-    def chart(self) -> list[dict[str, Any]]:
-        """The ring as points with rates between neighbours (the first point has none)."""
+    def chart(self, now: Sample | None = None) -> list[dict[str, Any]]:
+        """
+        The ring as points with rates between neighbours (the first point has
+        none), and ``now`` last when it is newer than the ring's last sample.
+        """
         points: list[dict[str, Any]] = []
         previous: Sample | None = None
-        for s in self.history:
+        samples = list(self.history)
+        if now is not None and (not samples or now.at > samples[-1].at):
+            samples.append(now)
+        for s in samples:
             seconds = s.at - previous.at if previous is not None else 0.0
             points.append({
                 "t": int(s.at), "online": s.nodes_online, "total": s.nodes_total,

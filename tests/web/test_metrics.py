@@ -31,7 +31,7 @@ def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 class RendezvousMetricsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fleet = Fleet()
-        self.stats = RendezvousStats(self.fleet.registry, self.fleet.beacon, self.fleet.clock, max_age=0.0)
+        self.stats = RendezvousStats(self.fleet.registry, self.fleet.beacon, self.fleet.clock)
         self.registry = collector_registry(RendezvousCollector(self.stats, self.fleet.clock))  # type: ignore[arg-type]
 
     def read(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -102,3 +102,13 @@ class FiguresTests(SynchronousTestCase):
         f.add(1)
         f.add(2)
         self.assertEqual(self.stats.public()["requests_per_second"], 1.0)
+
+    def test_chart_ends_with_the_current_reading(self) -> None:
+        f = self.fleet
+        self.stats.sample()
+        f.clock.advance(4.0)
+        f.add(1)
+        history = self.stats.public()["history"]
+        self.assertEqual([p["total"] for p in history], [0, 1])
+        self.assertEqual(history[-1]["requests_per_second"], 0.25)
+        self.assertEqual(len(self.stats.history), 1)  # the ring itself is unchanged
