@@ -475,5 +475,5 @@ def load_commands(argv: Sequence[str] = ()) -> None:
         return
     # importing them registers their commands
     for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
-                 "pilot.cli_forward"):
+                 "pilot.cli_forward", "pilot.cli_stats"):
         importlib.import_module(name)

@@ -12,7 +12,7 @@ is the bound port.  :class:`RendezvousHTTP` serves the rendezvous' dashboard,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -23,9 +23,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from pilot.endpoint import format_endpoint, parse_listen
-from pilot.web.dashboard import rendezvous_root
+from pilot.web.dashboard import metrics_root, rendezvous_root
 from pilot.web.metrics import RendezvousCollector, collector_registry, metrics_resource
+from pilot.web.nodemetrics import NodeCollector
 from pilot.web.stats import SAMPLE_INTERVAL, RendezvousStats
+
+LOOPBACK = "127.0.0.1"
 
 
 class QuietSite(Site):
@@ -86,3 +89,17 @@ class RendezvousHTTP(HTTPService):
         sampler = TimerService(SAMPLE_INTERVAL, self.stats.sample)
         sampler.clock = reactor
         sampler.setServiceParent(self)
+
+
+class NodeMetricsHTTP(HTTPService):
+    """A node's ``/metrics``, read from its control API's ``info`` at each scrape.
+
+    ``listen`` without a host binds to 127.0.0.1 only: a node's figures name
+    its peers and paths; an operator who wants them elsewhere names the host.
+    """
+
+    def __init__(self, listen: str, info: Callable[[], Any], reactor: Any) -> None:
+        host, port = parse_listen(listen)
+        self.metrics = collector_registry(NodeCollector(info, reactor))
+        super().__init__(format_endpoint(host or LOOPBACK, port), metrics_root(metrics_resource(self.metrics), True),
+                         reactor, "Metrics")
