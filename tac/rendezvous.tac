@@ -15,6 +15,9 @@ Settings come from the environment, with the defaults of
     PILOT_LOG_LEVEL   debug, info, warn, error    (default info)
     PILOT_LOG_FILE    where those go              (default stdout; use it, or twistd's
                                                    --logger, when not running with -n)
+    PILOT_HTTP        dashboard, /api/stats and   (default off; /metrics answers loopback
+                      /metrics on TCP              peers only unless PILOT_METRICS_PUBLIC=1;
+                                                   docs/operations.md)
 
 Every other option of ``twistd pilot-rendezvous --help`` may be given as
 PILOT_<NAME>, the option's name in capitals with "_" for "-" (for example

@@ -93,7 +93,7 @@ METRICS: dict[str, tuple[str, str, str | None]] = {
     "uptime_seconds": ("gauge", "Seconds since the node started.", None),
     "registered": ("gauge", "1 while the node is registered with its registry.", None),
     "peers": ("gauge", "Peers with a tunnel, by path (direct, punched, relay, trying).", "path"),
-    "tunnels": ("gauge", "Tunnels by state (established, handshaking, ...).", "state"),
+    "tunnels": ("gauge", "Tunnels by state (established, exchanging, idle).", "state"),
     "peer_received_bytes": ("gauge", "Bytes received from the current peers, by path.", "path"),
     "peer_sent_bytes": ("gauge", "Bytes sent to the current peers, by path.", "path"),
     "packets_sent": ("counter", "Packets sent by the stack.", None),
