@@ -17,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pilot.identity import Identity
 from tests.integration.browser import Chromium, find_chromium
 from tests.integration.peers import RegistryClient, register_message, set_hostname_message
-from tests.integration.procs import LOOPBACK, RendezvousTestMixin, wait_until
+from tests.integration.procs import (
+    LOOPBACK, TWISTD, RendezvousTestMixin, rendezvous_args, wait_for_rendezvous, wait_until,
+)
 
 DASHBOARD_LINE = r"Dashboard on 127\.0\.0\.1:(\d+) "
+DASHBOARD_LOG = r"Dashboard listening on 127\.0\.0\.1:(\d+)"
 
 
 def ident(n: int) -> Identity:
@@ -109,3 +113,25 @@ class DashboardTests(RendezvousTestMixin, SynchronousTestCase):
         browser.screenshot(os.path.join(folder, "dashboard-60.png"))
         self.assertEqual(browser.errors(), [])
         self.assertTrue(os.path.getsize(os.path.join(folder, "dashboard-60.png")) > 1000)
+
+
+class StartMethodTests(RendezvousTestMixin, SynchronousTestCase):
+    """``--http`` under twistd's plugin and the tac (``PILOT_HTTP``), as under pilotctl above."""
+
+    def check(self, proc: Any) -> None:
+        rendezvous = wait_for_rendezvous(proc, None)
+        port = int(proc.wait_for_output(DASHBOARD_LOG).group(1))
+        with RegistryClient(rendezvous.registry_port) as client:
+            self.assertEqual(client.request(register_message(ident(1)))["type"], "register_ok")
+        wait_until(lambda: json.loads(get(f"http://{LOOPBACK}:{port}/api/stats")[1])["total_nodes"] == 1, 5.0,
+                   "/api/stats with the node")
+        self.assertIn(b"pilot_nodes_total 1.0", get(f"http://{LOOPBACK}:{port}/metrics")[1])
+
+    def test_twistd_plugin(self) -> None:
+        self.check(self.spawn(TWISTD + ["-n", "--pidfile=", "pilot-rendezvous",
+                                        *rendezvous_args(None, ["--http", f"{LOOPBACK}:0"])], "twistd"))
+
+    def test_tac(self) -> None:
+        env = {"PILOT_LISTEN": f"{LOOPBACK}:0", "PILOT_BEACON": f"{LOOPBACK}:0", "PILOT_STORE": "none",
+               "PILOT_HTTP": f"{LOOPBACK}:0"}
+        self.check(self.spawn_python(TWISTD[1:] + ["-n", "--pidfile=", "-y", "tac/rendezvous.tac"], "tac", env=env))
