@@ -41,6 +41,7 @@ from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
+from pilot.server.timing import Durations
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list, rotate_proof_message
 
 __all__ = ["Registry", "RegistryConfig", "Peer", "Session", "RequestError", "error_reply", "BEACON_TTL"]
@@ -86,6 +87,8 @@ class Registry:
         self.subscribers: dict[int, set[Session]] = {}
         self.beacons: dict[int, tuple[str, float]] = {}
         self.counters: dict[str, int] = {}
+        #: time spent answering, by request type (``pilot_request_duration_seconds``)
+        self.durations = Durations()
         now = clock.seconds()
         for node in self.state.nodes.values():
             # a restarted registry gives every node a full period to check in again
@@ -98,10 +101,18 @@ class Registry:
     # --- entry point ------------------------------------------------------------
 
     def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
+        started = self.clock.seconds()
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        try:
+            return self._handle(handler, msg, peer, session, started)
+        finally:
+            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - started)
+
+    def _handle(self, handler: Handler | None, msg: Message, peer: Peer, session: Session | None,
+                now: float) -> Message:
+        kind = msg.get("type")
         self._count(f"request.{kind}" if handler else "request.unknown")
-        now = self.clock.seconds()
         if not self.request_limit.allow(peer.host, now):
             self._count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python import threadable
 from twisted.python.threadable import isInIOThread
@@ -86,6 +89,7 @@ def families(f: RendezvousFigures) -> Iterator[Metric]:
                    "type", f.requests.items())
     yield labelled(CounterMetricFamily, "pilot_errors", "Registry requests refused, by error code.",
                    "code", f.errors.items())
+    yield durations(f)
     yield gauge("pilot_nodes_online", "Registered nodes heard from in the last minute.", f.nodes_online)
     yield gauge("pilot_nodes_total", "Registered nodes.", f.nodes_total)
     yield gauge("pilot_nodes_public", "Registered public nodes.", f.nodes_public)
@@ -109,6 +113,15 @@ def families(f: RendezvousFigures) -> Iterator[Metric]:
     yield counter("pilot_relay_datagrams", "Frames relayed between nodes by the beacon.", beacon.get("relayed", 0))
     yield counter("pilot_relay_bytes", "Frame bytes relayed between nodes by the beacon.",
                   beacon.get("relay_bytes", 0))
+
+
+def durations(f: RendezvousFigures) -> Metric:
+    """``pilot_request_duration_seconds``: the registry's time per request, by type (``pilot.server.timing``)."""
+    family = HistogramMetricFamily("pilot_request_duration_seconds",
+                                   "Seconds the registry took to answer a request, by type.", labels=["type"])
+    for kind, (buckets, total) in sorted(f.durations.items()):
+        family.add_metric([kind], [(floatToGoString(bound), count) for bound, count in buckets], total)
+    return family
 
 
 def collector_registry(*collectors: Collector) -> CollectorRegistry:

@@ -56,6 +56,8 @@ class RendezvousFigures:
     beacon_endpoints: int
     #: (address text, bytes) of the busiest relayed public nodes, busiest first
     top_relays: tuple[tuple[str, int], ...]
+    #: per request type: cumulative ``[(upper bound, count), ...]`` and the sum of seconds (``Durations.cumulative``)
+    durations: dict[str, tuple[list[tuple[float, int]], float]] = attr.Factory(dict)
 
     @property
     def requests_total(self) -> int:
@@ -104,7 +106,7 @@ def read_figures(registry: Registry, beacon: Beacon, started: float, now: float)
         nodes_public=public, trust_links=len(registry.state.trust), task_executors=executors,
         unique_tags=len(tags), requests=requests, errors=errors,
         registry_counters=dict(registry.counters), beacon_counters=dict(beacon.counters),
-        beacon_endpoints=len(beacon), top_relays=top)
+        beacon_endpoints=len(beacon), top_relays=top, durations=registry.durations.cumulative())
 
 
 @attr.s(auto_attribs=True, frozen=True)

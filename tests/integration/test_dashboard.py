@@ -80,6 +80,8 @@ class DashboardTests(RendezvousTestMixin, SynchronousTestCase):
         self.assertEqual(after[("pilot_registrations_total", ())], 5)
         self.assertEqual(after[("pilot_requests_total", (("type", "register"),))], 5)
         self.assertEqual(after[("pilot_requests_total", (("type", "set_hostname"),))], 5)
+        self.assertEqual(after[("pilot_request_duration_seconds_count", (("type", "register"),))], 5)
+        self.assertGreater(after[("pilot_request_duration_seconds_sum", (("type", "register"),))], 0.0)
 
     def test_api_stats_private_nothing(self) -> None:
         self.register(1, 20)

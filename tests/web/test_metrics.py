@@ -42,7 +42,7 @@ class RendezvousMetricsTests(SynchronousTestCase):
         for name in ("pilot_requests", "pilot_errors", "pilot_nodes_online", "pilot_nodes_total", "pilot_trust_links",
                      "pilot_task_executors", "pilot_uptime_seconds", "pilot_registrations", "pilot_deregistrations",
                      "pilot_beacon_datagrams", "pilot_beacon_dropped", "pilot_beacon_punches", "pilot_relay_bytes",
-                     "pilot_relay_datagrams"):
+                     "pilot_relay_datagrams", "pilot_request_duration_seconds"):
             self.assertIn(name, names)
 
     def test_counters_move(self) -> None:
@@ -62,6 +62,11 @@ class RendezvousMetricsTests(SynchronousTestCase):
         self.assertEqual(after[("pilot_relay_bytes_total", ())], 520)
         self.assertEqual(after[("pilot_relay_datagrams_total", ())], 2)
         self.assertEqual(after[("pilot_beacon_discovers_total", ())], 4)
+        register = (("type", "register"),)
+        self.assertEqual(after[("pilot_request_duration_seconds_count", register)], 4)
+        self.assertEqual(after[("pilot_request_duration_seconds_bucket", (("le", "+Inf"), *register))], 4)
+        self.assertEqual(after[("pilot_request_duration_seconds_bucket", (("le", "0.0001"), *register))], 4)
+        self.assertEqual(after[("pilot_request_duration_seconds_sum", register)], 0.0)  # a Clock stands still
         self.fleet.send(b"\xff\xff", ("192.0.2.1", 5))
         self.assertEqual(self.read()[("pilot_beacon_dropped_total", (("reason", "malformed"),))], 1)
 
