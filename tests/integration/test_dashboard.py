@@ -9,7 +9,8 @@ The rendezvous' HTTP side as a real process (``pilotctl rendezvous start
 * the dashboard in headless Chromium: no console error, the count of 50
   registered nodes, then 60 once 10 more register, and a screenshot
   (``dashboard-*.png`` in the test's folder under ``_trial_temp``).  Skipped
-  with the reason when there is no Chromium (CI installs Debian's).
+  with the reason when there is no Chromium (CI installs Debian's);
+* ``--http`` under twistd's plugin and the tac (``PILOT_HTTP``) as well.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import urllib.request
 from typing import Any
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
