@@ -349,6 +349,10 @@ def rendezvous_start(ctx: Context) -> None:
                                "primary": replica.primary or None}
         lines.append(f"Replication: standby of {replica.primary} (term {replica.term})" if replica.standby
                      else f"Replication: primary (term {replica.term})")
+    http = _with_port(settings.http, service.http.port()) if settings.http and service.http else None
+    if http:
+        lines.append(f"Dashboard on {http} (HTTP: /, /api/stats, /metrics)")
+        data["http"] = http
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     ctx.out.result(Result(data, "\n".join(lines)))
     reactor.run()
@@ -477,5 +481,5 @@ def load_commands(argv: Sequence[str] = ()) -> None:
         return
     # importing them registers their commands
     for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
-                 "pilot.cli_forward", "pilot.cli_rendezvous"):
+                 "pilot.cli_forward", "pilot.cli_rendezvous", "pilot.cli_stats"):
         importlib.import_module(name)

@@ -24,6 +24,7 @@ from pilot.apps.storage import INBOX, RECEIVED, Storage
 from pilot.cli import COMMANDS, PROG, Context, Result, arg
 from pilot.cli_node import (_table, as_dict, as_list, as_text, ask, client, node_id, positive_count,
                             socket_option, target, timeout_option, write_line, write_note)
+from pilot.cli_progress import Progress
 from pilot.errors import ConnectionFailed, InvalidArgument, MalformedFrame, NotFound, Timeout
 from pilot.identity import default_home
 from pilot.wire.dataexchange import (
@@ -153,6 +154,7 @@ def send_file(ctx: Context) -> Result:
         raise InvalidArgument(f"{a.path} is {size} bytes; a file frame holds at most {limit}",
                               "split it, or serve it with `pilotctl connect`/`listen`")
     wait = a.timeout + SECONDS_PER_MIB * size / (1 << 20)
+    progress = Progress(ctx.out.stderr, size, f"{name} to {a.target}")
     with f, _open(ctx, DATA_EXCHANGE_PORT, wait) as sock:
         _send(sock, file_prefix(raw_name.decode("utf-8", errors="replace"), size), "the file")
         sent = 0
@@ -162,9 +164,11 @@ def send_file(ctx: Context) -> Result:
                 raise InvalidArgument(f"{a.path} shrank while it was sent", "send it again")
             _send(sock, chunk, "the file")
             sent += len(chunk)
+            progress.update(sent)
         reply = _reply(ctx, sock, wait)
+    progress.finish()
     return Result({"target": a.target, "file": name, "bytes": size, "reply": reply,
-                   "acked": _acked_bytes(reply) == size}, reply)
+                   "acked": _acked_bytes(reply) == size, **progress.figures()}, reply)
 
 
 @COMMANDS.command("inbox", "list the messages peers sent this node (port 1001)",

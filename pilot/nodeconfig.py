@@ -118,6 +118,8 @@ NODE_OPTIONS: tuple[Setting | Switch, ...] = (
             "seconds between registry heartbeats"),
     Setting("log-format", None, log.check_format, "FORMAT", f"log format: {' or '.join(log.FORMATS)}"),
     Setting("log-level", None, log.level_name, "LEVEL", f"lowest level logged: {', '.join(log.LEVELS)}"),
+    Setting("metrics", None, parse_address, "ADDR",
+            "serve Prometheus /metrics over HTTP on [HOST]:PORT (no host: 127.0.0.1; default: off)"),
 )
 
 
@@ -137,6 +139,8 @@ class NodeSettings:
     auto_approve: AutoApprove = attr.Factory(AutoApprove)
     log_format: str | None = None
     log_level: str | None = None
+    #: The HTTP address of /metrics (docs/operations.md); None: not served.
+    metrics: str | None = None
 
     @property
     def registries(self) -> tuple[str, ...]:
@@ -253,4 +257,5 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
         auto_approve=auto,
         log_format=values["log_format"],
         log_level=values["log_level"],
+        metrics=values["metrics"],
     )

@@ -91,6 +91,9 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
            "bytes a node may have relayed at once before the rate applies"),
     Setting("connections-per-address", str(RendezvousSettings().max_per_address), parse_rate, "N",
            "registry connections one source IP may hold at once (0: no limit)"),
+    Setting("http", None, parse_address, "ADDR",
+           "serve the dashboard, /api/stats and /metrics over HTTP on [HOST]:PORT (default: off)"),
+    Switch("metrics-public", "serve /metrics to every peer of --http (default: loopback peers only)"),
     Setting("flush-delay", _fmt(DEFAULT_FLUSH_DELAY), parse_delay, "SECONDS",
            "write the store at most this long after a change"),
     Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",
@@ -197,6 +200,8 @@ def settings_from(values: Mapping[str, Any], environ: Mapping[str, str] | None =
         durable=values["durable"],
         reap_interval=values["reap_interval"],
         replication=replication_from(values, environ),
+        http=values["http"],
+        metrics_public=values["metrics_public"],
     )
 
 

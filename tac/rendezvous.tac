@@ -15,6 +15,9 @@ Settings come from the environment, with the defaults of
     PILOT_LOG_LEVEL   debug, info, warn, error    (default info)
     PILOT_LOG_FILE    where those go              (default stdout; use it, or twistd's
                                                    --logger, when not running with -n)
+    PILOT_HTTP        dashboard, /api/stats and   (default off; /metrics answers loopback
+                      /metrics on TCP              peers only unless PILOT_METRICS_PUBLIC=1;
+                                                   docs/operations.md)
 
 A pair (docs/deploy.md): PILOT_REPLICATION_TOKEN (or PILOT_REPLICATION_TOKEN_FILE)
 on both servers, and on the standby PILOT_STANDBY=PRIMARY:PORT; PILOT_TAKEOVER_AFTER,

@@ -58,7 +58,7 @@ FLOORS: dict[str, int] = {
     "machines": 3, "server": 3, "apps": 3,
     "stack": 4,
     "node": 5, "nodeconfig": 5, "search": 5, "details": 5,
-    "protocols": 6,
+    "protocols": 6, "web": 6,
     "services": 7,
     **{name: 8 for name in ("__init__", "__main__", "cli", "tap", "nodetap", "control", "endpoints", "aio", "api",
                             "testing", "startup")},

@@ -114,6 +114,8 @@ class DataExchangeTests(PeerTestCase):
         out = self.run_json(["send-file", "agent-b", path])
         self.assertEqual(out["reply"], "ACK FILE 300000 bytes")
         self.assertTrue(out["acked"])
+        self.assertGreater(out["seconds"], 0)  # the final figures (progress shows on a terminal only)
+        self.assertGreater(out["bytes_per_second"], 0)
         self.fake.stream.close()  # type: ignore[union-attr]
         [entry] = self.storage.files()
         with open(entry["path"], "rb") as f:

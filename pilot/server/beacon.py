@@ -54,6 +54,8 @@ Counters (``Beacon.counters``): ``received``; ``dropped.<reason>`` with reason
 ``relay_budget``; ``discover`` (answered), ``discover.recorded``,
 ``discover.unrecorded.unauthorized``, ``discover.unrecorded.unknown_node``;
 ``punch``; ``relayed`` and ``relay_bytes``; ``sync``; ``pruned``, ``evicted``.
+``Beacon.relayed_by`` holds the bytes relayed per sending node (the dashboard's
+busiest relays); a node's entry goes with its endpoint.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class Beacon:
         self.clock = clock
         self.config = config or BeaconConfig()
         self.counters: dict[str, int] = {}
+        #: frame bytes relayed per sending node (registered nodes only)
+        self.relayed_by: dict[int, int] = {}
         #: For the last datagram, if it was dropped (or, a Discover, not recorded): the
         #: counter it went to and the reason in words; otherwise None.
         self.last_refusal: tuple[str, str] | None = None
@@ -158,6 +162,8 @@ class Beacon:
         gone = [node_id for node_id in self._endpoints if self.registry.node(node_id) is None]
         for node_id in gone:
             del self._endpoints[node_id]
+        for node_id in [n for n in self.relayed_by if self.registry.node(n) is None]:
+            del self.relayed_by[node_id]
         self._count("pruned", len(gone))
         return gone
 
@@ -252,6 +258,7 @@ class Beacon:
             return self._drop("relay_budget", f"node {sender.id} is over its relay budget")
         self._count("relayed")
         self._count("relay_bytes", len(msg.frame))
+        self.relayed_by[sender.id] = self.relayed_by.get(sender.id, 0) + len(msg.frame)
         return [(RelayDeliver(sender.id, msg.frame).encode(), endpoint)]
 
     # --- helpers ------------------------------------------------------------------------

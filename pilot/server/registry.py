@@ -41,6 +41,7 @@ from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
+from pilot.server.timing import Durations
 from pilot.wire.registry import get_bool, get_int, get_str, get_str_list, rotate_proof_message
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class Registry:
         self.counters: dict[str, int] = {}
         #: set for a server with a pair (``pilot.server.replication_role``): standby refusals, terms
         self.replica: Replica | None = None
+        #: time spent answering, by request type (``pilot_request_duration_seconds``)
+        self.durations = Durations()
         now = clock.seconds()
         for node in self.state.nodes.values():
             # a restarted registry gives every node a full period to check in again
@@ -103,17 +106,22 @@ class Registry:
     # --- entry point ------------------------------------------------------------
 
     def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
-        replica = self.replica
-        if replica is None:
-            return self._handle(msg, peer, session)
-        # a paired server: a standby refuses writes, and every reply carries the term
-        return replica.stamp(replica.refusal(msg.get("type")) or self._handle(msg, peer, session))
-
-    def _handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
+        started = self.clock.seconds()
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        try:
+            replica = self.replica
+            if replica is None:
+                return self._handle(handler, msg, peer, session, started)
+            # a paired server: a standby refuses writes, and every reply carries the term
+            return replica.stamp(replica.refusal(kind) or self._handle(handler, msg, peer, session, started))
+        finally:
+            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - started)
+
+    def _handle(self, handler: Handler | None, msg: Message, peer: Peer, session: Session | None,
+                now: float) -> Message:
+        kind = msg.get("type")
         self._count(f"request.{kind}" if handler else "request.unknown")
-        now = self.clock.seconds()
         if not self.request_limit.allow(peer.host, now):
             self._count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")

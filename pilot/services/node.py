@@ -332,3 +332,7 @@ class NodeService(MultiService):
         NodeRunner(self.node, settings, apps).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
         MemoryTrimmer(reactor).setServiceParent(self)
+        if settings.metrics is not None:
+            # imported here: twisted.web and prometheus_client only when asked for
+            from pilot.services.web import NodeMetricsHTTP
+            NodeMetricsHTTP(settings.metrics, self.api.info, reactor).setServiceParent(self)

@@ -41,6 +41,8 @@ from pilot.services.store import StoreWriter, load_store
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
+    from pilot.services.web import RendezvousHTTP
+
 REGISTRY_PORT = 9000
 #: Seconds between returns of freed heap memory to the system (glibc's malloc_trim).
 TRIM_INTERVAL = 20.0
@@ -78,6 +80,10 @@ class RendezvousSettings:
     durable: bool = False
     #: A primary/standby pair (``docs/deploy.md``): the token, ``--standby``, takeover, sync.
     replication: ReplicationSettings = attr.Factory(ReplicationSettings)
+    #: The dashboard, /api/stats and /metrics on TCP, ``[host]:port``; None: no HTTP side.
+    http: str | None = None
+    #: Serve /metrics to every peer (default: loopback peers only).
+    metrics_public: bool = False
 
 
 class PortService(Service):
@@ -175,6 +181,12 @@ class RendezvousService(MultiService):
         self.trimmer.setServiceParent(self)
         if self.replication is not None:
             self.replication.setServiceParent(self)  # after the ports: it needs the registry's
+        self.http: RendezvousHTTP | None = None
+        if settings.http is not None:
+            # imported here: twisted.web and prometheus_client only when asked for
+            from pilot.services.web import RendezvousHTTP
+            self.http = RendezvousHTTP(settings.http, self.registry, self.beacon, reactor, settings.metrics_public)
+            self.http.setServiceParent(self)
 
     def _tls(self) -> tuple[CertificateOptions, str]:
         # imported here: pyOpenSSL costs a node or a TLS-less rendezvous about 6 MB of RSS
