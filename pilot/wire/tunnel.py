@@ -160,7 +160,11 @@ class SealedFrame:
 
     @classmethod
     def decode(cls, data: Any) -> "SealedFrame":
-        data = _expect(data, PILS, SEALED_MIN)
+        return cls._from(_expect(data, PILS, SEALED_MIN))
+
+    @classmethod
+    def _from(cls, data: bytes) -> "SealedFrame":
+        """From ``data``, known to be bytes with the PILS magic and at least SEALED_MIN long."""
         nonce_end = MAGIC_LEN + 4 + NONCE_LEN
         # every field comes from bytes of its own width (the ciphertext at least the tag):
         # built without the validators, once per received frame
@@ -257,6 +261,8 @@ _DECODERS: dict[FrameKind, Callable[[bytes], TunnelFrame]] = {
 
 def decode_frame(datagram: Any) -> TunnelFrame:
     """Decode a tunnel frame; a beacon message is ``MalformedFrame`` here (use the beacon codec)."""
+    if type(datagram) is bytes and datagram[:MAGIC_LEN] == PILS and len(datagram) >= SEALED_MIN:
+        return SealedFrame._from(datagram)  # nearly every frame: without the classification
     data = as_bytes(datagram, "datagram")
     kind = classify(data)
     if kind is FrameKind.BEACON:
