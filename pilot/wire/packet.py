@@ -185,15 +185,16 @@ class Packet:
         if computed != checksum:
             raise MalformedFrame(f"packet checksum mismatch: carries {checksum:08x}, computed {computed:08x}")
         # every value comes from a field of its own width: nothing to validate
-        return cls.unchecked(vf >> 4, vf & 0x0F, protocol, _address(src_net, src_node),
-                             _address(dst_net, dst_node), src_port, dst_port, seq, ack, window, payload)
+        return cls.unchecked(vf >> 4, vf & 0x0F, protocol, _interned_address(src_net, src_node),
+                             _interned_address(dst_net, dst_node), src_port, dst_port, seq, ack, window,
+                             payload)
 
 
 _ADDRESSES: dict[tuple[int, int], Address] = {}
 ADDRESS_CACHE = 4096
 
 
-def _address(network: int, node: int) -> Address:
+def _interned_address(network: int, node: int) -> Address:
     """The (immutable) Address for these fields, made once per peer rather than twice per packet."""
     try:
         return _ADDRESSES[network, node]
