@@ -107,7 +107,7 @@ def build(clock: HeapClock, max_datagram: int | None) -> dict[int, tuple[Stack, 
             nodes[n][1].send(packet, packet.dst.node, endpoints[packet.dst.node])
 
         # (a tree from before the path search runs too, at 4,096-byte segments: the "before" figures)
-        stack = Stack(clock, lambda n=n: Address(0, n), send_packet, lambda node: True,
+        stack = Stack(clock, lambda a=Address(0, n): a, send_packet, lambda node: True,
                       **({"segment_size": SAFE_SEGMENT} if SAFE_SEGMENT else {}))
         tunnels = Tunnels(node_id=lambda n=n: n, identity=identities[n], send_datagram=send_datagram,
                           deliver=stack.packet_received,

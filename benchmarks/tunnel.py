@@ -507,6 +507,7 @@ def throughput(a: Daemon, b: Daemon, megabytes: float, limit: float, port: int) 
         "path": pa1.get("path"),
         "mtu": pa1.get("mtu"), "mss": pa1.get("mss"),
         "cpu": {pid: (cpu1[pid] - cpu0[pid]) / wall * 100.0 for pid in cpu0},
+        "cpu_seconds": {pid: cpu1[pid] - cpu0[pid] for pid in cpu0},
         "own_cpu": own_cpu / wall * 100.0,
         "others_cpu": max(0.0, (busy1 - busy0) - ours) / wall * 100.0,
         "intact": received == sent,
@@ -590,6 +591,10 @@ def run(args: argparse.Namespace) -> int:
         for name, pid in (("a (sender)", a.pid), ("b (receiver)", b.pid)):
             row(f"daemon {name} CPU during the transfer", f"{t['cpu'][pid]:.0f} %",
                 "of one core (utime+stime / wall)")
+            per_packet = t["cpu_seconds"][pid] / max(t["a_packets"], 1) * 1e6
+            row(f"daemon {name} CPU per data packet", f"{per_packet:.1f} us",
+                f"utime+stime / {t['a_packets']} packets a->b (its ACKs and the control socket included): "
+                "the figure a busy machine changes least")
             row(f"daemon {name} RSS idle / peak", f"{idle[pid]:.1f} / {t['rss_peak'][pid]:.1f} MB",
                 "VmRSS, sampled every 100 ms")
         row("benchmark client CPU during the transfer", f"{t['own_cpu']:.0f} %",

@@ -1118,7 +1118,9 @@ class WayUpTests(StackTestCase):
         def record(protocol: Recorder, data: bytes) -> None:
             files = [frame.filename for frame in reversed(inspect.stack())]
             root = str(Path(pilot.__file__).parent.parent) + "/"
-            ours = [f[len(root):] for f in files if f.startswith(root + "pilot/")]
+            # the machines' input dispatch (Automat's, or indexed()'s in table.py) is no layer
+            ours = [f[len(root):] for f in files
+                    if f.startswith(root + "pilot/") and f != root + "pilot/machines/table.py"]
             walks.append([f for i, f in enumerate(ours) if i == 0 or ours[i - 1] != f])
 
         factory = RecordingFactory(lambda: Recorder(on_data=record))

@@ -114,6 +114,7 @@ class Node:
         self._random_bytes = random_bytes
         rng = rng if rng is not None else _random.Random()
         self.own_id: int = identity.address.node
+        self._address = Address(0, self.own_id)
         self.beacon_addr: Optional[Endpoint] = None
         self._beacons: list[Optional[Endpoint]] = [None]
         self.public_endpoint: Optional[Endpoint] = None
@@ -208,7 +209,10 @@ class Node:
         return self.own_id
 
     def local_address(self) -> Address:
-        return Address(0, self.own_id)
+        address = self._address  # read for every packet (pilot.stack): made once per node id
+        if address.node != self.own_id:
+            address = self._address = Address(0, self.own_id)
+        return address
 
     def beacon(self) -> Optional[Endpoint]:
         return self.beacon_addr

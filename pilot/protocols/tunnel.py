@@ -24,6 +24,8 @@ from pilot.errors import MalformedFrame
 from pilot.interfaces import DatagramTooBig, IBeaconListener, IDatagramSender, IFrameReceiver
 from pilot.wire import beacon as bw
 
+CHECKED_ENDPOINTS = 1024  # endpoints remembered as accepted by the port's write()
+
 
 @implementer(IDatagramSender)
 class NodeDatagramProtocol(DatagramProtocol):
@@ -39,6 +41,7 @@ class NodeDatagramProtocol(DatagramProtocol):
         self._frames: Optional[IFrameReceiver] = None
         self.counters: dict[str, int] = {}
         self._default_ttl: Optional[int] = None
+        self._checked: set[Endpoint] = set()
 
     def wire(self, beacon: IBeaconListener, frames: IFrameReceiver) -> None:
         self._beacon = beacon
@@ -83,21 +86,44 @@ class NodeDatagramProtocol(DatagramProtocol):
     # -- IDatagramSender --
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return
+        if endpoint in self._checked:
+            # an endpoint the port's write() accepted before: straight to the socket, without
+            # the address checks write() repeats for every datagram (docs/performance.md)
+            try:
+                transport.socket.sendto(data, endpoint)  # type: ignore[attr-defined]
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINTR, errno.ENOBUFS, errno.EAGAIN):
+                    self._send_failed(e, data, endpoint)
+                    return
+            except AttributeError:  # the port closed meanwhile: write() says what to do
+                self._checked.clear()
         try:
-            self.transport.write(data, endpoint)
+            transport.write(data, endpoint)
         except MessageLengthError:
             # don't-fragment is set (services/node.py): larger than the path allows
             self._count("too_big")
             raise DatagramTooBig(len(data)) from None
         except OSError as e:
-            if e.errno == errno.EMSGSIZE:
-                self._count("too_big")
-                raise DatagramTooBig(len(data)) from None
-            # unreachable networks and full buffers are the network's business, not a crash
-            self._count("send_error")
-            self.log.debug("sending to {endpoint} failed: {error}", endpoint=endpoint, error=e)
+            self._send_failed(e, data, endpoint)
+        else:
+            if getattr(transport, "socket", None) is not None:
+                if len(self._checked) >= CHECKED_ENDPOINTS:
+                    self._checked.clear()
+                self._checked.add(endpoint)
+
+    def _send_failed(self, e: OSError, data: bytes, endpoint: Endpoint) -> None:
+        if e.errno == errno.EMSGSIZE:
+            self._count("too_big")
+            raise DatagramTooBig(len(data)) from None
+        if e.errno == errno.ECONNREFUSED:
+            return  # an ICMP error for an earlier datagram (what the port's write() ignores too)
+        # unreachable networks and full buffers are the network's business, not a crash
+        self._count("send_error")
+        self.log.debug("sending to {endpoint} failed: {error}", endpoint=endpoint, error=e)
 
     def send_limited(self, data: bytes, endpoint: Endpoint, ttl: int) -> None:
         sock = getattr(self.transport, "socket", None)

@@ -136,7 +136,7 @@ class Stack:
         elif packet.dst.node != self.local_address().node:
             self._drop("dropped.not_for_us", packet)
         elif packet.protocol == STREAM:
-            self._stream_packet(packet)
+            self._stream_packet(packet, packet.dst.node)
         elif packet.protocol == DATAGRAM:
             self._datagram_packet(packet)
         elif packet.protocol == CONTROL:
@@ -148,8 +148,8 @@ class Stack:
         self.counters[counter] += 1
         self.log.debug("{counter}: {packet!r}", counter=counter, packet=packet)
 
-    def _trusted(self, node: int) -> bool:
-        if node == self.local_address().node:
+    def _trusted(self, node: int, own: int | None = None) -> bool:
+        if node == (self.local_address().node if own is None else own):
             return True
         try:
             return bool(self._is_trusted(node))
@@ -157,17 +157,18 @@ class Stack:
             self.log.failure("is_trusted({node}) raised; treating the node as untrusted", node=node)
             return False
 
-    def _allowed(self, packet: Packet) -> bool:
+    def _allowed(self, packet: Packet, own: int | None = None) -> bool:
         """The trust gate: port 444 is open to every node, every other port only to trusted ones."""
-        return packet.dst_port == HANDSHAKE or self._trusted(packet.src.node)
+        return packet.dst_port == HANDSHAKE or self._trusted(packet.src.node, own)
 
-    def _stream_packet(self, packet: Packet) -> None:
+    def _stream_packet(self, packet: Packet, own: int) -> None:
+        """A stream packet for ``own``, our node id (read once per packet)."""
         key = (packet.src, packet.src_port, packet.dst_port)
         stream = self.streams.get(key)
         opening = packet.flags & (SYN | ACK | RST) == SYN
         if stream is not None:
             connection = stream.connection
-            if stream.inbound and not self._allowed(packet):
+            if stream.inbound and not self._allowed(packet, own):
                 self.counters["refused.untrusted"] += 1
                 self.log.info("resetting {target}: node {node} is not trusted any more",
                               target=stream.target, node=packet.src.node)

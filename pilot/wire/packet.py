@@ -70,6 +70,8 @@ CHECKSUM_OFFSET = 30
 # src port, dst port, seq, ack, window, checksum
 _HEADER = struct.Struct(">BBHHIHIHHIIHI")
 assert _HEADER.size == HEADER_LEN
+_CHECKSUM = struct.Struct(">I")
+_ZERO_CHECKSUM = bytes(4)
 
 
 def as_bytes(data: Any, what: str = "frame") -> bytes:
@@ -162,7 +164,9 @@ class Packet:
         return zlib.crc32(self.payload, zlib.crc32(self._header(0)))
 
     def encode(self) -> bytes:
-        return self._header(self.checksum) + self.payload
+        header = self._header(0)  # packed once; the checksum goes in its last 4 bytes
+        checksum = zlib.crc32(self.payload, zlib.crc32(header))
+        return b"".join((header[:CHECKSUM_OFFSET], _CHECKSUM.pack(checksum), self.payload))
 
     @classmethod
     def decode(cls, data: Any) -> "Packet":
@@ -177,13 +181,28 @@ class Packet:
             raise MalformedFrame(
                 f"packet truncated: payload length {length} needs {end} bytes, have {len(data)}")
         payload = data[HEADER_LEN:end]
-        zeroed = data[:CHECKSUM_OFFSET] + b"\x00\x00\x00\x00"
-        computed = zlib.crc32(payload, zlib.crc32(zeroed))
+        computed = zlib.crc32(payload, zlib.crc32(_ZERO_CHECKSUM, zlib.crc32(data[:CHECKSUM_OFFSET])))
         if computed != checksum:
             raise MalformedFrame(f"packet checksum mismatch: carries {checksum:08x}, computed {computed:08x}")
         # every value comes from a field of its own width: nothing to validate
-        return cls.unchecked(vf >> 4, vf & 0x0F, protocol, Address(src_net, src_node),
-                             Address(dst_net, dst_node), src_port, dst_port, seq, ack, window, payload)
+        return cls.unchecked(vf >> 4, vf & 0x0F, protocol, _interned_address(src_net, src_node),
+                             _interned_address(dst_net, dst_node), src_port, dst_port, seq, ack, window,
+                             payload)
+
+
+_ADDRESSES: dict[tuple[int, int], Address] = {}
+ADDRESS_CACHE = 4096
+
+
+def _interned_address(network: int, node: int) -> Address:
+    """The (immutable) Address for these fields, made once per peer rather than twice per packet."""
+    try:
+        return _ADDRESSES[network, node]
+    except KeyError:
+        if len(_ADDRESSES) >= ADDRESS_CACHE:
+            _ADDRESSES.clear()
+        address = _ADDRESSES[network, node] = Address(network, node)
+        return address
 
 
 # --- SACK option (docs/reference-wire.md §4.7) --------------------------------
@@ -227,6 +246,8 @@ def parse_sack(payload: Any) -> SackBlocks | None:
     SACK option (``SACK``, count 1-4, enough bytes; any extra bytes are
     ignored), else ``None`` (it is data).
     """
+    if type(payload) is bytes and payload[:4] != SACK_MAGIC:
+        return None  # data, the common case: decided without an exception
     try:
         return decode_sack(payload)
     except MalformedFrame:

@@ -65,6 +65,8 @@ AUTH_KEY_EXCHANGE_LEN = KEY_EXCHANGE_LEN + ED25519_LEN + SIGNATURE_LEN
 AUTH_CONTEXT = b"auth"
 
 _ID = struct.Struct(">I")
+_COUNTER = struct.Struct(">Q")
+_set = object.__setattr__
 
 
 class FrameKind(enum.Enum):
@@ -151,22 +153,38 @@ class SealedFrame:
 
     @property
     def counter(self) -> int:
-        return Nonce.from_bytes(self.nonce).counter
+        return int(_COUNTER.unpack_from(self.nonce, NONCE_PREFIX_LEN)[0])
 
     def encode(self) -> bytes:
         return PILS + _ID.pack(self.sender) + self.nonce + self.ciphertext
 
     @classmethod
     def decode(cls, data: Any) -> "SealedFrame":
-        data = _expect(data, PILS, SEALED_MIN)
+        return cls._from(_expect(data, PILS, SEALED_MIN))
+
+    @classmethod
+    def _from(cls, data: bytes) -> "SealedFrame":
+        """From ``data``, known to be bytes with the PILS magic and at least SEALED_MIN long."""
         nonce_end = MAGIC_LEN + 4 + NONCE_LEN
-        return cls(_ID.unpack_from(data, MAGIC_LEN)[0], data[MAGIC_LEN + 4:nonce_end], data[nonce_end:])
+        # every field comes from bytes of its own width (the ciphertext at least the tag):
+        # built without the validators, once per received frame
+        frame = object.__new__(cls)
+        _set(frame, "sender", _ID.unpack_from(data, MAGIC_LEN)[0])
+        _set(frame, "nonce", data[MAGIC_LEN + 4:nonce_end])
+        _set(frame, "ciphertext", data[nonce_end:])
+        return frame
 
     @classmethod
     def seal(cls, session: TunnelSession, sender: int, packet: Packet) -> "SealedFrame":
         """Encrypt ``packet`` under the next nonce of ``session``."""
         nonce, ciphertext = session.seal(packet.encode())
         return cls(sender, nonce, ciphertext)
+
+    @staticmethod
+    def sealed(session: TunnelSession, sender: int, packet: Packet) -> bytes:
+        """``seal(session, sender, packet).encode()`` without the frame object: once per packet sent."""
+        nonce, ciphertext = session.seal(packet.encode())
+        return b"".join((PILS, _ID.pack(sender), nonce, ciphertext))
 
     def open(self, session: TunnelSession) -> Packet:
         """Check replay, decrypt, decode; ``MalformedFrame`` if any step fails."""
@@ -243,6 +261,8 @@ _DECODERS: dict[FrameKind, Callable[[bytes], TunnelFrame]] = {
 
 def decode_frame(datagram: Any) -> TunnelFrame:
     """Decode a tunnel frame; a beacon message is ``MalformedFrame`` here (use the beacon codec)."""
+    if type(datagram) is bytes and datagram[:MAGIC_LEN] == PILS and len(datagram) >= SEALED_MIN:
+        return SealedFrame._from(datagram)  # nearly every frame: without the classification
     data = as_bytes(datagram, "datagram")
     kind = classify(data)
     if kind is FrameKind.BEACON:

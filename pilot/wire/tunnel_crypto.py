@@ -121,7 +121,9 @@ class NonceSequence:
     """The sending side: a fixed prefix and a counter incremented before each use."""
 
     def __init__(self, prefix: bytes) -> None:
-        self._last = Nonce(prefix, 0)
+        Nonce(prefix, 0)  # validates the prefix
+        self._prefix = prefix
+        self._counter = 0
 
     @classmethod
     def fresh(cls, random_bytes: Callable[[int], bytes] = os.urandom) -> "NonceSequence":
@@ -129,17 +131,22 @@ class NonceSequence:
 
     @property
     def prefix(self) -> bytes:
-        return self._last.prefix
+        return self._prefix
 
     @property
     def last_counter(self) -> int:
-        return self._last.counter
+        return self._counter
 
     def next(self) -> Nonce:
-        if self._last.counter >= MAX_COUNTER:
+        return Nonce(self._prefix, _COUNTER.unpack_from(self.next_bytes(), NONCE_PREFIX_LEN)[0])
+
+    def next_bytes(self) -> bytes:
+        """The next nonce's 12 bytes (what :meth:`next` encodes, without the object: per packet)."""
+        counter = self._counter
+        if counter >= MAX_COUNTER:
             raise OverflowError("nonce counter exhausted; re-key")
-        self._last = Nonce(self._last.prefix, self._last.counter + 1)
-        return self._last
+        self._counter = counter = counter + 1
+        return self._prefix + _COUNTER.pack(counter)
 
 
 class ReplayWindow:
@@ -177,16 +184,20 @@ class ReplayWindow:
         return not (self._bits >> (counter % WINDOW_SIZE)) & 1
 
     def mark(self, counter: int) -> None:
+        highest = self._highest
+        if highest is not None and counter == highest + 1:  # in order: the common case
+            self._bits |= 1 << (counter % WINDOW_SIZE)  # the slide clears this bit, the mark sets it
+            self._highest = counter
+            return
         if not self.check(counter):
             raise ValueError(f"counter {counter} is not acceptable; check() it first")
-        if self._highest is None:
+        if highest is None:
             self._highest = counter
-        elif counter > self._highest:
-            shift = counter - self._highest
-            if shift >= WINDOW_SIZE:
+        elif counter > highest:
+            if counter - highest >= WINDOW_SIZE:
                 self._bits = 0
             else:
-                for c in range(self._highest + 1, counter + 1):
+                for c in range(highest + 1, counter + 1):
                     self._bits &= ~(1 << (c % WINDOW_SIZE))
             self._highest = counter
         self._bits |= 1 << (counter % WINDOW_SIZE)
@@ -222,8 +233,16 @@ class TunnelSession:
 
     def seal(self, plaintext: bytes) -> tuple[bytes, bytes]:
         """(nonce, ciphertext with tag) for the next counter."""
-        nonce = self.nonces.next().to_bytes()
-        return nonce, self._aead.encrypt(nonce, bytes(plaintext), None)
+        nonce = self.nonces.next_bytes()
+        return nonce, self._aead.encrypt(nonce, plaintext if type(plaintext) is bytes else bytes(plaintext), None)
+
+    def decrypt(self, nonce: bytes, ciphertext: bytes) -> bytes:
+        """The plaintext under this key, no replay check; ``MalformedFrame`` for a bad tag.
+        The AES-GCM object is made once per session, not per frame."""
+        try:
+            return self._aead.decrypt(nonce, ciphertext, None)
+        except InvalidTag:
+            raise MalformedFrame("tunnel frame does not decrypt (bad tag)") from None
 
     def open(self, nonce: Any, ciphertext: Any) -> bytes:
         """Check the counter, decrypt, then mark it; ``MalformedFrame`` for a replay or a bad tag."""
@@ -232,9 +251,6 @@ class TunnelSession:
             raise MalformedFrame(f"replayed or too old nonce counter {counter}")
         if not isinstance(ciphertext, (bytes, bytearray, memoryview)) or len(ciphertext) < TAG_LEN:
             raise MalformedFrame(f"ciphertext must be at least the {TAG_LEN}-byte tag")
-        try:
-            plaintext = self._aead.decrypt(bytes(nonce), bytes(ciphertext), None)
-        except InvalidTag:
-            raise MalformedFrame("tunnel frame does not decrypt (bad tag)") from None
+        plaintext = self.decrypt(bytes(nonce), bytes(ciphertext))
         self.window.mark(counter)
         return plaintext

@@ -1087,3 +1087,53 @@ class PathTroubleTests(SynchronousTestCase):
         self.assertTrue(run_until(clock, lambda: len(app_b.data) == 5000, 10))
         sizes = [len(p.payload) for p in data_packets(link.sent("a"))]
         self.assertEqual(max(sizes), 1000)
+
+
+class CoalescedTimerTests(SynchronousTestCase):
+    """The per-packet timers move a deadline and keep one delayed call (docs/performance.md)."""
+
+    def setUp(self) -> None:
+        from pilot.machines.connection.transfer import CoalescedTimer
+        self.clock = Clock()
+        self.fired: list[float] = []
+        self.timer = CoalescedTimer(self.clock, lambda: self.fired.append(self.clock.seconds()))
+
+    def test_restarts_keep_one_call_and_fire_at_the_last_deadline(self) -> None:
+        for _ in range(100):
+            self.timer.start(0.2)
+            self.clock.advance(0.01)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.18)  # the last start was at 0.99
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.fired), 1)
+        self.assertAlmostEqual(self.fired[0], 1.19)
+        self.assertFalse(self.timer.active)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_earlier_deadline_moves_the_call(self) -> None:
+        self.timer.start(1.0)
+        self.timer.start(0.1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [0.1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelled_never_fires_and_is_reused(self) -> None:
+        self.timer.start(0.04)
+        self.timer.cancel()
+        self.assertFalse(self.timer.active)
+        self.timer.ensure(0.04)
+        self.timer.cancel()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.fired, [])
+        self.timer.ensure(0.04)
+        self.assertTrue(self.timer.active)
+        self.clock.advance(0.04)
+        self.assertEqual(self.fired, [1.04])
+
+    def test_stop_cancels_the_call(self) -> None:
+        self.timer.start(0.2)
+        self.timer.cancel()
+        self.timer.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -119,3 +119,67 @@ class NodeDatagramProtocolTests(SynchronousTestCase):
         protocol = NodeDatagramProtocol()
         protocol.send(b"x", PEER)
         self.assertEqual(protocol.local_port(), 0)
+
+
+class RecordingSocket:
+    """What a udp.Port's ``socket`` does for ``sendto``: records, or raises ``error``."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+        self.error: Optional[OSError] = None
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        self.sent.append((data, addr))
+        return len(data)
+
+
+class WithSocket(FakeDatagramTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.socket = RecordingSocket()
+
+
+class DirectSendTests(SynchronousTestCase):
+    """An endpoint the port's write() accepted once goes straight to the socket after that."""
+
+    def setUp(self) -> None:
+        self.protocol = NodeDatagramProtocol()
+        self.transport = WithSocket()
+        self.protocol.makeConnection(self.transport)
+
+    def test_first_through_write_then_the_socket(self) -> None:
+        self.protocol.send(b"1", PEER)
+        self.protocol.send(b"2", PEER)
+        self.protocol.send(b"3", BEACON)
+        self.assertEqual(self.transport.written, [(b"1", PEER), (b"3", BEACON)])
+        self.assertEqual(self.transport.socket.sent, [(b"2", PEER)])
+
+    def test_too_big_on_the_socket(self) -> None:
+        self.protocol.send(b"1", PEER)
+        self.transport.socket.error = OSError(errno.EMSGSIZE, "too long")
+        self.assertRaises(DatagramTooBig, self.protocol.send, b"x" * 5000, PEER)
+        self.assertEqual(self.protocol.counters, {"too_big": 1})
+
+    def test_errors_on_the_socket(self) -> None:
+        self.protocol.send(b"1", PEER)
+        self.transport.socket.error = OSError(errno.ENETUNREACH, "unreachable")
+        self.protocol.send(b"2", PEER)
+        self.transport.socket.error = OSError(errno.ECONNREFUSED, "refused")
+        self.protocol.send(b"3", PEER)  # ignored, as the port's write() ignores it
+        self.assertEqual(self.protocol.counters, {"send_error": 1})
+
+    def test_full_buffer_falls_back_to_write(self) -> None:
+        self.protocol.send(b"1", PEER)
+        self.transport.socket.error = OSError(errno.EAGAIN, "again")
+        self.protocol.send(b"2", PEER)
+        self.assertEqual(self.transport.written, [(b"1", PEER), (b"2", PEER)])
+
+    def test_without_a_socket_always_write(self) -> None:
+        protocol = NodeDatagramProtocol()
+        transport = FakeDatagramTransport()
+        protocol.makeConnection(transport)
+        protocol.send(b"1", PEER)
+        protocol.send(b"2", PEER)
+        self.assertEqual(transport.written, [(b"1", PEER), (b"2", PEER)])

@@ -440,7 +440,7 @@ class NonceTests(SynchronousTestCase):
 
     def test_exhausted(self) -> None:
         seq = NonceSequence(b"abcd")
-        seq._last = Nonce(b"abcd", MAX_COUNTER - 1)
+        seq._counter = MAX_COUNTER - 1
         self.assertEqual(seq.next().counter, MAX_COUNTER)
         self.assertRaises(OverflowError, seq.next)
 

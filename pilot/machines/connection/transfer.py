@@ -88,6 +88,10 @@ class Timer:
             self.start(delay)
 
     def cancel(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Cancel the delayed call itself (the connection is ending)."""
         if self._call is not None:
             if self._call.active():
                 self._call.cancel()
@@ -95,6 +99,63 @@ class Timer:
 
     def _run(self) -> None:
         self._call = None
+        self.fire()
+
+
+#: A coalesced timer fires this close to its deadline (the clocks' float arithmetic).
+DEADLINE_SLACK = 1e-9
+
+
+@attr.s(auto_attribs=True, eq=False)
+class CoalescedTimer(Timer):
+    """
+    A timer restarted or cancelled for nearly every packet (the retransmission
+    timer on each ACK, the delayed ACK on each ACK sent): it moves a deadline
+    and keeps one delayed call, which re-arms itself for the rest when it
+    fires before the deadline, and does nothing when the timer was cancelled
+    meanwhile.  A ``callLater`` and a ``cancel`` per packet become one per
+    timeout (docs/performance.md); the timer still fires at its deadline.
+    :meth:`stop` cancels the delayed call itself.
+    """
+
+    _deadline: Optional[float] = None
+
+    @property
+    def active(self) -> bool:
+        return self._deadline is not None
+
+    def start(self, delay: float) -> None:
+        delay = max(0.0, delay)
+        deadline = self._deadline = self.clock.seconds() + delay
+        call = self._call
+        if call is not None:
+            if call.getTime() <= deadline + DEADLINE_SLACK:
+                return  # it comes first, and re-arms for the rest
+            if call.active():
+                call.cancel()
+        self._call = self.clock.callLater(delay, self._run)
+
+    def ensure(self, delay: float) -> None:
+        if self._deadline is None:
+            self.start(delay)
+
+    def cancel(self) -> None:
+        self._deadline = None  # the delayed call stays: it comes to nothing, or is reused
+
+    def stop(self) -> None:
+        self._deadline = None
+        super().stop()
+
+    def _run(self) -> None:
+        self._call = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        now = self.clock.seconds()
+        if now + DEADLINE_SLACK < deadline:
+            self._call = self.clock.callLater(deadline - now, self._run)
+            return
+        self._deadline = None
         self.fire()
 
 
@@ -168,9 +229,9 @@ class Transfer:
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
         inputs = lambda name: lambda: getattr(self.machine, name)()  # noqa: E731
         self.handshake_timer = Timer(self.clock, inputs("handshake_timer_fired"))
-        self.rexmit_timer = Timer(self.clock, inputs("retransmit_timer_fired"))
+        self.rexmit_timer = CoalescedTimer(self.clock, inputs("retransmit_timer_fired"))
         self.fin_timer = Timer(self.clock, inputs("fin_timer_fired"))
-        self.ack_timer = Timer(self.clock, inputs("ack_timer_fired"))
+        self.ack_timer = CoalescedTimer(self.clock, inputs("ack_timer_fired"))
         self.nagle_timer = Timer(self.clock, inputs("nagle_timer_fired"))
         self.pacing_timer = Timer(self.clock, inputs("pacing_timer_fired"))
         self.time_wait_timer = Timer(self.clock, inputs("time_wait_elapsed"))
@@ -331,4 +392,4 @@ class Transfer:
         for timer in (self.handshake_timer, self.rexmit_timer, self.fin_timer, self.ack_timer,
                       self.nagle_timer, self.pacing_timer, self.keepalive_timer, self.idle_timer,
                       self.time_wait_timer):
-            timer.cancel()
+            timer.stop()

@@ -29,7 +29,7 @@ from pilot.machines.tunnel.pmtu import PathMtus
 from pilot.wire import probe as pw
 from pilot.wire.beacon import Relay
 from pilot.wire.packet import Packet
-from pilot.wire.tunnel import AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, decode_frame
+from pilot.wire.tunnel import AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, SealedFrame, decode_frame
 from pilot.wire.tunnel_crypto import derive_key
 
 QUEUE_PER_PEER = 64        # packets held per peer while exchanging; the oldest go first
@@ -137,9 +137,11 @@ class Tunnels:
         except MalformedFrame:
             self.count("malformed")
             return
-        if self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
+        if relay_sender is not None and self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
             return
-        if isinstance(frame, PlainFrame):
+        if type(frame) is SealedFrame and frame.sender != self._own_id():  # the data path first
+            self._sealed(frame, source, via_relay)
+        elif isinstance(frame, PlainFrame):
             self.count("plaintext_dropped")
         elif isinstance(frame, PunchProbe):
             self.count("punch_ignored")
@@ -150,15 +152,18 @@ class Tunnels:
         elif isinstance(frame, AuthKeyExchange):
             self._key_exchange(frame, source, via_relay)
         else:
-            peer = self._peers.get(frame.sender)
-            if peer is None:
-                # sealed with a session we do not have (we restarted): offer ours
-                self.count("pils_no_session")
-                self.answer_with_pila(frame.sender, source, via_relay)
-                return
-            packet = peer.machine.sealed_frame_received(frame, source, via_relay)
-            if packet is not None:
-                self._deliver(packet, frame.sender)
+            self._sealed(frame, source, via_relay)
+
+    def _sealed(self, frame: SealedFrame, source: Endpoint, via_relay: bool) -> None:
+        peer = self._peers.get(frame.sender)
+        if peer is None:
+            # sealed with a session we do not have (we restarted): offer ours
+            self.count("pils_no_session")
+            self.answer_with_pila(frame.sender, source, via_relay)
+            return
+        packet = peer.machine.sealed_frame_received(frame, source, via_relay)
+        if packet is not None:
+            self._deliver(packet, frame.sender)
 
     def _relay_mismatch(self, sender: Optional[int], relay_sender: Optional[int]) -> bool:
         """True (and counted) if a relayed frame's own sender is not the node the beacon named."""

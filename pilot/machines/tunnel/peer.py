@@ -190,11 +190,11 @@ class Peer:
         if own is None:
             self.owner.count("no_node_id")
             return
-        self.transmit(SealedFrame.seal(self.session.sender, own, packet).encode())
+        self.transmit(SealedFrame.sealed(self.session.sender, own, packet))
         for candidate in reversed(self.candidates.values()):
             if not self.may_copy(self.now()):
                 break
-            frame = SealedFrame.seal(candidate.session.sender, own, packet).encode()
+            frame = SealedFrame.sealed(candidate.session.sender, own, packet)
             if self.transmit(frame, candidate.source, candidate.via_relay):
                 self.owner.count("candidate_copy")
 

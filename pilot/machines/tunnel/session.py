@@ -15,7 +15,7 @@ import attr
 from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.wire.tunnel import SealedFrame
-from pilot.wire.tunnel_crypto import NonceSequence, ReplayWindow, TunnelSession, open_
+from pilot.wire.tunnel_crypto import NonceSequence, ReplayWindow, TunnelSession
 
 PREFIX_WINDOWS = 8         # recent peer nonce prefixes with a live replay window
 RETIRED_PREFIXES = 1024    # older prefixes, all of whose frames are refused
@@ -49,7 +49,7 @@ class Session:
         if not self.acceptable(prefix, counter):
             raise Dropped("pils_replayed")
         try:
-            plaintext = open_(self.key, frame.nonce, frame.ciphertext)
+            plaintext = self.sender.decrypt(frame.nonce, frame.ciphertext)
         except MalformedFrame:
             raise Dropped("pils_undecryptable") from None
         window = self.windows.get(prefix)
