@@ -7,7 +7,8 @@ The rule (``docs/security.md``): a request carrying ``auth`` must verify, be
 timestamped within :data:`MAX_SKEW` of the registry's clock, and carry a
 nonce not seen within that window, and, when the registry has restarted, be
 newer than the last request of that node it accepted before the restart (the
-nonce memory is not persisted; that timestamp is, see ``state.py``).  A key that has once verified this way is
+nonce memory is not persisted; that timestamp is, see ``state.py``; the
+beacon's proofs follow the same rule, ``beacon.py``).  A key that has once verified this way is
 *proven*; from then on the reference's replayable ``signature`` alone is no
 longer enough for it.  Keys that never proved themselves (reference nodes)
 keep the reference's rules.

@@ -155,6 +155,16 @@ class Registry:
             self.state.auth_ts[node_id] = ts
             self.on_touch()
 
+    def replay_floor(self, node_id: int) -> int:
+        """The newest ``auth.ts`` or beacon proof timestamp (ms) of ``node_id`` accepted before this start."""
+        return self.restored_ts.get(node_id, 0)
+
+    def proof_accepted(self, node_id: int, ts_ms: int) -> None:
+        """The beacon accepted a proof of ``node_id`` stamped ``ts_ms``: remember it as replay state."""
+        if ts_ms > self.state.auth_ts.get(node_id, 0):
+            self.state.auth_ts[node_id] = ts_ms
+            self.on_touch()
+
     def signed(self, msg: Message, field: str) -> Node:
         """The node named by ``msg[field]``, which must have signed ``msg``."""
         node = self.need(get_int(msg, field))

@@ -15,7 +15,7 @@ in extra keys it ignores:
 * ``trust_statements``: each node's signed trust statements
   (``pilot.server.statements``), ``{"<node id>": ["pilot-trust/1 ...", ...]}``.
 * ``auth_ts``: node id -> the newest ``auth.ts`` (Unix ms) the registry accepted
-  from that node's key.  The nonce memory is not saved; after a restart a
+  from that node's key, or the newest timestamp of a beacon proof of it.  The nonce memory is not saved; after a restart a
   request not newer than this is refused, so a captured request cannot be
   replayed across a restart (``docs/security.md``).
 * ``keys_gone``: node id -> when (Unix seconds) its node was deregistered or
