@@ -44,9 +44,12 @@ class JournalError(ValueError):
     """A journal that is damaged (not just torn at its end); the message says where."""
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 def encode_record(seq: int, delta: dict[str, Any]) -> bytes:
     """One journal line for record number ``seq`` holding ``delta``."""
-    body = json.dumps({"seq": seq, **delta}, separators=(",", ":")).encode("utf-8")
+    body = _ENCODE({"seq": seq, **delta}).encode("utf-8")
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -202,7 +205,7 @@ class Tracker:
                 dels.setdefault("nodes", []).append(str(node_id))
                 continue
             node.unsaved = False
-            text = key_texts[node.public_key] = b64encode(node.public_key)
+            text = key_texts[node.public_key] = s.key_text(node.public_key)
             node_sets[str(node_id)] = node_json(node, text)
         if node_sets:
             sets["nodes"] = node_sets

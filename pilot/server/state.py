@@ -33,6 +33,7 @@ never mutated in place; assigning marks it ``unsaved``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -79,6 +80,17 @@ class Node:
     @property
     def address(self) -> Address:
         return Address(0, self.id)
+
+    @property
+    def address_text(self) -> str:
+        """``str(self.address)``, made once per id."""
+        return address_text(self.id)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def address_text(node_id: int) -> str:
+    """The backbone address of ``node_id`` as text (every reply about a node carries it)."""
+    return str(Address(0, node_id))
 
 
 @attr.s(slots=True, auto_attribs=True, frozen=True)
@@ -134,10 +146,18 @@ class RegistryState:
     _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
     _node_text: dict[int, tuple[tuple[Any, ...], str]] = attr.ib(factory=dict, init=False, repr=False)
 
+    def key_text(self, key: bytes) -> str:
+        """The base64 text of ``key``, made once while the key is indexed (replies and writes need it)."""
+        text = self._key_text.get(key)
+        if text is None:
+            text = self._key_text[key] = b64encode(key)
+        return text
+
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
         if old is not None and old != key:
             self.key_index.pop(old, None)
+            self._key_text.pop(old, None)
         self.key_index[key] = node_id
         self.id_keys[node_id] = key
 
@@ -146,6 +166,7 @@ class RegistryState:
         key = self.id_keys.pop(node_id, None)
         if key is not None and self.key_index.get(key) == node_id:
             del self.key_index[key]
+            self._key_text.pop(key, None)
         self.gone.pop(node_id, None)
         self.auth_ts.pop(node_id, None)
         self.proven.discard(node_id)
