@@ -25,6 +25,9 @@ from pilot.services.store import RETRY_DELAY, StoreError, journal_path, load_sto
 from tests.server.test_state import KEYS, T0
 
 
+TO_BYTES = RegistryState.to_bytes  # the real one, to compare with when a test forbids it
+
+
 class ManualThread:
     """The writer thread, run by the test: each write waits for :meth:`run_one`."""
 
@@ -204,6 +207,87 @@ class DurableWriterTests(SynchronousTestCase):
         self.assertTrue(self.writer.flush())  # nothing left: nothing written
         self.assertEqual(self.writer.snapshots, 3)
 
+    def no_snapshot_in_the_reactor(self) -> None:
+        """Fail the test if the reactor thread makes the whole store (only the writer thread may)."""
+        def refused(state: RegistryState) -> bytes:
+            raise AssertionError("the whole store was made in the reactor thread")
+        self.patch(RegistryState, "to_bytes", refused)
+
+    def stored(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def test_compaction_is_made_by_the_writer_thread(self) -> None:
+        """
+        Past the journal's limit the store file is rewritten from the mirror in
+        the writer thread (issue 12: the reactor made it, ~80 ms at 10,000
+        nodes); the file is what the state itself would write.
+        """
+        self.start()
+        self.no_snapshot_in_the_reactor()
+        for _ in range(4):
+            self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (1, 4))
+        self.writer.journal_limit = self.writer.journal.size  # reached: the next write compacts
+        self.state.nodes[2].hostname = "renamed"
+        self.state.nodes.pop(3)
+        self.state.trust.add((1, 2))
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+        reloaded = self.reload()
+        self.assertEqual((set(reloaded.nodes), reloaded.nodes[2].hostname), ({1, 2, 4, 5, 6}, "renamed"))
+
+    def test_new_store_and_failed_writes_are_compacted_by_the_writer_thread(self) -> None:
+        self.no_snapshot_in_the_reactor()
+        self.start()  # a new store: its first write
+        self.assertEqual(self.writer.snapshots, 1)
+
+        def full(data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.patch(self.writer.journal, "append", full)
+        waiting = self.register()
+        self.clock.advance(0)
+        with capturedLogs():
+            self.thread.run_one()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.clock.advance(RETRY_DELAY)
+        with capturedLogs():
+            self.thread.run_one()  # the retry: the whole store, from the mirror
+        self.successResultOf(waiting)
+        self.assertEqual((self.writer.snapshots, self.writer.failures), (2, 0))
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+
+    def test_mirror_that_failed_is_made_again(self) -> None:
+        """A record the mirror could not take: loud, and the retry starts from a new view of the state."""
+        self.start()
+
+        def broken(record: dict[str, Any]) -> None:
+            raise ValueError("a bug")
+        self.patch(self.writer.mirror, "apply", broken)
+        waiting = self.register()
+        self.clock.advance(0)
+        with capturedLogs() as events:
+            self.thread.run_one()
+        self.assertTrue(any("COULD NOT SAVE THE REGISTRY STORE" in formatEvent(e) for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.clock.advance(RETRY_DELAY)
+        self.thread.run_one()
+        self.successResultOf(waiting)
+        self.assertEqual(self.stored(), self.state.to_bytes())
+        self.acknowledged_after_one_write(self.register())  # records again, on the new mirror
+        self.assertEqual(self.journal_lines(), 1)
+        self.assertEqual(set(self.reload().nodes), {1, 2, 3})
+
+    def test_replaced_container_starts_a_new_mirror(self) -> None:
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        self.state.proven = {1}  # replaced whole: no longer tracked
+        self.no_snapshot_in_the_reactor()
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual(self.journal_lines(), 0)
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+
     def test_touch_is_lazy_until_a_change(self) -> None:
         """Replay state alone is written within ``touch_delay``; a change brings that write forward."""
         self.start()
@@ -260,3 +344,56 @@ class DurableWriterTests(SynchronousTestCase):
             load_store(self.path)
         self.assertIn("could not be written into it", str(caught.exception))
         self.assertTrue(os.path.exists(journal_path(self.path)))
+
+
+class DefaultModeTests(SynchronousTestCase):
+    """Without --durable the store takes the same journal (issue 12 (b)); only the replies do not wait."""
+
+    def test_default_mode_appends_records(self) -> None:
+        from twisted.internet.defer import maybeDeferred
+
+        from pilot.server.registry import Peer
+        from pilot.services.rendezvous import RendezvousService, RendezvousSettings
+        from tests.services.test_rendezvous import FakeReactor
+
+        reactor = FakeReactor()
+        reactor.advance(1_800_000_000)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "registry.json")
+        service = RendezvousService(RendezvousSettings(store=path, raise_open_files=False), reactor,
+                                    run_writes=maybeDeferred)
+        self.assertIsNone(service.factory.durability)
+        assert isinstance(service.store, DurableWriter)
+        with capturedLogs():
+            service.startService()
+        reactor.advance(1)
+        self.no_snapshot_in_the_reactor()
+        for seed in range(1, 4):
+            reply = service.registry.handle({"type": "register", "public_key": b64(bytes([seed]) * 32),
+                                             "listen_addr": "198.51.100.4:4000"}, Peer("198.51.100.4", 4000))
+            self.assertEqual(reply["type"], "register_ok")
+            reactor.advance(0.25)  # the coalescing delay: one record each
+        with open(journal_path(path), "rb") as f:
+            self.assertEqual(f.read().count(b"\n"), 3)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["nodes"], {})  # the store file itself was not rewritten
+        self.forbidden = False  # a clean stop may: the store file then holds everything
+        with capturedLogs():
+            self.successResultOf(service.stopService())
+        with open(path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 3)  # a clean stop: the store holds everything
+
+    def no_snapshot_in_the_reactor(self) -> None:
+        self.forbidden = True
+
+        def refused(state: RegistryState) -> bytes:
+            if self.forbidden:
+                raise AssertionError("the whole store was made in the reactor thread")
+            return TO_BYTES(state)
+        self.patch(RegistryState, "to_bytes", refused)
+
+
+def b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode("ascii")
