@@ -224,8 +224,8 @@ async def stall(port: int, nodes: list[Node], ids: list[int], seconds: float) ->
         i = 0
         while time.perf_counter() < end:
             nd = nodes[i % len(nodes)]
-            await asyncio.wait_for(changer.request(nd.signed(
-                {"type": "set_hostname", "node_id": ids[i % len(nodes)], "hostname": f"{nd.name}-s{i}"})), DEADLINE)
+            msg = {"type": "set_hostname", "node_id": ids[i % len(nodes)], "hostname": f"{nd.name}-s{i}"}
+            await asyncio.wait_for(changer.request(nd.signed(msg)), DEADLINE)
             i += 1
             await asyncio.sleep(0.1)
 

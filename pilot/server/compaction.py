@@ -35,7 +35,9 @@ import attr
 
 from pilot.identity import b64encode
 from pilot.server.journal import LISTS, MAPS, JournalError
-from pilot.server.state import STORE_FORMAT, Node, RegistryState, inbox_json, node_json, responses_json, rfc3339
+from pilot.server.state import (
+    STORE_FORMAT, Node, RegistryState, inbox_json, node_json, responses_json, rfc3339,
+)
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
@@ -111,16 +113,30 @@ class StoreMirror:
         self.lists["handshake_asked"].update(f"{a}>{b}" for a, b in view.asked)
         self.lists["proven"].update(view.proven)
 
-    def apply(self, record: dict[str, Any]) -> None:
-        """Apply one record (a :class:`pilot.server.journal.Tracker` delta with its ``seq``)."""
+    def apply(self, record: dict[str, Any]) -> bytes:
+        """
+        Apply one record (a :class:`pilot.server.journal.Tracker` delta with
+        its ``seq``); return its JSON for the journal, made from the same
+        texts (each value is encoded once).
+        """
         self.build()
-        for name, items in record.get("set", {}).items():
-            if name == "pub_key_idx":
-                self.key_ids.update(items)
-                continue
-            section = self.maps[name]
-            for key, value in items.items():
-                section[key] = _ENCODE(value)
+        seq = record["seq"]
+        out = ['{"seq":', str(seq)]
+        sets = record.get("set")
+        if sets:
+            parts = []
+            for name, items in sets.items():
+                if name == "pub_key_idx":
+                    self.key_ids.update(items)
+                    parts.append(f'"{name}":{_ENCODE(items)}')
+                    continue
+                section = self.maps[name]
+                texts = []
+                for key, value in items.items():
+                    text = section[key] = str(value) if type(value) is int else _ENCODE(value)
+                    texts.append(f'"{key}":{text}' if key.isdigit() else f"{_ENCODE(key)}:{text}")
+                parts.append(f'"{name}":{{{",".join(texts)}}}')
+            out += [',"set":{', ",".join(parts), "}"]
         for name, keys in record.get("del", {}).items():
             where: dict[str, Any] = self.key_ids if name == "pub_key_idx" else self.maps[name]
             for key in keys:
@@ -129,16 +145,20 @@ class StoreMirror:
             self.lists[name].update(items)
         for name, items in record.get("drop", {}).items():
             self.lists[name].difference_update(items)
-        seq = record.get("seq")
-        if isinstance(seq, int):
-            self.seq = seq
+        for part in ("del", "add", "drop"):
+            if part in record:
+                out += [f',"{part}":', _ENCODE(record[part])]
+        out.append("}")
+        self.seq = seq
+        return "".join(out).encode("utf-8")
 
     def render(self) -> bytes:
         """The store file: what :meth:`RegistryState.to_bytes` makes of the same state."""
         self.build()
         node_ids = sorted(int(k) for k in self.maps["nodes"])
         nodes = self.maps["nodes"]
-        parts = ['{"next_node":', str(max([0, *node_ids, *self.key_ids.values()]) + 1), ',"next_net":1,"nodes":{',
+        next_node = max([0, *node_ids, *self.key_ids.values()]) + 1
+        parts = ['{"next_node":', str(next_node), ',"next_net":1,"nodes":{',
                  ",".join([f'"{i}":{nodes[str(i)]}' for i in node_ids]),
                  '},"networks":{"0":{"id":0,"name":"backbone","join_rule":"open","members":',
                  _ENCODE(node_ids), ',"created":', _ENCODE(self.created), "}}"]

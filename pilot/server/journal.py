@@ -49,7 +49,11 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 def encode_record(seq: int, delta: dict[str, Any]) -> bytes:
     """One journal line for record number ``seq`` holding ``delta``."""
-    body = _ENCODE({"seq": seq, **delta}).encode("utf-8")
+    return record_line(_ENCODE({"seq": seq, **delta}).encode("utf-8"))
+
+
+def record_line(body: bytes) -> bytes:
+    """The journal line of a record whose JSON is ``body`` (one line: no raw newline in it)."""
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 

@@ -15,9 +15,10 @@ in extra keys it ignores:
 * ``trust_statements``: each node's signed trust statements
   (``pilot.server.statements``), ``{"<node id>": ["pilot-trust/1 ...", ...]}``.
 * ``auth_ts``: node id -> the newest ``auth.ts`` (Unix ms) the registry accepted
-  from that node's key, or the newest timestamp of a beacon proof of it.  The nonce memory is not saved; after a restart a
-  request not newer than this is refused, so a captured request cannot be
-  replayed across a restart (``docs/security.md``).
+  from that node's key, or the newest timestamp of a beacon proof of it.
+  The nonce memory is not saved; after a restart a request (or proof) not
+  newer than this is refused, so a captured one cannot be replayed across a
+  restart (``docs/security.md``).
 * ``keys_gone``: node id -> when (Unix seconds) its node was deregistered or
   reaped while its key stayed indexed (so that it keeps its id if it comes
   back).  After the registry's ``key_retention`` the key is forgotten

@@ -55,7 +55,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pilot.persist import AppendOnlyFile, atomic_write_bytes
 from pilot.server.compaction import StateView, StoreMirror
-from pilot.server.journal import Tracker, encode_record
+from pilot.server.journal import Tracker, record_line
 from pilot.server.state import RegistryState
 from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path
 
@@ -229,10 +229,10 @@ class DurableWriter:
         mirror = self.mirror
 
         def write() -> bool:
-            record = {"seq": seq, **delta}
+            body = b""
             if delta:
                 try:
-                    mirror.apply(record)
+                    body = mirror.apply({"seq": seq, **delta})
                 except Exception:
                     self._mirror_lost = True  # read by the reactor once this write has failed
                     raise
@@ -240,7 +240,7 @@ class DurableWriter:
                 atomic_write_bytes(self.path, mirror.render())
                 self.journal.truncate()
             elif delta:
-                self.journal.append(encode_record(seq, delta))
+                self.journal.append(record_line(body))
             return compact
         return write
 

@@ -54,7 +54,8 @@ class DecodeTests(SynchronousTestCase):
         ]
         for text in texts:
             for length in (16, 32, 64):
-                self.assertEqual(self.outcome(decode_b64, text, length), self.outcome(b64decode, text, length),
+                self.assertEqual(self.outcome(decode_b64, text, length),
+                                 self.outcome(b64decode, text, length),
                                  (text, length))
 
 

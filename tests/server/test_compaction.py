@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
 from pilot.server.compaction import StateView, StoreMirror
-from pilot.server.journal import Tracker
+from pilot.server.journal import Tracker, encode_record
 from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
 from pilot.wire.statement import make_statement
 
@@ -33,8 +33,10 @@ class MirrorTests(SynchronousTestCase):
         delta = self.tracker.delta()
         if delta:
             self.state.journal_seq += 1
-            # the thread gets the delta itself; what it holds must survive JSON (it is also the journal line)
-            self.mirror.apply(json.loads(json.dumps({"seq": self.state.journal_seq, **delta})))
+            record = {"seq": self.state.journal_seq, **delta}
+            # the thread gets the delta itself; the journal's line it makes of it says the same
+            line = encode_record(record["seq"], delta)
+            self.assertEqual(json.loads(self.mirror.apply(record)), json.loads(line[9:]))
         self.assertEqual(self.mirror.render(), self.state.to_bytes())
 
     def test_view_alone(self) -> None:
@@ -67,7 +69,8 @@ class MirrorTests(SynchronousTestCase):
         s.inbox[7].append(HandshakeRequest(0xFFFFFFFE, "hi", T0))
         s.responses.pop(99, None)
         s.responses[7] = [HandshakeResponse(99, False, T0 + 1)]
-        s.statements.setdefault(7, {})[99] = make_statement(7, ALICE.public_key, 99, b"", 1, 1, False, ALICE.sign)
+        statement = make_statement(7, ALICE.public_key, 99, b"", 1, 1, False, ALICE.sign)
+        s.statements.setdefault(7, {})[99] = statement
         self.record()
         s.inbox[7].clear()
         s.statements[7][99] = make_statement(7, ALICE.public_key, 99, b"", 2, 2, True, ALICE.sign)
