@@ -156,6 +156,7 @@ class Tracker:
 
     def __init__(self, state: RegistryState) -> None:
         self.state = state
+        self._node_changes: set[int] = set()
         self.reset()
 
     def _tracked(self) -> tuple[Any, ...]:
@@ -175,8 +176,9 @@ class Tracker:
                 setattr(s, name, TrackedSet(getattr(s, name)))
         for container in self._tracked():
             container.track()
+        sink = self._node_changes = set()
         for node in s.nodes.values():
-            node.unsaved = False
+            node.journal_sink = sink
         self._watched = self._tracked()
         self._inbox: dict[int, Any] = {k: list(v) for k, v in s.inbox.items()}
         self._responses: dict[int, Any] = {k: list(v) for k, v in s.responses.items()}
@@ -199,8 +201,10 @@ class Tracker:
                 sets.setdefault(section, {})[key] = value
 
         nodes = cast(TrackedDict[int, Any], s.nodes)
-        changed = nodes.changes | {n.id for n in nodes.values() if n.unsaved}
+        sink = self._node_changes
+        changed = nodes.changes | sink
         nodes.changes.clear()
+        sink.clear()
         key_texts: dict[bytes, str] = {}
         node_sets: dict[str, Any] = {}
         for node_id in changed:
@@ -208,7 +212,7 @@ class Tracker:
             if node is None:
                 dels.setdefault("nodes", []).append(str(node_id))
                 continue
-            node.unsaved = False
+            node.journal_sink = sink  # a new node: its later changes too
             text = key_texts[node.public_key] = s.key_text(node.public_key)
             node_sets[str(node_id)] = node_json(node, text)
         if node_sets:

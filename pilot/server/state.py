@@ -29,7 +29,8 @@ in extra keys it ignores:
 With ``--durable`` the journal tracks the containers a record is made from
 (``pilot.server.tracked``): change them in place, never replace them (a
 replaced one costs a full snapshot).  A :class:`Node`'s fields are assigned,
-never mutated in place; assigning marks it ``unsaved``.
+never mutated in place; assigning one puts the node's id in its
+``journal_sink`` (the journal's set of changed nodes, when one tracks it).
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ STORE_FORMAT = 1
 _NO_NODES = '"nodes":{}'
 
 
-def _mark_unsaved(node: "Node", attribute: Any, value: Any) -> Any:
-    if attribute.name != "unsaved":
-        object.__setattr__(node, "unsaved", True)
+def _note_change(node: "Node", attribute: Any, value: Any) -> Any:
+    sink = node.journal_sink
+    if sink is not None and attribute.name != "journal_sink":
+        sink.add(node.id)
     return value
 
 
-@attr.s(slots=True, auto_attribs=True, eq=False, on_setattr=_mark_unsaved)
+@attr.s(slots=True, auto_attribs=True, eq=False, on_setattr=_note_change)
 class Node:
     id: int
     public_key: bytes
@@ -75,8 +77,9 @@ class Node:
     networks: list[int] = attr.Factory(lambda: [0])
     #: ours: the node's tunnel socket on its own LAN, for peers behind the same NAT
     local_addr: str = ""
-    #: changed since the journal last wrote it (new nodes too)
-    unsaved: bool = attr.ib(default=True, init=False, repr=False)
+    #: where an assignment puts the node's id: the set of changed nodes of the journal
+    #: tracking it (``pilot.server.journal.Tracker``), so a record need not look at every node
+    journal_sink: "set[int] | None" = attr.ib(default=None, init=False, repr=False)
 
     @property
     def address(self) -> Address:
