@@ -209,6 +209,40 @@ def discover(node: Node) -> bytes:
                       int(time.time() * 1000), os.urandom(8))
 
 
+async def stall(port: int, nodes: list[Node], ids: list[int], seconds: float) -> None:
+    """
+    ``--stall``: the longest wait behind a store write.  One connection sends a
+    signed ``set_hostname`` every 0.1 s (each change makes the store write
+    again); another sends ``lookup``s one at a time, each after the answer to
+    the one before, and the figures are their latencies.
+    """
+    probe, changer = await Conn.open(port), await Conn.open(port)
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def change() -> None:
+        i = 0
+        while time.perf_counter() < end:
+            nd = nodes[i % len(nodes)]
+            msg = {"type": "set_hostname", "node_id": ids[i % len(nodes)], "hostname": f"{nd.name}-s{i}"}
+            await asyncio.wait_for(changer.request(nd.signed(msg)), DEADLINE)
+            i += 1
+            await asyncio.sleep(0.1)
+
+    changing = asyncio.get_running_loop().create_task(change())
+    i = 0
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        await asyncio.wait_for(probe.request({"type": "lookup", "node_id": ids[i % len(ids)]}), DEADLINE)
+        lat.append((time.perf_counter() - t0) * 1000.0)
+        i += 1
+    await asyncio.wait_for(changing, DEADLINE)
+    probe.close()
+    changer.close()
+    print(f"  {'lookup behind store writes':<34} {len(lat) / seconds:>9.0f}/s   p50 {pct(lat, 50):6.2f} ms   "
+          f"p99 {pct(lat, 99):6.2f} ms   max {max(lat):7.2f} ms   (one at a time, a change every 0.1 s)")
+
+
 async def run(args: argparse.Namespace) -> None:
     n = args.nodes
     tmp = tempfile.mkdtemp(prefix="pilot-bench-")
@@ -243,6 +277,8 @@ async def run(args: argparse.Namespace) -> None:
         cpu0 = server.cpu_seconds()
         secs, lat, err = await drive(conns16, make, n, args.window)
         report("set_hostname (16 conns, signed)", n, secs, lat, err, server.cpu_seconds() - cpu0)
+        if args.stall > 0:
+            await stall(port, nodes, ids, args.stall)
         if args.writes_only:
             for c in conns16:
                 c.close()
@@ -358,14 +394,17 @@ def main() -> None:
                         "well within the registry's 120 s skew)")
     p.add_argument("--writes-only", action="store_true",
                    help="stop after the registrations and hostname sets (the figures --durable changes)")
+    p.add_argument("--stall", type=float, default=0.0,
+                   help="after the hostname sets, this many seconds of lookups one at a time while a "
+                        "hostname changes every 0.1 s: the longest wait behind a store write (0: skip)")
     p.add_argument("--steady", type=float, default=20.0, help="seconds of steady state to measure")
     p.add_argument("--interval", type=float, default=25.0,
                    help="each node's heartbeat interval (our node: 25 s; the reference: 30 s)")
     p.add_argument("--probe", type=float, default=15.0,
                    help="each node's unsigned Discover interval (our node: 15 s; 0: none, as the reference)")
     args = p.parse_args()
-    if not 1 <= args.nodes <= 10000 or not 1 <= args.steady <= 300:
-        raise SystemExit("--nodes 1..10000, --steady 1..300")
+    if not 1 <= args.nodes <= 10000 or not 1 <= args.steady <= 300 or not 0 <= args.stall <= 120:
+        raise SystemExit("--nodes 1..10000, --steady 1..300, --stall 0..120")
     asyncio.run(run(args))
 
 

@@ -7,7 +7,8 @@ The rule (``docs/security.md``): a request carrying ``auth`` must verify, be
 timestamped within :data:`MAX_SKEW` of the registry's clock, and carry a
 nonce not seen within that window, and, when the registry has restarted, be
 newer than the last request of that node it accepted before the restart (the
-nonce memory is not persisted; that timestamp is, see ``state.py``).  A key that has once verified this way is
+nonce memory is not persisted; that timestamp is, see ``state.py``; the
+beacon's proofs follow the same rule, ``beacon.py``).  A key that has once verified this way is
 *proven*; from then on the reference's replayable ``signature`` alone is no
 longer enough for it.  Keys that never proved themselves (reference nodes)
 keep the reference's rules.
@@ -15,6 +16,7 @@ keep the reference's rules.
 
 from __future__ import annotations
 
+import binascii
 import collections
 from typing import Any
 
@@ -24,6 +26,22 @@ from pilot.wire.registry import NONCE_LEN, auth_message, legacy_challenge
 
 #: How far a request's timestamp may be from the registry's clock (seconds).
 MAX_SKEW = 120.0
+
+
+def decode_b64(text: Any, length: int, what: str) -> bytes:
+    """
+    :func:`pilot.identity.b64decode` of ``length`` bytes, in C for the usual
+    (canonical) text: what it accepts and refuses, and why, is the same.
+    """
+    if type(text) is str and len(text) == 4 * ((length + 2) // 3):
+        try:
+            data = binascii.a2b_base64(text)
+        except ValueError:
+            pass
+        else:
+            if len(data) == length and binascii.b2a_base64(data, newline=False) == text.encode("ascii"):
+                return data
+    return b64decode(text, length, what)
 
 
 class AuthFailed(Exception):
@@ -78,7 +96,7 @@ class Authenticator:
         if sig_text is None or sig_text == "":
             raise AuthFailed("missing signature")
         try:
-            sig = b64decode(sig_text, 64, "signature")
+            sig = decode_b64(sig_text, 64, "signature")
             challenge = legacy_challenge(msg)
         except (ValueError, MalformedFrame) as e:
             raise AuthFailed(str(e)) from None
@@ -94,8 +112,8 @@ class Authenticator:
         if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 1 << 53:
             raise AuthFailed("'auth.ts' must be Unix milliseconds")
         try:
-            nonce = b64decode(auth.get("nonce"), NONCE_LEN, "auth.nonce")
-            sig = b64decode(auth.get("sig"), 64, "auth.sig")
+            nonce = decode_b64(auth.get("nonce"), NONCE_LEN, "auth.nonce")
+            sig = decode_b64(auth.get("sig"), 64, "auth.sig")
         except ValueError as e:
             raise AuthFailed(str(e)) from None
         when = ts / 1000.0

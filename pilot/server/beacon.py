@@ -19,7 +19,10 @@ The rules:
 * **Discover, id X, with a proof** (``pilot.wire.beacon``): the signature
   must verify with the key the registry holds for X, its timestamp be within
   ``max_skew`` of our clock, its nonce unseen (remembered per key for the
-  window).  Then record X -> source and reply.  A proof that fails: dropped,
+  window), and newer than the newest signature of X accepted before the
+  registry (re)started (the nonce memory is not saved; the newest accepted
+  timestamp of each key is, with the store, as the registry's own ``auth.ts``
+  are: ``pilot.server.auth``).  Then record X -> source and reply.  A proof that fails: dropped,
   no reply.  (X unregistered: reply, record nothing.)
 * **Discover, id X, no proof** (a reference node): always answered (it only
   tells the sender its own address).  Recorded only if X is registered, X's
@@ -106,6 +109,12 @@ class NodeDirectory(Protocol):
 
     def may_see(self, requester: int, target: Node) -> bool:
         """May ``requester`` learn ``target``'s real endpoint?"""
+
+    def replay_floor(self, node_id: int) -> int:
+        """The newest timestamp (ms) of ``node_id``'s signatures accepted before this start."""
+
+    def proof_accepted(self, node_id: int, ts_ms: int) -> None:
+        """Remember ``ts_ms`` as ``node_id``'s newest accepted signature (saved with the store)."""
 
 
 class Beacon:
@@ -271,8 +280,11 @@ class Beacon:
             return f"proof timestamp is {when - now:+.0f} s from our clock"
         if not proof.verify(node.public_key, base):
             return "proof signature does not verify with the node's key"
+        if proof.ts_ms <= self.registry.replay_floor(node.id):
+            return "replayed proof (not newer than one accepted before the registry restarted)"
         if not self._nonces.add(node.public_key + proof.nonce, when + self.config.max_skew, now):
             return "replayed proof"
+        self.registry.proof_accepted(node.id, proof.ts_ms)
         return None
 
     def _registered(self, node_id: int) -> Node | None:

@@ -44,9 +44,16 @@ class JournalError(ValueError):
     """A journal that is damaged (not just torn at its end); the message says where."""
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 def encode_record(seq: int, delta: dict[str, Any]) -> bytes:
     """One journal line for record number ``seq`` holding ``delta``."""
-    body = json.dumps({"seq": seq, **delta}, separators=(",", ":")).encode("utf-8")
+    return record_line(_ENCODE({"seq": seq, **delta}).encode("utf-8"))
+
+
+def record_line(body: bytes) -> bytes:
+    """The journal line of a record whose JSON is ``body`` (one line: no raw newline in it)."""
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -149,6 +156,7 @@ class Tracker:
 
     def __init__(self, state: RegistryState) -> None:
         self.state = state
+        self._node_changes: set[int] = set()
         self.reset()
 
     def _tracked(self) -> tuple[Any, ...]:
@@ -168,8 +176,9 @@ class Tracker:
                 setattr(s, name, TrackedSet(getattr(s, name)))
         for container in self._tracked():
             container.track()
+        sink = self._node_changes = set()
         for node in s.nodes.values():
-            node.unsaved = False
+            node.journal_sink = sink
         self._watched = self._tracked()
         self._inbox: dict[int, Any] = {k: list(v) for k, v in s.inbox.items()}
         self._responses: dict[int, Any] = {k: list(v) for k, v in s.responses.items()}
@@ -192,8 +201,10 @@ class Tracker:
                 sets.setdefault(section, {})[key] = value
 
         nodes = cast(TrackedDict[int, Any], s.nodes)
-        changed = nodes.changes | {n.id for n in nodes.values() if n.unsaved}
+        sink = self._node_changes
+        changed = nodes.changes | sink
         nodes.changes.clear()
+        sink.clear()
         key_texts: dict[bytes, str] = {}
         node_sets: dict[str, Any] = {}
         for node_id in changed:
@@ -201,8 +212,8 @@ class Tracker:
             if node is None:
                 dels.setdefault("nodes", []).append(str(node_id))
                 continue
-            node.unsaved = False
-            text = key_texts[node.public_key] = b64encode(node.public_key)
+            node.journal_sink = sink  # a new node: its later changes too
+            text = key_texts[node.public_key] = s.key_text(node.public_key)
             node_sets[str(node_id)] = node_json(node, text)
         if node_sets:
             sets["nodes"] = node_sets

@@ -33,11 +33,11 @@ from twisted.internet.interfaces import IReactorTime
 from pilot.address import node_id_for_key
 from pilot.endpoint import format_endpoint, parse_endpoint, parse_port
 from pilot.errors import ErrorCode, MalformedFrame
-from pilot.identity import b64decode, b64encode, verify
+from pilot.identity import b64decode, verify
 from pilot.names import hostname_problem, normalise_tags
 from pilot.ratelimit import KeyedLimiter
 from pilot.server import compat, directory, handshakes, statements
-from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
+from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator, decode_b64
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
@@ -175,6 +175,16 @@ class Registry:
             self.state.auth_ts[node_id] = ts
             self.on_touch()
 
+    def replay_floor(self, node_id: int) -> int:
+        """The newest ``auth.ts`` or beacon proof timestamp (ms) of ``node_id`` accepted before this start."""
+        return self.restored_ts.get(node_id, 0)
+
+    def proof_accepted(self, node_id: int, ts_ms: int) -> None:
+        """The beacon accepted a proof of ``node_id`` stamped ``ts_ms``: remember it as replay state."""
+        if ts_ms > self.state.auth_ts.get(node_id, 0):
+            self.state.auth_ts[node_id] = ts_ms
+            self.on_touch()
+
     def signed(self, msg: Message, field: str) -> Node:
         """The node named by ``msg[field]``, which must have signed ``msg``."""
         node = self.need(get_int(msg, field))
@@ -249,8 +259,8 @@ class Registry:
 
     def _lookup_json(self, node: Node) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "node_id": node.id, "address": str(node.address), "networks": list(node.networks),
-            "public_key": b64encode(node.public_key), "public": node.public,
+            "node_id": node.id, "address": node.address_text, "networks": list(node.networks),
+            "public_key": self.state.key_text(node.public_key), "public": node.public,
             "polo_score": node.polo_score,
         }
         if node.hostname:
@@ -265,7 +275,7 @@ class Registry:
 
     def register(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         try:
-            key = b64decode(msg.get("public_key"), 32, "public_key")
+            key = decode_b64(msg.get("public_key"), 32, "public_key")
         except ValueError as e:
             raise RequestError(ErrorCode.invalid_argument, str(e)) from None
         now = self.clock.seconds()
@@ -302,10 +312,13 @@ class Registry:
             node = Node(id=node_id, public_key=key, real_addr=real_addr, last_seen=now, owner=owner)
             self.state.nodes[node_id] = node
             self.state.gone.pop(node_id, None)
-        self.state.index_key(key, node_id)
-        node.real_addr = real_addr
+        if self.state.id_keys.get(node_id) != key or self.state.key_index.get(key) != node_id:
+            self.state.index_key(key, node_id)  # (only when it changes: the journal records each write)
+        if moved:
+            node.real_addr = real_addr
         node.last_seen = now
-        local = parse_endpoint(msg.get("local_addr", ""))
+        local_text = msg.get("local_addr")
+        local = parse_endpoint(local_text) if local_text else None
         local_addr = format_endpoint(*local) if local is not None else ""
         if node.local_addr != local_addr:
             node.local_addr, changed = local_addr, True
@@ -317,7 +330,7 @@ class Registry:
             self.state.proven.add(node_id)
             changed = True
         reply: dict[str, Any] = {"type": "register_ok", "node_id": node_id, "network_id": 0,
-                                 "address": str(node.address), "public_key": b64encode(key)}
+                                 "address": node.address_text, "public_key": self.state.key_text(key)}
         if hostname:
             problem = self._hostname_check(node_id, hostname)
             if problem is None:
@@ -368,7 +381,7 @@ class Registry:
         if node_id is None:
             raise RequestError(ErrorCode.not_found, f"no node has the hostname {name[:63]!r}")
         node = self.state.nodes[node_id]
-        return {"type": "resolve_hostname_ok", "node_id": node.id, "address": str(node.address),
+        return {"type": "resolve_hostname_ok", "node_id": node.id, "address": node.address_text,
                 "public": node.public, "hostname": node.hostname}
 
     def set_hostname(self, msg: Message, peer: Peer, session: Session | None) -> Message:
@@ -452,8 +465,8 @@ class Registry:
         self.state.index_key(new, node.id)
         self.touch(node)
         self.on_change()
-        return {"type": "rotate_key_ok", "node_id": node.id, "address": str(node.address),
-                "public_key": b64encode(new)}
+        return {"type": "rotate_key_ok", "node_id": node.id, "address": node.address_text,
+                "public_key": self.state.key_text(new)}
 
     def punch(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         requester = self.signed(msg, "requester_id")

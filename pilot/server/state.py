@@ -15,9 +15,10 @@ in extra keys it ignores:
 * ``trust_statements``: each node's signed trust statements
   (``pilot.server.statements``), ``{"<node id>": ["pilot-trust/1 ...", ...]}``.
 * ``auth_ts``: node id -> the newest ``auth.ts`` (Unix ms) the registry accepted
-  from that node's key.  The nonce memory is not saved; after a restart a
-  request not newer than this is refused, so a captured request cannot be
-  replayed across a restart (``docs/security.md``).
+  from that node's key, or the newest timestamp of a beacon proof of it.
+  The nonce memory is not saved; after a restart a request (or proof) not
+  newer than this is refused, so a captured one cannot be replayed across a
+  restart (``docs/security.md``).
 * ``keys_gone``: node id -> when (Unix seconds) its node was deregistered or
   reaped while its key stayed indexed (so that it keeps its id if it comes
   back).  After the registry's ``key_retention`` the key is forgotten
@@ -30,11 +31,13 @@ in extra keys it ignores:
 With ``--durable`` the journal tracks the containers a record is made from
 (``pilot.server.tracked``): change them in place, never replace them (a
 replaced one costs a full snapshot).  A :class:`Node`'s fields are assigned,
-never mutated in place; assigning marks it ``unsaved``.
+never mutated in place; assigning one puts the node's id in its
+``journal_sink`` (the journal's set of changed nodes, when one tracks it).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -54,13 +57,14 @@ STORE_FORMAT = 1
 _NO_NODES = '"nodes":{}'
 
 
-def _mark_unsaved(node: "Node", attribute: Any, value: Any) -> Any:
-    if attribute.name != "unsaved":
-        object.__setattr__(node, "unsaved", True)
+def _note_change(node: "Node", attribute: Any, value: Any) -> Any:
+    sink = node.journal_sink
+    if sink is not None and attribute.name != "journal_sink":
+        sink.add(node.id)
     return value
 
 
-@attr.s(slots=True, auto_attribs=True, eq=False, on_setattr=_mark_unsaved)
+@attr.s(slots=True, auto_attribs=True, eq=False, on_setattr=_note_change)
 class Node:
     id: int
     public_key: bytes
@@ -75,12 +79,24 @@ class Node:
     networks: list[int] = attr.Factory(lambda: [0])
     #: ours: the node's tunnel socket on its own LAN, for peers behind the same NAT
     local_addr: str = ""
-    #: changed since the journal last wrote it (new nodes too)
-    unsaved: bool = attr.ib(default=True, init=False, repr=False)
+    #: where an assignment puts the node's id: the set of changed nodes of the journal
+    #: tracking it (``pilot.server.journal.Tracker``), so a record need not look at every node
+    journal_sink: "set[int] | None" = attr.ib(default=None, init=False, repr=False)
 
     @property
     def address(self) -> Address:
         return Address(0, self.id)
+
+    @property
+    def address_text(self) -> str:
+        """``str(self.address)``, made once per id."""
+        return address_text(self.id)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def address_text(node_id: int) -> str:
+    """The backbone address of ``node_id`` as text (every reply about a node carries it)."""
+    return str(Address(0, node_id))
 
 
 @attr.s(slots=True, auto_attribs=True, frozen=True)
@@ -138,10 +154,18 @@ class RegistryState:
     _key_text: dict[bytes, str] = attr.ib(factory=dict, init=False, repr=False)
     _node_text: dict[int, tuple[tuple[Any, ...], str]] = attr.ib(factory=dict, init=False, repr=False)
 
+    def key_text(self, key: bytes) -> str:
+        """The base64 text of ``key``, made once while the key is indexed (replies and writes need it)."""
+        text = self._key_text.get(key)
+        if text is None:
+            text = self._key_text[key] = b64encode(key)
+        return text
+
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
         if old is not None and old != key:
             self.key_index.pop(old, None)
+            self._key_text.pop(old, None)
         self.key_index[key] = node_id
         self.id_keys[node_id] = key
 
@@ -150,6 +174,7 @@ class RegistryState:
         key = self.id_keys.pop(node_id, None)
         if key is not None and self.key_index.get(key) == node_id:
             del self.key_index[key]
+            self._key_text.pop(key, None)
         self.gone.pop(node_id, None)
         self.auth_ts.pop(node_id, None)
         self.proven.discard(node_id)

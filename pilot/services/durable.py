@@ -1,34 +1,43 @@
 # -*- test-case-name: tests.services.test_durable -*-
 """
-Durable acknowledgements (``--durable``): group commit through a journal,
-written by a thread of its own.
+The registry's store writer: group commit through a journal, written and
+compacted by a thread of its own, so that no write stops the reactor.
 
-Every change bumps :attr:`DurableWriter.generation`; the registry's
-connections hold a changing request's reply until :meth:`when_saved` says a
-write holding it is on disk.  A write is either
+The rendezvous uses it with or without ``--durable``; ``--durable`` makes the
+registry's connections hold a changing request's reply until
+:meth:`DurableWriter.when_saved` says a write holding it is on disk (and
+writes at once instead of ``flush_delay`` after the first change).  Every
+change bumps :attr:`DurableWriter.generation`.  A write is either
 
 * a **journal record** (``<store>.journal``, :mod:`pilot.server.journal`):
   what changed since the last record (~300 bytes a registration), appended
   and ``fdatasync``-ed; or
-* a **snapshot**: the whole store rewritten atomically (:mod:`pilot.persist`),
-  then the journal emptied.  The first write of a new store is one, and so
-  are the write after the journal passes ``journal_limit`` bytes, the write
-  after a failed one, and the last one at a clean stop (:meth:`flush`).
+* a **compaction** (counted in :attr:`DurableWriter.snapshots`): the whole
+  store rewritten atomically (:mod:`pilot.persist`), then the journal
+  emptied.  The first write of a new store is one, and so are the write
+  after the journal passes ``journal_limit`` bytes and the write after a
+  failed one.  The writer thread makes the file from its
+  :class:`pilot.server.compaction.StoreMirror` (a view of the state taken
+  when tracking began, plus every record since), not from the live state:
+  the reactor never formats the whole store, except at a clean stop
+  (:meth:`flush`, nothing is answered then anyway).
 
-The reactor thread only makes the bytes (a record costs what changed, not
-the store's size); the writer thread writes and syncs them, one write at a
-time, while the reactor answers requests and gathers the next group: every
-change made while a write is under way goes in the next one, started as soon
-as it is done.
+The reactor thread only takes each group's changes from the tracker (a
+record costs what changed, not the store's size); the writer thread applies
+them to the mirror, encodes, writes and syncs them, one write at a time,
+while the reactor answers requests and gathers the next group: every change
+made while a write is under way goes in the next one, started as soon as it
+is done.
 
 A crash at any point loses no acknowledged change: a record is on disk before
-its replies go out; a snapshot holds the number of the last record it
-includes, so a crash between the snapshot and emptying the journal replays
+its replies go out; a compacted store holds the number of the last record it
+includes, so a crash between writing it and emptying the journal replays
 nothing twice; a torn last record was never acknowledged
 (:func:`pilot.services.store.load_store` replays the journal and folds it into
 the store before the registry starts).  A failed write is logged loudly and
-retried as a snapshot; replies wait meanwhile, and at shutdown the service
-exits non-zero if the store still could not be written.
+retried as a compaction (from a new view of the state if the mirror itself
+failed); replies wait meanwhile, and at shutdown the service exits non-zero
+if the store still could not be written.
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from pilot.persist import AppendOnlyFile, atomic_write_bytes
-from pilot.server.journal import Tracker, encode_record
+from pilot.server.compaction import StateView, StoreMirror
+from pilot.server.journal import Tracker, record_line
 from pilot.server.state import RegistryState
 from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path
 
@@ -72,6 +82,9 @@ class DurableWriter:
         self.journal_limit = journal_limit
         self.journal = AppendOnlyFile(journal_path(path))
         self.tracker = Tracker(state)
+        #: the store as the writer thread rebuilds it from the records (compaction off the reactor)
+        self.mirror = StoreMirror(StateView.of(state))
+        self._mirror_lost = False
         #: changes made so far, and how many of them are on disk
         self.generation = 0
         self.saved = 0
@@ -80,7 +93,7 @@ class DurableWriter:
         self.snapshots = 0
         self.failures = 0
         self._busy = False
-        self._snapshot_due = not os.path.exists(path)
+        self._compact_due = not os.path.exists(path)
         self._call: IDelayedCall | None = None
         self._retry = RETRY_DELAY
         self._waiting: collections.deque[tuple[int, Deferred[None]]] = collections.deque()
@@ -108,7 +121,7 @@ class DurableWriter:
 
     def rewrite(self) -> None:
         """The state was replaced or a value the journal does not track changed: the next write is a snapshot."""
-        self._snapshot_due = True
+        self._mirror_lost = True  # a new mirror from the state, and a compaction
         self.changed()
 
     def touched(self) -> None:
@@ -148,13 +161,16 @@ class DurableWriter:
         if self._busy:
             self.log.error("the registry store was flushed while a write was under way")
             return False
-        if not self.dirty and not self._snapshot_due and not self.journal.size:
+        if not self.dirty and not self._compact_due and not self.journal.size:
             return True
         generation = self.generation
         self.dirty = False
         try:
-            write = self._snapshot()
-            write()
+            data = self.state.to_bytes()  # holds journal_seq: the last record it includes
+            self.tracker.reset()
+            self._mirror_lost = True  # it missed what the reset dropped; a new one, if writes go on
+            atomic_write_bytes(self.path, data)
+            self.journal.truncate()
         except Exception as e:
             self._failed(Failure(e), retry=False)
             return False
@@ -188,46 +204,54 @@ class DurableWriter:
         generation = self.generation
         self.dirty = False
         try:
-            if self._snapshot_due or self.journal.size >= self.journal_limit or not self.tracker.intact():
-                write = self._snapshot()
-            else:
-                write = self._record()
+            if self._mirror_lost or not self.tracker.intact():
+                # a container was replaced whole, or the mirror missed a record: start both afresh
+                self.tracker.reset()
+                self.mirror = StoreMirror(StateView.of(self.state))
+                self._mirror_lost = False
+                self._compact_due = True
+            delta = self.tracker.delta()
+            if delta:
+                self.state.journal_seq += 1
+            write = self._write(delta, self.state.journal_seq,
+                                self._compact_due or self.journal.size >= self.journal_limit)
         except Exception:
             self.dirty = True
             self.log.failure("could not make the registry store's next write")
             self._failed(Failure(), retry=True, logged=True)
             return
         self._busy = True
-        snapshot = self._snapshot_due
         d = self.run(write)
-        d.addCallbacks(lambda _: self._written(generation, snapshot), self._write_failed)
+        d.addCallbacks(self._written, self._write_failed, callbackArgs=(generation,))
 
-    def _snapshot(self) -> Callable[[], None]:
-        """The whole store as bytes (now, in this thread) and the function that writes it."""
-        data = self.state.to_bytes()  # holds journal_seq: the last record it includes
-        self.tracker.reset()
-        self._snapshot_due = True  # until it is written
+    def _write(self, delta: dict[str, Any], seq: int, compact: bool) -> Callable[[], bool]:
+        """
+        What the writer thread does for one group: the record of ``delta``
+        (record ``seq``) applied to the mirror and appended to the journal, or,
+        with ``compact``, the store file rewritten from the mirror (it then
+        holds the record) and the journal emptied.  Its result says which.
+        """
+        mirror = self.mirror
 
-        def write() -> None:
-            atomic_write_bytes(self.path, data)
-            self.journal.truncate()
+        def write() -> bool:
+            body = b""
+            if delta:
+                try:
+                    body = mirror.apply({"seq": seq, **delta})
+                except Exception:
+                    self._mirror_lost = True  # read by the reactor once this write has failed
+                    raise
+            if compact:
+                atomic_write_bytes(self.path, mirror.render())
+                self.journal.truncate()
+            elif delta:
+                self.journal.append(record_line(body))
+            return compact
         return write
 
-    def _record(self) -> Callable[[], None]:
-        delta = self.tracker.delta()
-        if not delta:
-            return lambda: None  # a change that changed nothing: on disk already
-        seq = self._next_seq()
-        self.state.journal_seq = seq
-        line = encode_record(seq, delta)
-        return lambda: self.journal.append(line)
-
-    def _next_seq(self) -> int:
-        return self.state.journal_seq + 1
-
-    def _written(self, generation: int, snapshot: bool) -> None:
+    def _written(self, compacted: bool, generation: int) -> None:
         self._busy = False
-        self._done(generation, snapshot)
+        self._done(generation, compacted)
         if self.dirty:
             self._start()
         if not self._busy:
@@ -238,7 +262,7 @@ class DurableWriter:
     def _done(self, generation: int, snapshot: bool) -> None:
         if snapshot:
             self.snapshots += 1
-            self._snapshot_due = False
+            self._compact_due = False
         self.writes += 1
         self.saved = max(self.saved, generation)
         while self._waiting and self._waiting[0][0] <= self.saved:
@@ -257,9 +281,9 @@ class DurableWriter:
             d.callback(None)
 
     def _failed(self, failure: Failure, retry: bool, logged: bool = False) -> None:
-        # what the failed write held is not on disk: the next write is a whole snapshot
+        # what the failed write held is not on disk: the next write rewrites the whole store
         self.dirty = True
-        self._snapshot_due = True
+        self._compact_due = True
         self.failures += 1
         if not logged:
             self.log.failure("COULD NOT SAVE THE REGISTRY STORE to {path} (attempt {failures}); replies to "

@@ -36,7 +36,7 @@ from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.durable import DurableWriter, Runner, WriterThread
 from pilot.services.replication import ReplicationService, ReplicationSettings
-from pilot.services.store import StoreWriter, load_store
+from pilot.services.store import load_store
 
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
@@ -127,21 +127,21 @@ class RendezvousService(MultiService):
 
         state = load_store(settings.store) if settings.store else None
         self.fresh_store = settings.store is not None and state is None
-        self.store: StoreWriter | DurableWriter | None = None
+        self.store: DurableWriter | None = None
         self.writer_thread: WriterThread | None = None
         if settings.durable and not settings.store:
             raise InvalidArgument("durable acknowledgements need a store; drop --no-store or --durable")
         self.registry = Registry(clock, settings.registry, state, on_change=self._changed,
                                  on_touch=self._touched)
-        if settings.store and settings.durable:
-            # group commit through a journal, written by a thread of its own
+        if settings.store:
+            # a journal, written and compacted by a thread of its own (both modes: no write stops
+            # the reactor); --durable only makes the replies wait for it, and writes at once
             if run_writes is None:
                 self.writer_thread = WriterThread(reactor)
                 run_writes = self.writer_thread.run
             self.store = DurableWriter(settings.store, self.registry.state, clock, run_writes,
-                                       min(settings.flush_delay, DURABLE_DELAY))
-        elif settings.store:
-            self.store = StoreWriter(settings.store, self._store_bytes, clock, settings.flush_delay)
+                                       min(settings.flush_delay, DURABLE_DELAY) if settings.durable
+                                       else settings.flush_delay)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.replication: ReplicationService | None = None
         #: changes (and touches) so far, and the store's bytes as of one of them: the store's write

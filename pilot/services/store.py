@@ -17,10 +17,11 @@ hold a changing request's reply until then, so an acknowledged change
 survives ``kill -9``.  Writes are group commits: one write carries every
 change made before it started.
 
-With ``--durable`` the changes go to a journal beside the store
-(``pilot.services.durable``); loading replays a journal left there into the
-state, writes the store with it and removes the journal, before anything
-listens.
+The rendezvous itself (with or without ``--durable``) writes through a
+journal beside the store instead (``pilot.services.durable``: no write stops
+the reactor); :class:`StoreWriter` remains for callers that snapshot a small
+state.  Loading replays a journal left there into the state, writes the
+store with it and removes the journal, before anything listens.
 
 Loading refuses, with a :class:`StoreError`, a file that exists but cannot be
 used, and leaves it untouched: starting empty would overwrite it at the first

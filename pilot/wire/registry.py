@@ -39,9 +39,16 @@ ROTATE_CONTEXT = b"pilot-rotate-key-v1"
 NONCE_LEN = 16
 
 
+# made once: json.dumps/loads with any option build a new encoder/decoder per call
+# (no cycle check: what they encode came from JSON or from our handlers)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              check_circular=False).encode
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
     # ASCII escapes: a lone surrogate a client sent us still encodes
-    body = json.dumps(message, separators=(",", ":")).encode("ascii")
+    body = _ENCODE(message).encode("ascii")
     if len(body) > MAX_FRAME:
         raise ValueError(f"registry message of {len(body)} bytes exceeds {MAX_FRAME}")
     return _LEN.pack(len(body)) + body
@@ -50,7 +57,7 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 def decode_body(body: bytes) -> dict[str, Any]:
     """One frame's body to a message object; ``MalformedFrame`` for anything else."""
     try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        value = _DECODE(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise MalformedFrame(f"registry frame is not JSON: {str(e)[:80]}") from None
     if not isinstance(value, dict):
@@ -62,6 +69,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 class FrameDecoder:
@@ -253,7 +263,7 @@ def legacy_challenge(msg: dict[str, Any]) -> bytes | None:
 
 def canonical_body(msg: dict[str, Any]) -> bytes:
     body = {k: v for k, v in msg.items() if k not in ("auth", "signature")}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _CANONICAL(body).encode("ascii")
 
 
 def auth_message(msg: dict[str, Any], ts_ms: int, nonce: bytes) -> bytes:

@@ -7,10 +7,11 @@ over real TCP, each round moving every node's endpoint and hostname so every
 request changes the state.  Part way through (a different moment each round:
 a different request count, then a burst of requests still in flight and a
 different short pause) it gets SIGKILL.  Each time the store file must parse
-as a complete registry store holding only our nodes and only names we gave
-them, nothing saved in an earlier round may be lost, and a restart on the
-same file must load it (clearing any temporary the killed writer left) and
-answer a lookup for a saved node.
+as a complete registry store and, with the journal beside it replayed (the
+writer's records since its last compaction, ``pilot.services.durable``),
+hold only our nodes and only names we gave them; nothing saved in an earlier
+round may be lost, and a restart on the same file must load it (clearing any
+temporary the killed writer left) and answer a lookup for a saved node.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
 from pilot.persist import read_json_object
+from pilot.server.journal import read_records, replay
 from pilot.server.state import STORE_FORMAT, RegistryState
+from pilot.services.store import journal_path
 from tests.integration.peers import RegistryClient, register_message, set_hostname_message, signed
 from tests.integration.procs import Rendezvous, RendezvousTestMixin
 
@@ -84,6 +87,10 @@ class StoreCrashTests(RendezvousTestMixin, SynchronousTestCase):
         """The file is a whole store of our nodes, with everything saved before still there."""
         value = read_json_object(self.store)
         self.assertEqual(value.get("pilot_store_format"), STORE_FORMAT)
+        if os.path.exists(journal_path(self.store)):  # what a restart loads (without touching the files)
+            with open(journal_path(self.store), "rb") as f:
+                records, _ = read_records(f.read())
+            replay(value, records)
         state = RegistryState.from_json(value)
         for node_id, node in state.nodes.items():
             self.assertIn(node.public_key, self.by_key, f"node {node_id} is not one of ours")

@@ -11,8 +11,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.identity import Identity
-from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator, NonceCache
+from pilot.identity import Identity, b64decode
+from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator, NonceCache, decode_b64
 from pilot.wire.registry import legacy_challenge, sign_request
 
 NOW = 1.8e9
@@ -33,6 +33,30 @@ def legacy(ident: Identity, msg: dict[str, Any]) -> dict[str, Any]:
 def authed(ident: Identity, msg: dict[str, Any], ts: float = NOW, nonce: bytes = b"\x07" * 16,
            legacy_too: bool = False) -> dict[str, Any]:
     return sign_request(msg, ident.sign, int(ts * 1000), nonce, legacy=legacy_too)
+
+
+class DecodeTests(SynchronousTestCase):
+    """L{decode_b64} (the fast path) accepts and refuses what L{b64decode} does, with its reasons."""
+
+    def outcome(self, decode: Any, text: Any, length: int) -> tuple[str, Any]:
+        try:
+            return "ok", decode(text, length, "field")
+        except ValueError as e:
+            return "error", str(e)
+
+    def test_same_as_identity(self) -> None:
+        key = bytes(range(32))
+        good = b64(key)
+        texts: list[Any] = [
+            good, b64(bytes(range(16))), b64(bytes(range(64))), good[:-1] + "=", good[:-2] + "B=",
+            good.rstrip("="), good[:-1] + "A", "!" + good[1:], " " + good[1:], good[:10] + "\n" + good[11:],
+            good[:-2] + "==", "=" * 44, "é" * 44, "", None, 12, key, good + "AAAA", "-_" + good[2:],
+        ]
+        for text in texts:
+            for length in (16, 32, 64):
+                self.assertEqual(self.outcome(decode_b64, text, length),
+                                 self.outcome(b64decode, text, length),
+                                 (text, length))
 
 
 class NonceCacheTests(SynchronousTestCase):

@@ -6,6 +6,7 @@ L{pilot.server.registry.Registry} on a L{task.Clock}.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from typing import Any
 
@@ -15,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.identity import Identity
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Peer, Registry, RegistryConfig
+from pilot.server.state import RegistryState
 from pilot.wire.beacon import (
     Discover, DiscoverReply, PunchCommand, PunchRequest, Relay, RelayDeliver, Sync, decode, with_proof,
 )
@@ -88,9 +90,10 @@ class World:
     def send(self, data: bytes, addr: Any) -> list[tuple[bytes, tuple[str, int]]]:
         return self.beacon.datagram_received(data, addr)
 
-    def discover(self, node_id: int, addr: Any, who: Identity | None = None) -> list[Any]:
+    def discover(self, node_id: int, addr: Any, who: Identity | None = None,
+                 ts_ms: int | None = None) -> list[Any]:
         base = Discover(node_id).encode()
-        return self.send(self.proof(base, who) if who else base, addr)
+        return self.send(self.proof(base, who, ts_ms) if who else base, addr)
 
     def count(self, name: str) -> int:
         return self.beacon.counters.get(name, 0)
@@ -170,6 +173,45 @@ class DiscoverTests(SynchronousTestCase):
         self.assertEqual(w.beacon.endpoint_of(a), A_ADDR)
         self.assertEqual(w.count("dropped.unauthorized"), 1)
         self.assertIn("replayed", w.beacon.last_refusal[1])  # type: ignore[index]
+
+    def test_proof_replayed_after_a_restart(self) -> None:
+        """
+        A Discover proof captured before the registry restarts and replayed
+        after it (the nonce memory is gone) is refused: its timestamp is not
+        newer than the newest the store remembers for the key (issue 12).
+        """
+        w = self.w
+        a = w.register(self.a, A_ADDR, proven=True)
+        captured = w.proof(Discover(a).encode(), self.a)
+        self.assertEqual(w.send(captured, A_ADDR), reply_to(A_ADDR))
+        self.assertEqual(w.registry.state.auth_ts[a], w.now_ms)  # saved with the store
+        punch_proof = w.proof(PunchRequest(a, a + 1).encode(), self.a)
+        # the restart: a new registry and beacon over the store's content
+        saved = RegistryState.from_json(json.loads(w.registry.state.to_bytes()))
+        w.clock.advance(15)
+        w.registry = Registry(w.clock, RegistryConfig(registrations_per_minute=0, requests_per_second=0),
+                              saved)
+        w.beacon = Beacon(w.registry, w.clock)
+        w.beacon._record(a, A_ADDR)
+        self.assertEqual(w.send(captured, ATTACKER), [])
+        self.assertEqual(w.beacon.endpoint_of(a), A_ADDR)
+        self.assertIn("restarted", w.beacon.last_refusal[1])  # type: ignore[index]
+        self.assertEqual(w.send(punch_proof, ATTACKER), [])
+        self.assertIn("restarted", w.beacon.last_refusal[1])  # type: ignore[index]
+        # the node's own fresh proof is taken
+        self.assertEqual(w.discover(a, ATTACKER, self.a), reply_to(ATTACKER))
+        self.assertEqual(w.beacon.endpoint_of(a), ATTACKER)
+
+    def test_accepted_proof_is_replay_state_to_save(self) -> None:
+        touched: list[int] = []
+        w = self.w
+        a = w.register(self.a, A_ADDR, proven=True)
+        w.registry.on_touch = lambda: touched.append(1)
+        w.clock.advance(1)
+        w.discover(a, A_ADDR, self.a)
+        self.assertEqual((w.registry.state.auth_ts[a], len(touched)), (w.now_ms, 1))
+        w.discover(a, A_ADDR, self.a, ts_ms=w.now_ms - 500)  # older than the newest: taken, not saved again
+        self.assertEqual((w.registry.state.auth_ts[a], len(touched)), (w.now_ms, 1))
 
     def test_stale_and_future_proofs(self) -> None:
         w = self.w

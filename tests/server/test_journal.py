@@ -11,6 +11,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
+from pilot.server import journal
 from pilot.server.journal import JournalError, Tracker, encode_record, read_records, replay
 from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
 from pilot.server.tracked import TrackedDict, TrackedSet
@@ -139,6 +140,58 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(list(self.records[1]["set"]["trust_statements"]), ["7"])
         self.assertReplayed()
         self.assertEqual(self.tracker.delta(), {})
+
+    def test_only_changed_nodes_are_looked_at(self) -> None:
+        """A record costs the nodes that changed, not the store: an assignment names its node to the tracker."""
+        s = self.state
+        for i in range(200):
+            node_id, key = 1000 + i, (1000 + i).to_bytes(4, "big") * 8
+            s.nodes[node_id] = Node(id=node_id, public_key=key, real_addr="192.0.2.1:1", last_seen=T0)
+            s.index_key(key, node_id)
+        self.record()
+        made: list[int] = []
+
+        def counted(node: Node, key_text: str) -> dict[str, Any]:
+            made.append(node.id)
+            return original(node, key_text)
+        original = journal.node_json
+        self.patch(journal, "node_json", counted)
+        s.nodes[1042].hostname = "one"
+        s.nodes[7].last_seen = T0 + 60
+        self.record()
+        self.assertEqual(sorted(made), [7, 1042])
+        self.assertEqual(self.tracker.delta(), {})
+        self.assertReplayed()
+
+    def test_node_changed_after_it_left(self) -> None:
+        """
+        A node object a handler still holds, changed after it was removed or
+        replaced: the record is still right (it looks the id up in the state).
+        """
+        s = self.state
+        gone, replaced = s.nodes[1 << 31], s.nodes[7]
+        del s.nodes[1 << 31]
+        s.nodes[7] = Node(id=7, public_key=replaced.public_key, real_addr="192.0.2.77:7", last_seen=T0 + 9)
+        self.record()
+        gone.hostname = "ghost"
+        replaced.hostname = "stale"
+        self.record()
+        self.assertEqual(self.records[1]["del"]["nodes"], [str(1 << 31)])
+        self.assertEqual(self.records[1]["set"]["nodes"]["7"]["real_addr"], "192.0.2.77:7")
+        self.assertReplayed()
+        self.assertEqual(self.state.nodes[7].hostname, "")
+
+    def test_a_new_tracker_takes_the_nodes_over(self) -> None:
+        """After a reset (a snapshot) the nodes report to the new set only: nothing from before leaks in."""
+        s = self.state
+        s.nodes[7].hostname = "before the snapshot"
+        self.tracker.reset()
+        self.store = stored(s)
+        self.assertEqual(self.tracker.delta(), {})
+        s.nodes[0xFFFFFFFE].tags = ["after"]
+        self.record()
+        self.assertEqual(list(self.records[0]["set"]["nodes"]), [str(0xFFFFFFFE)])
+        self.assertReplayed()
 
     def test_replaced_container_is_noticed(self) -> None:
         """A container replaced whole is not tracked: the writer must take a snapshot."""

@@ -523,3 +523,24 @@ class TimeTests(SynchronousTestCase):
         for value in bad:
             self.assertRaises(StoreFormatError, parse_time, value)
             self.assertRaises(StoreFormatError, parse_time_ns, value)
+
+
+class DerivedTextTests(SynchronousTestCase):
+    """The texts the registry caches (a key's base64, an id's address) are the ones it would make."""
+
+    def test_key_text(self) -> None:
+        state = RegistryState()
+        a, b = Identity.from_seed(b"\x01" * 32).public_key, Identity.from_seed(b"\x02" * 32).public_key
+        state.index_key(a, 7)
+        self.assertEqual(state.key_text(a), b64encode(a))
+        self.assertIs(state.key_text(a), state.key_text(a))
+        state.index_key(b, 7)  # a rotation: the old key's text goes
+        self.assertNotIn(a, state._key_text)
+        self.assertEqual(state.key_text(b), b64encode(b))
+        state.forget(7)
+        self.assertEqual(state._key_text, {})
+
+    def test_address_text(self) -> None:
+        for node_id in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
+            node = Node(id=node_id, public_key=b"k" * 32)
+            self.assertEqual(node.address_text, str(node.address))

@@ -11,18 +11,29 @@ import json
 import os
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.identity import Identity
+from pilot.server.compaction import StoreMirror
 from pilot.server.journal import encode_record
+from pilot.server.registry import Peer
 from pilot.server.state import Node, RegistryState
 from pilot.services import store
 from pilot.services.durable import DurableWriter
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import RETRY_DELAY, StoreError, journal_path, load_store
 
+from pilot.wire.beacon import Discover, PunchRequest, with_proof
+from pilot.wire.registry import sign_request
+
 from tests.server.test_state import KEYS, T0
+from tests.services.test_rendezvous import FakeReactor
+
+
+TO_BYTES = RegistryState.to_bytes  # the real one, to compare with when a test forbids it
 
 
 class ManualThread:
@@ -30,6 +41,8 @@ class ManualThread:
 
     def __init__(self) -> None:
         self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        #: True while a write runs (what the writer thread, not the reactor, is doing)
+        self.running = False
 
     def __call__(self, write: Callable[[], Any]) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -38,11 +51,14 @@ class ManualThread:
 
     def run_one(self) -> None:
         write, d = self.queue.pop(0)
+        self.running = True
         try:
             result = write()
         except Exception as e:
+            self.running = False
             d.errback(e)
         else:
+            self.running = False
             d.callback(result)
 
 
@@ -204,6 +220,184 @@ class DurableWriterTests(SynchronousTestCase):
         self.assertTrue(self.writer.flush())  # nothing left: nothing written
         self.assertEqual(self.writer.snapshots, 3)
 
+    def no_snapshot_in_the_reactor(self) -> Callable[[], None]:
+        """
+        Fail the test if the reactor thread makes the whole store (only the
+        writer thread may); the function that lifts the ban (a restart may).
+        """
+        def refused(state: RegistryState) -> bytes:
+            raise AssertionError("the whole store was made in the reactor thread")
+        return self.patch(RegistryState, "to_bytes", refused).restore
+
+    def stored(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def test_compaction_is_made_by_the_writer_thread(self) -> None:
+        """
+        Past the journal's limit the store file is rewritten from the mirror in
+        the writer thread (issue 12: the reactor made it, ~80 ms at 10,000
+        nodes); the file is what the state itself would write.
+        """
+        self.start()
+        self.no_snapshot_in_the_reactor()
+        for _ in range(4):
+            self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (1, 4))
+        self.writer.journal_limit = self.writer.journal.size  # reached: the next write compacts
+        self.state.nodes[2].hostname = "renamed"
+        self.state.nodes.pop(3)
+        self.state.trust.add((1, 2))
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+        reloaded = self.reload()
+        self.assertEqual((set(reloaded.nodes), reloaded.nodes[2].hostname), ({1, 2, 4, 5, 6}, "renamed"))
+
+    def test_new_store_and_failed_writes_are_compacted_by_the_writer_thread(self) -> None:
+        self.no_snapshot_in_the_reactor()
+        self.start()  # a new store: its first write
+        self.assertEqual(self.writer.snapshots, 1)
+
+        def full(data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.patch(self.writer.journal, "append", full)
+        waiting = self.register()
+        self.clock.advance(0)
+        with capturedLogs():
+            self.thread.run_one()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.clock.advance(RETRY_DELAY)
+        with capturedLogs():
+            self.thread.run_one()  # the retry: the whole store, from the mirror
+        self.successResultOf(waiting)
+        self.assertEqual((self.writer.snapshots, self.writer.failures), (2, 0))
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+
+    def test_mirror_that_failed_is_made_again(self) -> None:
+        """A record the mirror could not take: loud, and the retry starts from a new view of the state."""
+        self.start()
+
+        def broken(record: dict[str, Any]) -> None:
+            raise ValueError("a bug")
+        self.patch(self.writer.mirror, "apply", broken)
+        waiting = self.register()
+        self.clock.advance(0)
+        with capturedLogs() as events:
+            self.thread.run_one()
+        self.assertTrue(any("COULD NOT SAVE THE REGISTRY STORE" in formatEvent(e) for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.clock.advance(RETRY_DELAY)
+        self.thread.run_one()
+        self.successResultOf(waiting)
+        self.assertEqual(self.stored(), self.state.to_bytes())
+        self.acknowledged_after_one_write(self.register())  # records again, on the new mirror
+        self.assertEqual(self.journal_lines(), 1)
+        self.assertEqual(set(self.reload().nodes), {1, 2, 3})
+
+    def test_replaced_container_starts_a_new_mirror(self) -> None:
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        self.state.proven = {1}  # replaced whole: no longer tracked
+        self.no_snapshot_in_the_reactor()
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual(self.journal_lines(), 0)
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+
+    def mirror_only_in_the_writer_thread(self) -> list[str]:
+        """
+        Fail the test if the mirror is formatted, changed or rendered while no
+        write runs (in the reactor thread); the names of its calls, in order.
+        """
+        calls: list[str] = []
+        wrong: list[str] = []
+        self.addCleanup(lambda: self.assertEqual(wrong, [], "StoreMirror used in the reactor thread"))
+        for name in ("build", "apply", "render"):
+            original = getattr(StoreMirror, name)
+
+            def guarded(mirror: StoreMirror, *args: Any, _name: str = name, _original: Any = original) -> Any:
+                (calls if self.thread.running else wrong).append(_name)
+                return _original(mirror, *args)
+            self.patch(StoreMirror, name, guarded)
+        return calls
+
+    def test_every_compaction_is_made_in_the_writer_thread(self) -> None:
+        """
+        A new store, a journal past its limit, a container replaced whole: each
+        rewrites the store file from the mirror, and only the writer thread
+        touches the mirror; the reactor never makes the whole store.
+        """
+        calls = self.mirror_only_in_the_writer_thread()
+        allow = self.no_snapshot_in_the_reactor()
+        self.start()
+        self.assertEqual((self.writer.snapshots, calls.count("render")), (1, 1))
+        for _ in range(3):
+            self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (1, 3))
+        self.writer.journal_limit = self.writer.journal.size
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        self.writer.journal_limit = 1 << 20
+        self.state.trust = {(1, 2)}  # replaced whole: a new view, then a compaction
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (3, 0))
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual(self.journal_lines(), 1)
+        self.assertEqual((calls.count("render"), calls.count("apply")), (3, 6))
+        allow()  # a restart after a crash folds the journal into the store: not the reactor of a running registry
+        self.assertEqual(json.loads(TO_BYTES(self.reload())), json.loads(TO_BYTES(self.state)))
+
+    def test_changes_during_a_compaction_go_in_the_next_write(self) -> None:
+        """
+        The compaction holds the state as it was when it was handed to the
+        thread; what changes while it runs is the next write's record, and a
+        crash after that one loses nothing acknowledged.
+        """
+        self.mirror_only_in_the_writer_thread()
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        self.writer.journal_limit = self.writer.journal.size  # the next write compacts
+        self.state.nodes[1].hostname = "before"
+        first = self.register()
+        self.clock.advance(0)
+        self.assertEqual(len(self.thread.queue), 1)
+        self.state.nodes[1].hostname = "during"
+        self.state.nodes[2].tags = ["late"]
+        self.state.auth_ts[2] = 7
+        second = self.register()
+        self.thread.run_one()  # the compaction
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        stored = json.loads(self.stored())
+        self.assertEqual((stored["nodes"]["1"]["hostname"], sorted(stored["nodes"])), ("before", ["1", "2", "3"]))
+        self.assertNotIn("auth_ts", stored)
+        self.assertEqual((self.writer.snapshots, self.journal_lines(), len(self.thread.queue)), (2, 0, 1))
+        self.thread.run_one()  # the next group: a record
+        self.successResultOf(second)
+        self.assertEqual(self.journal_lines(), 1)
+        reloaded = self.reload()  # a crash now
+        self.assertEqual((reloaded.nodes[1].hostname, reloaded.nodes[2].tags, reloaded.auth_ts),
+                         ("during", ["late"], {2: 7}))
+        self.assertEqual(json.loads(TO_BYTES(reloaded)), json.loads(TO_BYTES(self.state)))
+
+    def test_writes_after_a_flush_compact_in_the_writer_thread(self) -> None:
+        """A clean stop's snapshot (in the reactor) leaves the mirror behind: the next write starts a new one."""
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        self.assertTrue(self.writer.flush())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (2, 0))
+        calls = self.mirror_only_in_the_writer_thread()
+        allow = self.no_snapshot_in_the_reactor()
+        self.state.nodes[1].hostname = "after the flush"
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual((self.writer.snapshots, self.journal_lines()), (3, 0))
+        self.assertEqual(self.stored(), TO_BYTES(self.state))
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual(self.journal_lines(), 1)
+        self.assertIn("render", calls)
+        allow()
+        self.assertEqual(self.reload().nodes[1].hostname, "after the flush")
+
     def test_touch_is_lazy_until_a_change(self) -> None:
         """Replay state alone is written within ``touch_delay``; a change brings that write forward."""
         self.start()
@@ -248,6 +442,30 @@ class DurableWriterTests(SynchronousTestCase):
         self.assertIn("damaged journal", str(caught.exception))
         self.assertTrue(os.path.exists(journal_path(self.path)))  # left for whoever repairs it
 
+    def test_journal_with_malformed_auth_ts_refused(self) -> None:
+        """
+        A whole record (its checksum right) whose replay state is not Unix
+        milliseconds: the start is refused, and the store and the journal are
+        left as they are.
+        """
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        with open(self.path, "rb") as f:
+            store_bytes = f.read()
+        with open(journal_path(self.path), "rb") as f:
+            good = f.read()
+        for bad in ({"7": "1"}, {"7": -1}, {"7": True}, {"7": 1.5}, {"7": 1 << 53}, {"x": 1}, {"7": None}):
+            journal = good + encode_record(self.state.journal_seq + 1, {"set": {"auth_ts": bad}})
+            with open(journal_path(self.path), "wb") as f:
+                f.write(journal)
+            with self.assertRaises(StoreError, msg=repr(bad)) as caught:
+                load_store(self.path)
+            self.assertIn("auth_ts", str(caught.exception))
+            with open(self.path, "rb") as f:
+                self.assertEqual(f.read(), store_bytes)
+            with open(journal_path(self.path), "rb") as f:
+                self.assertEqual(f.read(), journal)
+
     def test_journal_that_cannot_be_folded_refused(self) -> None:
         """A journal that cannot be written into the store stops the start, loudly, and stays."""
         self.start()
@@ -260,3 +478,140 @@ class DurableWriterTests(SynchronousTestCase):
             load_store(self.path)
         self.assertIn("could not be written into it", str(caught.exception))
         self.assertTrue(os.path.exists(journal_path(self.path)))
+
+
+class DefaultModeTests(SynchronousTestCase):
+    """Without --durable the store takes the same journal (issue 12 (b)); only the replies do not wait."""
+
+    def test_default_mode_appends_records(self) -> None:
+        reactor = FakeReactor()
+        reactor.advance(1_800_000_000)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "registry.json")
+        service = RendezvousService(RendezvousSettings(store=path, raise_open_files=False), reactor,
+                                    run_writes=maybeDeferred)
+        self.assertIsNone(service.factory.durability)
+        assert isinstance(service.store, DurableWriter)
+        with capturedLogs():
+            service.startService()
+        reactor.advance(1)
+        self.no_snapshot_in_the_reactor()
+        for seed in range(1, 4):
+            reply = service.registry.handle({"type": "register", "public_key": b64(bytes([seed]) * 32),
+                                             "listen_addr": "198.51.100.4:4000"}, Peer("198.51.100.4", 4000))
+            self.assertEqual(reply["type"], "register_ok")
+            reactor.advance(0.25)  # the coalescing delay: one record each
+        with open(journal_path(path), "rb") as f:
+            self.assertEqual(f.read().count(b"\n"), 3)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["nodes"], {})  # the store file itself was not rewritten
+        self.forbidden = False  # a clean stop may: the store file then holds everything
+        with capturedLogs():
+            self.successResultOf(service.stopService())
+        with open(path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 3)  # a clean stop: the store holds everything
+
+    def no_snapshot_in_the_reactor(self) -> None:
+        self.forbidden = True
+
+        def refused(state: RegistryState) -> bytes:
+            if self.forbidden:
+                raise AssertionError("the whole store was made in the reactor thread")
+            return TO_BYTES(state)
+        self.patch(RegistryState, "to_bytes", refused)
+
+
+def b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode("ascii")
+
+
+class ReplayStateAcrossRestartTests(SynchronousTestCase):
+    """
+    The replay state (``auth_ts``: the newest signature of each key the
+    registry or the beacon accepted) reaches the store through the journal, in
+    both modes, and a registry started after a crash refuses what was captured
+    before it (issue 12: the nonce memory is not saved).
+    """
+
+    NOW = 1_800_000_000
+
+    def setUp(self) -> None:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        self.path = os.path.join(folder, "registry.json")
+        self.alice = Identity.from_seed(b"\x0a" * 32)
+        self.nonces = iter(range(1, 1 << 30))
+
+    def service(self, durable: bool, seconds: float) -> tuple[Any, Any]:
+        """A rendezvous on the store (its writes run inline) and its reactor, started at ``seconds``."""
+        reactor = FakeReactor()
+        reactor.advance(seconds)
+        service = RendezvousService(RendezvousSettings(store=self.path, durable=durable, raise_open_files=False),
+                                    reactor, run_writes=maybeDeferred)
+        assert isinstance(service.store, DurableWriter)
+        self.addCleanup(service.store.close)
+        with capturedLogs():
+            service.startService()
+        return service, reactor
+
+    def signed(self, reactor: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        return sign_request(msg, self.alice.sign, int(reactor.seconds() * 1000), next(self.nonces).to_bytes(16, "big"),
+                            legacy=False)
+
+    def proof(self, reactor: Any, base: bytes) -> bytes:
+        return with_proof(base, self.alice.sign, int(reactor.seconds() * 1000), next(self.nonces).to_bytes(8, "big"))
+
+    def captured_then_crashed(self, durable: bool) -> tuple[int, list[dict[str, Any]], list[bytes]]:
+        """
+        alice registers, sends a heartbeat and a beacon proof; all are
+        captured; the replay state is written (lazily: within the writer's
+        ``touch_delay``); then a crash (no clean stop).
+        """
+        service, reactor = self.service(durable, self.NOW)
+        register = self.signed(reactor, {"type": "register", "public_key": self.alice.public_key_b64,
+                                         "listen_addr": "198.51.100.4:4000"})
+        reply = service.registry.handle(register, Peer("198.51.100.4", 4000))
+        self.assertEqual(reply["type"], "register_ok", reply)
+        node_id = int(reply["node_id"])
+        reactor.advance(1)
+        heartbeat = self.signed(reactor, {"type": "heartbeat", "node_id": node_id})
+        self.assertEqual(service.registry.handle(heartbeat, Peer("198.51.100.4", 4000))["type"], "heartbeat_ok")
+        reactor.advance(1)
+        discover = self.proof(reactor, Discover(node_id).encode())
+        self.assertEqual(len(service.beacon.datagram_received(discover, ("198.51.100.4", 4000))), 1)
+        punch = self.proof(reactor, PunchRequest(node_id, node_id + 1).encode())
+        newest = int(reactor.seconds() * 1000)
+        self.assertEqual(service.registry.state.auth_ts[node_id], newest)
+        reactor.advance(service.store.touch_delay)
+        with open(journal_path(self.path), "rb") as f:
+            self.assertIn(b'"auth_ts":{"%d":%d}' % (node_id, newest), f.read())  # on disk, not yet in the store
+        self.assertEqual(service.store.saved, service.store.generation)
+        return node_id, [register, heartbeat], [discover, punch]
+
+    def check_replays_refused(self, durable: bool) -> None:
+        node_id, requests, proofs = self.captured_then_crashed(durable)
+        restarted, reactor = self.service(durable, self.NOW + 15)
+        self.assertEqual(restarted.registry.replay_floor(node_id), int((self.NOW + 2) * 1000))
+        attacker = Peer("203.0.113.66", 6666)
+        for msg in requests:
+            reply = restarted.registry.handle(dict(msg), attacker)
+            self.assertEqual((reply["type"], reply.get("code")), ("error", "unauthorized"), reply)
+            self.assertIn("restarted", reply["error"])
+        self.assertEqual(restarted.registry.state.nodes[node_id].real_addr, "198.51.100.4:4000")
+        restarted.beacon._record(node_id, ("198.51.100.4", 4000))
+        for data in proofs:
+            self.assertEqual(restarted.beacon.datagram_received(data, ("203.0.113.66", 6666)), [])
+            self.assertIn("restarted", restarted.beacon.last_refusal[1])
+        self.assertEqual(restarted.beacon.endpoint_of(node_id), ("198.51.100.4", 4000))
+        # alice's own new requests pass, and raise the floor for the next restart
+        fresh = self.signed(reactor, {"type": "heartbeat", "node_id": node_id})
+        self.assertEqual(restarted.registry.handle(fresh, Peer("198.51.100.4", 4000))["type"], "heartbeat_ok")
+        self.assertEqual(restarted.registry.state.auth_ts[node_id], fresh["auth"]["ts"])
+
+    def test_default_mode(self) -> None:
+        self.check_replays_refused(durable=False)
+
+    def test_durable(self) -> None:
+        self.check_replays_refused(durable=True)

@@ -240,6 +240,20 @@ class LoadStoreTests(SynchronousTestCase):
         self.assertRefused(b'{"pub_key_idx": {"!!": 1}}', "not a registry store")
         self.assertRefused(b'{"handshake_inbox": {"x": []}}', "not a registry store")
 
+    def test_malformed_auth_ts(self) -> None:
+        """
+        The replay state is refused whole when any entry is wrong (a start with
+        a wrong floor would let captured requests back in, or lock a node out):
+        the file is left as it is, for whoever repairs it.
+        """
+        for bad in ('{"7": "1"}', '{"7": -1}', '{"7": true}', '{"7": 1.5}', '{"7": null}', '{"7": 9007199254740992}',
+                    '{"x": 1}', '{"": 1}', '{"-7": 1}', '{"4294967296": 1}', '[7]', '"7:1"', '{"7": [1]}'):
+            self.assertRefused(b'{"nodes": {}, "auth_ts": %s}' % bad.encode(), "not a registry store", "auth_ts")
+        self.write(b'{"nodes": {}, "auth_ts": {"7": 9007199254740991, "4294967295": 0}}')  # the bounds: taken
+        state = load_store(self.path)
+        assert state is not None
+        self.assertEqual(state.auth_ts, {7: (1 << 53) - 1, 0xFFFFFFFF: 0})
+
     def test_unreadable(self) -> None:
         os.makedirs(self.path)  # a folder where the file should be
         with self.assertRaises(StoreError) as raised:
