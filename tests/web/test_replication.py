@@ -3,11 +3,13 @@ Tests for L{pilot.web.replication}: a primary and a standby, each a
 C{RendezvousService} with its HTTP side on a memory reactor, their stream
 through iosim's fake transports; each one's C{/metrics} parsed back with
 C{prometheus_client}'s own parser as the pair pushes, acknowledges, waits,
-falls silent, takes over and steps down.
+falls silent, takes over and steps down.  And the role and term in
+C{/api/stats}, with nothing else of the pair.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attr
@@ -159,6 +161,26 @@ class PairMetricsTests(SynchronousTestCase):
         self.assertEqual(value(p, "pilot_replication_sent_total", kind="snapshot"), 1)
         self.assertGreater(value(p, "pilot_replication_pushed_bytes_total"), 0)
 
+    def test_api_stats_role_and_term_only(self) -> None:
+        self.connect()
+        self.pump = None
+        self.advance(11)
+        docs = {}
+        for name, service in (("primary", self.primary), ("standby", self.standby)):
+            assert service.http is not None
+            docs[name] = service.http.stats.public()
+        self.assertEqual(docs["primary"]["replication"], {"role": "primary", "term": 1})
+        self.assertEqual(docs["standby"]["replication"], {"role": "primary", "term": 2})  # it took over
+        self.advance(3.5)
+        self.connect()
+        self.p_reactor.advance(1.0)  # past the reading's max age
+        assert self.primary.http is not None
+        doc = self.primary.http.stats.public()
+        self.assertEqual(doc["replication"], {"role": "standby", "term": 2})
+        text = json.dumps(doc)
+        for where in (self.address, f"127.0.0.1:{self.standby.registry_port()}", "127.0.0.1", TOKEN.decode()):
+            self.assertNotIn(where, text)
+
 
 class SyncMetricsTests(SynchronousTestCase):
     """``--sync-replication``: the replies that waited, and those the timeout let go."""
@@ -196,3 +218,4 @@ class UnpairedTests(SynchronousTestCase):
         names = {f.name for f in text_string_to_metric_families(scrape(service.http.metrics).decode())}
         self.assertIn("pilot_nodes_total", names)
         self.assertEqual([n for n in names if n.startswith("pilot_replication")], [])
+        self.assertIsNone(service.http.stats.public()["replication"])
