@@ -10,6 +10,8 @@ C{/api/stats}, with nothing else of the pair.
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any
 
 import attr
@@ -208,6 +210,17 @@ class SyncMetricsTests(SynchronousTestCase):
         self.assertEqual((value(m, "pilot_replication_sync_waits_total"),
                           value(m, "pilot_replication_sync_timeouts_total"),
                           value(m, "pilot_replication_acks_total")), (2, 1, 1))
+
+
+class DocumentedTests(SynchronousTestCase):
+    def test_every_family_in_operations_md(self) -> None:
+        """docs/operations.md's table names exactly the families the collector makes."""
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, "docs", "operations.md")) as f:
+            rows = [line for line in f if line.startswith("| `pilot_replication_")]
+        documented = {re.match(r"\| `(\w+)`", row).group(1) for row in rows}  # type: ignore[union-attr]
+        made = {f.name + ("_total" if f.type == "counter" else "") for f in families(EMPTY)}
+        self.assertEqual(documented, made)
 
 
 class UnpairedTests(SynchronousTestCase):
