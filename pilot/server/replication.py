@@ -86,9 +86,21 @@ class Publisher:
         self.saved = 0
         self._pushed: list[tuple[int, int]] = []  # (seq, generation) not acknowledged yet
         self._waiting: list[tuple[int, Deferred[None], IDelayedCall]] = []
-        self.pushes = 0
-        self.bytes_pushed = 0
         self._degraded_logged = False
+        # counters for /metrics (``pilot.web.replication``): plain ints, read when scraped
+        #: pushes of what changed (one per :meth:`publish` that found a change)
+        self.pushes = 0
+        #: bytes of the snapshots and deltas sent (the frames' bodies; heartbeats are not counted)
+        self.bytes_pushed = 0
+        self.snapshots_sent = 0
+        self.deltas_sent = 0
+        self.heartbeats_sent = 0
+        #: acknowledgements received from standbys of ours, and the highest change number among them
+        self.acks = 0
+        self.last_acked = 0
+        #: --sync-replication replies that waited for a standby, and those released by the timeout
+        self.sync_waits = 0
+        self.sync_timeouts = 0
 
     # --- subscribers ------------------------------------------------------------------
 
@@ -109,13 +121,15 @@ class Publisher:
             self._take()
         assert self._last is not None
         if sub.deltas:
-            self._push_frame(session, wire.encode_snapshot_bytes(self._last_bytes, self.term, self.seq))
+            self._push_frame(session, wire.encode_snapshot_bytes(self._last_bytes, self.term, self.seq), True)
             return {"type": wire.SUBSCRIBE + "_ok", "seq": self.seq}
         if len(self._last_bytes) > REFERENCE_MAX_FRAME - 100:
             self.subscriptions.pop(session, None)
             raise RequestError(ErrorCode.invalid_argument,
                                f"the store ({len(self._last_bytes)} bytes) does not fit the reference's "
                                f"{REFERENCE_MAX_FRAME}-byte frames: a reference standby cannot follow it")
+        self.snapshots_sent += 1
+        self.bytes_pushed += len(self._last_bytes)
         return {"type": wire.SNAPSHOT, "snapshot": self._last}
 
     def closed(self, session: Subscriber) -> None:
@@ -167,11 +181,11 @@ class Publisher:
         snapshot_with_seq = wire.encode_snapshot_bytes(data, self.term, self.seq)
         for sub in list(self.subscriptions.values()):
             if not sub.deltas:
-                self._push_frame(sub.session, snapshot_frame)
+                self._push_frame(sub.session, snapshot_frame, True)
             elif delta_body is not None:
-                self._push_frame(sub.session, delta_body)
+                self._push_frame(sub.session, delta_body, False)
             else:
-                self._push_frame(sub.session, snapshot_with_seq)
+                self._push_frame(sub.session, snapshot_with_seq, True)
         self.pushes += 1
         self._settle_without_followers()
 
@@ -182,6 +196,7 @@ class Publisher:
         for sub in list(self.subscriptions.values()):
             if now - sub.last_beat >= sub.heartbeat - 1e-6:
                 sub.last_beat = now
+                self.heartbeats_sent += 1
                 self._push(sub.session, message)
 
     def next_beat(self) -> float:
@@ -194,9 +209,13 @@ class Publisher:
     def _push(self, session: Subscriber, message: dict[str, Any]) -> None:
         session.push(message)
 
-    def _push_frame(self, session: Subscriber, body: bytes) -> None:
+    def _push_frame(self, session: Subscriber, body: bytes, snapshot: bool) -> None:
         push_body = getattr(session, "push_body", None)
         self.bytes_pushed += len(body)
+        if snapshot:
+            self.snapshots_sent += 1
+        else:
+            self.deltas_sent += 1
         if push_body is not None:
             push_body(body)
         else:
@@ -208,6 +227,8 @@ class Publisher:
         sub = self.subscriptions.get(session)
         if sub is None or ack.seq > self.seq:
             return
+        self.acks += 1
+        self.last_acked = max(self.last_acked, ack.seq)
         sub.acked = max(sub.acked, ack.seq)
         while self._pushed and self._pushed[0][0] <= ack.seq:
             self.saved = max(self.saved, self._pushed.pop(0)[1])
@@ -218,6 +239,7 @@ class Publisher:
         if generation <= self.saved or not self.followers:
             return succeed(None)
         d: Deferred[None] = Deferred()
+        self.sync_waits += 1
         call = self.clock.callLater(self.sync_timeout, self._timed_out, generation)
         self._waiting.append((generation, d, call))
         return d
@@ -228,6 +250,7 @@ class Publisher:
             return
         self.log.warn("no standby acknowledged change {generation} within {timeout} s: answering anyway "
                       "(that change is not on a standby yet)", generation=generation, timeout=self.sync_timeout)
+        self.sync_timeouts += len(due)
         self.saved = max(self.saved, generation)
         self._release()
 
@@ -268,7 +291,10 @@ class Follower:
     def __init__(self) -> None:
         self.store: dict[str, Any] | None = None
         self.seq = 0
+        #: snapshots and deltas applied (``applied`` is their sum)
         self.applied = 0
+        self.snapshots = 0
+        self.deltas = 0
         #: deltas applied to the store object since the last load
         self.pending = 0
 
@@ -276,6 +302,7 @@ class Follower:
         state = _load(frame.store)
         self.store, self.seq, self.pending = frame.store, frame.seq, 0
         self.applied += 1
+        self.snapshots += 1
         return state
 
     def delta(self, frame: wire.Delta) -> None:
@@ -284,6 +311,7 @@ class Follower:
         wire.apply(self.store, frame.changes)
         self.seq = frame.seq
         self.applied += 1
+        self.deltas += 1
         self.pending += 1
 
     def load(self) -> RegistryState:

@@ -91,6 +91,9 @@ class Replica:
         #: where the primary is, as far as this server knows ("" if unknown or itself)
         self.primary = standby_of or ""
         self.standby = standby_of is not None
+        #: promotions of this server to primary, and its steps down to standby (for /metrics)
+        self.takeovers = 0
+        self.step_downs = 0
         if not state.term:
             state.term = 1
         publisher.term = state.term
@@ -192,6 +195,7 @@ def _take_over(role: Role, core: Replica, reason: str) -> None:
     core.links.settle()  # every delta it acknowledged, before it answers a write
     core._set_term(core.term + 1)
     core.standby = False
+    core.takeovers += 1
     former, core.primary = core.primary, ""
     core.log.critical("PROMOTED TO PRIMARY, term {term}: {reason}; this server now accepts writes "
                       "(the former primary {former} steps down when it sees this term)",
@@ -205,6 +209,7 @@ def _step_down(role: Role, core: Replica, term: int, where: str) -> None:
     old = core.term
     core._set_term(max(term, core.term))
     core.standby = True
+    core.step_downs += 1
     core.primary = where
     core.log.critical("STEPPING DOWN TO STANDBY: {primary} is primary with term {term} (ours was {old}); "
                       "this server takes its store and refuses writes", primary=where or "?", term=term, old=old)

@@ -185,7 +185,8 @@ class RendezvousService(MultiService):
         if settings.http is not None:
             # imported here: twisted.web and prometheus_client only when asked for
             from pilot.services.web import RendezvousHTTP
-            self.http = RendezvousHTTP(settings.http, self.registry, self.beacon, reactor, settings.metrics_public)
+            self.http = RendezvousHTTP(settings.http, self.registry, self.beacon, reactor, settings.metrics_public,
+                                       replication=self.replication)
             self.http.setServiceParent(self)
 
     def _tls(self) -> tuple[CertificateOptions, str]:

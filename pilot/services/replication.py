@@ -129,6 +129,11 @@ class ReplicationService(Service):
         self._failures = 0
         self._refused_logged = False
 
+    @property
+    def synchronised(self) -> bool:
+        """A standby that holds its primary's store and hears it on a live stream (``/metrics``)."""
+        return self.replica.standby and self.link is not None and self.follower.store is not None
+
     # --- lifecycle ---------------------------------------------------------------------
 
     def startService(self) -> None:

@@ -26,6 +26,7 @@ from pilot.endpoint import format_endpoint, parse_listen
 from pilot.web.dashboard import metrics_root, rendezvous_root
 from pilot.web.metrics import RendezvousCollector, collector_registry, metrics_resource
 from pilot.web.nodemetrics import NodeCollector
+from pilot.web.replication import ReplicationCollector, ReplicationSource
 from pilot.web.stats import SAMPLE_INTERVAL, RendezvousStats
 
 LOOPBACK = "127.0.0.1"
@@ -79,11 +80,19 @@ class HTTPService(MultiService):
 
 
 class RendezvousHTTP(HTTPService):
-    """The dashboard, ``/api/stats`` and ``/metrics`` of the rendezvous, with the chart's sampler."""
+    """
+    The dashboard, ``/api/stats`` and ``/metrics`` of the rendezvous, with the
+    chart's sampler; ``replication`` (a paired server's) adds the
+    ``pilot_replication_*`` families, which an unpaired one does not have.
+    """
 
-    def __init__(self, listen: str, registry: Any, beacon: Any, reactor: Any, metrics_public: bool = False) -> None:
+    def __init__(self, listen: str, registry: Any, beacon: Any, reactor: Any, metrics_public: bool = False,
+                 replication: ReplicationSource | None = None) -> None:
         self.stats = RendezvousStats(registry, beacon, reactor)
-        self.metrics = collector_registry(RendezvousCollector(self.stats, reactor))
+        collectors: list[Any] = [RendezvousCollector(self.stats, reactor)]
+        if replication is not None:
+            collectors.append(ReplicationCollector(replication, reactor, reactor))
+        self.metrics = collector_registry(*collectors)
         super().__init__(listen, rendezvous_root(self.stats, metrics_resource(self.metrics), metrics_public),
                          reactor, "Dashboard")
         sampler = TimerService(SAMPLE_INTERVAL, self.stats.sample)

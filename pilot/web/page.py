@@ -40,6 +40,7 @@ function bytes(n){var u=['B','KB','MB','GB','TB'],i=0;n=Number(n||0);
 function uptime(s){var d=Math.floor(s/86400),h=Math.floor(s%%86400/3600),m=Math.floor(s%%3600/60);
   return (d?d+'d ':'')+h+'h '+m+'m';}
 function set(id,text){document.getElementById(id).textContent=text;}
+function role(r){return r?r.role+' (term '+r.term+')':'unpaired';}
 var NS='http://www.w3.org/2000/svg';
 function line(svg,points,key,max,cls){
   if(points.length<2){return;}
@@ -75,6 +76,7 @@ function update(){
     set('trust-links',fmt(d.total_trust_links));set('rps',Number(d.requests_per_second).toFixed(1));
     set('relayed-bytes',bytes(d.relayed_bytes));set('punches',fmt(d.punches));
     set('total-requests',fmt(d.total_requests));set('uptime',uptime(d.uptime_secs));
+    set('role',role(d.replication));
     relays(d.top_relays);chart(d.history);
     set('status','updated '+new Date().toLocaleTimeString());
   }).catch(function(e){set('status','cannot reach the rendezvous: '+e.message);});
@@ -94,6 +96,7 @@ BODY = """<header><h1>Pilot rendezvous</h1><div id="status">loading</div></heade
 <div class="card"><div class="label">Relayed</div><div class="value" id="relayed-bytes">-</div></div>
 <div class="card"><div class="label">Punches</div><div class="value" id="punches">-</div></div>
 <div class="card"><div class="label">Uptime</div><div class="value" id="uptime">-</div></div>
+<div class="card"><div class="label">Role</div><div class="value" id="role">-</div></div>
 </section>
 <section class="panel"><h2>Last hour</h2>
 <div class="legend"><span class="online">&#9632; nodes online</span><span class="rps">&#9632; requests/s</span>

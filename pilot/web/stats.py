@@ -13,7 +13,8 @@ the public ``/api/stats`` document.
 
 The public document holds counts and the virtual addresses of public nodes
 only: no IP address, endpoint, key or hostname of any node; a private node is
-counted, never listed (``docs/operations.md``).
+counted, never listed (``docs/operations.md``).  Of replication it holds the
+role and term only (not where the primary or the standbys are).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class RendezvousFigures:
     top_relays: tuple[tuple[str, int], ...]
     #: per request type: cumulative ``[(upper bound, count), ...]`` and the sum of seconds (``Durations.cumulative``)
     durations: dict[str, tuple[list[tuple[float, int]], float]] = attr.Factory(dict)
+    #: a paired server's role ("primary" or "standby") and term; None when unpaired
+    replication: tuple[str, int] | None = None
 
     @property
     def requests_total(self) -> int:
@@ -101,12 +104,15 @@ def read_figures(registry: Registry, beacon: Beacon, started: float, now: float)
             relayed.append((count, node_id))
     relayed.sort(reverse=True)
     top = tuple((str(nodes[node_id].address), count) for count, node_id in relayed[:TOP_RELAYS])
+    replica = registry.replica
+    replication = None if replica is None else ("standby" if replica.standby else "primary", replica.term)
     return RendezvousFigures(
         at=now, uptime=max(0.0, now - started), nodes_total=len(nodes), nodes_online=online,
         nodes_public=public, trust_links=len(registry.state.trust), task_executors=executors,
         unique_tags=len(tags), requests=requests, errors=errors,
         registry_counters=dict(registry.counters), beacon_counters=dict(beacon.counters),
-        beacon_endpoints=len(beacon), top_relays=top, durations=registry.durations.cumulative())
+        beacon_endpoints=len(beacon), top_relays=top, durations=registry.durations.cumulative(),
+        replication=replication)
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -175,6 +181,7 @@ class RendezvousStats:
             "history": self.chart(Sample(f.at, f.nodes_online, f.nodes_total, f.requests_total, f.relay_bytes,
                                          f.punches)),
             "sample_interval_secs": SAMPLE_INTERVAL,
+            "replication": None if f.replication is None else {"role": f.replication[0], "term": f.replication[1]},
         }
 
     def chart(self, now: Sample | None = None) -> list[dict[str, Any]]:

@@ -87,6 +87,12 @@ class ResourceTests(SynchronousTestCase):
             self.assertIn(field, doc)
         self.assertEqual(doc["total_nodes"], 1)
 
+    def test_role_card(self) -> None:
+        """The page shows the pair's role and term from ``/api/stats`` ("unpaired" when it is null)."""
+        self.assertIn(b'id="role"', page.PAGE)
+        self.assertIn(b"set('role',role(d.replication))", page.PAGE)
+        self.assertIsNone(json.loads(body(render(self.root, b"/api/stats")))["replication"])
+
     def test_stats_encoded_once_per_reading(self) -> None:
         first = body(render(self.root, b"/api/stats"))
         self.fleet.add(1)
