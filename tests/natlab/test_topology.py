@@ -61,9 +61,9 @@ class RouterKindTests(SynchronousTestCase):
         router = self.lab.add_router(name or f"{kind.replace('_', '-')[:12]}-{len(_made)}", kind, **options)
         return router, self.lab.add_host(router, f"{router.name}-h")
 
-    def observe(self, host, port: int) -> dict[str, list[str]]:
+    def observe(self, host, port: int, wait: float = 1.0) -> dict[str, list[str]]:
         """Which endpoints the two reflectors saw, and which replies came back from where."""
-        got = self.lab.udp_probe(host, port, [(self.rv.ip, STUN), (self.far.ip, STUN)], wait=1.0)
+        got = self.lab.udp_probe(host, port, [(self.rv.ip, STUN), (self.far.ip, STUN)], wait=wait)
         seen: dict[str, list[str]] = {}
         for item in got:
             seen.setdefault(item["from"], []).append(item["said"])
@@ -118,9 +118,10 @@ class RouterKindTests(SynchronousTestCase):
         host = self.lab.add_host(router, f"behind-tr-{len(_made)}-h")
         self.assertTrue(router.wan_ip.startswith("192.0.2."), router)
         # a first datagram through the fresh namespaces waits for several neighbour resolutions
-        # on a busy machine: a few tries, each from its own port
-        for port in (40010, 40020, 40030):
-            seen = self.observe(host, port)
+        # on a busy machine (and the reflectors' replies wait for a CPU): a few tries, each from
+        # its own port and waiting longer (it failed three 1 s tries once with the machine loaded)
+        for port, wait in ((40010, 1.0), (40020, 3.0), (40030, 6.0)):
+            seen = self.observe(host, port, wait)
             if seen.get(f"{self.far.ip}:{STUN}"):
                 break
         self.assertEqual(seen.get(f"{self.far.ip}:{STUN}"), [f"{router.wan_ip}:{port}"])
