@@ -24,7 +24,8 @@ unanswered for ``direct_silence``, or when the peer's registered endpoint
 changes.
 
 What the machine needs of the tunnel layer is :class:`TunnelControl`; what
-it needs of the node's path layer (``Paths``) is :class:`PathOwner`.  Both
+it needs of the node's path layer (``Paths``) is :class:`PathOwner` (both in
+:mod:`.collaborators`).  Both
 are public methods; no behaviour reads another object's private fields.
 """
 
@@ -41,45 +42,9 @@ from pilot.machines.path.config import (
     DIRECT, DIRECT_TRYING, IDLE, PUNCHED, PUNCHING, REASON_COLLISION, REASON_IDLE, REASON_NO_BEACON,
     REASON_PEER_RELAYS, RELAYED, PathConfig,
 )
+from pilot.machines.path.collaborators import PathOwner, TunnelControl
 from pilot.machines.table import Transition, TransitionTable
 from pilot.wire.tunnel import PILP
-
-
-class TunnelControl(Protocol):
-    """What a path needs of the tunnel layer (``pilot.machines.tunnel.Tunnels``)."""
-
-    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool,
-                 hold: bool = False) -> None:
-        """Send to the peer directly (to ``direct_endpoint``, None: the known one) or through the beacon;
-        ``hold``: our key exchanges wait (they go only where :meth:`send_key_exchange` says)."""
-
-    def send_key_exchange(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
-        "Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."
-
-    def key_exchange_frame(self) -> bytes:
-        "Our PILA, for an endpoint of no peer we know yet."
-
-    def is_established(self, node_id: int) -> bool:
-        "Do we hold a session with the peer?"
-
-    def last_sent(self, node_id: int) -> Optional[float]:
-        "When we last sent the peer a frame (clock seconds), None if never."
-
-
-class PathOwner(Protocol):
-    """What one peer's path asks of the node's path layer (``Paths``)."""
-
-    def request_punch(self, node_id: int) -> bool:
-        "Ask our beacon to punch toward the peer; False if we cannot (no beacon, not registered)."
-
-    def punches_first(self, endpoint: Endpoint) -> bool:
-        "Do we punch first toward the peer at ``endpoint`` (``pilot.machines.path.punches_first``)?"
-
-    def forget_punch_request(self, node_id: int) -> None:
-        "The peer is heard directly (or given up): no punch command is awaited for it any more."
-
-    def count(self, name: str, n: int = 1) -> None:
-        "Count an event."
 
 
 class PeerPath(Protocol):
