@@ -112,7 +112,6 @@ class PathCore:
     round: int = 0                          # the recovery round while relayed
     holding: bool = False                   # this round we keep our router's entry (the other sends)
     attempted: bool = False                 # this round we sent first (we do not hold)
-    last_attempt: Optional[float] = None    # our last punch request, or the peer's last command
     cannot_punch: bool = False
     parked: bool = False                    # relayed, not punching until traffic resumes
     last_direct_rx: Optional[float] = None
@@ -146,7 +145,6 @@ class PathCore:
 
     def punch(self) -> None:
         """A punch request for the peer, now."""
-        self.last_attempt = self.now()
         self.cannot_punch = not self.owner.request_punch(self.node_id)
 
     def reason(self) -> Optional[str]:
@@ -385,7 +383,6 @@ def _aim_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
     normal TTL, so the recovery starts again from round 0, both sides at once."""
     c.route(endpoint, relay=True)  # frames keep going through the beacon until the hole answers
     c.send_pila(endpoint)
-    c.last_attempt = c.now()
     c.start_recovery(m)
 
 
