@@ -689,7 +689,7 @@ class NatScenarioTests(SynchronousTestCase):
         self.assertTrue(echoes_after(a, w.now() - 1))  # traffic flows through the beacon
         a.box.blocked.clear()
         lifted = w.now()
-        # a failed punch is retried twice quickly, then once per COLLISION_QUIET (docs/nat.md)
+        # the recovery rounds: the next round's attempt (after COLLISION_QUIET at most) finds it (docs/nat.md)
         upgraded = w.run_until(lifted + COLLISION_QUIET + 1, lambda: a.state(b) == b.state(a) == "punched")
         self.assertTrue(upgraded, (a.state(b), b.state(a), w.now() - lifted))
         relayed_before = w.beacon.counters.get("relayed", 0)
