@@ -9,7 +9,10 @@ beacon; everything on one ``task.Clock``, no sockets.
   way) and each transit router take one from it and drop it at 1; a box
   delivering to itself (below) does not look at it.  So a host's hop-limited
   opener (``pilot/node/openers.py``) with TTL 2 passes its own box and dies
-  at the first transit router.
+  at the first transit router.  A datagram with TTL 1 dies at the host's own
+  box, but first renews the box's live flow to its destination, if there is
+  one (Linux conntrack runs before the forward TTL check); it makes no new
+  one (a new entry is confirmed only on the way out).
 * :class:`NatBox` sits between one host and the internet.  Kinds (RFC 4787
   terms):
 
@@ -178,7 +181,10 @@ class NatBox:
                 self.internet.send(self.private, dst, data, ttl)
             return
         if ttl <= 1:
-            self.counters["ttl_expired"] += 1  # dropped in forwarding, before any mapping is made
+            # conntrack runs before the forward TTL check: a live flow's entry is refreshed,
+            # nothing new is made (a new entry is confirmed only on the way out), then it dies
+            self.counters["ttl_expired"] += 1
+            self._refresh(dst)
             return
         ttl -= 1
         if dst[0] in self.blocked:
@@ -228,6 +234,20 @@ class NatBox:
             self.counters["ttl_expired"] += 1
             return
         self.host(data, src)
+
+    def _refresh(self, dst: Endpoint) -> None:
+        """A hop-limited datagram to ``dst`` that dies here renews our live flow to ``dst``, if any."""
+        now = self.clock.seconds()
+        key = dst if self.kind == SYMMETRIC else None
+        moved = self._moved.get(dst)
+        for mapping in (moved, self._mappings.get(key)):
+            if mapping is None or now - mapping.last_out >= self.timeout:
+                continue
+            permitted = mapping.permits.get(dst)
+            if permitted is not None and now - permitted < self.timeout:
+                self.counters["ttl_refreshed"] += 1
+                mapping.last_out = mapping.permits[dst] = now
+                return
 
     def _unsolicited(self, src: Endpoint, port: int, now: float) -> None:
         """A datagram our host did not ask for: a local-delivery router keeps an UNREPLIED entry."""

@@ -147,10 +147,11 @@ class Node:
         self.paths = Paths(
             tunnels=self.tunnels, send_datagram=sender.send, beacon=self.beacon, node_id=self.node_id,
             sign=identity.sign, clock=clock, config=path_config, random=rng.random,
-            random_bytes=random_bytes, path_changed=self._path_changed)
+            random_bytes=random_bytes, path_changed=self._path_changed, send_limited=sender.send_limited,
+            public_endpoint=self.seen_endpoint)
         self.tunnels.wire(self.paths)
         self.openers = Openers(clock, sender, self.paths.punch_commanded, ttls=path_config.opener_ttls,
-                               step=path_config.opener_step)
+                               step=path_config.opener_step, skew=path_config.opener_skew)
         self.peers.wire(self.paths)
         self.carried = CarriedTrust(
             identity=identity, store=trust_store, save=save_trust, request=self._trust_request, clock=clock,
@@ -273,7 +274,12 @@ class Node:
 
     def _punch(self, peer: Endpoint) -> None:
         self._punch_calls = {c for c in self._punch_calls if c.active()}
-        self.openers.punch(peer)  # hop-limited openers, then the PILPs and our PILA
+        # hop-limited openers (the lower public endpoint's first), then the PILPs and our PILA
+        self.openers.punch(peer, first=self.paths.punches_first(peer))
+
+    def seen_endpoint(self) -> Optional[Endpoint]:
+        """Our endpoint as the beacon sees it (None before it answered)."""
+        return self.public_endpoint
 
     def behind_no_nat(self) -> bool:
         """Is the endpoint the beacon sees our socket's own (no NAT between us and it)?"""

@@ -1,14 +1,25 @@
 """
 A pair put on the relay by a conntrack collision recovers by itself
-(issue 10): two hosts behind ``port_restricted`` routers with open INPUT
-chains, A's behind a transit router.  Before A's node starts, a datagram
-from A's future tunnel port reaches B's router before B's host ever sent to
-A: what a node that sends first leaves (a reference node's first PILA, or a
-lost race).  B's router keeps the UNREPLIED entry, so B's flow to A leaves
-from another port and the first punch fails: the pair relays.  Within 40 s
-(the quiet period outlives the entry, then a coordinated punch) both sides
-say ``direct`` or ``punched``, and a 10 MiB echo that runs across the
-switches comes back byte-exact.
+(issue 10), on two topologies of ``port_restricted`` routers with open INPUT
+chains:
+
+* A's router behind a transit router.  Before A's node starts, a datagram
+  from the tunnel port of the side that punches first reaches the other
+  side's router before that router's host ever sent to it: what a lost race
+  leaves (or a reference node's first PILA).  That router keeps the
+  UNREPLIED entry, its host's flow leaves from another port and the first
+  punch fails: the pair relays.
+* Both routers on the public segment (two hosts of one cloud subnet, no hop
+  between the NATs).  Nothing is prepared: the side that punches first
+  (``punches_first``) sends each opener 40 ms before the other, its first
+  opener reaches the other router before that router's host sent, and the
+  first punch collides, always that way round.
+
+Either way, within 40 s of going relayed (the loser waits out the entry's
+30 s while the winner keeps its own router's entry with TTL-1 keepers, then
+the loser sends first: ``docs/nat.md``, "Recovery") both sides say
+``direct`` or ``punched``, and a 10 MiB echo that runs across the switch
+comes back byte-exact.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.machines.path import punches_first
 from tests.natlab.nodes import Node, Rendezvous, echo_transfer, module_lab, stop_nodes, trust_pair
 from tests.natlab.topology import Host, Lab, Router, has_conntrack_tool, probe_results
 
@@ -37,10 +49,15 @@ class CollisionLab:
         try:
             self.rendezvous = Rendezvous(self.lab, self.lab.add_rendezvous_host()).start()
             far = self.lab.add_transit("far")
-            self.router_a = self.lab.add_router("coll-a", "port_restricted", drop_wan_input=False, transit=far)
-            self.router_b = self.lab.add_router("coll-b", "port_restricted", drop_wan_input=False)
-            self.host_a: Host = self.lab.add_host(self.router_a, "coll-a-h")
-            self.host_b: Host = self.lab.add_host(self.router_b, "coll-b-h")
+            self.routers: dict[str, tuple[Router, Router]] = {
+                "transit": (self.lab.add_router("coll-a", "port_restricted", drop_wan_input=False, transit=far),
+                            self.lab.add_router("coll-b", "port_restricted", drop_wan_input=False)),
+                "segment": (self.lab.add_router("seg-a", "port_restricted", drop_wan_input=False),
+                            self.lab.add_router("seg-b", "port_restricted", drop_wan_input=False)),
+            }
+            self.hosts: dict[str, tuple[Host, Host]] = {
+                name: (self.lab.add_host(ra, f"{ra.name}-h"), self.lab.add_host(rb, f"{rb.name}-h"))
+                for name, (ra, rb) in self.routers.items()}
         except BaseException:
             self.lab.close()
             raise
@@ -56,18 +73,34 @@ def poisoned(lab: Lab, router: Router, src: str, sport: int, dport: int) -> list
 
 class CollisionRecoveryTests(SynchronousTestCase):
     def test_relayed_by_a_collision_then_direct(self) -> None:
+        """Across a transit router, a router poisoned before the nodes start."""
+        self.recover("transit", poke=True)
+
+    def test_one_segment_collides_then_direct(self) -> None:
+        """Two open-INPUT routers on one segment: the first punch collides by itself."""
+        self.recover("segment", poke=False)
+
+    def recover(self, topology: str, poke: bool) -> None:
         env: CollisionLab = module_lab(_lab, CollisionLab)
         lab = env.lab
-        nb = Node(lab, env.host_b, "coll-b", env.rendezvous, extra=["--listen", f":{PORT_B}"])
-        na = Node(lab, env.host_a, "coll-a", env.rendezvous, extra=["--listen", f":{PORT_A}"])
+        (router_a, router_b), (host_a, host_b) = env.routers[topology], env.hosts[topology]
+        nb = Node(lab, host_b, f"{topology[:3]}-b", env.rendezvous, extra=["--listen", f":{PORT_B}"])
+        na = Node(lab, host_a, f"{topology[:3]}-a", env.rendezvous, extra=["--listen", f":{PORT_A}"])
         self.addCleanup(stop_nodes, [na, nb])
+        a_first = punches_first((router_a.wan_ip, PORT_A), (router_b.wan_ip, PORT_B))
+        winner, loser = ((host_a, PORT_A, router_a), (router_b, PORT_B)) if a_first else \
+            ((host_b, PORT_B, router_b), (router_a, PORT_A))
+        if poke:
+            # the unsolicited datagram, from the first side's future tunnel port, before any node
+            # runs (so before the second side's host ever sent to it)
+            first_host, first_port, first_router = winner
+            second_router, second_port = loser
+            probe = lab.udp_poke(first_host, first_port, (second_router.wan_ip, second_port), wait=0.3)
+            self.assertEqual(probe_results(probe), [])  # the second side's router took it itself
+            if has_conntrack_tool():
+                self.assertTrue(poisoned(lab, second_router, first_router.wan_ip, first_port, second_port),
+                                lab.conntrack(second_router))
         nb.start()
-        # the unsolicited datagram, from the port A's node will use, before B ever sent to A
-        poke = lab.udp_poke(env.host_a, PORT_A, (env.router_b.wan_ip, PORT_B), wait=0.3)
-        self.assertEqual(probe_results(poke), [])  # B's router took it itself
-        if has_conntrack_tool():
-            self.assertTrue(poisoned(lab, env.router_b, env.router_a.wan_ip, PORT_A, PORT_B),
-                            lab.conntrack(env.router_b))
         na.start()
         trust_pair(na, nb)
 
@@ -91,15 +124,16 @@ class CollisionRecoveryTests(SynchronousTestCase):
             time.sleep(0.25)
         worker.join(150)
         evidence = (f"timeline {json.dumps(timeline)}\n{na.evidence(nb)}\n{nb.evidence(na)}\n"
-                    f"B's router:\n{lab.conntrack(env.router_b)}\nA's router:\n{lab.conntrack(env.router_a)}")
+                    f"B's router:\n{lab.conntrack(router_b)}\nA's router:\n{lab.conntrack(router_a)}")
         self.assertIsNotNone(relayed_at, "never relayed: the collision did not happen\n" + evidence)
         assert relayed_at is not None
         self.assertIsNotNone(direct_at, "never left the relay\n" + evidence)
         assert direct_at is not None
         recovery = direct_at - relayed_at
         transfer = outcome[0] if outcome else None
-        print(f"\n[natlab] collision: relayed {relayed_at - t0:.1f} s after the first send, direct "
-              f"{recovery:.1f} s later; timeline {timeline}; echo {transfer!r}", flush=True)
+        print(f"\n[natlab] collision ({topology}): relayed {relayed_at - t0:.1f} s after the echo began, "
+              f"direct {recovery:.1f} s later; first side {'A' if a_first else 'B'}; timeline {timeline}; "
+              f"echo {transfer!r}", flush=True)
         self.assertLessEqual(recovery, RECOVERY_BAR, evidence)
         self.assertIsNotNone(transfer, "the echo did not finish\n" + evidence)
         self.assertTrue(transfer.exact, f"{transfer!r}\n{evidence}")

@@ -3,9 +3,10 @@ NAT scenarios over time, with real nodes in the lab (one lab and one
 rendezvous for the module; each scenario adds its own routers):
 
 * upgrade: a pair relayed because UDP between their routers is blocked moves
-  to a direct or punched path by itself within COLLISION_QUIET + 3 s of the
-  block being lifted (a failed punch is retried after a quiet period longer
-  than conntrack's unreplied timeout, ``docs/nat.md``; it was 10 s before);
+  to a direct or punched path by itself within COLLISION_QUIET +
+  PUNCH_TIMEOUT + 3 s of the block being lifted (the recovery rounds: one
+  side sends first after a quiet period longer than conntrack's unreplied
+  timeout, the other sends at the round's end, ``docs/nat.md``);
 * IP change: a node moved to another LAN (same process, same identity, new
   address behind a new NAT) answers its peer's pings again within 5 s;
 * rendezvous outage: tunnels keep carrying pings; ``find`` of a name never
@@ -28,14 +29,14 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.machines.path import COLLISION_QUIET
+from pilot.machines.path import COLLISION_QUIET, PUNCH_TIMEOUT
 from tests.natlab.nodes import (
     Node, Rendezvous, echo_transfer, first_ping, module_lab, ping_once, start_nodes, stop_nodes, trust_pair, wait_for,
 )
 from tests.natlab.topology import Lab, Router, has_conntrack_tool
 
 DIRECT_PATHS = ("direct", "punched")
-UPGRADE_WITHIN = COLLISION_QUIET + 3.0
+UPGRADE_WITHIN = COLLISION_QUIET + PUNCH_TIMEOUT + 3.0
 RECOVER_WITHIN = 5.0
 #: The issue's bar: no stale endpoint anywhere this long after an IP change.
 STALE_CHECK_AFTER = 60.0

@@ -15,7 +15,7 @@ from pilot.machines.registration import CONNECT_TIMEOUT
 from pilot.node.core import (
     DISCOVER_PROBE, DISCOVER_RETRY, OUTAGE_PROBE, REGISTER_WAIT, ROUTE_CHECK,
 )
-from pilot.machines.path.config import OPENER_STEP, OPENER_TTLS
+from pilot.machines.path.config import OPENER_SKEW, OPENER_STEP, OPENER_TTLS
 from pilot.node.openers import PUNCH_PROBES
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
@@ -108,8 +108,10 @@ class NodeTests(SynchronousTestCase):
         self.assertEqual(len(self.to_beacon()), sent + 2)  # and every DISCOVER_PROBE anyway
 
     def test_punch_command(self) -> None:
+        """Our public endpoint is the lower one: we punch first, the first opener at once."""
         peer = ("203.0.113.7", 5555)
         self.node.start(BEACON)
+        self.reply(("198.51.100.2", 4444))
         self.host.udp.datagramReceived(bw.PunchCommand(*peer).encode(), BEACON)
         sent = [data for _, dst, data in self.network.sent if dst == peer]
         self.assertEqual(sent, [PILP])  # the first opener, at once
@@ -121,6 +123,25 @@ class NodeTests(SynchronousTestCase):
         self.assertEqual(sent[len(OPENER_TTLS):len(OPENER_TTLS) + PUNCH_PROBES], [PILP] * PUNCH_PROBES)
         self.assertEqual(self.node.paths.counters["punch_commands_unmatched"], 1)  # a stranger: our PILA
         self.assertEqual(self.host.udp.transport.socket.ttl, DEFAULT_TTL)  # the socket's TTL restored
+
+    def test_punch_command_second(self) -> None:
+        """Our public endpoint is the higher one: each opener ``OPENER_SKEW`` after the peer's,
+        the punch itself at the same instant as the peer's."""
+        peer = ("198.51.100.7", 5555)
+        self.node.start(BEACON)
+        self.reply(("203.0.113.2", 4444))
+        self.host.udp.datagramReceived(bw.PunchCommand(*peer).encode(), BEACON)
+        self.assertEqual([d for _, dst, d in self.network.sent if dst == peer], [])
+        self.clock.advance(OPENER_SKEW)
+        self.assertEqual(self.network.limited, [(peer, PILP, OPENER_TTLS[0])])
+        for _ in OPENER_TTLS[1:]:
+            self.clock.advance(OPENER_STEP)
+        self.assertEqual(len(self.network.limited), len(OPENER_TTLS))
+        self.clock.advance(OPENER_STEP - OPENER_SKEW - 0.001)
+        self.assertEqual(len([d for _, dst, d in self.network.sent if dst == peer]), len(OPENER_TTLS))
+        self.clock.advance(0.001)
+        sent = [data for _, dst, data in self.network.sent if dst == peer]
+        self.assertEqual(sent[len(OPENER_TTLS):len(OPENER_TTLS) + PUNCH_PROBES], [PILP] * PUNCH_PROBES)
 
     def test_local_endpoint(self) -> None:
         self.assertIsNone(self.node.local_endpoint())

@@ -40,7 +40,8 @@ class OpenersTests(SynchronousTestCase):
         self.clock = Clock()
         self.sender = Recorder()
         self.punched: list[Endpoint] = []
-        self.openers = Openers(self.clock, self.sender, self.punched.append, ttls=(2, 3, 4), step=0.02)
+        self.openers = Openers(self.clock, self.sender, self.punched.append, ttls=(2, 3, 4), step=0.02,
+                               skew=0.01)
 
     def run_ramp(self) -> None:
         for _ in range(4):
@@ -78,9 +79,28 @@ class OpenersTests(SynchronousTestCase):
         self.run_ramp()
         self.assertEqual(self.punched, [PEER, PEER])
 
+    def test_second_side_skewed(self) -> None:
+        """The side that punches second sends each opener ``skew`` after the first side's, and
+        punches at the same instant as the first side."""
+        self.openers.punch(PEER, first=False)
+        self.assertEqual(self.sender.sent, [])
+        times = []
+        for _ in range(8):
+            self.clock.advance(0.01)
+            if len(self.sender.sent) > len(times):
+                times.extend([round(self.clock.seconds(), 3)] * (len(self.sender.sent) - len(times)))
+        self.assertEqual(times, [0.01, 0.03, 0.05] + [0.06] * PUNCH_PROBES)
+        self.assertEqual([ttl for _, _, ttl in self.sender.sent[:3]], [2, 3, 4])
+        self.assertEqual(self.punched, [PEER])
+
+    def test_skew_must_be_under_the_step(self) -> None:
+        self.assertRaises(ValueError, Openers, self.clock, self.sender, self.punched.append,
+                          ttls=(2, 3), step=0.02, skew=0.02)
+        Openers(self.clock, self.sender, self.punched.append, ttls=(), step=0.02, skew=0.05)
+
     def test_no_openers_punches_at_once(self) -> None:
         openers = Openers(self.clock, self.sender, self.punched.append, ttls=())
-        openers.punch(PEER)
+        openers.punch(PEER, first=False)
         self.assertEqual(self.sender.sent, [(PILP, PEER, DEFAULT_TTL)] * PUNCH_PROBES)
         self.assertEqual(self.punched, [PEER])
 

@@ -10,21 +10,20 @@ machine per peer (:mod:`.peer`); the timeouts are in :mod:`.config`.
 
 from pilot.endpoint import Endpoint
 from pilot.machines.path.config import (
-    COLLISION_QUIET, DIRECT, DIRECT_SILENCE, DIRECT_TIMEOUT, DIRECT_TRYING, IDLE, KEEPALIVE, PATH_NAMES,
-    PUNCH_ANSWER_WINDOW, QUICK_RETRIES, REASONS,
-    PUNCH_HINT_WINDOW, PUNCH_RETRY_FIRST, PUNCH_RETRY_MAX, PUNCH_TIMEOUT, PUNCHED, PUNCHING, RELAY_IDLE,
-    RELAYED, RETRY_JITTER, UNMATCHED_MAX, PathConfig,
+    COLLISION_QUIET, COLLISION_QUIET_MAX, DIRECT, DIRECT_SILENCE, DIRECT_TIMEOUT, DIRECT_TRYING, IDLE,
+    KEEPALIVE, KEEPER_INTERVAL, KEEPER_TTL, OPENER_SKEW, PATH_NAMES, PUNCH_ANSWER_WINDOW, REASONS,
+    PUNCH_HINT_WINDOW, PUNCH_TIMEOUT, PUNCHED, PUNCHING, RELAY_IDLE, RELAYED, UNMATCHED_MAX, PathConfig,
 )
-from pilot.machines.path.layer import Paths, takes_unsolicited
+from pilot.machines.path.layer import Paths, punches_first, takes_unsolicited
 from pilot.machines.path.peer import (
     PathCore, PathOwner, PeerPath, PeerPathMachine, TunnelControl, transitions,
 )
 
 __all__ = [
-    "COLLISION_QUIET", "DIRECT", "DIRECT_SILENCE", "DIRECT_TIMEOUT", "DIRECT_TRYING", "IDLE", "KEEPALIVE",
-    "PATH_NAMES", "QUICK_RETRIES", "REASONS",
-    "PUNCHED", "PUNCHING", "PUNCH_ANSWER_WINDOW", "PUNCH_HINT_WINDOW", "PUNCH_RETRY_FIRST",
-    "PUNCH_RETRY_MAX", "PUNCH_TIMEOUT", "RELAYED", "RELAY_IDLE", "RETRY_JITTER", "UNMATCHED_MAX",
+    "COLLISION_QUIET", "COLLISION_QUIET_MAX", "DIRECT", "DIRECT_SILENCE", "DIRECT_TIMEOUT", "DIRECT_TRYING",
+    "IDLE", "KEEPALIVE", "KEEPER_INTERVAL", "KEEPER_TTL", "OPENER_SKEW", "PATH_NAMES", "REASONS",
+    "PUNCHED", "PUNCHING", "PUNCH_ANSWER_WINDOW", "PUNCH_HINT_WINDOW",
+    "PUNCH_TIMEOUT", "RELAYED", "RELAY_IDLE", "UNMATCHED_MAX",
     "Endpoint", "PathConfig", "PathCore", "PathOwner", "Paths", "PeerPath", "PeerPathMachine",
-    "TunnelControl", "takes_unsolicited", "transitions",
+    "TunnelControl", "punches_first", "takes_unsolicited", "transitions",
 ]

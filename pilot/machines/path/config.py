@@ -19,22 +19,6 @@ DIRECT_TIMEOUT = 1.0
 #: After a punch request (or a punch command from the peer's side), this long
 #: (s) for an authenticated frame through the hole before we relay.
 PUNCH_TIMEOUT = 2.0
-#: While relayed we punch again after this long (s), doubling ...
-PUNCH_RETRY_FIRST = 2.0
-#: ... up to this; each wait is shortened by up to RETRY_JITTER of itself.
-PUNCH_RETRY_MAX = 8.0
-RETRY_JITTER = 0.25
-#: After this many quick retries have failed too ...
-QUICK_RETRIES = 1
-#: ... we punch only every COLLISION_QUIET (s): longer than Linux's conntrack
-#: timeout for unreplied UDP (``nf_conntrack_udp_timeout``, 30 s), so an
-#: UNREPLIED entry that our punch left on the peer's router (the conntrack
-#: collision, ``docs/nat.md``) expires before the next coordinated attempt.
-#: Every punch command for the peer (ours or the peer's) starts the wait again,
-#: so neither side refreshes the entry in the other's quiet period.  The wait
-#: is lengthened (never shortened) by up to RETRY_JITTER x PUNCH_RETRY_FIRST.  A
-#: lifted block is noticed within about COLLISION_QUIET plus a round trip.
-COLLISION_QUIET = 32.0
 #: A relayed peer with no traffic either way for this long (s) stops punching
 #: until traffic resumes (then it punches at once, and backs off again).
 RELAY_IDLE = 60.0
@@ -60,15 +44,46 @@ UNMATCHED_MAX = 256
 #: by our own datagram before the peer's can reach it when a hop stands between
 #: the two NATs (``pilot/node/openers.py``, ``docs/nat.md``).
 OPENER_TTLS = (2, 3, 4)
-OPENER_STEP = 0.02
+OPENER_STEP = 0.08
+#: The side that punches second (``punches_first``) sends each opener this much
+#: (s) later than the first side sends the same one.  More than the two nodes'
+#: drift in acting on the beacon's simultaneous commands (a few ms; tens on a
+#: loaded host), so on one segment the first side's opener always reaches the
+#: second side's router first: the collision, if the routers deliver WAN input
+#: locally, always leaves the first side's mapping right, which is what the
+#: recovery relies on.  OPENER_STEP - OPENER_SKEW (40 ms) is the margin the
+#: transit case keeps: the first side's next opener, one hop longer, still
+#: reaches the second side's router after that side's own opener opened it.
+OPENER_SKEW = 0.04
+
+#: After a failed punch the pair recovers without the beacon, in rounds
+#: (``docs/nat.md``, "Recovery"): the side that punched first (the "winner")
+#: keeps its router's entry for the peer alive with PILPs of hop limit
+#: KEEPER_TTL every KEEPER_INTERVAL (s), which refresh the entry at its own
+#: router and die there, and sends nothing else directly; the other side sends
+#: nothing directly for COLLISION_QUIET (s), longer than Linux's timeout for an
+#: UNREPLIED UDP entry (``nf_conntrack_udp_timeout``, 30 s) plus the two sides'
+#: drift and the punch's last datagrams, so that the entry the winner's punch
+#: left on its router and its own moved flow are gone; then it sends first, at
+#: the normal TTL, and its router's new mapping keeps its port, which the
+#: winner's live entry expects.  KEEPER_INTERVAL: well inside the shortest
+#: UDP timeouts in use (10 s on some routers, the lab's keepalive scenario).
+KEEPER_TTL = 1
+KEEPER_INTERVAL = 5.0
+COLLISION_QUIET = 33.0
+#: A round whose attempt brought no answer within PUNCH_TIMEOUT ends; the next
+#: swaps the roles (the drift was larger than the skew, or a router was
+#: poisoned before we punched).  From the third round on the quiet period
+#: doubles, up to COLLISION_QUIET_MAX (s): a pair that must relay (a symmetric
+#: NAT against a filtering one) costs a few datagrams per round.
+COLLISION_QUIET_MAX = 264.0
 
 #: Why a pair is relayed (``Paths.status``'s ``reason``; ``pilotctl peers``).
 REASON_NO_BEACON = "no_beacon"              # we cannot punch: no beacon (or not registered yet)
 REASON_PEER_RELAYS = "peer_relays"          # the peer's frames came through the relay first
-REASON_PUNCH_FAILED = "punch_failed"        # no frame through the hole; quick retries running
-REASON_COLLISION = "collision_recovering"   # quiet period, then a coordinated retry
+REASON_COLLISION = "collision_recovering"   # no frame through the hole: recovery rounds (quiet, then one side sends)
 REASON_IDLE = "idle"                        # nobody uses the path; we punch when traffic resumes
-REASONS = (REASON_NO_BEACON, REASON_PEER_RELAYS, REASON_PUNCH_FAILED, REASON_COLLISION, REASON_IDLE)
+REASONS = (REASON_NO_BEACON, REASON_PEER_RELAYS, REASON_COLLISION, REASON_IDLE)
 
 IDLE = "idle"
 DIRECT_TRYING = "direct_trying"
@@ -90,11 +105,8 @@ class PathConfig:
 
     direct_timeout: float = DIRECT_TIMEOUT
     punch_timeout: float = PUNCH_TIMEOUT
-    punch_retry_first: float = PUNCH_RETRY_FIRST
-    punch_retry_max: float = PUNCH_RETRY_MAX
-    retry_jitter: float = RETRY_JITTER
-    quick_retries: int = QUICK_RETRIES
     collision_quiet: float = COLLISION_QUIET
+    collision_quiet_max: float = COLLISION_QUIET_MAX
     relay_idle: float = RELAY_IDLE
     keepalive: float = KEEPALIVE
     direct_silence: float = DIRECT_SILENCE
@@ -107,3 +119,6 @@ class PathConfig:
     #: Hop limits of the openers sent before a punch; () punches at once (the reference's way).
     opener_ttls: tuple[int, ...] = OPENER_TTLS
     opener_step: float = OPENER_STEP
+    opener_skew: float = OPENER_SKEW
+    keeper_ttl: int = KEEPER_TTL
+    keeper_interval: float = KEEPER_INTERVAL

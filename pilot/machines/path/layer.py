@@ -44,6 +44,25 @@ def takes_unsolicited(endpoint: Endpoint) -> bool:
     return any(ip in net for net in _TAKES_UNSOLICITED)
 
 
+def _order(endpoint: Endpoint) -> tuple[int, int, str, int]:
+    try:
+        ip = ipaddress.ip_address(endpoint[0])
+    except ValueError:
+        return (9, 0, endpoint[0], endpoint[1])
+    return (ip.version, int(ip), "", endpoint[1])
+
+
+def punches_first(own: Optional[Endpoint], peer: Endpoint) -> bool:
+    """
+    Do we punch first toward ``peer``?  The side whose public endpoint (as
+    the beacon sees it: the endpoint the peer's punch command names) is the
+    lower one.  Both sides compute it from the same two endpoints, so they
+    agree without a word on the wire (the reference's PunchCommand carries
+    only the endpoint).  Not knowing our own endpoint yet, we go second.
+    """
+    return own is not None and _order(own) < _order(peer)
+
+
 @implementer(IPathEvents)
 class Paths:
     """
@@ -57,6 +76,9 @@ class Paths:
         (punch requests carry a proof, ``pilot.wire.beacon``).
     :param path_changed: ``(node_id, state, endpoint)`` after every change of
         state or of endpoint, for the owner's log.
+    :param send_limited: ``(bytes, endpoint, ttl)`` on the same socket with a hop
+        limit (the recovery's keepers); ``public_endpoint``: ``() -> our endpoint
+        as the beacon sees it, or None`` (who punches first, :func:`punches_first`).
     """
 
     def __init__(self, *, tunnels: TunnelControl, send_datagram: Callable[[bytes, Endpoint], None],
@@ -64,8 +86,12 @@ class Paths:
                  sign: Callable[[bytes], bytes], clock: IReactorTime,
                  config: PathConfig = PathConfig(), random: Callable[[], float] = _random.random,
                  random_bytes: Callable[[int], bytes] = os.urandom,
-                 path_changed: Callable[[int, str, Optional[Endpoint]], None] = lambda n, s, e: None) -> None:
+                 path_changed: Callable[[int, str, Optional[Endpoint]], None] = lambda n, s, e: None,
+                 send_limited: Callable[[bytes, Endpoint, int], None] = lambda d, e, t: None,
+                 public_endpoint: Callable[[], Optional[Endpoint]] = lambda: None) -> None:
         self._tunnels = tunnels
+        self._send_limited = send_limited
+        self._public_endpoint = public_endpoint
         self._send_datagram = send_datagram
         self._beacon = beacon
         self._own_id = node_id
@@ -201,6 +227,10 @@ class Paths:
         self.count("punch_requests")
         return True
 
+    def punches_first(self, endpoint: Endpoint) -> bool:
+        """Do we punch first toward ``endpoint`` (:func:`punches_first`)?"""
+        return punches_first(self._public_endpoint(), endpoint)
+
     def forget_punch_request(self, node_id: int) -> None:
         self._outstanding.pop(node_id, None)
 
@@ -212,5 +242,6 @@ class Paths:
         if core is None:
             core = self._peers[node_id] = PathCore(
                 node_id=node_id, owner=self, tunnels=self._tunnels, clock=self._clock, config=self.config,
-                random=self._random, send_datagram=self._send_datagram, path_changed=self._path_changed)
+                random=self._random, send_datagram=self._send_datagram, send_limited=self._send_limited,
+                path_changed=self._path_changed)
         return core

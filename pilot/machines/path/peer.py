@@ -6,9 +6,15 @@ The path to one peer: the :class:`PeerPath` machine, its core
     idle -punch_first (a public endpoint: nothing sent there before the
          beacon's command)-> punching
     idle -packet_sent (a LAN endpoint)-> direct_trying -direct_timed_out (1 s)->
-         punching -punch_timed_out (2 s)-> relayed -retry_timer_fired (2 s,
-         then every 32 s: COLLISION_QUIET): punch again-> ...
-         -direct_frame_received-> punched
+         punching -punch_timed_out (2 s)-> relayed -retry_timer_fired (after
+         COLLISION_QUIET, 33 s, on the side that punched second): our PILA
+         straight to the peer-> ... -direct_frame_received-> punched
+
+Relayed, the pair recovers in rounds without the beacon (``docs/nat.md``,
+"Recovery"): one side keeps its router's entry for the peer alive with
+hop-limited keepers (``keepalive_timer_fired`` while relayed) and sends
+nothing else directly; the other stays silent for the quiet period, then
+sends first.  The roles swap each round.
 
 ``direct_trying`` and ``punching`` end in ``direct`` and ``punched`` as soon
 as an authenticated frame arrives from the peer's endpoint without the
@@ -18,7 +24,8 @@ unanswered for ``direct_silence``, or when the peer's registered endpoint
 changes.
 
 What the machine needs of the tunnel layer is :class:`TunnelControl`; what
-it needs of the node's path layer (``Paths``) is :class:`PathOwner`.  Both
+it needs of the node's path layer (``Paths``) is :class:`PathOwner` (both in
+:mod:`.collaborators`).  Both
 are public methods; no behaviour reads another object's private fields.
 """
 
@@ -33,44 +40,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from pilot.endpoint import Endpoint
 from pilot.machines.path.config import (
     DIRECT, DIRECT_TRYING, IDLE, PUNCHED, PUNCHING, REASON_COLLISION, REASON_IDLE, REASON_NO_BEACON,
-    REASON_PEER_RELAYS, REASON_PUNCH_FAILED, RELAYED, PathConfig,
+    REASON_PEER_RELAYS, RELAYED, PathConfig,
 )
+from pilot.machines.path.collaborators import PathOwner, TunnelControl
 from pilot.machines.table import Transition, TransitionTable
 from pilot.wire.tunnel import PILP
-
-
-class TunnelControl(Protocol):
-    """What a path needs of the tunnel layer (``pilot.machines.tunnel.Tunnels``)."""
-
-    def set_path(self, node_id: int, direct_endpoint: Optional[Endpoint], relay: bool,
-                 hold: bool = False) -> None:
-        """Send to the peer directly (to ``direct_endpoint``, None: the known one) or through the beacon;
-        ``hold``: our key exchanges wait (they go only where :meth:`send_key_exchange` says)."""
-
-    def send_key_exchange(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
-        "Our PILA to the peer now: to ``endpoint`` directly, or (None) by its current path."
-
-    def key_exchange_frame(self) -> bytes:
-        "Our PILA, for an endpoint of no peer we know yet."
-
-    def is_established(self, node_id: int) -> bool:
-        "Do we hold a session with the peer?"
-
-    def last_sent(self, node_id: int) -> Optional[float]:
-        "When we last sent the peer a frame (clock seconds), None if never."
-
-
-class PathOwner(Protocol):
-    """What one peer's path asks of the node's path layer (``Paths``)."""
-
-    def request_punch(self, node_id: int) -> bool:
-        "Ask our beacon to punch toward the peer; False if we cannot (no beacon, not registered)."
-
-    def forget_punch_request(self, node_id: int) -> None:
-        "The peer is heard directly (or given up): no punch command is awaited for it any more."
-
-    def count(self, name: str, n: int = 1) -> None:
-        "Count an event."
 
 
 class PeerPath(Protocol):
@@ -104,10 +78,10 @@ class PeerPath(Protocol):
         "PUNCH_TIMEOUT passed in punching."
 
     def retry_timer_fired(self) -> None:
-        "Time to punch again while relayed."
+        "Relayed: the next step of the recovery round is due."
 
     def keepalive_timer_fired(self) -> None:
-        "Time to see whether the NAT mapping needs a probe."
+        "Time to see whether the NAT mapping needs a probe (relayed: a keeper)."
 
     def direct_went_silent(self) -> None:
         "What we sent directly has gone unanswered for DIRECT_SILENCE."
@@ -127,6 +101,7 @@ class PathCore:
     config: PathConfig
     random: Callable[[], float]                       # jitter source in [0, 1)
     send_datagram: Callable[[bytes, Endpoint], None]  # our PILP keepalives
+    send_limited: Callable[[bytes, Endpoint, int], None]  # the recovery's keepers (a hop limit)
     path_changed: Callable[[int, str, Optional[Endpoint]], None]
     state: str = IDLE
     registered: Optional[Endpoint] = None   # where the registry says the peer is
@@ -134,10 +109,9 @@ class PathCore:
     changed_at: Optional[float] = None
     deadline: Optional[IDelayedCall] = None
     keepalive_call: Optional[IDelayedCall] = None
-    retry_delay: float = 0.0
-    retries: int = 0                        # punch attempts since we went relayed
-    last_attempt: Optional[float] = None    # our last punch request, or the peer's last command
-    relayed_because: Optional[str] = None
+    round: int = 0                          # the recovery round while relayed
+    holding: bool = False                   # this round we keep our router's entry (the other sends)
+    attempted: bool = False                 # this round we sent first (we do not hold)
     cannot_punch: bool = False
     parked: bool = False                    # relayed, not punching until traffic resumes
     last_direct_rx: Optional[float] = None
@@ -171,7 +145,6 @@ class PathCore:
 
     def punch(self) -> None:
         """A punch request for the peer, now."""
-        self.last_attempt = self.now()
         self.cannot_punch = not self.owner.request_punch(self.node_id)
 
     def reason(self) -> Optional[str]:
@@ -182,36 +155,38 @@ class PathCore:
             return REASON_IDLE
         if self.cannot_punch:
             return REASON_NO_BEACON
-        if self.retries > self.config.quick_retries:
-            return REASON_COLLISION
-        if self.retries > 1:
-            return REASON_PUNCH_FAILED
-        return self.relayed_because
+        if self.peer_endpoint() is None:
+            return REASON_PEER_RELAYS  # the peer's frames came relayed; the beacon's command shows where it is
+        return REASON_COLLISION  # the recovery rounds run (docs/nat.md, "Recovery")
 
     def send_pila(self, endpoint: Optional[Endpoint]) -> None:
         """Our PILA to ``endpoint`` directly (None: by the peer's current path)."""
         self.owner.count("pila_probes")
         self.tunnels.send_key_exchange(self.node_id, endpoint)
 
-    def jittered(self, delay: float) -> float:
-        return delay * (1.0 - self.config.retry_jitter * self.random())
-
-    def schedule_retry(self, m: PeerPath) -> None:
-        """The next punch: quick ones first, then after a quiet period (``COLLISION_QUIET``)."""
-        if self.retries < self.config.quick_retries:
-            delay = self.jittered(self.retry_delay)
-            self.retry_delay = min(self.retry_delay * 2, self.config.punch_retry_max)
-        else:
-            delay = self.config.collision_quiet + \
-                self.config.retry_jitter * self.config.punch_retry_first * self.random()
-        self.retries += 1
-        self.after(delay, m.retry_timer_fired)
-
-    def start_retries(self, m: PeerPath) -> None:
+    def start_recovery(self, m: PeerPath, round: int = 0) -> None:
+        """
+        A recovery round (``docs/nat.md``, "Recovery").  The side that punched
+        first in round 0 (and second in round 1, and so on) holds: keepers every
+        ``keeper_interval`` and the round's end after the quiet period and a
+        punch timeout.  The other waits the quiet period, then sends first.
+        """
+        self.cancel()
         self.parked = False
-        self.retries = 0
-        self.retry_delay = self.config.punch_retry_first
-        self.schedule_retry(m)
+        self.round, self.attempted = round, False
+        quiet = self.config.collision_quiet
+        if round >= 2:
+            quiet = min(quiet * 2 ** (round - 1), self.config.collision_quiet_max)
+        endpoint = self.peer_endpoint()
+        self.holding = endpoint is not None and self.owner.punches_first(endpoint) == (round % 2 == 0)
+        if self.holding:
+            self.after(quiet + self.config.punch_timeout, m.retry_timer_fired)
+            self.keepalive_call = self.clock.callLater(self.config.keeper_interval, m.keepalive_timer_fired)
+        else:
+            self.after(quiet, m.retry_timer_fired)
+
+    def peer_endpoint(self) -> Optional[Endpoint]:
+        return self.endpoint or self.registered
 
     def last_activity(self) -> Optional[float]:
         """When the NAT mapping was last refreshed by us: a frame sent or a probe."""
@@ -324,8 +299,8 @@ def _aim(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
 
 @table.on(punching, I.punch_timed_out, relayed)
 def _punch_failed(m: PeerPath, c: PathCore) -> None:
+    """Nothing came through the hole: the relay carries the traffic, and the recovery rounds begin."""
     _relay(m, c)
-    c.relayed_because = REASON_PUNCH_FAILED
 
 
 @table.on(idle, I.relayed_frame_received, relayed)
@@ -334,21 +309,64 @@ def _punch_failed(m: PeerPath, c: PathCore) -> None:
 def _relay(m: PeerPath, c: PathCore) -> None:
     c.cancel()
     c.owner.count("relay_fallbacks")
-    c.relayed_because = REASON_PEER_RELAYS
     c.route(None, relay=True)
     if not c.tunnels.is_established(c.node_id):
         c.send_pila(None)  # through the beacon now; the tunnel would wait for its next retry
-    c.start_retries(m)
+    c.start_recovery(m)
 
 
 @table.on(relayed, I.retry_timer_fired, relayed)
-def _punch_again(m: PeerPath, c: PathCore) -> None:
+def _recovery_step(m: PeerPath, c: PathCore) -> None:
+    """
+    The side that does not hold sends first once its quiet period is over:
+    what our punch left on the routers has expired (the peer refreshed its
+    own router's entry only, with keepers that die there), so our router's new
+    flow keeps its port and the peer's live entry expects it: our PILA is
+    delivered and the peer's answer comes straight back (``_upgrade``).
+    Without an answer within a punch timeout, and on the holder's side at
+    the same time, the holder sends its PILA too (a block lifted meanwhile:
+    the peer's attempt opened the peer's router), and the next round begins,
+    quiet from now, with the roles swapped.
+    """
     c.deadline = None
     if c.last_used is None or c.now() - c.last_used >= c.config.relay_idle:
+        c.cancel()
         c.parked = True  # nobody is using the path; wait for traffic
         return
-    c.punch()
-    c.schedule_retry(m)
+    endpoint = c.peer_endpoint()
+    if endpoint is None:  # nowhere to send: the beacon's command brings the endpoint
+        c.punch()
+        c.start_recovery(m, c.round + 1)
+        return
+    if not c.holding and not c.attempted:
+        c.attempted = True
+        c.owner.count("recovery_attempts")
+        c.route(endpoint, relay=True)  # frames keep going through the beacon until the peer answers
+        c.send_pila(endpoint)
+        c.after(c.config.punch_timeout, m.retry_timer_fired)
+        return
+    if c.holding:
+        # Nothing came: our entry was not the live one (a block, an outer NAT's entry expired, the
+        # drift beat the skew).  The peer's attempt opened its router for us just now, so our PILA
+        # gets through unless our router keeps an entry from that attempt (then it leaves from
+        # another port, refreshes nothing the next round needs, and the next round, quiet from now,
+        # has us send first).
+        c.owner.count("counter_attempts")
+        c.route(endpoint, relay=True)
+        c.send_pila(endpoint)
+    c.start_recovery(m, c.round + 1)
+
+
+@table.on(relayed, I.keepalive_timer_fired, relayed)
+def _keep_entry(m: PeerPath, c: PathCore) -> None:
+    """A keeper: refreshes our router's entry for the peer and dies there (hop limit 1)."""
+    c.keepalive_call = None
+    endpoint = c.peer_endpoint()
+    if endpoint is None or not c.holding:
+        return
+    c.owner.count("keepers")
+    c.send_limited(PILP, endpoint, c.config.keeper_ttl)
+    c.keepalive_call = c.clock.callLater(c.config.keeper_interval, m.keepalive_timer_fired)
 
 
 @table.on(relayed, I.packet_sent, relayed)
@@ -356,29 +374,23 @@ def _punch_again(m: PeerPath, c: PathCore) -> None:
 def _resume(m: PeerPath, c: PathCore) -> None:
     if c.parked:
         c.punch()
-        c.start_retries(m)
+        c.start_recovery(m)
 
 
 @table.on(relayed, I.punch_commanded, relayed)
 def _aim_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
+    """A coordinated punch while relayed (ours after a pause, or the peer's): it sent datagrams at the
+    normal TTL, so the recovery starts again from round 0, both sides at once."""
     c.route(endpoint, relay=True)  # frames keep going through the beacon until the hole answers
     c.send_pila(endpoint)
-    if c.last_attempt is None or c.now() - c.last_attempt > c.config.punch_answer_window:
-        # the peer's attempt, not the answer to ours: our next one waits as long as after ours,
-        # so that neither side refreshes what the other's quiet period lets expire
-        c.last_attempt = c.now()
-        if c.deadline is not None and c.deadline.active():
-            c.deadline.cancel()
-            c.schedule_retry(m)
+    c.start_recovery(m)
 
 
 @table.on(relayed, I.endpoint_moved, relayed)
 def _moved_relayed(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
-    c.cancel()
     c.changed_at = c.now()
     _aim_relayed(m, c, endpoint)
     c.punch()
-    c.start_retries(m)
 
 
 # -- direct and punched ------------------------------------------------------------------------
