@@ -18,6 +18,7 @@ bound when twistd starts the service (:class:`pilot.startup.StartupGuard`).
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Callable, Mapping
 
@@ -38,7 +39,7 @@ from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import RegistryConfig
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.replication import SYNC_TIMEOUT, TAKEOVER_AFTER, ReplicationSettings
-from pilot.services.store import StoreError, default_store_path
+from pilot.services.store import StoreError, collector_paused, default_store_path
 from pilot.startup import StartupGuard
 
 TAPNAME = "pilot-rendezvous"
@@ -293,7 +294,8 @@ def build_service(settings: RendezvousSettings, reactor: Any) -> RendezvousServi
     one line for a store, certificate or key that cannot be used.
     """
     try:
-        return RendezvousService(settings, reactor)
+        with collector_paused():  # the store's nodes and the writer's view of them: no garbage yet
+            service = RendezvousService(settings, reactor)
     except StoreError as e:
         raise StartupError(f"cannot load the registry store {e}",
                            "move the file aside, or choose another with --store (or --no-store)",
@@ -306,6 +308,10 @@ def build_service(settings: RendezvousSettings, reactor: Any) -> RendezvousServi
         where = f" {e.filename}:" if e.filename else ""
         raise StartupError(f"cannot start:{where} {e.strerror or e}",
                            "check the paths given and their permissions") from e
+    # what was loaded lives as long as the process: out of the collector's generations, so that
+    # no full collection walks every node of the store on the reactor (~0.1 s at 100,000 nodes)
+    gc.freeze()
+    return service
 
 
 def makeService(options: RendezvousOptions) -> StartupGuard:

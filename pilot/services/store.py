@@ -30,8 +30,10 @@ change and lose every registration in it.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -79,6 +81,27 @@ def load_store(path: str) -> RegistryState | None:
     be written into the store.
     """
     remove_stale_temporaries(path)
+    with collector_paused():
+        return _load(path)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """
+    No cyclic garbage collection while a store loads: parsing and building
+    100,000 nodes allocates millions of objects, none of them garbage, and
+    the collections they would set off cost about a third of the load.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load(path: str) -> RegistryState | None:
     value: dict[str, Any] | None
     try:
         value = read_json_object(path)
