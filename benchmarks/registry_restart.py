@@ -114,6 +114,58 @@ def in_process(path: str, rounds: int) -> None:
         print(f"  in process: {name:<40} {cpu * 1000:7.0f} ms CPU ({wall * 1000:.0f} ms wall)")
 
 
+def compaction_stall(path: str, seconds: float) -> None:
+    """
+    In process, on a real reactor: the store writer (its own thread, as in the
+    rendezvous) compacting the whole store after every change (a journal limit
+    of 0), a change every 0.1 s, and a 5 ms timer on the reactor: how late it
+    fires is how long the reactor waited behind the writer thread.
+    """
+    from twisted.internet import reactor, task
+
+    from pilot.services.durable import DurableWriter, WriterThread
+    from pilot.services.store import load_store
+    state = load_store(path)
+    assert state is not None
+    writer_thread = WriterThread(reactor)
+    writer = DurableWriter(os.path.join(os.path.dirname(path), "compacted.json"), state, reactor,
+                           writer_thread.run, journal_limit=0)
+    nodes = list(state.nodes.values())[:1000]
+    late: list[float] = []
+    last = [time.perf_counter()]
+    changes = [0]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        late.append((now - last[0] - 0.005) * 1000.0)
+        last[0] = now
+
+    def change() -> None:
+        node = nodes[changes[0] % len(nodes)]
+        node.hostname = f"compacted-{changes[0]}"
+        changes[0] += 1
+        writer.changed()
+
+    ticker, changer = task.LoopingCall(tick), task.LoopingCall(change)
+
+    def begin() -> None:
+        writer_thread.start()
+        ticker.start(0.005)
+        changer.start(0.1)
+        reactor.callLater(seconds, end)
+
+    def end() -> None:
+        ticker.stop()
+        changer.stop()
+        writer.idle().addCallback(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    writer.close()
+    print(f"  in process: a compaction after each of {changes[0]} changes ({writer.snapshots} done): the reactor's "
+          f"5 ms timer late by p50 {pct(late, 50):.2f} ms, p99 {pct(late, 99):.2f} ms, max {max(late):.2f} ms")
+
+
 def first_lookup(port: int, target: int, t0: float) -> float | None:
     while time.perf_counter() - t0 < 60:
         try:
@@ -173,12 +225,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="in-process rounds of each part (0: skip)")
     p.add_argument("--stall", type=float, default=0.0, help="seconds of lookups behind changes (0: skip)")
     p.add_argument("--change-interval", type=float, default=0.1, help="seconds between changes in --stall")
+    p.add_argument("--compaction", type=float, default=0.0,
+                   help="seconds of compactions after every change, in process: the reactor's longest wait")
     p.add_argument("--idle", type=float, default=0.0, help="seconds of idle CPU to measure (0: skip)")
     p.add_argument("--tree", default=ROOT, help="the source tree whose rendezvous is started (before/after)")
     args = p.parse_args()
     registry_load.ROOT = os.path.abspath(args.tree)
     if not (1 <= args.nodes <= 100000 and 1 <= args.runs <= 10 and 0 <= args.rounds <= 5
-            and 0 <= args.stall <= 120 and 0.01 <= args.change_interval <= 10 and 0 <= args.idle <= 120):
+            and 0 <= args.stall <= 120 and 0.01 <= args.change_interval <= 10 and 0 <= args.idle <= 120 and 0 <= args.compaction <= 60):
         raise SystemExit("--nodes 1..100000, --runs 1..10, --rounds 0..5, --stall 0..120, --idle 0..120")
     tmp = tempfile.mkdtemp(prefix="pilot-restart-")
     server = Server(os.path.join(tmp, "registry.json"))
@@ -191,6 +245,8 @@ def main() -> None:
               f"{os.path.getsize(server.store) / 1e6:.1f} MB)")
         if args.rounds:
             in_process(server.store, args.rounds)
+        if args.compaction:
+            compaction_stall(server.store, args.compaction)
         times: list[float] = []
         cpus: list[float] = []
         for run in range(args.runs):

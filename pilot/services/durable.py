@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -294,15 +295,24 @@ class DurableWriter:
             self._retry = min(self._retry * 2, RETRY_MAX)
 
 
+#: How long the writer thread may hold the interpreter before the reactor's thread gets it
+#: (CPython's default is 5 ms, and a reply needs it several times: a compaction of 100,000
+#: nodes kept each request waiting 5 ms or more, ``docs/performance.md``, issue 16).
+SWITCH_INTERVAL = 0.001
+
+
 class WriterThread:
     """The one thread that runs the writes, in order; their results come back in the reactor thread."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.pool = ThreadPool(1, 1, name="pilot-store-writer")
+        self._interval: float | None = None
 
     def start(self) -> None:
         if not self.pool.started:
+            self._interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL))
             self.pool.start()
             # whatever else happens, the thread must not keep the process alive after the reactor
             self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
@@ -311,6 +321,9 @@ class WriterThread:
         """Wait for the write under way (if any) and end the thread (again: nothing)."""
         if self.pool.started:
             self.pool.stop()
+        if self._interval is not None:
+            sys.setswitchinterval(self._interval)
+            self._interval = None
 
     def run(self, write: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, write)

@@ -615,3 +615,24 @@ class ReplayStateAcrossRestartTests(SynchronousTestCase):
 
     def test_durable(self) -> None:
         self.check_replays_refused(durable=True)
+
+
+class WriterThreadTests(SynchronousTestCase):
+    def test_switch_interval(self) -> None:
+        """While the writer thread runs, the reactor's thread gets the interpreter back within 1 ms."""
+        import sys
+
+        from twisted.internet.testing import MemoryReactor
+
+        from pilot.services.durable import SWITCH_INTERVAL, WriterThread
+        before = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, before)
+        thread = WriterThread(MemoryReactor())
+        thread.start()
+        try:
+            self.assertLessEqual(sys.getswitchinterval(), SWITCH_INTERVAL + 1e-9)
+        finally:
+            thread.stop()
+        self.assertAlmostEqual(sys.getswitchinterval(), before)
+        thread.stop()  # again: nothing
+        self.assertAlmostEqual(sys.getswitchinterval(), before)
