@@ -190,18 +190,26 @@ class RegistryState:
         self.statements.pop(node_id, None)  # its own signed statements go with its key
 
     def rebuild_indexes(self) -> None:
-        self.hostnames = {}
-        for node in sorted(self.nodes.values(), key=lambda n: n.id):
-            if node.hostname:
-                if node.hostname in self.hostnames:
-                    node.hostname = ""  # a damaged store: the lowest id keeps the name
-                else:
-                    self.hostnames[node.hostname] = node.id
+        """The hostname and key indexes from the nodes (one pass over them: a store may hold 100,000)."""
+        hostnames: dict[str, int] = {}
+        taken: list[Node] = []
+        key_index = self.key_index
         for node in self.nodes.values():
-            self.key_index.setdefault(node.public_key, node.id)
-        self.id_keys = {v: k for k, v in self.key_index.items()}
-        for node in self.nodes.values():
-            self.id_keys[node.id] = node.public_key
+            name = node.hostname
+            if name and hostnames.setdefault(name, node.id) != node.id:
+                taken.append(node)
+            key_index.setdefault(node.public_key, node.id)
+        for node in sorted(taken, key=lambda n: n.id):  # a damaged store: the lowest id keeps the name
+            holder = hostnames[node.hostname]
+            if node.id < holder:
+                self.nodes[holder].hostname = ""
+                hostnames[node.hostname] = node.id
+            else:
+                node.hostname = ""
+        self.hostnames = hostnames
+        id_keys = {v: k for k, v in key_index.items()}
+        id_keys.update({node.id: node.public_key for node in self.nodes.values()})
+        self.id_keys = id_keys
 
     # --- JSON -----------------------------------------------------------------
 
@@ -289,6 +297,9 @@ class RegistryState:
             state.nodes[node.id] = node
         for key_b64, node_id in get_field(value, "pub_key_idx", dict, {}).items():
             public_key = decoded.get(key_b64)
+            if public_key is not None and type(node_id) is int and 0 <= node_id <= 0xFFFFFFFF:
+                state.key_index[public_key] = node_id  # the usual case, checked in line
+                continue
             if public_key is None:
                 try:
                     public_key = b64decode(key_b64, 32, "key")

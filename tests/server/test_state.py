@@ -500,6 +500,21 @@ class WellFormedNodeTests(SynchronousTestCase):
             self.assertIsNotNone(_well_formed_node(node, {}))
 
 
+class RebuildIndexesTests(SynchronousTestCase):
+    def test_a_hostname_held_twice_goes_to_the_lowest_id(self) -> None:
+        """A damaged store naming several nodes alike: the lowest id keeps the name, whatever the order."""
+        for order in ([9, 4, 6], [4, 9, 6], [6, 9, 4]):
+            state = RegistryState()
+            for i, node_id in enumerate(order):
+                state.nodes[node_id] = Node(id=node_id, public_key=KEYS[i], hostname="same")
+            state.nodes[2] = Node(id=2, public_key=KEYS[3], hostname="other")
+            state.rebuild_indexes()
+            self.assertEqual(state.hostnames, {"same": 4, "other": 2})
+            self.assertEqual({i: n.hostname for i, n in state.nodes.items()},
+                             {9: "", 4: "same", 6: "", 2: "other"})
+            self.assertEqual(state.id_keys, {order[0]: KEYS[0], order[1]: KEYS[1], order[2]: KEYS[2], 2: KEYS[3]})
+
+
 class TimeTests(SynchronousTestCase):
     def assertClose(self, got: float, want: float, delta: float, msg: str = "") -> None:
         # trial's assertAlmostEqual ignores its delta argument
