@@ -22,6 +22,10 @@ store's own writer formats it), then
     python3 benchmarks/registry_restart.py --nodes 100000 --stall 10
     python3 benchmarks/registry_restart.py --nodes 10000 --rounds 0 --tree /other/checkout   # before/after
 
+The rendezvous runs with its bytecode compiled once and kept, as an
+installed package has it (``--no-bytecode-cache``: compiled at every start
+when the environment sets PYTHONDONTWRITEBYTECODE, as this machine does).
+
 On a busy machine the wall-clock figures grow with the others' load; the
 CPU figures (the parts' ``process_time``, the server's CPU at its first
 answer) much less.
@@ -228,6 +232,9 @@ def main() -> None:
     p.add_argument("--compaction", type=float, default=0.0,
                    help="seconds of compactions after every change, in process: the reactor's longest wait")
     p.add_argument("--idle", type=float, default=0.0, help="seconds of idle CPU to measure (0: skip)")
+    p.add_argument("--no-bytecode-cache", action="store_true",
+                   help="start the rendezvous with this environment's bytecode settings (with "
+                        "PYTHONDONTWRITEBYTECODE set, every start compiles every module: not as installed)")
     p.add_argument("--tree", default=ROOT, help="the source tree whose rendezvous is started (before/after)")
     args = p.parse_args()
     registry_load.ROOT = os.path.abspath(args.tree)
@@ -247,6 +254,13 @@ def main() -> None:
             in_process(server.store, args.rounds)
         if args.compaction:
             compaction_stall(server.store, args.compaction)
+        if not args.no_bytecode_cache:
+            # as installed: bytecode compiled once and kept (here in the run's folder), whatever
+            # PYTHONDONTWRITEBYTECODE says; one start untimed, to compile it
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+            os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+            server.start()
+            server.stop()
         times: list[float] = []
         cpus: list[float] = []
         for run in range(args.runs):
