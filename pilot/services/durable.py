@@ -58,7 +58,7 @@ from pilot.persist import AppendOnlyFile, atomic_write_bytes
 from pilot.server.compaction import StateView, StoreMirror
 from pilot.server.journal import Tracker, record_line
 from pilot.server.state import RegistryState
-from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path
+from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path, journal_pending
 
 #: Runs a function in the writer thread; the Deferred fires in the reactor thread.
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
@@ -94,7 +94,9 @@ class DurableWriter:
         self.snapshots = 0
         self.failures = 0
         self._busy = False
-        self._compact_due = not os.path.exists(path)
+        #: the first write is a compaction for a new store, and for a journal a start replayed
+        #: (``pilot.services.store.load_store`` leaves it for this writer to fold into the store)
+        self._compact_due = not os.path.exists(path) or journal_pending(path)
         self._call: IDelayedCall | None = None
         self._retry = RETRY_DELAY
         self._waiting: collections.deque[tuple[int, Deferred[None]]] = collections.deque()
@@ -103,6 +105,11 @@ class DurableWriter:
     @property
     def scheduled(self) -> bool:
         return self._call is not None and self._call.active()
+
+    @property
+    def compact_due(self) -> bool:
+        """The next write rewrites the whole store (a new store, a replayed journal, a failed write)."""
+        return self._compact_due
 
     @property
     def busy(self) -> bool:
