@@ -317,7 +317,7 @@ def rendezvous_start(ctx: Context) -> None:
     except ValueError as e:
         raise InvalidArgument(str(e), hint) from None
     if ctx.reactor is None and not (settings.tls or settings.replication.primary_fingerprint or settings.http):
-        _install_reactor_without_tls()
+        tap.install_reactor_without_tls()
     reactor = ctx.get_reactor()
     try:
         service = tap.build_service(settings, reactor)
@@ -363,31 +363,6 @@ def rendezvous_start(ctx: Context) -> None:
                        f"changes acknowledged since its last write are lost",
                        "check that the store's folder exists and is writable")
     return None
-
-
-def _install_reactor_without_tls() -> None:
-    """
-    Install the global reactor without its TLS support, for a rendezvous that
-    uses no TLS: Twisted's reactor otherwise loads pyOpenSSL and
-    ``cryptography``'s X.509 modules whatever the ports, about 0.1 s of CPU
-    of the ~0.45 s a start takes (``docs/performance.md``, issue 16).  Done
-    only when the reactor is not installed yet (a real start, not a test);
-    pyOpenSSL stays importable afterwards.
-    """
-    if "twisted.internet.reactor" in sys.modules or "twisted.internet.tcp" in sys.modules:
-        return
-    hidden = sys.modules.get("OpenSSL", _MISSING)
-    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # makes ``import OpenSSL`` fail: Twisted goes without
-    try:
-        from twisted.internet import reactor  # noqa: F401 (installed now)
-    finally:
-        if hidden is _MISSING:
-            del sys.modules["OpenSSL"]
-        else:
-            sys.modules["OpenSSL"] = hidden
-
-
-_MISSING: Any = object()
 
 
 def _with_port(address: str, port: int) -> str:

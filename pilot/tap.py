@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 import attr
@@ -312,6 +313,31 @@ def build_service(settings: RendezvousSettings, reactor: Any) -> RendezvousServi
     # no full collection walks every node of the store on the reactor (~0.1 s at 100,000 nodes)
     gc.freeze()
     return service
+
+
+def install_reactor_without_tls() -> None:
+    """
+    Install the global reactor without its TLS support, for a rendezvous that
+    uses no TLS: Twisted's reactor otherwise loads pyOpenSSL and
+    ``cryptography``'s X.509 modules whatever the ports, about 0.1 s of CPU
+    of the ~0.45 s a start takes (``docs/performance.md``, issue 16).  Done
+    only when the reactor is not installed yet (a real start, not a test);
+    pyOpenSSL stays importable afterwards.
+    """
+    if "twisted.internet.reactor" in sys.modules or "twisted.internet.tcp" in sys.modules:
+        return
+    hidden = sys.modules.get("OpenSSL", _MISSING)
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # makes ``import OpenSSL`` fail: Twisted goes without
+    try:
+        from twisted.internet import reactor  # noqa: F401 (installed now)
+    finally:
+        if hidden is _MISSING:
+            del sys.modules["OpenSSL"]
+        else:
+            sys.modules["OpenSSL"] = hidden
+
+
+_MISSING: Any = object()
 
 
 def makeService(options: RendezvousOptions) -> StartupGuard:
