@@ -13,6 +13,7 @@ import os
 import random
 from typing import Any
 
+import attr
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.persist import dump_json
@@ -489,9 +490,22 @@ class WellFormedNodeTests(SynchronousTestCase):
                 continue  # the checks decide
             self.assertIsNotNone(slow, f"the fast path took what the checks refuse: {raw}")
             assert slow is not None
+            self.assertIs(type(fast), Node)
+            self.assertEqual(attr.asdict(fast, recurse=False), attr.asdict(slow, recurse=False), raw)
             self.assertEqual(node_fields(fast), node_fields(slow), raw)
-            self.assertEqual((fast.last_seen, fast.local_addr), (slow.last_seen, slow.local_addr))
             self.assertEqual([type(x) for x in fast.networks], [int] * len(fast.networks))
+
+    def test_loaded_nodes_are_tracked_like_others(self) -> None:
+        """A node the fast path made is a plain Node: its assignments reach the journal's sink."""
+        from pilot.server.state import _well_formed_node
+        node = _well_formed_node(self.variants()[0], {})
+        assert node is not None
+        self.assertEqual({a.name for a in attr.fields(Node)} - {"journal_sink"},
+                         {f for f in attr.asdict(node, recurse=False) if f != "journal_sink"})
+        sink: set[int] = set()
+        node.journal_sink = sink
+        node.hostname = "beta"
+        self.assertEqual((sink, node.hostname), ({7}, "beta"))
 
     def test_usual_nodes_take_it(self) -> None:
         from pilot.server.state import _well_formed_node
