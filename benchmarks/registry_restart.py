@@ -71,7 +71,8 @@ def build_store(path: str, n: int) -> tuple[list[Node], list[int], int]:
     signers = [Node(i) for i in range(min(SIGNERS, n))]
     ids: list[int] = []
     for i in range(n):
-        key = signers[i].pub if i < len(signers) else hashlib.blake2b(i.to_bytes(4, "big"), digest_size=32).digest()
+        key = signers[i].pub if i < len(signers) else \
+            hashlib.blake2b(i.to_bytes(4, "big"), digest_size=32).digest()
         node_id = node_id_for_key(key, lambda x: x in state.nodes)
         state.nodes[node_id] = StoreNode(
             id=node_id, public_key=key, real_addr=f"127.0.0.1:{10000 + i % 50000}", last_seen=now - i % 25,
@@ -168,8 +169,9 @@ def compaction_stall(path: str, seconds: float) -> None:
     reactor.callWhenRunning(begin)
     reactor.run()
     writer.close()
-    print(f"  in process: a compaction after each of {changes[0]} changes ({writer.snapshots} done): the reactor's "
-          f"5 ms timer late by p50 {pct(late, 50):.2f} ms, p99 {pct(late, 99):.2f} ms, max {max(late):.2f} ms")
+    print(f"  in process: a compaction after each of {changes[0]} changes ({writer.snapshots} done): "
+          f"the reactor's 5 ms timer late by p50 {pct(late, 50):.2f} ms, p99 {pct(late, 99):.2f} ms, "
+          f"max {max(late):.2f} ms")
 
 
 def first_lookup(port: int, target: int, t0: float) -> float | None:
@@ -241,7 +243,8 @@ def main() -> None:
     args = p.parse_args()
     registry_load.ROOT = os.path.abspath(args.tree)
     if not (1 <= args.nodes <= 100000 and 1 <= args.runs <= 10 and 0 <= args.rounds <= 5
-            and 0 <= args.stall <= 120 and 0.01 <= args.change_interval <= 10 and 0 <= args.idle <= 120 and 0 <= args.compaction <= 60):
+            and 0 <= args.stall <= 120 and 0.01 <= args.change_interval <= 10 and 0 <= args.idle <= 120
+            and 0 <= args.compaction <= 60):
         raise SystemExit("--nodes 1..100000, --runs 1..10, --rounds 0..5, --stall 0..120, --idle 0..120")
     tmp = tempfile.mkdtemp(prefix="pilot-restart-")
     server = Server(os.path.join(tmp, "registry.json"))

@@ -327,7 +327,8 @@ def install_reactor_without_tls() -> None:
     if "twisted.internet.reactor" in sys.modules or "twisted.internet.tcp" in sys.modules:
         return
     hidden = sys.modules.get("OpenSSL", _MISSING)
-    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # makes ``import OpenSSL`` fail: Twisted goes without
+    # makes ``import OpenSSL`` fail: Twisted goes without
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
     try:
         from twisted.internet import reactor  # noqa: F401 (installed now)
     finally:

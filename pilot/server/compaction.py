@@ -180,7 +180,8 @@ class StoreMirror:
         for name in ("handshake_inbox", "handshake_responses", "keys_gone", "auth_ts", "trust_statements"):
             section = self.maps[name]
             if section:
-                sections[name] = [b"{", *_chunks([f'"{k}":{section[k]}' for k in sorted(section, key=int)]), b"}"]
+                texts = [f'"{k}":{section[k]}' for k in sorted(section, key=int)]
+                sections[name] = [b"{", *_chunks(texts), b"}"]
         if edges:
             sections["trust_edges"] = [b"[", *_chunks([f'"{a}>{b}"' for a, b in edges]), b"]"]
         if self.lists["proven"]:

@@ -312,7 +312,8 @@ class RegistryState:
         if "trust_edges" in value:
             # ours: directed edges are the truth, the pairs were only derived from them
             state.trust.clear()
-            state.trust.update(split_ids(e, ">", "trust_edges") for e in get_field(value, "trust_edges", list, []))
+            state.trust.update(split_ids(e, ">", "trust_edges")
+                               for e in get_field(value, "trust_edges", list, []))
         state.proven.update(checked_id(i, "proven") for i in get_field(value, "proven", list, []))
         for text, when in get_field(value, "keys_gone", dict, {}).items():
             if isinstance(when, bool) or not isinstance(when, int) or not 0 <= when <= MAX_TIME:
@@ -326,16 +327,18 @@ class RegistryState:
                            for e in get_field(value, "handshake_asked", list, []))
         for target, reqs in get_field(value, "handshake_inbox", dict, {}).items():
             tid = checked_id(id_text(target, "handshake_inbox"), "handshake_inbox")
-            state.inbox[tid] = [HandshakeRequest(checked_id(get_field(r, "from_node_id", int), "from_node_id"),
-                                                 get_field(r, "justification", str, ""),
-                                                 parse_time(r.get("timestamp")), stamp_text(r))
-                                for r in list_of_dicts(reqs, "handshake_inbox")]
+            state.inbox[tid] = [
+                HandshakeRequest(checked_id(get_field(r, "from_node_id", int), "from_node_id"),
+                                 get_field(r, "justification", str, ""), parse_time(r.get("timestamp")),
+                                 stamp_text(r))
+                for r in list_of_dicts(reqs, "handshake_inbox")]
         for target, rs in get_field(value, "handshake_responses", dict, {}).items():
             tid = checked_id(id_text(target, "handshake_responses"), "handshake_responses")
-            state.responses[tid] = [HandshakeResponse(checked_id(get_field(r, "from_node_id", int), "from_node_id"),
-                                                      bool(get_field(r, "accept", bool, False)),
-                                                      parse_time(r.get("timestamp")), stamp_text(r))
-                                    for r in list_of_dicts(rs, "handshake_responses")]
+            state.responses[tid] = [
+                HandshakeResponse(checked_id(get_field(r, "from_node_id", int), "from_node_id"),
+                                  bool(get_field(r, "accept", bool, False)), parse_time(r.get("timestamp")),
+                                  stamp_text(r))
+                for r in list_of_dicts(rs, "handshake_responses")]
         for granter, texts in get_field(value, "trust_statements", dict, {}).items():
             gid = checked_id(id_text(granter, "trust_statements"), "trust_statements")
             if not isinstance(texts, list):
@@ -418,8 +421,8 @@ def _well_formed_node(raw: Any, keys: dict[str, bytes]) -> Node | None:
             and type(owner) is str and type(local_addr) is str and type(public) is bool
             and type(task_exec) is bool and type(polo_score) is int and type(tags) is list
             and type(networks) is list and (not tags or all(type(t) is str for t in tags))
-            and (networks == _BACKBONE and type(networks[0]) is int or networks and all(type(n) is int and 0 <= n <= 0xFFFFFFFF
-                                                           for n in networks))):
+            and (networks == _BACKBONE and type(networks[0]) is int
+                 or networks and all(type(n) is int and 0 <= n <= 0xFFFFFFFF for n in networks))):
         return None
     try:
         key = _strict_b64(text)
@@ -449,7 +452,8 @@ class _LoadedNode(Node):
                  networks: list[int], local_addr: str) -> None:
         self.id, self.public_key, self.real_addr, self.last_seen = id, public_key, real_addr, last_seen
         self.hostname, self.tags, self.public, self.owner = hostname, tags, public, owner
-        self.polo_score, self.task_exec, self.networks, self.local_addr = polo_score, task_exec, networks, local_addr
+        self.polo_score, self.task_exec = polo_score, task_exec
+        self.networks, self.local_addr = networks, local_addr
         self.journal_sink = None
         self.__class__ = Node  # type: ignore[assignment]
 

@@ -169,8 +169,9 @@ def _fold_journal(path: str, value: dict[str, Any] | None, journal: tuple[list[d
         else:
             remove_durably(journal_path(path))
     except OSError as e:
-        raise StoreError(journal_path(path), f"the journal ({applied} records newer than the store) could not "
-                                             f"be {'cut back' if applied else 'removed'}: {e.strerror or e}") from e
+        what = "cut back" if applied else "removed"
+        raise StoreError(journal_path(path), f"the journal ({applied} records newer than the store) could "
+                                             f"not be {what}: {e.strerror or e}") from e
     if applied:
         log.info("{path}: {count} journal records replayed; the store writer folds them into the store",
                  path=path, count=applied)

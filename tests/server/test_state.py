@@ -526,7 +526,8 @@ class RebuildIndexesTests(SynchronousTestCase):
             self.assertEqual(state.hostnames, {"same": 4, "other": 2})
             self.assertEqual({i: n.hostname for i, n in state.nodes.items()},
                              {9: "", 4: "same", 6: "", 2: "other"})
-            self.assertEqual(state.id_keys, {order[0]: KEYS[0], order[1]: KEYS[1], order[2]: KEYS[2], 2: KEYS[3]})
+            self.assertEqual(state.id_keys,
+                             {order[0]: KEYS[0], order[1]: KEYS[1], order[2]: KEYS[2], 2: KEYS[3]})
 
 
 class TimeTests(SynchronousTestCase):

@@ -169,7 +169,7 @@ class DurableWriterTests(SynchronousTestCase):
         self.assertEqual(set(self.reload().nodes), {1, 2, 3, 4, 5, 6})
 
     def test_records_after_a_torn_one_that_a_start_cut_off(self) -> None:
-        """A start cuts a torn last record off the journal it keeps: records appended after it stay readable."""
+        """A start cuts a torn last record off the journal it keeps: records appended later stay readable."""
         self.start()
         for _ in range(2):
             self.acknowledged_after_one_write(self.register())
