@@ -577,6 +577,40 @@ class DefaultModeTests(SynchronousTestCase):
         with open(path) as f:
             self.assertEqual(len(json.load(f)["nodes"]), 3)  # a clean stop: the store holds everything
 
+    def test_a_replayed_journal_is_folded_right_after_start(self) -> None:
+        """After a crash: the start replays the journal; the writer folds it into the store at once."""
+        reactor = FakeReactor()
+        reactor.advance(1_800_000_000)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "registry.json")
+        settings = RendezvousSettings(store=path, raise_open_files=False)
+        service = RendezvousService(settings, reactor, run_writes=maybeDeferred)
+        with capturedLogs():
+            service.startService()
+        reactor.advance(1)
+        for seed in range(1, 4):
+            service.registry.handle({"type": "register", "public_key": b64(bytes([seed]) * 32),
+                                     "listen_addr": "198.51.100.4:4000"}, Peer("198.51.100.4", 4000))
+            reactor.advance(0.25)
+        with open(journal_path(path), "rb") as f:
+            self.assertEqual(f.read().count(b"\n"), 3)  # then a crash: no clean stop
+        assert service.store is not None
+        service.store.close()  # (only its file descriptor: nothing is written)
+        with capturedLogs():
+            again = RendezvousService(settings, reactor, run_writes=maybeDeferred)
+        self.assertEqual(len(again.registry.state.nodes), 3)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["nodes"], {})  # not rewritten before listening
+        with capturedLogs():
+            again.startService()
+        reactor.advance(1)
+        self.assertEqual(os.path.getsize(journal_path(path)), 0)
+        with open(path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 3)
+        with capturedLogs():
+            self.successResultOf(again.stopService())
+
     def no_snapshot_in_the_reactor(self) -> None:
         self.forbidden = True
 
