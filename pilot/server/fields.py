@@ -6,6 +6,7 @@ each returns the value, or raises :class:`StoreFormatError` saying where.
 
 from __future__ import annotations
 
+import binascii
 from typing import Any
 
 from pilot.server.times import StoreFormatError
@@ -64,3 +65,11 @@ def list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise StoreFormatError(f"{where} must map ids to lists of objects")
     return value
+
+
+def strict_b64(text: str) -> bytes:
+    """Standard base64 as strictly as :func:`pilot.identity.b64decode` (which says why it refuses)."""
+    return binascii.a2b_base64(text, **_STRICT)  # before Python 3.11: TypeError (the loader checks field by field)
+
+
+_STRICT: dict[str, Any] = {"strict_mode": True}

@@ -37,7 +37,6 @@ never mutated in place; assigning one puts the node's id in its
 
 from __future__ import annotations
 
-import binascii
 import functools
 import json
 import math
@@ -49,7 +48,7 @@ from pilot.address import Address
 from pilot.errors import MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.server.fields import (
-    checked_id, get_field, id_text, list_of_dicts, opt_field, split_ids, stamp_text,
+    checked_id, get_field, id_text, list_of_dicts, opt_field, split_ids, stamp_text, strict_b64,
 )
 from pilot.server.times import (  # noqa: F401 (parse_time_ns, rfc3339_ns: part of this module's API)
     MAX_TIME, StoreFormatError, parse_time_cached, rfc3339_second, parse_time, parse_time_ns, rfc3339,
@@ -425,7 +424,7 @@ def _well_formed_node(raw: Any, keys: dict[str, bytes]) -> Node | None:
                  or networks and all(type(n) is int and 0 <= n <= 0xFFFFFFFF for n in networks))):
         return None
     try:
-        key = _strict_b64(text)
+        key = strict_b64(text)
     except (ValueError, TypeError):
         return None
     if len(key) != 32:
@@ -460,14 +459,6 @@ class _LoadedNode(Node):
 
 _NO_TAGS: list[str] = []
 _BACKBONE = [0]
-
-
-def _strict_b64(text: str) -> bytes:
-    """Standard base64 as strictly as :func:`pilot.identity.b64decode` (which says why it refuses)."""
-    return binascii.a2b_base64(text, **_STRICT)  # before Python 3.11: TypeError, the slow path
-
-
-_STRICT: dict[str, Any] = {"strict_mode": True}
 
 
 def _node_from_json(raw: Any, where: str, keys: dict[str, bytes] | None = None) -> Node:
