@@ -69,7 +69,8 @@ def list_of_dicts(value: Any, where: str) -> list[dict[str, Any]]:
 
 def strict_b64(text: str) -> bytes:
     """Standard base64 as strictly as :func:`pilot.identity.b64decode` (which says why it refuses)."""
-    return binascii.a2b_base64(text, **_STRICT)  # before Python 3.11: TypeError (the loader checks field by field)
+    # before Python 3.11: TypeError, and the loader checks field by field
+    return binascii.a2b_base64(text, **_STRICT)
 
 
 _STRICT: dict[str, Any] = {"strict_mode": True}
