@@ -316,6 +316,9 @@ def rendezvous_start(ctx: Context) -> None:
         settings = tap.settings_from(values)
     except ValueError as e:
         raise InvalidArgument(str(e), hint) from None
+    if ctx.reactor is None and not (settings.tls or settings.replication.primary_fingerprint
+                                    or settings.http):
+        tap.install_reactor_without_tls()
     reactor = ctx.get_reactor()
     try:
         service = tap.build_service(settings, reactor)

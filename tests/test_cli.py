@@ -352,3 +352,4 @@ class RendezvousStartTests(SynchronousTestCase):
         self.assertIn("--beacon", error["hint"])
         self.assertFalse(reactor.ran)
         self.assertTrue(all(p.closed for p in reactor.ports))
+

@@ -336,3 +336,25 @@ class ReplicationOptionTests(SynchronousTestCase):
         settings = parse("--replication-token-file", self.token_file, "--no-store").settings
         service = tap.build_service(settings, MemoryReactorClock())
         self.assertIsNotNone(service.registry.replica)
+
+
+class ReactorWithoutTLSTests(SynchronousTestCase):
+    """A rendezvous without TLS starts without loading pyOpenSSL (issue 16: restart time)."""
+
+    def test_no_op_once_a_reactor_is_installed(self) -> None:
+        import sys
+        before = sys.modules.get("OpenSSL")
+        tap.install_reactor_without_tls()
+        self.assertIs(sys.modules.get("OpenSSL"), before)
+
+    def test_fresh_process(self) -> None:
+        import subprocess
+        import sys
+        code = ("import sys; from pilot import tap; tap.install_reactor_without_tls(); "
+                "from twisted.internet import reactor; "
+                "print('twisted.internet._sslverify' in sys.modules, 'OpenSSL' in sys.modules); "
+                "import OpenSSL; print(OpenSSL.__name__)")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                             env=dict(os.environ, PYTHONPATH=root), timeout=120)
+        self.assertEqual(out.stdout.split(), ["False", "False", "OpenSSL"], out.stderr)

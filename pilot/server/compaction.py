@@ -153,43 +153,63 @@ class StoreMirror:
         return "".join(out).encode("utf-8")
 
     def render(self) -> bytes:
-        """The store file: what :meth:`RegistryState.to_bytes` makes of the same state."""
+        """
+        The store file: what :meth:`RegistryState.to_bytes` makes of the same
+        state.  Long sections are joined and encoded a few thousand items at a
+        time: one C call over 100,000 nodes would hold the interpreter (and keep
+        the reactor waiting) for tens of milliseconds.
+        """
         self.build()
-        node_ids = sorted(int(k) for k in self.maps["nodes"])
         nodes = self.maps["nodes"]
-        next_node = max([0, *node_ids, *self.key_ids.values()]) + 1
-        parts = ['{"next_node":', str(next_node), ',"next_net":1,"nodes":{',
-                 ",".join([f'"{i}":{nodes[str(i)]}' for i in node_ids]),
-                 '},"networks":{"0":{"id":0,"name":"backbone","join_rule":"open","members":',
-                 _ENCODE(node_ids), ',"created":', _ENCODE(self.created), "}}"]
+        node_ids = sorted([int(k) for k in nodes])  # (not map(): a loop in C never lets the reactor in)
+        next_node = max(node_ids[-1] if node_ids else 0, max(self.key_ids.values(), default=0)) + 1
+        out = [b'{"next_node":%d,"next_net":1,"nodes":{' % next_node]
+        out += _chunks([f'"{i}":{nodes[str(i)]}' for i in node_ids])
+        out += [b'},"networks":{"0":{"id":0,"name":"backbone","join_rule":"open","members":[']
+        out += _chunks([str(i) for i in node_ids])
+        out.append(b'],"created":%s}}' % _ENCODE(self.created).encode("utf-8"))
         edges = sorted(_split(e) for e in self.lists["trust_edges"])
         mutual = set(edges)
-        sections: dict[str, str] = {}
+        sections: dict[str, list[bytes]] = {}
         pairs = sorted({(min(a, b), max(a, b)) for a, b in edges if (b, a) in mutual})
         if pairs:
-            sections["trust_pairs"] = _ENCODE([f"{a}:{b}" for a, b in pairs])
+            sections["trust_pairs"] = [_ENCODE([f"{a}:{b}" for a, b in pairs]).encode("utf-8")]
         if self.key_ids:
             keys = sorted(self.key_ids.items(), key=lambda kv: kv[1])
-            sections["pub_key_idx"] = "{" + ",".join([f"{_ENCODE(k)}:{v}" for k, v in keys]) + "}"
+            sections["pub_key_idx"] = [b"{", *_chunks([f"{_ENCODE(k)}:{v}" for k, v in keys]), b"}"]
         for name in ("handshake_inbox", "handshake_responses", "keys_gone", "auth_ts", "trust_statements"):
             section = self.maps[name]
             if section:
-                sections[name] = "{" + ",".join(
-                    [f'"{k}":{section[k]}' for k in sorted(section, key=int)]) + "}"
+                texts = [f'"{k}":{section[k]}' for k in sorted(section, key=int)]
+                sections[name] = [b"{", *_chunks(texts), b"}"]
         if edges:
-            sections["trust_edges"] = _ENCODE([f"{a}>{b}" for a, b in edges])
+            sections["trust_edges"] = [b"[", *_chunks([f'"{a}>{b}"' for a, b in edges]), b"]"]
         if self.lists["proven"]:
-            sections["proven"] = _ENCODE(sorted(self.lists["proven"]))
+            sections["proven"] = [b"[", *_chunks([str(i) for i in sorted(self.lists["proven"])]), b"]"]
         if self.lists["handshake_asked"]:
-            sections["handshake_asked"] = _ENCODE([f"{a}>{b}" for a, b in sorted(
-                _split(e) for e in self.lists["handshake_asked"])])
+            sections["handshake_asked"] = [b"[", *_chunks([f'"{a}>{b}"' for a, b in sorted(
+                _split(e) for e in self.lists["handshake_asked"])]), b"]"]
         for name in _TAIL:
             if name in sections:
-                parts += [",", _ENCODE(name), ":", sections[name]]
+                out.append(b',"%s":' % name.encode("ascii"))
+                out += sections[name]
         if self.seq:
-            parts.append(f',"pilot_journal_seq":{self.seq}')
-        parts.append(f',"pilot_store_format":{STORE_FORMAT}}}')
-        return "".join(parts).encode("utf-8")
+            out.append(b',"pilot_journal_seq":%d' % self.seq)
+        out.append(b',"pilot_store_format":%d}' % STORE_FORMAT)
+        return b"".join(out)
+
+
+#: items joined and encoded at a time by :meth:`StoreMirror.render`
+CHUNK = 2000
+
+
+def _chunks(texts: list[str]) -> list[bytes]:
+    """``",".join(texts)`` as UTF-8, made ``CHUNK`` items at a time (the commas between chunks included)."""
+    out = []
+    for at in range(0, len(texts), CHUNK):
+        piece = ",".join(texts[at:at + CHUNK]).encode("utf-8")
+        out.append(b"," + piece if at else piece)
+    return out
 
 
 def _split(edge: Any) -> tuple[int, int]:

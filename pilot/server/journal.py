@@ -177,8 +177,9 @@ class Tracker:
         for container in self._tracked():
             container.track()
         sink = self._node_changes = set()
+        setter = object.__setattr__  # (not the assignment hook: setting the sink is no change)
         for node in s.nodes.values():
-            node.journal_sink = sink
+            setter(node, "journal_sink", sink)
         self._watched = self._tracked()
         self._inbox: dict[int, Any] = {k: list(v) for k, v in s.inbox.items()}
         self._responses: dict[int, Any] = {k: list(v) for k, v in s.responses.items()}

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -57,7 +58,7 @@ from pilot.persist import AppendOnlyFile, atomic_write_bytes
 from pilot.server.compaction import StateView, StoreMirror
 from pilot.server.journal import Tracker, record_line
 from pilot.server.state import RegistryState
-from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path
+from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path, journal_pending
 
 #: Runs a function in the writer thread; the Deferred fires in the reactor thread.
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
@@ -93,7 +94,9 @@ class DurableWriter:
         self.snapshots = 0
         self.failures = 0
         self._busy = False
-        self._compact_due = not os.path.exists(path)
+        #: the first write is a compaction for a new store, and for a journal a start replayed
+        #: (``pilot.services.store.load_store`` leaves it for this writer to fold into the store)
+        self._compact_due = not os.path.exists(path) or journal_pending(path)
         self._call: IDelayedCall | None = None
         self._retry = RETRY_DELAY
         self._waiting: collections.deque[tuple[int, Deferred[None]]] = collections.deque()
@@ -102,6 +105,11 @@ class DurableWriter:
     @property
     def scheduled(self) -> bool:
         return self._call is not None and self._call.active()
+
+    @property
+    def compact_due(self) -> bool:
+        """The next write rewrites the whole store (a new store, a replayed journal, a failed write)."""
+        return self._compact_due
 
     @property
     def busy(self) -> bool:
@@ -294,15 +302,24 @@ class DurableWriter:
             self._retry = min(self._retry * 2, RETRY_MAX)
 
 
+#: How long the writer thread may hold the interpreter before the reactor's thread gets it
+#: (CPython's default is 5 ms, and a reply needs it several times: a compaction of 100,000
+#: nodes kept each request waiting 5 ms or more, ``docs/performance.md``, issue 16).
+SWITCH_INTERVAL = 0.001
+
+
 class WriterThread:
     """The one thread that runs the writes, in order; their results come back in the reactor thread."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.pool = ThreadPool(1, 1, name="pilot-store-writer")
+        self._interval: float | None = None
 
     def start(self) -> None:
         if not self.pool.started:
+            self._interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL))
             self.pool.start()
             # whatever else happens, the thread must not keep the process alive after the reactor
             self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
@@ -311,6 +328,9 @@ class WriterThread:
         """Wait for the write under way (if any) and end the thread (again: nothing)."""
         if self.pool.started:
             self.pool.stop()
+        if self._interval is not None:
+            sys.setswitchinterval(self._interval)
+            self._interval = None
 
     def run(self, write: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, write)

@@ -276,8 +276,10 @@ class RendezvousService(MultiService):
                       endpoint=format_endpoint(self.beacon_host, self.beacon_port()))
         if self.store is not None:
             self.log.info("Persistence: {path}", path=self.store.path)
-            if self.fresh_store:
-                self.store.changed()  # write the empty store now: an unwritable path shows at once
+            if self.fresh_store or self.store.compact_due:
+                # write the empty store now: an unwritable path shows at once; or fold the journal a
+                # crash left (replayed into the state at load) into the store, in the writer thread
+                self.store.changed()
         else:
             self.log.info("Persistence: none (state is kept in memory only)")
 

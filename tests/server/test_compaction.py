@@ -117,6 +117,14 @@ class MirrorTests(SynchronousTestCase):
                 self.record()
         self.record()
 
+    def test_random_changes_in_small_chunks(self) -> None:
+        """Long sections are made a chunk at a time: the boundaries change nothing."""
+        from pilot.server import compaction
+        for size in (1, 2, 3):
+            self.patch(compaction, "CHUNK", size)
+            self.test_random_changes()
+            self.test_the_journals_cases()
+
     def test_built_once_and_lazily(self) -> None:
         """The view is formatted by the first use (in the writer thread), not when it is taken."""
         self.start(sample_state())

@@ -13,6 +13,7 @@ import os
 import random
 from typing import Any
 
+import attr
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.persist import dump_json
@@ -446,6 +447,87 @@ def _mutate(rng: random.Random, value: Any, pool: list[Any]) -> None:
             del node[rng.randrange(len(node))]
         else:
             node.append(copy.deepcopy(rng.choice(pool)))
+
+
+class WellFormedNodeTests(SynchronousTestCase):
+    """The loader's fast path for usual nodes takes exactly what the field-by-field checks take."""
+
+    def variants(self) -> list[dict[str, Any]]:
+        base = {"id": 7, "public_key": b64encode(KEYS[0]), "real_addr": "192.0.2.1:4000", "networks": [0],
+                "last_seen": "2027-01-15T08:00:00Z", "hostname": "alpha", "tags": ["a"], "owner": "o",
+                "public": True, "task_exec": False, "polo_score": 3, "local_addr": "10.0.0.2:4000"}
+        changes: list[tuple[str, Any]] = [
+            ("networks", [0.0]), ("networks", [False]), ("networks", []), ("networks", [0, 1]),
+            ("networks", [1.0]), ("networks", None), ("networks", [0xFFFFFFFF + 1]), ("id", 7.0),
+            ("polo_score", 2.0), ("polo_score", True), ("polo_score", None), ("tags", []), ("tags", None),
+            ("tags", ["a", 1]), ("tags", [True]), ("public", None), ("public", 1), ("task_exec", 0),
+            ("public_key", b64encode(KEYS[0])[:-1] + "\n"), ("public_key", " " + b64encode(KEYS[0])[1:]),
+            ("public_key", b64encode(KEYS[0])[:-2] + "=="), ("public_key", "=" + b64encode(KEYS[0])[1:]),
+            ("last_seen", None), ("last_seen", 1.8e9), ("last_seen", "yesterday"), ("hostname", None),
+            ("real_addr", 5), ("owner", None), ("local_addr", [])]
+        out = [dict(base)]
+        for field, value in changes:
+            out.append({**base, field: value})
+        without = dict(base)
+        for field in ("networks", "tags", "last_seen", "hostname", "public"):
+            del without[field]
+        out.append(without)
+        return out
+
+    def test_same_as_the_checks(self) -> None:
+        from pilot.server.state import _node_from_json, _well_formed_node
+        for raw in self.variants():
+            try:
+                slow: Node | None = _node_from_json(copy.deepcopy(raw), "nodes['7']")
+            except StoreFormatError:
+                slow = None
+            try:
+                fast = _well_formed_node(copy.deepcopy(raw), {})
+            except StoreFormatError:
+                self.assertIsNone(slow, raw)  # refused by both (a bad time: the same error)
+                continue
+            if fast is None:
+                continue  # the checks decide
+            self.assertIsNotNone(slow, f"the fast path took what the checks refuse: {raw}")
+            assert slow is not None
+            self.assertIs(type(fast), Node)
+            self.assertEqual(attr.asdict(fast, recurse=False), attr.asdict(slow, recurse=False), raw)
+            self.assertEqual(node_fields(fast), node_fields(slow), raw)
+            self.assertEqual([type(x) for x in fast.networks], [int] * len(fast.networks))
+
+    def test_loaded_nodes_are_tracked_like_others(self) -> None:
+        """A node the fast path made is a plain Node: its assignments reach the journal's sink."""
+        from pilot.server.state import _well_formed_node
+        node = _well_formed_node(self.variants()[0], {})
+        assert node is not None
+        self.assertEqual({a.name for a in attr.fields(Node)} - {"journal_sink"},
+                         {f for f in attr.asdict(node, recurse=False) if f != "journal_sink"})
+        sink: set[int] = set()
+        node.journal_sink = sink
+        node.hostname = "beta"
+        self.assertEqual((sink, node.hostname), ({7}, "beta"))
+
+    def test_usual_nodes_take_it(self) -> None:
+        from pilot.server.state import _well_formed_node
+        self.assertIsNotNone(_well_formed_node(self.variants()[0], {}))
+        for node in sample_state().to_json()["nodes"].values():
+            self.assertIsNotNone(_well_formed_node(node, {}))
+
+
+class RebuildIndexesTests(SynchronousTestCase):
+    def test_a_hostname_held_twice_goes_to_the_lowest_id(self) -> None:
+        """A damaged store naming several nodes alike: the lowest id keeps the name, whatever the order."""
+        for order in ([9, 4, 6], [4, 9, 6], [6, 9, 4]):
+            state = RegistryState()
+            for i, node_id in enumerate(order):
+                state.nodes[node_id] = Node(id=node_id, public_key=KEYS[i], hostname="same")
+            state.nodes[2] = Node(id=2, public_key=KEYS[3], hostname="other")
+            state.rebuild_indexes()
+            self.assertEqual(state.hostnames, {"same": 4, "other": 2})
+            self.assertEqual({i: n.hostname for i, n in state.nodes.items()},
+                             {9: "", 4: "same", 6: "", 2: "other"})
+            self.assertEqual(state.id_keys,
+                             {order[0]: KEYS[0], order[1]: KEYS[1], order[2]: KEYS[2], 2: KEYS[3]})
 
 
 class TimeTests(SynchronousTestCase):

@@ -136,19 +136,58 @@ class DurableWriterTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_crash_after_records_loses_nothing_acknowledged(self) -> None:
-        """Records on disk, no snapshot since: a restart replays them, writes the store, drops the journal."""
+        """
+        Records on disk, no snapshot since: a restart replays them; the
+        restarted writer's first write (a compaction, in its thread) folds
+        them into the store and empties the journal.
+        """
         self.start()
         for _ in range(5):
             self.acknowledged_after_one_write(self.register())
         unacknowledged = self.register()  # its record is never written: a crash comes first
         self.clock.advance(0)
         self.assertNoResult(unacknowledged)
+        self.thread.queue.clear()  # the crash: that write never runs
         state = self.reload()
         self.assertEqual(set(state.nodes), {1, 2, 3, 4, 5, 6})
         self.assertEqual(state.proven, {1, 2, 3, 4, 5, 6})
-        self.assertFalse(os.path.exists(journal_path(self.path)))
+        self.assertEqual(self.journal_lines(), 5)  # kept: the start formats no store
         with open(self.path) as f:
-            self.assertEqual(len(json.load(f)["nodes"]), 6)
+            self.assertEqual(len(json.load(f)["nodes"]), 1)
+        self.assertEqual(set(self.reload().nodes), {1, 2, 3, 4, 5, 6})  # replayed again: nothing twice
+        self.writer = self.make(state)
+        self.assertTrue(self.writer.compact_due)
+        self.writer.changed()  # what the rendezvous does at start
+        self.clock.advance(0)
+        self.thread.run_one()
+        self.assertEqual(self.writer.snapshots, 1)
+        self.assertEqual(self.journal_lines(), 0)
+        with open(self.path) as f:
+            stored = json.load(f)
+        self.assertEqual(len(stored["nodes"]), 6)
+        self.assertEqual(stored["pilot_journal_seq"], 6)  # the records it holds: 2 to 6
+        self.assertEqual(set(self.reload().nodes), {1, 2, 3, 4, 5, 6})
+
+    def test_records_after_a_torn_one_that_a_start_cut_off(self) -> None:
+        """A start cuts a torn last record off the journal it keeps: records appended later stay readable."""
+        self.start()
+        for _ in range(2):
+            self.acknowledged_after_one_write(self.register())
+        with open(journal_path(self.path), "ab") as f:
+            f.write(encode_record(4, {"add": {"proven": [99]}})[:-5])  # torn by a crash
+        with capturedLogs() as events:
+            state = self.reload()
+        self.assertTrue(any("torn" in formatEvent(e) for e in events))
+        self.assertEqual((set(state.nodes), state.journal_seq), ({1, 2, 3}, 3))
+        self.assertEqual(self.journal_lines(), 2)
+        self.state, self.writer = state, self.make(state, journal_limit=1 << 20)
+        self.writer.run = self.thread
+        self.writer._compact_due = False  # as if it had folded already: records go on the journal
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual(self.journal_lines(), 3)
+        reloaded = self.reload()
+        self.assertEqual(set(reloaded.nodes), {1, 2, 3, 4})
+        self.assertNotIn(99, reloaded.proven)
 
     def test_crash_between_snapshot_and_emptying_the_journal(self) -> None:
         """The snapshot says which records it holds: the journal left beside it applies nothing twice."""
@@ -466,18 +505,44 @@ class DurableWriterTests(SynchronousTestCase):
             with open(journal_path(self.path), "rb") as f:
                 self.assertEqual(f.read(), journal)
 
-    def test_journal_that_cannot_be_folded_refused(self) -> None:
-        """A journal that cannot be written into the store stops the start, loudly, and stays."""
+    def test_journal_that_cannot_be_cut_back_refused(self) -> None:
+        """A journal whose torn end cannot be cut off stops the start, loudly, and stays."""
         self.start()
         self.acknowledged_after_one_write(self.register())
+        with open(journal_path(self.path), "ab") as f:
+            f.write(b"0badf00d {")
+
+        def unwritable(path: str, size: int) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        self.patch(store, "truncate_durably", unwritable)
+        with capturedLogs(), self.assertRaises(StoreError) as caught:
+            load_store(self.path)
+        self.assertIn("could not be cut back", str(caught.exception))
+        self.assertTrue(os.path.exists(journal_path(self.path)))
+
+    def test_journal_folded_later_fails_loudly_and_is_retried(self) -> None:
+        """The fold is the restarted writer's first write: if the store cannot be written, it is retried."""
+        self.start()
+        self.acknowledged_after_one_write(self.register())
+        state = self.reload()
+        self.writer = self.make(state)
+        self.writer.changed()
+        self.clock.advance(0)
 
         def unwritable(path: str, data: bytes) -> None:
             raise PermissionError(errno.EACCES, "Permission denied")
-        self.patch(store, "atomic_write_bytes", unwritable)
-        with self.assertRaises(StoreError) as caught:
-            load_store(self.path)
-        self.assertIn("could not be written into it", str(caught.exception))
-        self.assertTrue(os.path.exists(journal_path(self.path)))
+        from pilot.services import durable
+        patched = self.patch(durable, "atomic_write_bytes", unwritable)
+        with capturedLogs() as events:
+            self.thread.run_one()
+        patched.restore()
+        self.assertTrue(any("COULD NOT SAVE" in formatEvent(e) for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
+        self.assertEqual(self.journal_lines(), 1)  # still there: nothing lost
+        self.clock.advance(RETRY_DELAY)
+        self.thread.run_one()
+        self.assertEqual(self.journal_lines(), 0)
+        self.assertEqual(set(self.reload().nodes), {1, 2})
 
 
 class DefaultModeTests(SynchronousTestCase):
@@ -511,6 +576,40 @@ class DefaultModeTests(SynchronousTestCase):
             self.successResultOf(service.stopService())
         with open(path) as f:
             self.assertEqual(len(json.load(f)["nodes"]), 3)  # a clean stop: the store holds everything
+
+    def test_a_replayed_journal_is_folded_right_after_start(self) -> None:
+        """After a crash: the start replays the journal; the writer folds it into the store at once."""
+        reactor = FakeReactor()
+        reactor.advance(1_800_000_000)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "registry.json")
+        settings = RendezvousSettings(store=path, raise_open_files=False)
+        service = RendezvousService(settings, reactor, run_writes=maybeDeferred)
+        with capturedLogs():
+            service.startService()
+        reactor.advance(1)
+        for seed in range(1, 4):
+            service.registry.handle({"type": "register", "public_key": b64(bytes([seed]) * 32),
+                                     "listen_addr": "198.51.100.4:4000"}, Peer("198.51.100.4", 4000))
+            reactor.advance(0.25)
+        with open(journal_path(path), "rb") as f:
+            self.assertEqual(f.read().count(b"\n"), 3)  # then a crash: no clean stop
+        assert service.store is not None
+        service.store.close()  # (only its file descriptor: nothing is written)
+        with capturedLogs():
+            again = RendezvousService(settings, reactor, run_writes=maybeDeferred)
+        self.assertEqual(len(again.registry.state.nodes), 3)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["nodes"], {})  # not rewritten before listening
+        with capturedLogs():
+            again.startService()
+        reactor.advance(1)
+        self.assertEqual(os.path.getsize(journal_path(path)), 0)
+        with open(path) as f:
+            self.assertEqual(len(json.load(f)["nodes"]), 3)
+        with capturedLogs():
+            self.successResultOf(again.stopService())
 
     def no_snapshot_in_the_reactor(self) -> None:
         self.forbidden = True
@@ -615,3 +714,24 @@ class ReplayStateAcrossRestartTests(SynchronousTestCase):
 
     def test_durable(self) -> None:
         self.check_replays_refused(durable=True)
+
+
+class WriterThreadTests(SynchronousTestCase):
+    def test_switch_interval(self) -> None:
+        """While the writer thread runs, the reactor's thread gets the interpreter back within 1 ms."""
+        import sys
+
+        from twisted.internet.testing import MemoryReactor
+
+        from pilot.services.durable import SWITCH_INTERVAL, WriterThread
+        before = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, before)
+        thread = WriterThread(MemoryReactor())
+        thread.start()
+        try:
+            self.assertLessEqual(sys.getswitchinterval(), SWITCH_INTERVAL + 1e-9)
+        finally:
+            thread.stop()
+        self.assertAlmostEqual(sys.getswitchinterval(), before)
+        thread.stop()  # again: nothing
+        self.assertAlmostEqual(sys.getswitchinterval(), before)
