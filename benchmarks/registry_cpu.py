@@ -133,9 +133,9 @@ def main() -> None:
           f"python {sys.version.split()[0]}; the least of {args.repeat} rounds; "
           f"one Ed25519 check: {check * 1e6:.1f} us")
     for label, cpu in best.items():
-        signed = " (less one signature check: {:5.1f} us)".format((cpu / n - check) * 1e6) \
+        note = " (less one signature check: {:5.1f} us)".format((cpu / n - check) * 1e6) \
             if "signed" in label else ""
-        print(f"  {label:<24} {cpu / n * 1e6:7.1f} us CPU each  ({n / cpu:8.0f}/CPU-s){signed}")
+        print(f"  {label:<24} {cpu / n * 1e6:7.1f} us CPU each  ({n / cpu:8.0f}/CPU-s){note}")
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
@@ -155,8 +155,9 @@ def reference(args: argparse.Namespace, keys: list[SigningKey], pubs: list[bytes
     beats = [encode_frame(legacy(i, {"type": "heartbeat", "node_id": ids[i]})) for i in range(n)]
     polls = [encode_frame(legacy(i, {"type": "poll_handshakes", "node_id": ids[i]})) for i in range(n)]
     lookups = frames([{"type": "lookup", "node_id": ids[i]} for i in range(n)])
-    discovers = [with_proof(Discover(ids[i]).base, lambda m, i=i: keys[i].sign(m).signature, now_ms, os.urandom(8))
-                 for i in range(n)]
+    def signer(i: int) -> Any:
+        return lambda m: keys[i].sign(m).signature
+    discovers = [with_proof(Discover(ids[i]).base, signer(i), now_ms, os.urandom(8)) for i in range(n)]
     best: dict[str, float] = {}
     for round_ in range(args.repeat):
         clock = task.Clock()
@@ -168,7 +169,8 @@ def reference(args: argparse.Namespace, keys: list[SigningKey], pubs: list[bytes
         proto.makeConnection(transport)
         phases: list[tuple[str, Any]] = [("register (unsigned)", frames(registers))]
         for k in (1, 2):
-            phases += [(f"heartbeat (legacy), round {k}", beats), (f"poll_handshakes (legacy), round {k}", polls)]
+            phases += [(f"heartbeat (legacy), round {k}", beats),
+                       (f"poll_handshakes (legacy), round {k}", polls)]
         phases += [("lookup", lookups), ("beacon discover (signed)", None)]
         for label, chunks in phases:
             prof = profile if round_ == 0 and ("heartbeat" in label or "poll" in label) else None

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -216,28 +217,29 @@ async def drive(conns: list[Conn], make: Any, count: int, window: int,
     return time.perf_counter() - start, latencies, errors
 
 
-async def drive_nodes(conns: list[Conn], make: Any, count: int,
+async def drive_nodes(conns: list[Conn], make: Any, count: int, inflight: int,
                       on_reply: Callable[[int, dict[str, Any]], None]) -> tuple[float, list[float], int]:
-    """Request ``make(i)`` for node ``i`` on its own connection (``conns[i % len(conns)]``), every node
-    at once, each waiting for its answer; return (seconds, latencies in ms, errors)."""
+    """Request ``make(i)`` for node ``i`` on its own connection (``conns[i % len(conns)]``), at most
+    ``inflight`` nodes at a time, each waiting for its answer; return (seconds, latencies in ms, errors)."""
     latencies: list[float] = []
     errors = 0
+    next_i = 0
 
-    async def one(i: int) -> None:
-        nonlocal errors
-        t0 = time.perf_counter()
-        reply = await conns[i % len(conns)].request(make(i))
-        latencies.append((time.perf_counter() - t0) * 1000.0)
-        if reply.get("type") == "error":
-            errors += 1
-        else:
-            on_reply(i, reply)
+    async def worker() -> None:
+        nonlocal errors, next_i
+        while next_i < count:
+            i = next_i
+            next_i += 1
+            t0 = time.perf_counter()
+            reply = await conns[i % len(conns)].request(make(i))
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+            if reply.get("type") == "error":
+                errors += 1
+            else:
+                on_reply(i, reply)
 
     start = time.perf_counter()
-    for first in range(0, count, len(conns)):
-        # one round per node sharing a connection: a node's next request waits for its answer
-        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(first, min(count, first + len(conns))))),
-                               DEADLINE)
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(min(inflight, count)))), DEADLINE)
     return time.perf_counter() - start, latencies, errors
 
 
@@ -284,7 +286,8 @@ class Server:
                # every simulated node has its own connection, all from 127.0.0.1
                "--connections-per-address", "0"] + (["--durable"] if self.durable else [])
         env = dict(os.environ, PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                     cwd=ROOT)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -435,14 +438,27 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
         if fut.cancelled() or fut.exception() is not None or fut.result().get("type") == "error":
             errors += 1
 
-    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
-    end = t0 + args.steady
+    warmup = interval if args.warmup < 0 else args.warmup
+    cpu_start = cpu0 = server.cpu_seconds()
+    t_start = t0 = time.perf_counter()
+    measuring = warmup == 0
+    end = t0 + warmup + args.steady
     i = probes = sent = 0
+    first_cpu = float("nan")
     per_second = n / interval
     probes_per_second = n / probe_every if probe_every > 0 else 0.0
     probe = Discover(0).base
     tick = 0.1
     while time.perf_counter() < end:
+        if not measuring and time.perf_counter() >= t_start + warmup:
+            # one interval done: every node has sent each request once; the steady state starts
+            measuring = True
+            cpu0 = server.cpu_seconds()
+            first_cpu = (cpu0 - cpu_start) / (time.perf_counter() - t_start) * 100.0
+            t0 = time.perf_counter()
+            sent = probes = errors = 0
+            hb_lat.clear()
+            poll_lat.clear()
         # spread each interval evenly: as many as are due by now
         due = int((time.perf_counter() - t0 + tick) * per_second)
         while sent < due:
@@ -453,7 +469,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
                 started = time.perf_counter()
                 fut = conns[k % len(conns)].request(
                     fleet.signed(k, {"type": "heartbeat", "node_id": fleet.ids[k]}))
-                fut.add_done_callback(lambda f, s=started: our_done(s, f))
+                fut.add_done_callback(functools.partial(our_done, started))
                 transport.sendto(fleet.discover(k))
             pending.add(fut)
             fut.add_done_callback(pending.discard)
@@ -472,7 +488,8 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     what = (f"heartbeat, then {'an unsigned' if args.plain_discover else 'a signed'} discover and "
             f"poll_handshakes, every {interval:g} s" if reference else
             f"heartbeat + signed discover every {interval:g} s, unsigned discover every {probe_every:g} s")
-    print(f"  steady state, {n} nodes on {len(conns)} connections, {what}, for {elapsed:.0f} s:")
+    print(f"  steady state, {n} nodes on {len(conns)} connections, {what}, for {elapsed:.0f} s "
+          f"after {warmup:g} s of it (CPU over those: {first_cpu:.1f}% of one core):")
     print(f"    server RSS {rss:.1f} MB (idle with connections: {rss_before:.1f} MB), "
           f"CPU {cpu:.1f}% of one core, {sent / elapsed:.0f} heartbeats/s, {probes / elapsed:.0f} probes/s, "
           f"errors {errors}")
@@ -533,9 +550,10 @@ async def run_side(args: argparse.Namespace, server: Server) -> Figures:
     cpu0 = server.cpu_seconds()
     if args.cadence == "reference":
         # each node registers on its own connection (as a reference daemon does), at most
-        # PER_SOURCE a source address; the node waits for the answer
-        secs, lat, err = await drive_nodes(own, make, n, learned)
-        label = f"register ({len(own)} conns, unsigned, 1 a node)"
+        # PER_SOURCE a source address; the node waits for its answer; as many nodes at once as
+        # 16 connections with the window would have in flight
+        secs, lat, err = await drive_nodes(own, make, n, 16 * window, learned)
+        label = f"register (own conns, unsigned, {16 * window} at once)"
     else:
         secs, lat, err = await drive(conns16, make, n, window, learned)
         label = f"register (16 conns, signed, {window} in flight each)"
@@ -563,7 +581,8 @@ async def run_side(args: argparse.Namespace, server: Server) -> Figures:
                                      lookup_window)
         report(f"lookup ({label})", count, secs, lat, err)
         figures.update({f"lookup {label} /s": count / secs, f"lookup {label} p99 ms": pct(lat, 99)})
-        secs, lat, err = await drive(conns, lambda i: {"type": "resolve_hostname", "hostname": fleet.name(i % n)},
+        secs, lat, err = await drive(conns, lambda i: {"type": "resolve_hostname",
+                                                       "hostname": fleet.name(i % n)},
                                      count, lookup_window)
         report(f"resolve_hostname ({label})", count, secs, lat, err)
         figures[f"resolve_hostname {label} p99 ms"] = pct(lat, 99)
@@ -622,7 +641,8 @@ def compare(ours: Figures, reference: Figures | None, why: str) -> None:
         ref = reference.get(key) if reference else None
         ratio = f"{ours[key] / ref:8.2f}x" if ref else ""
         good = "" if ref is None else ("  (better)" if (ours[key] >= ref) == more_better else "  (worse)")
-        print(f"  {key:<34} {ours[key]:>10.2f} {ref if ref is not None else float('nan'):>10.2f} {ratio}{good}")
+        theirs = ref if ref is not None else float("nan")
+        print(f"  {key:<34} {ours[key]:>10.2f} {theirs:>10.2f} {ratio}{good}")
     if reference is None:
         print(f"  reference column empty: {why}")
 
@@ -672,7 +692,8 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=10000,
                    help="persistent connections at steady state (past this, nodes share them)")
     p.add_argument("--window", type=int, default=32,
-                   help="registrations and hostname sets in flight per connection (a burst of many nodes: more)")
+                   help="registrations and hostname sets in flight per connection "
+                        "(a burst of many nodes: more)")
     p.add_argument("--durable", action="store_true",
                    help="start the rendezvous with --durable (replies wait for the store's write)")
     p.add_argument("--presign", action="store_true",
@@ -684,6 +705,9 @@ def main() -> None:
                    help="after the hostname sets, this many seconds of lookups one at a time while a "
                         "hostname changes every 0.1 s: the longest wait behind a store write (0: skip)")
     p.add_argument("--steady", type=float, default=20.0, help="seconds of steady state to measure")
+    p.add_argument("--warmup", type=float, default=-1.0,
+                   help="seconds of the cadence before the steady state is measured (default: one "
+                        "interval, so every node has sent each request once)")
     p.add_argument("--interval", type=float, default=0.0,
                    help="each node's heartbeat interval (default: our node's 25 s, the reference's 30 s)")
     p.add_argument("--probe", type=float, default=15.0,
