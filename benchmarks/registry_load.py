@@ -23,7 +23,9 @@ Two cadences (``--cadence``):
   signatures are deterministic, so each node's are made once and reused.
 
 ``--closed-loop``: one request in flight per connection (a node waits for
-each answer) instead of the pipelined window.  With ``PILOT_REFERENCE_BIN``
+each answer) instead of the pipelined window.  The steady state is measured
+after ``--warmup`` seconds of the cadence (default one interval: every node
+has sent each request once).  With ``PILOT_REFERENCE_BIN``
 naming a folder that holds the reference's ``rendezvous``, the same client
 then drives it (pinned to 127.0.0.1) and both columns are printed with the
 ratios.
