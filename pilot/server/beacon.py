@@ -177,10 +177,11 @@ class Beacon:
 
     def prune(self) -> list[int]:
         """Forget the endpoints of nodes the registry no longer has; return their ids."""
-        gone = [node_id for node_id in self._endpoints if self.registry.node(node_id) is None]
+        nodes = self.registry.state.nodes  # (a set test, not a call a node: 100,000 entries a minute)
+        gone = [node_id for node_id in self._endpoints if node_id not in nodes]
         for node_id in gone:
             del self._endpoints[node_id]
-        for node_id in [n for n in self.relayed_by if self.registry.node(n) is None]:
+        for node_id in [n for n in self.relayed_by if n not in nodes]:
             del self.relayed_by[node_id]
         self._count("pruned", len(gone))
         return gone
