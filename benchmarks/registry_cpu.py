@@ -13,6 +13,14 @@ inline (a temporary folder; the fsync is the kernel's time, not ours).
 
     python3 benchmarks/registry_cpu.py --nodes 10000
     python3 benchmarks/registry_cpu.py --nodes 10000 --durable --profile
+    python3 benchmarks/registry_cpu.py --nodes 10000 --cadence reference [--profile]
+
+``--cadence reference`` feeds what reference daemons send instead
+(``docs/reference-wire.md`` §2.4, §5.3): unsigned ``register``s, then two
+rounds of ``heartbeat`` and ``poll_handshakes`` with the fixed-challenge
+``signature`` (the same bytes every 30 s), one frame a time as separate
+connections deliver them, and signed Discovers to the beacon; ``--profile``
+then profiles the heartbeat and poll rounds.
 
 Bounded: at most 100,000 nodes; nothing is sent anywhere.
 """
@@ -44,7 +52,9 @@ from pilot.address import node_id_for_key  # noqa: E402
 from pilot.identity import verify  # noqa: E402
 from pilot.protocols.registry import RegistryServerProtocol  # noqa: E402
 from pilot.server.registry import Registry, RegistryConfig  # noqa: E402
-from pilot.wire.registry import auth_message, encode_frame, sign_request  # noqa: E402
+from pilot.server.beacon import Beacon, BeaconConfig  # noqa: E402
+from pilot.wire.beacon import Discover, with_proof  # noqa: E402
+from pilot.wire.registry import auth_message, encode_frame, legacy_challenge, sign_request  # noqa: E402
 
 CHUNK = 16 * 32  # requests a reactor pass sees with 16 connections, 32 in flight each
 
@@ -74,6 +84,8 @@ def main() -> None:
     p.add_argument("--durable", action="store_true", help="a DurableWriter behind the registry")
     p.add_argument("--profile", action="store_true",
                    help="print a cProfile of the first round's registrations")
+    p.add_argument("--cadence", choices=("ours", "reference"), default="ours",
+                   help="our node's signed requests, or a reference daemon's (see above)")
     p.add_argument("--repeat", type=int, default=3,
                    help="rounds (a fresh registry each); the least CPU is shown")
     args = p.parse_args()
@@ -88,6 +100,9 @@ def main() -> None:
         return sign_request(msg, lambda m: keys[i].sign(m).signature, now_ms + i, os.urandom(16),
                             legacy=False)
 
+    if args.cadence == "reference":
+        reference(args, keys, pubs, now_ms, profile=cProfile.Profile() if args.profile else None)
+        return
     registers = [signed(i, {"type": "register", "public_key": base64.b64encode(pubs[i]).decode(),
                             "listen_addr": f"127.0.0.1:{20000 + i % 40000}"}) for i in range(n)]
     ids = [node_id_for_key(pub) for pub in pubs]
@@ -118,9 +133,60 @@ def main() -> None:
           f"python {sys.version.split()[0]}; the least of {args.repeat} rounds; "
           f"one Ed25519 check: {check * 1e6:.1f} us")
     for label, cpu in best.items():
-        signed = " (less one signature check: {:5.1f} us)".format((cpu / n - check) * 1e6) \
+        note = " (less one signature check: {:5.1f} us)".format((cpu / n - check) * 1e6) \
             if "signed" in label else ""
-        print(f"  {label:<24} {cpu / n * 1e6:7.1f} us CPU each  ({n / cpu:8.0f}/CPU-s){signed}")
+        print(f"  {label:<24} {cpu / n * 1e6:7.1f} us CPU each  ({n / cpu:8.0f}/CPU-s){note}")
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+def reference(args: argparse.Namespace, keys: list[SigningKey], pubs: list[bytes], now_ms: int,
+              profile: cProfile.Profile | None) -> None:
+    """The reference daemon's requests: CPU per request, the least of ``--repeat`` fresh registries."""
+    n = len(keys)
+    registers = [{"type": "register", "public_key": base64.b64encode(pubs[i]).decode(),
+                  "listen_addr": f"127.0.0.1:{20000 + i % 40000}"} for i in range(n)]
+    ids = [node_id_for_key(pub) for pub in pubs]
+
+    def legacy(i: int, msg: dict[str, Any]) -> dict[str, Any]:
+        challenge = legacy_challenge(msg)
+        assert challenge is not None
+        return dict(msg, signature=base64.b64encode(keys[i].sign(challenge).signature).decode())
+    beats = [encode_frame(legacy(i, {"type": "heartbeat", "node_id": ids[i]})) for i in range(n)]
+    polls = [encode_frame(legacy(i, {"type": "poll_handshakes", "node_id": ids[i]})) for i in range(n)]
+    lookups = frames([{"type": "lookup", "node_id": ids[i]} for i in range(n)])
+    def signer(i: int) -> Any:
+        return lambda m: keys[i].sign(m).signature
+    discovers = [with_proof(Discover(ids[i]).base, signer(i), now_ms, os.urandom(8)) for i in range(n)]
+    best: dict[str, float] = {}
+    for round_ in range(args.repeat):
+        clock = task.Clock()
+        clock.advance(now_ms / 1000.0)
+        registry = Registry(clock, RegistryConfig(registrations_per_minute=0, requests_per_second=0))
+        beacon = Beacon(registry, clock, BeaconConfig(datagrams_per_second=0))
+        proto = RegistryServerProtocol(registry, clock)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        proto.makeConnection(transport)
+        phases: list[tuple[str, Any]] = [("register (unsigned)", frames(registers))]
+        for k in (1, 2):
+            phases += [(f"heartbeat (legacy), round {k}", beats),
+                       (f"poll_handshakes (legacy), round {k}", polls)]
+        phases += [("lookup", lookups), ("beacon discover (signed)", None)]
+        for label, chunks in phases:
+            prof = profile if round_ == 0 and ("heartbeat" in label or "poll" in label) else None
+            if chunks is None:
+                t0 = time.process_time()
+                for d in discovers:
+                    beacon.datagram_received(d, ("127.0.0.1", 40000))
+                cpu = time.process_time() - t0
+            else:
+                cpu = run(proto, transport, chunks, prof)
+            best[label] = min(best.get(label, cpu), cpu)
+            clock.advance(1)
+    print(f"registry CPU per request, in one process: {n} nodes, the reference daemon's requests, "
+          f"python {sys.version.split()[0]}; the least of {args.repeat} rounds")
+    for label, cpu in best.items():
+        print(f"  {label:<36} {cpu / n * 1e6:7.1f} us CPU each  ({n / cpu:8.0f}/CPU-s)")
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 

@@ -172,7 +172,6 @@ class RegistryServerProtocol(Protocol):
         self.connections.add(self)
         stream_of(self).registerProducer(self, True)
         self._restart_idle_timer()
-        self.log.debug("registry connection from {peer}", peer=self._where())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
@@ -190,8 +189,6 @@ class RegistryServerProtocol(Protocol):
             self.registry.session_closed(self)
         except Exception:
             self.log.failure("registry.session_closed failed for {peer}", peer=self._where())
-        self.log.debug("registry connection from {peer} closed: {reason}", peer=self._where(),
-                       reason=reason.getErrorMessage())
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -256,11 +253,8 @@ class RegistryServerProtocol(Protocol):
             return
         before = self.durability.generation if self.durability is not None else 0
         try:
-            reply = self.registry.handle(item, self.peer, self)
-            if reply.get("type") == "error":
-                self.log.debug("{kind!r} from {peer} refused: {code}: {error}", kind=str(item.get("type"))[:40],
-                               peer=self._where(), code=reply.get("code"), error=reply.get("error"))
-            frame = encode_frame(reply)
+            # no logging here (a fleet's every request passes): refusals are counted by the registry
+            frame = encode_frame(self.registry.handle(item, self.peer, self))
         except Exception:
             self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
                              peer=self._where())

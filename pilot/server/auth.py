@@ -12,6 +12,14 @@ beacon's proofs follow the same rule, ``beacon.py``).  A key that has once verif
 *proven*; from then on the reference's replayable ``signature`` alone is no
 longer enough for it.  Keys that never proved themselves (reference nodes)
 keep the reference's rules.
+
+A reference node signs the same challenge with the same key every 30 s, and
+Ed25519 is deterministic, so its heartbeats and polls carry the very bytes
+already verified.  :class:`VerifiedSignatures` remembers legacy signatures
+that verified, keyed by the exact key, challenge and signature bytes: a
+request whose three are all equal to a verified one is known good without a
+second Ed25519 check; any other bytes are checked.  (The ``auth`` form never
+repeats: its nonce is fresh, so it is always checked.)
 """
 
 from __future__ import annotations
@@ -73,10 +81,39 @@ class NonceCache:
         return len(self._seen)
 
 
+class VerifiedSignatures:
+    """
+    Legacy signatures that verified, by ``key ‖ signature ‖ challenge`` (the
+    exact bytes); at most ``max_entries``, the oldest forgotten first.  Only
+    a signature that verified is remembered, so a miss is always checked.
+    """
+
+    def __init__(self, max_entries: int = 262_144) -> None:
+        self._seen: dict[bytes, None] = {}
+        self.max_entries = max_entries
+        self.hits = 0
+
+    def verify(self, public_key: bytes, challenge: bytes, signature: bytes) -> bool:
+        entry = public_key + signature + challenge
+        if entry in self._seen and len(public_key) == 32 and len(signature) == 64:
+            self.hits += 1
+            return True
+        if not verify(public_key, challenge, signature):
+            return False
+        if len(self._seen) >= self.max_entries:
+            del self._seen[next(iter(self._seen))]
+        self._seen[entry] = None
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 class Authenticator:
     def __init__(self, max_skew: float = MAX_SKEW) -> None:
         self.max_skew = max_skew
         self.nonces = NonceCache()
+        self.verified = VerifiedSignatures()
 
     def check(self, msg: dict[str, Any], public_key: bytes, proven: bool, now: float,
               floor_ms: int = 0) -> bool:
@@ -100,7 +137,7 @@ class Authenticator:
             challenge = legacy_challenge(msg)
         except (ValueError, MalformedFrame) as e:
             raise AuthFailed(str(e)) from None
-        if challenge is None or not verify(public_key, challenge, sig):
+        if challenge is None or not self.verified.verify(public_key, challenge, sig):
             raise AuthFailed("signature does not verify for this node's key")
         return False
 

@@ -3,24 +3,19 @@
 The registry: every request type a reference node sends, answered with the
 reference's reply fields (``docs/reference-wire.md`` §2), over our state.
 
-This module holds the :class:`Registry` (dispatch, rate limits, the helpers
-its handlers share) and the requests about a node's own record (register,
-lookup, resolve, hostname, visibility, tags, heartbeat, deregister, key
-rotation, punch, event subscription).  Trust and handshakes are in
-``handshakes.py``, searching in ``directory.py``, the reference's remaining
-requests in ``compat.py``, the
-types every handler shares in ``requests.py``.
+Here: :class:`Registry` (dispatch, rate limits, shared helpers) and the
+requests about a node's own record.  Trust and handshakes are in
+``handshakes.py``, searching in ``directory.py``, the reference's other
+requests in ``compat.py``, the types every handler shares in ``requests.py``.
 
 Pure logic: no sockets, no files; time from the injected ``IReactorTime``.
-The TCP protocol feeds :meth:`Registry.handle` one decoded request at a time
-with the connection's :class:`Session`; the reply is returned, and events for
-subscribed nodes are pushed through their sessions.  Whenever persistent
-state changes, ``on_change`` is called (the service coalesces the writes).
+The TCP protocol feeds :meth:`Registry.handle` one request at a time with its
+:class:`Session` and gets the reply; events for subscribed nodes go out through
+their sessions.  A change of persistent state calls ``on_change`` (coalesced).
 
-Where the reference is weak, this registry differs behind the same wire
-format (``docs/security.md``): node ids come from the key; directed trust;
-proven keys; a private node resolves (and is punched, and relayed to) only
-for peers it trusts; real error reasons.
+Where the reference is weak this registry differs behind the same wire
+(``docs/security.md``): ids from the key, directed trust, proven keys, a
+private node resolved (punched, relayed to) only for peers it trusts, real errors.
 """
 
 from __future__ import annotations
@@ -501,7 +496,5 @@ _HANDLERS: dict[str, Handler] = {
         "register", "lookup", "resolve", "resolve_hostname", "set_hostname", "set_visibility",
         "set_tags", "set_task_exec", "heartbeat", "deregister", "rotate_key", "punch", "subscribe_events")
 }
-_HANDLERS.update(handshakes.HANDLERS)
-_HANDLERS.update(compat.HANDLERS)
-_HANDLERS.update(directory.HANDLERS)
-_HANDLERS.update(statements.HANDLERS)
+for _more in (handshakes.HANDLERS, compat.HANDLERS, directory.HANDLERS, statements.HANDLERS):
+    _HANDLERS.update(_more)

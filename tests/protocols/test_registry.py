@@ -146,6 +146,19 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
         self.assertEqual(self.registry.requests, [])
 
+    def test_no_logging_per_connection_or_request(self) -> None:
+        """A connection, its requests (a refused one too) and its close log nothing: a fleet does this."""
+        registry = Registry(Clock())
+        with capturedLogs() as events:
+            protocol = RegistryServerProtocol(registry, self.clock)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.8", 40001))
+            protocol.makeConnection(transport)
+            protocol.dataReceived(encode_frame({"type": "lookup", "node_id": 7}) +
+                                  encode_frame({"type": "no_such_request"}))
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([r["type"] for r in frames(transport.value())], ["error", "error"])
+        self.assertEqual(events, [])
+
     def test_handler_exception(self) -> None:
         """An exception in the registry is logged and answered ``internal``; the connection goes on."""
         with capturedLogs() as events:

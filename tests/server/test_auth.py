@@ -12,7 +12,10 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity, b64decode
-from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator, NonceCache, decode_b64
+from pilot.server import auth as auth_module
+from pilot.server.auth import (
+    MAX_SKEW, AuthFailed, Authenticator, NonceCache, VerifiedSignatures, decode_b64,
+)
 from pilot.wire.registry import legacy_challenge, sign_request
 
 NOW = 1.8e9
@@ -156,6 +159,69 @@ class LegacySignatureTests(SynchronousTestCase):
     def test_proven_key_refuses_legacy(self) -> None:
         msg = legacy(ALICE, {"type": "heartbeat", "node_id": 1})
         self.assertRaises(AuthFailed, self.auth.check, msg, ALICE.public_key, True, NOW)
+
+
+class VerifiedSignaturesTests(SynchronousTestCase):
+    """A legacy signature repeated byte for byte is not checked twice; anything else is."""
+
+    def setUp(self) -> None:
+        self.auth = Authenticator()
+        self.checks: list[tuple[bytes, bytes, bytes]] = []
+        real = auth_module.verify
+
+        def counting(key: bytes, message: bytes, sig: bytes) -> bool:
+            self.checks.append((key, message, sig))
+            return real(key, message, sig)
+        self.patch(auth_module, "verify", counting)
+
+    def test_repeat_checked_once(self) -> None:
+        msg = legacy(ALICE, {"type": "heartbeat", "node_id": 1})
+        for t in (NOW, NOW + 30, NOW + 60):
+            self.assertFalse(self.auth.check(dict(msg), ALICE.public_key, False, t))
+        self.assertEqual(len(self.checks), 1)
+        self.assertEqual(self.auth.verified.hits, 2)
+
+    def test_other_bytes_checked(self) -> None:
+        beat = legacy(ALICE, {"type": "heartbeat", "node_id": 1})
+        self.auth.check(beat, ALICE.public_key, False, NOW)
+        # the same signature under another challenge, another key, or another signature: checked, refused
+        moved = dict(beat, node_id=2)
+        self.assertRaises(AuthFailed, self.auth.check, moved, ALICE.public_key, False, NOW)
+        self.assertRaises(AuthFailed, self.auth.check, beat, MALLORY.public_key, False, NOW)
+        poll = dict(beat, type="poll_handshakes")
+        self.assertRaises(AuthFailed, self.auth.check, poll, ALICE.public_key, False, NOW)
+        self.assertEqual(len(self.checks), 4)
+        self.assertEqual(self.auth.verified.hits, 0)
+
+    def test_failure_not_remembered(self) -> None:
+        bad = legacy(MALLORY, {"type": "heartbeat", "node_id": 1})
+        for _ in range(3):
+            self.assertRaises(AuthFailed, self.auth.check, bad, ALICE.public_key, False, NOW)
+        self.assertEqual(len(self.checks), 3)
+        self.assertEqual(len(self.auth.verified), 0)
+
+    def test_proven_key_still_refused(self) -> None:
+        msg = legacy(ALICE, {"type": "heartbeat", "node_id": 1})
+        self.auth.check(msg, ALICE.public_key, False, NOW)
+        self.assertRaises(AuthFailed, self.auth.check, msg, ALICE.public_key, True, NOW)
+
+    def test_auth_form_always_checked(self) -> None:
+        for i in range(3):
+            self.auth.check(authed(ALICE, {"type": "heartbeat", "node_id": 1}, nonce=bytes([i]) * 16),
+                            ALICE.public_key, False, NOW)
+        self.assertEqual(len(self.checks), 3)
+
+    def test_bounded_oldest_first(self) -> None:
+        cache = VerifiedSignatures(max_entries=2)
+        sigs = [(f"heartbeat:{i}".encode(), ALICE.sign(f"heartbeat:{i}".encode())) for i in range(3)]
+        for challenge, sig in sigs:
+            self.assertTrue(cache.verify(ALICE.public_key, challenge, sig))
+        self.assertEqual(len(cache), 2)
+        self.assertEqual(len(self.checks), 3)
+        cache.verify(ALICE.public_key, *sigs[2])
+        self.assertEqual(len(self.checks), 3)
+        cache.verify(ALICE.public_key, *sigs[0])  # forgotten: checked again
+        self.assertEqual(len(self.checks), 4)
 
 
 class AuthFormTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
+from pilot.server import beacon as beacon_module
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Peer, Registry, RegistryConfig
 from pilot.server.state import RegistryState
@@ -510,6 +511,28 @@ class InputTests(SynchronousTestCase):
                      ("203.0.113.4", True), (), ("203.0.113.4",), None, "203.0.113.4:5", (b"203.0.113.4", 5)]:
             self.assertEqual(w.send(Discover(0).encode(), addr), [])
         self.assertEqual(w.count("dropped.malformed"), 10)
+
+    def test_bad_source_refused_again(self) -> None:
+        # the host memo remembers a bad host as bad, and forgets everything once full
+        self.patch(beacon_module, "MEMO_LIMIT", 2)
+        w = World()
+        for _ in range(3):
+            self.assertEqual(w.send(Discover(0).encode(), ("example.com", 1)), [])
+        for n in range(1, 6):
+            host = f"203.0.113.{n}"
+            self.assertEqual(w.send(Discover(0).encode(), (host, 7)),
+                             [(DiscoverReply(host, 7).encode(), (host, 7))])
+        self.assertEqual(w.send(Discover(0).encode(), ("example.com", 1)), [])
+        self.assertEqual(w.count("dropped.malformed"), 4)
+        self.assertLessEqual(len(w.beacon._hosts), 2)
+        self.assertLessEqual(len(w.beacon._replies), 2)
+
+    def test_replies_follow_the_source(self) -> None:
+        # a remembered reply is the one for that very endpoint (host and port)
+        w = World()
+        for addr in [("203.0.113.4", 5), ("203.0.113.4", 6), ("203.0.113.4", 5), ("::1", 5),
+                     ("::ffff:1.2.3.4", 9)]:
+            self.assertEqual(w.send(Discover(0).encode(), addr), [(DiscoverReply(*addr).encode(), addr)])
 
     def test_never_raises(self) -> None:
         w = World(BeaconConfig(datagrams_per_second=0))
