@@ -5,11 +5,16 @@ and how a standby turns what it receives into a store (:class:`Follower`).
 The frames are ``pilot.wire.replication``'s; the roles and terms are in
 ``replication_role.py``; sockets and timers in ``pilot.services.replication``.
 
-The publisher keeps the store object it last pushed.  On :meth:`Publisher.publish`
-(the service calls it a flush delay after a change, as the store is written)
-it takes the store again: a reference subscriber gets the whole snapshot, a
-subscriber of ours the difference, numbered.  Heartbeats go to each
-subscriber at the interval it asked for (the reference's 15 s by default).
+A subscriber gets the whole store when it subscribes.  Then, on
+:meth:`Publisher.publish` (the service calls it a flush delay after a
+change), a subscriber of ours gets what changed since the last push,
+numbered: the store journal's record of it, taken from the registry's
+:class:`~pilot.server.journal.Feed` (the same tracker the store's writer
+reads), so a push costs what changed, not the store's size.  Only a
+reference subscriber (and one of ours too old to read records) gets the
+whole store again with every push; that store is made only while such a
+subscriber is there.  Heartbeats go to each subscriber at the interval it
+asked for (the reference's 15 s by default).
 
 Synchronous replication (``--sync-replication``): :meth:`Publisher.when_saved`
 has the shape of the store's (``pilot.protocols.registry.Durability``): a
@@ -30,6 +35,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from pilot.errors import ErrorCode, MalformedFrame
+from pilot.server.journal import Feed, JournalError, apply_record
 from pilot.server.requests import RequestError
 from pilot.server.state import RegistryState
 from pilot.wire import replication as wire
@@ -60,6 +66,8 @@ class Subscription:
     deltas: bool
     heartbeat: float
     where: str
+    #: it reads the journal's records (else a whole store per push)
+    records: bool = False
     last_beat: float = 0.0
     #: highest delta number this subscriber acknowledged
     acked: int = 0
@@ -70,17 +78,18 @@ class Publisher:
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, snapshot: Callable[[], bytes],
+    def __init__(self, clock: IReactorTime, snapshot: Callable[[], bytes], feed: Feed,
                  sync_timeout: float = SYNC_TIMEOUT) -> None:
+        """``snapshot()``: the store's bytes now; ``feed``: what changed in the same state."""
         self.clock = clock
         self.snapshot = snapshot
+        self.feed = feed
         self.sync_timeout = sync_timeout
         self.term = 0
         self.subscriptions: dict[Subscriber, Subscription] = {}
-        #: the store object last pushed, and the number of the last delta
-        self._last: dict[str, Any] | None = None
-        self._last_bytes = b"{}"
+        #: the number of the last push, and the store's numbers as of it
         self.seq = 0
+        self._scalars: dict[str, int] = {}
         #: changes seen, and the highest change a standby of ours acknowledged
         self.generation = 0
         self.saved = 0
@@ -113,24 +122,32 @@ class Publisher:
         interval = HEARTBEAT if not sub.heartbeat else max(MIN_HEARTBEAT, min(HEARTBEAT, sub.heartbeat))
         # the subscribers there are get what changed so far: the snapshot below is their base too
         self.publish()
-        self.subscriptions[session] = Subscription(session, sub.deltas, interval, where,
-                                                   last_beat=self.clock.seconds())
-        self.log.info("replication subscriber {where} ({kind}) joined", where=where,
-                      kind="deltas" if sub.deltas else "snapshots, reference")
-        if self._last is None:
-            self._take()
-        assert self._last is not None
+        if not self.feed.joined(self):
+            self.feed.join(self)  # changes from now on: the snapshot below holds the others
+            self._scalars = self._store_scalars()
+        data = self.snapshot()
+        subscription = Subscription(session, sub.deltas, interval, where, sub.records,
+                                    last_beat=self.clock.seconds())
         if sub.deltas:
-            self._push_frame(session, wire.encode_snapshot_bytes(self._last_bytes, self.term, self.seq), True)
+            self.subscriptions[session] = subscription
+            self._log_joined(subscription)
+            self._push_frame(session, wire.encode_snapshot_bytes(data, self.term, self.seq), True)
             return {"type": wire.SUBSCRIBE + "_ok", "seq": self.seq}
-        if len(self._last_bytes) > REFERENCE_MAX_FRAME - 100:
-            self.subscriptions.pop(session, None)
+        if len(data) > REFERENCE_MAX_FRAME - 100:
+            if not self.subscriptions:
+                self.feed.leave(self)
             raise RequestError(ErrorCode.invalid_argument,
-                               f"the store ({len(self._last_bytes)} bytes) does not fit the reference's "
+                               f"the store ({len(data)} bytes) does not fit the reference's "
                                f"{REFERENCE_MAX_FRAME}-byte frames: a reference standby cannot follow it")
+        self.subscriptions[session] = subscription
+        self._log_joined(subscription)
         self.snapshots_sent += 1
-        self.bytes_pushed += len(self._last_bytes)
-        return {"type": wire.SNAPSHOT, "snapshot": self._last}
+        self.bytes_pushed += len(data)
+        return {"type": wire.SNAPSHOT, "snapshot": wire.store_object(data)}
+
+    def _log_joined(self, sub: Subscription) -> None:
+        kind = "snapshots, reference" if not sub.deltas else "records" if sub.records else "snapshots, numbered"
+        self.log.info("replication subscriber {where} ({kind}) joined", where=sub.where, kind=kind)
 
     def closed(self, session: Subscriber) -> None:
         gone = self.subscriptions.pop(session, None)
@@ -153,39 +170,36 @@ class Publisher:
     def changed(self) -> None:
         self.generation += 1
 
-    def _take(self) -> dict[str, Any]:
-        """The store now, remembered as pushed (a new delta base)."""
-        data = self.snapshot()
-        self._last, self._last_bytes = wire.store_object(data), data
-        return self._last
+    def _store_scalars(self) -> dict[str, int]:
+        state = self.feed.tracker.state
+        return {"pilot_journal_seq": state.journal_seq, "pilot_term": state.term}
 
     def publish(self) -> None:
         """Push what changed since the last push to every subscriber."""
         if not self.subscriptions:
-            self._last = None
+            self.feed.leave(self)
             self._settle_without_followers()
             return
-        old = self._last
         generation = self.generation
-        data = self.snapshot()
-        new = wire.store_object(data)
-        changes = wire.diff(old, new) if old is not None else None
-        if changes == {}:
+        record = self.feed.take(self)  # None: the tracking restarted; every subscriber needs the whole store
+        scalars = self._store_scalars()
+        changed = {k: v for k, v in scalars.items() if self._scalars.get(k) != v}
+        self._scalars = scalars
+        if record == {} and not changed:
             return
-        self._last, self._last_bytes = new, data
         self.seq += 1
         self._pushed.append((self.seq, generation))
-        delta_body = wire.encode_body(wire.encode_delta(wire.Delta(self.seq, changes, self.term))) \
-            if changes is not None else None
-        snapshot_frame = wire.encode_snapshot_bytes(data, self.term)
-        snapshot_with_seq = wire.encode_snapshot_bytes(data, self.term, self.seq)
+        delta_body = wire.encode_body(wire.encode_delta(wire.Delta(self.seq, {}, self.term, record, changed))) \
+            if record is not None else None
+        data = self.snapshot() if delta_body is None or any(
+            not s.deltas or not s.records for s in self.subscriptions.values()) else b""
         for sub in list(self.subscriptions.values()):
             if not sub.deltas:
-                self._push_frame(sub.session, snapshot_frame, True)
-            elif delta_body is not None:
+                self._push_frame(sub.session, wire.encode_snapshot_bytes(data, self.term), True)
+            elif delta_body is not None and sub.records:
                 self._push_frame(sub.session, delta_body, False)
             else:
-                self._push_frame(sub.session, snapshot_with_seq, True)
+                self._push_frame(sub.session, wire.encode_snapshot_bytes(data, self.term, self.seq), True)
         self.pushes += 1
         self._settle_without_followers()
 
@@ -308,7 +322,14 @@ class Follower:
     def delta(self, frame: wire.Delta) -> None:
         if self.store is None or frame.seq != self.seq + 1:
             raise Gap(f"delta {frame.seq} after {self.seq if self.store is not None else 'no snapshot'}")
-        wire.apply(self.store, frame.changes)
+        if frame.record is not None:
+            try:
+                apply_record(self.store, {"seq": frame.seq, **frame.record})
+            except JournalError as e:
+                raise MalformedFrame(f"a delta that does not apply: {e}") from None
+            self.store.update(frame.scalars)
+        else:
+            wire.apply(self.store, frame.changes)
         self.seq = frame.seq
         self.applied += 1
         self.deltas += 1

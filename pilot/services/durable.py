@@ -56,7 +56,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pilot.persist import AppendOnlyFile, atomic_write_bytes
 from pilot.server.compaction import StateView, StoreMirror
-from pilot.server.journal import Tracker, record_line
+from pilot.server.journal import Feed, Tracker, record_line
 from pilot.server.state import RegistryState
 from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path, journal_pending
 
@@ -83,6 +83,9 @@ class DurableWriter:
         self.journal_limit = journal_limit
         self.journal = AppendOnlyFile(journal_path(path))
         self.tracker = Tracker(state)
+        #: the tracker's records, read by this writer and by replication's publisher (if paired)
+        self.feed = Feed(self.tracker)
+        self.feed.join(self)
         #: the store as the writer thread rebuilds it from the records (compaction off the reactor)
         self.mirror = StoreMirror(StateView.of(state))
         self._mirror_lost = False
@@ -175,8 +178,7 @@ class DurableWriter:
         self.dirty = False
         try:
             data = self.state.to_bytes()  # holds journal_seq: the last record it includes
-            self.tracker.reset()
-            self._mirror_lost = True  # it missed what the reset dropped; a new one, if writes go on
+            self._mirror_lost = True  # a new mirror (and a compaction), if writes go on
             atomic_write_bytes(self.path, data)
             self.journal.truncate()
         except Exception as e:
@@ -212,13 +214,15 @@ class DurableWriter:
         generation = self.generation
         self.dirty = False
         try:
-            if self._mirror_lost or not self.tracker.intact():
-                # a container was replaced whole, or the mirror missed a record: start both afresh
-                self.tracker.reset()
+            if self._mirror_lost:
+                self.feed.lose(self)
+            delta = self.feed.take(self)
+            if delta is None:
+                # a container was replaced whole, or the mirror missed a record: a new mirror
                 self.mirror = StoreMirror(StateView.of(self.state))
                 self._mirror_lost = False
                 self._compact_due = True
-            delta = self.tracker.delta()
+                delta = {}
             if delta:
                 self.state.journal_seq += 1
             write = self._write(delta, self.state.journal_seq,

@@ -32,6 +32,7 @@ from pilot.endpoint import parse_host_port
 from pilot.errors import MalformedFrame
 from pilot.protocols.replication import READ_DEADLINE, ReplicationClientFactory, ReplicationClientProtocol
 from pilot.protocols.registry import Durability
+from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Registry
 from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, adopt
 from pilot.server.replication_role import Replica
@@ -99,12 +100,14 @@ class ReplicationService(Service):
     def __init__(self, registry: Registry, settings: ReplicationSettings, reactor: Any,
                  push_delay: float, listen_port: Callable[[], int], persist: Callable[[bool], None],
                  tls: bool = False, snapshot: Callable[[], bytes] | None = None,
-                 disconnect_clients: Callable[[], None] = lambda: None) -> None:
+                 disconnect_clients: Callable[[], None] = lambda: None, feed: Feed | None = None) -> None:
         """
         ``persist(whole)`` writes the store soon (``whole``: as a snapshot, the
-        state was replaced); ``snapshot()`` gives the store's bytes (shared with
-        the store's writer; by default made afresh); ``disconnect_clients()``
-        closes every registry connection (on stepping down: nodes move at once).
+        state was replaced); ``snapshot()`` gives the store's bytes (by default
+        made afresh); ``feed`` tells what changed in the state (the store
+        writer's, shared; without a store, one of its own);
+        ``disconnect_clients()`` closes every registry connection (on stepping
+        down: nodes move at once).
         """
         self._disconnect_clients = disconnect_clients
         self.registry = registry
@@ -114,7 +117,8 @@ class ReplicationService(Service):
         self.listen_port = listen_port
         self._persist = persist
         self.tls = tls
-        self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes, settings.sync_timeout)
+        self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes,
+                                   feed or Feed(Tracker(registry.state)), settings.sync_timeout)
         self.follower = Follower()
         self.replica = Replica(registry.state, self.publisher, settings.token, settings.standby_of, self)
         registry.replica = self.replica
@@ -211,7 +215,7 @@ class ReplicationService(Service):
         return wire.encode_subscribe(wire.Subscribe(
             self.settings.token.decode("utf-8", "surrogateescape") if self.settings.token else "",
             deltas=True, term=self.replica.term, heartbeat=heartbeat,
-            role="standby" if self.replica.standby else "primary", port=port))
+            role="standby" if self.replica.standby else "primary", port=port, records=True))
 
     def _dial(self) -> None:
         if not self.running or self.target is None or self.attempt is not None:

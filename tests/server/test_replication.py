@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, b64encode
+from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Peer, Registry
 from pilot.server.replication import Follower, Gap, Publisher, adopt, tokens_match
 from pilot.server.state import RegistryState
@@ -18,6 +19,8 @@ from pilot.wire import replication as wire
 from tests.server.test_state import load_vector
 
 PEER = Peer("192.0.2.7", 5000)
+#: a subscription of a standby of ours
+OURS = wire.Subscribe("t", deltas=True, records=True)
 
 
 class Session:
@@ -48,7 +51,7 @@ class PublisherTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry(self.clock, on_change=lambda: self.publisher.changed())
-        self.publisher = Publisher(self.clock, self.registry.state.to_bytes)
+        self.publisher = Publisher(self.clock, self.registry.state.to_bytes, Feed(Tracker(self.registry.state)))
         self.publisher.term = 3
 
     def follow(self, session: Session, follower: Follower) -> RegistryState | None:
@@ -77,7 +80,7 @@ class PublisherTests(SynchronousTestCase):
     def test_our_subscriber_follows_by_deltas(self) -> None:
         register(self.registry, "first")
         ours, follower = Session(), Follower()
-        reply = self.publisher.subscribe(ours, wire.Subscribe("t", deltas=True), "ours")
+        reply = self.publisher.subscribe(ours, OURS, "ours")
         self.assertEqual(reply["type"], "subscribe_replication_ok")
         first = self.follow(ours, follower)
         assert first is not None
@@ -95,33 +98,34 @@ class PublisherTests(SynchronousTestCase):
 
     def test_late_subscriber_does_not_cost_the_others_a_change(self) -> None:
         ours, follower = Session(), Follower()
-        self.publisher.subscribe(ours, wire.Subscribe("t", deltas=True), "a")
+        self.publisher.subscribe(ours, OURS, "a")
         self.follow(ours, follower)
         register(self.registry, "unpushed")  # changed, not pushed yet...
-        self.publisher.subscribe(Session(), wire.Subscribe("t", deltas=True), "b")  # ...when b comes
+        self.publisher.subscribe(Session(), OURS, "b")  # ...when b comes
         state = self.follow(ours, follower)
         self.assertEqual(state.to_json(), self.registry.state.to_json())  # type: ignore[union-attr]
 
     def test_captured_reference_store_travels_unchanged(self) -> None:
         value = load_vector("go-session-1", "registry-store.json")
         state = RegistryState.from_json(value)
-        publisher = Publisher(self.clock, state.to_bytes)
+        publisher = Publisher(self.clock, state.to_bytes, Feed(Tracker(state)))
         reply = publisher.subscribe(Session(), wire.Subscribe("t"), "ref")
         self.assertEqual(reply["snapshot"], state.to_json())
         self.assertEqual(RegistryState.from_json(reply["snapshot"]).to_json(), state.to_json())
 
     def test_store_too_big_for_a_reference_standby(self) -> None:
         from pilot.server.requests import RequestError
-        publisher = Publisher(self.clock, lambda: b'{"nodes":{},"x":"' + b"y" * (1 << 20) + b'"}')
+        publisher = Publisher(self.clock, lambda: b'{"nodes":{},"x":"' + b"y" * (1 << 20) + b'"}',
+                              Feed(Tracker(RegistryState())))
         self.assertRaises(RequestError, publisher.subscribe, Session(), wire.Subscribe("t"), "ref")
         self.assertEqual(publisher.subscriptions, {})
-        self.assertEqual(publisher.subscribe(Session(), wire.Subscribe("t", deltas=True), "ours")["type"],
-                         "subscribe_replication_ok")
+        ours = OURS
+        self.assertEqual(publisher.subscribe(Session(), ours, "ours")["type"], "subscribe_replication_ok")
 
     def test_heartbeats_at_the_asked_interval(self) -> None:
         ref, ours = Session(), Session()
         self.publisher.subscribe(ref, wire.Subscribe("t"), "ref")
-        self.publisher.subscribe(ours, wire.Subscribe("t", deltas=True, heartbeat=2.5), "ours")
+        self.publisher.subscribe(ours, wire.Subscribe("t", deltas=True, heartbeat=2.5, records=True), "ours")
         ours.frames.clear()
         for _ in range(30):
             self.clock.advance(0.5)
@@ -145,9 +149,10 @@ class SyncTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry(self.clock, on_change=lambda: self.publisher.changed())
-        self.publisher = Publisher(self.clock, self.registry.state.to_bytes, sync_timeout=2.0)
+        self.publisher = Publisher(self.clock, self.registry.state.to_bytes,
+                                   Feed(Tracker(self.registry.state)), sync_timeout=2.0)
         self.session = Session()
-        self.publisher.subscribe(self.session, wire.Subscribe("t", deltas=True), "ours")
+        self.publisher.subscribe(self.session, OURS, "ours")
 
     def test_reply_waits_for_the_standby(self) -> None:
         register(self.registry)
