@@ -18,9 +18,16 @@ Ours add fields the reference ignores.  A subscription of ours says
 wants, its ``role`` (``"standby"``, or ``"primary"`` for a promoted server
 probing its former primary) and the ``port`` its registry listens on.  Such a
 subscriber gets one snapshot, then ``{"type":"replication_delta","seq":N,
-"changes":{...}}`` frames (:func:`diff`, :func:`apply`), numbered from the
-snapshot's ``seq``; a gap makes the standby close and subscribe again, for a
-new snapshot.  It acknowledges what it holds with ``{"type":"replication_ack",
+...}`` frames numbered from the snapshot's ``seq``; a gap makes the standby
+close and subscribe again, for a new snapshot.  A delta holds either
+``"changes":{...}`` (:func:`diff`, :func:`apply`: what the first version of
+our primaries sends) or, to a subscriber that said ``"records": true``,
+``"record":{...}``: what changed as a record of the store's journal
+(``pilot.server.journal``: ``set``/``del`` keys of the store's objects,
+``add``/``drop`` items of its lists), with ``"scalars":{...}`` for the
+store's top-level numbers that changed (``pilot_journal_seq``,
+``pilot_term``).  A primary sends records only to subscribers that asked;
+to one of ours that did not, it pushes numbered snapshots instead.  It acknowledges what it holds with ``{"type":"replication_ack",
 "seq":N}`` (``--sync-replication`` waits for these).  Every frame of a paired
 server carries ``"term"``.
 """
