@@ -328,8 +328,9 @@ class Feed:
         self._readers: dict[object, _Pending | None] = {}
 
     def join(self, reader: object) -> None:
-        """Read from now on (the reader holds the state as it is now)."""
-        self._readers[reader] = _Pending()
+        """Read from now on (the reader holds the state as it is now: what changed before is the others')."""
+        self._readers[reader] = None
+        self.take(reader)
 
     def leave(self, reader: object) -> None:
         self._readers.pop(reader, None)

@@ -146,7 +146,7 @@ class Publisher:
         return {"type": wire.SNAPSHOT, "snapshot": wire.store_object(data)}
 
     def _log_joined(self, sub: Subscription) -> None:
-        kind = "snapshots, reference" if not sub.deltas else "records" if sub.records else "snapshots, numbered"
+        kind = "records" if sub.records else "snapshots, numbered" if sub.deltas else "snapshots, reference"
         self.log.info("replication subscriber {where} ({kind}) joined", where=sub.where, kind=kind)
 
     def closed(self, session: Subscriber) -> None:
@@ -189,17 +189,19 @@ class Publisher:
             return
         self.seq += 1
         self._pushed.append((self.seq, generation))
-        delta_body = wire.encode_body(wire.encode_delta(wire.Delta(self.seq, {}, self.term, record, changed))) \
-            if record is not None else None
-        data = self.snapshot() if delta_body is None or any(
-            not s.deltas or not s.records for s in self.subscriptions.values()) else b""
+        delta_body = None if record is None else \
+            wire.encode_body(wire.encode_delta(wire.Delta(self.seq, {}, self.term, record, changed)))
+        # the whole store only for a reference subscriber (or an older one of ours), or when the tracking
+        # restarted (a container was replaced whole)
+        kinds = {s.deltas for s in self.subscriptions.values() if delta_body is None or not s.records}
+        data = self.snapshot() if kinds else b""
+        frames = {deltas: wire.encode_snapshot_bytes(data, self.term, self.seq if deltas else 0)
+                  for deltas in kinds}
         for sub in list(self.subscriptions.values()):
-            if not sub.deltas:
-                self._push_frame(sub.session, wire.encode_snapshot_bytes(data, self.term), True)
-            elif delta_body is not None and sub.records:
+            if delta_body is not None and sub.records:
                 self._push_frame(sub.session, delta_body, False)
             else:
-                self._push_frame(sub.session, wire.encode_snapshot_bytes(data, self.term, self.seq), True)
+                self._push_frame(sub.session, frames[sub.deltas], True)
         self.pushes += 1
         self._settle_without_followers()
 

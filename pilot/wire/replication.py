@@ -27,9 +27,10 @@ our primaries sends) or, to a subscriber that said ``"records": true``,
 ``add``/``drop`` items of its lists), with ``"scalars":{...}`` for the
 store's top-level numbers that changed (``pilot_journal_seq``,
 ``pilot_term``).  A primary sends records only to subscribers that asked;
-to one of ours that did not, it pushes numbered snapshots instead.  It acknowledges what it holds with ``{"type":"replication_ack",
-"seq":N}`` (``--sync-replication`` waits for these).  Every frame of a paired
-server carries ``"term"``.
+to one of ours that did not, it pushes numbered snapshots instead.  A
+standby acknowledges what it holds with ``{"type":"replication_ack","seq":N}``
+(``--sync-replication`` waits for these).  Every frame of a paired server
+carries ``"term"``.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def decode(msg: dict[str, Any]) -> Frame:
             raise MalformedFrame("a snapshot must hold a store object")
         return Snapshot(store, term, _counter(msg, "seq"))
     if kind == DELTA and "record" in msg:
-        return Delta(_counter(msg, "seq"), {}, term, _record(msg.get("record")), _scalars(msg.get("scalars", {})))
+        record = _record(msg.get("record"))
+        return Delta(_counter(msg, "seq"), {}, term, record, _scalars(msg.get("scalars", {})))
     if kind == DELTA:
         changes = msg.get("changes")
         if not isinstance(changes, dict):

@@ -309,7 +309,8 @@ class FeedTests(SynchronousTestCase):
         del s.nodes[1 << 31]
         self.assertEqual(self.feed.take(self.b), {
             "set": {"nodes": {"7": json.loads(json.dumps(stored(s)["nodes"]["7"]))}, "auth_ts": {"7": 2}},
-            "del": {"nodes": [str(1 << 31)]}, "add": {"trust_edges": ["7>99"]}, "drop": {"proven": [1 << 31]}})
+            "del": {"nodes": [str(1 << 31)]}, "add": {"trust_edges": ["7>99"]},
+            "drop": {"proven": [1 << 31]}})
 
     def test_a_record_handed_out_is_never_changed(self) -> None:
         self.state.nodes[7].hostname = "beta"

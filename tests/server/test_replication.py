@@ -53,7 +53,8 @@ class PublisherTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = Registry(self.clock, on_change=lambda: self.publisher.changed())
-        self.publisher = Publisher(self.clock, self.registry.state.to_bytes, Feed(Tracker(self.registry.state)))
+        self.publisher = Publisher(self.clock, self.registry.state.to_bytes,
+                                   Feed(Tracker(self.registry.state)))
         self.publisher.term = 3
 
     def follow(self, session: Session, follower: Follower) -> RegistryState | None:
@@ -276,7 +277,8 @@ class RecordDeltaTests(SynchronousTestCase):
             lambda s: (s.trust.discard((7, 99)), s.trust.add((0xFFFFFFFE, 5)), s.trust.add((5, 0xFFFFFFFE))),
             lambda s: s.asked.add((7, 0xFFFFFFFE)),
             lambda s: s.inbox[7].append(HandshakeRequest(0xFFFFFFFE, "hi", T0)),
-            lambda s: (s.responses.pop(99), s.responses.__setitem__(7, [HandshakeResponse(99, False, T0 + 1)])),
+            lambda s: (s.responses.pop(99),
+                       s.responses.__setitem__(7, [HandshakeResponse(99, False, T0 + 1)])),
             lambda s: statement(s, 1),
             lambda s: statement(s, 2),
             lambda s: setattr(s, "journal_seq", s.journal_seq + 5),

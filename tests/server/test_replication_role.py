@@ -46,7 +46,8 @@ class ReplicaTestCase(SynchronousTestCase):
         self.registry = Registry(self.clock)
         self.registry.state.term = term
         self.links = Links()
-        self.publisher = Publisher(self.clock, self.registry.state.to_bytes, Feed(Tracker(self.registry.state)))
+        self.publisher = Publisher(self.clock, self.registry.state.to_bytes,
+                                   Feed(Tracker(self.registry.state)))
         replica = Replica(self.registry.state, self.publisher, token, standby_of, self.links)
         self.registry.replica = replica
         return replica

@@ -76,7 +76,8 @@ class FrameTests(SynchronousTestCase):
     def test_hostile_record_deltas_refused(self) -> None:
         for bad in ({"record": []}, {"record": {"set": []}}, {"record": {"replace": {}}},
                     {"record": {}, "scalars": []}, {"record": {}, "scalars": {"nodes": 1}},
-                    {"record": {}, "scalars": {"pilot_term": -1}}, {"record": {}, "scalars": {"pilot_term": "1"}}):
+                    {"record": {}, "scalars": {"pilot_term": -1}},
+                    {"record": {}, "scalars": {"pilot_term": "1"}}):
             self.assertRaises(MalformedFrame, wire.decode, {"type": "replication_delta", "seq": 1, **bad})
 
     def test_hostile_frames_refused(self) -> None:
