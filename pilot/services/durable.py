@@ -23,7 +23,9 @@ change bumps :attr:`DurableWriter.generation`.  A write is either
   (:meth:`flush`, nothing is answered then anyway).
 
 The reactor thread only takes each group's changes from the tracker (a
-record costs what changed, not the store's size); the writer thread applies
+record costs what changed, not the store's size), through a
+:class:`pilot.server.journal.Feed` that a paired primary's replication reads
+too (its pushes are the same records); the writer thread applies
 them to the mirror, encodes, writes and syncs them, one write at a time,
 while the reactor answers requests and gathers the next group: every change
 made while a write is under way goes in the next one, started as soon as it
