@@ -313,10 +313,14 @@ class Follower:
         self.deltas = 0
         #: deltas applied to the store object since the last load
         self.pending = 0
+        #: the store's lists that records changed since the last load, held as sets meanwhile (an item
+        #: added to a list of 100,000 costs the item, not a sort of the list)
+        self._sets: dict[str, set[Any]] = {}
 
     def snapshot(self, frame: wire.Snapshot) -> RegistryState:
         state = _load(frame.store)
         self.store, self.seq, self.pending = frame.store, frame.seq, 0
+        self._sets.clear()
         self.applied += 1
         self.snapshots += 1
         return state
@@ -326,11 +330,12 @@ class Follower:
             raise Gap(f"delta {frame.seq} after {self.seq if self.store is not None else 'no snapshot'}")
         if frame.record is not None:
             try:
-                apply_record(self.store, {"seq": frame.seq, **frame.record})
+                self._apply(self.store, frame.seq, frame.record)
             except JournalError as e:
                 raise MalformedFrame(f"a delta that does not apply: {e}") from None
             self.store.update(frame.scalars)
         else:
+            self._lists()
             wire.apply(self.store, frame.changes)
         self.seq = frame.seq
         self.applied += 1
@@ -342,10 +347,39 @@ class Follower:
         if self.store is None:
             raise Gap("no snapshot yet")
         self.pending = 0
+        self._lists()
         return _load(self.store)
 
     def reset(self) -> None:
         self.store, self.seq, self.pending = None, 0, 0
+        self._sets.clear()
+
+    def _apply(self, store: dict[str, Any], seq: int, record: dict[str, Any]) -> None:
+        """A record applied as the journal's replay does (checked by it), its list items to the sets."""
+        apply_record(store, {"seq": seq, **{k: v for k, v in record.items() if k in ("set", "del")}})
+        for part in ("add", "drop"):
+            sections = record.get(part, {})
+            # the replay checks the lists' names, and makes trust_edges of a reference store's pairs
+            first = {name: [] for name in sections if name not in self._sets} \
+                if isinstance(sections, dict) else sections
+            apply_record(store, {"seq": seq, part: first})
+            for name, items in sections.items():
+                if not isinstance(items, list) or not all(isinstance(x, (str, int)) for x in items):
+                    raise JournalError(f"record {seq}: {part}.{name} is not a list of ids")
+                kept = self._sets.get(name)
+                if kept is None:
+                    kept = self._sets[name] = set(store[name])
+                if part == "add":
+                    kept.update(items)
+                else:
+                    kept.difference_update(items)
+
+    def _lists(self) -> None:
+        """The lists held as sets back in the store object, sorted as the journal's replay sorts them."""
+        assert self.store is not None
+        for name, kept in self._sets.items():
+            self.store[name] = sorted(kept, key=lambda x: (isinstance(x, str), x))
+        self._sets.clear()
 
 
 def _load(store: dict[str, Any]) -> RegistryState:
