@@ -163,6 +163,7 @@ class Publisher:
         """Forget every subscriber (this server stepped down); their sessions, to close."""
         sessions = list(self.subscriptions)
         self.subscriptions.clear()
+        self.feed.leave(self)  # a standby now: nothing to keep for pushes
         return sessions
 
     # --- pushing --------------------------------------------------------------------------

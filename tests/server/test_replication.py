@@ -374,6 +374,10 @@ class RecordDeltaTests(SynchronousTestCase):
         self.assertEqual([f["type"] for f in again.frames], ["replication_snapshot"])
         self.assertEqual(self.feed.take(self.publisher), {})
 
+    def test_stepping_down_leaves_the_feed(self) -> None:
+        self.assertEqual(self.publisher.drop_all(), [self.session])
+        self.assertFalse(self.feed.joined(self.publisher))
+
     def test_follower_refuses_a_record_that_does_not_apply(self) -> None:
         for bad in ({"set": {"networks": {}}}, {"add": {"nodes": []}}, {"add": {"proven": "7"}},
                     {"drop": {"proven": [[7]]}}, {"add": []}):
