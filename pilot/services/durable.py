@@ -228,7 +228,7 @@ class DurableWriter:
             if delta:
                 self.state.journal_seq += 1
             write = self._write(delta, self.state.journal_seq,
-                                self._compact_due or self.journal.size >= self.journal_limit)
+                                self._compact_due or self.journal.size >= self.journal_limit, self.state.term)
         except Exception:
             self.dirty = True
             self.log.failure("could not make the registry store's next write")
@@ -238,12 +238,13 @@ class DurableWriter:
         d = self.run(write)
         d.addCallbacks(self._written, self._write_failed, callbackArgs=(generation,))
 
-    def _write(self, delta: dict[str, Any], seq: int, compact: bool) -> Callable[[], bool]:
+    def _write(self, delta: dict[str, Any], seq: int, compact: bool, term: int = 0) -> Callable[[], bool]:
         """
         What the writer thread does for one group: the record of ``delta``
         (record ``seq``) applied to the mirror and appended to the journal, or,
         with ``compact``, the store file rewritten from the mirror (it then
-        holds the record) and the journal emptied.  Its result says which.
+        holds the record, and ``term``: the replication term is no record's)
+        and the journal emptied.  Its result says which.
         """
         mirror = self.mirror
 
@@ -256,6 +257,7 @@ class DurableWriter:
                     self._mirror_lost = True  # read by the reactor once this write has failed
                     raise
             if compact:
+                mirror.term = term
                 atomic_write_bytes(self.path, mirror.render())
                 self.journal.truncate()
             elif delta:
