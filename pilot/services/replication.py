@@ -26,6 +26,7 @@ import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from pilot.endpoint import parse_host_port
@@ -34,7 +35,7 @@ from pilot.protocols.replication import READ_DEADLINE, ReplicationClientFactory,
 from pilot.protocols.registry import Durability
 from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Registry
-from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, adopt
+from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, Runner, adopt
 from pilot.server.replication_role import Replica
 from pilot.server.state import RegistryState
 from pilot.wire import replication as wire
@@ -68,6 +69,14 @@ class ReplicationSettings:
     @property
     def paired(self) -> bool:
         return self.token is not None or self.standby_of is not None
+
+
+def _in_thread(reactor: Any) -> Runner | None:
+    """A runner on the reactor's thread pool (None for a reactor without one: a test's)."""
+    pool = getattr(reactor, "getThreadPool", None)
+    if pool is None:
+        return None
+    return lambda f: deferToThreadPool(reactor, pool(), f)
 
 
 class BothSaved:
@@ -118,7 +127,8 @@ class ReplicationService(Service):
         self._persist = persist
         self.tls = tls
         self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes,
-                                   feed or Feed(Tracker(registry.state)), settings.sync_timeout)
+                                   feed or Feed(Tracker(registry.state)), settings.sync_timeout,
+                                   off_reactor=_in_thread(reactor))
         self.follower = Follower()
         self.replica = Replica(registry.state, self.publisher, settings.token, settings.standby_of, self)
         registry.replica = self.replica

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -401,3 +402,87 @@ class RecordDeltaTests(SynchronousTestCase):
         self.assertNotIn(5004, self.follower.store["proven"])  # not yet: held in a set
         self.assertIdentical()
         self.assertIn(5004, self.follower.store["proven"])
+
+
+class OffReactorSnapshotTests(SynchronousTestCase):
+    """A subscriber of ours gets its first snapshot made in another thread (issue 16)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.state = sample_state()
+        self.state.term = 2
+        self.runs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.publisher = Publisher(self.clock, self.state.to_bytes, Feed(Tracker(self.state)),
+                                   off_reactor=self.thread)
+        self.publisher.term = 2
+        self.session, self.follower = Session(), Follower()
+
+    def thread(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.runs.append((f, d))
+        return d
+
+    def finish(self) -> None:
+        f, d = self.runs.pop(0)
+        try:
+            result = f()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+    def follow(self) -> RegistryState:
+        state = None
+        for frame in self.session.frames:
+            decoded = wire.decode(frame)
+            if isinstance(decoded, wire.Snapshot):
+                state = self.follower.snapshot(decoded)
+            elif isinstance(decoded, wire.Delta):
+                self.follower.delta(decoded)
+                state = self.follower.load()
+        self.session.frames.clear()
+        assert state is not None
+        return state
+
+    def test_made_off_the_reactor_what_was_pushed_meanwhile_follows(self) -> None:
+        def whole(*args: object, **kwargs: object) -> Any:
+            raise AssertionError("the whole store was made on the reactor")
+        self.patch(RegistryState, "to_bytes", whole)
+        reply = self.publisher.subscribe(self.session, OURS, "ours")
+        self.assertEqual(reply, {"type": "subscribe_replication_ok", "seq": 0})
+        self.assertEqual(self.session.frames, [])
+        self.state.nodes[7].hostname = "beta"
+        self.publisher.publish()
+        self.clock.advance(30)
+        self.publisher.beat()  # no heartbeat before the snapshot: it would look like a gap
+        self.assertEqual(self.session.frames, [])
+        self.finish()
+        self.assertEqual([(f["type"], f.get("seq", 0)) for f in self.session.frames],
+                         [("replication_snapshot", 0), ("replication_delta", 1)])
+        self.assertEqual(self.follow().hostnames, {"beta": 7})
+
+    def test_standby_ends_byte_identical(self) -> None:
+        self.publisher.subscribe(self.session, OURS, "ours")
+        self.state.proven.add(1 << 31)
+        self.publisher.publish()
+        self.finish()
+        self.state.nodes[7].hostname = "beta"
+        self.publisher.publish()
+        self.assertEqual(self.follow().to_bytes(), self.state.to_bytes())
+
+    def test_gone_before_it_was_made(self) -> None:
+        self.publisher.subscribe(self.session, OURS, "ours")
+        self.publisher.closed(self.session)
+        self.finish()
+        self.assertEqual(self.session.frames, [])
+
+    def test_failed_made_here_instead(self) -> None:
+        self.publisher.subscribe(self.session, OURS, "ours")
+        self.state.nodes[7].hostname = "beta"
+        self.publisher.publish()
+        f, d = self.runs.pop()
+        d.errback(RuntimeError("no thread"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [frame] = self.session.frames
+        self.assertEqual((frame["type"], frame["seq"]), ("replication_snapshot", 1))
+        self.assertEqual(self.follow().to_bytes(), self.state.to_bytes())
