@@ -13,7 +13,10 @@ numbered: the store journal's record of it, taken from the registry's
 reads), so a push costs what changed, not the store's size.  Only a
 reference subscriber (and one of ours too old to read records) gets the
 whole store again with every push; that store is made only while such a
-subscriber is there.  Heartbeats go to each subscriber at the interval it
+subscriber is there.  The first snapshot of a subscriber of ours is made in
+another thread when the service gives one (``off_reactor``): the reactor
+only copies the state (``pilot.server.compaction.StateView``), and what is
+pushed meanwhile is held for that subscriber until its snapshot is sent.  Heartbeats go to each subscriber at the interval it
 asked for (the reference's 15 s by default).
 
 Synchronous replication (``--sync-replication``): :meth:`Publisher.when_saved`
@@ -46,6 +49,8 @@ from pilot.wire.registry import MAX_FRAME as REFERENCE_MAX_FRAME
 HEARTBEAT = 15.0
 #: The shortest heartbeat interval a subscriber may ask for.
 MIN_HEARTBEAT = 0.2
+#: The fewest bytes a node takes in a store (its object, with its key; and its key again in pub_key_idx).
+MIN_NODE_BYTES = 150
 #: A --sync-replication reply waits at most this long for a standby's acknowledgement.
 SYNC_TIMEOUT = 2.0
 
@@ -147,12 +152,16 @@ class Publisher:
             else:
                 self._snapshot_off_reactor(subscription)
             return {"type": wire.SUBSCRIBE + "_ok", "seq": self.seq}
-        data = self.snapshot()
-        if len(data) > REFERENCE_MAX_FRAME - 100:
+        # a store that cannot fit by its nodes alone is refused without making it (a reference standby
+        # tries again every 3 s)
+        nodes = len(self.feed.tracker.state.nodes)
+        data = self.snapshot() if nodes * MIN_NODE_BYTES <= REFERENCE_MAX_FRAME else b""
+        if not data or len(data) > REFERENCE_MAX_FRAME - 100:
             if not self.subscriptions:
                 self.feed.leave(self)
+            size = f"{len(data)} bytes" if data else f"{nodes} nodes, over {nodes * MIN_NODE_BYTES} bytes"
             raise RequestError(ErrorCode.invalid_argument,
-                               f"the store ({len(data)} bytes) does not fit the reference's "
+                               f"the store ({size}) does not fit the reference's "
                                f"{REFERENCE_MAX_FRAME}-byte frames: a reference standby cannot follow it")
         self.subscriptions[session] = subscription
         self._log_joined(subscription)

@@ -126,6 +126,19 @@ class PublisherTests(SynchronousTestCase):
         ours = OURS
         self.assertEqual(publisher.subscribe(Session(), ours, "ours")["type"], "subscribe_replication_ok")
 
+    def test_store_too_big_by_its_nodes_is_not_made(self) -> None:
+        from pilot.server.requests import RequestError
+        state = RegistryState()
+        for i in range(1, 8000):
+            state.nodes[i] = Node(id=i, public_key=i.to_bytes(4, "big") * 8)
+
+        def whole() -> bytes:
+            raise AssertionError("made")
+        publisher = Publisher(self.clock, whole, Feed(Tracker(state)))
+        e = self.assertRaises(RequestError, publisher.subscribe, Session(), wire.Subscribe("t"), "ref")
+        self.assertIn("7999 nodes", str(e))
+        self.assertFalse(publisher.feed.joined(publisher))
+
     def test_heartbeats_at_the_asked_interval(self) -> None:
         ref, ours = Session(), Session()
         self.publisher.subscribe(ref, wire.Subscribe("t"), "ref")
