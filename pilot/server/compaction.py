@@ -74,7 +74,8 @@ class StateView:
               n.polo_score, n.task_exec, n.networks, n.local_addr) for n in s.nodes.values()],
             dict(s.key_index), dict(s.auth_ts), dict(s.gone), frozenset(s.trust), frozenset(s.proven),
             frozenset(s.asked), {k: list(v) for k, v in s.inbox.items()},
-            {k: list(v) for k, v in s.responses.items()}, {k: dict(v) for k, v in s.statements.items()}, s.term)
+            {k: list(v) for k, v in s.responses.items()}, {k: dict(v) for k, v in s.statements.items()},
+            s.term)
 
 
 class StoreMirror:

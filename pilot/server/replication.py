@@ -16,8 +16,9 @@ whole store again with every push; that store is made only while such a
 subscriber is there.  The first snapshot of a subscriber of ours is made in
 another thread when the service gives one (``off_reactor``): the reactor
 only copies the state (``pilot.server.compaction.StateView``), and what is
-pushed meanwhile is held for that subscriber until its snapshot is sent.  Heartbeats go to each subscriber at the interval it
-asked for (the reference's 15 s by default).
+pushed meanwhile is held for that subscriber until its snapshot is sent.
+Heartbeats go to each subscriber at the interval it asked for (the
+reference's 15 s by default).
 
 Synchronous replication (``--sync-replication``): :meth:`Publisher.when_saved`
 has the shape of the store's (``pilot.protocols.registry.Durability``): a
@@ -149,7 +150,8 @@ class Publisher:
             self.subscriptions[session] = subscription
             self._log_joined(subscription)
             if self.off_reactor is None:
-                self._push_frame(session, wire.encode_snapshot_bytes(self.snapshot(), self.term, self.seq), True)
+                data = wire.encode_snapshot_bytes(self.snapshot(), self.term, self.seq)
+                self._push_frame(session, data, True)
             else:
                 self._snapshot_off_reactor(subscription)
             return {"type": wire.SUBSCRIBE + "_ok", "seq": self.seq}
@@ -200,8 +202,8 @@ class Publisher:
                              failure, where=sub.where)
             sub.held = None
             if self.subscriptions.get(sub.session) is sub:  # the store now holds what was held
-                self._push_frame(sub.session, wire.encode_snapshot_bytes(self.snapshot(), self.term, self.seq),
-                                 True)
+                now = wire.encode_snapshot_bytes(self.snapshot(), self.term, self.seq)
+                self._push_frame(sub.session, now, True)
         self.off_reactor(lambda: StoreMirror(view).render()).addCallbacks(made, failed)
 
     def _log_joined(self, sub: Subscription) -> None:
