@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot import cli_rendezvous
+from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Peer, Registry
 from pilot.server.replication import Publisher
 from pilot.server.replication_role import Replica
@@ -46,7 +47,8 @@ class PromoteTests(SynchronousTestCase):
         clock = Clock()
         self.registry = Registry(clock)
         self.registry.state.term = 4
-        self.replica = Replica(self.registry.state, Publisher(clock, self.registry.state.to_bytes), TOKEN,
+        self.replica = Replica(self.registry.state, Publisher(clock, self.registry.state.to_bytes,
+                                                         Feed(Tracker(self.registry.state))), TOKEN,
                                "10.0.0.1:9000", Links())
         self.registry.replica = self.replica
         self.opened: list[tuple[str, int]] = []

@@ -62,6 +62,8 @@ class StateView:
     inbox: dict[int, list[Any]]
     responses: dict[int, list[Any]]
     statements: dict[int, dict[int, Any]]
+    #: the replication term (``pilot_term``; not in the journal's records: the writer hands it over)
+    term: int = 0
 
     @classmethod
     def of(cls, s: RegistryState) -> "StateView":
@@ -72,7 +74,8 @@ class StateView:
               n.polo_score, n.task_exec, n.networks, n.local_addr) for n in s.nodes.values()],
             dict(s.key_index), dict(s.auth_ts), dict(s.gone), frozenset(s.trust), frozenset(s.proven),
             frozenset(s.asked), {k: list(v) for k, v in s.inbox.items()},
-            {k: list(v) for k, v in s.responses.items()}, {k: dict(v) for k, v in s.statements.items()})
+            {k: list(v) for k, v in s.responses.items()}, {k: dict(v) for k, v in s.statements.items()},
+            s.term)
 
 
 class StoreMirror:
@@ -82,6 +85,7 @@ class StoreMirror:
         self.view: StateView | None = view
         self.created = view.created
         self.seq = view.seq
+        self.term = view.term
         #: section -> key (as in the store) -> the value's JSON text (pub_key_idx: in key_ids)
         self.maps: dict[str, dict[str, str]] = {name: {} for name in MAPS if name != "pub_key_idx"}
         #: pub_key_idx: a key's base64 -> its node id
@@ -195,6 +199,8 @@ class StoreMirror:
                 out += sections[name]
         if self.seq:
             out.append(b',"pilot_journal_seq":%d' % self.seq)
+        if self.term:
+            out.append(b',"pilot_term":%d' % self.term)
         out.append(b',"pilot_store_format":%d}' % STORE_FORMAT)
         return b"".join(out)
 

@@ -265,3 +265,97 @@ class Tracker:
             if content:
                 out[part] = content
         return out
+
+
+class _Pending:
+    """Records merged into one: a key's last change wins (each key in at most one of set/del, add/drop)."""
+
+    __slots__ = ("sets", "dels", "adds", "drops")
+
+    def __init__(self) -> None:
+        self.sets: dict[str, dict[str, Any]] = {}
+        self.dels: dict[str, dict[Any, None]] = {}
+        self.adds: dict[str, dict[Any, None]] = {}
+        self.drops: dict[str, dict[Any, None]] = {}
+
+    def __bool__(self) -> bool:
+        return any(any(part.values()) for part in (self.sets, self.dels, self.adds, self.drops))
+
+    def add(self, delta: dict[str, Any]) -> None:
+        for section, items in delta.get("set", {}).items():
+            self.sets.setdefault(section, {}).update(items)
+            gone = self.dels.get(section)
+            if gone:
+                for key in items:
+                    gone.pop(key, None)
+        for section, keys in delta.get("del", {}).items():
+            gone, kept = self.dels.setdefault(section, {}), self.sets.get(section)
+            for key in keys:
+                gone[key] = None
+                if kept:
+                    kept.pop(key, None)
+        for part, other, name in ((self.adds, self.drops, "add"), (self.drops, self.adds, "drop")):
+            for section, items in delta.get(name, {}).items():
+                mine, theirs = part.setdefault(section, {}), other.get(section)
+                for item in items:
+                    mine[item] = None
+                    if theirs:
+                        theirs.pop(item, None)
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, part in (("set", self.sets), ("del", self.dels), ("add", self.adds), ("drop", self.drops)):
+            content = {s: (items if name == "set" else list(items)) for s, items in part.items() if items}
+            if content:
+                out[name] = content
+        return out
+
+
+class Feed:
+    """
+    One :class:`Tracker` read by several readers (the store's writer, and a
+    paired primary's replication): :meth:`take` gives a reader everything that
+    changed since its own last take, in a record's form, whoever took from the
+    tracker in between; or None when the reader must start again from the
+    whole state (it just joined after :meth:`lose`, or the tracking restarted:
+    a container was replaced whole).  A record handed out is never changed
+    afterwards (the writer thread may read it).
+    """
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        #: reader -> what changed since its last take (None: it needs the whole state)
+        self._readers: dict[object, _Pending | None] = {}
+
+    def join(self, reader: object) -> None:
+        """Read from now on (the reader holds the state as it is now: what changed before is the others')."""
+        self._readers[reader] = None
+        self.take(reader)
+
+    def leave(self, reader: object) -> None:
+        self._readers.pop(reader, None)
+
+    def joined(self, reader: object) -> bool:
+        return reader in self._readers
+
+    def lose(self, reader: object) -> None:
+        """The reader no longer holds what it took: its next take is None."""
+        self._readers[reader] = None
+
+    def take(self, reader: object) -> dict[str, Any] | None:
+        if not self.tracker.intact():
+            self.tracker.reset()
+            self._readers = dict.fromkeys(self._readers)
+        delta = self.tracker.delta()
+        mine = self._readers.get(reader)
+        if delta:
+            for other, pending in self._readers.items():
+                if other is not reader and pending is not None:
+                    pending.add(delta)
+        self._readers[reader] = _Pending()
+        if mine is None:
+            return None
+        if not mine:
+            return delta
+        mine.add(delta)
+        return mine.record()

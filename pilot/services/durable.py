@@ -23,7 +23,9 @@ change bumps :attr:`DurableWriter.generation`.  A write is either
   (:meth:`flush`, nothing is answered then anyway).
 
 The reactor thread only takes each group's changes from the tracker (a
-record costs what changed, not the store's size); the writer thread applies
+record costs what changed, not the store's size), through a
+:class:`pilot.server.journal.Feed` that a paired primary's replication reads
+too (its pushes are the same records); the writer thread applies
 them to the mirror, encodes, writes and syncs them, one write at a time,
 while the reactor answers requests and gathers the next group: every change
 made while a write is under way goes in the next one, started as soon as it
@@ -56,7 +58,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pilot.persist import AppendOnlyFile, atomic_write_bytes
 from pilot.server.compaction import StateView, StoreMirror
-from pilot.server.journal import Tracker, record_line
+from pilot.server.journal import Feed, Tracker, record_line
 from pilot.server.state import RegistryState
 from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path, journal_pending
 
@@ -83,6 +85,9 @@ class DurableWriter:
         self.journal_limit = journal_limit
         self.journal = AppendOnlyFile(journal_path(path))
         self.tracker = Tracker(state)
+        #: the tracker's records, read by this writer and by replication's publisher (if paired)
+        self.feed = Feed(self.tracker)
+        self.feed.join(self)
         #: the store as the writer thread rebuilds it from the records (compaction off the reactor)
         self.mirror = StoreMirror(StateView.of(state))
         self._mirror_lost = False
@@ -175,8 +180,7 @@ class DurableWriter:
         self.dirty = False
         try:
             data = self.state.to_bytes()  # holds journal_seq: the last record it includes
-            self.tracker.reset()
-            self._mirror_lost = True  # it missed what the reset dropped; a new one, if writes go on
+            self._mirror_lost = True  # a new mirror (and a compaction), if writes go on
             atomic_write_bytes(self.path, data)
             self.journal.truncate()
         except Exception as e:
@@ -212,17 +216,19 @@ class DurableWriter:
         generation = self.generation
         self.dirty = False
         try:
-            if self._mirror_lost or not self.tracker.intact():
-                # a container was replaced whole, or the mirror missed a record: start both afresh
-                self.tracker.reset()
+            if self._mirror_lost:
+                self.feed.lose(self)
+            delta = self.feed.take(self)
+            if delta is None:
+                # a container was replaced whole, or the mirror missed a record: a new mirror
                 self.mirror = StoreMirror(StateView.of(self.state))
                 self._mirror_lost = False
                 self._compact_due = True
-            delta = self.tracker.delta()
+                delta = {}
             if delta:
                 self.state.journal_seq += 1
             write = self._write(delta, self.state.journal_seq,
-                                self._compact_due or self.journal.size >= self.journal_limit)
+                                self._compact_due or self.journal.size >= self.journal_limit, self.state.term)
         except Exception:
             self.dirty = True
             self.log.failure("could not make the registry store's next write")
@@ -232,12 +238,13 @@ class DurableWriter:
         d = self.run(write)
         d.addCallbacks(self._written, self._write_failed, callbackArgs=(generation,))
 
-    def _write(self, delta: dict[str, Any], seq: int, compact: bool) -> Callable[[], bool]:
+    def _write(self, delta: dict[str, Any], seq: int, compact: bool, term: int = 0) -> Callable[[], bool]:
         """
         What the writer thread does for one group: the record of ``delta``
         (record ``seq``) applied to the mirror and appended to the journal, or,
         with ``compact``, the store file rewritten from the mirror (it then
-        holds the record) and the journal emptied.  Its result says which.
+        holds the record, and ``term``: the replication term is no record's)
+        and the journal emptied.  Its result says which.
         """
         mirror = self.mirror
 
@@ -250,6 +257,7 @@ class DurableWriter:
                     self._mirror_lost = True  # read by the reactor once this write has failed
                     raise
             if compact:
+                mirror.term = term
                 atomic_write_bytes(self.path, mirror.render())
                 self.journal.truncate()
             elif delta:

@@ -26,14 +26,16 @@ import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from pilot.endpoint import parse_host_port
 from pilot.errors import MalformedFrame
 from pilot.protocols.replication import READ_DEADLINE, ReplicationClientFactory, ReplicationClientProtocol
 from pilot.protocols.registry import Durability
+from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Registry
-from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, adopt
+from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, Runner, adopt
 from pilot.server.replication_role import Replica
 from pilot.server.state import RegistryState
 from pilot.wire import replication as wire
@@ -69,6 +71,14 @@ class ReplicationSettings:
         return self.token is not None or self.standby_of is not None
 
 
+def _in_thread(reactor: Any) -> Runner | None:
+    """A runner on the reactor's thread pool (None for a reactor without one: a test's)."""
+    pool = getattr(reactor, "getThreadPool", None)
+    if pool is None:
+        return None
+    return lambda f: deferToThreadPool(reactor, pool(), f)
+
+
 class BothSaved:
     """A change is acknowledged once both the store and a standby hold it (``--durable --sync-replication``)."""
 
@@ -99,12 +109,14 @@ class ReplicationService(Service):
     def __init__(self, registry: Registry, settings: ReplicationSettings, reactor: Any,
                  push_delay: float, listen_port: Callable[[], int], persist: Callable[[bool], None],
                  tls: bool = False, snapshot: Callable[[], bytes] | None = None,
-                 disconnect_clients: Callable[[], None] = lambda: None) -> None:
+                 disconnect_clients: Callable[[], None] = lambda: None, feed: Feed | None = None) -> None:
         """
         ``persist(whole)`` writes the store soon (``whole``: as a snapshot, the
-        state was replaced); ``snapshot()`` gives the store's bytes (shared with
-        the store's writer; by default made afresh); ``disconnect_clients()``
-        closes every registry connection (on stepping down: nodes move at once).
+        state was replaced); ``snapshot()`` gives the store's bytes (by default
+        made afresh); ``feed`` tells what changed in the state (the store
+        writer's, shared; without a store, one of its own);
+        ``disconnect_clients()`` closes every registry connection (on stepping
+        down: nodes move at once).
         """
         self._disconnect_clients = disconnect_clients
         self.registry = registry
@@ -114,7 +126,9 @@ class ReplicationService(Service):
         self.listen_port = listen_port
         self._persist = persist
         self.tls = tls
-        self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes, settings.sync_timeout)
+        self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes,
+                                   feed or Feed(Tracker(registry.state)), settings.sync_timeout,
+                                   off_reactor=_in_thread(reactor))
         self.follower = Follower()
         self.replica = Replica(registry.state, self.publisher, settings.token, settings.standby_of, self)
         registry.replica = self.replica
@@ -211,7 +225,7 @@ class ReplicationService(Service):
         return wire.encode_subscribe(wire.Subscribe(
             self.settings.token.decode("utf-8", "surrogateescape") if self.settings.token else "",
             deltas=True, term=self.replica.term, heartbeat=heartbeat,
-            role="standby" if self.replica.standby else "primary", port=port))
+            role="standby" if self.replica.standby else "primary", port=port, records=True))
 
     def _dial(self) -> None:
         if not self.running or self.target is None or self.attempt is not None:

@@ -18,11 +18,19 @@ Ours add fields the reference ignores.  A subscription of ours says
 wants, its ``role`` (``"standby"``, or ``"primary"`` for a promoted server
 probing its former primary) and the ``port`` its registry listens on.  Such a
 subscriber gets one snapshot, then ``{"type":"replication_delta","seq":N,
-"changes":{...}}`` frames (:func:`diff`, :func:`apply`), numbered from the
-snapshot's ``seq``; a gap makes the standby close and subscribe again, for a
-new snapshot.  It acknowledges what it holds with ``{"type":"replication_ack",
-"seq":N}`` (``--sync-replication`` waits for these).  Every frame of a paired
-server carries ``"term"``.
+...}`` frames numbered from the snapshot's ``seq``; a gap makes the standby
+close and subscribe again, for a new snapshot.  A delta holds either
+``"changes":{...}`` (:func:`diff`, :func:`apply`: what the first version of
+our primaries sends) or, to a subscriber that said ``"records": true``,
+``"record":{...}``: what changed as a record of the store's journal
+(``pilot.server.journal``: ``set``/``del`` keys of the store's objects,
+``add``/``drop`` items of its lists), with ``"scalars":{...}`` for the
+store's top-level numbers that changed (``pilot_journal_seq``,
+``pilot_term``).  A primary sends records only to subscribers that asked;
+to one of ours that did not, it pushes numbered snapshots instead.  A
+standby acknowledges what it holds with ``{"type":"replication_ack","seq":N}``
+(``--sync-replication`` waits for these).  Every frame of a paired server
+carries ``"term"``.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class Subscribe:
     role: str = "standby"
     #: the subscriber's registry port (0: unknown), to find it again as a primary
     port: int = 0
+    #: it takes deltas as the store journal's records (``record``), not only as ``changes``
+    records: bool = False
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -74,8 +84,13 @@ class Snapshot:
 @attr.s(auto_attribs=True, frozen=True)
 class Delta:
     seq: int
+    #: a :func:`diff` (``record`` is None), or nothing
     changes: dict[str, Any]
     term: int = 0
+    #: or what changed as a store journal record (``pilot.server.journal``: set, del, add, drop)
+    record: dict[str, Any] | None = None
+    #: the store's top-level numbers that changed with it (``pilot_journal_seq``, ``pilot_term``)
+    scalars: dict[str, int] = attr.Factory(dict)
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -135,13 +150,16 @@ def decode_subscribe(msg: dict[str, Any]) -> Subscribe:
     if port > 65535:
         raise MalformedFrame("'port' must be a port number")
     return Subscribe(token=_text(msg, "token", MAX_TOKEN), deltas=msg.get("deltas") is True,
-                     term=_counter(msg, "term"), heartbeat=float(heartbeat), role=role, port=port)
+                     term=_counter(msg, "term"), heartbeat=float(heartbeat), role=role, port=port,
+                     records=msg.get("deltas") is True and msg.get("records") is True)
 
 
 def encode_subscribe(sub: Subscribe) -> dict[str, Any]:
     out: dict[str, Any] = {"type": SUBSCRIBE, "token": sub.token}
     if sub.deltas:
         out.update(deltas=True, term=sub.term, heartbeat=sub.heartbeat, role=sub.role, port=sub.port)
+        if sub.records:
+            out["records"] = True
     return out
 
 
@@ -154,6 +172,9 @@ def decode(msg: dict[str, Any]) -> Frame:
         if not isinstance(store, dict) or not isinstance(store.get(NODES, {}), dict):
             raise MalformedFrame("a snapshot must hold a store object")
         return Snapshot(store, term, _counter(msg, "seq"))
+    if kind == DELTA and "record" in msg:
+        record = _record(msg.get("record"))
+        return Delta(_counter(msg, "seq"), {}, term, record, _scalars(msg.get("scalars", {})))
     if kind == DELTA:
         changes = msg.get("changes")
         if not isinstance(changes, dict):
@@ -186,10 +207,37 @@ def encode_snapshot_bytes(store: bytes, term: int = 0, seq: int = 0) -> bytes:
 
 
 def encode_delta(delta: Delta) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": DELTA, "seq": delta.seq, "changes": delta.changes}
+    out: dict[str, Any] = {"type": DELTA, "seq": delta.seq}
+    if delta.record is not None:
+        out["record"] = delta.record
+        if delta.scalars:
+            out["scalars"] = delta.scalars
+    else:
+        out["changes"] = delta.changes
     if delta.term:
         out["term"] = delta.term
     return out
+
+
+#: a record's parts (``pilot.server.journal``: keys of the store's objects, items of its lists)
+RECORD_PARTS = {"set": dict, "del": dict, "add": dict, "drop": dict}
+#: the store's top-level numbers a record-form delta may carry
+SCALARS = ("pilot_journal_seq", "pilot_term")
+
+
+def _record(record: Any) -> dict[str, Any]:
+    """A record-form delta's ``record``, checked for shape (the standby's journal replay checks the rest)."""
+    if not isinstance(record, dict) or not all(isinstance(record.get(part, {}), kind)
+                                               for part, kind in RECORD_PARTS.items()) or \
+            not set(record) <= set(RECORD_PARTS):
+        raise MalformedFrame("a delta's 'record' must be an object of set, del, add, drop objects")
+    return record
+
+
+def _scalars(scalars: Any) -> dict[str, int]:
+    if not isinstance(scalars, dict) or not set(scalars) <= set(SCALARS):
+        raise MalformedFrame(f"a delta's 'scalars' must be an object of {', '.join(SCALARS)}")
+    return {key: _counter(scalars, key) for key in scalars}
 
 
 def encode_heartbeat(term: int = 0, seq: int = 0) -> dict[str, Any]:

@@ -44,6 +44,16 @@ class MirrorTests(SynchronousTestCase):
             self.start(state)
             self.record()
 
+    def test_the_replication_term(self) -> None:
+        """pilot_term is in the file as to_bytes writes it (it was dropped by compactions)."""
+        state = sample_state()
+        state.term = 3
+        self.start(state)
+        self.record()
+        self.state.term = self.mirror.term = 4  # a promotion: the writer hands the term over
+        self.state.nodes[7].hostname = "beta"
+        self.record()
+
     def test_the_journals_cases(self) -> None:
         """The changes of tests.server.test_journal.TrackerTests, one record after another."""
         self.start(sample_state())

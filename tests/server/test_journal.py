@@ -269,3 +269,82 @@ class RecordTests(SynchronousTestCase):
             records, _ = read_records(encode_record(1, bad))
             with self.assertRaises(JournalError, msg=repr(bad)):
                 replay({}, records)
+
+
+class FeedTests(SynchronousTestCase):
+    """One tracker, two readers: each takes what changed since its own last take."""
+
+    def setUp(self) -> None:
+        self.state = sample_state()
+        self.feed = journal.Feed(Tracker(self.state))
+        self.a, self.b = object(), object()
+        self.feed.join(self.a)
+        self.feed.join(self.b)
+
+    def test_each_reader_gets_every_change(self) -> None:
+        self.state.nodes[7].hostname = "beta"
+        first = self.feed.take(self.a)
+        self.state.proven.add(1 << 31)
+        self.assertEqual(self.feed.take(self.a), {"add": {"proven": [1 << 31]}})
+        merged = self.feed.take(self.b)
+        assert first is not None and merged is not None
+        self.assertEqual(merged, {**first, "add": {"proven": [1 << 31]}})
+        self.assertEqual(self.feed.take(self.b), {})
+
+    def test_the_last_change_of_a_key_wins(self) -> None:
+        s = self.state
+        s.nodes[7].hostname = "beta"
+        s.proven.add(1 << 31)
+        s.trust.discard((7, 99))
+        self.feed.take(self.a)
+        del s.nodes[7]
+        s.proven.discard(1 << 31)
+        s.trust.add((7, 99))
+        s.auth_ts[7] = 1
+        self.feed.take(self.a)
+        s.auth_ts.pop(7)
+        s.auth_ts[7] = 2
+        s.nodes[7] = Node(id=7, public_key=KEYS[0], last_seen=T0)
+        self.feed.take(self.a)
+        del s.nodes[1 << 31]
+        self.assertEqual(self.feed.take(self.b), {
+            "set": {"nodes": {"7": json.loads(json.dumps(stored(s)["nodes"]["7"]))}, "auth_ts": {"7": 2}},
+            "del": {"nodes": [str(1 << 31)]}, "add": {"trust_edges": ["7>99"]},
+            "drop": {"proven": [1 << 31]}})
+
+    def test_a_record_handed_out_is_never_changed(self) -> None:
+        self.state.nodes[7].hostname = "beta"
+        self.feed.take(self.b)
+        self.state.nodes[7].hostname = "gamma"
+        taken = self.feed.take(self.a)
+        assert taken is not None
+        copy = json.loads(json.dumps(taken))
+        self.state.nodes[7].hostname = "delta"
+        del self.state.nodes[1 << 31]
+        self.feed.take(self.b)
+        self.feed.take(self.a)
+        self.assertEqual(taken, copy)
+
+    def test_lost_reader_starts_from_the_whole_state(self) -> None:
+        self.feed.lose(self.a)
+        self.state.nodes[7].hostname = "beta"
+        self.assertIsNone(self.feed.take(self.a))
+        self.assertEqual(self.feed.take(self.a), {})
+        self.assertEqual(set(self.feed.take(self.b) or {}), {"set"})
+        self.assertIsNone(self.feed.take(object()))  # one that never joined
+
+    def test_replaced_container_restarts_every_reader(self) -> None:
+        self.state.nodes[7].hostname = "beta"
+        self.feed.take(self.a)
+        self.state.trust = {(7, 99)}
+        self.assertIsNone(self.feed.take(self.b))
+        self.assertIsNone(self.feed.take(self.a))
+        self.state.trust.add((99, 7))
+        self.assertEqual(self.feed.take(self.a), {"add": {"trust_edges": ["99>7"]}})
+
+    def test_a_reader_that_left_keeps_nothing(self) -> None:
+        self.feed.leave(self.b)
+        self.state.nodes[7].hostname = "beta"
+        self.feed.take(self.a)
+        self.assertFalse(self.feed.joined(self.b))
+        self.assertIsNone(self.feed.take(self.b))

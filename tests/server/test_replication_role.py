@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Peer, Registry
 from pilot.server.replication import Publisher
 from pilot.server.replication_role import READ_ONLY, Replica, table
@@ -45,7 +46,8 @@ class ReplicaTestCase(SynchronousTestCase):
         self.registry = Registry(self.clock)
         self.registry.state.term = term
         self.links = Links()
-        self.publisher = Publisher(self.clock, self.registry.state.to_bytes)
+        self.publisher = Publisher(self.clock, self.registry.state.to_bytes,
+                                   Feed(Tracker(self.registry.state)))
         replica = Replica(self.registry.state, self.publisher, token, standby_of, self.links)
         self.registry.replica = replica
         return replica

@@ -117,6 +117,19 @@ class DurableWriterTests(SynchronousTestCase):
             self.assertEqual(list(json.load(f)["nodes"]), ["1"])  # the store file is not rewritten
         self.assertEqual(set(self.reload().nodes), {1, 2, 3})
 
+    def test_compaction_keeps_the_replication_term(self) -> None:
+        """A paired registry's term survives compactions, a change of it too (no record carries it)."""
+        self.state.term = 2
+        self.start()
+        with open(self.path) as f:
+            self.assertEqual(json.load(f)["pilot_term"], 2)
+        self.state.term = 3  # promoted
+        self.writer.rewrite()
+        self.acknowledged_after_one_write(self.register())
+        self.assertEqual(self.reload().term, 3)
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), self.state.to_bytes())
+
     def test_group_commit(self) -> None:
         """Changes made while a write is under way go together in the next one, started when it is done."""
         self.start()

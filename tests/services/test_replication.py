@@ -6,16 +6,18 @@ transports; time only from the reactors' clocks.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attr
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.server.replication import Publisher
+from pilot.server.state import RegistryState
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.replication import BothSaved, ReplicationSettings
 from tests.server.test_replication import PEER, register
@@ -32,7 +34,7 @@ def settings(**replication: Any) -> RendezvousSettings:
 class PairTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.p_reactor, self.s_reactor = FakeReactor(), FakeReactor()
-        self.primary = RendezvousService(settings(), self.p_reactor)
+        self.primary = self.service(settings(), self.p_reactor)
         self.primary.startService()
         self.addCleanup(self.primary.stopService)
         self.address = f"127.0.0.1:{self.primary.registry_port()}"
@@ -40,10 +42,13 @@ class PairTests(SynchronousTestCase):
         self.pump: IOPump | None = None
 
     def start_standby(self, primary: str, **more: Any) -> RendezvousService:
-        service = RendezvousService(settings(standby_of=primary, takeover_after=10.0, **more), self.s_reactor)
+        service = self.service(settings(standby_of=primary, takeover_after=10.0, **more), self.s_reactor)
         service.startService()
         self.addCleanup(service.stopService)
         return service
+
+    def service(self, settings: RendezvousSettings, reactor: FakeReactor) -> RendezvousService:
+        return RendezvousService(settings, reactor)
 
     def connect(self, dialled: RendezvousService | None = None, dialler_reactor: FakeReactor | None = None,
                 n: int = -1) -> IOPump:
@@ -196,6 +201,45 @@ class PairTests(SynchronousTestCase):
         self.connect()
         self.assertIn("x", self.standby.registry.state.hostnames)
         del pump
+
+
+class StoredPairTests(PairTests):
+    """
+    The same, each server with a store: the primary's pushes come from its
+    store writer's feed (the journal's records, issue 16).
+    """
+
+    def service(self, settings: RendezvousSettings, reactor: FakeReactor) -> RendezvousService:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        stored = attr.evolve(settings, store=os.path.join(folder, "registry.json"))
+        return RendezvousService(stored, reactor, run_writes=maybeDeferred)
+
+    def test_pushes_come_from_the_store_writers_feed(self) -> None:
+        assert self.primary.store is not None and self.primary.replication is not None
+        self.assertIs(self.primary.replication.publisher.feed, self.primary.store.feed)
+        register(self.primary.registry, "early")
+        self.s_reactor.advance(0)
+        self.connect()
+        self.advance(0.5)
+
+        def whole(*args: object, **kwargs: object) -> Any:
+            raise AssertionError("the whole store was made on the reactor")
+        self.patch(RegistryState, "to_bytes", whole)
+        sent, applied = self.primary.replication.publisher.deltas_sent, \
+            self.standby.replication.follower.deltas  # type: ignore[union-attr]
+        node = register(self.primary.registry, "late")
+        self.primary.registry.handle({"type": "deregister", "node_id": node}, PEER)
+        register(self.primary.registry, "later")
+        self.advance(0.2)
+        register(self.primary.registry, "latest")
+        self.advance(0.2)
+        self.assertEqual(self.primary.replication.publisher.deltas_sent, sent + 2)
+        self.assertGreaterEqual(self.primary.store.writes, 2)  # the writer took its records meanwhile
+        self.advance(0.5)
+        self.assertEqual(self.standby.replication.follower.deltas, applied + 2)  # type: ignore[union-attr]
+        self.assertIn("latest", self.standby.registry.state.hostnames)
+        self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
 
 
 class SyncSettingsTests(SynchronousTestCase):

@@ -26,6 +26,13 @@ class SubscribeTests(SynchronousTestCase):
         sub = wire.Subscribe("t", deltas=True, term=3, heartbeat=2.5, role="primary", port=9000)
         self.assertEqual(wire.decode_subscribe(wire.encode_subscribe(sub)), sub)
 
+    def test_records_round_trip_with_deltas_only(self) -> None:
+        sub = wire.Subscribe("t", deltas=True, term=3, heartbeat=2.5, port=9000, records=True)
+        self.assertEqual(wire.encode_subscribe(sub)["records"], True)
+        self.assertEqual(wire.decode_subscribe(wire.encode_subscribe(sub)), sub)
+        self.assertFalse(wire.decode_subscribe({"token": "t", "records": True}).records)  # not without deltas
+        self.assertNotIn("records", wire.encode_subscribe(wire.Subscribe("t", deltas=True)))
+
     def test_bad_fields_refused(self) -> None:
         for bad in ({"token": 5}, {"token": "x" * 5000}, {"token": "t", "term": -1}, {"token": "t", "term": True},
                     {"token": "t", "term": 2 ** 60}, {"token": "t", "heartbeat": "1"},
@@ -55,6 +62,23 @@ class FrameTests(SynchronousTestCase):
         self.assertEqual(wire.decode({"type": "error", "error": "standby", "code": "not_primary",
                                       "primary": "h:1", "term": 3}),
                          wire.Refused("standby", "not_primary", "h:1", 3))
+
+    def test_record_delta_round_trips(self) -> None:
+        delta = wire.Delta(7, {}, 2, {"set": {"nodes": {"5": {"id": 5}}}, "drop": {"proven": [5]}},
+                           {"pilot_journal_seq": 40})
+        message = wire.encode_delta(delta)
+        self.assertEqual(message, {"type": "replication_delta", "seq": 7, "term": 2, "record": delta.record,
+                                   "scalars": {"pilot_journal_seq": 40}})
+        self.assertEqual(wire.decode(json.loads(wire.encode_body(message))), delta)
+        self.assertEqual(wire.decode({"type": "replication_delta", "seq": 8, "record": {}}),
+                         wire.Delta(8, {}, record={}))
+
+    def test_hostile_record_deltas_refused(self) -> None:
+        for bad in ({"record": []}, {"record": {"set": []}}, {"record": {"replace": {}}},
+                    {"record": {}, "scalars": []}, {"record": {}, "scalars": {"nodes": 1}},
+                    {"record": {}, "scalars": {"pilot_term": -1}},
+                    {"record": {}, "scalars": {"pilot_term": "1"}}):
+            self.assertRaises(MalformedFrame, wire.decode, {"type": "replication_delta", "seq": 1, **bad})
 
     def test_hostile_frames_refused(self) -> None:
         for bad in ({"type": "replication_snapshot"}, {"type": "replication_snapshot", "snapshot": []},
