@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -85,7 +86,8 @@ class StartMethodTests(RendezvousTestMixin, SynchronousTestCase):
         proc = self.spawn(TWISTD + ["-n", "--pidfile=", "pilot-rendezvous", *rendezvous_args(self.store)],
                           "twistd")
         rendezvous = wait_for_rendezvous(proc, self.store)
-        self.assertRegex(proc.stdout(), f"Persistence: {self.store}")
+        # logged right after the listening lines: wait for it (the reader may not have it yet)
+        proc.wait_for_output(f"Persistence: {re.escape(self.store)}")
         node_id = self.exercise(rendezvous, "via-twistd")
         self.assertRunnerStopped(proc, proc.stop(signal.SIGTERM))
         self.assertIn("Server Shut Down.", proc.stdout())
