@@ -20,6 +20,11 @@ pushed meanwhile is held for that subscriber until its snapshot is sent.
 Heartbeats go to each subscriber at the interval it asked for (the
 reference's 15 s by default).
 
+A standby of ours applies each record to its registry's state as it comes
+(:class:`Follower` given the state; ``pilot.server.applier``), so a delta
+costs it what changed too; only snapshots (and an older primary's deltas)
+are loaded whole.
+
 Synchronous replication (``--sync-replication``): :meth:`Publisher.when_saved`
 has the shape of the store's (``pilot.protocols.registry.Durability``): a
 reply to a change waits until a standby acknowledged a delta holding it, or

@@ -11,7 +11,9 @@ needs (``docs/deploy.md``; the logic is in ``pilot.server.replication`` and
 * **Standby**: subscribes to its primary (10 s dial timeout, 45 s read
   deadline, a new attempt 3 s after any failure, as the reference's standby),
   applies each snapshot or delta to the registry's state and store, and
-  acknowledges it.  When nothing came from the primary for
+  acknowledges it: a snapshot is loaded and adopted whole, a delta (the
+  journal's record) applied to the state in place, its store's writer
+  journalling the same change.  When nothing came from the primary for
   ``takeover_after`` seconds it takes over, if it has held the primary's
   store since it started (a standby that never had it would take over with
   an empty or stale registry: that needs an operator's ``pilotctl rendezvous
