@@ -126,6 +126,15 @@ class PairTests(SynchronousTestCase):
         self.advance(0.2)
         self.assertNotIn("moved", self.standby.registry.state.hostnames)
         self.assertNotIn(node, self.standby.registry.state.nodes)
+        early = self.primary.registry.state.hostnames["early"]
+        self.primary.registry.state.auth_ts[early] = 123_456  # as a signed request accepted there
+        self.primary.registry.on_change()
+        self.advance(0.2)
+        self.assertEqual(self.standby.registry.restored_ts[early], 123_456)  # the replay floor follows
+        del self.primary.registry.state.auth_ts[early]
+        self.primary.registry.on_change()
+        self.advance(0.2)
+        self.assertNotIn(early, self.standby.registry.restored_ts)
         self.advance(1)
         self.assertSameStore(self.standby, self.primary)
         self.assertEqual(self.standby.replication.follower.pending, 0)  # type: ignore[union-attr]
