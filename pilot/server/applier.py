@@ -65,11 +65,11 @@ def apply_to_state(state: RegistryState, record: dict[str, Any]) -> set[int]:
     gone_keys = [b64decode(t, 32, "del.pub_key_idx") for t in dels.get("pub_key_idx", ())]
 
     touched: set[int] = set()  # ids whose id_keys entry may change
-    keys, id_keys, texts = state.key_index, state.id_keys, state._key_text
+    keys, id_keys = state.key_index, state.id_keys
     unindexed = []
     for key in gone_keys:
         holder = keys.pop(key, None)
-        texts.pop(key, None)
+        state.drop_key_text(key)
         if holder is not None:
             touched.add(holder)
             unindexed.append((key, holder))

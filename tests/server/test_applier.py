@@ -130,6 +130,11 @@ class ApplierTests(SynchronousTestCase):
         for change in more_changes():
             self.step(change)
 
+    def test_a_key_no_longer_indexed_has_no_text_kept(self) -> None:
+        self.standby.key_text(KEYS[0])
+        self.step(lambda s: rotate(s, 7, KEYS[4]))
+        self.assertNotIn(KEYS[0], self.standby._key_text)
+
     def test_all_in_one_record(self) -> None:
         for change in more_changes():
             change(self.primary)
