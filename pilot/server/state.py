@@ -164,6 +164,10 @@ class RegistryState:
             text = self._key_text[key] = b64encode(key)
         return text
 
+    def drop_key_text(self, key: bytes) -> None:
+        """Forget the base64 kept for ``key`` (no longer indexed)."""
+        self._key_text.pop(key, None)
+
     def index_key(self, key: bytes, node_id: int) -> None:
         old = self.id_keys.get(node_id)
         if old is not None and old != key:

@@ -11,7 +11,9 @@ needs (``docs/deploy.md``; the logic is in ``pilot.server.replication`` and
 * **Standby**: subscribes to its primary (10 s dial timeout, 45 s read
   deadline, a new attempt 3 s after any failure, as the reference's standby),
   applies each snapshot or delta to the registry's state and store, and
-  acknowledges it.  When nothing came from the primary for
+  acknowledges it: a snapshot is loaded and adopted whole, a delta (the
+  journal's record) applied to the state in place, its store's writer
+  journalling the same change.  When nothing came from the primary for
   ``takeover_after`` seconds it takes over, if it has held the primary's
   store since it started (a standby that never had it would take over with
   an empty or stale registry: that needs an operator's ``pilotctl rendezvous
@@ -47,7 +49,8 @@ DIAL_TIMEOUT = 10.0
 #: How often heartbeats that are due are sent.
 BEAT_TICK = 0.5
 TAKEOVER_AFTER = 10.0
-#: A standby loads the deltas it received at most this often (a load costs ~100 ms at 10,000 nodes).
+#: A standby loads the deltas it received at most this often, when they cannot be applied to its state
+#: one by one (an older primary's, not the journal's records): a load costs ~100 ms at 10,000 nodes.
 LOAD_INTERVAL = 0.5
 
 
@@ -129,7 +132,7 @@ class ReplicationService(Service):
         self.publisher = Publisher(reactor, snapshot or registry.state.to_bytes,
                                    feed or Feed(Tracker(registry.state)), settings.sync_timeout,
                                    off_reactor=_in_thread(reactor))
-        self.follower = Follower()
+        self.follower = Follower(registry.state)
         self.replica = Replica(registry.state, self.publisher, settings.token, settings.standby_of, self)
         registry.replica = self.replica
         #: where this server dials: its primary (standby), or its former primary (a promoted one)
@@ -146,7 +149,7 @@ class ReplicationService(Service):
     @property
     def synchronised(self) -> bool:
         """A standby that holds its primary's store and hears it on a live stream (``/metrics``)."""
-        return self.replica.standby and self.link is not None and self.follower.store is not None
+        return self.replica.standby and self.link is not None and self.follower.holding
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -282,9 +285,11 @@ class ReplicationService(Service):
                 self.log.info("holding the store of {primary}: {nodes} nodes (term {term})", primary=self.target,
                               nodes=len(self.registry.state.nodes), term=self.replica.term)
             elif isinstance(frame, wire.Delta):
-                self.follower.delta(frame)
+                auth = self.follower.delta(frame)
                 link.send_ack(frame.seq)
-                if not self._scheduled("load"):
+                if auth is not None:
+                    self._applied(auth, frame.scalars)
+                elif not self._scheduled("load"):
                     self._later("load", LOAD_INTERVAL, self._load)
             elif isinstance(frame, wire.Heartbeat):
                 if frame.seq > self.follower.seq:
@@ -307,10 +312,32 @@ class ReplicationService(Service):
 
     def _adopt(self, state: RegistryState) -> None:
         state.term = max(state.term, self.replica.term)
+        # the store's journal numbers never go down (this store's writer may have journalled records since)
+        state.journal_seq = max(state.journal_seq, self.registry.state.journal_seq)
         adopt(self.registry.state, state)
         self.registry.restored_ts = dict(self.registry.state.auth_ts)
         self.publisher.term = self.registry.state.term
         self._persist(True)
+
+    def _applied(self, auth: set[int], scalars: dict[str, int]) -> None:
+        """
+        A record was applied to the registry's state in place: the replay
+        floor follows its ``auth_ts``, the term its ``pilot_term``; the store's
+        writer journals the same changes (its tracker sees them), and rewrites
+        the store for a new term (no record holds it).  The primary's
+        ``pilot_journal_seq`` is its own journal's: this store numbers its own.
+        """
+        state = self.registry.state
+        for node_id in auth:
+            ts = state.auth_ts.get(node_id)
+            if ts is None:
+                self.registry.restored_ts.pop(node_id, None)
+            else:
+                self.registry.restored_ts[node_id] = ts
+        term = max(scalars.get("pilot_term", 0), state.term, self.replica.term)
+        whole = term != state.term
+        state.term = self.publisher.term = term
+        self._persist(whole)
 
     def _load(self) -> None:
         """Load the deltas received since the last load into the registry's state."""

@@ -14,6 +14,7 @@ from pilot.errors import MalformedFrame
 from pilot.identity import Identity, b64encode
 from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Peer, Registry
+from pilot.server import replication
 from pilot.server.replication import Follower, Gap, Publisher, adopt, tokens_match
 from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState, node_json
 from pilot.wire import replication as wire
@@ -415,6 +416,70 @@ class RecordDeltaTests(SynchronousTestCase):
         self.assertNotIn(5004, self.follower.store["proven"])  # not yet: held in a set
         self.assertIdentical()
         self.assertIn(5004, self.follower.store["proven"])
+
+
+class LiveFollowerTests(SynchronousTestCase):
+    """
+    A follower given the registry's state applies each record to it at once
+    (issue 16): no store is loaded or adopted per delta, and the state after
+    every kind of change is the primary's.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.state = sample_state()
+        self.state.term = 2
+        self.publisher = Publisher(self.clock, self.state.to_bytes, Feed(Tracker(self.state)))
+        self.publisher.term = 2
+        self.session, self.standby = Session(), RegistryState()
+        self.follower = Follower(self.standby)
+        self.publisher.subscribe(self.session, OURS, "ours")
+        [frame] = self.session.frames
+        self.session.frames.clear()
+        snapshot = wire.decode(frame)
+        assert isinstance(snapshot, wire.Snapshot)
+        adopt(self.standby, self.follower.snapshot(snapshot))  # as the service adopts a snapshot
+
+    def push(self) -> set[int] | None:
+        self.publisher.publish()
+        [frame] = self.session.frames
+        self.session.frames.clear()
+        delta = wire.decode(frame)
+        assert isinstance(delta, wire.Delta)
+        return self.follower.delta(delta)
+
+    def test_each_record_applied_to_the_state(self) -> None:
+        def whole(*args: object, **kwargs: object) -> Any:
+            raise AssertionError("a whole store was loaded for a delta")
+        self.patch(replication, "_load", whole)
+        changes = RecordDeltaTests("test_standby_ends_byte_identical").changes()
+        for change in changes:
+            change(self.state)
+            self.assertIsNotNone(self.push())
+            self.assertEqual((self.follower.pending, self.follower.store, self.follower.holding),
+                             (0, None, True))
+            self.standby.journal_seq = self.state.journal_seq  # a scalar: the service's, not the follower's
+            self.assertEqual(self.standby.to_bytes(), self.state.to_bytes())
+            loaded = RegistryState.from_json(json.loads(self.state.to_bytes()))
+            self.assertEqual((self.standby.hostnames, self.standby.id_keys),
+                             (loaded.hostnames, loaded.id_keys))
+        self.assertEqual(self.follower.deltas, len(changes))
+
+    def test_replay_state_changed_is_told(self) -> None:
+        self.state.auth_ts[7] += 1
+        self.assertEqual(self.push(), {7})
+
+    def test_older_deltas_after_records_need_a_snapshot(self) -> None:
+        self.state.nodes[7].hostname = "gamma"
+        self.push()
+        self.assertRaises(Gap, self.follower.delta, wire.Delta(self.follower.seq + 1, {"set": {}}))
+
+    def test_a_record_that_does_not_load(self) -> None:
+        before = self.standby.to_bytes()
+        bad = {"set": {"nodes": {"7": {"id": 8}}}}
+        self.assertRaises(MalformedFrame, self.follower.delta,
+                          wire.Delta(self.follower.seq + 1, {}, record=bad))
+        self.assertEqual(self.standby.to_bytes(), before)
 
 
 class OffReactorSnapshotTests(SynchronousTestCase):

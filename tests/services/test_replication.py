@@ -16,8 +16,10 @@ from twisted.logger import capturedLogs
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.server import replication as server_replication
 from pilot.server.replication import Publisher
 from pilot.server.state import RegistryState
+from pilot.services import replication
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.replication import BothSaved, ReplicationSettings
 from tests.server.test_replication import PEER, register
@@ -73,6 +75,17 @@ class PairTests(SynchronousTestCase):
                 self.pump.flush()
             seconds -= dt
 
+    def assertSameStore(self, a: RendezvousService, b: RendezvousService) -> None:
+        """
+        The two registries hold the same store.  ``pilot_journal_seq`` aside: a
+        standby applies each record to its state and its own store's writer
+        journals it, numbered in that store's journal (``docs/deploy.md``).
+        """
+        mine, theirs = a.registry.state.to_json(), b.registry.state.to_json()
+        for store in (mine, theirs):
+            store.pop("pilot_journal_seq", None)
+        self.assertEqual(mine, theirs)
+
     def test_standby_dials_its_primary(self) -> None:
         self.s_reactor.advance(0)
         host, port = self.s_reactor.tcpClients[0][:2]
@@ -83,18 +96,48 @@ class PairTests(SynchronousTestCase):
         register(self.primary.registry, "early")
         self.s_reactor.advance(0)
         self.connect()
-        self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
+        self.assertSameStore(self.standby, self.primary)
         node = register(self.primary.registry, "late")
         self.primary.registry.handle({"type": "deregister", "node_id": node}, PEER)
         register(self.primary.registry, "later")
-        self.advance(0.2)  # pushed and acknowledged; loaded into the state within LOAD_INTERVAL
-        self.assertNotIn("later", self.standby.registry.state.hostnames)
-        self.advance(0.5)
-        self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
+        self.advance(0.2)  # pushed, applied to the standby's state and acknowledged (no wait for a load)
+        self.assertIn("later", self.standby.registry.state.hostnames)
+        self.assertSameStore(self.standby, self.primary)
         reply = self.standby.registry.handle({"type": "resolve_hostname", "hostname": "later"}, PEER)
         self.assertEqual((reply["type"], reply["term"]), ("resolve_hostname_ok", 1))
         refused = self.standby.registry.handle({"type": "set_hostname", "node_id": 1, "hostname": "x"}, PEER)
         self.assertEqual((refused["code"], refused["primary"]), ("not_primary", self.address))
+
+    def test_records_applied_to_the_state_no_whole_load(self) -> None:
+        """Each record goes to the standby's state at once; no store is loaded or adopted whole for it."""
+        register(self.primary.registry, "early")
+        self.s_reactor.advance(0)
+        self.connect()
+
+        def whole(*args: object, **kwargs: object) -> Any:
+            raise AssertionError("a whole state was adopted for a record")
+        self.patch(replication, "adopt", whole)
+        self.patch(server_replication, "_load", whole)  # nor a whole store loaded
+        node = register(self.primary.registry, "moved")
+        self.advance(0.2)
+        self.assertEqual(self.standby.registry.state.hostnames["moved"], node)
+        self.primary.registry._remove(node)  # as a signed deregister or the reaper does
+        self.primary.registry.on_change()
+        self.advance(0.2)
+        self.assertNotIn("moved", self.standby.registry.state.hostnames)
+        self.assertNotIn(node, self.standby.registry.state.nodes)
+        early = self.primary.registry.state.hostnames["early"]
+        self.primary.registry.state.auth_ts[early] = 123_456  # as a signed request accepted there
+        self.primary.registry.on_change()
+        self.advance(0.2)
+        self.assertEqual(self.standby.registry.restored_ts[early], 123_456)  # the replay floor follows
+        del self.primary.registry.state.auth_ts[early]
+        self.primary.registry.on_change()
+        self.advance(0.2)
+        self.assertNotIn(early, self.standby.registry.restored_ts)
+        self.advance(1)
+        self.assertSameStore(self.standby, self.primary)
+        self.assertEqual(self.standby.replication.follower.pending, 0)  # type: ignore[union-attr]
 
     def test_takeover_loads_what_was_acknowledged_first(self) -> None:
         self.s_reactor.advance(0)
@@ -147,7 +190,7 @@ class PairTests(SynchronousTestCase):
         # it now follows the new primary: its next attempt, joined to it
         self.p_reactor.advance(0)
         self.connect(dialled=self.standby, dialler_reactor=self.p_reactor)
-        self.assertEqual(self.primary.registry.state.to_json(), self.standby.registry.state.to_json())
+        self.assertSameStore(self.primary, self.standby)
         self.assertIn("after-takeover", self.primary.registry.state.hostnames)
 
     def test_partition_two_primaries_until_it_heals_then_the_newer_term_wins(self) -> None:
@@ -172,7 +215,7 @@ class PairTests(SynchronousTestCase):
         self.p_reactor.advance(0)
         self.connect(dialled=self.standby, dialler_reactor=self.p_reactor)
         self.assertEqual((old.standby, old.term), (True, 2))
-        self.assertEqual(self.primary.registry.state.to_json(), self.standby.registry.state.to_json())
+        self.assertSameStore(self.primary, self.standby)
         self.assertEqual(sorted(self.primary.registry.state.hostnames), ["before", "new-side"])
 
     def test_wrong_token_refused_and_logged(self) -> None:
@@ -226,6 +269,9 @@ class StoredPairTests(PairTests):
         def whole(*args: object, **kwargs: object) -> Any:
             raise AssertionError("the whole store was made on the reactor")
         self.patch(RegistryState, "to_bytes", whole)
+        self.patch(replication, "adopt", whole)  # the standby applies records: no whole state adopted
+        assert self.standby.store is not None
+        snapshots, journal_seq = self.standby.store.snapshots, self.standby.registry.state.journal_seq
         sent, applied = self.primary.replication.publisher.deltas_sent, \
             self.standby.replication.follower.deltas  # type: ignore[union-attr]
         node = register(self.primary.registry, "late")
@@ -239,7 +285,10 @@ class StoredPairTests(PairTests):
         self.advance(0.5)
         self.assertEqual(self.standby.replication.follower.deltas, applied + 2)  # type: ignore[union-attr]
         self.assertIn("latest", self.standby.registry.state.hostnames)
-        self.assertEqual(self.standby.registry.state.to_json(), self.primary.registry.state.to_json())
+        self.assertSameStore(self.standby, self.primary)
+        # the standby's own store followed by journal records (its writer's tracker saw the changes)
+        self.assertEqual(self.standby.store.snapshots, snapshots)
+        self.assertEqual(self.standby.registry.state.journal_seq, journal_seq + 2)
 
 
 class SyncSettingsTests(SynchronousTestCase):
