@@ -505,17 +505,11 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
         c.close()
 
 
-def restart(server: Server, fleet: Fleet) -> tuple[float, float]:
-    """Stop, start again with the store; (seconds from spawn to the first answered lookup, store MB)."""
-    server.stop()
-    size = os.path.getsize(server.store) if os.path.exists(server.store) else 0
-    target = fleet.ids[fleet.n // 2]
-    t0 = time.perf_counter()
-    server.start()
-    first = None
-    while first is None and time.perf_counter() - t0 < 60:
+def first_lookup(port: int, target: int, t0: float) -> float | None:
+    """Seconds from ``t0`` until a ``lookup`` of ``target`` on ``port`` is answered (None after 60 s)."""
+    while time.perf_counter() - t0 < 60:
         try:
-            with socket.create_connection((HOST, server.registry_port), timeout=5) as s:
+            with socket.create_connection((HOST, port), timeout=5) as s:
                 s.sendall(encode_frame({"type": "lookup", "node_id": target}))
                 dec = FrameDecoder()
                 while True:
@@ -525,10 +519,21 @@ def restart(server: Server, fleet: Fleet) -> tuple[float, float]:
                     msgs = dec.feed(data)
                     if msgs:
                         if isinstance(msgs[0], dict) and msgs[0].get("type") == "lookup_ok":
-                            first = time.perf_counter() - t0
+                            return time.perf_counter() - t0
                         break
         except OSError:
             time.sleep(0.005)
+    return None
+
+
+def restart(server: Server, fleet: Fleet) -> tuple[float, float]:
+    """Stop, start again with the store; (seconds from spawn to the first answered lookup, store MB)."""
+    server.stop()
+    size = os.path.getsize(server.store) if os.path.exists(server.store) else 0
+    target = fleet.ids[fleet.n // 2]
+    t0 = time.perf_counter()
+    server.start()
+    first = first_lookup(server.registry_port, target, t0)
     return (first if first is not None else float("nan")), size / 1e6
 
 

@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -54,24 +53,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import registry_load  # noqa: E402
 from procstat import cpu_seconds, pct, rss_mb  # noqa: E402
-from registry_load import DEADLINE, HOST, Conn, Node, Server  # noqa: E402
+from registry_load import DEADLINE, Conn, Fleet, Server, first_lookup  # noqa: E402
 
 from pilot.address import node_id_for_key  # noqa: E402
-from pilot.wire.registry import FrameDecoder, encode_frame  # noqa: E402
 
 #: nodes whose keys the benchmark holds (they sign the changes); the others' keys are made up
 SIGNERS = 16
 
 
-def build_store(path: str, n: int) -> tuple[list[Node], list[int], int]:
+def build_store(path: str, n: int) -> tuple[Fleet, list[int], int]:
     """Write a store of ``n`` nodes to ``path``; the signing nodes, their ids, and one id to look up."""
     from pilot.server.state import Node as StoreNode, RegistryState
     state = RegistryState(created=time.time())
     now = time.time()
-    signers = [Node(i) for i in range(min(SIGNERS, n))]
+    signers = Fleet(min(SIGNERS, n), "ours")
     ids: list[int] = []
     for i in range(n):
-        key = signers[i].pub if i < len(signers) else \
+        key = signers.pub(i) if i < signers.n else \
             hashlib.blake2b(i.to_bytes(4, "big"), digest_size=32).digest()
         node_id = node_id_for_key(key, lambda x: x in state.nodes)
         state.nodes[node_id] = StoreNode(
@@ -79,8 +77,8 @@ def build_store(path: str, n: int) -> tuple[list[Node], list[int], int]:
             hostname=f"host-{i}" if i % 2 else "", tags=["bench"] if i % 4 == 0 else [],
             local_addr=f"10.0.{i // 250 % 250}.{i % 250}:4000")
         state.index_key(key, node_id)
-        if i < len(signers):
-            signers[i].node_id = node_id
+        if i < signers.n:
+            signers.ids[i] = node_id
             ids.append(node_id)
     state.rebuild_indexes()
     data = state.to_bytes()
@@ -174,27 +172,7 @@ def compaction_stall(path: str, seconds: float) -> None:
           f"max {max(late):.2f} ms")
 
 
-def first_lookup(port: int, target: int, t0: float) -> float | None:
-    while time.perf_counter() - t0 < 60:
-        try:
-            with socket.create_connection((HOST, port), timeout=5) as s:
-                s.sendall(encode_frame({"type": "lookup", "node_id": target}))
-                dec = FrameDecoder()
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    msgs = dec.feed(data)
-                    if msgs:
-                        if isinstance(msgs[0], dict) and msgs[0].get("type") == "lookup_ok":
-                            return time.perf_counter() - t0
-                        break
-        except OSError:
-            time.sleep(0.005)
-    return None
-
-
-async def stall(port: int, signers: list[Node], ids: list[int], seconds: float, every: float) -> int:
+async def stall(port: int, signers: Fleet, ids: list[int], seconds: float, every: float) -> int:
     probe, changer = await Conn.open(port), await Conn.open(port)
     lat: list[float] = []
     end = time.perf_counter() + seconds
@@ -203,9 +181,9 @@ async def stall(port: int, signers: list[Node], ids: list[int], seconds: float, 
     async def change() -> None:
         nonlocal changes
         while time.perf_counter() < end:
-            nd = signers[changes % len(signers)]
-            msg = {"type": "set_hostname", "node_id": nd.node_id, "hostname": f"{nd.name}-s{changes}"}
-            reply = await asyncio.wait_for(changer.request(nd.signed(msg)), DEADLINE)
+            k = changes % signers.n
+            msg = {"type": "set_hostname", "node_id": signers.ids[k], "hostname": f"{signers.name(k)}-s{changes}"}
+            reply = await asyncio.wait_for(changer.request(signers.signed(k, msg)), DEADLINE)
             if reply.get("type") == "error":
                 raise SystemExit(f"set_hostname refused: {reply}")
             changes += 1
@@ -271,7 +249,8 @@ def main() -> None:
         for run in range(args.runs):
             server.registry_port = server.beacon_port = 0
             t0 = time.perf_counter()
-            listening = server.start()
+            server.start()
+            listening = time.perf_counter() - t0
             first = first_lookup(server.registry_port, target, t0)
             if first is None:
                 raise SystemExit("no lookup was answered within 60 s")

@@ -18,6 +18,7 @@ from pilot.services.api import NodeAPIImpl
 from pilot.web.metrics import collector_registry, scrape
 from pilot.web.nodemetrics import METRICS, NodeCollector, figures, fired, node_families
 from tests.node.fakes import Host, pair
+from tests.web.test_metrics import parsed
 
 PORT = 1000
 
@@ -25,14 +26,6 @@ PORT = 1000
 def api(host: Host) -> NodeAPIImpl:
     settings = NodeSettings(home="/nonexistent", identity="/nonexistent/identity.json", socket="/nonexistent/s")
     return NodeAPIImpl(host.node, host.node.clock, settings, {"received": 3})  # type: ignore[arg-type]
-
-
-def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 class Echo(Protocol):
