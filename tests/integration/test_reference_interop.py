@@ -169,6 +169,29 @@ class RefNode:
         return self.proc.describe() if self.proc is not None else f"--- {self.name}: not started"
 
 
+def start_reference(test: Any, name: str, rendezvous: Rendezvous, kind: type[RefNode] = RefNode) -> RefNode:
+    """A reference daemon of ``kind`` on ``rendezvous``, started by ``test`` (``spawn``); once it answers ``info``."""
+    home = tempfile.mkdtemp(prefix=f"pr-{name}-")  # short: a Unix socket path is limited to 107 bytes
+    os.chmod(home, 0o700)
+    test.addCleanup(shutil.rmtree, home, True)
+    ref = kind(name, home, rendezvous)
+    ref.proc = test.spawn(ref.argv(), name, cwd=home, env=ref.env)
+
+    def ready() -> dict[str, Any] | None:
+        assert ref.proc is not None
+        if not ref.proc.running:
+            raise AssertionError(f"the reference daemon exited\n{ref.describe()}")
+        if not os.path.exists(ref.socket_path):
+            return None
+        result = ref.run("info", timeout=5.0)
+        info = result.data if result.status == 0 else None
+        return info if info and info.get("node_id") else None
+
+    info = wait_until(ready, REF_START_TIMEOUT, f"{name} to register and answer info", ref.describe)
+    ref.node_id, ref.address = int(info["node_id"]), str(info["address"])
+    return ref
+
+
 class InteropMixin(NodeTestMixin):
     """The checks, against whichever rendezvous ``start_any_rendezvous`` starts."""
 
@@ -178,26 +201,7 @@ class InteropMixin(NodeTestMixin):
         raise NotImplementedError
 
     def start_reference_node(self, name: str, rendezvous: Rendezvous) -> RefNode:
-        home = tempfile.mkdtemp(prefix=f"pr-{name}-")  # short: a Unix socket path is limited to 107 bytes
-        os.chmod(home, 0o700)
-        t: Any = self
-        t.addCleanup(shutil.rmtree, home, True)
-        ref = RefNode(name, home, rendezvous)
-        ref.proc = self.spawn(ref.argv(), name, cwd=home, env=ref.env)
-
-        def ready() -> dict[str, Any] | None:
-            assert ref.proc is not None
-            if not ref.proc.running:
-                raise AssertionError(f"the reference daemon exited\n{ref.describe()}")
-            if not os.path.exists(ref.socket_path):
-                return None
-            result = ref.run("info", timeout=5.0)
-            info = result.data if result.status == 0 else None
-            return info if info and info.get("node_id") else None
-
-        info = wait_until(ready, REF_START_TIMEOUT, f"{name} to register and answer info", ref.describe)
-        ref.node_id, ref.address = int(info["node_id"]), str(info["address"])
-        return ref
+        return start_reference(self, name, rendezvous)
 
     def start_our_node(self, name: str, rendezvous: Rendezvous) -> Node:
         node = self.make_node(name, rendezvous)

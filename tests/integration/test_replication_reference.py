@@ -19,19 +19,15 @@ registry's failover is under test here).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import tempfile
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.pair import TAKEOVER, Forwarder, PairMixin
 from tests.integration.peers import RegistryClient
 from tests.integration.procs import Rendezvous, wait_until
-from tests.integration.test_reference_interop import REF_START_TIMEOUT, SKIP_REASON, RefNode
+from tests.integration.test_reference_interop import SKIP_REASON, RefNode, start_reference
 
 #: The reference daemon's heartbeat (its -keepalive): short, so it meets the new primary soon.
 KEEPALIVE = "1s"
@@ -53,26 +49,8 @@ class ReferenceNode(RefNode):
 class ReferenceFailoverTests(PairMixin, SynchronousTestCase):
     skip = SKIP_REASON or None
 
-    def start_reference_node(self, name: str, registry_port: int, beacon_port: int) -> ReferenceNode:
-        home = tempfile.mkdtemp(prefix=f"pr-{name}-")  # short: a Unix socket path is limited to 107 bytes
-        os.chmod(home, 0o700)
-        self.addCleanup(shutil.rmtree, home, True)
-        ref = ReferenceNode(name, home, Pinned(registry_port, beacon_port))
-        ref.proc = self.spawn(ref.argv(), name, cwd=home, env=ref.env)
-
-        def ready() -> dict[str, Any] | None:
-            assert ref.proc is not None
-            if not ref.proc.running:
-                raise AssertionError(f"the reference daemon exited\n{ref.describe()}")
-            if not os.path.exists(ref.socket_path):
-                return None
-            result = ref.run("info", timeout=5.0)
-            info = result.data if result.status == 0 else None
-            return info if info and info.get("node_id") else None
-
-        info = wait_until(ready, REF_START_TIMEOUT, f"{name} to register and answer info", ref.describe)
-        ref.node_id, ref.address = int(info["node_id"]), str(info["address"])
-        return ref
+    def start_reference_node(self, name: str, registry_port: int, beacon_port: int) -> RefNode:
+        return start_reference(self, name, Pinned(registry_port, beacon_port), ReferenceNode)
 
     def resolved(self, port: int, hostname: str) -> int | None:
         with RegistryClient(port) as c:
