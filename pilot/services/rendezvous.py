@@ -131,6 +131,7 @@ class RendezvousService(MultiService):
         self.writer_thread: WriterThread | None = None
         if settings.durable and not settings.store:
             raise InvalidArgument("durable acknowledgements need a store; drop --no-store or --durable")
+        self.durable = settings.durable
         self.registry = Registry(clock, settings.registry, state, on_change=self._changed,
                                  on_touch=self._touched)
         if settings.store:
@@ -139,9 +140,11 @@ class RendezvousService(MultiService):
             if run_writes is None:
                 self.writer_thread = WriterThread(reactor)
                 run_writes = self.writer_thread.run
+            # replay state (``auth_ts``) is written as soon as other changes are: a crash loses no
+            # more of it than of them (with --durable, none that a reply went out for)
             self.store = DurableWriter(settings.store, self.registry.state, clock, run_writes,
                                        min(settings.flush_delay, DURABLE_DELAY) if settings.durable
-                                       else settings.flush_delay)
+                                       else settings.flush_delay, touch_delay=settings.flush_delay)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.replication: ReplicationService | None = None
         durability: Durability | None = self.store if settings.durable else None
@@ -216,7 +219,11 @@ class RendezvousService(MultiService):
             self.store.changed()
 
     def _touched(self) -> None:
-        if self.store is not None:
+        if self.durable:
+            # a signed request's reply waits until its replay state is on disk: after a crash
+            # no request that was answered can be replayed (a beacon proof: within one write)
+            self._changed()
+        elif self.store is not None:
             self.store.touched()
 
     def _listen_registry(self) -> IListeningPort:

@@ -728,6 +728,52 @@ class ReplayStateAcrossRestartTests(SynchronousTestCase):
     def test_durable(self) -> None:
         self.check_replays_refused(durable=True)
 
+    def registered(self, durable: bool) -> tuple[Any, Any, int]:
+        service, reactor = self.service(durable, self.NOW)
+        register = self.signed(reactor, {"type": "register", "public_key": self.alice.public_key_b64,
+                                         "listen_addr": "198.51.100.4:4000"})
+        node_id = int(service.registry.handle(register, Peer("198.51.100.4", 4000))["node_id"])
+        reactor.advance(1)  # the registration is written
+        return service, reactor, node_id
+
+    def on_disk(self, node_id: int, ts: int) -> bool:
+        with open(journal_path(self.path), "rb") as f:
+            return b'"auth_ts":{"%d":%d}' % (node_id, ts) in f.read()
+
+    def test_durable_reply_waits_for_replay_state(self) -> None:
+        """
+        With ``--durable`` a signed request that changes nothing but the
+        replay state (a heartbeat) is a change: its reply is held until the
+        replay state is on disk, so nothing answered can be replayed after a
+        crash; a beacon proof's replay state is written at once too.
+        """
+        service, reactor, node_id = self.registered(durable=True)
+        before = service.store.generation
+        heartbeat = self.signed(reactor, {"type": "heartbeat", "node_id": node_id})
+        self.assertEqual(service.registry.handle(heartbeat, Peer("198.51.100.4", 4000))["type"], "heartbeat_ok")
+        self.assertGreater(service.store.generation, before)  # the connection holds the reply for it
+        self.assertFalse(self.on_disk(node_id, heartbeat["auth"]["ts"]))
+        reactor.advance(0)
+        self.assertTrue(self.on_disk(node_id, heartbeat["auth"]["ts"]))
+        self.assertEqual(service.store.saved, service.store.generation)
+        reactor.advance(1)
+        discover = self.proof(reactor, Discover(node_id).encode())
+        self.assertEqual(len(service.beacon.datagram_received(discover, ("198.51.100.4", 4000))), 1)
+        reactor.advance(0)
+        self.assertTrue(self.on_disk(node_id, int(reactor.seconds() * 1000)))
+
+    def test_default_mode_replay_state_within_flush_delay(self) -> None:
+        """Without ``--durable`` replay state is written with the changes' delay (0.25 s), not later."""
+        service, reactor, node_id = self.registered(durable=False)
+        heartbeat = self.signed(reactor, {"type": "heartbeat", "node_id": node_id})
+        before = service.store.generation
+        self.assertEqual(service.registry.handle(heartbeat, Peer("198.51.100.4", 4000))["type"], "heartbeat_ok")
+        self.assertEqual(service.store.generation, before)  # no reply waits in this mode
+        reactor.advance(0.2)
+        self.assertFalse(self.on_disk(node_id, heartbeat["auth"]["ts"]))
+        reactor.advance(0.05)
+        self.assertTrue(self.on_disk(node_id, heartbeat["auth"]["ts"]))
+
 
 class WriterThreadTests(SynchronousTestCase):
     def test_switch_interval(self) -> None:
