@@ -36,6 +36,15 @@ ratios.
     python3 benchmarks/registry_load.py --nodes 100000 --cadence reference --steady 30
     python3 benchmarks/registry_load.py --nodes 10000 --durable --writes-only
 
+``--clients N`` drives our cadence's steady state from N processes
+(``benchmarks/steady_clients.py``), each request signed beforehand with the
+time it is due, and prints whether the clients kept the cadence and the
+server kept up beside its CPU and RSS (one process cannot sign 4,000
+heartbeats and Discovers a second for 100,000 nodes); ``--steady-only``
+skips the bursts between the registrations and the steady state.
+
+    python3 benchmarks/registry_load.py --nodes 100000 --clients 2 --steady 30 --presign [--steady-only]
+
 Keys are derived from a seed when first needed (64 bytes kept a node);
 past ``--connections`` (10,000) nodes share the persistent connections.
 Every loop is bounded in count and in time; only 127.0.0.1 is ever a target.
@@ -507,9 +516,11 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     print(f"    server RSS {rss:.1f} MB (idle with connections: {rss_before:.1f} MB), "
           f"CPU {cpu:.1f}% of one core, {sent / elapsed:.0f} heartbeats/s, {probes / elapsed:.0f} probes/s, "
           f"errors {errors}")
-    print(f"    client: {sent / elapsed:.0f} of {per_second:.0f} {'ticks' if reference else 'heartbeats'}/s asked, "
+    print(f"    client: {sent / elapsed:.0f} of {per_second:.0f} "
+          f"{'ticks' if reference else 'heartbeats'}/s asked, "
           f"late by p99 {pct(lags, 99) * 1000:.0f} ms, {answered_late} unanswered at the end: "
-          f"{'KEPT the cadence' if kept else 'FELL BEHIND: the server figures are not its cost at this cadence'}")
+          + ("KEPT the cadence" if kept else
+             "FELL BEHIND: the server figures are not its cost at this cadence"))
     print(f"    heartbeat p50 {pct(hb_lat, 50):.2f} ms p99 {pct(hb_lat, 99):.2f} ms" +
           (f"; poll_handshakes p50 {pct(poll_lat, 50):.2f} ms p99 {pct(poll_lat, 99):.2f} ms"
            if reference else ""), flush=True)

@@ -538,7 +538,8 @@ class InputTests(SynchronousTestCase):
                 w = World()
                 self.assertEqual(w.send(Discover(0).encode(), (host, port)),
                                  [(DiscoverReply(host, port).encode(), (host, port))])
-        for host in ["01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "::1", "1.2.3.4 ", "1.2.3.4\x00", "example.com", ""]:
+        for host in ["01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "::1", "1.2.3.4 ", "1.2.3.4\x00", "example.com",
+                     ""]:
             self.assertIsNone(beacon_module._ipv4(host))
         w = World()
         self.assertEqual(w.send(Discover(0).encode(), ("01.2.3.4", 5)), [])
