@@ -36,6 +36,15 @@ ratios.
     python3 benchmarks/registry_load.py --nodes 100000 --cadence reference --steady 30
     python3 benchmarks/registry_load.py --nodes 10000 --durable --writes-only
 
+``--clients N`` drives our cadence's steady state from N processes
+(``benchmarks/steady_clients.py``), each request signed beforehand with the
+time it is due, and prints whether the clients kept the cadence and the
+server kept up beside its CPU and RSS (one process cannot sign 4,000
+heartbeats and Discovers a second for 100,000 nodes); ``--steady-only``
+skips the bursts between the registrations and the steady state.
+
+    python3 benchmarks/registry_load.py --nodes 100000 --clients 2 --steady 30 --presign [--steady-only]
+
 Keys are derived from a seed when first needed (64 bytes kept a node);
 past ``--connections`` (10,000) nodes share the persistent connections.
 Every loop is bounded in count and in time; only 127.0.0.1 is ever a target.
@@ -177,9 +186,13 @@ class Conn:
                     fut.set_exception(ConnectionError("registry connection closed"))
 
     def request(self, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        return self.request_frame(encode_frame(msg))
+
+    def request_frame(self, frame: bytes) -> asyncio.Future[dict[str, Any]]:
+        """Send an encoded request; its reply, when it comes."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.waiting.put_nowait(fut)
-        self.writer.write(encode_frame(msg))
+        self.writer.write(frame)
         return fut
 
     def close(self) -> None:
@@ -416,6 +429,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     errors = 0
     pending: set[asyncio.Future[Any]] = set()
     loop = asyncio.get_running_loop()
+    lags: list[float] = []
 
     async def reference_tick(i: int) -> None:
         # the reference daemon: heartbeat; after its answer a Discover and a handshake poll
@@ -461,6 +475,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
             sent = probes = errors = 0
             hb_lat.clear()
             poll_lat.clear()
+            lags.clear()
         # spread each interval evenly: as many as are due by now
         due = int((time.perf_counter() - t0 + tick) * per_second)
         while sent < due:
@@ -477,6 +492,9 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
             fut.add_done_callback(pending.discard)
             i += 1
             sent += 1
+        if measuring:
+            # how late the last request of this pass went (0 if the pass was ahead)
+            lags.append(max(0.0, time.perf_counter() - t0 - sent / per_second))
         due_probes = int((time.perf_counter() - t0 + tick) * probes_per_second)
         while probes < due_probes:
             transport.sendto(probe)
@@ -484,9 +502,12 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
         await asyncio.sleep(tick)
     elapsed = time.perf_counter() - t0
     cpu = (server.cpu_seconds() - cpu0) / elapsed * 100.0
+    answered_late = len(pending)
     if pending:
         await asyncio.wait(pending, timeout=60)
     rss = server.rss_mb()
+    from steady_clients import KEPT_LAG, KEPT_SHARE
+    kept = sent >= KEPT_SHARE * per_second * elapsed and pct(lags, 99) <= KEPT_LAG
     what = (f"heartbeat, then {'an unsigned' if args.plain_discover else 'a signed'} discover and "
             f"poll_handshakes, every {interval:g} s" if reference else
             f"heartbeat + signed discover every {interval:g} s, unsigned discover every {probe_every:g} s")
@@ -495,10 +516,16 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     print(f"    server RSS {rss:.1f} MB (idle with connections: {rss_before:.1f} MB), "
           f"CPU {cpu:.1f}% of one core, {sent / elapsed:.0f} heartbeats/s, {probes / elapsed:.0f} probes/s, "
           f"errors {errors}")
+    print(f"    client: {sent / elapsed:.0f} of {per_second:.0f} "
+          f"{'ticks' if reference else 'heartbeats'}/s asked, "
+          f"late by p99 {pct(lags, 99) * 1000:.0f} ms, {answered_late} unanswered at the end: "
+          + ("KEPT the cadence" if kept else
+             "FELL BEHIND: the server figures are not its cost at this cadence"))
     print(f"    heartbeat p50 {pct(hb_lat, 50):.2f} ms p99 {pct(hb_lat, 99):.2f} ms" +
           (f"; poll_handshakes p50 {pct(poll_lat, 50):.2f} ms p99 {pct(poll_lat, 99):.2f} ms"
            if reference else ""), flush=True)
-    figures.update({"steady CPU %": cpu, "steady RSS MB": rss, "heartbeat p99 ms (steady)": pct(hb_lat, 99)})
+    figures.update({"steady CPU %": cpu, "steady RSS MB": rss, "heartbeat p99 ms (steady)": pct(hb_lat, 99),
+                    "steady client kept cadence": float(kept)})
     if reference:
         figures["poll_handshakes p99 ms (steady)"] = pct(poll_lat, 99)
     for c in conns:
@@ -537,35 +564,12 @@ def restart(server: Server, fleet: Fleet) -> tuple[float, float]:
     return (first if first is not None else float("nan")), size / 1e6
 
 
-async def run_side(args: argparse.Namespace, server: Server) -> Figures:
-    """The whole workload against one server; the figures the comparison prints."""
-    n = args.nodes
-    figures: Figures = {}
+async def bursts(args: argparse.Namespace, server: Server, fleet: Fleet, conns16: list[Conn],
+                 figures: Figures) -> Any:
+    """The bursts after the registrations: hostname sets, lookups, heartbeats, beacon Discovers; the
+    beacon's UDP transport (None with ``--writes-only``, which stops after the hostname sets)."""
+    n, port = fleet.n, server.registry_port
     window = 1 if args.closed_loop else args.window
-    fleet = Fleet(n, args.cadence)
-    server.start()
-    port = server.registry_port
-    wait_listening(port)
-    conns16 = [await Conn.open(port) for _ in range(16)]
-    t_open = time.perf_counter()
-    own = await persistent(port, n, args)
-    print(f"  (opened {len(own)} persistent connections in {time.perf_counter() - t_open:.1f} s)", flush=True)
-
-    def learned(i: int, reply: dict[str, Any]) -> None:
-        fleet.ids[i] = int(reply.get("node_id") or 0)
-    make = presigned(fleet.register, n) if args.presign else fleet.register
-    cpu0 = server.cpu_seconds()
-    if args.cadence == "reference":
-        # each node registers on its own connection (as a reference daemon does), at most
-        # PER_SOURCE a source address; the node waits for its answer; as many nodes at once as
-        # 16 connections with the window would have in flight
-        secs, lat, err = await drive_nodes(own, make, n, 16 * window, learned)
-        label = f"register (own conns, unsigned, {16 * window} at once)"
-    else:
-        secs, lat, err = await drive(conns16, make, n, window, learned)
-        label = f"register (16 conns, signed, {window} in flight each)"
-    report(label, n, secs, lat, err, server.cpu_seconds() - cpu0)
-    figures.update({"register /s": n / secs, "register p99 ms": pct(lat, 99)})
 
     def set_hostname(i: int) -> dict[str, Any]:
         return fleet.signed(i, {"type": "set_hostname", "node_id": fleet.ids[i], "hostname": fleet.name(i)})
@@ -577,9 +581,9 @@ async def run_side(args: argparse.Namespace, server: Server) -> Figures:
     if args.stall > 0:
         await stall(port, fleet, args.stall)
     if args.writes_only:
-        for c in conns16 + own:
+        for c in conns16:
             c.close()
-        return figures
+        return None
 
     count = min(max(n, 20000), 100000)
     lookup_window = 1 if args.closed_loop else 32
@@ -619,7 +623,56 @@ async def run_side(args: argparse.Namespace, server: Server) -> Figures:
     for c in conns16:
         c.close()
 
-    await steady(args, server, fleet, transport, figures, own)
+    return transport
+
+
+async def run_side(args: argparse.Namespace, server: Server) -> Figures:
+    """The whole workload against one server; the figures the comparison prints."""
+    n = args.nodes
+    figures: Figures = {}
+    window = 1 if args.closed_loop else args.window
+    fleet = Fleet(n, args.cadence)
+    server.start()
+    port = server.registry_port
+    wait_listening(port)
+    conns16 = [await Conn.open(port) for _ in range(16)]
+    t_open = time.perf_counter()
+    # with --clients the steady state's connections are the client processes' own
+    own = [] if args.clients else await persistent(port, n, args)
+    print(f"  (opened {len(own)} persistent connections in {time.perf_counter() - t_open:.1f} s)", flush=True)
+
+    def learned(i: int, reply: dict[str, Any]) -> None:
+        fleet.ids[i] = int(reply.get("node_id") or 0)
+    make = presigned(fleet.register, n) if args.presign else fleet.register
+    cpu0 = server.cpu_seconds()
+    if args.cadence == "reference":
+        # each node registers on its own connection (as a reference daemon does), at most
+        # PER_SOURCE a source address; the node waits for its answer; as many nodes at once as
+        # 16 connections with the window would have in flight
+        secs, lat, err = await drive_nodes(own, make, n, 16 * window, learned)
+        label = f"register (own conns, unsigned, {16 * window} at once)"
+    else:
+        secs, lat, err = await drive(conns16, make, n, window, learned)
+        label = f"register (16 conns, signed, {window} in flight each)"
+    report(label, n, secs, lat, err, server.cpu_seconds() - cpu0)
+    figures.update({"register /s": n / secs, "register p99 ms": pct(lat, 99)})
+
+    if args.steady_only:
+        for c in conns16:
+            c.close()
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            Beacon, remote_addr=(HOST, server.beacon_port))
+    else:
+        transport = await bursts(args, server, fleet, conns16, figures)
+        if transport is None:  # --writes-only
+            for c in own:
+                c.close()
+            return figures
+    if args.clients:
+        from steady_clients import run_clients
+        run_clients(args, server, fleet, figures)
+    else:
+        await steady(args, server, fleet, transport, figures, own)
     transport.close()
     first, size = restart(server, fleet)
     print(f"  restart to first answered lookup ({n}-node store, {size:.1f} MB): "
@@ -719,7 +772,19 @@ def main() -> None:
                    help="each node's heartbeat interval (default: our node's 25 s, the reference's 30 s)")
     p.add_argument("--probe", type=float, default=15.0,
                    help="each node's unsigned Discover interval (our node: 15 s; 0: none)")
+    p.add_argument("--steady-only", action="store_true",
+                   help="after the registrations, only the steady state and the restart (no bursts)")
+    p.add_argument("--clients", type=int, default=0,
+                   help="our cadence's steady state from this many load-client processes, every request "
+                        "signed before it starts with the time it is due (benchmarks/steady_clients.py); "
+                        "0: from this process, signing as it goes")
+    p.add_argument("--udp-sockets", type=int, default=256,
+                   help="with --clients: the UDP sockets (source endpoints) the nodes' Discovers come from")
     args = p.parse_args()
+    if args.clients and args.cadence != "ours":
+        raise SystemExit("--clients drives our node's cadence only")
+    if not 0 <= args.clients <= 8 or not 1 <= args.udp_sockets <= 4096:
+        raise SystemExit("--clients 0..8, --udp-sockets 1..4096")
     if not 1 <= args.nodes <= 100000 or not 1 <= args.steady <= 300 or not 0 <= args.stall <= 120 \
             or not 1 <= args.connections <= 15000 or not 0 <= args.interval <= 300:
         raise SystemExit("--nodes 1..100000, --steady 1..300, --stall 0..120, --connections 1..15000, "

@@ -64,6 +64,8 @@ busiest relays); a node's entry goes with its endpoint.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import struct
 from typing import Protocol
 
 import attr
@@ -75,7 +77,7 @@ from pilot.ratelimit import KeyedLimiter
 from pilot.server.auth import MAX_SKEW, NonceCache
 from pilot.server.state import Node, RegistryState
 from pilot.wire.beacon import (
-    Discover, DiscoverReply, Proof, PunchCommand, PunchRequest, Relay, RelayDeliver, Sync,
+    DISCOVER_REPLY, Discover, DiscoverReply, Proof, PunchCommand, PunchRequest, Relay, RelayDeliver, Sync,
     canonical_host, decode,
 )
 
@@ -83,7 +85,12 @@ Outgoing = list[tuple[bytes, Endpoint]]
 
 #: Source hosts (and Discover replies) remembered, then forgotten all at once: parsing an
 #: address was a third of a Discover's cost, and a fleet's sources repeat every interval.
+#: Past this many sources (a fleet of 100,000 nodes) most lookups miss, so a miss from a
+#: canonical IPv4 source, what an IPv4 socket reports, is cheap too (:func:`_ipv4`).
 MEMO_LIMIT = 65_536
+#: The head of a DiscoverReply carrying an IPv4 address (``pilot.wire.beacon``), and its port.
+_REPLY_V4 = bytes([DISCOVER_REPLY, 4])
+_PORT = struct.Struct(">H")
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -195,12 +202,15 @@ class Beacon:
         """``host``'s rate-limit key (:func:`_ip_key`), or "" if it is not an IP address; remembered."""
         key = self._hosts.get(host)
         if key is None:
-            try:
-                canonical_host(host)
-            except ValueError:
-                key = ""
+            if _ipv4(host) is not None:
+                key = host  # canonical IPv4: its own key, as _ip_key would say
             else:
-                key = _ip_key(host)
+                try:
+                    canonical_host(host)
+                except ValueError:
+                    key = ""
+                else:
+                    key = _ip_key(host)
             if len(self._hosts) >= MEMO_LIMIT:
                 self._hosts.clear()
             self._hosts[host] = key
@@ -209,7 +219,9 @@ class Beacon:
     def _discover(self, msg: Discover, source: Endpoint) -> Outgoing:
         data = self._replies.get(source)
         if data is None:
-            data = DiscoverReply(*source).encode()
+            packed = _ipv4(source[0])
+            data = _REPLY_V4 + packed + _PORT.pack(source[1]) if packed is not None else \
+                DiscoverReply(*source).encode()
             if len(self._replies) >= MEMO_LIMIT:
                 self._replies.clear()
             self._replies[source] = data
@@ -350,6 +362,20 @@ def _source(addr: object) -> Endpoint | None:
     if not 0 < port <= 0xFFFF:
         return None
     return host, port
+
+
+def _ipv4(host: str) -> bytes | None:
+    """
+    The 4 bytes of ``host`` if it is an IPv4 address in canonical dotted form
+    (what an IPv4 socket reports), else None (then the ``ipaddress`` path
+    decides: IPv6, IPv4-mapped, or not an address).  A C round trip, about a
+    tenth of ``ipaddress``'s cost.
+    """
+    try:
+        packed = socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError, TypeError):
+        return None
+    return packed if socket.inet_ntop(socket.AF_INET, packed) == host else None
 
 
 def _ip_key(host: str) -> str:

@@ -527,6 +527,24 @@ class InputTests(SynchronousTestCase):
         self.assertLessEqual(len(w.beacon._hosts), 2)
         self.assertLessEqual(len(w.beacon._replies), 2)
 
+    def test_ipv4_fast_path_is_the_slow_one(self) -> None:
+        # a source the memo has not met (a fleet past MEMO_LIMIT) gets the reply and the rate-limit key
+        # the ipaddress path gives; only a canonical dotted IPv4 takes the C path
+        self.patch(beacon_module, "MEMO_LIMIT", 1)
+        for host in ["0.0.0.0", "1.2.3.4", "127.0.0.1", "203.0.113.255", "255.255.255.255"]:
+            self.assertEqual(beacon_module._ipv4(host), bytes(int(x) for x in host.split(".")))
+            self.assertEqual(beacon_module._ip_key(host), host)
+            for port in (1, 4000, 65535):
+                w = World()
+                self.assertEqual(w.send(Discover(0).encode(), (host, port)),
+                                 [(DiscoverReply(host, port).encode(), (host, port))])
+        for host in ["01.2.3.4", "1.2.3", "::ffff:1.2.3.4", "::1", "1.2.3.4 ", "1.2.3.4\x00", "example.com",
+                     ""]:
+            self.assertIsNone(beacon_module._ipv4(host))
+        w = World()
+        self.assertEqual(w.send(Discover(0).encode(), ("01.2.3.4", 5)), [])
+        self.assertEqual(w.count("dropped.malformed"), 1)
+
     def test_replies_follow_the_source(self) -> None:
         # a remembered reply is the one for that very endpoint (host and port)
         w = World()
