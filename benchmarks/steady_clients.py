@@ -49,7 +49,7 @@ from nacl.bindings import crypto_sign
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from registry_load import DEADLINE, HOST, Conn, Fleet  # noqa: E402
-from procstat import cpu_seconds, pct, rss_mb  # noqa: E402
+from procstat import pct, rss_mb  # noqa: E402
 
 from pilot.wire.beacon import Discover, with_proof  # noqa: E402
 from pilot.wire.registry import encode_frame, sign_request  # noqa: E402
