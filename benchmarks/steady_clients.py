@@ -338,6 +338,9 @@ def _line(proc: subprocess.Popen[str], timeout: float = 300.0) -> dict[str, Any]
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or not os.path.isfile(sys.argv[1]):
+        raise SystemExit("usage: steady_clients.py SPEC.json (a load client: registry_load.py --clients N "
+                         "starts it with the spec it writes)")
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     asyncio.run(asyncio.wait_for(client(spec), DEADLINE + spec["warmup"] + spec["steady"]))
