@@ -53,6 +53,7 @@ from zope.interface import implementer
 
 from pilot.endpoint import format_endpoint
 from pilot.errors import ErrorCode, MalformedFrame
+from pilot.protocols.sendnow import write_now
 from pilot.server.registry import Peer, Registry, error_reply
 from pilot.wire.registry import FrameDecoder, encode_frame
 
@@ -212,6 +213,8 @@ class RegistryServerProtocol(Protocol):
     def _account(self, started: bool) -> bool:
         """Charge the partial frame to the budget and time it; False if the connection was aborted."""
         held, self._held = self._held, self._decoder.buffered
+        if not held and not self._held and self._frame_timer is None:
+            return True  # whole frames only, as most requests come: nothing held, nothing to time
         if not self.budget.change(held, self._held):
             self.log.warn("registry connections hold {held} bytes of partial frames (limit {limit}); "
                           "aborting {peer}, which holds {mine}", held=self.budget.held, limit=self.budget.limit,
@@ -314,7 +317,8 @@ class RegistryServerProtocol(Protocol):
                               "{unsent} bytes queued, disconnecting", peer=self._where(), unsent=self._unsent)
                 self._abort()
                 return
-        stream_of(self).write(frame)
+        # sent in this reactor pass when nothing is queued (a waiting client's reply)
+        write_now(stream_of(self), frame)
 
     def pauseProducing(self) -> None:
         """The transport's send buffer is full: stop reading and answering."""

@@ -1,0 +1,44 @@
+# -*- test-case-name: tests.protocols.test_sendnow -*-
+"""
+Writing a reply in the reactor pass that read its request.
+
+Twisted's ``FileDescriptor.write`` never sends: it queues the bytes, asks
+the reactor to watch the socket for writability, and sends in the next
+reactor pass (``doWrite``), which then stops the watching again.  For a
+request/reply protocol with one request in flight (a node waiting for its
+``lookup``) that is two more ``epoll_ctl`` calls, one more ``epoll_wait`` and
+one more reactor pass per request, on the path the client waits on.
+
+:func:`write_now` sends at once when the transport is a plain TCP
+connection (``twisted.internet.tcp.Connection``, without ``startTLS``) with
+nothing already queued, through the transport's own ``writeSomeData``.
+Whatever the socket does not take, and every write to any other transport
+(TLS, test transports) or behind queued bytes, goes through
+``transport.write`` as before, so order, flow control (the producer is
+paused by the queued bytes, as ever) and the reporting of a lost connection
+(by the reactor, from ``doWrite``) stay Twisted's.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.tcp import Connection
+
+
+class Writable(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+def write_now(transport: Writable, data: bytes) -> None:
+    """Write ``data`` to ``transport``: sent now if the socket can take it, queued otherwise."""
+    if (isinstance(transport, Connection) and transport.connected and not transport.disconnecting
+            and not transport.TLS and not transport._writeDisconnected
+            and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent >= len(data):
+                return
+            data = data[sent:]
+        # nothing sent, or an error: the queued bytes make the reactor's doWrite find out
+    transport.write(data)
