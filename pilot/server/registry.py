@@ -116,7 +116,7 @@ class Registry:
     def _handle(self, handler: Handler | None, msg: Message, peer: Peer, session: Session | None,
                 now: float) -> Message:
         kind = msg.get("type")
-        self._count(f"request.{kind}" if handler else "request.unknown")
+        self._count(_REQUEST_COUNTERS[kind] if handler else "request.unknown")
         if not self.request_limit.allow(peer.host, now):
             self._count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")
@@ -498,3 +498,5 @@ _HANDLERS: dict[str, Handler] = {
 }
 for _more in (handshakes.HANDLERS, compat.HANDLERS, directory.HANDLERS, statements.HANDLERS):
     _HANDLERS.update(_more)
+#: each request type's counter name, made once (not a string formatted per request)
+_REQUEST_COUNTERS: dict[object, str] = {kind: f"request.{kind}" for kind in _HANDLERS}
