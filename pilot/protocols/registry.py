@@ -27,6 +27,11 @@ What the protocol adds to the logic:
   changed the registry's state is held until the store holding that change is
   on disk; later replies on the connection wait behind it, so they stay in
   order;
+* replies leave in the reactor pass that read their requests
+  (:func:`~pilot.protocols.sendnow.write_now`: Twisted's ``write`` would
+  wait for the next pass), and the replies to what one read brought go out
+  in one write of at most about :data:`BATCH_BYTES` (a pipelining client
+  costs one ``send`` a read, not one a request);
 * backpressure against a client that sends requests but never reads the
   replies.  The protocol registers itself as the transport's streaming
   producer.  When the transport's send buffer is full it calls
@@ -59,6 +64,8 @@ from pilot.wire.registry import FrameDecoder, encode_frame
 
 #: The reference drops a connection idle for 5 minutes.
 IDLE_TIMEOUT = 300.0
+#: Replies to one read are written together, at most about this many bytes at a time.
+BATCH_BYTES = 64 * 1024
 #: Bytes we accept to queue after the transport reported a full send buffer.
 MAX_UNSENT = 4 * 1024 * 1024
 #: Concurrent connections one registry accepts; over it new ones are closed at once.
@@ -157,6 +164,9 @@ class RegistryServerProtocol(Protocol):
         self.peer = Peer("", 0)
         self._decoder = FrameDecoder(max_request)
         self._pending: deque[dict[str, Any] | MalformedFrame] = deque()
+        #: while answering what one read brought: the frames to write, and their bytes
+        self._batch: list[bytes] | None = None
+        self._batched = 0
         self._idle: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
         self._held = 0
@@ -246,8 +256,18 @@ class RegistryServerProtocol(Protocol):
         self._abort()
 
     def _process(self) -> None:
-        while self._pending and not self._paused and not self._closing:
-            self._answer(self._pending.popleft())
+        if self._batch is not None:  # called again from within (a callback): the outer call sends
+            while self._pending and not self._paused and not self._closing:
+                self._answer(self._pending.popleft())
+            return
+        # the replies to what one read brought go out in one write (one send for a pipelined batch)
+        self._batch = []
+        try:
+            while self._pending and not self._paused and not self._closing:
+                self._answer(self._pending.popleft())
+        finally:
+            self._send_batch()
+            self._batch = None
 
     def _answer(self, item: dict[str, Any] | MalformedFrame) -> None:
         self._restart_idle_timer()
@@ -317,8 +337,23 @@ class RegistryServerProtocol(Protocol):
                               "{unsent} bytes queued, disconnecting", peer=self._where(), unsent=self._unsent)
                 self._abort()
                 return
+        if self._batch is not None:
+            self._batch.append(frame)
+            self._batched += len(frame)
+            if self._batched >= BATCH_BYTES:
+                self._send_batch()  # the transport may pause us now, as it would for each write
+            return
         # sent in this reactor pass when nothing is queued (a waiting client's reply)
         write_now(stream_of(self), frame)
+
+    def _send_batch(self) -> None:
+        """Write the replies gathered so far (dropped if the connection was aborted meanwhile)."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch, self._batched = [], 0
+        if not self._closing:
+            write_now(stream_of(self), batch[0] if len(batch) == 1 else b"".join(batch))
 
     def pauseProducing(self) -> None:
         """The transport's send buffer is full: stop reading and answering."""

@@ -11,7 +11,8 @@ one more reactor pass per request, on the path the client waits on.
 
 :func:`write_now` sends at once when the transport is a plain TCP
 connection (``twisted.internet.tcp.Connection``, without ``startTLS``) with
-nothing already queued, through the transport's own ``writeSomeData``.
+nothing already queued, neither closing nor aborted, through the
+transport's own ``writeSomeData``.
 Whatever the socket does not take, and every write to any other transport
 (TLS, test transports) or behind queued bytes, goes through
 ``transport.write`` as before, so order, flow control (the producer is
@@ -33,7 +34,7 @@ class Writable(Protocol):
 def write_now(transport: Writable, data: bytes) -> None:
     """Write ``data`` to ``transport``: sent now if the socket can take it, queued otherwise."""
     if (isinstance(transport, Connection) and transport.connected and not transport.disconnecting
-            and not transport.TLS and not transport._writeDisconnected
+            and not transport._aborting and not transport.TLS and not transport._writeDisconnected
             and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:

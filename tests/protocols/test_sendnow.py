@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.tcp import Connection
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -39,7 +39,7 @@ class WriteNowTests(SynchronousTestCase):
         self.addCleanup(self.ours.close)
         self.addCleanup(self.theirs.close)
         self.theirs.setblocking(False)
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         self.transport = PairConnection(self.ours, Protocol(), self.reactor)
         self.transport.connected = 1
 
@@ -108,6 +108,12 @@ class WriteNowTests(SynchronousTestCase):
         self.assertEqual(self.received(), b"")
         self.assertEqual(self.transport._tempDataBuffer, [b"last words"])
 
+    def test_aborted(self) -> None:
+        """After ``abortConnection`` nothing more reaches the socket."""
+        self.transport.abortConnection()
+        write_now(self.transport, b"after the abort")
+        self.assertEqual(self.received(), b"")
+
     def test_tls(self) -> None:
         """A connection that started TLS writes through TLS: never straight to the socket."""
         self.patch(self.transport, "TLS", True)
@@ -130,7 +136,7 @@ class RegistryReplyTests(SynchronousTestCase):
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         registry = Registry(Clock(), RegistryConfig())
         protocol = RegistryServerProtocol(registry, Clock())
         transport = PairConnection(ours, protocol, reactor)
