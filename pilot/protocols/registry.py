@@ -206,7 +206,6 @@ class RegistryServerProtocol(Protocol):
             return
         try:
             frames = self._decoder.feed(data)
-            self._pending.extend(frames)
         except MalformedFrame as e:
             # The length prefix is garbage: answer, then close; no later byte can be trusted.
             self.log.debug("closing registry connection from {peer}: {reason}", peer=self._where(),
@@ -218,6 +217,10 @@ class RegistryServerProtocol(Protocol):
             return
         if not self._account(started=bool(frames)):
             return
+        if len(frames) == 1 and not self._pending and not self._paused and self._batch is None:
+            self._answer(frames[0])  # the usual request, alone: its reply goes straight out
+            return
+        self._pending.extend(frames)
         self._process()
 
     def _account(self, started: bool) -> bool:
