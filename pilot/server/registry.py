@@ -116,7 +116,7 @@ class Registry:
     def _handle(self, handler: Handler | None, msg: Message, peer: Peer, session: Session | None,
                 now: float) -> Message:
         kind = msg.get("type")
-        self._count(_REQUEST_COUNTERS[kind] if handler else "request.unknown")
+        self._count((_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown")
         if not self.request_limit.allow(peer.host, now):
             self._count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")
