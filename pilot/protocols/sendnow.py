@@ -22,9 +22,12 @@ paused by the queued bytes, as ever) and the reporting of a lost connection
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
-from twisted.internet.tcp import Connection
+#: not imported here: ``twisted.internet.tcp`` loads pyOpenSSL when it can, which a rendezvous
+#: without TLS avoids (``pilot.tap.install_reactor_without_tls``); a TCP transport means it is loaded
+_TCP = "twisted.internet.tcp"
 
 
 class Writable(Protocol):
@@ -33,7 +36,9 @@ class Writable(Protocol):
 
 def write_now(transport: Writable, data: bytes) -> None:
     """Write ``data`` to ``transport``: sent now if the socket can take it, queued otherwise."""
-    if (isinstance(transport, Connection) and transport.connected and not transport.disconnecting
+    tcp = sys.modules.get(_TCP)
+    if (tcp is not None and isinstance(transport, tcp.Connection) and transport.connected
+            and not transport.disconnecting
             and not transport._aborting and not transport.TLS and not transport._writeDisconnected
             and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
         sent = transport.writeSomeData(data)

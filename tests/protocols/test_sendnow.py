@@ -10,7 +10,10 @@ writability.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
@@ -128,6 +131,21 @@ class WriteNowTests(SynchronousTestCase):
         transport = StringTransport()
         write_now(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class ImportTests(SynchronousTestCase):
+    def test_tcp_not_imported(self) -> None:
+        """
+        The registry protocol does not import ``twisted.internet.tcp`` (which
+        loads pyOpenSSL): ``pilot.cli`` imports it before a rendezvous without
+        TLS installs its reactor without pyOpenSSL (issue 16: restart time).
+        """
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = ("import sys, pilot.cli, pilot.protocols.registry; "
+                "print('twisted.internet.tcp' in sys.modules, 'OpenSSL' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                             env=dict(os.environ, PYTHONPATH=root), timeout=120)
+        self.assertEqual(out.stdout.split(), ["False", "False"], out.stderr)
 
 
 class RegistryReplyTests(SynchronousTestCase):
