@@ -273,20 +273,21 @@ class RegistryServerProtocol(Protocol):
             self._batch = None
 
     def _answer(self, item: dict[str, Any] | MalformedFrame) -> None:
-        self._restart_idle_timer()
         if isinstance(item, MalformedFrame):
             self._reply(encode_frame(error_reply(ErrorCode.malformed, item.reason)), 0)
-            return
-        before = self.durability.generation if self.durability is not None else 0
-        try:
-            # no logging here (a fleet's every request passes): refusals are counted by the registry
-            frame = encode_frame(self.registry.handle(item, self.peer, self))
-        except Exception:
-            self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
-                             peer=self._where())
-            frame = _INTERNAL
-        after = self.durability.generation if self.durability is not None else 0
-        self._reply(frame, after if after != before else 0)
+        else:
+            before = self.durability.generation if self.durability is not None else 0
+            try:
+                # no logging here (a fleet's every request passes): refusals are counted by the registry
+                frame = encode_frame(self.registry.handle(item, self.peer, self))
+            except Exception:
+                self.log.failure("registry request {kind!r} from {peer} failed",
+                                 kind=str(item.get("type"))[:40], peer=self._where())
+                frame = _INTERNAL
+            after = self.durability.generation if self.durability is not None else 0
+            self._reply(frame, after if after != before else 0)
+        if not self._closing:
+            self._restart_idle_timer()  # after the reply: not on the path its client waits on
 
     def _reply(self, frame: bytes, generation: int) -> None:
         """Write ``frame`` once change ``generation`` is on disk (0: no change), after earlier replies."""

@@ -11,8 +11,8 @@ one more reactor pass per request, on the path the client waits on.
 
 :func:`write_now` sends at once when the transport is a plain TCP
 connection (``twisted.internet.tcp.Connection``, without ``startTLS``) with
-nothing already queued, neither closing nor aborted, through the
-transport's own ``writeSomeData``.
+nothing already queued, neither closing nor aborted, with one ``send`` on
+the transport's socket (what its ``writeSomeData`` does).
 Whatever the socket does not take, and every write to any other transport
 (TLS, test transports) or behind queued bytes, goes through
 ``transport.write`` as before, so order, flow control (the producer is
@@ -41,10 +41,11 @@ def write_now(transport: Writable, data: bytes) -> None:
             and not transport.disconnecting
             and not transport._aborting and not transport.TLS and not transport._writeDisconnected
             and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            if sent >= len(data):
-                return
-            data = data[sent:]
-        # nothing sent, or an error: the queued bytes make the reactor's doWrite find out
+        try:
+            sent = transport.socket.send(data)  # what writeSomeData does, without its three calls
+        except OSError:
+            sent = 0  # full (EAGAIN, ENOBUFS) or broken: queued below, and doWrite finds out
+        if sent >= len(data):
+            return
+        data = data[sent:]
     transport.write(data)

@@ -92,7 +92,10 @@ class WriteNowTests(SynchronousTestCase):
 
     def test_partly_taken(self) -> None:
         """A short send: the rest is queued, and follows the part sent."""
-        self.patch(self.transport, "writeSomeData", lambda data: 3)
+        class ShortSocket:
+            def send(self, data: bytes) -> int:
+                return 3
+        self.patch(self.transport, "socket", ShortSocket())
         write_now(self.transport, b"abcdef")
         self.assertEqual(self.transport._tempDataBuffer, [b"def"])
         self.assertTrue(self.queued())
