@@ -125,7 +125,8 @@ class Side:
         self.ids: list[int] = []
         for i in range(NODES):
             _, secret = crypto_sign_seed_keypair(hashlib.sha256(b"closed-loop" + bytes([i])).digest())
-            reply = self.conn.request({"type": "register", "public_key": base64.b64encode(secret[32:]).decode(),
+            key = base64.b64encode(secret[32:]).decode()
+            reply = self.conn.request({"type": "register", "public_key": key,
                                        "listen_addr": f"{HOST}:{20000 + i}", "hostname": f"closed-{i}"})
             if "node_id" not in reply:
                 raise SystemExit(f"{self.name}: register refused: {reply}")
@@ -155,7 +156,8 @@ def main() -> None:
             sides.append(Side("reference", proc, port))
         kinds: dict[str, Callable[[Side, int], dict[str, Any]]] = {
             "lookup": lambda side, i: {"type": "lookup", "node_id": side.ids[i % NODES]},
-            "resolve_hostname": lambda side, i: {"type": "resolve_hostname", "hostname": f"closed-{i % NODES}"},
+            "resolve_hostname": lambda side, i: {"type": "resolve_hostname",
+                                                 "hostname": f"closed-{i % NODES}"},
         }
         rates: dict[tuple[str, str], list[float]] = {}
         cpus: dict[tuple[str, str], list[float]] = {}
@@ -177,11 +179,11 @@ def main() -> None:
         for kind in kinds:
             ref = statistics.median(rates[("reference", kind)]) if reference else None
             for side in sides:
-                rate = statistics.median(rates[(side.name, kind)])
+                got = rates[(side.name, kind)]
+                rate = statistics.median(got)
                 ratio = f"   {rate / ref:4.2f}x the reference" if ref else ""
-                print(f"  {kind:<17} {side.name:<22} {rate:7.0f}/s (median; {min(rates[(side.name, kind)]):6.0f}"
-                      f"-{max(rates[(side.name, kind)]):6.0f})   server CPU "
-                      f"{statistics.median(cpus[(side.name, kind)]):4.0f} us each{ratio}")
+                print(f"  {kind:<17} {side.name:<22} {rate:7.0f}/s (median; {min(got):6.0f}-{max(got):6.0f})"
+                      f"   server CPU {statistics.median(cpus[(side.name, kind)]):4.0f} us each{ratio}")
     finally:
         for side in sides:
             side.proc.terminate()

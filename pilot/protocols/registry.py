@@ -285,7 +285,10 @@ class RegistryServerProtocol(Protocol):
                                  kind=str(item.get("type"))[:40], peer=self._where())
                 frame = _INTERNAL
             after = self.durability.generation if self.durability is not None else 0
-            self._reply(frame, after if after != before else 0)
+            if after != before or self._unsaved or self._paused or self._batch is not None:
+                self._reply(frame, after if after != before else 0)
+            else:
+                write_now(stream_of(self), frame)  # the usual case, as _reply and _write would
         if not self._closing:
             self._restart_idle_timer()  # after the reply: not on the path its client waits on
 

@@ -101,21 +101,20 @@ class Registry:
     # --- entry point ------------------------------------------------------------
 
     def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
-        started = self.clock.seconds()
+        t0 = self.clock.seconds()
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         try:
             replica = self.replica
             if replica is None:
-                return self._handle(handler, msg, peer, session, started)
+                return self._handle(handler, kind, msg, peer, session, t0)
             # a paired server: a standby refuses writes, and every reply carries the term
-            return replica.stamp(replica.refusal(kind) or self._handle(handler, msg, peer, session, started))
+            return replica.stamp(replica.refusal(kind) or self._handle(handler, kind, msg, peer, session, t0))
         finally:
-            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - started)
+            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - t0)
 
-    def _handle(self, handler: Handler | None, msg: Message, peer: Peer, session: Session | None,
-                now: float) -> Message:
-        kind = msg.get("type")
+    def _handle(self, handler: Handler | None, kind: object, msg: Message, peer: Peer,
+                session: Session | None, now: float) -> Message:
         self._count((_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown")
         if not self.request_limit.allow(peer.host, now):
             self._count("error.rate_limited")
@@ -498,5 +497,4 @@ _HANDLERS: dict[str, Handler] = {
 }
 for _more in (handshakes.HANDLERS, compat.HANDLERS, directory.HANDLERS, statements.HANDLERS):
     _HANDLERS.update(_more)
-#: each request type's counter name, made once (not a string formatted per request)
-_REQUEST_COUNTERS: dict[object, str] = {kind: f"request.{kind}" for kind in _HANDLERS}
+_REQUEST_COUNTERS: dict[object, str] = {kind: f"request.{kind}" for kind in _HANDLERS}  # made once

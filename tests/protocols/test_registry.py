@@ -20,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.errors import ErrorCode, Internal, InvalidArgument, NotFound, PilotError, RateLimited, \
     RegistryUnavailable
 from pilot.protocols.registry import (
-    BATCH_BYTES, FRAME_DEADLINE, MAX_REQUEST, RefusedConnection, RegistryServerFactory, RegistryServerProtocol,
+    BATCH_BYTES, FRAME_DEADLINE, MAX_REQUEST, RefusedConnection, RegistryServerFactory,
+    RegistryServerProtocol,
 )
 from pilot.protocols.registry_client import RegistryClientFactory, RegistryClientProtocol, reply_error
 from pilot.server.registry import Peer, Registry
