@@ -251,11 +251,11 @@ class Registry:
             problem = f"hostname {hostname!r} is taken by another node"
         return problem
 
-    def _lookup_json(self, node: Node) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": node.id, "address": node.address_text, "networks": list(node.networks),
-            "public_key": self.state.key_text(node.public_key), "public": node.public,
-            "polo_score": node.polo_score,
+    def _lookup_reply(self, node: Node) -> dict[str, Any]:
+        out: dict[str, Any] = {  # one dict, in the reply's field order
+            "type": "lookup_ok", "node_id": node.id, "address": node.address_text,
+            "networks": list(node.networks), "public_key": self.state.key_text(node.public_key),
+            "public": node.public, "polo_score": node.polo_score,
         }
         if node.hostname:
             out["hostname"] = node.hostname
@@ -351,7 +351,7 @@ class Registry:
 
     def lookup(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         node = self.need(get_int(msg, "node_id"))
-        reply = {"type": "lookup_ok", **self._lookup_json(node)}
+        reply = self._lookup_reply(node)
         if node.public:
             reply["real_addr"] = node.real_addr
         return reply
