@@ -19,8 +19,11 @@ inline (a temporary folder; the fsync is the kernel's time, not ours).
 (``docs/reference-wire.md`` §2.4, §5.3): unsigned ``register``s, then two
 rounds of ``heartbeat`` and ``poll_handshakes`` with the fixed-challenge
 ``signature`` (the same bytes every 30 s), one frame a time as separate
-connections deliver them, and signed Discovers to the beacon; ``--profile``
-then profiles the heartbeat and poll rounds.
+connections deliver them, pipelined ``lookup``s, then ``lookup``,
+``set_hostname`` and ``resolve_hostname`` one frame a time (a closed loop:
+each request alone in its ``dataReceived``, so every per-request cost of the
+protocol shows), and signed Discovers to the beacon; ``--profile`` then
+profiles the heartbeat and poll rounds.
 
 Bounded: at most 100,000 nodes; nothing is sent anywhere.
 """
@@ -155,6 +158,12 @@ def reference(args: argparse.Namespace, keys: list[SigningKey], pubs: list[bytes
     beats = [encode_frame(legacy(i, {"type": "heartbeat", "node_id": ids[i]})) for i in range(n)]
     polls = [encode_frame(legacy(i, {"type": "poll_handshakes", "node_id": ids[i]})) for i in range(n)]
     lookups = frames([{"type": "lookup", "node_id": ids[i]} for i in range(n)])
+    # closed loop (a node waits for each answer): one frame a time, as a node's own connection brings them
+    one_lookups = [encode_frame({"type": "lookup", "node_id": ids[i]}) for i in range(n)]
+    names = [encode_frame(legacy(i, {"type": "set_hostname", "node_id": ids[i], "hostname": f"bench-{i}"}))
+             for i in range(n)]
+    one_resolves = [encode_frame({"type": "resolve_hostname", "hostname": f"bench-{i}"}) for i in range(n)]
+
     def signer(i: int) -> Any:
         return lambda m: keys[i].sign(m).signature
     discovers = [with_proof(Discover(ids[i]).base, signer(i), now_ms, os.urandom(8)) for i in range(n)]
@@ -171,7 +180,9 @@ def reference(args: argparse.Namespace, keys: list[SigningKey], pubs: list[bytes
         for k in (1, 2):
             phases += [(f"heartbeat (legacy), round {k}", beats),
                        (f"poll_handshakes (legacy), round {k}", polls)]
-        phases += [("lookup", lookups), ("beacon discover (signed)", None)]
+        phases += [("lookup", lookups), ("lookup, one a time", one_lookups),
+                   ("set_hostname (legacy), one a time", names),
+                   ("resolve_hostname, one a time", one_resolves), ("beacon discover (signed)", None)]
         for label, chunks in phases:
             prof = profile if round_ == 0 and ("heartbeat" in label or "poll" in label) else None
             if chunks is None:
@@ -183,6 +194,9 @@ def reference(args: argparse.Namespace, keys: list[SigningKey], pubs: list[bytes
                 cpu = run(proto, transport, chunks, prof)
             best[label] = min(best.get(label, cpu), cpu)
             clock.advance(1)
+        errors = {k: v for k, v in registry.counters.items() if k.startswith("error.")}
+        if errors:
+            print(f"  (round {round_ + 1}: requests refused: {errors})")
     print(f"registry CPU per request, in one process: {n} nodes, the reference daemon's requests, "
           f"python {sys.version.split()[0]}; the least of {args.repeat} rounds")
     for label, cpu in best.items():

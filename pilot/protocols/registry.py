@@ -27,6 +27,11 @@ What the protocol adds to the logic:
   changed the registry's state is held until the store holding that change is
   on disk; later replies on the connection wait behind it, so they stay in
   order;
+* replies leave in the reactor pass that read their requests
+  (:func:`~pilot.protocols.sendnow.write_now`: Twisted's ``write`` would
+  wait for the next pass), and the replies to what one read brought go out
+  in one write of at most about :data:`BATCH_BYTES` (a pipelining client
+  costs one ``send`` a read, not one a request);
 * backpressure against a client that sends requests but never reads the
   replies.  The protocol registers itself as the transport's streaming
   producer.  When the transport's send buffer is full it calls
@@ -53,11 +58,14 @@ from zope.interface import implementer
 
 from pilot.endpoint import format_endpoint
 from pilot.errors import ErrorCode, MalformedFrame
+from pilot.protocols.sendnow import write_now
 from pilot.server.registry import Peer, Registry, error_reply
 from pilot.wire.registry import FrameDecoder, encode_frame
 
 #: The reference drops a connection idle for 5 minutes.
 IDLE_TIMEOUT = 300.0
+#: Replies to one read are written together, at most about this many bytes at a time.
+BATCH_BYTES = 64 * 1024
 #: Bytes we accept to queue after the transport reported a full send buffer.
 MAX_UNSENT = 4 * 1024 * 1024
 #: Concurrent connections one registry accepts; over it new ones are closed at once.
@@ -156,6 +164,9 @@ class RegistryServerProtocol(Protocol):
         self.peer = Peer("", 0)
         self._decoder = FrameDecoder(max_request)
         self._pending: deque[dict[str, Any] | MalformedFrame] = deque()
+        #: while answering what one read brought: the frames to write, and their bytes
+        self._batch: list[bytes] | None = None
+        self._batched = 0
         self._idle: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
         self._held = 0
@@ -195,7 +206,6 @@ class RegistryServerProtocol(Protocol):
             return
         try:
             frames = self._decoder.feed(data)
-            self._pending.extend(frames)
         except MalformedFrame as e:
             # The length prefix is garbage: answer, then close; no later byte can be trusted.
             self.log.debug("closing registry connection from {peer}: {reason}", peer=self._where(),
@@ -207,11 +217,17 @@ class RegistryServerProtocol(Protocol):
             return
         if not self._account(started=bool(frames)):
             return
+        if len(frames) == 1 and not self._pending and not self._paused and self._batch is None:
+            self._answer(frames[0])  # the usual request, alone: its reply goes straight out
+            return
+        self._pending.extend(frames)
         self._process()
 
     def _account(self, started: bool) -> bool:
         """Charge the partial frame to the budget and time it; False if the connection was aborted."""
         held, self._held = self._held, self._decoder.buffered
+        if not held and not self._held and self._frame_timer is None:
+            return True  # whole frames only, as most requests come: nothing held, nothing to time
         if not self.budget.change(held, self._held):
             self.log.warn("registry connections hold {held} bytes of partial frames (limit {limit}); "
                           "aborting {peer}, which holds {mine}", held=self.budget.held, limit=self.budget.limit,
@@ -243,24 +259,38 @@ class RegistryServerProtocol(Protocol):
         self._abort()
 
     def _process(self) -> None:
-        while self._pending and not self._paused and not self._closing:
-            self._answer(self._pending.popleft())
+        if self._batch is not None:  # called again from within (a callback): the outer call sends
+            while self._pending and not self._paused and not self._closing:
+                self._answer(self._pending.popleft())
+            return
+        # the replies to what one read brought go out in one write (one send for a pipelined batch)
+        self._batch = []
+        try:
+            while self._pending and not self._paused and not self._closing:
+                self._answer(self._pending.popleft())
+        finally:
+            self._send_batch()
+            self._batch = None
 
     def _answer(self, item: dict[str, Any] | MalformedFrame) -> None:
-        self._restart_idle_timer()
         if isinstance(item, MalformedFrame):
             self._reply(encode_frame(error_reply(ErrorCode.malformed, item.reason)), 0)
-            return
-        before = self.durability.generation if self.durability is not None else 0
-        try:
-            # no logging here (a fleet's every request passes): refusals are counted by the registry
-            frame = encode_frame(self.registry.handle(item, self.peer, self))
-        except Exception:
-            self.log.failure("registry request {kind!r} from {peer} failed", kind=str(item.get("type"))[:40],
-                             peer=self._where())
-            frame = _INTERNAL
-        after = self.durability.generation if self.durability is not None else 0
-        self._reply(frame, after if after != before else 0)
+        else:
+            before = self.durability.generation if self.durability is not None else 0
+            try:
+                # no logging here (a fleet's every request passes): refusals are counted by the registry
+                frame = encode_frame(self.registry.handle(item, self.peer, self))
+            except Exception:
+                self.log.failure("registry request {kind!r} from {peer} failed",
+                                 kind=str(item.get("type"))[:40], peer=self._where())
+                frame = _INTERNAL
+            after = self.durability.generation if self.durability is not None else 0
+            if after != before or self._unsaved or self._paused or self._batch is not None:
+                self._reply(frame, after if after != before else 0)
+            else:
+                write_now(stream_of(self), frame)  # the usual case, as _reply and _write would
+        if not self._closing:
+            self._restart_idle_timer()  # after the reply: not on the path its client waits on
 
     def _reply(self, frame: bytes, generation: int) -> None:
         """Write ``frame`` once change ``generation`` is on disk (0: no change), after earlier replies."""
@@ -314,7 +344,23 @@ class RegistryServerProtocol(Protocol):
                               "{unsent} bytes queued, disconnecting", peer=self._where(), unsent=self._unsent)
                 self._abort()
                 return
-        stream_of(self).write(frame)
+        if self._batch is not None:
+            self._batch.append(frame)
+            self._batched += len(frame)
+            if self._batched >= BATCH_BYTES:
+                self._send_batch()  # the transport may pause us now, as it would for each write
+            return
+        # sent in this reactor pass when nothing is queued (a waiting client's reply)
+        write_now(stream_of(self), frame)
+
+    def _send_batch(self) -> None:
+        """Write the replies gathered so far (dropped if the connection was aborted meanwhile)."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch, self._batched = [], 0
+        if not self._closing:
+            write_now(stream_of(self), batch[0] if len(batch) == 1 else b"".join(batch))
 
     def pauseProducing(self) -> None:
         """The transport's send buffer is full: stop reading and answering."""

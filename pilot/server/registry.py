@@ -101,22 +101,21 @@ class Registry:
     # --- entry point ------------------------------------------------------------
 
     def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
-        started = self.clock.seconds()
+        t0 = self.clock.seconds()
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         try:
             replica = self.replica
             if replica is None:
-                return self._handle(handler, msg, peer, session, started)
+                return self._handle(handler, kind, msg, peer, session, t0)
             # a paired server: a standby refuses writes, and every reply carries the term
-            return replica.stamp(replica.refusal(kind) or self._handle(handler, msg, peer, session, started))
+            return replica.stamp(replica.refusal(kind) or self._handle(handler, kind, msg, peer, session, t0))
         finally:
-            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - started)
+            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - t0)
 
-    def _handle(self, handler: Handler | None, msg: Message, peer: Peer, session: Session | None,
-                now: float) -> Message:
-        kind = msg.get("type")
-        self._count(f"request.{kind}" if handler else "request.unknown")
+    def _handle(self, handler: Handler | None, kind: object, msg: Message, peer: Peer,
+                session: Session | None, now: float) -> Message:
+        self._count((_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown")
         if not self.request_limit.allow(peer.host, now):
             self._count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")
@@ -252,11 +251,11 @@ class Registry:
             problem = f"hostname {hostname!r} is taken by another node"
         return problem
 
-    def _lookup_json(self, node: Node) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "node_id": node.id, "address": node.address_text, "networks": list(node.networks),
-            "public_key": self.state.key_text(node.public_key), "public": node.public,
-            "polo_score": node.polo_score,
+    def _lookup_reply(self, node: Node) -> dict[str, Any]:
+        out: dict[str, Any] = {  # one dict, in the reply's field order
+            "type": "lookup_ok", "node_id": node.id, "address": node.address_text,
+            "networks": list(node.networks), "public_key": self.state.key_text(node.public_key),
+            "public": node.public, "polo_score": node.polo_score,
         }
         if node.hostname:
             out["hostname"] = node.hostname
@@ -352,7 +351,7 @@ class Registry:
 
     def lookup(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         node = self.need(get_int(msg, "node_id"))
-        reply = {"type": "lookup_ok", **self._lookup_json(node)}
+        reply = self._lookup_reply(node)
         if node.public:
             reply["real_addr"] = node.real_addr
         return reply
@@ -498,3 +497,4 @@ _HANDLERS: dict[str, Handler] = {
 }
 for _more in (handshakes.HANDLERS, compat.HANDLERS, directory.HANDLERS, statements.HANDLERS):
     _HANDLERS.update(_more)
+_REQUEST_COUNTERS: dict[object, str] = {kind: f"request.{kind}" for kind in _HANDLERS}  # made once

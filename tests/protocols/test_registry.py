@@ -20,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from pilot.errors import ErrorCode, Internal, InvalidArgument, NotFound, PilotError, RateLimited, \
     RegistryUnavailable
 from pilot.protocols.registry import (
-    FRAME_DEADLINE, MAX_REQUEST, RefusedConnection, RegistryServerFactory, RegistryServerProtocol,
+    BATCH_BYTES, FRAME_DEADLINE, MAX_REQUEST, RefusedConnection, RegistryServerFactory,
+    RegistryServerProtocol,
 )
 from pilot.protocols.registry_client import RegistryClientFactory, RegistryClientProtocol, reply_error
 from pilot.server.registry import Peer, Registry
@@ -118,6 +119,53 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual([r["n"] for r in self.replies()], [0, 1, 2])
         self.assertEqual({p for _, p, _ in self.registry.requests}, {Peer("203.0.113.7", 40000)})
         self.assertTrue(all(s is self.protocol for _, _, s in self.registry.requests))
+
+    def test_replies_to_one_read_in_one_write(self) -> None:
+        """The replies to what one read brought go to the transport in one write, in order."""
+        writes: list[bytes] = []
+        self.patch(self.transport, "write", writes.append)
+        self.protocol.dataReceived(b"".join(encode_frame({"type": "t", "n": i}) for i in range(5)))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([r["n"] for r in frames(writes[0])], [0, 1, 2, 3, 4])
+        self.protocol.dataReceived(encode_frame({"type": "t", "n": 5}))
+        self.assertEqual(len(writes), 2)
+
+    def test_batch_is_bounded_and_pauses(self) -> None:
+        """A read of many requests is written in parts of about ``BATCH_BYTES``; a full transport stops it."""
+        writes: list[bytes] = []
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            self.protocol.pauseProducing()  # as Twisted's transport does when its buffer is full
+        self.patch(self.transport, "write", write)
+        pad = "p" * 1000
+
+        def handle(msg: dict[str, Any], peer: Peer, session: object = None) -> dict[str, Any]:
+            return dict(RecordingRegistry.handle(self.registry, msg, peer, session), pad=pad)
+        self.patch(self.registry, "handle", handle)
+        count = 3 * BATCH_BYTES // 1000
+        self.protocol.dataReceived(b"".join(encode_frame({"type": "t", "n": i, "pad": pad})
+                                            for i in range(count)))
+        self.assertEqual(len(writes), 1)
+        answered = frames(writes[0])
+        self.assertGreaterEqual(len(writes[0]), BATCH_BYTES)
+        self.assertLess(len(writes[0]), BATCH_BYTES + 1100)
+        self.assertEqual(len(self.registry.requests), len(answered))
+        self.patch(self.transport, "write", writes.append)
+        self.protocol.resumeProducing()
+        self.assertEqual(len(self.registry.requests), count)
+        self.assertEqual([r["n"] for w in writes for r in frames(w)], list(range(count)))
+
+    def test_event_pushed_while_answering_keeps_its_place(self) -> None:
+        """An event a request causes on its own connection is written after that request's reply."""
+        def handle(msg: dict[str, Any], peer: Peer, session: object = None) -> dict[str, Any]:
+            reply = RecordingRegistry.handle(self.registry, msg, peer, session)
+            self.protocol.push({"type": "event", "after": msg["n"]})
+            return reply
+        self.patch(self.registry, "handle", handle)
+        self.protocol.dataReceived(encode_frame({"type": "t", "n": 1}) + encode_frame({"type": "t", "n": 2}))
+        self.assertEqual(self.replies(), [{"type": "event", "after": 1}, {"type": "t_ok", "n": 1},
+                                          {"type": "event", "after": 2}, {"type": "t_ok", "n": 2}])
 
     def test_ipv6_peer(self) -> None:
         transport = StringTransport(peerAddress=IPv6Address("TCP", "2001:db8::1", 5))

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
+from pilot.wire import registry as registry_wire
 from pilot.wire.registry import (
     AUTH_CONTEXT, LEGACY_CHALLENGES, MAX_FRAME, SIGNER_FIELD, FrameDecoder, auth_message,
     canonical_body, decode_body, encode_frame, get_bool, get_int, get_str, get_str_list,
@@ -71,6 +72,29 @@ class EncodeTests(SynchronousTestCase):
 
     def test_too_large(self) -> None:
         self.assertRaises(ValueError, encode_frame, {"type": "x", "pad": "a" * MAX_FRAME})
+
+    def test_same_text_as_the_json_module(self) -> None:
+        """The encoder made once writes what ``json.JSONEncoder(...).encode`` writes, value for value."""
+        values: list[Any] = [
+            {}, {"type": "lookup_ok", "node_id": 4294967295, "networks": [0, 7], "public": True, "x": None},
+            {"s": "caf\u00e9 \ud800 \"quoted\" \\ \n\t\u0000", "f": 1.5, "e": 1e300, "neg": -0.0},
+            {"nested": [{"a": [[], {}]}, "b"], "z": 1, "a": 2}, {"nan": float("nan"), "inf": float("inf")},
+            {1: "int key", True: "bool key"}, [1, "list at the top"], ("a", "tuple"),
+        ]
+        plain = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+        canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False)
+        for value in values:
+            self.assertEqual(registry_wire._ENCODE(value), plain.encode(value))
+            self.assertEqual(registry_wire._CANONICAL(value), canonical.encode(value))
+        for encode in (registry_wire._ENCODE, registry_wire._CANONICAL):
+            self.assertRaises(TypeError, encode, {"not json": object()})
+            self.assertRaises(TypeError, encode, {"bytes": b"x"})
+
+    def test_without_the_c_encoder(self) -> None:
+        """Where ``json`` has no C encoder, the encoder's own ``encode`` is used."""
+        encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+        self.patch(json.encoder, "c_make_encoder", None)
+        self.assertEqual(registry_wire._one_shot(encoder), encoder.encode)
 
 
 class FrameDecoderTests(SynchronousTestCase):
@@ -131,6 +155,25 @@ class FrameDecoderTests(SynchronousTestCase):
             else:
                 self.assertIsInstance(item, MalformedFrame, bad[i // 2][:20])
         self.assertIsNone(decoder.broken)
+
+    def test_whole_frames_alone(self) -> None:
+        """A frame fed whole and alone (the usual request) decodes as one fed with others or in parts."""
+        bad = [b"", b"not json", b"[1, 2]", b"null", b'{"type": 5}', b"\xff\xfe", b'{"type": "x", "n": NaN}',
+               b'{"type": "x"} trailing', b'{"type": "x"}{"type": "y"}', b"[" * 100000]
+        for body in bad:
+            decoder = FrameDecoder()
+            (item,) = decoder.feed(frame(body))
+            self.assertIsInstance(item, MalformedFrame, body[:20])
+            self.assertEqual(decoder.feed(encode_frame(self.messages[0])), [self.messages[0]])
+        for body in (b' {"type": "x"}', b'{"type": "x"} \r\n', b'\t{ "type" : "x" }\n'):
+            self.assertEqual(FrameDecoder().feed(frame(body)), [{"type": "x"}])
+        decoder = FrameDecoder(max_frame=10)
+        self.assertRaises(MalformedFrame, decoder.feed, frame(b'{"type":"heartbeat"}'))
+        self.assertTrue(decoder.broken)
+        decoder = FrameDecoder()
+        self.assertEqual(decoder.feed(encode_frame(self.messages[0])[:-1]), [])
+        self.assertEqual(decoder.feed(encode_frame(self.messages[0])[-1:]), [self.messages[0]])
+        self.assertEqual(decoder.buffered, 0)
 
     def test_deep_nesting(self) -> None:
         for body in (b'{"type": "x", "a": ' + b"[" * 50000 + b"]" * 50000 + b"}",
