@@ -39,7 +39,8 @@ from pilot.persist import StateFileError
 from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import RegistryConfig
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
-from pilot.services.replication import SYNC_TIMEOUT, TAKEOVER_AFTER, ReplicationSettings
+from pilot.server.replication import SYNC_TIMEOUT
+from pilot.services.pairing import TAKEOVER_AFTER, ReplicationSettings
 from pilot.services.store import StoreError, collector_paused, default_store_path
 from pilot.startup import StartupGuard
 

@@ -35,11 +35,13 @@ from pilot.protocols.registry import (
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.durable import DurableWriter, Runner, WriterThread
-from pilot.services.replication import ReplicationService, ReplicationSettings
+from pilot.services.pairing import ReplicationSettings
 from pilot.services.store import load_store
 
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
+
+    from pilot.services.replication import ReplicationService
 
     from pilot.services.web import RendezvousHTTP
 
@@ -149,6 +151,8 @@ class RendezvousService(MultiService):
         self.replication: ReplicationService | None = None
         durability: Durability | None = self.store if settings.durable else None
         if settings.replication.paired:
+            # imported here: a rendezvous without a pair answers sooner without it (docs/performance.md)
+            from pilot.services.replication import ReplicationService
             self.replication = ReplicationService(self.registry, settings.replication, reactor,
                                                   settings.flush_delay, self.registry_port, self._replicated,
                                                   tls=settings.tls,
