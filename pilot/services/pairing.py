@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import attr
 
-from pilot.protocols.replication import READ_DEADLINE
-from pilot.server.replication import SYNC_TIMEOUT
+from pilot.server.pair_defaults import READ_DEADLINE, SYNC_TIMEOUT
 
 #: Seconds between a failed or lost subscription and the next attempt (the reference's).
 RECONNECT_DELAY = 3.0
