@@ -24,7 +24,6 @@ from pilot.cli import PROG, COMMANDS, Context, Result, arg
 from pilot.endpoint import format_endpoint, parse_host_port
 from pilot.errors import InvalidArgument, MalformedFrame, PilotError, RegistryUnavailable, Timeout, error_for
 from pilot.wire.registry import FrameDecoder, encode_frame
-from pilot.wire.replication import PROMOTE
 
 TIMEOUT = 10.0
 
@@ -107,6 +106,7 @@ for a wrong token, 2 (invalid_argument) if it has no pair.
                       help=f"seconds to wait for the answer (default: {TIMEOUT:.0f})"),
                   epilog=_EPILOG)
 def rendezvous_promote(ctx: Context) -> Result:
+    from pilot.wire.replication import PROMOTE  # here: `rendezvous start` answers sooner without it
     a = ctx.args
     hint = f"see `{PROG} rendezvous promote --help`"
     try:

@@ -37,9 +37,10 @@ __all__ = ["RendezvousOptions", "Options", "makeService", "build_service", "Star
 from pilot.errors import ErrorCode, PilotError
 from pilot.persist import StateFileError
 from pilot.server.beacon import BeaconConfig
+from pilot.server.pair_defaults import SYNC_TIMEOUT
 from pilot.server.registry import RegistryConfig
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
-from pilot.services.replication import SYNC_TIMEOUT, TAKEOVER_AFTER, ReplicationSettings
+from pilot.services.pairing import TAKEOVER_AFTER, ReplicationSettings
 from pilot.services.store import StoreError, collector_paused, default_store_path
 from pilot.startup import StartupGuard
 

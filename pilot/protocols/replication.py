@@ -22,11 +22,10 @@ from twisted.python.failure import Failure
 
 from pilot.errors import MalformedFrame
 from pilot.protocols.registry import abort
+from pilot.server.pair_defaults import READ_DEADLINE
 from pilot.wire import replication as wire
 from pilot.wire.registry import FrameDecoder, encode_frame
 
-#: The reference standby's read deadline.
-READ_DEADLINE = 45.0
 
 
 class Receiver(Typed):

@@ -48,6 +48,7 @@ from pilot.errors import ErrorCode, MalformedFrame
 from pilot.server.applier import apply_to_state
 from pilot.server.compaction import StateView, StoreMirror
 from pilot.server.journal import Feed, JournalError, apply_record
+from pilot.server.pair_defaults import SYNC_TIMEOUT
 from pilot.server.requests import RequestError
 from pilot.server.state import RegistryState
 from pilot.wire import replication as wire
@@ -59,8 +60,6 @@ HEARTBEAT = 15.0
 MIN_HEARTBEAT = 0.2
 #: The fewest bytes a node takes in a store (its object, with its key; and its key again in pub_key_idx).
 MIN_NODE_BYTES = 150
-#: A --sync-replication reply waits at most this long for a standby's acknowledgement.
-SYNC_TIMEOUT = 2.0
 
 
 #: Runs a function in another thread; the Deferred fires in the reactor's.

@@ -19,10 +19,9 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 import attr
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 
 from pilot.endpoint import format_endpoint, parse_listen
@@ -35,11 +34,13 @@ from pilot.protocols.registry import (
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.durable import DurableWriter, Runner, WriterThread
-from pilot.services.replication import ReplicationService, ReplicationSettings
+from pilot.services.pairing import ReplicationSettings
 from pilot.services.store import load_store
 
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
+
+    from pilot.services.replication import ReplicationService
 
     from pilot.services.web import RendezvousHTTP
 
@@ -113,6 +114,43 @@ class PortService(Service):
             return fail()
 
 
+class Every(Service):
+    """
+    Calls ``call`` every ``interval`` seconds while running, the first time one
+    interval after the start (a restarted registry's nodes all have a full
+    period ahead: nothing to reap; and Twisted's ``TimerService`` would cost
+    the start its import). A call that fails is logged and the next one still
+    comes.
+    """
+
+    log = Logger()
+
+    def __init__(self, interval: float, call: Callable[[], object], clock: IReactorTime) -> None:
+        self.interval = interval
+        self.call = call
+        self.clock = clock
+        self._next: IDelayedCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._next = self.clock.callLater(self.interval, self._fire)
+
+    def _fire(self) -> None:
+        self._next = None
+        try:
+            self.call()
+        except Exception:
+            self.log.failure("{call} failed; again in {interval} s", call=self.call, interval=self.interval)
+        if self.running:
+            self._next = self.clock.callLater(self.interval, self._fire)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+
+
 class RendezvousService(MultiService):
     log = Logger()
 
@@ -149,6 +187,8 @@ class RendezvousService(MultiService):
         self.replication: ReplicationService | None = None
         durability: Durability | None = self.store if settings.durable else None
         if settings.replication.paired:
+            # imported here: a rendezvous without a pair answers sooner without it (docs/performance.md)
+            from pilot.services.replication import ReplicationService
             self.replication = ReplicationService(self.registry, settings.replication, reactor,
                                                   settings.flush_delay, self.registry_port, self._replicated,
                                                   tls=settings.tls,
@@ -172,12 +212,10 @@ class RendezvousService(MultiService):
         self.registry_listener.setServiceParent(self)
         self.beacon_listener = PortService(self._listen_beacon)
         self.beacon_listener.setServiceParent(self)
-        self.reaper = TimerService(settings.reap_interval, self._reap)
-        self.reaper.clock = clock
+        self.reaper = Every(settings.reap_interval, self._reap, clock)
         self.reaper.setServiceParent(self)
         # buffers of closed connections (slow clients) go back to the system, not just to malloc
-        self.trimmer = TimerService(TRIM_INTERVAL, release_free_memory)
-        self.trimmer.clock = clock
+        self.trimmer = Every(TRIM_INTERVAL, lambda: release_free_memory(), clock)
         self.trimmer.setServiceParent(self)
         if self.replication is not None:
             self.replication.setServiceParent(self)  # after the ports: it needs the registry's

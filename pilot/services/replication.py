@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall
@@ -33,45 +32,25 @@ from twisted.logger import Logger
 
 from pilot.endpoint import parse_host_port
 from pilot.errors import MalformedFrame
-from pilot.protocols.replication import READ_DEADLINE, ReplicationClientFactory, ReplicationClientProtocol
+from pilot.protocols.replication import ReplicationClientFactory, ReplicationClientProtocol
 from pilot.protocols.registry import Durability
 from pilot.server.journal import Feed, Tracker
 from pilot.server.registry import Registry
-from pilot.server.replication import SYNC_TIMEOUT, Follower, Gap, Publisher, Runner, adopt
+from pilot.server.replication import Follower, Gap, Publisher, Runner, adopt
 from pilot.server.replication_role import Replica
 from pilot.server.state import RegistryState
+from pilot.services.pairing import (  # noqa: F401 (here too: the settings are part of this module's API)
+    RECONNECT_DELAY, TAKEOVER_AFTER, ReplicationSettings,
+)
 from pilot.wire import replication as wire
 
-#: Seconds between a failed or lost subscription and the next attempt (the reference's).
-RECONNECT_DELAY = 3.0
 #: A standby's dial timeout (the reference's).
 DIAL_TIMEOUT = 10.0
 #: How often heartbeats that are due are sent.
 BEAT_TICK = 0.5
-TAKEOVER_AFTER = 10.0
 #: A standby loads the deltas it received at most this often, when they cannot be applied to its state
 #: one by one (an older primary's, not the journal's records): a load costs ~100 ms at 10,000 nodes.
 LOAD_INTERVAL = 0.5
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class ReplicationSettings:
-    #: The shared replication token (from a file or PILOT_REPLICATION_TOKEN; never a flag).
-    token: bytes | None = None
-    #: ``HOST:PORT`` of the primary this server is a standby of.
-    standby_of: str | None = None
-    takeover_after: float = TAKEOVER_AFTER
-    #: Acknowledge a registration, hostname or trust change once a standby holds it.
-    sync: bool = False
-    sync_timeout: float = SYNC_TIMEOUT
-    reconnect_delay: float = RECONNECT_DELAY
-    read_deadline: float = READ_DEADLINE
-    #: Subscribe over TLS, pinning the primary's certificate by this SHA-256 (hex).
-    primary_fingerprint: str | None = None
-
-    @property
-    def paired(self) -> bool:
-        return self.token is not None or self.standby_of is not None
 
 
 def _in_thread(reactor: Any) -> Runner | None:

@@ -181,9 +181,11 @@ class ServiceTests(SynchronousTestCase):
         service = self.service()
         with capturedLogs():
             service.startService()
-        first = len(calls)  # TimerService runs once at start
+        self.assertEqual(calls, [])  # not at the start: the first answer comes first
         self.reactor.advance(rendezvous.TRIM_INTERVAL)
-        self.assertEqual(len(calls), first + 1)
+        self.assertEqual(len(calls), 1)
+        self.reactor.advance(rendezvous.TRIM_INTERVAL)
+        self.assertEqual(len(calls), 2)
 
     def test_beacon_reads_a_budget_per_pass(self) -> None:
         """The beacon's socket reads BEACON_READ_BUDGET bytes per reactor pass, not 256 KiB."""
@@ -297,6 +299,23 @@ class ServiceTests(SynchronousTestCase):
         state = load_store(self.store)
         assert state is not None
         self.assertNotIn(node_id, state.nodes)
+
+    def test_first_reap_one_interval_after_the_start(self) -> None:
+        """At the start every node has a full period ahead: the reaper waits one interval, then repeats."""
+        service = self.service(reap_interval=60.0)
+        calls: list[None] = []
+        service.registry.reap = lambda: calls.append(None) or []  # type: ignore[method-assign,func-returns-value]
+        with capturedLogs():
+            service.startService()
+            self.reactor.advance(59)
+            self.assertEqual(calls, [])
+            self.reactor.advance(1)
+            self.assertEqual(calls, [None])
+            self.reactor.advance(60)
+            self.assertEqual(calls, [None, None])
+            service.stopService()
+        self.reactor.advance(600)
+        self.assertEqual(calls, [None, None])
 
     def test_reap_failure_contained(self) -> None:
         service = self.service()
