@@ -37,15 +37,19 @@ class Writable(Protocol):
 def write_now(transport: Writable, data: bytes) -> None:
     """Write ``data`` to ``transport``: sent now if the socket can take it, queued otherwise."""
     tcp = sys.modules.get(_TCP)
-    if (tcp is not None and isinstance(transport, tcp.Connection) and transport.connected
-            and not transport.disconnecting
-            and not transport._aborting and not transport.TLS and not transport._writeDisconnected
-            and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
+    if tcp is not None and isinstance(transport, tcp.Connection):
         try:
-            sent = transport.socket.send(data)  # what writeSomeData does, without its three calls
-        except OSError:
-            sent = 0  # full (EAGAIN, ENOBUFS) or broken: queued below, and doWrite finds out
-        if sent >= len(data):
-            return
-        data = data[sent:]
+            idle = (transport.connected and not transport.disconnecting
+                    and not transport._aborting and not transport.TLS and not transport._writeDisconnected
+                    and not transport._tempDataLen and transport.offset == len(transport.dataBuffer))
+        except AttributeError:  # another Twisted's private names: its own write, as before
+            idle = False
+        if idle:
+            try:
+                sent = transport.socket.send(data)  # what writeSomeData does, without its three calls
+            except OSError:
+                sent = 0  # full (EAGAIN, ENOBUFS) or broken: queued below, and doWrite finds out
+            if sent >= len(data):
+                return
+            data = data[sent:]
     transport.write(data)

@@ -129,6 +129,15 @@ class WriteNowTests(SynchronousTestCase):
         self.assertEqual(written, [b"secret"])
         self.assertEqual(self.received(), b"")
 
+    def test_private_names_missing(self) -> None:
+        """A Twisted without the private names this reads: its own ``write``, never an error."""
+        del self.transport._tempDataLen  # (an instance attribute: as if another Twisted named it otherwise)
+        written: list[bytes] = []
+        self.patch(self.transport, "write", written.append)
+        write_now(self.transport, b"reply")
+        self.assertEqual(written, [b"reply"])
+        self.assertEqual(self.received(), b"")
+
     def test_other_transports(self) -> None:
         """Any other transport (TLS, tests) gets ``write``."""
         transport = StringTransport()
