@@ -48,7 +48,7 @@ from nacl.bindings import crypto_sign
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from registry_load import DEADLINE, HOST, Conn, Fleet  # noqa: E402
+from registry_load import DEADLINE, HOST, Beacon, Conn, Fleet  # noqa: E402
 from procstat import pct, rss_mb  # noqa: E402
 
 from pilot.wire.beacon import Discover, with_proof  # noqa: E402
@@ -63,17 +63,6 @@ KEPT_LAG = 0.5
 #: The server kept up if half its heartbeats were answered within this (s) and its beacon's
 #: socket dropped at most 1 % of the datagrams.
 SERVED_P50 = 0.1
-
-
-class Replies(asyncio.DatagramProtocol):
-    """One UDP socket's Discover replies, counted."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if data[:1] == b"\x02":
-            self.count += 1
 
 
 def plan(spec: dict[str, Any], start: float) -> tuple[list[tuple[float, int, bytes, bytes]], list[float]]:
@@ -120,7 +109,7 @@ async def client(spec: dict[str, Any]) -> None:
     """One load client: connect, report ready, sign the run once told its start, run it, report."""
     loop = asyncio.get_running_loop()
     conns = [await Conn.open(spec["port"]) for _ in range(spec["connections"])]
-    socks = [await loop.create_datagram_endpoint(Replies, remote_addr=(HOST, spec["beacon_port"]))
+    socks = [await loop.create_datagram_endpoint(Beacon, remote_addr=(HOST, spec["beacon_port"]))
              for _ in range(spec["udp_sockets"])]
     print(json.dumps({"ready": len(conns), "udp": len(socks)}), flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -186,7 +175,7 @@ async def client(spec: dict[str, Any]) -> None:
         await asyncio.wait(pending, timeout=min(DEADLINE, 30))
     await asyncio.sleep(0.5)
     print(json.dumps(dict(counts, cpu=cpu, lag_p99=pct(lags, 99), lag_max=max(lags, default=float("nan")),
-                          replies=sum(p.count for _, p in socks), rss=rss_mb(os.getpid()),
+                          replies=sum(p.replies for _, p in socks), rss=rss_mb(os.getpid()),
                           lat=hb_lat)), flush=True)
     for c in conns:
         c.close()

@@ -52,6 +52,14 @@ class WriteNowTests(SynchronousTestCase):
         except BlockingIOError:
             return b""
 
+    def assertWrittenThroughTwisted(self, data: bytes) -> None:
+        """``write_now(data)`` goes to the transport's own ``write``, none of it straight to the socket."""
+        written: list[bytes] = []
+        self.patch(self.transport, "write", written.append)
+        write_now(self.transport, data)
+        self.assertEqual(written, [data])
+        self.assertEqual(self.received(), b"")
+
     def queued(self) -> bool:
         return self.transport in self.reactor.getWriters()
 
@@ -123,20 +131,12 @@ class WriteNowTests(SynchronousTestCase):
     def test_tls(self) -> None:
         """A connection that started TLS writes through TLS: never straight to the socket."""
         self.patch(self.transport, "TLS", True)
-        written: list[bytes] = []
-        self.patch(self.transport, "write", written.append)
-        write_now(self.transport, b"secret")
-        self.assertEqual(written, [b"secret"])
-        self.assertEqual(self.received(), b"")
+        self.assertWrittenThroughTwisted(b"secret")
 
     def test_private_names_missing(self) -> None:
         """A Twisted without the private names this reads: its own ``write``, never an error."""
         del self.transport._tempDataLen  # (an instance attribute: as if another Twisted named it otherwise)
-        written: list[bytes] = []
-        self.patch(self.transport, "write", written.append)
-        write_now(self.transport, b"reply")
-        self.assertEqual(written, [b"reply"])
-        self.assertEqual(self.received(), b"")
+        self.assertWrittenThroughTwisted(b"reply")
 
     def test_other_transports(self) -> None:
         """Any other transport (TLS, tests) gets ``write``."""
