@@ -39,7 +39,7 @@ import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 
-from pilot import __version__, log, tap
+from pilot import __version__, log
 from pilot.endpoint import format_endpoint
 from pilot.errors import Internal, InvalidArgument, PermissionDenied, PilotError
 
@@ -280,6 +280,7 @@ COMMANDS.group("rendezvous", "run a rendezvous server: registry (TCP) and beacon
 
 
 def _rendezvous_args() -> tuple[Arg, ...]:
+    from pilot import tap
     out = []
     for opt in tap.RENDEZVOUS_OPTIONS:
         if isinstance(opt, tap.Switch):
@@ -305,11 +306,22 @@ With --json, one line instead:
 """
 
 
-@COMMANDS.command("rendezvous start", "run the registry and beacon in the foreground",
-                  *_rendezvous_args(), epilog=_RENDEZVOUS_EPILOG,
-                  description="Run a Pilot rendezvous in the foreground: the registry on TCP\n"
-                              "and the beacon on UDP, in one process.")
+def add_rendezvous_start() -> None:
+    """
+    Register ``rendezvous start``: done by :func:`load_commands` only when the
+    command is ``rendezvous`` or unknown, since its options come from
+    :mod:`pilot.tap`, which imports the rendezvous' server modules (a node
+    daemon needs none of them: ``docs/performance.md``, the idle daemon).
+    """
+    if ("rendezvous", "start") not in COMMANDS.commands:
+        COMMANDS.command("rendezvous start", "run the registry and beacon in the foreground",
+                         *_rendezvous_args(), epilog=_RENDEZVOUS_EPILOG,
+                         description="Run a Pilot rendezvous in the foreground: the registry on TCP\n"
+                                     "and the beacon on UDP, in one process.")(rendezvous_start)
+
+
 def rendezvous_start(ctx: Context) -> None:
+    from pilot import tap
     hint = f"see `{PROG} rendezvous start --help`"
     try:
         values = tap.parse_values(vars(ctx.args))
@@ -472,17 +484,37 @@ def _silence(stream: IO[str]) -> None:
         os.close(devnull)
 
 
+#: The module registering each command's first word: :func:`load_commands` imports only that one
+#: (``tests.test_cli`` checks this table against the commands the modules define).
+COMMAND_MODULES: dict[str, str] = {
+    **dict.fromkeys(("init", "daemon"), "pilot.cli_daemon"),
+    **dict.fromkeys(("approve", "clear-hostname", "find", "handshake", "info", "peers", "pending", "reject",
+                     "set-hostname", "set-private", "set-public", "set-tags", "trust", "untrust"), "pilot.cli_node"),
+    **dict.fromkeys(("connect", "listen", "ping", "recv", "send"), "pilot.cli_traffic"),
+    **dict.fromkeys(("connections", "disconnect", "inbox", "publish", "received", "send-file", "send-message",
+                     "subscribe"), "pilot.cli_apps"),
+    **dict.fromkeys(("expose", "forward", "unexpose", "unforward"), "pilot.cli_forward"),
+    **dict.fromkeys(("bench", "stats"), "pilot.cli_stats"),
+    "rendezvous": "pilot.cli_rendezvous",
+}
+
+
 def load_commands(argv: Sequence[str] = ()) -> None:
     """
-    Import the modules that register the node's commands, unless the command
-    is ``rendezvous``: it needs none of them, and a restarted rendezvous
-    answering sooner matters (``docs/performance.md``).
+    Import the module that registers the command named in ``argv``, and
+    only that one: ``daemon start --foreground`` (the node daemon itself)
+    then imports neither the other commands nor the rendezvous' server
+    modules, about 3 MB of an idle node's memory, and a restarted
+    rendezvous answers sooner (``docs/performance.md``).  With no command,
+    or one not in :data:`COMMAND_MODULES` (help, a typo), every module.
     """
     words = [a for a in argv if not a.startswith("-")]
-    if words[:1] == ["rendezvous"]:
-        importlib.import_module("pilot.cli_rendezvous")  # promote; light
+    module = COMMAND_MODULES.get(words[0]) if words else None
+    if module is not None:
+        importlib.import_module(module)  # importing it registers its commands
+        if words[0] == "rendezvous":
+            add_rendezvous_start()
         return
-    # importing them registers their commands
-    for name in ("pilot.cli_daemon", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
-                 "pilot.cli_forward", "pilot.cli_rendezvous", "pilot.cli_stats"):
+    for name in sorted(set(COMMAND_MODULES.values())):
         importlib.import_module(name)
+    add_rendezvous_start()
