@@ -44,7 +44,7 @@ print(json.dumps({name: module is not None for name, module in sys.modules.items
 UNWANTED = (
     "pilot.server", "pilot.tap", "pilot.services.rendezvous", "pilot.services.store", "pilot.services.durable",
     "pilot.services.web", "pilot.tls", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
-    "pilot.cli_forward", "pilot.cli_stats", "pilot.cli_rendezvous", "twisted.web",
+    "pilot.cli_forward", "pilot.cli_stats", "pilot.cli_rendezvous", "pilot.cli_server", "twisted.web",
     "prometheus_client", "cryptography",
 )
 # (``http.cookiejar``, ``email`` and ``urllib.request`` are imported by Twisted's own

@@ -146,7 +146,7 @@ class RegistryConnectorTests(SynchronousTestCase):
         [(host, port, factory, timeout, _)] = reactor.tcpClients
         self.assertEqual((host, port, timeout), ("127.0.0.1", 9000, 5))
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        self.assertIsInstance(protocol, RegistryClientProtocol)
+        assert isinstance(protocol, RegistryClientProtocol)
         protocol.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
         reactor.advance(0)
         self.assertIs(self.successResultOf(d), protocol)
