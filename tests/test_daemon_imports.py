@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -51,9 +50,9 @@ UNWANTED = (
 # ``twisted.python.compat``, under ``twisted.internet.defer``: not ours to avoid.)
 
 
-def daemon_modules(*flags: str) -> dict[str, bool]:
+def daemon_modules(home: str, *flags: str) -> dict[str, bool]:
     """The daemon's ``sys.modules`` after its start path: name -> imported (False: a None entry)."""
-    home = tempfile.mkdtemp(prefix="pilot-imports-")
+    os.makedirs(home, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOT_")}
     env["PILOT_HOME"] = home
     out = subprocess.run([sys.executable, "-c", SCRIPT, *flags], cwd=ROOT, env=env, check=True,
@@ -70,7 +69,7 @@ def matching(modules: dict[str, bool], prefixes: tuple[str, ...]) -> list[str]:
 class DaemonImportTests(SynchronousTestCase):
     def test_idle_daemon_imports(self) -> None:
         """No server, web, TLS, other commands or AES-GCM library on the daemon's start path."""
-        modules = daemon_modules("--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0")
+        modules = daemon_modules(self.mktemp(), "--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0")
         self.assertEqual(matching(modules, UNWANTED), [])
         self.assertEqual(matching(modules, ("OpenSSL",)), [])
         # and what it does need is there: the node, its control socket, the reactor
@@ -80,6 +79,6 @@ class DaemonImportTests(SynchronousTestCase):
 
     def test_pinned_fingerprint_keeps_tls_possible(self) -> None:
         """With the registry's fingerprint pinned, pyOpenSSL is not kept out (the daemon will need it)."""
-        modules = daemon_modules("--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0",
+        modules = daemon_modules(self.mktemp(), "--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0",
                                  "--registry-fingerprint", "ab" * 32)
         self.assertNotIn("OpenSSL", [name for name, loaded in modules.items() if not loaded])
