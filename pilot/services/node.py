@@ -300,8 +300,12 @@ class NodeRunner(Service):
         return self.node.stop()
 
     def _resolve(self, host: str, port: int) -> Endpoint:
+        host = host or "127.0.0.1"
+        if _is_address(host):
+            # as getaddrinfo would give it, without getaddrinfo's idna codec for a str (its import: 0.1 MB)
+            return (str(ipaddress.ip_address(host)), port)
         try:
-            info = socket.getaddrinfo(host or "127.0.0.1", port, type=socket.SOCK_DGRAM)
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError:
             self.log.warn("cannot resolve the beacon host {host}; beacon features are off", host=host)
             return (host, port)

@@ -120,6 +120,23 @@ class NodeServiceTests(SynchronousTestCase):
 
 
 
+class BeaconAddressTests(SynchronousTestCase):
+    """The beacon's address: an address as it is (no getaddrinfo, no idna codec), a name resolved."""
+
+    def runner(self) -> NodeRunner:
+        return NodeRunner.__new__(NodeRunner)  # _resolve uses nothing of the instance but its log
+
+    def test_addresses(self) -> None:
+        self.assertEqual(self.runner()._resolve("127.0.0.1", 9001), ("127.0.0.1", 9001))
+        self.assertEqual(self.runner()._resolve("FE80::1", 9001), ("fe80::1", 9001))  # as getaddrinfo writes it
+        self.assertEqual(self.runner()._resolve("", 9001), ("127.0.0.1", 9001))
+
+    def test_name_resolved(self) -> None:
+        host, port = self.runner()._resolve("localhost", 9001)
+        self.assertIn(host, ("127.0.0.1", "::1"))
+        self.assertEqual(port, 9001)
+
+
 class RecordingLink:
     """An ``IRegistryLink`` that records what the connector tells it."""
 
