@@ -1,6 +1,6 @@
 #!/bin/bash
 # The node daemon's idle RSS (issue 11): a rendezvous and one node, both on 127.0.0.1,
-# the RSS of the node after 8 s.  Usage: benchmarks/idle_rss.sh [REPO] (default: this checkout).
+# the RSS of the node after 8 s (and its anonymous and file-backed parts, and its threads).  Usage: benchmarks/idle_rss.sh [REPO] (default: this checkout).
 set -e
 cd "${1:-$(dirname "$0")/..}"
 D=$(mktemp -d)
@@ -13,6 +13,6 @@ PILOT_HOME=$D/n python3 -m pilot init >/dev/null 2>&1 || true
 PILOT_HOME=$D/n python3 -m pilot --json daemon start --registry $REG --beacon $BEA --listen 127.0.0.1:0 > $D/start.json
 PID=$(python3 -c "import json;print(json.load(open('$D/start.json'))['pid'])")
 sleep 8
-grep VmRSS /proc/$PID/status
+grep -E "VmRSS|RssAnon|RssFile|Threads" /proc/$PID/status
 PILOT_HOME=$D/n python3 -m pilot daemon stop >/dev/null
 kill $RV; rm -rf $D

@@ -169,14 +169,26 @@ def _remember(home: str, flags: dict[str, Any]) -> None:
     atomic_write_json(config_path(home), config, mode=0o600)
 
 
-def _run_foreground(ctx: Context, settings: Any) -> None:
+def load_node(settings: Any) -> Any:
+    """
+    Import the node daemon for ``daemon start --foreground``: its service
+    module, and nothing the daemon does not use (``tests.test_daemon_imports``
+    checks which modules a daemon holds).  Returns
+    :mod:`pilot.services.node`.
+    """
     if not settings.registry_fingerprint and "twisted.internet.reactor" not in sys.modules \
             and "OpenSSL" not in sys.modules:
         # No TLS to the registry: keep Twisted's TCP support from loading pyOpenSSL (about 6 MB of
         # RSS, a tenth of an idle node).  A None entry makes `import OpenSSL` fail, which Twisted
         # takes as "no TLS here"; only this process (the daemon) is affected.
         sys.modules["OpenSSL"] = None  # type: ignore[assignment]
-    from pilot.services.node import NodeService, NodeStartupError
+    from pilot.services import node
+    return node
+
+
+def _run_foreground(ctx: Context, settings: Any) -> None:
+    node = load_node(settings)
+    NodeService, NodeStartupError = node.NodeService, node.NodeStartupError
     reactor = ctx.get_reactor()
     log.start_logging(settings.log_format or log.DEFAULT_FORMAT, ctx.out.stderr,
                       settings.log_level or log.DEFAULT_LEVEL)

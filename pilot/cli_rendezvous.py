@@ -2,7 +2,7 @@
 """
 ``pilotctl rendezvous promote``: make a standby rendezvous primary now
 (``docs/deploy.md``, the failover drill).  ``rendezvous start`` is in
-:mod:`pilot.cli`.
+:mod:`pilot.cli_server`.
 
 It sends ``{"type":"replication_promote","token":T}`` to the registry, the
 token read from ``--replication-token-file`` or ``PILOT_REPLICATION_TOKEN``

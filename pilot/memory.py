@@ -13,7 +13,6 @@ minute (``docs/performance.md``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any
 
 _LIBC: list[Any] = []
@@ -22,10 +21,11 @@ _LIBC: list[Any] = []
 def release_free_memory() -> bool:
     """``malloc_trim(0)``; False where there is no such call (not glibc)."""
     if not _LIBC:
-        name = ctypes.util.find_library("c")
+        # the symbols the interpreter is linked with, libc's among them: no ctypes.util.find_library,
+        # which runs ``ldconfig -p`` in a child process (and imports ctypes.util) in the daemon
         try:
-            libc = ctypes.CDLL(name) if name else None
-            _LIBC.append(libc if libc is not None and hasattr(libc, "malloc_trim") else None)
+            libc: Any = ctypes.CDLL(None)
+            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
         except OSError:
             _LIBC.append(None)
     libc = _LIBC[0]

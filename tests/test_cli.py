@@ -132,6 +132,19 @@ class HelpTests(SynchronousTestCase):
                 self.assertEqual(ran.stderr, "")
                 self.assertIn(" ".join(["usage: pilotctl", *path]), ran.stdout)
 
+    def test_command_modules(self) -> None:
+        """
+        ``COMMAND_MODULES`` names, for every command's first word, the modules
+        defining it (``load_commands`` imports only those), and nothing else.
+        """
+        self.paths()
+        for path, command in cli.COMMANDS.commands.items():
+            if path[0].startswith("test-"):
+                continue  # a test's own
+            self.assertIn(command.function.__module__, cli.COMMAND_MODULES.get(path[0], ()), path)
+        words = {path[0] for path in cli.COMMANDS.commands}
+        self.assertEqual(sorted(set(cli.COMMAND_MODULES) - words), [])
+
     def test_command_help_lists_options(self) -> None:
         ran = Ran(["rendezvous", "start", "--help"])
         for flag in ("--listen", "--beacon", "--store", "--no-store", "--tls", "--tls-cert", "--tls-key",
@@ -219,6 +232,7 @@ class ContractTests(SynchronousTestCase):
         self.assertEqual(Ran(["test-group", "--help"]).status, 0)
 
     def test_defined_twice(self) -> None:
+        cli.load_commands(["rendezvous"])  # registered when a rendezvous command is run (pilot.cli_server)
         self.assertRaises(ValueError, cli.COMMANDS.command("rendezvous start", "again"), lambda ctx: None)
 
 

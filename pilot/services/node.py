@@ -18,6 +18,7 @@ The reactor is always passed in.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import socket
 import sys
@@ -25,8 +26,8 @@ from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import ClientCreator
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -101,12 +102,21 @@ class RegistryConnector:
         self.fingerprint = fingerprint
 
     def connect(self, link: IRegistryLink) -> "Deferred[Any]":
-        endpoint: Any = HostnameEndpoint(self.reactor, self.host, self.port, timeout=5)
-        if self.fingerprint:
-            from pilot.tls import client_options
-            endpoint = wrapClientTLS(client_options(fingerprint=self.fingerprint), endpoint)
         factory = RegistryClientFactory(on_event=link.event_received, on_lost=link.connection_lost)
-        d: Deferred[Any] = endpoint.connect(factory)
+        d: Deferred[Any]
+        if not self.fingerprint and _is_address(self.host):
+            # An address, plain TCP: nothing to resolve.  HostnameEndpoint would resolve it anyway in
+            # the reactor's thread pool (a thread) and import twisted.internet.endpoints and idna: about
+            # 1 MB of an idle node (docs/performance.md).  ClientCreator's Deferred fires once the
+            # protocol has its transport and cancels the attempt when cancelled, as an endpoint's does.
+            d = ClientCreator(self.reactor, factory.buildProtocol, None).connectTCP(self.host, self.port, timeout=5)
+        else:
+            from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+            endpoint: Any = HostnameEndpoint(self.reactor, self.host, self.port, timeout=5)
+            if self.fingerprint:
+                from pilot.tls import client_options
+                endpoint = wrapClientTLS(client_options(fingerprint=self.fingerprint), endpoint)
+            d = endpoint.connect(factory)
         return d.addCallback(self._learn_lan_address, link)
 
     @staticmethod
@@ -117,6 +127,15 @@ class RegistryConnector:
         if host is not None and getattr(host, "host", None):
             link.lan_address_learned(host.host)
         return client
+
+
+def _is_address(host: str) -> bool:
+    """Is ``host`` an IPv4 or IPv6 address (not a name to resolve)?"""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @implementer(IRouteProber)
@@ -281,8 +300,12 @@ class NodeRunner(Service):
         return self.node.stop()
 
     def _resolve(self, host: str, port: int) -> Endpoint:
+        host = host or "127.0.0.1"
+        if _is_address(host):
+            # as getaddrinfo would give it, without getaddrinfo's idna codec for a str (its import: 0.1 MB)
+            return (str(ipaddress.ip_address(host)), port)
         try:
-            info = socket.getaddrinfo(host or "127.0.0.1", port, type=socket.SOCK_DGRAM)
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError:
             self.log.warn("cannot resolve the beacon host {host}; beacon features are off", host=host)
             return (host, port)

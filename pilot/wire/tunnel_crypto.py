@@ -26,15 +26,16 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attr
 import nacl.bindings
 import nacl.exceptions
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pilot.errors import MalformedFrame
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_CONTEXT = b"pilot-tunnel-v1:"
 X25519_KEY_LEN = 32
@@ -67,10 +68,19 @@ def derive_key(own_x25519_private: Any, peer_x25519_public: Any) -> bytes:
     return hashlib.sha256(KEY_CONTEXT + shared).digest()
 
 
-def _aead(key: bytes) -> AESGCM:
+def _aead(key: bytes) -> "AESGCM":
+    # cryptography is imported with the first session, not with this module: an idle node
+    # without peers does without its 6 MB (docs/performance.md, the idle daemon)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     if not isinstance(key, bytes) or len(key) != KEY_LEN:
         raise ValueError("the tunnel key is 32 bytes")
     return AESGCM(key)
+
+
+def _invalid_tag() -> type[Exception]:
+    """cryptography's bad-tag error (named in ``except`` clauses: evaluated only when something was raised)."""
+    from cryptography.exceptions import InvalidTag
+    return InvalidTag
 
 
 def seal(key: bytes, nonce: bytes, plaintext: bytes) -> bytes:
@@ -88,7 +98,7 @@ def open_(key: bytes, nonce: Any, ciphertext: Any) -> bytes:
         raise MalformedFrame(f"ciphertext must be at least the {TAG_LEN}-byte tag")
     try:
         return _aead(key).decrypt(bytes(nonce), bytes(ciphertext), None)
-    except InvalidTag:
+    except _invalid_tag():
         raise MalformedFrame("tunnel frame does not decrypt (bad tag)") from None
 
 
@@ -241,7 +251,7 @@ class TunnelSession:
         The AES-GCM object is made once per session, not per frame."""
         try:
             return self._aead.decrypt(nonce, ciphertext, None)
-        except InvalidTag:
+        except _invalid_tag():
             raise MalformedFrame("tunnel frame does not decrypt (bad tag)") from None
 
     def open(self, nonce: Any, ciphertext: Any) -> bytes:

@@ -12,13 +12,15 @@ import sys
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.defer import CancelledError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.errors import ErrorCode
 from pilot.identity import Identity
 from pilot.nodeconfig import NodeSettings
-from pilot.services.node import NodeRunner, NodeService, NodeStartupError, TunnelPort
+from pilot.protocols.registry_client import RegistryClientProtocol
+from pilot.services.node import NodeRunner, NodeService, NodeStartupError, RegistryConnector, TunnelPort
 
 
 class UDPReactor(MemoryReactorClock):
@@ -116,3 +118,62 @@ class NodeServiceTests(SynchronousTestCase):
         NodeService(self.settings, self.reactor).startService()
         self.assertEqual([port for port, _, _, _ in self.reactor.udpServers], [0, 40000])
 
+
+
+class BeaconAddressTests(SynchronousTestCase):
+    """The beacon's address: an address as it is (no getaddrinfo, no idna codec), a name resolved."""
+
+    def runner(self) -> NodeRunner:
+        return NodeRunner.__new__(NodeRunner)  # _resolve uses nothing of the instance but its log
+
+    def test_addresses(self) -> None:
+        self.assertEqual(self.runner()._resolve("127.0.0.1", 9001), ("127.0.0.1", 9001))
+        self.assertEqual(self.runner()._resolve("FE80::1", 9001), ("fe80::1", 9001))  # as getaddrinfo writes it
+        self.assertEqual(self.runner()._resolve("", 9001), ("127.0.0.1", 9001))
+
+    def test_name_resolved(self) -> None:
+        host, port = self.runner()._resolve("localhost", 9001)
+        self.assertIn(host, ("127.0.0.1", "::1"))
+        self.assertEqual(port, 9001)
+
+
+class RecordingLink:
+    """An ``IRegistryLink`` that records what the connector tells it."""
+
+    def __init__(self) -> None:
+        self.lan: list[str] = []
+
+    def event_received(self, event: Any) -> None:
+        pass
+
+    def connection_lost(self, protocol: Any, reason: str) -> None:
+        pass
+
+    def lan_address_learned(self, host: str) -> None:
+        self.lan.append(host)
+
+
+class RegistryConnectorTests(SynchronousTestCase):
+    """An address is connected to as it is: no resolver, no thread, no ``twisted.internet.endpoints``."""
+
+    def test_address_connects_directly(self) -> None:
+        reactor = MemoryReactorClock()
+        link = RecordingLink()
+        d = RegistryConnector(reactor, "127.0.0.1:9000").connect(link)  # type: ignore[arg-type]
+        [(host, port, factory, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9000, 5))
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert isinstance(protocol, RegistryClientProtocol)
+        protocol.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.7", 40000)))
+        reactor.advance(0)
+        self.assertIs(self.successResultOf(d), protocol)
+        self.assertEqual(link.lan, ["10.0.0.7"])
+
+    def test_cancel_stops_connecting(self) -> None:
+        reactor = MemoryReactorClock()
+        d = RegistryConnector(reactor, "[::1]:9000").connect(RecordingLink())  # type: ignore[arg-type]
+        self.assertEqual(reactor.tcpClients[0][:2], ("::1", 9000))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        [connector] = reactor.connectors
+        self.assertTrue(connector._disconnected)  # the memory reactor's record of disconnect()
