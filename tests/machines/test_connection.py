@@ -128,6 +128,63 @@ class HandshakeShapeTests(SynchronousTestCase):
         self.assertEqual(r.conn.state, "established")
         self.assertEqual(r.app.made, 1)
 
+    def test_third_ack_rides_on_first_data(self) -> None:
+        """
+        An opener that writes as it hears connection_made sends no pure ACK:
+        its first data segment (flags ACK, ack = peer ISN + 1) completes the
+        handshake, one datagram less per new stream (docs/connection.md).
+        """
+        r = Recorder(passive=False)
+        r.app.on_made = lambda: r.conn.write(b"ping-1")
+        r.conn.open_active()
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        [data] = r.take()
+        self.assertEqual((data.flags, data.seq, data.ack, data.payload), (ACK, 1, 1, b"ping-1"))
+        self.assertEqual(r.conn.state, "established")
+        r.feed(ACK, seq=1, ack=7, payload=b"ping-1")  # the echo
+        self.assertEqual(bytes(r.app.data), b"ping-1")
+
+    def test_third_ack_rides_on_data_written_early(self) -> None:
+        r = Recorder(passive=False)
+        r.conn.open_active()
+        r.conn.write(b"early")
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        self.assertEqual([(p.flags, p.seq, p.ack, p.payload) for p in r.take()], [(ACK, 1, 1, b"early")])
+
+    def test_third_ack_before_fin_when_closed_at_once(self) -> None:
+        r = Recorder(passive=False)
+        r.app.on_made = r.conn.close
+        r.conn.open_active()
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        self.assertEqual([(p.flags, p.seq, p.ack) for p in r.take()], [(ACK, 1, 1), (FIN, 1, 0)])
+        self.assertEqual(r.conn.state, "fin_wait")
+
+    def test_no_third_ack_when_aborted_at_once(self) -> None:
+        r = Recorder(passive=False)
+        r.app.on_made = r.conn.abort
+        r.conn.open_active()
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        self.assertEqual(flags_of(r.take()), [RST])
+        self.assertEqual(r.conn.state, "closed")
+
+    def test_third_ack_on_data_establishes_passive_peer(self) -> None:
+        """Our own acceptor takes the data segment as the end of the handshake."""
+        clock = Clock()
+        link = FakeLink(clock)
+        a, b, app_a, app_b = make_pair(clock, link)
+        app_a.on_made = lambda: a.write(b"ping-7")
+        app_b.on_data = b.write  # an echo
+        a.open_active()
+        run_until(clock, lambda: bytes(app_a.data) == b"ping-7", 1.0)
+        sent_by_a = [p for _, side, p, _ in link.log if side == "a"]
+        self.assertEqual(flags_of(sent_by_a), [SYN, ACK])
+        self.assertEqual(sent_by_a[1].payload, b"ping-7")
+        self.assertEqual((a.state, b.state, app_b.made), ("established", "established", 1))
+
     def test_syn_ack_with_wrong_ack_ignored(self) -> None:
         r = Recorder(passive=False)
         r.conn.open_active()

@@ -184,14 +184,26 @@ def _establish(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None
     core.start_liveness()
     if packet.flags & SYN:
         core.sender.peer_window = packet.window
-        core.emit(ACK, core.sender.snd_nxt)  # the third leg, as the reference sends it
+        # The third leg is owed: it rides on the first data segment when there is one now
+        # (written early, or by the application as it hears connection_made; its writes are
+        # queued behind this behaviour), else it goes alone once those have run.
+        core.ack_owed = True
         _made(core)
         core.pump()
+        inputs.application_told()
     else:
         _made(core)
         core.process_segment(packet)
     if core.handshake.close_when_established:
         inputs.close_requested()
+
+
+@_on(established, I.application_told, established)
+@_on(draining, I.application_told, draining)
+@_on(fin_wait, I.application_told, fin_wait)  # closed at once: _send_fin sent the owed ACK first
+def _third_ack(inputs: ConnectionInputs, core: Transfer) -> None:
+    """The dialler's handshake ACK, alone, if no data went out to carry it."""
+    core.delayed_ack()
 
 
 @_on(syn_sent, I.handshake_timer_fired, syn_sent)
@@ -456,6 +468,8 @@ table.ignore((idle, syn_sent, syn_received, time_wait, closed), I.reading_resume
              why="nothing is held back: no data before the handshake, all of it handed over in TIME_WAIT")
 table.ignore((closed,), I.send_drained, I.retries_exhausted, I.close_requested,
              why="queued behind an abort that a failing application callback asked for")
+table.ignore((closed,), I.application_told,
+             why="the application aborted as it heard connection_made: the RST went instead")
 table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired, I.pacing_timer_fired,
              why="everything was acknowledged before our FIN; a late timer has nothing to send")
 
