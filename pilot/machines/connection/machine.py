@@ -96,11 +96,17 @@ def _answer_fin(core: Transfer, packet: Packet) -> None:
 
 
 def _final_ack(core: Transfer, packet: Packet) -> None:
-    """At most one pure ACK for a FIN+ACK, ever: it never starts a FIN+ACK ping-pong."""
-    if core.final_acks == 0:
+    """
+    At most one pure ACK for a FIN+ACK, ever (it never starts a FIN+ACK
+    ping-pong), and only for the reference's echo of the FIN+ACK we answered
+    its FIN with.  A FIN+ACK answering our own FIN gets none: the peer is in
+    TIME_WAIT from the moment it sent it (ours and the reference's alike) and
+    nothing there waits for an ACK, so it would be one datagram per
+    connection for nothing.
+    """
+    if core.final_acks == 0 and core.fin_seq is None:
         core.final_acks += 1
-        seq = core.sender.snd_nxt if core.fin_seq is None else core.fin_seq + 1
-        core.emit(ACK, seq, ack=packet.seq + 1)
+        core.emit(ACK, core.sender.snd_nxt, ack=packet.seq + 1)
 
 
 def _acks_our_syn(core: Transfer, packet: Packet) -> bool:
@@ -375,8 +381,8 @@ def _peer_closed(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> No
 
 @_on(fin_wait, I.fin_ack_received, time_wait)
 def _fin_answered(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
+    """Our FIN is answered: no ACK back (see :func:`_final_ack`), linger in TIME_WAIT."""
     core.deliver(force=True)
-    _final_ack(core, packet)
     _enter_time_wait(core, error.ConnectionDone())
 
 
