@@ -923,6 +923,21 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(r.take()[-1].flags, RST)
         r.app.lost[0].trap(error.TimeoutError)
 
+    def test_probe_and_timeout_count_from_the_last_packet(self) -> None:
+        """One timer serves both: probes 30 s after the last packet and every 30 s, idle after 120 s."""
+        r = Recorder()
+        r.established_passive()
+        r.wait(20)
+        r.feed(ACK, seq=1, ack=1)  # something from the peer at 20 s
+        probes: list[float] = []
+        while r.conn.state == "established":
+            r.wait(1)
+            probes += [r.clock.seconds() for p in r.take() if p.payload == b"\x00"]
+        self.assertEqual(probes, [50.0, 80.0, 110.0])
+        self.assertEqual(r.clock.seconds(), 140.0)
+        r.app.lost[0].trap(error.TimeoutError)
+        self.assertEqual(len(r.clock.getDelayedCalls()), 0)
+
     def test_configurable(self) -> None:
         r = Recorder(config=ConnectionConfig(keepalive_interval=5, idle_timeout=12))
         r.established_passive()
@@ -933,6 +948,16 @@ class KeepaliveTests(SynchronousTestCase):
 
 
 class RobustnessTests(SynchronousTestCase):
+    def test_bad_ends_refused_when_made(self) -> None:
+        """Addresses and ports are checked once, when the connection is made (ValueError)."""
+        clock = Clock()
+        good: dict[str, Any] = dict(clock=clock, send=lambda p: None, local=A_ADDR, local_port=A_PORT,
+                                    remote=B_ADDR, remote_port=B_PORT)
+        Connection(**good)
+        for bad in ({"local_port": 65536}, {"remote_port": -1}, {"remote_port": True},
+                    {"local_port": 1.0}, {"local": "0:0000.0000.0001"}, {"remote": None}):
+            self.assertRaises(ValueError, Connection, **{**good, **bad})
+
     def test_wrong_connection_dropped(self) -> None:
         r = Recorder()
         r.established_passive()
