@@ -160,6 +160,23 @@ class CoalescedTimer(Timer):
         self.fire()
 
 
+class _Feed:
+    """
+    A timer's ``fire``: feeds the machine one input.  One small object per
+    timer where a closure took three (function, cell, tuple), each of which
+    the garbage collector walks for as long as the connection lives.
+    """
+
+    __slots__ = ("core", "event")
+
+    def __init__(self, core: "Transfer", event: str) -> None:
+        self.core = core
+        self.event = event
+
+    def __call__(self) -> None:
+        getattr(self.core.machine, self.event)()
+
+
 def _check_ends(local: Address, local_port: int, remote: Address, remote_port: int) -> None:
     """What ``Packet`` checks of these fields (``ValueError``), without building one."""
     for name, value in (("src", local), ("dst", remote)):
@@ -239,14 +256,14 @@ class Transfer:
         self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=min(c.mss, self.segment_size or c.mss),
                              max_retransmits=c.max_retransmits, nagle=c.nagle,
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
-        inputs = lambda name: lambda: getattr(self.machine, name)()  # noqa: E731
-        self.handshake_timer = Timer(self.clock, inputs("handshake_timer_fired"))
-        self.rexmit_timer = CoalescedTimer(self.clock, inputs("retransmit_timer_fired"))
-        self.fin_timer = Timer(self.clock, inputs("fin_timer_fired"))
-        self.ack_timer = CoalescedTimer(self.clock, inputs("ack_timer_fired"))
-        self.nagle_timer = Timer(self.clock, inputs("nagle_timer_fired"))
-        self.pacing_timer = Timer(self.clock, inputs("pacing_timer_fired"))
-        self.time_wait_timer = Timer(self.clock, inputs("time_wait_elapsed"))
+        clock = self.clock
+        self.handshake_timer = Timer(clock, _Feed(self, "handshake_timer_fired"))
+        self.rexmit_timer = CoalescedTimer(clock, _Feed(self, "retransmit_timer_fired"))
+        self.fin_timer = Timer(clock, _Feed(self, "fin_timer_fired"))
+        self.ack_timer = CoalescedTimer(clock, _Feed(self, "ack_timer_fired"))
+        self.nagle_timer = Timer(clock, _Feed(self, "nagle_timer_fired"))
+        self.pacing_timer = Timer(clock, _Feed(self, "pacing_timer_fired"))
+        self.time_wait_timer = Timer(clock, _Feed(self, "time_wait_elapsed"))
         self.liveness_timer = Timer(self.clock, self._liveness_check)
 
     def now(self) -> float:
