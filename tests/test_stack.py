@@ -737,6 +737,20 @@ class PingTests(StackTestCase):
         self.assertEqual((self.a.connections(), self.b.connections()), ([], []))
         self.assertEqual(self.a._calls, set())
 
+    def test_seven_datagrams_four_in_sequence(self) -> None:
+        """
+        The third ACK rides on ``ping-N``, and the FIN+ACK that answers our
+        FIN gets no ACK (docs/stack.md, "ping"): 7 datagrams, 4 of them one
+        after the other (20 ms: four of the fake tunnel's 5 ms trips).
+        """
+        result = outcome(self.a.ping(B, 3, timeout=5))
+        self.settle(limit=30)
+        self.assertAlmostEqual(result[0], 20.0)
+        shape = [("a" if p.src == A else "b", p.flags, p.payload) for p in self.tunnel.sent()]
+        self.assertEqual(shape, [("a", SYN, b""), ("b", SYN | ACK, b""), ("a", ACK, b"ping-3"),
+                                 ("b", ACK, b"ping-3"), ("a", ACK, b""), ("a", FIN, b""),
+                                 ("b", FIN | ACK, b"")])
+
     def test_timeout(self) -> None:
         self.tunnel.down = True
         result = outcome(self.a.ping(B, 1, timeout=3))

@@ -25,6 +25,7 @@ table for docs and tests.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from automat import NoTransition
@@ -145,8 +146,11 @@ def _fast_inputs(machine: Any, index: dict[tuple[Any, str], tuple[Any, tuple[Any
     before anything runs, set the new state, run the behaviour, then any
     inputs it queued reentrantly) in fewer steps: about a third of the
     4-9 us each input cost on the stream's data path (docs/performance.md).
-    Whatever it does not cover goes to Automat's own method: a reentrant
-    call (queued there), a trace set, a state carrying data.
+    A reentrant call is queued as Automat queues it (run in order once the
+    behaviour under way returns), and runs through this method too.
+    Whatever it does not cover goes to Automat's own method: a trace set, a
+    state carrying data, an input that returns a value (Automat refuses it
+    reentrantly).
     """
     runtime: Any = getattr(machine, "__automat_type__")
     fast: dict[tuple[int, str], tuple[Any, Callable[..., Any]]] = {}
@@ -160,10 +164,18 @@ def _fast_inputs(machine: Any, index: dict[tuple[Any, str], tuple[Any, tuple[Any
 
 def _fast_input(name: str, automat: Callable[..., Any],
                 fast: dict[tuple[int, str], tuple[Any, Callable[..., Any]]]) -> Callable[..., Any]:
+    # Automat's implementation knows whether the input returns None (then it may be queued)
+    queueable = inspect.getclosurevars(automat).nonlocals.get("returnsNone") is True
+
     def implementation(self: Any, *args: Any, **kwargs: Any) -> Any:
+        postponed = self.__automat_postponed__
+        if postponed is not None and queueable:
+            # reentrant: after the behaviour under way, in order (Automat's rule), and through here
+            postponed.append(lambda: implementation(self, *args, **kwargs))
+            return None
         transitioner = self.__automat_transitioner__
         found = fast.get((id(transitioner._state), name))
-        if found is None or self.__automat_postponed__ is not None or transitioner._tracer is not None:
+        if found is None or postponed is not None or transitioner._tracer is not None:
             return automat(self, *args, **kwargs)
         transitioner._state = found[0]
         postponed = self.__automat_postponed__ = []

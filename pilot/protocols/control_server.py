@@ -52,6 +52,7 @@ from pilot.protocols.bridge import HeldStreams, IStreamRelay, Pauser, StreamBrid
 from pilot.protocols.subscription import AcceptFactory, IEventWriter, Subscription
 from pilot.protocols.control_commands import api_commands
 from pilot.protocols.peercred import peer_uid, unix_credentials_known
+from pilot.protocols.sendnow import write_now
 from pilot.wire.control import MAX_ID, Arguments, error_reply, frame_decoder, ok_reply
 from pilot.wire.registry import encode_frame
 
@@ -386,7 +387,8 @@ class ControlProtocol(Protocol):
     def _write(self, frame: bytes) -> None:
         if self._writes_paused:
             self._unsent += len(frame)
-        self.transport.write(frame)
+        # sent in this reactor pass (a connect's reply, a ping's result), not the next
+        write_now(self.transport, frame)
 
     def write_event(self, event: dict[str, Any], droppable: bool) -> None:
         if self._mode != _COMMAND:
@@ -408,7 +410,7 @@ class ControlProtocol(Protocol):
 
     def stream_data(self, data: bytes) -> None:
         if self._mode == _RAW:
-            self.transport.write(data)
+            write_now(self.transport, data)  # an echo reaches the client in the pass that read it
 
     def stream_lost(self) -> None:
         if self._mode == _RAW:

@@ -15,9 +15,9 @@ or one built by a listening factory), calls ``makeConnection``, then
 
 Back-pressure: ``Connection`` keeps whatever is written (its queue has no
 limit) until the peer acknowledges it.  The transport counts what it wrote and
-reads ``Connection.stats`` (``bytes_sent`` new bytes put on the wire,
-``in_flight`` of those not yet acknowledged), so *buffered* = written - sent +
-in flight.  A registered producer is paused above ``high_water`` and resumed
+reads ``Connection.bytes_acknowledged`` (``stats.bytes_sent``, the new bytes put
+on the wire, minus ``stats.in_flight``, those not yet acknowledged), so
+*buffered* = written - sent + in flight.  A registered producer is paused above ``high_water`` and resumed
 at or below ``low_water``.  The buffer only shrinks when an acknowledgement
 arrives, so the connection calls :meth:`StreamTransport.check_send_buffer`
 (its ``packet_handled``) after every packet it takes.
@@ -190,8 +190,7 @@ class StreamTransport:
         """Bytes written and not yet acknowledged by the peer (unsent or in flight)."""
         if self.connection is None:
             return 0
-        stats = self.connection.stats
-        return self._written - stats.bytes_sent + stats.in_flight
+        return self._written - self.connection.bytes_acknowledged
 
     def check_send_buffer(self) -> None:
         """Resume the producer if the buffer has drained; the connection calls this after each packet."""

@@ -46,9 +46,12 @@ class App:
     lost: list[Failure] = attr.ib(factory=list)
     released: int = 0
     on_data: Callable[[bytes], None] | None = None
+    on_made: Callable[[], None] | None = None
 
     def connection_made(self) -> None:
         self.made += 1
+        if self.on_made is not None:
+            self.on_made()
 
     def data_received(self, data: bytes) -> None:
         self.data += data

@@ -128,6 +128,63 @@ class HandshakeShapeTests(SynchronousTestCase):
         self.assertEqual(r.conn.state, "established")
         self.assertEqual(r.app.made, 1)
 
+    def test_third_ack_rides_on_first_data(self) -> None:
+        """
+        An opener that writes as it hears connection_made sends no pure ACK:
+        its first data segment (flags ACK, ack = peer ISN + 1) completes the
+        handshake, one datagram less per new stream (docs/connection.md).
+        """
+        r = Recorder(passive=False)
+        r.app.on_made = lambda: r.conn.write(b"ping-1")
+        r.conn.open_active()
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        [data] = r.take()
+        self.assertEqual((data.flags, data.seq, data.ack, data.payload), (ACK, 1, 1, b"ping-1"))
+        self.assertEqual(r.conn.state, "established")
+        r.feed(ACK, seq=1, ack=7, payload=b"ping-1")  # the echo
+        self.assertEqual(bytes(r.app.data), b"ping-1")
+
+    def test_third_ack_rides_on_data_written_early(self) -> None:
+        r = Recorder(passive=False)
+        r.conn.open_active()
+        r.conn.write(b"early")
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        self.assertEqual([(p.flags, p.seq, p.ack, p.payload) for p in r.take()], [(ACK, 1, 1, b"early")])
+
+    def test_third_ack_before_fin_when_closed_at_once(self) -> None:
+        r = Recorder(passive=False)
+        r.app.on_made = r.conn.close
+        r.conn.open_active()
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        self.assertEqual([(p.flags, p.seq, p.ack) for p in r.take()], [(ACK, 1, 1), (FIN, 1, 0)])
+        self.assertEqual(r.conn.state, "fin_wait")
+
+    def test_no_third_ack_when_aborted_at_once(self) -> None:
+        r = Recorder(passive=False)
+        r.app.on_made = r.conn.abort
+        r.conn.open_active()
+        r.take()
+        r.feed(SYN | ACK, seq=0, ack=1)
+        self.assertEqual(flags_of(r.take()), [RST])
+        self.assertEqual(r.conn.state, "closed")
+
+    def test_third_ack_on_data_establishes_passive_peer(self) -> None:
+        """Our own acceptor takes the data segment as the end of the handshake."""
+        clock = Clock()
+        link = FakeLink(clock)
+        a, b, app_a, app_b = make_pair(clock, link)
+        app_a.on_made = lambda: a.write(b"ping-7")
+        app_b.on_data = b.write  # an echo
+        a.open_active()
+        run_until(clock, lambda: bytes(app_a.data) == b"ping-7", 1.0)
+        sent_by_a = [p for _, side, p, _ in link.log if side == "a"]
+        self.assertEqual(flags_of(sent_by_a), [SYN, ACK])
+        self.assertEqual(sent_by_a[1].payload, b"ping-7")
+        self.assertEqual((a.state, b.state, app_b.made), ("established", "established", 1))
+
     def test_syn_ack_with_wrong_ack_ignored(self) -> None:
         r = Recorder(passive=False)
         r.conn.open_active()
@@ -544,7 +601,7 @@ class CloseTests(SynchronousTestCase):
         self.assertEqual((a.state, b.state), ("time_wait", "time_wait"))
         self.assertTrue(run_until(clock, lambda: a.state == b.state == "closed", 11))
         self.assertEqual((app_a.released, app_b.released), (1, 1))
-        self.assertEqual(len(link.sent(since=fin_time(link))), 3)  # FIN, FIN+ACK, ACK
+        self.assertEqual(flags_of(link.sent(since=fin_time(link))), [FIN, FIN | ACK])  # no ACK after
 
     def test_close_from_passive_side(self) -> None:
         clock, link, a, b, app_a, app_b = self.pair()
@@ -602,6 +659,10 @@ class CloseTests(SynchronousTestCase):
         r.app.lost[0].trap(error.ConnectionDone)
 
     def test_our_fin_answered_with_fin_ack(self) -> None:
+        """
+        The FIN+ACK that answers our FIN gets no ACK back, nor does a repeat of
+        it: the peer lingers in TIME_WAIT already (docs/connection.md).
+        """
         r = Recorder()
         r.established_passive()
         r.conn.close()
@@ -609,7 +670,7 @@ class CloseTests(SynchronousTestCase):
         self.assertEqual((fin.flags, fin.seq), (FIN, 1))
         r.feed(FIN | ACK, seq=1, ack=2)
         r.feed(FIN | ACK, seq=1, ack=2)
-        self.assertEqual([(p.flags, p.seq, p.ack) for p in r.take()], [(ACK, 2, 2)])
+        self.assertEqual(r.take(), [])
         self.assertEqual(r.conn.state, "time_wait")
         r.clock.advance(10)
         self.assertEqual(r.conn.state, "closed")
@@ -862,6 +923,21 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(r.take()[-1].flags, RST)
         r.app.lost[0].trap(error.TimeoutError)
 
+    def test_probe_and_timeout_count_from_the_last_packet(self) -> None:
+        """One timer serves both: probes 30 s after the last packet and every 30 s, idle after 120 s."""
+        r = Recorder()
+        r.established_passive()
+        r.wait(20)
+        r.feed(ACK, seq=1, ack=1)  # something from the peer at 20 s
+        probes: list[float] = []
+        while r.conn.state == "established":
+            r.wait(1)
+            probes += [r.clock.seconds() for p in r.take() if p.payload == b"\x00"]
+        self.assertEqual(probes, [50.0, 80.0, 110.0])
+        self.assertEqual(r.clock.seconds(), 140.0)
+        r.app.lost[0].trap(error.TimeoutError)
+        self.assertEqual(len(r.clock.getDelayedCalls()), 0)
+
     def test_configurable(self) -> None:
         r = Recorder(config=ConnectionConfig(keepalive_interval=5, idle_timeout=12))
         r.established_passive()
@@ -872,6 +948,16 @@ class KeepaliveTests(SynchronousTestCase):
 
 
 class RobustnessTests(SynchronousTestCase):
+    def test_bad_ends_refused_when_made(self) -> None:
+        """Addresses and ports are checked once, when the connection is made (ValueError)."""
+        clock = Clock()
+        good: dict[str, Any] = dict(clock=clock, send=lambda p: None, local=A_ADDR, local_port=A_PORT,
+                                    remote=B_ADDR, remote_port=B_PORT)
+        Connection(**good)
+        for bad in ({"local_port": 65536}, {"remote_port": -1}, {"remote_port": True},
+                    {"local_port": 1.0}, {"local": "0:0000.0000.0001"}, {"remote": None}):
+            self.assertRaises(ValueError, Connection, **{**good, **bad})
+
     def test_wrong_connection_dropped(self) -> None:
         r = Recorder()
         r.established_passive()
@@ -955,6 +1041,24 @@ class StatsTests(SynchronousTestCase):
         b.close()
         run_until(clock, lambda: a.state == "time_wait", 10)
         self.assertEqual(a.stats.state, "TIME_WAIT")
+
+    def test_bytes_acknowledged_is_sent_minus_in_flight(self) -> None:
+        """What the transport's back-pressure reads per write, checked against the snapshot."""
+        clock = Clock()
+        link = FakeLink(clock)
+        a, b, app_a, app_b = make_pair(clock, link)
+        a.open_active()
+        a.write(pattern(300000))
+        seen = set()
+        for _ in range(400):
+            if not clock.getDelayedCalls():
+                break
+            clock.advance(0.002)
+            s = a.stats
+            self.assertEqual(a.bytes_acknowledged, s.bytes_sent - s.in_flight)
+            seen.add(a.bytes_acknowledged)
+        self.assertEqual(a.bytes_acknowledged, 300000)
+        self.assertGreater(len(seen), 5)  # measured along the way, not only at the ends
 
 
 class TraceTests(SynchronousTestCase):

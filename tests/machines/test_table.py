@@ -152,6 +152,11 @@ class Bell(Protocol):
     def answered(self) -> None: ...
 
 
+class Chime(Protocol):
+    def struck(self, who: str) -> None: ...
+    def echoed(self, who: str) -> None: ...
+
+
 class FastInputTests(SynchronousTestCase):
     """indexed() also shortens each input's dispatch; Automat's rules stay."""
 
@@ -180,6 +185,46 @@ class FastInputTests(SynchronousTestCase):
         self.assertEqual(core.log, [("ring",), ("rang",), ("answer",)])
         bell.rung()  # type: ignore[attr-defined]
         self.assertEqual(len(core.log), 6)
+
+    def test_reentrant_inputs_keep_automats_order_on_the_fast_path(self) -> None:
+        """
+        Queued inputs run in the order they were queued, each one's own
+        queue right after it (Automat's order), and through the indexed
+        dispatch: Automat's own method (its ``transition``) is never called.
+        """
+        def order(fast: bool) -> tuple[list[tuple[str, ...]], int]:
+            builder = TypeMachineBuilder(Chime, Core)
+            still = builder.state("still")
+            sounding = builder.state("sounding")
+            table = TransitionTable((still, sounding))
+
+            @table.on(still, Chime.struck, sounding)
+            def _strike(m: Chime, c: Core, who: str) -> None:
+                c.log.append(("strike", who))
+                m.echoed("first")
+                m.echoed("second")
+
+            @table.on(sounding, Chime.echoed, sounding)
+            def _echo(m: Chime, c: Core, who: str) -> None:
+                c.log.append(("echo", who))
+                if who == "first":
+                    m.echoed("first's own")
+
+            core = Core()
+            machine = builder.build()
+            chime = (indexed(machine) if fast else machine)(core)  # type: ignore[operator]
+            transitioner = chime.__automat_transitioner__
+            slow: list[str] = []
+            original = transitioner.transition
+            self.patch(transitioner, "transition", lambda *a: (slow.append("x"), original(*a))[1])
+            chime.struck("me")
+            return core.log, len(slow)
+
+        fast, slow = order(fast=True), order(fast=False)
+        self.assertEqual(fast[0], slow[0])
+        self.assertEqual(fast[0], [("strike", "me"), ("echo", "first"), ("echo", "first's own"),
+                                   ("echo", "second")])
+        self.assertEqual((fast[1], slow[1]), (0, 4))
 
     def test_undeclared_raises_and_the_state_stays(self) -> None:
         bell, core = self.machine()

@@ -96,11 +96,17 @@ def _answer_fin(core: Transfer, packet: Packet) -> None:
 
 
 def _final_ack(core: Transfer, packet: Packet) -> None:
-    """At most one pure ACK for a FIN+ACK, ever: it never starts a FIN+ACK ping-pong."""
-    if core.final_acks == 0:
+    """
+    At most one pure ACK for a FIN+ACK, ever (it never starts a FIN+ACK
+    ping-pong), and only for the reference's echo of the FIN+ACK we answered
+    its FIN with.  A FIN+ACK answering our own FIN gets none: the peer is in
+    TIME_WAIT from the moment it sent it (ours and the reference's alike) and
+    nothing there waits for an ACK, so it would be one datagram per
+    connection for nothing.
+    """
+    if core.final_acks == 0 and core.fin_seq is None:
         core.final_acks += 1
-        seq = core.sender.snd_nxt if core.fin_seq is None else core.fin_seq + 1
-        core.emit(ACK, seq, ack=packet.seq + 1)
+        core.emit(ACK, core.sender.snd_nxt, ack=packet.seq + 1)
 
 
 def _acks_our_syn(core: Transfer, packet: Packet) -> bool:
@@ -184,14 +190,26 @@ def _establish(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None
     core.start_liveness()
     if packet.flags & SYN:
         core.sender.peer_window = packet.window
-        core.emit(ACK, core.sender.snd_nxt)  # the third leg, as the reference sends it
+        # The third leg is owed: it rides on the first data segment when there is one now
+        # (written early, or by the application as it hears connection_made; its writes are
+        # queued behind this behaviour), else it goes alone once those have run.
+        core.ack_owed = True
         _made(core)
         core.pump()
+        inputs.application_told()
     else:
         _made(core)
         core.process_segment(packet)
     if core.handshake.close_when_established:
         inputs.close_requested()
+
+
+@_on(established, I.application_told, established)
+@_on(draining, I.application_told, draining)
+@_on(fin_wait, I.application_told, fin_wait)  # closed at once: _send_fin sent the owed ACK first
+def _third_ack(inputs: ConnectionInputs, core: Transfer) -> None:
+    """The dialler's handshake ACK, alone, if no data went out to carry it."""
+    core.delayed_ack()
 
 
 @_on(syn_sent, I.handshake_timer_fired, syn_sent)
@@ -363,8 +381,8 @@ def _peer_closed(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> No
 
 @_on(fin_wait, I.fin_ack_received, time_wait)
 def _fin_answered(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
+    """Our FIN is answered: no ACK back (see :func:`_final_ack`), linger in TIME_WAIT."""
     core.deliver(force=True)
-    _final_ack(core, packet)
     _enter_time_wait(core, error.ConnectionDone())
 
 
@@ -456,6 +474,8 @@ table.ignore((idle, syn_sent, syn_received, time_wait, closed), I.reading_resume
              why="nothing is held back: no data before the handshake, all of it handed over in TIME_WAIT")
 table.ignore((closed,), I.send_drained, I.retries_exhausted, I.close_requested,
              why="queued behind an abort that a failing application callback asked for")
+table.ignore((closed,), I.application_told,
+             why="the application aborted as it heard connection_made: the RST went instead")
 table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired, I.pacing_timer_fired,
              why="everything was acknowledged before our FIN; a late timer has nothing to send")
 

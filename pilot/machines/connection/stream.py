@@ -214,6 +214,16 @@ class Connection:
         return self._core.state == "time_wait"
 
     @property
+    def bytes_acknowledged(self) -> int:
+        """
+        ``stats.bytes_sent - stats.in_flight`` (what the peer acknowledged of
+        the new bytes sent) without building the snapshot: the transport reads
+        it on every write and every packet while a producer is registered.
+        """
+        sender = self._core.sender
+        return sender.bytes_sent - (sender.snd_nxt - sender.snd_una)
+
+    @property
     def stats(self) -> ConnectionStats:
         core = self._core
         sender = core.sender

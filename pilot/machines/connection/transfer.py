@@ -55,6 +55,7 @@ class ConnectionInputs(Protocol):
     def rst_received(self, packet: Packet) -> None: ...
     def handshake_acked(self, packet: Packet) -> None: ...
     def send_drained(self) -> None: ...
+    def application_told(self) -> None: ...
     def handshake_timer_fired(self) -> None: ...
     def retransmit_timer_fired(self) -> None: ...
     def fin_timer_fired(self) -> None: ...
@@ -159,6 +160,33 @@ class CoalescedTimer(Timer):
         self.fire()
 
 
+class _Feed:
+    """
+    A timer's ``fire``: feeds the machine one input.  One small object per
+    timer where a closure took three (function, cell, tuple), each of which
+    the garbage collector walks for as long as the connection lives.
+    """
+
+    __slots__ = ("core", "event")
+
+    def __init__(self, core: "Transfer", event: str) -> None:
+        self.core = core
+        self.event = event
+
+    def __call__(self) -> None:
+        getattr(self.core.machine, self.event)()
+
+
+def _check_ends(local: Address, local_port: int, remote: Address, remote_port: int) -> None:
+    """What ``Packet`` checks of these fields (``ValueError``), without building one."""
+    for name, value in (("src", local), ("dst", remote)):
+        if not isinstance(value, Address):
+            raise ValueError(f"{name} must be an Address, not {type(value).__name__}")
+    for name, port in (("src_port", local_port), ("dst_port", remote_port)):
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+            raise ValueError(f"{name} must be an integer in [0, 65536), not {port!r}")
+
+
 @attr.s(auto_attribs=True, eq=False)
 class Handshake:
     """What the two handshake states (``syn_sent``, ``syn_received``) keep."""
@@ -211,6 +239,8 @@ class Transfer:
     pending_acks: int = 0
     last_window: int = 0
     last_received: float = 0.0
+    #: When the last keepalive probe went out (or the connection was established).
+    probed_at: float = 0.0
     sack_sent: int = 0
     bytes_recv: int = 0
     segs_recv: int = 0
@@ -220,23 +250,21 @@ class Transfer:
 
     def __attrs_post_init__(self) -> None:
         # addresses and ports checked once here (ValueError), so that emit() need not
-        Packet(protocol=STREAM, src=self.local, dst=self.remote, src_port=self.local_port,
-               dst_port=self.remote_port)
+        _check_ends(self.local, self.local_port, self.remote, self.remote_port)
         c = self.config
         self.rtt = RttEstimator(c.initial_rto, c.min_rto, c.max_rto)
         self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=min(c.mss, self.segment_size or c.mss),
                              max_retransmits=c.max_retransmits, nagle=c.nagle,
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
-        inputs = lambda name: lambda: getattr(self.machine, name)()  # noqa: E731
-        self.handshake_timer = Timer(self.clock, inputs("handshake_timer_fired"))
-        self.rexmit_timer = CoalescedTimer(self.clock, inputs("retransmit_timer_fired"))
-        self.fin_timer = Timer(self.clock, inputs("fin_timer_fired"))
-        self.ack_timer = CoalescedTimer(self.clock, inputs("ack_timer_fired"))
-        self.nagle_timer = Timer(self.clock, inputs("nagle_timer_fired"))
-        self.pacing_timer = Timer(self.clock, inputs("pacing_timer_fired"))
-        self.time_wait_timer = Timer(self.clock, inputs("time_wait_elapsed"))
-        self.keepalive_timer = Timer(self.clock, self._keepalive_check)
-        self.idle_timer = Timer(self.clock, self._idle_check)
+        clock = self.clock
+        self.handshake_timer = Timer(clock, _Feed(self, "handshake_timer_fired"))
+        self.rexmit_timer = CoalescedTimer(clock, _Feed(self, "retransmit_timer_fired"))
+        self.fin_timer = Timer(clock, _Feed(self, "fin_timer_fired"))
+        self.ack_timer = CoalescedTimer(clock, _Feed(self, "ack_timer_fired"))
+        self.nagle_timer = Timer(clock, _Feed(self, "nagle_timer_fired"))
+        self.pacing_timer = Timer(clock, _Feed(self, "pacing_timer_fired"))
+        self.time_wait_timer = Timer(clock, _Feed(self, "time_wait_elapsed"))
+        self.liveness_timer = Timer(self.clock, self._liveness_check)
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -369,27 +397,29 @@ class Transfer:
     # -- timers -----------------------------------------------------------------------
 
     def start_liveness(self) -> None:
-        self.last_received = self.now()
-        self.keepalive_timer.start(self.config.keepalive_interval)
-        self.idle_timer.start(self.config.idle_timeout)
+        """
+        One timer for the keepalive probe and the idle timeout: it fires at
+        whichever is due first (a delayed call per connection, not two).
+        """
+        self.last_received = self.probed_at = self.now()
+        c = self.config
+        self.liveness_timer.start(min(c.keepalive_interval, c.idle_timeout))
 
-    def _keepalive_check(self) -> None:
-        due = self.last_received + self.config.keepalive_interval
-        if self.now() >= due:
-            self.machine.keepalive_due()
-            self.keepalive_timer.start(self.config.keepalive_interval)
-        else:
-            self.keepalive_timer.start(due - self.now())
-
-    def _idle_check(self) -> None:
-        due = self.last_received + self.config.idle_timeout
-        if self.now() >= due:
+    def _liveness_check(self) -> None:
+        now, c = self.now(), self.config
+        idle_at = self.last_received + c.idle_timeout
+        if now >= idle_at:
             self.machine.idle_timed_out()
-        else:
-            self.idle_timer.start(due - self.now())
+            return
+        # a probe once keepalive_interval passed with nothing received and no probe sent
+        probe_at = max(self.last_received, self.probed_at) + c.keepalive_interval
+        if now >= probe_at:
+            self.probed_at = now
+            self.machine.keepalive_due()
+            probe_at = now + c.keepalive_interval
+        self.liveness_timer.start(min(probe_at, idle_at) - now)
 
     def cancel_timers(self) -> None:
         for timer in (self.handshake_timer, self.rexmit_timer, self.fin_timer, self.ack_timer,
-                      self.nagle_timer, self.pacing_timer, self.keepalive_timer, self.idle_timer,
-                      self.time_wait_timer):
+                      self.nagle_timer, self.pacing_timer, self.liveness_timer, self.time_wait_timer):
             timer.stop()

@@ -43,7 +43,7 @@ from pilot.machines.path.config import (
     REASON_PEER_RELAYS, RELAYED, PathConfig,
 )
 from pilot.machines.path.collaborators import PathOwner, TunnelControl
-from pilot.machines.table import Transition, TransitionTable
+from pilot.machines.table import Transition, TransitionTable, indexed
 from pilot.wire.tunnel import PILP
 
 
@@ -488,7 +488,7 @@ table.ignore((direct, punched), I.relayed_frame_received,
 table.ignore((idle,), I.exchange_gave_up,
              why="the path is at its start already (reset before, or never used)")
 
-PeerPathMachine = _builder.build()
+PeerPathMachine = indexed(_builder.build())  # a dict lookup per packet, not Automat's scan
 
 
 def transitions(ignored: bool = False) -> list[Transition]:
