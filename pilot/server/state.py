@@ -189,7 +189,7 @@ class RegistryState:
     def floor_last_seen(self, now: float) -> None:
         """Every node's ``last_seen`` moved up to ``now`` (a start): a pass over columns, not a loop."""
         nodes = list(self.nodes.values())
-        if any(map(_journal_sink, nodes)):  # tracked: through the assignment hook, so the journal sees it
+        if list(map(_journal_sink, nodes)).count(None) != len(nodes):  # tracked: through the hook
             for node in nodes:
                 node.last_seen = max(node.last_seen, now)
             return
