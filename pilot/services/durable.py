@@ -22,6 +22,10 @@ change bumps :attr:`DurableWriter.generation`.  A write is either
   the reactor never formats the whole store, except at a clean stop
   (:meth:`flush`, nothing is answered then anyway).
 
+A clean stop also writes the store's sidecar (:mod:`pilot.server.sidecar`),
+after the store, so that the next start need not parse and check the store's
+JSON; a compaction removes it before it rewrites the store.
+
 The reactor thread only takes each group's changes from the tracker (a
 record costs what changed, not the store's size), through a
 :class:`pilot.server.journal.Feed` that a paired primary's replication reads

@@ -26,6 +26,10 @@ store writer's first write, a compaction in its own thread, folds it into the
 store: formatting the whole store in the start path cost ~2 s at 100,000
 nodes.  A journal none of whose records is newer than the store is removed.
 
+A store with no journal record to replay whose sidecar (written at a clean
+stop: :mod:`pilot.server.sidecar`) still matches it is loaded from the
+sidecar, not parsed and checked as JSON (:func:`load`).
+
 Loading refuses, with a :class:`StoreError`, a file that exists but cannot be
 used, and leaves it untouched: starting empty would overwrite it at the first
 change and lose every registration in it.
