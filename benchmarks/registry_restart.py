@@ -190,7 +190,9 @@ def compaction_stall(path: str, seconds: float) -> None:
 async def stall(port: int, signers: Fleet, ids: list[int], seconds: float, every: float) -> int:
     probe, changer = await Conn.open(port), await Conn.open(port)
     lat: list[float] = []
-    end = time.perf_counter() + seconds
+    began = time.perf_counter()
+    end = began + seconds
+    worst_at = 0.0
     changes = 0
 
     async def change() -> None:
@@ -210,12 +212,14 @@ async def stall(port: int, signers: Fleet, ids: list[int], seconds: float, every
         t0 = time.perf_counter()
         await asyncio.wait_for(probe.request({"type": "lookup", "node_id": ids[i % len(ids)]}), DEADLINE)
         lat.append((time.perf_counter() - t0) * 1000.0)
+        if lat[-1] >= max(lat):
+            worst_at = t0 - began
         i += 1
     await asyncio.wait_for(changing, DEADLINE)
     probe.close()
     changer.close()
     print(f"  lookup behind store writes: {len(lat) / seconds:7.0f}/s   p50 {pct(lat, 50):6.2f} ms   "
-          f"p99 {pct(lat, 99):6.2f} ms   max {max(lat):7.2f} ms   ({changes} changes)")
+          f"p99 {pct(lat, 99):6.2f} ms   max {max(lat):7.2f} ms (sent {worst_at:.2f} s in)   ({changes} changes)")
     return changes
 
 
