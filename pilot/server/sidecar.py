@@ -2,8 +2,8 @@
 """
 The store's sidecar: what a store file written by our own writer holds, as
 plain values, so that a start need not parse and check 28 MB of JSON
-(100,000 nodes: ~0.3 s to parse, ~0.45 s to check and build, against ~0.15 s
-from the sidecar; ``docs/performance.md``, issue 16).
+(100,000 nodes: ~0.3 s of CPU to parse, ~0.45 s to check and build, against
+~0.3 s for all of it from the sidecar; ``docs/performance.md``, issue 16).
 
 The store file (``registry.json``, the reference's format) stays the truth:
 the sidecar (``registry.json.sidecar``) is written beside it at a clean stop,
@@ -134,7 +134,7 @@ def _state(value: dict[str, Any]) -> RegistryState:
         _typed(column, str, name)
     _typed(last_seen, float, "last_seen")
     if last_seen and not (all(map(math.isfinite, last_seen)) and min(last_seen) >= 0
-                          and max(last_seen) <= MAX_TIME + 1):
+                          and max(last_seen) < MAX_TIME + 1):
         raise StoreFormatError("a last_seen is not a time")
     _typed(public, bool, "public")
     _typed(task_exec, bool, "task_exec")

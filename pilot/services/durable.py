@@ -49,6 +49,7 @@ if the store still could not be written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 from typing import Any, Callable
@@ -194,7 +195,7 @@ class DurableWriter:
             data = self.state.to_bytes()  # holds journal_seq: the last record it includes
             self._mirror_lost = True  # a new mirror (and a compaction), if writes go on
             self.sidecar_current = False
-            remove_durably(side)  # before the store changes: a sidecar never outlives its store
+            _drop_sidecar(side)  # before the store changes
             atomic_write_bytes(self.path, data)
             self.journal.truncate()
         except Exception as e:
@@ -287,7 +288,7 @@ class DurableWriter:
             if compact:
                 mirror.term = term
                 data = mirror.render()
-                remove_durably(sidecar.path_of(self.path))  # its digest would no longer match, anyway
+                _drop_sidecar(sidecar.path_of(self.path))
                 atomic_write_bytes(self.path, data)
                 self.journal.truncate()
             elif delta:
@@ -338,6 +339,16 @@ class DurableWriter:
         if retry and not self.scheduled:
             self._call = self.clock.callLater(self._retry, self._timer_fired)
             self._retry = min(self._retry * 2, RETRY_MAX)
+
+
+def _drop_sidecar(path: str) -> None:
+    """
+    Remove the store's sidecar before the store changes.  A sidecar left by a
+    failed removal is harmless (its digest no longer matches the store, so it
+    is not used): that failure must not stop the store's write.
+    """
+    with contextlib.suppress(OSError):
+        remove_durably(path)
 
 
 #: How long the writer thread may hold the interpreter before the reactor's thread gets it

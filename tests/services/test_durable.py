@@ -662,6 +662,28 @@ class SidecarWriteTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(self.side))
         self.assertEqual(len(json.loads(self.read(self.path))["nodes"]), 3)
 
+    def test_a_sidecar_that_cannot_be_removed_stops_no_write(self) -> None:
+        """The stale sidecar stays (it no longer matches the store, so it is not used); the store is written."""
+        self.assertTrue(self.make().flush())
+        writer = self.make(journal_limit=0, sidecar_current=True)
+
+        def fail(path: str) -> None:
+            raise PermissionError(errno.EACCES, "denied", path)
+        self.patch(durable, "remove_durably", fail)
+        self.add(9)
+        writer.changed()
+        self.clock.advance(0)
+        self.thread.run_one()  # a compaction
+        self.assertEqual((writer.snapshots, writer.failures), (1, 0))
+        self.assertTrue(os.path.exists(self.side))
+        self.add(10)
+        writer.changed()
+        self.assertTrue(writer.flush())
+        loaded = store_module.load(self.path)
+        assert loaded.state is not None
+        self.assertEqual(set(loaded.state.nodes), {1, 2, 3, 9, 10})
+        self.assertTrue(loaded.sidecar_current)  # the one written after the store, over the stale one
+
     def test_store_not_rewritten_for_it(self) -> None:
         """Nothing unsaved and the rewrite fails: the store on disk is whole, the stop succeeds."""
         original = json.dumps(self.state.to_json()).encode()
