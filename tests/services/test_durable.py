@@ -23,7 +23,6 @@ from pilot.server.registry import Peer
 from pilot.server.state import Node, RegistryState
 from pilot.server import sidecar
 from pilot.services import durable, store
-from pilot.services import store as store_module
 from pilot.services.durable import DurableWriter
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import RETRY_DELAY, StoreError, journal_path, load_store
@@ -594,12 +593,12 @@ class SidecarWriteTests(SynchronousTestCase):
         writer = self.make()
         self.assertTrue(writer.flush())
         self.assertTrue(writer.sidecar_current)
-        store = self.read(self.path)
-        self.assertEqual(sidecar.decode(self.read(self.side), store).to_bytes(), store)
-        loaded = store_module.load(self.path)
+        data = self.read(self.path)
+        self.assertEqual(sidecar.decode(self.read(self.side), data).to_bytes(), data)
+        loaded = store.load(self.path)
         self.assertTrue(loaded.sidecar_current)
         assert loaded.state is not None
-        self.assertEqual(loaded.state.to_bytes(), store)
+        self.assertEqual(loaded.state.to_bytes(), data)
 
     def test_nothing_written_at_stop_while_it_is_current(self) -> None:
         self.assertTrue(self.make().flush())
@@ -616,7 +615,7 @@ class SidecarWriteTests(SynchronousTestCase):
         self.assertEqual((writer.compact_due, writer.dirty), (False, False))
         self.assertTrue(writer.flush())
         self.assertEqual(self.read(self.path), self.state.to_bytes())
-        self.assertTrue(store_module.load(self.path).sidecar_current)
+        self.assertTrue(store.load(self.path).sidecar_current)
 
     def test_a_compaction_removes_it_first(self) -> None:
         writer = self.make(journal_limit=0)  # every write compacts
@@ -630,9 +629,9 @@ class SidecarWriteTests(SynchronousTestCase):
         self.thread.run_one()
         self.assertEqual(writer.snapshots, 2)
         self.assertFalse(os.path.exists(self.side))
-        self.assertFalse(store_module.load(self.path).sidecar_current)
+        self.assertFalse(store.load(self.path).sidecar_current)
         self.assertTrue(writer.flush())  # nothing unsaved, but no sidecar: the stop writes both
-        self.assertTrue(store_module.load(self.path).sidecar_current)
+        self.assertTrue(store.load(self.path).sidecar_current)
 
     def test_a_record_keeps_it_and_the_restart_replays_from_the_json(self) -> None:
         """A journal record leaves the store (and its sidecar) as they are; a crash then replays the JSON."""
@@ -643,7 +642,7 @@ class SidecarWriteTests(SynchronousTestCase):
         self.clock.advance(0)
         self.thread.run_one()
         self.assertTrue(os.path.exists(self.side))
-        loaded = store_module.load(self.path)
+        loaded = store.load(self.path)
         self.assertFalse(loaded.sidecar_current)
         assert loaded.state is not None
         self.assertEqual(set(loaded.state.nodes), {1, 2, 3, 9})
@@ -679,7 +678,7 @@ class SidecarWriteTests(SynchronousTestCase):
         self.add(10)
         writer.changed()
         self.assertTrue(writer.flush())
-        loaded = store_module.load(self.path)
+        loaded = store.load(self.path)
         assert loaded.state is not None
         self.assertEqual(set(loaded.state.nodes), {1, 2, 3, 9, 10})
         self.assertTrue(loaded.sidecar_current)  # the one written after the store, over the stale one
