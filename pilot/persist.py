@@ -170,6 +170,11 @@ def read_json_object(path: str) -> dict[str, Any]:
     Raises ``FileNotFoundError`` if there is no file (callers decide whether
     that is fine) and :class:`StateFileError` for anything else that is wrong.
     """
+    return parse_json_object(path, read_state_file(path))
+
+
+def read_state_file(path: str) -> bytes:
+    """The bytes of the state file ``path``; ``FileNotFoundError``, or :class:`StateFileError`."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_STATE_FILE + 1)
@@ -179,6 +184,11 @@ def read_json_object(path: str) -> dict[str, Any]:
         raise StateFileError(path, f"cannot read: {e.strerror or e}") from e
     if len(data) > MAX_STATE_FILE:
         raise StateFileError(path, "file is too large to be a pilot state file")
+    return data
+
+
+def parse_json_object(path: str, data: bytes) -> dict[str, Any]:
+    """The JSON object that ``data``, read from ``path``, holds; :class:`StateFileError` if none."""
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

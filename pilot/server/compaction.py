@@ -29,6 +29,7 @@ only hands it records (plain data made for it, never changed afterwards).
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any
 
 import attr
@@ -40,6 +41,10 @@ from pilot.server.state import (
 )
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+#: a node's fields, in ``Node``'s order (a tuple of them is made in C)
+_FIELDS = operator.attrgetter("id", "public_key", "real_addr", "last_seen", "hostname", "tags", "public", "owner",
+                              "polo_score", "task_exec", "networks", "local_addr")
 
 #: the order :meth:`RegistryState.to_json` writes the sections in (after next_node, next_net, nodes, networks)
 _TAIL = ("trust_pairs", "pub_key_idx", "handshake_inbox", "handshake_responses", "trust_edges", "proven",
@@ -70,8 +75,7 @@ class StateView:
         """Copy ``s`` (in the reactor): a tuple of each node's fields (assigned, never changed in place)."""
         return cls(
             rfc3339(s.created), s.journal_seq,
-            [(n.id, n.public_key, n.real_addr, n.last_seen, n.hostname, n.tags, n.public, n.owner,
-              n.polo_score, n.task_exec, n.networks, n.local_addr) for n in s.nodes.values()],
+            list(map(_FIELDS, s.nodes.values())),
             dict(s.key_index), dict(s.auth_ts), dict(s.gone), frozenset(s.trust), frozenset(s.proven),
             frozenset(s.asked), {k: list(v) for k, v in s.inbox.items()},
             {k: list(v) for k, v in s.responses.items()}, {k: dict(v) for k, v in s.statements.items()},

@@ -26,12 +26,13 @@ not a crash, and is refused (:class:`JournalError`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from typing import Any, Callable, cast
 
 from pilot.identity import b64encode
-from pilot.server.state import RegistryState, inbox_json, node_json, responses_json
+from pilot.server.state import Node, RegistryState, inbox_json, node_json, responses_json
 from pilot.server.tracked import TrackedDict, TrackedSet
 
 #: the store's objects a record may set keys of, and its lists it may add items to
@@ -45,6 +46,7 @@ class JournalError(ValueError):
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_SET_SINK = Node.__dict__["journal_sink"].__set__
 
 
 def encode_record(seq: int, delta: dict[str, Any]) -> bytes:
@@ -177,9 +179,9 @@ class Tracker:
         for container in self._tracked():
             container.track()
         sink = self._node_changes = set()
-        setter = object.__setattr__  # (not the assignment hook: setting the sink is no change)
-        for node in s.nodes.values():
-            setter(node, "journal_sink", sink)
+        # the slot itself, node after node in C (not the assignment hook: setting the sink is no change)
+        nodes = list(s.nodes.values())
+        list(map(_SET_SINK, nodes, itertools.repeat(sink, len(nodes))))
         self._watched = self._tracked()
         self._inbox: dict[int, Any] = {k: list(v) for k, v in s.inbox.items()}
         self._responses: dict[int, Any] = {k: list(v) for k, v in s.responses.items()}

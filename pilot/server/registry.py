@@ -90,13 +90,11 @@ class Registry:
         #: time spent answering, by request type (``pilot_request_duration_seconds``)
         self.durations = Durations()
         now = clock.seconds()
-        for node in self.state.nodes.values():
-            # a restarted registry gives every node a full period to check in again
-            node.last_seen = max(node.last_seen, now)
-        for node_id in self.state.id_keys:
-            if node_id not in self.state.nodes:
-                # a key without a node and no record of when it left (a reference store): from now
-                self.state.gone.setdefault(node_id, now)
+        # a restarted registry gives every node a full period to check in again
+        self.state.floor_last_seen(now)
+        for node_id in sorted(self.state.id_keys.keys() - self.state.nodes.keys()):
+            # a key without a node and no record of when it left (a reference store): from now
+            self.state.gone.setdefault(node_id, now)
 
     # --- entry point ------------------------------------------------------------
 

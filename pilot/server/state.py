@@ -37,19 +37,20 @@ never mutated in place; assigning one puts the node's id in its
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
 import math
+import operator
 from typing import Any
 
 import attr
 
-from pilot.address import Address
 from pilot.errors import MalformedFrame
 from pilot.identity import b64decode, b64encode
 from pilot.server.fields import (
     checked_id, get_field, id_text, list_of_dicts, opt_field, split_ids, stamp_text, strict_b64,
 )
+from pilot.server.node import Node, address_text  # noqa: F401 (address_text: part of this module's API)
 from pilot.server.times import (  # noqa: F401 (parse_time_ns, rfc3339_ns: part of this module's API)
     MAX_TIME, StoreFormatError, parse_time_cached, rfc3339_second, parse_time, parse_time_ns, rfc3339,
     rfc3339_ns,
@@ -60,46 +61,11 @@ STORE_FORMAT = 1
 _NO_NODES = '"nodes":{}'
 
 
-def _note_change(node: "Node", attribute: Any, value: Any) -> Any:
-    sink = node.journal_sink
-    if sink is not None and attribute.name != "journal_sink":
-        sink.add(node.id)
-    return value
-
-
-@attr.s(slots=True, auto_attribs=True, eq=False, on_setattr=_note_change)
-class Node:
-    id: int
-    public_key: bytes
-    real_addr: str = ""
-    last_seen: float = 0.0
-    hostname: str = ""
-    tags: list[str] = attr.Factory(list)
-    public: bool = False
-    owner: str = ""
-    polo_score: int = 0
-    task_exec: bool = False
-    networks: list[int] = attr.Factory(lambda: [0])
-    #: ours: the node's tunnel socket on its own LAN, for peers behind the same NAT
-    local_addr: str = ""
-    #: where an assignment puts the node's id: the set of changed nodes of the journal
-    #: tracking it (``pilot.server.journal.Tracker``), so a record need not look at every node
-    journal_sink: "set[int] | None" = attr.ib(default=None, init=False, repr=False)
-
-    @property
-    def address(self) -> Address:
-        return Address(0, self.id)
-
-    @property
-    def address_text(self) -> str:
-        """``str(self.address)``, made once per id."""
-        return address_text(self.id)
-
-
-@functools.lru_cache(maxsize=1 << 17)
-def address_text(node_id: int) -> str:
-    """The backbone address of ``node_id`` as text (every reply about a node carries it)."""
-    return str(Address(0, node_id))
+_hostname = operator.attrgetter("hostname")
+_public_key = operator.attrgetter("public_key")
+_last_seen = operator.attrgetter("last_seen")
+_journal_sink = operator.attrgetter("journal_sink")
+_set_last_seen = Node.__dict__["last_seen"].__set__  # the slot itself: no assignment hook
 
 
 @attr.s(slots=True, auto_attribs=True, frozen=True)
@@ -193,26 +159,58 @@ class RegistryState:
         self.statements.pop(node_id, None)  # its own signed statements go with its key
 
     def rebuild_indexes(self) -> None:
-        """The hostname and key indexes from the nodes (one pass over them: a store may hold 100,000)."""
+        """
+        The hostname and key indexes from the nodes, in passes over columns
+        of them (a store may hold 100,000): every node's key indexed unless
+        the key is already (the first node keeps a key two share), every
+        hostname to its node (a name two share, which only a damaged store
+        holds: the lowest id keeps it, the others lose it).
+        """
+        nodes = list(self.nodes.values())
+        ids = list(self.nodes)
+        names = list(map(_hostname, nodes))
+        keys = list(map(_public_key, nodes))
+        key_index = self.key_index
+        if not keys or (len(set(keys)) == len(keys) and not set(keys) - key_index.keys()):
+            pass  # the usual case: every node's key is in the store's key index already
+        else:
+            for node_id, key in zip(ids, keys):
+                key_index.setdefault(key, node_id)
+        hostnames = dict(zip(names, ids))
+        named = len(names) - names.count("")
+        hostnames.pop("", None)
+        if len(hostnames) != named:
+            hostnames = self._settle_hostnames(nodes)
+        self.hostnames = hostnames
+        id_keys = dict(zip(key_index.values(), key_index.keys()))
+        id_keys.update(zip(ids, keys))
+        self.id_keys = id_keys
+
+    def floor_last_seen(self, now: float) -> None:
+        """Every node's ``last_seen`` moved up to ``now`` (a start): a pass over columns, not a loop."""
+        nodes = list(self.nodes.values())
+        if list(map(_journal_sink, nodes)).count(None) != len(nodes):  # tracked: through the hook
+            for node in nodes:
+                node.last_seen = max(node.last_seen, now)
+            return
+        list(map(_set_last_seen, nodes, map(max, map(_last_seen, nodes), itertools.repeat(now))))
+
+    def _settle_hostnames(self, nodes: list[Node]) -> dict[str, int]:
+        """The hostname index of a store where two nodes share a name: the lowest id keeps it."""
         hostnames: dict[str, int] = {}
         taken: list[Node] = []
-        key_index = self.key_index
-        for node in self.nodes.values():
+        for node in nodes:
             name = node.hostname
             if name and hostnames.setdefault(name, node.id) != node.id:
                 taken.append(node)
-            key_index.setdefault(node.public_key, node.id)
-        for node in sorted(taken, key=lambda n: n.id):  # a damaged store: the lowest id keeps the name
+        for node in sorted(taken, key=lambda n: n.id):
             holder = hostnames[node.hostname]
             if node.id < holder:
                 self.nodes[holder].hostname = ""
                 hostnames[node.hostname] = node.id
             else:
                 node.hostname = ""
-        self.hostnames = hostnames
-        id_keys = {v: k for k, v in key_index.items()}
-        id_keys.update({node.id: node.public_key for node in self.nodes.values()})
-        self.id_keys = id_keys
+        return hostnames
 
     # --- JSON -----------------------------------------------------------------
 
@@ -459,6 +457,11 @@ class _LoadedNode(Node):
         self.networks, self.local_addr = networks, local_addr
         self.journal_sink = None
         self.__class__ = Node  # type: ignore[assignment]
+
+
+def loaded_nodes(*columns: list[Any]) -> list[Node]:
+    """Nodes made from columns of checked values, one per field in ``Node``'s order (a store's sidecar)."""
+    return list(map(_LoadedNode, *columns))
 
 
 _NO_TAGS: list[str] = []

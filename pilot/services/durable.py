@@ -22,6 +22,10 @@ change bumps :attr:`DurableWriter.generation`.  A write is either
   the reactor never formats the whole store, except at a clean stop
   (:meth:`flush`, nothing is answered then anyway).
 
+A clean stop also writes the store's sidecar (:mod:`pilot.server.sidecar`),
+after the store, so that the next start need not parse and check the store's
+JSON; a compaction removes it before it rewrites the store.
+
 The reactor thread only takes each group's changes from the tracker (a
 record costs what changed, not the store's size), through a
 :class:`pilot.server.journal.Feed` that a paired primary's replication reads
@@ -45,6 +49,7 @@ if the store still could not be written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 from typing import Any, Callable
@@ -56,7 +61,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from pilot.persist import AppendOnlyFile, atomic_write_bytes
+from pilot.persist import AppendOnlyFile, atomic_write_bytes, remove_durably
+from pilot.server import sidecar
 from pilot.server.compaction import StateView, StoreMirror
 from pilot.server.journal import Feed, Tracker, record_line
 from pilot.server.state import RegistryState
@@ -75,8 +81,11 @@ class DurableWriter:
     log = Logger()
 
     def __init__(self, path: str, state: RegistryState, clock: IReactorTime, run: Runner,
-                 delay: float = 0.0, touch_delay: float = 5.0, journal_limit: int = JOURNAL_LIMIT) -> None:
+                 delay: float = 0.0, touch_delay: float = 5.0, journal_limit: int = JOURNAL_LIMIT,
+                 sidecar_current: bool = False) -> None:
+        """``sidecar_current``: the store file has a sidecar that matches it (the state was loaded from it)."""
         self.path = path
+        self.sidecar_current = sidecar_current
         self.state = state
         self.clock = clock
         self.run = run
@@ -167,26 +176,43 @@ class DurableWriter:
         """
         At shutdown, with no write under way: write a snapshot now, in this
         thread, if anything is unsaved or in the journal (so that the store
-        alone holds everything, and the next start replays nothing); True if
-        the store is up to date.
+        alone holds everything, and the next start replays nothing), or if the
+        store has no current sidecar; then the store's sidecar
+        (``pilot.server.sidecar``: the next start need not parse and check the
+        store).  True if the store is up to date.
         """
         self._cancel()
         if self._busy:
             self.log.error("the registry store was flushed while a write was under way")
             return False
-        if not self.dirty and not self._compact_due and not self.journal.size:
+        unsaved = self.dirty or self._compact_due or self.journal.size > 0
+        if not unsaved and self.sidecar_current:
             return True
         generation = self.generation
         self.dirty = False
+        side = sidecar.path_of(self.path)
         try:
             data = self.state.to_bytes()  # holds journal_seq: the last record it includes
             self._mirror_lost = True  # a new mirror (and a compaction), if writes go on
+            self.sidecar_current = False
+            _drop_sidecar(side)  # before the store changes
             atomic_write_bytes(self.path, data)
             self.journal.truncate()
         except Exception as e:
+            if not unsaved:
+                # the store on disk was whole and up to date: only its sidecar is missing
+                self.log.failure("could not rewrite the registry store {path} for its sidecar; the next "
+                                 "start checks the store in full", Failure(e), path=self.path)
+                return True
             self._failed(Failure(e), retry=False)
             return False
         self._done(generation, snapshot=True)
+        try:
+            atomic_write_bytes(side, sidecar.encode(self.state, data))
+            self.sidecar_current = True
+        except Exception:
+            self.log.failure("could not write the registry store's sidecar {path}; the next start checks "
+                             "the store in full", path=side)
         return True
 
     def stop(self) -> None:
@@ -227,8 +253,11 @@ class DurableWriter:
                 delta = {}
             if delta:
                 self.state.journal_seq += 1
-            write = self._write(delta, self.state.journal_seq,
-                                self._compact_due or self.journal.size >= self.journal_limit, self.state.term)
+            compact = self._compact_due or self.journal.size >= self.journal_limit
+            if compact:
+                self.sidecar_current = False  # the writer thread removes it before the store changes
+            write = self._write(delta, self.state.journal_seq, compact,
+                                self.state.term)
         except Exception:
             self.dirty = True
             self.log.failure("could not make the registry store's next write")
@@ -258,7 +287,9 @@ class DurableWriter:
                     raise
             if compact:
                 mirror.term = term
-                atomic_write_bytes(self.path, mirror.render())
+                data = mirror.render()
+                _drop_sidecar(sidecar.path_of(self.path))
+                atomic_write_bytes(self.path, data)
                 self.journal.truncate()
             elif delta:
                 self.journal.append(record_line(body))
@@ -308,6 +339,16 @@ class DurableWriter:
         if retry and not self.scheduled:
             self._call = self.clock.callLater(self._retry, self._timer_fired)
             self._retry = min(self._retry * 2, RETRY_MAX)
+
+
+def _drop_sidecar(path: str) -> None:
+    """
+    Remove the store's sidecar before the store changes.  A sidecar left by a
+    failed removal is harmless (its digest no longer matches the store, so it
+    is not used): that failure must not stop the store's write.
+    """
+    with contextlib.suppress(OSError):
+        remove_durably(path)
 
 
 #: How long the writer thread may hold the interpreter before the reactor's thread gets it

@@ -35,7 +35,7 @@ from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.durable import DurableWriter, Runner, WriterThread
 from pilot.services.pairing import ReplicationSettings
-from pilot.services.store import load_store
+from pilot.services.store import Loaded, load
 
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
@@ -163,7 +163,8 @@ class RendezvousService(MultiService):
         self.registry_host, self._registry_port = parse_listen(settings.listen)
         self.beacon_host, self._beacon_port = parse_listen(settings.beacon_listen)
 
-        state = load_store(settings.store) if settings.store else None
+        loaded = load(settings.store) if settings.store else Loaded(None, False)
+        state = loaded.state
         self.fresh_store = settings.store is not None and state is None
         self.store: DurableWriter | None = None
         self.writer_thread: WriterThread | None = None
@@ -182,7 +183,8 @@ class RendezvousService(MultiService):
             # more of it than of them (with --durable, none that a reply went out for)
             self.store = DurableWriter(settings.store, self.registry.state, clock, run_writes,
                                        min(settings.flush_delay, DURABLE_DELAY) if settings.durable
-                                       else settings.flush_delay, touch_delay=settings.flush_delay)
+                                       else settings.flush_delay, touch_delay=settings.flush_delay,
+                                       sidecar_current=loaded.sidecar_current)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.replication: ReplicationService | None = None
         durability: Durability | None = self.store if settings.durable else None

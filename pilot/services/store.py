@@ -26,6 +26,10 @@ store writer's first write, a compaction in its own thread, folds it into the
 store: formatting the whole store in the start path cost ~2 s at 100,000
 nodes.  A journal none of whose records is newer than the store is removed.
 
+A store with no journal record to replay whose sidecar (written at a clean
+stop: :mod:`pilot.server.sidecar`) still matches it is loaded from the
+sidecar, not parsed and checked as JSON (:func:`load`).
+
 Loading refuses, with a :class:`StoreError`, a file that exists but cannot be
 used, and leaves it untouched: starting empty would overwrite it at the first
 change and lose every registration in it.
@@ -36,16 +40,17 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from pilot.persist import (
-    MAX_STATE_FILE, StateFileError, atomic_write_bytes, atomic_write_json, read_json_object, remove_durably,
-    remove_stale_temporaries,
+    MAX_STATE_FILE, StateFileError, atomic_write_bytes, atomic_write_json, parse_json_object, read_state_file,
+    remove_durably, remove_stale_temporaries,
 )
+from pilot.server import sidecar
 from pilot.server.journal import JournalError, read_records, replay
 from pilot.server.state import RegistryState, StoreFormatError
 
@@ -73,6 +78,15 @@ def journal_path(store: str) -> str:
     return store + ".journal"
 
 
+class Loaded(NamedTuple):
+    """What :func:`load` found."""
+
+    state: RegistryState | None
+    #: the state came from the store's sidecar, which matches the store file: a clean stop
+    #: with nothing to save need not write either again
+    sidecar_current: bool
+
+
 def load_store(path: str) -> RegistryState | None:
     """
     The state saved in ``path`` (and its journal), or None if there is neither.
@@ -83,6 +97,16 @@ def load_store(path: str) -> RegistryState | None:
     Raises :class:`StoreError` (naming the file) for a file that is
     unreadable, not JSON, or not a registry store, for a damaged journal, and
     for a journal that could not be cut back or removed.
+    """
+    return load(path).state
+
+
+def load(path: str) -> Loaded:
+    """
+    :func:`load_store`, and whether the state came from the store's sidecar
+    (``pilot.server.sidecar``: a store with no journal records to replay,
+    whose sidecar still matches it byte for byte, is not parsed and checked
+    as JSON; any other store is, as if it had no sidecar).
     """
     remove_stale_temporaries(path)
     with collector_paused():
@@ -105,20 +129,64 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _load(path: str) -> RegistryState | None:
-    value: dict[str, Any] | None
+def _load(path: str) -> Loaded:
+    data: bytes | None
     try:
-        value = read_json_object(path)
+        data = read_state_file(path)
     except FileNotFoundError:
-        value = None
+        data = None
+    except StateFileError as e:
+        raise StoreError(path, e.reason) from e
+    journal = _read_journal(path)
+    if journal is not None and not journal[0]:
+        _remove_journal(path)  # no record in it: nothing to replay
+        journal = None
+    if journal is not None:
+        return Loaded(_fold_journal(path, None if data is None else _parse(path, data), journal), False)
+    if data is None:
+        return Loaded(None, False)
+    state = _from_sidecar(path, data)
+    if state is not None:
+        return Loaded(state, True)
+    return Loaded(_state(path, _parse(path, data)), False)
+
+
+def _parse(path: str, data: bytes) -> dict[str, Any]:
+    try:
+        return parse_json_object(path, data)
     except StateFileError as e:
         raise StoreError(path, e.reason) from e
     except RecursionError as e:  # JSON nested deeper than the parser's stack
         raise StoreError(path, "not valid JSON (nested too deeply)") from e
-    journal = _read_journal(path)
-    if journal is not None:
-        return _fold_journal(path, value, journal)
-    return None if value is None else _state(path, value)
+
+
+def _from_sidecar(path: str, data: bytes) -> RegistryState | None:
+    """The state from the sidecar of the store ``path`` (its bytes ``data``), if it has a usable one."""
+    where = sidecar.path_of(path)
+    try:
+        with open(where, "rb") as f:
+            blob = f.read(MAX_STATE_FILE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warn("{path}: cannot read ({error}); the store is checked in full", path=where, error=e)
+        return None
+    try:
+        return sidecar.decode(blob, data)
+    except sidecar.SidecarError as e:
+        log.info("{path}: not used, {reason}; the store is checked in full", path=where, reason=e)
+    except Exception:
+        # whatever a damaged or crafted sidecar makes go wrong, the store's own checks decide
+        log.failure("{path}: not used; the store is checked in full", path=where)
+    return None
+
+
+def _remove_journal(path: str) -> None:
+    try:
+        remove_durably(journal_path(path))
+    except OSError as e:
+        raise StoreError(journal_path(path), f"the journal (no record newer than the store) could not be "
+                                             f"removed: {e.strerror or e}") from e
 
 
 def journal_pending(path: str) -> bool:

@@ -530,6 +530,35 @@ class RebuildIndexesTests(SynchronousTestCase):
                              {order[0]: KEYS[0], order[1]: KEYS[1], order[2]: KEYS[2], 2: KEYS[3]})
 
 
+    def test_a_key_held_twice_indexed_to_the_first_node(self) -> None:
+        """Two nodes with one key (damaged), or a key the store's index gives another id: as one loop did."""
+        state = RegistryState()
+        state.nodes[5] = Node(id=5, public_key=KEYS[0])
+        state.nodes[3] = Node(id=3, public_key=KEYS[0])
+        state.nodes[8] = Node(id=8, public_key=KEYS[1])
+        state.key_index[KEYS[1]] = 99  # the store's pub_key_idx said so: kept
+        state.rebuild_indexes()
+        self.assertEqual(list(state.key_index.items()), [(KEYS[1], 99), (KEYS[0], 5)])
+        self.assertEqual(state.id_keys, {99: KEYS[1], 5: KEYS[0], 3: KEYS[0], 8: KEYS[1]})
+
+
+class FloorLastSeenTests(SynchronousTestCase):
+    def test_moves_up_only(self) -> None:
+        state = sample_state()
+        before = {i: n.last_seen for i, n in state.nodes.items()}
+        state.floor_last_seen(T0 - 6)
+        self.assertEqual({i: n.last_seen for i, n in state.nodes.items()},
+                         {i: max(t, T0 - 6) for i, t in before.items()})
+
+    def test_tracked_nodes_go_through_the_hook(self) -> None:
+        """A node a journal tracks records the move (none is tracked at a start, but a caller may)."""
+        state = sample_state()
+        sink: set[int] = set()
+        state.nodes[7].journal_sink = sink
+        state.floor_last_seen(T0 + 10)
+        self.assertEqual(sink, {7})
+        self.assertEqual({n.last_seen for n in state.nodes.values()}, {T0 + 10})
+
 class TimeTests(SynchronousTestCase):
     def assertClose(self, got: float, want: float, delta: float, msg: str = "") -> None:
         # trial's assertAlmostEqual ignores its delta argument

@@ -21,7 +21,8 @@ from pilot.server.compaction import StoreMirror
 from pilot.server.journal import encode_record
 from pilot.server.registry import Peer
 from pilot.server.state import Node, RegistryState
-from pilot.services import store
+from pilot.server import sidecar
+from pilot.services import durable, store
 from pilot.services.durable import DurableWriter
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import RETRY_DELAY, StoreError, journal_path, load_store
@@ -556,6 +557,164 @@ class DurableWriterTests(SynchronousTestCase):
         self.thread.run_one()
         self.assertEqual(self.journal_lines(), 0)
         self.assertEqual(set(self.reload().nodes), {1, 2})
+
+
+class SidecarWriteTests(SynchronousTestCase):
+    """
+    The store's sidecar (``pilot.server.sidecar``) is written at a clean stop,
+    after the store, removed before any later write of the store, and a
+    failure to write it costs only the next start's speed.
+    """
+
+    def setUp(self) -> None:
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "registry.json")
+        self.side = sidecar.path_of(self.path)
+        self.clock = Clock()
+        self.thread = ManualThread()
+        self.state = RegistryState(created=T0)
+        for i in range(1, 4):
+            self.add(i)
+
+    def add(self, node_id: int) -> None:
+        key = node_id.to_bytes(4, "big") * 8
+        self.state.nodes[node_id] = Node(id=node_id, public_key=key, last_seen=T0, hostname=f"n{node_id}")
+        self.state.index_key(key, node_id)
+
+    def make(self, **kw: Any) -> DurableWriter:
+        return DurableWriter(self.path, self.state, self.clock, self.thread, **kw)
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def test_flush_writes_it_after_the_store(self) -> None:
+        writer = self.make()
+        self.assertTrue(writer.flush())
+        self.assertTrue(writer.sidecar_current)
+        data = self.read(self.path)
+        self.assertEqual(sidecar.decode(self.read(self.side), data).to_bytes(), data)
+        loaded = store.load(self.path)
+        self.assertTrue(loaded.sidecar_current)
+        assert loaded.state is not None
+        self.assertEqual(loaded.state.to_bytes(), data)
+
+    def test_nothing_written_at_stop_while_it_is_current(self) -> None:
+        self.assertTrue(self.make().flush())
+        before = (self.read(self.path), os.stat(self.path).st_ino, os.stat(self.side).st_ino)
+        writer = self.make(sidecar_current=True)
+        self.assertTrue(writer.flush())
+        self.assertEqual((self.read(self.path), os.stat(self.path).st_ino, os.stat(self.side).st_ino), before)
+
+    def test_unchanged_store_without_one_rewritten_at_stop(self) -> None:
+        """A store loaded without a current sidecar gets one (and is written again with it) at a clean stop."""
+        with open(self.path, "wb") as f:
+            f.write(json.dumps(self.state.to_json(), indent=2).encode())  # as a hand or the reference wrote it
+        writer = self.make()
+        self.assertEqual((writer.compact_due, writer.dirty), (False, False))
+        self.assertTrue(writer.flush())
+        self.assertEqual(self.read(self.path), self.state.to_bytes())
+        self.assertTrue(store.load(self.path).sidecar_current)
+
+    def test_a_compaction_removes_it_first(self) -> None:
+        writer = self.make(journal_limit=0)  # every write compacts
+        self.assertTrue(writer.flush())
+        self.assertTrue(os.path.exists(self.side))
+        self.add(9)
+        writer.changed()
+        self.clock.advance(0)
+        self.assertFalse(writer.sidecar_current)
+        self.assertTrue(os.path.exists(self.side))  # the writer thread has not run yet
+        self.thread.run_one()
+        self.assertEqual(writer.snapshots, 2)
+        self.assertFalse(os.path.exists(self.side))
+        self.assertFalse(store.load(self.path).sidecar_current)
+        self.assertTrue(writer.flush())  # nothing unsaved, but no sidecar: the stop writes both
+        self.assertTrue(store.load(self.path).sidecar_current)
+
+    def test_a_record_keeps_it_and_the_restart_replays_from_the_json(self) -> None:
+        """A journal record leaves the store (and its sidecar) as they are; a crash then replays the JSON."""
+        self.assertTrue(self.make().flush())
+        writer = self.make(sidecar_current=True)  # started again on them
+        self.add(9)
+        writer.changed()
+        self.clock.advance(0)
+        self.thread.run_one()
+        self.assertTrue(os.path.exists(self.side))
+        loaded = store.load(self.path)
+        self.assertFalse(loaded.sidecar_current)
+        assert loaded.state is not None
+        self.assertEqual(set(loaded.state.nodes), {1, 2, 3, 9})
+
+    def test_sidecar_not_written(self) -> None:
+        """The store is saved, the stop succeeds, the next start checks the store in full."""
+        def fail(state: RegistryState, store: bytes) -> bytes:
+            raise OSError(errno.ENOSPC, "no space")
+        self.patch(sidecar, "encode", fail)
+        writer = self.make()
+        with capturedLogs() as events:
+            self.assertTrue(writer.flush())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertIn("sidecar", formatEvent(events[-1]))
+        self.assertFalse(writer.sidecar_current)
+        self.assertFalse(os.path.exists(self.side))
+        self.assertEqual(len(json.loads(self.read(self.path))["nodes"]), 3)
+
+    def test_a_sidecar_that_cannot_be_removed_stops_no_write(self) -> None:
+        """The stale sidecar stays (it no longer matches the store, so it is not used); the store is written."""
+        self.assertTrue(self.make().flush())
+        writer = self.make(journal_limit=0, sidecar_current=True)
+
+        def fail(path: str) -> None:
+            raise PermissionError(errno.EACCES, "denied", path)
+        self.patch(durable, "remove_durably", fail)
+        self.add(9)
+        writer.changed()
+        self.clock.advance(0)
+        self.thread.run_one()  # a compaction
+        self.assertEqual((writer.snapshots, writer.failures), (1, 0))
+        self.assertTrue(os.path.exists(self.side))
+        self.add(10)
+        writer.changed()
+        self.assertTrue(writer.flush())
+        loaded = store.load(self.path)
+        assert loaded.state is not None
+        self.assertEqual(set(loaded.state.nodes), {1, 2, 3, 9, 10})
+        self.assertTrue(loaded.sidecar_current)  # the one written after the store, over the stale one
+
+    def test_store_not_rewritten_for_it(self) -> None:
+        """Nothing unsaved and the rewrite fails: the store on disk is whole, the stop succeeds."""
+        original = json.dumps(self.state.to_json()).encode()
+        with open(self.path, "wb") as f:
+            f.write(original)
+        writer = self.make()
+
+        def fail(path: str, data: bytes) -> None:
+            raise OSError(errno.EROFS, "read-only")
+        self.patch(durable, "atomic_write_bytes", fail)
+        with capturedLogs():
+            self.assertTrue(writer.flush())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(writer.failures, 0)
+        self.assertEqual(self.read(self.path), original)
+
+    def test_rendezvous_restart_uses_it(self) -> None:
+        """A rendezvous stopped cleanly starts again from the sidecar and, unchanged, writes nothing at stop."""
+        reactor = FakeReactor()
+        reactor.advance(1_800_000_000)
+        settings = RendezvousSettings(store=self.path, raise_open_files=False)
+        with open(self.path, "wb") as f:
+            f.write(self.state.to_bytes())
+        for from_sidecar in (False, True, True):
+            service = RendezvousService(settings, reactor, run_writes=maybeDeferred)
+            assert service.store is not None
+            self.assertEqual(service.store.sidecar_current, from_sidecar)
+            self.assertEqual(set(service.registry.state.nodes), {1, 2, 3})
+            with capturedLogs():
+                service.startService()
+                self.successResultOf(service.stopService())
+            self.assertTrue(os.path.exists(self.side))
 
 
 class DefaultModeTests(SynchronousTestCase):

@@ -5,18 +5,24 @@ Tests for pilot.services.store: coalesced writes and refusing bad store files.
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import stat
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.server.state import RegistryState
-from pilot.services.store import RETRY_DELAY, StoreError, StoreWriter, default_store_path, load_store
+from pilot.server import sidecar
+from pilot.server.journal import encode_record
+from pilot.services.store import (
+    RETRY_DELAY, StoreError, StoreWriter, default_store_path, journal_path, load, load_store,
+)
 
 from tests import capture
+from tests.server.test_sidecar import forge, rich_state
 
 VECTORS = capture.vectors_dir()
 
@@ -269,6 +275,93 @@ class LoadStoreTests(SynchronousTestCase):
         self.assertIsNone(load_store(self.path))
         self.assertFalse(os.path.exists(stale))
         self.assertTrue(os.path.exists(other))
+
+
+class SidecarLoadTests(SynchronousTestCase):
+    """
+    ``load`` takes the store's sidecar only while it matches the store and
+    nothing is to be replayed; every other case loads and checks the store
+    as if there were no sidecar, and a malformed store is still refused.
+    """
+
+    def setUp(self) -> None:
+        self.folder = self.mktemp()
+        os.makedirs(self.folder)
+        self.path = os.path.join(self.folder, "registry.json")
+        self.state = rich_state()
+        self.store = self.state.to_bytes()
+        self.side = sidecar.encode(self.state, self.store)
+        self.expected = RegistryState.from_json(json.loads(self.store)).to_bytes()
+        self.put(self.path, self.store)
+        self.put(sidecar.path_of(self.path), self.side)
+
+    def put(self, path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def loaded(self, from_sidecar: bool) -> RegistryState:
+        with capturedLogs() as events:
+            result = load(self.path)
+        assert result.state is not None
+        self.assertEqual(result.sidecar_current, from_sidecar)
+        self.assertEqual(result.state.to_bytes(), self.expected)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+        return result.state
+
+    def test_matching_sidecar_used(self) -> None:
+        self.loaded(from_sidecar=True)
+
+    def test_store_replaced_after_the_sidecar(self) -> None:
+        """A store written since (by hand, by the reference, by another writer) is checked in full."""
+        self.store = json.dumps(json.loads(self.store), indent=1).encode()
+        self.put(self.path, self.store)
+        self.loaded(from_sidecar=False)
+
+    def test_no_sidecar(self) -> None:
+        os.remove(sidecar.path_of(self.path))
+        self.loaded(from_sidecar=False)
+
+    def test_damaged_sidecars(self) -> None:
+        other = rich_state()
+        del other.nodes[7]
+        for bad in (b"", self.side[:100], self.side[:-1], self.side[:-1] + b"\x00",
+                    sidecar.encode(other, other.to_bytes()), b"pilot-store-sidecar/1\n" + bytes(200)):
+            self.put(sidecar.path_of(self.path), bad)
+            self.loaded(from_sidecar=False)
+
+    def test_crafted_sidecar_does_not_hide_a_malformed_store(self) -> None:
+        """A malformed store with a sidecar forged to match it (malformed too) is refused, clearly."""
+        store = self.store.replace(b'"hostname":"alpha"', b'"hostname":5')
+        value = marshal.loads(self.side[len(sidecar.MAGIC) + 72:])
+        value["nodes"][sidecar.NODE_FIELDS.index("hostname")][1] = 5
+        self.put(self.path, store)
+        self.put(sidecar.path_of(self.path), forge(value, store))
+        with self.assertRaises(StoreError) as raised:
+            load(self.path)
+        self.assertIn("not a registry store", str(raised.exception))
+
+    def test_unreadable_sidecar(self) -> None:
+        os.remove(sidecar.path_of(self.path))
+        os.makedirs(sidecar.path_of(self.path))
+        self.loaded(from_sidecar=False)
+
+    def test_journal_records_replayed_from_the_json(self) -> None:
+        """A journal with records (a crash) is replayed into the store's JSON: the sidecar is not used."""
+        self.put(journal_path(self.path), encode_record(42, {"set": {"auth_ts": {"7": 9}}}))
+        result = load(self.path)
+        assert result.state is not None
+        self.assertEqual((result.sidecar_current, result.state.auth_ts[7]), (False, 9))
+
+    def test_empty_journal_removed(self) -> None:
+        self.put(journal_path(self.path), b"")
+        self.loaded(from_sidecar=True)
+        self.assertFalse(os.path.exists(journal_path(self.path)))
+
+    def test_sidecar_temporaries_removed(self) -> None:
+        stale = os.path.join(self.folder, ".registry.json.sidecar.abc123.tmp")
+        self.put(stale, b"x")
+        self.loaded(from_sidecar=True)
+        self.assertFalse(os.path.exists(stale))
 
 
 class DefaultPathTests(SynchronousTestCase):
