@@ -1201,7 +1201,7 @@ class RealRegistryTests(SynchronousTestCase):
     def test_reaped_node_registers_again(self) -> None:
         """The registry forgot us (reaped after a long stall): the heartbeat's not_found re-registers."""
         self.reg.start()
-        self.registry._remove(OUR_ID)
+        self.registry.remove(OUR_ID)
         self.clock.advance(HEARTBEAT_INTERVAL)
         node = self.registry.node(OUR_ID)
         assert node is not None
