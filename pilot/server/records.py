@@ -177,7 +177,13 @@ def set_task_exec(registry: Registry, msg: Message, peer: Peer, session: Session
 def heartbeat(registry: Registry, msg: Message, peer: Peer, session: Session | None) -> Message:
     node = registry.signed(msg, "node_id")
     registry.touch(node)
-    return {"type": "heartbeat_ok", "time": int(registry.clock.seconds())}
+    reply: dict[str, Any] = {"type": "heartbeat_ok", "time": int(registry.clock.seconds())}
+    # what the beacon holds for the node (the same process): a node whose last Discover showed
+    # the same endpoint need not prove it again; absent, it proves it (docs/registration.md)
+    endpoint = registry.beacon_endpoint(node.id)
+    if endpoint is not None:
+        reply["endpoint"] = endpoint
+    return reply
 
 
 def deregister(registry: Registry, msg: Message, peer: Peer, session: Session | None) -> Message:

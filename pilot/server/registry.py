@@ -82,6 +82,9 @@ class Registry:
         self.search_limit = KeyedLimiter(directory.SEARCH_RATE, directory.SEARCH_BURST)
         self.subscribers: dict[int, set[Session]] = {}
         self.beacons: dict[int, tuple[str, float]] = {}
+        #: the endpoint the beacon recorded for a node, as its DiscoverReply shows it, or None
+        #: (``pilot.server.beacon.Beacon.endpoint_text``; the rendezvous wires it)
+        self.beacon_endpoint: Callable[[int], str | None] = lambda node_id: None
         self.counters: dict[str, int] = {}
         #: set for a server with a pair (``pilot.server.replication_role``): standby refusals, terms
         self.replica: Replica | None = None
