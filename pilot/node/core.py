@@ -19,8 +19,11 @@ What it needs of the world comes in through the interfaces of
 connector, a route prober and a clock.  ``pilot.services.node`` gives it the
 real ones; ``tests.natmodel`` and ``tests.node`` give it fakes.
 
-The beacon tells us our public endpoint (Discover); we register that, keep
-the NAT mapping alive with a signed Discover after every heartbeat, and
+The beacon tells us our public endpoint (Discover); we register that, prove
+it to the beacon with a signed Discover (on registration, and after a
+heartbeat whose answer shows the beacon holds no endpoint for us or another
+one), keep the NAT mapping alive with an unsigned Discover every
+``DISCOVER_PROBE`` seconds after the last Discover of either kind, and
 re-register at once when it changes (docs/nat.md, docs/registration.md).
 """
 
@@ -63,8 +66,10 @@ DISCOVER_RETRY = 1.0
 #: How often the node checks which local address routes to the beacon (no
 #: packet is sent): a change of network shows within this long.
 ROUTE_CHECK = 1.0
-#: How often the node asks the beacon (unsigned) what its public endpoint is,
-#: for changes only the NAT knows of (the reference: only every 30 s).
+#: How long after its last Discover (signed or not) the node asks the beacon
+#: again (unsigned) what its public endpoint is: this keeps the NAT mapping to
+#: the beacon open, and sees changes only the NAT knows of (the reference: a
+#: Discover after each 30 s heartbeat; docs/registration.md says why 15 s).
 DISCOVER_PROBE = 15.0
 #: While the registry is lost, the beacon is asked this often whether the rendezvous is back.
 OUTAGE_PROBE = 2.0
@@ -297,7 +302,12 @@ class Node:
                                  self._random_bytes(8))
         else:
             data = base
-        self._sender.send(data, self.beacon_addr)
+        self._send_discover(data, self.beacon_addr)
+
+    def _send_discover(self, data: bytes, beacon: Endpoint) -> None:
+        """Send a Discover; any Discover restarts the unsigned probe's ``DISCOVER_PROBE`` wait."""
+        self._last_probe = self.clock.seconds()
+        self._sender.send(data, beacon)
 
     def _discover(self) -> None:
         """Discover, then again every ``DISCOVER_RETRY`` until answered; then watch the route."""
@@ -308,7 +318,6 @@ class Node:
         if self.public_endpoint is None:
             self._discover_call = self.clock.callLater(DISCOVER_RETRY, self._discover)
         elif self._probe_call is None:
-            self._last_probe = self.clock.seconds()
             self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
 
     def _probe(self) -> None:
@@ -317,8 +326,9 @@ class Node:
         ask the prober which local address reaches the beacon (nothing is
         sent); when it changed (another network, a new lease), ask the beacon
         at once.  Every ``DISCOVER_PROBE`` seconds ask the beacon anyway
-        (unsigned: it only answers), which catches a NAT that changed our
-        public address alone and keeps our mapping to the beacon open for relays.
+        (unsigned: it only answers), counted from our last Discover of any
+        kind, which catches a NAT that changed our public address alone and
+        keeps our mapping to the beacon open for punch commands and relays.
         """
         self._probe_call = None
         if self.beacon_addr is None or not self.running:
@@ -334,8 +344,7 @@ class Node:
         if moved or now - self._last_probe >= every:
             if moved:
                 self.log.info("our local address is now {address}: asking the beacon", address=local)
-            self._last_probe = now
-            self._sender.send(bw.Discover(0).base, self.beacon_addr)
+            self._send_discover(bw.Discover(0).base, self.beacon_addr)
         self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
 
     # --- the registry (IRegistryLink) ----------------------------------------------------------
@@ -359,7 +368,7 @@ class Node:
         self.log.info("rendezvous: beacon now {beacon}", beacon=format_endpoint(*beacon) if beacon else None)
         self.beacon_addr = beacon
         if beacon is not None and self.running:
-            self._sender.send(bw.Discover(0).base, beacon)
+            self._send_discover(bw.Discover(0).base, beacon)
 
     def event_received(self, event: dict[str, Any]) -> None:
         self.registration.event_received(event)
@@ -391,8 +400,18 @@ class Node:
         self.log.info("registry unavailable: {reason}; tunnels keep working, re-registering by itself",
                       reason=reason)
 
-    def _heartbeat_ok(self, when: float) -> None:
-        self._discover()  # keeps the NAT mapping to the beacon alive, and spots an IP change
+    def _heartbeat_ok(self, when: float, reply: dict[str, Any]) -> None:
+        """
+        The registry answered a heartbeat.  Ours says which endpoint the
+        beacon (the same process) holds for us: when that is what the beacon
+        last told us, a signed Discover would only prove it again.  A
+        missing one (the rendezvous restarted, or a reference registry that
+        never says) or another one: prove ours now (signed), which also
+        shows us any move the NAT made since our last Discover.
+        """
+        held = parse_endpoint(reply.get("endpoint"))
+        if held is None or held != self.public_endpoint:
+            self._discover()
 
     def _registry_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

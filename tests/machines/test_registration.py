@@ -111,6 +111,7 @@ class World:
     sent: list[tuple[float, FakeClient, dict[str, Any]]] = attr.Factory(list)
     outputs: list[tuple[Any, ...]] = attr.Factory(list)
     events: list[dict[str, Any]] = attr.Factory(list)
+    heartbeat_replies: list[dict[str, Any]] = attr.Factory(list)
     logged: list[dict[str, Any]] = attr.Factory(list)
     pending_connects: list[Deferred[Any]] = attr.Factory(list)
     reg: Registration = attr.ib(init=False)
@@ -123,7 +124,8 @@ class World:
             registered=lambda node_id, address: self.outputs.append(("registered", node_id, address)),
             unregistered=lambda reason: self.outputs.append(("unregistered", reason)),
             event=self.events.append,
-            heartbeat_ok=lambda when: self.outputs.append(("heartbeat_ok", when)),
+            heartbeat_ok=lambda when, reply: (self.outputs.append(("heartbeat_ok", when)),
+                                              self.heartbeat_replies.append(reply)),
             random=self.rng, log=Logger(observer=self.logged.append), **self.settings)
 
     def connect(self) -> Deferred[Any]:
@@ -353,6 +355,12 @@ class HeartbeatTests(SynchronousTestCase):
                          [("heartbeat_ok", T0 + 25.0 * i) for i in range(1, 5)])
         self.assertEqual(len(w.clients), 1)
         self.assertEqual(HEARTBEAT_INTERVAL, 25.0)
+
+    def test_owner_gets_the_reply(self) -> None:
+        """The owner sees the heartbeat_ok reply (ours names the beacon's endpoint for us)."""
+        w = World().started()
+        w.clock.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual(w.heartbeat_replies, [{"type": "heartbeat_ok", "time": 0}])
 
     def test_heartbeat_error_reregisters_on_the_same_connection(self) -> None:
         """The registry forgot us (reaped, restarted with no state): register again on the same connection."""

@@ -273,7 +273,7 @@ def _heartbeat(m: RegistrationInputs, c: Session) -> None:
         c.last_heartbeat_ok = c.now()
         c.failures = 0
         if c.on_heartbeat is not None:
-            c.call_out("heartbeat", c.on_heartbeat, c.last_heartbeat_ok)
+            c.call_out("heartbeat", c.on_heartbeat, c.last_heartbeat_ok, reply)
         if not c.subscribed:
             _poll(m, c)
 

@@ -35,7 +35,7 @@ class Session:
     on_registered: Callable[[int, Address], object]
     on_unregistered: Callable[[str], object]
     on_event: Callable[[dict[str, Any]], object]
-    on_heartbeat: Optional[Callable[[float], object]]
+    on_heartbeat: Optional[Callable[[float, dict[str, Any]], object]]
     jitter: Jitter
     heartbeat_interval: float
     backoff_initial: float
