@@ -4,10 +4,12 @@ The steady state of ``registry_load.py --clients N``: our node's cadence
 driven from N load-client processes, with every steady-state request signed
 before the clock starts.
 
-At 100,000 nodes our node's cadence is 4,000 signed heartbeats, 4,000 signed
-Discovers and 6,667 unsigned Discovers a second; one asyncio process cannot
-sign and send that while the rendezvous runs on the same 2 cores (it reached
-2,453 heartbeats a second, heartbeat p50 11.6 s).  So:
+At 100,000 nodes our node's cadence is 4,000 signed heartbeats and 6,667
+unsigned Discovers a second (before 2026-12-07, and with
+``--discover-after-heartbeat``: 4,000 signed Discovers a second more); one
+asyncio process cannot sign and send that while the rendezvous runs on the
+same 2 cores (it reached 2,453 heartbeats a second, heartbeat p50 11.6 s).
+So:
 
 * each client process owns the nodes ``k`` with ``k % N == j`` and its share
   of the persistent connections (``--connections / N``, nodes sharing them
@@ -19,9 +21,13 @@ sign and send that while the rendezvous runs on the same 2 cores (it reached
   then: the registry's ``auth.ts`` and the beacon's proof timestamp are
   checked against its clock (within 120 s) and the nonces are fresh, so the
   server does exactly the work it would do for live nodes;
-* the signed Discover goes after the heartbeat's answer, as our node sends it
-  (``pilot/node/core.py``: ``_heartbeat_ok``), and each node's unsigned
-  Discover every ``--probe`` seconds;
+* the signed Discover goes after the heartbeat's answer when that answer's
+  ``endpoint`` (what the beacon holds for the node) is missing or not the
+  node's UDP socket, as our node sends it (``pilot/node/core.py``:
+  ``_heartbeat_ok``): in the first interval, as on registration, and not
+  after; with ``--discover-after-heartbeat`` after every answer (the node
+  before 2026-12-07); and each node's unsigned Discover every ``--probe``
+  seconds;
 * each client reports what it was asked to send in the measured window and
   what it sent, how late (the send against its due time), its own CPU, and
   the heartbeats' latencies; ``registry_load.py`` merges them and prints the
@@ -124,7 +130,10 @@ async def client(spec: dict[str, Any]) -> None:
     hb_lat: list[float] = []
     lags: list[float] = []
     counts = {"asked": 0, "sent": 0, "probes_asked": 0, "probes_sent": 0, "answered": 0, "errors": 0,
-              "datagrams": 0}
+              "datagrams": 0, "signed": 0}
+    always = bool(spec["discover_after_heartbeat"])
+    # what the beacon records for a node whose Discovers come from socket i: its address
+    seen = ["%s:%d" % transport.get_extra_info("sockname")[:2] for transport, _ in socks]
     pending: set[asyncio.Future[Any]] = set()
 
     def answered(sent_at: float, in_window: bool, k: int, disc: bytes, fut: asyncio.Future[Any]) -> None:
@@ -135,8 +144,11 @@ async def client(spec: dict[str, Any]) -> None:
         counts["answered"] += 1
         if in_window:
             hb_lat.append(round((time.time() - sent_at) * 1000.0, 2))
-        socks[k % nsock][0].sendto(disc)  # the node's signed Discover, after its heartbeat's answer
-        counts["datagrams"] += 1
+        if always or fut.result().get("endpoint") != seen[k % nsock]:
+            # the node's signed Discover after its heartbeat's answer: the beacon holds none or another
+            socks[k % nsock][0].sendto(disc)
+            counts["datagrams"] += 1
+            counts["signed"] += in_window
 
     for due, *_ in beats:
         counts["asked"] += window <= due < end
@@ -205,6 +217,7 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
         for j in range(clients):
             spec = {"nodes": n, "client": j, "clients": clients, "ids": fleet.ids, "interval": interval,
                     "probe": args.probe, "warmup": warmup, "steady": args.steady,
+                    "discover_after_heartbeat": args.discover_after_heartbeat,
                     "port": server.registry_port,
                     "beacon_port": server.beacon_port, "udp_sockets": max(1, args.udp_sockets // clients),
                     "connections": len(range(j, conns, clients))}
@@ -252,7 +265,8 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
                 p.terminate()
             p.wait(30)
     total = {key: sum(r[key] for r in results) for key in
-             ("asked", "sent", "probes_asked", "probes_sent", "answered", "errors", "datagrams", "replies")}
+             ("asked", "sent", "probes_asked", "probes_sent", "answered", "errors", "datagrams", "replies",
+              "signed")}
     lat = [x for r in results for x in r["lat"]]
     lag_p99 = max(r["lag_p99"] for r in results)
     client_cpu = sum(r["cpu"] for r in results) * 100.0
@@ -264,11 +278,13 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
     # then omits the work it never saw)
     served = pct(lat, 50) <= SERVED_P50 * 1000 and drops[0] <= (1 - KEPT_SHARE) * total["datagrams"]
     print(f"  steady state, {n} nodes on {conns} connections from {clients} client processes (signed "
-          f"before the start: {sum(s['sign_s'] for s in signed):.0f} s of signing), heartbeat + signed "
-          f"discover every {interval:g} s, unsigned discover every {args.probe:g} s, for {args.steady:g} s "
+          f"before the start: {sum(s['sign_s'] for s in signed):.0f} s of signing), heartbeat "
+          + ("+ signed discover " if args.discover_after_heartbeat else "")
+          + f"every {interval:g} s, unsigned discover every {args.probe:g} s, for {args.steady:g} s "
           f"after {warmup:g} s of it (server CPU over those: {first_cpu:.1f}% of one core):")
     print(f"    clients: heartbeats {sent_rate:.0f}/s of {asked_rate:.0f}/s asked, unsigned discovers "
           f"{total['probes_sent'] / args.steady:.0f}/s of {total['probes_asked'] / args.steady:.0f}/s, "
+          f"signed discovers {total['signed'] / args.steady:.0f}/s, "
           f"sends late by p99 {lag_p99 * 1000:.0f} ms "
           f"max {max(r['lag_max'] for r in results) * 1000:.0f} ms; "
           f"client CPU {client_cpu:.0f}% of one core (all {clients}), RSS "
