@@ -13,11 +13,11 @@ from a restart to the first answered lookup with the N-node store.
 Two cadences (``--cadence``):
 
 * ``ours`` (default): what our node daemon sends: signed (``auth``)
-  registrations and heartbeats every 25 s, and an unsigned Discover every
+  registrations and heartbeats every 50 s, and an unsigned Discover every
   15 s; a signed Discover after a heartbeat only when its answer's
-  ``endpoint`` (what the beacon holds) is missing or not the node's socket
-  (in the first interval, as on registration).  ``--discover-after-heartbeat``:
-  a signed Discover after every heartbeat, as our node sent before 2026-12-07.
+  ``endpoint`` (what the beacon holds) is missing or not the node's socket.
+  ``--discover-after-heartbeat``: our node before 2026-12-07, a heartbeat
+  every 25 s and a signed Discover after each.
 * ``reference``: what a reference daemon sends (``docs/reference-wire.md``
   §2.4, §2.8, §3, §5.3): an unsigned legacy ``register``; every 30 s a
   ``heartbeat`` with the fixed-challenge ``signature``, and after its answer
@@ -418,6 +418,12 @@ async def persistent(port: int, n: int, args: argparse.Namespace) -> list[Conn]:
             for c in range(count)]
 
 
+def our_interval(args: argparse.Namespace) -> float:
+    """Our node's heartbeat interval: 50 s now (``HEARTBEAT_INTERVAL``), 25 s before 2026-12-07."""
+    from pilot.machines.registration import HEARTBEAT_INTERVAL
+    return 25.0 if args.discover_after_heartbeat else HEARTBEAT_INTERVAL
+
+
 async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transport: Any,
                  figures: Figures, conns: list[Conn]) -> None:
     """Every node on its persistent connection (shared past ``--connections``), at its cadence."""
@@ -425,7 +431,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     await asyncio.sleep(1)
     rss_before = server.rss_mb()
     reference = args.cadence == "reference"
-    interval = args.interval if args.interval else (30.0 if reference else 25.0)
+    interval = args.interval if args.interval else (30.0 if reference else our_interval(args))
     probe_every = 0.0 if reference else args.probe
     hb_lat: list[float] = []
     poll_lat: list[float] = []
@@ -779,7 +785,8 @@ def main() -> None:
                    help="seconds of the cadence before the steady state is measured (default: one "
                         "interval, so every node has sent each request once)")
     p.add_argument("--interval", type=float, default=0.0,
-                   help="each node's heartbeat interval (default: our node's 25 s, the reference's 30 s)")
+                   help="each node's heartbeat interval (default: our node's 50 s, 25 s with "
+                        "--discover-after-heartbeat, the reference's 30 s)")
     p.add_argument("--discover-after-heartbeat", action="store_true",
                    help="our cadence before 2026-12-07: a signed Discover after every heartbeat's answer "
                         "(now: only when the answer shows the beacon holding no endpoint, or another)")

@@ -4,9 +4,10 @@ The steady state of ``registry_load.py --clients N``: our node's cadence
 driven from N load-client processes, with every steady-state request signed
 before the clock starts.
 
-At 100,000 nodes our node's cadence is 4,000 signed heartbeats and 6,667
+At 100,000 nodes our node's cadence is 2,000 signed heartbeats and 6,667
 unsigned Discovers a second (before 2026-12-07, and with
-``--discover-after-heartbeat``: 4,000 signed Discovers a second more); one
+``--discover-after-heartbeat``: 4,000 signed heartbeats and 4,000 signed
+Discovers a second, and the same unsigned ones); one
 asyncio process cannot sign and send that while the rendezvous runs on the
 same 2 cores (it reached 2,453 heartbeats a second, heartbeat p50 11.6 s).
 So:
@@ -56,7 +57,7 @@ from nacl.bindings import crypto_sign
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from registry_load import DEADLINE, HOST, Beacon, Conn, Fleet  # noqa: E402
+from registry_load import DEADLINE, HOST, Beacon, Conn, Fleet, our_interval  # noqa: E402
 from procstat import pct, rss_mb  # noqa: E402
 
 from pilot.wire.beacon import Discover, with_proof  # noqa: E402
@@ -236,7 +237,7 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
     beside the clients' cadence (asked against sent, how late) and their CPU.
     """
     n, clients = fleet.n, args.clients
-    interval = args.interval or 25.0
+    interval = args.interval or our_interval(args)
     warmup = interval if args.warmup < 0 else args.warmup
     conns = min(n, args.connections)
     tmp = os.path.dirname(server.store)

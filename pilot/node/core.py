@@ -71,6 +71,9 @@ ROUTE_CHECK = 1.0
 #: the beacon open, and sees changes only the NAT knows of (the reference: a
 #: Discover after each 30 s heartbeat; docs/registration.md says why 15 s).
 DISCOVER_PROBE = 15.0
+#: A Discover the beacon has not answered this long (s) makes the node doubt its registry
+#: connection (the rendezvous may have died without closing it): it heartbeats at once.
+PROBE_ANSWER_WAIT = 3.0
 #: While the registry is lost, the beacon is asked this often whether the rendezvous is back.
 OUTAGE_PROBE = 2.0
 #: The first registration waits at most this long for the beacon's answer.
@@ -132,6 +135,9 @@ class Node:
         self._probe_call: Optional[IDelayedCall] = None
         self._route_source: Optional[str] = None
         self._last_probe = 0.0
+        #: when the oldest Discover the beacon has not answered yet went, and whether we acted on it
+        self._unanswered_since: Optional[float] = None
+        self._doubted = False
 
         self.stack = Stack(clock, self.local_address, self._send_packet, self.is_trusted,
                            segment_size=SAFE_SEGMENT)
@@ -259,6 +265,7 @@ class Node:
         return self.beacon_addr is not None and (source[0], source[1]) == self.beacon_addr
 
     def discovered(self, observed: Endpoint) -> None:
+        self._unanswered_since, self._doubted = None, False
         if self.registration.is_waiting():
             self.registration.server_seen()  # the beacon answers: the rendezvous is back
         if observed == self.public_endpoint:
@@ -307,6 +314,8 @@ class Node:
     def _send_discover(self, data: bytes, beacon: Endpoint) -> None:
         """Send a Discover; any Discover restarts the unsigned probe's ``DISCOVER_PROBE`` wait."""
         self._last_probe = self.clock.seconds()
+        if self._unanswered_since is None:
+            self._unanswered_since = self._last_probe
         self._sender.send(data, beacon)
 
     def _discover(self) -> None:
@@ -329,6 +338,8 @@ class Node:
         (unsigned: it only answers), counted from our last Discover of any
         kind, which catches a NAT that changed our public address alone and
         keeps our mapping to the beacon open for punch commands and relays.
+        A Discover left unanswered ``PROBE_ANSWER_WAIT`` seconds makes the
+        registration heartbeat at once (``Registration.check_now``).
         """
         self._probe_call = None
         if self.beacon_addr is None or not self.running:
@@ -338,6 +349,12 @@ class Node:
         moved = local is not None and self._route_source is not None and local != self._route_source
         if local is not None:
             self._route_source = local
+        if (self._unanswered_since is not None and not self._doubted
+                and now - self._unanswered_since >= PROBE_ANSWER_WAIT):
+            # the beacon (the rendezvous's own process) went silent: a registry that died without
+            # closing our connection would otherwise be found only by the next heartbeat (50 s)
+            self._doubted = True
+            self.registration.check_now()
         # while the registry is lost, ask the beacon more often: its answer says the
         # rendezvous is back, and we reconnect without waiting out the backoff
         every = OUTAGE_PROBE if self.registration.is_lost() else DISCOVER_PROBE

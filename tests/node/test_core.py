@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pilot.interfaces import IBeaconListener, IFrameReceiver, IPathEvents, IRegistryLink
-from pilot.machines.registration import CONNECT_TIMEOUT, HEARTBEAT_INTERVAL
+from pilot.machines.registration import CONNECT_TIMEOUT
 from pilot.node.core import (
     DISCOVER_PROBE, DISCOVER_RETRY, OUTAGE_PROBE, REGISTER_WAIT, ROUTE_CHECK,
 )
@@ -19,6 +19,7 @@ from pilot.machines.path.config import OPENER_SKEW, OPENER_STEP, OPENER_TTLS
 from pilot.node.openers import PUNCH_PROBES
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
+from tests.natmodel import DISCOVER_INTERVAL
 from tests.node.fakes import DEFAULT_TTL, Host, Network, pair
 
 BEACON = ("198.51.100.1", 9001)
@@ -234,7 +235,7 @@ class HeartbeatDiscoverTests(SynchronousTestCase):
 
     def heartbeats(self, n: int) -> float:
         start = self.w.clock.seconds()
-        self.w.run(HEARTBEAT_INTERVAL * n)
+        self.w.run(DISCOVER_INTERVAL * n)  # the model's heartbeat
         return start
 
     def test_matching_endpoint_no_signed_discover(self) -> None:
@@ -243,7 +244,7 @@ class HeartbeatDiscoverTests(SynchronousTestCase):
         self.assertEqual(held, self.a.public_endpoint)
         signed, unsigned = self.discovers(start)
         self.assertEqual(signed, 0)
-        self.assertEqual(unsigned, int(HEARTBEAT_INTERVAL * 8 / DISCOVER_PROBE))  # the probe alone
+        self.assertEqual(unsigned, int(DISCOVER_INTERVAL * 8 / DISCOVER_PROBE))  # the probe alone
         self.assertTrue(self.a.node.registration.is_registered())
 
     def test_missing_record_proved_within_one_heartbeat(self) -> None:
@@ -287,3 +288,44 @@ class HeartbeatDiscoverTests(SynchronousTestCase):
         self.w.registry.beacon_endpoint = lambda node_id: None
         start = self.heartbeats(3)
         self.assertEqual(self.discovers(start)[0], 3)
+
+
+class SilentRendezvousTests(SynchronousTestCase):
+    """
+    The rendezvous dies without closing our connection (its host lost): the
+    beacon stops answering, and the unanswered probe makes the node heartbeat
+    at once, so the dead registry is found long before the next heartbeat.
+    """
+
+    def test_found_within_a_probe_and_a_request_timeout(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from pilot.machines.registration import HEARTBEAT_INTERVAL, REQUEST_TIMEOUT
+        from pilot.node.core import PROBE_ANSWER_WAIT
+        from tests.natmodel import BEACON as MODEL_BEACON, FULL_CONE, World
+        w = World(discover_interval=HEARTBEAT_INTERVAL)
+        a = w.node(FULL_CONE)
+        w.start()
+        w.run(HEARTBEAT_INTERVAL / 2)
+        died = w.clock.seconds()
+        del w.internet.hosts[MODEL_BEACON[0]]  # nothing answers at the rendezvous's address
+        for connection in a.connector.connections:
+            connection.request = lambda msg: Deferred()  # type: ignore[method-assign]
+        bound = DISCOVER_PROBE + PROBE_ANSWER_WAIT + ROUTE_CHECK + REQUEST_TIMEOUT + 1
+        self.assertTrue(w.run_until(died + bound, lambda: not a.node.registration.is_registered()))
+        self.assertLess(w.clock.seconds() - died, HEARTBEAT_INTERVAL)
+
+    def test_one_lost_probe_costs_one_heartbeat(self) -> None:
+        """A probe lost on the way (the beacon alive): one early heartbeat, answered; nothing else."""
+        from tests.natmodel import FULL_CONE, World
+        w = World()
+        a = w.node(FULL_CONE)
+        w.start()
+        beats = []
+        a.node.registration.check_now = lambda: beats.append(w.clock.seconds())  # type: ignore[method-assign]
+        a.box.blocked.add("198.51.100.1")  # the next probe is lost ...
+        w.run(DISCOVER_PROBE + ROUTE_CHECK)
+        a.box.blocked.discard("198.51.100.1")  # ... and the one after it answered
+        w.run(DISCOVER_PROBE * 3)
+        self.assertEqual(len(beats), 1)
+        self.assertTrue(a.node.registration.is_registered())

@@ -154,6 +154,17 @@ class Registration:
         """The beacon observed a new endpoint; ``endpoint()`` already returns it."""
         self._machine.endpoint_changed()
 
+    def check_now(self) -> None:
+        """
+        The owner doubts the connection (the rendezvous's beacon stopped
+        answering): when registered, heartbeat now instead of at the next
+        period, so a registry that died without closing the connection is
+        found within the request timeout (``docs/registration.md``).
+        Otherwise nothing: an outage is already being handled.
+        """
+        if self._session.state == REGISTERED:
+            self._machine.heartbeat_due()
+
     def server_seen(self) -> None:
         """The rendezvous's beacon answered: while waiting out a backoff, reconnect soon."""
         self._machine.server_seen()
