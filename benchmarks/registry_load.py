@@ -790,8 +790,8 @@ def main() -> None:
     p.add_argument("--discover-after-heartbeat", action="store_true",
                    help="our cadence before 2026-12-07: a signed Discover after every heartbeat's answer "
                         "(now: only when the answer shows the beacon holding no endpoint, or another)")
-    p.add_argument("--probe", type=float, default=15.0,
-                   help="each node's unsigned Discover interval (our node: 15 s; 0: none)")
+    p.add_argument("--probe", type=float, default=-1.0,
+                   help="each node's unsigned Discover interval (default: our node's, 15 s; 0: none)")
     p.add_argument("--steady-only", action="store_true",
                    help="after the registrations, only the steady state and the restart (no bursts)")
     p.add_argument("--clients", type=int, default=0,
@@ -801,6 +801,9 @@ def main() -> None:
     p.add_argument("--udp-sockets", type=int, default=256,
                    help="with --clients: the UDP sockets (source endpoints) the nodes' Discovers come from")
     args = p.parse_args()
+    if args.probe < 0:
+        from pilot.node.core import DISCOVER_PROBE
+        args.probe = DISCOVER_PROBE
     if args.clients and args.cadence != "ours":
         raise SystemExit("--clients drives our node's cadence only")
     if not 0 <= args.clients <= 8 or not 1 <= args.udp_sockets <= 4096:

@@ -6,8 +6,8 @@ before the clock starts.
 
 At 100,000 nodes our node's cadence is 2,000 signed heartbeats and 6,667
 unsigned Discovers a second (before 2026-12-07, and with
-``--discover-after-heartbeat``: 4,000 signed heartbeats and 4,000 signed
-Discovers a second, and the same unsigned ones); one
+``--discover-after-heartbeat``: 4,000 signed heartbeats, 4,000 signed
+Discovers and the same unsigned ones a second); one
 asyncio process cannot sign and send that while the rendezvous runs on the
 same 2 cores (it reached 2,453 heartbeats a second, heartbeat p50 11.6 s).
 So:
