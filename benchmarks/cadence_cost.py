@@ -106,16 +106,17 @@ def one_round(keys: list[SigningKey], pubs: list[bytes], now_ms: int) -> list[tu
     def signed(i: int, msg: dict[str, Any], ts: int) -> dict[str, Any]:
         return sign_request(msg, lambda m: keys[i].sign(m).signature, ts, os.urandom(16), legacy=False)
 
+    hosts = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(n)]
     ids = []
     for i in range(n):
-        reply = registry.handle(signed(i, {"type": "register", "public_key": base64.b64encode(pubs[i]).decode(),
-                                           "listen_addr": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:4000"},
-                                       now_ms), Peer(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 50000))
-        ids.append(int(reply["node_id"]))
-    sources = [(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 4000) for i in range(n)]
+        register = {"type": "register", "public_key": base64.b64encode(pubs[i]).decode(),
+                    "listen_addr": f"{hosts[i]}:4000"}
+        ids.append(int(registry.handle(signed(i, register, now_ms), Peer(hosts[i], 50000))["node_id"]))
+    sources = [(host, 4000) for host in hosts]
     signed_discovers = [with_proof(Discover(ids[i]).base, functools.partial(_sign, keys[i]), now_ms + 1,
                                    os.urandom(8)) for i in range(n)]
-    heartbeats = [encode_frame(signed(i, {"type": "heartbeat", "node_id": ids[i]}, now_ms + 2)) for i in range(n)]
+    heartbeats = [encode_frame(signed(i, {"type": "heartbeat", "node_id": ids[i]}, now_ms + 2))
+                  for i in range(n)]
     unsigned = Discover(0).base
     beacon_proto = BeaconProtocol(beacon, clock)
     beacon_proto.transport = Recorder()  # type: ignore[assignment]

@@ -73,13 +73,13 @@ from pilot.machines.registration.facade import Registration
 from pilot.machines.registration.servers import MAX_SERVERS, Servers
 from pilot.machines.registration.values import (
     BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, CONNECTING, HEARTBEAT_INTERVAL, IDLE, POLL_INTERVAL,
-    REGISTERED, REGISTERING, REQUEST_TIMEOUT, SEEN_SPREAD, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING, Jitter,
-    RegistryClient, Reply,
+    REGISTERED, REGISTERING, REQUEST_TIMEOUT, SEEN_SPREAD, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING,
+    Jitter, RegistryClient, Reply,
 )
 
 __all__ = [
     "BACKOFF_INITIAL", "BACKOFF_MAX", "MAX_SERVERS", "Servers", "CONNECT_TIMEOUT", "CONNECTING", "HEARTBEAT_INTERVAL", "IDLE",
-    "POLL_INTERVAL", "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SEEN_SPREAD", "SETTING_REQUESTS", "STOP_TIMEOUT",
-    "STOPPED", "WAITING", "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table",
+    "POLL_INTERVAL", "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SEEN_SPREAD", "SETTING_REQUESTS",
+    "STOP_TIMEOUT", "STOPPED", "WAITING", "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table",
     "transitions",
 ]
