@@ -13,8 +13,11 @@ from a restart to the first answered lookup with the N-node store.
 Two cadences (``--cadence``):
 
 * ``ours`` (default): what our node daemon sends: signed (``auth``)
-  registrations and heartbeats every 25 s, each followed by a signed
-  Discover, and an unsigned Discover every 15 s.
+  registrations and heartbeats every 50 s, and an unsigned Discover every
+  15 s; a signed Discover after a heartbeat only when its answer's
+  ``endpoint`` (what the beacon holds) is missing or not the node's socket.
+  ``--discover-after-heartbeat``: our node before 2026-12-07, a heartbeat
+  every 25 s and a signed Discover after each.
 * ``reference``: what a reference daemon sends (``docs/reference-wire.md``
   §2.4, §2.8, §3, §5.3): an unsigned legacy ``register``; every 30 s a
   ``heartbeat`` with the fixed-challenge ``signature``, and after its answer
@@ -415,6 +418,12 @@ async def persistent(port: int, n: int, args: argparse.Namespace) -> list[Conn]:
             for c in range(count)]
 
 
+def our_interval(args: argparse.Namespace) -> float:
+    """Our node's heartbeat interval: 50 s now (``HEARTBEAT_INTERVAL``), 25 s before 2026-12-07."""
+    from pilot.machines.registration import HEARTBEAT_INTERVAL
+    return 25.0 if args.discover_after_heartbeat else HEARTBEAT_INTERVAL
+
+
 async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transport: Any,
                  figures: Figures, conns: list[Conn]) -> None:
     """Every node on its persistent connection (shared past ``--connections``), at its cadence."""
@@ -422,7 +431,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     await asyncio.sleep(1)
     rss_before = server.rss_mb()
     reference = args.cadence == "reference"
-    interval = args.interval if args.interval else (30.0 if reference else 25.0)
+    interval = args.interval if args.interval else (30.0 if reference else our_interval(args))
     probe_every = 0.0 if reference else args.probe
     hb_lat: list[float] = []
     poll_lat: list[float] = []
@@ -448,11 +457,17 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
         if reply.get("type") == "error":
             errors += 1
 
-    def our_done(t0: float, fut: asyncio.Future[dict[str, Any]]) -> None:
-        nonlocal errors
+    seen = "%s:%d" % transport.get_extra_info("sockname")[:2]  # what the beacon records for our nodes
+    signed_discovers = 0
+
+    def our_done(t0: float, k: int, fut: asyncio.Future[dict[str, Any]]) -> None:
+        nonlocal errors, signed_discovers
         hb_lat.append((time.perf_counter() - t0) * 1000.0)
         if fut.cancelled() or fut.exception() is not None or fut.result().get("type") == "error":
             errors += 1
+        elif args.discover_after_heartbeat or fut.result().get("endpoint") != seen:
+            transport.sendto(fleet.discover(k))  # the beacon holds no endpoint for the node, or another
+            signed_discovers += 1
 
     warmup = interval if args.warmup < 0 else args.warmup
     cpu_start = cpu0 = server.cpu_seconds()
@@ -472,7 +487,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
             cpu0 = server.cpu_seconds()
             first_cpu = (cpu0 - cpu_start) / (time.perf_counter() - t_start) * 100.0
             t0 = time.perf_counter()
-            sent = probes = errors = 0
+            sent = probes = errors = signed_discovers = 0
             hb_lat.clear()
             poll_lat.clear()
             lags.clear()
@@ -486,8 +501,7 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
                 started = time.perf_counter()
                 fut = conns[k % len(conns)].request(
                     fleet.signed(k, {"type": "heartbeat", "node_id": fleet.ids[k]}))
-                fut.add_done_callback(functools.partial(our_done, started))
-                transport.sendto(fleet.discover(k))
+                fut.add_done_callback(functools.partial(our_done, started, k))
             pending.add(fut)
             fut.add_done_callback(pending.discard)
             i += 1
@@ -510,11 +524,13 @@ async def steady(args: argparse.Namespace, server: Server, fleet: Fleet, transpo
     kept = sent >= KEPT_SHARE * per_second * elapsed and pct(lags, 99) <= KEPT_LAG
     what = (f"heartbeat, then {'an unsigned' if args.plain_discover else 'a signed'} discover and "
             f"poll_handshakes, every {interval:g} s" if reference else
-            f"heartbeat + signed discover every {interval:g} s, unsigned discover every {probe_every:g} s")
+            f"heartbeat {'+ signed discover ' if args.discover_after_heartbeat else ''}every {interval:g} s, "
+            f"unsigned discover every {probe_every:g} s")
     print(f"  steady state, {n} nodes on {len(conns)} connections, {what}, for {elapsed:.0f} s "
           f"after {warmup:g} s of it (CPU over those: {first_cpu:.1f}% of one core):")
     print(f"    server RSS {rss:.1f} MB (idle with connections: {rss_before:.1f} MB), "
           f"CPU {cpu:.1f}% of one core, {sent / elapsed:.0f} heartbeats/s, {probes / elapsed:.0f} probes/s, "
+          f"{signed_discovers / elapsed:.0f} signed discovers/s, "
           f"errors {errors}")
     print(f"    client: {sent / elapsed:.0f} of {per_second:.0f} "
           f"{'ticks' if reference else 'heartbeats'}/s asked, "
@@ -769,9 +785,13 @@ def main() -> None:
                    help="seconds of the cadence before the steady state is measured (default: one "
                         "interval, so every node has sent each request once)")
     p.add_argument("--interval", type=float, default=0.0,
-                   help="each node's heartbeat interval (default: our node's 25 s, the reference's 30 s)")
-    p.add_argument("--probe", type=float, default=15.0,
-                   help="each node's unsigned Discover interval (our node: 15 s; 0: none)")
+                   help="each node's heartbeat interval (default: our node's 50 s, 25 s with "
+                        "--discover-after-heartbeat, the reference's 30 s)")
+    p.add_argument("--discover-after-heartbeat", action="store_true",
+                   help="our cadence before 2026-12-07: a signed Discover after every heartbeat's answer "
+                        "(now: only when the answer shows the beacon holding no endpoint, or another)")
+    p.add_argument("--probe", type=float, default=-1.0,
+                   help="each node's unsigned Discover interval (default: our node's, 15 s; 0: none)")
     p.add_argument("--steady-only", action="store_true",
                    help="after the registrations, only the steady state and the restart (no bursts)")
     p.add_argument("--clients", type=int, default=0,
@@ -781,6 +801,9 @@ def main() -> None:
     p.add_argument("--udp-sockets", type=int, default=256,
                    help="with --clients: the UDP sockets (source endpoints) the nodes' Discovers come from")
     args = p.parse_args()
+    if args.probe < 0:
+        from pilot.node.core import DISCOVER_PROBE
+        args.probe = DISCOVER_PROBE
     if args.clients and args.cadence != "ours":
         raise SystemExit("--clients drives our node's cadence only")
     if not 0 <= args.clients <= 8 or not 1 <= args.udp_sockets <= 4096:

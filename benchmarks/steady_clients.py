@@ -4,10 +4,13 @@ The steady state of ``registry_load.py --clients N``: our node's cadence
 driven from N load-client processes, with every steady-state request signed
 before the clock starts.
 
-At 100,000 nodes our node's cadence is 4,000 signed heartbeats, 4,000 signed
-Discovers and 6,667 unsigned Discovers a second; one asyncio process cannot
-sign and send that while the rendezvous runs on the same 2 cores (it reached
-2,453 heartbeats a second, heartbeat p50 11.6 s).  So:
+At 100,000 nodes our node's cadence is 2,000 signed heartbeats and 6,667
+unsigned Discovers a second (before 2026-12-07, and with
+``--discover-after-heartbeat``: 4,000 signed heartbeats, 4,000 signed
+Discovers and the same unsigned ones a second); one
+asyncio process cannot sign and send that while the rendezvous runs on the
+same 2 cores (it reached 2,453 heartbeats a second, heartbeat p50 11.6 s).
+So:
 
 * each client process owns the nodes ``k`` with ``k % N == j`` and its share
   of the persistent connections (``--connections / N``, nodes sharing them
@@ -19,9 +22,15 @@ sign and send that while the rendezvous runs on the same 2 cores (it reached
   then: the registry's ``auth.ts`` and the beacon's proof timestamp are
   checked against its clock (within 120 s) and the nonces are fresh, so the
   server does exactly the work it would do for live nodes;
-* the signed Discover goes after the heartbeat's answer, as our node sends it
-  (``pilot/node/core.py``: ``_heartbeat_ok``), and each node's unsigned
-  Discover every ``--probe`` seconds;
+* before the cadence, each node's signed Discover (closed loop), as our node
+  sends it on registration, so the beacon holds every node's endpoint;
+* the signed Discover goes after the heartbeat's answer when that answer's
+  ``endpoint`` (what the beacon holds for the node) is missing or not the
+  node's UDP socket, as our node sends it (``pilot/node/core.py``:
+  ``_heartbeat_ok``): in the first interval, as on registration, and not
+  after; with ``--discover-after-heartbeat`` after every answer (the node
+  before 2026-12-07); and each node's unsigned Discover every ``--probe``
+  seconds;
 * each client reports what it was asked to send in the measured window and
   what it sent, how late (the send against its due time), its own CPU, and
   the heartbeats' latencies; ``registry_load.py`` merges them and prints the
@@ -48,12 +57,15 @@ from nacl.bindings import crypto_sign
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from registry_load import DEADLINE, HOST, Beacon, Conn, Fleet  # noqa: E402
+from registry_load import DEADLINE, HOST, Beacon, Conn, Fleet, our_interval  # noqa: E402
 from procstat import pct, rss_mb  # noqa: E402
 
 from pilot.wire.beacon import Discover, with_proof  # noqa: E402
 from pilot.wire.registry import encode_frame, sign_request  # noqa: E402
 
+#: Signed Discovers on registration (:func:`prove`): at most this many unanswered, for at most this long (s).
+PROVE_WINDOW = 64
+PROVE_DEADLINE = 180.0
 #: The send loop's period: a request goes at most this late on an idle client.
 TICK = 0.02
 #: A client kept the cadence if it sent this share of what was due in the window...
@@ -96,6 +108,33 @@ def plan(spec: dict[str, Any], start: float) -> tuple[list[tuple[float, int, byt
     return beats, probes
 
 
+async def prove(spec: dict[str, Any], socks: list[tuple[Any, Beacon]]) -> int:
+    """
+    Each node's signed Discover on registration, as our node sends it, from its UDP socket: the
+    beacon then holds every node's endpoint when the cadence starts.  A closed loop (at most
+    ``PROVE_WINDOW`` unanswered), so that a beacon buffer is never what decides; bounded by
+    ``PROVE_DEADLINE``.  Returns how many the beacon answered.
+    """
+    n, j, clients = spec["nodes"], spec["client"], spec["clients"]
+    fleet = Fleet(n, "ours")
+    ids = spec["ids"]
+    mine = list(range(j, n, clients))
+    replies = lambda: sum(p.replies for _, p in socks)  # noqa: E731
+    base = replies()
+    deadline = time.time() + PROVE_DEADLINE
+    sent = 0
+    while sent < len(mine) and time.time() < deadline:
+        while sent < len(mine) and sent - (replies() - base) < PROVE_WINDOW:
+            k = mine[sent]
+            socks[k % len(socks)][0].sendto(with_proof(Discover(ids[k]).base, signer(fleet, k),
+                                                       int(time.time() * 1000), os.urandom(8)))
+            sent += 1
+        await asyncio.sleep(0.001)
+    while replies() - base < sent and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    return replies() - base
+
+
 def signer(fleet: Fleet, k: int) -> Callable[[bytes], bytes]:
     """Node ``k``'s signing function (its key derived once)."""
     secret = fleet.secret(k)
@@ -111,7 +150,8 @@ async def client(spec: dict[str, Any]) -> None:
     conns = [await Conn.open(spec["port"]) for _ in range(spec["connections"])]
     socks = [await loop.create_datagram_endpoint(Beacon, remote_addr=(HOST, spec["beacon_port"]))
              for _ in range(spec["udp_sockets"])]
-    print(json.dumps({"ready": len(conns), "udp": len(socks)}), flush=True)
+    proved = 0 if spec["discover_after_heartbeat"] else await prove(spec, socks)
+    print(json.dumps({"ready": len(conns), "udp": len(socks), "proved": proved}), flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)
     start = float(json.loads(line)["start"])
     t_sign = time.perf_counter()
@@ -124,7 +164,10 @@ async def client(spec: dict[str, Any]) -> None:
     hb_lat: list[float] = []
     lags: list[float] = []
     counts = {"asked": 0, "sent": 0, "probes_asked": 0, "probes_sent": 0, "answered": 0, "errors": 0,
-              "datagrams": 0}
+              "datagrams": 0, "signed": 0}
+    always = bool(spec["discover_after_heartbeat"])
+    # what the beacon records for a node whose Discovers come from socket i: its address
+    seen = ["%s:%d" % transport.get_extra_info("sockname")[:2] for transport, _ in socks]
     pending: set[asyncio.Future[Any]] = set()
 
     def answered(sent_at: float, in_window: bool, k: int, disc: bytes, fut: asyncio.Future[Any]) -> None:
@@ -135,8 +178,11 @@ async def client(spec: dict[str, Any]) -> None:
         counts["answered"] += 1
         if in_window:
             hb_lat.append(round((time.time() - sent_at) * 1000.0, 2))
-        socks[k % nsock][0].sendto(disc)  # the node's signed Discover, after its heartbeat's answer
-        counts["datagrams"] += 1
+        if always or fut.result().get("endpoint") != seen[k % nsock]:
+            # the node's signed Discover after its heartbeat's answer: the beacon holds none or another
+            socks[k % nsock][0].sendto(disc)
+            counts["datagrams"] += 1
+            counts["signed"] += in_window
 
     for due, *_ in beats:
         counts["asked"] += window <= due < end
@@ -175,7 +221,7 @@ async def client(spec: dict[str, Any]) -> None:
         await asyncio.wait(pending, timeout=min(DEADLINE, 30))
     await asyncio.sleep(0.5)
     print(json.dumps(dict(counts, cpu=cpu, lag_p99=pct(lags, 99), lag_max=max(lags, default=float("nan")),
-                          replies=sum(p.replies for _, p in socks), rss=rss_mb(os.getpid()),
+                          replies=sum(p.replies for _, p in socks) - proved, rss=rss_mb(os.getpid()),
                           lat=hb_lat)), flush=True)
     for c in conns:
         c.close()
@@ -191,7 +237,7 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
     beside the clients' cadence (asked against sent, how late) and their CPU.
     """
     n, clients = fleet.n, args.clients
-    interval = args.interval or 25.0
+    interval = args.interval or our_interval(args)
     warmup = interval if args.warmup < 0 else args.warmup
     conns = min(n, args.connections)
     tmp = os.path.dirname(server.store)
@@ -205,6 +251,7 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
         for j in range(clients):
             spec = {"nodes": n, "client": j, "clients": clients, "ids": fleet.ids, "interval": interval,
                     "probe": args.probe, "warmup": warmup, "steady": args.steady,
+                    "discover_after_heartbeat": args.discover_after_heartbeat,
                     "port": server.registry_port,
                     "beacon_port": server.beacon_port, "udp_sockets": max(1, args.udp_sockets // clients),
                     "connections": len(range(j, conns, clients))}
@@ -214,12 +261,16 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
             procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), path],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         ready = [_line(p) for p in procs]
+        if not args.discover_after_heartbeat:
+            print(f"  (each node's signed Discover, as on registration: the beacon answered "
+                  f"{sum(r['proved'] for r in ready)} of {n})", flush=True)
         time.sleep(1)
         rss_idle = server.rss_mb()
         # a heartbeat and its Discover take ~85 µs to sign and encode on one core of this machine (the
-        # key ~30 µs more, once a node); the clients share the 2 cores with others: leave twice that, +3 s
+        # key ~30 µs more, once a node); the clients share the 2 cores with others (a run at load 4
+        # needed more than twice that): leave three times that, +3 s
         pairs = n * (warmup + args.steady) / interval + n
-        start = time.time() + 3.0 + 2 * pairs * 100e-6 / min(clients, os.cpu_count() or 1)
+        start = time.time() + 3.0 + 3 * pairs * 100e-6 / min(clients, os.cpu_count() or 1)
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(json.dumps({"start": start}) + "\n")
@@ -252,7 +303,8 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
                 p.terminate()
             p.wait(30)
     total = {key: sum(r[key] for r in results) for key in
-             ("asked", "sent", "probes_asked", "probes_sent", "answered", "errors", "datagrams", "replies")}
+             ("asked", "sent", "probes_asked", "probes_sent", "answered", "errors", "datagrams", "replies",
+              "signed")}
     lat = [x for r in results for x in r["lat"]]
     lag_p99 = max(r["lag_p99"] for r in results)
     client_cpu = sum(r["cpu"] for r in results) * 100.0
@@ -264,11 +316,13 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
     # then omits the work it never saw)
     served = pct(lat, 50) <= SERVED_P50 * 1000 and drops[0] <= (1 - KEPT_SHARE) * total["datagrams"]
     print(f"  steady state, {n} nodes on {conns} connections from {clients} client processes (signed "
-          f"before the start: {sum(s['sign_s'] for s in signed):.0f} s of signing), heartbeat + signed "
-          f"discover every {interval:g} s, unsigned discover every {args.probe:g} s, for {args.steady:g} s "
+          f"before the start: {sum(s['sign_s'] for s in signed):.0f} s of signing), heartbeat "
+          + ("+ signed discover " if args.discover_after_heartbeat else "")
+          + f"every {interval:g} s, unsigned discover every {args.probe:g} s, for {args.steady:g} s "
           f"after {warmup:g} s of it (server CPU over those: {first_cpu:.1f}% of one core):")
     print(f"    clients: heartbeats {sent_rate:.0f}/s of {asked_rate:.0f}/s asked, unsigned discovers "
           f"{total['probes_sent'] / args.steady:.0f}/s of {total['probes_asked'] / args.steady:.0f}/s, "
+          f"signed discovers {total['signed'] / args.steady:.0f}/s, "
           f"sends late by p99 {lag_p99 * 1000:.0f} ms "
           f"max {max(r['lag_max'] for r in results) * 1000:.0f} ms; "
           f"client CPU {client_cpu:.0f}% of one core (all {clients}), RSS "
@@ -288,7 +342,6 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
     figures.update({"steady CPU %": cpu, "steady RSS MB": rss, "heartbeat p99 ms (steady)": pct(lat, 99),
                     "steady heartbeats asked /s": asked_rate, "steady heartbeats sent /s": sent_rate,
                     "steady client kept cadence": float(kept), "steady server kept up": float(served)})
-    del ready
 
 
 def user_system(pid: int) -> tuple[float, float]:

@@ -41,8 +41,9 @@ from pilot.persist import StateFileError, read_json_object
 
 DEFAULT_REGISTRY = "127.0.0.1:9000"
 BEACON_PORT = 9001
-#: Heartbeats every 25 s: the registry forgets a node after 180 s of silence.
-DEFAULT_HEARTBEAT = 25.0
+#: Heartbeats every 50 s (25 s to a registry that does not push events): the registry forgets a
+#: node after 180 s of silence (``pilot.machines.registration.HEARTBEAT_INTERVAL``).
+DEFAULT_HEARTBEAT = 50.0
 
 
 def parse_hostname(text: str) -> str:

@@ -50,7 +50,8 @@ beacon; everything on one ``task.Clock``, no sockets.
   copied) on the world's clock, behind a real ``NodeDatagramProtocol`` whose
   socket is the NAT box, talking to the registry through an in-memory
   connection; it registers itself (public), heartbeats every
-  ``discover_interval`` and sends a signed Discover after each heartbeat.
+  ``discover_interval`` and sends a signed Discover after a heartbeat whose
+  answer shows the beacon holding no endpoint for it, or another one.
   The nodes trust each other; packets are stack datagrams on :data:`PORT`.
 """
 
@@ -491,6 +492,7 @@ class World:
         self.internet = Internet(self.clock, latency, hops)
         self.registry = Registry(self.clock, RegistryConfig(registrations_per_minute=0, requests_per_second=0))
         self.beacon = Beacon(self.registry, self.clock)
+        self.registry.beacon_endpoint = self.beacon.endpoint_text  # as the rendezvous wires it
         self.internet.attach(BEACON[0], self._beacon_received)
         self.discover_interval = discover_interval
         self.push_endpoint_changes = push_endpoint_changes

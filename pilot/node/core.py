@@ -19,8 +19,11 @@ What it needs of the world comes in through the interfaces of
 connector, a route prober and a clock.  ``pilot.services.node`` gives it the
 real ones; ``tests.natmodel`` and ``tests.node`` give it fakes.
 
-The beacon tells us our public endpoint (Discover); we register that, keep
-the NAT mapping alive with a signed Discover after every heartbeat, and
+The beacon tells us our public endpoint (Discover); we register that, prove
+it to the beacon with a signed Discover (on registration, and after a
+heartbeat whose answer shows the beacon holds no endpoint for us or another
+one), keep the NAT mapping alive with an unsigned Discover every
+``DISCOVER_PROBE`` seconds after the last Discover of either kind, and
 re-register at once when it changes (docs/nat.md, docs/registration.md).
 """
 
@@ -63,9 +66,14 @@ DISCOVER_RETRY = 1.0
 #: How often the node checks which local address routes to the beacon (no
 #: packet is sent): a change of network shows within this long.
 ROUTE_CHECK = 1.0
-#: How often the node asks the beacon (unsigned) what its public endpoint is,
-#: for changes only the NAT knows of (the reference: only every 30 s).
+#: How long after its last Discover (signed or not) the node asks the beacon
+#: again (unsigned) what its public endpoint is: this keeps the NAT mapping to
+#: the beacon open, and sees changes only the NAT knows of (the reference: a
+#: Discover after each 30 s heartbeat; docs/registration.md says why 15 s).
 DISCOVER_PROBE = 15.0
+#: A Discover the beacon has not answered this long (s) makes the node doubt its registry
+#: connection (the rendezvous may have died without closing it): it heartbeats at once.
+PROBE_ANSWER_WAIT = 3.0
 #: While the registry is lost, the beacon is asked this often whether the rendezvous is back.
 OUTAGE_PROBE = 2.0
 #: The first registration waits at most this long for the beacon's answer.
@@ -127,6 +135,9 @@ class Node:
         self._probe_call: Optional[IDelayedCall] = None
         self._route_source: Optional[str] = None
         self._last_probe = 0.0
+        #: when the oldest Discover the beacon has not answered yet went, and whether we acted on it
+        self._unanswered_since: Optional[float] = None
+        self._doubted = False
 
         self.stack = Stack(clock, self.local_address, self._send_packet, self.is_trusted,
                            segment_size=SAFE_SEGMENT)
@@ -254,6 +265,7 @@ class Node:
         return self.beacon_addr is not None and (source[0], source[1]) == self.beacon_addr
 
     def discovered(self, observed: Endpoint) -> None:
+        self._unanswered_since, self._doubted = None, False
         if self.registration.is_waiting():
             self.registration.server_seen()  # the beacon answers: the rendezvous is back
         if observed == self.public_endpoint:
@@ -297,7 +309,14 @@ class Node:
                                  self._random_bytes(8))
         else:
             data = base
-        self._sender.send(data, self.beacon_addr)
+        self._send_discover(data, self.beacon_addr)
+
+    def _send_discover(self, data: bytes, beacon: Endpoint) -> None:
+        """Send a Discover; any Discover restarts the unsigned probe's ``DISCOVER_PROBE`` wait."""
+        self._last_probe = self.clock.seconds()
+        if self._unanswered_since is None:
+            self._unanswered_since = self._last_probe
+        self._sender.send(data, beacon)
 
     def _discover(self) -> None:
         """Discover, then again every ``DISCOVER_RETRY`` until answered; then watch the route."""
@@ -308,7 +327,6 @@ class Node:
         if self.public_endpoint is None:
             self._discover_call = self.clock.callLater(DISCOVER_RETRY, self._discover)
         elif self._probe_call is None:
-            self._last_probe = self.clock.seconds()
             self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
 
     def _probe(self) -> None:
@@ -317,8 +335,11 @@ class Node:
         ask the prober which local address reaches the beacon (nothing is
         sent); when it changed (another network, a new lease), ask the beacon
         at once.  Every ``DISCOVER_PROBE`` seconds ask the beacon anyway
-        (unsigned: it only answers), which catches a NAT that changed our
-        public address alone and keeps our mapping to the beacon open for relays.
+        (unsigned: it only answers), counted from our last Discover of any
+        kind, which catches a NAT that changed our public address alone and
+        keeps our mapping to the beacon open for punch commands and relays.
+        A Discover left unanswered ``PROBE_ANSWER_WAIT`` seconds makes the
+        registration heartbeat at once (``Registration.check_now``).
         """
         self._probe_call = None
         if self.beacon_addr is None or not self.running:
@@ -328,14 +349,19 @@ class Node:
         moved = local is not None and self._route_source is not None and local != self._route_source
         if local is not None:
             self._route_source = local
+        if (self._unanswered_since is not None and not self._doubted
+                and now - self._unanswered_since >= PROBE_ANSWER_WAIT):
+            # the beacon (the rendezvous's own process) went silent: a registry that died without
+            # closing our connection would otherwise be found only by the next heartbeat (50 s)
+            self._doubted = True
+            self.registration.check_now()
         # while the registry is lost, ask the beacon more often: its answer says the
         # rendezvous is back, and we reconnect without waiting out the backoff
         every = OUTAGE_PROBE if self.registration.is_lost() else DISCOVER_PROBE
         if moved or now - self._last_probe >= every:
             if moved:
                 self.log.info("our local address is now {address}: asking the beacon", address=local)
-            self._last_probe = now
-            self._sender.send(bw.Discover(0).base, self.beacon_addr)
+            self._send_discover(bw.Discover(0).base, self.beacon_addr)
         self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
 
     # --- the registry (IRegistryLink) ----------------------------------------------------------
@@ -359,7 +385,7 @@ class Node:
         self.log.info("rendezvous: beacon now {beacon}", beacon=format_endpoint(*beacon) if beacon else None)
         self.beacon_addr = beacon
         if beacon is not None and self.running:
-            self._sender.send(bw.Discover(0).base, beacon)
+            self._send_discover(bw.Discover(0).base, beacon)
 
     def event_received(self, event: dict[str, Any]) -> None:
         self.registration.event_received(event)
@@ -391,8 +417,18 @@ class Node:
         self.log.info("registry unavailable: {reason}; tunnels keep working, re-registering by itself",
                       reason=reason)
 
-    def _heartbeat_ok(self, when: float) -> None:
-        self._discover()  # keeps the NAT mapping to the beacon alive, and spots an IP change
+    def _heartbeat_ok(self, when: float, reply: dict[str, Any]) -> None:
+        """
+        The registry answered a heartbeat.  Ours says which endpoint the
+        beacon (the same process) holds for us: when that is what the beacon
+        last told us, a signed Discover would only prove it again.  A
+        missing one (the rendezvous restarted, or a reference registry that
+        never says) or another one: prove ours now (signed), which also
+        shows us any move the NAT made since our last Discover.
+        """
+        held = parse_endpoint(reply.get("endpoint"))
+        if held is None or held != self.public_endpoint:
+            self._discover()
 
     def _registry_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

@@ -71,7 +71,7 @@ from typing import Protocol
 import attr
 from twisted.internet.interfaces import IReactorTime
 
-from pilot.endpoint import Endpoint
+from pilot.endpoint import Endpoint, format_endpoint
 from pilot.errors import MalformedFrame
 from pilot.ratelimit import KeyedLimiter
 from pilot.server.auth import MAX_SKEW, NonceCache
@@ -181,6 +181,24 @@ class Beacon:
         if self._registered(node_id) is None:
             return None
         return self._endpoints.get(node_id)
+
+    def endpoint_text(self, node_id: int) -> str | None:
+        """
+        The endpoint recorded for ``node_id`` as ``host:port`` (``[v6]:port``), written as
+        this beacon's DiscoverReply would show it to the node, or None if none is recorded.
+        The registry puts it in the node's ``heartbeat_ok`` (``docs/registration.md``): the
+        node then proves its endpoint again only when this is missing or not what it saw.
+        """
+        endpoint = self.endpoint_of(node_id)
+        if endpoint is None:
+            return None
+        host, port = endpoint
+        if _ipv4(host) is None:
+            try:
+                host = canonical_host(host)  # an IPv4-mapped source is shown as IPv4, as in the reply
+            except ValueError:
+                return None
+        return format_endpoint(host, port)
 
     def prune(self) -> list[int]:
         """Forget the endpoints of nodes the registry no longer has; return their ids."""

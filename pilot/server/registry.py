@@ -4,9 +4,11 @@ The registry: every request type a reference node sends, answered with the
 reference's reply fields (``docs/reference-wire.md`` §2), over our state.
 
 Here: :class:`Registry` (dispatch, rate limits, shared helpers) and the
-requests about a node's own record.  Trust and handshakes are in
-``handshakes.py``, searching in ``directory.py``, the reference's other
-requests in ``compat.py``, the types every handler shares in ``requests.py``.
+requests that look up other nodes (``lookup``, ``resolve``,
+``resolve_hostname``, ``punch``).  The requests about a node's own record
+are in ``records.py``, trust and handshakes in ``handshakes.py``,
+searching in ``directory.py``, the reference's other requests in
+``compat.py``, the types every handler shares in ``requests.py``.
 
 Pure logic: no sockets, no files; time from the injected ``IReactorTime``.
 The TCP protocol feeds :meth:`Registry.handle` one request at a time with its
@@ -25,19 +27,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import attr
 from twisted.internet.interfaces import IReactorTime
 
-from pilot.address import node_id_for_key
-from pilot.endpoint import format_endpoint, parse_endpoint, parse_port
 from pilot.errors import ErrorCode, MalformedFrame
-from pilot.identity import b64decode, verify
-from pilot.names import hostname_problem, normalise_tags
 from pilot.ratelimit import KeyedLimiter
-from pilot.server import compat, directory, handshakes, statements
-from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator, decode_b64
+from pilot.server import compat, directory, handshakes, records, statements
+from pilot.server.auth import MAX_SKEW, AuthFailed, Authenticator
 from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
 from pilot.server.timing import Durations
-from pilot.wire.registry import get_bool, get_int, get_str, get_str_list, rotate_proof_message
+from pilot.wire.registry import get_int, get_str
 
 if TYPE_CHECKING:
     from pilot.server.replication_role import Replica
@@ -84,6 +82,9 @@ class Registry:
         self.search_limit = KeyedLimiter(directory.SEARCH_RATE, directory.SEARCH_BURST)
         self.subscribers: dict[int, set[Session]] = {}
         self.beacons: dict[int, tuple[str, float]] = {}
+        #: the endpoint the beacon recorded for a node, as its DiscoverReply shows it, or None
+        #: (``pilot.server.beacon.Beacon.endpoint_text``; the rendezvous wires it)
+        self.beacon_endpoint: Callable[[int], str | None] = lambda node_id: None
         self.counters: dict[str, int] = {}
         #: set for a server with a pair (``pilot.server.replication_role``): standby refusals, terms
         self.replica: Replica | None = None
@@ -113,22 +114,22 @@ class Registry:
 
     def _handle(self, handler: Handler | None, kind: object, msg: Message, peer: Peer,
                 session: Session | None, now: float) -> Message:
-        self._count((_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown")
+        self.count((_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown")
         if not self.request_limit.allow(peer.host, now):
-            self._count("error.rate_limited")
+            self.count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")
         if handler is None:
             return error_reply(ErrorCode.invalid_argument, f"unknown request type {str(kind)[:40]!r}")
         try:
             return handler(self, msg, peer, session)
         except RequestError as e:
-            self._count(f"error.{e.code.name}")
+            self.count(f"error.{e.code.name}")
             return error_reply(e.code, e.message)
         except MalformedFrame as e:
-            self._count("error.malformed")
+            self.count("error.malformed")
             return error_reply(ErrorCode.invalid_argument, e.reason)
 
-    def _count(self, name: str) -> None:
+    def count(self, name: str) -> None:
         self._count_by(name, 1)
 
     def _count_by(self, name: str, n: int) -> None:
@@ -155,12 +156,12 @@ class Registry:
         except AuthFailed as e:
             raise RequestError(ErrorCode.unauthorized, str(e)) from None
         if fresh:
-            self._accepted(node.id, msg)
+            self.accepted(node.id, msg)
         if fresh and node.id not in self.state.proven:
             self.state.proven.add(node.id)
             self.on_change()
 
-    def _accepted(self, node_id: int, msg: Message) -> None:
+    def accepted(self, node_id: int, msg: Message) -> None:
         """Remember ``msg``'s (verified) ``auth.ts`` as the node's newest, to be saved."""
         ts: int = msg["auth"]["ts"]
         if ts > self.state.auth_ts.get(node_id, 0):
@@ -216,7 +217,7 @@ class Registry:
         cutoff = self.clock.seconds() - self.config.stale_after
         gone = [n.id for n in self.state.nodes.values() if n.last_seen < cutoff]
         for node_id in gone:
-            self._remove(node_id)
+            self.remove(node_id)
         now = self.clock.seconds()
         forgotten = [n for n, t in self.state.gone.items()
                      if now - t > self.config.key_retention and n not in self.state.nodes]
@@ -229,25 +230,12 @@ class Registry:
             del self.beacons[bid]
         return gone
 
-    def _remove(self, node_id: int) -> None:
+    def remove(self, node_id: int) -> None:
         node = self.state.nodes.pop(node_id, None)
         if node is not None and node_id in self.state.id_keys:
             self.state.gone[node_id] = self.clock.seconds()
         if node is not None and node.hostname and self.state.hostnames.get(node.hostname) == node_id:
             del self.state.hostnames[node.hostname]
-
-    def _set_hostname(self, node: Node, hostname: str) -> None:
-        if node.hostname and self.state.hostnames.get(node.hostname) == node.id:
-            del self.state.hostnames[node.hostname]
-        node.hostname = hostname
-        if hostname:
-            self.state.hostnames[hostname] = node.id
-
-    def _hostname_check(self, node_id: int, hostname: str) -> str | None:
-        problem = hostname_problem(hostname)
-        if problem is None and self.state.hostnames.get(hostname, node_id) != node_id:
-            problem = f"hostname {hostname!r} is taken by another node"
-        return problem
 
     def _lookup_reply(self, node: Node) -> dict[str, Any]:
         out: dict[str, Any] = {  # one dict, in the reply's field order
@@ -263,89 +251,7 @@ class Registry:
             out["task_exec"] = True
         return out
 
-    # --- handlers -------------------------------------------------------------------
-
-    def register(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        try:
-            key = decode_b64(msg.get("public_key"), 32, "public_key")
-        except ValueError as e:
-            raise RequestError(ErrorCode.invalid_argument, str(e)) from None
-        now = self.clock.seconds()
-        known = self.state.key_index.get(key)
-        if not self.register_limit.allow(peer.host, now) and known is None:
-            raise RequestError(ErrorCode.rate_limited, "too many registrations from this address")
-        # like the reference, a listen_addr or hostname it cannot use falls back instead of failing
-        listen = msg.get("listen_addr")
-        listen = listen if isinstance(listen, str) and len(listen) <= 128 else ""
-        owner = get_str(msg, "owner", "", max_len=256)
-        hostname = msg.get("hostname")
-        hostname = hostname[:256] if isinstance(hostname, str) else ""
-        if known is not None and known in self.state.proven and "auth" not in msg:
-            raise RequestError(ErrorCode.unauthorized,
-                               "this key has proved itself; an unsigned register cannot move its endpoint")
-        fresh = False
-        if "auth" in msg:
-            try:
-                fresh = self.auth.check(msg, key, True, now,
-                                        self.restored_ts.get(known, 0) if known is not None else 0)
-            except AuthFailed as e:
-                raise RequestError(ErrorCode.unauthorized, str(e)) from None
-        node_id = known if known is not None else node_id_for_key(
-            key, lambda nid: self.state.id_keys.get(nid, key) != key)
-        # the host part is ignored (the reference's rule): the address the registry sees is the truth
-        port = parse_port(listen)
-        real_addr = format_endpoint(peer.host, port if port else peer.port)
-        node = self.state.nodes.get(node_id)
-        # a node coming back (deregistered or reaped) counts as moved too: its peers
-        # still hold the endpoint it had before it left
-        moved = node.real_addr != real_addr if node is not None else known is not None
-        changed = node is None or moved
-        if node is None:
-            node = Node(id=node_id, public_key=key, real_addr=real_addr, last_seen=now, owner=owner)
-            self.state.nodes[node_id] = node
-            self.state.gone.pop(node_id, None)
-        if self.state.id_keys.get(node_id) != key or self.state.key_index.get(key) != node_id:
-            self.state.index_key(key, node_id)  # (only when it changes: the journal records each write)
-        if moved:
-            node.real_addr = real_addr
-        node.last_seen = now
-        local_text = msg.get("local_addr")
-        local = parse_endpoint(local_text) if local_text else None
-        local_addr = format_endpoint(*local) if local is not None else ""
-        if node.local_addr != local_addr:
-            node.local_addr, changed = local_addr, True
-        if owner and owner != node.owner:
-            node.owner, changed = owner, True
-        if fresh:
-            self._accepted(node_id, msg)
-        if fresh and node_id not in self.state.proven:
-            self.state.proven.add(node_id)
-            changed = True
-        reply: dict[str, Any] = {"type": "register_ok", "node_id": node_id, "network_id": 0,
-                                 "address": node.address_text, "public_key": self.state.key_text(key)}
-        if hostname:
-            problem = self._hostname_check(node_id, hostname)
-            if problem is None:
-                if node.hostname != hostname:
-                    self._set_hostname(node, hostname)
-                    changed = True
-            elif hostname_problem(hostname) is not None:
-                reply["hostname_error"] = problem
-        if node.hostname:
-            reply["hostname"] = node.hostname
-        self._count("registered")
-        if changed:
-            self.on_change()
-        if moved:
-            self._notify_endpoint(node)
-        return reply
-
-    def _notify_endpoint(self, node: Node) -> None:
-        event = {"type": "event", "event": "endpoint_changed", "node_id": node.id,
-                 "real_addr": node.real_addr}
-        for truster, trustee in list(self.state.trust):
-            if truster == node.id and trustee in self.subscribers:
-                self.push_event(trustee, event)
+    # --- handlers: looking up other nodes ----------------------------------------
 
     def lookup(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         node = self.need(get_int(msg, "node_id"))
@@ -376,90 +282,6 @@ class Registry:
         return {"type": "resolve_hostname_ok", "node_id": node.id, "address": node.address_text,
                 "public": node.public, "hostname": node.hostname}
 
-    def set_hostname(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node = self.signed(msg, "node_id")
-        name = get_str(msg, "hostname", "", max_len=256)
-        if name:
-            problem = self._hostname_check(node.id, name)
-            if problem is not None:
-                code = ErrorCode.already_exists if "taken" in problem else ErrorCode.invalid_argument
-                raise RequestError(code, problem)
-        if node.hostname != name:
-            self._set_hostname(node, name)
-            self.on_change()
-        return {"type": "set_hostname_ok", "node_id": node.id, "hostname": node.hostname}
-
-    def set_visibility(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node = self.signed(msg, "node_id")
-        public = get_bool(msg, "public")
-        if node.public != public:
-            node.public = public
-            self.on_change()
-        return {"type": "set_visibility_ok", "node_id": node.id,
-                "visibility": "public" if public else "private"}
-
-    def set_tags(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node = self.signed(msg, "node_id")
-        try:
-            tags = normalise_tags(get_str_list(msg, "tags", 10, 64))
-        except ValueError as e:
-            raise RequestError(ErrorCode.invalid_argument, str(e)) from None
-        if node.tags != tags:
-            node.tags = tags
-            self.on_change()
-        return {"type": "set_tags_ok", "node_id": node.id, "tags": list(tags)}
-
-    def set_task_exec(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node = self.signed(msg, "node_id")
-        enabled = get_bool(msg, "enabled")
-        if node.task_exec != enabled:
-            node.task_exec = enabled
-            self.on_change()
-        return {"type": "set_task_exec_ok", "node_id": node.id, "task_exec": enabled}
-
-    def heartbeat(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node = self.signed(msg, "node_id")
-        self.touch(node)
-        return {"type": "heartbeat_ok", "time": int(self.clock.seconds())}
-
-    def deregister(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node_id = get_int(msg, "node_id")
-        node = self.state.nodes.get(node_id)
-        if node is not None:
-            self.authenticate(msg, node)
-            self._remove(node_id)
-            self.on_change()
-        return {"type": "deregister_ok"}
-
-    def rotate_key(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        node = self.signed(msg, "node_id")
-        try:
-            new = b64decode(msg.get("new_public_key"), 32, "new_public_key")
-        except ValueError as e:
-            raise RequestError(ErrorCode.invalid_argument, str(e)) from None
-        holder = self.state.key_index.get(new)
-        if holder is not None and holder != node.id:
-            raise RequestError(ErrorCode.already_exists, "that key belongs to another node")
-        # proof of possession (docs/security.md): the new key must sign the hand-over,
-        # or a node could take a key it does not hold and so the id of the key's owner
-        proof = msg.get("new_key_proof")
-        if proof is None:
-            raise RequestError(ErrorCode.unauthorized,
-                               "rotate_key needs 'new_key_proof', a signature by the new key")
-        try:
-            sig = b64decode(proof, 64, "new_key_proof")
-        except ValueError as e:
-            raise RequestError(ErrorCode.unauthorized, str(e)) from None
-        if not verify(new, rotate_proof_message(node.id, node.public_key, new), sig):
-            raise RequestError(ErrorCode.unauthorized, "'new_key_proof' does not verify for the new key")
-        self.state.key_index.pop(node.public_key, None)
-        node.public_key = new
-        self.state.index_key(new, node.id)
-        self.touch(node)
-        self.on_change()
-        return {"type": "rotate_key_ok", "node_id": node.id, "address": node.address_text,
-                "public_key": self.state.key_text(new)}
-
     def punch(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         requester = self.signed(msg, "requester_id")
         a = self.need(get_int(msg, "node_a"))
@@ -473,26 +295,11 @@ class Registry:
         return {"type": "punch_ok", "node_a": a.id, "node_a_addr": a.real_addr,
                 "node_b": b.id, "node_b_addr": b.real_addr}
 
-    def subscribe_events(self, msg: Message, peer: Peer, session: Session | None) -> Message:
-        """Ours: push handshake and trust events to this connection (auth required)."""
-        node_id = get_int(msg, "node_id")
-        node = self.need(node_id)
-        if "auth" not in msg:
-            raise RequestError(ErrorCode.unauthorized, "subscribe_events needs an 'auth' signature")
-        self.authenticate(msg, node)
-        if session is None:
-            raise RequestError(ErrorCode.invalid_argument, "events need a connection")
-        self.subscribers.setdefault(node_id, set()).add(session)
-        return {"type": "subscribe_events_ok", "node_id": node_id,
-                "pending_requests": len(self.state.inbox.get(node_id, ())),
-                "pending_responses": len(self.state.responses.get(node_id, ()))}
-
 
 _HANDLERS: dict[str, Handler] = {
     name: getattr(Registry, name) for name in (
-        "register", "lookup", "resolve", "resolve_hostname", "set_hostname", "set_visibility",
-        "set_tags", "set_task_exec", "heartbeat", "deregister", "rotate_key", "punch", "subscribe_events")
+        "lookup", "resolve", "resolve_hostname", "punch")
 }
-for _more in (handshakes.HANDLERS, compat.HANDLERS, directory.HANDLERS, statements.HANDLERS):
+for _more in (records.HANDLERS, handshakes.HANDLERS, compat.HANDLERS, directory.HANDLERS, statements.HANDLERS):
     _HANDLERS.update(_more)
 _REQUEST_COUNTERS: dict[object, str] = {kind: f"request.{kind}" for kind in _HANDLERS}  # made once

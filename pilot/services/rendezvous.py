@@ -186,6 +186,7 @@ class RendezvousService(MultiService):
                                        else settings.flush_delay, touch_delay=settings.flush_delay,
                                        sidecar_current=loaded.sidecar_current)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
+        self.registry.beacon_endpoint = self.beacon.endpoint_text  # told in each heartbeat_ok
         self.replication: ReplicationService | None = None
         durability: Durability | None = self.store if settings.durable else None
         if settings.replication.paired:

@@ -26,7 +26,7 @@ from pilot.errors import (
 )
 from pilot.identity import Identity, verify
 from pilot.machines.registration import (
-    BACKOFF_MAX, HEARTBEAT_INTERVAL, REQUEST_TIMEOUT, SEEN_SPREAD, STOP_TIMEOUT, Registration, table,
+    BACKOFF_MAX, HEARTBEAT_INTERVAL, POLL_INTERVAL, REQUEST_TIMEOUT, SEEN_SPREAD, STOP_TIMEOUT, Registration, table,
     transitions,
 )
 from pilot.machines.registration.machine import RegistrationMachine
@@ -111,6 +111,7 @@ class World:
     sent: list[tuple[float, FakeClient, dict[str, Any]]] = attr.Factory(list)
     outputs: list[tuple[Any, ...]] = attr.Factory(list)
     events: list[dict[str, Any]] = attr.Factory(list)
+    heartbeat_replies: list[dict[str, Any]] = attr.Factory(list)
     logged: list[dict[str, Any]] = attr.Factory(list)
     pending_connects: list[Deferred[Any]] = attr.Factory(list)
     reg: Registration = attr.ib(init=False)
@@ -123,7 +124,8 @@ class World:
             registered=lambda node_id, address: self.outputs.append(("registered", node_id, address)),
             unregistered=lambda reason: self.outputs.append(("unregistered", reason)),
             event=self.events.append,
-            heartbeat_ok=lambda when: self.outputs.append(("heartbeat_ok", when)),
+            heartbeat_ok=lambda when, reply: (self.outputs.append(("heartbeat_ok", when)),
+                                              self.heartbeat_replies.append(reply)),
             random=self.rng, log=Logger(observer=self.logged.append), **self.settings)
 
     def connect(self) -> Deferred[Any]:
@@ -347,12 +349,55 @@ class HeartbeatTests(SynchronousTestCase):
         for _ in range(4):
             w.clock.advance(HEARTBEAT_INTERVAL)
         times = [t - T0 for t, _, m in w.sent if m["type"] == "heartbeat"]
-        self.assertEqual(times, [25.0, 50.0, 75.0, 100.0])
-        self.assertEqual(w.reg.status()["last_heartbeat_ok"], T0 + 100)
+        self.assertEqual(times, [50.0, 100.0, 150.0, 200.0])
+        self.assertEqual(w.reg.status()["last_heartbeat_ok"], T0 + 200)
         self.assertEqual([o for o in w.outputs if o[0] == "heartbeat_ok"],
-                         [("heartbeat_ok", T0 + 25.0 * i) for i in range(1, 5)])
+                         [("heartbeat_ok", T0 + 50.0 * i) for i in range(1, 5)])
         self.assertEqual(len(w.clients), 1)
-        self.assertEqual(HEARTBEAT_INTERVAL, 25.0)
+        self.assertEqual(HEARTBEAT_INTERVAL, 50.0)
+
+    def test_polled_registry_cadence(self) -> None:
+        """A registry that does not push events (a reference one) is polled after each heartbeat: 25 s."""
+        w = World(script={"subscribe_events": [InvalidArgument("unknown request type")]}).started()
+        for _ in range(4):
+            w.clock.advance(POLL_INTERVAL)
+        times = [t - T0 for t, _, m in w.sent if m["type"] == "heartbeat"]
+        self.assertEqual(times, [25.0, 50.0, 75.0, 100.0])
+        self.assertEqual(POLL_INTERVAL, 25.0)
+        self.assertEqual(w.reg.status()["events"], "polled")
+
+    def test_check_now(self) -> None:
+        """The owner doubts the connection: a heartbeat now, and the period counts from it."""
+        w = World().started()
+        w.clock.advance(10)
+        w.reg.check_now()
+        w.clock.advance(HEARTBEAT_INTERVAL)
+        times = [t - T0 for t, _, m in w.sent if m["type"] == "heartbeat"]
+        self.assertEqual(times, [10.0, 10.0 + HEARTBEAT_INTERVAL])
+        self.assertEqual(len(w.clock.getDelayedCalls()), 1)  # one heartbeat timer, not two
+
+    def test_check_now_finds_a_dead_registry(self) -> None:
+        """No answer to the heartbeat it asked for: reconnect within the request timeout."""
+        w = World(script={"heartbeat": [HANG]}).started()
+        first = w.client
+        w.clock.advance(5)
+        w.reg.check_now()
+        w.clock.advance(REQUEST_TIMEOUT)
+        self.assertTrue(first.closed)
+        self.assertEqual(w.reg.state, "waiting")
+
+    def test_check_now_when_not_registered(self) -> None:
+        w = World(script={"register": [HANG]}).started()
+        w.reg.check_now()  # registering: nothing
+        self.assertEqual(w.types(), ["register"])
+        self.assertIsNone(result_of(w.reg.stop()))
+        w.reg.check_now()  # stopped: nothing
+
+    def test_owner_gets_the_reply(self) -> None:
+        """The owner sees the heartbeat_ok reply (ours names the beacon's endpoint for us)."""
+        w = World().started()
+        w.clock.advance(HEARTBEAT_INTERVAL)
+        self.assertEqual(w.heartbeat_replies, [{"type": "heartbeat_ok", "time": 0}])
 
     def test_heartbeat_error_reregisters_on_the_same_connection(self) -> None:
         """The registry forgot us (reaped, restarted with no state): register again on the same connection."""
@@ -423,14 +468,15 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(status["consecutive_failures"], 2)
         self.assertFalse(status["registry_connected"])
         self.assertEqual(jitter.windows, [0.5])
-        self.assertEqual(status["next_retry_at"], T0 + 35.25)
-        self.assertEqual([c.getTime() for c in w.clock.getDelayedCalls()], [T0 + 35.25])  # only the reconnect
+        self.assertEqual(status["next_retry_at"], T0 + HEARTBEAT_INTERVAL + 10.25)
+        self.assertEqual([c.getTime() for c in w.clock.getDelayedCalls()],
+                         [T0 + HEARTBEAT_INTERVAL + 10.25])  # only the reconnect
         self.assertTrue(any("heartbeat failed" in text and "reconnecting" in text for text in w.warnings()),
                         w.warnings())
         w.clock.advance(0.249)
         self.assertEqual(w.connects, [T0])
-        run_until(w.clock, T0 + 35.25)
-        self.assertEqual(w.connects, [T0, T0 + 35.25])
+        run_until(w.clock, T0 + HEARTBEAT_INTERVAL + 10.25)
+        self.assertEqual(w.connects, [T0, T0 + HEARTBEAT_INTERVAL + 10.25])
         self.assertEqual(w.client.types, ["register", "subscribe_events", "poll_handshakes"])
         self.assertEqual(w.reg.state, "registered")
         self.assertEqual(w.outputs[-1], ("registered", OUR_ID, OUR_ADDRESS))
@@ -625,7 +671,7 @@ class EndpointTests(SynchronousTestCase):
         # the heartbeat timer restarted from the re-registration
         mark = len(w.sent)
         w.clock.advance(HEARTBEAT_INTERVAL)
-        self.assertEqual([t - T0 for t, _, m in w.sent[mark:]], [28.0])
+        self.assertEqual([t - T0 for t, _, m in w.sent[mark:]], [3.0 + HEARTBEAT_INTERVAL])
         self.assertIs(w.sent[-1][1], w.client)
 
     def test_change_fails_what_waits_on_the_old_connection(self) -> None:
@@ -958,19 +1004,20 @@ class StatusTests(SynchronousTestCase):
                                                  "registered_at", "last_heartbeat_ok", "consecutive_failures",
                                                  "next_retry_at", "events", "hostname", "last_error")},
                          {"state": "registered", "node_id": OUR_ID, "address": str(OUR_ADDRESS),
-                          "registry_connected": True, "registered_at": T0, "last_heartbeat_ok": T0 + 25,
+                          "registry_connected": True, "registered_at": T0,
+                          "last_heartbeat_ok": T0 + HEARTBEAT_INTERVAL,
                           "consecutive_failures": 0, "next_retry_at": None, "events": "pushed",
                           "hostname": "alpha", "last_error": None})
         w.connect_default = ConnectionFailed("connection refused")
         w.reg.connection_lost("connection reset")
-        run_until(w.clock, T0 + 25 + 0.5)
+        run_until(w.clock, T0 + HEARTBEAT_INTERVAL + 0.5)
         status = w.reg.status()
         self.assertEqual({k: status[k] for k in ("state", "node_id", "registry_connected",
                                                  "last_heartbeat_ok", "consecutive_failures",
                                                  "next_retry_at", "events")},
                          {"state": "waiting", "node_id": OUR_ID, "registry_connected": False,
-                          "last_heartbeat_ok": T0 + 25, "consecutive_failures": 2,
-                          "next_retry_at": T0 + 25 + 0.5 + 1.0, "events": None})
+                          "last_heartbeat_ok": T0 + HEARTBEAT_INTERVAL, "consecutive_failures": 2,
+                          "next_retry_at": T0 + HEARTBEAT_INTERVAL + 0.5 + 1.0, "events": None})
         self.assertIn("connection refused", status["last_error"])
 
 
@@ -1201,7 +1248,7 @@ class RealRegistryTests(SynchronousTestCase):
     def test_reaped_node_registers_again(self) -> None:
         """The registry forgot us (reaped after a long stall): the heartbeat's not_found re-registers."""
         self.reg.start()
-        self.registry._remove(OUR_ID)
+        self.registry.remove(OUR_ID)
         self.clock.advance(HEARTBEAT_INTERVAL)
         node = self.registry.node(OUR_ID)
         assert node is not None

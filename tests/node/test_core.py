@@ -19,6 +19,7 @@ from pilot.machines.path.config import OPENER_SKEW, OPENER_STEP, OPENER_TTLS
 from pilot.node.openers import PUNCH_PROBES
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
+from tests.natmodel import DISCOVER_INTERVAL
 from tests.node.fakes import DEFAULT_TTL, Host, Network, pair
 
 BEACON = ("198.51.100.1", 9001)
@@ -172,3 +173,159 @@ class NodeTests(SynchronousTestCase):
         self.assertEqual(a.node.pinned_key(b.node.own_id), b.identity.public_key)
         self.assertFalse(a.node.is_trusted(12345))
         self.assertEqual(a.node.pinned_key(12345), b"")
+
+
+class ProbeTimerTests(SynchronousTestCase):
+    """Any Discover, signed or not, restarts the unsigned probe's ``DISCOVER_PROBE`` wait."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.network = Network(self.clock)
+        self.host = Host(self.network, 1, ("192.0.2.1", 4001))
+        self.node = self.host.node
+        self.node.registration.is_lost = lambda: False  # type: ignore[method-assign]
+        self.node.start(BEACON)
+        self.host.udp.datagramReceived(bw.DiscoverReply("203.0.113.9", 4444).encode(), BEACON)
+        self.clock.advance(DISCOVER_RETRY)  # the last retry: from here only the probe
+
+    def to_beacon(self) -> int:
+        return len([dst for _, dst, _ in self.network.sent if dst == BEACON])
+
+    def advance_to(self, seconds: float) -> int:
+        """Advance in route-check steps for ``seconds``; return the Discovers sent meanwhile."""
+        before = self.to_beacon()
+        for _ in range(round(seconds / ROUTE_CHECK)):
+            self.clock.advance(ROUTE_CHECK)
+        return self.to_beacon() - before
+
+    def test_steady_probe(self) -> None:
+        self.assertEqual(self.advance_to(DISCOVER_PROBE * 4), 4)
+
+    def test_any_discover_restarts_the_wait(self) -> None:
+        self.advance_to(DISCOVER_PROBE - 2 * ROUTE_CHECK)
+        self.node.discover()  # unsigned (not registered): the probe waits a whole period again
+        self.assertEqual(self.advance_to(DISCOVER_PROBE - ROUTE_CHECK), 0)
+        self.assertEqual(self.advance_to(ROUTE_CHECK), 1)
+
+
+class HeartbeatDiscoverTests(SynchronousTestCase):
+    """
+    A real registry and beacon (``tests.natmodel``): the signed Discover goes
+    only where the heartbeat's answer says the beacon holds no endpoint for
+    the node, or another one (docs/registration.md).
+    """
+
+    def setUp(self) -> None:
+        from tests.natmodel import FULL_CONE, World
+        self.w = World()
+        self.a = self.w.node(FULL_CONE)
+        self.w.start()  # registered, its endpoint proved by a signed Discover
+
+    def sent(self, since: float) -> list[tuple[float, int]]:
+        """(time, size) of the Discovers the node sent to the beacon since ``since``: 85 bytes signed, 5 not."""
+        from tests.natmodel import BEACON as MODEL_BEACON
+        return [(t, len(d)) for t, s, dst, d in self.w.internet.sent
+                if t >= since and dst == MODEL_BEACON and s[0] == self.a.box.public_ip and d[:1] == b"\x01"]
+
+    def discovers(self, since: float) -> tuple[int, int]:
+        """(signed, unsigned) Discovers the node sent to the beacon since ``since``."""
+        sizes = [size for _, size in self.sent(since)]
+        return sizes.count(85), sizes.count(5)
+
+    def heartbeats(self, n: int) -> float:
+        start = self.w.clock.seconds()
+        self.w.run(DISCOVER_INTERVAL * n)  # the model's heartbeat
+        return start
+
+    def test_matching_endpoint_no_signed_discover(self) -> None:
+        start = self.heartbeats(8)  # 200 s
+        held = self.w.beacon.endpoint_of(self.a.node_id)
+        self.assertEqual(held, self.a.public_endpoint)
+        signed, unsigned = self.discovers(start)
+        self.assertEqual(signed, 0)
+        self.assertEqual(unsigned, int(DISCOVER_INTERVAL * 8 / DISCOVER_PROBE))  # the probe alone
+        self.assertTrue(self.a.node.registration.is_registered())
+
+    def test_missing_record_proved_within_one_heartbeat(self) -> None:
+        """A restarted beacon holds nothing: the next heartbeat's answer says so, the node proves it."""
+        from pilot.server.beacon import Beacon
+        self.w.beacon = Beacon(self.w.registry, self.w.clock)
+        self.w.registry.beacon_endpoint = self.w.beacon.endpoint_text
+        start = self.heartbeats(1)
+        self.assertEqual(self.discovers(start)[0], 1)
+        self.assertEqual(self.w.beacon.endpoint_of(self.a.node_id), self.a.public_endpoint)
+        later = self.heartbeats(2)
+        self.assertEqual(self.discovers(later)[0], 0)
+
+    def test_signed_discover_restarts_the_probe(self) -> None:
+        """The signed Discover counts as the probe: the next unsigned one comes a whole period later."""
+        self.w.registry.beacon_endpoint = lambda node_id: None  # every heartbeat sends a signed one
+        start = self.heartbeats(4)
+        sent = self.sent(start)
+        signed = [t for t, size in sent if size == 85]
+        self.assertEqual(len(signed), 4)
+        for t in signed:
+            after = [u for u, size in sent if size == 5 and u > t]
+            if after:
+                self.assertGreaterEqual(after[0] - t, DISCOVER_PROBE)
+                self.assertLess(after[0] - t, DISCOVER_PROBE + ROUTE_CHECK)
+
+    def test_other_endpoint_proved_again(self) -> None:
+        """The beacon holds another endpoint (a proof from elsewhere): the next heartbeat corrects it."""
+        from pilot.wire.beacon import Discover, with_proof
+        elsewhere = ("192.0.2.200", 7000)
+        proof = with_proof(Discover(self.a.node_id).encode(), self.a.identity.sign,
+                           int(self.w.clock.seconds() * 1000), b"elsewher")
+        self.w.beacon.datagram_received(proof, elsewhere)
+        self.assertEqual(self.w.beacon.endpoint_of(self.a.node_id), elsewhere)
+        start = self.heartbeats(1)
+        self.assertEqual(self.discovers(start)[0], 1)
+        self.assertEqual(self.w.beacon.endpoint_of(self.a.node_id), self.a.public_endpoint)
+
+    def test_reference_registry_reply_sends_signed_discover(self) -> None:
+        """A reply without the field (a reference registry never sends it): signed after each heartbeat."""
+        self.w.registry.beacon_endpoint = lambda node_id: None
+        start = self.heartbeats(3)
+        self.assertEqual(self.discovers(start)[0], 3)
+
+
+class SilentRendezvousTests(SynchronousTestCase):
+    """
+    The rendezvous dies without closing our connection (its host lost): the
+    beacon stops answering, and the unanswered probe makes the node heartbeat
+    at once, so the dead registry is found long before the next heartbeat.
+    """
+
+    def test_found_within_a_probe_and_a_request_timeout(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from pilot.machines.registration import HEARTBEAT_INTERVAL, REQUEST_TIMEOUT
+        from pilot.node.core import PROBE_ANSWER_WAIT
+        from tests.natmodel import BEACON as MODEL_BEACON, FULL_CONE, World
+        w = World(discover_interval=HEARTBEAT_INTERVAL)
+        a = w.node(FULL_CONE)
+        w.start()
+        w.run(HEARTBEAT_INTERVAL / 2)
+        died = w.clock.seconds()
+        del w.internet.hosts[MODEL_BEACON[0]]  # nothing answers at the rendezvous's address
+        for connection in a.connector.connections:
+            connection.request = lambda msg: Deferred()  # type: ignore[method-assign]
+        bound = DISCOVER_PROBE + PROBE_ANSWER_WAIT + ROUTE_CHECK + REQUEST_TIMEOUT + 1
+        self.assertTrue(w.run_until(died + bound, lambda: not a.node.registration.is_registered()))
+        self.assertLess(w.clock.seconds() - died, HEARTBEAT_INTERVAL)
+
+    def test_one_lost_probe_costs_one_heartbeat(self) -> None:
+        """A probe lost on the way (the beacon alive): one early heartbeat, answered; nothing else."""
+        from tests.natmodel import FULL_CONE, World
+        w = World()
+        a = w.node(FULL_CONE)
+        w.start()
+        beats = []
+        a.node.registration.check_now = lambda: beats.append(w.clock.seconds())  # type: ignore[method-assign]
+        a.box.blocked.add("198.51.100.1")  # the next probe is lost ...
+        w.run(DISCOVER_PROBE + ROUTE_CHECK)
+        a.box.blocked.discard("198.51.100.1")  # ... and the one after it answered
+        w.run(DISCOVER_PROBE * 3)
+        self.assertEqual(len(beats), 1)
+        self.assertTrue(a.node.registration.is_registered())

@@ -33,7 +33,7 @@ def rotate(s: RegistryState, node_id: int, key: bytes) -> None:
 
 
 def rename(s: RegistryState, node_id: int, name: str) -> None:
-    """As ``Registry._set_hostname`` does."""
+    """As ``pilot.server.records._set_hostname`` does."""
     node = s.nodes[node_id]
     if node.hostname and s.hostnames.get(node.hostname) == node_id:
         del s.hostnames[node.hostname]
@@ -43,7 +43,7 @@ def rename(s: RegistryState, node_id: int, name: str) -> None:
 
 
 def remove(s: RegistryState, node_id: int) -> None:
-    """As ``Registry._remove`` does (a deregistration, the reaper)."""
+    """As ``Registry.remove`` does (a deregistration, the reaper)."""
     node = s.nodes.pop(node_id)
     s.gone[node_id] = T0 + 10
     if node.hostname and s.hostnames.get(node.hostname) == node_id:

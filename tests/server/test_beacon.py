@@ -258,6 +258,65 @@ class DiscoverTests(SynchronousTestCase):
         self.assertEqual(w.discover(a, ("2001:db8::5", 4000, 0, 0)), reply_to(("2001:db8::5", 4000)))
 
 
+class HeartbeatEndpointTests(SynchronousTestCase):
+    """
+    ``heartbeat_ok`` carries what the beacon holds for the node (``endpoint``,
+    as the beacon's DiscoverReply shows it), and nothing when it holds none:
+    the node proves its endpoint again only then (docs/registration.md).
+    """
+
+    def setUp(self) -> None:
+        self.w = World()
+        self.w.registry.beacon_endpoint = self.w.beacon.endpoint_text  # as the rendezvous wires it
+        self.ia = ident(1)
+        self.a = self.w.register(self.ia, A_ADDR, proven=True)
+
+    def heartbeat(self) -> dict[str, Any]:
+        return self.w.request(self.ia, {"type": "heartbeat", "node_id": self.a})
+
+    def test_no_record_no_field(self) -> None:
+        reply = self.heartbeat()
+        self.assertEqual(reply, {"type": "heartbeat_ok", "time": int(T0)})
+        self.assertIsNone(self.w.beacon.endpoint_text(self.a))
+
+    def test_recorded_endpoint_in_the_reply(self) -> None:
+        self.w.discover(self.a, ("198.51.100.7", 40001), self.ia)
+        self.assertEqual(self.heartbeat(),
+                         {"type": "heartbeat_ok", "time": int(T0), "endpoint": "198.51.100.7:40001"})
+        self.w.discover(self.a, ("198.51.100.8", 40002), self.ia)  # moved, with a proof
+        self.assertEqual(self.heartbeat()["endpoint"], "198.51.100.8:40002")
+
+    def test_unrecorded_discover_changes_nothing(self) -> None:
+        """An unsigned Discover (or a failed proof) does not move the endpoint the reply names."""
+        self.w.discover(self.a, A_ADDR, self.ia)
+        self.w.discover(self.a, ATTACKER)
+        self.w.discover(self.a, ATTACKER, ident(9))
+        self.assertEqual(self.heartbeat()["endpoint"], "127.0.0.1:24101")
+
+    def test_as_the_discover_reply_shows_it(self) -> None:
+        """IPv6 in brackets; an IPv4-mapped source as IPv4, as the DiscoverReply says it."""
+        for source, text in ((("2001:db8::7", 4000, 0, 0), "[2001:db8::7]:4000"),
+                             (("::ffff:198.51.100.9", 4001, 0, 0), "198.51.100.9:4001")):
+            reply = self.w.discover(self.a, source, self.ia)
+            shown = DiscoverReply.decode(reply[0][0])
+            self.assertEqual(self.w.beacon.endpoint_text(self.a), text)
+            self.assertEqual(text, f"[{shown.host}]:{shown.port}" if ":" in shown.host
+                             else f"{shown.host}:{shown.port}")
+            self.assertEqual(self.heartbeat()["endpoint"], text)
+
+    def test_after_a_restart_no_field(self) -> None:
+        """A restarted rendezvous's beacon holds no endpoint: the reply says none, the node proves it again."""
+        self.w.discover(self.a, A_ADDR, self.ia)
+        restarted = Beacon(self.w.registry, self.w.clock)
+        self.w.registry.beacon_endpoint = restarted.endpoint_text
+        self.assertNotIn("endpoint", self.heartbeat())
+
+    def test_gone_node_no_field(self) -> None:
+        self.w.discover(self.a, A_ADDR, self.ia)
+        self.w.registry.remove(self.a)
+        self.assertIsNone(self.w.beacon.endpoint_text(self.a))
+
+
 class PunchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.w = World()

@@ -196,6 +196,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(getattr(port, "maxThroughput"), rendezvous.BEACON_READ_BUDGET)
         self.assertLess(rendezvous.BEACON_READ_BUDGET, FakePort.maxThroughput // 64)
 
+    def test_heartbeat_names_the_beacons_endpoint(self) -> None:
+        """The registry's heartbeat_ok says what this rendezvous's beacon holds (docs/registration.md)."""
+        service = self.service()
+        self.assertEqual(service.registry.beacon_endpoint, service.beacon.endpoint_text)
+
     def test_raise_open_files_limit(self) -> None:
         calls: list[tuple[int, tuple[int, int]]] = []
         limits = {"now": (1024, 65536)}

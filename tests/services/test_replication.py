@@ -121,7 +121,7 @@ class PairTests(SynchronousTestCase):
         node = register(self.primary.registry, "moved")
         self.advance(0.2)
         self.assertEqual(self.standby.registry.state.hostnames["moved"], node)
-        self.primary.registry._remove(node)  # as a signed deregister or the reaper does
+        self.primary.registry.remove(node)  # as a signed deregister or the reaper does
         self.primary.registry.on_change()
         self.advance(0.2)
         self.assertNotIn("moved", self.standby.registry.state.hostnames)

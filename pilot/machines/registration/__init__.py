@@ -40,7 +40,8 @@ Where this differs from the reference daemon (``docs/reference-wire.md`` §9):
 * trust events are pushed (``subscribe_events``) instead of polled every
   30 s (#13); with a registry that refuses ``subscribe_events`` (the
   reference) we poll after every heartbeat, as it does;
-* heartbeat every 25 s rather than 30 s (#16, ``docs/registration.md``);
+* heartbeat every 50 s to a registry that pushes events (ours), every 25 s
+  to one we poll, rather than 30 s (#16, ``docs/registration.md``);
 * reconnects spread with full jitter rather than in lock step;
 * a list of rendezvous servers (``servers``): a failed session moves to the
   next, a standby's ``not_primary`` to the primary it names, a reply with a
@@ -71,14 +72,14 @@ from pilot.machines.registration.machine import RegistrationInputs, table, trans
 from pilot.machines.registration.facade import Registration
 from pilot.machines.registration.servers import MAX_SERVERS, Servers
 from pilot.machines.registration.values import (
-    BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, CONNECTING, HEARTBEAT_INTERVAL, IDLE, REGISTERED,
-    REGISTERING, REQUEST_TIMEOUT, SEEN_SPREAD, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING, Jitter,
-    RegistryClient, Reply,
+    BACKOFF_INITIAL, BACKOFF_MAX, CONNECT_TIMEOUT, CONNECTING, HEARTBEAT_INTERVAL, IDLE, POLL_INTERVAL,
+    REGISTERED, REGISTERING, REQUEST_TIMEOUT, SEEN_SPREAD, SETTING_REQUESTS, STOP_TIMEOUT, STOPPED, WAITING,
+    Jitter, RegistryClient, Reply,
 )
 
 __all__ = [
     "BACKOFF_INITIAL", "BACKOFF_MAX", "MAX_SERVERS", "Servers", "CONNECT_TIMEOUT", "CONNECTING", "HEARTBEAT_INTERVAL", "IDLE",
-    "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SEEN_SPREAD", "SETTING_REQUESTS", "STOP_TIMEOUT",
-    "STOPPED", "WAITING", "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table",
+    "POLL_INTERVAL", "REGISTERED", "REGISTERING", "REQUEST_TIMEOUT", "SEEN_SPREAD", "SETTING_REQUESTS",
+    "STOP_TIMEOUT", "STOPPED", "WAITING", "Jitter", "Registration", "RegistrationInputs", "RegistryClient", "Reply", "table",
     "transitions",
 ]

@@ -52,9 +52,11 @@ class Registration:
         (connection lost, registry unreachable, stopped).
     :param event: ``(event)`` for every registry event, pushed or polled:
         ``{"type": "event", "event": "handshake_request" | ..., ...}``.
-    :param heartbeat_ok: optional ``(time)`` after every acknowledged
-        heartbeat (the owner sends its beacon Discover then,
-        ``docs/reference-wire.md`` §3).
+    :param heartbeat_ok: optional ``(time, reply)`` after every acknowledged
+        heartbeat, with the ``heartbeat_ok`` reply: ours names the endpoint
+        the beacon holds for us (``endpoint``), and the owner proves its
+        endpoint to the beacon again only when that is missing or not what
+        the beacon last told it (``docs/registration.md``).
     :param servers: the rendezvous entries, in order (``host:port`` texts,
         for the status and to match a standby's ``primary``); ``connect()``
         connects to the entry at :attr:`server_index`.  One entry (the
@@ -74,7 +76,7 @@ class Registration:
                  registered: Callable[[int, Address], object] = lambda node_id, address: None,
                  unregistered: Callable[[str], object] = lambda reason: None,
                  event: Callable[[dict[str, Any]], object] = lambda event: None,
-                 heartbeat_ok: Optional[Callable[[float], object]] = None,
+                 heartbeat_ok: Optional[Callable[[float, dict[str, Any]], object]] = None,
                  servers: Sequence[str] = ("",),
                  server_changed: Callable[[int], object] = lambda index: None,
                  hostname: Optional[str] = None, public: bool = False, tags: Optional[list[str]] = None,
@@ -151,6 +153,17 @@ class Registration:
     def endpoint_changed(self) -> None:
         """The beacon observed a new endpoint; ``endpoint()`` already returns it."""
         self._machine.endpoint_changed()
+
+    def check_now(self) -> None:
+        """
+        The owner doubts the connection (the rendezvous's beacon stopped
+        answering): when registered, heartbeat now instead of at the next
+        period, so a registry that died without closing the connection is
+        found within the request timeout (``docs/registration.md``).
+        Otherwise nothing: an outage is already being handled.
+        """
+        if self._session.state == REGISTERED:
+            self._machine.heartbeat_due()
 
     def server_seen(self) -> None:
         """The rendezvous's beacon answered: while waiting out a backoff, reconnect soon."""

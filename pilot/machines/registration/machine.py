@@ -244,7 +244,7 @@ def _announce(m: RegistrationInputs, c: Session, reply: Reply) -> None:
     c.next_retry_at = None
     c.last_error = None
     c.registered_at = c.now()
-    c.heartbeat_call = c.clock.callLater(c.heartbeat_interval, m.heartbeat_due)
+    c.heartbeat_call = c.clock.callLater(c.heartbeat_every(), m.heartbeat_due)
     c.log.info("registration: registered as {address} (node {node_id}), events {events}",
                address=str(c.address), node_id=c.node_id, events="pushed" if c.subscribed else "polled")
     c.announced = True
@@ -264,7 +264,9 @@ def _announce(m: RegistrationInputs, c: Session, reply: Reply) -> None:
 
 @table.on(registered, I.heartbeat_due, registered)
 def _heartbeat(m: RegistrationInputs, c: Session) -> None:
-    c.heartbeat_call = c.clock.callLater(c.heartbeat_interval, m.heartbeat_due)
+    if c.heartbeat_call is not None and c.heartbeat_call.active():
+        c.heartbeat_call.cancel()  # the owner asked for one now (``check_now``): the cadence restarts
+    c.heartbeat_call = c.clock.callLater(c.heartbeat_every(), m.heartbeat_due)
     epoch = c.epoch
 
     def answered(reply: Reply) -> None:
@@ -273,7 +275,7 @@ def _heartbeat(m: RegistrationInputs, c: Session) -> None:
         c.last_heartbeat_ok = c.now()
         c.failures = 0
         if c.on_heartbeat is not None:
-            c.call_out("heartbeat", c.on_heartbeat, c.last_heartbeat_ok)
+            c.call_out("heartbeat", c.on_heartbeat, c.last_heartbeat_ok, reply)
         if not c.subscribed:
             _poll(m, c)
 

@@ -18,7 +18,7 @@ from pilot.identity import Identity
 from pilot.machines.registration.requests import Outbox
 from pilot.machines.registration.servers import Servers
 from pilot.machines.registration.settings import Settings
-from pilot.machines.registration.values import IDLE, Jitter, RegistryClient, Reply
+from pilot.machines.registration.values import IDLE, POLL_INTERVAL, Jitter, RegistryClient, Reply
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -35,7 +35,7 @@ class Session:
     on_registered: Callable[[int, Address], object]
     on_unregistered: Callable[[str], object]
     on_event: Callable[[dict[str, Any]], object]
-    on_heartbeat: Optional[Callable[[float], object]]
+    on_heartbeat: Optional[Callable[[float, dict[str, Any]], object]]
     jitter: Jitter
     heartbeat_interval: float
     backoff_initial: float
@@ -71,6 +71,10 @@ class Session:
 
     def now(self) -> float:
         return self.clock.seconds()
+
+    def heartbeat_every(self) -> float:
+        """Seconds to the next heartbeat: polled events (a registry that does not push) want it sooner."""
+        return self.heartbeat_interval if self.subscribed else min(self.heartbeat_interval, POLL_INTERVAL)
 
     def new_epoch(self) -> int:
         self.epoch += 1

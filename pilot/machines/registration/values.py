@@ -12,11 +12,18 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-#: Seconds between heartbeats.  The registry forgets a node silent for 180 s
-#: (checked every 60 s); 25 s leaves room for six lost heartbeats, and keeps
-#: the Discover the owner sends after each heartbeat under the common 30 s
-#: UDP NAT mapping timeout, which the reference's 30 s merely touches.
-HEARTBEAT_INTERVAL = 25.0
+#: Seconds between heartbeats to a registry that pushes events (ours).  The
+#: registry forgets a node silent for 180 s (checked every 60 s) and counts
+#: it active while heard from within 60 s: 50 s fits both with room.  The NAT
+#: mapping to the beacon is kept by the owner's unsigned Discover
+#: (``pilot.node.core.DISCOVER_PROBE``), and a registry that died without
+#: closing the connection is found by :meth:`Registration.check_now` when its
+#: beacon stops answering, not by this (``docs/registration.md``).
+HEARTBEAT_INTERVAL = 50.0
+#: At most this long (s) between heartbeats to a registry that does not push
+#: events (a reference one): each heartbeat is followed by ``poll_handshakes``,
+#: so a handshake request waits at most this long, as with the reference's 30 s.
+POLL_INTERVAL = 25.0
 #: First reconnect window (s); doubles per failure up to BACKOFF_MAX.
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
