@@ -140,8 +140,8 @@ def main() -> int:
     args = p.parse_args()
     if args.daemons:
         count = 200 if args.pings is None else args.pings
-        if not (1 <= count <= 2000 and 1 <= args.rounds <= 10):
-            raise SystemExit("with --daemons: --pings 1..2000, --rounds 1..10")
+        if not (1 <= count <= 1000 and 1 <= args.rounds <= 10):
+            raise SystemExit("with --daemons: --pings 1..1000, --rounds 1..10")
         return daemons(count, args.rounds)
     if args.pings is None:
         args.pings = 2000
