@@ -309,7 +309,7 @@ class StreamTests(SynchronousTestCase):
 
     def test_open_stream_first_bytes_checked(self) -> None:
         client = ControlClient(os.path.join(short_dir(self), "none.sock"), timeout=5)
-        self.assertRaises(InvalidArgument, client.open_stream, "x", 7, first="text")  # type: ignore[arg-type]
+        self.assertRaises(InvalidArgument, client.open_stream, "x", 7, first="text")
         self.assertRaises(InvalidArgument, client.open_stream, "x", 7, first=b"x" * (MAX_FIRST + 1))
 
     def test_open_stream_refused(self) -> None:

@@ -30,8 +30,9 @@ aborted); ``released()`` exactly once when the connection reaches
 ``closed`` and the stack may forget it (after TIME_WAIT, at once after a
 reset); ``linger(seq, window, ack_owed)``, if given, on the way into
 TIME_WAIT: the caller keeps TIME_WAIT (answers stray FINs, drops old
-duplicates) and the connection is released at once; ``packet_handled()`` after every packet the connection took (an
-acknowledgement may have made room in the send buffer).  An exception from
+duplicates) and the connection is released at once; ``packet_handled()``
+after every packet the connection took (an acknowledgement may have made
+room in the send buffer).  An exception from
 ``connection_made`` or ``data_received`` aborts the connection with that
 failure.
 """
