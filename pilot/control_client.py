@@ -107,15 +107,8 @@ class ControlClient:
         request/response costs one round trip less through the control
         socket.  If the open fails, ``first`` was not delivered.
         """
-        if not isinstance(first, (bytes, bytearray, memoryview)):
-            raise InvalidArgument(f"first must be bytes, not {type(first).__name__}")
-        if len(first) > MAX_FIRST:
-            raise InvalidArgument(f"first is {len(first)} bytes, more than {MAX_FIRST}",
-                                  "write the rest on the socket once it is open")
-        args: dict[str, Any] = {"target": target, "port": port}
-        if first:
-            args["first"] = len(first)
-        return self._stream("connect", args, timeout, bytes(first))
+        args, after = connect_request(target, port, first)
+        return self._stream("connect", args, timeout, after)
 
     def attach(self, conn_id: int, timeout: float | None = None) -> socket.socket:
         """The socket for a stream a ``listen`` subscription announced (``conn_id``)."""
@@ -333,6 +326,23 @@ class Subscription:
 
 
 # --- frames and replies -----------------------------------------------------------------------
+
+def connect_request(target: str, port: int, first: bytes | bytearray | memoryview = b"") -> tuple[dict[str, Any], bytes]:
+    """
+    A ``connect`` request's arguments, and the stream's first bytes to send
+    right behind its frame (``docs/control.md``); ``InvalidArgument`` if
+    ``first`` is not bytes or exceeds :data:`MAX_FIRST`.
+    """
+    if not isinstance(first, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"first must be bytes, not {type(first).__name__}")
+    if len(first) > MAX_FIRST:
+        raise InvalidArgument(f"first is {len(first)} bytes, more than {MAX_FIRST}",
+                              "write the rest once the stream is open")
+    args: dict[str, Any] = {"target": target, "port": port}
+    if first:
+        args["first"] = len(first)
+    return args, bytes(first)
+
 
 def _deadline(timeout: float) -> float:
     return time.monotonic() + timeout
