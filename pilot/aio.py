@@ -89,7 +89,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cmd: str,
                    args: dict[str, Any], after: bytes = b"") -> Any:
-    """Send ``cmd`` (and ``after``, a stream's first bytes, behind it); its result (events before it skipped)."""
+    """Send ``cmd`` (and ``after``, a stream's first bytes, behind it); its result (events skipped)."""
     try:
         frame = encode_frame({**args, "id": 1, "cmd": cmd})
     except (ValueError, TypeError) as e:

@@ -156,7 +156,8 @@ class ControlClient:
             sock.close()
             raise
 
-    def _stream(self, cmd: str, args: dict[str, Any], timeout: float | None, first: bytes = b"") -> socket.socket:
+    def _stream(self, cmd: str, args: dict[str, Any], timeout: float | None,
+                first: bytes = b"") -> socket.socket:
         deadline = _deadline(self.timeout if timeout is None else timeout)
         sock = self._connect(deadline)
         with self._closed_on_failure(sock):
@@ -327,7 +328,8 @@ class Subscription:
 
 # --- frames and replies -----------------------------------------------------------------------
 
-def connect_request(target: str, port: int, first: bytes | bytearray | memoryview = b"") -> tuple[dict[str, Any], bytes]:
+def connect_request(target: str, port: int,
+                    first: bytes | bytearray | memoryview = b"") -> tuple[dict[str, Any], bytes]:
     """
     A ``connect`` request's arguments, and the stream's first bytes to send
     right behind its frame (``docs/control.md``); ``InvalidArgument`` if

@@ -243,7 +243,8 @@ class ControlChannel(Protocol):
 
 
 def open_channel(reactor: Any, socket_path: str, cmd: str, args: dict[str, Any],
-                 timeout: float = CONNECT_TIMEOUT, after: bytes = b"") -> Deferred[tuple[ControlChannel, Any]]:
+                 timeout: float = CONNECT_TIMEOUT,
+                 after: bytes = b"") -> Deferred[tuple[ControlChannel, Any]]:
     """
     Connect to the control socket and send one request; fires with
     ``(channel, result)`` once answered.  Cancelling it (while connecting or
@@ -289,7 +290,7 @@ class DaemonClientEndpoint:
         self.port = port
         self.socket_path = socket_for(socket_path)
         self.timeout = timeout
-        #: The connect request, and ``first``: written the moment the stream opens, before the protocol writes.
+        #: The connect request, and ``first``: written as the stream opens, before the protocol writes.
         self.args, self.first = connect_request(target, port, first)
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:

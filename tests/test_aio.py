@@ -237,7 +237,7 @@ class StreamTests(SynchronousTestCase):
         run(test)
 
     def test_open_connection_with_first_bytes(self) -> None:
-        """``first`` goes behind the request (which says how many bytes follow): the daemon reads it as the stream's."""
+        """``first`` goes behind the request (which says how many bytes follow): the stream's bytes."""
         async def test(daemon: FakeDaemon) -> None:
             reader, writer = await aio.open_connection("agent-b", 1000, socket=daemon.path, first=b"first")
             self.assertEqual(await reader.read(), b"HELLO FIRST")

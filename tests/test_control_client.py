@@ -550,7 +550,8 @@ class EndToEndTests(TestCase):
 
         def run() -> None:
             client = ControlClient(self.path, timeout=5)
-            self.assertRaises(NotTrusted, client.open_stream, "peer", 7, first=encode_frame({"id": 2, "cmd": "info"}))
+            behind = encode_frame({"id": 2, "cmd": "info"})
+            self.assertRaises(NotTrusted, client.open_stream, "peer", 7, first=behind)
 
         yield deferToThread(run)
         self.assertEqual([name for name, _ in self.api.calls], ["connect"])
