@@ -17,7 +17,9 @@ The workload, the same on both sides, driven from this process:
 
 * **ping**: ``--pings`` times, back to back, what the reference's pilotctl
   ping does: dial port 7, write ``ping-N``, read the echo, close; timed
-  from the dial to the whole echo (the client's wall time, IPC included);
+  from the dial to the whole echo (the client's wall time, IPC included).
+  Ours sends ``ping-N`` behind the connect request (``open_stream(first=)``),
+  the reference's IPC writes it once the dial is answered;
 * **echo**: ``--echoes`` round trips of 6 bytes on one open stream to port 7;
 * **throughput**: ``--megabytes`` MB (10^6 B) on one stream to a sink bound
   on the other node (our ``listen`` + ``attach``; the reference's Bind +
@@ -78,7 +80,7 @@ class Stream(Protocol):
 class Side(Protocol):
     name: str
 
-    def open(self, port: int) -> Stream: ...
+    def open(self, port: int, first: bytes = b"") -> Stream: ...
     def sink(self, port: int, deadline: float) -> Any: ...
     def burst(self, count: int, size: int, limit: float) -> tuple[float, float]: ...
     def stop(self) -> None: ...
@@ -121,9 +123,10 @@ class Ours:
         self.b.start(self.rendezvous)
         establish_trust(self.a, self.b)
 
-    def open(self, port: int) -> Stream:
+    def open(self, port: int, first: bytes = b"") -> Stream:
+        """``first`` rides behind the connect request (``ControlClient.open_stream``)."""
         assert self.a.client is not None
-        return OurStream(self.a.client.open_stream(self.b.address, port, timeout=30.0))
+        return OurStream(self.a.client.open_stream(self.b.address, port, timeout=30.0, first=first))
 
     def sink(self, port: int, deadline: float) -> Any:
         sink = Sink(self.b, port, deadline)
@@ -380,9 +383,13 @@ class Reference:
         self.ipc.send(0x03, struct.pack(">HIH", 0, self.nodes["ref-b"]["node_id"], port))
         return int(struct.unpack(">I", self.ipc.take(0x04, 30.0)[:4])[0])
 
-    def open(self, port: int) -> Stream:
+    def open(self, port: int, first: bytes = b"") -> Stream:
+        """The reference's IPC has no first bytes on a dial: they are sent once it is open."""
         assert self.ipc is not None
-        return RefStream(self.ipc, self.dial(port))
+        stream = RefStream(self.ipc, self.dial(port))
+        if first:
+            stream.send(first)
+        return stream
 
     def sink(self, port: int, deadline: float) -> Any:
         self.sink_ipc = IPC(self.nodes["ref-b"]["socket"])
@@ -427,8 +434,7 @@ def workload(side: Side, args: argparse.Namespace, say: Callable[[str], None]) -
     for seq in range(1, args.pings + 1):
         message = f"ping-{seq}".encode()
         t0 = time.perf_counter()
-        stream = side.open(7)
-        stream.send(message)
+        stream = side.open(7, first=message)
         if stream.recv_exact(len(message), 10.0) != message:
             raise Failed(f"{side.name}: port 7 echoed something else")
         rtts.append((time.perf_counter() - t0) * 1000)

@@ -30,7 +30,7 @@ import os
 import struct
 from typing import Any, Awaitable, Callable
 
-from pilot.control_client import SOCKET_NAME, START_HINT, default_socket_path
+from pilot.control_client import SOCKET_NAME, START_HINT, connect_request, default_socket_path
 from pilot.errors import (ConnectionFailed, InvalidArgument, MalformedFrame, NotRunning, PilotError, Timeout,
                           error_for)
 from pilot.wire.control import decode_message
@@ -88,13 +88,13 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cmd: str,
-                   args: dict[str, Any]) -> Any:
-    """Send ``cmd`` and return its result (event frames before the reply are skipped)."""
+                   args: dict[str, Any], after: bytes = b"") -> Any:
+    """Send ``cmd`` (and ``after``, a stream's first bytes, behind it); its result (events skipped)."""
     try:
         frame = encode_frame({**args, "id": 1, "cmd": cmd})
     except (ValueError, TypeError) as e:
         raise InvalidArgument(f"the request cannot be sent: {e}") from None
-    writer.write(frame)
+    writer.write(frame + after if after else frame)
     await writer.drain()
     while True:
         reply = await _read_frame(reader)
@@ -110,11 +110,12 @@ async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, c
 
 
 async def _channel(path: str, cmd: str, args: dict[str, Any], limit: int = 2 ** 16,
-                   timeout: float | None = DEFAULT_TIMEOUT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+                   timeout: float | None = DEFAULT_TIMEOUT,
+                   after: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
     """A Unix connection that sent ``cmd`` and got its result; closed if anything fails (or is cancelled)."""
     reader, writer = await _open(path, limit)
     try:
-        result = await asyncio.wait_for(_request(reader, writer, cmd, args), timeout)
+        result = await asyncio.wait_for(_request(reader, writer, cmd, args, after), timeout)
     except asyncio.TimeoutError:
         writer.close()
         raise Timeout(f"the daemon did not answer {cmd!r} within {timeout:g} s") from None
@@ -296,11 +297,14 @@ class Subscription:
 # --- streams ----------------------------------------------------------------------------------------
 
 async def open_connection(target: str, port: int, *, socket: str | None = None, home: str | None = None,
-                          limit: int = 2 ** 16,
-                          timeout: float | None = CONNECT_TIMEOUT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A Pilot stream to ``target:port`` as asyncio's ``(StreamReader, StreamWriter)``."""
-    reader, writer, _ = await _channel(socket_for(socket, home), "connect", {"target": target, "port": port},
-                                       limit, timeout)
+                          limit: int = 2 ** 16, timeout: float | None = CONNECT_TIMEOUT,
+                          first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """
+    A Pilot stream to ``target:port`` as asyncio's ``(StreamReader, StreamWriter)``;
+    ``first`` is written the moment it opens (``ControlClient.open_stream``).
+    """
+    args, after = connect_request(target, port, first)
+    reader, writer, _ = await _channel(socket_for(socket, home), "connect", args, limit, timeout, after)
     return reader, writer
 
 

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pilot.address import Address
-from pilot.control_client import SOCKET_NAME, START_HINT, default_socket_path
+from pilot.control_client import SOCKET_NAME, START_HINT, connect_request, default_socket_path
 from pilot.errors import ConnectionFailed, InvalidArgument, MalformedFrame, NotRunning, PilotError, error_for
 from pilot.stack.transport import PilotAddress
 from pilot.wire.control import frame_decoder
@@ -133,9 +133,11 @@ class ControlChannel(Protocol):
     log = Logger()
     transport: Any = None
 
-    def __init__(self, cmd: str, args: dict[str, Any]) -> None:
+    def __init__(self, cmd: str, args: dict[str, Any], after: bytes = b"") -> None:
         self.cmd = cmd
         self.args = args
+        #: Sent right behind the request (a stream's first bytes).
+        self.after = after
         self.replied: Deferred[Any] = Deferred(lambda d: self.abort())
         self.lost: Deferred[None] = Deferred()
         self._decoder = frame_decoder()
@@ -145,7 +147,7 @@ class ControlChannel(Protocol):
         self._events: list[dict[str, Any]] = []
 
     def connectionMade(self) -> None:
-        self.transport.write(encode_frame({**self.args, "id": 1, "cmd": self.cmd}))
+        self.transport.write(encode_frame({**self.args, "id": 1, "cmd": self.cmd}) + self.after)
 
     def abort(self) -> None:
         if self.transport is not None and self._state != _CLOSED:
@@ -241,13 +243,14 @@ class ControlChannel(Protocol):
 
 
 def open_channel(reactor: Any, socket_path: str, cmd: str, args: dict[str, Any],
-                 timeout: float = CONNECT_TIMEOUT) -> Deferred[tuple[ControlChannel, Any]]:
+                 timeout: float = CONNECT_TIMEOUT,
+                 after: bytes = b"") -> Deferred[tuple[ControlChannel, Any]]:
     """
     Connect to the control socket and send one request; fires with
     ``(channel, result)`` once answered.  Cancelling it (while connecting or
     waiting for the reply) closes the Unix connection.
     """
-    channel = ControlChannel(cmd, args)
+    channel = ControlChannel(cmd, args, after)
     d: Deferred[Any] = UNIXClientEndpoint(reactor, socket_path, timeout=timeout).connect(
         Factory.forProtocol(lambda: channel))
 
@@ -281,17 +284,18 @@ class DaemonClientEndpoint:
     """A Pilot stream to ``target:port`` through the daemon on ``socket_path`` (default: :func:`socket_for`)."""
 
     def __init__(self, reactor: Any, target: str, port: int, socket_path: str | None = None,
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = CONNECT_TIMEOUT, first: bytes = b"") -> None:
         self.reactor = reactor
         self.target = target
         self.port = port
         self.socket_path = socket_for(socket_path)
         self.timeout = timeout
+        #: The connect request, and ``first``: written as the stream opens, before the protocol writes.
+        self.args, self.first = connect_request(target, port, first)
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Fires with the protocol once the stream is open; cancel it to give up."""
-        d = open_channel(self.reactor, self.socket_path, "connect", {"target": self.target, "port": self.port},
-                         self.timeout)
+        d = open_channel(self.reactor, self.socket_path, "connect", self.args, self.timeout, self.first)
         return d.addCallback(self._connected, factory)
 
     def _connected(self, opened: tuple[ControlChannel, Any], factory: IProtocolFactory) -> IProtocol:

@@ -236,6 +236,17 @@ class StreamTests(SynchronousTestCase):
             self.assertEqual(daemon.requests, [("connect", {"target": "agent-b", "port": 1000})])
         run(test)
 
+    def test_open_connection_with_first_bytes(self) -> None:
+        """``first`` goes behind the request (which says how many bytes follow): the stream's bytes."""
+        async def test(daemon: FakeDaemon) -> None:
+            reader, writer = await aio.open_connection("agent-b", 1000, socket=daemon.path, first=b"first")
+            self.assertEqual(await reader.read(), b"HELLO FIRST")
+            writer.close()
+            self.assertEqual(daemon.requests, [("connect", {"target": "agent-b", "port": 1000, "first": 5})])
+            with self.assertRaises(InvalidArgument):
+                await aio.open_connection("agent-b", 1000, socket=daemon.path, first=b"x" * 65537)
+        run(test)
+
     def test_start_server_attaches_each_stream(self) -> None:
         async def test(daemon: FakeDaemon) -> None:
             got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pilot.address import Address, SocketAddress
-from pilot.control_client import ControlClient, Subscription, default_socket_path
+from pilot.control_client import MAX_FIRST, ControlClient, Subscription, default_socket_path
 from pilot.errors import (ConnectionFailed, ErrorCode, Internal, InvalidArgument, NotFound, NotRunning,
                           NotTrusted, PilotError, Timeout)
 from pilot.protocols.control_server import ControlServerFactory
@@ -290,6 +290,28 @@ class StreamTests(SynchronousTestCase):
             self.assertEqual(read_all(sock), b"first bytes|\x00raw\xff|bye")
         self.assertEqual(requests, [{"id": 1, "cmd": "connect", "target": "sensor-1", "port": 1000}])
 
+    def test_open_stream_with_first_bytes(self) -> None:
+        """``first`` goes in the same write right behind the request, which says how many bytes follow."""
+        received: list[Any] = []
+
+        def script(conn: socket.socket) -> None:
+            req = read_request(conn)
+            received.append(req)
+            received.append(read_exact(conn, 6))
+            conn.sendall(ok(req, {}) + b"ping-1")
+
+        daemon = ScriptedDaemon(self, script)
+        sock = ControlClient(daemon.path, timeout=5).open_stream("sensor-1", 7, first=b"ping-1")
+        with sock:
+            self.assertEqual(read_exact(sock, 6), b"ping-1")
+        self.assertEqual(received, [{"id": 1, "cmd": "connect", "target": "sensor-1", "port": 7, "first": 6},
+                                    b"ping-1"])
+
+    def test_open_stream_first_bytes_checked(self) -> None:
+        client = ControlClient(os.path.join(short_dir(self), "none.sock"), timeout=5)
+        self.assertRaises(InvalidArgument, client.open_stream, "x", 7, first="text")
+        self.assertRaises(InvalidArgument, client.open_stream, "x", 7, first=b"x" * (MAX_FIRST + 1))
+
     def test_open_stream_refused(self) -> None:
         def script(conn: socket.socket) -> None:
             req = read_request(conn)
@@ -499,6 +521,40 @@ class EndToEndTests(TestCase):
 
         answer = yield deferToThread(run)
         self.assertEqual(answer, b"HELLO WORLD")
+
+    @inlineCallbacks
+    def test_stream_with_first_bytes(self) -> Any:
+        """The first bytes reach the stream the moment it opens, before anything written later."""
+        def connected(target: str, port: int) -> Any:
+            bridge = self.api.protocols[-1]
+            bridge.makeConnection(LoopPilot(bridge))
+            return {"target": target, "port": port}
+
+        self.api.answers["connect"] = connected
+
+        def run() -> bytes:
+            sock = ControlClient(self.path, timeout=5).open_stream("peer", 7, first=b"first ")
+            with sock:
+                sock.settimeout(5)
+                sock.sendall(b"then")
+                sock.shutdown(socket.SHUT_WR)
+                return read_all(sock)
+
+        answer = yield deferToThread(run)
+        self.assertEqual(answer, b"FIRST THEN")
+
+    @inlineCallbacks
+    def test_stream_with_first_bytes_refused(self) -> Any:
+        """A refused open with first bytes: the error, and the bytes never read as a request."""
+        self.api.answers["connect"] = NotTrusted("peer does not trust you", "handshake")
+
+        def run() -> None:
+            client = ControlClient(self.path, timeout=5)
+            behind = encode_frame({"id": 2, "cmd": "info"})
+            self.assertRaises(NotTrusted, client.open_stream, "peer", 7, first=behind)
+
+        yield deferToThread(run)
+        self.assertEqual([name for name, _ in self.api.calls], ["connect"])
 
     @inlineCallbacks
     def test_listen_and_attach(self) -> Any:

@@ -117,6 +117,21 @@ class ClientEndpointTests(SynchronousTestCase):
         self.daemon.flush()
         self.assertIsNotNone(proto.lost)
 
+    def test_first_bytes_ride_on_the_connect(self) -> None:
+        """``first``: sent behind the request, written to the stream the moment it opens."""
+        self.endpoint = DaemonClientEndpoint(self.daemon.reactor, "agent-b", 1000, SOCKET, first=b"hello ")
+        d, answer = self.connect()
+        (bridge,) = self.daemon.api.protocols
+        peer, _ = self.daemon.pilot_peer(bridge)
+        answer.callback({"target": PEER, "port": 1000, "local_port": 49152})
+        self.daemon.flush()
+        proto = self.successResultOf(d)
+        proto.transport.write(b"world")
+        self.daemon.flush()
+        self.assertEqual(peer.received, b"hello world")
+        self.assertRaises(InvalidArgument, DaemonClientEndpoint, self.daemon.reactor, "agent-b", 1000, SOCKET,
+                          first="text")
+
     def test_error_reply_is_the_pilot_error(self) -> None:
         d, answer = self.connect()
         answer.errback(NotTrusted("no trust", "ask for it"))

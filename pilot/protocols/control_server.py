@@ -292,8 +292,11 @@ class ControlProtocol(Protocol):
 
     def _connect(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
         target, port = args.target(), args.port()
+        first = args.integer("first", 0, 0xFFFFFFFF, default=0)  # bytes of the stream behind the request
         bridge = StreamBridge()
         self._begin_stream(slot, bridge)
+        if first:
+            slot.on_error = lambda: self._first_bytes_dropped(bridge)
         try:
             return self.api.connect(target, port, bridge)
         except BaseException:
@@ -316,6 +319,13 @@ class ControlProtocol(Protocol):
             self._pauser.pause("stream")
         slot.on_ok = lambda: self._enter_raw(bridge)
         slot.on_error = lambda: self._stream_failed(bridge)
+
+    def _first_bytes_dropped(self, bridge: StreamBridge) -> None:
+        """A ``connect`` with ``first`` bytes behind it failed: drop them, close after the error reply."""
+        self._stream_failed(bridge)
+        self._decoder.take_rest()
+        self._broken = True
+        self._close()
 
     def _stream_failed(self, bridge: StreamBridge) -> None:
         bridge.close()

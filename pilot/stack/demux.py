@@ -6,10 +6,10 @@ has the ports, limits and the trust gate.
 
 It demultiplexes stream packets to one
 :class:`~pilot.machines.connection.Connection` per (peer address, peer port,
-local port) (the table is :class:`~pilot.stack.streams.StreamTable`),
-answers SYNs on listening ports (and RSTs the rest), delivers datagrams to
-bound ports, answers the control-port ping, runs the echo
-service on port 7, and offers Twisted's shapes upward: ``connect`` fires with
+local port) (the table is :class:`~pilot.stack.streams.StreamTable`; TIME_WAIT
+is :class:`~pilot.stack.timewait.TimeWaits`), answers SYNs on listening ports
+(and RSTs the rest), delivers datagrams to bound ports, answers the control
+ping, runs the echo service on port 7, and offers Twisted's shapes: ``connect`` fires with
 a :class:`~pilot.stack.transport.StreamTransport`, ``listen`` takes an
 ``IProtocolFactory``.  It never touches a socket: packets leave through the
 injected ``send_packet`` and arrive through :meth:`Stack.packet_received`;
@@ -20,11 +20,10 @@ its :class:`~pilot.stack.transport.StreamTransport`, which hands it to the
 protocol; the connection and the transport report to their
 :class:`~pilot.stack.streams.Stream`, never back here.
 
-The trust gate (``docs/reference-wire.md`` §9 item 23, which the reference
-lacks): a packet from a node for which ``is_trusted(node)`` is false reaches only port 444 (the trust
-handshake).  Anything else it sends is refused (RST for a stream, dropped
-otherwise) and counted as ``refused.untrusted``.  Connections we open to an
-untrusted node work: the peer decides whether to accept them.
+The trust gate (``docs/reference-wire.md`` §9 item 23, which the reference lacks): a packet from a
+node for which ``is_trusted(node)`` is false reaches only port 444 (the trust handshake).  Anything
+else it sends is refused (RST for a stream, dropped otherwise), counted as ``refused.untrusted``.
+Connections we open to an untrusted node work: the peer decides whether to accept them.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from pilot.stack import ports as limits
 from pilot.stack.ports import MAX_DATAGRAM, EphemeralPorts, Listening, check_port
 from pilot.stack.services import Ping, echo_factory, ping_refusal
 from pilot.stack.streams import Key, Stream, StreamTable
+from pilot.stack.timewait import TimeWaits
 from pilot.stack.transport import SEND_BUFFER_HIGH, SEND_BUFFER_LOW, PilotAddress, StreamTransport
 from pilot.wire.packet import (
     ACK, CONTROL, DATAGRAM, ECHO, FIN, HANDSHAKE, PING, RST, STREAM, SYN, Packet,
@@ -96,10 +96,12 @@ class Stack:
         self.counters: collections.Counter[str] = collections.Counter()
         self.ephemeral = EphemeralPorts(self._port_taken)
         self.stopped = False
+        #: TIME_WAIT, outside the connection table and its limits (docs/stack.md).
+        self.time_waits = TimeWaits(clock, self._send, local_address, self.counters, self.config.time_wait)
         #: The connection table.
         self.streams = StreamTable(clock=clock, send=self._send, config=self.config,
                                    high_water=send_buffer_high, low_water=send_buffer_low,
-                                   cancel=self._cancel, log=log)
+                                   cancel=self._cancel, log=log, time_waits=self.time_waits)
         if segment_size is not None:
             self.streams.default_segment_size = min(segment_size, self.config.mss)
         self._listeners: dict[int, tuple[Listening, IProtocolFactory]] = {}
@@ -165,22 +167,19 @@ class Stack:
         """A stream packet for ``own``, our node id (read once per packet)."""
         key = (packet.src, packet.src_port, packet.dst_port)
         stream = self.streams.get(key)
-        opening = packet.flags & (SYN | ACK | RST) == SYN
         if stream is not None:
-            connection = stream.connection
             if stream.inbound and not self._allowed(packet, own):
                 self.counters["refused.untrusted"] += 1
                 self.log.info("resetting {target}: node {node} is not trusted any more",
                               target=stream.target, node=packet.src.node)
-                connection.abort()
-                return
-            restart = opening and connection.lingering
-            connection.packet_received(packet)  # a SYN ends a connection lingering in TIME_WAIT ...
-            if not (restart and self.streams.get(key) is None):
-                return  # ... and then opens a new one below
-        if packet.flags & RST:
+                stream.connection.abort()
+            else:
+                stream.connection.packet_received(packet)
+        elif self.time_waits.packet_received(packet, key, lambda: self._allowed(packet, own)):
+            pass  # TIME_WAIT took it (a SYN ends the entry and goes on below as a new SYN)
+        elif packet.flags & RST:
             self._drop("dropped.no_connection", packet)
-        elif not opening:
+        elif packet.flags & (SYN | ACK) != SYN:
             self._refuse("reset.no_connection", packet)
         else:
             self._syn(packet, key)
@@ -282,7 +281,8 @@ class Stack:
     # -- the connection table ------------------------------------------------------------------
 
     def _port_taken(self, port: int) -> bool:
-        return port in self._listeners or port in self._datagram_ports or self.streams.port_use[port] > 0
+        return (port in self._listeners or port in self._datagram_ports or self.streams.port_use[port] > 0
+                or self.time_waits.ports[port] > 0)
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -486,6 +486,7 @@ class Stack:
             listening.close()
         for call in list(self._calls):
             self._cancel(call)
+        self.time_waits.clear()
 
     def _check_running(self) -> None:
         if self.stopped:

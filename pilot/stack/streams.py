@@ -30,6 +30,7 @@ from pilot.errors import ConnectionFailed, PilotError, Timeout
 from pilot.machines.connection import Connection, ConnectionConfig
 from pilot.stack import ports as limits
 from pilot.stack.ports import Listening
+from pilot.stack.timewait import TimeWaits
 from pilot.stack.transport import PilotAddress, StreamTransport
 from pilot.wire.packet import Packet
 
@@ -111,6 +112,11 @@ class Stream:
         self.settle()
         self.table.forget(self)
 
+    def lingered(self, seq: int, window: int, ack_owed: bool) -> None:
+        """TIME_WAIT: the table keeps it in its compact form; the connection is released next."""
+        if self.table.time_waits is not None:
+            self.table.time_waits.add(self.key, seq, window, self.inbound, ack_owed)
+
     # -- the handshake is over --------------------------------------------------------------
 
     def settle(self) -> None:
@@ -156,8 +162,11 @@ class StreamTable:
         low_water: int,
         cancel: Callable[[Optional[IDelayedCall]], None],
         log: Logger | None = None,
+        time_waits: TimeWaits | None = None,
     ) -> None:
         self.clock = clock
+        #: TIME_WAIT entries (None: each connection lingers itself, and counts in the limits).
+        self.time_waits = time_waits
         self._send = send
         self.config = config
         self.high_water = high_water
@@ -218,7 +227,8 @@ class StreamTable:
             connection_made=transport.connection_made, connection_lost=transport.connection_lost,
             released=stream.released, packet_handled=transport.check_send_buffer, config=self.config,
             segment_size=self.segment_sizes.get(remote.node, self.default_segment_size),
-            path_trouble=lambda: self.path_trouble(remote.node))
+            path_trouble=lambda: self.path_trouble(remote.node),
+            linger=None if self.time_waits is None else stream.lingered)
         transport.attach(stream.connection)
         self._by_key[key] = stream
         self._by_id[stream.id] = stream

@@ -686,6 +686,33 @@ class ConnectTests(SynchronousTestCase):
         self.assertTrue(replies[1]["ok"])
         self.assertEqual(h.transport.producerState, "producing")
 
+    def test_failure_with_first_bytes_closes(self) -> None:
+        """
+        A connect that said ``first`` bytes follow it fails: the error reply,
+        then the connection closes; those bytes are never read as requests.
+        """
+        h = Harness()
+        d: Deferred[Any] = Deferred()
+        h.api.answers["connect"] = d
+        behind = request(2, "info")
+        h.send(request(1, "connect", target="x", port=7, first=len(behind)) + behind)
+        d.errback(NotTrusted("x does not trust you"))
+        h.send(request(3, "info"))
+        replies = h.take()
+        self.assertEqual([(r["id"], r["error"]["code"]) for r in replies], [(1, "not_trusted")])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.api.calls, [("connect", ("x", 7))])
+
+    def test_success_with_first_bytes(self) -> None:
+        h = Harness()
+        h.api.answers["connect"] = {"ok": 1}
+        h.send(request(1, "connect", target="x", port=7, first=4) + b"ping")
+        (bridge,) = h.api.protocols
+        pilot = PilotTransport()
+        bridge.makeConnection(pilot)
+        self.assertEqual(pilot.value(), b"ping")
+        self.assertFalse(h.transport.disconnecting)
+
     def test_synchronous_success(self) -> None:
         h = Harness()
         h.api.answers["connect"] = {"ok": 1}

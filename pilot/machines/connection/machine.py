@@ -74,9 +74,20 @@ def _end(core: Transfer, reason: BaseException | Failure | None = None, rst: boo
 
 
 def _enter_time_wait(core: Transfer, reason: BaseException) -> None:
+    """
+    Linger, or hand TIME_WAIT to the stack (``core.linger``): it keeps what
+    answering stray packets needs, and the connection is released at once
+    (``docs/stack.md``, "TIME_WAIT").
+    """
     core.cancel_timers()
-    core.time_wait_timer.start(core.config.time_wait)
+    linger = core.linger
+    if linger is None:
+        core.time_wait_timer.start(core.config.time_wait)
+    else:
+        linger(core.sender.snd_nxt, core.window(), core.fin_seq is None and core.final_acks == 0)
     core.connection_lost(Failure(reason))
+    if linger is not None:
+        core.machine.time_wait_elapsed()  # queued behind this transition: closed, released
 
 
 def _answer_fin(core: Transfer, packet: Packet) -> None:
@@ -474,6 +485,8 @@ table.ignore((idle, syn_sent, syn_received, time_wait, closed), I.reading_resume
              why="nothing is held back: no data before the handshake, all of it handed over in TIME_WAIT")
 table.ignore((closed,), I.send_drained, I.retries_exhausted, I.close_requested,
              why="queued behind an abort that a failing application callback asked for")
+table.ignore((closed,), I.time_wait_elapsed,
+             why="TIME_WAIT handed to the stack; an abort from connection_lost got there first")
 table.ignore((closed,), I.application_told,
              why="the application aborted as it heard connection_made: the RST went instead")
 table.ignore((fin_wait,), I.retransmit_timer_fired, I.nagle_timer_fired, I.pacing_timer_fired,

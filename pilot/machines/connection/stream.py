@@ -28,8 +28,11 @@ Callbacks: ``connection_made()`` once when established;
 (also when the connection never got established: dial timeout, refused,
 aborted); ``released()`` exactly once when the connection reaches
 ``closed`` and the stack may forget it (after TIME_WAIT, at once after a
-reset); ``packet_handled()`` after every packet the connection took (an
-acknowledgement may have made room in the send buffer).  An exception from
+reset); ``linger(seq, window, ack_owed)``, if given, on the way into
+TIME_WAIT: the caller keeps TIME_WAIT (answers stray FINs, drops old
+duplicates) and the connection is released at once; ``packet_handled()``
+after every packet the connection took (an acknowledgement may have made
+room in the send buffer).  An exception from
 ``connection_made`` or ``data_received`` aborts the connection with that
 failure.
 """
@@ -127,13 +130,14 @@ class Connection:
         initial_sequence: int = 0,
         segment_size: int | None = None,
         path_trouble: Callable[[], None] = _ignore,
+        linger: Callable[[int, int, bool], None] | None = None,
     ) -> None:
         config = config or ConnectionConfig()
         cc = congestion or new_congestion(config)
         self._core = Transfer(clock, send, local, local_port, remote, remote_port, config,
                               wire(initial_sequence), data_received, connection_made,
                               connection_lost, released, cc, path_trouble=path_trouble,
-                              segment_size=segment_size)
+                              segment_size=segment_size, linger=linger)
         self._packet_handled = packet_handled
         self._machine: ConnectionInputs = _machine(self._core)
         self._core.machine = self._machine

@@ -226,6 +226,8 @@ class Transfer:
     path_trouble: Callable[[], None] = lambda: None
     #: The segment size to start with (None: ``config.mss``).
     segment_size: Optional[int] = None
+    #: ``linger(seq, window, ack_owed)``: the stack keeps TIME_WAIT for us (None: we linger ourselves).
+    linger: Optional[Callable[[int, int, bool], None]] = None
     handshake: Handshake = attr.ib(factory=Handshake)
     #: We answered a SYN (rather than sent one).
     passive: bool = False
