@@ -279,7 +279,7 @@ class RegistryServerProtocol(Protocol):
             before = self.durability.generation if self.durability is not None else 0
             try:
                 # no logging here (a fleet's every request passes): refusals are counted by the registry
-                frame = encode_frame(self.registry.handle(item, self.peer, self))
+                frame = self.registry.answer(item, self.peer, self)
             except Exception:
                 self.log.failure("registry request {kind!r} from {peer} failed",
                                  kind=str(item.get("type"))[:40], peer=self._where())
