@@ -156,7 +156,7 @@ class Registry:
             # a paired server: a standby refuses writes, and every reply carries the term
             return replica.stamp(replica.refusal(kind) or self._handle(handler, kind, msg, peer, session, t0))
         finally:
-            self.durations.observe(kind if handler else "unknown", seconds() - t0)
+            self.durations.observe(str(kind) if handler else "unknown", seconds() - t0)
 
     def answer(self, msg: Message, peer: Peer, session: Session | None = None) -> bytes:
         """:meth:`handle`'s reply as a frame: made once for an unchanged node's ``lookup`` or
