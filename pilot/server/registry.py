@@ -73,10 +73,11 @@ class ReplyFrames:
     :meth:`Registry.handle` (counters, rate limits, durations); only the
     reply's building and encoding are skipped.  Not used by a paired server
     (its replies carry the current term).  At most :data:`MAX_ENTRIES` of each
-    kind, forgotten all at once when full.
+    kind, forgotten all at once when full: about 800 bytes a node and 500 a
+    name, so at most about 42 MB (``docs/performance.md``).
     """
 
-    MAX_ENTRIES = 1 << 16
+    MAX_ENTRIES = 1 << 15
 
     def __init__(self) -> None:
         #: node id -> (node, the fields the reply shows, the reply, its frame)
