@@ -3,8 +3,9 @@
 The registry's TCP protocol, server side (the client is in ``registry_client.py``).
 
 Thin by design: bytes go to a :class:`~pilot.wire.registry.FrameDecoder`, each
-message to :meth:`Registry.handle <pilot.server.registry.Registry.handle>`,
-and the reply comes back as one frame.  The connection is the registry's
+message to :meth:`Registry.answer <pilot.server.registry.Registry.answer>`,
+and the reply comes back as one frame (``Registry.handle``'s reply, encoded,
+or a kept frame of an unchanged answer).  The connection is the registry's
 :class:`~pilot.server.registry.Session`, so events are pushed through
 :meth:`RegistryServerProtocol.push`.
 
