@@ -18,7 +18,13 @@ system time from ``/proc``, so the kernel's loopback delivery counts too).
     PILOT_REFERENCE_BIN=DIR python3 benchmarks/registry_closed_loop.py
     PILOT_REFERENCE_BIN=DIR python3 benchmarks/registry_closed_loop.py --tree ../main --tree .
 
-Bounded: at most 50 rounds of at most 20,000 requests; only 127.0.0.1.
+Each round also starts with a burst of ``--register-burst`` new nodes a
+server, registered unsigned (as reference daemons do) one at a time, each
+group of 10 on its own connection from its own loopback address (the
+reference takes 10 registrations a minute from one address).
+
+Bounded: at most 50 rounds of at most 20,000 requests and 2,000
+registrations; every connection goes to 127.0.0.1 (from 127.0.0.0/8).
 """
 
 from __future__ import annotations
@@ -91,10 +97,10 @@ def start_reference(binary: str, store: str) -> tuple[subprocess.Popen[bytes], i
 
 
 class Connection:
-    """One registry connection, one request at a time."""
+    """One registry connection, one request at a time (from the loopback address ``source``, if given)."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection((HOST, port))
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.sock = socket.create_connection((HOST, port), source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = FrameDecoder()
 
@@ -121,6 +127,8 @@ class Side:
             proc.wait()
             raise
 
+        self.port = port
+
     def register(self) -> None:
         self.ids: list[int] = []
         for i in range(NODES):
@@ -133,15 +141,52 @@ class Side:
             self.ids.append(int(reply["node_id"]))
 
 
+def new_key(serial: int) -> str:
+    _, secret = crypto_sign_seed_keypair(hashlib.sha256(b"closed-loop-new" + serial.to_bytes(4, "big")).digest())
+    return base64.b64encode(secret[32:]).decode()
+
+
+def registrations(sides: list[Side], burst: int, round_: int) -> dict[str, tuple[float, float]]:
+    """Each side registers ``burst`` new nodes, unsigned, one at a time; each node waits for its answer.
+
+    The reference takes 10 registrations a minute from one source address, so every
+    :data:`NODES` registrations come from a connection of their own, opened beforehand from a
+    loopback address of its own (127.1.0.0/16; the same addresses for every side, new each round).
+    Returns, per side, the rate and the server's CPU per registration (µs)."""
+    keys = [new_key(round_ * burst + i) for i in range(burst)]
+    count = (burst + NODES - 1) // NODES
+    out: dict[str, tuple[float, float]] = {}
+    for side in sides:
+        conns = []
+        for c in range(count):
+            n = round_ * count + c + 1
+            conns.append(Connection(side.port, f"127.1.{n >> 8 & 255}.{n & 255}"))
+        msgs = [{"type": "register", "public_key": key, "listen_addr": f"{HOST}:{20000 + i}"}
+                for i, key in enumerate(keys)]
+        time.sleep(0.1)  # the server accepts them before the clock starts (a daemon's connection is persistent)
+        cpu0, t0 = cpu_seconds(side.proc.pid), time.perf_counter()
+        for i, msg in enumerate(msgs):
+            reply = conns[i // NODES].request(msg)
+            if "node_id" not in reply:
+                raise SystemExit(f"{side.name}: register refused: {reply}")
+        seconds = time.perf_counter() - t0
+        out[side.name] = (burst / seconds, (cpu_seconds(side.proc.pid) - cpu0) / burst * 1e6)
+        for conn in conns:
+            conn.sock.close()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", action="append", default=[],
                    help="a source tree whose rendezvous to run (repeatable; default: this one)")
     p.add_argument("--burst", type=int, default=2000, help="requests per burst")
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--register-burst", type=int, default=500,
+                   help="new nodes each server registers a round (0: no registrations)")
     args = p.parse_args()
-    if not 1 <= args.burst <= 20_000 or not 1 <= args.rounds <= 50:
-        raise SystemExit("--burst 1..20000, --rounds 1..50")
+    if not 1 <= args.burst <= 20_000 or not 1 <= args.rounds <= 50 or not 0 <= args.register_burst <= 2000:
+        raise SystemExit("--burst 1..20000, --rounds 1..50, --register-burst 0..2000")
     trees = [os.path.abspath(t) for t in args.tree] or [ROOT]
     reference = os.environ.get("PILOT_REFERENCE_BIN")
     tmp = tempfile.mkdtemp(prefix="pilot-closed-")
@@ -161,7 +206,11 @@ def main() -> None:
         }
         rates: dict[tuple[str, str], list[float]] = {}
         cpus: dict[tuple[str, str], list[float]] = {}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
+            if args.register_burst:
+                for name, (rate, cpu) in registrations(sides, args.register_burst, round_).items():
+                    rates.setdefault((name, "register"), []).append(rate)
+                    cpus.setdefault((name, "register"), []).append(cpu)
             for kind, make in kinds.items():
                 for side in sides:
                     msgs = [make(side, i) for i in range(args.burst)]
@@ -176,7 +225,7 @@ def main() -> None:
         print(f"closed loop on one connection, {args.rounds} rounds of {args.burst} a server and type, "
               f"python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load:.2f} -> "
               f"{os.getloadavg()[0]:.2f}")
-        for kind in kinds:
+        for kind in (["register"] if args.register_burst else []) + list(kinds):
             ref = statistics.median(rates[("reference", kind)]) if reference else None
             for side in sides:
                 got = rates[(side.name, kind)]

@@ -3,8 +3,9 @@
 The registry's TCP protocol, server side (the client is in ``registry_client.py``).
 
 Thin by design: bytes go to a :class:`~pilot.wire.registry.FrameDecoder`, each
-message to :meth:`Registry.handle <pilot.server.registry.Registry.handle>`,
-and the reply comes back as one frame.  The connection is the registry's
+message to :meth:`Registry.answer <pilot.server.registry.Registry.answer>`,
+and the reply comes back as one frame (``Registry.handle``'s reply, encoded,
+or a kept frame of an unchanged answer).  The connection is the registry's
 :class:`~pilot.server.registry.Session`, so events are pushed through
 :meth:`RegistryServerProtocol.push`.
 
@@ -279,7 +280,7 @@ class RegistryServerProtocol(Protocol):
             before = self.durability.generation if self.durability is not None else 0
             try:
                 # no logging here (a fleet's every request passes): refusals are counted by the registry
-                frame = encode_frame(self.registry.handle(item, self.peer, self))
+                frame = self.registry.answer(item, self.peer, self)
             except Exception:
                 self.log.failure("registry request {kind!r} from {peer} failed",
                                  kind=str(item.get("type"))[:40], peer=self._where())

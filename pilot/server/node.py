@@ -53,5 +53,8 @@ class Node:
 
 @functools.lru_cache(maxsize=1 << 17)
 def address_text(node_id: int) -> str:
-    """The backbone address of ``node_id`` as text (every reply about a node carries it)."""
-    return str(Address(0, node_id))
+    """The backbone address of ``node_id`` as text (every reply about a node carries it):
+    ``str(Address(0, node_id))``, formatted here (a new node's registration makes it)."""
+    if not 0 <= node_id <= 0xFFFFFFFF:
+        return str(Address(0, node_id))  # its error
+    return f"0:0000.{node_id >> 16:04X}.{node_id & 0xFFFF:04X}"

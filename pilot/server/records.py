@@ -113,7 +113,8 @@ def register(registry: Registry, msg: Message, peer: Peer, session: Session | No
             reply["hostname_error"] = problem
     if node.hostname:
         reply["hostname"] = node.hostname
-    registry.count("registered")
+    counters = registry.counters
+    counters["registered"] = counters.get("registered", 0) + 1
     if changed:
         registry.on_change()
     if moved:

@@ -35,7 +35,7 @@ from pilot.server.compat import BEACON_TTL
 from pilot.server.requests import Handler, Message, Peer, RequestError, Session, error_reply
 from pilot.server.state import Node, RegistryState
 from pilot.server.timing import Durations
-from pilot.wire.registry import get_int, get_str
+from pilot.wire.registry import encode_frame, get_int, get_str
 
 if TYPE_CHECKING:
     from pilot.server.replication_role import Replica
@@ -56,6 +56,50 @@ class RegistryConfig:
     #: A key whose node left (deregistered or reaped) this long ago is forgotten, with its
     #: trust and replay state; until then the key keeps its node id.  math.inf: never.
     key_retention: float = 7 * 24 * 3600.0
+
+
+class ReplyFrames:
+    """
+    The encoded answers to ``lookup`` and ``resolve_hostname``, kept per node
+    and per name while what they show is unchanged (a node is looked up far
+    more often than it changes): :meth:`Registry.answer` then sends the kept
+    frame instead of building and encoding the reply again.
+
+    An entry is used only while it was made from the very :class:`Node` object
+    the state holds now and every field the reply shows is the same (a node's
+    fields are assigned, never changed in place: ``pilot.server.node``), so a
+    change, a removal or a new node under the same id or name is never
+    answered from it.  Every request still goes through
+    :meth:`Registry.handle` (counters, rate limits, durations); only the
+    reply's building and encoding are skipped.  Not used by a paired server
+    (its replies carry the current term).  At most :data:`MAX_ENTRIES` of each
+    kind, forgotten all at once when full: about 800 bytes a node and 500 a
+    name, so at most about 42 MB (``docs/performance.md``).
+    """
+
+    MAX_ENTRIES = 1 << 15
+
+    def __init__(self) -> None:
+        #: node id -> (node, the fields the reply shows, the reply, its frame)
+        self.lookups: dict[int, tuple[Node, tuple[Any, ...], Message, bytes]] = {}
+        #: hostname -> (node, its public flag, the reply, its frame)
+        self.names: dict[str, tuple[Node, bool, Message, bytes]] = {}
+        #: set by a handler that answered from here: (the reply it returned, its frame)
+        self.hit: tuple[Message, bytes] | None = None
+
+    def keep_lookup(self, node: Node, shown: tuple[Any, ...], reply: Message) -> None:
+        if len(self.lookups) >= self.MAX_ENTRIES:
+            self.lookups.clear()
+        frame = encode_frame(reply)
+        self.lookups[node.id] = (node, shown, reply, frame)
+        self.hit = (reply, frame)
+
+    def keep_name(self, name: str, node: Node, reply: Message) -> None:
+        if len(self.names) >= self.MAX_ENTRIES:
+            self.names.clear()
+        frame = encode_frame(reply)
+        self.names[name] = (node, node.public, reply, frame)
+        self.hit = (reply, frame)
 
 
 def _host(endpoint: str) -> str:
@@ -90,6 +134,8 @@ class Registry:
         self.replica: Replica | None = None
         #: time spent answering, by request type (``pilot_request_duration_seconds``)
         self.durations = Durations()
+        #: ``lookup`` and ``resolve_hostname`` answers kept encoded (used by :meth:`answer`)
+        self.frames = ReplyFrames()
         now = clock.seconds()
         # a restarted registry gives every node a full period to check in again
         self.state.floor_last_seen(now)
@@ -100,7 +146,8 @@ class Registry:
     # --- entry point ------------------------------------------------------------
 
     def handle(self, msg: Message, peer: Peer, session: Session | None = None) -> Message:
-        t0 = self.clock.seconds()
+        seconds = self.clock.seconds
+        t0 = seconds()
         kind = msg.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         try:
@@ -110,11 +157,25 @@ class Registry:
             # a paired server: a standby refuses writes, and every reply carries the term
             return replica.stamp(replica.refusal(kind) or self._handle(handler, kind, msg, peer, session, t0))
         finally:
-            self.durations.observe(str(kind) if handler else "unknown", self.clock.seconds() - t0)
+            self.durations.observe(str(kind) if handler else "unknown", seconds() - t0)
+
+    def answer(self, msg: Message, peer: Peer, session: Session | None = None) -> bytes:
+        """:meth:`handle`'s reply as a frame: made once for an unchanged node's ``lookup`` or
+        ``resolve_hostname`` answer (:class:`ReplyFrames`), encoded here for every other."""
+        frames = self.frames
+        frames.hit = None
+        reply = self.handle(msg, peer, session)
+        hit = frames.hit
+        if hit is not None and hit[0] is reply:
+            frames.hit = None
+            return hit[1]
+        return encode_frame(reply)
 
     def _handle(self, handler: Handler | None, kind: object, msg: Message, peer: Peer,
                 session: Session | None, now: float) -> Message:
-        self.count((_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown")
+        name = (_REQUEST_COUNTERS.get(kind) or f"request.{kind}") if handler else "request.unknown"
+        counters = self.counters
+        counters[name] = counters.get(name, 0) + 1
         if not self.request_limit.allow(peer.host, now):
             self.count("error.rate_limited")
             return error_reply(ErrorCode.rate_limited, "too many requests from this address")
@@ -255,9 +316,18 @@ class Registry:
 
     def lookup(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         node = self.need(get_int(msg, "node_id"))
+        # every field the reply shows (the address and key text follow from the id and the key)
+        shown = (node.public_key, node.public, node.real_addr, node.hostname, node.tags, node.networks,
+                 node.polo_score, node.task_exec)
+        kept = self.frames.lookups.get(node.id)
+        if kept is not None and kept[0] is node and kept[1] == shown and self.replica is None:
+            self.frames.hit = (kept[2], kept[3])
+            return kept[2]
         reply = self._lookup_reply(node)
         if node.public:
             reply["real_addr"] = node.real_addr
+        if self.replica is None:
+            self.frames.keep_lookup(node, shown, reply)
         return reply
 
     def resolve(self, msg: Message, peer: Peer, session: Session | None) -> Message:
@@ -279,8 +349,16 @@ class Registry:
         if node_id is None:
             raise RequestError(ErrorCode.not_found, f"no node has the hostname {name[:63]!r}")
         node = self.state.nodes[node_id]
-        return {"type": "resolve_hostname_ok", "node_id": node.id, "address": node.address_text,
-                "public": node.public, "hostname": node.hostname}
+        kept = self.frames.names.get(name)
+        if (kept is not None and kept[0] is node and kept[1] is node.public and node.hostname == name
+                and self.replica is None):
+            self.frames.hit = (kept[2], kept[3])
+            return kept[2]
+        reply = {"type": "resolve_hostname_ok", "node_id": node.id, "address": node.address_text,
+                 "public": node.public, "hostname": node.hostname}
+        if self.replica is None and node.hostname == name:
+            self.frames.keep_name(name, node, reply)
+        return reply
 
     def punch(self, msg: Message, peer: Peer, session: Session | None) -> Message:
         requester = self.signed(msg, "requester_id")

@@ -41,6 +41,10 @@ class RecordingRegistry:
             raise ZeroDivisionError("boom")
         return {"type": msg["type"] + "_ok", "n": msg.get("n")}
 
+    def answer(self, msg: dict[str, Any], peer: Peer, session: object = None) -> bytes:
+        """``Registry.answer``: the reply of :meth:`handle` (as the test set it) as a frame."""
+        return encode_frame(self.handle(msg, peer, session))
+
     def session_closed(self, session: object) -> None:
         self.closed.append(session)
 
