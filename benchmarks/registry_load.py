@@ -802,7 +802,7 @@ def main() -> None:
                    help="with --clients: the UDP sockets (source endpoints) the nodes' Discovers come from")
     args = p.parse_args()
     if args.probe < 0:
-        from pilot.node.core import DISCOVER_PROBE
+        from pilot.node.probe import DISCOVER_PROBE
         args.probe = DISCOVER_PROBE
     if args.clients and args.cadence != "ours":
         raise SystemExit("--clients drives our node's cadence only")
