@@ -28,8 +28,8 @@ beacon's ``BeaconProtocol`` on it, and 64 client sockets sending
 (``reactor.iterate``: ``epoll_wait``, ``recvfrom``, the beacon, the reply's
 ``sendto``, the kernel's share of each), not the clients.  Each of:
 replies through Twisted's ``Port.write`` or the socket's ``sendto``
-(``pilot.protocols.beacon``), and the read budget of 256 bytes a pass or
-``BEACON_READ_BUDGET``.
+(``pilot.protocols.beacon``), and the read budget of ``BEACON_READ_BUDGET``
+bytes a pass (``pilot.services.rendezvous``) or 2048.
 
 Bounded: at most 100,000 nodes, at most 20 rounds, at most 200,000
 datagrams; nothing is sent but to 127.0.0.1.
@@ -134,15 +134,18 @@ def socket_path(datagrams: int, batch: int, repeat: int) -> None:
         c.setblocking(False)
         clients.append(c)
     probe = Discover(0).base
-    direct = beacon_protocol._direct_sendto
-    variants = {"Port.write, 256 B a pass": (False, 256), "sendto, 256 B a pass": (True, 256),
-                f"sendto, {BEACON_READ_BUDGET} B a pass": (True, BEACON_READ_BUDGET)}
+    direct = getattr(beacon_protocol, "_direct_sendto", None)  # None: a tree from before it (--root)
+    variants = {f"Port.write, {BEACON_READ_BUDGET} B a pass": (False, BEACON_READ_BUDGET)}
+    if direct is not None:
+        for budget in sorted({BEACON_READ_BUDGET, 2048}):
+            variants[f"sendto, {budget} B a pass"] = (True, budget)
     best: dict[str, float] = {}
     try:
         for _ in range(repeat):
             for label, (use_sendto, budget) in variants.items():
-                beacon_protocol._direct_sendto = direct if use_sendto else (lambda transport: None)
-                proto._direct_for = None  # look again at the next reply
+                if direct is not None:
+                    beacon_protocol._direct_sendto = direct if use_sendto else (lambda transport: None)
+                    proto._direct_for = None  # look again at the next reply
                 port.maxThroughput = budget
                 cpu = 0.0
                 sent = 0
@@ -164,7 +167,8 @@ def socket_path(datagrams: int, batch: int, repeat: int) -> None:
                             pass
                 best[label] = min(best.get(label, cpu), cpu / datagrams)
     finally:
-        beacon_protocol._direct_sendto = direct
+        if direct is not None:
+            beacon_protocol._direct_sendto = direct
         port.stopListening()
         for c in clients:
             c.close()

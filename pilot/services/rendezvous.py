@@ -404,7 +404,7 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 #: some 50,000 five-byte Discovers, during which no registry request is served).  Past
 #: it the reactor serves the registry's connections first; unread datagrams wait in the
 #: kernel's buffer and, in a flood, are dropped there at no cost to us.
-BEACON_READ_BUDGET = 2048
+BEACON_READ_BUDGET = 256
 
 
 def _limit_reads(port: Any) -> None:
