@@ -63,6 +63,9 @@ class BeaconProtocol(DatagramProtocol):
         self._direct_for: object = None
         self._sendto: Optional[SendTo] = None
 
+    def startProtocol(self) -> None:
+        self._direct_for = None  # a port listening (again) may hold a new socket: look again
+
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
             replies = self.beacon.datagram_received(datagram, addr)

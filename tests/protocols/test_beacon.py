@@ -231,6 +231,15 @@ class DirectReplyTests(SynchronousTestCase):
         self.assertEqual(self.ask(PunchRequest(ids[0], ids[1]).encode()), PunchCommand(*peer_addr).encode())
         self.assertEqual(self.written, [(PunchCommand(*me).encode(), peer_addr)])
 
+    def test_a_port_listening_again_is_looked_at_again(self) -> None:
+        self.ask(Discover(0).encode())
+        self.assertIs(self.protocol._direct_for, self.port)
+        self.protocol.startProtocol()  # what the port calls when it listens
+        self.assertIsNone(self.protocol._direct_for)
+        self.ask(Discover(0).encode())
+        self.assertIs(self.protocol._direct_for, self.port)
+        self.assertEqual(self.written, [])
+
     def test_only_a_plain_udp_port_is_sent_to_directly(self) -> None:
         from pilot.protocols.beacon import _direct_sendto
         self.assertIsNotNone(_direct_sendto(self.port))
