@@ -14,7 +14,8 @@ Two cadences (``--cadence``):
 
 * ``ours`` (default): what our node daemon sends: signed (``auth``)
   registrations and heartbeats every 50 s, and an unsigned Discover every
-  15 s; a signed Discover after a heartbeat only when its answer's
+  25 s (``pilot.node.probe``: 15 s or 10 s only behind a NAT seen dropping
+  the mapping sooner; ``--probe 15`` for a fleet all behind such NATs); a signed Discover after a heartbeat only when its answer's
   ``endpoint`` (what the beacon holds) is missing or not the node's socket.
   ``--discover-after-heartbeat``: our node before 2026-12-07, a heartbeat
   every 25 s and a signed Discover after each.
@@ -791,7 +792,7 @@ def main() -> None:
                    help="our cadence before 2026-12-07: a signed Discover after every heartbeat's answer "
                         "(now: only when the answer shows the beacon holding no endpoint, or another)")
     p.add_argument("--probe", type=float, default=-1.0,
-                   help="each node's unsigned Discover interval (default: our node's, 15 s; 0: none)")
+                   help="each node's unsigned Discover interval (default: our node's, 25 s; 0: none)")
     p.add_argument("--steady-only", action="store_true",
                    help="after the registrations, only the steady state and the restart (no bursts)")
     p.add_argument("--clients", type=int, default=0,
@@ -802,7 +803,7 @@ def main() -> None:
                    help="with --clients: the UDP sockets (source endpoints) the nodes' Discovers come from")
     args = p.parse_args()
     if args.probe < 0:
-        from pilot.node.core import DISCOVER_PROBE
+        from pilot.node.probe import DISCOVER_PROBE
         args.probe = DISCOVER_PROBE
     if args.clients and args.cadence != "ours":
         raise SystemExit("--clients drives our node's cadence only")

@@ -22,9 +22,10 @@ real ones; ``tests.natmodel`` and ``tests.node`` give it fakes.
 The beacon tells us our public endpoint (Discover); we register that, prove
 it to the beacon with a signed Discover (on registration, and after a
 heartbeat whose answer shows the beacon holds no endpoint for us or another
-one), keep the NAT mapping alive with an unsigned Discover every
-``DISCOVER_PROBE`` seconds after the last Discover of either kind, and
-re-register at once when it changes (docs/nat.md, docs/registration.md).
+one), keep the NAT mapping alive with an unsigned Discover an interval after
+the last Discover of either kind (:mod:`pilot.node.probe`: shorter behind a NAT
+seen dropping it), and re-register at once when it changes (docs/nat.md,
+docs/registration.md).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from pilot.machines.tunnel.pmtu import SAFE_SEGMENT
 from pilot.node.carried import CarriedTrust
 from pilot.node.openers import Openers
 from pilot.node.peers import PeerDirectory
+from pilot.node.probe import OUTAGE_PROBE, PROBE_ANSWER_WAIT, ProbeInterval
 from pilot.stack import Stack
 from pilot.trust import TrustStore
 from pilot.wire import beacon as bw
@@ -66,16 +68,6 @@ DISCOVER_RETRY = 1.0
 #: How often the node checks which local address routes to the beacon (no
 #: packet is sent): a change of network shows within this long.
 ROUTE_CHECK = 1.0
-#: How long after its last Discover (signed or not) the node asks the beacon
-#: again (unsigned) what its public endpoint is: this keeps the NAT mapping to
-#: the beacon open, and sees changes only the NAT knows of (the reference: a
-#: Discover after each 30 s heartbeat; docs/registration.md says why 15 s).
-DISCOVER_PROBE = 15.0
-#: A Discover the beacon has not answered this long (s) makes the node doubt its registry
-#: connection (the rendezvous may have died without closing it): it heartbeats at once.
-PROBE_ANSWER_WAIT = 3.0
-#: While the registry is lost, the beacon is asked this often whether the rendezvous is back.
-OUTAGE_PROBE = 2.0
 #: The first registration waits at most this long for the beacon's answer.
 REGISTER_WAIT = 0.5
 #: A node with no NAT of its own (its socket's address is the one the beacon
@@ -135,6 +127,10 @@ class Node:
         self._probe_call: Optional[IDelayedCall] = None
         self._route_source: Optional[str] = None
         self._last_probe = 0.0
+        self.probe = ProbeInterval()
+        #: seconds between the last Discover and the one before it; the (route source, beacon) of our endpoint
+        self._probe_gap = 0.0
+        self._seen_via: tuple[Optional[str], Optional[Endpoint]] = (None, None)
         #: when the oldest Discover the beacon has not answered yet went, and whether we acted on it
         self._unanswered_since: Optional[float] = None
         self._doubted = False
@@ -268,9 +264,12 @@ class Node:
         self._unanswered_since, self._doubted = None, False
         if self.registration.is_waiting():
             self.registration.server_seen()  # the beacon answers: the rendezvous is back
+        via, self._seen_via = self._seen_via, (self._route_source, self.beacon_addr)
         if observed == self.public_endpoint:
             return
         old, self.public_endpoint = self.public_endpoint, observed
+        if old is not None and via == self._seen_via:
+            self.probe.mapping_lost(self._probe_gap)  # same route, same beacon: the NAT forgot us
         self.log.info("public endpoint {endpoint} (seen by the beacon)", endpoint=format_endpoint(*observed))
         if self.registration.is_idle():
             self._start_registration()
@@ -312,10 +311,11 @@ class Node:
         self._send_discover(data, self.beacon_addr)
 
     def _send_discover(self, data: bytes, beacon: Endpoint) -> None:
-        """Send a Discover; any Discover restarts the unsigned probe's ``DISCOVER_PROBE`` wait."""
-        self._last_probe = self.clock.seconds()
+        """Send a Discover; any Discover restarts the unsigned probe's wait (``self.probe.interval``)."""
+        now = self.clock.seconds()
+        self._probe_gap, self._last_probe = now - self._last_probe, now
         if self._unanswered_since is None:
-            self._unanswered_since = self._last_probe
+            self._unanswered_since = now
         self._sender.send(data, beacon)
 
     def _discover(self) -> None:
@@ -334,10 +334,11 @@ class Node:
         Watch for our own IP changing, cheaply.  Every ``ROUTE_CHECK`` seconds
         ask the prober which local address reaches the beacon (nothing is
         sent); when it changed (another network, a new lease), ask the beacon
-        at once.  Every ``DISCOVER_PROBE`` seconds ask the beacon anyway
-        (unsigned: it only answers), counted from our last Discover of any
-        kind, which catches a NAT that changed our public address alone and
-        keeps our mapping to the beacon open for punch commands and relays.
+        at once (and go back to the default interval).  Every
+        ``self.probe.interval`` seconds ask the beacon anyway (unsigned: it
+        only answers), counted from our last Discover of any kind, which
+        catches a NAT that changed our public address alone and keeps our
+        mapping to the beacon open for punch commands and relays.
         A Discover left unanswered ``PROBE_ANSWER_WAIT`` seconds makes the
         registration heartbeat at once (``Registration.check_now``).
         """
@@ -357,10 +358,11 @@ class Node:
             self.registration.check_now()
         # while the registry is lost, ask the beacon more often: its answer says the
         # rendezvous is back, and we reconnect without waiting out the backoff
-        every = OUTAGE_PROBE if self.registration.is_lost() else DISCOVER_PROBE
+        every = OUTAGE_PROBE if self.registration.is_lost() else self.probe.interval
         if moved or now - self._last_probe >= every:
             if moved:
                 self.log.info("our local address is now {address}: asking the beacon", address=local)
+                self.probe.reset("our local address changed")
             self._send_discover(bw.Discover(0).base, self.beacon_addr)
         self._probe_call = self.clock.callLater(ROUTE_CHECK, self._probe)
 
@@ -384,6 +386,7 @@ class Node:
             return
         self.log.info("rendezvous: beacon now {beacon}", beacon=format_endpoint(*beacon) if beacon else None)
         self.beacon_addr = beacon
+        self.probe.reset("another beacon")
         if beacon is not None and self.running:
             self._send_discover(bw.Discover(0).base, beacon)
 

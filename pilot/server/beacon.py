@@ -91,6 +91,10 @@ MEMO_LIMIT = 65_536
 #: The head of a DiscoverReply carrying an IPv4 address (``pilot.wire.beacon``), and its port.
 _REPLY_V4 = bytes([DISCOVER_REPLY, 4])
 _PORT = struct.Struct(">H")
+#: The unsigned Discover (id 0) most datagrams are (every node's probe), and its decoding,
+#: shared: it is answered without parsing it again.
+_PROBE = Discover(0).base
+_PROBE_MSG = Discover(0)
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -161,6 +165,8 @@ class Beacon:
             return self._drop("malformed", "unusable source address")
         if not self._source_limit.allow(ip_key, self.clock.seconds()):
             return self._drop("rate_limited", f"over the limit for {source[0]}")
+        if data == _PROBE:
+            return self._discover(_PROBE_MSG, source)
         try:
             msg = decode(data)
         except MalformedFrame as e:
@@ -371,7 +377,9 @@ class Beacon:
 
 def _source(addr: object) -> Endpoint | None:
     """``(host, port)`` of a socket address (IPv6 ones have 4 items) whose host is a string and
-    port in range, None otherwise (whether the host is an IP address: :meth:`Beacon._host_key`)."""
+    port in range, None otherwise (whether the host is an IP address: :meth:`Beacon._host_key`).
+    A ``(host, port)`` tuple is returned itself, not copied: a reply to it goes to the very
+    address the socket reported (``pilot.protocols.beacon`` sends those without Twisted's checks)."""
     if not isinstance(addr, tuple) or len(addr) < 2:
         return None
     host, port = addr[0], addr[1]
@@ -379,7 +387,7 @@ def _source(addr: object) -> Endpoint | None:
         return None
     if not 0 < port <= 0xFFFF:
         return None
-    return host, port
+    return addr if len(addr) == 2 else (host, port)
 
 
 def _ipv4(host: str) -> bytes | None:

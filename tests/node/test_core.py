@@ -12,9 +12,8 @@ from zope.interface.verify import verifyObject
 
 from pilot.interfaces import IBeaconListener, IFrameReceiver, IPathEvents, IRegistryLink
 from pilot.machines.registration import CONNECT_TIMEOUT
-from pilot.node.core import (
-    DISCOVER_PROBE, DISCOVER_RETRY, OUTAGE_PROBE, REGISTER_WAIT, ROUTE_CHECK,
-)
+from pilot.node.core import DISCOVER_RETRY, OUTAGE_PROBE, REGISTER_WAIT, ROUTE_CHECK
+from pilot.node.probe import DISCOVER_PROBE
 from pilot.machines.path.config import OPENER_SKEW, OPENER_STEP, OPENER_TTLS
 from pilot.node.openers import PUNCH_PROBES
 from pilot.wire import beacon as bw

@@ -142,3 +142,107 @@ class BeaconProtocolTests(SynchronousTestCase):
         self.assertEqual(self.transport.written, [])
         self.assertEqual(len([e for e in events if "log_failure" in e]), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class DirectReplyTests(SynchronousTestCase):
+    """
+    A real ``twisted.internet.udp.Port`` on 127.0.0.1 (a ``MemoryReactorClock``:
+    ``doRead`` is called by hand): a reply to the datagram's own source goes
+    out with the socket's ``sendto``, anything else with ``Port.write``.
+    """
+
+    def setUp(self) -> None:
+        import socket
+
+        from twisted.internet import udp
+        from twisted.internet.testing import MemoryReactorClock
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.registry = Registry(self.clock, RegistryConfig(registrations_per_minute=0, requests_per_second=0))
+        self.beacon = Beacon(self.registry, self.clock, BeaconConfig())
+        self.protocol = BeaconProtocol(self.beacon, self.clock)
+        reactor = MemoryReactorClock()
+        self.port = udp.Port(0, self.protocol, interface="127.0.0.1", reactor=reactor)
+        self.port.startListening()
+        self.addCleanup(reactor.advance, 0)  # connectionLost: the socket closed
+        self.addCleanup(self.port.stopListening)
+        self.written: list[tuple[bytes, Any]] = []
+        write = self.port.write
+
+        def recording_write(data: bytes, addr: Any = None) -> None:
+            self.written.append((data, addr))
+            write(data, addr)
+        self.port.write = recording_write  # type: ignore[method-assign]
+        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.client.close)
+        self.client.bind(("127.0.0.1", 0))
+        self.client.settimeout(1.0)
+        self.server = ("127.0.0.1", self.port.getHost().port)
+
+    def ask(self, data: bytes) -> bytes:
+        self.client.sendto(data, self.server)
+        self.port.doRead()
+        reply, source = self.client.recvfrom(2048)
+        self.assertEqual(source, self.server)
+        return reply
+
+    def test_discover_reply_skips_port_write(self) -> None:
+        host, port = self.client.getsockname()
+        self.assertEqual(self.ask(Discover(0).encode()), DiscoverReply(host, port).encode())
+        self.assertEqual(self.ask(Discover(77).encode()), DiscoverReply(host, port).encode())
+        self.assertEqual(self.written, [])
+        self.assertEqual(self.beacon.counters["discover"], 2)
+
+    def test_failed_sendto_falls_back_to_port_write(self) -> None:
+        host, port = self.client.getsockname()
+        self.ask(Discover(0).encode())
+        tried: list[Any] = []
+
+        def failing(data: bytes, addr: Any) -> int:
+            tried.append(addr)
+            raise OSError("full")
+        self.protocol._sendto = failing
+        self.assertEqual(self.ask(Discover(0).encode()), DiscoverReply(host, port).encode())
+        self.assertEqual(tried, [(host, port)])
+        self.assertEqual(self.written, [(DiscoverReply(host, port).encode(), (host, port))])
+
+    def test_other_destinations_use_port_write(self) -> None:
+        """A punch command to the peer goes to an endpoint of the beacon's table: Twisted checks it."""
+        import socket
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer.close)
+        peer.bind(("127.0.0.1", 0))
+        peer_addr = peer.getsockname()
+        me = self.client.getsockname()
+        ids = []
+        for seed, addr in ((1, me), (2, peer_addr)):
+            key = Identity.from_seed(bytes([seed]) * 32)
+            reply = self.registry.handle({"type": "register", "public_key": key.public_key_b64,
+                                          "listen_addr": f"{addr[0]}:{addr[1]}"}, Peer(addr[0], 50000))
+            ids.append(int(reply["node_id"]))
+        key = Identity.from_seed(bytes([2]) * 32)
+        msg: dict[str, Any] = {"type": "set_visibility", "node_id": ids[1], "public": True}
+        challenge = legacy_challenge(msg)
+        assert challenge is not None
+        msg["signature"] = key.sign_b64(challenge)
+        self.registry.handle(msg, Peer("127.0.0.1", 50000))
+        self.ask(Discover(ids[0]).encode())
+        self.beacon.datagram_received(Discover(ids[1]).encode(), peer_addr)  # recorded as the peer's
+        self.assertEqual(self.ask(PunchRequest(ids[0], ids[1]).encode()), PunchCommand(*peer_addr).encode())
+        self.assertEqual(self.written, [(PunchCommand(*me).encode(), peer_addr)])
+
+    def test_a_port_listening_again_is_looked_at_again(self) -> None:
+        self.ask(Discover(0).encode())
+        self.assertIs(self.protocol._direct_for, self.port)
+        self.protocol.startProtocol()  # what the port calls when it listens
+        self.assertIsNone(self.protocol._direct_for)
+        self.ask(Discover(0).encode())
+        self.assertIs(self.protocol._direct_for, self.port)
+        self.assertEqual(self.written, [])
+
+    def test_only_a_plain_udp_port_is_sent_to_directly(self) -> None:
+        from pilot.protocols.beacon import _direct_sendto
+        self.assertIsNotNone(_direct_sendto(self.port))
+        self.assertIsNone(_direct_sendto(FakeDatagramTransport()))
+        self.port._connectedAddr = ("127.0.0.1", 9)
+        self.assertIsNone(_direct_sendto(self.port))

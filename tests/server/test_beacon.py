@@ -127,6 +127,18 @@ class DiscoverTests(SynchronousTestCase):
                                (bytes.fromhex("04047f0000015e25"), B_ADDR)])
         self.assertEqual((w.count("discover"), w.count("discover.recorded"), w.count("punch")), (4, 2, 1))
 
+    def test_probe_answered_to_the_reported_address_itself(self) -> None:
+        """The unsigned probe (the common datagram) is answered as its decoding would be, to the
+        very address tuple the socket reported (``pilot.protocols.beacon`` relies on it)."""
+        source = ("192.0.2.44", 4044)
+        out = self.w.beacon.datagram_received(Discover(0).base, source)
+        self.assertEqual(out, reply_to(source))
+        self.assertIs(out[0][1], source)
+        v6 = ("2001:db8::7", 7, 0, 0)
+        self.assertEqual(self.w.beacon.datagram_received(Discover(0).base, v6),
+                         [(DiscoverReply("2001:db8::7", 7).encode(), ("2001:db8::7", 7))])
+        self.assertEqual(self.w.count("discover"), 2)
+
     def test_id_zero_records_nothing(self) -> None:
         self.assertEqual(self.w.discover(0, ATTACKER), reply_to(ATTACKER))
         self.assertEqual(len(self.w.beacon), 0)
