@@ -144,6 +144,14 @@ class Host:
         self.node.peers.update(other.node.own_id, other.endpoint)
 
 
+def lone_host() -> tuple[Clock, Network, Host]:
+    """A clock at a realistic epoch, a network on it, and one host (id 1) at 192.0.2.1:4001."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    network = Network(clock)
+    return clock, network, Host(network, 1, ("192.0.2.1", 4001))
+
+
 def pair(clock: Clock) -> tuple[Network, Host, Host]:
     network = Network(clock)
     a = Host(network, 1, ("192.0.2.1", 4001))

@@ -6,7 +6,6 @@ route watch, punch commands, registration's start, stopping.
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -19,17 +18,14 @@ from pilot.node.openers import PUNCH_PROBES
 from pilot.wire import beacon as bw
 from pilot.wire.tunnel import PILP
 from tests.natmodel import DISCOVER_INTERVAL
-from tests.node.fakes import DEFAULT_TTL, Host, Network, pair
+from tests.node.fakes import DEFAULT_TTL, lone_host, pair
 
 BEACON = ("198.51.100.1", 9001)
 
 
 class NodeTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.network = Network(self.clock)
-        self.host = Host(self.network, 1, ("192.0.2.1", 4001))
+        self.clock, self.network, self.host = lone_host()
         self.node = self.host.node
 
     def to_beacon(self) -> list[bytes]:
@@ -178,10 +174,7 @@ class ProbeTimerTests(SynchronousTestCase):
     """Any Discover, signed or not, restarts the unsigned probe's ``DISCOVER_PROBE`` wait."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.network = Network(self.clock)
-        self.host = Host(self.network, 1, ("192.0.2.1", 4001))
+        self.clock, self.network, self.host = lone_host()
         self.node = self.host.node
         self.node.registration.is_lost = lambda: False  # type: ignore[method-assign]
         self.node.start(BEACON)

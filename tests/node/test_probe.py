@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.endpoint import Endpoint
@@ -17,7 +16,7 @@ from pilot.node.core import OUTAGE_PROBE, ROUTE_CHECK
 from pilot.node.probe import DISCOVER_PROBE, PROBE_STEPS, ProbeInterval
 from pilot.wire import beacon as bw
 from tests.natmodel import BEACON as MODEL_BEACON, PORT_RESTRICTED, PUBLIC, SYMMETRIC, ModelNode, World
-from tests.node.fakes import Host, Network
+from tests.node.fakes import lone_host
 
 BEACON = ("198.51.100.1", 9001)
 OTHER_BEACON = ("198.51.100.2", 9001)
@@ -132,10 +131,7 @@ class NetworkChangeTests(SynchronousTestCase):
     """The shorter interval holds for this network: a new route source or beacon resets it."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.network = Network(self.clock)
-        self.host = Host(self.network, 1, ("192.0.2.1", 4001))
+        self.clock, self.network, self.host = lone_host()
         self.node = self.host.node
         self.node.registration.is_lost = lambda: False  # type: ignore[method-assign]
         self.node.start(BEACON, OTHER_BEACON)
