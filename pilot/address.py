@@ -16,6 +16,7 @@ before it ever reaches a registry with :func:`node_id_for_key`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from typing import Callable, Iterator
@@ -123,7 +124,6 @@ def node_id_candidates(public_key: bytes) -> Iterator[int]:
     """Every node id the key may take, in order of preference (reserved ids skipped)."""
     if len(public_key) != 32:
         raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
-    import hashlib  # here, not at the top: ``import pilot`` runs before the daemon's entry (pilot.entry)
     counter = 0
     while True:
         data = public_key if counter == 0 else public_key + counter.to_bytes((counter.bit_length() + 7) // 8, "big")
@@ -141,7 +141,6 @@ def node_id_for_key(public_key: bytes, held_by_other: Callable[[int], bool] = la
     the id; a node that has not asked a registry passes nothing and gets the
     first candidate, which is its id unless a collision happened.
     """
-    import hashlib  # as above
     asked = None
     if len(public_key) == 32:  # the first candidate, as node_id_candidates makes it: nearly always the id
         first = int.from_bytes(hashlib.sha256(public_key).digest()[:4], "big")

@@ -15,7 +15,8 @@ absent before anything is imported: a ``None`` entry in ``sys.modules``,
 which makes ``import ssl`` raise ``ImportError``, the case those modules
 handle.
 
-What is declared, and why (``docs/deploy.md`` keeps the same table):
+What is declared, and why (``docs/architecture.md``, "The daemon's process", keeps the
+same table):
 
 * :data:`DAEMON_ABSENT`, always, at this entry, for the daemon's process only:
 
