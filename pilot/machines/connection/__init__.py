@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from pilot.machines.connection.transfer import ConnectionInputs
 
 #: The machine and its data path, imported with the first connection (``pilot.stack`` asks for
-#: ``Connection`` when it opens one): about 0.9 MB that an idle node daemon does without
-#: (docs/performance.md, issue 11).  The constants and sequence arithmetic above are light.
+#: ``Connection`` when it opens one): about 0.4 MB that an idle node daemon does without, and
+#: 30-50 ms of CPU at import (docs/performance.md, issue 11).  ``config`` and ``sequence`` above
+#: load at start: the stack's constants.
 _FIRST_CONNECTION = {"transitions": "machine", "REFERENCE_STATE": "stream", "Connection": "stream",
                      "ConnectionStats": "stream", "ConnectionInputs": "transfer"}
 
