@@ -7,8 +7,9 @@ path in a fresh interpreter (``pilot.entry``, which declares the optional
 modules the daemon does without absent, ``cli.load_commands``, the argument
 parser, ``cli_daemon.load_node``, then the reactor, as ``cli.main`` does) and fail
 if a module an idle node does not need creeps back: the rendezvous' server
-modules, the other commands, the web and TLS stacks, and ``cryptography``
-(loaded with the first tunnel session, ``pilot.wire.tunnel_crypto``).
+modules, the other commands, the web and TLS stacks, ``cryptography``
+(loaded with the first tunnel session, ``pilot.wire.tunnel_crypto``) and the
+stream machine (with the first connection, ``pilot.machines.connection``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ UNWANTED = (
     "pilot.services.web", "pilot.tls", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
     "pilot.cli_forward", "pilot.cli_stats", "pilot.cli_rendezvous", "pilot.cli_server", "twisted.web",
     "prometheus_client", "cryptography",
+    # the stream machine and its data path: with the first connection (pilot.machines.connection)
+    "pilot.machines.connection.machine", "pilot.machines.connection.stream", "pilot.machines.connection.transfer",
 )
 # (``http.cookiejar``, ``email`` and ``urllib.request`` are imported by Twisted's own
 # ``twisted.python.compat``, under ``twisted.internet.defer``: not ours to avoid.)
