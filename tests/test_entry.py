@@ -71,3 +71,16 @@ class EntryTests(SynchronousTestCase):
         for table in (entry.DAEMON_ABSENT, entry.ABSENT_WITHOUT_TLS):
             for name, why in table.items():
                 self.assertTrue(why.strip(), name)
+
+    def test_main_runs_the_command(self) -> None:
+        """``entry.main`` is pilotctl: the command runs with the same arguments, its status returned."""
+        from pilot import cli
+        ran: list[list[str]] = []
+        self.patch(cli, "main", lambda argv: ran.append(list(argv)) or 3)
+        self.assertEqual(entry.main(["daemon", "status"]), 3)
+        self.assertEqual(ran, [["daemon", "status"]])
+        self.assertFalse(entry.in_daemon_process())
+        self.assertEqual(entry.main(["daemon", "start", "--foreground", "--registry", "127.0.0.1:9000"]), 3)
+        self.assertEqual(ran[-1], ["daemon", "start", "--foreground", "--registry", "127.0.0.1:9000"])
+        self.assertTrue(entry.in_daemon_process())
+        self.assertEqual(set(entry.declared), {"ssl", "_hashlib"})
