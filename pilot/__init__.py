@@ -19,7 +19,9 @@ def __getattr__(name: str) -> Any:
     # ``_hashlib`` absent in the node daemon's process (pilot.entry), and pilot.address imports hashlib
     if name in ("Address", "SocketAddress", "node_id_for_key"):
         from pilot import address
-        return getattr(address, name)
+        value = getattr(address, name)
+        globals()[name] = value  # once
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["__version__", "Address", "SocketAddress", "node_id_for_key"]
