@@ -2,6 +2,6 @@
 
 import sys
 
-from pilot.cli import main
+from pilot.entry import main
 
 sys.exit(main())

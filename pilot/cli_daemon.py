@@ -4,7 +4,8 @@ pilotctl ``init`` and ``daemon start|stop|status``: the node's identity and
 its daemon's lifecycle.
 
 ``daemon start`` runs the node in the background by default: it starts
-``python -m pilot daemon start --foreground`` in a new session with its
+``python -m pilot daemon start --foreground`` in a new session (a process
+that declares a few optional modules absent, ``pilot.entry``) with its
 output in ``$PILOT_HOME/pilot.log``, then waits until the daemon answers on
 its control socket and has registered, and prints ``Registered as NAME
 (ADDRESS)``.  If the registry cannot be reached, it reports
@@ -25,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from pilot import log
+from pilot import entry, log
 from pilot.cli import COMMANDS, Context, Result, arg
 from pilot.errors import (
     AlreadyExists, ConnectionFailed, ErrorCode, InvalidArgument, NotRunning, PilotError, RegistryUnavailable,
@@ -174,15 +175,14 @@ def load_node(settings: Any) -> Any:
     """
     Import the node daemon for ``daemon start --foreground``: its service
     module, and nothing the daemon does not use (``tests.test_daemon_imports``
-    checks which modules a daemon holds).  Returns
+    checks which modules a daemon holds; :mod:`pilot.entry` declares the
+    optional ones absent in the daemon's process).  Returns
     :mod:`pilot.services.node`.
     """
-    if not settings.registry_fingerprint and "twisted.internet.reactor" not in sys.modules \
-            and "OpenSSL" not in sys.modules:
-        # No TLS to the registry: keep Twisted's TCP support from loading pyOpenSSL (about 6 MB of
-        # RSS, a tenth of an idle node).  A None entry makes `import OpenSSL` fail, which Twisted
-        # takes as "no TLS here"; only this process (the daemon) is affected.
-        sys.modules["OpenSSL"] = None  # type: ignore[assignment]
+    if not settings.registry_fingerprint and entry.in_daemon_process():
+        # no TLS to the registry: pyOpenSSL declared absent before the reactor's TCP support looks
+        # for it (pilot.entry says what the daemon's process declares absent, and why)
+        entry.declare_absent(entry.ABSENT_WITHOUT_TLS)
     from pilot.services import node
     return node
 

@@ -61,7 +61,7 @@ FLOORS: dict[str, int] = {
     "protocols": 6, "web": 6,
     "services": 7,
     **{name: 8 for name in ("__init__", "__main__", "cli", "tap", "nodetap", "control", "endpoints", "aio", "api",
-                            "testing", "startup")},
+                            "testing", "startup", "entry")},
 }
 #: Top-level modules whose name starts with one of these take its floor (``cli_node``, ``control_client``).
 FLOOR_PREFIXES: dict[str, int] = {"cli_": 8, "control_": 8}

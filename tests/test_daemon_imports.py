@@ -3,11 +3,13 @@ What the node daemon imports (issue 11: an idle daemon under 35 MB).
 
 ``pilotctl daemon start --foreground`` is the daemon's own process; every
 module it imports stays in its memory for good.  These tests run its start
-path in a fresh interpreter (``cli.load_commands``, the argument parser,
-``cli_daemon.load_node``, then the reactor, as ``cli.main`` does) and fail
+path in a fresh interpreter (``pilot.entry``, which declares the optional
+modules the daemon does without absent, ``cli.load_commands``, the argument
+parser, ``cli_daemon.load_node``, then the reactor, as ``cli.main`` does) and fail
 if a module an idle node does not need creeps back: the rendezvous' server
-modules, the other commands, the web and TLS stacks, and ``cryptography``
-(loaded with the first tunnel session, ``pilot.wire.tunnel_crypto``).
+modules, the other commands, the web and TLS stacks, ``cryptography``
+(loaded with the first tunnel session, ``pilot.wire.tunnel_crypto``) and the
+stream machine (with the first connection, ``pilot.machines.connection``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import pilot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pilot.__file__)))
 
-#: The daemon's start path, as ``cli.main`` runs it for ``daemon start --foreground``, minus
-#: ``reactor.run()``; prints the imported modules' names.
+#: The daemon's start path, as ``entry.main`` and ``cli.main`` run it for ``daemon start
+#: --foreground``, minus ``reactor.run()``; prints the imported modules' names.
 SCRIPT = """
 import io, json, sys
-from pilot import cli
 argv = ["daemon", "start", "--foreground"] + sys.argv[1:]
+from pilot import entry
+entry.enter(argv)
+from pilot import cli
 cli.load_commands(argv)
 args, extra = cli.COMMANDS.build_parser(io.StringIO()).parse_known_args(argv)
 assert not extra, extra
@@ -45,6 +49,8 @@ UNWANTED = (
     "pilot.services.web", "pilot.tls", "pilot.cli_node", "pilot.cli_traffic", "pilot.cli_apps",
     "pilot.cli_forward", "pilot.cli_stats", "pilot.cli_rendezvous", "pilot.cli_server", "twisted.web",
     "prometheus_client", "cryptography",
+    # the stream machine and its data path: with the first connection (pilot.machines.connection)
+    "pilot.machines.connection.machine", "pilot.machines.connection.stream", "pilot.machines.connection.transfer",
 )
 # (``http.cookiejar``, ``email`` and ``urllib.request`` are imported by Twisted's own
 # ``twisted.python.compat``, under ``twisted.internet.defer``: not ours to avoid.)
@@ -61,6 +67,11 @@ def daemon_modules(home: str, *flags: str) -> dict[str, bool]:
     return value
 
 
+def declared_absent(modules: dict[str, bool]) -> list[str]:
+    """The modules the process declared absent (a None entry), sorted."""
+    return sorted(name for name, loaded in modules.items() if not loaded and "." not in name)
+
+
 def matching(modules: dict[str, bool], prefixes: tuple[str, ...]) -> list[str]:
     return sorted(name for name, loaded in modules.items()
                   if loaded and any(name == p or name.startswith(p + ".") for p in prefixes))
@@ -72,6 +83,9 @@ class DaemonImportTests(SynchronousTestCase):
         modules = daemon_modules(self.mktemp(), "--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0")
         self.assertEqual(matching(modules, UNWANTED), [])
         self.assertEqual(matching(modules, ("OpenSSL",)), [])
+        # the standard library's TLS and OpenSSL's digests: declared absent (pilot.entry)
+        self.assertEqual(matching(modules, ("ssl", "_ssl", "_hashlib")), [])
+        self.assertEqual(declared_absent(modules), ["OpenSSL", "_hashlib", "ssl"])
         # and what it does need is there: the node, its control socket, the reactor
         for name in ("pilot.services.node", "pilot.node.core", "pilot.protocols.control_server",
                      "twisted.internet.reactor", "pilot.cli_daemon"):
@@ -81,4 +95,5 @@ class DaemonImportTests(SynchronousTestCase):
         """With the registry's fingerprint pinned, pyOpenSSL is not kept out (the daemon will need it)."""
         modules = daemon_modules(self.mktemp(), "--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0",
                                  "--registry-fingerprint", "ab" * 32)
-        self.assertNotIn("OpenSSL", [name for name, loaded in modules.items() if not loaded])
+        self.assertEqual(declared_absent(modules), ["_hashlib", "ssl"])
+        self.assertEqual(matching(modules, ("ssl", "_ssl", "_hashlib")), [])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import attr
 from twisted.internet import error
@@ -27,12 +27,16 @@ from twisted.python.failure import Failure
 
 from pilot.address import Address
 from pilot.errors import ConnectionFailed, PilotError, Timeout
-from pilot.machines.connection import Connection, ConnectionConfig
+import pilot.machines.connection as connections  # its Connection loads with the first stream
+from pilot.machines.connection import ConnectionConfig
 from pilot.stack import ports as limits
 from pilot.stack.ports import Listening
 from pilot.stack.timewait import TimeWaits
 from pilot.stack.transport import PilotAddress, StreamTransport
 from pilot.wire.packet import Packet
+
+if TYPE_CHECKING:
+    from pilot.machines.connection import Connection
 
 Key = tuple[Address, int, int]  # (peer address, peer port, local port)
 
@@ -221,7 +225,7 @@ class StreamTable:
             on_made=stream.made, on_connected=stream.connected, on_lost=stream.lost,
             high_water=self.high_water, low_water=self.low_water)
         stream.transport = transport
-        stream.connection = Connection(
+        stream.connection = connections.Connection(
             clock=self.clock, send=self._send, local=local, local_port=local_port, remote=remote,
             remote_port=remote_port, data_received=transport.data_received,
             connection_made=transport.connection_made, connection_lost=transport.connection_lost,

@@ -25,7 +25,7 @@ arrives, so the connection calls :meth:`StreamTransport.check_send_buffer`
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import attr
 from twisted.internet.interfaces import (
@@ -36,7 +36,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pilot.address import Address
-from pilot.machines.connection import Connection
+
+if TYPE_CHECKING:
+    from pilot.machines.connection import Connection  # loaded with the first stream (pilot.stack.streams)
 
 #: Pause a registered producer above this many buffered bytes (unsent + unacknowledged).
 SEND_BUFFER_HIGH = 2 * 1024 * 1024
