@@ -17,7 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot import __version__, cli
+from pilot import __version__, cli, log
 from pilot.errors import ErrorCode, NotFound
 from pilot.server.state import RegistryState
 
@@ -292,7 +292,7 @@ class FakeReactor(MemoryReactorClock):
 class RendezvousStartTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.logging: list[tuple[str, str]] = []
-        self.patch(cli.log, "start_logging",
+        self.patch(log, "start_logging",
                    lambda fmt, stream, level: self.logging.append((fmt, level)))
         self.folder = os.path.abspath(self.mktemp())
         os.makedirs(self.folder)
