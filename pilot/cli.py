@@ -458,5 +458,5 @@ def _load_on_first_use(name: str) -> None:
     sys.modules[name] = module
     loader.exec_module(module)  # nothing runs: the module's code runs at its first attribute
     parent, _, child = name.rpartition(".")
-    # the package's attribute too, so that ``from http import cookiejar`` takes it as it is
-    setattr(sys.modules[parent], child, module)
+    if parent:  # the package's attribute too, so that ``from http import cookiejar`` takes it as it is
+        setattr(sys.modules[parent], child, module)

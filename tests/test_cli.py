@@ -367,3 +367,78 @@ class RendezvousStartTests(SynchronousTestCase):
         self.assertFalse(reactor.ran)
         self.assertTrue(all(p.closed for p in reactor.ports))
 
+
+
+class ServerStartTests(SynchronousTestCase):
+    """The preparation of a server's process (the collector and the modules loaded on first use)."""
+
+    def setUp(self) -> None:
+        import gc
+        enabled = gc.isenabled()
+        self.addCleanup(lambda: gc.enable() if enabled else gc.disable())
+        self.addCleanup(cli._paused.clear)
+
+    def test_starts_server(self) -> None:
+        self.assertTrue(cli.starts_server(["--json", "rendezvous", "start", "--store", "x.json"]))
+        self.assertTrue(cli.starts_server(["rendezvous", "start"]))
+        self.assertFalse(cli.starts_server(["rendezvous", "promote"]))
+        self.assertFalse(cli.starts_server(["daemon", "start", "--foreground"]))
+        self.assertFalse(cli.starts_server([]))
+
+    def test_pause_and_resume(self) -> None:
+        """The collector is paused by begin and resumed by the first end; a second end changes nothing."""
+        import gc
+        gc.enable()
+        self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        cli.begin_server_start()
+        self.assertFalse(gc.isenabled())
+        cli.begin_server_start()  # once only: the state to restore is the first one
+        cli.end_server_start()
+        self.assertTrue(gc.isenabled())
+        gc.disable()
+        cli.end_server_start()
+        self.assertFalse(gc.isenabled())
+
+    def test_paused_collector_stays_paused(self) -> None:
+        import gc
+        gc.disable()
+        self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        cli.begin_server_start()
+        cli.end_server_start()
+        self.assertFalse(gc.isenabled())
+
+    def test_given_reactor_no_preparation(self) -> None:
+        """With a reactor given (tests, embedding) main leaves the collector alone."""
+        import gc
+        gc.enable()
+        calls: list[str] = []
+        self.patch(cli, "begin_server_start", lambda: calls.append("begin"))
+        Ran(["--json", "rendezvous", "start", "--no-store"], reactor=FakeReactor())
+        self.assertEqual(calls, [])
+        self.assertTrue(gc.isenabled())
+
+    def test_loaded_on_first_use(self) -> None:
+        """A module declared so runs at its first attribute, once; one imported already is left as it is."""
+        import sys
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(folder, "lazy_parent"))
+        with open(os.path.join(folder, "lazy_parent", "__init__.py"), "w") as f:
+            f.write("")
+        with open(os.path.join(folder, "lazy_parent", "probe.py"), "w") as f:
+            f.write("import lazy_parent\nlazy_parent.runs = getattr(lazy_parent, 'runs', 0) + 1\nVALUE = 7\n")
+        sys.path.insert(0, folder)
+        self.addCleanup(sys.path.remove, folder)
+        for name in ("lazy_parent", "lazy_parent.probe"):
+            self.addCleanup(sys.modules.pop, name, None)
+        cli._load_on_first_use("lazy_parent.probe")
+        module = sys.modules["lazy_parent.probe"]
+        self.assertEqual(type(module).__name__, "_LazyModule")
+        probe = __import__("lazy_parent", fromlist=["probe"]).probe  # as ``from lazy_parent import probe``
+        self.assertIs(probe, module)  # taken from the package as it is: not run yet
+        parent = sys.modules["lazy_parent"]
+        self.assertFalse(hasattr(parent, "runs"))
+        self.assertEqual(module.VALUE, 7)
+        self.assertEqual(parent.runs, 1)
+        cli._load_on_first_use("lazy_parent.probe")  # imported already: unchanged
+        self.assertIs(sys.modules["lazy_parent.probe"], module)
+        self.assertEqual(parent.runs, 1)
