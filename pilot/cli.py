@@ -34,7 +34,7 @@ import json
 import os
 import signal
 import sys
-from typing import IO, Any, Callable, NoReturn, Sequence
+from typing import IO, Any, Callable, NoReturn, Sequence, cast
 
 import attr
 
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
     out = Output(_wants_json(argv), stdout, stderr)
     starting = reactor is None and starts_server(argv)
     if starting:
-        begin_server_start()
+        begin_server_start(argv)
     try:
         load_commands(argv)
         parser = COMMANDS.build_parser(stdout)
@@ -407,6 +407,15 @@ LOADED_ON_FIRST_USE = {
                              "listenUNIX)",
 }
 
+#: Modules a server's process declares absent unless one of the flags given needs them (a ``None``
+#: entry in ``sys.modules``: ``import ssl`` raises ImportError, which their importers handle),
+#: name -> (those flags, why).
+ABSENT_UNLESS = {
+    "ssl": (("--http",), "the standard library's TLS, which asyncio imports if it can (Twisted imports "
+                         "asyncio) and the rendezvous never uses: its TLS is pyOpenSSL's (pilot.tls); about "
+                         "10 ms of a start and libssl's memory.  The dashboard's prometheus_client needs it"),
+}
+
 _paused: list[bool] = []
 
 
@@ -415,7 +424,7 @@ def starts_server(argv: Sequence[str]) -> bool:
     return tuple(_words(argv)[:2]) in SERVER_COMMANDS
 
 
-def begin_server_start() -> None:
+def begin_server_start(argv: Sequence[str] = ()) -> None:
     """
     Prepare this process for a server's start, before its modules are
     imported (``docs/performance.md``, issue 16):
@@ -427,7 +436,9 @@ def begin_server_start() -> None:
       (``pilot.tap.build_service``) and then ends the pause, so no
       collection ever walks them;
     * the modules of :data:`LOADED_ON_FIRST_USE` not imported yet are loaded
-      on first use.
+      on first use;
+    * those of :data:`ABSENT_UNLESS` not imported yet are declared absent,
+      unless ``argv`` (the command line) gives a flag that needs them.
 
     Only :func:`main` calls this, in a process of its own (no reactor given).
     """
@@ -437,6 +448,10 @@ def begin_server_start() -> None:
     gc.disable()
     for name in LOADED_ON_FIRST_USE:
         _load_on_first_use(name)
+    given = {a.partition("=")[0] for a in argv if a.startswith("--")}
+    for name, (flags, _) in ABSENT_UNLESS.items():
+        if name not in sys.modules and not given.intersection(flags):
+            cast(Any, sys.modules)[name] = None
 
 
 def end_server_start() -> None:

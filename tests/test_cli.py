@@ -390,6 +390,7 @@ class ServerStartTests(SynchronousTestCase):
         import gc
         gc.enable()
         self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        self.patch(cli, "ABSENT_UNLESS", {})
         cli.begin_server_start()
         self.assertFalse(gc.isenabled())
         cli.begin_server_start()  # once only: the state to restore is the first one
@@ -403,6 +404,7 @@ class ServerStartTests(SynchronousTestCase):
         import gc
         gc.disable()
         self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        self.patch(cli, "ABSENT_UNLESS", {})
         cli.begin_server_start()
         cli.end_server_start()
         self.assertFalse(gc.isenabled())
@@ -412,10 +414,27 @@ class ServerStartTests(SynchronousTestCase):
         import gc
         gc.enable()
         calls: list[str] = []
-        self.patch(cli, "begin_server_start", lambda: calls.append("begin"))
+        self.patch(cli, "begin_server_start", lambda argv=(): calls.append("begin"))
         Ran(["--json", "rendezvous", "start", "--no-store"], reactor=FakeReactor())
         self.assertEqual(calls, [])
         self.assertTrue(gc.isenabled())
+
+    def test_absent_unless(self) -> None:
+        """A module is declared absent unless a flag that needs it is given (either spelling)."""
+        import sys
+        self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        self.patch(cli, "ABSENT_UNLESS", {"pilot_absent_probe": (("--needs",), "a test")})
+        self.addCleanup(sys.modules.pop, "pilot_absent_probe", None)
+        for argv in (["rendezvous", "start", "--needs", "x"], ["rendezvous", "start", "--needs=x"]):
+            cli.begin_server_start(argv)
+            cli.end_server_start()
+            self.assertNotIn("pilot_absent_probe", sys.modules)
+        cli.begin_server_start(["rendezvous", "start", "--store", "x"])
+        cli.end_server_start()
+        self.assertIn("pilot_absent_probe", sys.modules)
+        self.assertIsNone(sys.modules["pilot_absent_probe"])
+        with self.assertRaises(ImportError):
+            __import__("pilot_absent_probe")
 
     def test_loaded_on_first_use(self) -> None:
         """A module declared so runs at its first attribute, once; one imported already is left as it is."""

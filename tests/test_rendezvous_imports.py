@@ -78,6 +78,8 @@ UNWANTED = (
     "pkg_resources", "importlib.metadata",
     # imported for twisted.python.compat's http.cookiejar, which is loaded on first use
     "urllib.request", "http.client", "email",
+    # the standard library's TLS, declared absent (asyncio goes without it)
+    "ssl", "_ssl",
 )
 
 
@@ -149,6 +151,15 @@ class RendezvousImportTests(SynchronousTestCase):
         frozen = report["frozen"]
         assert isinstance(frozen, int)
         self.assertGreater(frozen, 20000)
+
+    def test_dashboard_keeps_ssl(self) -> None:
+        """With --http (prometheus_client needs the standard library's ssl) ssl is not declared absent."""
+        report = start_modules("--json", "rendezvous", "start", "--no-store", "--listen", "127.0.0.1:0",
+                               "--beacon", "127.0.0.1:0", "--http", "127.0.0.1:0")
+        modules = report["modules"]
+        assert isinstance(modules, dict)
+        self.assertIn("ssl", modules)
+        self.assertIn("prometheus_client", modules)
 
     def test_pair_imports_replication(self) -> None:
         """With a replication token the pair's code is imported (the list above is not vacuous)."""
