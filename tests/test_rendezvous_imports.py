@@ -80,6 +80,8 @@ UNWANTED = (
     "urllib.request", "http.client", "email",
     # the standard library's TLS, declared absent (asyncio goes without it)
     "ssl", "_ssl",
+    # Ed25519 (libsodium): loaded with the first signed request (pilot.identity.verify)
+    "nacl", "_sodium",
 )
 
 
