@@ -154,6 +154,15 @@ class RendezvousImportTests(SynchronousTestCase):
         assert isinstance(frozen, int)
         self.assertGreater(frozen, 20000)
 
+    def test_tls_without_ssl(self) -> None:
+        """--tls is pyOpenSSL's: the service is built with the standard library's ssl absent."""
+        report = self.start("--tls")
+        modules = report["modules"]
+        assert isinstance(modules, dict)
+        self.assertEqual(report["nodes"], 20)
+        self.assertIn("OpenSSL", modules)
+        self.assertNotIn("ssl", modules)
+
     def test_dashboard_keeps_ssl(self) -> None:
         """With --http (prometheus_client needs the standard library's ssl) ssl is not declared absent."""
         report = start_modules("--json", "rendezvous", "start", "--no-store", "--listen", "127.0.0.1:0",
