@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 
 from pilot import log, tap
-from pilot.cli import COMMANDS, PROG, Arg, Context, Result, arg
+from pilot.cli import COMMANDS, PROG, Arg, Context, Result, arg, end_server_start
 from pilot.endpoint import format_endpoint
 from pilot.errors import Internal, InvalidArgument, PilotError
 
@@ -70,6 +70,7 @@ def rendezvous_start(ctx: Context) -> None:
         service = tap.build_service(settings, reactor)
     except tap.StartupError as e:
         raise PilotError(e.message, e.hint, code=e.code) from None
+    end_server_start()  # what the start loaded is frozen now (build_service): the collector may run
     log.start_logging(values["log_format"] or log.DEFAULT_FORMAT, ctx.out.stderr,
                       values["log_level"] or log.DEFAULT_LEVEL)
     try:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attr
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+
+if TYPE_CHECKING:
+    from nacl.signing import SigningKey
 
 from pilot.address import Address, address_for_key
 from pilot.persist import StateFileError, atomic_write_json, read_json_object
@@ -52,11 +53,12 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     public_key, message, signature = bytes(public_key), bytes(message), bytes(signature)
     if len(public_key) != PUBLIC_KEY_LEN or len(signature) != SIGNATURE_LEN:
         return False
+    # imported here, as in SigningKey's users below: a rendezvous' start does without nacl and
+    # libsodium until its first signed request (docs/performance.md, issue 16)
+    from nacl.signing import VerifyKey
     try:
         VerifyKey(public_key).verify(message, signature)
-    except (BadSignatureError, ValueError, TypeError):
-        return False
-    except Exception:  # nacl raises its own error types for invalid points
+    except Exception:  # BadSignatureError, ValueError, TypeError, and nacl's own for invalid points
         return False
     return True
 
@@ -67,10 +69,12 @@ class Identity:
 
     @classmethod
     def generate(cls) -> "Identity":
+        from nacl.signing import SigningKey
         return cls(SigningKey.generate())
 
     @classmethod
     def from_seed(cls, seed: bytes) -> "Identity":
+        from nacl.signing import SigningKey
         return cls(SigningKey(seed))
 
     @property

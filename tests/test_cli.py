@@ -17,7 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot import __version__, cli
+from pilot import __version__, cli, log
 from pilot.errors import ErrorCode, NotFound
 from pilot.server.state import RegistryState
 
@@ -292,7 +292,7 @@ class FakeReactor(MemoryReactorClock):
 class RendezvousStartTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.logging: list[tuple[str, str]] = []
-        self.patch(cli.log, "start_logging",
+        self.patch(log, "start_logging",
                    lambda fmt, stream, level: self.logging.append((fmt, level)))
         self.folder = os.path.abspath(self.mktemp())
         os.makedirs(self.folder)
@@ -367,3 +367,97 @@ class RendezvousStartTests(SynchronousTestCase):
         self.assertFalse(reactor.ran)
         self.assertTrue(all(p.closed for p in reactor.ports))
 
+
+
+class ServerStartTests(SynchronousTestCase):
+    """The preparation of a server's process (the collector and the modules loaded on first use)."""
+
+    def setUp(self) -> None:
+        import gc
+        enabled = gc.isenabled()
+        self.addCleanup(lambda: gc.enable() if enabled else gc.disable())
+        self.addCleanup(cli._paused.clear)
+
+    def test_starts_server(self) -> None:
+        self.assertTrue(cli.starts_server(["--json", "rendezvous", "start", "--store", "x.json"]))
+        self.assertTrue(cli.starts_server(["rendezvous", "start"]))
+        self.assertFalse(cli.starts_server(["rendezvous", "promote"]))
+        self.assertFalse(cli.starts_server(["daemon", "start", "--foreground"]))
+        self.assertFalse(cli.starts_server([]))
+
+    def test_pause_and_resume(self) -> None:
+        """The collector is paused by begin and resumed by the first end; a second end changes nothing."""
+        import gc
+        gc.enable()
+        self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        self.patch(cli, "ABSENT_UNLESS", {})
+        cli.begin_server_start()
+        self.assertFalse(gc.isenabled())
+        cli.begin_server_start()  # once only: the state to restore is the first one
+        cli.end_server_start()
+        self.assertTrue(gc.isenabled())
+        gc.disable()
+        cli.end_server_start()
+        self.assertFalse(gc.isenabled())
+
+    def test_paused_collector_stays_paused(self) -> None:
+        import gc
+        gc.disable()
+        self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        self.patch(cli, "ABSENT_UNLESS", {})
+        cli.begin_server_start()
+        cli.end_server_start()
+        self.assertFalse(gc.isenabled())
+
+    def test_given_reactor_no_preparation(self) -> None:
+        """With a reactor given (tests, embedding) main leaves the collector alone."""
+        import gc
+        gc.enable()
+        calls: list[str] = []
+        self.patch(cli, "begin_server_start", lambda argv=(): calls.append("begin"))
+        Ran(["--json", "rendezvous", "start", "--no-store"], reactor=FakeReactor())
+        self.assertEqual(calls, [])
+        self.assertTrue(gc.isenabled())
+
+    def test_absent_unless(self) -> None:
+        """A module is declared absent unless a flag that needs it is given (either spelling)."""
+        import sys
+        self.patch(cli, "LOADED_ON_FIRST_USE", {})
+        self.patch(cli, "ABSENT_UNLESS", {"pilot_absent_probe": (("--needs",), "a test")})
+        self.addCleanup(sys.modules.pop, "pilot_absent_probe", None)
+        for argv in (["rendezvous", "start", "--needs", "x"], ["rendezvous", "start", "--needs=x"]):
+            cli.begin_server_start(argv)
+            cli.end_server_start()
+            self.assertNotIn("pilot_absent_probe", sys.modules)
+        cli.begin_server_start(["rendezvous", "start", "--store", "x"])
+        cli.end_server_start()
+        self.assertIn("pilot_absent_probe", sys.modules)
+        self.assertIsNone(sys.modules["pilot_absent_probe"])
+        with self.assertRaises(ImportError):
+            __import__("pilot_absent_probe")
+
+    def test_loaded_on_first_use(self) -> None:
+        """A module declared so runs at its first attribute, once; one imported already is left as it is."""
+        import sys
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(folder, "lazy_parent"))
+        with open(os.path.join(folder, "lazy_parent", "__init__.py"), "w") as f:
+            f.write("")
+        with open(os.path.join(folder, "lazy_parent", "probe.py"), "w") as f:
+            f.write("import lazy_parent\nlazy_parent.runs = getattr(lazy_parent, 'runs', 0) + 1\nVALUE = 7\n")
+        sys.path.insert(0, folder)
+        self.addCleanup(sys.path.remove, folder)
+        for name in ("lazy_parent", "lazy_parent.probe"):
+            self.addCleanup(sys.modules.pop, name, None)
+        cli._load_on_first_use("lazy_parent.probe")
+        module = sys.modules["lazy_parent.probe"]
+        self.assertEqual(type(module).__name__, "_LazyModule")
+        probe = __import__("lazy_parent", fromlist=["probe"]).probe  # as ``from lazy_parent import probe``
+        self.assertIs(probe, module)  # taken from the package as it is: not run yet
+        parent = sys.modules["lazy_parent"]
+        self.assertFalse(hasattr(parent, "runs"))
+        self.assertEqual(module.VALUE, 7)
+        self.assertEqual(parent.runs, 1)
+        cli._load_on_first_use("lazy_parent.probe")  # imported already: unchanged
+        self.assertIs(sys.modules["lazy_parent.probe"], module)
+        self.assertEqual(parent.runs, 1)
