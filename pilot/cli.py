@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import gc
 import importlib
 import json
 import os
 import signal
 import sys
-from typing import IO, Any, Callable, NoReturn, Sequence, cast
+from typing import IO, Any, Callable, NoReturn, Sequence
 
 import attr
 
@@ -281,9 +280,6 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
     out = Output(_wants_json(argv), stdout, stderr)
-    starting = reactor is None and starts_server(argv)
-    if starting:
-        begin_server_start(argv)
     try:
         load_commands(argv)
         parser = COMMANDS.build_parser(stdout)
@@ -325,9 +321,6 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
     except Exception as e:  # the contract: no tracebacks, ever
         return out.error(Internal(f"{type(e).__name__}: {e}",
                                   "this is a bug in pilotctl; please report it with the command line"))
-    finally:
-        if starting:
-            end_server_start()  # if the command has not: after an error, or a usage error
 
 
 def file_error(e: OSError) -> PilotError:
@@ -383,95 +376,7 @@ def load_commands(argv: Sequence[str] = ()) -> None:
     sooner (``docs/performance.md``).  With no command, or one not in
     :data:`COMMAND_MODULES` (help, a typo), every module.
     """
-    words = _words(argv)
+    words = [a for a in argv if not a.startswith("-")]
     names = COMMAND_MODULES.get(words[0], ()) if words else ()
     for name in names or sorted({n for group in COMMAND_MODULES.values() for n in group}):
         importlib.import_module(name)  # importing it registers its commands
-
-
-def _words(argv: Sequence[str]) -> list[str]:
-    return [a for a in argv if not a.startswith("-")]
-
-
-# --- a server's start (issue 16: a restarted rendezvous answers sooner) ---------------------
-
-#: The commands that start a server in this process, whose start :func:`begin_server_start` prepares.
-SERVER_COMMANDS = (("rendezvous", "start"),)
-
-#: Modules that Twisted imports on every start only to bind a name, and that a rendezvous
-#: never uses: loaded on first use instead (``importlib.util.LazyLoader``), name -> why.
-LOADED_ON_FIRST_USE = {
-    "http.cookiejar": "twisted.python.compat's old name cookielib; with urllib.request, http.client and "
-                      "email, which it imports, about 10 ms of a start",
-    "twisted.internet.unix": "UNIX sockets, which a rendezvous does not open (posixbase imports it for "
-                             "listenUNIX)",
-}
-
-#: Modules a server's process declares absent unless one of the flags given needs them (a ``None``
-#: entry in ``sys.modules``: ``import ssl`` raises ImportError, which their importers handle),
-#: name -> (those flags, why).
-ABSENT_UNLESS = {
-    "ssl": (("--http",), "the standard library's TLS, which asyncio imports if it can (Twisted imports "
-                         "asyncio) and the rendezvous never uses: its TLS is pyOpenSSL's (pilot.tls); about "
-                         "10 ms of a start and libssl's memory.  The dashboard's prometheus_client needs it"),
-}
-
-_paused: list[bool] = []
-
-
-def starts_server(argv: Sequence[str]) -> bool:
-    """Is ``argv`` (without the program's name) one of :data:`SERVER_COMMANDS`?"""
-    return tuple(_words(argv)[:2]) in SERVER_COMMANDS
-
-
-def begin_server_start(argv: Sequence[str] = ()) -> None:
-    """
-    Prepare this process for a server's start, before its modules are
-    imported (``docs/performance.md``, issue 16):
-
-    * the cyclic garbage collector is paused until :func:`end_server_start`:
-      the imports and the store's load make hundreds of thousands of objects
-      and no garbage, and some 70 collections walked them over and over
-      (~15 ms of a 10,000-node restart).  The server freezes what it loaded
-      (``pilot.tap.build_service``) and then ends the pause, so no
-      collection ever walks them;
-    * the modules of :data:`LOADED_ON_FIRST_USE` not imported yet are loaded
-      on first use;
-    * those of :data:`ABSENT_UNLESS` not imported yet are declared absent,
-      unless ``argv`` (the command line) gives a flag that needs them.
-
-    Only :func:`main` calls this, in a process of its own (no reactor given).
-    """
-    if _paused:
-        return
-    _paused.append(gc.isenabled())
-    gc.disable()
-    for name in LOADED_ON_FIRST_USE:
-        _load_on_first_use(name)
-    given = {a.partition("=")[0] for a in argv if a.startswith("--")}
-    for name, (flags, _) in ABSENT_UNLESS.items():
-        if name not in sys.modules and not given.intersection(flags):
-            cast(Any, sys.modules)[name] = None
-
-
-def end_server_start() -> None:
-    """End the pause :func:`begin_server_start` made (the collector as it was before); idempotent."""
-    if _paused and _paused.pop():
-        gc.enable()
-
-
-def _load_on_first_use(name: str) -> None:
-    import importlib.util
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-        return
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)  # nothing runs: the module's code runs at its first attribute
-    parent, _, child = name.rpartition(".")
-    if parent:  # the package's attribute too, so that ``from http import cookiejar`` takes it as it is
-        setattr(sys.modules[parent], child, module)

@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 
 from pilot import log, tap
-from pilot.cli import COMMANDS, PROG, Arg, Context, Result, arg, end_server_start
+from pilot.cli import COMMANDS, PROG, Arg, Context, Result, arg
+from pilot.entry import end_server_start
 from pilot.endpoint import format_endpoint
 from pilot.errors import Internal, InvalidArgument, PilotError
 

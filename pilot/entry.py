@@ -1,51 +1,64 @@
 # -*- test-case-name: tests.test_entry -*-
 """
-The process entry of ``pilotctl`` and ``python -m pilot``, and the optional
-modules the node daemon's process declares absent.
+The process entry of ``pilotctl`` and ``python -m pilot``: what a server's
+process prepares before its command imports anything.
 
-Every module a process imports stays in its memory for good.  The node
-daemon (``daemon start --foreground``, the command ``daemon start`` runs in
-the background) imports the Python standard library through Twisted and
-asyncio, and some of it only in case: asyncio, ``http.client`` and
-``urllib.request`` import ``ssl`` if they can, and ``hashlib`` loads
-OpenSSL's ``libcrypto`` for its digests if it can.  A daemon uses neither,
-and together they are about 4.5 MB of an idle daemon's 39 MB
-(``docs/performance.md``, issue 11).  So the daemon's process declares them
-absent before anything is imported: a ``None`` entry in ``sys.modules``,
-which makes ``import ssl`` raise ``ImportError``, the case those modules
-handle.
+Every module a process imports stays in its memory for good, and a server's
+start pays for each one.  Two commands start a long-lived server in their own
+process, and each is prepared here, before :func:`pilot.cli.main` imports
+Twisted; any other command, the client API (``pilot.api``, ``pilot.aio``),
+``twistd`` and the tests are left as they are.
 
-What is declared, and why (``docs/architecture.md``, "The daemon's process", keeps the
-same table):
+**The node daemon** (``daemon start --foreground``, the command ``daemon
+start`` runs in the background; issue 11, an idle daemon's memory).  It
+imports the Python standard library through Twisted and asyncio, and some of
+it only in case: asyncio, ``http.client`` and ``urllib.request`` import
+``ssl`` if they can, and ``hashlib`` loads OpenSSL's ``libcrypto`` for its
+digests if it can.  A daemon uses neither, and together they are about
+4.5 MB of an idle daemon's 39 MB (``docs/performance.md``).  So its process
+declares them absent (:data:`DAEMON_ABSENT`): a ``None`` entry in
+``sys.modules``, which makes ``import ssl`` raise ``ImportError``, the case
+those modules handle.
 
-* :data:`DAEMON_ABSENT`, always, at this entry, for the daemon's process only:
-
-  - ``ssl``: the daemon's only TLS (to a registry whose fingerprint is
-    pinned) is pyOpenSSL's, through Twisted (``pilot.tls``), which does not
-    use the standard library's ``ssl``;
-  - ``_hashlib``: OpenSSL's digests for ``hashlib``.  The daemon hashes a
-    few short strings (addresses, a tunnel's key, replay keys); CPython's
-    built-in SHA-256 serves them, and ``hashlib`` falls back to it by
-    itself.  ``cryptography`` (AES-GCM, pyOpenSSL) carries its own OpenSSL.
-
+* ``ssl``: the daemon's only TLS (to a registry whose fingerprint is
+  pinned) is pyOpenSSL's, through Twisted (``pilot.tls``), which does not use
+  the standard library's ``ssl``;
+* ``_hashlib``: OpenSSL's digests for ``hashlib``.  The daemon hashes a few
+  short strings (addresses, a tunnel's key, replay keys); CPython's built-in
+  SHA-256 serves them, and ``hashlib`` falls back to it by itself.
+  ``cryptography`` (AES-GCM, pyOpenSSL) carries its own OpenSSL.
 * :data:`ABSENT_WITHOUT_TLS`, declared by ``cli_daemon.load_node`` once the
-  settings are read, when no registry fingerprint is pinned:
+  settings are read, when no registry fingerprint is pinned: ``OpenSSL``,
+  pyOpenSSL, which Twisted's TCP support imports if it can (about 6 MB).
 
-  - ``OpenSSL``: pyOpenSSL, which Twisted's TCP support imports if it can
-    (about 6 MB); with no fingerprint the daemon makes no TLS connection.
+**The rendezvous** (``rendezvous start``; issue 16, a restart answers
+sooner).  :func:`begin_server_start`:
 
-Nothing else is touched: other commands, the client API (``pilot.api``,
-``pilot.aio``), ``twistd pilot-node`` and the tests import what they import.
-A declaration never replaces a module already imported.
+* pauses the cyclic garbage collector until :func:`end_server_start`: the
+  imports and the store's load make hundreds of thousands of objects and no
+  garbage, and some 70 collections walked them over and over (~15 ms of a
+  10,000-node restart).  The server freezes what it loaded
+  (``pilot.tap.build_service``) and then ends the pause, so no collection
+  ever walks them;
+* loads the modules of :data:`LOADED_ON_FIRST_USE` (that Twisted imports
+  only to bind a name) on first use;
+* declares those of :data:`RENDEZVOUS_ABSENT_UNLESS` absent, unless the
+  command line gives a flag that needs them.
+
+``docs/architecture.md``, "The daemon's process", keeps the same tables.  A
+declaration never replaces a module already imported.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any, Mapping, Optional, Sequence, cast
 
 #: The command line the daemon's own process runs (``cli_daemon`` starts it so).
 DAEMON_COMMAND = ("daemon", "start", "--foreground")
+#: The command that starts a rendezvous in this process (after ``--json`` and flags).
+RENDEZVOUS_COMMAND = ("rendezvous", "start")
 
 #: Declared absent in the daemon's process, before any import (module -> why).
 DAEMON_ABSENT: Mapping[str, str] = {
@@ -60,10 +73,33 @@ ABSENT_WITHOUT_TLS: Mapping[str, str] = {
     "OpenSSL": "pyOpenSSL, imported by Twisted's TCP support if it can; no TLS without a pinned fingerprint",
 }
 
-#: What this process declared absent (module -> why); empty outside the daemon's process.
+#: Declared absent in a rendezvous' process unless one of the flags given needs them
+#: (module -> (those flags, why)).
+RENDEZVOUS_ABSENT_UNLESS: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "ssl": (("--http",), "the standard library's TLS, which asyncio imports if it can (Twisted imports "
+                         "asyncio) and the rendezvous never uses: its TLS is pyOpenSSL's (pilot.tls); about "
+                         "10 ms of a start and libssl's memory.  The dashboard's prometheus_client needs it"),
+}
+
+#: Modules that Twisted imports on every start only to bind a name, and that a rendezvous
+#: never uses: loaded on first use instead (``importlib.util.LazyLoader``), name -> why.
+LOADED_ON_FIRST_USE: Mapping[str, str] = {
+    "http.cookiejar": "twisted.python.compat's old name cookielib; with urllib.request, http.client and "
+                      "email, which it imports, about 10 ms of a start",
+    "twisted.internet.unix": "UNIX sockets, which a rendezvous does not open (posixbase imports it for "
+                             "listenUNIX)",
+}
+
+#: What this process declared absent (module -> why); empty outside a server's process.
 declared: dict[str, str] = {}
 #: Set by :func:`enter` in the daemon's process.
 _daemon: list[bool] = []
+#: Whether the collector was enabled when :func:`begin_server_start` paused it (while paused).
+_paused: list[bool] = []
+
+
+def _words(argv: Sequence[str]) -> list[str]:
+    return [a for a in argv if not a.startswith("-")]
 
 
 def is_daemon_command(argv: Sequence[str]) -> bool:
@@ -75,10 +111,15 @@ def is_daemon_command(argv: Sequence[str]) -> bool:
     return tuple(words[:3]) == DAEMON_COMMAND
 
 
+def starts_rendezvous(argv: Sequence[str]) -> bool:
+    """Is ``argv`` (without the program's name) ``rendezvous start [OPTIONS]``?"""
+    return tuple(_words(argv)[:2]) == RENDEZVOUS_COMMAND
+
+
 def declare_absent(modules: Mapping[str, str]) -> list[str]:
     """
     Declare ``modules`` absent from this process, those not imported yet;
-    return their names.  Only the daemon's entry calls this.
+    return their names.  Only a server's entry calls this.
     """
     names = []
     for name, why in modules.items():
@@ -95,11 +136,59 @@ def in_daemon_process() -> bool:
 
 
 def enter(argv: Sequence[str]) -> list[str]:
-    """Declare :data:`DAEMON_ABSENT` if ``argv`` is the daemon's command; return what was declared."""
-    if not is_daemon_command(argv):
+    """
+    Prepare this process for its command, ``argv`` (without the program's
+    name): the daemon's declarations, or a rendezvous' start
+    (:func:`begin_server_start`); return what was declared absent.
+    """
+    if is_daemon_command(argv):
+        _daemon.append(True)
+        return declare_absent(DAEMON_ABSENT)
+    if starts_rendezvous(argv):
+        return begin_server_start(argv)
+    return []
+
+
+def begin_server_start(argv: Sequence[str] = ()) -> list[str]:
+    """
+    Prepare this process for a rendezvous' start, before its modules are
+    imported: pause the collector until :func:`end_server_start`, load
+    :data:`LOADED_ON_FIRST_USE` on first use, and declare
+    :data:`RENDEZVOUS_ABSENT_UNLESS` absent unless ``argv`` gives a flag that
+    needs it.  Return what was declared absent.  Once only.
+    """
+    if _paused:
         return []
-    _daemon.append(True)
-    return declare_absent(DAEMON_ABSENT)
+    _paused.append(gc.isenabled())
+    gc.disable()
+    for name in LOADED_ON_FIRST_USE:
+        _load_on_first_use(name)
+    given = {a.partition("=")[0] for a in argv if a.startswith("--")}
+    return declare_absent({name: why for name, (flags, why) in RENDEZVOUS_ABSENT_UNLESS.items()
+                           if not given.intersection(flags)})
+
+
+def end_server_start() -> None:
+    """End the pause :func:`begin_server_start` made (the collector as it was before); idempotent."""
+    if _paused and _paused.pop():
+        gc.enable()
+
+
+def _load_on_first_use(name: str) -> None:
+    import importlib.util
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)  # nothing runs: the module's code runs at its first attribute
+    parent, _, child = name.rpartition(".")
+    if parent:  # the package's attribute too, so that ``from http import cookiejar`` takes it as it is
+        setattr(sys.modules[parent], child, module)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -107,4 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     enter(args)
     from pilot.cli import main as cli_main  # after enter(): pilot.cli imports Twisted
-    return cli_main(args)
+    try:
+        return cli_main(args)
+    finally:
+        end_server_start()  # if the command has not: after an error, or a usage error

@@ -1,7 +1,7 @@
 """
 ``pilot.entry``: the daemon's process declares a few optional modules
-absent, and no other process does.  Run on a copy of ``sys.modules``: this
-test process keeps what it has.
+absent, a rendezvous' start is prepared, and no other process is touched.
+Run on a copy of ``sys.modules``: this test process keeps what it has.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(out, "absent\n")
 
     def test_other_commands_declare_nothing(self) -> None:
-        for argv in (["daemon", "start"], ["rendezvous", "start"], ["ping", "agent-b"]):
+        for argv in (["daemon", "start"], ["rendezvous", "promote"], ["ping", "agent-b"]):
             self.assertEqual(entry.enter(argv), [])
         self.assertFalse(entry.in_daemon_process())
         self.assertNotIn("ssl", sys.modules)
@@ -84,3 +84,108 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(ran[-1], ["daemon", "start", "--foreground", "--registry", "127.0.0.1:9000"])
         self.assertTrue(entry.in_daemon_process())
         self.assertEqual(set(entry.declared), {"ssl", "_hashlib"})
+
+
+class ServerStartTests(SynchronousTestCase):
+    """The preparation of a server's process (the collector and the modules loaded on first use)."""
+
+    def setUp(self) -> None:
+        import gc
+        enabled = gc.isenabled()
+        self.addCleanup(lambda: gc.enable() if enabled else gc.disable())
+        self.addCleanup(entry._paused.clear)
+        self.patch(entry, "declared", {})
+
+    def test_starts_server(self) -> None:
+        self.assertTrue(entry.starts_rendezvous(["--json", "rendezvous", "start", "--store", "x.json"]))
+        self.assertTrue(entry.starts_rendezvous(["rendezvous", "start"]))
+        self.assertFalse(entry.starts_rendezvous(["rendezvous", "promote"]))
+        self.assertFalse(entry.starts_rendezvous(["daemon", "start", "--foreground"]))
+        self.assertFalse(entry.starts_rendezvous([]))
+
+    def test_pause_and_resume(self) -> None:
+        """The collector is paused by begin and resumed by the first end; a second end changes nothing."""
+        import gc
+        gc.enable()
+        self.patch(entry, "LOADED_ON_FIRST_USE", {})
+        self.patch(entry, "RENDEZVOUS_ABSENT_UNLESS", {})
+        entry.begin_server_start()
+        self.assertFalse(gc.isenabled())
+        entry.begin_server_start()  # once only: the state to restore is the first one
+        entry.end_server_start()
+        self.assertTrue(gc.isenabled())
+        gc.disable()
+        entry.end_server_start()
+        self.assertFalse(gc.isenabled())
+
+    def test_paused_collector_stays_paused(self) -> None:
+        import gc
+        gc.disable()
+        self.patch(entry, "LOADED_ON_FIRST_USE", {})
+        self.patch(entry, "RENDEZVOUS_ABSENT_UNLESS", {})
+        entry.begin_server_start()
+        entry.end_server_start()
+        self.assertFalse(gc.isenabled())
+
+    def test_main_ends_the_pause(self) -> None:
+        """``main`` prepares a rendezvous' start and ends the pause even when the command fails."""
+        import gc
+        gc.enable()
+        self.patch(entry, "LOADED_ON_FIRST_USE", {})
+        self.patch(entry, "RENDEZVOUS_ABSENT_UNLESS", {})
+        self.patch(entry, "declared", {})
+        seen: list[bool] = []
+        from pilot import cli
+
+        def failing(argv: object) -> int:
+            seen.append(gc.isenabled())
+            raise SystemExit(2)
+        self.patch(cli, "main", failing)
+        with self.assertRaises(SystemExit):
+            entry.main(["rendezvous", "start", "--store", "x.json"])
+        self.assertEqual(seen, [False])  # the command ran with the collector paused
+        self.assertTrue(gc.isenabled())
+        self.assertEqual(entry._paused, [])
+
+    def test_absent_unless(self) -> None:
+        """A module is declared absent unless a flag that needs it is given (either spelling)."""
+        import sys
+        self.patch(entry, "LOADED_ON_FIRST_USE", {})
+        self.patch(entry, "RENDEZVOUS_ABSENT_UNLESS", {"pilot_absent_probe": (("--needs",), "a test")})
+        self.addCleanup(sys.modules.pop, "pilot_absent_probe", None)
+        for argv in (["rendezvous", "start", "--needs", "x"], ["rendezvous", "start", "--needs=x"]):
+            entry.begin_server_start(argv)
+            entry.end_server_start()
+            self.assertNotIn("pilot_absent_probe", sys.modules)
+        entry.begin_server_start(["rendezvous", "start", "--store", "x"])
+        entry.end_server_start()
+        self.assertIn("pilot_absent_probe", sys.modules)
+        self.assertIsNone(sys.modules["pilot_absent_probe"])
+        with self.assertRaises(ImportError):
+            __import__("pilot_absent_probe")
+
+    def test_loaded_on_first_use(self) -> None:
+        """A module declared so runs at its first attribute, once; one imported already is left as it is."""
+        import sys
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(folder, "lazy_parent"))
+        with open(os.path.join(folder, "lazy_parent", "__init__.py"), "w") as f:
+            f.write("")
+        with open(os.path.join(folder, "lazy_parent", "probe.py"), "w") as f:
+            f.write("import lazy_parent\nlazy_parent.runs = getattr(lazy_parent, 'runs', 0) + 1\nVALUE = 7\n")
+        sys.path.insert(0, folder)
+        self.addCleanup(sys.path.remove, folder)
+        for name in ("lazy_parent", "lazy_parent.probe"):
+            self.addCleanup(sys.modules.pop, name, None)
+        entry._load_on_first_use("lazy_parent.probe")
+        module = sys.modules["lazy_parent.probe"]
+        self.assertEqual(type(module).__name__, "_LazyModule")
+        probe = __import__("lazy_parent", fromlist=["probe"]).probe  # as ``from lazy_parent import probe``
+        self.assertIs(probe, module)  # taken from the package as it is: not run yet
+        parent = sys.modules["lazy_parent"]
+        self.assertFalse(hasattr(parent, "runs"))
+        self.assertEqual(module.VALUE, 7)
+        self.assertEqual(parent.runs, 1)
+        entry._load_on_first_use("lazy_parent.probe")  # imported already: unchanged
+        self.assertIs(sys.modules["lazy_parent.probe"], module)
+        self.assertEqual(parent.runs, 1)

@@ -9,7 +9,7 @@ yet: a hook on ``pilot.tap.build_service`` reports and ends the process) and
 fail if a module the first answer does not need comes back on that path:
 TLS, the dashboard's web stack, the replication code, the other commands,
 the node, the twistd machinery, and the standard library that Twisted
-imports only for names it never uses (``pilot.cli.LOADED_ON_FIRST_USE``).
+imports only for names it never uses (``pilot.entry.LOADED_ON_FIRST_USE``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 import pilot
-from pilot import cli
+from pilot import entry
 from pilot.server import sidecar
 from pilot.server.state import Node, RegistryState
 
@@ -143,7 +143,7 @@ class RendezvousImportTests(SynchronousTestCase):
         """Twisted's unused imports are there, as modules not yet loaded."""
         modules = self.start()["modules"]
         assert isinstance(modules, dict)
-        for name in cli.LOADED_ON_FIRST_USE:
+        for name in entry.LOADED_ON_FIRST_USE:
             self.assertEqual(modules.get(name), "_LazyModule", name)
 
     def test_collector_paused_until_frozen(self) -> None:
