@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.services.test_busypoll -*-
+"""
+A short busy poll before the reactor sleeps, right after it served something.
+
+One request at a time on one connection (a node waiting for each answer),
+the rate is the round trip, and part of the round trip is the wake-up: the
+reactor, back in ``epoll_wait`` as soon as the reply is sent, is asleep when
+the next request comes, and its CPU idles (on a virtual machine the idle
+vCPU halts and must be woken by the host) before the request is read.  The
+reference's Go runtime looks for work a little longer before its threads
+sleep; this does the same for Twisted's epoll reactor, bounded:
+
+* after a reactor pass that handled events (never after a pass that only
+  ran timers, so an idle process spends nothing), the next wait first asks
+  the poller without blocking, again and again, for at most :data:`WINDOW`
+  seconds (and never past the wait's own timeout); what comes in that time
+  is handled at once; then the reactor waits as before, for what is left of
+  its timeout;
+* it keeps on only while it pays: a spin that catches nothing makes the next
+  :data:`PROBE_EVERY` passes that handled events wait at once, then one spin
+  tries again.  A client that waits for each answer is caught every time
+  and keeps it on; a fleet's requests arriving at random seldom are (at
+  10,000 nodes on the reference's cadence, about a thousand a second, a spin
+  of 250 µs catches one about one time in five), so there the cost is a few
+  spins a second.  ``docs/performance.md`` (issue 16, "a short poll before
+  the reactor sleeps") has the figures.
+
+It wraps the reactor's poller object (``EPollReactor._poller``, a
+``select.epoll``), which is all ``doPoll`` and the reader/writer bookkeeping
+use; any other reactor is left as it is.  The clock is injected, for tests.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any, Callable, Protocol
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+#: Seconds a spin lasts at most: a Python client's next request comes 30-200 µs after its answer.
+WINDOW = 0.00025
+#: Passes that handled events without a spin after a spin that caught nothing.
+PROBE_EVERY = 256
+
+
+class Poller(Protocol):
+    """What the epoll reactor uses of its ``select.epoll``."""
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]: ...
+    def register(self, fd: Any, eventmask: int = ...) -> None: ...
+    def modify(self, fd: Any, eventmask: int) -> None: ...
+    def unregister(self, fd: Any) -> None: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class BusyPoll:
+    """A :class:`Poller` that spins briefly before blocking, after a wait that brought events."""
+
+    def __init__(self, poller: Poller, window: float = WINDOW, probe_every: int = PROBE_EVERY,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.poller = poller
+        self.window = window
+        self.probe_every = probe_every
+        self.clock = clock
+        #: the last wait brought events (the reactor has just handled them)
+        self._served = False
+        #: passes that handled events still to go before the next spin
+        self._skip = 0
+        #: spins made, spins that caught events, and seconds spent spinning (for tests and profiles)
+        self.spins = 0
+        self.caught = 0
+        self.spun = 0.0
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        if timeout != 0 and self._served:
+            if self._skip > 0:
+                self._skip -= 1
+            else:
+                events, timeout = self._spin(timeout, maxevents)
+                if events:
+                    return events
+        events = self.poller.poll(timeout, maxevents)
+        self._served = bool(events)
+        return events
+
+    def _spin(self, timeout: float, maxevents: int) -> tuple[list[tuple[int, int]], float]:
+        """Poll without blocking for up to the window (and the timeout); (events, the timeout left)."""
+        poll, clock = self.poller.poll, self.clock
+        start = clock()
+        end = start + (self.window if timeout < 0 else min(self.window, timeout))
+        self.spins += 1
+        now = start
+        while True:
+            events = poll(0, maxevents)
+            now = clock()
+            if events:
+                self.caught += 1
+                self.spun += now - start
+                return events, timeout  # served again: _served stays True
+            if now >= end:
+                break
+        self.spun += now - start
+        self._skip = self.probe_every  # it did not pay: wait at once for a while
+        self._served = False
+        return [], (timeout if timeout < 0 else max(0.0, timeout - (now - start)))
+
+    # the reactor's bookkeeping of its readers and writers, as the poller's own
+
+    def register(self, fd: Any, eventmask: int = 0) -> None:
+        self.poller.register(fd, eventmask)
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        self.poller.modify(fd, eventmask)
+
+    def unregister(self, fd: Any) -> None:
+        self.poller.unregister(fd)
+
+    def fileno(self) -> int:
+        return self.poller.fileno()
+
+    def close(self) -> None:
+        self.poller.close()
+
+
+def install(reactor: Any, window: float = WINDOW, probe_every: int = PROBE_EVERY) -> BusyPoll | None:
+    """Wrap ``reactor``'s epoll object in a :class:`BusyPoll`; None (nothing done) for any other reactor."""
+    poller = getattr(reactor, "_poller", None)
+    if isinstance(poller, BusyPoll):
+        return poller
+    if not isinstance(poller, select.epoll) or not hasattr(reactor, "doPoll"):
+        return None
+    busy = BusyPoll(poller, window, probe_every)
+    reactor._poller = busy
+    return busy
+
+
+def uninstall(reactor: Any, busy: BusyPoll) -> None:
+    """Give ``reactor`` its own poller back (if ``busy`` is still the one it has)."""
+    if getattr(reactor, "_poller", None) is busy:
+        reactor._poller = busy.poller
+
+
+class BusyPollService(Service):
+    """Installs a :class:`BusyPoll` on the reactor while running (a no-op on a reactor without epoll)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, window: float = WINDOW, probe_every: int = PROBE_EVERY) -> None:
+        self.reactor = reactor
+        self.window = window
+        self.probe_every = probe_every
+        self.busy: BusyPoll | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.busy = install(self.reactor, self.window, self.probe_every)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.busy is not None:
+            uninstall(self.reactor, self.busy)
+            self.log.debug("busy poll: {spins} spins, {caught} caught events, {seconds:.3f} s spent",
+                           spins=self.busy.spins, caught=self.busy.caught, seconds=self.busy.spun)
+            self.busy = None

@@ -1,0 +1,255 @@
+"""
+Tests for :mod:`pilot.services.busypoll`: the short poll before the reactor sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pilot.services.busypoll import BusyPoll, BusyPollService, install, uninstall
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings
+
+EVENT = [(7, 1)]
+
+
+class FakePoller:
+    """A poller that answers each ``poll`` from a script (``[]`` once it runs out) and records the calls."""
+
+    def __init__(self, *answers: list[tuple[int, int]]) -> None:
+        self.answers = list(answers)
+        self.calls: list[float] = []
+        self.done: list[tuple[str, Any]] = []
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        self.calls.append(timeout)
+        return self.answers.pop(0) if self.answers else []
+
+    def register(self, fd: Any, eventmask: int = 0) -> None:
+        self.done.append(("register", (fd, eventmask)))
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        self.done.append(("modify", (fd, eventmask)))
+
+    def unregister(self, fd: Any) -> None:
+        self.done.append(("unregister", fd))
+
+    def fileno(self) -> int:
+        return 99
+
+    def close(self) -> None:
+        self.done.append(("close", None))
+
+
+class Ticks:
+    """A clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 100.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def busy(poller: FakePoller, step: float = 0.00005, window: float = 0.00025, probe_every: int = 3) -> BusyPoll:
+    return BusyPoll(poller, window, probe_every, clock=Ticks(step))
+
+
+class BusyPollTests(SynchronousTestCase):
+
+    def test_idle_waits_at_once(self) -> None:
+        """Before anything was served, a wait is the poller's own: an idle process spends nothing."""
+        poller = FakePoller()
+        b = busy(poller)
+        self.assertEqual(b.poll(5.0, 10), [])
+        self.assertEqual(b.poll(-1, 10), [])
+        self.assertEqual(poller.calls, [5.0, -1])
+        self.assertEqual(b.spins, 0)
+
+    def test_spin_catches_the_next_request(self) -> None:
+        """After a pass that handled events, the next wait polls without blocking and returns what comes."""
+        poller = FakePoller(EVENT, [], [], EVENT)
+        b = busy(poller)
+        self.assertEqual(b.poll(-1, 10), EVENT)
+        self.assertEqual(b.poll(-1, 10), EVENT)  # caught by the third non-blocking poll
+        self.assertEqual(poller.calls, [-1, 0, 0, 0])
+        self.assertEqual((b.spins, b.caught), (1, 1))
+        # served again: the next wait spins too
+        poller.answers = [EVENT]
+        self.assertEqual(b.poll(-1, 10), EVENT)
+        self.assertEqual(poller.calls[-1], 0)
+
+    def test_spin_is_bounded_by_the_window(self) -> None:
+        """Nothing comes: the spin stops after the window, and the wait gets what is left of its timeout."""
+        poller = FakePoller(EVENT)
+        b = busy(poller, step=0.00005, window=0.00025)
+        b.poll(-1, 10)
+        self.assertEqual(b.poll(1.0, 10), [])
+        spun = poller.calls[1:-1]
+        self.assertEqual(set(spun), {0})
+        self.assertEqual(len(spun), 5)  # 50 µs a poll, 250 µs: five
+        self.assertAlmostEqual(poller.calls[-1], 1.0 - 0.00025, places=9)
+        self.assertAlmostEqual(b.spun, 0.00025, places=9)
+        self.assertEqual((b.spins, b.caught), (1, 0))
+
+    def test_spin_is_bounded_by_the_timeout(self) -> None:
+        """A timer due sooner than the window ends the spin; the wait then does not block."""
+        poller = FakePoller(EVENT)
+        b = busy(poller, step=0.00005, window=0.00025)
+        b.poll(-1, 10)
+        b.poll(0.0001, 10)
+        self.assertEqual(poller.calls[1:], [0, 0, 0.0])
+
+    def test_infinite_wait_stays_infinite(self) -> None:
+        poller = FakePoller(EVENT)
+        b = busy(poller)
+        b.poll(-1, 10)
+        b.poll(-1, 10)
+        self.assertEqual(poller.calls[-1], -1)
+
+    def test_no_spin_when_asked_not_to_wait(self) -> None:
+        """A zero timeout (the reactor has work now) is passed on as it is."""
+        poller = FakePoller(EVENT)
+        b = busy(poller)
+        b.poll(-1, 10)
+        b.poll(0, 10)
+        self.assertEqual(poller.calls, [-1, 0])
+        self.assertEqual(b.spins, 0)
+
+    def test_no_spin_after_a_pass_without_events(self) -> None:
+        """A wait that ended on its timeout (timers only) is not followed by a spin."""
+        poller = FakePoller(EVENT, [], [], [], [], [], [])
+        b = busy(poller)
+        b.poll(-1, 10)
+        b.poll(1.0, 10)  # spins, catches nothing, then waits: nothing
+        calls = len(poller.calls)
+        b.poll(1.0, 10)
+        self.assertEqual(poller.calls[calls:], [1.0])
+        self.assertEqual(b.spins, 1)
+
+    def test_a_miss_backs_off(self) -> None:
+        """A spin that catches nothing: the next ``probe_every`` served passes wait at once, then one spins."""
+        poller = FakePoller(EVENT)
+        b = busy(poller, probe_every=3)
+        b.poll(-1, 10)
+        poller.answers = [[]] * 5 + [EVENT]  # the spin's five polls, then the wait's event
+        self.assertEqual(b.poll(-1, 10), EVENT)
+        self.assertEqual(b.spins, 1)
+        for _ in range(3):
+            calls = len(poller.calls)
+            poller.answers = [EVENT]
+            self.assertEqual(b.poll(-1, 10), EVENT)
+            self.assertEqual(poller.calls[calls:], [-1])  # no spin
+        poller.answers = [EVENT]
+        b.poll(-1, 10)
+        self.assertEqual((b.spins, b.caught), (2, 1))
+
+    def test_a_miss_does_not_back_off_an_idle_process(self) -> None:
+        """Passes without events do not count towards the next probe: only served ones do."""
+        poller = FakePoller(EVENT)
+        b = busy(poller, probe_every=2)
+        b.poll(-1, 10)
+        b.poll(-1, 10)  # spins, misses, waits: nothing
+        for _ in range(5):
+            b.poll(-1, 10)
+        self.assertEqual(b.spins, 1)
+        self.assertEqual(b._skip, 2)
+
+    def test_bookkeeping_is_the_pollers(self) -> None:
+        poller = FakePoller()
+        b = busy(poller)
+        b.register(3, 1)
+        b.modify(3, 4)
+        b.unregister(3)
+        b.close()
+        self.assertEqual(b.fileno(), 99)
+        self.assertEqual(poller.done, [("register", (3, 1)), ("modify", (3, 4)), ("unregister", 3),
+                                       ("close", None)])
+
+
+class PipeReader:
+    """A reader on a pipe's read end, for a real epoll reactor (no socket)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.got = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        self.got += os.read(self.fd, 100)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "pipe"
+
+
+class InstallTests(SynchronousTestCase):
+
+    def epoll_reactor(self) -> EPollReactor:
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        return reactor
+
+    def test_install_on_epoll(self) -> None:
+        """The epoll reactor's poller is wrapped, and the reactor still reads; uninstall gives it back."""
+        reactor = self.epoll_reactor()
+        own = reactor._poller
+        b = install(reactor, window=0.001, probe_every=4)
+        assert b is not None
+        self.assertIs(reactor._poller, b)
+        self.assertIs(b.poller, own)
+        self.assertEqual((b.window, b.probe_every), (0.001, 4))
+        self.assertIs(install(reactor), b)  # once only
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        reader = PipeReader(r)
+        reactor.addReader(reader)
+        os.write(w, b"one")
+        reactor.doIteration(0)
+        self.assertEqual(reader.got, b"one")
+        os.write(w, b"two")
+        reactor.doIteration(1.0)  # served before: spins, and catches the bytes already there
+        self.assertEqual(reader.got, b"onetwo")
+        self.assertEqual((b.spins, b.caught), (1, 1))
+        reactor.removeReader(reader)
+
+        uninstall(reactor, b)
+        self.assertIs(reactor._poller, own)
+
+    def test_other_reactors_are_left_alone(self) -> None:
+        reactor = MemoryReactorClock()
+        self.assertIsNone(install(reactor))
+        service = BusyPollService(reactor)
+        service.startService()
+        self.assertIsNone(service.busy)
+        service.stopService()
+
+    def test_service(self) -> None:
+        """Installed while running, removed when stopped."""
+        reactor = self.epoll_reactor()
+        own = reactor._poller
+        service = BusyPollService(reactor, window=0.0005, probe_every=8)
+        service.startService()
+        self.assertIsInstance(reactor._poller, BusyPoll)
+        self.assertEqual(reactor._poller.window, 0.0005)
+        service.stopService()
+        self.assertIs(reactor._poller, own)
+        self.assertIsNone(service.busy)
+
+    def test_rendezvous_has_it(self) -> None:
+        """The rendezvous runs one (a node does not)."""
+        service = RendezvousService(RendezvousSettings(listen="127.0.0.1:0", beacon_listen="127.0.0.1:0"),
+                                    MemoryReactorClock())
+        self.assertEqual(sum(isinstance(s, BusyPollService) for s in service), 1)
