@@ -16,14 +16,20 @@ sleep; this does the same for Twisted's epoll reactor, bounded:
   seconds (and never past the wait's own timeout); what comes in that time
   is handled at once; then the reactor waits as before, for what is left of
   its timeout;
-* it keeps on only while it pays: a spin that catches nothing makes the next
-  :data:`PROBE_EVERY` passes that handled events wait at once, then one spin
-  tries again.  A client that waits for each answer is caught every time
-  and keeps it on; a fleet's requests arriving at random seldom are (at
-  10,000 nodes on the reference's cadence, about a thousand a second, a spin
-  of 250 µs catches one about one time in five), so there the cost is a few
-  spins a second.  ``docs/performance.md`` (issue 16, "a short poll before
-  the reactor sleeps") has the figures.
+* it keeps on only while it pays.  A score follows the share of spins that
+  caught something (each spin weighs :data:`WEIGHT`); once it falls under
+  :data:`KEEP`, the next :data:`PROBE_EVERY` passes that handled events wait
+  at once, and then one spin probes: if it catches something the spins go
+  on (the score starts again from 1), if not the wait starts over.  A
+  client that waits for each answer is caught nearly every time, and an
+  isolated late request (the client descheduled) does not stop it; a
+  fleet's requests arriving at random are caught too seldom (at 10,000
+  nodes on the reference's cadence, about a thousand a second, a spin of
+  250 µs catches one about one time in five; at 6,000 a second three in
+  four), so there the cost is a few dozen spins every :data:`PROBE_EVERY`
+  passes at most.
+  ``docs/performance.md`` (issue 16, "a short poll before the reactor
+  sleeps") has the figures.
 
 It wraps the reactor's poller object (``EPollReactor._poller``, a
 ``select.epoll``), which is all ``doPoll`` and the reader/writer bookkeeping
@@ -41,8 +47,12 @@ from twisted.logger import Logger
 
 #: Seconds a spin lasts at most: a Python client's next request comes 30-200 µs after its answer.
 WINDOW = 0.00025
-#: Passes that handled events without a spin after a spin that caught nothing.
-PROBE_EVERY = 256
+#: Passes that handled events without a spin, once spins stopped paying, before one probes again.
+PROBE_EVERY = 1024
+#: The weight of one spin in the score of spins that caught something.
+WEIGHT = 1 / 64
+#: Spins go on while that score is at least this (a closed loop's is near 1).
+KEEP = 0.9
 
 
 class Poller(Protocol):
@@ -69,6 +79,8 @@ class BusyPoll:
         self._served = False
         #: passes that handled events still to go before the next spin
         self._skip = 0
+        #: the share of recent spins that caught something (weighted, :data:`WEIGHT` a spin)
+        self.score = 1.0
         #: spins made, spins that caught events, and seconds spent spinning (for tests and profiles)
         self.spins = 0
         self.caught = 0
@@ -99,11 +111,15 @@ class BusyPoll:
             if events:
                 self.caught += 1
                 self.spun += now - start
-                return events, timeout  # served again: _served stays True
+                # served again (_served stays True); a probe that caught something resumes the spins
+                self.score = 1.0 if self.score < KEEP else self.score + (1.0 - self.score) * WEIGHT
+                return events, timeout
             if now >= end:
                 break
         self.spun += now - start
-        self._skip = self.probe_every  # it did not pay: wait at once for a while
+        self.score -= self.score * WEIGHT
+        if self.score < KEEP:
+            self._skip = self.probe_every  # it does not pay: wait at once for a while
         self._served = False
         return [], (timeout if timeout < 0 else max(0.0, timeout - (now - start)))
 

@@ -5,13 +5,14 @@ Tests for :mod:`pilot.services.busypoll`: the short poll before the reactor slee
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.services.busypoll import BusyPoll, BusyPollService, install, uninstall
+from pilot.services.busypoll import KEEP, PROBE_EVERY, WEIGHT, BusyPoll, BusyPollService, install, uninstall
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 
 EVENT = [(7, 1)]
@@ -43,6 +44,28 @@ class FakePoller:
 
     def close(self) -> None:
         self.done.append(("close", None))
+
+
+class Client(FakePoller):
+    """A client waiting for each answer: its next request is there during a spin, or it is late."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = False
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        if self.answers:
+            return super().poll(timeout, maxevents)
+        self.calls.append(timeout)
+        return [] if timeout == 0 and self.late else EVENT
+
+    def serve(self, b: BusyPoll, late: bool) -> str:
+        """One request: 'caught' by a spin, 'missed' (spun, then waited) or 'waited' (no spin)."""
+        self.late = late
+        spins, caught = b.spins, b.caught
+        self.calls.clear()
+        assert b.poll(-1, 10) == EVENT
+        return "caught" if b.caught > caught else "missed" if b.spins > spins else "waited"
 
 
 class Ticks:
@@ -133,33 +156,61 @@ class BusyPollTests(SynchronousTestCase):
         self.assertEqual(poller.calls[calls:], [1.0])
         self.assertEqual(b.spins, 1)
 
-    def test_a_miss_backs_off(self) -> None:
-        """A spin that catches nothing: the next ``probe_every`` served passes wait at once, then one spins."""
-        poller = FakePoller(EVENT)
-        b = busy(poller, probe_every=3)
-        b.poll(-1, 10)
-        poller.answers = [[]] * 5 + [EVENT]  # the spin's five polls, then the wait's event
-        self.assertEqual(b.poll(-1, 10), EVENT)
-        self.assertEqual(b.spins, 1)
-        for _ in range(3):
-            calls = len(poller.calls)
-            poller.answers = [EVENT]
-            self.assertEqual(b.poll(-1, 10), EVENT)
-            self.assertEqual(poller.calls[calls:], [-1])  # no spin
-        poller.answers = [EVENT]
-        b.poll(-1, 10)
+    def test_an_isolated_miss_is_tolerated(self) -> None:
+        """A closed loop whose client was once late keeps spinning."""
+        client = Client()
+        b = busy(client, probe_every=3)
+        client.serve(b, late=False)  # the first request: no spin yet
+        client.serve(b, late=True)
+        self.assertEqual(b.score, 1.0 - WEIGHT)
+        self.assertEqual(client.serve(b, late=False), "caught")
         self.assertEqual((b.spins, b.caught), (2, 1))
 
+    def test_misses_back_off(self) -> None:
+        """Spins that do not pay stop; after ``probe_every`` served passes one probes again."""
+        client = Client()
+        b = busy(client, probe_every=3)
+        client.serve(b, late=False)
+        self.assertEqual([client.serve(b, late=True) for _ in range(7)], ["missed"] * 7)
+        self.assertLess(b.score, KEEP)  # 0.896
+        self.assertEqual([client.serve(b, late=False) for _ in range(3)], ["waited"] * 3)
+        self.assertEqual(client.serve(b, late=True), "missed")  # the probe: three more passes without
+        self.assertEqual([client.serve(b, late=False) for _ in range(3)], ["waited"] * 3)
+        self.assertEqual(client.serve(b, late=False), "caught")  # this probe pays: the spins go on
+        self.assertEqual(b.score, 1.0)
+        self.assertEqual(client.serve(b, late=False), "caught")
+        self.assertEqual((b.spins, b.caught), (10, 2))
+
+    def test_random_arrivals_cost_a_few_spins(self) -> None:
+        """Requests that a spin would catch three times in four: a spin in under one pass in twenty."""
+        client = Client()
+        b = busy(client, probe_every=PROBE_EVERY)
+        rng = random.Random(16)
+        for _ in range(20_000):
+            client.serve(b, late=rng.random() < 0.25)
+        self.assertLess(b.spins, 1_000)
+
+    def test_a_closed_loop_keeps_spinning(self) -> None:
+        """A client on time 98 times in 100 keeps the spins on nearly all the time."""
+        client = Client()
+        b = busy(client, probe_every=PROBE_EVERY)
+        rng = random.Random(16)
+        for _ in range(20_000):
+            client.serve(b, late=rng.random() < 0.02)
+        self.assertGreater(b.spins, 18_000)
+
     def test_a_miss_does_not_back_off_an_idle_process(self) -> None:
-        """Passes without events do not count towards the next probe: only served ones do."""
-        poller = FakePoller(EVENT)
-        b = busy(poller, probe_every=2)
-        b.poll(-1, 10)
-        b.poll(-1, 10)  # spins, misses, waits: nothing
+        """Passes without events neither spin nor count towards the next probe: only served ones do."""
+        client = Client()
+        b = busy(client, probe_every=2)
+        client.serve(b, late=False)
+        for _ in range(7):
+            client.serve(b, late=True)
+        client.answers = [[]] * 10
         for _ in range(5):
-            b.poll(-1, 10)
-        self.assertEqual(b.spins, 1)
-        self.assertEqual(b._skip, 2)
+            b.poll(1.0, 10)  # timers only
+        self.assertEqual(b.spins, 7)
+        self.assertEqual(b._skip, 1)  # the one served pass after the miss counted; the timers did not
 
     def test_bookkeeping_is_the_pollers(self) -> None:
         poller = FakePoller()
