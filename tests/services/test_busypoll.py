@@ -10,9 +10,12 @@ from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.services.busypoll import KEEP, PROBE_EVERY, WEIGHT, BusyPoll, BusyPollService, install, uninstall
+from pilot.services.busypoll import (
+    KEEP, PROBE_EVERY, WEIGHT, BusyPoll, BusyPollService, ReactorPass, install, uninstall,
+)
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 
 EVENT = [(7, 1)]
@@ -24,26 +27,10 @@ class FakePoller:
     def __init__(self, *answers: list[tuple[int, int]]) -> None:
         self.answers = list(answers)
         self.calls: list[float] = []
-        self.done: list[tuple[str, Any]] = []
 
     def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
         self.calls.append(timeout)
         return self.answers.pop(0) if self.answers else []
-
-    def register(self, fd: Any, eventmask: int = 0) -> None:
-        self.done.append(("register", (fd, eventmask)))
-
-    def modify(self, fd: Any, eventmask: int) -> None:
-        self.done.append(("modify", (fd, eventmask)))
-
-    def unregister(self, fd: Any) -> None:
-        self.done.append(("unregister", fd))
-
-    def fileno(self) -> int:
-        return 99
-
-    def close(self) -> None:
-        self.done.append(("close", None))
 
 
 class Client(FakePoller):
@@ -129,6 +116,15 @@ class BusyPollTests(SynchronousTestCase):
         b.poll(0.0001, 10)
         self.assertEqual(poller.calls[1:], [0, 0, 0.0])
 
+    def test_no_window_no_spin(self) -> None:
+        """A window of 0 turns the spins off: the reactor's own wait, its pass without the log context."""
+        poller = FakePoller(EVENT, EVENT)
+        b = busy(poller, window=0)
+        b.poll(-1, 10)
+        b.poll(-1, 10)
+        self.assertEqual(poller.calls, [-1, -1])
+        self.assertEqual(b.spins, 0)
+
     def test_infinite_wait_stays_infinite(self) -> None:
         poller = FakePoller(EVENT)
         b = busy(poller)
@@ -212,33 +208,27 @@ class BusyPollTests(SynchronousTestCase):
         self.assertEqual(b.spins, 7)
         self.assertEqual(b._skip, 1)  # the one served pass after the miss counted; the timers did not
 
-    def test_bookkeeping_is_the_pollers(self) -> None:
-        poller = FakePoller()
-        b = busy(poller)
-        b.register(3, 1)
-        b.modify(3, 4)
-        b.unregister(3)
-        b.close()
-        self.assertEqual(b.fileno(), 99)
-        self.assertEqual(poller.done, [("register", (3, 1)), ("modify", (3, 4)), ("unregister", 3),
-                                       ("close", None)])
-
 
 class PipeReader:
     """A reader on a pipe's read end, for a real epoll reactor (no socket)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.w = -1
         self.got = b""
+        self.fail = False
+        self.lost = False
 
     def fileno(self) -> int:
         return self.fd
 
     def doRead(self) -> None:
         self.got += os.read(self.fd, 100)
+        if self.fail:
+            1 / 0
 
     def connectionLost(self, reason: object) -> None:
-        pass
+        self.lost = True
 
     def logPrefix(self) -> str:
         return "pipe"
@@ -252,32 +242,71 @@ class InstallTests(SynchronousTestCase):
         return reactor
 
     def test_install_on_epoll(self) -> None:
-        """The epoll reactor's poller is wrapped, and the reactor still reads; uninstall gives it back."""
+        """The epoll reactor's pass is replaced, and the reactor still reads; uninstall gives it back."""
         reactor = self.epoll_reactor()
         own = reactor._poller
         b = install(reactor, window=0.001, probe_every=4)
         assert b is not None
-        self.assertIs(reactor._poller, b)
+        self.assertIsInstance(vars(reactor)["doIteration"], ReactorPass)
+        self.assertIs(reactor._poller, own)  # the reactor's bookkeeping is untouched
         self.assertIs(b.poller, own)
         self.assertEqual((b.window, b.probe_every), (0.001, 4))
         self.assertIs(install(reactor), b)  # once only
 
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        self.addCleanup(os.close, w)
-        reader = PipeReader(r)
-        reactor.addReader(reader)
-        os.write(w, b"one")
-        reactor.doIteration(0)
+        reader = self.pipe_reader(reactor)
+        os.write(reader.w, b"one")
+        reactor.iterate(0)
         self.assertEqual(reader.got, b"one")
-        os.write(w, b"two")
+        os.write(reader.w, b"two")
         reactor.doIteration(1.0)  # served before: spins, and catches the bytes already there
         self.assertEqual(reader.got, b"onetwo")
         self.assertEqual((b.spins, b.caught), (1, 1))
         reactor.removeReader(reader)
 
         uninstall(reactor, b)
-        self.assertIs(reactor._poller, own)
+        self.assertNotIn("doIteration", vars(reactor))
+        self.assertEqual(reactor.doIteration.__func__, EPollReactor.doPoll)
+
+    def pipe_reader(self, reactor: EPollReactor) -> PipeReader:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        reader = PipeReader(r)
+        reader.w = w
+        reactor.addReader(reader)
+        return reader
+
+    def test_nothing_escapes_into_the_reactor(self) -> None:
+        """What handling a descriptor raises is logged, and the next descriptor is still handled."""
+        reactor = self.epoll_reactor()
+        install(reactor)
+        first, second = self.pipe_reader(reactor), self.pipe_reader(reactor)
+        handled: list[int] = []
+
+        def handle(selectable: Any, fd: int, event: int) -> None:
+            handled.append(fd)
+            if len(handled) == 1:
+                raise RuntimeError("boom")
+        reactor._doReadOrWrite = handle  # type: ignore[method-assign]
+        os.write(first.w, b"x")
+        os.write(second.w, b"y")
+        with capturedLogs() as events:
+            reactor.doIteration(0)
+        self.assertEqual(sorted(handled), sorted([first.fd, second.fd]))
+        self.assertEqual([e["log_failure"].value.args for e in events if "log_failure" in e], [("boom",)])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_a_descriptor_that_raises_is_disconnected(self) -> None:
+        """The reactor's own handling: a reader whose doRead raises is logged and removed."""
+        reactor = self.epoll_reactor()
+        install(reactor)
+        reader = self.pipe_reader(reactor)
+        reader.fail = True
+        os.write(reader.w, b"x")
+        reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertNotIn(reader, reactor.getReaders())
+        self.assertTrue(reader.lost)
 
     def test_other_reactors_are_left_alone(self) -> None:
         reactor = MemoryReactorClock()
@@ -293,10 +322,12 @@ class InstallTests(SynchronousTestCase):
         own = reactor._poller
         service = BusyPollService(reactor, window=0.0005, probe_every=8)
         service.startService()
-        self.assertIsInstance(reactor._poller, BusyPoll)
-        self.assertEqual(reactor._poller.window, 0.0005)
+        installed = vars(reactor)["doIteration"]
+        self.assertIsInstance(installed, ReactorPass)
+        self.assertEqual(installed.busy.window, 0.0005)
+        self.assertIs(installed.busy.poller, own)
         service.stopService()
-        self.assertIs(reactor._poller, own)
+        self.assertNotIn("doIteration", vars(reactor))
         self.assertIsNone(service.busy)
 
     def test_rendezvous_has_it(self) -> None:
