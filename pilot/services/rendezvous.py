@@ -221,7 +221,7 @@ class RendezvousService(MultiService):
         # buffers of closed connections (slow clients) go back to the system, not just to malloc
         self.trimmer = Every(TRIM_INTERVAL, lambda: release_free_memory(), clock)
         self.trimmer.setServiceParent(self)
-        # a short poll before the reactor sleeps, while it pays (pilot/services/busypoll.py)
+        # the epoll reactor's lean pass; its short poll is off by default (pilot/services/busypoll.py)
         BusyPollService(reactor).setServiceParent(self)
         if self.replication is not None:
             self.replication.setServiceParent(self)  # after the ports: it needs the registry's

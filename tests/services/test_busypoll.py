@@ -14,7 +14,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.services.busypoll import (
-    KEEP, PROBE_EVERY, WEIGHT, BusyPoll, BusyPollService, ReactorPass, install, uninstall,
+    KEEP, PROBE_EVERY, SPIN_WINDOW, WEIGHT, WINDOW, BusyPoll, BusyPollService, ReactorPass, install, uninstall,
 )
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 
@@ -67,7 +67,7 @@ class Ticks:
         return self.now
 
 
-def busy(poller: FakePoller, step: float = 0.00005, window: float = 0.00025, probe_every: int = 3) -> BusyPoll:
+def busy(poller: FakePoller, step: float = 0.00005, window: float = SPIN_WINDOW, probe_every: int = 3) -> BusyPoll:
     return BusyPoll(poller, window, probe_every, clock=Ticks(step))
 
 
@@ -329,6 +329,17 @@ class InstallTests(SynchronousTestCase):
         service.stopService()
         self.assertNotIn("doIteration", vars(reactor))
         self.assertIsNone(service.busy)
+
+    def test_spins_are_off_by_default(self) -> None:
+        """By default the service installs the lean pass only: no window, no spin."""
+        reactor = self.epoll_reactor()
+        service = BusyPollService(reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(WINDOW, 0.0)
+        assert service.busy is not None
+        self.assertEqual(service.busy.window, 0.0)
+        self.assertEqual(SPIN_WINDOW, 0.00025)
 
     def test_rendezvous_has_it(self) -> None:
         """The rendezvous runs one (a node does not)."""
