@@ -69,6 +69,8 @@ PROBE_EVERY = 1024
 WEIGHT = 1 / 64
 #: Spins go on while that score is at least this (a closed loop's is near 1).
 KEEP = 0.9
+#: ``select.epoll``, where the system has it (Linux); elsewhere nothing is installed
+_EPOLL: Any = getattr(select, "epoll", None)
 
 
 class Poller(Protocol):
@@ -167,8 +169,8 @@ def install(reactor: Any, window: float = WINDOW, probe_every: int = PROBE_EVERY
     if isinstance(installed, ReactorPass):
         return installed.busy
     poller = getattr(reactor, "_poller", None)
-    if not isinstance(poller, select.epoll) or not isinstance(getattr(reactor, "_selectables", None), dict) \
-            or not hasattr(reactor, "_doReadOrWrite"):
+    if _EPOLL is None or not isinstance(poller, _EPOLL) \
+            or not isinstance(getattr(reactor, "_selectables", None), dict) or not hasattr(reactor, "_doReadOrWrite"):
         return None
     busy = BusyPoll(poller, window, probe_every)
     reactor.doIteration = ReactorPass(reactor, busy)  # the reactor object's own: the class's doPoll stays
@@ -183,7 +185,7 @@ def uninstall(reactor: Any, busy: BusyPoll) -> None:
 
 
 class BusyPollService(Service):
-    """Installs a :class:`BusyPoll` on the reactor while running (a no-op on a reactor without epoll)."""
+    """Makes the reactor's pass a :class:`ReactorPass` while running (a no-op on a reactor without epoll)."""
 
     log = Logger()
 

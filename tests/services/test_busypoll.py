@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from pilot.services import busypoll
 from pilot.services.busypoll import (
     KEEP, PROBE_EVERY, SPIN_WINDOW, WEIGHT, WINDOW, BusyPoll, BusyPollService, ReactorPass, install, uninstall,
 )
@@ -311,6 +312,10 @@ class InstallTests(SynchronousTestCase):
     def test_other_reactors_are_left_alone(self) -> None:
         reactor = MemoryReactorClock()
         self.assertIsNone(install(reactor))
+        epoll = self.epoll_reactor()
+        self.patch(busypoll, "_EPOLL", None)  # a system without epoll
+        self.assertIsNone(install(epoll))
+        self.assertNotIn("doIteration", vars(epoll))
         service = BusyPollService(reactor)
         service.startService()
         self.assertIsNone(service.busy)
