@@ -170,7 +170,8 @@ def install(reactor: Any, window: float = WINDOW, probe_every: int = PROBE_EVERY
         return installed.busy
     poller = getattr(reactor, "_poller", None)
     if _EPOLL is None or not isinstance(poller, _EPOLL) \
-            or not isinstance(getattr(reactor, "_selectables", None), dict) or not hasattr(reactor, "_doReadOrWrite"):
+            or not isinstance(getattr(reactor, "_selectables", None), dict) \
+            or not hasattr(reactor, "_doReadOrWrite"):
         return None
     busy = BusyPoll(poller, window, probe_every)
     reactor.doIteration = ReactorPass(reactor, busy)  # the reactor object's own: the class's doPoll stays

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.services import busypoll
 from pilot.services.busypoll import (
-    KEEP, PROBE_EVERY, SPIN_WINDOW, WEIGHT, WINDOW, BusyPoll, BusyPollService, ReactorPass, install, uninstall,
+    KEEP, PROBE_EVERY, SPIN_WINDOW, WEIGHT, WINDOW, BusyPoll, BusyPollService, ReactorPass, install,
+    uninstall,
 )
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 
@@ -68,7 +69,8 @@ class Ticks:
         return self.now
 
 
-def busy(poller: FakePoller, step: float = 0.00005, window: float = SPIN_WINDOW, probe_every: int = 3) -> BusyPoll:
+def busy(poller: FakePoller, step: float = 0.00005, window: float = SPIN_WINDOW,
+         probe_every: int = 3) -> BusyPoll:
     return BusyPoll(poller, window, probe_every, clock=Ticks(step))
 
 
