@@ -13,7 +13,10 @@ client is a blocking socket (TCP_NODELAY), the cheapest client Python has,
 so the figure is as much the server's as a Python client can make it.  It
 prints, per server and request type, the median rate over the rounds, the
 ratio to the reference's median, and the server's CPU per request (user and
-system time from ``/proc``, so the kernel's loopback delivery counts too).
+system time from ``/proc``, so the kernel's loopback delivery counts too),
+and how often the server went to sleep a request (its voluntary context
+switches, every thread: a server that waits in ``epoll_wait`` between
+requests sleeps once a request, and must be woken for the next).
 
     PILOT_REFERENCE_BIN=DIR python3 benchmarks/registry_closed_loop.py
     PILOT_REFERENCE_BIN=DIR python3 benchmarks/registry_closed_loop.py --tree ../main --tree .
@@ -64,6 +67,20 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sleeps(pid: int) -> int:
+    """How often the process (all its threads) gave up its CPU to wait: voluntary context switches."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return total
 
 
 def start_ours(tree: str, store: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -206,6 +223,8 @@ def main() -> None:
         }
         rates: dict[tuple[str, str], list[float]] = {}
         cpus: dict[tuple[str, str], list[float]] = {}
+        #: the server's sleeps (voluntary context switches, all threads) a request
+        slept: dict[tuple[str, str], list[float]] = {}
         for round_ in range(args.rounds):
             if args.register_burst:
                 for name, (rate, cpu) in registrations(sides, args.register_burst, round_).items():
@@ -214,6 +233,7 @@ def main() -> None:
             for kind, make in kinds.items():
                 for side in sides:
                     msgs = [make(side, i) for i in range(args.burst)]
+                    slept0 = sleeps(side.proc.pid)
                     cpu0, t0 = cpu_seconds(side.proc.pid), time.perf_counter()
                     for msg in msgs:
                         if side.conn.request(msg)["type"] == "error":
@@ -222,6 +242,8 @@ def main() -> None:
                     rates.setdefault((side.name, kind), []).append(args.burst / seconds)
                     cpus.setdefault((side.name, kind), []).append(
                         (cpu_seconds(side.proc.pid) - cpu0) / args.burst * 1e6)
+                    slept.setdefault((side.name, kind), []).append(
+                        (sleeps(side.proc.pid) - slept0) / args.burst)
         print(f"closed loop on one connection, {args.rounds} rounds of {args.burst} a server and type, "
               f"python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load:.2f} -> "
               f"{os.getloadavg()[0]:.2f}")
@@ -231,8 +253,10 @@ def main() -> None:
                 got = rates[(side.name, kind)]
                 rate = statistics.median(got)
                 ratio = f"   {rate / ref:4.2f}x the reference" if ref else ""
+                nap = slept.get((side.name, kind))
+                naps = f"   sleeps {statistics.median(nap):4.2f} each" if nap else ""
                 print(f"  {kind:<17} {side.name:<22} {rate:7.0f}/s (median; {min(got):6.0f}-{max(got):6.0f})"
-                      f"   server CPU {statistics.median(cpus[(side.name, kind)]):4.0f} us each{ratio}")
+                      f"   server CPU {statistics.median(cpus[(side.name, kind)]):4.0f} us each{naps}{ratio}")
     finally:
         for side in sides:
             side.proc.terminate()

@@ -33,6 +33,7 @@ from pilot.protocols.registry import (
 )
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
+from pilot.services.busypoll import BusyPollService
 from pilot.services.durable import DurableWriter, Runner, WriterThread
 from pilot.services.pairing import ReplicationSettings
 from pilot.services.store import Loaded, load
@@ -220,6 +221,8 @@ class RendezvousService(MultiService):
         # buffers of closed connections (slow clients) go back to the system, not just to malloc
         self.trimmer = Every(TRIM_INTERVAL, lambda: release_free_memory(), clock)
         self.trimmer.setServiceParent(self)
+        # the epoll reactor's lean pass; its short poll is off by default (pilot/services/busypoll.py)
+        BusyPollService(reactor).setServiceParent(self)
         if self.replication is not None:
             self.replication.setServiceParent(self)  # after the ports: it needs the registry's
         self.http: RendezvousHTTP | None = None
