@@ -20,7 +20,7 @@ this module imports nothing above it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Generic, Optional, Protocol, TypeVar, overload
 
 import attr
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -177,6 +177,54 @@ class _Feed:
         getattr(self.core.machine, self.event)()
 
 
+T = TypeVar("T", bound=Timer)
+
+
+class TimerSlot(Generic[T]):
+    """
+    One of a connection's timers, made the first time it is read: a short
+    connection (a ping) starts four of its eight, and each one made is two
+    more objects per connection to allocate and for the garbage collector to
+    walk while it lives (``docs/performance.md``).  :meth:`cancel_in` cancels
+    it only if it was ever made.
+    """
+
+    def __init__(self, kind: type[T], fire: Callable[["Transfer"], Callable[[], None]]) -> None:
+        self.kind = kind
+        self.fire = fire
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, core: None, owner: type) -> "TimerSlot[T]": ...
+    @overload
+    def __get__(self, core: "Transfer", owner: type) -> T: ...
+
+    def __get__(self, core: "Transfer | None", owner: type) -> "T | TimerSlot[T]":
+        if core is None:
+            return self
+        timer = self.kind(core.clock, self.fire(core))
+        core.__dict__[self.name] = timer  # read from the instance from now on
+        return timer
+
+    def cancel_in(self, core: "Transfer") -> None:
+        """``cancel()`` the timer of ``core``, unless it was never made (then nothing runs)."""
+        timer = core.__dict__.get(self.name)
+        if timer is not None:
+            timer.cancel()
+
+    def stop_in(self, core: "Transfer") -> None:
+        timer = core.__dict__.get(self.name)
+        if timer is not None:
+            timer.stop()
+
+
+def _feed(event: str) -> Callable[["Transfer"], Callable[[], None]]:
+    return lambda core: _Feed(core, event)
+
+
 def _check_ends(local: Address, local_port: int, remote: Address, remote_port: int) -> None:
     """What ``Packet`` checks of these fields (``ValueError``), without building one."""
     for name, value in (("src", local), ("dst", remote)):
@@ -258,15 +306,16 @@ class Transfer:
         self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=min(c.mss, self.segment_size or c.mss),
                              max_retransmits=c.max_retransmits, nagle=c.nagle,
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
-        clock = self.clock
-        self.handshake_timer = Timer(clock, _Feed(self, "handshake_timer_fired"))
-        self.rexmit_timer = CoalescedTimer(clock, _Feed(self, "retransmit_timer_fired"))
-        self.fin_timer = Timer(clock, _Feed(self, "fin_timer_fired"))
-        self.ack_timer = CoalescedTimer(clock, _Feed(self, "ack_timer_fired"))
-        self.nagle_timer = Timer(clock, _Feed(self, "nagle_timer_fired"))
-        self.pacing_timer = Timer(clock, _Feed(self, "pacing_timer_fired"))
-        self.time_wait_timer = Timer(clock, _Feed(self, "time_wait_elapsed"))
-        self.liveness_timer = Timer(self.clock, self._liveness_check)
+
+    # the timers, each made when first read (TimerSlot)
+    handshake_timer = TimerSlot(Timer, _feed("handshake_timer_fired"))
+    rexmit_timer = TimerSlot(CoalescedTimer, _feed("retransmit_timer_fired"))
+    fin_timer = TimerSlot(Timer, _feed("fin_timer_fired"))
+    ack_timer = TimerSlot(CoalescedTimer, _feed("ack_timer_fired"))
+    nagle_timer = TimerSlot(Timer, _feed("nagle_timer_fired"))
+    pacing_timer = TimerSlot(Timer, _feed("pacing_timer_fired"))
+    time_wait_timer = TimerSlot(Timer, _feed("time_wait_elapsed"))
+    liveness_timer = TimerSlot(Timer, lambda core: core._liveness_check)
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -285,7 +334,7 @@ class Transfer:
         if flags & ACK:
             self.ack_owed = False
             self.pending_acks = 0
-            self.ack_timer.cancel()
+            Transfer.ack_timer.cancel_in(self)
             self.last_window = window
         # the ports and addresses were checked when the connection was made, seq and ack
         # are wrapped to 32 bits, the window is at most 0xFFFF, flags are ours
@@ -334,11 +383,11 @@ class Transfer:
         if self.sender.nagle_holding:
             self.nagle_timer.ensure(self.config.nagle_delay)
         else:
-            self.nagle_timer.cancel()
+            Transfer.nagle_timer.cancel_in(self)
         if self.sender.outstanding:
             self.rexmit_timer.ensure(self.sender.timer_interval())
         else:
-            self.rexmit_timer.cancel()
+            Transfer.rexmit_timer.cancel_in(self)
 
     # -- packets in -----------------------------------------------------------------
 
@@ -360,7 +409,7 @@ class Transfer:
         result = sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks,
                                bool(data), now)
         if result.acked:
-            self.rexmit_timer.cancel()  # restarted by pump() with the current RTO
+            Transfer.rexmit_timer.cancel_in(self)  # restarted by pump() with the current RTO
         ack_now = False
         if data:
             self.segs_recv += 1
@@ -422,6 +471,10 @@ class Transfer:
         self.liveness_timer.start(min(probe_at, idle_at) - now)
 
     def cancel_timers(self) -> None:
-        for timer in (self.handshake_timer, self.rexmit_timer, self.fin_timer, self.ack_timer,
-                      self.nagle_timer, self.pacing_timer, self.liveness_timer, self.time_wait_timer):
-            timer.stop()
+        for slot in _TIMERS:
+            slot.stop_in(self)
+
+
+_TIMERS: tuple[TimerSlot[Any], ...] = (
+    Transfer.handshake_timer, Transfer.rexmit_timer, Transfer.fin_timer, Transfer.ack_timer,
+    Transfer.nagle_timer, Transfer.pacing_timer, Transfer.liveness_timer, Transfer.time_wait_timer)
