@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from pilot.machines.connection.sendbuffer import BLACK_HOLE_TIMEOUTS, TimerOutcome
 from pilot.machines.connection.sequence import wire
 from pilot.machines.connection.teardown import answer_fin, end, enter_time_wait, final_ack
-from pilot.machines.connection.transfer import ConnectionInputs, Transfer
+from pilot.machines.connection.transfer import NAGLE_TIMER, REXMIT_TIMER, ConnectionInputs, Transfer
 from pilot.machines.table import Transition, TransitionTable, indexed
 from pilot.wire.packet import ACK, FIN, SYN, Packet
 
@@ -246,8 +246,8 @@ def _close(inputs: ConnectionInputs, core: Transfer) -> None:
 
 @_on(draining, I.send_drained, fin_wait)
 def _send_fin(inputs: ConnectionInputs, core: Transfer) -> None:
-    Transfer.nagle_timer.cancel_in(core)
-    Transfer.rexmit_timer.cancel_in(core)
+    NAGLE_TIMER.cancel_in(core)
+    REXMIT_TIMER.cancel_in(core)
     # an ACK still owed goes first: the FIN carries none (the reference's FIN has no ACK
     # flag), and a peer told of our close before our ACK would think its data was lost
     core.delayed_ack()

@@ -334,7 +334,7 @@ class Transfer:
         if flags & ACK:
             self.ack_owed = False
             self.pending_acks = 0
-            Transfer.ack_timer.cancel_in(self)
+            _ACK_TIMER.cancel_in(self)
             self.last_window = window
         # the ports and addresses were checked when the connection was made, seq and ack
         # are wrapped to 32 bits, the window is at most 0xFFFF, flags are ours
@@ -383,11 +383,11 @@ class Transfer:
         if self.sender.nagle_holding:
             self.nagle_timer.ensure(self.config.nagle_delay)
         else:
-            Transfer.nagle_timer.cancel_in(self)
+            NAGLE_TIMER.cancel_in(self)
         if self.sender.outstanding:
             self.rexmit_timer.ensure(self.sender.timer_interval())
         else:
-            Transfer.rexmit_timer.cancel_in(self)
+            REXMIT_TIMER.cancel_in(self)
 
     # -- packets in -----------------------------------------------------------------
 
@@ -409,7 +409,7 @@ class Transfer:
         result = sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks,
                                bool(data), now)
         if result.acked:
-            Transfer.rexmit_timer.cancel_in(self)  # restarted by pump() with the current RTO
+            REXMIT_TIMER.cancel_in(self)  # restarted by pump() with the current RTO
         ack_now = False
         if data:
             self.segs_recv += 1
@@ -478,3 +478,5 @@ class Transfer:
 _TIMERS: tuple[TimerSlot[Any], ...] = (
     Transfer.handshake_timer, Transfer.rexmit_timer, Transfer.fin_timer, Transfer.ack_timer,
     Transfer.nagle_timer, Transfer.pacing_timer, Transfer.liveness_timer, Transfer.time_wait_timer)
+#: The slots whose ``cancel_in`` the data path calls, read once (``Transfer.x`` is a call to ``__get__``).
+_ACK_TIMER, NAGLE_TIMER, REXMIT_TIMER = Transfer.ack_timer, Transfer.nagle_timer, Transfer.rexmit_timer
