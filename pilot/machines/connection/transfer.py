@@ -207,6 +207,7 @@ class TimerSlot(Generic[T]):
             return self
         timer = self.kind(core.clock, self.fire(core))
         core.__dict__[self.name] = timer  # read from the instance from now on
+        core.timers.append(timer)
         return timer
 
     def cancel_in(self, core: "Transfer") -> None:
@@ -214,11 +215,6 @@ class TimerSlot(Generic[T]):
         timer = core.__dict__.get(self.name)
         if timer is not None:
             timer.cancel()
-
-    def stop_in(self, core: "Transfer") -> None:
-        timer = core.__dict__.get(self.name)
-        if timer is not None:
-            timer.stop()
 
 
 def _feed(event: str) -> Callable[["Transfer"], Callable[[], None]]:
@@ -297,6 +293,8 @@ class Transfer:
     rtt: RttEstimator = attr.ib(init=False)
     sender: Sender = attr.ib(init=False)
     pacer: Pacer = attr.ib(factory=Pacer)
+    #: The timers made so far (the ones to stop at the end).
+    timers: list[Timer] = attr.ib(factory=list)
 
     def __attrs_post_init__(self) -> None:
         # addresses and ports checked once here (ValueError), so that emit() need not
@@ -471,12 +469,9 @@ class Transfer:
         self.liveness_timer.start(min(probe_at, idle_at) - now)
 
     def cancel_timers(self) -> None:
-        for slot in _TIMERS:
-            slot.stop_in(self)
+        for timer in self.timers:
+            timer.stop()
 
 
-_TIMERS: tuple[TimerSlot[Any], ...] = (
-    Transfer.handshake_timer, Transfer.rexmit_timer, Transfer.fin_timer, Transfer.ack_timer,
-    Transfer.nagle_timer, Transfer.pacing_timer, Transfer.liveness_timer, Transfer.time_wait_timer)
 #: The slots whose ``cancel_in`` the data path calls, read once (``Transfer.x`` is a call to ``__get__``).
 _ACK_TIMER, NAGLE_TIMER, REXMIT_TIMER = Transfer.ack_timer, Transfer.nagle_timer, Transfer.rexmit_timer
