@@ -86,15 +86,17 @@ class Stream:
         if self.listening.closed:
             return None  # the port was unbound during the handshake
         assert self.factory is not None
-        log = self.table.log
         peer = transport.getPeer()
-        try:  # not failuresHandled: its context manager costs ~3 us, on every connection accepted
+        # not failuresHandled (its context manager costs ~3 us), and the Logger read only when
+        # it logs (reading it from the class makes a new one): this runs for every connection accepted
+        try:
             protocol = self.factory.buildProtocol(peer)
         except Exception:
-            log.failure("{factory!r}.buildProtocol({peer}) raised", factory=self.factory, peer=peer)
+            self.table.log.failure("{factory!r}.buildProtocol({peer}) raised", factory=self.factory, peer=peer)
             return None
         if protocol is None:
-            log.info("{factory!r} declined the connection from {peer}", factory=self.factory, peer=peer)
+            self.table.log.info("{factory!r} declined the connection from {peer}", factory=self.factory,
+                                peer=peer)
         return protocol
 
     def connected(self, transport: StreamTransport) -> None:
