@@ -186,12 +186,13 @@ class TimerSlot(Generic[T]):
     connection (a ping) starts four of its eight, and each one made is two
     more objects per connection to allocate and for the garbage collector to
     walk while it lives (``docs/performance.md``).  :meth:`cancel_in` cancels
-    it only if it was ever made.
+    it only if it was ever made.  It feeds the machine ``event`` when it
+    fires (None: it runs the core's liveness check).
     """
 
-    def __init__(self, kind: type[T], fire: Callable[["Transfer"], Callable[[], None]]) -> None:
+    def __init__(self, kind: type[T], event: str | None) -> None:
         self.kind = kind
-        self.fire = fire
+        self.event = event
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -205,7 +206,8 @@ class TimerSlot(Generic[T]):
     def __get__(self, core: "Transfer | None", owner: type) -> "T | TimerSlot[T]":
         if core is None:
             return self
-        timer = self.kind(core.clock, self.fire(core))
+        event = self.event
+        timer = self.kind(core.clock, core._liveness_check if event is None else _Feed(core, event))
         core.__dict__[self.name] = timer  # read from the instance from now on
         core.timers.append(timer)
         return timer
@@ -215,10 +217,6 @@ class TimerSlot(Generic[T]):
         timer = core.__dict__.get(self.name)
         if timer is not None:
             timer.cancel()
-
-
-def _feed(event: str) -> Callable[["Transfer"], Callable[[], None]]:
-    return lambda core: _Feed(core, event)
 
 
 def _check_ends(local: Address, local_port: int, remote: Address, remote_port: int) -> None:
@@ -306,14 +304,14 @@ class Transfer:
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
 
     # the timers, each made when first read (TimerSlot)
-    handshake_timer = TimerSlot(Timer, _feed("handshake_timer_fired"))
-    rexmit_timer = TimerSlot(CoalescedTimer, _feed("retransmit_timer_fired"))
-    fin_timer = TimerSlot(Timer, _feed("fin_timer_fired"))
-    ack_timer = TimerSlot(CoalescedTimer, _feed("ack_timer_fired"))
-    nagle_timer = TimerSlot(Timer, _feed("nagle_timer_fired"))
-    pacing_timer = TimerSlot(Timer, _feed("pacing_timer_fired"))
-    time_wait_timer = TimerSlot(Timer, _feed("time_wait_elapsed"))
-    liveness_timer = TimerSlot(Timer, lambda core: core._liveness_check)
+    handshake_timer = TimerSlot(Timer, "handshake_timer_fired")
+    rexmit_timer = TimerSlot(CoalescedTimer, "retransmit_timer_fired")
+    fin_timer = TimerSlot(Timer, "fin_timer_fired")
+    ack_timer = TimerSlot(CoalescedTimer, "ack_timer_fired")
+    nagle_timer = TimerSlot(Timer, "nagle_timer_fired")
+    pacing_timer = TimerSlot(Timer, "pacing_timer_fired")
+    time_wait_timer = TimerSlot(Timer, "time_wait_elapsed")
+    liveness_timer = TimerSlot(Timer, None)
 
     def now(self) -> float:
         return self.clock.seconds()
