@@ -168,7 +168,7 @@ class Stack:
         key = (packet.src, packet.src_port, packet.dst_port)
         stream = self.streams.get(key)
         if stream is not None:
-            if stream.inbound and not self._allowed(packet, own):
+            if stream.listening is not None and not self._allowed(packet, own):  # inbound
                 self.counters["refused.untrusted"] += 1
                 self.log.info("resetting {target}: node {node} is not trusted any more",
                               target=stream.target, node=packet.src.node)

@@ -157,7 +157,7 @@ class Connection:
                 or packet.dst.node != core.local.node
                 or packet.src_port != core.remote_port or packet.dst_port != core.local_port):
             return
-        core.last_received = core.now()
+        core.last_received = core.clock.seconds()
         flags = packet.flags
         m = self._machine
         if flags & RST:

@@ -32,7 +32,7 @@ from pilot.machines.connection.pacing import Pacer
 from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.machines.connection.sendbuffer import CongestionControl, Sender
-from pilot.machines.connection.sequence import unwrap, wire
+from pilot.machines.connection.sequence import SEQ_MASK, unwrap, wire
 from pilot.wire.packet import ACK, STREAM, VERSION, Packet, encode_sack, parse_sack
 
 #: ``tracer(state, input, next_state)``
@@ -335,7 +335,7 @@ class Transfer:
         # the ports and addresses were checked when the connection was made, seq and ack
         # are wrapped to 32 bits, the window is at most 0xFFFF, flags are ours
         self.send(Packet.unchecked(VERSION, flags, STREAM, self.local, self.remote, self.local_port,
-                                   self.remote_port, wire(seq), wire(ack), window, payload))
+                                   self.remote_port, seq & SEQ_MASK, ack & SEQ_MASK, window, payload))
 
     def send_ack(self) -> None:
         """A pure ACK, with SACK blocks while out-of-order data is held."""
@@ -359,7 +359,7 @@ class Transfer:
         only when the pacer has tokens; otherwise the pacing timer is armed
         (once: a tick sends a few segments) and calls here again.
         """
-        now = self.now()
+        now = self.clock.seconds()
         sender, pacer, cc = self.sender, self.pacer, self.cc
         while True:
             rate = cc.pacing_rate
@@ -395,7 +395,7 @@ class Transfer:
     def process_segment(self, packet: Packet, flush: bool = False) -> None:
         """An ACK-flagged packet in a data state: acknowledgement, SACK, data."""
         assert self.receiver is not None
-        now = self.now()
+        now = self.clock.seconds()
         sender = self.sender
         payload = packet.payload
         sack = parse_sack(payload) if payload else None
@@ -448,7 +448,7 @@ class Transfer:
         One timer for the keepalive probe and the idle timeout: it fires at
         whichever is due first (a delayed call per connection, not two).
         """
-        self.last_received = self.probed_at = self.now()
+        self.last_received = self.probed_at = self.clock.seconds()
         c = self.config
         self.liveness_timer.start(min(c.keepalive_interval, c.idle_timeout))
 
@@ -468,7 +468,8 @@ class Transfer:
 
     def cancel_timers(self) -> None:
         for timer in self.timers:
-            timer.stop()
+            if timer._call is not None:  # only a pending one has anything to stop (a call less each)
+                timer.stop()
 
 
 #: The slots whose ``cancel_in`` the data path calls, read once (``Transfer.x`` is a call to ``__get__``).
