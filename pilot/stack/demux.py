@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from pilot.address import Address
 from pilot.errors import (
-    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError, Timeout,
+    AlreadyExists, ConnectionFailed, InvalidArgument, NotFound, NotRunning, PilotError,
 )
 from pilot.machines.connection import SEQ_MASK, ConnectionConfig
 from pilot.ratelimit import KeyedLimiter
@@ -168,7 +168,7 @@ class Stack:
         key = (packet.src, packet.src_port, packet.dst_port)
         stream = self.streams.get(key)
         if stream is not None:
-            if stream.inbound and not self._allowed(packet, own):
+            if stream.listening is not None and not self._allowed(packet, own):  # inbound
                 self.counters["refused.untrusted"] += 1
                 self.log.info("resetting {target}: node {node} is not trusted any more",
                               target=stream.target, node=packet.src.node)
@@ -359,30 +359,13 @@ class Stack:
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             return fail(InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}"))
         done: Deferred[float] = Deferred()
-        connecting = self.connect(address, ECHO, Ping(self.clock, seq, done))
-        transports: list[StreamTransport] = []
-        connecting.addCallbacks(transports.append,
-                                lambda f: None if done.called else done.errback(ping_refusal(address, f)))
-        if done.called:
-            return done
-
-        def expire() -> None:
-            if done.called:
-                return
-            done.errback(Timeout(f"no echo from {address} within {timeout:g} s",
-                                 hint="the peer did not answer; check that it is running and trusts you"))
-            if transports:
-                transports[0].abortConnection()
-            else:
-                connecting.cancel()
-
-        call = self._call_later(timeout, expire)
-
-        def finished(result: Any) -> Any:
-            self._cancel(call)
-            return result
-
-        return done.addBoth(finished)
+        ping = Ping(self.clock, seq, done)
+        ping.connecting = self.connect(address, ECHO, ping)
+        ping.connecting.addErrback(lambda f: None if done.called else done.errback(ping_refusal(address, f)))
+        if not done.called:
+            ping.expiry = self._call_later(timeout, ping.expire, address, timeout)
+            done.addBoth(ping.finished, self._cancel)
+        return done
 
     # -- datagrams ------------------------------------------------------------------------------
 

@@ -6,14 +6,19 @@ client half of the reference pilotctl's ping (docs/reference-wire.md §7).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, cast
+
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from pilot.address import Address
-from pilot.errors import ConnectionFailed, NotTrusted
+from pilot.errors import ConnectionFailed, NotTrusted, Timeout
 from pilot.stack.streams import ConnectionRefused
+
+if TYPE_CHECKING:
+    from pilot.stack.transport import StreamTransport
 
 
 class Echo(Protocol):
@@ -58,6 +63,27 @@ class Ping(Protocol):
         self.started = clock.seconds()  # the dial starts now
         self.written = 0.0
         self.echo_ms = 0.0
+        #: The dial's Deferred, and the whole exchange's timeout (set by ``Stack.ping``).
+        self.connecting: Deferred[Any] | None = None
+        self.expiry: IDelayedCall | None = None
+
+    def expire(self, address: Address, timeout: float) -> None:
+        """The timeout: fail ``done``, and abandon the dial or reset the stream."""
+        self.expiry = None
+        if self.done.called:
+            return
+        self.done.errback(Timeout(f"no echo from {address} within {timeout:g} s",
+                                  hint="the peer did not answer; check that it is running and trusts you"))
+        if self.transport is not None:
+            cast("StreamTransport", self.transport).abortConnection()
+        elif self.connecting is not None:
+            self.connecting.cancel()
+
+    def finished(self, result: Any, cancel: Callable[[IDelayedCall | None], None]) -> Any:
+        """``done`` fired: cancel the timeout (with the stack's ``cancel``)."""
+        cancel(self.expiry)
+        self.expiry = None
+        return result
 
     def connectionMade(self) -> None:
         self.written = self.clock.seconds()

@@ -90,15 +90,18 @@ class Stream:
         if self.listening.closed:
             return None  # the port was unbound during the handshake
         assert self.factory is not None
-        log = self.table.log
         peer = transport.getPeer()
-        with log.failuresHandled("{factory!r}.buildProtocol({peer}) raised",
-                                 factory=self.factory, peer=peer):
+        # not failuresHandled (its context manager costs ~3 us), and the Logger read only when
+        # it logs (reading it from the class makes a new one): this runs for every connection accepted
+        try:
             protocol = self.factory.buildProtocol(peer)
-            if protocol is None:
-                log.info("{factory!r} declined the connection from {peer}", factory=self.factory, peer=peer)
-            return protocol
-        return None
+        except Exception:
+            self.table.log.failure("{factory!r}.buildProtocol({peer}) raised", factory=self.factory, peer=peer)
+            return None
+        if protocol is None:
+            self.table.log.info("{factory!r} declined the connection from {peer}", factory=self.factory,
+                                peer=peer)
+        return protocol
 
     def connected(self, transport: StreamTransport) -> None:
         """After ``makeConnection``: fire the dialler's Deferred."""
@@ -111,6 +114,10 @@ class Stream:
         d, self.dialled = self.dialled, None
         if d is not None:
             d.errback(self.dial_error(reason))
+
+    def path_trouble(self) -> None:
+        """Its retransmissions timed out repeatedly: tell the table's watcher (a method, not a closure each)."""
+        self.table.path_trouble(self.node)
 
     def released(self) -> None:
         self.settle()
@@ -231,7 +238,7 @@ class StreamTable:
             connection_made=transport.connection_made, connection_lost=transport.connection_lost,
             released=stream.released, packet_handled=transport.check_send_buffer, config=self.config,
             segment_size=self.segment_sizes.get(remote.node, self.default_segment_size),
-            path_trouble=lambda: self.path_trouble(remote.node),
+            path_trouble=stream.path_trouble,
             linger=None if self.time_waits is None else stream.lingered)
         transport.attach(stream.connection)
         self._by_key[key] = stream

@@ -1241,3 +1241,26 @@ class CoalescedTimerTests(SynchronousTestCase):
         self.timer.cancel()
         self.timer.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LazyTimerTests(SynchronousTestCase):
+    """A connection makes a timer when it first starts it (docs/connection.md, ``transfer.py``)."""
+
+    def test_made_when_started_and_stopped_at_the_end(self) -> None:
+        from pilot.machines.connection.transfer import NAGLE_TIMER
+        clock = Clock()
+        sent: list[Packet] = []
+        conn = Connection(clock=clock, send=sent.append, local=Address(0, 1), local_port=1000,
+                          remote=Address(0, 2), remote_port=7)
+        core = conn._core
+        self.assertEqual(core.timers, [])
+        NAGLE_TIMER.cancel_in(core)  # cancelling one never made makes nothing
+        self.assertNotIn("nagle_timer", vars(core))
+        conn.open_active()
+        self.assertEqual(core.timers, [core.handshake_timer])
+        self.assertTrue(core.handshake_timer.active)
+        clock.advance(1.0)  # the SYN is repeated by the same timer
+        self.assertEqual([p.flags for p in sent], [SYN, SYN])
+        self.assertEqual(len(core.timers), 1)
+        conn.abort()
+        self.assertEqual(clock.getDelayedCalls(), [])

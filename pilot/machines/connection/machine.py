@@ -26,10 +26,11 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from pilot.machines.connection.sendbuffer import BLACK_HOLE_TIMEOUTS, TimerOutcome
-from pilot.machines.connection.sequence import unwrap, wire
-from pilot.machines.connection.transfer import ConnectionInputs, Transfer
+from pilot.machines.connection.sequence import wire
+from pilot.machines.connection.teardown import answer_fin, end, enter_time_wait, final_ack
+from pilot.machines.connection.transfer import NAGLE_TIMER, REXMIT_TIMER, ConnectionInputs, Transfer
 from pilot.machines.table import Transition, TransitionTable, indexed
-from pilot.wire.packet import ACK, FIN, RST, SYN, Packet
+from pilot.wire.packet import ACK, FIN, SYN, Packet
 
 _builder = TypeMachineBuilder(ConnectionInputs, Transfer)
 idle = _builder.state("idle")
@@ -59,65 +60,6 @@ _on = table.on
 
 def _made(core: Transfer) -> None:
     core.call_app(core.connection_made)
-
-
-def _end(core: Transfer, reason: BaseException | Failure | None = None, rst: bool = False) -> None:
-    """Reach ``closed``: optionally reset the peer, report (unless TIME_WAIT did), and release."""
-    core.cancel_timers()
-    if rst:
-        core.emit(RST, core.sender.snd_nxt)
-    try:
-        if reason is not None:
-            core.connection_lost(reason if isinstance(reason, Failure) else Failure(reason))
-    finally:
-        core.released()
-
-
-def _enter_time_wait(core: Transfer, reason: BaseException) -> None:
-    """
-    Linger, or hand TIME_WAIT to the stack (``core.linger``): it keeps what
-    answering stray packets needs, and the connection is released at once
-    (``docs/stack.md``, "TIME_WAIT").
-    """
-    core.cancel_timers()
-    linger = core.linger
-    if linger is None:
-        core.time_wait_timer.start(core.config.time_wait)
-    else:
-        linger(core.sender.snd_nxt, core.window(), core.fin_seq is None and core.final_acks == 0)
-    core.connection_lost(Failure(reason))
-    if linger is not None:
-        core.machine.time_wait_elapsed()  # queued behind this transition: closed, released
-
-
-def _answer_fin(core: Transfer, packet: Packet) -> None:
-    """The peer closed: hand over what we have, answer FIN+ACK, linger in TIME_WAIT."""
-    receiver = core.receiver
-    assert receiver is not None
-    core.deliver(force=True)
-    missing = unwrap(packet.seq, receiver.rcv_nxt) - receiver.rcv_nxt
-    unsent = core.sender.unsent + core.sender.in_flight()
-    core.emit(FIN | ACK, core.sender.snd_nxt, ack=packet.seq + 1)
-    if missing > 0:
-        _enter_time_wait(core, error.ConnectionLost(f"peer closed with {missing} bytes not received"))
-    elif unsent > 0:
-        _enter_time_wait(core, error.ConnectionLost(f"peer closed before {unsent} bytes were delivered"))
-    else:
-        _enter_time_wait(core, error.ConnectionDone())
-
-
-def _final_ack(core: Transfer, packet: Packet) -> None:
-    """
-    At most one pure ACK for a FIN+ACK, ever (it never starts a FIN+ACK
-    ping-pong), and only for the reference's echo of the FIN+ACK we answered
-    its FIN with.  A FIN+ACK answering our own FIN gets none: the peer is in
-    TIME_WAIT from the moment it sent it (ours and the reference's alike) and
-    nothing there waits for an ACK, so it would be one datagram per
-    connection for nothing.
-    """
-    if core.final_acks == 0 and core.fin_seq is None:
-        core.final_acks += 1
-        core.emit(ACK, core.sender.snd_nxt, ack=packet.seq + 1)
 
 
 def _acks_our_syn(core: Transfer, packet: Packet) -> bool:
@@ -163,12 +105,12 @@ def _queue_early(inputs: ConnectionInputs, core: Transfer, data: bytes) -> None:
 
 @_on(idle, I.close_requested, closed)
 def _close_unopened(inputs: ConnectionInputs, core: Transfer) -> None:
-    _end(core, error.ConnectionDone())
+    end(core, error.ConnectionDone())
 
 
 @_on(idle, I.abort_requested, closed)
 def _abort_unopened(inputs: ConnectionInputs, core: Transfer, reason: Failure) -> None:
-    _end(core, reason)
+    end(core, reason)
 
 
 # -- the handshake -------------------------------------------------------------------------
@@ -258,20 +200,20 @@ def _close_after_handshake(inputs: ConnectionInputs, core: Transfer) -> None:
 
 @_on(syn_sent, I.rst_received, closed)
 def _refused(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
-    _end(core, error.ConnectionRefusedError())
+    end(core, error.ConnectionRefusedError())
 
 
 @_on(syn_sent, I.retries_exhausted, closed)
 @_on(syn_received, I.retries_exhausted, closed)
 def _handshake_timed_out(inputs: ConnectionInputs, core: Transfer) -> None:
-    _end(core, error.TimeoutError("no answer to the handshake"), rst=True)
+    end(core, error.TimeoutError("no answer to the handshake"), rst=True)
 
 
 @_on(syn_received, I.fin_received, time_wait)
 @_on(syn_received, I.fin_ack_received, time_wait)
 def _closed_during_handshake(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     _made(core)
-    _answer_fin(core, packet)
+    answer_fin(core, packet)
 
 
 # -- established and draining: data both ways ------------------------------------------------
@@ -304,8 +246,8 @@ def _close(inputs: ConnectionInputs, core: Transfer) -> None:
 
 @_on(draining, I.send_drained, fin_wait)
 def _send_fin(inputs: ConnectionInputs, core: Transfer) -> None:
-    core.nagle_timer.cancel()
-    core.rexmit_timer.cancel()
+    NAGLE_TIMER.cancel_in(core)
+    REXMIT_TIMER.cancel_in(core)
     # an ACK still owed goes first: the FIN carries none (the reference's FIN has no ACK
     # flag), and a peer told of our close before our ACK would think its data was lost
     core.delayed_ack()
@@ -385,16 +327,16 @@ def _duplicate_syn_ack(inputs: ConnectionInputs, core: Transfer, packet: Packet)
 @_on(draining, I.fin_ack_received, time_wait)
 @_on(fin_wait, I.fin_received, time_wait)  # both sides closed at once
 def _peer_closed(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
-    _answer_fin(core, packet)
+    answer_fin(core, packet)
 
 
 # -- fin_wait: our FIN is out, all our data acknowledged ----------------------------------------
 
 @_on(fin_wait, I.fin_ack_received, time_wait)
 def _fin_answered(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
-    """Our FIN is answered: no ACK back (see :func:`_final_ack`), linger in TIME_WAIT."""
+    """Our FIN is answered: no ACK back (see :func:`~pilot.machines.connection.teardown.final_ack`), linger in TIME_WAIT."""
     core.deliver(force=True)
-    _enter_time_wait(core, error.ConnectionDone())
+    enter_time_wait(core)
 
 
 @_on(fin_wait, I.fin_timer_fired, fin_wait)
@@ -410,7 +352,7 @@ def _resend_fin(inputs: ConnectionInputs, core: Transfer) -> None:
 
 @_on(fin_wait, I.retries_exhausted, closed)
 def _fin_unanswered(inputs: ConnectionInputs, core: Transfer) -> None:
-    _end(core, error.ConnectionDone("FIN never answered; all data was acknowledged"))
+    end(core, error.ConnectionDone("FIN never answered; all data was acknowledged"))
 
 
 # -- failures from any open state ---------------------------------------------------------------
@@ -419,14 +361,14 @@ def _fin_unanswered(inputs: ConnectionInputs, core: Transfer) -> None:
 @_on(established, I.rst_received, closed)
 @_on(draining, I.rst_received, closed)
 def _reset_by_peer(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
-    _end(core, error.ConnectionLost("connection reset by peer"))
+    end(core, error.ConnectionLost("connection reset by peer"))
 
 
 @_on(fin_wait, I.rst_received, closed)
 def _reset_after_fin(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
     # Everything we sent was acknowledged; the peer has most likely forgotten
     # the connection already (its TIME_WAIT ended before our FIN got through).
-    _end(core, error.ConnectionDone("reset after our FIN; all data was acknowledged"))
+    end(core, error.ConnectionDone("reset after our FIN; all data was acknowledged"))
 
 
 @_on(syn_sent, I.abort_requested, closed)
@@ -435,20 +377,20 @@ def _reset_after_fin(inputs: ConnectionInputs, core: Transfer, packet: Packet) -
 @_on(draining, I.abort_requested, closed)
 @_on(fin_wait, I.abort_requested, closed)
 def _abort(inputs: ConnectionInputs, core: Transfer, reason: Failure) -> None:
-    _end(core, reason, rst=True)
+    end(core, reason, rst=True)
 
 
 @_on(established, I.retries_exhausted, closed)
 @_on(draining, I.retries_exhausted, closed)
 def _give_up(inputs: ConnectionInputs, core: Transfer) -> None:
-    _end(core, error.TimeoutError("retransmissions exhausted"), rst=True)
+    end(core, error.TimeoutError("retransmissions exhausted"), rst=True)
 
 
 @_on(established, I.idle_timed_out, closed)
 @_on(draining, I.idle_timed_out, closed)
 @_on(fin_wait, I.idle_timed_out, closed)
 def _idle(inputs: ConnectionInputs, core: Transfer) -> None:
-    _end(core, error.TimeoutError("idle timeout"), rst=True)
+    end(core, error.TimeoutError("idle timeout"), rst=True)
 
 
 # -- time_wait: loss already reported; answer stray FINs, never start a ping-pong -----------------
@@ -460,7 +402,7 @@ def _fin_again(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None
 
 @_on(time_wait, I.fin_ack_received, time_wait)
 def _fin_ack_again(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> None:
-    _final_ack(core, packet)
+    final_ack(core, packet)
 
 
 @_on(time_wait, I.time_wait_elapsed, closed)
@@ -468,7 +410,7 @@ def _fin_ack_again(inputs: ConnectionInputs, core: Transfer, packet: Packet) -> 
 @_on(time_wait, I.syn_received, closed)  # the peer reuses the ports: make room for a new connection
 @_on(time_wait, I.abort_requested, closed)
 def _forget(inputs: ConnectionInputs, core: Transfer, *args: Any) -> None:
-    _end(core)
+    end(core)
 
 
 # -- harmless inputs, each with its reason; every other pair raises NoTransition ------------------

@@ -151,11 +151,13 @@ class Connection:
     def packet_received(self, packet: Packet) -> None:
         """A packet the stack routed here; anything not for us is dropped."""
         core = self._core
+        # the codec interns addresses: ``is`` spares Address.__eq__ (two Python calls) per packet
         if (not isinstance(packet, Packet) or packet.protocol != STREAM
-                or packet.src != core.remote or packet.dst.node != core.local.node
+                or (packet.src is not core.remote and packet.src != core.remote)
+                or packet.dst.node != core.local.node
                 or packet.src_port != core.remote_port or packet.dst_port != core.local_port):
             return
-        core.last_received = core.now()
+        core.last_received = core.clock.seconds()
         flags = packet.flags
         m = self._machine
         if flags & RST:

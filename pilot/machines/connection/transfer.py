@@ -20,7 +20,7 @@ this module imports nothing above it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Generic, Optional, Protocol, TypeVar, overload
 
 import attr
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,7 +32,7 @@ from pilot.machines.connection.pacing import Pacer
 from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.machines.connection.sendbuffer import CongestionControl, Sender
-from pilot.machines.connection.sequence import unwrap, wire
+from pilot.machines.connection.sequence import SEQ_MASK, unwrap, wire
 from pilot.wire.packet import ACK, STREAM, VERSION, Packet, encode_sack, parse_sack
 
 #: ``tracer(state, input, next_state)``
@@ -177,6 +177,48 @@ class _Feed:
         getattr(self.core.machine, self.event)()
 
 
+T = TypeVar("T", bound=Timer)
+
+
+class TimerSlot(Generic[T]):
+    """
+    One of a connection's timers, made the first time it is read: a short
+    connection (a ping) starts four of its eight, and each one made is two
+    more objects per connection to allocate and for the garbage collector to
+    walk while it lives (``docs/performance.md``).  :meth:`cancel_in` cancels
+    it only if it was ever made.  It feeds the machine ``event`` when it
+    fires (None: it runs the core's liveness check).
+    """
+
+    def __init__(self, kind: type[T], event: str | None) -> None:
+        self.kind = kind
+        self.event = event
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, core: None, owner: type) -> "TimerSlot[T]": ...
+    @overload
+    def __get__(self, core: "Transfer", owner: type) -> T: ...
+
+    def __get__(self, core: "Transfer | None", owner: type) -> "T | TimerSlot[T]":
+        if core is None:
+            return self
+        event = self.event
+        timer = self.kind(core.clock, core._liveness_check if event is None else _Feed(core, event))
+        core.__dict__[self.name] = timer  # read from the instance from now on
+        core.timers.append(timer)
+        return timer
+
+    def cancel_in(self, core: "Transfer") -> None:
+        """``cancel()`` the timer of ``core``, unless it was never made (then nothing runs)."""
+        timer = core.__dict__.get(self.name)
+        if timer is not None:
+            timer.cancel()
+
+
 def _check_ends(local: Address, local_port: int, remote: Address, remote_port: int) -> None:
     """What ``Packet`` checks of these fields (``ValueError``), without building one."""
     for name, value in (("src", local), ("dst", remote)):
@@ -249,6 +291,8 @@ class Transfer:
     rtt: RttEstimator = attr.ib(init=False)
     sender: Sender = attr.ib(init=False)
     pacer: Pacer = attr.ib(factory=Pacer)
+    #: The timers made so far (the ones to stop at the end).
+    timers: list[Timer] = attr.ib(factory=list)
 
     def __attrs_post_init__(self) -> None:
         # addresses and ports checked once here (ValueError), so that emit() need not
@@ -258,15 +302,16 @@ class Transfer:
         self.sender = Sender(self.iss + 1, self.rtt, self.cc, mss=min(c.mss, self.segment_size or c.mss),
                              max_retransmits=c.max_retransmits, nagle=c.nagle,
                              probe_initial=c.probe_initial, probe_max=c.probe_max)
-        clock = self.clock
-        self.handshake_timer = Timer(clock, _Feed(self, "handshake_timer_fired"))
-        self.rexmit_timer = CoalescedTimer(clock, _Feed(self, "retransmit_timer_fired"))
-        self.fin_timer = Timer(clock, _Feed(self, "fin_timer_fired"))
-        self.ack_timer = CoalescedTimer(clock, _Feed(self, "ack_timer_fired"))
-        self.nagle_timer = Timer(clock, _Feed(self, "nagle_timer_fired"))
-        self.pacing_timer = Timer(clock, _Feed(self, "pacing_timer_fired"))
-        self.time_wait_timer = Timer(clock, _Feed(self, "time_wait_elapsed"))
-        self.liveness_timer = Timer(self.clock, self._liveness_check)
+
+    # the timers, each made when first read (TimerSlot)
+    handshake_timer = TimerSlot(Timer, "handshake_timer_fired")
+    rexmit_timer = TimerSlot(CoalescedTimer, "retransmit_timer_fired")
+    fin_timer = TimerSlot(Timer, "fin_timer_fired")
+    ack_timer = TimerSlot(CoalescedTimer, "ack_timer_fired")
+    nagle_timer = TimerSlot(Timer, "nagle_timer_fired")
+    pacing_timer = TimerSlot(Timer, "pacing_timer_fired")
+    time_wait_timer = TimerSlot(Timer, "time_wait_elapsed")
+    liveness_timer = TimerSlot(Timer, None)
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -285,12 +330,12 @@ class Transfer:
         if flags & ACK:
             self.ack_owed = False
             self.pending_acks = 0
-            self.ack_timer.cancel()
+            _ACK_TIMER.cancel_in(self)
             self.last_window = window
         # the ports and addresses were checked when the connection was made, seq and ack
         # are wrapped to 32 bits, the window is at most 0xFFFF, flags are ours
         self.send(Packet.unchecked(VERSION, flags, STREAM, self.local, self.remote, self.local_port,
-                                   self.remote_port, wire(seq), wire(ack), window, payload))
+                                   self.remote_port, seq & SEQ_MASK, ack & SEQ_MASK, window, payload))
 
     def send_ack(self) -> None:
         """A pure ACK, with SACK blocks while out-of-order data is held."""
@@ -314,7 +359,7 @@ class Transfer:
         only when the pacer has tokens; otherwise the pacing timer is armed
         (once: a tick sends a few segments) and calls here again.
         """
-        now = self.now()
+        now = self.clock.seconds()
         sender, pacer, cc = self.sender, self.pacer, self.cc
         while True:
             rate = cc.pacing_rate
@@ -334,11 +379,11 @@ class Transfer:
         if self.sender.nagle_holding:
             self.nagle_timer.ensure(self.config.nagle_delay)
         else:
-            self.nagle_timer.cancel()
+            NAGLE_TIMER.cancel_in(self)
         if self.sender.outstanding:
             self.rexmit_timer.ensure(self.sender.timer_interval())
         else:
-            self.rexmit_timer.cancel()
+            REXMIT_TIMER.cancel_in(self)
 
     # -- packets in -----------------------------------------------------------------
 
@@ -350,7 +395,7 @@ class Transfer:
     def process_segment(self, packet: Packet, flush: bool = False) -> None:
         """An ACK-flagged packet in a data state: acknowledgement, SACK, data."""
         assert self.receiver is not None
-        now = self.now()
+        now = self.clock.seconds()
         sender = self.sender
         payload = packet.payload
         sack = parse_sack(payload) if payload else None
@@ -360,7 +405,7 @@ class Transfer:
         result = sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks,
                                bool(data), now)
         if result.acked:
-            self.rexmit_timer.cancel()  # restarted by pump() with the current RTO
+            REXMIT_TIMER.cancel_in(self)  # restarted by pump() with the current RTO
         ack_now = False
         if data:
             self.segs_recv += 1
@@ -403,7 +448,7 @@ class Transfer:
         One timer for the keepalive probe and the idle timeout: it fires at
         whichever is due first (a delayed call per connection, not two).
         """
-        self.last_received = self.probed_at = self.now()
+        self.last_received = self.probed_at = self.clock.seconds()
         c = self.config
         self.liveness_timer.start(min(c.keepalive_interval, c.idle_timeout))
 
@@ -422,6 +467,10 @@ class Transfer:
         self.liveness_timer.start(min(probe_at, idle_at) - now)
 
     def cancel_timers(self) -> None:
-        for timer in (self.handshake_timer, self.rexmit_timer, self.fin_timer, self.ack_timer,
-                      self.nagle_timer, self.pacing_timer, self.liveness_timer, self.time_wait_timer):
-            timer.stop()
+        for timer in self.timers:
+            if timer._call is not None:  # only a pending one has anything to stop (a call less each)
+                timer.stop()
+
+
+#: The slots whose ``cancel_in`` the data path calls, read once (``Transfer.x`` is a call to ``__get__``).
+_ACK_TIMER, NAGLE_TIMER, REXMIT_TIMER = Transfer.ack_timer, Transfer.nagle_timer, Transfer.rexmit_timer
