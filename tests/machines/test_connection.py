@@ -21,7 +21,7 @@ from pilot.machines.connection import (
     Connection, ConnectionConfig, ConnectionStats, transitions, unwrap, wire,
 )
 from pilot.machines.connection.machine import table
-from pilot.machines.connection.transfer import ACK_STRETCH_SEGMENTS
+from pilot.machines.connection.transfer import ACK_STRETCH_BYTES
 from pilot.wire.packet import (
     ACK, DATAGRAM, FIN, RST, STREAM, SYN, Packet, encode_sack, parse_sack,
 )
@@ -544,23 +544,25 @@ class DelayedAckTests(SynchronousTestCase):
         self.assertEqual(r.take(), [])
 
     def test_one_stretch_ack_a_pass(self) -> None:
-        """Segments read in one pass share an ACK, at most ACK_STRETCH_SEGMENTS of them, and
+        """Segments read in one pass share an ACK, up to ACK_STRETCH_BYTES of them, and
         their data reaches the application in one call."""
         r = Recorder()
         r.established_passive()
         calls: list[bytes] = []
         r.app.on_data = calls.append
-        for i in range(ACK_STRETCH_SEGMENTS + 4):
-            r.feed(ACK, seq=1 + i, ack=1, payload=bytes([65 + i]))
-        [stretch] = r.take()
-        self.assertEqual(stretch.ack, 1 + ACK_STRETCH_SEGMENTS)
+        size = 1024
+        stretch = ACK_STRETCH_BYTES // size
+        payloads = [bytes([65 + i % 26]) * size for i in range(stretch + 4)]
+        for i, payload in enumerate(payloads):
+            r.feed(ACK, seq=1 + i * size, ack=1, payload=payload)
+        [ack] = r.take()
+        self.assertEqual(ack.ack, 1 + ACK_STRETCH_BYTES)
         r.clock.advance(0)
         [ack] = r.take()
-        self.assertEqual(ack.ack, 1 + ACK_STRETCH_SEGMENTS + 4)
-        expected = bytes(range(65, 65 + ACK_STRETCH_SEGMENTS + 4))
-        self.assertEqual(b"".join(calls), expected)
+        self.assertEqual(ack.ack, 1 + (stretch + 4) * size)
+        self.assertEqual(b"".join(calls), b"".join(payloads))
         # the first segment after an ACK goes at once, the next ones with the ACK
-        self.assertEqual([len(c) for c in calls], [1, ACK_STRETCH_SEGMENTS - 1, 1, 3])
+        self.assertEqual([len(c) // size for c in calls], [1, stretch - 1, 1, 3])
 
     def test_piggybacked_on_data(self) -> None:
         r = Recorder()

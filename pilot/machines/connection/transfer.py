@@ -103,10 +103,10 @@ class Timer:
         self.fire()
 
 
-#: In-order segments acknowledged by one ACK at most: past ``delayed_ack_segments`` the
-#: ACK waits for the end of the reactor pass that read them, up to this many (about
-#: 64 KiB of 4,096-byte segments, what Linux's GRO hands its TCP at once).
-ACK_STRETCH_SEGMENTS = 16
+#: In-order data acknowledged by one ACK at most: past ``delayed_ack_segments`` the ACK
+#: waits for the end of the reactor pass that read them, until this many bytes are owed
+#: (what Linux's GRO hands its TCP at once: 16 segments of 4,096 bytes, 48 of 1,402).
+ACK_STRETCH_BYTES = 65536
 
 #: A coalesced timer fires this close to its deadline (the clocks' float arithmetic).
 DEADLINE_SLACK = 1e-9
@@ -377,7 +377,7 @@ class Transfer:
             receipt = receiver.receive(unwrap(packet.seq, receiver.rcv_nxt), data)
             if receipt is Receipt.IN_ORDER and not receiver.filled_gap and not receiver.ooo_count:
                 pending = self.pending_acks = self.pending_acks + 1
-                if pending >= ACK_STRETCH_SEGMENTS:
+                if pending * len(data) >= ACK_STRETCH_BYTES:
                     ack_now = True
                 elif pending >= self.config.delayed_ack_segments:
                     # the ACK (and the data) at the end of this reactor pass: one for every
