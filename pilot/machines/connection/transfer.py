@@ -108,6 +108,8 @@ class Timer:
 #: (what Linux's GRO hands its TCP at once: 16 segments of 4,096 bytes, 48 of 1,402).
 ACK_STRETCH_BYTES = 65536
 
+_NO_BLOCKS: list[tuple[int, int]] = []  # never changed: the SACK blocks of an ACK without them
+
 #: A coalesced timer fires this close to its deadline (the clocks' float arithmetic).
 DEADLINE_SLACK = 1e-9
 
@@ -320,8 +322,13 @@ class Transfer:
         only when the pacer has tokens; otherwise the pacing timer is armed
         (once: a tick sends a few segments) and calls here again.
         """
-        now = self.now()
-        sender, pacer, cc = self.sender, self.pacer, self.cc
+        sender = self.sender
+        if sender.quiet():
+            self.nagle_timer.cancel()
+            self.rexmit_timer.cancel()
+            return
+        now = self.clock.seconds()
+        pacer, cc = self.pacer, self.cc
         while True:
             rate = cc.pacing_rate
             if rate:
@@ -356,13 +363,15 @@ class Transfer:
     def process_segment(self, packet: Packet, flush: bool = False) -> None:
         """An ACK-flagged packet in a data state: acknowledgement, SACK, data."""
         assert self.receiver is not None
-        now = self.now()
+        now = self.clock.seconds()
         sender = self.sender
         payload = packet.payload
         sack = parse_sack(payload) if payload else None
-        data = payload if sack is None else b""
-        blocks = [(unwrap(left, sender.snd_una), unwrap(right, sender.snd_una))
-                  for left, right in sack or ()]
+        if sack is None:
+            data, blocks = payload, _NO_BLOCKS
+        else:
+            data = b""
+            blocks = [(unwrap(left, sender.snd_una), unwrap(right, sender.snd_una)) for left, right in sack]
         result = sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks,
                                bool(data), now)
         if result.acked:
