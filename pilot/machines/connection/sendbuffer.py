@@ -112,8 +112,7 @@ class AckResult:
     ignored: bool = False
 
 
-_NOTHING_ACKED = AckResult()
-_IGNORED = AckResult(ignored=True)
+_NOTHING_ACKED, _IGNORED = AckResult(), AckResult(ignored=True)
 
 
 def sack_safe(chunk: bytes) -> bytes:
@@ -241,18 +240,6 @@ class Sender:
 
     # -- transmission --------------------------------------------------------------
 
-    def quiet(self) -> bool:
-        """
-        True if there is nothing to send nor in flight (what :meth:`next_transmission` would
-        find, with its bookkeeping done): a receiving end's way out of ``pump`` per segment.
-        """
-        if self._queued or self.segments:
-            return False
-        self.nagle_holding = False
-        if self._pipe < self.cc.cwnd:
-            self.rate.mark_app_limited(self._pipe)
-        return True
-
     def next_transmission(self, now: float, flush: bool = False) -> tuple[Segment, bool] | None:
         """
         The next segment to put on the wire and whether it is a retransmission,
@@ -332,14 +319,10 @@ class Sender:
     def on_ack(self, ack: int, window: int, sack: Iterable[tuple[int, int]], carries_data: bool,
                now: float) -> AckResult:
         """Process the acknowledgement fields of one ACK packet (absolute numbers)."""
-        if ack == self.snd_una and not self.segments and not sack:
-            # nothing in flight and nothing new: what a receiving end reads on every segment
-            self.last_ack_at = now
+        if ack == self.snd_una and not self.segments and not sack:  # a receiving end, every segment
+            self.last_ack_at = now  # (nothing in flight: nothing to sample, advance or mark lost)
             if window > 0 or carries_data:
                 self.peer_window = window
-            sample = self.rate.sample(self._pipe)
-            if sample is not None:
-                self.cc.on_delivery(sample, now)
             return _NOTHING_ACKED
         if ack > self.snd_nxt or ack < self.snd_una:
             return _IGNORED

@@ -323,7 +323,8 @@ class Transfer:
         (once: a tick sends a few segments) and calls here again.
         """
         sender = self.sender
-        if sender.quiet():
+        if not sender.unsent and not sender.outstanding:  # a receiving end, every segment
+            sender.next_transmission(0.0)  # nothing to send: only its bookkeeping (app-limited)
             self.nagle_timer.cancel()
             self.rexmit_timer.cancel()
             return
