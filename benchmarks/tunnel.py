@@ -33,6 +33,7 @@ them trust each other over their control sockets (``handshake`` on a, then
 
     python3 benchmarks/tunnel.py
     python3 benchmarks/tunnel.py --megabytes 200 --time-limit 120
+    python3 benchmarks/tunnel.py --max-datagram 1400     # the datagrams a 1,500-byte path carries
 
 Only 127.0.0.1 is ever used; every loop is bounded in count and in time; the
 processes started are stopped at the end (SIGTERM, then SIGKILL), on error too.
@@ -634,7 +635,14 @@ def main() -> None:
     p.add_argument("--megabytes", type=float, default=20.0, help="MB (10^6 B) sent on one stream")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds the transfer may take at most")
     p.add_argument("--port", type=int, default=1000, help="b's sink port")
+    p.add_argument("--max-datagram", type=int, default=None,
+                   help="bound the daemons' path search (UDP payload; 1400: a 1,500-byte path's "
+                        "datagrams), through PILOT_MAX_DATAGRAM in their environment")
     args = p.parse_args()
+    if args.max_datagram is not None:
+        if not 1200 <= args.max_datagram <= 65507:
+            raise SystemExit("--max-datagram 1200..65507")
+        os.environ["PILOT_MAX_DATAGRAM"] = str(args.max_datagram)  # child_env() copies it
     if not (1 <= args.pings <= 1000 and 1 <= args.paced_pings <= 1000 and 1 <= args.echoes <= 100_000
             and 0 < args.megabytes <= 1000 and 1 <= args.time_limit <= 600 and 1 <= args.port <= 65535
             and args.port != 7):

@@ -21,6 +21,7 @@ from pilot.machines.connection import (
     Connection, ConnectionConfig, ConnectionStats, transitions, unwrap, wire,
 )
 from pilot.machines.connection.machine import table
+from pilot.machines.connection.transfer import ACK_STRETCH_BYTES
 from pilot.wire.packet import (
     ACK, DATAGRAM, FIN, RST, STREAM, SYN, Packet, encode_sack, parse_sack,
 )
@@ -512,6 +513,7 @@ class RecoveryTests(SynchronousTestCase):
         r.established_passive()
         r.feed(ACK, seq=1, ack=1, payload=b"abc")
         r.feed(ACK, seq=2, ack=1, payload=b"bcdef")
+        r.clock.advance(0)  # the end of the reactor pass: the second segment's data and the ACK
         self.assertEqual(bytes(r.app.data), b"abcdef")
 
 
@@ -531,11 +533,36 @@ class DelayedAckTests(SynchronousTestCase):
         r = Recorder()
         r.established_passive()
         r.feed(ACK, seq=1, ack=1, payload=b"a")
+        self.assertEqual(bytes(r.app.data), b"a")  # the first segment after an ACK: at once
         r.feed(ACK, seq=2, ack=1, payload=b"b")
+        self.assertEqual(r.take(), [])
+        r.clock.advance(0)  # the end of the reactor pass that read the second
         [ack] = r.take()
         self.assertEqual(ack.ack, 3)
+        self.assertEqual(bytes(r.app.data), b"ab")
         r.clock.advance(1)
         self.assertEqual(r.take(), [])
+
+    def test_one_stretch_ack_a_pass(self) -> None:
+        """Segments read in one pass share an ACK, up to ACK_STRETCH_BYTES of them, and
+        their data reaches the application in one call."""
+        r = Recorder()
+        r.established_passive()
+        calls: list[bytes] = []
+        r.app.on_data = calls.append
+        size = 1024
+        stretch = ACK_STRETCH_BYTES // size
+        payloads = [bytes([65 + i % 26]) * size for i in range(stretch + 4)]
+        for i, payload in enumerate(payloads):
+            r.feed(ACK, seq=1 + i * size, ack=1, payload=payload)
+        [ack] = r.take()
+        self.assertEqual(ack.ack, 1 + ACK_STRETCH_BYTES)
+        r.clock.advance(0)
+        [ack] = r.take()
+        self.assertEqual(ack.ack, 1 + (stretch + 4) * size)
+        self.assertEqual(b"".join(calls), b"".join(payloads))
+        # the first segment after an ACK goes at once, the next ones with the ACK
+        self.assertEqual([len(c) // size for c in calls], [1, stretch - 1, 1, 3])
 
     def test_piggybacked_on_data(self) -> None:
         r = Recorder()
@@ -828,8 +855,10 @@ class FlowControlTests(SynchronousTestCase):
         r.conn.pause_reading()
         for i in range(4):
             r.feed(ACK, seq=1 + i * 4096, ack=1, payload=b"z" * 4096)
+        self.assertEqual(r.take(), [])  # the ACK waits for the end of the reactor pass
+        r.clock.advance(0)
         windows = [p.window for p in r.take()]
-        self.assertEqual(windows, [510, 508])
+        self.assertEqual(windows, [508])
         r.conn.resume_reading()
         [update] = r.take()
         self.assertEqual((update.flags, update.window), (ACK, 512))

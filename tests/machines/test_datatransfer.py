@@ -209,6 +209,18 @@ class SenderTests(SynchronousTestCase):
             s.on_ack(1, w, [], False, 0)
         self.assertEqual(s.dup_acks, 0)
 
+    def test_nothing_in_flight(self) -> None:
+        """A receiving end's every segment: nothing acknowledged, nothing in flight (the short way)."""
+        s = sender()
+        s.peer_window = 10
+        result = s.on_ack(1, 0, [], False, 0.5)  # a zero window, no data: not believed
+        self.assertEqual((result.acked, result.ignored, s.peer_window, s.last_ack_at), (0, False, 10, 0.5))
+        s.on_ack(1, 0, [], True, 0.6)  # on data, it is
+        self.assertEqual(s.peer_window, 0)
+        s.on_ack(1, 300, [], False, 0.7)
+        self.assertEqual((s.peer_window, s.dup_acks, s.snd_una), (300, 0, 1))
+        self.assertTrue(s.on_ack(2, 300, [], False, 0.8).ignored)  # acknowledges what was never sent
+
     def test_data_and_zero_window_keepalive_are_not_duplicates(self) -> None:
         s = sender()
         s.write(b"x" * MSS)

@@ -112,6 +112,9 @@ class AckResult:
     ignored: bool = False
 
 
+_NOTHING_ACKED, _IGNORED = AckResult(), AckResult(ignored=True)
+
+
 def sack_safe(chunk: bytes) -> bytes:
     """``chunk``, shortened if needed so that it does not parse as a SACK option."""
     blocks = parse_sack(chunk)
@@ -316,8 +319,13 @@ class Sender:
     def on_ack(self, ack: int, window: int, sack: Iterable[tuple[int, int]], carries_data: bool,
                now: float) -> AckResult:
         """Process the acknowledgement fields of one ACK packet (absolute numbers)."""
+        if ack == self.snd_una and not self.segments and not sack:  # a receiving end, every segment
+            self.last_ack_at = now  # (nothing in flight: nothing to sample, advance or mark lost)
+            if window > 0 or carries_data:
+                self.peer_window = window
+            return _NOTHING_ACKED
         if ack > self.snd_nxt or ack < self.snd_una:
-            return AckResult(ignored=True)
+            return _IGNORED
         self.last_ack_at = now
         advanced = ack > self.snd_una
         believe_window = window > 0 or advanced or carries_data

@@ -169,7 +169,7 @@ class Peer:
         relay = self.relay if relay is None else relay
         if not self.owner.emit(self.node_id, frame, endpoint or self.endpoint, relay):
             return False
-        self.last_tx = self.now()
+        self.last_tx = self.clock.seconds()
         self.bytes_tx += len(frame)
         return True
 
@@ -191,6 +191,8 @@ class Peer:
             self.owner.count("no_node_id")
             return
         self.transmit(SealedFrame.sealed(self.session.sender, own, packet))
+        if not self.candidates:
+            return  # the common case, per packet
         for candidate in reversed(self.candidates.values()):
             if not self.may_copy(self.now()):
                 break
