@@ -702,7 +702,9 @@ async def run_side(args: argparse.Namespace, server: Server) -> Figures:
     first, size = restart(server, fleet)
     if stalls and "window start" in figures:
         from stall_probe import summary
-        print("  --stalls, the server in the measured window:", flush=True)
+        kept = os.path.join(tempfile.gettempdir(), f"pilot-stalls-{os.getpid()}.json")
+        shutil.copyfile(stalls[0], kept)
+        print(f"  --stalls, the server in the measured window (the probe's record: {kept}):", flush=True)
         for line in summary(stalls[0], figures["window start"], figures["window end"]):
             print("    " + line, flush=True)
     print(f"  restart to first answered lookup ({n}-node store, {size:.1f} MB): "

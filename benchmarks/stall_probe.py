@@ -14,7 +14,12 @@ The probe records, with the wall-clock time of each:
   reactor waits for it whichever thread set it off);
 * during a pass longer than ``LONG``, a watchdog thread's samples of the
   reactor thread's stack (``sys._current_frames``, every ``SAMPLE`` s): what
-  the pass was doing, or waiting for the interpreter behind.
+  the pass was doing, or waiting for the interpreter behind (the watchdog
+  needs the interpreter to sample, so it sees the reactor thread mostly
+  where that thread lets go of it: system calls, Ed25519 checks);
+* every call longer than 1 ms of the periodic and O(state) functions in
+  ``TIMED`` (the reaper, the beacon's prune, ``malloc_trim``, the journal's
+  delta, the store mirror's apply and render), and in which thread.
 
 It writes them to OUT.json when the process exits.  Nothing in ``pilot/``
 changes: the probe wraps the reactor's poller and adds a gc callback.
@@ -41,6 +46,12 @@ SAMPLE = 0.005
 BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500)
 #: At most this many long passes and collections are kept (a bounded record).
 KEEP = 20000
+#: (module, attribute path) of the functions timed; patched once the reactor runs, where they are looked up
+TIMED = (("pilot.services.rendezvous", "release_free_memory"), ("pilot.server.registry", "Registry.reap"),
+         ("pilot.server.beacon", "Beacon.prune"), ("pilot.server.journal", "Tracker.delta"),
+         ("pilot.server.journal", "Feed.take"), ("pilot.server.compaction", "StoreMirror.apply"),
+         ("pilot.server.compaction", "StoreMirror.render"), ("pilot.server.compaction", "StateView.of"),
+         ("pilot.persist", "AppendOnlyFile.append"))
 
 
 class Probe:
@@ -53,6 +64,37 @@ class Probe:
         self.out_of_poll: float | None = None  # when the pass under way began (None: in epoll_wait)
         self.samples: list[str] = []
         self._gc_start = 0.0
+        self.calls: list[list[Any]] = []
+
+    def time_calls(self) -> None:
+        """Wrap the functions of ``TIMED`` (in the reactor thread, once it runs)."""
+        for module, path in TIMED:
+            owner: Any = sys.modules.get(module)
+            if owner is None:
+                continue
+            *parents, name = path.split(".")
+            for parent in parents:
+                owner = getattr(owner, parent)
+            original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+            if original is None:
+                continue
+            if isinstance(original, classmethod):
+                continue
+            setattr(owner, name, self._timed(path, original))
+
+    def _timed(self, label: str, f: Any) -> Any:
+        probe = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - t0
+                if took > 0.001 and len(probe.calls) < KEEP:
+                    probe.calls.append([time.time(), label, round(took * 1000, 2),
+                                        threading.current_thread().name])
+        return timed
 
     # --- gc -----------------------------------------------------------------------------------
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -120,11 +162,14 @@ class Probe:
         if reactor is None or not hasattr(reactor, "_poller"):
             return
         reactor.callFromThread(self.wrap, reactor)
+        time.sleep(1.0)
+        reactor.callFromThread(self.time_calls)
         self.watch()
 
     def dump(self) -> None:
         with open(self.out, "w") as f:
-            json.dump({"passes": self.passes, "collections": self.collections, "hist": self.hist,
+            json.dump({"passes": self.passes, "collections": self.collections, "calls": self.calls,
+                       "hist": self.hist,
                        "buckets": list(BUCKETS)}, f)
 
 
@@ -156,9 +201,28 @@ def summary(path: str, start: float, end: float) -> list[str]:
                  f"{sum(p['ms'] for p in passes):.0f} ms); gen-2 collections: {len(gen2)} "
                  f"({', '.join(f'{c[2]:.0f} ms in {c[4]}' for c in gen2[:8])}); slower gen 0/1 collections "
                  f"(>2 ms): {len(cols) - len(gen2)}")
+    calls = [c for c in data.get("calls", []) if start <= c[0] <= end]
+    by: dict[tuple[str, str], list[float]] = {}
+    for c in calls:
+        by.setdefault((c[1], c[3]), []).append(c[2])
+    for (label, thread), took in sorted(by.items()):
+        lines.append(f"  {label} in {thread}: {len(took)} calls over 1 ms, longest {max(took):.1f} ms, "
+                     f"together {sum(took):.0f} ms")
+    kinds: dict[str, list[float]] = {}
+    for p in passes:
+        seen: dict[str, int] = {}
+        for s in p["stacks"]:
+            seen[s.split(" < ")[0]] = seen.get(s.split(" < ")[0], 0) + 1
+        top = max(seen.items(), key=lambda x: x[1])[0] if seen else "(no sample)"
+        kinds.setdefault(top, []).append(p["ms"])
+    lines.append("  long passes by the frame sampled most in them:")
+    for top, mss in sorted(kinds.items(), key=lambda x: -sum(x[1]))[:8]:
+        lines.append(f"    {len(mss)} passes, {sum(mss):.0f} ms, longest {max(mss):.0f} ms: {top}")
     for p in sorted(passes, key=lambda p: -p["ms"])[:8]:
         overlap = [c for c in cols if p["end"] - p["ms"] / 1000 - 0.001 <= c[0] <= p["end"] + 0.001]
         gcs = "; ".join(f"gen {c[1]} {c[2]:.0f} ms ({c[4]})" for c in overlap) or "no collection"
+        during = [c for c in calls if p["end"] - p["ms"] / 1000 - 0.001 <= c[0] <= p["end"] + 0.001]
+        gcs += "".join(f"; {c[1]} {c[2]:.0f} ms ({c[3]})" for c in during)
         lines.append(f"  pass {p['ms']:.0f} ms ending {time.strftime('%H:%M:%S', time.gmtime(p['end']))}: "
                      f"{gcs}")
         seen: dict[str, int] = {}
