@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import attr
 
@@ -85,8 +85,10 @@ class StateView:
 class StoreMirror:
     """The store's content as JSON texts, kept up to date from the journal's records (writer thread)."""
 
-    def __init__(self, view: StateView) -> None:
+    def __init__(self, view: StateView, pause: Callable[[], None] = lambda: None) -> None:
+        """``pause`` is called every ``CHUNK`` items of a long loop (the writer thread rests there)."""
         self.view: StateView | None = view
+        self.pause = pause
         self.created = view.created
         self.seq = view.seq
         self.term = view.term
@@ -102,7 +104,9 @@ class StoreMirror:
         if view is None:
             return
         nodes, keys = self.maps["nodes"], dict[bytes, str]()
-        for fields in view.nodes:
+        for i, fields in enumerate(view.nodes):
+            if not i % CHUNK:
+                self.pause()
             node = Node(*fields)
             text = keys.get(node.public_key) or b64encode(node.public_key)
             keys[node.public_key] = text
@@ -140,7 +144,9 @@ class StoreMirror:
                     continue
                 section = self.maps[name]
                 texts = []
-                for key, value in items.items():
+                for i, (key, value) in enumerate(items.items()):
+                    if not i % CHUNK:
+                        self.pause()
                     text = section[key] = str(value) if type(value) is int else _ENCODE(value)
                     texts.append(f'"{key}":{text}' if key.isdigit() else f"{_ENCODE(key)}:{text}")
                 parts.append(f'"{name}":{{{",".join(texts)}}}')
@@ -172,9 +178,10 @@ class StoreMirror:
         node_ids = sorted([int(k) for k in nodes])  # (not map(): a loop in C never lets the reactor in)
         next_node = max(node_ids[-1] if node_ids else 0, max(self.key_ids.values(), default=0)) + 1
         out = [b'{"next_node":%d,"next_net":1,"nodes":{' % next_node]
-        out += _chunks([f'"{i}":{nodes[str(i)]}' for i in node_ids])
+        pause = self.pause
+        out += _chunks(node_ids, pause, lambda i: f'"{i}":{nodes[str(i)]}')
         out += [b'},"networks":{"0":{"id":0,"name":"backbone","join_rule":"open","members":[']
-        out += _chunks([str(i) for i in node_ids])
+        out += _chunks(node_ids, pause, str)
         out.append(b'],"created":%s}}' % _ENCODE(self.created).encode("utf-8"))
         edges = sorted(_split(e) for e in self.lists["trust_edges"])
         mutual = set(edges)
@@ -184,12 +191,12 @@ class StoreMirror:
             sections["trust_pairs"] = [_ENCODE([f"{a}:{b}" for a, b in pairs]).encode("utf-8")]
         if self.key_ids:
             keys = sorted(self.key_ids.items(), key=lambda kv: kv[1])
-            sections["pub_key_idx"] = [b"{", *_chunks([f"{_ENCODE(k)}:{v}" for k, v in keys]), b"}"]
+            sections["pub_key_idx"] = [b"{", *_chunks(keys, pause, lambda kv: f"{_ENCODE(kv[0])}:{kv[1]}"), b"}"]
         for name in ("handshake_inbox", "handshake_responses", "keys_gone", "auth_ts", "trust_statements"):
             section = self.maps[name]
             if section:
-                texts = [f'"{k}":{section[k]}' for k in sorted(section, key=int)]
-                sections[name] = [b"{", *_chunks(texts), b"}"]
+                sections[name] = [b"{", *_chunks(sorted(section, key=int), pause,
+                                                 lambda k, section=section: f'"{k}":{section[k]}'), b"}"]
         if edges:
             sections["trust_edges"] = [b"[", *_chunks([f'"{a}>{b}"' for a, b in edges]), b"]"]
         if self.lists["proven"]:
@@ -213,11 +220,18 @@ class StoreMirror:
 CHUNK = 2000
 
 
-def _chunks(texts: list[str]) -> list[bytes]:
-    """``",".join(texts)`` as UTF-8, made ``CHUNK`` items at a time (the commas between chunks included)."""
+def _chunks(texts: list[Any], pause: Callable[[], None] = lambda: None,
+            text: Callable[[Any], str] | None = None) -> list[bytes]:
+    """
+    ``",".join(texts)`` (each item made a text by ``text`` first, if given) as
+    UTF-8, made ``CHUNK`` items at a time (the commas between chunks
+    included), with a ``pause`` before each.
+    """
     out = []
     for at in range(0, len(texts), CHUNK):
-        piece = ",".join(texts[at:at + CHUNK]).encode("utf-8")
+        pause()
+        chunk = texts[at:at + CHUNK]
+        piece = ",".join(chunk if text is None else map(text, chunk)).encode("utf-8")
         out.append(b"," + piece if at else piece)
     return out
 
