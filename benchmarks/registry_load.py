@@ -304,7 +304,8 @@ class Server:
         run = [sys.executable, "-m", "pilot"]
         if self.stalls:
             self.stall_files.append(f"{self.store}.stalls-{len(self.stall_files)}.json")
-            run = [sys.executable, os.path.join(ROOT, "benchmarks", "stall_probe.py"), self.stall_files[-1], "--"]
+            probe = os.path.join(ROOT, "benchmarks", "stall_probe.py")
+            run = [sys.executable, probe, self.stall_files[-1], "--"]
         cmd = run + ["--json", "rendezvous", "start",
                "--listen", f"{HOST}:{self.registry_port}", "--beacon", f"{HOST}:{self.beacon_port}",
                "--store", self.store, "--registrations-per-minute", "0", "--requests-per-second", "0",

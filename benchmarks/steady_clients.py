@@ -357,14 +357,16 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
           f"errors {total['errors']}, beacon replies {total['replies']} of {total['datagrams']} datagrams "
           f"(dropped for a full buffer: {drops[0]} at the beacon, {drops[1]} at the clients)")
     print(f"    the clients' own stalls in the window: garbage collection "
-          f"{sum(r['gc_ms'] for r in results):.0f} ms in all, longest {max(r['gc_max'] for r in results):.1f} ms; "
+          f"{sum(r['gc_ms'] for r in results):.0f} ms in all, "
+          f"longest {max(r['gc_max'] for r in results):.1f} ms; "
           f"send loop woke late by p99 {max(r['wake_p99'] for r in results):.1f} ms, "
           f"max {max(r['wake_max'] for r in results):.1f} ms", flush=True)
     print(f"    heartbeat p50 {pct(lat, 50):.2f} ms p99 {pct(lat, 99):.2f} ms "
           f"max {max(lat, default=0):.1f} ms: "
           + ("the server KEPT UP" if served else "the server FELL BEHIND (its CPU is what it got, not what "
                                                  "the cadence costs)"), flush=True)
-    figures.update({"window start": window, "window end": end, "steady CPU %": cpu, "steady RSS MB": rss, "heartbeat p99 ms (steady)": pct(lat, 99),
+    figures.update({"window start": window, "window end": end})
+    figures.update({"steady CPU %": cpu, "steady RSS MB": rss, "heartbeat p99 ms (steady)": pct(lat, 99),
                     "steady heartbeats asked /s": asked_rate, "steady heartbeats sent /s": sent_rate,
                     "steady client kept cadence": float(kept), "steady server kept up": float(served)})
 

@@ -191,12 +191,12 @@ class StoreMirror:
             sections["trust_pairs"] = [_ENCODE([f"{a}:{b}" for a, b in pairs]).encode("utf-8")]
         if self.key_ids:
             keys = sorted(self.key_ids.items(), key=lambda kv: kv[1])
-            sections["pub_key_idx"] = [b"{", *_chunks(keys, pause, lambda kv: f"{_ENCODE(kv[0])}:{kv[1]}"), b"}"]
+            key_entry: Callable[[tuple[str, int]], str] = lambda kv: f"{_ENCODE(kv[0])}:{kv[1]}"  # noqa: E731
+            sections["pub_key_idx"] = [b"{", *_chunks(keys, pause, key_entry), b"}"]
         for name in ("handshake_inbox", "handshake_responses", "keys_gone", "auth_ts", "trust_statements"):
             section = self.maps[name]
             if section:
-                sections[name] = [b"{", *_chunks(sorted(section, key=int), pause,
-                                                 lambda k, section=section: f'"{k}":{section[k]}'), b"}"]
+                sections[name] = [b"{", *_chunks(sorted(section, key=int), pause, _entry(section)), b"}"]
         if edges:
             sections["trust_edges"] = [b"[", *_chunks([f'"{a}>{b}"' for a, b in edges]), b"]"]
         if self.lists["proven"]:
@@ -234,6 +234,11 @@ def _chunks(texts: list[Any], pause: Callable[[], None] = lambda: None,
         piece = ",".join(chunk if text is None else map(text, chunk)).encode("utf-8")
         out.append(b"," + piece if at else piece)
     return out
+
+
+def _entry(section: dict[str, str]) -> Callable[[str], str]:
+    """A section's member ``"key":value`` text, from its key."""
+    return lambda key: f'"{key}":{section[key]}'
 
 
 def _split(edge: Any) -> tuple[int, int]:
