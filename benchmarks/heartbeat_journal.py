@@ -13,13 +13,22 @@ thread, whose CPU is printed too).
 
 CPU time (``time.process_time``), the least of ``--rounds``: load-insensitive
 enough to compare two trees on a busy machine (run it from each tree's root).
+
+``--convoy``: what a compaction in the writer thread does to the reactor's
+thread.  A stand-in for a reactor pass (``--syscalls`` small sends and reads
+on a socket pair, each a system call that lets go of the interpreter) is
+timed in the main thread while a thread renders the store mirror (as the
+store's writer thread does at a compaction), and with no render, in turn,
+``--rounds`` times each.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -49,6 +58,8 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=50.0, help="a node's heartbeat interval (s)")
     p.add_argument("--every", type=float, default=5.0, help="seconds of heartbeats a record holds (touch_delay)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--convoy", action="store_true", help="the reactor's passes during a compaction (above)")
+    p.add_argument("--syscalls", type=int, default=100, help="with --convoy: send/recv pairs in a pass")
     args = p.parse_args()
     if not 1 <= args.nodes <= 200000 or not 1 <= args.rounds <= 10:
         raise SystemExit("--nodes 1..200000, --rounds 1..10")
@@ -91,6 +102,45 @@ def main() -> None:
     print(f"  the writer's mirror.apply: {min(applies):.1f} ms CPU a record; record {min(sizes) / 1e6:.3f} MB")
     print(f"  the journal grows {rate / 1e3:.1f} kB/s: a compaction every {JOURNAL_LIMIT / max(rate, 1):.0f} s "
           f"({JOURNAL_LIMIT / 2**20:.0f} MB), each rendering the store: {min(renders):.0f} ms CPU in the writer")
+    if args.convoy:
+        convoy(mirror, args)
+
+
+def convoy(mirror: StoreMirror, args: argparse.Namespace) -> None:
+    """The reactor stand-in's passes while the mirror renders in a thread, and with no render."""
+    from pilot.services.durable import SWITCH_INTERVAL
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for _ in range(args.syscalls):
+            a.send(b"x")
+            b.recv(16)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def passes(render: bool) -> list[float]:
+        out: list[float] = []
+        if not render:
+            deadline = time.perf_counter() + 0.5
+            while time.perf_counter() < deadline:
+                out.append(one_pass())
+            return out
+        thread = threading.Thread(target=mirror.render, name="render")
+        thread.start()
+        while thread.is_alive():
+            out.append(one_pass())
+        return out
+    print(f"  --convoy: a pass of {args.syscalls} send+recv pairs on a socket pair, switch interval "
+          f"{SWITCH_INTERVAL * 1000:g} ms; the passes' p50 / p99 / max (ms)")
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    for r in range(args.rounds):
+        for label, render in (("no render", False), ("a render in a thread", True)):
+            got = sorted(passes(render))
+            pick = lambda q: got[min(len(got) - 1, int(q * len(got)))]  # noqa: E731
+            print(f"    round {r + 1}, {label}: {pick(0.5):.2f} / {pick(0.99):.2f} / {got[-1]:.2f} ms, "
+                  f"{len(got)} passes")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import operator
-from typing import Any, Callable
+from typing import Any
 
 import attr
 
@@ -85,10 +85,8 @@ class StateView:
 class StoreMirror:
     """The store's content as JSON texts, kept up to date from the journal's records (writer thread)."""
 
-    def __init__(self, view: StateView, pause: Callable[[], None] = lambda: None) -> None:
-        """``pause`` is called every ``CHUNK`` items of a long loop (the writer thread rests there)."""
+    def __init__(self, view: StateView) -> None:
         self.view: StateView | None = view
-        self.pause = pause
         self.created = view.created
         self.seq = view.seq
         self.term = view.term
@@ -104,9 +102,7 @@ class StoreMirror:
         if view is None:
             return
         nodes, keys = self.maps["nodes"], dict[bytes, str]()
-        for i, fields in enumerate(view.nodes):
-            if not i % CHUNK:
-                self.pause()
+        for fields in view.nodes:
             node = Node(*fields)
             text = keys.get(node.public_key) or b64encode(node.public_key)
             keys[node.public_key] = text
@@ -144,9 +140,7 @@ class StoreMirror:
                     continue
                 section = self.maps[name]
                 texts = []
-                for i, (key, value) in enumerate(items.items()):
-                    if not i % CHUNK:
-                        self.pause()
+                for key, value in items.items():
                     text = section[key] = str(value) if type(value) is int else _ENCODE(value)
                     texts.append(f'"{key}":{text}' if key.isdigit() else f"{_ENCODE(key)}:{text}")
                 parts.append(f'"{name}":{{{",".join(texts)}}}')
@@ -178,10 +172,9 @@ class StoreMirror:
         node_ids = sorted([int(k) for k in nodes])  # (not map(): a loop in C never lets the reactor in)
         next_node = max(node_ids[-1] if node_ids else 0, max(self.key_ids.values(), default=0)) + 1
         out = [b'{"next_node":%d,"next_net":1,"nodes":{' % next_node]
-        pause = self.pause
-        out += _chunks(node_ids, pause, lambda i: f'"{i}":{nodes[str(i)]}')
+        out += _chunks([f'"{i}":{nodes[str(i)]}' for i in node_ids])
         out += [b'},"networks":{"0":{"id":0,"name":"backbone","join_rule":"open","members":[']
-        out += _chunks(node_ids, pause, str)
+        out += _chunks([str(i) for i in node_ids])
         out.append(b'],"created":%s}}' % _ENCODE(self.created).encode("utf-8"))
         edges = sorted(_split(e) for e in self.lists["trust_edges"])
         mutual = set(edges)
@@ -191,12 +184,12 @@ class StoreMirror:
             sections["trust_pairs"] = [_ENCODE([f"{a}:{b}" for a, b in pairs]).encode("utf-8")]
         if self.key_ids:
             keys = sorted(self.key_ids.items(), key=lambda kv: kv[1])
-            key_entry: Callable[[tuple[str, int]], str] = lambda kv: f"{_ENCODE(kv[0])}:{kv[1]}"  # noqa: E731
-            sections["pub_key_idx"] = [b"{", *_chunks(keys, pause, key_entry), b"}"]
+            sections["pub_key_idx"] = [b"{", *_chunks([f"{_ENCODE(k)}:{v}" for k, v in keys]), b"}"]
         for name in ("handshake_inbox", "handshake_responses", "keys_gone", "auth_ts", "trust_statements"):
             section = self.maps[name]
             if section:
-                sections[name] = [b"{", *_chunks(sorted(section, key=int), pause, _entry(section)), b"}"]
+                texts = [f'"{k}":{section[k]}' for k in sorted(section, key=int)]
+                sections[name] = [b"{", *_chunks(texts), b"}"]
         if edges:
             sections["trust_edges"] = [b"[", *_chunks([f'"{a}>{b}"' for a, b in edges]), b"]"]
         if self.lists["proven"]:
@@ -220,25 +213,13 @@ class StoreMirror:
 CHUNK = 2000
 
 
-def _chunks(texts: list[Any], pause: Callable[[], None] = lambda: None,
-            text: Callable[[Any], str] | None = None) -> list[bytes]:
-    """
-    ``",".join(texts)`` (each item made a text by ``text`` first, if given) as
-    UTF-8, made ``CHUNK`` items at a time (the commas between chunks
-    included), with a ``pause`` before each.
-    """
+def _chunks(texts: list[str]) -> list[bytes]:
+    """``",".join(texts)`` as UTF-8, made ``CHUNK`` items at a time (the commas between chunks included)."""
     out = []
     for at in range(0, len(texts), CHUNK):
-        pause()
-        chunk = texts[at:at + CHUNK]
-        piece = ",".join(chunk if text is None else map(text, chunk)).encode("utf-8")
+        piece = ",".join(texts[at:at + CHUNK]).encode("utf-8")
         out.append(b"," + piece if at else piece)
     return out
-
-
-def _entry(section: dict[str, str]) -> Callable[[str], str]:
-    """A section's member ``"key":value`` text, from its key."""
-    return lambda key: f'"{key}":{section[key]}'
 
 
 def _split(edge: Any) -> tuple[int, int]:

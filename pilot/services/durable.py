@@ -52,8 +52,6 @@ import collections
 import contextlib
 import os
 import sys
-import threading
-import time
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -100,7 +98,7 @@ class DurableWriter:
         self.feed = Feed(self.tracker)
         self.feed.join(self)
         #: the store as the writer thread rebuilds it from the records (compaction off the reactor)
-        self.mirror = StoreMirror(StateView.of(state), pause)
+        self.mirror = StoreMirror(StateView.of(state))
         self._mirror_lost = False
         #: changes made so far, and how many of them are on disk
         self.generation = 0
@@ -249,7 +247,7 @@ class DurableWriter:
             delta = self.feed.take(self)
             if delta is None:
                 # a container was replaced whole, or the mirror missed a record: a new mirror
-                self.mirror = StoreMirror(StateView.of(self.state), pause)
+                self.mirror = StoreMirror(StateView.of(self.state))
                 self._mirror_lost = False
                 self._compact_due = True
                 delta = {}
@@ -358,39 +356,6 @@ def _drop_sidecar(path: str) -> None:
 #: nodes kept each request waiting 5 ms or more, ``docs/performance.md``, issue 16).
 SWITCH_INTERVAL = 0.001
 
-#: The writer thread works at most SLICE seconds in a row at a long loop (building the store
-#: mirror, applying a large record, rendering a compaction), then rests REST seconds without
-#: the interpreter.  While it works, every system call of the reactor's thread (a read, a
-#: reply) gives the interpreter away and may wait up to SWITCH_INTERVAL to get it back, so a
-#: busy reactor pass slows many times over; resting half the time bounds that
-#: (``docs/performance.md``, issue 16: the heartbeat p99 at 100,000 nodes).
-SLICE = 0.002
-REST = 0.002
-
-
-class _Writing(threading.local):
-    #: set while a write runs in a :class:`WriterThread` (only there does :func:`pause` rest)
-    on = False
-    since = 0.0
-
-
-_writing = _Writing()
-
-
-def pause() -> None:
-    """
-    In a :class:`WriterThread`'s write, past ``SLICE`` of work since the last
-    rest: sleep ``REST`` (without the interpreter: the reactor runs freely).
-    Anywhere else (a clean stop's flush in the reactor, a test's runner):
-    nothing.
-    """
-    writing = _writing
-    if writing.on:
-        now = time.perf_counter()
-        if now - writing.since >= SLICE:
-            time.sleep(REST)
-            writing.since = time.perf_counter()
-
 
 class WriterThread:
     """The one thread that runs the writes, in order; their results come back in the reactor thread."""
@@ -417,10 +382,4 @@ class WriterThread:
             self._interval = None
 
     def run(self, write: Callable[[], Any]) -> Deferred[Any]:
-        def resting() -> Any:
-            _writing.on, _writing.since = True, time.perf_counter()
-            try:
-                return write()
-            finally:
-                _writing.on = False
-        return deferToThreadPool(self.reactor, self.pool, resting)
+        return deferToThreadPool(self.reactor, self.pool, write)

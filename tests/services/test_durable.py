@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
@@ -953,85 +953,3 @@ class WriterThreadTests(SynchronousTestCase):
         self.assertAlmostEqual(sys.getswitchinterval(), before)
         thread.stop()  # again: nothing
         self.assertAlmostEqual(sys.getswitchinterval(), before)
-
-    def test_a_write_rests_past_a_slice(self) -> None:
-        """
-        In a write of the writer thread a long loop's ``pause`` sleeps ``REST``
-        (the interpreter left to the reactor) once ``SLICE`` of work has passed
-        since the last rest; elsewhere (a flush at a clean stop, these tests'
-        runner) it never sleeps.
-        """
-        from pilot.services import durable
-
-        now = [100.0]
-        slept: list[float] = []
-
-        class FakeTime:
-            @staticmethod
-            def perf_counter() -> float:
-                return now[0]
-
-            @staticmethod
-            def sleep(seconds: float) -> None:
-                slept.append(seconds)
-                now[0] += seconds
-        self.patch(durable, "time", FakeTime)
-        now[0] += 1.0
-        durable.pause()
-        self.assertEqual(slept, [])  # not in a write of the writer thread
-        writing = durable._writing
-        self.addCleanup(setattr, writing, "on", False)
-        writing.on, writing.since = True, now[0]
-        durable.pause()
-        now[0] += durable.SLICE / 2
-        durable.pause()
-        self.assertEqual(slept, [])
-        now[0] += durable.SLICE / 2
-        durable.pause()
-        self.assertEqual(slept, [durable.REST])
-        durable.pause()  # the slice starts again after the rest
-        self.assertEqual(slept, [durable.REST])
-
-    def test_the_mirror_rests_in_its_long_loops(self) -> None:
-        """A compaction's mirror is made, fed and rendered with pauses, about one every CHUNK items."""
-        from pilot.server.compaction import CHUNK, StateView, StoreMirror
-
-        state = RegistryState(created=T0)
-        n = 3 * CHUNK
-        for i in range(1, n + 1):
-            state.nodes[i] = Node(id=i, public_key=i.to_bytes(4, "big") * 8, last_seen=T0)
-            state.index_key(state.nodes[i].public_key, i)
-            state.auth_ts[i] = 1
-        calls = [0]
-
-        def pause() -> None:
-            calls[0] += 1
-        mirror = StoreMirror(StateView.of(state), pause)
-        mirror.build()
-        self.assertGreaterEqual(calls[0], 3)
-        calls[0] = 0
-        mirror.apply({"seq": 1, "set": {"auth_ts": {str(i): 2 for i in range(1, n + 1)}}})
-        self.assertGreaterEqual(calls[0], 3)
-        calls[0] = 0
-        mirror.render()
-        self.assertGreaterEqual(calls[0], 4 * 3)  # nodes, members, pub_key_idx, auth_ts
-
-    def test_writes_in_the_writer_thread_rest_and_the_mirror_can(self) -> None:
-        """A write run by WriterThread.run is one where ``pause`` rests; the writer's mirror pauses with it."""
-        seen: list[bool] = []
-
-        class Pool:
-            def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
-                on_result(True, f())
-
-        class Reactor:
-            def callFromThread(self, f: Callable[..., None], *args: Any) -> None:
-                f(*args)
-        thread = durable.WriterThread(Reactor())
-        thread.pool = cast(Any, Pool())
-        results: list[Any] = []
-        thread.run(lambda: seen.append(durable._writing.on) or "done").addCallback(results.append)
-        self.assertEqual((seen, results, durable._writing.on), ([True], ["done"], False))
-        state = RegistryState(created=T0)
-        writer = DurableWriter(self.mktemp(), state, Clock(), lambda f: maybeDeferred(f))
-        self.assertIs(writer.mirror.pause, durable.pause)
