@@ -13,8 +13,9 @@ The probe records, with the wall-clock time of each:
   freed, and the thread it ran in (a collection holds the interpreter: the
   reactor waits for it whichever thread set it off);
 * with ``PILOT_STALL_STACKS=1`` in the environment, during a pass longer
-  than ``LONG``, a watchdog thread's samples of the reactor thread's stack (``sys._current_frames``, every ``SAMPLE`` s): what
-  the pass was doing, or waiting for the interpreter behind (the watchdog
+  than ``LONG``, a watchdog thread's samples of the reactor thread's stack
+  (``sys._current_frames``, every ``SAMPLE`` s): what the pass was doing,
+  or waiting for the interpreter behind (the watchdog
   needs the interpreter to sample, so it sees the reactor thread mostly
   where that thread lets go of it: system calls, Ed25519 checks);
 * every call longer than 1 ms of the periodic and O(state) functions in
@@ -26,7 +27,8 @@ a segmentation fault of the interpreter (3.11.7) during the registrations,
 most likely ``sys._current_frames`` walking the frames of a running thread.
 
 It writes them to OUT.json when the process exits.  Nothing in ``pilot/``
-changes: the probe wraps the reactor's poller and adds a gc callback.
+changes: the probe wraps the reactor's poller and the functions of
+``TIMED``, and adds a gc callback.
 """
 
 from __future__ import annotations
