@@ -278,8 +278,8 @@ class Registry:
         records (the slot is set past the assignment hook).  A start and a
         standby's promotion move every node's ``last_seen`` to their own
         time, so a journaled one is never read back.  Journaled, it put every
-        heartbeating node's JSON in the next record again: 2 MB and ~33 ms
-        of the reactor every 5 s at 100,000 nodes, and a compaction every
+        heartbeating node's JSON in the next record again: ~400 kB and ~6.5
+        ms of the reactor a second at 100,000 nodes, and a compaction every
         ~40 s (``docs/performance.md``, issue 16).  The reference's
         heartbeat does not mark its store dirty either
         (``docs/reference-wire.md`` §2.9).
