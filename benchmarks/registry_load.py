@@ -49,6 +49,12 @@ skips the bursts between the registrations and the steady state.
 
     python3 benchmarks/registry_load.py --nodes 100000 --clients 2 --steady 30 --presign [--steady-only]
 
+``--stalls`` (with ``--clients``) runs our rendezvous under
+``benchmarks/stall_probe.py`` and prints, for the measured window, its long
+reactor passes, its garbage collections and its periodic and O(state) calls
+(the store journal's records, a compaction's render, the reaper), with the
+load clients' own collections and late wake-ups beside them.
+
 Keys are derived from a seed when first needed (64 bytes kept a node);
 past ``--connections`` (10,000) nodes share the persistent connections.
 Every loop is bounded in count and in time; only 127.0.0.1 is ever a target.
