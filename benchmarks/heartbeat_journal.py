@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--convoy", action="store_true", help="the reactor's passes during a compaction (above)")
     p.add_argument("--syscalls", type=int, default=100, help="with --convoy: send/recv pairs in a pass")
+    p.add_argument("--switch", type=float, default=0.0,
+                   help="with --convoy: the switch interval (s; default the store writer's SWITCH_INTERVAL)")
     args = p.parse_args()
     if not 1 <= args.nodes <= 200000 or not 1 <= args.rounds <= 10:
         raise SystemExit("--nodes 1..200000, --rounds 1..10")
@@ -109,6 +111,7 @@ def main() -> None:
 def convoy(mirror: StoreMirror, args: argparse.Namespace) -> None:
     """The reactor stand-in's passes while the mirror renders in a thread, and with no render."""
     from pilot.services.durable import SWITCH_INTERVAL
+    switch = args.switch or SWITCH_INTERVAL
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
@@ -133,8 +136,8 @@ def convoy(mirror: StoreMirror, args: argparse.Namespace) -> None:
             out.append(one_pass())
         return out
     print(f"  --convoy: a pass of {args.syscalls} send+recv pairs on a socket pair, switch interval "
-          f"{SWITCH_INTERVAL * 1000:g} ms; the passes' p50 / p99 / max (ms)")
-    sys.setswitchinterval(SWITCH_INTERVAL)
+          f"{switch * 1000:g} ms; the passes' p50 / p99 / max (ms)")
+    sys.setswitchinterval(switch)
     for r in range(args.rounds):
         for label, render in (("no render", False), ("a render in a thread", True)):
             got = sorted(passes(render))
