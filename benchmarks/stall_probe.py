@@ -162,11 +162,12 @@ class Probe:
     def install_when_running(self) -> None:
         """Wrap the reactor's poller once the program has installed its reactor (from this thread)."""
         deadline = time.time() + 60
-        while "twisted.internet.reactor" not in sys.modules and time.time() < deadline:
+        # the module is in sys.modules while it is still being imported: wait for the reactor itself
+        while getattr(sys.modules.get("twisted.internet.reactor"), "_poller", None) is None:
+            if time.time() > deadline:
+                return
             time.sleep(0.01)
-        reactor = sys.modules.get("twisted.internet.reactor")
-        if reactor is None or not hasattr(reactor, "_poller"):
-            return
+        reactor = sys.modules["twisted.internet.reactor"]
         reactor.callFromThread(self.wrap, reactor)
         time.sleep(1.0)
         reactor.callFromThread(self.time_calls)
