@@ -49,6 +49,12 @@ skips the bursts between the registrations and the steady state.
 
     python3 benchmarks/registry_load.py --nodes 100000 --clients 2 --steady 30 --presign [--steady-only]
 
+``--stalls`` (with ``--clients``) runs our rendezvous under
+``benchmarks/stall_probe.py`` and prints, for the measured window, its long
+reactor passes, its garbage collections and its periodic and O(state) calls
+(the store journal's records, a compaction's render, the reaper), with the
+load clients' own collections and late wake-ups beside them.
+
 Keys are derived from a seed when first needed (64 bytes kept a node);
 past ``--connections`` (10,000) nodes share the persistent connections.
 Every loop is bounded in count and in time; only 127.0.0.1 is ever a target.
@@ -289,16 +295,24 @@ class Server:
 
     name = "ours"
 
-    def __init__(self, store: str, durable: bool = False) -> None:
+    def __init__(self, store: str, durable: bool = False, stalls: bool = False) -> None:
         self.store = store
         self.durable = durable
+        #: ``--stalls``: each start runs under ``stall_probe.py``, its record in the next of these files
+        self.stalls = stalls
+        self.stall_files: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.registry_port = 0
         self.beacon_port = 0
 
     def start(self) -> None:
         """Start the rendezvous; return once its ports are known (it may not answer yet)."""
-        cmd = [sys.executable, "-m", "pilot", "--json", "rendezvous", "start",
+        run = [sys.executable, "-m", "pilot"]
+        if self.stalls:
+            self.stall_files.append(f"{self.store}.stalls-{len(self.stall_files)}.json")
+            probe = os.path.join(ROOT, "benchmarks", "stall_probe.py")
+            run = [sys.executable, probe, self.stall_files[-1], "--"]
+        cmd = run + ["--json", "rendezvous", "start",
                "--listen", f"{HOST}:{self.registry_port}", "--beacon", f"{HOST}:{self.beacon_port}",
                "--store", self.store, "--registrations-per-minute", "0", "--requests-per-second", "0",
                "--beacon-datagrams-per-second", "0", "--log-level", "warn",
@@ -691,7 +705,15 @@ async def run_side(args: argparse.Namespace, server: Server) -> Figures:
     else:
         await steady(args, server, fleet, transport, figures, own)
     transport.close()
+    stalls = server.stall_files[:1]
     first, size = restart(server, fleet)
+    if stalls and "window start" in figures:
+        from stall_probe import summary
+        kept = os.path.join(tempfile.gettempdir(), f"pilot-stalls-{os.getpid()}.json")
+        shutil.copyfile(stalls[0], kept)
+        print(f"  --stalls, the server in the measured window (the probe's record: {kept}):", flush=True)
+        for line in summary(stalls[0], figures["window start"], figures["window end"]):
+            print("    " + line, flush=True)
     print(f"  restart to first answered lookup ({n}-node store, {size:.1f} MB): "
           f"{first:.3f} s (process spawn included)", flush=True)
     figures["restart to first lookup s"] = first
@@ -734,7 +756,7 @@ async def run(args: argparse.Namespace) -> None:
         why = f"{binary} is not an executable"
     elif args.durable or args.stall:
         why = "--durable and --stall are ours only"
-    servers: list[Server] = [Server(os.path.join(tmp, "registry.json"), args.durable)]
+    servers: list[Server] = [Server(os.path.join(tmp, "registry.json"), args.durable, args.stalls)]
     if not why:
         os.makedirs(os.path.join(tmp, "ref"))
         servers.append(ReferenceServer(os.path.join(tmp, "ref", "registry.json"), binary))
@@ -799,6 +821,9 @@ def main() -> None:
                    help="our cadence's steady state from this many load-client processes, every request "
                         "signed before it starts with the time it is due (benchmarks/steady_clients.py); "
                         "0: from this process, signing as it goes")
+    p.add_argument("--stalls", action="store_true",
+                   help="with --clients: run our rendezvous under benchmarks/stall_probe.py and print its long "
+                        "reactor passes, garbage collections and what the reactor thread was doing in them")
     p.add_argument("--udp-sockets", type=int, default=256,
                    help="with --clients: the UDP sockets (source endpoints) the nodes' Discovers come from")
     args = p.parse_args()

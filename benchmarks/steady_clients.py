@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import os
 import resource
@@ -187,14 +188,29 @@ async def client(spec: dict[str, Any]) -> None:
     for due, *_ in beats:
         counts["asked"] += window <= due < end
     counts["probes_asked"] = sum(1 for due in probes if window <= due < end)
+    # the client's own stalls, which a heartbeat's latency measured here would include: its garbage
+    # collections and how late its send loop woke, in the window
+    pauses: list[float] = []
+    wakes: list[float] = []
+    gc_began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_began[0] = time.perf_counter()
+        elif window <= time.time() < end:
+            pauses.append((time.perf_counter() - gc_began[0]) * 1000.0)
+    gc.callbacks.append(on_gc)
     while time.time() < start:
         await asyncio.sleep(min(0.05, start - time.time()))
     cpu0 = cpu_at_window = time.process_time()
     hb = pr = 0
+    slept = 0.0
     while True:
         now = time.time()
         if now >= end:
             break
+        if slept and now >= window:
+            wakes.append((time.perf_counter() - slept - TICK) * 1000.0)
         if cpu_at_window == cpu0 and now >= window:
             cpu_at_window = time.process_time()
         while hb < len(beats) and beats[hb][0] <= now:
@@ -215,14 +231,17 @@ async def client(spec: dict[str, Any]) -> None:
                 counts["probes_sent"] += 1
                 lags.append(now - due)
             pr += 1
+        slept = time.perf_counter()
         await asyncio.sleep(TICK)
+    gc.callbacks.remove(on_gc)
     cpu = (time.process_time() - cpu_at_window) / max(1e-9, end - window)
     if pending:
         await asyncio.wait(pending, timeout=min(DEADLINE, 30))
     await asyncio.sleep(0.5)
     print(json.dumps(dict(counts, cpu=cpu, lag_p99=pct(lags, 99), lag_max=max(lags, default=float("nan")),
                           replies=sum(p.replies for _, p in socks) - proved, rss=rss_mb(os.getpid()),
-                          lat=hb_lat)), flush=True)
+                          gc_ms=sum(pauses), gc_max=max(pauses, default=0.0), wake_p99=pct(wakes, 99),
+                          wake_max=max(wakes, default=0.0), lat=hb_lat)), flush=True)
     for c in conns:
         c.close()
     for transport, _ in socks:
@@ -268,9 +287,11 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
         rss_idle = server.rss_mb()
         # a heartbeat and its Discover take ~85 µs to sign and encode on one core of this machine (the
         # key ~30 µs more, once a node); the clients share the 2 cores with others (a run at load 4
-        # needed more than twice that): leave three times that, +3 s
+        # needed more than twice that): leave three times that (up to 4 times on a busier machine:
+        # no more, or the persistent connections idle past the registry's 300 s before the cadence), +3 s
         pairs = n * (warmup + args.steady) / interval + n
-        start = time.time() + 3.0 + 3 * pairs * 100e-6 / min(clients, os.cpu_count() or 1)
+        slack = min(4.0, max(3.0, os.getloadavg()[0]))
+        start = time.time() + 3.0 + slack * pairs * 100e-6 / min(clients, os.cpu_count() or 1)
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(json.dumps({"start": start}) + "\n")
@@ -335,10 +356,16 @@ def run_clients(args: Any, server: Any, fleet: Fleet, figures: dict[str, float])
           f"heartbeats answered {total['answered']}, "
           f"errors {total['errors']}, beacon replies {total['replies']} of {total['datagrams']} datagrams "
           f"(dropped for a full buffer: {drops[0]} at the beacon, {drops[1]} at the clients)")
+    print(f"    the clients' own stalls in the window: garbage collection "
+          f"{sum(r['gc_ms'] for r in results):.0f} ms in all, "
+          f"longest {max(r['gc_max'] for r in results):.1f} ms; "
+          f"send loop woke late by p99 {max(r['wake_p99'] for r in results):.1f} ms, "
+          f"max {max(r['wake_max'] for r in results):.1f} ms", flush=True)
     print(f"    heartbeat p50 {pct(lat, 50):.2f} ms p99 {pct(lat, 99):.2f} ms "
           f"max {max(lat, default=0):.1f} ms: "
           + ("the server KEPT UP" if served else "the server FELL BEHIND (its CPU is what it got, not what "
                                                  "the cadence costs)"), flush=True)
+    figures.update({"window start": window, "window end": end})
     figures.update({"steady CPU %": cpu, "steady RSS MB": rss, "heartbeat p99 ms (steady)": pct(lat, 99),
                     "steady heartbeats asked /s": asked_rate, "steady heartbeats sent /s": sent_rate,
                     "steady client kept cadence": float(kept), "steady server kept up": float(served)})

@@ -37,6 +37,8 @@ from pilot.server.state import Node, RegistryState
 from pilot.server.timing import Durations
 from pilot.wire.registry import encode_frame, get_int, get_str
 
+_set_last_seen = Node.__dict__["last_seen"].__set__  # the slot itself: no assignment hook
+
 if TYPE_CHECKING:
     from pilot.server.replication_role import Replica
 
@@ -271,7 +273,18 @@ class Registry:
                 del self.subscribers[node_id]
 
     def touch(self, node: Node) -> None:
-        node.last_seen = self.clock.seconds()
+        """
+        The node was heard from: liveness, not a change the store's journal
+        records (the slot is set past the assignment hook).  A start and a
+        standby's promotion move every node's ``last_seen`` to their own
+        time, so a journaled one is never read back.  Journaled, it put every
+        heartbeating node's JSON in the next record again: ~400 kB and ~6.5
+        ms of the reactor a second at 100,000 nodes, and a compaction every
+        ~40 s (``docs/performance.md``, issue 16).  The reference's
+        heartbeat does not mark its store dirty either
+        (``docs/reference-wire.md`` §2.9).
+        """
+        _set_last_seen(node, self.clock.seconds())
 
     def reap(self) -> list[int]:
         """Remove nodes silent for longer than ``stale_after``; return their ids."""

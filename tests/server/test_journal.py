@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.identity import Identity
 from pilot.server import journal
 from pilot.server.journal import JournalError, Tracker, encode_record, read_records, replay
-from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState
+from pilot.server.registry import Registry
+from pilot.server.state import HandshakeRequest, HandshakeResponse, Node, RegistryState, rfc3339_second
 from pilot.server.tracked import TrackedDict, TrackedSet
 from pilot.wire.statement import make_statement
 
@@ -110,6 +112,25 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(set(self.records[1]["set"]["nodes"]), {"7", "5"})
         self.assertEqual(self.records[1]["del"]["nodes"], [str(1 << 31)])
         self.assertReplayed()
+
+    def test_heard_from_is_not_a_change(self) -> None:
+        """
+        A heartbeat's ``last_seen`` (``Registry.touch``) is liveness: no record
+        holds the node for it (a start floors every ``last_seen`` anyway); the
+        node's next real change carries it.
+        """
+        clock = Clock()
+        clock.advance(T0 + 100)
+        registry = Registry(clock, state=self.state)
+        self.tracker.delta()  # what the registry's start changed (keys without a node)
+        node = self.state.nodes[7]
+        registry.touch(node)
+        self.assertEqual(node.last_seen, T0 + 100)
+        self.assertEqual(self.tracker.delta(), {})
+        node.hostname = "beta"
+        self.record()
+        self.assertEqual(set(self.records[0]["set"]["nodes"]), {"7"})
+        self.assertEqual(self.records[0]["set"]["nodes"]["7"]["last_seen"], rfc3339_second(T0 + 100))
 
     def test_keys_replay_state_trust(self) -> None:
         s = self.state
