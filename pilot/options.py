@@ -88,6 +88,19 @@ def parse_delay(text: str) -> float:
     return value
 
 
+#: The longest busy poll ``parse_microseconds`` takes: past a few hundred microseconds a spin costs
+#: more than a wake-up saves.
+MAX_MICROSECONDS = 10_000
+
+
+def parse_microseconds(text: str) -> float:
+    """A short time in microseconds, 0 to :data:`MAX_MICROSECONDS`."""
+    value = _number(text)
+    if not 0 <= value <= MAX_MICROSECONDS:
+        raise ValueError(f"{text!r} must be from 0 to {MAX_MICROSECONDS:,} microseconds")
+    return value
+
+
 def parse_path(text: str) -> str:
     if not text.strip():
         raise ValueError("an empty path")

@@ -29,7 +29,8 @@ from twisted.python import usage
 from pilot import log
 from pilot.options import (
     Setting, Switch, _fmt, environment_name, environment_values, flag_name, parse_address, parse_amount,
-    parse_delay, parse_duration, parse_expiry, parse_path, parse_rate, parse_server, parse_table,
+    parse_delay, parse_duration, parse_expiry, parse_microseconds, parse_path, parse_rate, parse_server,
+    parse_table,
 )
 
 __all__ = ["RendezvousOptions", "Options", "makeService", "build_service", "StartupError", "RENDEZVOUS_OPTIONS",
@@ -97,6 +98,9 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
     Setting("http", None, parse_address, "ADDR",
            "serve the dashboard, /api/stats and /metrics over HTTP on [HOST]:PORT (default: off)"),
     Switch("metrics-public", "serve /metrics to every peer of --http (default: loopback peers only)"),
+    Setting("busy-poll", "0", parse_microseconds, "MICROSECONDS",
+           "after serving requests, poll this long before the reactor sleeps (0: off): lower latency "
+           "for clients that wait for each answer, for CPU spent while it pays (docs/performance.md)"),
     Setting("flush-delay", _fmt(DEFAULT_FLUSH_DELAY), parse_delay, "SECONDS",
            "write the store at most this long after a change"),
     Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",
@@ -205,6 +209,7 @@ def settings_from(values: Mapping[str, Any], environ: Mapping[str, str] | None =
         replication=replication_from(values, environ),
         http=values["http"],
         metrics_public=values["metrics_public"],
+        busy_poll=values["busy_poll"] / 1e6,
     )
 
 

@@ -69,6 +69,12 @@ class OptionTests(SynchronousTestCase):
                          (0.0, 10.0, 1000.0, 3000.0))
         self.assertEqual((settings.flush_delay, settings.reap_interval), (0.01, 5.0))
 
+    def test_busy_poll(self) -> None:
+        """--busy-poll is in microseconds, off by default; the settings hold seconds."""
+        self.assertEqual(parse().settings.busy_poll, 0.0)
+        self.assertAlmostEqual(parse("--busy-poll", "250").settings.busy_poll, 0.00025)
+        self.assertEqual(parse("--busy-poll", "0").settings.busy_poll, 0.0)
+
     def test_no_expiry(self) -> None:
         self.assertEqual(parse("--stale-after", "0").settings.registry.stale_after, math.inf)
 
@@ -101,6 +107,9 @@ class OptionTests(SynchronousTestCase):
             (["--stale-after", "-5"], "--stale-after", "never"),
             (["--flush-delay", "-0.1"], "--flush-delay", "negative"),
             (["--reap-interval", "0"], "--reap-interval", "more than 0"),
+            (["--busy-poll", "-1"], "--busy-poll", "0 to 10,000 microseconds"),
+            (["--busy-poll", "20000"], "--busy-poll", "0 to 10,000 microseconds"),
+            (["--busy-poll", "inf"], "--busy-poll", "finite"),
             (["--log-format", "xml"], "--log-format", "text, json"),
             (["--log-level", "loud"], "--log-level", "debug"),
             (["--store", "x.json", "--no-store"], "--store and --no-store"),

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.services.test_busypoll -*-
 """
 A lean pass for the epoll reactor, and a short busy poll before it sleeps
-(off unless a window is given: see :data:`WINDOW`).
+(off unless a window is given: ``rendezvous start --busy-poll MICROSECONDS``,
+see :data:`WINDOW`).
 
 One request at a time on one connection (a node waiting for each answer),
 the rate is the round trip, and part of the round trip is the wake-up: the
@@ -61,7 +62,8 @@ from twisted.logger import Logger
 #: next request comes 30-200 µs after its answer) was measured: on this busy machine it cost a
 #: closed loop more than it caught, and its gain on a quiet one is not shown (docs/performance.md).
 WINDOW = 0.0
-#: The window measured, to turn the spins on with: ``BusyPollService(reactor, window=SPIN_WINDOW)``.
+#: The window measured, to turn the spins on with: ``rendezvous start --busy-poll 250``
+#: (``BusyPollService(reactor, window=SPIN_WINDOW)``).
 SPIN_WINDOW = 0.00025
 #: Passes that handled events without a spin, once spins stopped paying, before one probes again.
 PROBE_EVERY = 1024

@@ -86,6 +86,10 @@ class RendezvousSettings:
     http: str | None = None
     #: Serve /metrics to every peer (default: loopback peers only).
     metrics_public: bool = False
+    #: Seconds the reactor polls without sleeping after serving requests (0: off;
+    #: ``pilot/services/busypoll.py``): lower latency for clients that wait for each answer, at the
+    #: price of CPU spent spinning while it pays.
+    busy_poll: float = 0.0
 
 
 class PortService(Service):
@@ -221,8 +225,9 @@ class RendezvousService(MultiService):
         # buffers of closed connections (slow clients) go back to the system, not just to malloc
         self.trimmer = Every(TRIM_INTERVAL, lambda: release_free_memory(), clock)
         self.trimmer.setServiceParent(self)
-        # the epoll reactor's lean pass; its short poll is off by default (pilot/services/busypoll.py)
-        BusyPollService(reactor).setServiceParent(self)
+        # the epoll reactor's lean pass, and its short poll if --busy-poll asks (pilot/services/busypoll.py)
+        self.busy_poll = BusyPollService(reactor, window=settings.busy_poll)
+        self.busy_poll.setServiceParent(self)
         if self.replication is not None:
             self.replication.setServiceParent(self)  # after the ports: it needs the registry's
         self.http: RendezvousHTTP | None = None

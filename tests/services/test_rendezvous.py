@@ -160,6 +160,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(service.running)
         self.assertFalse(service.reaper.running)
 
+    def test_busy_poll_window(self) -> None:
+        """The reactor's pass gets the window --busy-poll gave (0, the default: no spins)."""
+        self.assertEqual(self.service().busy_poll.window, 0.0)
+        self.assertEqual(self.service(busy_poll=0.00025).busy_poll.window, 0.00025)
+
     def test_open_files_limit_raised_at_start(self) -> None:
         """RLIMIT_NOFILE's soft limit goes to the hard limit at start, and that is logged."""
         self.patch(rendezvous, "raise_open_files_limit", lambda: (1024, 524288))
