@@ -46,6 +46,7 @@ from pilot.protocols.registry_client import RegistryClientFactory
 from pilot.protocols.tunnel import NodeDatagramProtocol
 from pilot.services.api import NodeAPIImpl
 from pilot.services.apps import Apps, make_apps
+from pilot.services.busypoll import BusyPollService
 from pilot.trust import TrustStore
 from pilot.wire.handshake import HANDSHAKE_PORT
 
@@ -355,6 +356,8 @@ class NodeService(MultiService):
         NodeRunner(self.node, settings, apps).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
         MemoryTrimmer(reactor).setServiceParent(self)
+        # the epoll reactor's lean pass: no legacy log context set around each ready descriptor
+        BusyPollService(reactor).setServiceParent(self)
         if settings.metrics is not None:
             # imported here: twisted.web and prometheus_client only when asked for
             from pilot.services.web import NodeMetricsHTTP
