@@ -34,8 +34,7 @@ from typing import Any, Callable, ClassVar, Iterable, Union
 
 from pilot.errors import MalformedFrame
 from pilot.identity import SIGNATURE_LEN, verify
-from pilot.wire.packet import as_bytes
-from pilot.wire.value import Value, set_field
+from pilot.wire.value import Value, as_bytes, set_field
 
 DISCOVER = 0x01
 DISCOVER_REPLY = 0x02

@@ -11,6 +11,9 @@ codecs' hot value classes subclass :class:`Value` instead: each writes its own
 fields in ``__slots__``; :class:`Value` gives them what attrs gave: equality
 and hashing by class and fields, ``Name(field=value, ...)`` as repr,
 ``__match_args__``, and ``FrozenInstanceError`` on any assignment.
+
+:func:`as_bytes`, every codec's check of its input, is here too: the beacon's
+codec needs it, not the packet's (a rendezvous never loads that one).
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ from __future__ import annotations
 from typing import Any
 
 from attr.exceptions import FrozenInstanceError
+
+from pilot.errors import MalformedFrame
+
+def as_bytes(data: Any, what: str = "frame") -> bytes:
+    """``data`` as ``bytes`` if it is a byte buffer; ``MalformedFrame`` otherwise."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise MalformedFrame(f"{what} must be bytes, not {type(data).__name__}")
+
 
 #: What a :class:`Value`'s ``__init__`` sets its fields with (assignment is refused).
 set_field = object.__setattr__
