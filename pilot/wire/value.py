@@ -18,7 +18,7 @@ codec needs it, not the packet's (a rendezvous never loads that one).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from attr.exceptions import FrozenInstanceError
 
@@ -48,13 +48,20 @@ class Value:
         for klass in reversed(cls.__mro__):
             fields.extend(klass.__dict__.get("__slots__", ()))
         cls._fields = tuple(fields)
+        cls._compared = tuple(name for name in fields if name not in cls._not_compared)
+        cls._shown = tuple(name for name in fields if name not in cls._not_shown)
         setattr(cls, "__match_args__", cls._fields)  # as attrs: ``case Discover(node_id, proof)``
 
     #: The fields, in order: the ``__slots__`` of the class and its bases.
-    _fields: tuple[str, ...] = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
+    #: Fields left out of equality and the hash (attrs' ``eq=False``), and out of the repr (``repr=False``).
+    _not_compared: ClassVar[tuple[str, ...]] = ()
+    _not_shown: ClassVar[tuple[str, ...]] = ()
+    _compared: ClassVar[tuple[str, ...]] = ()
+    _shown: ClassVar[tuple[str, ...]] = ()
 
     def _values(self) -> tuple[Any, ...]:
-        return tuple([getattr(self, name) for name in self._fields])
+        return tuple([getattr(self, name) for name in self._compared])
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -70,7 +77,7 @@ class Value:
         return hash((self.__class__, self._values()))
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)
         return f"{self.__class__.__qualname__}({shown})"
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -80,4 +87,4 @@ class Value:
         raise FrozenInstanceError()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (self.__class__, self._values())
+        return (self.__class__, tuple([getattr(self, name) for name in self._fields]))

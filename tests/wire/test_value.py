@@ -30,6 +30,20 @@ class Labelled(Point):
         set_field(self, "label", label)
 
 
+class Stamped(Value):
+    __slots__ = ("x", "stamp", "secret")
+    _not_compared = ("stamp",)
+    _not_shown = ("secret",)
+    x: int
+    stamp: str
+    secret: bytes
+
+    def __init__(self, x: int, stamp: str = "", secret: bytes = b"") -> None:
+        set_field(self, "x", x)
+        set_field(self, "stamp", stamp)
+        set_field(self, "secret", secret)
+
+
 class ValueTests(SynchronousTestCase):
     def test_fields(self) -> None:
         self.assertEqual(Point._fields, ("x", "y"))
@@ -51,6 +65,15 @@ class ValueTests(SynchronousTestCase):
 
     def test_repr(self) -> None:
         self.assertEqual(repr(Labelled(1, 2, "a")), "Labelled(x=1, y=2, label='a')")
+
+    def test_fields_left_out(self) -> None:
+        """attrs' eq=False and repr=False: a field left out of equality and hash, one out of the repr."""
+        self.assertEqual(Stamped(1, "a"), Stamped(1, "b"))
+        self.assertEqual(hash(Stamped(1, "a")), hash(Stamped(1, "b")))
+        self.assertNotEqual(Stamped(1, "a", b"k"), Stamped(1, "a", b"j"))
+        self.assertEqual(repr(Stamped(1, "a", b"k")), "Stamped(x=1, stamp='a')")
+        copied = pickle.loads(pickle.dumps(Stamped(1, "a", b"k")))
+        self.assertEqual((copied.stamp, copied.secret), ("a", b"k"))
 
     def test_frozen(self) -> None:
         p = Point(1, 2)
