@@ -6,6 +6,7 @@ pilotctl in-process: the output contract (docs/cli.md), argument errors,
 
 from __future__ import annotations
 
+import argparse
 import errno
 import io
 import json
@@ -151,6 +152,27 @@ class HelpTests(SynchronousTestCase):
                      "--log-format", "--json", "--registrations-per-minute", "--stale-after"):
             self.assertIn(flag, ran.stdout)
         self.assertIn("Registry listening on :9000 (TCP)", ran.stdout)
+
+    def test_parser_for_the_command_given(self) -> None:
+        """A command named in full gets its branch only; a group, or nothing, gets the whole tree."""
+        cli.load_commands()
+
+        def choices(parser: argparse.ArgumentParser, *path: str) -> list[str]:
+            for word in path:
+                parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                              ).choices[word]
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            return sorted(subs[0].choices) if subs else []
+
+        branch = cli.COMMANDS.build_parser(io.StringIO(), ["--json", "rendezvous", "start", "--listen", ":0"])
+        self.assertEqual(choices(branch), ["rendezvous"])
+        self.assertEqual(choices(branch, "rendezvous"), ["start"])
+        args, extra = branch.parse_known_args(["--json", "rendezvous", "start", "--listen", ":0"])
+        self.assertEqual((args._handler.path, args.listen, extra), (("rendezvous", "start"), ":0", []))
+        for argv in ([], ["rendezvous"], ["rendezvous", "--help"], ["rendezvous", "stat"]):
+            whole = cli.COMMANDS.build_parser(io.StringIO(), argv)
+            self.assertEqual(choices(whole), sorted({path[0] for path in cli.COMMANDS.commands}), argv)
+            self.assertEqual(choices(whole, "rendezvous"), ["promote", "start"], argv)
 
     def test_top_level_lists_groups(self) -> None:
         ran = Ran(["--help"])

@@ -82,6 +82,8 @@ UNWANTED = (
     "ssl", "_ssl",
     # Ed25519 (libsodium): loaded with the first signed request (pilot.identity.verify)
     "nacl", "_sodium",
+    # the node's packet codec (the beacon's codec takes as_bytes from pilot.wire.value)
+    "pilot.wire.packet",
 )
 
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import attr
-
 from pilot.errors import ErrorCode
+from pilot.wire.value import Value, set_field
 
 if TYPE_CHECKING:
     from pilot.server.registry import Registry
@@ -27,12 +26,16 @@ if TYPE_CHECKING:
 Message = dict[str, Any]
 
 
-@attr.s(auto_attribs=True, frozen=True)
-class Peer:
+class Peer(Value):
     """Where a request came from, as the registry's socket saw it."""
 
+    __slots__ = ("host", "port")
     host: str
     port: int
+
+    def __init__(self, host: str, port: int) -> None:
+        set_field(self, "host", host)
+        set_field(self, "port", port)
 
 
 class Session(Protocol):

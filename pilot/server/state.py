@@ -50,6 +50,7 @@ from pilot.identity import b64decode, b64encode
 from pilot.server.fields import (
     checked_id, get_field, id_text, list_of_dicts, opt_field, split_ids, stamp_text, strict_b64,
 )
+from pilot.server.inbox import HandshakeRequest, HandshakeResponse
 from pilot.server.node import Node, address_text  # noqa: F401 (address_text: part of this module's API)
 from pilot.server.times import (  # noqa: F401 (parse_time_ns, rfc3339_ns: part of this module's API)
     MAX_TIME, StoreFormatError, parse_time_cached, rfc3339_second, parse_time, parse_time_ns, rfc3339,
@@ -66,32 +67,6 @@ _public_key = operator.attrgetter("public_key")
 _last_seen = operator.attrgetter("last_seen")
 _journal_sink = operator.attrgetter("journal_sink")
 _set_last_seen = Node.__dict__["last_seen"].__set__  # the slot itself: no assignment hook
-
-
-@attr.s(slots=True, auto_attribs=True, frozen=True)
-class HandshakeRequest:
-    from_node_id: int
-    justification: str
-    timestamp: float
-    #: the RFC 3339 text a loaded store held, so that it is written back exactly
-    stamp: str = attr.ib(default="", eq=False)
-
-    @property
-    def stamp_text(self) -> str:
-        return self.stamp or rfc3339(self.timestamp, nanos=True)
-
-
-@attr.s(slots=True, auto_attribs=True, frozen=True)
-class HandshakeResponse:
-    from_node_id: int
-    accept: bool
-    timestamp: float
-    #: the RFC 3339 text a loaded store held, so that it is written back exactly
-    stamp: str = attr.ib(default="", eq=False)
-
-    @property
-    def stamp_text(self) -> str:
-        return self.stamp or rfc3339(self.timestamp, nanos=True)
 
 
 @attr.s(slots=True, auto_attribs=True, eq=False)

@@ -32,11 +32,9 @@ import ipaddress
 import struct
 from typing import Any, Callable, ClassVar, Iterable, Union
 
-import attr
-
 from pilot.errors import MalformedFrame
 from pilot.identity import SIGNATURE_LEN, verify
-from pilot.wire.packet import as_bytes
+from pilot.wire.value import Value, as_bytes, set_field
 
 DISCOVER = 0x01
 DISCOVER_REPLY = 0x02
@@ -67,33 +65,22 @@ _SYNC = struct.Struct(">IH")
 
 # --- validators -----------------------------------------------------------------
 
-def _uint(bits: int) -> Callable[[object, "attr.Attribute[int]", int], None]:
-    limit = 1 << bits
-
-    def check(instance: object, attribute: "attr.Attribute[int]", value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-            raise ValueError(f"{attribute.name} must be an integer in [0, {limit}), not {value!r}")
-
-    return check
+def _uint(name: str, value: int, bits: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise ValueError(f"{name} must be an integer in [0, {1 << bits}), not {value!r}")
 
 
-def _frame(limit: int) -> Callable[[object, "attr.Attribute[bytes]", bytes], None]:
-    def check(instance: object, attribute: "attr.Attribute[bytes]", value: bytes) -> None:
-        if not isinstance(value, bytes) or not 1 <= len(value) <= limit:
-            raise ValueError(f"{attribute.name} must be 1 to {limit} bytes")
-
-    return check
+def _frame(name: str, value: bytes, limit: int) -> None:
+    if not isinstance(value, bytes) or not 1 <= len(value) <= limit:
+        raise ValueError(f"{name} must be 1 to {limit} bytes")
 
 
-def _exactly(length: int) -> Callable[[object, "attr.Attribute[bytes]", bytes], None]:
-    def check(instance: object, attribute: "attr.Attribute[bytes]", value: bytes) -> None:
-        if not isinstance(value, bytes) or len(value) != length:
-            raise ValueError(f"{attribute.name} must be {length} bytes")
-
-    return check
+def _exactly(name: str, value: bytes, length: int) -> None:
+    if not isinstance(value, bytes) or len(value) != length:
+        raise ValueError(f"{name} must be {length} bytes")
 
 
-def _proof(instance: object, attribute: "attr.Attribute[Proof | None]", value: "Proof | None") -> None:
+def _proof(value: "Proof | None") -> None:
     if value is not None and not isinstance(value, Proof):
         raise ValueError(f"proof must be a Proof or None, not {type(value).__name__}")
 
@@ -132,11 +119,19 @@ def with_proof(base: bytes, sign: Callable[[bytes], bytes], ts_ms: int, nonce: b
     return base + proof.encode()
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class Proof:
-    ts_ms: int = attr.ib(validator=_uint(64))
-    nonce: bytes = attr.ib(validator=_exactly(PROOF_NONCE_LEN))
-    signature: bytes = attr.ib(validator=_exactly(SIGNATURE_LEN))
+class Proof(Value):
+    __slots__ = ("ts_ms", "nonce", "signature")
+    ts_ms: int
+    nonce: bytes
+    signature: bytes
+
+    def __init__(self, ts_ms: int, nonce: bytes, signature: bytes) -> None:
+        _uint("ts_ms", ts_ms, 64)
+        _exactly("nonce", nonce, PROOF_NONCE_LEN)
+        _exactly("signature", signature, SIGNATURE_LEN)
+        set_field(self, "ts_ms", ts_ms)
+        set_field(self, "nonce", nonce)
+        set_field(self, "signature", signature)
 
     def encode(self) -> bytes:
         return _TS.pack(self.ts_ms) + self.nonce + self.signature
@@ -162,11 +157,17 @@ def _split_proof(data: bytes, base_len: int, name: str) -> tuple[bytes, Proof | 
 
 # --- messages ------------------------------------------------------------------------
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class Discover:
+class Discover(Value):
+    __slots__ = ("node_id", "proof")
     TYPE: ClassVar[int] = DISCOVER
-    node_id: int = attr.ib(validator=_uint(32))
-    proof: Proof | None = attr.ib(default=None, validator=_proof)
+    node_id: int
+    proof: Proof | None
+
+    def __init__(self, node_id: int, proof: Proof | None = None) -> None:
+        _uint("node_id", node_id, 32)
+        _proof(proof)
+        set_field(self, "node_id", node_id)
+        set_field(self, "proof", proof)
 
     @property
     def base(self) -> bytes:
@@ -182,12 +183,20 @@ class Discover:
         return cls(_ID.unpack_from(base, 1)[0], proof)
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class PunchRequest:
+class PunchRequest(Value):
+    __slots__ = ("requester", "target", "proof")
     TYPE: ClassVar[int] = PUNCH_REQUEST
-    requester: int = attr.ib(validator=_uint(32))
-    target: int = attr.ib(validator=_uint(32))
-    proof: Proof | None = attr.ib(default=None, validator=_proof)
+    requester: int
+    target: int
+    proof: Proof | None
+
+    def __init__(self, requester: int, target: int, proof: Proof | None = None) -> None:
+        _uint("requester", requester, 32)
+        _uint("target", target, 32)
+        _proof(proof)
+        set_field(self, "requester", requester)
+        set_field(self, "target", target)
+        set_field(self, "proof", proof)
 
     @property
     def base(self) -> bytes:
@@ -203,13 +212,19 @@ class PunchRequest:
         return cls(requester, target, proof)
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class _Endpoint:
+class _Endpoint(Value):
     """An IP and UDP port: the body of DiscoverReply and PunchCommand."""
 
+    __slots__ = ("host", "port")
     TYPE: ClassVar[int] = 0
-    host: str = attr.ib(converter=canonical_host)
-    port: int = attr.ib(validator=_uint(16))
+    host: str
+    port: int
+
+    def __init__(self, host: str, port: int) -> None:
+        host = canonical_host(host)
+        _uint("port", port, 16)
+        set_field(self, "host", host)
+        set_field(self, "port", port)
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -233,7 +248,6 @@ class _Endpoint:
         return str(ip), _PORT.unpack_from(data, 2 + length)[0]
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
 class DiscoverReply(_Endpoint):
     """The address the beacon observed; an IPv4-mapped IPv6 address is sent as IPv4."""
 
@@ -244,7 +258,6 @@ class DiscoverReply(_Endpoint):
         return cls(*cls._decode(data))
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
 class PunchCommand(_Endpoint):
     """Tells a node to send punch probes to the peer at ``host:port``."""
 
@@ -255,12 +268,20 @@ class PunchCommand(_Endpoint):
         return cls(*cls._decode(data))
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class Relay:
+class Relay(Value):
+    __slots__ = ("sender", "destination", "frame")
     TYPE: ClassVar[int] = RELAY
-    sender: int = attr.ib(validator=_uint(32))
-    destination: int = attr.ib(validator=_uint(32))
-    frame: bytes = attr.ib(validator=_frame(MAX_RELAY_FRAME))
+    sender: int
+    destination: int
+    frame: bytes
+
+    def __init__(self, sender: int, destination: int, frame: bytes) -> None:
+        _uint("sender", sender, 32)
+        _uint("destination", destination, 32)
+        _frame("frame", frame, MAX_RELAY_FRAME)
+        set_field(self, "sender", sender)
+        set_field(self, "destination", destination)
+        set_field(self, "frame", frame)
 
     def encode(self) -> bytes:
         return bytes([RELAY]) + _TWO_IDS.pack(self.sender, self.destination) + self.frame
@@ -274,11 +295,17 @@ class Relay:
         return cls(sender, destination, data[RELAY_HEADER_LEN:])
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class RelayDeliver:
+class RelayDeliver(Value):
+    __slots__ = ("sender", "frame")
     TYPE: ClassVar[int] = RELAY_DELIVER
-    sender: int = attr.ib(validator=_uint(32))
-    frame: bytes = attr.ib(validator=_frame(MAX_DATAGRAM - RELAY_DELIVER_HEADER_LEN))
+    sender: int
+    frame: bytes
+
+    def __init__(self, sender: int, frame: bytes) -> None:
+        _uint("sender", sender, 32)
+        _frame("frame", frame, MAX_DATAGRAM - RELAY_DELIVER_HEADER_LEN)
+        set_field(self, "sender", sender)
+        set_field(self, "frame", frame)
 
     def encode(self) -> bytes:
         return bytes([RELAY_DELIVER]) + _ID.pack(self.sender) + self.frame
@@ -291,11 +318,7 @@ class RelayDeliver:
         return cls(_ID.unpack_from(data, 1)[0], data[RELAY_DELIVER_HEADER_LEN:])
 
 
-def _as_tuple(value: Iterable[int]) -> tuple[int, ...]:
-    return tuple(value)
-
-
-def _node_ids(instance: object, attribute: "attr.Attribute[tuple[int, ...]]", value: tuple[int, ...]) -> None:
+def _node_ids(value: tuple[int, ...]) -> None:
     if not isinstance(value, tuple) or len(value) > MAX_SYNC_IDS:
         raise ValueError(f"node_ids must be a tuple of at most {MAX_SYNC_IDS} ids")
     for node_id in value:
@@ -303,13 +326,20 @@ def _node_ids(instance: object, attribute: "attr.Attribute[tuple[int, ...]]", va
             raise ValueError(f"node_ids must hold 32-bit node ids, not {node_id!r}")
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class Sync:
+class Sync(Value):
     """Gossip between beacons: the node ids known to the beacon ``beacon_id``."""
 
+    __slots__ = ("beacon_id", "node_ids")
     TYPE: ClassVar[int] = SYNC
-    beacon_id: int = attr.ib(validator=_uint(32))
-    node_ids: tuple[int, ...] = attr.ib(converter=_as_tuple, validator=_node_ids)
+    beacon_id: int
+    node_ids: tuple[int, ...]
+
+    def __init__(self, beacon_id: int, node_ids: Iterable[int]) -> None:
+        node_ids = tuple(node_ids)
+        _uint("beacon_id", beacon_id, 32)
+        _node_ids(node_ids)
+        set_field(self, "beacon_id", beacon_id)
+        set_field(self, "node_ids", node_ids)
 
     def encode(self) -> bytes:
         ids = self.node_ids

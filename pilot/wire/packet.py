@@ -36,6 +36,7 @@ import attr
 
 from pilot.address import Address
 from pilot.errors import MalformedFrame
+from pilot.wire.value import as_bytes as as_bytes  # re-exported: the tunnel codec takes it from here
 
 VERSION = 1
 
@@ -72,15 +73,6 @@ _HEADER = struct.Struct(">BBHHIHIHHIIHI")
 assert _HEADER.size == HEADER_LEN
 _CHECKSUM = struct.Struct(">I")
 _ZERO_CHECKSUM = bytes(4)
-
-
-def as_bytes(data: Any, what: str = "frame") -> bytes:
-    """``data`` as ``bytes`` if it is a byte buffer; ``MalformedFrame`` otherwise."""
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, (bytearray, memoryview)):
-        return bytes(data)
-    raise MalformedFrame(f"{what} must be bytes, not {type(data).__name__}")
 
 
 def _uint(bits: int) -> Any:

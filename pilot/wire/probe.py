@@ -26,7 +26,7 @@ from typing import Any, Union
 import attr
 
 from pilot.errors import MalformedFrame
-from pilot.wire.packet import as_bytes
+from pilot.wire.value import as_bytes
 
 PILM = b"PILM"
 PROBE = 1

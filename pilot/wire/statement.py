@@ -26,10 +26,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import attr
-
 from pilot.errors import MalformedFrame
 from pilot.identity import PUBLIC_KEY_LEN, SIGNATURE_LEN, b64decode, b64encode, verify
+from pilot.wire.value import Value, set_field
 
 MAGIC = "pilot-trust/1"
 GRANT = "grant"
@@ -53,18 +52,30 @@ def _number(text: str, what: str, low: int, high: int) -> int:
     return value
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class TrustStatement:
+class TrustStatement(Value):
     """One statement; build signed ones with :func:`make_statement`."""
 
+    __slots__ = ("granter", "granter_key", "peer", "peer_key", "granted_at", "seq", "revoked", "signature")
+    _not_shown = ("granter_key", "peer_key", "signature")
     granter: int
-    granter_key: bytes = attr.ib(repr=False)
+    granter_key: bytes
     peer: int
-    peer_key: bytes = attr.ib(repr=False)
+    peer_key: bytes
     granted_at: int
     seq: int
     revoked: bool
-    signature: bytes = attr.ib(repr=False, default=b"")
+    signature: bytes
+
+    def __init__(self, granter: int, granter_key: bytes, peer: int, peer_key: bytes, granted_at: int, seq: int,
+                 revoked: bool, signature: bytes = b"") -> None:
+        set_field(self, "granter", granter)
+        set_field(self, "granter_key", granter_key)
+        set_field(self, "peer", peer)
+        set_field(self, "peer_key", peer_key)
+        set_field(self, "granted_at", granted_at)
+        set_field(self, "seq", seq)
+        set_field(self, "revoked", revoked)
+        set_field(self, "signature", signature)
 
     @property
     def pair(self) -> tuple[int, int]:
@@ -100,7 +111,7 @@ def make_statement(granter: int, granter_key: bytes, peer: int, peer_key: bytes,
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_NUMBER:
             raise ValueError(f"{what} {n!r} is out of range")
     unsigned = TrustStatement(granter, granter_key, peer, peer_key, granted_at, seq, revoked)
-    return attr.evolve(unsigned, signature=sign(unsigned.body()))
+    return TrustStatement(granter, granter_key, peer, peer_key, granted_at, seq, revoked, sign(unsigned.body()))
 
 
 def decode(text: Any) -> TrustStatement:
