@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 from typing import Any
@@ -108,6 +109,19 @@ class ForkedStoreWriterTests(SynchronousTestCase):
         writer = ForkedStoreWriter(write=killed)
         e = self.assertRaises(ChildFailed, writer, mirror_of(self.state), os.path.join(self.folder, "s.json"))
         self.assertIn(f"killed by signal {int(signal.SIGKILL)}", str(e))
+
+    def test_child_finishes_through_a_stop_signal(self) -> None:
+        """SIGTERM and SIGINT to the group do not end the child's write; it runs no collection."""
+        def signalled(mirror: StoreMirror, path: str) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            if gc.isenabled():
+                raise AssertionError("the collector is on in the child")
+            write_in_thread(mirror, path)
+        path = os.path.join(self.folder, "s.json")
+        ForkedStoreWriter(write=signalled)(mirror_of(self.state), path)
+        self.assertEqual(read(path), self.state.to_bytes())
+        self.assertTrue(gc.isenabled())  # here, in the parent
 
     def test_child_killed_mid_write_leaves_the_old_store(self) -> None:
         """Killed after its temporary file is written, before the rename: the old store is whole."""
