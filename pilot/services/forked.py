@@ -59,7 +59,10 @@ What forking costs and shares:
   making its name generator, which no other thread of the rendezvous does).
 
 Where ``os.fork`` does not exist, the store is written in the writer thread
-(:func:`write_in_thread`, what the unit tests of the writer use).
+(:func:`write_in_thread`, what the unit tests of the writer use), and so is
+it, logged, when a fork fails (no memory or process for a child, e.g. under
+``vm.overcommit_memory=2``): a compaction that could never be written would
+keep every later write failing.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ import os
 import signal
 import time
 from typing import Callable, NoReturn
+
+from twisted.logger import Logger
 
 from pilot.persist import atomic_write_bytes
 from pilot.server.compaction import StoreMirror
@@ -92,12 +97,15 @@ class ChildFailed(Exception):
 class ForkedStoreWriter:
     """A :data:`StoreWriter` whose render and write run in a child process (see the module)."""
 
+    log = Logger()
+
     def __init__(self, fork: Callable[[], int] | None = getattr(os, "fork", None),
                  write: StoreWriter = write_in_thread) -> None:
         """``fork``: ``os.fork`` (None: write in the thread); ``write``: what the child runs."""
         self.fork = fork
         self.write = write
         self.children = 0
+        self.fork_failures = 0
         #: the last fork's duration in the parent, the child's CPU time (s) and peak RSS (KiB)
         self.fork_seconds = 0.0
         self.child_cpu = 0.0
@@ -111,7 +119,16 @@ class ForkedStoreWriter:
         read_end, write_end = os.pipe()
         try:
             started = time.perf_counter()
-            pid = self.fork()
+            try:
+                pid = self.fork()
+            except OSError:
+                # no memory or process for a child (a strict overcommit policy): the write must not fail
+                # for it, or every retry would too and the journal would grow without end
+                self.fork_failures += 1
+                self.log.failure("could not fork to write the registry store {path}; writing it in the "
+                                 "store's thread instead (the reactor's passes wait meanwhile)", path=path)
+                self.write(mirror, path)
+                return
             if pid == 0:
                 os.close(read_end)
                 _child(self.write, mirror, path, write_end)

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -86,6 +86,19 @@ class ForkedStoreWriterTests(SynchronousTestCase):
         writer(mirror_of(self.state), path)
         self.assertEqual((pids, writer.children), ([os.getpid()], 0))
         self.assertEqual(read(path), self.state.to_bytes())
+
+    def test_written_in_the_thread_when_the_fork_fails(self) -> None:
+        """No child to be had (EAGAIN, ENOMEM): logged, and written here rather than not at all."""
+        def no_fork() -> int:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        path = os.path.join(self.folder, "s.json")
+        writer = ForkedStoreWriter(fork=no_fork)
+        with capturedLogs() as events:
+            writer(mirror_of(self.state), path)
+        self.assertEqual((writer.fork_failures, writer.children), (1, 0))
+        self.assertTrue(any("could not fork" in formatEvent(e) for e in events))
+        self.assertEqual(read(path), self.state.to_bytes())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_child_that_raises(self) -> None:
         """Its exception's type and text come back in the parent's error (the child logs nothing)."""
