@@ -46,6 +46,14 @@ What forking costs and shares:
 * The parent's own writes to pages it still shares with the child copy them
   (a page fault each) while the child lives: part of the cost is the
   parent's, spread over the child's life.
+* The child must not outlive the rendezvous: killed (``kill -9``, a crash)
+  and restarted at once, a new rendezvous could write a newer store that an
+  orphaned child's rename then replaced with an older one, the journal
+  already emptied.  On Linux the child asks the kernel for SIGKILL when the
+  thread that forked it ends (``prctl(PR_SET_PDEATHSIG)``; that thread
+  waits for the child, so it ends only when the process dies), and leaves
+  at once if its parent is already gone.  Elsewhere a service manager that
+  stops the whole process group (systemd's default) is the guard.
 * Twisted's SIGCHLD handler reaps only the processes Twisted spawned
   (``twisted.internet.process.reapAllProcesses`` waits for each registered
   pid): this module's ``wait4`` gets the child's status
@@ -116,6 +124,8 @@ class ForkedStoreWriter:
             self.write(mirror, path)
             return
         mirror.build()  # here: the parent's mirror needs it for the records that follow anyway
+        die_with_parent = _die_with_parent()
+        parent = os.getpid()
         read_end, write_end = os.pipe()
         try:
             started = time.perf_counter()
@@ -131,7 +141,7 @@ class ForkedStoreWriter:
                 return
             if pid == 0:
                 os.close(read_end)
-                _child(self.write, mirror, path, write_end)
+                _child(self.write, mirror, path, write_end, parent, die_with_parent)
             self.fork_seconds = time.perf_counter() - started
             self.children += 1
             os.close(write_end)
@@ -147,10 +157,15 @@ class ForkedStoreWriter:
         _check(status, reason, path)
 
 
-def _child(write: StoreWriter, mirror: StoreMirror, path: str, report: int) -> NoReturn:
+def _child(write: StoreWriter, mirror: StoreMirror, path: str, report: int, parent: int,
+           die_with_parent: Callable[[], None] | None) -> NoReturn:
     """In the child: write the store and leave at once, whatever happens."""
     code = 1
     try:
+        if die_with_parent is not None:
+            die_with_parent()
+        if os.getppid() != parent:
+            raise ChildFailed("the parent died before the child could be tied to it")
         gc.disable()  # a collection would touch (and copy) every tracked object of the parent's heap
         signal.set_wakeup_fd(-1)  # the parent reactor's: a signal here must not wake it
         # a stop signalled to the whole group (Ctrl-C, a service manager) lets the write finish
@@ -169,6 +184,29 @@ def _child(write: StoreWriter, mirror: StoreMirror, path: str, report: int) -> N
             pass
     finally:
         os._exit(code)
+
+
+#: prctl(2)'s option, and the call (None: none here), found once, in the parent (no import in a child)
+PR_SET_PDEATHSIG = 1
+_PRCTL: list[Callable[[], None] | None] = []
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """What makes the calling child get SIGKILL when the thread that forked it ends (Linux)."""
+    if not _PRCTL:
+        call: Callable[[], None] | None = None
+        try:
+            import ctypes
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            kill = int(signal.SIGKILL)
+
+            def call() -> None:
+                if prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        except (ImportError, OSError, AttributeError):
+            pass
+        _PRCTL.append(call)
+    return _PRCTL[0]
 
 
 def _check(status: int, reason: bytes, path: str) -> None:

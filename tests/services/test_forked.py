@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import select
 import signal
 from typing import Any
 
@@ -135,6 +136,43 @@ class ForkedStoreWriterTests(SynchronousTestCase):
         ForkedStoreWriter(write=signalled)(mirror_of(self.state), path)
         self.assertEqual(read(path), self.state.to_bytes())
         self.assertTrue(gc.isenabled())  # here, in the parent
+
+    def test_child_dies_with_its_parent(self) -> None:
+        """
+        The rendezvous killed mid-compaction: its child is killed too (it
+        must not rename an old store over the one a restarted rendezvous
+        wrote).  A middle process stands in for the rendezvous; its child
+        blocks; the pipe both hold says when the child runs, and its end when
+        the child is gone.
+        """
+        if forked._die_with_parent() is None:
+            raise SkipTest("no prctl(PR_SET_PDEATHSIG) here")
+        gone_r, gone_w = os.pipe()  # EOF here once the middle process and its child are gone
+        block_r, block_w = os.pipe()  # the child waits on it (EOF only when this test closes it)
+        path = os.path.join(self.folder, "s.json")
+
+        def blocked(mirror: StoreMirror, path: str) -> None:
+            os.write(gone_w, b"s")  # started
+            os.read(block_r, 1)
+            write_in_thread(mirror, path)
+        middle = os.fork()
+        if middle == 0:
+            try:
+                os.close(block_w)
+                os.close(gone_r)
+                ForkedStoreWriter(write=blocked)(mirror_of(self.state), path)
+            finally:
+                os._exit(0)
+        os.close(gone_w)
+        os.close(block_r)
+        self.addCleanup(os.close, block_w)
+        self.addCleanup(os.close, gone_r)
+        self.assertEqual(os.read(gone_r, 1), b"s")  # the child is running: now the middle dies
+        os.kill(middle, signal.SIGKILL)
+        self.assertEqual(os.waitpid(middle, 0)[1] & 0x7f, signal.SIGKILL)
+        ready, _, _ = select.select([gone_r], [], [], 30.0)  # a bound, not a measure: EOF comes at once
+        self.assertEqual((ready, os.read(gone_r, 1)), ([gone_r], b""))
+        self.assertFalse(os.path.exists(path))
 
     def test_child_killed_mid_write_leaves_the_old_store(self) -> None:
         """Killed after its temporary file is written, before the rename: the old store is whole."""
