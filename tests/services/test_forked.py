@@ -15,7 +15,7 @@ import signal
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -26,10 +26,12 @@ from pilot.server.state import RegistryState
 from pilot.services import forked
 from pilot.services.durable import DurableWriter, WriterThread
 from pilot.services.forked import ChildFailed, ForkedStoreWriter, write_in_thread
+from pilot.services.rendezvous import RendezvousService, RendezvousSettings
 from pilot.services.store import RETRY_DELAY
 
 from tests.server.test_state import sample_state
 from tests.services import test_durable
+from tests.services.test_rendezvous import FakeReactor
 
 if not hasattr(os, "fork"):
     raise SkipTest("no os.fork here: the store is written in the writer thread")
@@ -270,3 +272,17 @@ class ForkedDurableWriterTests(test_durable.DurableWriterTests):
 
     test_every_compaction_is_made_in_the_writer_thread = _in_the_child
     test_writes_after_a_flush_compact_in_the_writer_thread = _in_the_child
+
+
+class RendezvousTests(SynchronousTestCase):
+    def test_its_writer_thread_compacts_in_a_child(self) -> None:
+        """The rendezvous' own writer thread has its compactions written by a child; an injected runner not."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        settings = RendezvousSettings(store=os.path.join(folder, "registry.json"), raise_open_files=False)
+        service = RendezvousService(settings, FakeReactor())
+        assert service.store is not None
+        self.assertIsInstance(service.store.write_store, ForkedStoreWriter)
+        injected = RendezvousService(settings, FakeReactor(), run_writes=maybeDeferred)
+        assert injected.store is not None
+        self.assertIs(injected.store.write_store, write_in_thread)
