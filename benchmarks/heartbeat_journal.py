@@ -19,15 +19,21 @@ thread.  A stand-in for a reactor pass (``--syscalls`` small sends and reads
 on a socket pair, each a system call that lets go of the interpreter) is
 timed in the main thread while a thread renders the store mirror (as the
 store's writer thread does at a compaction), and with no render, in turn,
-``--rounds`` times each.
+``--rounds`` times each; and (``--fork``) while a thread waits for a forked
+child that renders and writes the store file (``pilot.services.forked``, as
+the rendezvous compacts), with the fork's own duration (the interpreter held
+while the page tables are copied), the child's CPU, its peak RSS and the
+memory it copied (``Private_Dirty``, copy-on-write).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -42,6 +48,7 @@ from pilot.server.journal import Feed, Tracker  # noqa: E402
 from pilot.server.registry import Registry  # noqa: E402
 from pilot.server.state import Node, RegistryState  # noqa: E402
 from pilot.services.durable import JOURNAL_LIMIT  # noqa: E402
+from pilot.services.forked import ForkedStoreWriter, write_in_thread  # noqa: E402
 
 T0 = 1.78e9
 
@@ -59,6 +66,7 @@ def main() -> None:
     p.add_argument("--every", type=float, default=5.0, help="seconds of heartbeats a record holds (touch_delay)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--convoy", action="store_true", help="the reactor's passes during a compaction (above)")
+    p.add_argument("--fork", action="store_true", help="with --convoy: a forked child's compaction too")
     p.add_argument("--syscalls", type=int, default=100, help="with --convoy: send/recv pairs in a pass")
     p.add_argument("--switch", type=float, default=0.0,
                    help="with --convoy: the switch interval (s; default the store writer's SWITCH_INTERVAL)")
@@ -123,27 +131,58 @@ def convoy(mirror: StoreMirror, args: argparse.Namespace) -> None:
             b.recv(16)
         return (time.perf_counter() - t0) * 1000.0
 
-    def passes(render: bool) -> list[float]:
+    folder = tempfile.mkdtemp(prefix="heartbeat-journal-")
+    store = os.path.join(folder, "registry.json")
+    dirty = os.path.join(folder, "private-dirty")
+
+    def render_and_measure(m: StoreMirror, path: str) -> None:
+        """The child's work (the rendezvous' own), then the memory it copied, for the parent to read."""
+        write_in_thread(m, path)
+        with open("/proc/self/smaps_rollup") as f, open(dirty, "w") as out:
+            out.write(f.read())
+    forked = ForkedStoreWriter(write=render_and_measure)
+    children: list[tuple[float, float, int, int]] = []
+
+    def in_child() -> None:
+        forked(mirror, store)
+        with open(dirty) as f:
+            private = sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty"))
+        children.append((forked.fork_seconds, forked.child_cpu, forked.child_maxrss, private))
+
+    def passes(work: Callable[[], Any] | None) -> list[float]:
         out: list[float] = []
-        if not render:
+        if work is None:
             deadline = time.perf_counter() + 0.5
             while time.perf_counter() < deadline:
                 out.append(one_pass())
             return out
-        thread = threading.Thread(target=mirror.render, name="render")
+        thread = threading.Thread(target=work, name="render")
         thread.start()
+        out.append(one_pass())  # at least one (a small store is rendered sooner)
         while thread.is_alive():
             out.append(one_pass())
+        thread.join()
         return out
     print(f"  --convoy: a pass of {args.syscalls} send+recv pairs on a socket pair, switch interval "
           f"{switch * 1000:g} ms; the passes' p50 / p99 / max (ms)")
     sys.setswitchinterval(switch)
+    works: list[tuple[str, Callable[[], Any] | None]] = [("no render", None), ("a render in a thread", mirror.render)]
+    if args.fork:
+        works.append(("a forked child's render+write", in_child))
     for r in range(args.rounds):
-        for label, render in (("no render", False), ("a render in a thread", True)):
-            got = sorted(passes(render))
+        for label, work in works:
+            got = sorted(passes(work))
             pick = lambda q: got[min(len(got) - 1, int(q * len(got)))]  # noqa: E731
             print(f"    round {r + 1}, {label}: {pick(0.5):.2f} / {pick(0.99):.2f} / {got[-1]:.2f} ms, "
                   f"{len(got)} passes")
+    if children:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        print(f"  --fork: this process's RSS {rss / 1024:.0f} MB; store file {os.path.getsize(store) / 1e6:.1f} MB")
+        for took, cpu, peak, private in children:
+            print(f"    os.fork {took * 1000:.1f} ms (interpreter held); the child: {cpu * 1000:.0f} ms CPU, "
+                  f"peak RSS {peak / 1024:.0f} MB, copied (Private_Dirty) {private / 1024:.0f} MB")
+    shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

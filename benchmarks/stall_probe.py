@@ -57,7 +57,8 @@ TIMED = (("pilot.services.rendezvous", "release_free_memory"), ("pilot.server.re
          ("pilot.server.beacon", "Beacon.prune"), ("pilot.server.journal", "Tracker.delta"),
          ("pilot.server.journal", "Feed.take"), ("pilot.server.compaction", "StoreMirror.apply"),
          ("pilot.server.compaction", "StoreMirror.render"), ("pilot.server.compaction", "StateView.of"),
-         ("pilot.persist", "AppendOnlyFile.append"))
+         ("pilot.persist", "AppendOnlyFile.append"),
+         ("pilot.services.forked", "ForkedStoreWriter.__call__"))  # a compaction by a child: the render is its
 
 
 class Probe:

@@ -16,11 +16,13 @@ change bumps :attr:`DurableWriter.generation`.  A write is either
   store rewritten atomically (:mod:`pilot.persist`), then the journal
   emptied.  The first write of a new store is one, and so are the write
   after the journal passes ``journal_limit`` bytes and the write after a
-  failed one.  The writer thread makes the file from its
+  failed one.  The file is made from the writer thread's
   :class:`pilot.server.compaction.StoreMirror` (a view of the state taken
   when tracking began, plus every record since), not from the live state:
   the reactor never formats the whole store, except at a clean stop
-  (:meth:`flush`, nothing is answered then anyway).
+  (:meth:`flush`, nothing is answered then anyway).  The rendezvous has a
+  child process render and write it (:mod:`pilot.services.forked`), which
+  the writer thread waits for without holding the interpreter.
 
 A clean stop also writes the store's sidecar (:mod:`pilot.server.sidecar`),
 after the store, so that the next start need not parse and check the store's
@@ -66,6 +68,7 @@ from pilot.server import sidecar
 from pilot.server.compaction import StateView, StoreMirror
 from pilot.server.journal import Feed, Tracker, record_line
 from pilot.server.state import RegistryState
+from pilot.services.forked import StoreWriter, write_in_thread
 from pilot.services.store import RETRY_DELAY, RETRY_MAX, journal_path, journal_pending
 
 #: Runs a function in the writer thread; the Deferred fires in the reactor thread.
@@ -82,8 +85,13 @@ class DurableWriter:
 
     def __init__(self, path: str, state: RegistryState, clock: IReactorTime, run: Runner,
                  delay: float = 0.0, touch_delay: float = 5.0, journal_limit: int = JOURNAL_LIMIT,
-                 sidecar_current: bool = False) -> None:
-        """``sidecar_current``: the store file has a sidecar that matches it (the state was loaded from it)."""
+                 sidecar_current: bool = False, write_store: StoreWriter = write_in_thread) -> None:
+        """
+        ``sidecar_current``: the store file has a sidecar that matches it (the
+        state was loaded from it); ``write_store``: how the writer thread
+        writes a compaction (:mod:`pilot.services.forked`: in the thread, or
+        in a child process it waits for).
+        """
         self.path = path
         self.sidecar_current = sidecar_current
         self.state = state
@@ -92,6 +100,7 @@ class DurableWriter:
         self.delay = delay
         self.touch_delay = touch_delay
         self.journal_limit = journal_limit
+        self.write_store = write_store
         self.journal = AppendOnlyFile(journal_path(path))
         self.tracker = Tracker(state)
         #: the tracker's records, read by this writer and by replication's publisher (if paired)
@@ -273,7 +282,8 @@ class DurableWriter:
         (record ``seq``) applied to the mirror and appended to the journal, or,
         with ``compact``, the store file rewritten from the mirror (it then
         holds the record, and ``term``: the replication term is no record's)
-        and the journal emptied.  Its result says which.
+        and the journal emptied (once ``write_store`` has written the file:
+        a child that failed leaves the journal whole).  Its result says which.
         """
         mirror = self.mirror
 
@@ -287,9 +297,8 @@ class DurableWriter:
                     raise
             if compact:
                 mirror.term = term
-                data = mirror.render()
                 _drop_sidecar(sidecar.path_of(self.path))
-                atomic_write_bytes(self.path, data)
+                self.write_store(mirror, self.path)
                 self.journal.truncate()
             elif delta:
                 self.journal.append(record_line(body))

@@ -35,6 +35,7 @@ from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
 from pilot.services.busypoll import BusyPollService
 from pilot.services.durable import DurableWriter, Runner, WriterThread
+from pilot.services.forked import ForkedStoreWriter, StoreWriter, write_in_thread
 from pilot.services.pairing import ReplicationSettings
 from pilot.services.store import Loaded, load
 
@@ -181,15 +182,17 @@ class RendezvousService(MultiService):
         if settings.store:
             # a journal, written and compacted by a thread of its own (both modes: no write stops
             # the reactor); --durable only makes the replies wait for it, and writes at once
+            write_store: StoreWriter = write_in_thread
             if run_writes is None:
                 self.writer_thread = WriterThread(reactor)
                 run_writes = self.writer_thread.run
+                write_store = ForkedStoreWriter()  # a compaction never holds the interpreter
             # replay state (``auth_ts``) is written as soon as other changes are: a crash loses no
             # more of it than of them (with --durable, none that a reply went out for)
             self.store = DurableWriter(settings.store, self.registry.state, clock, run_writes,
                                        min(settings.flush_delay, DURABLE_DELAY) if settings.durable
                                        else settings.flush_delay, touch_delay=settings.flush_delay,
-                                       sidecar_current=loaded.sidecar_current)
+                                       sidecar_current=loaded.sidecar_current, write_store=write_store)
         self.beacon = Beacon(self.registry, clock, settings.beacon)
         self.registry.beacon_endpoint = self.beacon.endpoint_text  # told in each heartbeat_ok
         self.replication: ReplicationService | None = None

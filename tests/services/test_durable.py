@@ -545,8 +545,8 @@ class DurableWriterTests(SynchronousTestCase):
 
         def unwritable(path: str, data: bytes) -> None:
             raise PermissionError(errno.EACCES, "Permission denied")
-        from pilot.services import durable
-        patched = self.patch(durable, "atomic_write_bytes", unwritable)
+        from pilot.services import forked  # the compaction's writer (in this thread here)
+        patched = self.patch(forked, "atomic_write_bytes", unwritable)
         with capturedLogs() as events:
             self.thread.run_one()
         patched.restore()
