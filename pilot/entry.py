@@ -30,6 +30,9 @@ those modules handle.
 * :data:`ABSENT_WITHOUT_TLS`, declared by ``cli_daemon.load_node`` once the
   settings are read, when no registry fingerprint is pinned: ``OpenSSL``,
   pyOpenSSL, which Twisted's TCP support imports if it can (about 6 MB).
+* :data:`NEEDED_FOR_METRICS`: kept when the daemon is asked for
+  ``--metrics`` (:func:`asks_for_metrics`): ``prometheus_client`` imports
+  ``ssl``.
 
 **The rendezvous** (``rendezvous start``; issue 16, a restart answers
 sooner).  :func:`begin_server_start`:
@@ -52,6 +55,8 @@ declaration never replaces a module already imported.
 from __future__ import annotations
 
 import gc
+import json
+import os
 import sys
 from typing import Any, Mapping, Optional, Sequence, cast
 
@@ -71,6 +76,11 @@ DAEMON_ABSENT: Mapping[str, str] = {
 #: Declared absent in the daemon's process when no registry fingerprint is pinned (module -> why).
 ABSENT_WITHOUT_TLS: Mapping[str, str] = {
     "OpenSSL": "pyOpenSSL, imported by Twisted's TCP support if it can; no TLS without a pinned fingerprint",
+}
+
+#: Not declared absent in the daemon's process when it is asked for ``--metrics`` (module -> why).
+NEEDED_FOR_METRICS: Mapping[str, str] = {
+    "ssl": "prometheus_client, which serves --metrics, imports it unconditionally",
 }
 
 #: Declared absent in a rendezvous' process unless one of the flags given needs them
@@ -130,6 +140,26 @@ def declare_absent(modules: Mapping[str, str]) -> list[str]:
     return names
 
 
+def asks_for_metrics(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """
+    Does the daemon's command line, environment or ``$PILOT_HOME/config.json``
+    ask for ``--metrics`` (``pilot.nodeconfig``'s order)?  Read here, before
+    anything is imported: ``prometheus_client`` needs ``ssl`` and
+    ``urllib.request``'s ``HTTPSHandler``, which exists only if ``ssl`` did when
+    ``urllib.request`` (imported by Twisted) was.  A broken config is no: the
+    settings report it.
+    """
+    if any(a == "--metrics" or a.startswith("--metrics=") for a in argv) or environ.get("PILOT_METRICS"):
+        return True
+    home = environ.get("PILOT_HOME") or os.path.join(os.path.expanduser("~"), ".pilot")
+    try:
+        with open(os.path.join(home, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("metrics"))
+
+
 def in_daemon_process() -> bool:
     """Did this process enter as the daemon (:func:`enter`)?"""
     return bool(_daemon)
@@ -143,7 +173,8 @@ def enter(argv: Sequence[str]) -> list[str]:
     """
     if is_daemon_command(argv):
         _daemon.append(True)
-        return declare_absent(DAEMON_ABSENT)
+        needed = NEEDED_FOR_METRICS if asks_for_metrics(argv, os.environ) else {}
+        return declare_absent({name: why for name, why in DAEMON_ABSENT.items() if name not in needed})
     if starts_rendezvous(argv):
         return begin_server_start(argv)
     return []

@@ -97,3 +97,9 @@ class DaemonImportTests(SynchronousTestCase):
                                  "--registry-fingerprint", "ab" * 32)
         self.assertEqual(declared_absent(modules), ["_hashlib", "ssl"])
         self.assertEqual(matching(modules, ("ssl", "_ssl", "_hashlib")), [])
+
+    def test_metrics_gives_ssl_back(self) -> None:
+        """With --metrics, ssl is not kept out: prometheus_client, which serves it, imports ssl."""
+        modules = daemon_modules(self.mktemp(), "--registry", "127.0.0.1:9000", "--listen", "127.0.0.1:0",
+                                 "--metrics", "127.0.0.1:0")
+        self.assertEqual(declared_absent(modules), ["OpenSSL", "_hashlib"])

@@ -67,8 +67,27 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(entry.declare_absent(entry.DAEMON_ABSENT), ["_hashlib"])
         self.assertIs(sys.modules["ssl"], sentinel)
 
+    def test_metrics_keep_ssl(self) -> None:
+        """A daemon asked for --metrics (flag, environment or config.json) keeps ssl: prometheus_client."""
+        home = self.mktemp()
+        os.makedirs(home)
+        env = {"PILOT_HOME": home}
+        self.assertFalse(entry.asks_for_metrics(["daemon", "start", "--foreground"], env))
+        self.assertTrue(entry.asks_for_metrics(["daemon", "start", "--foreground", "--metrics", ":9100"], env))
+        self.assertTrue(entry.asks_for_metrics(["daemon", "start", "--foreground", "--metrics=:9100"], env))
+        self.assertTrue(entry.asks_for_metrics([], {**env, "PILOT_METRICS": ":9100"}))
+        config = os.path.join(home, "config.json")
+        for text, asks in (('{"metrics": ":9100"}', True), ('{"metrics": null}', False), ("[1]", False),
+                           ("{broken", False)):
+            with open(config, "w") as f:
+                f.write(text)
+            self.assertEqual(entry.asks_for_metrics([], env), asks, text)
+        self.patch(entry.os, "environ", {"PILOT_HOME": home, "PILOT_METRICS": ":9100"})
+        self.assertEqual(entry.enter(["daemon", "start", "--foreground"]), ["_hashlib"])
+        self.assertNotIn("ssl", sys.modules)
+
     def test_every_declaration_says_why(self) -> None:
-        for table in (entry.DAEMON_ABSENT, entry.ABSENT_WITHOUT_TLS):
+        for table in (entry.DAEMON_ABSENT, entry.ABSENT_WITHOUT_TLS, entry.NEEDED_FOR_METRICS):
             for name, why in table.items():
                 self.assertTrue(why.strip(), name)
 
