@@ -48,7 +48,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from procstat import cpu_seconds, run_stoppable  # noqa: E402
 
 from pilot.control_client import ControlClient  # noqa: E402
-from tests.natlab.nodes import Node, Rendezvous, echo_transfer, first_ping, start_nodes, stop_nodes, trust_pair  # noqa: E402
+from tests.natlab.nodes import (  # noqa: E402
+    Node, Rendezvous, echo_transfer, first_ping, start_nodes, stop_nodes, trust_pair,
+)
 from tests.natlab.topology import Lab, has_conntrack_tool  # noqa: E402
 
 CHUNK = 64 * 1024
@@ -118,7 +120,10 @@ def kernel(lab: Lab) -> dict[str, dict[str, int]]:
     return out
 
 
-def kernel_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+Counters = dict[str, dict[str, int]]
+
+
+def kernel_delta(before: Counters, after: Counters) -> Counters:
     out: dict[str, dict[str, int]] = {}
     for ns, row in after.items():
         d = {k: v - before.get(ns, {}).get(k, 0) for k, v in row.items()}
@@ -220,6 +225,12 @@ class Sink(threading.Thread):
                     return
                 self.received += n
                 self.last_at = time.monotonic()
+
+
+def drops(delta: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The non-zero drop and error counters of a kernel delta, by namespace and name."""
+    return {f"{ns}:{k}": v for ns, row in delta.items() for k, v in row.items()
+            if k not in ("InDatagrams", "OutDatagrams") and v}
 
 
 # --- the runs ---------------------------------------------------------------------------------------
@@ -332,12 +343,22 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.25)
         ra, rb = a.peer_row(b) or {}, b.peer_row(a) or {}
         print(json.dumps({"cores": os.cpu_count(), "ping_rtt_ms": ping.rtt_ms, "path": ra.get("path"),
-                          "mtu_a": ra.get("mtu"), "mtu_b": rb.get("mtu"), "mss_a": ra.get("mss")}), flush=True)
+                          "mtu_a": ra.get("mtu"), "mtu_b": rb.get("mtu"), "mss_a": ra.get("mss")}),
+              flush=True)
         size = int(args.mib * (1 << 20))
         for i in range(args.repeat):
             for mode in args.modes.split(","):
                 r = measure(lab, a, b, mode, size, args.time_limit, 5000 + i)
                 print(json.dumps(r), flush=True)
+                conn = r["sender_conn"]
+                exact = "exact" if r["ok"] else "NOT exact"
+                print(f"# {args.topology} {mode}: {r['mib_per_s']} MiB/s ({exact}), "
+                      f"daemons' CPU {r['cpu_ms_per_mib']} ms/MiB, {r['us_per_packet']} us/packet, "
+                      f"sender cwnd {conn.get('cong_win min/med/max')} B, "
+                      f"in flight {conn.get('in_flight')} B, "
+                      f"srtt {conn.get('srtt_ms')} ms, retransmits {conn.get('retransmits')}, "
+                      f"kernel drops/errors {drops(r['kernel']) or 'none'}; "
+                      f"load {r['load_before']} -> {r['load_after']}", flush=True)
         return 0
     finally:
         stop_nodes(nodes)
@@ -350,8 +371,9 @@ def main() -> None:
     p.add_argument("--modes", default="sink,echo", help="comma-separated: sink, echo (default both)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--topology", choices=("plain", "local"), default="plain",
-                   help="plain: the lab's path (default); local: both daemons in the rendezvous host's "
-                        "namespace, datagrams through its loopback (the same programs without the lab's path)")
+                   help="plain: the lab's path (default); local: both daemons in the rendezvous "
+                        "host's namespace, datagrams through its loopback (the same programs without "
+                        "the lab's path)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per transfer (default 60)")
     p.add_argument("--node-arg", dest="node_args", action="append", default=[],
                    help="an extra argument for both daemons' 'daemon start' (repeatable)")
