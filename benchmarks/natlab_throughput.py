@@ -107,13 +107,15 @@ def conntrack_stats(lab: Lab, ns: str) -> dict[str, int]:
     return out
 
 
+UDP_COUNTERS = ("InDatagrams", "OutDatagrams", "InErrors", "RcvbufErrors", "SndbufErrors", "NoPorts")
+
+
 def kernel(lab: Lab) -> dict[str, dict[str, int]]:
     """Per namespace: its UDP counters, its links' drops and errors, its conntrack's drops."""
     out: dict[str, dict[str, int]] = {}
     for ns in lab.namespaces:
         udp = snmp_udp(lab, ns)
-        row = {k: udp[k] for k in ("InDatagrams", "OutDatagrams", "InErrors", "RcvbufErrors", "SndbufErrors",
-                                   "NoPorts") if k in udp}
+        row: dict[str, int] = {k: udp[k] for k in UDP_COUNTERS if k in udp}
         row.update(link_drops(lab, ns))
         row.update(conntrack_stats(lab, ns))
         out[ns] = row
