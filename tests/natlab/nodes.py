@@ -15,6 +15,10 @@ them, and the measurements the NAT tests make with them.
   N bytes through port 7 over a stream opened with the control client
   (``pilot.control_client.ControlClient.open_stream``, what ``pilotctl connect``
   uses).
+* :func:`stream_transfer`: N bytes one way into a sink on the other node,
+  as ``benchmarks/tunnel.py`` measures on 127.0.0.1 (an echo carries every
+  byte both ways through both daemons: about three times the CPU per MiB,
+  so its speed is not the path's; docs/performance.md).
 
 Every wait has a deadline; nothing here raises on a failed measurement
 without saying what was seen (the node's ``info`` counters and log tail are
@@ -421,12 +425,21 @@ class TransferOutcome:
         self.seconds: float | None = None
         self.error: str | None = None
         self.first_difference: int | None = None
+        #: Both daemons' CPU seconds over the transfer (stream_transfer), None if not measured.
+        self.cpu_seconds: float | None = None
 
     @property
     def mib_per_s(self) -> float | None:
         if not self.exact or not self.seconds:
             return None
         return self.size / self.seconds / (1 << 20)
+
+    @property
+    def cpu_ms_per_mib(self) -> float | None:
+        """Both daemons' CPU milliseconds per MiB carried (None without a CPU figure)."""
+        if self.cpu_seconds is None or not self.received:
+            return None
+        return self.cpu_seconds * 1000.0 / (self.received / (1 << 20))
 
     def __repr__(self) -> str:
         state = "byte-exact" if self.exact else f"NOT exact (first difference at {self.first_difference})"
@@ -499,6 +512,101 @@ def echo_transfer(a: Node, target: str, size: int = 1 << 20, timeout: float = 60
         out.first_difference = next((i for i in range(n) if received[i] != data[i]), n)
         if len(received) < size and not failures:
             failures.append(f"timed out after {timeout:g} s")
+    out.error = "; ".join(failures) or None
+    return out
+
+
+def daemon_cpu_seconds(pid: int | None) -> float:
+    """A process's user + system CPU seconds (``/proc/PID/stat``), 0.0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stream_transfer(a: Node, b: Node, size: int = 1 << 20, timeout: float = 60.0,
+                    port: int = 5000) -> TransferOutcome:
+    """
+    One direction, as ``benchmarks/tunnel.py`` measures on 127.0.0.1: a
+    sink on ``b`` (the control socket's ``listen`` on ``port`` and
+    ``attach``, read by a thread here) and ``size`` bytes written from ``a``
+    over one stream; exact if the sink read as many bytes with the same
+    SHA-256.  ``seconds`` runs from the first write to the last byte read;
+    ``cpu_seconds`` is both daemons' CPU over the transfer (what a busy
+    machine changes least: :attr:`TransferOutcome.cpu_ms_per_mib`).
+    """
+    out = TransferOutcome(size)
+    block = os.urandom(65536)
+    deadline = time.monotonic() + timeout
+    listener = b.client(timeout)
+    try:
+        subscription = listener.subscribe("listen", deadline + 5, port=port)
+    except PilotError as e:
+        listener.close()
+        out.error = f"listen: {e}"
+        return out
+    digest, sent_digest = hashlib.sha256(), hashlib.sha256()
+    failures: list[str] = []
+    last = [0.0]
+
+    def sink() -> None:
+        try:
+            for event in subscription:
+                if event.get("event") != "accepted":
+                    continue
+                with listener.attach(int(event["conn_id"])) as sock:
+                    buf = bytearray(262144)
+                    while time.monotonic() < deadline:
+                        sock.settimeout(0.5)
+                        try:
+                            n = sock.recv_into(buf)
+                        except socket.timeout:
+                            continue
+                        if not n:
+                            return
+                        out.received += n
+                        digest.update(memoryview(buf)[:n])
+                        last[0] = time.monotonic()
+                return
+        except (PilotError, OSError) as e:
+            failures.append(f"sink: {e}")
+        finally:
+            subscription.close()
+            listener.close()
+
+    thread = threading.Thread(target=sink, name="natlab-stream-sink", daemon=True)
+    thread.start()
+    cpu0 = daemon_cpu_seconds(a.pid) + daemon_cpu_seconds(b.pid)
+    start = time.monotonic()
+    try:
+        sock = a.client(timeout).open_stream(b.name, port, timeout=timeout)
+    except PilotError as e:
+        out.error = f"connect: {e}"
+        thread.join(1)
+        return out
+    try:
+        sock.settimeout(0.5)
+        while out.sent < size and time.monotonic() < deadline:
+            piece = block[:min(len(block), size - out.sent)]
+            try:
+                n = sock.send(piece)
+            except socket.timeout:
+                continue
+            sent_digest.update(piece[:n])
+            out.sent += n
+        sock.shutdown(socket.SHUT_WR)
+        thread.join(max(0.0, deadline - time.monotonic()) + 1)
+    except OSError as e:
+        failures.append(f"send: {e}")
+    finally:
+        sock.close()
+    out.cpu_seconds = daemon_cpu_seconds(a.pid) + daemon_cpu_seconds(b.pid) - cpu0
+    out.seconds = (last[0] or time.monotonic()) - start
+    out.exact = out.sent == size and out.received == size and digest.digest() == sent_digest.digest()
+    if not out.exact and not failures:
+        failures.append(f"timed out after {timeout:g} s" if out.received < size else "different bytes")
     out.error = "; ".join(failures) or None
     return out
 

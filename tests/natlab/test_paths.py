@@ -9,13 +9,18 @@ router in a transit router's region, B on the public segment, across
   uplink), and nobody on the way sends ICMP "fragmentation needed" (a path
   MTU black hole): only packetization-layer probing finds the size.
 
-Each test trusts the pair, pings, echoes ``NATLAB_PATHS_MIB`` MiB (default
-100) through B's port 7 and compares, and checks the datagram size both
-sides discovered (``pilotctl peers``: ``mtu``): 1,472 bytes of UDP payload
-on the 1,500-byte paths, at most 1,252 on the 1,280-byte one.  No
-datagram we send is fragmented, so the fragment-dropping path carries
-everything.  The speeds are printed (figures, not assertions:
-``docs/performance.md`` has them beside the plain path's).
+Each test trusts the pair, pings, sends ``NATLAB_PATHS_MIB`` MiB (default
+100) one way from A into a sink on B (SHA-256 checked: the path's figure,
+measured as ``benchmarks/tunnel.py`` measures loopback), echoes as much
+through B's port 7 and compares, and checks the datagram size both sides
+discovered (``pilotctl peers``: ``mtu``): 1,472 bytes of UDP payload on
+the 1,500-byte paths, at most 1,252 on the 1,280-byte one.  No datagram we
+send is fragmented, so the fragment-dropping path carries everything.  The
+speeds, both daemons' CPU per MiB and the load average are printed
+(figures, not assertions: ``docs/performance.md`` has them beside the plain
+path's).  The echo carries every byte both ways through both daemons, about
+three times the CPU per MiB of the one-way stream: its speed is not the
+path's to compare with loopback's stream.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.natlab.nodes import (
-    Node, Rendezvous, echo_transfer, first_ping, module_lab, start_nodes, stop_nodes, trust_pair,
+    Node, Rendezvous, daemon_cpu_seconds, echo_transfer, first_ping, module_lab, start_nodes, stop_nodes,
+    stream_transfer, trust_pair,
 )
 from tests.natlab.topology import Host, Lab
 
@@ -59,7 +65,16 @@ class PathsLab:
 
 
 _lab: list[PathsLab] = []
-_figures: dict[str, float] = {}
+_figures: dict[str, dict[str, float]] = {}
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 class PathTests(SynchronousTestCase):
@@ -79,19 +94,29 @@ class PathTests(SynchronousTestCase):
             if row_a.get("mtu_state") == "complete" and row_b.get("mtu_state") == "complete":
                 break
             time.sleep(0.25)
+        load = _load()
+        stream = stream_transfer(na, nb, SIZE, TIMEOUT)
+        cpu0 = daemon_cpu_seconds(na.pid) + daemon_cpu_seconds(nb.pid)
         transfer = echo_transfer(na, nb.name, SIZE, TIMEOUT)
+        echo_cpu = daemon_cpu_seconds(na.pid) + daemon_cpu_seconds(nb.pid) - cpu0
         row_a, row_b = na.peer_row(nb) or {}, nb.peer_row(na) or {}
-        result = {"path": path, "first_ping_s": ping.seconds, "mib": SIZE >> 20,
-                  "echo_s": transfer.seconds, "mib_per_s": transfer.mib_per_s,
+        result = {"path": path, "first_ping_s": ping.seconds, "mib": SIZE >> 20, "load": load,
+                  "stream_s": _round(stream.seconds), "stream_mib_per_s": _round(stream.mib_per_s),
+                  "stream_cpu_ms_per_mib": _round(stream.cpu_ms_per_mib, 1),
+                  "echo_s": _round(transfer.seconds), "mib_per_s": _round(transfer.mib_per_s),
+                  "echo_cpu_ms_per_mib": round(echo_cpu * 1000.0 / max(1.0, SIZE / (1 << 20)), 1),
                   "mtu_a": row_a.get("mtu"), "mtu_b": row_b.get("mtu"),
                   "mtu_state_a": row_a.get("mtu_state"), "mtu_state_b": row_b.get("mtu_state"),
                   "path_a": row_a.get("path"), "too_big_a": (na.counters() or {}).get("too_big")}
-        if transfer.mib_per_s:
-            _figures[path] = transfer.mib_per_s
-        if "plain" in _figures and path != "plain" and transfer.mib_per_s:
-            result["of_plain"] = round(transfer.mib_per_s / _figures["plain"], 2)
+        figures = {"stream": stream.mib_per_s or 0.0, "echo": transfer.mib_per_s or 0.0}
+        if path == "plain":
+            _figures[path] = figures
+        elif "plain" in _figures:
+            result["of_plain"] = {k: round(v / _figures["plain"][k], 2) for k, v in figures.items()
+                                  if v and _figures["plain"].get(k)}
         print(f"\n[natlab] path {path}: {result}", flush=True)
         evidence = f"{result}\n{na.evidence(nb)}\n{nb.evidence(na)}"
+        self.assertTrue(stream.exact, f"{stream!r}\n{evidence}")
         self.assertTrue(transfer.exact, f"{transfer!r}\n{evidence}")
         self.assertIn(row_a.get("path"), ("direct", "punched"), evidence)
         return result
