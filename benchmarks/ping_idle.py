@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def one_window(window: str, args: argparse.Namespace) -> None:
         a.stop()
         b.stop()
         rendezvous.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
