@@ -35,8 +35,8 @@ from pilot.identity import default_home
 from pilot.machines.registration.servers import MAX_SERVERS
 from pilot.machines.trust import AutoApprove
 from pilot.names import hostname_problem, normalise_tags
-from pilot.options import (Setting, Switch, environment_values, parse_address, parse_duration, parse_path,
-                           parse_server, parse_table)
+from pilot.options import (DAEMON_BUSY_POLL, Setting, Switch, environment_values, parse_address, parse_duration,
+                           parse_microseconds, parse_path, parse_server, parse_table)
 from pilot.persist import StateFileError, read_json_object
 
 DEFAULT_REGISTRY = "127.0.0.1:9000"
@@ -121,6 +121,9 @@ NODE_OPTIONS: tuple[Setting | Switch, ...] = (
     Setting("log-level", None, log.level_name, "LEVEL", f"lowest level logged: {', '.join(log.LEVELS)}"),
     Setting("metrics", None, parse_address, "ADDR",
             "serve Prometheus /metrics over HTTP on [HOST]:PORT (no host: 127.0.0.1; default: off)"),
+    Setting("busy-poll", str(DAEMON_BUSY_POLL), parse_microseconds, "MICROSECONDS",
+            "after handling packets, poll this long before sleeping (0: off): lower latency for pings and "
+            "request/response traffic, while it pays and the machine is not contended (docs/performance.md)"),
 )
 
 
@@ -142,6 +145,8 @@ class NodeSettings:
     log_level: str | None = None
     #: The HTTP address of /metrics (docs/operations.md); None: not served.
     metrics: str | None = None
+    #: Seconds the reactor polls without sleeping after handling packets (0: off; pilot/services/busypoll.py).
+    busy_poll: float = DAEMON_BUSY_POLL / 1e6
 
     @property
     def registries(self) -> tuple[str, ...]:
@@ -259,4 +264,5 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
         log_format=values["log_format"],
         log_level=values["log_level"],
         metrics=values["metrics"],
+        busy_poll=values["busy_poll"] / 1e6,
     )

@@ -88,6 +88,12 @@ def parse_delay(text: str) -> float:
     return value
 
 
+#: The busy poll's default windows in microseconds: the node daemon's (``daemon start --busy-poll``,
+#: ``busy_poll`` in config.json) and the rendezvous' (``rendezvous start --busy-poll``); measured in
+#: docs/performance.md ("a contention-aware busy poll"), used by ``pilot/services/busypoll.py``.
+DAEMON_BUSY_POLL = 250
+RENDEZVOUS_BUSY_POLL = 250
+
 #: The longest busy poll ``parse_microseconds`` takes: past a few hundred microseconds a spin costs
 #: more than a wake-up saves.
 MAX_MICROSECONDS = 10_000

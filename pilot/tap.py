@@ -30,7 +30,7 @@ from pilot import log
 from pilot.options import (
     Setting, Switch, _fmt, environment_name, environment_values, flag_name, parse_address, parse_amount,
     parse_delay, parse_duration, parse_expiry, parse_microseconds, parse_path, parse_rate, parse_server,
-    parse_table,
+    parse_table, RENDEZVOUS_BUSY_POLL,
 )
 
 __all__ = ["RendezvousOptions", "Options", "makeService", "build_service", "StartupError", "RENDEZVOUS_OPTIONS",
@@ -98,9 +98,10 @@ RENDEZVOUS_OPTIONS: tuple[Setting | Switch, ...] = (
     Setting("http", None, parse_address, "ADDR",
            "serve the dashboard, /api/stats and /metrics over HTTP on [HOST]:PORT (default: off)"),
     Switch("metrics-public", "serve /metrics to every peer of --http (default: loopback peers only)"),
-    Setting("busy-poll", "0", parse_microseconds, "MICROSECONDS",
+    Setting("busy-poll", str(RENDEZVOUS_BUSY_POLL), parse_microseconds, "MICROSECONDS",
            "after serving requests, poll this long before the reactor sleeps (0: off): lower latency "
-           "for clients that wait for each answer, for CPU spent while it pays (docs/performance.md)"),
+           "for clients that wait for each answer, while it pays and the machine is not contended "
+           "(docs/performance.md)"),
     Setting("flush-delay", _fmt(DEFAULT_FLUSH_DELAY), parse_delay, "SECONDS",
            "write the store at most this long after a change"),
     Setting("reap-interval", _fmt(DEFAULT_REAP_INTERVAL), parse_duration, "SECONDS",

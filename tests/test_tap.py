@@ -18,6 +18,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot import log, tap
+from pilot.options import RENDEZVOUS_BUSY_POLL
 from pilot.persist import atomic_write_json
 from pilot.server.beacon import BeaconConfig
 from pilot.server.registry import Peer, RegistryConfig
@@ -70,8 +71,9 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual((settings.flush_delay, settings.reap_interval), (0.01, 5.0))
 
     def test_busy_poll(self) -> None:
-        """--busy-poll is in microseconds, off by default; the settings hold seconds."""
-        self.assertEqual(parse().settings.busy_poll, 0.0)
+        """--busy-poll is in microseconds, on by default (RENDEZVOUS_BUSY_POLL); the settings hold seconds."""
+        self.assertAlmostEqual(parse().settings.busy_poll, RENDEZVOUS_BUSY_POLL / 1e6)
+        self.assertGreater(RENDEZVOUS_BUSY_POLL, 0)
         self.assertAlmostEqual(parse("--busy-poll", "250").settings.busy_poll, 0.00025)
         self.assertEqual(parse("--busy-poll", "0").settings.busy_poll, 0.0)
 

@@ -356,8 +356,8 @@ class NodeService(MultiService):
         NodeRunner(self.node, settings, apps).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
         MemoryTrimmer(reactor).setServiceParent(self)
-        # the epoll reactor's lean pass: no legacy log context set around each ready descriptor
-        BusyPollService(reactor).setServiceParent(self)
+        # the epoll reactor's lean pass, and its short poll unless --busy-poll 0 (pilot/services/busypoll.py)
+        BusyPollService(reactor, window=settings.busy_poll).setServiceParent(self)
         if settings.metrics is not None:
             # imported here: twisted.web and prometheus_client only when asked for
             from pilot.services.web import NodeMetricsHTTP

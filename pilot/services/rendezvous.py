@@ -33,7 +33,7 @@ from pilot.protocols.registry import (
 )
 from pilot.server.beacon import Beacon, BeaconConfig
 from pilot.server.registry import Registry, RegistryConfig
-from pilot.services.busypoll import BusyPollService
+from pilot.services.busypoll import RENDEZVOUS_WINDOW, BusyPollService
 from pilot.services.durable import DurableWriter, Runner, WriterThread
 from pilot.services.forked import ForkedStoreWriter, StoreWriter, write_in_thread
 from pilot.services.pairing import ReplicationSettings
@@ -89,8 +89,8 @@ class RendezvousSettings:
     metrics_public: bool = False
     #: Seconds the reactor polls without sleeping after serving requests (0: off;
     #: ``pilot/services/busypoll.py``): lower latency for clients that wait for each answer, at the
-    #: price of CPU spent spinning while it pays.
-    busy_poll: float = 0.0
+    #: price of CPU spent spinning while it pays and the machine is not contended.
+    busy_poll: float = RENDEZVOUS_WINDOW
 
 
 class PortService(Service):
@@ -228,7 +228,7 @@ class RendezvousService(MultiService):
         # buffers of closed connections (slow clients) go back to the system, not just to malloc
         self.trimmer = Every(TRIM_INTERVAL, lambda: release_free_memory(), clock)
         self.trimmer.setServiceParent(self)
-        # the epoll reactor's lean pass, and its short poll if --busy-poll asks (pilot/services/busypoll.py)
+        # the epoll reactor's lean pass, and its short poll unless --busy-poll 0 (pilot/services/busypoll.py)
         self.busy_poll = BusyPollService(reactor, window=settings.busy_poll)
         self.busy_poll.setServiceParent(self)
         if self.replication is not None:

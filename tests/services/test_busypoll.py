@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.services import busypoll
 from pilot.services.busypoll import (
-    KEEP, PROBE_EVERY, SPIN_WINDOW, WEIGHT, WINDOW, BusyPoll, BusyPollService, ReactorPass, install,
+    DAEMON_WINDOW, KEEP, PROBE_EVERY, RENDEZVOUS_WINDOW, SPIN_WINDOW, WEIGHT, WINDOW, BusyPoll, BusyPollService, ReactorPass, install,
     uninstall,
 )
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings
@@ -71,7 +71,9 @@ class Ticks:
 
 def busy(poller: FakePoller, step: float = 0.00005, window: float = SPIN_WINDOW,
          probe_every: int = 3) -> BusyPoll:
-    return BusyPoll(poller, window, probe_every, clock=Ticks(step))
+    """A busy poll on a quiet machine: the CPU clock keeps up with the wall clock, one task runnable."""
+    clock = Ticks(step)
+    return BusyPoll(poller, window, probe_every, clock=clock, cpu=lambda: clock.now, runnable=lambda: 1, cpus=2)
 
 
 class BusyPollTests(SynchronousTestCase):
@@ -250,6 +252,9 @@ class InstallTests(SynchronousTestCase):
         own = reactor._poller
         b = install(reactor, window=0.001, probe_every=4)
         assert b is not None
+        assert isinstance(b.runnable, busypoll.Runnable)
+        b.runnable.close()
+        b.runnable = lambda: 0  # as if the machine were quiet
         self.assertIsInstance(vars(reactor)["doIteration"], ReactorPass)
         self.assertIs(reactor._poller, own)  # the reactor's bookkeeping is untouched
         self.assertIs(b.poller, own)
@@ -337,8 +342,8 @@ class InstallTests(SynchronousTestCase):
         self.assertNotIn("doIteration", vars(reactor))
         self.assertIsNone(service.busy)
 
-    def test_spins_are_off_by_default(self) -> None:
-        """By default the service installs the lean pass only: no window, no spin."""
+    def test_a_service_without_a_window_does_not_spin(self) -> None:
+        """A service made without a window installs the lean pass only (the servers pass theirs)."""
         reactor = self.epoll_reactor()
         service = BusyPollService(reactor)
         service.startService()
@@ -347,6 +352,7 @@ class InstallTests(SynchronousTestCase):
         assert service.busy is not None
         self.assertEqual(service.busy.window, 0.0)
         self.assertEqual(SPIN_WINDOW, 0.00025)
+        self.assertEqual((DAEMON_WINDOW, RENDEZVOUS_WINDOW), (0.00025, 0.00025))
 
     def test_rendezvous_has_it(self) -> None:
         """The rendezvous runs one (a node does not)."""

@@ -22,6 +22,7 @@ from pilot.protocols.beacon import BeaconProtocol
 from pilot.protocols.registry import RegistryServerFactory
 from pilot.server.registry import Peer
 from pilot.services import rendezvous
+from pilot.services.busypoll import RENDEZVOUS_WINDOW
 from pilot.services.rendezvous import RendezvousService, RendezvousSettings, raise_open_files_limit
 from pilot.services.store import StoreError, load_store
 from pilot.tls import CERT_NAME, KEY_NAME, fingerprint
@@ -161,8 +162,9 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(service.reaper.running)
 
     def test_busy_poll_window(self) -> None:
-        """The reactor's pass gets the window --busy-poll gave (0, the default: no spins)."""
-        self.assertEqual(self.service().busy_poll.window, 0.0)
+        """The reactor's pass gets the window --busy-poll gave (RENDEZVOUS_WINDOW by default; 0: no spins)."""
+        self.assertEqual(self.service().busy_poll.window, RENDEZVOUS_WINDOW)
+        self.assertEqual(self.service(busy_poll=0.0).busy_poll.window, 0.0)
         self.assertEqual(self.service(busy_poll=0.00025).busy_poll.window, 0.00025)
 
     def test_open_files_limit_raised_at_start(self) -> None:
