@@ -29,7 +29,9 @@ from pilot.machines.tunnel.pmtu import PathMtus
 from pilot.wire import probe as pw
 from pilot.wire.beacon import Relay
 from pilot.wire.packet import Packet
-from pilot.wire.tunnel import AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, SealedFrame, decode_frame
+from pilot.wire.tunnel import (
+    MAGIC_LEN, PILS, SEALED_MIN, AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, SealedFrame, decode_frame,
+)
 from pilot.wire.tunnel_crypto import derive_key
 
 QUEUE_PER_PEER = 64        # packets held per peer while exchanging; the oldest go first
@@ -129,14 +131,18 @@ class Tunnels:
         ``relay_sender`` is the node id the beacon says relayed it (docs/reference-wire.md §3): a
         relayed frame that names another sender is dropped and counted (``relay_sender_mismatch``).
         """
-        if isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == pw.PILM:
+        frame: Any
+        if type(data) is bytes and data[:MAGIC_LEN] == PILS and len(data) >= SEALED_MIN:
+            frame = SealedFrame._from(data)  # nearly every frame: what decode_frame does first
+        elif isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == pw.PILM:
             self._probe_frame(data, source, via_relay, relay_sender)
             return
-        try:
-            frame = decode_frame(data)
-        except MalformedFrame:
-            self.count("malformed")
-            return
+        else:
+            try:
+                frame = decode_frame(data)
+            except MalformedFrame:
+                self.count("malformed")
+                return
         if relay_sender is not None and self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
             return
         if type(frame) is SealedFrame and frame.sender != self._own_id():  # the data path first
