@@ -12,6 +12,7 @@ real daemons, which a busy shared machine halves).
     python3 benchmarks/stream_cpu.py --megabytes 20                    # loopback's size: 4,096-byte segments
     python3 benchmarks/stream_cpu.py --megabytes 20 --max-datagram 1400
     python3 benchmarks/stream_cpu.py --megabytes 5 --profile           # cProfile, by own time
+    python3 benchmarks/stream_cpu.py --max-datagram 1400 --paths       # with the path layer's hooks, as in the node
 
 The clock is a heap (``twisted.internet.task.Clock`` sorts all its calls on
 every ``callLater``, which would dominate at a thousand packets in flight).
@@ -95,16 +96,20 @@ class HeapClock:
         return False
 
 
-def build(clock: HeapClock, max_datagram: int | None) -> dict[int, tuple[Stack, Tunnels]]:
+def build(clock: HeapClock, max_datagram: int | None, with_paths: bool = False) -> dict[int, tuple[Stack, Tunnels]]:
     identities = {n: Identity.generate() for n in (1, 2)}
     endpoints = {n: ("127.0.0.1", 1000 + n) for n in (1, 2)}
     nodes: dict[int, tuple[Stack, Tunnels]] = {}
+    paths: dict[int, Any] = {}
     for n in (1, 2):
         def send_datagram(data: bytes, dst: Any, n: int = n) -> None:
             clock.callLater(DELAY, lambda: nodes[3 - n][1].frame_received(data, endpoints[n]))
 
         def send_packet(packet: Any, n: int = n) -> None:
-            nodes[n][1].send(packet, packet.dst.node, endpoints[packet.dst.node])
+            node = packet.dst.node
+            if with_paths:  # what the node does per packet (pilot/node/core.py, _send_packet)
+                paths[n].sending(node, endpoints[node])
+            nodes[n][1].send(packet, node, endpoints[node])
 
         # (a tree from before the path search runs too, at 4,096-byte segments: the "before" figures)
         stack = Stack(clock, lambda a=Address(0, n): a, send_packet, lambda node: True,
@@ -115,12 +120,17 @@ def build(clock: HeapClock, max_datagram: int | None) -> dict[int, tuple[Stack, 
                           **({"segment_size_changed": stack.set_segment_size, "max_datagram": max_datagram}
                              if SAFE_SEGMENT else {}))
         nodes[n] = (stack, tunnels)
+        if with_paths:  # the path layer, wired as the node wires it: a hook per packet each way
+            from pilot.machines.path import Paths
+            paths[n] = Paths(tunnels=tunnels, send_datagram=send_datagram, beacon=lambda: None,
+                             node_id=lambda n=n: n, sign=identities[n].sign, clock=clock)
+            tunnels.wire(paths[n])
     return nodes
 
 
-def transfer(megabytes: float, max_datagram: int | None) -> tuple[int, dict[str, Any]]:
+def transfer(megabytes: float, max_datagram: int | None, with_paths: bool = False) -> tuple[int, dict[str, Any]]:
     clock = HeapClock()
-    nodes = build(clock, max_datagram)
+    nodes = build(clock, max_datagram, with_paths)
     chunks = max(1, int(megabytes * 1e6) // CHUNK)
     got = [0]
 
@@ -146,13 +156,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--megabytes", type=float, default=20.0, help="MB (10^6 B) on one stream")
     p.add_argument("--max-datagram", type=int, default=None, help="bound on the path search (UDP payload)")
+    p.add_argument("--paths", action="store_true",
+                   help="wire the path layer as the node does (its hooks run for every packet each way)")
     p.add_argument("--profile", action="store_true", help="print cProfile's 25 largest own times")
     args = p.parse_args()
     profile = cProfile.Profile() if args.profile else None
     started = time.process_time()
     if profile is not None:
         profile.enable()
-    received, stats = transfer(args.megabytes, args.max_datagram)
+    received, stats = transfer(args.megabytes, args.max_datagram, args.paths)
     if profile is not None:
         profile.disable()
     cpu = time.process_time() - started

@@ -139,6 +139,14 @@ def indexed(machine: M) -> M:
     return machine
 
 
+def running(machine: Any) -> bool:
+    """
+    Is a behaviour of ``machine`` (an indexed machine's inputs) under way?  An
+    input now would be queued to run after it.  A caller that runs a loop's
+    behaviour itself, without the input's dispatch, does so only when not.
+    """
+    return machine.__automat_postponed__ is not None
+
 def _fast_inputs(machine: Any, index: dict[tuple[Any, str], tuple[Any, tuple[Any, ...]]]) -> None:
     """
     Replace each input method of the machine's runtime class with one that

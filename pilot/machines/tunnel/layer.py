@@ -24,7 +24,8 @@ from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
 from pilot.interfaces import DatagramTooBig, IFrameReceiver, IPathEvents
-from pilot.machines.tunnel.peer import Peer
+from pilot.machines.table import running
+from pilot.machines.tunnel.peer import Peer, open_sealed
 from pilot.machines.tunnel.pmtu import PathMtus
 from pilot.wire import probe as pw
 from pilot.wire.beacon import Relay
@@ -102,9 +103,16 @@ class Tunnels:
         if peer.endpoint is None and not peer.relay:
             self.count("no_route")
             return
-        if peer.session is not None:
-            self.mtu.using(node_id, peer.relay)
-        peer.machine.packet_queued(packet)
+        if peer.session is None:
+            peer.machine.packet_queued(packet)
+            return
+        self.mtu.using(node_id, peer.relay)
+        if running(peer.machine):
+            peer.machine.packet_queued(packet)  # queued after the behaviour under way, as any input
+        else:
+            # established (a session is installed on the way there and never dropped): that state's
+            # packet_queued loop (_seal) run as the machine would, without the input's dispatch
+            peer.send_sealed(packet)
 
     def path_trouble(self, node_id: int) -> None:
         """A stream to the peer timed out again and again: check that its datagrams still fit."""
@@ -167,7 +175,10 @@ class Tunnels:
             self.count("pils_no_session")
             self.answer_with_pila(frame.sender, source, via_relay)
             return
-        packet = peer.machine.sealed_frame_received(frame, source, via_relay)
+        if peer.session is not None and not running(peer.machine):
+            packet = open_sealed(peer.machine, peer, frame, source, via_relay)  # established's loop, as in send()
+        else:
+            packet = peer.machine.sealed_frame_received(frame, source, via_relay)
         if packet is not None:
             self._deliver(packet, frame.sender)
 
@@ -256,6 +267,9 @@ class Tunnels:
     def emit(self, node_id: int, frame: bytes, endpoint: Optional[Endpoint], relay: bool) -> bool:
         """Send ``frame`` to the peer directly or through the beacon; False if there is no way."""
         try:
+            if endpoint is not None and not relay:
+                self._send_datagram(frame, endpoint)  # direct: _emit()'s last branch, per packet
+                return True
             return self._emit(node_id, frame, endpoint, relay)
         except DatagramTooBig:
             self.mtu.too_big(node_id, relay, len(frame))

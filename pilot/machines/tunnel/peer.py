@@ -377,9 +377,9 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
     except MalformedFrame:
         c.owner.count("pils_bad_packet")
         return None
-    c.last_rx = c.now()
+    c.last_rx = c.clock.seconds()
     c.bytes_rx += 20 + len(frame.ciphertext)
-    if not via_relay:
+    if not via_relay and source != c.endpoint:
         c.set_endpoint(source)  # roaming: an authenticated frame from a new address
     c.owner.heard(c.node_id, source, via_relay, True)
     return packet
@@ -416,3 +416,7 @@ PeerTunnelMachine = indexed(_builder.build())
 def transitions() -> list[Transition]:
     """Every transition: (state, input, next state, behaviour), for docs and tests."""
     return table.transitions()
+
+
+#: The established state's ``sealed_frame_received`` behaviour, for the layer's dispatch-free path.
+open_sealed = _open
