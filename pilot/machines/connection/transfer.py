@@ -292,15 +292,19 @@ class Transfer:
             self.bytes_recv += len(data)
             self.ack_owed = True
             receiver = self.receiver
-            receipt = receiver.receive(unwrap(packet.seq, receiver.rcv_nxt), data)
+            seq, rcv_nxt = packet.seq, receiver.rcv_nxt
+            receipt = receiver.receive(rcv_nxt if seq == rcv_nxt & SEQ_MASK else unwrap(seq, rcv_nxt), data)
             if receipt is Receipt.IN_ORDER and not receiver.filled_gap and not receiver.ooo_count:
                 pending = self.pending_acks = self.pending_acks + 1
                 if pending * len(data) >= ACK_STRETCH_BYTES:
                     ack_now = True
                 elif pending >= self.config.delayed_ack_segments:
                     # the ACK (and the data) at the end of this reactor pass: one for every
-                    # segment read in the pass, a stretch ACK (docs/connection.md)
-                    self.ack_timer.start(0.0)
+                    # segment read in the pass, a stretch ACK (docs/connection.md); past the
+                    # first, the timer is armed for this pass already (only an ACK sent disarms it,
+                    # and that resets the count)
+                    if pending == self.config.delayed_ack_segments:
+                        self.ack_timer.start(0.0)
                     deliver = pending == 1
                 else:
                     self.ack_timer.ensure(self.config.delayed_ack)
