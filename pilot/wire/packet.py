@@ -74,6 +74,7 @@ assert _HEADER.size == HEADER_LEN
 _CHECKSUM = struct.Struct(">I")
 _ZERO_CHECKSUM = bytes(4)
 _pack_checksum = _CHECKSUM.pack
+_pack_header = _HEADER.pack
 _crc32 = zlib.crc32
 
 
@@ -158,8 +159,10 @@ class Packet:
         return zlib.crc32(self.payload, zlib.crc32(self._header(0)))
 
     def encode(self) -> bytes:
-        payload = self.payload
-        header = self._header(0)  # packed once; the checksum goes in its last 4 bytes
+        payload, src, dst = self.payload, self.src, self.dst
+        header = _pack_header(  # _header(0), once per packet sent: packed once, the checksum in its last 4 bytes
+            (self.version << 4) | self.flags, self.protocol, len(payload), src.network, src.node, dst.network,
+            dst.node, self.src_port, self.dst_port, self.seq, self.ack, self.window, 0)
         return b"".join((header[:CHECKSUM_OFFSET], _pack_checksum(_crc32(payload, _crc32(header))), payload))
 
     @classmethod

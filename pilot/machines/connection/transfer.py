@@ -228,8 +228,10 @@ class Transfer:
         sender = self.sender
         if not sender.unsent and not sender.segments:  # a receiving end, every segment
             sender.next_transmission(0.0)  # nothing to send: only its bookkeeping (app-limited)
-            NAGLE_TIMER.cancel_in(self)
-            REXMIT_TIMER.cancel_in(self)
+            made = self.__dict__  # NAGLE_TIMER.cancel_in(self), REXMIT_TIMER.cancel_in(self) without the calls
+            for timer in (made.get("nagle_timer"), made.get("rexmit_timer")):
+                if timer is not None:
+                    timer.cancel()
             return
         now = self.clock.seconds()
         pacer, cc, next_transmission, emit = self.pacer, self.cc, sender.next_transmission, self.emit

@@ -364,7 +364,11 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
           via_relay: bool) -> Optional[Packet]:
     assert c.session is not None
     try:
-        packet = Packet.decode(_open_either(c, frame, source, via_relay))
+        try:
+            plaintext = c.session.open(frame)  # the session's key: every frame but a restarted peer's
+        except Dropped as e:
+            plaintext = _open_candidate(c, frame, source, via_relay, e)
+        packet = Packet.decode(plaintext)
         if packet.src.node != c.node_id:  # #9: the sender id must be the packet's source
             raise Dropped("pils_wrong_source")
     except Dropped as e:
@@ -385,16 +389,11 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
     return packet
 
 
-def _open_either(c: Peer, frame: SealedFrame, source: Endpoint, via_relay: bool) -> bytes:
-    """Open under the session; failing that, under a candidate (newest first), which it then
-    proves: the candidate becomes the session, the old key is retired."""
-    assert c.session is not None
-    try:
-        return c.session.open(frame)
-    except Dropped as e:
-        if not c.candidates or e.reason != "pils_undecryptable":
-            raise
-        first = e
+def _open_candidate(c: Peer, frame: SealedFrame, source: Endpoint, via_relay: bool, first: Dropped) -> bytes:
+    """The session did not open ``frame`` (``first``): try the candidates (newest first); the one
+    that opens it is proven: it becomes the session, the old key is retired."""
+    if not c.candidates or first.reason != "pils_undecryptable":
+        raise first
     for candidate in reversed(c.candidates.values()):
         try:
             plaintext = candidate.session.open(frame)
