@@ -190,7 +190,10 @@ class Peer:
         if own is None:
             self.owner.count("no_node_id")
             return
-        self.transmit(SealedFrame.sealed(self.session.sender, own, packet))
+        frame = SealedFrame.sealed(self.session.sender, own, packet)
+        if self.owner.emit(self.node_id, frame, self.endpoint, self.relay):  # transmit(frame), per packet
+            self.last_tx = self.clock.seconds()
+            self.bytes_tx += len(frame)
         if not self.candidates:
             return  # the common case, per packet
         for candidate in reversed(self.candidates.values()):
