@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.machines.test_datatransfer -*-
 """
-The sending half of a stream: queue, segmentation, retransmission queue with
-a SACK scoreboard, loss recovery, flow control, and the congestion-control
-hook.
+The sending half of a stream: segmentation (of what
+:mod:`~pilot.machines.connection.sendqueue` holds), retransmission queue with
+a SACK scoreboard, loss recovery, flow control, and the congestion-control hook.
 
 Like :mod:`pilot.machines.connection.recvbuffer` this is arithmetic on *absolute*
 sequence numbers with ``now`` passed in: no clock, no packets.  The
