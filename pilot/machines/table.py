@@ -147,6 +147,7 @@ def running(machine: Any) -> bool:
     """
     return machine.__automat_postponed__ is not None
 
+
 def _fast_inputs(machine: Any, index: dict[tuple[Any, str], tuple[Any, tuple[Any, ...]]]) -> None:
     """
     Replace each input method of the machine's runtime class with one that
@@ -177,7 +178,7 @@ def _fast_input(name: str, automat: Callable[..., Any],
     nonlocals = inspect.getclosurevars(automat).nonlocals
     queueable = nonlocals.get("returnsNone") is True
     params = _plain_parameters(nonlocals.get("method"))
-    if params is not None:
+    if params is not None and name not in params:
         return _compiled_input(name, automat, fast, queueable, params)
 
     def implementation(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -213,8 +214,8 @@ def _plain_parameters(method: Any) -> list[str] | None:
         parameters = list(inspect.signature(method).parameters.values())[1:]
     except (TypeError, ValueError):
         return None
-    if any(p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not p.empty
-           or not p.name.isidentifier() or p.name.startswith("_") for p in parameters):
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not p.empty or not p.name.isidentifier()
+           or p.name.startswith("_") or p.name in _TEMPLATE_NAMES for p in parameters):
         return None
     return [p.name for p in parameters]
 
@@ -244,6 +245,10 @@ def {name}(self{params}):
         postponed.pop(0)()
     return result
 """
+
+#: The names the template uses itself: a parameter spelled like one takes the general dispatch.
+_TEMPLATE_NAMES = frozenset(("self", "postponed", "transitioner", "found", "behaviour", "result", "automat",
+                             "fast_get", "queueable", "id"))
 
 
 def _compiled_input(name: str, automat: Callable[..., Any], fast: dict[int, tuple[Any, Callable[..., Any]]],

@@ -253,6 +253,7 @@ class FastInputTests(SynchronousTestCase):
 class Gong(Protocol):
     def hit(self, who: str, loud: bool) -> None: ...
     def hit_softly(self, who: str, loud: bool = False) -> None: ...
+    def found(self, found: str, result: str) -> None: ...
 
 
 class CompiledInputTests(SynchronousTestCase):
@@ -270,6 +271,10 @@ class CompiledInputTests(SynchronousTestCase):
         @table.on(still, Gong.hit_softly, still)
         def _soft(m: Gong, c: Core, who: str, loud: bool = False) -> None:
             c.log.append(("soft", who, str(loud)))
+
+        @table.on(still, Gong.found, still)
+        def _found(m: Gong, c: Core, found: str, result: str) -> None:
+            c.log.append(("found", found, result))
 
         core = Core()
         return indexed(builder.build())(core), core  # type: ignore[operator]
@@ -297,3 +302,9 @@ class CompiledInputTests(SynchronousTestCase):
         gong.hit("a", False)  # type: ignore[attr-defined]
         self.assertEqual(core.log[-1][-1], "True")
         self.assertFalse(running(gong))
+
+    def test_parameters_named_like_the_dispatchs_own_take_the_general_one(self) -> None:
+        gong, core = self.machine()
+        gong.found("a", result="b")  # type: ignore[attr-defined]
+        self.assertEqual(core.log, [("found", "a", "b")])
+        self.assertNotEqual(type(gong).found.__code__.co_varnames[1], "found")  # (self, *args, **kwargs)
