@@ -139,6 +139,15 @@ def indexed(machine: M) -> M:
     return machine
 
 
+def running(machine: Any) -> bool:
+    """
+    Is a behaviour of ``machine`` (an indexed machine's inputs) under way?  An
+    input now would be queued to run after it.  A caller that runs a loop's
+    behaviour itself, without the input's dispatch, does so only when not.
+    """
+    return machine.__automat_postponed__ is not None
+
+
 def _fast_inputs(machine: Any, index: dict[tuple[Any, str], tuple[Any, tuple[Any, ...]]]) -> None:
     """
     Replace each input method of the machine's runtime class with one that
@@ -153,19 +162,24 @@ def _fast_inputs(machine: Any, index: dict[tuple[Any, str], tuple[Any, tuple[Any
     reentrantly).
     """
     runtime: Any = getattr(machine, "__automat_type__")
-    fast: dict[tuple[int, str], tuple[Any, Callable[..., Any]]] = {}
+    fast: dict[str, dict[int, tuple[Any, Callable[..., Any]]]] = {}
     for (old, event), (new, outputs) in index.items():
         if (len(outputs) == 1 and type(outputs[0]).__name__ == "MethodOutput"
                 and not outputs[0].requiresData):
-            fast[id(old), event] = (new, outputs[0].method)
+            fast.setdefault(event, {})[id(old)] = (new, outputs[0].method)
     for name in {event for _, event in index}:
-        setattr(runtime, name, _fast_input(name, getattr(runtime, name), fast))
+        setattr(runtime, name, _fast_input(name, getattr(runtime, name), fast.get(name, {})))
 
 
 def _fast_input(name: str, automat: Callable[..., Any],
-                fast: dict[tuple[int, str], tuple[Any, Callable[..., Any]]]) -> Callable[..., Any]:
+                fast: dict[int, tuple[Any, Callable[..., Any]]]) -> Callable[..., Any]:
     # Automat's implementation knows whether the input returns None (then it may be queued)
-    queueable = inspect.getclosurevars(automat).nonlocals.get("returnsNone") is True
+    # and which protocol method it implements (its parameters name ours)
+    nonlocals = inspect.getclosurevars(automat).nonlocals
+    queueable = nonlocals.get("returnsNone") is True
+    params = _plain_parameters(nonlocals.get("method"))
+    if params is not None and name not in params:
+        return _compiled_input(name, automat, fast, queueable, params)
 
     def implementation(self: Any, *args: Any, **kwargs: Any) -> Any:
         postponed = self.__automat_postponed__
@@ -174,7 +188,7 @@ def _fast_input(name: str, automat: Callable[..., Any],
             postponed.append(lambda: implementation(self, *args, **kwargs))
             return None
         transitioner = self.__automat_transitioner__
-        found = fast.get((id(transitioner._state), name))
+        found = fast.get(id(transitioner._state))
         if found is None or postponed is not None or transitioner._tracer is not None:
             return automat(self, *args, **kwargs)
         transitioner._state = found[0]
@@ -188,4 +202,60 @@ def _fast_input(name: str, automat: Callable[..., Any],
         return result
 
     implementation.__name__ = implementation.__qualname__ = name
+    return implementation
+
+
+def _plain_parameters(method: Any) -> list[str] | None:
+    """The protocol method's parameters after ``self`` if all are plain (positional or keyword,
+    no default), else None."""
+    if method is None:
+        return None
+    try:
+        parameters = list(inspect.signature(method).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not p.empty or not p.name.isidentifier()
+           or p.name.startswith("_") or p.name in _TEMPLATE_NAMES for p in parameters):
+        return None
+    return [p.name for p in parameters]
+
+
+#: The input method of :func:`_fast_input` written out for the input's own parameters: without
+#: ``*args`` and ``**kwargs`` (a tuple and a dict made and unpacked per call), one lookup
+#: keyed by the state alone.  Same steps, same order.
+_TEMPLATE = """
+def {name}(self{params}):
+    postponed = self.__automat_postponed__
+    if postponed is not None:
+        if queueable:
+            postponed.append(lambda: {name}(self{params}))
+            return None
+        return automat(self{params})
+    transitioner = self.__automat_transitioner__
+    found = fast_get(id(transitioner._state))
+    if found is None or transitioner._tracer is not None:
+        return automat(self{params})
+    transitioner._state, behaviour = found
+    postponed = self.__automat_postponed__ = []
+    try:
+        result = behaviour(self, self.__automat_core__{params})
+    finally:
+        self.__automat_postponed__ = None
+    while postponed:
+        postponed.pop(0)()
+    return result
+"""
+
+#: The names the template uses itself: a parameter spelled like one takes the general dispatch.
+_TEMPLATE_NAMES = frozenset(("self", "postponed", "transitioner", "found", "behaviour", "result", "automat",
+                             "fast_get", "queueable", "id"))
+
+
+def _compiled_input(name: str, automat: Callable[..., Any], fast: dict[int, tuple[Any, Callable[..., Any]]],
+                    queueable: bool, params: list[str]) -> Callable[..., Any]:
+    namespace: dict[str, Any] = {"automat": automat, "fast_get": fast.get, "queueable": queueable}
+    code = _TEMPLATE.format(name=name, params="".join(", " + p for p in params))
+    exec(compile(code, f"<pilot.machines.table input {name}>", "exec"), namespace)
+    implementation: Callable[..., Any] = namespace[name]
+    implementation.__qualname__ = name
     return implementation

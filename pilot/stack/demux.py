@@ -125,7 +125,12 @@ class Stack:
         """
         self.counters["packets.received"] += 1
         try:
-            self._receive(packet)
+            # a stream packet for us: what _receive() decides first, without the call
+            if (type(packet) is Packet and packet.protocol == STREAM and not self.stopped
+                    and packet.dst.node == (own := self.local_address().node)):
+                self._stream_packet(packet, own)
+            else:
+                self._receive(packet)
         except Exception:
             self.counters["errors"] += 1
             self.log.failure("error handling {packet!r}", packet=packet)
@@ -168,7 +173,8 @@ class Stack:
         key = (packet.src, packet.src_port, packet.dst_port)
         stream = self.streams.get(key)
         if stream is not None:
-            if stream.listening is not None and not self._allowed(packet, own):  # inbound
+            if (stream.listening is not None and packet.dst_port != HANDSHAKE  # inbound: _allowed()
+                    and not self._trusted(packet.src.node, own)):
                 self.counters["refused.untrusted"] += 1
                 self.log.info("resetting {target}: node {node} is not trusted any more",
                               target=stream.target, node=packet.src.node)

@@ -168,10 +168,10 @@ class SealedFrame:
         nonce_end = MAGIC_LEN + 4 + NONCE_LEN
         # every field comes from bytes of its own width (the ciphertext at least the tag):
         # built without the validators, once per received frame
-        frame = object.__new__(cls)
-        _set(frame, "sender", _ID.unpack_from(data, MAGIC_LEN)[0])
-        _set(frame, "nonce", data[MAGIC_LEN + 4:nonce_end])
-        _set(frame, "ciphertext", data[nonce_end:])
+        frame = _new(cls)
+        _set_sender(frame, _unpack_id(data, MAGIC_LEN)[0])
+        _set_nonce(frame, data[MAGIC_LEN + 4:nonce_end])
+        _set_ciphertext(frame, data[nonce_end:])
         return frame
 
     @classmethod
@@ -184,12 +184,19 @@ class SealedFrame:
     def sealed(session: TunnelSession, sender: int, packet: Packet) -> bytes:
         """``seal(session, sender, packet).encode()`` without the frame object: once per packet sent."""
         nonce, ciphertext = session.seal(packet.encode())
-        return b"".join((PILS, _ID.pack(sender), nonce, ciphertext))
+        return b"".join((PILS, _pack_id(sender), nonce, ciphertext))
 
     def open(self, session: TunnelSession) -> Packet:
         """Check replay, decrypt, decode; ``MalformedFrame`` if any step fails."""
         return Packet.decode(session.open(self.nonce, self.ciphertext))
 
+
+
+_new = object.__new__
+_pack_id, _unpack_id = _ID.pack, _ID.unpack_from
+# the slots' own setters, per received frame (object.__setattr__ looks each one up again)
+_set_sender, _set_nonce, _set_ciphertext = (getattr(SealedFrame, name).__set__
+                                            for name in ("sender", "nonce", "ciphertext"))
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class KeyExchange:

@@ -257,6 +257,25 @@ class PathMachineTests(PathsFixture):
         self.paths.direct_frame(PEER, E1)
         self.assertEqual(self.paths.state(PEER), "direct")
 
+    def test_a_direct_paths_per_packet_loops_run_undispatched(self) -> None:
+        """sending and direct_frame on a direct path run their loops without the input's dispatch;
+        silence is still found (its input then goes through the machine)."""
+        self.go_direct()
+        machine = self.paths._peers[PEER].machine
+        fed: list[str] = []
+        for name in ("packet_sent", "direct_frame_received"):
+            original = getattr(machine, name)
+            self.patch(machine, name, lambda *a, _o=original, _n=name: (fed.append(_n), _o(*a))[1])
+        self.keep_sending(DIRECT_SILENCE - 0.5)
+        self.paths.direct_frame(PEER, E1)
+        self.assertEqual((fed, self.paths.state(PEER)), ([], "direct"))
+        self.keep_sending(DIRECT_SILENCE + 0.5)
+        self.assertEqual(self.paths.state(PEER), "direct_trying")
+        self.paths.direct_frame(PEER, E1)
+        # direct_trying's inputs (the sends after the silence, the answer) went through the machine
+        self.assertEqual((set(fed[:-1]), fed[-1], self.paths.state(PEER)),
+                         ({"packet_sent"}, "direct_frame_received", "direct"))
+
     def test_a_pause_in_sending_is_not_silence(self) -> None:
         self.go_direct()
         self.paths.sending(PEER)  # a datagram nobody answers

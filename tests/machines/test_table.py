@@ -7,7 +7,7 @@ from typing import Protocol
 from automat import NoTransition, TypeMachineBuilder
 from twisted.trial.unittest import SynchronousTestCase
 
-from pilot.machines.table import IGNORED, Transition, TransitionTable, indexed
+from pilot.machines.table import IGNORED, Transition, TransitionTable, indexed, running
 
 
 class Door(Protocol):
@@ -248,3 +248,63 @@ class FastInputTests(SynchronousTestCase):
         self.assertRaises(ValueError, bell.rung)
         bell.rung()
         self.assertEqual(core.log, [("ring",), ("ring",)])
+
+
+class Gong(Protocol):
+    def hit(self, who: str, loud: bool) -> None: ...
+    def hit_softly(self, who: str, loud: bool = False) -> None: ...
+    def found(self, found: str, result: str) -> None: ...
+
+
+class CompiledInputTests(SynchronousTestCase):
+    """indexed() writes each input out for its own parameters; keywords and defaults still work."""
+
+    def machine(self) -> tuple[object, Core]:
+        builder = TypeMachineBuilder(Gong, Core)
+        still = builder.state("still")
+        table = TransitionTable((still,))
+
+        @table.on(still, Gong.hit, still)
+        def _hit(m: Gong, c: Core, who: str, loud: bool) -> None:
+            c.log.append(("hit", who, str(loud), str(running(m))))
+
+        @table.on(still, Gong.hit_softly, still)
+        def _soft(m: Gong, c: Core, who: str, loud: bool = False) -> None:
+            c.log.append(("soft", who, str(loud)))
+
+        @table.on(still, Gong.found, still)
+        def _found(m: Gong, c: Core, found: str, result: str) -> None:
+            c.log.append(("found", found, result))
+
+        core = Core()
+        return indexed(builder.build())(core), core  # type: ignore[operator]
+
+    def test_positional_and_keyword_arguments(self) -> None:
+        gong, core = self.machine()
+        gong.hit("a", True)  # type: ignore[attr-defined]
+        gong.hit(who="b", loud=False)  # type: ignore[attr-defined]
+        gong.hit("c", loud=True)  # type: ignore[attr-defined]
+        self.assertEqual(core.log, [("hit", "a", "True", "True"), ("hit", "b", "False", "True"),
+                                    ("hit", "c", "True", "True")])
+        self.assertEqual(type(gong).hit.__code__.co_varnames[:3], ("self", "who", "loud"))  # compiled
+        self.assertRaises(TypeError, gong.hit, "d")  # type: ignore[attr-defined]
+
+    def test_a_default_takes_the_general_dispatch(self) -> None:
+        gong, core = self.machine()
+        gong.hit_softly("a")  # type: ignore[attr-defined]
+        gong.hit_softly("b", loud=True)  # type: ignore[attr-defined]
+        self.assertEqual(core.log, [("soft", "a", "False"), ("soft", "b", "True")])
+        self.assertNotEqual(type(gong).hit_softly.__code__.co_varnames[1], "who")  # (self, *args, **kwargs)
+
+    def test_running_only_inside_a_behaviour(self) -> None:
+        gong, core = self.machine()
+        self.assertFalse(running(gong))
+        gong.hit("a", False)  # type: ignore[attr-defined]
+        self.assertEqual(core.log[-1][-1], "True")
+        self.assertFalse(running(gong))
+
+    def test_parameters_named_like_the_dispatchs_own_take_the_general_one(self) -> None:
+        gong, core = self.machine()
+        gong.found("a", result="b")  # type: ignore[attr-defined]
+        self.assertEqual(core.log, [("found", "a", "b")])
+        self.assertNotEqual(type(gong).found.__code__.co_varnames[1], "found")  # (self, *args, **kwargs)

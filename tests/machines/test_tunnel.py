@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.address import Address
 from pilot.identity import Identity
+from pilot.machines.table import running
 from pilot.machines.tunnel import (
     ANSWER_BURST, GIVE_UP, LOOKUP_BACKLOG, QUEUE_PER_PEER, QUEUED_PEERS, Endpoint, Peer, Session,
     Tunnels, transitions,
@@ -883,3 +884,41 @@ class InteropTests(SynchronousTestCase):
             self.assertFalse(session.acceptable(f.nonce_prefix, f.counter))
             refused_by_reference += not reference.accept(f.counter)
         self.assertEqual(refused_by_reference, 1)
+
+
+class EstablishedLoopTests(Base):
+    """An established peer's per-packet inputs run without the dispatch, unless a behaviour is under way."""
+
+    def test_packets_both_ways_without_the_dispatch(self) -> None:
+        self.establish()
+        fed: list[str] = []
+        peer_a, peer_b = self.a.tunnels._peers[2], self.b.tunnels._peers[1]
+        for peer in (peer_a, peer_b):
+            for name in ("packet_queued", "sealed_frame_received"):
+                original = getattr(peer.machine, name)
+                self.patch(peer.machine, name, lambda *a, _o=original, _n=name: (fed.append(_n), _o(*a))[1])
+        sent = [packet(1, 2, seq=n, payload=b"x" * n) for n in range(2, 6)]
+        for p in sent:
+            self.a.tunnels.send(p, 2, B_ADDR)
+        self.net.run()
+        self.assertEqual([p for p, _ in self.b.delivered[-4:]], sent)
+        self.assertEqual(fed, [])
+
+    def test_an_input_while_a_behaviour_runs_goes_through_the_machine(self) -> None:
+        self.establish()
+        peer = self.a.tunnels._peers[2]
+        seen_running: list[bool] = []
+        original = peer.send_sealed
+        later = packet(1, 2, seq=9)
+
+        def send_sealed(p: Packet) -> None:
+            seen_running.append(running(peer.machine))
+            if p.seq == 7:  # from inside the machine's own behaviour: must wait for it
+                self.a.tunnels.send(later, 2, B_ADDR)
+            original(p)
+
+        self.patch(peer, "send_sealed", send_sealed)
+        peer.machine.packet_queued(packet(1, 2, seq=7))  # through the machine: its behaviour runs
+        self.net.run()
+        self.assertEqual(seen_running, [True, True])
+        self.assertEqual([p.seq for p, _ in self.b.delivered[-2:]], [7, 9])

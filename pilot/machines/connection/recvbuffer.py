@@ -82,19 +82,24 @@ class RecvBuffer:
     def receive(self, start: int, payload: bytes) -> Receipt:
         """Take one data segment that begins at absolute sequence number ``start``."""
         self.filled_gap = False
-        end = start + len(payload)
-        if end <= self.rcv_nxt:
+        rcv_nxt = self.rcv_nxt
+        size = len(payload)
+        if start + size <= rcv_nxt:
             return Receipt.DUPLICATE
-        if start < self.rcv_nxt:
-            payload = payload[self.rcv_nxt - start:]
-            start = self.rcv_nxt
-        if start - self.rcv_nxt >= self.limit + self.mss:
+        if start < rcv_nxt:
+            payload = payload[rcv_nxt - start:]
+            size = len(payload)
+            start = rcv_nxt
+        room = (self.queue_segments + 1) * self.mss  # limit + mss
+        if start - rcv_nxt >= room:
             return Receipt.OUT_OF_WINDOW
-        if start > self.rcv_nxt:
+        if start > rcv_nxt:
             return self._hold(start, payload)
-        if self.ready_bytes + len(payload) > self.limit + self.mss:
+        if self.ready_bytes + size > room:
             return Receipt.NO_ROOM
-        self._append(payload)
+        self._ready.append(payload)  # _append(), once per segment
+        self.ready_bytes += size
+        self.rcv_nxt = rcv_nxt + size
         if self._ooo:
             self._pull_in()
         return Receipt.IN_ORDER
@@ -145,8 +150,11 @@ class RecvBuffer:
 
     def window(self) -> int:
         """Free queue slots, in segments, for the header: 1 to ``queue_segments``."""
-        free = (self.limit - self.ready_bytes) // self.mss
-        return max(1, min(self.queue_segments, free, 0xFFFF))
+        slots, mss = self.queue_segments, self.mss
+        free = (slots * mss - self.ready_bytes) // mss  # (limit - ready_bytes) // mss, once per packet sent
+        if free > slots:
+            free = slots
+        return 1 if free < 1 else free if free < 0xFFFF else 0xFFFF
 
     def sack_blocks(self) -> list[tuple[int, int]]:
         """

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.machines.test_datatransfer -*-
 """
-The sending half of a stream: queue, segmentation, retransmission queue with
-a SACK scoreboard, loss recovery, flow control, and the congestion-control
-hook.
+The sending half of a stream: segmentation (of what
+:mod:`~pilot.machines.connection.sendqueue` holds), retransmission queue with
+a SACK scoreboard, loss recovery, flow control, and the congestion-control hook.
 
 Like :mod:`pilot.machines.connection.recvbuffer` this is arithmetic on *absolute*
 sequence numbers with ``now`` passed in: no clock, no packets.  The
@@ -59,7 +59,7 @@ from pilot.machines.connection.congestion import (  # noqa: F401 (re-exported)
 from pilot.machines.connection.pacing import DeliveryRate
 from pilot.machines.connection.recvbuffer import MAX_OOO_SEGMENTS
 from pilot.machines.connection.rtt import RttEstimator
-from pilot.wire.packet import parse_sack
+from pilot.machines.connection.sendqueue import SendQueue, sack_safe  # noqa: F401 (re-exported)
 
 #: The header's window counts slots of this many bytes, whatever the segment size (docs/reference-wire.md §4.7).
 WINDOW_UNIT = 4096
@@ -115,14 +115,6 @@ class AckResult:
 _NOTHING_ACKED, _IGNORED = AckResult(), AckResult(ignored=True)
 
 
-def sack_safe(chunk: bytes) -> bytes:
-    """``chunk``, shortened if needed so that it does not parse as a SACK option."""
-    blocks = parse_sack(chunk)
-    if blocks is None:
-        return chunk
-    return chunk[:5 + 8 * len(blocks) - 1]
-
-
 @attr.s(auto_attribs=True, eq=False)
 class Sender:
     #: Oldest unacknowledged byte, and the next new byte to send.
@@ -157,10 +149,8 @@ class Sender:
     sack_recv: int = 0
     segments: collections.deque[Segment] = attr.ib(factory=collections.deque)
     rate: DeliveryRate = attr.ib(factory=DeliveryRate)
-    _queue: collections.deque[bytes] = attr.ib(factory=collections.deque)
-    _queued: int = 0
-    #: Bytes of the head chunk of ``_queue`` already cut into segments.
-    _offset: int = 0
+    #: Written, not yet cut into segments.
+    _queue: SendQueue = attr.ib(factory=SendQueue)
     _transmissions: int = 0
     #: Bytes of the segments neither SACKed nor deemed lost, kept as they change (:meth:`pipe`).
     _pipe: int = 0
@@ -177,7 +167,7 @@ class Sender:
 
     @property
     def unsent(self) -> int:
-        return self._queued
+        return self._queue.queued
 
     @property
     def outstanding(self) -> bool:
@@ -191,7 +181,7 @@ class Sender:
     @property
     def idle(self) -> bool:
         """Nothing queued and everything sent was acknowledged."""
-        return not self._queued and not self.segments
+        return not self._queue.queued and not self.segments
 
     def pipe(self) -> int:
         """Bytes believed to be in the network (RFC 6675): not SACKed, not deemed lost."""
@@ -207,36 +197,7 @@ class Sender:
     # -- application data ----------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if data:
-            self._queue.append(data)
-            self._queued += len(data)
-
-    def _peek(self, n: int) -> bytes:
-        out: list[bytes] = []
-        need = n
-        offset = self._offset
-        for chunk in self._queue:
-            piece = chunk[offset:offset + need]
-            offset = 0
-            out.append(piece)
-            need -= len(piece)
-            if not need:
-                break
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _consume(self, n: int) -> None:
-        # the head chunk is read from ``_offset`` on, never sliced: a 64 KiB write cut into
-        # small segments would otherwise copy what is left of it for every segment
-        self._queued -= n
-        while n:
-            left = len(self._queue[0]) - self._offset
-            if left <= n:
-                self._queue.popleft()
-                self._offset = 0
-                n -= left
-            else:
-                self._offset += n
-                n = 0
+        self._queue.write(data)
 
     # -- transmission --------------------------------------------------------------
 
@@ -268,33 +229,36 @@ class Sender:
                 self.retransmits += 1
                 return seg, True
             first_hole = False
-        if not self._queued:
+        queued = self._queue.queued
+        if not queued:
             if self._pipe < self.cc.cwnd:
                 self.rate.mark_app_limited(self._pipe)
             return None
-        flow_room = self.snd_una + self.send_window() - self.snd_nxt
+        snd_nxt, mss = self.snd_nxt, self.mss
+        # the room the peer's window leaves (send_window()), and the congestion window's (pipe())
+        flow_room = self.snd_una + (self.peer_window if self.peer_window > 1 else 1) * WINDOW_UNIT - snd_nxt
         if self._sacked:
             # everything past the hole waits at the receiver, whose room for it is smaller
             # than its window: what does not fit would be dropped there
-            flow_room = min(flow_room, self.snd_una + OOO_LIMIT - self.snd_nxt)
-        cc_room = self.cc.cwnd - self.pipe()
-        want = min(self.mss, self._queued)
-        n = min(want, flow_room, cc_room)
+            flow_room = min(flow_room, self.snd_una + OOO_LIMIT - snd_nxt)
+        want = mss if mss < queued else queued
+        n = min(want, flow_room, self.cc.cwnd - self._pipe)
         if n <= 0:
             return None
         if n < want and self.segments:
             return None  # wait for a full segment's room (silly-window avoidance)
-        if n < self.mss and self.segments and self.nagle and not flush:
+        if n < mss and self.segments and self.nagle and not flush:
             self.nagle_holding = True
             return None
-        payload = sack_safe(self._peek(n))
-        self._consume(len(payload))
-        seg = Segment(self.snd_nxt, payload, now, tx=self._stamp())
+        payload = self._queue.take(n)
+        size = len(payload)
+        self._transmissions = tx = self._transmissions + 1  # _stamp()
+        seg = Segment(snd_nxt, payload, now, 1, False, False, 0, tx)
         self.rate.on_send(seg, now, not self._pipe)
         self.segments.append(seg)
-        self._pipe += len(payload)
-        self.snd_nxt += len(payload)
-        self.bytes_sent += len(payload)
+        self._pipe += size
+        self.snd_nxt = snd_nxt + size
+        self.bytes_sent += size
         self.segs_sent += 1
         return seg, False
 

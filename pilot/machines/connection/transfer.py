@@ -20,10 +20,10 @@ this module imports nothing above it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Optional, Protocol, TypeVar, overload
+from typing import Any, Callable, Optional, Protocol
 
 import attr
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from pilot.address import Address
@@ -33,7 +33,12 @@ from pilot.machines.connection.recvbuffer import Receipt, RecvBuffer
 from pilot.machines.connection.rtt import RttEstimator
 from pilot.machines.connection.sendbuffer import CongestionControl, Sender
 from pilot.machines.connection.sequence import SEQ_MASK, unwrap, wire
-from pilot.wire.packet import ACK, STREAM, VERSION, Packet, encode_sack, parse_sack
+from pilot.machines.connection.timers import (  # noqa: F401 (re-exported)
+    DEADLINE_SLACK, CoalescedTimer, Timer, TimerSlot,
+)
+from pilot.wire.packet import ACK, SACK_MAGIC, STREAM, VERSION, Packet, encode_sack, parse_sack
+
+_unchecked = Packet.unchecked
 
 #: ``tracer(state, input, next_state)``
 Tracer = Callable[[str, str, str], None]
@@ -68,162 +73,12 @@ class ConnectionInputs(Protocol):
     def time_wait_elapsed(self) -> None: ...
 
 
-@attr.s(auto_attribs=True, eq=False)
-class Timer:
-    """One restartable ``callLater``."""
-
-    clock: IReactorTime
-    fire: Callable[[], None]
-    _call: Optional[IDelayedCall] = None
-
-    @property
-    def active(self) -> bool:
-        return self._call is not None
-
-    def start(self, delay: float) -> None:
-        self.cancel()
-        self._call = self.clock.callLater(max(0.0, delay), self._run)
-
-    def ensure(self, delay: float) -> None:
-        if self._call is None:
-            self.start(delay)
-
-    def cancel(self) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Cancel the delayed call itself (the connection is ending)."""
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-
-    def _run(self) -> None:
-        self._call = None
-        self.fire()
-
-
 #: In-order data acknowledged by one ACK at most: past ``delayed_ack_segments`` the ACK
 #: waits for the end of the reactor pass that read them, until this many bytes are owed
 #: (what Linux's GRO hands its TCP at once: 16 segments of 4,096 bytes, 48 of 1,402).
 ACK_STRETCH_BYTES = 65536
 
 _NO_BLOCKS: list[tuple[int, int]] = []  # never changed: the SACK blocks of an ACK without them
-
-#: A coalesced timer fires this close to its deadline (the clocks' float arithmetic).
-DEADLINE_SLACK = 1e-9
-
-
-@attr.s(auto_attribs=True, eq=False)
-class CoalescedTimer(Timer):
-    """
-    A timer restarted or cancelled for nearly every packet (the retransmission
-    timer on each ACK, the delayed ACK on each ACK sent): it moves a deadline
-    and keeps one delayed call, which re-arms itself for the rest when it
-    fires before the deadline, and does nothing when the timer was cancelled
-    meanwhile.  A ``callLater`` and a ``cancel`` per packet become one per
-    timeout (docs/performance.md); the timer still fires at its deadline.
-    :meth:`stop` cancels the delayed call itself.
-    """
-
-    _deadline: Optional[float] = None
-
-    @property
-    def active(self) -> bool:
-        return self._deadline is not None
-
-    def start(self, delay: float) -> None:
-        delay = max(0.0, delay)
-        deadline = self._deadline = self.clock.seconds() + delay
-        call = self._call
-        if call is not None:
-            if call.getTime() <= deadline + DEADLINE_SLACK:
-                return  # it comes first, and re-arms for the rest
-            if call.active():
-                call.cancel()
-        self._call = self.clock.callLater(delay, self._run)
-
-    def ensure(self, delay: float) -> None:
-        if self._deadline is None:
-            self.start(delay)
-
-    def cancel(self) -> None:
-        self._deadline = None  # the delayed call stays: it comes to nothing, or is reused
-
-    def stop(self) -> None:
-        self._deadline = None
-        super().stop()
-
-    def _run(self) -> None:
-        self._call = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        now = self.clock.seconds()
-        if now + DEADLINE_SLACK < deadline:
-            self._call = self.clock.callLater(deadline - now, self._run)
-            return
-        self._deadline = None
-        self.fire()
-
-
-class _Feed:
-    """
-    A timer's ``fire``: feeds the machine one input.  One small object per
-    timer where a closure took three (function, cell, tuple), each of which
-    the garbage collector walks for as long as the connection lives.
-    """
-
-    __slots__ = ("core", "event")
-
-    def __init__(self, core: "Transfer", event: str) -> None:
-        self.core = core
-        self.event = event
-
-    def __call__(self) -> None:
-        getattr(self.core.machine, self.event)()
-
-
-T = TypeVar("T", bound=Timer)
-
-
-class TimerSlot(Generic[T]):
-    """
-    One of a connection's timers, made the first time it is read: a short
-    connection (a ping) starts four of its eight, and each one made is two
-    more objects per connection to allocate and for the garbage collector to
-    walk while it lives (``docs/performance.md``).  :meth:`cancel_in` cancels
-    it only if it was ever made.  It feeds the machine ``event`` when it
-    fires (None: it runs the core's liveness check).
-    """
-
-    def __init__(self, kind: type[T], event: str | None) -> None:
-        self.kind = kind
-        self.event = event
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, core: None, owner: type) -> "TimerSlot[T]": ...
-    @overload
-    def __get__(self, core: "Transfer", owner: type) -> T: ...
-
-    def __get__(self, core: "Transfer | None", owner: type) -> "T | TimerSlot[T]":
-        if core is None:
-            return self
-        event = self.event
-        timer = self.kind(core.clock, core._liveness_check if event is None else _Feed(core, event))
-        core.__dict__[self.name] = timer  # read from the instance from now on
-        core.timers.append(timer)
-        return timer
-
-    def cancel_in(self, core: "Transfer") -> None:
-        """``cancel()`` the timer of ``core``, unless it was never made (then nothing runs)."""
-        timer = core.__dict__.get(self.name)
-        if timer is not None:
-            timer.cancel()
 
 
 def _check_ends(local: Address, local_port: int, remote: Address, remote_port: int) -> None:
@@ -331,18 +186,21 @@ class Transfer:
         return self.receiver.window()
 
     def emit(self, flags: int, seq: int, payload: bytes = b"", ack: int | None = None) -> None:
+        receiver = self.receiver
         if ack is None:
-            ack = self.receiver.rcv_nxt if (flags & ACK and self.receiver is not None) else 0
-        window = self.window()
+            ack = receiver.rcv_nxt if (flags & ACK and receiver is not None) else 0
+        window = receiver.window() if receiver is not None else self.window()
         if flags & ACK:
             self.ack_owed = False
             self.pending_acks = 0
-            _ACK_TIMER.cancel_in(self)
+            ack_timer = self.__dict__.get("ack_timer")  # _ACK_TIMER.cancel_in(self), once per packet
+            if ack_timer is not None:
+                ack_timer.cancel()
             self.last_window = window
         # the ports and addresses were checked when the connection was made, seq and ack
         # are wrapped to 32 bits, the window is at most 0xFFFF, flags are ours
-        self.send(Packet.unchecked(VERSION, flags, STREAM, self.local, self.remote, self.local_port,
-                                   self.remote_port, seq & SEQ_MASK, ack & SEQ_MASK, window, payload))
+        self.send(_unchecked(VERSION, flags, STREAM, self.local, self.remote, self.local_port,
+                             self.remote_port, seq & SEQ_MASK, ack & SEQ_MASK, window, payload))
 
     def send_ack(self) -> None:
         """A pure ACK, with SACK blocks while out-of-order data is held."""
@@ -368,13 +226,15 @@ class Transfer:
         (once: a tick sends a few segments) and calls here again.
         """
         sender = self.sender
-        if not sender.unsent and not sender.outstanding:  # a receiving end, every segment
+        if not sender.unsent and not sender.segments:  # a receiving end, every segment
             sender.next_transmission(0.0)  # nothing to send: only its bookkeeping (app-limited)
-            NAGLE_TIMER.cancel_in(self)
-            REXMIT_TIMER.cancel_in(self)
+            made = self.__dict__  # NAGLE_TIMER.cancel_in(self), REXMIT_TIMER.cancel_in(self) without the calls
+            for timer in (made.get("nagle_timer"), made.get("rexmit_timer")):
+                if timer is not None:
+                    timer.cancel()
             return
         now = self.clock.seconds()
-        pacer, cc = self.pacer, self.cc
+        pacer, cc, next_transmission, emit = self.pacer, self.cc, sender.next_transmission, self.emit
         while True:
             rate = cc.pacing_rate
             if rate:
@@ -383,13 +243,14 @@ class Transfer:
                     if sender.unsent or sender.has_lost:
                         self.pacing_timer.ensure(wait)
                     break
-            chosen = sender.next_transmission(now, flush)
+            chosen = next_transmission(now, flush)
             if chosen is None:
                 break
-            segment, _ = chosen
+            segment = chosen[0]
+            payload = segment.payload
             if rate:
-                pacer.spend(len(segment.payload))
-            self.emit(ACK, segment.start, segment.payload)
+                pacer.tokens -= len(payload)  # pacer.spend()
+            emit(ACK, segment.start, payload)
         if self.sender.nagle_holding:
             self.nagle_timer.ensure(self.config.nagle_delay)
         else:
@@ -412,15 +273,19 @@ class Transfer:
         now = self.clock.seconds()
         sender = self.sender
         payload = packet.payload
-        sack = parse_sack(payload) if payload else None
+        sack = parse_sack(payload) if payload[:4] == SACK_MAGIC else None  # data: no call
         if sack is None:
             data, blocks = payload, _NO_BLOCKS
         else:
             data = b""
             blocks = [(unwrap(left, sender.snd_una), unwrap(right, sender.snd_una)) for left, right in sack]
-        result = sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks,
-                               bool(data), now)
-        if result.acked:
+        if sack is None and not sender.segments and packet.ack == sender.snd_una & SEQ_MASK:
+            # a receiving end, every segment: what on_ack does when nothing is in flight (no sample,
+            # nothing to advance or mark lost), without the calls
+            sender.last_ack_at = now
+            if packet.window > 0 or data:
+                sender.peer_window = packet.window
+        elif sender.on_ack(unwrap(packet.ack, sender.snd_una), packet.window, blocks, bool(data), now).acked:
             REXMIT_TIMER.cancel_in(self)  # restarted by pump() with the current RTO
         ack_now = False
         deliver = True
@@ -429,15 +294,19 @@ class Transfer:
             self.bytes_recv += len(data)
             self.ack_owed = True
             receiver = self.receiver
-            receipt = receiver.receive(unwrap(packet.seq, receiver.rcv_nxt), data)
+            seq, rcv_nxt = packet.seq, receiver.rcv_nxt
+            receipt = receiver.receive(rcv_nxt if seq == rcv_nxt & SEQ_MASK else unwrap(seq, rcv_nxt), data)
             if receipt is Receipt.IN_ORDER and not receiver.filled_gap and not receiver.ooo_count:
                 pending = self.pending_acks = self.pending_acks + 1
                 if pending * len(data) >= ACK_STRETCH_BYTES:
                     ack_now = True
                 elif pending >= self.config.delayed_ack_segments:
                     # the ACK (and the data) at the end of this reactor pass: one for every
-                    # segment read in the pass, a stretch ACK (docs/connection.md)
-                    self.ack_timer.start(0.0)
+                    # segment read in the pass, a stretch ACK (docs/connection.md); past the
+                    # first, the timer is armed for this pass already (only an ACK sent disarms it,
+                    # and that resets the count)
+                    if pending == self.config.delayed_ack_segments:
+                        self.ack_timer.start(0.0)
                     deliver = pending == 1
                 else:
                     self.ack_timer.ensure(self.config.delayed_ack)

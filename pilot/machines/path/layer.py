@@ -23,9 +23,13 @@ from zope.interface import implementer
 
 from pilot.endpoint import Endpoint
 from pilot.interfaces import IPathEvents
-from pilot.machines.path.config import IDLE, PATH_NAMES, UNMATCHED_MAX, PathConfig
-from pilot.machines.path.peer import PathCore, TunnelControl
+from pilot.machines.path.config import DIRECT, IDLE, PATH_NAMES, PUNCHED, UNMATCHED_MAX, PathConfig
+from pilot.machines.path.peer import PathCore, TunnelControl, check_silence, heard_direct
+from pilot.machines.table import running
 from pilot.wire import beacon as bw
+
+#: The states whose per-packet inputs are loops the layer runs without the dispatch (``running``).
+_DIRECT_STATES = frozenset((DIRECT, PUNCHED))
 
 
 #: Where a datagram nobody asked for is taken: a LAN (or this host), with no NAT
@@ -110,11 +114,13 @@ class Paths:
 
     def sending(self, node_id: int, endpoint: Optional[Endpoint] = None) -> None:
         """The node is about to send ``node_id`` a packet; ``endpoint``: the directory's, if known."""
-        core = self._peer(node_id)
+        core = self._peers.get(node_id) or self._peer(node_id)
         if core.registered is None and endpoint is not None:
             core.registered = endpoint
         core.last_used = self._clock.seconds()
-        if core.state == IDLE and self._punch_first(core.registered or core.endpoint):
+        if core.state in _DIRECT_STATES and not running(core.machine):
+            check_silence(core.machine, core)  # direct or punched: its packet_sent loop, per packet, undispatched
+        elif core.state == IDLE and self._punch_first(core.registered or core.endpoint):
             core.machine.punch_first()
         else:
             core.machine.packet_sent()
@@ -173,7 +179,10 @@ class Paths:
                 core.machine.punched_frame_received(endpoint)
                 return
         core.last_used = self._clock.seconds()
-        core.machine.direct_frame_received(endpoint)
+        if core.state in _DIRECT_STATES and endpoint == core.endpoint and not running(core.machine):
+            heard_direct(core.machine, core, endpoint)  # its direct_frame_received loop, per packet, undispatched
+        else:
+            core.machine.direct_frame_received(endpoint)
 
     def relayed_frame(self, node_id: int) -> None:
         """Tunnel hook: an authenticated frame from the peer came through the beacon."""

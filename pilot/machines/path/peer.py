@@ -420,7 +420,7 @@ def _use_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
 @table.on(direct, I.direct_frame_received, direct)
 @table.on(punched, I.direct_frame_received, punched)
 def _heard_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
-    c.last_direct_rx, c.awaiting_since = c.now(), None
+    c.last_direct_rx, c.awaiting_since = c.clock.seconds(), None  # (c.now(), per packet)
     if endpoint != c.endpoint:  # roaming or a NAT rebinding: the tunnel moved already
         c.changed_at = c.now()
         c.route(endpoint, relay=False)
@@ -430,12 +430,12 @@ def _heard_direct(m: PeerPath, c: PathCore, endpoint: Endpoint) -> None:
 @table.on(direct, I.packet_sent, direct)
 @table.on(punched, I.packet_sent, punched)
 def _check_silence(m: PeerPath, c: PathCore) -> None:
-    now, silence = c.now(), c.config.direct_silence
-    if c.awaiting_since is None or c.last_sent is None or now - c.last_sent >= silence:
+    now, silence = c.clock.seconds(), c.config.direct_silence  # (c.now(), per packet)
+    last, c.last_sent = c.last_sent, now  # before the input below (an input a behaviour calls waits for it)
+    if c.awaiting_since is None or last is None or now - last >= silence:
         c.awaiting_since = now  # the first send since an answer, or after a pause
     elif now - c.awaiting_since >= silence:
         m.direct_went_silent()
-    c.last_sent = now
 
 
 @table.on(direct, I.keepalive_timer_fired, direct)
@@ -495,3 +495,5 @@ def transitions(ignored: bool = False) -> list[Transition]:
     """Every transition that does something (and, with ``ignored``, the harmless
     inputs): (state, input, next state, behaviour), for docs and tests."""
     return table.transitions(ignored)
+
+heard_direct, check_silence = _heard_direct, _check_silence  # loops the layer runs without dispatch

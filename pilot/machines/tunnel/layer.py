@@ -24,12 +24,15 @@ from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
 from pilot.interfaces import DatagramTooBig, IFrameReceiver, IPathEvents
-from pilot.machines.tunnel.peer import Peer
+from pilot.machines.table import running
+from pilot.machines.tunnel.peer import Peer, open_sealed
 from pilot.machines.tunnel.pmtu import PathMtus
 from pilot.wire import probe as pw
 from pilot.wire.beacon import Relay
 from pilot.wire.packet import Packet
-from pilot.wire.tunnel import AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, SealedFrame, decode_frame
+from pilot.wire.tunnel import (
+    MAGIC_LEN, PILS, SEALED_MIN, AuthKeyExchange, KeyExchange, PlainFrame, PunchProbe, SealedFrame, decode_frame,
+)
 from pilot.wire.tunnel_crypto import derive_key
 
 QUEUE_PER_PEER = 64        # packets held per peer while exchanging; the oldest go first
@@ -100,9 +103,16 @@ class Tunnels:
         if peer.endpoint is None and not peer.relay:
             self.count("no_route")
             return
-        if peer.session is not None:
-            self.mtu.using(node_id, peer.relay)
-        peer.machine.packet_queued(packet)
+        if peer.session is None:
+            peer.machine.packet_queued(packet)
+            return
+        self.mtu.using(node_id, peer.relay)
+        if running(peer.machine):
+            peer.machine.packet_queued(packet)  # queued after the behaviour under way, as any input
+        else:
+            # established (a session is installed on the way there and never dropped): that state's
+            # packet_queued loop (_seal) run as the machine would, without the input's dispatch
+            peer.send_sealed(packet)
 
     def path_trouble(self, node_id: int) -> None:
         """A stream to the peer timed out again and again: check that its datagrams still fit."""
@@ -129,14 +139,18 @@ class Tunnels:
         ``relay_sender`` is the node id the beacon says relayed it (docs/reference-wire.md §3): a
         relayed frame that names another sender is dropped and counted (``relay_sender_mismatch``).
         """
-        if isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == pw.PILM:
+        frame: Any
+        if type(data) is bytes and data[:MAGIC_LEN] == PILS and len(data) >= SEALED_MIN:
+            frame = SealedFrame._from(data)  # nearly every frame: what decode_frame does first
+        elif isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == pw.PILM:
             self._probe_frame(data, source, via_relay, relay_sender)
             return
-        try:
-            frame = decode_frame(data)
-        except MalformedFrame:
-            self.count("malformed")
-            return
+        else:
+            try:
+                frame = decode_frame(data)
+            except MalformedFrame:
+                self.count("malformed")
+                return
         if relay_sender is not None and self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
             return
         if type(frame) is SealedFrame and frame.sender != self._own_id():  # the data path first
@@ -161,7 +175,10 @@ class Tunnels:
             self.count("pils_no_session")
             self.answer_with_pila(frame.sender, source, via_relay)
             return
-        packet = peer.machine.sealed_frame_received(frame, source, via_relay)
+        if peer.session is not None and not running(peer.machine):
+            packet = open_sealed(peer.machine, peer, frame, source, via_relay)  # established's loop, as in send()
+        else:
+            packet = peer.machine.sealed_frame_received(frame, source, via_relay)
         if packet is not None:
             self._deliver(packet, frame.sender)
 
@@ -250,6 +267,9 @@ class Tunnels:
     def emit(self, node_id: int, frame: bytes, endpoint: Optional[Endpoint], relay: bool) -> bool:
         """Send ``frame`` to the peer directly or through the beacon; False if there is no way."""
         try:
+            if endpoint is not None and not relay:
+                self._send_datagram(frame, endpoint)  # direct: _emit()'s last branch, per packet
+                return True
             return self._emit(node_id, frame, endpoint, relay)
         except DatagramTooBig:
             self.mtu.too_big(node_id, relay, len(frame))

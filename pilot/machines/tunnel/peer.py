@@ -190,7 +190,10 @@ class Peer:
         if own is None:
             self.owner.count("no_node_id")
             return
-        self.transmit(SealedFrame.sealed(self.session.sender, own, packet))
+        frame = SealedFrame.sealed(self.session.sender, own, packet)
+        if self.owner.emit(self.node_id, frame, self.endpoint, self.relay):  # transmit(frame), per packet
+            self.last_tx = self.clock.seconds()
+            self.bytes_tx += len(frame)
         if not self.candidates:
             return  # the common case, per packet
         for candidate in reversed(self.candidates.values()):
@@ -364,7 +367,11 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
           via_relay: bool) -> Optional[Packet]:
     assert c.session is not None
     try:
-        packet = Packet.decode(_open_either(c, frame, source, via_relay))
+        try:
+            plaintext = c.session.open(frame)  # the session's key: every frame but a restarted peer's
+        except Dropped as e:
+            plaintext = _open_candidate(c, frame, source, via_relay, e)
+        packet = Packet.decode(plaintext)
         if packet.src.node != c.node_id:  # #9: the sender id must be the packet's source
             raise Dropped("pils_wrong_source")
     except Dropped as e:
@@ -377,24 +384,19 @@ def _open(m: PeerTunnel, c: Peer, frame: SealedFrame, source: Endpoint,
     except MalformedFrame:
         c.owner.count("pils_bad_packet")
         return None
-    c.last_rx = c.now()
+    c.last_rx = c.clock.seconds()
     c.bytes_rx += 20 + len(frame.ciphertext)
-    if not via_relay:
+    if not via_relay and source != c.endpoint:
         c.set_endpoint(source)  # roaming: an authenticated frame from a new address
     c.owner.heard(c.node_id, source, via_relay, True)
     return packet
 
 
-def _open_either(c: Peer, frame: SealedFrame, source: Endpoint, via_relay: bool) -> bytes:
-    """Open under the session; failing that, under a candidate (newest first), which it then
-    proves: the candidate becomes the session, the old key is retired."""
-    assert c.session is not None
-    try:
-        return c.session.open(frame)
-    except Dropped as e:
-        if not c.candidates or e.reason != "pils_undecryptable":
-            raise
-        first = e
+def _open_candidate(c: Peer, frame: SealedFrame, source: Endpoint, via_relay: bool, first: Dropped) -> bytes:
+    """The session did not open ``frame`` (``first``): try the candidates (newest first); the one
+    that opens it is proven: it becomes the session, the old key is retired."""
+    if not c.candidates or first.reason != "pils_undecryptable":
+        raise first
     for candidate in reversed(c.candidates.values()):
         try:
             plaintext = candidate.session.open(frame)
@@ -416,3 +418,7 @@ PeerTunnelMachine = indexed(_builder.build())
 def transitions() -> list[Transition]:
     """Every transition: (state, input, next state, behaviour), for docs and tests."""
     return table.transitions()
+
+
+#: The established state's ``sealed_frame_received`` behaviour, for the layer's dispatch-free path.
+open_sealed = _open
