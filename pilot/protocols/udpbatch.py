@@ -251,5 +251,6 @@ def enable_gro(port: Any, count: Callable[[str], None]) -> bool:
         port.socket.setsockopt(SOL_UDP, UDP_GRO, 1)
     except (AttributeError, OSError):
         return False
-    port.doRead = GroReader(port, count).doRead
+    patched: Any = port  # this port's doRead only, not udp.Port's
+    patched.doRead = GroReader(port, count).doRead
     return True
