@@ -85,7 +85,9 @@ class PathTests(SynchronousTestCase):
                   "echo_s": transfer.seconds, "mib_per_s": transfer.mib_per_s,
                   "mtu_a": row_a.get("mtu"), "mtu_b": row_b.get("mtu"),
                   "mtu_state_a": row_a.get("mtu_state"), "mtu_state_b": row_b.get("mtu_state"),
-                  "path_a": row_a.get("path"), "too_big_a": (na.counters() or {}).get("too_big")}
+                  "path_a": row_a.get("path"),
+                  # the tunnel socket's counters (too_big, gso_sends, gro_reads, gso_off: docs/tunnel.md)
+                  "udp_a": (na.counters() or {}).get("udp"), "udp_b": (nb.counters() or {}).get("udp")}
         if transfer.mib_per_s:
             _figures[path] = transfer.mib_per_s
         if "plain" in _figures and path != "plain" and transfer.mib_per_s:
