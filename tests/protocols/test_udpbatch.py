@@ -423,3 +423,52 @@ class Reading(SynchronousTestCase):
         self.assertTrue(enable_gro(port, lambda n: None))
         self.assertEqual(port.socket.options[(SOL_UDP, UDP_GRO)], 1)
         self.assertIn("doRead", port.__dict__)
+
+
+class ListeningPort(SocketTransport):
+    """What ``reactor.listenUDP`` gives ``TunnelPort``: a socket and a host."""
+
+    def __init__(self, protocol: Any, sock: FakeSocket) -> None:
+        super().__init__(sock)
+        protocol.makeConnection(self)
+
+    def getHost(self) -> Any:
+        return type("Host", (), {"port": 4000})()
+
+
+class ListeningReactor(Clock):
+    def __init__(self, sock: FakeSocket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+        return ListeningPort(protocol, self.sock)
+
+
+class TheNodesSocket(SynchronousTestCase):
+    def start(self, batching: bool) -> tuple[NodeDatagramProtocol, ListeningReactor]:
+        from pilot.services.node import TunnelPort
+        reactor = ListeningReactor(FakeSocket())
+        protocol = NodeDatagramProtocol()
+        TunnelPort(reactor, protocol, "127.0.0.1:0", self.mktemp(), batching).startService()
+        return protocol, reactor
+
+    def test_the_tunnel_port_batches(self) -> None:
+        protocol, reactor = self.start(True)
+        for _ in range(3):
+            protocol.send(b"P" * 1300, PEER)
+        reactor.advance(0)
+        self.assertEqual([c[0] for c in reactor.sock.sent], ["sendto", "sendmsg"])
+
+    def test_the_tunnel_port_without_batches(self) -> None:
+        protocol, reactor = self.start(False)
+        for _ in range(3):
+            protocol.send(b"P" * 1300, PEER)
+        reactor.advance(0)
+        self.assertEqual([c[0] for c in reactor.sock.sent], ["sendto"] * 3)
+
+    def test_the_environment_turns_it_off(self) -> None:
+        from pilot.services.node import udp_batching
+        self.assertTrue(udp_batching({}))
+        self.assertTrue(udp_batching({"PILOT_UDP_BATCH": "1"}))
+        self.assertFalse(udp_batching({"PILOT_UDP_BATCH": " 0 "}))
