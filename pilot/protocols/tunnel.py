@@ -106,14 +106,20 @@ class NodeDatagramProtocol(DatagramProtocol):
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         batch = self._batch
-        if batch is not None:
-            # a beacon message (first byte under 0x10) never waits in a batch
-            if data[:1] >= b"\x10" and batch.hold(data, endpoint):
+        if batch is None:
+            self._send_now(data, endpoint)
+            return
+        if data[:1] >= b"\x10":
+            if batch.hold(data, endpoint):
                 return
-            batch.flush()
-        self._send_now(data, endpoint)
-        if batch is not None:
-            batch.accepted(endpoint, len(data))  # it did not raise: the size fits the path
+        else:
+            batch.flush()  # a beacon message (first byte under 0x10) never waits in a batch
+        try:
+            self._send_now(data, endpoint)
+        except DatagramTooBig:
+            batch.too_big(endpoint)
+            raise
+        batch.accepted(endpoint, len(data))  # it did not raise: the size fits the path
 
     def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
         transport = self.transport

@@ -3,13 +3,15 @@
 Datagrams through the kernel in batches, for the node's tunnel socket (Linux).
 
 * Send (:class:`SendBatch`, UDP GSO): datagrams to one endpoint, of one size,
-  sent within one reactor pass leave in one ``sendmsg`` with a
-  ``UDP_SEGMENT`` cmsg; the kernel cuts the buffer back into the same
-  datagrams (the last may be shorter), so the wire carries exactly what one
-  ``sendto`` each would.  Only a datagram whose endpoint already took one of
-  at least its size by a plain send is held (its "too big" answer is known),
-  so the sender that must learn :class:`~pilot.interfaces.DatagramTooBig`
-  (the path MTU search) always sends synchronously.  A batch the kernel
+  sent within one reactor pass leave in two calls: the first at once with a
+  plain ``sendto``, the others in one ``sendmsg`` with a ``UDP_SEGMENT``
+  cmsg at the end of the pass; the kernel cuts the buffer back into the
+  same datagrams (the last may be shorter), so the wire carries exactly
+  what one ``sendto`` each would.  Only datagrams whose endpoint already
+  took one of at least their size by a plain send are held (their "too
+  big" answer is known), so the sender that must learn
+  :class:`~pilot.interfaces.DatagramTooBig` (the path MTU search) always
+  sends synchronously.  A batch the kernel
   refuses goes out again one ``sendto`` each; when it was GSO that failed
   (EIO: a device without checksum offload, EINVAL, ENOPROTOOPT) batching
   stops for the socket, counted and logged once.
@@ -116,12 +118,17 @@ class SendBatch:
 
     def hold(self, data: bytes, endpoint: Endpoint) -> bool:
         """
-        Hold ``data`` for a batch and say True, or send what is held (order is
-        kept) and say False: the caller sends ``data`` itself.
+        Hold ``data`` for the batch open to its endpoint and size and say True;
+        or send what is held (order is kept) and say False: the caller sends
+        ``data`` itself, at once.  That plain send opens a batch when the
+        endpoint took that size before: the first of a batch never waits (an
+        ACK alone goes as soon as it is made, and the receiver starts on the
+        first datagram while the others are made), the rest wait for the end
+        of the pass.
         """
         size = len(data)
-        held = self._held
-        if held:
+        if self._endpoint is not None:
+            held = self._held
             if (endpoint == self._endpoint and size <= self._size and len(held) < MAX_SEGMENTS
                     and self._bytes + size <= MAX_BATCH_BYTES):
                 held.append(data)
@@ -130,13 +137,17 @@ class SendBatch:
                     self.flush()  # a shorter one is the last a batch may have
                 return True
             self.flush()
-        if not self.enabled or self._good.get(endpoint, 0) < size or not size:
-            return False
-        self._held.append(data)  # a new list if flush() ran
-        self._endpoint, self._size, self._bytes = endpoint, size, size
-        if self._pending is None:
-            self._pending = self._later(self._end_of_pass)
-        return True
+        if self.enabled and size and self._good.get(endpoint, 0) >= size:
+            self._endpoint, self._size, self._bytes = endpoint, size, 0
+            if self._pending is None:
+                self._pending = self._later(self._end_of_pass)
+        return False
+
+    def too_big(self, endpoint: Endpoint) -> None:
+        """A plain send to ``endpoint`` was refused as too big: hold nothing more for it."""
+        if self._endpoint == endpoint:
+            self.flush()
+        self._good.pop(endpoint, None)
 
     def _end_of_pass(self) -> None:
         self._pending = None
@@ -151,9 +162,10 @@ class SendBatch:
 
     def flush(self) -> None:
         held, endpoint, size = self._held, self._endpoint, self._size
+        self._endpoint = None  # the batch is closed
         if not held or endpoint is None:
             return
-        self._held, self._endpoint, self._size, self._bytes = [], None, 0, 0
+        self._held, self._size, self._bytes = [], 0, 0
         sock = self._socket()
         if sock is None:
             self._count("batch_closed")

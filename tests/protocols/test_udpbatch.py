@@ -93,115 +93,134 @@ class Batches(SynchronousTestCase):
     def count(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
 
-    def hold_all(self, datagrams: list[bytes], endpoint: Any = PEER) -> None:
+    def send_all(self, datagrams: list[bytes], endpoint: Any = PEER) -> list[bool]:
+        """Each as the protocol sends it: held, or sent plainly by the caller at once."""
+        held = []
         for d in datagrams:
-            self.assertTrue(self.batch.hold(d, endpoint))
+            held.append(self.batch.hold(d, endpoint))
+            if not held[-1]:
+                self.sock.sendto(d, endpoint)  # type: ignore[union-attr]
+        return held
+
+    def kinds(self) -> list[str]:
+        return [c[0] for c in self.sock.sent]  # type: ignore[union-attr]
 
     def test_an_unknown_endpoint_or_larger_size_is_not_held(self) -> None:
         self.assertFalse(self.batch.hold(b"x" * 100, ("192.0.2.1", 1)))
+        self.assertFalse(self.batch.hold(b"x" * 100, ("192.0.2.1", 1)))
+        self.assertFalse(self.batch.hold(b"x" * 1401, PEER))
         self.assertFalse(self.batch.hold(b"x" * 1401, PEER))
         self.assertFalse(self.batch.hold(b"", PEER))
-        self.assertEqual(self.sock.sent, [])  # type: ignore[union-attr]
+        self.assertFalse(self.batch.hold(b"", PEER))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_same_size_leaves_in_one_sendmsg_at_the_end_of_the_pass(self) -> None:
+    def test_the_first_at_once_the_rest_in_one_sendmsg_at_the_end_of_the_pass(self) -> None:
         data = [bytes([i]) * 1300 for i in range(5)]
-        self.hold_all(data)
-        self.assertEqual(self.sock.sent, [])  # type: ignore[union-attr]
+        self.assertEqual(self.send_all(data), [False, True, True, True, True])
+        self.assertEqual(self.kinds(), ["sendto"])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one flush a pass
         self.clock.advance(0)
-        self.assertEqual(self.sock.sent, [("sendmsg", b"".join(data), PEER, seg(1300))])  # type: ignore
+        self.assertEqual(self.sock.sent[1], ("sendmsg", b"".join(data[1:]), PEER, seg(1300)))  # type: ignore
         self.assertEqual(self.counts, {"gso_sends": 1})
+        self.assertEqual(self.send_all(data[:1]), [False])  # a new pass: the first goes at once again
 
     def test_one_held_datagram_goes_as_a_plain_sendto(self) -> None:
-        self.hold_all([b"a" * 1000])
+        self.send_all([b"a" * 1000, b"b" * 1000])
         self.clock.advance(0)
-        self.assertEqual(self.sock.sent, [("sendto", b"a" * 1000, PEER, 64)])  # type: ignore
+        self.assertEqual(self.sock.sent, [("sendto", b"a" * 1000, PEER, 64),  # type: ignore[union-attr]
+                                          ("sendto", b"b" * 1000, PEER, 64)])
 
     def test_another_endpoint_or_size_flushes_first(self) -> None:
-        self.hold_all([b"a" * 1000, b"b" * 1000])
-        self.hold_all([b"c" * 1000], OTHER)
-        self.hold_all([b"d" * 1200], OTHER)  # larger: a new batch
-        self.hold_all([b"e" * 1200], OTHER)
+        sent = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+        self.send_all(sent)
+        self.send_all([b"d" * 1000], OTHER)
+        self.send_all([b"e" * 1200, b"f" * 1200, b"g" * 1200], OTHER)  # larger: a new batch
         self.clock.advance(0)
-        sent = self.sock.sent  # type: ignore[union-attr]
-        self.assertEqual([c[0] for c in sent], ["sendmsg", "sendto", "sendmsg"])
+        self.assertEqual(self.kinds(), ["sendto", "sendmsg", "sendto", "sendto", "sendmsg"])
         self.assertEqual(self.sock.datagrams(),  # type: ignore[union-attr]
-                         [b"a" * 1000, b"b" * 1000, b"c" * 1000, b"d" * 1200, b"e" * 1200])
+                         sent + [b"d" * 1000, b"e" * 1200, b"f" * 1200, b"g" * 1200])
 
     def test_a_shorter_datagram_ends_the_batch(self) -> None:
-        self.hold_all([b"a" * 1000, b"b" * 1000, b"c" * 10])
-        self.assertEqual(self.sock.sent, [("sendmsg", b"a" * 1000 + b"b" * 1000 + b"c" * 10,  # type: ignore
-                                           PEER, seg(1000))])
-        self.hold_all([b"d" * 1000])
+        self.send_all([b"a" * 1000, b"b" * 1000, b"c" * 1000, b"d" * 10])
+        self.assertEqual(self.sock.sent[1], ("sendmsg", b"b" * 1000 + b"c" * 1000 + b"d" * 10,  # type: ignore
+                                             PEER, seg(1000)))
+        self.assertEqual(self.send_all([b"e" * 1000]), [False])
         self.clock.advance(0)
-        self.assertEqual(self.sock.datagrams()[-1], b"d" * 1000)  # type: ignore[union-attr]
+        self.assertEqual(self.sock.datagrams()[-1], b"e" * 1000)  # type: ignore[union-attr]
 
     def test_at_most_max_segments(self) -> None:
-        data = [i.to_bytes(2, "big") * 50 for i in range(MAX_SEGMENTS + 1)]
-        self.hold_all(data)
-        self.assertEqual(len(self.sock.sent), 1)  # type: ignore[union-attr]
+        data = [i.to_bytes(2, "big") * 50 for i in range(MAX_SEGMENTS + 3)]
+        self.send_all(data)
+        self.assertEqual(self.kinds(), ["sendto", "sendmsg", "sendto"])  # 1 + 64, then 1 opens the next
+        self.assertEqual(len(self.sock.sent[1][1]), MAX_SEGMENTS * 100)  # type: ignore[union-attr]
         self.clock.advance(0)
         self.assertEqual(self.sock.datagrams(), data)  # type: ignore[union-attr]
-        self.assertEqual(self.sock.sent[1][0], "sendto")  # type: ignore[union-attr]
+        self.assertEqual(self.kinds(), ["sendto", "sendmsg", "sendto", "sendto"])
 
     def test_at_most_max_batch_bytes_and_none_lost_at_the_limit(self) -> None:
         data = [i.to_bytes(2, "big") * 700 for i in range(100)]
-        self.hold_all(data)
+        self.send_all(data)
         self.clock.advance(0)
         self.assertEqual(self.sock.datagrams(), data)  # type: ignore[union-attr]
+        full = MAX_BATCH_BYTES // 1400
+        self.assertEqual([len(c[1]) // 1400 for c in self.sock.sent],  # type: ignore[union-attr]
+                         [1, full, 1, full, 1, 100 - 3 - 2 * full])
         for call in self.sock.sent:  # type: ignore[union-attr]
             self.assertLessEqual(len(call[1]), MAX_BATCH_BYTES)
-        self.assertEqual([len(c[1]) // 1400 for c in self.sock.sent],  # type: ignore[union-attr]
-                         [MAX_BATCH_BYTES // 1400, MAX_BATCH_BYTES // 1400, 100 - 2 * (MAX_BATCH_BYTES // 1400)])
 
     def test_gso_refused_falls_back_and_stops_batching(self) -> None:
         for no in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
             self.setUp()
             self.sock.fail["sendmsg"] = [no]  # type: ignore[union-attr]
             data = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
-            self.hold_all(data)
+            self.send_all(data)
             self.clock.advance(0)
-            self.assertEqual([c[0] for c in self.sock.sent], ["sendto"] * 3)  # type: ignore[union-attr]
+            self.assertEqual(self.kinds(), ["sendto"] * 3)
             self.assertEqual(self.sock.datagrams(), data)  # type: ignore[union-attr]
             self.assertFalse(self.batch.enabled)
             self.assertEqual(self.counts, {"gso_off": 1})
-            self.assertFalse(self.batch.hold(b"d" * 1000, PEER))
-        self.assertEqual(len(self.flushLoggedErrors()), 0)
+            self.assertEqual(self.send_all(data), [False] * 3)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_shrunk_path_is_not_taken_for_missing_gso(self) -> None:
         # the path's MTU fell under the segment size: GSO says EINVAL, a plain send EMSGSIZE
+        self.send_all([b"a" * 1000, b"b" * 1000, b"c" * 1000])
         self.sock.fail = {"sendmsg": [errno.EINVAL], "sendto": [errno.EMSGSIZE, errno.EMSGSIZE]}  # type: ignore
-        self.hold_all([b"a" * 1000, b"b" * 1000])
         self.clock.advance(0)
         self.assertTrue(self.batch.enabled)
         self.assertEqual(self.counts, {"too_big": 2})
-        # the next one to that endpoint is not held: its sender sends it and learns "too big"
+        # the next ones to that endpoint are not held: their sender sends them and learns "too big"
+        self.assertEqual(self.send_all([b"d" * 1000, b"e" * 1000]), [False, False])
+        self.assertEqual(self.send_all([b"d" * 1000, b"e" * 1000], OTHER), [False, True])
+
+    def test_too_big_closes_the_batch(self) -> None:
+        self.send_all([b"a" * 1000, b"b" * 1000])
+        self.batch.too_big(PEER)
+        self.assertEqual(self.sock.datagrams(), [b"a" * 1000, b"b" * 1000])  # type: ignore[union-attr]
         self.assertFalse(self.batch.hold(b"c" * 1000, PEER))
-        self.assertTrue(self.batch.hold(b"c" * 1000, OTHER))
+        self.assertFalse(self.batch.hold(b"c" * 1000, PEER))
 
     def test_a_full_buffer_loses_the_batch_quietly(self) -> None:
-        self.sock.fail["sendmsg"] = [errno.ENOBUFS]  # type: ignore[union-attr]
-        self.hold_all([b"a" * 1000, b"b" * 1000])
+        self.sock.fail["sendmsg"] = [errno.ENOBUFS, errno.ECONNREFUSED]  # type: ignore[union-attr]
+        self.send_all([b"a" * 1000, b"b" * 1000, b"c" * 1000])
         self.clock.advance(0)
         self.assertEqual(self.counts, {"send_error": 1, "batch_lost": 1})
         self.assertTrue(self.batch.enabled)
-        self.sock.fail["sendmsg"] = [errno.ECONNREFUSED]  # type: ignore[union-attr]
-        self.hold_all([b"a" * 1000, b"b" * 1000])
+        self.send_all([b"a" * 1000, b"b" * 1000, b"c" * 1000])
         self.clock.advance(0)
         self.assertEqual(self.counts, {"send_error": 1, "batch_lost": 1})
 
     def test_closed_socket(self) -> None:
-        self.hold_all([b"a" * 1000, b"b" * 1000])
+        self.send_all([b"a" * 1000, b"b" * 1000, b"c" * 1000])
         self.sock = None
         self.clock.advance(0)
         self.assertEqual(self.counts, {"batch_closed": 1})
 
     def test_cancel_sends_what_is_held(self) -> None:
-        self.hold_all([b"a" * 1000, b"b" * 1000])
+        self.send_all([b"a" * 1000, b"b" * 1000, b"c" * 1000])
         self.batch.cancel()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(len(self.sock.datagrams()), 2)  # type: ignore[union-attr]
+        self.assertEqual(len(self.sock.datagrams()), 3)  # type: ignore[union-attr]
 
     def test_remembered_endpoints_are_bounded(self) -> None:
         for port in range(1, udpbatch.GOOD_ENDPOINTS + 2):
@@ -234,12 +253,13 @@ class ProtocolBatches(SynchronousTestCase):
         self.assertEqual(self.protocol.batch(self.clock), (True, False))  # no udp.Port: no GRO
 
     def test_the_first_goes_at_once_the_rest_in_a_batch(self) -> None:
-        data = [b"P" + bytes([i]) * 1299 for i in range(4)]
+        data = [b"P" + bytes([i]) * 1299 for i in range(5)]
         for d in data:
             self.protocol.send(d, PEER)
-        self.assertEqual(self.sock.sent, [("sendto", data[0], PEER, 64)])
+        # the first ever to PEER (its size unknown), the first of the batch, then the batch
+        self.assertEqual(self.sock.sent, [("sendto", data[0], PEER, 64), ("sendto", data[1], PEER, 64)])
         self.clock.advance(0)
-        self.assertEqual(self.sock.sent[1], ("sendmsg", b"".join(data[1:]), PEER, seg(1300)))
+        self.assertEqual(self.sock.sent[2], ("sendmsg", b"".join(data[2:]), PEER, seg(1300)))
         self.assertEqual(self.sock.datagrams(), data)
 
     def test_a_beacon_message_keeps_its_place(self) -> None:
@@ -253,23 +273,23 @@ class ProtocolBatches(SynchronousTestCase):
         self.assertEqual(self.sock.datagrams(), frames + [b"\x01beacon"] * 2 + frames[:1])
 
     def test_a_ttl_limited_send_keeps_its_place_and_its_ttl(self) -> None:
-        for _ in range(3):
+        for _ in range(4):
             self.protocol.send(b"P" * 1300, PEER)
         self.protocol.send_limited(b"P" * 1300, PEER, 3)
         self.assertEqual([(c[0], c[-1]) for c in self.sock.sent],
-                         [("sendto", 64), ("sendmsg", seg(1300)), ("sendto", 3)])
+                         [("sendto", 64), ("sendto", 64), ("sendmsg", seg(1300)), ("sendto", 3)])
         self.assertEqual(self.sock.options[(socket.IPPROTO_IP, socket.IP_TTL)], 64)
 
     def test_too_big_reaches_the_sender(self) -> None:
-        for _ in range(3):
-            self.protocol.send(b"P" * 1300, PEER)  # one at once, two held
+        for _ in range(4):
+            self.protocol.send(b"P" * 1300, PEER)  # two at once, two held
         self.sock.fail["sendto"] = [errno.EMSGSIZE]
         self.assertRaises(DatagramTooBig, self.protocol.send, b"P" * 1400, PEER)  # a larger probe
-        self.assertEqual(self.sock.datagrams(), [b"P" * 1300] * 3)  # the held ones went first
+        self.assertEqual(self.sock.datagrams(), [b"P" * 1300] * 4)  # the held ones went first
         self.assertEqual(self.protocol.counters, {"gso_sends": 1, "too_big": 1})
 
     def test_too_big_after_the_path_shrank(self) -> None:
-        for _ in range(3):
+        for _ in range(4):
             self.protocol.send(b"P" * 1300, PEER)
         self.sock.fail = {"sendmsg": [errno.EINVAL], "sendto": [errno.EMSGSIZE] * 3}
         self.clock.advance(0)
@@ -277,10 +297,11 @@ class ProtocolBatches(SynchronousTestCase):
         self.assertRaises(DatagramTooBig, self.protocol.send, b"P" * 1300, PEER)
 
     def test_stopping_sends_what_is_held(self) -> None:
-        self.protocol.send(b"P" * 1300, PEER)
-        self.protocol.send(b"P" * 1300, PEER)
-        self.protocol.doStop()
+        for _ in range(4):
+            self.protocol.send(b"P" * 1300, PEER)
         self.assertEqual(len(self.sock.datagrams()), 2)
+        self.protocol.doStop()
+        self.assertEqual(len(self.sock.datagrams()), 4)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_no_gso_no_batching(self) -> None:
@@ -455,10 +476,10 @@ class TheNodesSocket(SynchronousTestCase):
 
     def test_the_tunnel_port_batches(self) -> None:
         protocol, reactor = self.start(True)
-        for _ in range(3):
+        for _ in range(4):
             protocol.send(b"P" * 1300, PEER)
         reactor.advance(0)
-        self.assertEqual([c[0] for c in reactor.sock.sent], ["sendto", "sendmsg"])
+        self.assertEqual([c[0] for c in reactor.sock.sent], ["sendto", "sendto", "sendmsg"])
 
     def test_the_tunnel_port_without_batches(self) -> None:
         protocol, reactor = self.start(False)
