@@ -22,6 +22,7 @@ from zope.interface import implementer
 from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.interfaces import DatagramTooBig, IBeaconListener, IDatagramSender, IFrameReceiver
+from pilot.protocols.udpbatch import SendBatch, enable_gro, gso_supported
 from pilot.wire import beacon as bw
 
 CHECKED_ENDPOINTS = 1024  # endpoints remembered as accepted by the port's write()
@@ -42,7 +43,25 @@ class NodeDatagramProtocol(DatagramProtocol):
         self.counters: dict[str, int] = {}
         self._default_ttl: Optional[int] = None
         self._checked: set[Endpoint] = set()
+        self._batch: Optional[SendBatch] = None
 
+    def batch(self, reactor: Any) -> tuple[bool, bool]:
+        """
+        Once listening: datagrams sent in batches where the socket allows (UDP
+        GSO) and read in batches (UDP GRO), ``pilot.protocols.udpbatch``.
+        Says which of the two the kernel took.
+        """
+        port: Any = self.transport
+        sock = getattr(port, "socket", None)
+        if sock is not None and gso_supported(sock):
+            # the port's socket, not the transport's: doStop() forgets the transport first
+            self._batch = SendBatch(lambda: getattr(port, "socket", None),
+                                    lambda f: reactor.callLater(0, f), self._count)
+        return self._batch is not None, enable_gro(port, self._count)
+
+    def stopProtocol(self) -> None:
+        if self._batch is not None:
+            self._batch.cancel()
     def wire(self, beacon: IBeaconListener, frames: IFrameReceiver) -> None:
         self._beacon = beacon
         self._frames = frames
@@ -86,6 +105,23 @@ class NodeDatagramProtocol(DatagramProtocol):
     # -- IDatagramSender --
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
+        batch = self._batch
+        if batch is None:
+            self._send_now(data, endpoint)
+            return
+        if data[:1] >= b"\x10":
+            if batch.hold(data, endpoint):
+                return
+        else:
+            batch.flush()  # a beacon message (first byte under 0x10) never waits in a batch
+        try:
+            self._send_now(data, endpoint)
+        except DatagramTooBig:
+            batch.too_big(endpoint)
+            raise
+        batch.accepted(endpoint, len(data))  # it did not raise: the size fits the path
+
+    def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
         transport = self.transport
         if transport is None:
             return
@@ -138,8 +174,10 @@ class NodeDatagramProtocol(DatagramProtocol):
             self._count("ttl_error")
             self.log.debug("cannot set a hop limit: {error}", error=e)
             return
+        if self._batch is not None:
+            self._batch.flush()  # what was sent before goes before, with the socket's own TTL
         try:
-            self.send(data, endpoint)
+            self._send_now(data, endpoint)
         finally:
             try:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self._default_ttl)

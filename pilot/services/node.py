@@ -87,6 +87,11 @@ def max_datagram(environ: Any) -> Optional[int]:
     return value if value > 0 else None
 
 
+def udp_batching(environ: Any) -> bool:
+    """``PILOT_UDP_BATCH=0`` keeps the tunnel socket at one datagram a system call (``docs/tunnel.md``)."""
+    return str(environ.get("PILOT_UDP_BATCH", "1")).strip() != "0"
+
+
 class NodeStartupError(Exception):
     def __init__(self, message: str, hint: str, code: ErrorCode = ErrorCode.invalid_argument) -> None:
         super().__init__(message)
@@ -186,9 +191,13 @@ class TunnelPort(Service):
     move until it sends to us again).
     """
 
-    def __init__(self, reactor: Any, protocol: NodeDatagramProtocol, listen: str, home: str) -> None:
+    log = Logger()
+
+    def __init__(self, reactor: Any, protocol: NodeDatagramProtocol, listen: str, home: str,
+                 batching: bool = True) -> None:
         self.reactor = reactor
         self.protocol = protocol
+        self.batching = batching
         self.host, self.port = parse_listen(listen)
         self.home = home
         self.remembered = os.path.join(home, "tunnel.port")
@@ -204,6 +213,9 @@ class TunnelPort(Service):
             except (AttributeError, OSError):
                 pass
         dont_fragment(udp)
+        if self.batching:
+            gso, gro = self.protocol.batch(self.reactor)
+            self.log.debug("tunnel socket: GSO {gso}, GRO {gro}", gso=gso, gro=gro)
 
     def _listen(self) -> Any:
         if self.port == 0:
@@ -352,7 +364,8 @@ class NodeService(MultiService):
         self.udp.wire(beacon=self.node, frames=self.node.tunnels)
         apps = make_apps(settings.home, reactor.seconds)
         self.api = NodeAPIImpl(self.node, reactor, settings, self.udp.counters, apps)
-        TunnelPort(reactor, self.udp, settings.listen, settings.home).setServiceParent(self)
+        TunnelPort(reactor, self.udp, settings.listen, settings.home,
+                   udp_batching(os.environ)).setServiceParent(self)
         NodeRunner(self.node, settings, apps).setServiceParent(self)
         ControlSocket(reactor, self.api, settings).setServiceParent(self)
         MemoryTrimmer(reactor).setServiceParent(self)

@@ -107,7 +107,9 @@ class PathTests(SynchronousTestCase):
                   "echo_cpu_ms_per_mib": round(echo_cpu * 1000.0 / max(1.0, SIZE / (1 << 20)), 1),
                   "mtu_a": row_a.get("mtu"), "mtu_b": row_b.get("mtu"),
                   "mtu_state_a": row_a.get("mtu_state"), "mtu_state_b": row_b.get("mtu_state"),
-                  "path_a": row_a.get("path"), "too_big_a": (na.counters() or {}).get("too_big")}
+                  "path_a": row_a.get("path"),
+                  # the tunnel socket's counters (too_big, gso_sends, gro_reads, gso_off: docs/tunnel.md)
+                  "udp_a": (na.counters() or {}).get("udp"), "udp_b": (nb.counters() or {}).get("udp")}
         figures = {"stream": stream.mib_per_s or 0.0, "echo": transfer.mib_per_s or 0.0}
         if path == "plain":
             _figures[path] = figures
