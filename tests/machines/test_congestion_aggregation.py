@@ -1,5 +1,5 @@
 """
-BBR's ACK-aggregation estimate (``extra_acked``) and the send quantum, fed
+BBR's ACK-aggregation estimate (``extra_acked``), fed
 synthetic ACKs at injected times: ACKs arriving in clumps raise the window
 by about a clump, ACKs that arrive as the bandwidth predicts change nothing,
 the estimate is capped and forgotten after ten rounds.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.machines.connection.congestion import (
-    ACK_EPOCH_RESET_BYTES, BW_WINDOW_ROUNDS, EXTRA_ACKED_MAX_TIME, MAX_SEND_QUANTUM, MSS, BbrCongestion,
+    ACK_EPOCH_RESET_BYTES, BW_WINDOW_ROUNDS, EXTRA_ACKED_MAX_TIME, MSS, BbrCongestion,
 )
 from pilot.machines.connection.pacing import RateSample
 from tests.machines.test_congestion import Feeder
@@ -44,7 +44,7 @@ class AggregationTests(SynchronousTestCase):
         return cc, f
 
     def expected_window(self, cc: BbrCongestion, extra: int) -> int:
-        return int(2 * RATE * RTT) + extra + 3 * cc.send_quantum
+        return int(2 * RATE * RTT) + extra + 3 * 2 * MSS
 
     def test_evenly_spaced_acks_add_nothing(self) -> None:
         """ACKs as the bandwidth predicts: the allowance is one ACK's bytes, whatever the time."""
@@ -107,14 +107,6 @@ class AggregationTests(SynchronousTestCase):
                                       total_delivered=f.delivered, in_flight=0), f.now)
         self.assertLess(cc.extra_acked.best, ACK_EPOCH_RESET_BYTES)
         self.assertLess(cc.ack_epoch_bytes, ACK_EPOCH_RESET_BYTES)
-
-    def test_send_quantum(self) -> None:
-        cc = BbrCongestion()
-        self.assertEqual(cc.send_quantum, 2 * MSS)  # not paced yet
-        cc.pacing_rate = 20 * MB
-        self.assertEqual(cc.send_quantum, 20_000)  # 1 ms
-        cc.pacing_rate = 1000 * MB
-        self.assertEqual(cc.send_quantum, MAX_SEND_QUANTUM)
 
     def test_diagnostics(self) -> None:
         cc, f = self.steady()
