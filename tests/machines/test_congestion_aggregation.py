@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.machines.connection.congestion import (
-    ACK_EPOCH_RESET_BYTES, BW_WINDOW_ROUNDS, EXTRA_ACKED_MAX_TIME, MSS, BbrCongestion,
+    BW_WINDOW_ROUNDS, EXTRA_ACKED_MAX_TIME, MSS, BbrCongestion,
 )
 from pilot.machines.connection.pacing import RateSample
 from tests.machines.test_congestion import Feeder
@@ -34,6 +34,9 @@ def clumped_round(f: Feeder, clumps: int) -> None:
 
 
 class AggregationTests(SynchronousTestCase):
+    def assertNear(self, value: float, expected: float, tolerance: float) -> None:
+        self.assertLessEqual(abs(value - expected), tolerance, f"{value} is not {expected}")
+
     def steady(self) -> tuple[BbrCongestion, Feeder]:
         """In ProbeBW at 4 MB/s, 100 ms, with startup's samples out of the filter."""
         cc = BbrCongestion()
@@ -49,34 +52,46 @@ class AggregationTests(SynchronousTestCase):
     def test_evenly_spaced_acks_add_nothing(self) -> None:
         """ACKs as the bandwidth predicts: the allowance is one ACK's bytes, whatever the time."""
         cc, f = self.steady()
-        self.assertAlmostEqual(cc.extra_acked.best, PER_ACK, delta=1)
-        self.assertAlmostEqual(cc.cwnd, self.expected_window(cc, PER_ACK), delta=1)
+        self.assertNear(cc.extra_acked.best, PER_ACK, 1)
+        self.assertNear(cc.cwnd, self.expected_window(cc, PER_ACK), 1)
         for _ in range(5):
             f.round(RATE, acks=ACKS, in_flight=300_000)
-            self.assertAlmostEqual(cc.extra_acked.best, PER_ACK, delta=1)
+            self.assertNear(cc.extra_acked.best, PER_ACK, 1)
 
     def test_clumped_acks_raise_the_window_by_a_clump(self) -> None:
         cc, f = self.steady()
         before = cc.cwnd
         for _ in range(3):
             clumped_round(f, clumps=2)  # half a round's bytes at once, every half round
-        self.assertAlmostEqual(cc.extra_acked.best, 5 * PER_ACK, delta=1)
-        self.assertAlmostEqual(cc.cwnd, self.expected_window(cc, 5 * PER_ACK), delta=1)
-        self.assertAlmostEqual(cc.cwnd - before, 4 * PER_ACK, delta=2)
+        self.assertNear(cc.extra_acked.best, 5 * PER_ACK, 1)
+        self.assertNear(cc.cwnd, self.expected_window(cc, 5 * PER_ACK), 1)
+        self.assertNear(cc.cwnd - before, 4 * PER_ACK, 2)
         self.assertEqual(cc.btlbw, RATE)  # the bandwidth model is not fooled by the clumps
 
     def test_estimate_expires_after_ten_rounds(self) -> None:
         cc, f = self.steady()
         clumped_round(f, clumps=1)  # a whole round's ACKs at once: 400,000 bytes ahead of the model
-        self.assertAlmostEqual(cc.extra_acked.best, 400_000, delta=1)
-        for _ in range(BW_WINDOW_ROUNDS):
+        self.assertNear(cc.extra_acked.best, 400_000, 1)
+        f.now += RTT  # a pause: the ACKs fall behind the model, the epoch starts again
+        for _ in range(BW_WINDOW_ROUNDS - 1):
             f.round(RATE, acks=ACKS, in_flight=300_000)
-        # still inside the window (the next round's first ACKs were still ahead of the model)
-        self.assertAlmostEqual(cc.extra_acked.best, 400_000, delta=1)
-        for _ in range(3):
+        self.assertNear(cc.extra_acked.best, 400_000, 1)  # still inside the window
+        for _ in range(2):
             f.round(RATE, acks=ACKS, in_flight=300_000)
-        self.assertAlmostEqual(cc.extra_acked.best, PER_ACK, delta=1)
-        self.assertAlmostEqual(cc.cwnd, self.expected_window(cc, PER_ACK), delta=1)
+        self.assertNear(cc.extra_acked.best, PER_ACK, 1)
+        self.assertNear(cc.cwnd, self.expected_window(cc, PER_ACK), 1)
+
+    def test_excess_lasts_while_acks_keep_pace(self) -> None:
+        """
+        An epoch ends only when the ACKs fall behind the model: a clump
+        followed by ACKs at exactly the bandwidth stays 400,000 bytes ahead
+        (Linux also restarts an epoch past 1 MiB; not done here, see the module).
+        """
+        cc, f = self.steady()
+        clumped_round(f, clumps=1)
+        for _ in range(3 * BW_WINDOW_ROUNDS):
+            f.round(RATE, acks=ACKS, in_flight=300_000)
+        self.assertNear(cc.extra_acked.best, 400_000, 1)
 
     def test_capped_by_the_window(self) -> None:
         """No more aggregation than the window could have had in flight."""
@@ -93,20 +108,6 @@ class AggregationTests(SynchronousTestCase):
         cc, f = self.steady()
         cc.extra_acked.update(10 * MB, cc.round_count)
         self.assertEqual(cc.aggregation_allowance(), int(RATE * EXTRA_ACKED_MAX_TIME))
-
-    def test_long_epoch_restarts(self) -> None:
-        """An epoch that has counted 1 MiB starts again: a stale epoch does not keep growing."""
-        cc, f = self.steady()
-        cc.cwnd = cc.max_window
-        prior = f.delivered
-        f.now += 0.001
-        for _ in range(40):  # 1.6 MB at one instant
-            f.delivered += PER_ACK
-            cc.on_delivery(RateSample(delivered=f.delivered - prior, interval=RTT, rtt=RTT,
-                                      newly_delivered=PER_ACK, prior_delivered=prior,
-                                      total_delivered=f.delivered, in_flight=0), f.now)
-        self.assertLess(cc.extra_acked.best, ACK_EPOCH_RESET_BYTES)
-        self.assertLess(cc.ack_epoch_bytes, ACK_EPOCH_RESET_BYTES)
 
     def test_diagnostics(self) -> None:
         cc, f = self.steady()

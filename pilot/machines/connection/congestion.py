@@ -126,9 +126,9 @@ LOSS_SAMPLE_SEGMENTS = 32
 #: After a round of heavy loss, in-flight data is capped at this share of the window.
 HEAVY_LOSS_BACKOFF = 0.7
 #: ACK aggregation (``extra_acked``) counts toward the window up to this many seconds at the
-#: estimated bandwidth, and an aggregation epoch restarts once it has counted this many bytes.
+#: estimated bandwidth.  (Linux also restarts an epoch past 1 MiB; here that shrank the NAT lab
+#: sink's window and speed: docs/performance.md, 2026-12-08 bbr.)
 EXTRA_ACKED_MAX_TIME = 0.1
-ACK_EPOCH_RESET_BYTES = 1 << 20
 
 
 @attr.s(auto_attribs=True, eq=False, slots=True)
@@ -330,8 +330,7 @@ class BbrCongestion:
         if not bw or not sample.newly_delivered:
             return
         expected = bw * (now - self.ack_epoch_start)
-        if (self.ack_epoch_bytes <= expected
-                or self.ack_epoch_bytes + sample.newly_delivered >= ACK_EPOCH_RESET_BYTES):
+        if self.ack_epoch_bytes <= expected:
             self.ack_epoch_start, self.ack_epoch_bytes, expected = now, 0, 0.0
         self.ack_epoch_bytes += sample.newly_delivered
         self.extra_acked.update(min(self.ack_epoch_bytes - expected, float(self.cwnd)), self.round_count,
