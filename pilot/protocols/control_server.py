@@ -39,8 +39,8 @@ from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import (IAddress, IHalfCloseableProtocol, IPushProducer, IReactorTime,
-                                         ITransport)
+from twisted.internet.interfaces import (IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer,
+                                         IReactorTime, ITransport)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -92,6 +92,8 @@ class ControlProtocol(StreamModes, Protocol):
         self._read_closed = False
         self._processing = False
         self._broken = False
+        self._raw_out: list[bytes] = []
+        self._raw_send: IDelayedCall | None = None
         self.uid: int | None = None
         self._commands = api_commands(self.api)
         #: The requests that change what this connection carries.
@@ -116,6 +118,7 @@ class ControlProtocol(StreamModes, Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         was = self._mode
         self._mode = CLOSED
+        self._drop_raw()
         self.factory.connections.discard(self)
         self._slots.clear()
         for subscription in self._subscriptions:

@@ -17,6 +17,7 @@ import base64
 from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -66,6 +67,9 @@ class StreamModes:
     _read_closed: bool
     _broken: bool
     _close: Callable[[], None]
+    #: raw mode: bytes from the Pilot stream in this reactor pass, and the call that sends them at its end
+    _raw_out: list[bytes]
+    _raw_send: IDelayedCall | None
 
     def _connect(self, slot: Slot, args: Arguments) -> Deferred[Any]:
         target, port = args.target(), args.port()
@@ -172,11 +176,37 @@ class StreamModes:
     # raw mode, from the bridge
 
     def stream_data(self, data: bytes) -> None:
-        if self._mode == RAW:
-            write_now(self.transport, data)  # an echo reaches the client in the pass that read it
+        """
+        Bytes from the Pilot stream: what arrives in one reactor pass leaves
+        together at its end (one ``send``, not one per segment delivered), in
+        order; an echo still reaches the client in the pass that read it.
+        Flow control is the transport's, as for any write: a full socket
+        queues the rest and pauses the Pilot side (:class:`Throttle`).
+        """
+        if self._mode != RAW:
+            return
+        self._raw_out.append(data)
+        if self._raw_send is None:
+            self._raw_send = self.factory.clock.callLater(0, self._send_raw)
+
+    def _send_raw(self) -> None:
+        self._raw_send = None
+        out, self._raw_out = self._raw_out, []
+        if out and self._mode == RAW:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+
+    def _drop_raw(self) -> None:
+        """The connection is gone: nothing more to send."""
+        if self._raw_send is not None:
+            self._raw_send.cancel()
+            self._raw_send = None
+        self._raw_out = []
 
     def stream_lost(self) -> None:
         if self._mode == RAW:
+            if self._raw_send is not None:  # the last bytes before the close
+                self._raw_send.cancel()
+                self._send_raw()
             self._close()
 
     def pause_reading(self, reason: str) -> None:
