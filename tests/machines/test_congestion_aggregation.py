@@ -1,5 +1,5 @@
 """
-BBR's ACK-aggregation estimate (``extra_acked``), fed
+BBR's ACK-aggregation estimate (``extra_acked``) and the send quantum, fed
 synthetic ACKs at injected times: ACKs arriving in clumps raise the window
 by about a clump, ACKs that arrive as the bandwidth predicts change nothing,
 the estimate is capped and forgotten after ten rounds.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from pilot.machines.connection.congestion import (
-    BW_WINDOW_ROUNDS, EXTRA_ACKED_MAX_TIME, MSS, BbrCongestion,
+    ACK_EPOCH_RESET_BYTES, BW_WINDOW_ROUNDS, EXTRA_ACKED_MAX_TIME, MAX_SEND_QUANTUM, MSS, BbrCongestion,
 )
 from pilot.machines.connection.pacing import RateSample
 from tests.machines.test_congestion import Feeder
@@ -47,7 +47,7 @@ class AggregationTests(SynchronousTestCase):
         return cc, f
 
     def expected_window(self, cc: BbrCongestion, extra: int) -> int:
-        return int(2 * RATE * RTT) + extra + 3 * 2 * MSS
+        return int(2 * RATE * RTT) + extra + 3 * cc.send_quantum
 
     def test_evenly_spaced_acks_add_nothing(self) -> None:
         """ACKs as the bandwidth predicts: the allowance is one ACK's bytes, whatever the time."""
@@ -81,17 +81,40 @@ class AggregationTests(SynchronousTestCase):
         self.assertNear(cc.extra_acked.best, PER_ACK, 1)
         self.assertNear(cc.cwnd, self.expected_window(cc, PER_ACK), 1)
 
-    def test_excess_lasts_while_acks_keep_pace(self) -> None:
+    def test_epoch_restarts_past_1mib(self) -> None:
         """
-        An epoch ends only when the ACKs fall behind the model: a clump
-        followed by ACKs at exactly the bandwidth stays 400,000 bytes ahead
-        (Linux also restarts an epoch past 1 MiB; not done here, see the module).
+        An epoch ends when the ACKs fall behind the model, or once it has
+        counted 1 MiB: a clump followed by ACKs at exactly the bandwidth does
+        not keep the estimate up for good.
         """
         cc, f = self.steady()
         clumped_round(f, clumps=1)
+        self.assertNear(cc.extra_acked.best, 400_000, 1)
         for _ in range(3 * BW_WINDOW_ROUNDS):
             f.round(RATE, acks=ACKS, in_flight=300_000)
-        self.assertNear(cc.extra_acked.best, 400_000, 1)
+        self.assertNear(cc.extra_acked.best, PER_ACK, 1)
+
+    def test_long_epoch_restarts(self) -> None:
+        """1.6 MB ACKed at one instant: the epoch starts again at 1 MiB."""
+        cc, f = self.steady()
+        cc.cwnd = cc.max_window
+        prior = f.delivered
+        f.now += 0.001
+        for _ in range(40):
+            f.delivered += PER_ACK
+            cc.on_delivery(RateSample(delivered=f.delivered - prior, interval=RTT, rtt=RTT,
+                                      newly_delivered=PER_ACK, prior_delivered=prior,
+                                      total_delivered=f.delivered, in_flight=0), f.now)
+        self.assertLess(cc.extra_acked.best, ACK_EPOCH_RESET_BYTES)
+        self.assertLess(cc.ack_epoch_bytes, ACK_EPOCH_RESET_BYTES)
+
+    def test_send_quantum(self) -> None:
+        cc = BbrCongestion()
+        self.assertEqual(cc.send_quantum, 2 * MSS)  # not paced yet
+        cc.pacing_rate = 20 * MB
+        self.assertEqual(cc.send_quantum, 20_000)  # 1 ms
+        cc.pacing_rate = 1000 * MB
+        self.assertEqual(cc.send_quantum, MAX_SEND_QUANTUM)
 
     def test_capped_by_the_window(self) -> None:
         """No more aggregation than the window could have had in flight."""
