@@ -55,7 +55,8 @@ class FakeDaemon:
     def __init__(self) -> None:
         self.api = FakeAPI()
         self.reactor = MemoryReactorClock()
-        self.server = ControlServerFactory(self.api, Clock(), UID, credentials=lambda t: UID)
+        self.clock = Clock()
+        self.server = ControlServerFactory(self.api, self.clock, UID, credentials=lambda t: UID)
         self.pumps: list[iosim.IOPump] = []
 
     def accept(self) -> iosim.IOPump:
@@ -72,6 +73,7 @@ class FakeDaemon:
         for _ in range(3):
             for pump in list(self.pumps):
                 pump.flush()
+            self.clock.advance(0)  # the end of a reactor pass: the bridge's writes leave
 
     def pilot_peer(self, bridge: Any) -> tuple[Recorder, iosim.IOPump]:
         """The far end of a Pilot stream the daemon's bridge drives."""

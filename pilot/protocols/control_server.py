@@ -6,7 +6,8 @@ The node daemon's control socket, server side (``docs/control.md``).
 socket; every request becomes one call on the :class:`~pilot.nodeapi.NodeAPI`.
 The client pilotctl uses is :mod:`pilot.control_client`.  The frame codec and
 the argument checks are :mod:`pilot.wire.control`; the plain requests
-:mod:`pilot.protocols.control_commands`; the raw-stream bridge
+:mod:`pilot.protocols.control_commands`; ``connect``, ``attach``, ``listen``
+and ``recv`` :mod:`pilot.protocols.control_streams`; the raw-stream bridge
 :mod:`pilot.protocols.bridge`; ``listen`` and ``recv`` events
 :mod:`pilot.protocols.subscription`.
 
@@ -33,24 +34,24 @@ What the protocol guarantees:
 
 from __future__ import annotations
 
-import base64
 import os
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import (IAddress, IHalfCloseableProtocol, IPushProducer, IReactorTime,
-                                         ITransport)
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer,
+                                         IReactorTime, ITransport)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pilot.errors import ErrorCode, InvalidArgument, MalformedFrame, NotFound, PilotError
-from pilot.nodeapi import Listening, NodeAPI
-from pilot.protocols.bridge import HeldStreams, IStreamRelay, Pauser, StreamBridge, Throttle
-from pilot.protocols.subscription import AcceptFactory, IEventWriter, Subscription
+from pilot.errors import ErrorCode, InvalidArgument, MalformedFrame, PilotError
+from pilot.nodeapi import NodeAPI
+from pilot.protocols.bridge import HeldStreams, IStreamRelay, Pauser, StreamBridge
 from pilot.protocols.control_commands import api_commands
+from pilot.protocols.control_streams import CLOSED, COMMAND, RAW, Slot, StreamModes
+from pilot.protocols.subscription import IEventWriter, Subscription
 from pilot.protocols.peercred import peer_uid, unix_credentials_known
 from pilot.protocols.sendnow import write_now
 from pilot.wire.control import MAX_ID, Arguments, error_reply, frame_decoder, ok_reply
@@ -63,27 +64,12 @@ MAX_UNSENT = 4 * 1024 * 1024
 #: How long an accepted stream waits for its ``attach``.
 ATTACH_WINDOW = 10.0
 
-# --- requests in flight ------------------------------------------------------------------------
-
-class _Slot:
-    """One request's place in the reply order."""
-
-    def __init__(self, request_id: int | None, cmd: str) -> None:
-        self.request_id = request_id
-        self.cmd = cmd
-        self.frame: bytes | None = None
-        self.succeeded = False
-        self.on_ok: Callable[[], None] | None = None
-        self.on_error: Callable[[], None] | None = None
-
 
 # --- the control connection ---------------------------------------------------------------------
 
-_COMMAND, _RAW, _CLOSED = "command", "raw", "closed"
-
 
 @implementer(IPushProducer, IHalfCloseableProtocol, IStreamRelay, IEventWriter)
-class ControlProtocol(Protocol):
+class ControlProtocol(StreamModes, Protocol):
     """One client connection to the control socket."""
 
     log = Logger()
@@ -93,8 +79,8 @@ class ControlProtocol(Protocol):
         self.factory = factory
         self.api = factory.api
         self._decoder = frame_decoder()
-        self._slots: deque[_Slot] = deque()
-        self._mode = _COMMAND
+        self._slots: deque[Slot] = deque()
+        self._mode = COMMAND
         self._awaiting_stream = False
         self._pending_bridge: StreamBridge | None = None
         self._bridge: StreamBridge | None = None
@@ -106,10 +92,12 @@ class ControlProtocol(Protocol):
         self._read_closed = False
         self._processing = False
         self._broken = False
+        self._raw_out: list[bytes] = []
+        self._raw_send: IDelayedCall | None = None
         self.uid: int | None = None
         self._commands = api_commands(self.api)
         #: The requests that change what this connection carries.
-        self._handlers: dict[str, Callable[[_Slot, Arguments], Deferred[Any]]] = {
+        self._handlers: dict[str, Callable[[Slot, Arguments], Deferred[Any]]] = {
             "connect": self._connect, "attach": self._attach, "listen": self._listen, "recv": self._recv,
         }
 
@@ -120,7 +108,7 @@ class ControlProtocol(Protocol):
         if not self.factory.permits(self.uid):
             self.log.warn("refused a control connection from uid {uid} (allowed: {allowed} and root)",
                           uid=self.uid, allowed=self.factory.allowed_uid)
-            self._mode = _CLOSED
+            self._mode = CLOSED
             self.transport.loseConnection()
             return
         self.factory.connections.add(self)
@@ -129,7 +117,8 @@ class ControlProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         was = self._mode
-        self._mode = _CLOSED
+        self._mode = CLOSED
+        self._drop_raw()
         self.factory.connections.discard(self)
         self._slots.clear()
         for subscription in self._subscriptions:
@@ -139,36 +128,36 @@ class ControlProtocol(Protocol):
             if bridge is not None:
                 bridge.close()
         self._pending_bridge = None
-        if was != _CLOSED:
+        if was != CLOSED:
             self.log.debug("control connection closed: {reason}", reason=reason.getErrorMessage())
 
     def readConnectionLost(self) -> None:
         """The client shut down its write side."""
         self._read_closed = True
-        if self._mode == _RAW and self._bridge is not None:
+        if self._mode == RAW and self._bridge is not None:
             self._bridge.close()
-        elif self._mode == _COMMAND:
+        elif self._mode == COMMAND:
             self._process()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def dataReceived(self, data: bytes) -> None:
-        if self._mode == _RAW:
+        if self._mode == RAW:
             if self._bridge is not None:
                 self._bridge.write(data)
-        elif self._mode == _COMMAND:
+        elif self._mode == COMMAND:
             self._decoder.receive(data)
             self._process()
 
     # --- requests -----------------------------------------------------------------------
 
     def _process(self) -> None:
-        if self._processing or self._mode != _COMMAND:
+        if self._processing or self._mode != COMMAND:
             return
         self._processing = True
         try:
-            while (self._mode == _COMMAND and not self._awaiting_stream and not self._writes_paused
+            while (self._mode == COMMAND and not self._awaiting_stream and not self._writes_paused
                    and not self._broken and len(self._slots) < MAX_INFLIGHT):
                 try:
                     item = self._decoder.next_frame()
@@ -180,7 +169,7 @@ class ControlProtocol(Protocol):
                 self._handle(item)
         finally:
             self._processing = False
-        if self._mode == _COMMAND and self._pauser is not None:
+        if self._mode == COMMAND and self._pauser is not None:
             if len(self._slots) >= MAX_INFLIGHT:
                 self._pauser.pause("inflight")
             else:
@@ -192,7 +181,7 @@ class ControlProtocol(Protocol):
         self._broken = True
         if self._pauser is not None:
             self._pauser.pause("broken")
-        slot = _Slot(None, "")
+        slot = Slot(None, "")
         slot.frame = encode_frame(error_reply(None, InvalidArgument(reason, "the client is broken")))
         slot.on_ok = slot.on_error = self._close
         slot.succeeded = False
@@ -201,18 +190,18 @@ class ControlProtocol(Protocol):
 
     def _handle(self, item: dict[str, Any] | MalformedFrame) -> None:
         if isinstance(item, MalformedFrame):
-            slot = _Slot(None, "")
+            slot = Slot(None, "")
             self._slots.append(slot)
             self._finish(slot, InvalidArgument(item.reason))
             return
         request_id = item.get("id")
         if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_ID:
-            slot = _Slot(None, "")
+            slot = Slot(None, "")
             self._slots.append(slot)
             self._finish(slot, InvalidArgument("a request needs an integer 'id' (0 to 2^53-1)"))
             return
         cmd = item.get("cmd")
-        slot = _Slot(request_id, cmd if isinstance(cmd, str) else "")
+        slot = Slot(request_id, cmd if isinstance(cmd, str) else "")
         self._slots.append(slot)
         command = self._commands.get(slot.cmd)
         handler = self._handlers.get(slot.cmd)
@@ -238,14 +227,14 @@ class ControlProtocol(Protocol):
         d.addErrback(lambda failure: self.log.failure("answering control command {cmd!r} failed",
                                                       failure, cmd=slot.cmd))
 
-    def _failed(self, slot: _Slot, failure: Failure) -> None:
+    def _failed(self, slot: Slot, failure: Failure) -> None:
         if isinstance(failure.value, PilotError):
             self._finish(slot, failure.value)
             return
         self.log.failure("control command {cmd!r} failed", failure, cmd=slot.cmd)
         self._finish(slot, PilotError("internal error", code=ErrorCode.internal))
 
-    def _finish(self, slot: _Slot, value: Any, ok: bool = False) -> None:
+    def _finish(self, slot: Slot, value: Any, ok: bool = False) -> None:
         if ok:
             try:
                 slot.frame = encode_frame(ok_reply(slot.request_id, value))
@@ -262,7 +251,7 @@ class ControlProtocol(Protocol):
         self._flush()
 
     def _flush(self) -> None:
-        while self._slots and self._slots[0].frame is not None and self._mode != _CLOSED:
+        while self._slots and self._slots[0].frame is not None and self._mode != CLOSED:
             slot = self._slots.popleft()
             assert slot.frame is not None
             self._write(slot.frame)
@@ -277,9 +266,9 @@ class ControlProtocol(Protocol):
         answered.  A subscription ends too: a socket's close and its
         half-close look the same from here.
         """
-        if (self._read_closed and self._mode == _COMMAND and not self._slots and not self._awaiting_stream
+        if (self._read_closed and self._mode == COMMAND and not self._slots and not self._awaiting_stream
                 and not self._broken and not self._decoder.has_frame):
-            self._mode = _CLOSED
+            self._mode = CLOSED
             self._close()
 
     def _close(self) -> None:
@@ -287,110 +276,6 @@ class ControlProtocol(Protocol):
         if self._pauser is not None:
             self._pauser.closed = True
         self.transport.loseConnection()
-
-    # --- streams and subscriptions ------------------------------------------------------------------
-
-    def _connect(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
-        target, port = args.target(), args.port()
-        first = args.integer("first", 0, 0xFFFFFFFF, default=0)  # bytes of the stream behind the request
-        bridge = StreamBridge()
-        self._begin_stream(slot, bridge)
-        if first:
-            slot.on_error = lambda: self._first_bytes_dropped(bridge)
-        try:
-            return self.api.connect(target, port, bridge)
-        except BaseException:
-            self._stream_failed(bridge)
-            raise
-
-    def _attach(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
-        conn_id = args.integer("conn_id", 0, 0xFFFFFFFF)
-        bridge = self.factory.streams.take(conn_id)
-        if bridge is None:
-            raise NotFound(f"no accepted stream {conn_id} is waiting",
-                           f"attach within {self.factory.attach_window:g} s of the accepted event, once")
-        self._begin_stream(slot, bridge)
-        return succeed({"conn_id": conn_id, "from": bridge.peer, "port": bridge.peer_port})
-
-    def _begin_stream(self, slot: _Slot, bridge: StreamBridge) -> None:
-        self._awaiting_stream = True
-        self._pending_bridge = bridge
-        if self._pauser is not None:
-            self._pauser.pause("stream")
-        slot.on_ok = lambda: self._enter_raw(bridge)
-        slot.on_error = lambda: self._stream_failed(bridge)
-
-    def _first_bytes_dropped(self, bridge: StreamBridge) -> None:
-        """A ``connect`` with ``first`` bytes behind it failed: drop them, close after the error reply."""
-        self._stream_failed(bridge)
-        self._decoder.take_rest()
-        self._broken = True
-        self._close()
-
-    def _stream_failed(self, bridge: StreamBridge) -> None:
-        bridge.close()
-        if self._pending_bridge is bridge:
-            self._pending_bridge = None
-        self._awaiting_stream = False
-        if self._pauser is not None:
-            self._pauser.resume("stream")
-
-    def _enter_raw(self, bridge: StreamBridge) -> None:
-        self._mode = _RAW
-        self._pending_bridge = None
-        self._bridge = bridge
-        self._awaiting_stream = False
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(Throttle(bridge.pause, bridge.resume), True)
-        if self._pauser is not None:
-            for reason in ("stream", "inflight", "writes"):
-                self._pauser.resume(reason)
-        rest = self._decoder.take_rest()
-        if rest:
-            bridge.write(rest)
-        if self._read_closed:
-            bridge.close()
-        bridge.attach(self)
-
-    def _listen(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
-        port = args.port()
-        subscription = self._subscribe(slot)
-        d = self.api.listen(port, AcceptFactory(self.factory.streams, subscription, port))
-        return d.addCallback(self._bound, subscription, port)
-
-    def _recv(self, slot: _Slot, args: Arguments) -> Deferred[Any]:
-        port = args.port()
-        subscription = self._subscribe(slot)
-
-        def received(meta: dict[str, Any], data: bytes) -> None:
-            try:
-                event = {"event": "datagram", "from": meta.get("from"), "src_port": meta.get("src_port"),
-                         "data": base64.b64encode(data).decode("ascii")}
-                subscription.send(event, droppable=True)
-            except Exception:
-                self.log.failure("cannot deliver a datagram to a control client")
-
-        return self.api.bind_datagrams(port, received).addCallback(self._bound, subscription, port)
-
-    def _subscribe(self, slot: _Slot) -> Subscription:
-        subscription = Subscription(self)
-        self._subscriptions.append(subscription)
-        slot.on_ok = subscription.go_live
-
-        def failed() -> None:
-            subscription.close()
-            if subscription in self._subscriptions:
-                self._subscriptions.remove(subscription)
-
-        slot.on_error = failed
-        return subscription
-
-    def _bound(self, listening: Listening, subscription: Subscription, port: int) -> dict[str, Any]:
-        if subscription.closed or self._mode == _CLOSED:
-            listening.close()
-        else:
-            subscription.listening = listening
-        return {"port": port}
 
     # --- writing ------------------------------------------------------------------------
 
@@ -401,7 +286,7 @@ class ControlProtocol(Protocol):
         write_now(self.transport, frame)
 
     def write_event(self, event: dict[str, Any], droppable: bool) -> None:
-        if self._mode != _COMMAND:
+        if self._mode != COMMAND:
             return
         if droppable and self._writes_paused and self._unsent > MAX_UNSENT:
             self._dropped += 1
@@ -415,24 +300,6 @@ class ControlProtocol(Protocol):
             self.log.failure("cannot encode a control event")
             return
         self._write(frame)
-
-    # raw mode, from the bridge
-
-    def stream_data(self, data: bytes) -> None:
-        if self._mode == _RAW:
-            write_now(self.transport, data)  # an echo reaches the client in the pass that read it
-
-    def stream_lost(self) -> None:
-        if self._mode == _RAW:
-            self._close()
-
-    def pause_reading(self, reason: str) -> None:
-        if self._pauser is not None and self._mode != _CLOSED:
-            self._pauser.pause(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if self._pauser is not None and self._mode != _CLOSED:
-            self._pauser.resume(reason)
 
     # IPushProducer: the Unix transport's send buffer (command mode only)
 

@@ -599,6 +599,7 @@ class ConnectTests(SynchronousTestCase):
         bridge.dataReceived(b"hello from the peer")
         self.assertEqual(h.transport.value(), b"")
         d.callback({"conn_id": 3})
+        h.clock.advance(0)  # the end of the reactor pass
         replies, rest = frames(h.transport.value())
         self.assertEqual(replies, [{"id": 1, "ok": True, "result": {"conn_id": 3}}])
         self.assertEqual(rest, b"hello from the peer")
@@ -611,6 +612,7 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual(pilot.value(), request(2, "info"))
         self.assertEqual(h.api.calls, [("connect", ("sensor-1", 1000))])
         bridge.dataReceived(b"\x00\x01\x02")
+        h.clock.advance(0)  # the end of the reactor pass
         self.assertEqual(h.transport.value(), b"\x00\x01\x02")
 
     def test_peer_closes(self) -> None:
@@ -651,6 +653,7 @@ class ConnectTests(SynchronousTestCase):
         self.assertTrue(pilot.disconnecting)
         self.assertFalse(h.transport.disconnecting)
         bridge.dataReceived(b"the answer")
+        h.clock.advance(0)  # the end of the reactor pass
         self.assertEqual(h.transport.value(), b"the answer")
         bridge.connectionLost()
         self.assertTrue(h.transport.disconnecting)
@@ -746,6 +749,7 @@ class ConnectTests(SynchronousTestCase):
         bridge.dataReceived(b"peer bytes")
         self.assertEqual(h.transport.value(), b"")
         slow.callback("info")
+        h.clock.advance(0)  # the end of the reactor pass
         replies, rest = frames(h.transport.value())
         self.assertEqual([r["id"] for r in replies], [1, 2])
         self.assertEqual(rest, b"peer bytes")
@@ -774,6 +778,7 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual(pilot.producerState, "paused")
         d.callback({})
         self.assertEqual(pilot.producerState, "producing")
+        h.clock.advance(0)  # the end of the reactor pass
         self.assertEqual(len(frames(h.transport.value())[1]), MAX_UNATTACHED_BUFFER + 1)
 
 
@@ -802,12 +807,14 @@ class ListenTests(SynchronousTestCase):
         bridge.dataReceived(b"before attach")
         proto2, transport2 = h.connect()
         h.send(request(1, "attach", conn_id=event["conn_id"]) + b"to the peer", proto2)
+        h.clock.advance(0)  # the end of the reactor pass
         replies, rest = frames(transport2.value())
         self.assertEqual(replies, [{"id": 1, "ok": True, "result": {
             "conn_id": event["conn_id"], "from": "0:0000.0000.0009", "port": 49152}}])
         self.assertEqual(rest, b"before attach")
         self.assertEqual(pilot.value(), b"to the peer")
         bridge.dataReceived(b"more")
+        h.clock.advance(0)  # the end of the reactor pass
         self.assertTrue(transport2.value().endswith(b"more"))
         bridge.connectionLost()
         self.assertTrue(transport2.disconnecting)
@@ -969,7 +976,8 @@ class LoopbackTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.api = FakeAPI()
-        self.factory = ControlServerFactory(self.api, Clock(), UID, credentials=lambda t: UID)
+        self.clock = Clock()
+        self.factory = ControlServerFactory(self.api, self.clock, UID, credentials=lambda t: UID)
         self.server = self.factory.buildProtocol(None)
         self.client = ClientProtocol()
         self.pump = iosim.connect(self.server, iosim.makeFakeServer(self.server),
@@ -1000,6 +1008,7 @@ class LoopbackTests(SynchronousTestCase):
         self.assertEqual(pilot_peer.received, b"ping?")
         pilot_peer.transport.write(b"pong!")
         iosim_pump.flush()
+        self.clock.advance(0)  # the end of the reactor pass
         self.pump.flush()
         replies, rest = frames(self.client.received)
         self.assertEqual(replies, [{"id": 1, "ok": True, "result": {"connected": True}}])

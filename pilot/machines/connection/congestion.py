@@ -125,6 +125,15 @@ HEAVY_LOSS = 0.2
 LOSS_SAMPLE_SEGMENTS = 32
 #: After a round of heavy loss, in-flight data is capped at this share of the window.
 HEAVY_LOSS_BACKOFF = 0.7
+#: ACK aggregation (``extra_acked``) counts toward the window up to this many seconds at the
+#: estimated bandwidth, and an aggregation epoch restarts once it has counted this many bytes
+#: (without it one burst keeps the estimate up for as long as ACKs then keep pace).
+EXTRA_ACKED_MAX_TIME = 0.1
+ACK_EPOCH_RESET_BYTES = 1 << 20
+#: The sender's quantum: a pacing tick sends about 1 ms at the pacing rate (a segment or two at
+#: least, 64 KiB at most: a receiver ACKs up to that at once); the window keeps room for three.
+SEND_QUANTUM_TIME = 0.001
+MAX_SEND_QUANTUM = 64 * 1024
 
 
 @attr.s(auto_attribs=True, eq=False, slots=True)
@@ -166,7 +175,9 @@ class BbrCongestion:
     is the windowed maximum of the delivery rate (10 rounds, and at least 10
     minimum RTTs), the propagation delay the windowed minimum of the RTT
     (10 s); the sender paces at ``gain x bandwidth`` and keeps at most
-    ``2 x bandwidth x min RTT`` (plus what ACK aggregation needs) in flight.
+    ``2 x bandwidth x min RTT`` in flight, plus the ACK aggregation seen
+    over the last 10 rounds (bytes ACKed beyond what the bandwidth predicts:
+    a receiver or event loop answering in batches) and three send quanta.
 
     Startup doubles the rate every round until three rounds bring less than
     25 % more, or eight RTTs in a row show a queue building (HyStart++'s
@@ -229,6 +240,20 @@ class BbrCongestion:
         if not self.bw.best or self.min_rtt == math.inf:
             return float(self.initial_window)
         return gain * self.bw.best * self.min_rtt
+
+    @property
+    def send_quantum(self) -> int:
+        """What one pacing tick sends: about 1 ms at the pacing rate, two segments to 64 KiB."""
+        return max(2 * self.mss, min(MAX_SEND_QUANTUM, int(self.pacing_rate * SEND_QUANTUM_TIME)))
+
+    def aggregation_allowance(self) -> int:
+        """The window's room for ACK aggregation: ``extra_acked``, at most 100 ms at the bandwidth."""
+        return int(min(self.extra_acked.best, self.bw.best * EXTRA_ACKED_MAX_TIME))
+
+    def diagnostics(self) -> dict[str, float | int | str]:
+        """The model's state, for ``pilotctl connections`` and traces."""
+        return {"cc_mode": self.state, "pacing_rate": round(self.pacing_rate), "btlbw": round(self.btlbw),
+                "min_rtt_ms": round(self._rtt_or_zero() * 1000, 3), "extra_acked": int(self.extra_acked.best)}
 
     @property
     def ssthresh(self) -> int:
@@ -315,7 +340,8 @@ class BbrCongestion:
         if not bw or not sample.newly_delivered:
             return
         expected = bw * (now - self.ack_epoch_start)
-        if self.ack_epoch_bytes <= expected:
+        if (self.ack_epoch_bytes <= expected
+                or self.ack_epoch_bytes + sample.newly_delivered >= ACK_EPOCH_RESET_BYTES):
             self.ack_epoch_start, self.ack_epoch_bytes, expected = now, 0, 0.0
         self.ack_epoch_bytes += sample.newly_delivered
         self.extra_acked.update(min(self.ack_epoch_bytes - expected, float(self.cwnd)), self.round_count,
@@ -404,7 +430,7 @@ class BbrCongestion:
         if self.state == "probe_rtt":
             self.cwnd = min(self.cwnd, 4 * self.mss)
             return
-        target = int(self.bdp(self.cwnd_gain) + self.extra_acked.best) + 3 * 2 * self.mss
+        target = int(self.bdp(self.cwnd_gain)) + self.aggregation_allowance() + 3 * self.send_quantum
         target = max(self.initial_window, min(target, self.inflight_cap))
         if self.filled_pipe:
             self.cwnd = min(self.cwnd + sample.newly_delivered, target)
