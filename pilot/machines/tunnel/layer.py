@@ -24,7 +24,6 @@ from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
 from pilot.interfaces import DatagramTooBig, IFrameReceiver, IPathEvents
-from pilot.machines.table import running
 from pilot.machines.tunnel.peer import Peer, open_sealed
 from pilot.machines.tunnel.pmtu import PathMtus
 from pilot.wire import probe as pw
@@ -107,7 +106,7 @@ class Tunnels:
             peer.machine.packet_queued(packet)
             return
         self.mtu.using(node_id, peer.relay)
-        if running(peer.machine):
+        if peer.machine.__automat_postponed__ is not None:  # running(peer.machine), without the call
             peer.machine.packet_queued(packet)  # queued after the behaviour under way, as any input
         else:
             # established (a session is installed on the way there and never dropped): that state's
@@ -175,7 +174,7 @@ class Tunnels:
             self.count("pils_no_session")
             self.answer_with_pila(frame.sender, source, via_relay)
             return
-        if peer.session is not None and not running(peer.machine):
+        if peer.session is not None and peer.machine.__automat_postponed__ is None:  # not running()
             packet = open_sealed(peer.machine, peer, frame, source, via_relay)  # established's loop, as in send()
         else:
             packet = peer.machine.sealed_frame_received(frame, source, via_relay)
