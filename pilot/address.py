@@ -82,12 +82,12 @@ class Address:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not Address:
             return NotImplemented
-        return self.node == other.node and self.network == other.network  # type: ignore[attr-defined]
+        return self.node == other.node and self.network == other.network
 
     def __ne__(self, other: object) -> bool:
         if other.__class__ is not Address:
             return NotImplemented
-        return self.node != other.node or self.network != other.network  # type: ignore[attr-defined]
+        return self.node != other.node or self.network != other.network
 
     def __hash__(self) -> int:
         return (self.network << 32) | self.node
