@@ -153,7 +153,14 @@ class Tunnels:
         if relay_sender is not None and self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
             return
         if type(frame) is SealedFrame and frame.sender != self._own_id():  # the data path first
-            self._sealed(frame, source, via_relay)
+            peer = self._peers.get(frame.sender)
+            if peer is not None and peer.session is not None and peer.machine.__automat_postponed__ is None:
+                # _sealed()'s common case, without the call: established, nothing under way
+                packet = open_sealed(peer.machine, peer, frame, source, via_relay)
+                if packet is not None:
+                    self._deliver(packet, frame.sender)
+            else:
+                self._sealed(frame, source, via_relay)
         elif isinstance(frame, PlainFrame):
             self.count("plaintext_dropped")
         elif isinstance(frame, PunchProbe):
