@@ -105,7 +105,8 @@ class Tunnels:
         if peer.session is None:
             peer.machine.packet_queued(packet)
             return
-        self.mtu.using(node_id, peer.relay)
+        if self.mtu.in_use.get(node_id) is not peer.relay:  # using()'s test, without its call per packet
+            self.mtu.using(node_id, peer.relay)
         if peer.machine.__automat_postponed__ is not None:  # running(peer.machine), without the call
             peer.machine.packet_queued(packet)  # queued after the behaviour under way, as any input
         else:
@@ -154,8 +155,9 @@ class Tunnels:
             return
         if type(frame) is SealedFrame and frame.sender != self._own_id():  # the data path first
             peer = self._peers.get(frame.sender)
-            if peer is not None and peer.session is not None and peer.machine.__automat_postponed__ is None:
-                # _sealed()'s common case, without the call: established, nothing under way
+            # _sealed()'s common case, without the call: established, nothing under way
+            if (peer is not None and peer.session is not None
+                    and peer.machine.__automat_postponed__ is None):
                 packet = open_sealed(peer.machine, peer, frame, source, via_relay)
                 if packet is not None:
                     self._deliver(packet, frame.sender)
