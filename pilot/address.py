@@ -39,7 +39,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _NODE = struct.Struct(">HI")
 
 
-@attr.s(frozen=True, slots=True, order=True, auto_attribs=True, repr=False)
+@attr.s(frozen=True, slots=True, order=True, auto_attribs=True, repr=False, auto_detect=True)
 class Address:
     network: int
     node: int
@@ -75,6 +75,22 @@ class Address:
 
     def to_bytes(self) -> bytes:
         return _NODE.pack(self.network, self.node)
+
+    # Equality and hash written out (auto_detect keeps them; attrs still writes the ordering):
+    # an Address keys the stream table, looked up for every packet, and attrs' __hash__ builds
+    # and hashes a tuple each time.  The hash is the 48-bit value itself: distinct per address.
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Address:
+            return NotImplemented
+        return self.node == other.node and self.network == other.network
+
+    def __ne__(self, other: object) -> bool:
+        if other.__class__ is not Address:
+            return NotImplemented
+        return self.node != other.node or self.network != other.network
+
+    def __hash__(self) -> int:
+        return (self.network << 32) | self.node
 
     def __str__(self) -> str:
         return f"{self.network}:{self.network:04X}.{self.node >> 16:04X}.{self.node & 0xFFFF:04X}"

@@ -103,6 +103,26 @@ class SpecialAddressTests(SynchronousTestCase):
         self.assertLess(Address(0, 9), Address(1, 0))
         self.assertEqual(repr(Address(0, 1)), "Address(0:0000.0000.0001)")
 
+    @given(addresses, addresses)
+    def test_equality_and_hash(self, a: Address, b: Address) -> None:
+        """The written-out __eq__/__ne__/__hash__ agree with the fields, as attrs' did."""
+        same = (a.network, a.node) == (b.network, b.node)
+        self.assertEqual(a == b, same)
+        self.assertEqual(a != b, not same)
+        self.assertEqual(a == Address(a.network, a.node), True)
+        self.assertEqual(hash(a), hash(Address(a.network, a.node)))
+        self.assertEqual(a < b, (a.network, a.node) < (b.network, b.node))
+        self.assertEqual(len({a, b, Address(b.network, b.node)}), 1 if same else 2)
+
+    def test_equality_other_types(self) -> None:
+        """Not equal to a tuple of its fields, nor to an address with the fields swapped."""
+        self.assertNotEqual(Address(1, 2), (1, 2))
+        self.assertFalse(Address(1, 2) == (1, 2))
+        self.assertTrue(Address(1, 2) != (1, 2))
+        self.assertNotEqual(Address(1, 2), Address(2, 1))
+        self.assertNotEqual(Address(0, 1 << 16), Address(1, 0))
+        self.assertNotEqual(hash(Address(0, 0xFFFFFFFF)), hash(Address(1, 0)))
+
 
 class SocketAddressTests(SynchronousTestCase):
     def test_round_trip(self) -> None:

@@ -102,6 +102,9 @@ class RoundTripTests(StackTestCase):
         client, result = self.dial(self.a, B, 1000)
         self.assertTrue(self.settle(lambda: bool(result), 5))
         [transport] = result
+        stream = self.a.streams.get((B, 1000, 49152))  # the table's key: remote, remote port, local port
+        assert stream is not None
+        self.assertIs(stream.transport, transport)
         self.assertEqual(factory.built, [])  # b is established by a's ACK, one trip later
         self.assertTrue(self.settle(lambda: bool(factory.built), 5))
         [server] = factory.built
@@ -132,6 +135,7 @@ class RoundTripTests(StackTestCase):
         transport.write(b"ignored after close")
         self.settle(limit=30)  # TIME_WAIT runs out
         self.assertEqual((self.a.connections(), self.b.connections()), ([], []))
+        self.assertIsNone(self.a.streams.get((B, 1000, 49152)))
         self.assertEqual((len(client.lost), len(server.lost)), (1, 1))
         self.assertEqual(self.a.counters["errors"] + self.b.counters["errors"], 0)
 

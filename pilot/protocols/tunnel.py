@@ -82,6 +82,27 @@ class NodeDatagramProtocol(DatagramProtocol):
         except Exception:
             self.log.failure("handling a datagram from {source}", source=source)
 
+    def datagramsReceived(self, pieces: list[bytes], addr: Any) -> None:
+        """
+        The datagrams of one GRO buffer (one sender, ``GroReader``): what ``datagramReceived``
+        does for each, with the source and the wiring taken once for all of them.
+        """
+        beacon, frames = self._beacon, self._frames
+        if beacon is None or frames is None:
+            for _ in pieces:
+                self._count("not_wired")
+            return
+        source: Endpoint = (addr[0], addr[1])
+        frame_received = frames.frame_received
+        for data in pieces:
+            try:
+                if data[:1] and data[0] < 0x10:
+                    self._beacon_message(beacon, frames, data, source)
+                else:
+                    frame_received(data, source, False)
+            except Exception:
+                self.log.failure("handling a datagram from {source}", source=source)
+
     def _beacon_message(self, beacon: IBeaconListener, frames: IFrameReceiver, data: bytes,
                         source: Endpoint) -> None:
         if not beacon.is_beacon(source):

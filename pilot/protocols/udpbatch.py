@@ -19,7 +19,8 @@ Datagrams through the kernel in batches, for the node's tunnel socket (Linux).
   datagrams of one sender in one buffer with the segment size in a
   ``UDP_GRO`` cmsg; the port's ``doRead`` reads with ``recvmsg`` and cuts
   the buffer back into datagrams, each given to ``datagramReceived`` as
-  before, within Twisted's per-``doRead`` byte budget
+  before (or all of one buffer to the protocol's ``datagramsReceived``, if
+  it has one), within Twisted's per-``doRead`` byte budget
   (``udp.Port.maxThroughput``).
 
 ``docs/tunnel.md`` ("The socket") says what the node does with them.
@@ -226,6 +227,9 @@ class GroReader:
         port = self.port
         sock, protocol, size = port.socket, port.protocol, port.maxPacketSize
         v6 = port.addressFamily == socket.AF_INET6
+        # a protocol that takes a buffer's datagrams in one call (NodeDatagramProtocol) gets them so:
+        # its loop instead of the call chain per datagram
+        many = getattr(protocol, "datagramsReceived", None)
         read = 0
         while read < port.maxThroughput:
             try:
@@ -248,6 +252,12 @@ class GroReader:
                 pieces = pieces[:-1]
             if len(pieces) > 1:
                 self._count("gro_reads")
+                if many is not None:
+                    try:
+                        many(pieces, addr)
+                    except BaseException:
+                        udp.log.err()
+                    continue
             for piece in pieces:
                 try:
                     protocol.datagramReceived(piece, addr)

@@ -128,7 +128,14 @@ class Stack:
             # a stream packet for us: what _receive() decides first, without the call
             if (type(packet) is Packet and packet.protocol == STREAM and not self.stopped
                     and packet.dst.node == (own := self.local_address().node)):
-                self._stream_packet(packet, own)
+                stream = self.streams.get(key := (packet.src, packet.src_port, packet.dst_port))
+                if stream is None:  # _stream_packet() without its call, for every data packet
+                    self._no_stream(packet, key, own)
+                elif (stream.listening is None or packet.dst_port == HANDSHAKE
+                      or self._trusted(packet.src.node, own)):
+                    stream.connection.packet_received(packet)
+                else:
+                    self._untrusted_now(stream, packet)
             else:
                 self._receive(packet)
         except Exception:
@@ -170,18 +177,23 @@ class Stack:
 
     def _stream_packet(self, packet: Packet, own: int) -> None:
         """A stream packet for ``own``, our node id (read once per packet)."""
-        key = (packet.src, packet.src_port, packet.dst_port)
-        stream = self.streams.get(key)
-        if stream is not None:
-            if (stream.listening is not None and packet.dst_port != HANDSHAKE  # inbound: _allowed()
-                    and not self._trusted(packet.src.node, own)):
-                self.counters["refused.untrusted"] += 1
-                self.log.info("resetting {target}: node {node} is not trusted any more",
-                              target=stream.target, node=packet.src.node)
-                stream.connection.abort()
-            else:
-                stream.connection.packet_received(packet)
-        elif self.time_waits.packet_received(packet, key, lambda: self._allowed(packet, own)):
+        stream = self.streams.get(key := (packet.src, packet.src_port, packet.dst_port))
+        if stream is None:
+            self._no_stream(packet, key, own)
+        elif (stream.listening is None or packet.dst_port == HANDSHAKE  # outbound, or inbound and
+              or self._trusted(packet.src.node, own)):                 # allowed (_allowed())
+            stream.connection.packet_received(packet)
+        else:
+            self._untrusted_now(stream, packet)
+
+    def _untrusted_now(self, stream: Stream, packet: Packet) -> None:
+        self.counters["refused.untrusted"] += 1
+        self.log.info("resetting {target}: node {node} is not trusted any more",
+                      target=stream.target, node=packet.src.node)
+        stream.connection.abort()
+
+    def _no_stream(self, packet: Packet, key: Key, own: int) -> None:  # TIME_WAIT's, a reset, or a SYN
+        if self.time_waits.packet_received(packet, key, lambda: self._allowed(packet, own)):
             pass  # TIME_WAIT took it (a SYN ends the entry and goes on below as a new SYN)
         elif packet.flags & RST:
             self._drop("dropped.no_connection", packet)

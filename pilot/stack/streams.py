@@ -189,6 +189,9 @@ class StreamTable:
         #: Set when the stack stops: a dial that fails then says so.
         self.stopped = False
         self._by_key: dict[Key, Stream] = {}
+        #: ``get(key)``: the stream for (remote address, remote port, local port), or None; the
+        #: dict's own method (never rebound), not a method around it: looked up for every packet
+        self.get: Callable[[Key], Stream | None] = self._by_key.get
         self._by_id: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         #: Streams per local port, streams held by each untrusted node.
@@ -210,9 +213,6 @@ class StreamTable:
     def __iter__(self) -> Iterator[Stream]:
         """Every stream, oldest first."""
         return iter(sorted(self._by_id.values(), key=lambda s: s.id))
-
-    def get(self, key: Key) -> Stream | None:
-        return self._by_key.get(key)
 
     def by_id(self, conn_id: int) -> Stream | None:
         return self._by_id.get(conn_id)

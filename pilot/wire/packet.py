@@ -190,8 +190,19 @@ class Packet:
         dst = _ADDRESSES.get((dst_net, dst_node))
         if dst is None:
             dst = _interned_address(dst_net, dst_node)
-        return cls.unchecked(vf >> 4, vf & 0x0F, protocol, src, dst, src_port, dst_port, seq, ack, window,
-                             payload)
+        packet = _new(cls)  # unchecked()'s body, without the call: once per packet received
+        _set_version(packet, vf >> 4)
+        _set_flags(packet, vf & 0x0F)
+        _set_protocol(packet, protocol)
+        _set_src(packet, src)
+        _set_dst(packet, dst)
+        _set_src_port(packet, src_port)
+        _set_dst_port(packet, dst_port)
+        _set_seq(packet, seq)
+        _set_ack(packet, ack)
+        _set_window(packet, window)
+        _set_payload(packet, payload)
+        return packet
 
 _new = object.__new__
 (_set_version, _set_flags, _set_protocol, _set_src, _set_dst, _set_src_port, _set_dst_port, _set_seq,

@@ -296,6 +296,28 @@ class SenderTests(SynchronousTestCase):
         s.on_ack(1, 5, [], False, 20.0)  # the window opens: the head goes again at once
         self.assertEqual(drain(s, 20.0)[0], (1, MSS, True))
 
+    def test_quiet_is_next_transmission_with_nothing_to_send(self) -> None:
+        """quiet(): True, and next_transmission's bookkeeping done, only with nothing queued or
+        in flight; otherwise False and nothing touched."""
+        a, b = sender(), sender()
+        for s in (a, b):
+            s.nagle_holding = True
+        self.assertTrue(a.quiet())
+        self.assertIsNone(b.next_transmission(0.0))
+        self.assertEqual((a.nagle_holding, a.rate.app_limited_until), (b.nagle_holding, b.rate.app_limited_until))
+        self.assertEqual(a.rate.app_limited_until, 1)
+        queued = sender()
+        queued.write(b"x" * 10)
+        queued.nagle_holding = True
+        self.assertFalse(queued.quiet())
+        self.assertEqual((queued.nagle_holding, queued.rate.app_limited_until), (True, 0))
+        flying = sender()
+        flying.write(b"x" * 10)
+        self.assertEqual(len(drain(flying)), 1)
+        flying.nagle_holding, flying.rate.app_limited_until = True, 0
+        self.assertFalse(flying.quiet())  # in flight, nothing queued
+        self.assertEqual((flying.nagle_holding, flying.rate.app_limited_until), (True, 0))
+
     def test_timeout_with_nothing_outstanding(self) -> None:
         self.assertIs(sender().on_timeout(1.0), TimerOutcome.NOTHING)
 

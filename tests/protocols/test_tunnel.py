@@ -92,6 +92,36 @@ class NodeDatagramProtocolTests(SynchronousTestCase):
         self.assertEqual(self.recorder.events, [])
         self.assertEqual(self.protocol.counters, {"beacon_malformed": 1})
 
+    def test_datagrams_of_one_buffer(self) -> None:
+        """datagramsReceived (a GRO buffer's pieces): each as datagramReceived would take it, in order;
+        one that raises is logged and the rest still go."""
+        self.protocol.datagramsReceived([b"PILS1", bw.DiscoverReply("203.0.113.9", 4444).encode(), b"PILS2"],
+                                        BEACON)
+        self.assertEqual(self.recorder.events, [("frame_received", b"PILS1", BEACON, False, None),
+                                                ("discovered", ("203.0.113.9", 4444)),
+                                                ("frame_received", b"PILS2", BEACON, False, None)])
+        self.recorder.events.clear()
+        self.protocol.datagramsReceived([b"PILS3", b"\x02", b"PILS4"], ("203.0.113.5", 4000, 0, 0))
+        self.assertEqual(self.recorder.events, [("frame_received", b"PILS3", PEER, False, None),
+                                                ("frame_received", b"PILS4", PEER, False, None)])
+        self.assertEqual(self.protocol.counters, {"beacon_not_from_beacon": 1})
+        failing = self.recorder.frame_received
+
+        def frame_received(data: Any, source: Any, via_relay: bool = False, relay_sender: Any = None) -> None:
+            failing(data, source, via_relay, relay_sender)
+            if data == b"PILS5":
+                raise ValueError("boom")
+        self.recorder.frame_received = frame_received  # type: ignore[method-assign]
+        self.recorder.events.clear()
+        self.protocol.datagramsReceived([b"PILS5", b"PILS6"], PEER)
+        self.assertEqual([e[1] for e in self.recorder.events], [b"PILS5", b"PILS6"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_unwired_drops_a_buffer(self) -> None:
+        protocol = NodeDatagramProtocol()
+        protocol.datagramsReceived([b"PILS", b"PILS"], PEER)
+        self.assertEqual(protocol.counters, {"not_wired": 2})
+
     def test_unwired_drops(self) -> None:
         protocol = NodeDatagramProtocol()
         protocol.datagramReceived(b"PILS", PEER)

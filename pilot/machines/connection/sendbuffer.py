@@ -201,6 +201,19 @@ class Sender:
 
     # -- transmission --------------------------------------------------------------
 
+    def quiet(self) -> bool:
+        """
+        Whether nothing is queued and nothing is in flight (a receiving end, every segment);
+        if so, what ``next_transmission`` does then (no segment; the flight marked
+        app-limited) is done, in one call instead of a property and that method.
+        """
+        if self._queue.queued or self.segments:
+            return False
+        self.nagle_holding = False
+        if self._pipe < self.cc.cwnd:
+            self.rate.mark_app_limited(self._pipe)
+        return True
+
     def next_transmission(self, now: float, flush: bool = False) -> tuple[Segment, bool] | None:
         """
         The next segment to put on the wire and whether it is a retransmission,

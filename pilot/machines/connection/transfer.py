@@ -226,8 +226,7 @@ class Transfer:
         (once: a tick sends a few segments) and calls here again.
         """
         sender = self.sender
-        if not sender.unsent and not sender.segments:  # a receiving end, every segment
-            sender.next_transmission(0.0)  # nothing to send: only its bookkeeping (app-limited)
+        if sender.quiet():  # a receiving end, every segment: next_transmission's bookkeeping done
             made = self.__dict__  # NAGLE_TIMER.cancel_in(self), REXMIT_TIMER.cancel_in(self) without the calls
             for timer in (made.get("nagle_timer"), made.get("rexmit_timer")):
                 if timer is not None:

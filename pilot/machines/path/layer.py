@@ -25,7 +25,6 @@ from pilot.endpoint import Endpoint
 from pilot.interfaces import IPathEvents
 from pilot.machines.path.config import DIRECT, IDLE, PATH_NAMES, PUNCHED, UNMATCHED_MAX, PathConfig
 from pilot.machines.path.peer import PathCore, TunnelControl, check_silence, heard_direct
-from pilot.machines.table import running
 from pilot.wire import beacon as bw
 
 #: The states whose per-packet inputs are loops the layer runs without the dispatch (``running``).
@@ -118,7 +117,8 @@ class Paths:
         if core.registered is None and endpoint is not None:
             core.registered = endpoint
         core.last_used = self._clock.seconds()
-        if core.state in _DIRECT_STATES and not running(core.machine):
+        # not running(core.machine), without the call (per packet)
+        if core.state in _DIRECT_STATES and core.machine.__automat_postponed__ is None:
             check_silence(core.machine, core)  # direct or punched: its packet_sent loop, per packet, undispatched
         elif core.state == IDLE and self._punch_first(core.registered or core.endpoint):
             core.machine.punch_first()
@@ -179,7 +179,8 @@ class Paths:
                 core.machine.punched_frame_received(endpoint)
                 return
         core.last_used = self._clock.seconds()
-        if core.state in _DIRECT_STATES and endpoint == core.endpoint and not running(core.machine):
+        if (core.state in _DIRECT_STATES and endpoint == core.endpoint
+                and core.machine.__automat_postponed__ is None):  # not running(), without the call
             heard_direct(core.machine, core, endpoint)  # its direct_frame_received loop, per packet, undispatched
         else:
             core.machine.direct_frame_received(endpoint)

@@ -24,7 +24,6 @@ from pilot.endpoint import Endpoint
 from pilot.errors import MalformedFrame
 from pilot.identity import Identity, verify
 from pilot.interfaces import DatagramTooBig, IFrameReceiver, IPathEvents
-from pilot.machines.table import running
 from pilot.machines.tunnel.peer import Peer, open_sealed
 from pilot.machines.tunnel.pmtu import PathMtus
 from pilot.wire import probe as pw
@@ -106,8 +105,9 @@ class Tunnels:
         if peer.session is None:
             peer.machine.packet_queued(packet)
             return
-        self.mtu.using(node_id, peer.relay)
-        if running(peer.machine):
+        if self.mtu.in_use.get(node_id) is not peer.relay:  # using()'s test, without its call per packet
+            self.mtu.using(node_id, peer.relay)
+        if peer.machine.__automat_postponed__ is not None:  # running(peer.machine), without the call
             peer.machine.packet_queued(packet)  # queued after the behaviour under way, as any input
         else:
             # established (a session is installed on the way there and never dropped): that state's
@@ -154,7 +154,15 @@ class Tunnels:
         if relay_sender is not None and self._relay_mismatch(getattr(frame, "sender", None), relay_sender):
             return
         if type(frame) is SealedFrame and frame.sender != self._own_id():  # the data path first
-            self._sealed(frame, source, via_relay)
+            peer = self._peers.get(frame.sender)
+            # _sealed()'s common case, without the call: established, nothing under way
+            if (peer is not None and peer.session is not None
+                    and peer.machine.__automat_postponed__ is None):
+                packet = open_sealed(peer.machine, peer, frame, source, via_relay)
+                if packet is not None:
+                    self._deliver(packet, frame.sender)
+            else:
+                self._sealed(frame, source, via_relay)
         elif isinstance(frame, PlainFrame):
             self.count("plaintext_dropped")
         elif isinstance(frame, PunchProbe):
@@ -175,7 +183,7 @@ class Tunnels:
             self.count("pils_no_session")
             self.answer_with_pila(frame.sender, source, via_relay)
             return
-        if peer.session is not None and not running(peer.machine):
+        if peer.session is not None and peer.machine.__automat_postponed__ is None:  # not running()
             packet = open_sealed(peer.machine, peer, frame, source, via_relay)  # established's loop, as in send()
         else:
             packet = peer.machine.sealed_frame_received(frame, source, via_relay)

@@ -263,13 +263,14 @@ class PathMtus:
     #: Search no higher than this (the benchmark's 1,400-byte runs, a known link); None: the cap.
     max_datagram: Optional[int] = None
     _paths: dict[tuple[int, bool], tuple[PathMtu, MtuCore]] = attr.Factory(dict)
-    _using: dict[int, bool] = attr.Factory(dict)
+    #: node id -> the path (relay or not) a peer with a session is reached by; read per packet sent
+    in_use: dict[int, bool] = attr.Factory(dict)
 
     def using(self, node_id: int, relay: bool) -> None:
         """The peer has a session and is reached this way: search this path (once), report its size."""
-        if self._using.get(node_id) is relay:
+        if self.in_use.get(node_id) is relay:
             return
-        self._using[node_id] = relay
+        self.in_use[node_id] = relay
         path = self._paths.get((node_id, relay))
         if path is None:
             path = self._paths[node_id, relay] = self._new(node_id, relay)
@@ -293,7 +294,7 @@ class PathMtus:
             return True
 
         def changed(mss: int) -> None:
-            if self._using.get(node_id) is relay:
+            if self.in_use.get(node_id) is relay:
                 self.segment_size_changed(node_id, mss)
 
         return path_mtu(self.clock, send_probe, changed, self.random_bytes, overhead, self.max_datagram)
@@ -318,7 +319,7 @@ class PathMtus:
 
     def path_trouble(self, node_id: int) -> None:
         """A stream to the peer timed out repeatedly: maybe its datagrams no longer fit."""
-        relay = self._using.get(node_id)
+        relay = self.in_use.get(node_id)
         if relay is not None:
             self._black_hole(self._paths.get((node_id, relay)))
 
@@ -328,7 +329,7 @@ class PathMtus:
             path[0].black_hole_detected()
 
     def stats(self, node_id: int) -> dict[str, Any]:
-        relay = self._using.get(node_id)
+        relay = self.in_use.get(node_id)
         path = self._paths.get((node_id, relay)) if relay is not None else None
         if path is None:
             return {"mtu": None, "mss": None, "mtu_state": None, "mtu_probing": None}
