@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
@@ -62,6 +62,7 @@ class NodeDatagramProtocol(DatagramProtocol):
     def stopProtocol(self) -> None:
         if self._batch is not None:
             self._batch.cancel()
+
     def wire(self, beacon: IBeaconListener, frames: IFrameReceiver) -> None:
         self._beacon = beacon
         self._frames = frames
@@ -70,22 +71,12 @@ class NodeDatagramProtocol(DatagramProtocol):
         self.counters[name] = self.counters.get(name, 0) + 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        source: Endpoint = (addr[0], addr[1])
-        if self._beacon is None or self._frames is None:
-            self._count("not_wired")
-            return
-        try:
-            if data[:1] and data[0] < 0x10:
-                self._beacon_message(self._beacon, self._frames, data, source)
-            else:
-                self._frames.frame_received(data, source, False)
-        except Exception:
-            self.log.failure("handling a datagram from {source}", source=source)
+        self.datagramsReceived((data,), addr)
 
-    def datagramsReceived(self, pieces: list[bytes], addr: Any) -> None:
+    def datagramsReceived(self, pieces: Sequence[bytes], addr: Any) -> None:
         """
-        The datagrams of one GRO buffer (one sender, ``GroReader``): what ``datagramReceived``
-        does for each, with the source and the wiring taken once for all of them.
+        Datagrams from one sender: one (``datagramReceived``) or the pieces of one GRO buffer
+        (``GroReader``), the source and the wiring taken once for all of them.
         """
         beacon, frames = self._beacon, self._frames
         if beacon is None or frames is None:
