@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional
 from twisted.internet import udp
 from twisted.logger import Logger
 
+from pilot.endpoint import Endpoint
+
 #: Linux's values (<linux/udp.h>); Python's socket module may not name them.
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
@@ -53,7 +55,6 @@ _GRO_CMSG = socket.CMSG_SPACE(4)
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 
-Endpoint = tuple[str, int]
 
 
 def gso_supported(sock: Any) -> bool:
